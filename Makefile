@@ -1,0 +1,49 @@
+# mechvit: two commands matter. `make study` runs the main job, `make test` runs the tests.
+# Each creates .venv when missing and installs everything pinned (constraints.txt holds torch).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.mechvit-installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+PYTEST_ARGS ?=
+
+.PHONY: install data study test test-slow lint bench checkpoints clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=23" "setuptools<81" wheel
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist; set MECHVIT_DATA to use a folder of your own.
+data:
+	@if [ -z "$$MECHVIT_DATA" ] && [ ! -f $(FMNIST) ]; then \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	    { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q dataset-fashion-mnist; }; \
+	  else echo "Fashion-MNIST missing: install Debian's dataset-fashion-mnist or set MECHVIT_DATA" >&2; fi; \
+	fi
+
+study: install data
+	$(VENV)/bin/mechvit study --config configs/fashion_mnist.yaml --out runs/default
+
+test: install data
+	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+
+test-slow: install data
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check mechvit tests benchmarks
+
+bench: install data
+	$(PY) benchmarks/bench_forward.py
+
+checkpoints: install data
+	$(VENV)/bin/mechvit train --config configs/train_base.yaml
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache runs
