@@ -1,1 +1,135 @@
+"""The 19 ImageNet-C corruptions (15 benchmark + 4 extra), batched in torch.
 
+``corrupt(images, name, severity, seed=...)`` takes float images ``[N, C, H, W]`` in [0, 1] (C = 1 or 3) on any
+device and returns corrupted images of the same shape, dtype and device. Parameters follow the ImageNet-C
+definitions as implemented by the ``imagecorruptions`` package (the reference); see ``docs/corruptions.md``.
+
+Each corruption is a function named after it in the family module (``noise.py``, ``blur.py``, ``weather.py``,
+``digital.py``) with the signature ``fn(x, severity, generator) -> Tensor``: ``x`` float ``[N, C, H, W]`` in [0, 1],
+``severity`` an int in 1..5 (already validated), ``generator`` a ``torch.Generator`` on ``x.device``; it returns
+a tensor of the same shape, dtype and device, clamped to [0, 1], drawing every random number from ``generator``
+(independently per image).
+"""
+
+from __future__ import annotations
+
+import importlib
+import numbers
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "noise": ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise"),
+    "blur": ("defocus_blur", "glass_blur", "motion_blur", "zoom_blur", "gaussian_blur"),
+    "weather": ("snow", "frost", "fog", "spatter"),
+    "digital": ("brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression", "saturate"),
+}
+
+CORRUPTIONS: tuple[str, ...] = (
+    "gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise",
+    "defocus_blur", "glass_blur", "motion_blur", "zoom_blur", "gaussian_blur",
+    "snow", "frost", "fog", "spatter",
+    "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression", "saturate",
+)  # fmt: skip
+
+FAMILY_OF: dict[str, str] = {name: fam for fam, names in FAMILIES.items() for name in names}
+SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
+MIN_SIZE = 8  # smallest accepted image side in pixels
+
+assert set(CORRUPTIONS) == set(FAMILY_OF) and len(CORRUPTIONS) == 19
+
+from mechvit.corruptions.frequency import HIGH_FREQUENCY, LOW_FREQUENCY  # noqa: E402
+
+
+def get_corruption(name: str) -> Callable[[Tensor, int, torch.Generator], Tensor]:
+    """The function implementing ``name`` (imported lazily from its family module)."""
+    if name not in FAMILY_OF:
+        raise ValueError(f"unknown corruption {name!r}; expected one of {', '.join(CORRUPTIONS)}")
+    module_name = f"mechvit.corruptions.{FAMILY_OF[name]}"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name:
+            raise
+        raise NotImplementedError(f"corruption {name!r} lives in {module_name}, which is not written yet") from e
+    fn = getattr(module, name, None)
+    if fn is None:
+        raise NotImplementedError(f"corruption {name!r} is not implemented in {module_name} yet")
+    return fn
+
+
+def _validate(images, name, severity) -> None:
+    if not isinstance(name, str) or name not in FAMILY_OF:
+        raise ValueError(f"unknown corruption {name!r}; expected one of {', '.join(CORRUPTIONS)}")
+    if isinstance(severity, bool) or not isinstance(severity, numbers.Integral) or int(severity) not in SEVERITIES:
+        raise ValueError(f"severity must be an integer in 1..5 (one of {SEVERITIES}), got {severity!r}")
+    if not isinstance(images, Tensor):
+        raise ValueError(f"images must be a torch.Tensor [N, C, H, W], got {type(images).__name__}")
+    if images.ndim != 4:
+        raise ValueError(f"images must have shape [N, C, H, W] (4 dimensions), got shape {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise ValueError(
+            f"images must be a float tensor (float16, bfloat16, float32 or float64) in [0, 1], got {images.dtype}"
+        )
+    n, c, h, w = images.shape
+    if c not in (1, 3):
+        raise ValueError(f"images must have 1 or 3 channels (dim 1 of [N, C, H, W]), got {c} (shape {tuple(images.shape)})")
+    if h < MIN_SIZE or w < MIN_SIZE:
+        raise ValueError(f"images must be at least {MIN_SIZE}x{MIN_SIZE} pixels, got {h}x{w}")
+    if n > 0:
+        lo, hi = torch.aminmax(images)
+        lo, hi = float(lo), float(hi)
+        if not (lo >= 0.0 and hi <= 1.0):
+            raise ValueError(f"images must lie in [0, 1] (finite), got values in [{lo}, {hi}]")
+
+
+def corrupt(
+    images: Tensor,
+    name: str,
+    severity: int,
+    *,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Apply corruption ``name`` at ``severity`` (1..5) to a batch of images ``[N, C, H, W]`` in [0, 1].
+
+    Randomness comes from ``generator`` if given, else from a fresh generator seeded with ``seed``, else from
+    one seeded from torch's global RNG (so ``torch.manual_seed`` makes it reproducible). Every image of the
+    batch gets its own random draws. Half-precision inputs are processed in float32 and cast back.
+    """
+    _validate(images, name, severity)
+    if seed is not None and generator is not None:
+        raise ValueError("pass either seed or generator, not both")
+    if generator is None:
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        generator = torch.Generator(device=images.device)
+        generator.manual_seed(int(seed))
+    elif not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    elif torch.device(generator.device).type != images.device.type:
+        raise ValueError(f"generator is on {generator.device} but images are on {images.device}")
+    fn = get_corruption(name)
+    if images.shape[0] == 0:
+        return images.clone()
+    x = images if images.dtype in (torch.float32, torch.float64) else images.float()
+    out = fn(x, int(severity), generator)
+    if out.shape != images.shape:
+        raise RuntimeError(f"{name} returned shape {tuple(out.shape)} for input {tuple(images.shape)}")
+    return out.to(images.dtype)
+
+
+__all__ = [
+    "CORRUPTIONS",
+    "FAMILIES",
+    "FAMILY_OF",
+    "HIGH_FREQUENCY",
+    "LOW_FREQUENCY",
+    "SEVERITIES",
+    "corrupt",
+    "get_corruption",
+]

@@ -1,0 +1,199 @@
+"""Shared batched building blocks for the corruptions (torch, any device).
+
+Padding modes are named after torch/cv2/scipy as follows:
+``"reflect"`` = cv2 BORDER_REFLECT_101 = numpy/torch "reflect" (edge pixel not repeated: dcb|abcd|cba);
+``"symmetric"`` = cv2 BORDER_REFLECT = scipy.ndimage "reflect" (edge repeated: cba|abcd|dcb);
+``"replicate"`` = scipy.ndimage "nearest" = cv2 BORDER_REPLICATE; ``"wrap"``; ``"constant"`` (zeros).
+Unlike ``torch.nn.functional.pad`` these work for any pad width, however small the image.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+
+PAD_MODES = ("reflect", "symmetric", "replicate", "wrap", "constant")
+
+# ITU-R 601 luma weights, as used by the reference (imagecorruptions.rgb2gray).
+GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)
+
+
+def clamp01(x: Tensor) -> Tensor:
+    return x.clamp(0.0, 1.0)
+
+
+def rgb_to_gray(x: Float[Tensor, "n 3 h w"]) -> Float[Tensor, "n 1 h w"]:
+    """Luma with the reference's weights (0.2989, 0.5870, 0.1140); a 1-channel input is returned as is."""
+    if x.shape[1] == 1:
+        return x
+    w = torch.tensor(GRAY_WEIGHTS, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * w).sum(1, keepdim=True)
+
+
+def pad_index(n: int, before: int, after: int, mode: str) -> np.ndarray:
+    """Source indices (into an axis of length ``n``) of a padded axis; -1 marks a constant (zero) cell."""
+    if mode not in PAD_MODES:
+        raise ValueError(f"pad mode must be one of {PAD_MODES}, got {mode!r}")
+    i = np.arange(-before, n + after)
+    if mode == "replicate":
+        return np.clip(i, 0, n - 1)
+    if mode == "wrap":
+        return np.mod(i, n)
+    if mode == "constant":
+        return np.where((i >= 0) & (i < n), i, -1)
+    if mode == "reflect":
+        if n == 1:
+            return np.zeros_like(i)
+        period = 2 * (n - 1)
+        i = np.mod(i, period)
+        return np.where(i < n, i, period - i)
+    period = 2 * n  # symmetric
+    i = np.mod(i, period)
+    return np.where(i < n, i, period - 1 - i)
+
+
+def pad2d(x: Tensor, pad: tuple[int, int, int, int], mode: str) -> Tensor:
+    """Pad the last two dims by ``(left, right, top, bottom)`` with ``mode`` (see module docstring)."""
+    left, right, top, bottom = pad
+    if mode == "constant":
+        return F.pad(x, (left, right, top, bottom))
+    h, w = x.shape[-2:]
+    rows = torch.from_numpy(pad_index(h, top, bottom, mode)).to(x.device)
+    cols = torch.from_numpy(pad_index(w, left, right, mode)).to(x.device)
+    return x.index_select(-2, rows).index_select(-1, cols)
+
+
+def gaussian_kernel1d(sigma: float, truncate: float = 4.0, *, dtype=torch.float32, device=None) -> Tensor:
+    """scipy.ndimage's Gaussian kernel: radius ``int(truncate * sigma + 0.5)``, normalised to sum 1."""
+    radius = int(truncate * float(sigma) + 0.5)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (t / float(sigma)) ** 2)
+    return (k / k.sum()).to(dtype=dtype, device=device)
+
+
+def cv2_gaussian_kernel1d(ksize: int, sigma: float) -> np.ndarray:
+    """``cv2.getGaussianKernel(ksize, sigma)`` for sigma > 0 (float64 numpy)."""
+    t = np.arange(ksize) - (ksize - 1) / 2
+    k = np.exp(-(t**2) / (2 * sigma**2))
+    return k / k.sum()
+
+
+def _flat(x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    return x.reshape(-1, 1, *x.shape[-2:]), x.shape
+
+
+def separable_filter(x: Tensor, k_rows: Tensor, k_cols: Tensor, mode: str = "replicate") -> Tensor:
+    """Correlate every channel with ``k_rows`` (along H) then ``k_cols`` (along W); odd kernel lengths."""
+    y, shape = _flat(x)
+    ry, rx = k_rows.numel() // 2, k_cols.numel() // 2
+    y = pad2d(y, (rx, rx, ry, ry), mode)
+    y = F.conv2d(y, k_rows.to(y).view(1, 1, -1, 1))
+    y = F.conv2d(y, k_cols.to(y).view(1, 1, 1, -1))
+    return y.reshape(shape)
+
+
+def gaussian_blur(x: Tensor, sigma: float, mode: str = "replicate", truncate: float = 4.0) -> Tensor:
+    """``skimage.filters.gaussian(x, sigma, mode='nearest', channel_axis=...)`` per channel (scipy kernel)."""
+    k = gaussian_kernel1d(sigma, truncate, dtype=x.dtype, device=x.device)
+    return separable_filter(x, k, k, mode)
+
+
+def filter2d(x: Tensor, kernel: Tensor, mode: str = "reflect", fft: bool | None = None) -> Tensor:
+    """``cv2.filter2D(x, -1, kernel)`` per channel: correlation with an odd ``[kh, kw]`` kernel anchored at its
+    centre, border ``mode`` (cv2's default is BORDER_REFLECT_101 = ``"reflect"``). Large kernels use the FFT."""
+    kh, kw = kernel.shape
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"kernel sides must be odd, got {tuple(kernel.shape)}")
+    y, shape = _flat(x)
+    h, w = y.shape[-2:]
+    y = pad2d(y, (kw // 2, kw // 2, kh // 2, kh // 2), mode)
+    kernel = kernel.to(y)
+    if fft is None:
+        fft = kh * kw > 121
+    if not fft:
+        return F.conv2d(y, kernel.view(1, 1, kh, kw)).reshape(shape)
+    ph, pw = y.shape[-2:]
+    spec = torch.fft.rfft2(y) * torch.fft.rfft2(kernel, s=(ph, pw)).conj()
+    return torch.fft.irfft2(spec, s=(ph, pw))[..., :h, :w].reshape(shape)
+
+
+def disk_kernel(radius: float, alias_blur: float = 0.1) -> Tensor:
+    """The reference's anti-aliased disk (imagecorruptions.disk): a binary disk normalised to sum 1, then
+    ``cv2.GaussianBlur`` with a 3x3 (radius <= 8) or 5x5 kernel of sigma ``alias_blur`` (float32, CPU)."""
+    if radius <= 8:
+        size, ksize = 8, 3
+    else:
+        size, ksize = int(radius), 5
+    t = np.arange(-size, size + 1)
+    xx, yy = np.meshgrid(t, t)
+    disk = ((xx**2 + yy**2) <= radius**2).astype(np.float64)
+    disk /= disk.sum()
+    g = torch.from_numpy(cv2_gaussian_kernel1d(ksize, alias_blur))
+    out = separable_filter(torch.from_numpy(disk)[None, None], g, g, mode="reflect")[0, 0]
+    return out.float()
+
+
+def shift_replicate(x: Tensor, dy: Tensor, dx: Tensor) -> Tensor:
+    """Shift each image ``n`` by integer ``(dy[n], dx[n])`` pixels (down/right positive), repeating the edge:
+    ``out[n, :, i, j] = x[n, :, clamp(i - dy[n]), clamp(j - dx[n])]`` (the reference's ``shift``)."""
+    n, c, h, w = x.shape
+    rows = (torch.arange(h, device=x.device)[None] - dy.to(x.device).long()[:, None]).clamp(0, h - 1)
+    cols = (torch.arange(w, device=x.device)[None] - dx.to(x.device).long()[:, None]).clamp(0, w - 1)
+    out = torch.gather(x, 2, rows[:, None, :, None].expand(n, c, h, w))
+    return torch.gather(out, 3, cols[:, None, None, :].expand(n, c, h, w))
+
+
+def motion_blur(x: Float[Tensor, "n c h w"], radius: int, sigma: float, angle_deg: Tensor) -> Tensor:
+    """The reference's ``_motion_blur``: a one-sided Gaussian-weighted sum of ``2 * radius + 1`` copies of the
+    image shifted along ``angle_deg[n]`` (degrees, one per image), edges repeated. Steps whose shift leaves the
+    image are dropped, as in the reference (their weight is lost)."""
+    width = 2 * radius + 1
+    k = torch.exp(-(torch.arange(width, dtype=torch.float64) ** 2) / (2 * sigma**2))
+    k = (k / k.sum()).to(device=x.device)
+    # offsets in float64 numpy, in the reference's exact arithmetic (ceil is sensitive to the last bit)
+    theta = np.deg2rad(angle_deg.detach().cpu().double().numpy())[:, None]
+    py, px = width * np.sin(theta), width * np.cos(theta)
+    hypot = np.hypot(py, px)
+    i = np.arange(width)[None]
+    dy = torch.from_numpy(-np.ceil((i * py) / hypot - 0.5)).to(x.device)
+    dx = torch.from_numpy(-np.ceil((i * px) / hypot - 0.5)).to(x.device)
+    h, w = x.shape[-2:]
+    inside = ((dy.abs() < h) & (dx.abs() < w)).to(torch.int64).cumprod(1).bool()  # reference breaks out
+    weights = (k[None] * inside).to(x.dtype)  # [n, width]
+    out = torch.zeros_like(x)
+    for s in range(width):
+        if not bool(inside[:, s].any()):
+            break
+        out = out + weights[:, s, None, None, None] * shift_replicate(x, dy[:, s], dx[:, s])
+    return out
+
+
+def clipped_zoom(x: Tensor, zoom: float) -> Tensor:
+    """The reference's ``clipped_zoom`` cropped back to ``[H, W]``: crop the centre ``ceil(H / zoom)`` rows
+    (and columns) and enlarge by ``zoom`` with ``scipy.ndimage.zoom(order=1)`` (linear, corner-aligned grid)."""
+    h, w = x.shape[-2:]
+    for dim, n in ((-2, h), (-1, w)):
+        lo, frac = _zoom_coords(n, float(zoom), str(x.device), x.dtype)
+        a = x.index_select(dim, lo)
+        b = x.index_select(dim, (lo + 1).clamp(max=n - 1))
+        f = frac.view(-1, 1) if dim == -2 else frac
+        x = a + (b - a) * f
+    return x
+
+
+@lru_cache(maxsize=256)
+def _zoom_coords(n: int, zoom: float, device: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    crop = int(math.ceil(n / zoom))
+    top = (n - crop) // 2
+    out = int(round(crop * zoom))
+    scale = (crop - 1) / (out - 1) if out > 1 else 0.0
+    coord = top + np.arange(n) * scale
+    lo = np.floor(coord).astype(np.int64).clip(0, n - 1)
+    frac = coord - lo
+    return torch.from_numpy(lo).to(device), torch.from_numpy(frac).to(device=device, dtype=dtype)
