@@ -1,0 +1,344 @@
+"""HookedViT: a timm Vision Transformer as a TransformerLens HookedRootModule."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from transformer_lens.ActivationCache import ActivationCache
+from transformer_lens.hook_points import HookPoint
+from transformer_lens.HookedRootModule import HookedRootModule
+
+from .components import AttentionPool, LayerNorm, PatchEmbed, TransformerBlock, init_like_timm
+from .config import HookedViTConfig
+
+
+class HookedViT(HookedRootModule):
+    """A Vision Transformer with a hook point on every intermediate activation.
+
+    Token order in the residual stream follows timm: ``[cls, (dist), reg..., patches row-major]``.
+    Build one with :meth:`from_timm` (exact conversion of a timm ``VisionTransformer``) or
+    :meth:`from_pretrained` (a folder written by :meth:`save_pretrained`).
+    """
+
+    def __init__(self, cfg: HookedViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.d_model
+        self.embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.dist_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, cfg.n_reg_tokens, D)) if cfg.n_reg_tokens else None
+        n_pos = cfg.n_patches if cfg.no_embed_class else cfg.n_tokens
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, D)) if cfg.pos_embed else None
+        self.pos_drop = nn.Dropout(cfg.pos_drop)
+        self.ln_pre = LayerNorm(D, cfg.eps) if cfg.pre_norm else None
+        self.blocks = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
+        self.ln_final = LayerNorm(D, cfg.eps, affine=not cfg.final_ln_folded) if cfg.final_norm else None
+        self.attn_pool = AttentionPool(cfg) if cfg.global_pool == "map" else None
+        self.fc_norm = LayerNorm(D, cfg.eps, affine=not cfg.final_ln_folded) if cfg.fc_norm else None
+        self.head_drop = nn.Dropout(cfg.head_drop)
+        self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else None
+        self.head_dist = nn.Linear(D, cfg.num_classes) if cfg.dist_token and cfg.num_classes > 0 else None
+        self.distilled_training = False  # as timm: return (cls, dist) logits separately while training
+
+        self.hook_embed = HookPoint()  # [batch, pos, d_model]: prefix tokens and patch embeddings
+        self.hook_pos_embed = HookPoint()  # [batch, pos, d_model]: position embeddings (0 on prefix if no_embed_class)
+        self.hook_full_embed = HookPoint()  # [batch, pos, d_model]: their sum, before ln_pre
+        self.hook_pooled = HookPoint()  # [batch, d_model] (distilled: [batch, 2, d_model])
+        self.hook_logits = HookPoint()  # [batch, num_classes]
+        init_like_timm(self)
+        self.setup()
+
+    # ------------------------------------------------------------------------------------------
+    # forward
+    # ------------------------------------------------------------------------------------------
+    def check_input(self, images: Tensor) -> None:
+        """Raise ValueError unless ``images`` is a float ``[B, C, H, W]`` batch this model accepts."""
+        cfg = self.cfg
+        if not isinstance(images, Tensor):
+            raise ValueError(f"expected a torch.Tensor of images [batch, {cfg.in_chans}, H, W], got {type(images).__name__}")
+        if images.ndim != 4:
+            raise ValueError(
+                f"expected images of shape [batch, {cfg.in_chans}, H, W] (4 dims), got {images.ndim} dims {tuple(images.shape)}"
+            )
+        if images.shape[1] != cfg.in_chans:
+            raise ValueError(f"expected {cfg.in_chans} channels, got {images.shape[1]} (shape {tuple(images.shape)})")
+        want = self.embed.proj.weight.dtype
+        if not images.is_floating_point() or (images.dtype != want and not torch.is_autocast_enabled()):
+            raise ValueError(f"expected images of dtype {want} (float, model dtype), got {images.dtype}")
+        H, W = images.shape[-2:]
+        ph, pw = cfg.patch_size
+        if cfg.dynamic_img_size:
+            if not cfg.dynamic_img_pad and (H % ph or W % pw):
+                raise ValueError(f"expected H, W divisible by the patch size {ph}x{pw}, got {H}x{W}")
+        elif (H, W) != cfg.img_size:
+            raise ValueError(
+                f"expected images of size {cfg.img_size[0]}x{cfg.img_size[1]}, got {H}x{W} "
+                "(convert with dynamic_img_size=True to accept other sizes)"
+            )
+
+    def _pos(self, grid: tuple[int, int]) -> Tensor | None:
+        """Position embeddings for every token ``[1, T, D]`` (zeros on prefix tokens if no_embed_class)."""
+        if self.pos_embed is None:
+            return None
+        pos = self.pos_embed
+        cfg = self.cfg
+        if cfg.dynamic_img_size and grid != cfg.grid_size:
+            from timm.layers import resample_abs_pos_embed
+
+            n_prefix = 0 if cfg.no_embed_class else cfg.n_prefix_tokens
+            pos = resample_abs_pos_embed(pos, new_size=grid, old_size=cfg.grid_size, num_prefix_tokens=n_prefix)
+        if cfg.no_embed_class and cfg.n_prefix_tokens:
+            pos = torch.cat([pos.new_zeros(1, cfg.n_prefix_tokens, pos.shape[-1]), pos], dim=1)
+        return pos
+
+    def embed_images(self, images: Float[Tensor, "batch chan h w"]) -> Float[Tensor, "batch pos d_model"]:
+        """Images to the residual stream that enters block 0 (``blocks.0.hook_resid_pre``)."""
+        self.check_input(images)
+        x, grid = self.embed(images)
+        B = x.shape[0]
+        prefix = [t.expand(B, -1, -1) for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
+        x = self.hook_embed(torch.cat(prefix + [x], dim=1) if prefix else x)
+        pos = self._pos(grid)
+        if pos is not None:
+            x = x + self.hook_pos_embed(pos.expand(B, -1, -1))
+        x = self.pos_drop(self.hook_full_embed(x))
+        return self.ln_pre(x) if self.ln_pre is not None else x
+
+    def pool(self, x: Float[Tensor, "batch pos d_model"]) -> Tensor:
+        """timm's pooling of the final tokens (after ln_final): token, avg, max, avgmax, map or none."""
+        cfg = self.cfg
+        if cfg.dist_token:
+            return x[..., :2, :]
+        if cfg.global_pool == "token":
+            return x[..., 0, :]
+        if cfg.global_pool == "":
+            return x
+        if not cfg.pool_include_prefix:
+            x = x[..., cfg.n_prefix_tokens :, :]
+        if cfg.global_pool == "map":
+            lead = x.shape[:-2]
+            out = self.attn_pool(x.reshape(-1, *x.shape[-2:]))
+            return out.reshape(*lead, *out.shape[1:])
+        if cfg.global_pool == "avg":
+            return x.mean(dim=-2)
+        if cfg.global_pool == "max":
+            return x.amax(dim=-2)
+        return 0.5 * (x.amax(dim=-2) + x.mean(dim=-2))  # avgmax
+
+    def head_logits(self, pooled: Tensor) -> Tensor:
+        """fc_norm, dropout and the classifier head(s) on pooled features."""
+        if self.fc_norm is not None:
+            pooled = self.fc_norm(pooled)
+        pooled = self.head_drop(pooled)
+        if self.head is None:
+            return pooled
+        if self.cfg.dist_token:
+            cls_logits, dist_logits = self.head(pooled[..., 0, :]), self.head_dist(pooled[..., 1, :])
+            if self.distilled_training and self.training:
+                return cls_logits, dist_logits  # type: ignore[return-value]
+            return (cls_logits + dist_logits) / 2
+        return self.head(pooled)
+
+    def unembed(self, resid: Float[Tensor, "... pos d_model"]) -> Float[Tensor, "... num_classes"]:
+        """The logit lens: final norm, pooling, fc_norm and head applied to any residual stream."""
+        if self.ln_final is not None:
+            resid = self.ln_final(resid)
+        return self.head_logits(self.pool(resid))
+
+    def forward(
+        self,
+        images: Float[Tensor, "batch chan h w"],
+        *,
+        start_at_layer: int | None = None,
+        stop_at_layer: int | None = None,
+    ) -> Float[Tensor, "batch num_classes"]:
+        """Logits for a batch of images.
+
+        ``stop_at_layer=L`` returns the residual stream entering block L (``blocks.L.hook_resid_pre``;
+        ``L = n_layers`` gives the last ``resid_post``) without running the rest;
+        ``start_at_layer=L`` takes that residual stream as input instead of images.
+        """
+        x = self.embed_images(images) if start_at_layer is None else images
+        stop = self.cfg.n_layers if stop_at_layer is None else stop_at_layer
+        for block in self.blocks[start_at_layer or 0 : stop]:
+            x = block(x)
+        if stop_at_layer is not None:
+            return x
+        if self.ln_final is not None:
+            x = self.ln_final(x)
+        logits = self.head_logits(self.hook_pooled(self.pool(x)))
+        return self.hook_logits(logits) if isinstance(logits, Tensor) else logits
+
+    # ------------------------------------------------------------------------------------------
+    # TransformerLens API
+    # ------------------------------------------------------------------------------------------
+    def run_with_cache(self, *model_args: Any, return_cache_object: bool = True, remove_batch_dim: bool = False, **kwargs: Any):
+        """As TransformerLens: ``(logits, ActivationCache)``; ``names_filter`` selects hooks to cache."""
+        self.cfg._device = next(self.parameters()).device  # type: ignore[attr-defined]
+        out, cache_dict = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)
+        if return_cache_object:
+            return out, ActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
+        return out, cache_dict
+
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """Compute and hook each head's contribution ``blocks.{l}.attn.hook_result`` (costs memory)."""
+        self.cfg.use_attn_result = use_attn_result
+
+    def token_labels(self, grid: tuple[int, int] | None = None) -> list[str]:
+        """Labels of the residual stream's positions: CLS, DIST, reg{i}, then r{row}c{col}."""
+        gh, gw = grid or self.cfg.grid_size
+        labels = (["CLS"] if self.cfg.class_token else []) + (["DIST"] if self.cfg.dist_token else [])
+        labels += [f"reg{i}" for i in range(self.cfg.n_reg_tokens)]
+        return labels + [f"r{r}c{c}" for r in range(gh) for c in range(gw)]
+
+    def to_single_token(self, label: str | int) -> int:
+        """A class index from a class name (``cfg.class_names``) or an index."""
+        if isinstance(label, int):
+            if not 0 <= label < self.cfg.num_classes:
+                raise ValueError(f"class index must be in [0, {self.cfg.num_classes}), got {label}")
+            return label
+        names = self.cfg.class_names or []
+        if label not in names:
+            raise ValueError(f"unknown class name {label!r}; known: {names or 'none (cfg.class_names is unset)'}")
+        return names.index(label)
+
+    def tokens_to_residual_directions(
+        self, classes: int | str | Int[Tensor, "..."]
+    ) -> Float[Tensor, "... d_model"]:
+        """Residual-stream direction of each class's logit, for ``ActivationCache.logit_attrs``.
+
+        ``logit_attrs`` centres and divides the residual stream by the final LayerNorm scale; the
+        direction then carries the final norm's weight, so the attributions (at the CLS position for
+        token pooling; summed over patch positions for average pooling) add up to the logit minus the
+        constant bias terms.
+        """
+        if isinstance(classes, str):
+            classes = self.to_single_token(classes)
+        if self.head is None:
+            raise ValueError("this model has no classifier head (num_classes=0)")
+        cfg = self.cfg
+        if cfg.dist_token or cfg.fc_norm or cfg.global_pool not in ("token", "avg", "") or self.ln_final is None:
+            raise NotImplementedError(
+                "logit directions need a final token-wise LayerNorm read linearly by one head "
+                f"(global_pool token/avg/none); this model has global_pool={cfg.global_pool!r}, "
+                f"fc_norm={cfg.fc_norm}, distillation head={cfg.dist_token}. Use model.unembed instead."
+            )
+        W = self.W_H
+        if self.ln_final.weight is not None:
+            W = W * self.ln_final.weight[:, None]
+        if cfg.global_pool == "avg":
+            W = W / (cfg.n_tokens if cfg.pool_include_prefix else cfg.n_patches)
+        idx = torch.as_tensor(classes, device=W.device)
+        return W[:, idx].movedim(0, -1)
+
+    # ---- weights in TransformerLens shapes ------------------------------------------------------
+    @property
+    def W_E(self) -> Float[Tensor, "d_patch d_model"]:
+        """Patch embedding as a matrix: flattened (chan, ph, pw) pixels -> d_model."""
+        return self.embed.proj.weight.flatten(1).T
+
+    @property
+    def b_E(self) -> Float[Tensor, " d_model"]:
+        b = self.embed.proj.bias
+        return b if b is not None else self.W_E.new_zeros(self.cfg.d_model)
+
+    @property
+    def W_pos(self) -> Float[Tensor, "n_pos d_model"]:
+        if self.pos_embed is None:
+            raise ValueError("this model has no position embedding (pos_embed='none')")
+        return self.pos_embed[0]
+
+    def _stack(self, get) -> Tensor:
+        return torch.stack([get(b) for b in self.blocks], dim=0)
+
+    W_Q = property(lambda self: self._stack(lambda b: b.attn.W_Q))
+    W_K = property(lambda self: self._stack(lambda b: b.attn.W_K))
+    W_V = property(lambda self: self._stack(lambda b: b.attn.W_V))
+    W_O = property(lambda self: self._stack(lambda b: b.attn.W_O))
+    b_Q = property(lambda self: self._stack(lambda b: b.attn.b_Q))
+    b_K = property(lambda self: self._stack(lambda b: b.attn.b_K))
+    b_V = property(lambda self: self._stack(lambda b: b.attn.b_V))
+    b_O = property(lambda self: self._stack(lambda b: b.attn.b_O))
+    W_in = property(lambda self: self._stack(lambda b: b.mlp.W_in))
+    W_out = property(lambda self: self._stack(lambda b: b.mlp.W_out))
+    b_in = property(lambda self: self._stack(lambda b: b.mlp.b_in))
+    b_out = property(lambda self: self._stack(lambda b: b.mlp.b_out))
+
+    @property
+    def W_H(self) -> Float[Tensor, "d_model num_classes"]:
+        """Classifier head weight (TransformerLens's W_U for a ViT)."""
+        if self.head is None:
+            raise ValueError("this model has no classifier head (num_classes=0)")
+        return self.head.weight.T
+
+    @property
+    def b_H(self) -> Float[Tensor, " num_classes"]:
+        if self.head is None:
+            raise ValueError("this model has no classifier head (num_classes=0)")
+        return self.head.bias
+
+    W_U = W_H
+    b_U = b_H
+
+    # ------------------------------------------------------------------------------------------
+    # conversion and files (implemented in convert.py)
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_timm(
+        cls,
+        model_or_name: nn.Module | str,
+        *,
+        pretrained: bool = False,
+        checkpoint_path: str | os.PathLike | None = None,
+        fold_ln: bool = False,
+        center_writing_weights: bool = False,
+        device: str | torch.device | None = None,
+        **timm_kwargs: Any,
+    ) -> HookedViT:
+        """Convert a timm ``VisionTransformer`` / ``VisionTransformerDistilled`` (or a timm model name).
+
+        ``pretrained=True`` downloads timm's weights; ``checkpoint_path`` loads a local state dict
+        (safetensors, or a torch file read with ``weights_only=True``); ``timm_kwargs`` go to
+        ``timm.create_model`` (e.g. ``img_size=28, in_chans=1, num_classes=10``). Unsupported
+        architecture features raise ``NotImplementedError`` naming the feature.
+        """
+        from .convert import from_timm
+
+        return from_timm(
+            cls, model_or_name, pretrained=pretrained, checkpoint_path=checkpoint_path, fold_ln=fold_ln,
+            center_writing_weights=center_writing_weights, device=device, **timm_kwargs,
+        )
+
+    def to_timm_state_dict(self) -> dict[str, Tensor]:
+        """The weights under timm's names; loads into ``to_timm_model()`` (exact for unprocessed models)."""
+        from .convert import to_timm_state_dict
+
+        return to_timm_state_dict(self)
+
+    def to_timm_model(self) -> nn.Module:
+        """A timm model with this model's architecture flags and weights."""
+        from .convert import to_timm_model
+
+        return to_timm_model(self)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` to ``directory`` (atomically)."""
+        from .convert import save_pretrained
+
+        return save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, *, device: str | torch.device | None = None) -> HookedViT:
+        """Load a folder written by :meth:`save_pretrained` (safetensors only; nothing is unpickled)."""
+        from .convert import load_pretrained
+
+        return load_pretrained(cls, directory, device=device)
+
+
+__all__ = ["HookedViT", "HookedViTConfig"]
