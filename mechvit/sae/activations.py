@@ -1,0 +1,566 @@
+"""Activation store: stream a HookedViT's activations at one hook over a dataset, bounded in memory.
+
+Two ways to feed an SAE, both yielding float32 batches of exactly ``batch_size`` rows:
+
+- ``stream_batches``: run the model batch by batch (only up to the hook: a hook raises a stop exception,
+  so later blocks never run), optionally corrupting a fraction of the images on the fly, and mix the rows
+  in a shuffle buffer of ``buffer_size`` rows;
+- ``cache_activations`` + ``CachedActivations.batches``: write the rows once to float16 ``.npy`` shards with
+  a JSON manifest (model hash, hook, token selection, dataset, corruption mix, count), read back
+  memory-mapped. A rerun keeps the finished shards and computes only the missing ones.
+
+Memory is bounded by the shuffle buffer (``buffer_size`` rows) and one shard, whatever the dataset size.
+Token order follows timm: ``[cls, (dist), reg..., patches]``; ``tokens`` picks ``all``, ``cls``,
+``prefix`` (cls, dist and register tokens) or ``patches``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+__all__ = ["TOKEN_SELECTIONS", "ActivationStoreConfig", "CachedActivations", "CorruptionMix",
+           "cache_activations", "check_hook", "hook_width", "iter_activations", "model_fingerprint",
+           "run_to_hook", "select_tokens", "shuffle_batches", "stream_batches"]
+
+TokenSelection = Literal["all", "cls", "patches", "prefix"]
+TOKEN_SELECTIONS: tuple[str, ...] = ("all", "cls", "patches", "prefix")
+MANIFEST = "manifest.json"
+FORMAT = "mechvit-activations/1"
+ImageTransform = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class CorruptionMix:
+    """Corrupt ``fraction`` of the images, each with one ``(name, severity)`` drawn uniformly from the list."""
+
+    fraction: float = 0.0
+    corruptions: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= float(self.fraction) <= 1.0:
+            raise ValueError(f"corruption fraction must be in [0, 1], got {self.fraction}")
+        pairs = []
+        for item in self.corruptions:
+            if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
+                raise ValueError(f"each corruption must be a (name, severity) pair, got {item!r}")
+            pairs.append((item[0], int(item[1])))
+        self.corruptions = tuple(pairs)
+        if self.fraction > 0 and not self.corruptions:
+            raise ValueError(f"fraction={self.fraction} corrupts images but no (name, severity) was given")
+
+    @property
+    def active(self) -> bool:
+        return self.fraction > 0
+
+    def validate(self) -> None:
+        """Check the names against ``mechvit.corruptions.CORRUPTIONS`` (imported only when needed)."""
+        if not self.active:
+            return
+        from mechvit.corruptions import CORRUPTIONS
+
+        unknown = [name for name, _ in self.corruptions if name not in CORRUPTIONS]
+        if unknown:
+            raise ValueError(f"unknown corruption(s) {unknown}; expected names from {tuple(CORRUPTIONS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fraction": float(self.fraction), "corruptions": [list(c) for c in self.corruptions]}
+
+
+@dataclass
+class ActivationStoreConfig:
+    """Where to read activations and how to batch them."""
+
+    hook: str
+    tokens: TokenSelection = "patches"
+    model_batch_size: int = 64          # images per forward pass
+    mix: CorruptionMix = field(default_factory=CorruptionMix)
+    buffer_size: int = 32_768           # rows in the shuffle buffer
+    seed: int = 0
+    device: str | None = None           # None: the model's device
+
+    def __post_init__(self) -> None:
+        if isinstance(self.mix, dict):
+            self.mix = CorruptionMix(**self.mix)
+        if self.tokens not in TOKEN_SELECTIONS:
+            raise ValueError(f"tokens must be one of {TOKEN_SELECTIONS}, got {self.tokens!r}")
+        if self.model_batch_size < 1 or self.buffer_size < 1:
+            raise ValueError(f"model_batch_size and buffer_size must be >= 1, got "
+                             f"{self.model_batch_size} and {self.buffer_size}")
+
+    def identity(self) -> dict[str, Any]:
+        """What decides the cached rows (everything but buffer size and device)."""
+        d = asdict(self)
+        d["mix"] = self.mix.to_dict()
+        for key in ("buffer_size", "device"):
+            d.pop(key)
+        return d
+
+
+# ---- the model side ------------------------------------------------------------------------------
+
+
+class _StopForward(Exception):
+    pass
+
+
+def check_hook(model: Any, hook: str) -> None:
+    if hook not in model.hook_dict:
+        blocks = [h for h in model.hook_dict if h.startswith("blocks.0.")]
+        raise ValueError(f"hook {hook!r} is not a hook of this model; expected a name from model.hook_dict, "
+                         f"e.g. {blocks[:4] + ['hook_embed']}")
+
+
+def _model_device(model: Any) -> torch.device:
+    return next(iter(model.parameters())).device
+
+
+@torch.no_grad()
+def run_to_hook(model: Any, images: Float[Tensor, "b c h w"], hook: str) -> Tensor:
+    """The activation at ``hook``; the forward stops there (later blocks never run). Eval mode."""
+    check_hook(model, hook)
+    captured: list[Tensor] = []
+
+    def grab(act: Tensor, hook: Any) -> None:
+        captured.append(act.detach())
+        raise _StopForward
+
+    was_training = model.training
+    model.eval()
+    try:
+        with model.hooks(fwd_hooks=[(hook, grab)]):
+            model(images)
+    except _StopForward:
+        pass
+    finally:
+        model.train(was_training)
+    if not captured:
+        raise ValueError(f"hook {hook!r} exists but did not fire in the forward pass (is it switched on?)")
+    return captured[0]
+
+
+def _flat(act: Tensor, hook: str) -> Tensor:
+    """[B, T, D] as is; [B, T, H, d_head] -> [B, T, H*d_head]; [B, D] -> [B, 1, D]."""
+    if act.ndim == 2:
+        return act[:, None, :]
+    if "pattern" in hook or "attn_scores" in hook:
+        raise ValueError(f"hook {hook!r} gives attention maps [batch, heads, query, key]; the store needs "
+                         "[batch, tokens, features] activations")
+    if act.ndim == 4:
+        return act.flatten(2)
+    if act.ndim != 3:
+        raise ValueError(f"hook {hook!r} gives shape {tuple(act.shape)}; expected [batch, tokens, features]")
+    return act
+
+
+def select_tokens(act: Tensor, model_cfg: Any, tokens: str, hook: str = "") -> Float[Tensor, "n d"]:
+    """Rows of ``act`` ([B, T, ...] or [B, D]) at the chosen tokens, flattened to [n, d]."""
+    if tokens not in TOKEN_SELECTIONS:
+        raise ValueError(f"tokens must be one of {TOKEN_SELECTIONS}, got {tokens!r}")
+    if act.ndim == 2:
+        if tokens != "all":
+            raise ValueError(f"hook {hook!r} has one vector per image (shape {tuple(act.shape)}); "
+                             f"tokens must be 'all', got {tokens!r}")
+        return act
+    act = _flat(act, hook)
+    return act[:, _token_slice(model_cfg, tokens, act.shape[1])].reshape(-1, act.shape[-1])
+
+
+def _token_slice(model_cfg: Any, tokens: str, n_tokens: int) -> slice:
+    n_prefix = int(model_cfg.n_prefix_tokens)
+    if tokens == "all":
+        return slice(None)
+    if tokens == "cls":
+        if not model_cfg.class_token:
+            raise ValueError("tokens='cls' but this model has no class token")
+        return slice(0, 1)
+    if tokens == "prefix":
+        if n_prefix == 0:
+            raise ValueError("tokens='prefix' but this model has no prefix tokens (no cls, dist or registers)")
+        return slice(0, n_prefix)
+    if n_tokens <= n_prefix:
+        raise ValueError(f"tokens='patches' but the activation has only {n_tokens} tokens "
+                         f"({n_prefix} prefix tokens)")
+    return slice(n_prefix, None)
+
+
+def hook_width(model: Any, hook: str, tokens: str = "all") -> int:
+    """Width of the rows the store yields for ``hook`` (runs one blank image up to the hook)."""
+    cfg = model.cfg
+    blank = torch.zeros(1, cfg.in_chans, *cfg.img_size, device=_model_device(model))
+    return int(select_tokens(run_to_hook(model, blank, hook), cfg, tokens, hook).shape[-1])
+
+
+def model_fingerprint(model: Any) -> str:
+    """sha256 of the model's state dict (names, dtypes, shapes and bytes)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _dataset_id(data: Any, name: str | None) -> str:
+    if name is not None:
+        return name
+    images = _as_image_tensor(data)
+    if images is not None:
+        h = hashlib.sha256(images.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return f"tensor{list(images.shape)}:sha256:{h.hexdigest()[:16]}"
+    dataset = getattr(data, "dataset", data)
+    size = len(dataset) if hasattr(dataset, "__len__") else "?"
+    return f"{type(dataset).__name__}[{size}]"
+
+
+def _as_image_tensor(data: Any) -> Tensor | None:
+    if isinstance(data, Tensor):
+        return data
+    if isinstance(data, (tuple, list)) and data and isinstance(data[0], Tensor) and data[0].ndim == 4:
+        return data[0]
+    return None
+
+
+def _image_batches(data: Any, batch_size: int) -> Iterator[Tensor]:
+    """Batches of exactly ``batch_size`` images (the last may be short) from a tensor, an
+    ``(images, labels)`` pair, or any iterable of image batches / ``(images, labels, ...)`` tuples."""
+    images = _as_image_tensor(data)
+    if images is not None:
+        if images.ndim != 4:
+            raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
+        for i in range(0, len(images), batch_size):
+            yield images[i:i + batch_size]
+        return
+    pending: list[Tensor] = []
+    n = 0
+    for item in data:
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        if not isinstance(x, Tensor) or x.ndim != 4:
+            raise ValueError(f"data must yield image batches [B, C, H, W] (or tuples starting with one), "
+                             f"got {type(x).__name__} {getattr(x, 'shape', '')}")
+        pending.append(x)
+        n += len(x)
+        while n >= batch_size:
+            cat = torch.cat(pending)
+            yield cat[:batch_size]
+            pending, n = [cat[batch_size:]], n - batch_size
+    if n:
+        yield torch.cat(pending)
+
+
+def _batch_seed(seed: int, epoch: int, batch_index: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919 + batch_index) % (2**31 - 1)
+
+
+def _corrupt(images: Tensor, mix: CorruptionMix, seed: int) -> Tensor:
+    """Corrupt a random ``mix.fraction`` of the batch; deterministic in ``seed``."""
+    if not mix.active:
+        return images
+    from mechvit.corruptions import corrupt
+
+    g = torch.Generator().manual_seed(seed)
+    chosen = torch.rand(len(images), generator=g) < mix.fraction
+    which = torch.randint(len(mix.corruptions), (len(images),), generator=g)
+    out = images.clone()
+    for j, (name, severity) in enumerate(mix.corruptions):
+        idx = torch.nonzero(chosen & (which == j)).flatten()
+        if len(idx):
+            idx = idx.to(images.device)
+            out[idx] = corrupt(images[idx], name, severity, seed=seed + 1 + j)
+    return out
+
+
+def iter_activations(
+    model: Any,
+    data: Any,
+    cfg: ActivationStoreConfig,
+    *,
+    epoch: int = 0,
+    transform: ImageTransform | None = None,
+    skip_batch: Callable[[int], bool] | None = None,
+) -> Iterator[tuple[int, Tensor]]:
+    """``(batch_index, rows [n, d])`` per image batch, in dataset order.
+
+    Images are corrupted per ``cfg.mix`` (seeded by ``cfg.seed``, ``epoch`` and the batch index, so a rerun
+    gives the same rows), then passed through ``transform`` (e.g. the model's normalisation) and the model.
+    Batches for which ``skip_batch(index)`` is true are not run.
+    """
+    check_hook(model, cfg.hook)
+    cfg.mix.validate()
+    device = torch.device(cfg.device) if cfg.device else _model_device(model)
+    model_device = _model_device(model)
+    for b, images in enumerate(_image_batches(data, cfg.model_batch_size)):
+        if skip_batch is not None and skip_batch(b):
+            continue
+        images = _corrupt(images.to(model_device, torch.float32), cfg.mix, _batch_seed(cfg.seed, epoch, b))
+        if transform is not None:
+            images = transform(images)
+        act = run_to_hook(model, images, cfg.hook)
+        yield b, select_tokens(act, model.cfg, cfg.tokens, cfg.hook).float().to(device)
+
+
+# ---- shuffling -----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def shuffle_batches(
+    chunks: Iterable[Tensor],
+    batch_size: int,
+    buffer_size: int,
+    *,
+    seed: int = 0,
+    shuffle: bool = True,
+    keep_fraction: float = 0.5,
+) -> Iterator[Float[Tensor, "batch d"]]:
+    """Re-batch a stream of [n_i, d] chunks into [batch_size, d] batches through a shuffle buffer.
+
+    The buffer holds ``buffer_size`` rows; when full it is permuted, all but ``keep_fraction`` of it is
+    served, and the kept rows mix with the next chunks. Every batch has exactly ``batch_size`` rows: at
+    the very end of the stream fewer than ``batch_size`` leftover rows are dropped.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if shuffle and buffer_size < 2 * batch_size:
+        raise ValueError(f"buffer_size ({buffer_size}) must be at least 2 * batch_size ({2 * batch_size})")
+    buffer_size = max(buffer_size, batch_size)
+    keep = int(buffer_size * keep_fraction) if shuffle else 0
+    g = torch.Generator().manual_seed(seed)
+    buf: Tensor | None = None
+    n = 0
+
+    def serve(n_rows: int, reserve: int) -> Iterator[Tensor]:
+        nonlocal n
+        assert buf is not None
+        if shuffle:
+            buf[:n_rows] = buf[:n_rows][torch.randperm(n_rows, generator=g).to(buf.device)]
+        n_serve = ((n_rows - reserve) // batch_size) * batch_size
+        for i in range(0, n_serve, batch_size):
+            yield buf[i:i + batch_size].clone()
+        rest = buf[n_serve:n_rows].clone()
+        buf[:len(rest)] = rest
+        n = len(rest)
+
+    for chunk in chunks:
+        if chunk.ndim != 2:
+            raise ValueError(f"chunks must be [n, d], got shape {tuple(chunk.shape)}")
+        if buf is None:
+            buf = torch.empty(buffer_size, chunk.shape[1], dtype=torch.float32, device=chunk.device)
+        elif chunk.shape[1] != buf.shape[1]:
+            raise ValueError(f"chunk width changed from {buf.shape[1]} to {chunk.shape[1]}")
+        pos = 0
+        while pos < len(chunk):
+            take = min(buffer_size - n, len(chunk) - pos)
+            buf[n:n + take] = chunk[pos:pos + take]
+            n, pos = n + take, pos + take
+            if n == buffer_size:
+                yield from serve(buffer_size, keep)
+    if buf is not None and n:
+        yield from serve(n, 0)
+
+
+def _epochs(epochs: int | None) -> Iterator[int]:
+    e = 0
+    while epochs is None or e < epochs:
+        yield e
+        e += 1
+
+
+def stream_batches(
+    model: Any,
+    data: Any,
+    cfg: ActivationStoreConfig,
+    batch_size: int,
+    *,
+    epochs: int | None = None,
+    transform: ImageTransform | None = None,
+) -> Iterator[Float[Tensor, "batch d"]]:
+    """Shuffled [batch_size, d] float32 batches straight from the model (endless when ``epochs`` is None)."""
+    chunks = (rows for e in _epochs(epochs)
+              for _, rows in iter_activations(model, data, cfg, epoch=e, transform=transform))
+    return shuffle_batches(chunks, batch_size, cfg.buffer_size, seed=cfg.seed)
+
+
+# ---- disk cache ----------------------------------------------------------------------------------
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def cache_activations(
+    model: Any,
+    data: Any,
+    out_dir: str | os.PathLike,
+    cfg: ActivationStoreConfig,
+    *,
+    dataset: str | None = None,
+    batches_per_shard: int = 16,
+    dtype: Literal["float16", "float32"] = "float16",
+    transform: ImageTransform | None = None,
+    overwrite: bool = False,
+) -> CachedActivations:
+    """Write the activations at ``cfg.hook`` over ``data`` to ``out_dir``; resumable.
+
+    Shard ``i`` holds image batches ``[i * batches_per_shard, (i + 1) * batches_per_shard)``. The manifest
+    is rewritten after every shard, so an interrupted run keeps its finished shards and a rerun with the
+    same model, data and config computes only the rest. A directory holding a different cache raises
+    ``ValueError`` unless ``overwrite``. ``data`` must come in the same order every time (no shuffling
+    DataLoader); name it with ``dataset`` (tensors are fingerprinted automatically).
+    """
+    if batches_per_shard < 1:
+        raise ValueError(f"batches_per_shard must be >= 1, got {batches_per_shard}")
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
+    check_hook(model, cfg.hook)
+    cfg.mix.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    identity = {
+        "format": FORMAT,
+        "model_sha256": model_fingerprint(model),
+        "dataset": _dataset_id(data, dataset),
+        "batches_per_shard": int(batches_per_shard),
+        "dtype": dtype,
+        **cfg.identity(),
+    }
+    manifest_path = out / MANIFEST
+    shards: dict[int, dict[str, Any]] = {}
+    if manifest_path.is_file():
+        old = json.loads(manifest_path.read_text())
+        if {k: old.get(k) for k in identity} != identity:
+            if not overwrite:
+                diff = sorted(k for k in identity if old.get(k) != identity[k])
+                raise ValueError(f"{out} holds a different activation cache (differs in {diff}); "
+                                 "pass overwrite=True or use another directory")
+            for s in old.get("shards", []):
+                (out / s["file"]).unlink(missing_ok=True)
+        else:
+            shards = {int(s["index"]): s for s in old.get("shards", []) if (out / s["file"]).is_file()}
+
+    def save_manifest(complete: bool, d: int | None) -> None:
+        ordered = [shards[i] for i in sorted(shards)]
+        _write_json(manifest_path, {**identity, "hook_width": d, "complete": complete,
+                                    "count": int(sum(s["rows"] for s in ordered)), "shards": ordered})
+
+    d_in = next((s["width"] for s in shards.values()), None)
+    n_images = len(_as_image_tensor(data)) if _as_image_tensor(data) is not None else None
+    total = None if n_images is None else -(-n_images // cfg.model_batch_size)
+    pending: list[np.ndarray] = []
+    current = -1
+    first_batch = 0
+
+    def flush() -> None:
+        nonlocal pending
+        if not pending:
+            return
+        arr, n_batches = np.concatenate(pending), len(pending)
+        pending = []
+        if not np.isfinite(arr).all():
+            raise ValueError(f"activations at {cfg.hook!r} overflow {dtype}; cache with dtype='float32'")
+        name = f"shard_{current:06d}.npy"
+        tmp = out / (name + ".tmp.npy")
+        np.save(tmp, arr)
+        os.replace(tmp, out / name)
+        shards[current] = {"index": current, "file": name, "rows": int(arr.shape[0]),
+                           "width": int(arr.shape[1]), "first_batch": first_batch, "n_batches": n_batches}
+        save_manifest(False, int(arr.shape[1]))
+
+    done = set(shards)
+    rows_iter = iter_activations(model, data, cfg, transform=transform,
+                                 skip_batch=lambda b: b // batches_per_shard in done)
+    with tqdm(total=total, desc=f"caching {cfg.hook}", unit="batch", leave=False) as bar:
+        bar.update(sum(s["n_batches"] for s in shards.values()))
+        for b, rows in rows_iter:
+            shard = b // batches_per_shard
+            if shard != current:
+                flush()
+                current, first_batch = shard, b
+            pending.append(rows.cpu().numpy().astype(dtype))
+            d_in = rows.shape[1]
+            bar.update(1)
+        flush()
+    save_manifest(True, d_in)
+    return CachedActivations(out)
+
+
+class CachedActivations:
+    """A finished activation cache, read back memory-mapped."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.is_file():
+            raise ValueError(f"{self.path} is not an activation cache (no {MANIFEST})")
+        self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+        if self.manifest.get("format") != FORMAT:
+            raise ValueError(f"{manifest_path} has format {self.manifest.get('format')!r}, expected {FORMAT!r}")
+        if not self.manifest.get("complete"):
+            raise ValueError(f"the activation cache in {self.path} is incomplete; rerun cache_activations")
+        self._shards = [np.load(self.path / s["file"], mmap_mode="r") for s in self.manifest["shards"]]
+        self._starts = np.cumsum([0] + [len(s) for s in self._shards])
+
+    @property
+    def d_in(self) -> int:
+        return int(self.manifest["hook_width"])
+
+    @property
+    def hook(self) -> str:
+        return self.manifest["hook"]
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def rows(self, start: int = 0, stop: int | None = None) -> Float[Tensor, "n d"]:
+        """Rows ``[start, stop)`` as a float32 tensor (reads only those rows)."""
+        stop = len(self) if stop is None else min(stop, len(self))
+        parts = []
+        for i, shard in enumerate(self._shards):
+            lo, hi = max(start, self._starts[i]), min(stop, self._starts[i + 1])
+            if lo < hi:
+                parts.append(np.asarray(shard[lo - self._starts[i]:hi - self._starts[i]], dtype=np.float32))
+        if not parts:
+            return torch.empty(0, self.d_in)
+        return torch.from_numpy(np.concatenate(parts))
+
+    def chunks(self, chunk_rows: int, *, seed: int = 0, shuffle: bool = True) -> Iterator[Tensor]:
+        """[<= chunk_rows, d] float32 pieces, in random shard and piece order when ``shuffle``."""
+        g = np.random.default_rng(seed)
+        order = g.permutation(len(self._shards)) if shuffle else range(len(self._shards))
+        for i in order:
+            shard = self._shards[i]
+            starts = list(range(0, len(shard), chunk_rows))
+            if shuffle:
+                g.shuffle(starts)
+            for s in starts:
+                yield torch.from_numpy(np.asarray(shard[s:s + chunk_rows], dtype=np.float32))
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        buffer_size: int = 32_768,
+        seed: int = 0,
+        shuffle: bool = True,
+        epochs: int | None = None,
+        device: str | torch.device = "cpu",
+    ) -> Iterator[Float[Tensor, "batch d"]]:
+        """[batch_size, d] float32 batches through a shuffle buffer (endless when ``epochs`` is None)."""
+        if len(self) < batch_size:
+            raise ValueError(f"the cache holds {len(self)} rows, fewer than one batch of {batch_size}")
+        chunk_rows = max(batch_size, buffer_size // 8)
+        chunks = (c for e in _epochs(epochs) for c in self.chunks(chunk_rows, seed=seed + e, shuffle=shuffle))
+        for batch in shuffle_batches(chunks, batch_size, buffer_size, seed=seed, shuffle=shuffle):
+            yield batch.to(device)
