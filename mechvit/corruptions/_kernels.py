@@ -85,7 +85,14 @@ def cv2_gaussian_kernel1d(ksize: int, sigma: float) -> np.ndarray:
 
 
 def _flat(x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
-    return x.reshape(-1, 1, *x.shape[-2:]), x.shape
+    """All images and channels as the channels of one image: a depthwise (grouped) convolution over
+    ``[1, N*C, H, W]`` is several times faster on CPU than a 1-channel convolution over ``[N*C, 1, H, W]``."""
+    return x.reshape(1, -1, *x.shape[-2:]), x.shape
+
+
+def _depthwise(y: Tensor, kernel: Tensor) -> Tensor:
+    m = y.shape[1]
+    return F.conv2d(y, kernel.to(y).expand(m, 1, *kernel.shape[-2:]).contiguous(), groups=m)
 
 
 def separable_filter(x: Tensor, k_rows: Tensor, k_cols: Tensor, mode: str = "replicate") -> Tensor:
@@ -93,8 +100,8 @@ def separable_filter(x: Tensor, k_rows: Tensor, k_cols: Tensor, mode: str = "rep
     y, shape = _flat(x)
     ry, rx = k_rows.numel() // 2, k_cols.numel() // 2
     y = pad2d(y, (rx, rx, ry, ry), mode)
-    y = F.conv2d(y, k_rows.to(y).view(1, 1, -1, 1))
-    y = F.conv2d(y, k_cols.to(y).view(1, 1, 1, -1))
+    y = _depthwise(y, k_rows.view(-1, 1))
+    y = _depthwise(y, k_cols.view(1, -1))
     return y.reshape(shape)
 
 
@@ -106,7 +113,7 @@ def gaussian_blur(x: Tensor, sigma: float, mode: str = "replicate", truncate: fl
 
 def filter2d(x: Tensor, kernel: Tensor, mode: str = "reflect", fft: bool | None = None) -> Tensor:
     """``cv2.filter2D(x, -1, kernel)`` per channel: correlation with an odd ``[kh, kw]`` kernel anchored at its
-    centre, border ``mode`` (cv2's default is BORDER_REFLECT_101 = ``"reflect"``). Large kernels use the FFT."""
+    centre, border ``mode`` (cv2's default is BORDER_REFLECT_101 = ``"reflect"``). Kernels over 32x32 use the FFT."""
     kh, kw = kernel.shape
     if kh % 2 == 0 or kw % 2 == 0:
         raise ValueError(f"kernel sides must be odd, got {tuple(kernel.shape)}")
@@ -115,9 +122,9 @@ def filter2d(x: Tensor, kernel: Tensor, mode: str = "reflect", fft: bool | None 
     y = pad2d(y, (kw // 2, kw // 2, kh // 2, kh // 2), mode)
     kernel = kernel.to(y)
     if fft is None:
-        fft = kh * kw > 121
+        fft = kh * kw > 32 * 32
     if not fft:
-        return F.conv2d(y, kernel.view(1, 1, kh, kw)).reshape(shape)
+        return _depthwise(y, kernel).reshape(shape)
     ph, pw = y.shape[-2:]
     spec = torch.fft.rfft2(y) * torch.fft.rfft2(kernel, s=(ph, pw)).conj()
     return torch.fft.irfft2(spec, s=(ph, pw))[..., :h, :w].reshape(shape)

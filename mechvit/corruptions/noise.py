@@ -1,0 +1,38 @@
+"""Noise family: gaussian, shot (Poisson), impulse (salt and pepper), speckle. Parameters of ImageNet-C
+(imagecorruptions 1.1.2); all are per pixel and per channel, so they do not depend on the image size."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mechvit.corruptions._kernels import clamp01
+
+GAUSSIAN_NOISE = (0.08, 0.12, 0.18, 0.26, 0.38)  # std of additive N(0, c^2)
+SHOT_NOISE = (60, 25, 12, 5, 3)  # photons per unit intensity: Poisson(x * c) / c
+IMPULSE_NOISE = (0.03, 0.06, 0.09, 0.17, 0.27)  # fraction of values set to 0 or 1 (half each)
+SPECKLE_NOISE = (0.15, 0.2, 0.35, 0.45, 0.6)  # std of multiplicative noise: x + x * N(0, c^2)
+
+
+def _normal(x: Tensor, generator: torch.Generator) -> Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def gaussian_noise(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
+    return clamp01(x + GAUSSIAN_NOISE[severity - 1] * _normal(x, generator))
+
+
+def shot_noise(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
+    c = SHOT_NOISE[severity - 1]
+    return clamp01(torch.poisson(x * c, generator=generator) / c)
+
+
+def impulse_noise(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
+    c = IMPULSE_NOISE[severity - 1]
+    u = torch.rand((2, *x.shape), generator=generator, device=x.device, dtype=x.dtype)
+    flipped, salted = u[0] <= c, u[1] <= 0.5
+    return torch.where(flipped, salted.to(x.dtype), x)
+
+
+def speckle_noise(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
+    return clamp01(x + x * SPECKLE_NOISE[severity - 1] * _normal(x, generator))
