@@ -1,0 +1,331 @@
+"""Feature overlap between two SAEs of the same hook (e.g. base vs fine-tuned model), and the seed paper's
+clean-vs-corrupted code similarity.
+
+Works with any ``sae_lens`` SAE (``encode``, ``decode``, ``W_dec [d_sae, d_in]``).
+
+Matching and classification (``OverlapConfig`` holds every threshold):
+
+- decoder cosine is *signed*: ``cos(W_dec_a[i], W_dec_b[j])``. SAE codes are non-negative, so a feature
+  whose direction is flipped writes the opposite vector: it is a different feature, never "persistent".
+- one-to-one matching: ``scipy.optimize.linear_sum_assignment`` maximising the summed signed cosine.
+- classes: a matched pair with cosine ``>= persistent_cos`` (default 0.9) is *persistent*; a matched pair with
+  ``shifted_cos <= cosine < persistent_cos`` (default 0.5) is *shifted*; otherwise (cosine below
+  ``shifted_cos`` or no partner because the dictionaries differ in size) the SAE-a feature is *lost* and the
+  SAE-b feature is *new*. With ``min_act_corr`` set and activations given, a pair whose activation
+  correlation is below it (or undefined) is demoted from persistent to shifted.
+- activation correlation: Pearson correlation, over every token of the same inputs, between SAE a's code
+  on model a's activations and SAE b's matched code on model b's activations (``nan`` when a feature never
+  varies, e.g. dead).
+- top-k Jaccard: each image's feature activation is its maximum over tokens; the Jaccard overlap of the two
+  matched features' ``k`` most activating images.
+- cross-application: each SAE applied to both models' activations: explained variance
+  ``1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` and L0 (mean number of non-zero codes per token).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+
+from mechvit.analysis._utils import check_images, run_hook_batches
+from mechvit.analysis.similarity import write_rows_csv
+
+CLASSES = ("persistent", "shifted", "lost", "new")
+TOKEN_SETS = ("all", "patches", "prefix", "cls")
+
+
+def _decoder(sae_or_matrix) -> Tensor:
+    w = sae_or_matrix if isinstance(sae_or_matrix, Tensor) else getattr(sae_or_matrix, "W_dec", None)
+    if not isinstance(w, Tensor) or w.ndim != 2:
+        raise ValueError(f"expected an SAE with W_dec [d_sae, d_in] or such a matrix, got {type(sae_or_matrix).__name__}")
+    return w.detach().to(torch.float32)
+
+
+def decoder_cosine(sae_a, sae_b) -> Float[Tensor, "f_a f_b"]:
+    """Signed cosine similarity between every decoder direction of ``sae_a`` and of ``sae_b`` (on CPU)."""
+    wa, wb = _decoder(sae_a).cpu(), _decoder(sae_b).cpu()
+    if wa.shape[1] != wb.shape[1]:
+        raise ValueError(f"SAEs must read the same hook (same d_in), got d_in {wa.shape[1]} and {wb.shape[1]}")
+    wa = wa / wa.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    wb = wb / wb.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return wa @ wb.T
+
+
+def mean_max_cosine(cos: Tensor) -> tuple[float, float]:
+    """(mean over a of the best cosine in b, mean over b of the best cosine in a)."""
+    return float(cos.max(1).values.mean()), float(cos.max(0).values.mean())
+
+
+def match_features(cos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One-to-one matching maximising the summed signed cosine: (index in a, index in b, cosine)."""
+    rows, cols = linear_sum_assignment(cos.double().numpy(), maximize=True)
+    ia, ib = torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)
+    return ia, ib, cos[ia, ib]
+
+
+@torch.no_grad()
+def encode(sae, acts: Tensor, batch_size: int = 4096) -> Tensor:
+    """SAE codes of ``acts [..., d_in]`` as ``[..., d_sae]`` (on CPU), computed in chunks."""
+    d_in = sae.cfg.d_in
+    if acts.shape[-1] != d_in:
+        raise ValueError(f"activations must end in d_in={d_in}, got shape {tuple(acts.shape)}")
+    flat = acts.reshape(-1, d_in)
+    dev = sae.W_dec.device
+    out = [sae.encode(flat[s:s + batch_size].to(dev)).cpu() for s in range(0, flat.shape[0], batch_size)]
+    return torch.cat(out).reshape(*acts.shape[:-1], -1)
+
+
+@torch.no_grad()
+def sae_fit(sae, acts: Tensor, batch_size: int = 4096) -> dict[str, float]:
+    """Explained variance and L0 of ``sae`` on ``acts [..., d_in]`` (every token one example)."""
+    d_in = sae.cfg.d_in
+    if acts.shape[-1] != d_in:
+        raise ValueError(f"activations must end in d_in={d_in}, got shape {tuple(acts.shape)}")
+    flat = acts.reshape(-1, d_in).double()
+    mean = flat.mean(0)
+    sse = sst = l0 = 0.0
+    dev = sae.W_dec.device
+    for s in range(0, flat.shape[0], batch_size):
+        x = flat[s:s + batch_size]
+        z = sae.encode(x.to(dev, sae.W_dec.dtype))
+        x_hat = sae.decode(z).double().cpu()
+        sse += float((x - x_hat).pow(2).sum())
+        sst += float((x - mean).pow(2).sum())
+        l0 += float((z != 0).sum())
+    return {"explained_variance": 1.0 - sse / sst if sst > 0 else float("nan"), "l0": l0 / flat.shape[0]}
+
+
+def _pearson(a: Tensor, b: Tensor) -> Tensor:
+    a, b = a.double() - a.double().mean(0), b.double() - b.double().mean(0)
+    denom = a.norm(dim=0) * b.norm(dim=0)
+    return torch.where(denom > 0, (a * b).sum(0) / denom.clamp_min(1e-300), torch.full_like(denom, math.nan))
+
+
+def _topk_jaccard(img_a: Tensor, img_b: Tensor, k: int) -> Tensor:
+    k = min(k, img_a.shape[0])
+    top_a = img_a.topk(k, dim=0).indices.T  # [M, k]
+    top_b = img_b.topk(k, dim=0).indices.T
+    inter = (top_a[:, :, None] == top_b[:, None, :]).any(-1).sum(-1).double()
+    return inter / (2 * k - inter)
+
+
+@dataclass
+class OverlapConfig:
+    persistent_cos: float = 0.9
+    shifted_cos: float = 0.5
+    min_act_corr: float | None = None
+    top_k: int = 20
+    batch_size: int = 4096
+
+    def __post_init__(self):
+        if not -1.0 <= self.shifted_cos <= self.persistent_cos <= 1.0:
+            raise ValueError("need -1 <= shifted_cos <= persistent_cos <= 1, got "
+                             f"shifted_cos={self.shifted_cos}, persistent_cos={self.persistent_cos}")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+
+
+@dataclass
+class FeatureOverlap:
+    """Result of :func:`feature_overlap`. Tensors are on CPU; ``pairs`` index features of a and b."""
+
+    cosine: Tensor  # [F_a, F_b] signed decoder cosine
+    mean_max_cos_a_to_b: float
+    mean_max_cos_b_to_a: float
+    idx_a: Tensor  # [M] matched pairs
+    idx_b: Tensor  # [M]
+    matched_cos: Tensor  # [M]
+    class_a: list[str]  # per SAE-a feature: persistent / shifted / lost
+    class_b: list[str]  # per SAE-b feature: persistent / shifted / new
+    act_corr: Tensor | None = None  # [M]
+    topk_jaccard: Tensor | None = None  # [M]
+    cross: dict[str, dict[str, float]] | None = None  # {"a_on_a": {...}, "a_on_b": ..., "b_on_b", "b_on_a"}
+    config: OverlapConfig = field(default_factory=OverlapConfig)
+
+    def counts(self) -> dict[str, int]:
+        return {"persistent": self.class_a.count("persistent"), "shifted": self.class_a.count("shifted"),
+                "lost": self.class_a.count("lost"), "new": self.class_b.count("new")}
+
+    def rows(self) -> list[dict]:
+        """One row per matched pair, then one per unmatched feature."""
+        out = []
+        for m, (i, j) in enumerate(zip(self.idx_a.tolist(), self.idx_b.tolist(), strict=True)):
+            out.append({"feature_a": i, "feature_b": j, "cosine": float(self.matched_cos[m]),
+                        "class_a": self.class_a[i], "class_b": self.class_b[j],
+                        "act_corr": float(self.act_corr[m]) if self.act_corr is not None else None,
+                        "topk_jaccard": float(self.topk_jaccard[m]) if self.topk_jaccard is not None else None})
+        matched_a, matched_b = set(self.idx_a.tolist()), set(self.idx_b.tolist())
+        out += [{"feature_a": i, "feature_b": None, "class_a": self.class_a[i]}
+                for i in range(len(self.class_a)) if i not in matched_a]
+        out += [{"feature_a": None, "feature_b": j, "class_b": self.class_b[j]}
+                for j in range(len(self.class_b)) if j not in matched_b]
+        return out
+
+    def to_dict(self) -> dict:
+        def _nanmean(t):
+            return None if t is None else float(np.nanmean(t.numpy())) if t.numel() else None
+
+        return {"n_features_a": len(self.class_a), "n_features_b": len(self.class_b),
+                "mean_max_cos_a_to_b": self.mean_max_cos_a_to_b, "mean_max_cos_b_to_a": self.mean_max_cos_b_to_a,
+                "mean_matched_cos": float(self.matched_cos.mean()), "counts": self.counts(),
+                "mean_act_corr": _nanmean(self.act_corr), "mean_topk_jaccard": _nanmean(self.topk_jaccard),
+                "cross_application": self.cross, "config": asdict(self.config)}
+
+    def save_csv(self, path: str | os.PathLike) -> None:
+        write_rows_csv(self.rows(), path)
+
+
+def _classify(n_a, n_b, ia, ib, cos, act_corr, cfg: OverlapConfig) -> tuple[list[str], list[str]]:
+    class_a, class_b = ["lost"] * n_a, ["new"] * n_b
+    for m, (i, j) in enumerate(zip(ia.tolist(), ib.tolist(), strict=True)):
+        c = float(cos[m])
+        if c >= cfg.persistent_cos:
+            label = "persistent"
+            if cfg.min_act_corr is not None and act_corr is not None:
+                r = float(act_corr[m])
+                if not (r >= cfg.min_act_corr):  # nan fails too
+                    label = "shifted"
+        elif c >= cfg.shifted_cos:
+            label = "shifted"
+        else:
+            continue
+        class_a[i] = class_b[j] = label
+    return class_a, class_b
+
+
+@torch.no_grad()
+def feature_overlap(
+    sae_a,
+    sae_b,
+    acts_a: Float[Tensor, "n ... d"] | None = None,
+    acts_b: Float[Tensor, "n ... d"] | None = None,
+    config: OverlapConfig | None = None,
+) -> FeatureOverlap:
+    """Compare two SAEs of the same hook.
+
+    ``acts_a``/``acts_b``: activations of model a and model b at that hook on the *same* images, shape
+    ``[n_images, n_tokens, d_in]`` (or ``[n_images, d_in]``). Without them only the decoder-based measures
+    are computed.
+    """
+    cfg = config or OverlapConfig()
+    cos = decoder_cosine(sae_a, sae_b)
+    mm_ab, mm_ba = mean_max_cosine(cos)
+    ia, ib, mcos = match_features(cos)
+    act_corr = jac = cross = None
+    if (acts_a is None) != (acts_b is None):
+        raise ValueError("pass both acts_a and acts_b (activations of both models on the same images) or neither")
+    if acts_a is not None:
+        if acts_a.shape != acts_b.shape or acts_a.ndim not in (2, 3):
+            raise ValueError("acts_a and acts_b must have the same shape [n_images, (n_tokens,) d_in], got "
+                             f"{tuple(acts_a.shape)} and {tuple(acts_b.shape)}")
+        a3 = acts_a if acts_a.ndim == 3 else acts_a[:, None]
+        b3 = acts_b if acts_b.ndim == 3 else acts_b[:, None]
+        tok_a, tok_b, img_a, img_b = [], [], [], []
+        per = max(1, cfg.batch_size // a3.shape[1])
+        for s in range(0, a3.shape[0], per):
+            za = encode(sae_a, a3[s:s + per], cfg.batch_size)[..., ia]
+            zb = encode(sae_b, b3[s:s + per], cfg.batch_size)[..., ib]
+            tok_a.append(za.reshape(-1, za.shape[-1]))
+            tok_b.append(zb.reshape(-1, zb.shape[-1]))
+            img_a.append(za.amax(1))
+            img_b.append(zb.amax(1))
+        act_corr = _pearson(torch.cat(tok_a), torch.cat(tok_b)).float()
+        jac = _topk_jaccard(torch.cat(img_a), torch.cat(img_b), cfg.top_k).float()
+        cross = {"a_on_a": sae_fit(sae_a, acts_a, cfg.batch_size), "a_on_b": sae_fit(sae_a, acts_b, cfg.batch_size),
+                 "b_on_b": sae_fit(sae_b, acts_b, cfg.batch_size), "b_on_a": sae_fit(sae_b, acts_a, cfg.batch_size)}
+    class_a, class_b = _classify(cos.shape[0], cos.shape[1], ia, ib, mcos, act_corr, cfg)
+    return FeatureOverlap(cosine=cos, mean_max_cos_a_to_b=mm_ab, mean_max_cos_b_to_a=mm_ba, idx_a=ia, idx_b=ib,
+                          matched_cos=mcos, class_a=class_a, class_b=class_b, act_corr=act_corr,
+                          topk_jaccard=jac, cross=cross, config=cfg)
+
+
+def select_tokens(act: Tensor, n_prefix: int, tokens: str) -> Tensor:
+    """Keep a token subset of ``act [B, T, ...]``: all, patches, prefix, or cls (token 0)."""
+    if tokens not in TOKEN_SETS:
+        raise ValueError(f"tokens must be one of {TOKEN_SETS}, got {tokens!r}")
+    if tokens in ("prefix", "cls") and n_prefix < 1:
+        raise ValueError(f"tokens={tokens!r} needs prefix tokens; this model has none")
+    return {"all": act, "patches": act[:, n_prefix:], "prefix": act[:, :n_prefix], "cls": act[:, :1]}[tokens]
+
+
+def collect_activations(model, images: Tensor, hook_name: str, *, tokens: str = "patches",
+                        batch_size: int = 64, progress: bool = True) -> Tensor:
+    """Activations ``[N, T', D]`` of ``model`` at ``hook_name`` (a residual-shaped hook) on ``images``."""
+    check_images(images)
+    if hook_name not in model.hook_dict:
+        raise ValueError(f"unknown hook {hook_name!r}; e.g. 'blocks.{model.cfg.n_layers - 1}.hook_resid_post'")
+    n_prefix = model.cfg.n_prefix_tokens
+    out = run_hook_batches(model, images, [hook_name], batch_size=batch_size, progress=progress,
+                           transform=lambda a: select_tokens(a, n_prefix, tokens), desc=f"collect {hook_name}")
+    return out[hook_name]
+
+
+@dataclass
+class CodeSimilarity:
+    """Cosine similarity between the SAE codes of corresponding clean and corrupted tokens."""
+
+    cosines: Tensor  # [n_tokens_with_defined_cosine]
+    counts: Tensor  # histogram counts
+    edges: Tensor  # histogram bin edges
+    n_undefined: int  # tokens where either code is all zero (cosine undefined, left out)
+    label: str = ""
+
+    @property
+    def mean(self) -> float:
+        return float(self.cosines.mean()) if self.cosines.numel() else float("nan")
+
+    def rows(self) -> list[dict]:
+        return [{"label": self.label, "bin_lo": float(lo), "bin_hi": float(hi), "count": int(c)}
+                for lo, hi, c in zip(self.edges[:-1], self.edges[1:], self.counts, strict=True)]
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "mean": self.mean, "median": float(self.cosines.median()) if self.cosines.numel()
+                else float("nan"), "n": int(self.cosines.numel()), "n_undefined": self.n_undefined,
+                "counts": self.counts.tolist(), "edges": self.edges.tolist()}
+
+    def save_csv(self, path: str | os.PathLike) -> None:
+        write_rows_csv(self.rows(), path)
+
+
+@torch.no_grad()
+def code_similarity(sae, clean_acts: Tensor, corrupted_acts: Tensor, *, bins: int = 50, label: str = "",
+                    batch_size: int = 4096) -> CodeSimilarity:
+    """The seed paper's measure: per token, cosine(sae.encode(clean), sae.encode(corrupted)); histogram on [0, 1]
+    (codes are non-negative for ReLU/TopK SAEs; negative cosines, if any, fall in an extended first bin)."""
+    if clean_acts.shape != corrupted_acts.shape:
+        raise ValueError(f"clean and corrupted activations must correspond one to one, got shapes "
+                         f"{tuple(clean_acts.shape)} and {tuple(corrupted_acts.shape)}")
+    za = encode(sae, clean_acts, batch_size).reshape(-1, sae.cfg.d_sae).double()
+    zb = encode(sae, corrupted_acts, batch_size).reshape(-1, sae.cfg.d_sae).double()
+    na, nb = za.norm(dim=1), zb.norm(dim=1)
+    ok = (na > 0) & (nb > 0)
+    cos = ((za[ok] * zb[ok]).sum(1) / (na[ok] * nb[ok])).clamp(-1, 1).float()
+    lo = min(0.0, float(cos.min())) if cos.numel() else 0.0
+    counts, edges = np.histogram(cos.numpy(), bins=bins, range=(lo, 1.0))
+    return CodeSimilarity(cosines=cos, counts=torch.as_tensor(counts), edges=torch.as_tensor(edges, dtype=torch.float32),
+                          n_undefined=int((~ok).sum()), label=label)
+
+
+def model_code_similarity(model, sae, hook_name: str, clean_images: Tensor, corrupted_images: Tensor, *,
+                          tokens: str = "patches", bins: int = 50, label: str = "", batch_size: int = 64,
+                          progress: bool = True) -> CodeSimilarity:
+    """:func:`code_similarity` on ``model``'s activations at ``hook_name`` for paired clean/corrupted images."""
+    if clean_images.shape != corrupted_images.shape:
+        raise ValueError(f"clean and corrupted images must be paired, got {tuple(clean_images.shape)} and "
+                         f"{tuple(corrupted_images.shape)}")
+    a = collect_activations(model, clean_images, hook_name, tokens=tokens, batch_size=batch_size, progress=progress)
+    b = collect_activations(model, corrupted_images, hook_name, tokens=tokens, batch_size=batch_size,
+                            progress=progress)
+    return code_similarity(sae, a, b, bins=bins, label=label)
+
+
+__all__ = ["CLASSES", "CodeSimilarity", "FeatureOverlap", "OverlapConfig", "code_similarity", "collect_activations",
+           "decoder_cosine", "encode", "feature_overlap", "match_features", "mean_max_cosine", "model_code_similarity",
+           "sae_fit", "select_tokens"]

@@ -1,0 +1,407 @@
+"""Activation patching for images, batched: many patched variants run in one forward.
+
+Two runs are compared, "clean" and "corrupted", each a (model, images) pair on the *same* labels:
+
+- clean -> corrupted (``direction="clean_to_corrupted"``, denoising): the corrupted run receives activations
+  from the clean run; a high score marks a component whose clean value restores the answer.
+- corrupted -> clean (``"corrupted_to_clean"``, noising): the clean run receives corrupted activations; a low
+  score marks a component whose corrupted value destroys the answer.
+- across models: pass ``corrupted_model`` (e.g. the base model) and use the same images for both runs, so the
+  "clean" run is the fine-tuned model: ``corrupted_to_clean`` patches base activations into the fine-tuned
+  model, ``clean_to_corrupted`` patches fine-tuned activations into the base model.
+
+Metric (normalised logit difference). For each image, ``LD = logit[correct] - logit[other]`` where ``other``
+is the best *incorrect* class of the corrupted run, fixed once per image so that every run (clean,
+corrupted, each patched variant) is scored on the same two classes. The score of a variant is
+``(mean LD_patched - mean LD_corrupted) / (mean LD_clean - mean LD_corrupted)`` with means over images:
+0 = the corrupted run, 1 = the clean run, in both directions (so an unpatched corrupted->clean sweep
+scores 1). Averaging before dividing keeps the score stable when single images barely change.
+
+Positions index dimension 1 (tokens) of ``[B, T, D]`` activations, in the model's token order
+``model.token_labels()`` (cls, dist, registers, patches row-major), whatever prefix tokens the model has.
+
+Batching: the receiving batch is repeated ``P`` times along the batch dimension and a boolean mask
+``[P, ...]`` says which slice each copy takes from the source run. Variants are grouped by layer and the
+forward starts at that layer from the receiving run's cached ``resid_pre`` (``start_at_layer``), so the
+earlier blocks are not recomputed. ``max_rows`` bounds the rows (``P * images``) of one forward.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mechvit.analysis._utils import batches, check_images, check_labels, model_device
+from mechvit.analysis.similarity import write_rows_csv
+
+RESID_COMPONENTS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+COMPONENTS = RESID_COMPONENTS + ("z", "pattern", "sae")
+GRANULARITY = {
+    **{c: ("position", "layer") for c in RESID_COMPONENTS},
+    "z": ("head", "head_position", "position", "layer"),
+    "pattern": ("head", "head_position", "layer"),
+    "sae": ("feature", "feature_position"),
+}
+DIRECTIONS = ("clean_to_corrupted", "corrupted_to_clean")
+_ALL = slice(None)
+
+
+def hook_name(component: str, layer: int) -> str:
+    if component in RESID_COMPONENTS:
+        return f"blocks.{layer}.hook_{component}"
+    if component in ("z", "pattern"):
+        return f"blocks.{layer}.attn.hook_{component}"
+    raise ValueError(f"component must be one of {COMPONENTS[:-1]} here, got {component!r}")
+
+
+def _sae_layer(name: str) -> int | None:
+    m = re.match(r"blocks\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Variants: (layer, index) where index selects, in one example's activation, what is patched.
+# resid [T, D]: (t,) or ();  z [T, H, dh]: (:, h), (t, h), (t,), ();  pattern [H, Tq, Tk]: (h,), (h, t), ();
+# sae codes [T, F]: (:, f), (t, f).
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    dims: tuple[str, ...]
+    labels: dict[str, list[str]]
+    variants: list[tuple[int | None, tuple]]  # row-major over dims
+    mask_shape: tuple[int, ...]  # per-example shape the index applies to (leading dims of the activation)
+
+
+def _plan(model, component: str, by: str, layers, positions, heads, features, sae, sae_hook) -> _Plan:
+    cfg = model.cfg
+    if component not in COMPONENTS:
+        raise ValueError(f"component must be one of {COMPONENTS}, got {component!r}")
+    if by not in GRANULARITY[component]:
+        raise ValueError(f"by={by!r} is not available for component {component!r}; choose from {GRANULARITY[component]}")
+    T, H = cfg.n_tokens, cfg.n_heads
+    layers = list(range(cfg.n_layers)) if layers is None else [int(x) for x in layers]
+    positions = list(range(T)) if positions is None else [int(x) for x in positions]
+    heads = list(range(H)) if heads is None else [int(x) for x in heads]
+    for name, vals, n in (("layers", layers, cfg.n_layers), ("positions", positions, T), ("heads", heads, H)):
+        if not vals or min(vals) < 0 or max(vals) >= n:
+            raise ValueError(f"{name} must be a non-empty list of indices in [0, {n}), got {vals}")
+    tok = model.token_labels()
+    lab = {"layer": [str(x) for x in layers], "position": [tok[p] for p in positions], "head": [str(h) for h in heads]}
+    if component == "sae":
+        if sae is None or sae_hook is None:
+            raise ValueError("component='sae' needs sae=<sae_lens SAE> and sae_hook=<hook name it reads>")
+        d_sae = sae.cfg.d_sae
+        features = list(range(d_sae)) if features is None else [int(x) for x in features]
+        if not features or min(features) < 0 or max(features) >= d_sae:
+            raise ValueError(f"features must be a non-empty list of indices in [0, {d_sae}), got {features}")
+        lab["feature"] = [str(f) for f in features]
+        if by == "feature":
+            return _Plan(("feature",), {"feature": lab["feature"]}, [(None, (_ALL, f)) for f in features], (T, d_sae))
+        return _Plan(("feature", "position"), {"feature": lab["feature"], "position": lab["position"]},
+                     [(None, (t, f)) for f in features for t in positions], (T, d_sae))
+    if component in RESID_COMPONENTS:
+        shape = (T,)
+        if by == "layer":
+            return _Plan(("layer",), {"layer": lab["layer"]}, [(lay, ()) for lay in layers], shape)
+        return _Plan(("layer", "position"), {k: lab[k] for k in ("layer", "position")},
+                     [(lay, (t,)) for lay in layers for t in positions], shape)
+    shape = (T, H) if component == "z" else (H, T)
+    if by == "layer":
+        return _Plan(("layer",), {"layer": lab["layer"]}, [(lay, ()) for lay in layers], shape)
+    if by == "position":  # z only: every head at one position
+        return _Plan(("layer", "position"), {k: lab[k] for k in ("layer", "position")},
+                     [(lay, (t,)) for lay in layers for t in positions], shape)
+    if by == "head":
+        idx = (lambda h: (_ALL, h)) if component == "z" else (lambda h: (h,))
+        return _Plan(("layer", "head"), {k: lab[k] for k in ("layer", "head")},
+                     [(lay, idx(h)) for lay in layers for h in heads], shape)
+    idx2 = (lambda h, t: (t, h)) if component == "z" else (lambda h, t: (h, t))
+    return _Plan(("layer", "head", "position"), {k: lab[k] for k in ("layer", "head", "position")},
+                 [(lay, idx2(h, t)) for lay in layers for h in heads for t in positions], shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Result
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PatchingResult:
+    """Normalised patching scores as a labelled tensor: ``values[i, j, ...]`` along ``dims``."""
+
+    values: Tensor  # normalised score, shape = [len(labels[d]) for d in dims]
+    logit_diff: Tensor  # mean patched logit difference, same shape
+    dims: tuple[str, ...]
+    labels: dict[str, list[str]]
+    component: str
+    direction: str
+    clean_logit_diff: float
+    corrupted_logit_diff: float
+    n_images: int
+    grid_size: tuple[int, int]
+    n_prefix_tokens: int
+    meta: dict = field(default_factory=dict)
+
+    def rows(self) -> list[dict]:
+        out = []
+        for idx in itertools.product(*(range(len(self.labels[d])) for d in self.dims)):
+            row = {d: self.labels[d][i] for d, i in zip(self.dims, idx, strict=True)}
+            row.update(component=self.component, direction=self.direction, score=float(self.values[idx]),
+                       logit_diff=float(self.logit_diff[idx]), **self.meta)
+            out.append(row)
+        return out
+
+    def to_dict(self) -> dict:
+        return {"component": self.component, "direction": self.direction, "dims": list(self.dims),
+                "labels": self.labels, "values": self.values.tolist(), "logit_diff": self.logit_diff.tolist(),
+                "clean_logit_diff": self.clean_logit_diff, "corrupted_logit_diff": self.corrupted_logit_diff,
+                "n_images": self.n_images, "grid_size": list(self.grid_size),
+                "n_prefix_tokens": self.n_prefix_tokens, **self.meta}
+
+    def save_csv(self, path: str | os.PathLike) -> None:
+        write_rows_csv(self.rows(), path)
+
+    def on_grid(self) -> tuple[dict[str, Tensor], Tensor]:
+        """Split the ``position`` dim (which must be last and complete) into prefix tokens and the patch grid.
+
+        Returns ``({prefix label: values[...]}, grid values [..., gh, gw])``.
+        """
+        if not self.dims or self.dims[-1] != "position":
+            raise ValueError(f"on_grid needs 'position' as the last dim, got dims {self.dims}")
+        gh, gw = self.grid_size
+        n_pos = len(self.labels["position"])
+        if n_pos != self.n_prefix_tokens + gh * gw:
+            raise ValueError(f"on_grid needs every position ({self.n_prefix_tokens + gh * gw}), got {n_pos}")
+        prefix = {lab: self.values[..., i] for i, lab in enumerate(self.labels["position"][: self.n_prefix_tokens])}
+        return prefix, self.values[..., self.n_prefix_tokens:].reshape(*self.values.shape[:-1], gh, gw)
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs
+# ----------------------------------------------------------------------------------------------
+
+
+def logit_diff(logits: Tensor, correct: Tensor, other: Tensor) -> Tensor:
+    """Per-image ``logits[correct] - logits[other]`` for logits ``[B, C]``."""
+    return logits.gather(1, correct[:, None]).squeeze(1) - logits.gather(1, other[:, None]).squeeze(1)
+
+
+def best_other(logits: Tensor, correct: Tensor) -> Tensor:
+    """The highest-scoring incorrect class per image."""
+    masked = logits.clone()
+    masked.scatter_(1, correct[:, None], -math.inf)
+    return masked.argmax(1)
+
+
+def _names(plan: _Plan, component: str, sae_hook: str | None) -> list[str]:
+    if component == "sae":
+        return [sae_hook]
+    return sorted({hook_name(component, lay) for lay, _ in plan.variants}, key=lambda n: int(n.split(".")[1]))
+
+
+@torch.no_grad()
+def _cache(model, x: Tensor, names: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
+    wanted = set(names)
+    logits, cache = model.run_with_cache(x, names_filter=lambda n: n in wanted)
+    return logits, {n: cache[n] for n in names}
+
+
+def _supports_start(model) -> bool:
+    try:
+        return "start_at_layer" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _check_pair(model_a, model_b) -> None:
+    ca, cb = model_a.cfg, model_b.cfg
+    keys = ("d_model", "n_layers", "n_heads", "d_head", "n_tokens", "n_prefix_tokens", "num_classes")
+    da, db = {k: getattr(ca, k) for k in keys}, {k: getattr(cb, k) for k in keys}
+    if da != db:
+        raise ValueError(f"models must share the architecture to patch between them, got {da} and {db}")
+
+
+@torch.no_grad()
+def activation_patching(
+    model,
+    clean_images: Tensor,
+    corrupted_images: Tensor,
+    labels: Tensor,
+    *,
+    component: str = "resid_pre",
+    by: str = "position",
+    direction: str = "clean_to_corrupted",
+    corrupted_model=None,
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    features: Sequence[int] | None = None,
+    sae=None,
+    sae_hook: str | None = None,
+    batch_size: int = 64,
+    max_rows: int = 2048,
+    batched: bool = True,
+    progress: bool = True,
+) -> PatchingResult:
+    """Patching sweep; see the module docstring for runs, metric and batching.
+
+    ``model`` runs the clean images (the "clean" run), ``corrupted_model`` (default ``model``) the corrupted
+    images. ``component``/``by``: resid_pre, resid_mid, resid_post, attn_out, mlp_out by ``position`` or
+    ``layer``; ``z`` by ``head``, ``head_position``, ``position`` or ``layer``; ``pattern`` (query rows) by
+    ``head``, ``head_position`` or ``layer``; ``sae`` (features of ``sae`` at ``sae_hook``, the receiving
+    run's SAE error term kept) by ``feature`` or ``feature_position``. ``batched=False`` runs the naive
+    reference loop: one full forward per patched variant.
+    """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    corrupted_model = model if corrupted_model is None else corrupted_model
+    _check_pair(model, corrupted_model)
+    check_images(clean_images, "clean_images")
+    check_images(corrupted_images, "corrupted_images")
+    if clean_images.shape != corrupted_images.shape:
+        raise ValueError(f"clean and corrupted images must be paired, got {tuple(clean_images.shape)} and "
+                         f"{tuple(corrupted_images.shape)}")
+    labels = check_labels(labels, clean_images.shape[0], model.cfg.num_classes)
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    if sae_hook is not None and sae_hook not in model.hook_dict:
+        raise ValueError(f"unknown sae_hook {sae_hook!r}")
+    plan = _plan(model, component, by, layers, positions, heads, features, sae, sae_hook)
+    if direction == "clean_to_corrupted":
+        recv_model, recv_x, src_model, src_x = corrupted_model, corrupted_images, model, clean_images
+    else:
+        recv_model, recv_x, src_model, src_x = model, clean_images, corrupted_model, corrupted_images
+    device = model_device(recv_model)
+    names = _names(plan, component, sae_hook)
+    n_var = len(plan.variants)
+    sum_ld = torch.zeros(n_var, dtype=torch.float64)
+    sum_clean = sum_corr = 0.0
+    start_ok = batched and _supports_start(recv_model)
+    for s in batches(clean_images.shape[0], batch_size, progress, "patching (image batches)"):
+        y = labels[s:s + batch_size].to(device)
+        logit_clean = model(clean_images[s:s + batch_size].to(device))
+        logit_corr = corrupted_model(corrupted_images[s:s + batch_size].to(device))
+        other = best_other(logit_corr, y)
+        sum_clean += float(logit_diff(logit_clean, y, other).double().sum())
+        sum_corr += float(logit_diff(logit_corr, y, other).double().sum())
+        extra = [f"blocks.{lay}.hook_resid_pre" for lay in {v[0] for v in plan.variants} if lay is not None and start_ok]
+        if component == "sae" and start_ok and _sae_layer(sae_hook) is not None:
+            extra.append(f"blocks.{_sae_layer(sae_hook)}.hook_resid_pre")
+        _, recv_cache = _cache(recv_model, recv_x[s:s + batch_size].to(device), sorted(set(names + extra)))
+        _, src_cache = _cache(src_model, src_x[s:s + batch_size].to(device), names)
+        run = _run_batched if batched else _run_naive
+        sum_ld += run(recv_model, recv_x[s:s + batch_size].to(device), plan, component, names, recv_cache, src_cache,
+                      y, other, sae, max_rows, start_ok, progress).double().cpu()
+    n = clean_images.shape[0]
+    ld_clean, ld_corr = sum_clean / n, sum_corr / n
+    denom = ld_clean - ld_corr
+    if abs(denom) < 1e-6 * max(1.0, abs(ld_clean)):
+        raise ValueError(f"the clean and corrupted runs have the same mean logit difference ({ld_clean:.6g}); "
+                         "the normalised metric is undefined. Use inputs or models that differ.")
+    shape = tuple(len(plan.labels[d]) for d in plan.dims)
+    mean_ld = (sum_ld / n).reshape(shape)
+    return PatchingResult(values=((mean_ld - ld_corr) / denom).float(), logit_diff=mean_ld.float(), dims=plan.dims,
+                          labels=plan.labels, component=component, direction=direction, clean_logit_diff=ld_clean,
+                          corrupted_logit_diff=ld_corr, n_images=n, grid_size=tuple(model.cfg.grid_size),
+                          n_prefix_tokens=model.cfg.n_prefix_tokens,
+                          meta={"by": by, **({"sae_hook": sae_hook} if sae_hook else {})})
+
+
+def _sae_patch(sae, a: Tensor, z_recv: Tensor, z_src: Tensor, mask: Tensor) -> Tensor:
+    """Receiving activations with the masked SAE codes replaced by the source's, error term kept.
+
+    a [P, B, T, ...] (P copies of the receiving activation), z_recv/z_src [B, T, F], mask [P, T, F].
+    """
+    z_new = torch.where(mask[:, None], z_src[None], z_recv[None])
+    return _sae_splice(sae, a, z_new, z_recv[None])
+
+
+def _sae_splice(sae, a: Tensor, z_new: Tensor, z_old: Tensor) -> Tensor:
+    """``a + decode(z_new) - decode(z_old)``, exactly ``a`` at tokens whose codes did not change."""
+    changed = (z_new != z_old).any(-1)
+    changed = changed.view(*changed.shape, *([1] * (a.ndim - changed.ndim)))
+    return torch.where(changed, a + sae.decode(z_new) - sae.decode(z_old), a)
+
+
+def _run_batched(model, x, plan, component, names, recv_cache, src_cache, y, other, sae, max_rows, start_ok,
+                 progress) -> Tensor:
+    B = x.shape[0]
+    per_chunk = max(1, max_rows // B)
+    out = torch.empty(len(plan.variants), device=x.device)
+    if component == "sae":
+        name = names[0]
+        z_recv, z_src = sae.encode(recv_cache[name]), sae.encode(src_cache[name])
+    # group consecutive variants by layer (plans are layer-major), then chunk
+    groups = itertools.groupby(range(len(plan.variants)), key=lambda i: plan.variants[i][0])
+    chunks = [(lay, idx[i:i + per_chunk]) for lay, g in groups for idx in [list(g)] for i in range(0, len(idx), per_chunk)]
+    for lay, idx in tqdm(chunks, desc="patching (batched chunks)", disable=not progress or len(chunks) < 2,
+                         leave=False):
+        P = len(idx)
+        mask = torch.zeros(P, *plan.mask_shape, dtype=torch.bool, device=x.device)
+        for p, i in enumerate(idx):
+            mask[(p, *plan.variants[i][1])] = True
+        if component == "sae":
+            name = names[0]
+            layer = _sae_layer(name)
+        else:
+            name = hook_name(component, lay)
+            layer = lay
+        src = src_cache[name]
+
+        def hook(act, hook, mask=mask, src=src, P=P):
+            a = act.view(P, B, *act.shape[1:])
+            if component == "sae":
+                patched = _sae_patch(sae, a, z_recv, z_src, mask)
+                rows = mask.flatten(1).any(1).view(P, *([1] * (a.ndim - 1)))
+                return torch.where(rows, patched, a).view_as(act)
+            m = mask.view(P, 1, *mask.shape[1:], *([1] * (a.ndim - mask.ndim - 1)))
+            return torch.where(m, src[None], a).view_as(act)
+
+        if start_ok and layer is not None:
+            inp = recv_cache[f"blocks.{layer}.hook_resid_pre"].repeat(P, 1, 1)
+            logits = model.run_with_hooks(inp, start_at_layer=layer, fwd_hooks=[(name, hook)])
+        else:
+            logits = model.run_with_hooks(x.repeat(P, *([1] * (x.ndim - 1))), fwd_hooks=[(name, hook)])
+        ld = logit_diff(logits, y.repeat(P), other.repeat(P)).view(P, B).double().sum(1)
+        out[torch.as_tensor(idx, device=x.device)] = ld.to(out.dtype)
+    return out
+
+
+def _run_naive(model, x, plan, component, names, recv_cache, src_cache, y, other, sae, max_rows, start_ok,
+               progress) -> Tensor:
+    """Reference loop: one full forward of the receiving batch per variant, patched by plain indexing."""
+    out = torch.empty(len(plan.variants), device=x.device)
+    if component == "sae":
+        z_recv, z_src = sae.encode(recv_cache[names[0]]), sae.encode(src_cache[names[0]])
+    for i, (lay, index) in enumerate(tqdm(plan.variants, desc="patching (naive loop)", disable=not progress,
+                                          leave=False)):
+        name = names[0] if component == "sae" else hook_name(component, lay)
+        src = src_cache[name]
+
+        def hook(act, hook, index=index, src=src):
+            act = act.clone()
+            if component == "sae":
+                z_new = z_recv.clone()
+                z_new[(_ALL, *index)] = z_src[(_ALL, *index)]
+                return _sae_splice(sae, act, z_new, z_recv)
+            act[(_ALL, *index)] = src[(_ALL, *index)]
+            return act
+
+        logits = model.run_with_hooks(x, fwd_hooks=[(name, hook)])
+        out[i] = logit_diff(logits, y, other).double().sum().to(out.dtype)
+    return out
+
+
+__all__ = ["COMPONENTS", "DIRECTIONS", "GRANULARITY", "PatchingResult", "activation_patching", "best_other",
+           "hook_name", "logit_diff"]

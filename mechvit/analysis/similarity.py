@@ -1,0 +1,176 @@
+"""Representation similarity: linear CKA and its debiased form, per layer, between models or inputs.
+
+Linear CKA (Kornblith et al., 2019) compares two sets of representations of the same ``n`` examples,
+``X [n, d1]`` and ``Y [n, d2]``:
+
+    CKA(X, Y) = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)),   K = X X^T,  L = Y Y^T.
+
+The plain estimator uses the biased HSIC (centred Gram matrices); it is 1 for ``Y = X Q`` with ``Q``
+orthogonal and for ``Y = c X``, but is biased upwards when ``n`` is small relative to the width. The
+debiased form replaces HSIC by the unbiased estimator HSIC_1 of Song et al. (2012), as done for CKA by
+Nguyen, Raghu & Kornblith (2021). Both are computed in feature space (``O(n d^2)``), in float64.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mechvit.analysis._utils import check_images, layer_hook_names, run_hook_batches
+
+TOKEN_REDUCTIONS = ("flatten", "cls", "mean_patches", "tokens")
+
+
+def _as_2d(x: Tensor, name: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim < 2:
+        raise ValueError(f"{name} must have shape [n, ...features] with n examples, got shape {tuple(x.shape)}")
+    return x.reshape(x.shape[0], -1).to(torch.float64)
+
+
+def _debias(xty_sq: Tensor, rows_x: Tensor, rows_y: Tensor, norm_x: Tensor, norm_y: Tensor, n: int) -> Tensor:
+    # n (n - 3) HSIC_1 written with centred features (Kornblith's reference code, Song et al. 2012).
+    return xty_sq - n / (n - 2.0) * (rows_x @ rows_y) + norm_x * norm_y / ((n - 1) * (n - 2))
+
+
+def linear_cka(x: Float[Tensor, "n ..."], y: Float[Tensor, "n ..."], *, debiased: bool = False) -> float:
+    """Linear CKA between ``x`` and ``y`` (rows are the same examples; trailing dims are flattened).
+
+    ``debiased=True`` uses the unbiased HSIC_1 estimator and needs ``n >= 4`` examples. The debiased
+    value can be slightly negative for unrelated representations. Returns ``nan`` when either input has
+    zero variance across examples.
+    """
+    x, y = _as_2d(x, "x"), _as_2d(y, "y")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y must hold the same number of examples, got {x.shape[0]} and {y.shape[0]}")
+    n = x.shape[0]
+    if n < (4 if debiased else 2):
+        raise ValueError(f"linear_cka needs at least {4 if debiased else 2} examples, got {n}")
+    x = x - x.mean(0, keepdim=True)
+    y = y - y.mean(0, keepdim=True)
+    xty = torch.linalg.matrix_norm(x.T @ y) ** 2
+    xtx = torch.linalg.matrix_norm(x.T @ x) ** 2
+    yty = torch.linalg.matrix_norm(y.T @ y) ** 2
+    if debiased:
+        rows_x, rows_y = (x * x).sum(1), (y * y).sum(1)
+        norm_x, norm_y = rows_x.sum(), rows_y.sum()
+        xty = _debias(xty, rows_x, rows_y, norm_x, norm_y, n)
+        xtx = _debias(xtx, rows_x, rows_x, norm_x, norm_x, n)
+        yty = _debias(yty, rows_y, rows_y, norm_y, norm_y, n)
+    denom = torch.sqrt(xtx * yty)
+    if not torch.isfinite(denom) or denom <= 0:
+        return float("nan")
+    return float(xty / denom)
+
+
+def _reduce_tokens(act: Float[Tensor, "b t d"], token_reduction: str, n_prefix: int) -> Tensor:
+    if token_reduction == "flatten":
+        return act.reshape(act.shape[0], -1)
+    if token_reduction == "cls":
+        if n_prefix < 1:
+            raise ValueError("token_reduction='cls' needs a model with a prefix (class) token; this one has none")
+        return act[:, 0]
+    if token_reduction == "mean_patches":
+        return act[:, n_prefix:].mean(1)
+    return act.reshape(-1, act.shape[-1])  # "tokens": every token is an example
+
+
+@dataclass
+class CKAResult:
+    """Per-layer CKA between two runs (two models on the same images, or one model on two inputs)."""
+
+    layers: list[str]
+    linear: Tensor  # [n_layers]
+    debiased: Tensor  # [n_layers]
+    hook: str
+    token_reduction: str
+    n_examples: int
+    meta: dict = field(default_factory=dict)
+
+    def rows(self) -> list[dict]:
+        return [
+            {"layer": lay, "hook": self.hook, "cka_linear": float(a), "cka_debiased": float(b),
+             "token_reduction": self.token_reduction, "n_examples": self.n_examples, **self.meta}
+            for lay, a, b in zip(self.layers, self.linear.tolist(), self.debiased.tolist(), strict=True)
+        ]
+
+    def to_dict(self) -> dict:
+        return {"layers": list(self.layers), "cka_linear": self.linear.tolist(),
+                "cka_debiased": self.debiased.tolist(), "hook": self.hook,
+                "token_reduction": self.token_reduction, "n_examples": self.n_examples, **self.meta}
+
+    def save_csv(self, path: str | os.PathLike) -> None:
+        write_rows_csv(self.rows(), path)
+
+
+def write_rows_csv(rows: Sequence[dict], path: str | os.PathLike) -> None:
+    """Write a tidy table (list of dicts with the same keys) to ``path`` atomically."""
+    if not rows:
+        raise ValueError("write_rows_csv needs at least one row, got none")
+    path = os.fspath(path)
+    fields: list[str] = []
+    for row in rows:
+        fields += [k for k in row if k not in fields]
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def layer_cka(
+    model_a,
+    images_a: Float[Tensor, "n c h w"],
+    model_b=None,
+    images_b: Float[Tensor, "n c h w"] | None = None,
+    *,
+    hook: str = "resid_post",
+    token_reduction: str = "flatten",
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> CKAResult:
+    """Per-layer CKA between ``model_a`` on ``images_a`` and ``model_b`` on ``images_b``.
+
+    Between models: ``layer_cka(base, x, finetuned)`` (``images_b`` defaults to ``images_a``).
+    Between inputs: ``layer_cka(model, clean, images_b=corrupted)`` (``model_b`` defaults to ``model_a``).
+    ``hook`` is a block hook suffix (``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``,
+    ``mlp_out``). ``token_reduction``: ``flatten`` (one example per image, all tokens concatenated),
+    ``cls`` (token 0), ``mean_patches`` (mean over patch tokens), ``tokens`` (every token an example).
+    """
+    if token_reduction not in TOKEN_REDUCTIONS:
+        raise ValueError(f"token_reduction must be one of {TOKEN_REDUCTIONS}, got {token_reduction!r}")
+    model_b = model_a if model_b is None else model_b
+    images_b = images_a if images_b is None else images_b
+    check_images(images_a, "images_a")
+    check_images(images_b, "images_b")
+    if images_a.shape[0] != images_b.shape[0]:
+        raise ValueError(f"images_a and images_b must hold the same images, got {images_a.shape[0]} and "
+                         f"{images_b.shape[0]}")
+    if model_a.cfg.n_layers != model_b.cfg.n_layers:
+        raise ValueError(f"models must have the same depth, got {model_a.cfg.n_layers} and {model_b.cfg.n_layers}")
+    names = layer_hook_names(model_a, hook)
+    reduce_a: Callable = lambda t: _reduce_tokens(t, token_reduction, model_a.cfg.n_prefix_tokens)  # noqa: E731
+    reduce_b: Callable = lambda t: _reduce_tokens(t, token_reduction, model_b.cfg.n_prefix_tokens)  # noqa: E731
+    acts_a = run_hook_batches(model_a, images_a, names, batch_size=batch_size, device=device,
+                              transform=reduce_a, progress=progress, desc="CKA (run a)")
+    acts_b = run_hook_batches(model_b, images_b, names, batch_size=batch_size, device=device,
+                              transform=reduce_b, progress=progress, desc="CKA (run b)")
+    lin = torch.tensor([linear_cka(acts_a[n], acts_b[n]) for n in names])
+    deb = torch.tensor([linear_cka(acts_a[n], acts_b[n], debiased=True) for n in names])
+    return CKAResult(layers=[str(i) for i in range(len(names))], linear=lin, debiased=deb, hook=hook,
+                     token_reduction=token_reduction, n_examples=acts_a[names[0]].shape[0])
