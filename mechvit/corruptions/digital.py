@@ -1,0 +1,263 @@
+"""Digital family: brightness, contrast, elastic_transform, pixelate, jpeg_compression, saturate.
+
+Parameters of ImageNet-C as implemented by ``imagecorruptions`` 1.1.2 (the reference). All six are scale-free
+or scaled by the reference itself (pixelate and elastic_transform use fractions of the image size), so they
+need no size rule. On 1-channel images each corruption does what the reference's own grayscale code path
+does (the function called on a mode-"L" image): brightness and contrast act on the gray value, saturate is
+the identity, pixelate and JPEG act on the single channel (JPEG of a gray image is its luma-only JPEG).
+See ``docs/corruptions_weather_digital.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+
+from mechvit.corruptions._kernels import clamp01, gaussian_kernel1d, separable_filter
+
+BRIGHTNESS = (0.1, 0.2, 0.3, 0.4, 0.5)  # added to the HSV value channel
+CONTRAST = (0.4, 0.3, 0.2, 0.1, 0.05)  # (x - channel mean) * c + channel mean
+SATURATE = ((0.3, 0.0), (0.1, 0.0), (2.0, 0.0), (5.0, 0.1), (20.0, 0.2))  # HSV s -> s * a + b
+PIXELATE = (0.6, 0.5, 0.4, 0.3, 0.25)  # PIL BOX down-scale factor, then NEAREST back up
+JPEG_QUALITY = (25, 18, 15, 10, 7)  # PIL / libjpeg quality
+ELASTIC_ALPHA = (250 * 0.05, 250 * 0.065, 250 * 0.085, 250 * 0.1, 250 * 0.12)  # displacement gain
+ELASTIC_SIGMA = 0.01  # Gaussian smoothing of the displacement field, fraction of the image side
+ELASTIC_MAX = 0.005  # uniform raw displacement in [-m, m] * H pixels (both axes use H, as the reference)
+
+
+def _check_rgb(x: Tensor, name: str) -> None:
+    if x.shape[1] != 3:
+        raise ValueError(f"{name} needs 1 or 3 channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+
+
+# ---------------------------------------------------------------- brightness, contrast, saturate
+
+
+def brightness(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
+    """Add ``c`` to the HSV value (max over channels). Hue and saturation are kept, so every channel is scaled
+    by ``v' / v`` (HSV -> RGB is linear in v); black pixels (v = 0, hue 0, s = 0) become gray ``v'``."""
+    c = BRIGHTNESS[severity - 1]
+    if x.shape[1] == 1:
+        return clamp01(x + c)
+    _check_rgb(x, "brightness")
+    v = x.amax(1, keepdim=True)
+    v_new = clamp01(v + c)
+    scaled = x * (v_new / v.clamp_min(torch.finfo(x.dtype).tiny))
+    return clamp01(torch.where(v > 0, scaled, v_new.expand_as(x)))
+
+
+def contrast(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
+    """Shrink each channel towards its own mean over the image."""
+    c = CONTRAST[severity - 1]
+    means = x.mean(dim=(2, 3), keepdim=True)
+    return clamp01((x - means) * c + means)
+
+
+def saturate(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
+    """HSV saturation ``s -> clip(s * a + b)`` with hue and value kept (exactly skimage's rgb2hsv/hsv2rgb
+    round trip, done in closed form). Gray pixels have hue 0 (red) in skimage, so ``b > 0`` tints them red,
+    as in the reference. The identity on 1-channel images (the reference's grayscale path keeps channel 0,
+    which is the value)."""
+    a, b = SATURATE[severity - 1]
+    if x.shape[1] == 1:
+        return x.clone()
+    _check_rgb(x, "saturate")
+    v = x.amax(1, keepdim=True)
+    delta = v - x.amin(1, keepdim=True)
+    s = torch.where(v > 0, delta / v.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(v))
+    s_new = clamp01(s * a + b)
+    # channel = v * (1 - s * k) with k = (v - channel) / delta fixed by the hue
+    colour = v - s_new * v * (v - x) / delta.clamp_min(torch.finfo(x.dtype).tiny)
+    gray = torch.cat([v, v * (1 - s_new), v * (1 - s_new)], dim=1)  # hue 0
+    return clamp01(torch.where(delta > 0, colour, gray))
+
+
+# ---------------------------------------------------------------- pixelate (PIL BOX down, NEAREST up)
+
+
+@lru_cache(maxsize=64)
+def _pil_box_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """Pillow's resample coefficients for the BOX filter (``precompute_coeffs``), as an [n_out, n_in] matrix."""
+    scale = n_in / n_out
+    filterscale = max(scale, 1.0)
+    support = 0.5 * filterscale
+    m = np.zeros((n_out, n_in))
+    for xx in range(n_out):
+        center = (xx + 0.5) * scale
+        xmin = max(int(center - support + 0.5), 0)
+        xmax = min(int(center + support + 0.5), n_in)
+        t = (np.arange(xmin, xmax) - center + 0.5) / filterscale
+        w = ((t > -0.5) & (t <= 0.5)).astype(np.float64)
+        if w.sum() > 0:
+            m[xx, xmin:xmax] = w / w.sum()
+    return m
+
+
+@lru_cache(maxsize=64)
+def _pil_nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    """Source index of each output pixel of Pillow's NEAREST resize (``ImagingScaleAffine``): the coordinate
+    starts at ``scale / 2`` and ``scale`` is added per pixel in float64, then truncated (the running sum
+    matters: ``(18 + 0.5) * 14 / 37`` gives 7 but the sum gives 6.999...)."""
+    scale = n_in / n_out
+    coord = np.cumsum(np.concatenate([[scale * 0.5], np.full(n_out - 1, scale)]))
+    return coord.astype(np.int64).clip(0, n_in - 1)
+
+
+def _pil_round(x: Tensor) -> Tensor:
+    return torch.floor(x + 0.5).clamp(0, 255)
+
+
+def pixelate(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
+    """``PIL.resize((int(W * c), int(H * c)), BOX)`` then ``resize((W, H), NEAREST)``, on the 8-bit image
+    (Pillow resamples horizontally, rounds to 8 bits, then vertically)."""
+    c = PIXELATE[severity - 1]
+    n, ch, h, w = x.shape
+    sh, sw = max(int(h * c), 1), max(int(w * c), 1)
+    y = _pil_round(x * 255)
+    mw = torch.from_numpy(_pil_box_matrix(w, sw)).to(y)
+    mh = torch.from_numpy(_pil_box_matrix(h, sh)).to(y)
+    y = _pil_round(torch.einsum("nchw,vw->nchv", y, mw))
+    y = _pil_round(torch.einsum("nchw,uh->ncuw", y, mh))
+    rows = torch.from_numpy(_pil_nearest_index(sh, h)).to(x.device)
+    cols = torch.from_numpy(_pil_nearest_index(sw, w)).to(x.device)
+    y = y.index_select(2, rows).index_select(3, cols)
+    return y / 255
+
+
+# ---------------------------------------------------------------- JPEG (libjpeg baseline, as Pillow saves)
+
+_LUMA_QT = np.array([
+    16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+    14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+    49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99,
+])  # fmt: skip
+_CHROMA_QT = np.array([
+    17, 18, 24, 47, 99, 99, 99, 99, 18, 21, 26, 66, 99, 99, 99, 99, 24, 26, 56, 99, 99, 99, 99, 99,
+    47, 66, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99,
+    99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99,
+])  # fmt: skip
+
+
+def quant_table(quality: int, chroma: bool = False) -> np.ndarray:
+    """libjpeg's ``jpeg_set_quality(quality, force_baseline=TRUE)`` table (Annex K base, 8x8, natural order)."""
+    if not 1 <= quality <= 100:
+        raise ValueError(f"JPEG quality must be in 1..100, got {quality}")
+    scale = 5000 // quality if quality < 50 else 200 - 2 * quality
+    base = _CHROMA_QT if chroma else _LUMA_QT
+    return np.clip((base * scale + 50) // 100, 1, 255).reshape(8, 8)
+
+
+@lru_cache(maxsize=4)
+def _dct_matrix(device: str) -> Tensor:
+    k = np.arange(8)
+    d = np.cos((2 * k[None, :] + 1) * k[:, None] * np.pi / 16) * np.sqrt(2 / 8)
+    d[0] /= np.sqrt(2)
+    return torch.from_numpy(d).float().to(device)  # orthonormal DCT-II = JPEG's FDCT
+
+
+def _jpeg_plane(p: Float[Tensor, "n h w"], qt: np.ndarray) -> Tensor:
+    """Level shift, 8x8 DCT, quantise (round half away from zero), dequantise, inverse DCT, round, clip.
+    ``p`` holds 8-bit values and has sides divisible by 8."""
+    n, h, w = p.shape
+    d = _dct_matrix(str(p.device))
+    q = torch.from_numpy(qt).float().to(p.device)
+    blocks = (p.float() - 128).reshape(n, h // 8, 8, w // 8, 8).transpose(2, 3)  # [n, bh, bw, 8, 8]
+    coef = d @ blocks @ d.T
+    coef = torch.sign(coef) * torch.floor(coef.abs() / q + 0.5) * q
+    out = (d.T @ coef @ d).transpose(2, 3).reshape(n, h, w)
+    return torch.floor(out + 128 + 0.5).clamp(0, 255)
+
+
+def _fix(v: float) -> int:
+    return int(v * 65536 + 0.5)
+
+
+def _rgb_to_ycbcr(rgb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """libjpeg's fixed-point RGB -> YCbCr (jccolor.c) on integer tensors [n, 3, h, w]."""
+    r, g, b = rgb.long().unbind(1)
+    half, off = 1 << 15, 128 << 16
+    y = (_fix(0.299) * r + _fix(0.587) * g + _fix(0.114) * b + half) >> 16
+    cb = (-_fix(0.16874) * r - _fix(0.33126) * g + _fix(0.5) * b + off + half - 1) >> 16
+    cr = (_fix(0.5) * r - _fix(0.41869) * g - _fix(0.08131) * b + off + half - 1) >> 16
+    return y, cb, cr
+
+
+def _ycbcr_to_rgb(y: Tensor, cb: Tensor, cr: Tensor) -> Tensor:
+    """libjpeg's fixed-point YCbCr -> RGB (jdcolor.c); inputs are integer tensors [n, h, w]."""
+    half = 1 << 15
+    cb, cr = cb - 128, cr - 128
+    r = y + ((_fix(1.40200) * cr + half) >> 16)
+    g = y + ((-_fix(0.34414) * cb - _fix(0.71414) * cr + half) >> 16)
+    b = y + ((_fix(1.77200) * cb + half) >> 16)
+    return torch.stack([r, g, b], 1).clamp(0, 255)
+
+
+def _downsample_h2v2(p: Tensor) -> Tensor:
+    """libjpeg's 2x2 chroma average with the alternating rounding bias 1, 2, 1, 2, ... (jcsample.c)."""
+    n, h, w = p.shape
+    s = p.reshape(n, h // 2, 2, w // 2, 2).sum((2, 4))
+    bias = 1 + (torch.arange(w // 2, device=p.device) % 2)
+    return (s + bias) >> 2
+
+
+def _upsample_h2v2_fancy(p: Tensor) -> Tensor:
+    """libjpeg's "fancy" (triangle) 2x chroma upsampling with the edges repeated (jdsample.c)."""
+    up, down = torch.cat([p[:, :1], p[:, :-1]], 1), torch.cat([p[:, 1:], p[:, -1:]], 1)
+    rows = torch.stack([3 * p + up, 3 * p + down], 2).flatten(1, 2)  # [n, 2h, w] column sums
+    left, right = torch.cat([rows[..., :1], rows[..., :-1]], 2), torch.cat([rows[..., 1:], rows[..., -1:]], 2)
+    even, odd = (3 * rows + left + 8) >> 4, (3 * rows + right + 7) >> 4
+    return torch.stack([even, odd], 3).flatten(2, 3)
+
+
+def jpeg(x: Tensor, quality: int) -> Tensor:
+    """Baseline JPEG at ``quality`` as Pillow saves and reads it (libjpeg: YCbCr, 4:2:0 chroma subsampling,
+    Annex K tables scaled by quality, fancy upsampling), batched. 1-channel images are coded luma-only, which
+    is what Pillow does to a mode-"L" image converted to RGB and back. Returns 8-bit levels / 255."""
+    n, c, h, w = x.shape
+    q = _pil_round(x * 255)
+    ph, pw = -h % 16, -w % 16  # libjpeg repeats the last row / column to fill whole MCUs
+    q = F.pad(q, (0, pw, 0, ph), mode="replicate") if ph or pw else q
+    if c == 1:
+        return (_jpeg_plane(q[:, 0], quant_table(quality))[:, :h, :w] / 255)[:, None].to(x.dtype)
+    _check_rgb(x, "jpeg_compression")
+    y, cb, cr = _rgb_to_ycbcr(q)
+    y = _jpeg_plane(y, quant_table(quality)).long()
+    hc, wc = math.ceil(h / 2), math.ceil(w / 2)
+    chroma = []
+    for p in (cb, cr):
+        p = _jpeg_plane(_downsample_h2v2(p), quant_table(quality, chroma=True)).long()
+        chroma.append(_upsample_h2v2_fancy(p[:, :hc, :wc]))
+    rgb = _ycbcr_to_rgb(y[:, :h, :w], chroma[0][:, :h, :w], chroma[1][:, :h, :w])
+    return (rgb / 255).to(x.dtype)
+
+
+def jpeg_compression(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
+    return jpeg(x, JPEG_QUALITY[severity - 1])
+
+
+# ---------------------------------------------------------------- elastic transform
+
+
+def elastic_transform(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
+    """The reference's elastic transform: a displacement field drawn uniform in ``[-0.005 H, 0.005 H]`` per
+    pixel and axis, smoothed by a Gaussian of sigma ``0.01 * (H, W)`` (truncate 3, scipy "reflect"), times
+    ``alpha``; then bilinear resampling with reflected borders (``map_coordinates(order=1, mode='reflect')``,
+    which is ``grid_sample(padding_mode='reflection', align_corners=False)``). One field per image."""
+    alpha = ELASTIC_ALPHA[severity - 1]
+    n, c, h, w = x.shape
+    max_d = h * ELASTIC_MAX
+    u = torch.rand((n, 2, h, w), generator=generator, device=x.device, dtype=x.dtype) * (2 * max_d) - max_d
+    ky = gaussian_kernel1d(h * ELASTIC_SIGMA, truncate=3.0, dtype=x.dtype, device=x.device)
+    kx = gaussian_kernel1d(w * ELASTIC_SIGMA, truncate=3.0, dtype=x.dtype, device=x.device)
+    dx, dy = (separable_filter(u, ky, kx, mode="symmetric") * alpha).unbind(1)  # reference draws dx first
+    yy = torch.arange(h, device=x.device, dtype=x.dtype)[:, None] + dy
+    xx = torch.arange(w, device=x.device, dtype=x.dtype)[None, :] + dx
+    grid = torch.stack([(2 * xx + 1) / w - 1, (2 * yy + 1) / h - 1], dim=-1)  # [n, h, w, 2], (x, y)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return clamp01(out)
