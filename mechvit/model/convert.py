@@ -126,6 +126,15 @@ def config_from_timm(model: nn.Module) -> HookedViTConfig:
     blocks = list(model.blocks)
     if not blocks:
         raise NotImplementedError("a ViT with no blocks is not supported")
+    for i, b in enumerate(blocks):
+        if type(b) is not Block:
+            raise NotImplementedError(f"blocks.{i}: block type {type(b).__name__} is not supported (timm Block is)")
+        if type(b.attn) is not Attention:
+            raise NotImplementedError(
+                f"blocks.{i}.attn: {type(b.attn).__name__} is not supported (RoPE/relative position/diff attention are not)"
+            )
+        if type(b.mlp) is not Mlp:
+            raise NotImplementedError(f"blocks.{i}.mlp: {type(b.mlp).__name__} is not supported (SwiGLU/GLU MLPs are not)")
     b0 = blocks[0]
     eps = _check_ln(b0.norm1, "blocks.0.norm1", None)
     act = _act_name(b0.mlp.act, "blocks.0.mlp.act")
@@ -133,12 +142,6 @@ def config_from_timm(model: nn.Module) -> HookedViTConfig:
     drop_path = []
     for i, b in enumerate(blocks):
         w = f"blocks.{i}"
-        if type(b) is not Block:
-            raise NotImplementedError(f"{w}: block type {type(b).__name__} is not supported (timm Block is)")
-        if type(b.attn) is not Attention:
-            raise NotImplementedError(f"{w}.attn: {type(b.attn).__name__} is not supported (RoPE/relative position/diff attention are not)")
-        if type(b.mlp) is not Mlp:
-            raise NotImplementedError(f"{w}.mlp: {type(b.mlp).__name__} is not supported (SwiGLU/GLU MLPs are not)")
         if not isinstance(b.mlp.fc1, nn.Linear) or not isinstance(b.mlp.fc2, nn.Linear):
             raise NotImplementedError(f"{w}.mlp: convolutional MLP layers are not supported")
         if not _is_identity(b.mlp.norm):
