@@ -7,7 +7,9 @@ Matching and classification (``OverlapConfig`` holds every threshold):
 
 - decoder cosine is *signed*: ``cos(W_dec_a[i], W_dec_b[j])``. SAE codes are non-negative, so a feature
   whose direction is flipped writes the opposite vector: it is a different feature, never "persistent".
-- one-to-one matching: ``scipy.optimize.linear_sum_assignment`` maximising the summed signed cosine.
+- one-to-one matching: ``scipy.optimize.linear_sum_assignment`` maximising the summed cosine, with negative
+  cosines counted as 0 (an opposite direction is no better a partner than an orthogonal one); the pair keeps
+  its signed cosine for the classification.
 - classes: a matched pair with cosine ``>= persistent_cos`` (default 0.9) is *persistent*; a matched pair with
   ``shifted_cos <= cosine < persistent_cos`` (default 0.5) is *shifted*; otherwise (cosine below
   ``shifted_cos`` or no partner because the dictionaries differ in size) the SAE-a feature is *lost* and the
@@ -64,8 +66,12 @@ def mean_max_cosine(cos: Tensor) -> tuple[float, float]:
 
 
 def match_features(cos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """One-to-one matching maximising the summed signed cosine: (index in a, index in b, cosine)."""
-    rows, cols = linear_sum_assignment(cos.double().numpy(), maximize=True)
+    """One-to-one matching: (index in a, index in b, signed cosine of the pair).
+
+    Maximises the summed cosine with negative cosines counted as 0: an opposite direction is no better a
+    partner than an orthogonal one, and must not be traded for a good match elsewhere.
+    """
+    rows, cols = linear_sum_assignment(cos.clamp_min(0).double().numpy(), maximize=True)
     ia, ib = torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)
     return ia, ib, cos[ia, ib]
 

@@ -1,0 +1,144 @@
+import copy
+
+import pytest
+import timm
+import torch
+from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+
+from mechvit import HookedViT
+from mechvit.analysis.overlap import (
+    OverlapConfig,
+    code_similarity,
+    collect_activations,
+    decoder_cosine,
+    feature_overlap,
+    model_code_similarity,
+    sae_fit,
+)
+
+
+def standard_sae(d_in=8, d_sae=24, seed=0):
+    torch.manual_seed(seed)
+    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae))
+    with torch.no_grad():
+        sae.W_enc.normal_(0, 1)
+        sae.b_enc.normal_(0, 0.1)
+    return sae
+
+
+def permuted(sae, perm):
+    out = copy.deepcopy(sae)
+    with torch.no_grad():
+        out.W_dec.copy_(sae.W_dec[perm])
+        out.W_enc.copy_(sae.W_enc[:, perm])
+        out.b_enc.copy_(sae.b_enc[perm])
+    return out
+
+
+def test_permuted_copy_is_matched_back_exactly():
+    a = standard_sae()
+    perm = torch.randperm(24)
+    b = permuted(a, perm)  # b's feature j is a's feature perm[j]
+    acts = torch.randn(30, 5, 8)
+    res = feature_overlap(a, b, acts, acts, OverlapConfig(top_k=4))
+    assert torch.equal(perm[res.idx_b], res.idx_a)
+    torch.testing.assert_close(res.matched_cos, torch.ones(24))
+    assert res.mean_max_cos_a_to_b == pytest.approx(1.0) and res.mean_max_cos_b_to_a == pytest.approx(1.0)
+    assert res.counts() == {"persistent": 24, "shifted": 0, "lost": 0, "new": 0}
+    live = ~torch.isnan(res.act_corr)
+    assert live.sum() > 12
+    torch.testing.assert_close(res.act_corr[live], torch.ones(int(live.sum())), atol=1e-6, rtol=0)
+    torch.testing.assert_close(res.topk_jaccard, torch.ones(24))
+    assert res.cross["a_on_b"] == pytest.approx(res.cross["a_on_a"])
+    assert res.cross["b_on_a"] == pytest.approx(res.cross["a_on_a"])
+
+
+def test_sign_flip_is_not_persistent_and_shift_classes():
+    a = standard_sae(d_sae=6)
+    q, _ = torch.linalg.qr(torch.randn(8, 8))
+    with torch.no_grad():
+        a.W_dec.copy_(q.T[:6] * (torch.rand(6, 1) + 0.5))  # orthogonal directions, assorted norms
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        b.W_dec[0] = -a.W_dec[0]  # same line, opposite direction: a different feature for a non-negative code
+        b.W_dec[1] = 0.7 * q.T[1] + 0.51 ** 0.5 * q.T[7]  # cosine 0.7 with a's feature 1
+    res = feature_overlap(a, b)
+    cos = decoder_cosine(a, b)
+    assert cos[0, 0] == pytest.approx(-1.0) and cos[1, 1] == pytest.approx(0.7, abs=1e-5)
+    assert res.class_a[0] == "lost" and res.class_b[0] == "new"
+    assert res.class_a[1] == "shifted" and res.class_b[1] == "shifted"
+    assert res.class_a[2:] == ["persistent"] * 4
+    loose = feature_overlap(a, b, config=OverlapConfig(persistent_cos=0.6, shifted_cos=0.1))
+    assert loose.class_a[:2] == ["lost", "persistent"]
+
+
+def test_different_sizes_and_activation_gate(tmp_path):
+    a, b = standard_sae(d_sae=10), standard_sae(d_sae=6, seed=3)
+    acts = torch.randn(20, 8)
+    res = feature_overlap(a, b, acts, acts)
+    assert len(res.idx_a) == 6 and res.class_a.count("lost") >= 4
+    assert len(res.rows()) == 10
+    res.save_csv(tmp_path / "ov.csv")
+    d = res.to_dict()
+    assert d["n_features_a"] == 10 and set(d["counts"]) == {"persistent", "shifted", "lost", "new"}
+    # an activation-correlation gate demotes a decoder match whose codes do not co-vary
+    c = copy.deepcopy(a)
+    with torch.no_grad():
+        c.W_enc.copy_(-a.W_enc)
+    gated = feature_overlap(a, c, acts, acts, OverlapConfig(min_act_corr=0.5))
+    assert gated.counts()["persistent"] == 0
+    with pytest.raises(ValueError, match="both"):
+        feature_overlap(a, b, acts)
+    with pytest.raises(ValueError, match="shifted_cos"):
+        OverlapConfig(persistent_cos=0.3, shifted_cos=0.5)
+
+
+def test_sae_fit_known_answer():
+    d = 5
+    sae = StandardSAE(StandardSAEConfig(d_in=d, d_sae=2 * d))
+    with torch.no_grad():  # relu(x), relu(-x) then x = relu(x) - relu(-x): a perfect autoencoder
+        sae.W_enc.copy_(torch.cat([torch.eye(d), -torch.eye(d)], 1))
+        sae.W_dec.copy_(torch.cat([torch.eye(d), -torch.eye(d)], 0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    x = torch.randn(50, d)
+    fit = sae_fit(sae, x, batch_size=7)
+    assert fit["explained_variance"] == pytest.approx(1.0, abs=1e-6)
+    assert fit["l0"] == pytest.approx(d)
+    with torch.no_grad():
+        sae.W_dec.zero_()
+    mean_only = sae_fit(sae, x + 3.0)
+    assert mean_only["explained_variance"] < 0
+
+
+def test_code_similarity():
+    sae = TopKSAE(TopKSAEConfig(d_in=8, d_sae=16, k=3))
+    x = torch.randn(4, 6, 8)
+    same = code_similarity(sae, x, x.clone(), bins=10)
+    torch.testing.assert_close(same.cosines, torch.ones(24))
+    assert int(same.counts.sum()) == 24 and int(same.counts[-1]) == 24 and same.n_undefined == 0
+    other = code_similarity(sae, x, torch.randn(4, 6, 8), label="noise")
+    assert other.mean < 0.9 and other.to_dict()["label"] == "noise" and len(other.rows()) == 50
+    dead = StandardSAE(StandardSAEConfig(d_in=8, d_sae=4))
+    with torch.no_grad():
+        dead.b_enc.fill_(-1e6)
+    assert code_similarity(dead, x, x).n_undefined == 24
+    with pytest.raises(ValueError, match="correspond"):
+        code_similarity(sae, x, x[:2])
+
+
+def test_model_code_similarity_and_collection():
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7, in_chans=1,
+                          num_classes=10, embed_dim=32, depth=2, num_heads=2, reg_tokens=1)
+    model = HookedViT.from_timm(m).eval()
+    x = torch.rand(3, 1, 28, 28)
+    acts = collect_activations(model, x, "blocks.1.hook_resid_post", batch_size=2, progress=False)
+    assert acts.shape == (3, 16, 32)
+    _, cache = model.run_with_cache(x)
+    torch.testing.assert_close(acts, cache["blocks.1.hook_resid_post"][:, 2:])
+    sae = TopKSAE(TopKSAEConfig(d_in=32, d_sae=64, k=4))
+    same = model_code_similarity(model, sae, "blocks.1.hook_resid_post", x, x, progress=False)
+    torch.testing.assert_close(same.cosines, torch.ones(48))
+    with pytest.raises(ValueError, match="unknown hook"):
+        collect_activations(model, x, "blocks.9.hook_resid_post")
