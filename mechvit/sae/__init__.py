@@ -19,6 +19,7 @@ from .metrics import (
     SplicedMetrics,
     feature_density_figure,
     reconstruction_metrics,
+    splice_hook,
     spliced_metrics,
 )
 from .train import SAETrainingConfig, TrainedSAE, load_sae, save_trained, train_sae, train_sae_for_hook
@@ -27,6 +28,6 @@ __all__ = [
     "TOKEN_SELECTIONS", "ActivationStoreConfig", "CachedActivations", "CorruptionMix", "ReconstructionMetrics",
     "SAETrainingConfig", "SplicedMetrics", "TrainedSAE", "cache_activations", "feature_density_figure",
     "hook_width", "iter_activations", "load_sae", "model_fingerprint", "reconstruction_metrics", "run_to_hook",
-    "save_trained", "select_tokens", "shuffle_batches", "spliced_metrics", "stream_batches", "train_sae",
+    "save_trained", "select_tokens", "shuffle_batches", "splice_hook", "spliced_metrics", "stream_batches", "train_sae",
     "train_sae_for_hook",
 ]

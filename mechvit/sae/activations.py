@@ -206,9 +206,9 @@ def model_fingerprint(model: Any) -> str:
     """sha256 of the model's state dict (names, dtypes, shapes and bytes)."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
@@ -217,7 +217,9 @@ def _dataset_id(data: Any, name: str | None) -> str:
         return name
     images = _as_image_tensor(data)
     if images is not None:
-        h = hashlib.sha256(images.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h = hashlib.sha256()
+        for part in images.detach().split(1024):  # piecewise: no copy of the whole dataset
+            h.update(part.cpu().contiguous().view(torch.uint8).numpy())
         return f"tensor{list(images.shape)}:sha256:{h.hexdigest()[:16]}"
     dataset = getattr(data, "dataset", data)
     size = len(dataset) if hasattr(dataset, "__len__") else "?"

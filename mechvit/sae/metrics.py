@@ -20,7 +20,7 @@ from torch import Tensor
 from .activations import TOKEN_SELECTIONS, _model_device, _token_slice, check_hook
 
 __all__ = ["ReconstructionMetrics", "SplicedMetrics", "feature_density_figure", "reconstruction_metrics",
-           "spliced_metrics"]
+           "splice_hook", "spliced_metrics"]
 
 
 @dataclass
@@ -127,8 +127,9 @@ class SplicedMetrics:
         return asdict(self)
 
 
-def _splice_hook(sae: Any | None, model_cfg: Any, tokens: str, hook_name: str):
-    """A hook replacing the selected tokens by the SAE reconstruction (or zeros when ``sae`` is None)."""
+def splice_hook(sae: Any | None, model_cfg: Any, tokens: str, hook_name: str):
+    """A forward hook replacing the selected tokens by the SAE reconstruction (zeros when ``sae`` is None);
+    use it with ``model.run_with_hooks(images, fwd_hooks=[(hook_name, splice_hook(...))])``."""
     d_in = None if sae is None else _sae_width(sae)
 
     def fn(act: Tensor, hook: Any) -> Tensor:
@@ -182,8 +183,8 @@ def spliced_metrics(
             if transform is not None:
                 x = transform(x)
             clean = model(x).float()
-            spliced = model.run_with_hooks(x, fwd_hooks=[(hook, _splice_hook(sae, model.cfg, tokens, hook))]).float()
-            zero = model.run_with_hooks(x, fwd_hooks=[(hook, _splice_hook(None, model.cfg, tokens, hook))]).float()
+            spliced = model.run_with_hooks(x, fwd_hooks=[(hook, splice_hook(sae, model.cfg, tokens, hook))]).float()
+            zero = model.run_with_hooks(x, fwd_hooks=[(hook, splice_hook(None, model.cfg, tokens, hook))]).float()
             logp_c = clean.log_softmax(-1)
             for key, logits in (("s", spliced), ("z", zero)):
                 logp = logits.log_softmax(-1)

@@ -1,0 +1,105 @@
+"""SAE training through sae-lens's SAETrainer: dictionary recovery, save/load, traps, end-to-end on a HookedViT."""
+
+import json
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from sae_lens import SAE, JumpReLUSAE, TopKSAE
+
+from mechvit import HookedViT
+from mechvit.sae import ActivationStoreConfig, SAETrainingConfig, load_sae, train_sae, train_sae_for_hook
+
+D_IN, N_FEATURES, K = 16, 24, 3
+
+
+def dictionary() -> torch.Tensor:
+    return F.normalize(torch.randn(N_FEATURES, D_IN, generator=torch.Generator().manual_seed(0)), dim=-1)
+
+
+def sparse_batches(dictionary: torch.Tensor, batch_size: int, seed: int = 1):
+    """Rows = sum of K random dictionary directions with magnitudes in [0.5, 1.5]."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        idx = torch.rand(batch_size, N_FEATURES, generator=g).argsort(-1)[:, :K]
+        codes = torch.zeros(batch_size, N_FEATURES).scatter_(1, idx, torch.rand(batch_size, K, generator=g) + 0.5)
+        yield codes @ dictionary
+
+
+def test_topk_sae_recovers_a_known_sparse_dictionary():
+    true = dictionary()
+    cfg = SAETrainingConfig(architecture="topk", k=K, expansion_factor=2, batch_size=256,
+                            total_samples=256 * 800, lr=3e-3, log_every=200)
+    trained = train_sae(sparse_batches(true, 256), D_IN, cfg)
+    learned = F.normalize(trained.sae.W_dec.detach(), dim=-1)
+    max_cos = (true @ learned.T).max(dim=1).values
+    assert max_cos.mean() >= 0.9, max_cos
+    assert isinstance(trained.sae, TopKSAE)
+
+
+@pytest.mark.parametrize("architecture,inference_cls", [("batchtopk", JumpReLUSAE), ("topk", TopKSAE),
+                                                        ("standard", SAE), ("jumprelu", JumpReLUSAE)])
+def test_save_load_with_sae_lens_gives_identical_encode(architecture, inference_cls, tmp_path):
+    cfg = SAETrainingConfig(architecture=architecture, k=4, expansion_factor=2, batch_size=64,
+                            total_samples=64 * 30, log_every=10)
+    trained = train_sae(sparse_batches(dictionary(), 64), D_IN, cfg, out_dir=tmp_path / "sae",
+                        manifest={"hook": "blocks.0.hook_resid_post"})
+    loaded = SAE.load_from_disk(tmp_path / "sae")  # plain sae-lens, nothing of ours
+    assert isinstance(loaded, inference_cls) and type(loaded) is type(trained.sae)
+    x = next(sparse_batches(dictionary(), 50, seed=7))
+    assert torch.equal(loaded.encode(x), trained.sae.encode(x))
+    assert torch.equal(loaded.decode(loaded.encode(x)), trained.sae.decode(trained.sae.encode(x)))
+    assert loaded.cfg.metadata.hook_name == "blocks.0.hook_resid_post"
+    manifest = json.loads((tmp_path / "sae" / "mechvit_sae.json").read_text())
+    assert manifest["architecture"] == architecture and manifest["d_sae"] == 2 * D_IN
+    assert manifest["hook"] == "blocks.0.hook_resid_post" and manifest["trained_samples"] == 64 * 30
+    log = [json.loads(line) for line in (tmp_path / "sae" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [1, 11, 21, 30]
+    again, again_manifest = load_sae(tmp_path / "sae")
+    assert torch.equal(again.W_enc, loaded.W_enc) and again_manifest == manifest
+
+
+def test_cosine_schedule_ends_at_lr_end_and_total_rounds_to_whole_batches():
+    cfg = SAETrainingConfig(architecture="topk", k=2, expansion_factor=2, batch_size=32,
+                            total_samples=32 * 20 + 7, lr=1e-3, lr_end=1e-4, log_every=1)
+    trained = train_sae(sparse_batches(dictionary(), 32), D_IN, cfg)
+    lrs = [e["details/current_learning_rate"] for e in trained.log]
+    assert len(lrs) == 20 and trained.manifest["trained_samples"] == 640
+    assert lrs[0] == pytest.approx(1e-3, rel=0.02) and lrs[-1] == pytest.approx(1e-4, rel=1e-6)
+    assert all(a >= b for a, b in zip(lrs[:-1], lrs[1:], strict=True))
+
+
+def test_batches_of_the_wrong_size_or_too_few_are_refused():
+    cfg = SAETrainingConfig(architecture="topk", k=2, expansion_factor=2, batch_size=32, total_samples=32 * 5)
+    with pytest.raises(ValueError, match=r"shape \(32, 16\)"):
+        train_sae(sparse_batches(dictionary(), 31), D_IN, cfg)
+    with pytest.raises(ValueError, match="ran out"):
+        train_sae(iter([torch.zeros(32, D_IN)] * 3), D_IN, cfg)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="architecture must be one of"):
+        SAETrainingConfig(architecture="gated")
+    with pytest.raises(ValueError, match="at least one batch"):
+        SAETrainingConfig(batch_size=1024, total_samples=100)
+    with pytest.raises(ValueError, match="must not exceed d_sae"):
+        train_sae(sparse_batches(dictionary(), 32), 2, SAETrainingConfig(k=8, expansion_factor=2, batch_size=32,
+                                                                          total_samples=64))
+
+
+def test_train_for_hook_end_to_end_cached(tmp_path):
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7, in_chans=1,
+                          num_classes=10, embed_dim=32, depth=2, num_heads=2)
+    model = HookedViT.from_timm(m).eval()
+    images = torch.rand(32, 1, 28, 28)
+    store = ActivationStoreConfig(hook="blocks.1.hook_resid_pre", tokens="patches", model_batch_size=16,
+                                  buffer_size=512)
+    cfg = SAETrainingConfig(k=8, expansion_factor=2, batch_size=128, total_samples=128 * 10)
+    trained = train_sae_for_hook(model, images, store, cfg, out_dir=tmp_path / "sae", cache_dir=tmp_path / "acts",
+                                 heldout=torch.randn(100, 32))
+    loaded, manifest = load_sae(tmp_path / "sae")
+    assert loaded.cfg.d_in == 32 and loaded.cfg.d_sae == 64
+    assert manifest["hook"] == store.hook and manifest["tokens"] == "patches"
+    assert manifest["n_activations"] == 32 * 16 and len(manifest["model_sha256"]) == 64
+    assert manifest["heldout_metrics"]["n_rows"] == 100 and trained.path == tmp_path / "sae"
