@@ -438,3 +438,26 @@ def test_bad_images_raise_value_errors():
 def test_unsupported_architectures_are_named(make, feature):
     with pytest.raises(NotImplementedError, match=feature):
         HookedViT.from_timm(make())
+
+
+def test_editing_the_layer_norm_scale_is_honoured():
+    hooked = HookedViT.from_timm(tiny()).eval()
+    x = images(hooked)
+    _, cache = hooked.run_with_cache(x)
+    resid = cache["blocks.1.hook_resid_pre"]
+    ln = hooked.blocks[1].ln1
+    centred = resid - resid.mean(-1, keepdim=True)
+
+    def double_in_place(scale, hook):
+        scale.mul_(2)
+
+    def double(scale, hook):
+        return scale * 2
+
+    for fn in (double_in_place, double):
+        seen = {}
+        hooks = [("blocks.1.ln1.hook_scale", fn), ("blocks.1.ln1.hook_normalized", lambda t, hook: seen.setdefault("n", t))]
+        with torch.no_grad():
+            hooked.run_with_hooks(x, fwd_hooks=hooks)
+        want = centred / (2 * cache["blocks.1.ln1.hook_scale"]) * ln.weight + ln.bias
+        assert_close(seen["n"], want)

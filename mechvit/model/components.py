@@ -67,12 +67,18 @@ class LayerNorm(nn.Module):
     def forward(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
         if not hooked(self.hook_scale, self.hook_normalized):
             return F.layer_norm(x, (self.d,), self.weight, self.bias, self.eps)
-        x = x - x.mean(-1, keepdim=True)
-        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-        x = x / scale
-        if self.affine:
-            x = x * self.weight + self.bias
-        return self.hook_normalized(x)
+        var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
+        scale0 = (var + self.eps).sqrt()
+        version = scale0._version
+        scale = self.hook_scale(scale0)
+        if scale is scale0 and scale._version == version:
+            # The scale hook only read it: the fused kernel gives the same numbers in one pass.
+            out = F.layer_norm(x, (self.d,), self.weight, self.bias, self.eps)
+        else:  # a hook edited the scale: normalise with the edited one
+            out = (x - mean) / scale
+            if self.affine:
+                out = out * self.weight + self.bias
+        return self.hook_normalized(out)
 
 
 class PatchEmbed(nn.Module):

@@ -1,0 +1,70 @@
+"""HookedViT vs timm on the same weights: forward time ratios, measured in one run.
+
+    python benchmarks/bench_forward.py [--models vit_tiny_patch16_224 vit_base_patch16_224] [--batches 8 32]
+
+Variants per (model, batch): timm forward; HookedViT forward (no hooks); HookedViT ``run_with_cache``
+(every hook cached). Rounds are interleaved (timm, hooked, cached, timm, ...) so that drift in machine
+load hits all variants alike; each ratio is median(variant) / median(timm). CPU, float32, no_grad.
+Targets: <= 1.02x without hooks, <= 1.10x with a full cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import timm
+import torch
+
+from mechvit import HookedViT
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def bench(name: str, batch: int, rounds: int, threads: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    ref = timm.create_model(name, pretrained=False).eval()
+    hooked = HookedViT.from_timm(ref).eval()
+    x = torch.rand(batch, 3, *ref.patch_embed.img_size)
+    with torch.no_grad():
+        assert (hooked(x) - ref(x)).abs().max() < 1e-4
+        variants = {
+            "timm": lambda: ref(x),
+            "hooked": lambda: hooked(x),
+            "cached": lambda: hooked.run_with_cache(x),
+        }
+        for fn in variants.values():  # warm-up
+            fn()
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        for _ in range(rounds):
+            for k, fn in variants.items():
+                times[k].append(timed(fn))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"timm_s": med["timm"], "hooked_x": med["hooked"] / med["timm"], "cached_x": med["cached"] / med["timm"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["vit_tiny_patch16_224", "vit_base_patch16_224"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[8, 32])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, timm {timm.__version__}, {args.threads} threads, {args.rounds} interleaved rounds")
+    print(f"| model | batch | timm (s) | HookedViT / timm | run_with_cache / timm |")
+    print("|---|---|---|---|---|")
+    for name in args.models:
+        for batch in args.batches:
+            rounds = args.rounds if "base" not in name or batch <= 8 else max(3, args.rounds // 2)
+            r = bench(name, batch, rounds, args.threads)
+            print(f"| {name} | {batch} | {r['timm_s']:.3f} | {r['hooked_x']:.3f}x | {r['cached_x']:.3f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
