@@ -342,14 +342,19 @@ def shuffle_batches(
     n = 0
 
     def serve(n_rows: int, reserve: int) -> Iterator[Tensor]:
+        # each served row is copied once (the gather); kept rows move to the front of the buffer
         nonlocal n
         assert buf is not None
-        if shuffle:
-            buf[:n_rows] = buf[:n_rows][torch.randperm(n_rows, generator=g).to(buf.device)]
         n_serve = ((n_rows - reserve) // batch_size) * batch_size
-        for i in range(0, n_serve, batch_size):
-            yield buf[i:i + batch_size].clone()
-        rest = buf[n_serve:n_rows].clone()
+        if shuffle:
+            order = torch.randperm(n_rows, generator=g).to(buf.device)
+            for i in range(0, n_serve, batch_size):
+                yield buf[order[i:i + batch_size]].float()
+            rest = buf[order[n_serve:]]
+        else:
+            for i in range(0, n_serve, batch_size):
+                yield buf[i:i + batch_size].to(torch.float32, copy=True)
+            rest = buf[n_serve:n_rows].clone()
         buf[:len(rest)] = rest
         n = len(rest)
 
@@ -357,7 +362,9 @@ def shuffle_batches(
         if chunk.ndim != 2:
             raise ValueError(f"chunks must be [n, d], got shape {tuple(chunk.shape)}")
         if buf is None:
-            buf = torch.empty(buffer_size, chunk.shape[1], dtype=torch.float32, device=chunk.device)
+            # float16 chunks (the disk cache) stay float16 in the buffer: half the memory and copies
+            dtype = chunk.dtype if chunk.dtype in (torch.float16, torch.bfloat16) else torch.float32
+            buf = torch.empty(buffer_size, chunk.shape[1], dtype=dtype, device=chunk.device)
         elif chunk.shape[1] != buf.shape[1]:
             raise ValueError(f"chunk width changed from {buf.shape[1]} to {chunk.shape[1]}")
         pos = 0
@@ -538,7 +545,7 @@ class CachedActivations:
         return torch.from_numpy(np.concatenate(parts))
 
     def chunks(self, chunk_rows: int, *, seed: int = 0, shuffle: bool = True) -> Iterator[Tensor]:
-        """[<= chunk_rows, d] float32 pieces, in random shard and piece order when ``shuffle``."""
+        """[<= chunk_rows, d] pieces in the stored dtype, in random shard and piece order when ``shuffle``."""
         g = np.random.default_rng(seed)
         order = g.permutation(len(self._shards)) if shuffle else range(len(self._shards))
         for i in order:
@@ -547,7 +554,7 @@ class CachedActivations:
             if shuffle:
                 g.shuffle(starts)
             for s in starts:
-                yield torch.from_numpy(np.asarray(shard[s:s + chunk_rows], dtype=np.float32))
+                yield torch.from_numpy(np.array(shard[s:s + chunk_rows]))  # stored dtype; batches are float32
 
     def batches(
         self,

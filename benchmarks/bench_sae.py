@@ -1,0 +1,156 @@
+"""SAE activation store and SAE training throughput, each against a plain in-memory baseline in the same run.
+
+    python benchmarks/bench_sae.py [--images 2000] [--layer 3] [--steps 40] [--rounds 3]
+
+Store (activations/s, patch tokens of ``blocks.{layer}.hook_resid_post``):
+  baseline  ``run_with_cache(names_filter=hook)`` per batch (full forward), all rows kept in one tensor,
+            then batches drawn by ``randperm`` indexing: the plain in-memory approach;
+  stream    ``stream_batches``: forward stopped at the hook, shuffle buffer, bounded memory;
+  cache     ``cache_activations`` (float16 shards + manifest) then one pass of ``CachedActivations.batches``;
+  read      ``CachedActivations.batches`` alone (memory-mapped read-back) vs the in-memory tensor iterator.
+SAE training (samples/s), the same sae-lens ``SAETrainer`` (BatchTopK, k=32, x16) fed by: an in-memory
+tensor iterator (baseline), the disk cache, the live stream. Rounds are interleaved; ratios are of medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+
+import timm
+import torch
+
+from mechvit import HookedViT
+from mechvit.sae import (
+    ActivationStoreConfig,
+    CachedActivations,
+    SAETrainingConfig,
+    cache_activations,
+    stream_batches,
+)
+from mechvit.sae.activations import select_tokens
+from mechvit.sae.train import train_sae
+
+
+def images_for(n: int) -> torch.Tensor:
+    try:
+        from mechvit.data import load_fashion_mnist
+
+        return load_fashion_mnist("test")[0][:n]
+    except Exception:  # no dataset here: random images measure the same code paths
+        return torch.rand(n, 1, 28, 28)
+
+
+def memory_batches(rows: torch.Tensor, batch_size: int, seed: int = 0) -> Iterator[torch.Tensor]:
+    """The baseline iterator: random batches of an in-memory tensor, epoch after epoch."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(len(rows), generator=g)
+        for i in range(0, len(rows) - batch_size + 1, batch_size):
+            yield rows[perm[i:i + batch_size]]
+
+
+def timed(fn: Callable[[], int]) -> tuple[float, int]:
+    t = time.perf_counter()
+    n = fn()
+    return time.perf_counter() - t, n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--layer", type=int, default=3)
+    ap.add_argument("--depth", type=int, default=6)
+    ap.add_argument("--width", type=int, default=192)
+    ap.add_argument("--batch", type=int, default=1024, help="SAE batch (activations)")
+    ap.add_argument("--steps", type=int, default=40, help="SAE training steps per variant")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=4, in_chans=1,
+                            num_classes=10, embed_dim=args.width, depth=args.depth, num_heads=3)
+    model = HookedViT.from_timm(vit).eval()
+    images = images_for(args.images)
+    hook = f"blocks.{args.layer}.hook_resid_post"
+    store = ActivationStoreConfig(hook=hook, tokens="patches", model_batch_size=128, buffer_size=16 * args.batch)
+    n_rows = len(images) * model.cfg.n_patches
+    print(f"torch {torch.__version__}, {args.threads} threads; ViT d={args.width} depth={args.depth}, "
+          f"{len(images)} images -> {n_rows} activations at {hook}; {args.rounds} interleaved rounds")
+
+    def baseline_store() -> int:
+        with torch.no_grad():
+            parts = [select_tokens(model.run_with_cache(x, names_filter=hook)[1][hook], model.cfg, "patches")
+                     for x in images.split(store.model_batch_size)]
+        rows = torch.cat(parts)
+        it = memory_batches(rows, args.batch)
+        return sum(len(next(it)) for _ in range(len(rows) // args.batch))
+
+    def stream_store() -> int:
+        return sum(len(b) for b in stream_batches(model, images, store, args.batch, epochs=1))
+
+    tmp = tempfile.TemporaryDirectory()
+
+    def cache_store() -> int:
+        cached = cache_activations(model, images, tmp.name, store)
+        # cache_activations resumes a finished cache: clear it so every round really writes
+        for s in cached.manifest["shards"]:
+            (cached.path / s["file"]).unlink()
+        (cached.path / "manifest.json").unlink()
+        return sum(len(b) for b in cached.batches(args.batch, buffer_size=store.buffer_size, epochs=1))
+
+    cache_activations(model, images, tmp.name + "/read", store)
+    reader = CachedActivations(tmp.name + "/read")
+    in_memory = reader.rows()
+
+    def read_cache() -> int:
+        return sum(len(b) for b in reader.batches(args.batch, buffer_size=store.buffer_size, epochs=1))
+
+    def read_memory() -> int:
+        it = memory_batches(in_memory, args.batch)
+        return sum(len(next(it)) for _ in range(len(in_memory) // args.batch))
+
+    store_variants = {"baseline": baseline_store, "stream": stream_store, "cache": cache_store,
+                      "read_memory": read_memory, "read_cache": read_cache}
+    train_cfg = SAETrainingConfig(architecture="batchtopk", k=32, expansion_factor=16, batch_size=args.batch,
+                                  total_samples=args.batch * args.steps, n_batches_for_norm_estimate=5,
+                                  log_every=10**9)
+
+    def train_on(batches: Iterator[torch.Tensor]) -> int:
+        train_sae(batches, model.cfg.d_model, train_cfg)
+        return args.batch * args.steps  # trained samples (the norm estimate is inside the time)
+
+    train_variants = {
+        "memory": lambda: train_on(memory_batches(in_memory, args.batch)),
+        "cache": lambda: train_on(reader.batches(args.batch, buffer_size=store.buffer_size)),
+        "stream": lambda: train_on(stream_batches(model, images, store, args.batch)),
+    }
+    results: dict[str, list[float]] = {f"store/{k}": [] for k in store_variants}
+    results.update({f"train/{k}": [] for k in train_variants})
+    for fn in [*store_variants.values(), *train_variants.values()]:
+        fn()  # warm-up
+    for _ in range(args.rounds):
+        for group, variants in (("store", store_variants), ("train", train_variants)):
+            for k, fn in variants.items():
+                seconds, n = timed(fn)
+                results[f"{group}/{k}"].append(n / seconds)
+    med = {k: statistics.median(v) for k, v in results.items()}
+    print("\n| measurement | ours (/s) | baseline (/s) | ratio |\n|---|---|---|---|")
+    rows = [
+        ("store: stream (early stop + shuffle buffer) vs run_with_cache + in-memory", "store/stream", "store/baseline"),
+        ("store: disk cache write + read vs run_with_cache + in-memory", "store/cache", "store/baseline"),
+        ("store: memory-mapped read-back vs in-memory tensor iterator", "store/read_cache", "store/read_memory"),
+        ("SAE training fed by the disk cache vs in-memory iterator", "train/cache", "train/memory"),
+        ("SAE training fed by the live stream vs in-memory iterator", "train/stream", "train/memory"),
+    ]
+    for label, ours, base in rows:
+        print(f"| {label} | {med[ours]:,.0f} | {med[base]:,.0f} | {med[ours] / med[base]:.2f}x |")
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
