@@ -461,3 +461,32 @@ def test_editing_the_layer_norm_scale_is_honoured():
             hooked.run_with_hooks(x, fwd_hooks=hooks)
         want = centred / (2 * cache["blocks.1.ln1.hook_scale"]) * ln.weight + ln.bias
         assert_close(seen["n"], want)
+
+
+def test_hooks_context_manager_and_names_filter():
+    hooked = HookedViT.from_timm(tiny()).eval()
+    x = images(hooked)
+    seen = []
+    with torch.no_grad():
+        with hooked.hooks(fwd_hooks=[("blocks.0.hook_resid_post", lambda t, hook: seen.append(hook.name))]):
+            hooked(x)
+        hooked(x)  # the hook is gone after the context
+    assert seen == ["blocks.0.hook_resid_post"]
+    _, cache = hooked.run_with_cache(x, names_filter=lambda n: n.endswith("hook_pattern"))
+    assert list(cache.keys()) == ["blocks.0.attn.hook_pattern", "blocks.1.attn.hook_pattern"]
+    assert torch.allclose(cache["blocks.0.attn.hook_pattern"].sum(-1), torch.ones(3, 4, 17))
+
+
+def test_stack_head_results_with_the_attn_result_switch():
+    hooked = HookedViT.from_timm(tiny(init_values=0.5)).eval()
+    x = images(hooked)
+    _, computed = hooked.run_with_cache(x)
+    hooked.set_use_attn_result(True)
+    _, hooked_cache = hooked.run_with_cache(x)
+    assert "blocks.1.attn.hook_result" in hooked_cache and "blocks.1.attn.hook_result" not in computed
+    a, labels = hooked_cache.stack_head_results(return_labels=True)
+    b = computed.stack_head_results()
+    assert labels[:2] == ["L0H0", "L0H1"] and a.shape == (8, 3, 17, 32)
+    assert_close(a, b)
+    with_rest = hooked_cache.stack_head_results(incl_remainder=True)
+    assert_close(with_rest.sum(0), hooked_cache["blocks.1.hook_resid_post"])
