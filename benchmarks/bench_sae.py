@@ -1,6 +1,6 @@
 """SAE activation store and SAE training throughput, each against a plain in-memory baseline in the same run.
 
-    python benchmarks/bench_sae.py [--images 2000] [--layer 3] [--steps 40] [--rounds 3]
+    python benchmarks/bench_sae.py [--images 1000] [--layer 3] [--steps 30] [--rounds 3]
 
 Store (activations/s, patch tokens of ``blocks.{layer}.hook_resid_post``):
   baseline  ``run_with_cache(names_filter=hook)`` per batch (full forward), all rows kept in one tensor,
@@ -61,12 +61,12 @@ def timed(fn: Callable[[], int]) -> tuple[float, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--layer", type=int, default=3)
     ap.add_argument("--depth", type=int, default=6)
     ap.add_argument("--width", type=int, default=192)
     ap.add_argument("--batch", type=int, default=1024, help="SAE batch (activations)")
-    ap.add_argument("--steps", type=int, default=40, help="SAE training steps per variant")
+    ap.add_argument("--steps", type=int, default=30, help="SAE training steps per variant")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
