@@ -1,0 +1,3 @@
+from mechvit.training.cli import main
+
+main()

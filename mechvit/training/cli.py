@@ -1,0 +1,79 @@
+"""``python -m mechvit.training train|evaluate ...`` (also what ``mechvit train`` / ``mechvit evaluate`` call)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import yaml
+
+
+def _parse_set(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k] = yaml.safe_load(v)
+    return out
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML TrainConfig (configs/train_base.yaml, configs/finetune_*.yaml)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override config keys, dotted for nested ones (e.g. epochs=1 data.limit_train=512)")
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing train_state.pt in `out`")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoints", nargs="+", help="checkpoint folders; the first is the mCE base unless --base")
+    p.add_argument("--out", default=None, help="folder for robustness.csv/.json/.png and summary.md")
+    p.add_argument("--corruptions", nargs="*", default=None, help="default: all of mechvit.corruptions")
+    p.add_argument("--severities", nargs="*", type=int, default=[1, 2, 3, 4, 5])
+    p.add_argument("--n-test", type=int, default=None, help="first N test images (default: all)")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--seed", type=int, default=1234, help="seed of the corruptions")
+    p.add_argument("--base", default=None, help="folder name of the mCE reference model")
+    p.add_argument("--device", default=None)
+    p.add_argument("--update-cards", action="store_true", help="write the measured accuracies into the cards")
+    p.add_argument("--quiet", action="store_true")
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from mechvit.training.config import load_config
+    from mechvit.training.train import train
+
+    cfg = load_config(args.config, overrides=_parse_set(args.set))
+    out = train(cfg, resume=not args.no_resume, progress=not args.quiet)
+    print(f"checkpoint written to {out}")
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    from mechvit.training.evaluate import evaluate_checkpoints, summary_markdown
+
+    res = evaluate_checkpoints(
+        args.checkpoints, out=args.out, corruptions=args.corruptions, severities=args.severities,
+        n_test=args.n_test, batch_size=args.batch_size, seed=args.seed, base=args.base, device=args.device,
+        update_cards=args.update_cards, progress=not args.quiet,
+    )  # fmt: skip
+    print(summary_markdown(res.summary))
+    if args.out is None:
+        print(json.dumps(res.corruption_errors, indent=1))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mechvit.training")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_args(sub.add_parser("train", help="train or fine-tune a ViT from a YAML config"))
+    add_evaluate_args(sub.add_parser("evaluate", help="robustness matrix of checkpoint folders"))
+    args = parser.parse_args(argv)
+    try:
+        {"train": run_train, "evaluate": run_evaluate}[args.command](args)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

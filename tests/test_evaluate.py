@@ -1,0 +1,145 @@
+"""Robustness metrics: known answers, a brute-force reference, corruption errors, outputs."""
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from mechvit.training.evaluate import (
+    classification_metrics,
+    corruption_errors,
+    expected_calibration_error,
+    markdown_table,
+    robustness_matrix,
+    seen_unseen_summary,
+    summary_markdown,
+    write_results,
+)
+
+
+def logits_for_probs(p: torch.Tensor) -> torch.Tensor:
+    return p.log()
+
+
+def test_ece_of_a_perfectly_calibrated_toy_is_zero():
+    # confidence 0.8 with 8 of 10 right, 0.5 with 5 of 10, 1.0 with 10 of 10: calibrated in every bin
+    conf = torch.tensor([0.8] * 10 + [0.5] * 10 + [1.0] * 10, dtype=torch.float64)
+    correct = torch.tensor([1] * 8 + [0] * 2 + [1] * 5 + [0] * 5 + [1] * 10)
+    assert expected_calibration_error(conf, correct) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_ece_known_value_and_reference():
+    conf = torch.full((10,), 0.9)
+    assert expected_calibration_error(conf, torch.ones(10)) == pytest.approx(0.1)
+    assert expected_calibration_error(conf, torch.zeros(10)) == pytest.approx(0.9)
+    # against a plain numpy loop over 15 equal-width bins (lo, hi]
+    rng = np.random.default_rng(0)
+    c = rng.uniform(0.1, 1.0, 500)
+    ok = rng.uniform(size=500) < c**2
+    edges = np.linspace(0, 1, 16)
+    ref = sum(
+        abs(ok[m].mean() - c[m].mean()) * m.mean()
+        for lo, hi in zip(edges[:-1], edges[1:], strict=True)
+        if (m := (c > lo) & (c <= hi)).any()
+    )
+    assert expected_calibration_error(torch.tensor(c), torch.tensor(ok)) == pytest.approx(ref, abs=1e-9)
+
+
+def test_nll_top1_top5_confidence_of_known_distributions():
+    k = 10
+    uniform = torch.zeros(4, k)
+    labels = torch.tensor([0, 3, 7, 9])
+    m = classification_metrics(uniform, labels)
+    assert m["nll"] == pytest.approx(math.log(k))
+    assert m["confidence"] == pytest.approx(0.1) and m["correct_prob"] == pytest.approx(0.1)
+    p = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]])
+    m = classification_metrics(logits_for_probs(p), torch.tensor([0, 1]))
+    assert m["top1"] == 0.5 and m["top5"] == 1.0  # top-5 is top-3 with 3 classes
+    assert m["nll"] == pytest.approx(-(math.log(0.7) + math.log(0.3)) / 2)
+    assert m["correct_prob"] == pytest.approx(0.5) and m["confidence"] == pytest.approx(0.65)
+    assert m["ece"] == pytest.approx(0.5 * abs(1 - 0.7) + 0.5 * abs(0 - 0.6))
+    logits = torch.randn(50, 20, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 20, (50,), generator=torch.Generator().manual_seed(1))
+    top5 = (logits.topk(5, -1).indices == y[:, None]).any(-1).float().mean().item()
+    assert classification_metrics(logits, y)["top5"] == pytest.approx(top5)
+    assert classification_metrics(logits, y)["nll"] == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-6
+    )
+    with pytest.raises(ValueError, match="expected logits"):
+        classification_metrics(logits, y[:3])
+
+
+def rows_from(top1: dict) -> list[dict]:
+    return [{"model": m, "corruption": c, "severity": s, "top1": v, "confidence": 0.5, "n": 10}
+            for (m, c, s), v in top1.items()]  # fmt: skip
+
+
+def test_corruption_errors_as_in_imagenet_c():
+    top1 = {
+        ("base", "clean", 0): 0.9, ("ft", "clean", 0): 0.8,
+        ("base", "blur", 1): 0.6, ("base", "blur", 2): 0.4, ("ft", "blur", 1): 0.8, ("ft", "blur", 2): 0.7,
+        ("base", "noise", 1): 0.5, ("base", "noise", 2): 0.5, ("ft", "noise", 1): 0.4, ("ft", "noise", 2): 0.4,
+    }  # fmt: skip
+    ce = corruption_errors(rows_from(top1), base="base")
+    assert ce["base"]["blur"] == pytest.approx(1.0) and ce["base"]["mCE"] == pytest.approx(1.0)
+    assert ce["ft"]["blur"] == pytest.approx((0.2 + 0.3) / (0.4 + 0.6))
+    assert ce["ft"]["noise"] == pytest.approx(1.2 / 1.0)
+    assert ce["ft"]["mCE"] == pytest.approx((0.5 + 1.2) / 2)
+    # relative CE: clean error subtracted first
+    rel_blur = ((0.2 - 0.2) + (0.3 - 0.2)) / ((0.4 - 0.1) + (0.6 - 0.1))
+    rel_noise = ((0.6 - 0.2) * 2) / ((0.5 - 0.1) * 2)
+    assert ce["ft"]["relative_mCE"] == pytest.approx((rel_blur + rel_noise) / 2)
+    with pytest.raises(ValueError, match="base model 'nope'"):
+        corruption_errors(rows_from(top1), base="nope")
+    s = seen_unseen_summary(rows_from(top1), {"ft": ["blur"]}, ce)
+    ft = next(r for r in s if r["model"] == "ft")
+    assert ft["seen_top1"] == pytest.approx(0.75) and ft["unseen_top1"] == pytest.approx(0.4)
+    assert ft["clean_top1"] == 0.8 and ft["mCE"] == pytest.approx(0.85)
+    base = next(r for r in s if r["model"] == "base")
+    assert math.isnan(base["seen_top1"]) and base["unseen_top1"] == pytest.approx(0.5)
+    md = summary_markdown(s)
+    assert "| ft | blur | 80.0 | 75.0 | 40.0 |" in md
+    assert "| base | – | 90.0 | – | 50.0 |" in md
+
+
+def test_robustness_matrix_gives_every_model_identical_corrupted_images(tmp_path):
+    kw = dict(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=16, depth=1, num_heads=2)
+    m1 = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw).eval()
+    m2 = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw).eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(20, 1, 8, 8, generator=g), torch.randint(0, 3, (20,), generator=g)
+    args = (x, y, ["gaussian_noise", "gaussian_blur"], [1, 3])
+    both = robustness_matrix({"a": m1, "b": m2, "a_again": m1}, *args, batch_size=8, seed=5, progress=False)
+    alone = robustness_matrix({"b": m2}, *args, batch_size=8, seed=5, progress=False)
+    assert len(both) == 3 * 5 and {r["corruption"] for r in both} == {"clean", "gaussian_noise", "gaussian_blur"}
+    key = lambda r: (r["corruption"], r["severity"])  # noqa: E731
+    for ra, rb in zip([r for r in both if r["model"] == "a"], [r for r in both if r["model"] == "a_again"], strict=True):
+        assert ra == {**rb, "model": "a"}
+    b_both = {key(r): r for r in both if r["model"] == "b"}
+    for r in alone:
+        assert r == b_both[key(r)]  # same images whether or not other models are evaluated alongside
+    # the clean row is the model's plain accuracy; noise at severity 3 changes the predictions
+    with torch.no_grad():
+        assert b_both["clean", 0]["top1"] == pytest.approx((m2(x).argmax(-1) == y).float().mean().item())
+    assert b_both["gaussian_noise", 3]["nll"] != b_both["clean", 0]["nll"]
+
+    ce = corruption_errors(both, base="a")
+    summary = seen_unseen_summary(both, {"b": ["gaussian_noise"]}, ce)
+    paths = write_results(tmp_path / "res", both, summary, ce)
+    with open(paths["csv"]) as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(both) and float(table[0]["top1"]) == pytest.approx(both[0]["top1"])
+    saved = json.loads(paths["json"].read_text())
+    assert saved["corruption_errors"]["a_again"]["mCE"] == pytest.approx(1.0)
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| a |" in markdown_table(both) and (tmp_path / "res" / "summary.md").exists()
+
+
+def test_robustness_matrix_rejects_mismatched_input():
+    m = torch.nn.Linear(1, 1)
+    with pytest.raises(ValueError, match="expected images"):
+        robustness_matrix({"m": m}, torch.rand(4, 8, 8), torch.zeros(4, dtype=torch.long), [], progress=False)
