@@ -23,7 +23,8 @@ Positions index dimension 1 (tokens) of ``[B, T, D]`` activations, in the model'
 Batching: the receiving batch is repeated ``P`` times along the batch dimension and a boolean mask
 ``[P, ...]`` says which slice each copy takes from the source run. Variants are grouped by layer and the
 forward starts at that layer from the receiving run's cached ``resid_pre`` (``start_at_layer``), so the
-earlier blocks are not recomputed. ``max_rows`` bounds the rows (``P * images``) of one forward.
+earlier blocks are not recomputed. ``max_rows`` bounds the rows (``P * images``) of one forward (default
+256 on CPU, where larger batches only cost cache misses, and 4096 elsewhere).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ GRANULARITY = {
     "sae": ("feature", "feature_position"),
 }
 DIRECTIONS = ("clean_to_corrupted", "corrupted_to_clean")
+DEFAULT_MAX_ROWS = {"cpu": 256}  # rows (variants x images) per patched forward; other devices: 4096
 _ALL = slice(None)
 
 
@@ -250,7 +252,7 @@ def activation_patching(
     sae=None,
     sae_hook: str | None = None,
     batch_size: int = 64,
-    max_rows: int = 2048,
+    max_rows: int | None = None,
     batched: bool = True,
     progress: bool = True,
 ) -> PatchingResult:
@@ -273,7 +275,7 @@ def activation_patching(
         raise ValueError(f"clean and corrupted images must be paired, got {tuple(clean_images.shape)} and "
                          f"{tuple(corrupted_images.shape)}")
     labels = check_labels(labels, clean_images.shape[0], model.cfg.num_classes)
-    if max_rows < 1:
+    if max_rows is not None and max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
     if sae_hook is not None and sae_hook not in model.hook_dict:
         raise ValueError(f"unknown sae_hook {sae_hook!r}")
@@ -283,6 +285,8 @@ def activation_patching(
     else:
         recv_model, recv_x, src_model, src_x = model, clean_images, corrupted_model, corrupted_images
     device = model_device(recv_model)
+    if max_rows is None:  # CPUs are compute-bound past ~256 rows; GPUs want big batches
+        max_rows = DEFAULT_MAX_ROWS.get(device.type, 4096)
     names = _names(plan, component, sae_hook)
     n_var = len(plan.variants)
     sum_ld = torch.zeros(n_var, dtype=torch.float64)
