@@ -93,3 +93,109 @@ def test_parse_idx_round_trip_and_errors():
         parse_idx(b"\x01\x00\x08\x01")
     with pytest.raises(ValueError, match="0x0d not supported"):
         parse_idx(bytes([0, 0, 0x0D, 1, 0, 0, 0, 0]))
+
+
+# ---- users' data formats -------------------------------------------------------------------------------------
+
+timm = pytest.importorskip("timm")
+Image = pytest.importorskip("PIL.Image")
+
+from mechvit.data.datasets import (  # noqa: E402
+    CIFAR10C,
+    data_config,
+    image_folder,
+    imagenet_c,
+    load_cifar10_c,
+    normalize,
+    timm_transform,
+)
+
+
+def _tiny_vit(in_chans=3, img_size=32):
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=img_size, patch_size=8,
+                             in_chans=in_chans, num_classes=2, embed_dim=16, depth=1, num_heads=2)  # fmt: skip
+
+
+def _write_image(path: Path, rgb, size=(60, 40)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, tuple(rgb)).save(path)
+
+
+def test_data_config_uses_the_models_real_size_and_channels():
+    cfg = data_config(_tiny_vit(in_chans=1, img_size=28))
+    assert cfg["input_size"] == (1, 28, 28) and cfg["mean"] == (0.5,) and cfg["std"] == (0.5,)
+    cfg = data_config("vit_base_patch16_224")
+    assert cfg["input_size"] == (3, 224, 224) and cfg["crop_pct"] == 0.9
+
+
+def test_image_folder_with_timm_transform(tmp_path):
+    _write_image(tmp_path / "cat" / "a.png", (255, 0, 128))
+    _write_image(tmp_path / "dog" / "b.jpg", (0, 255, 0), size=(33, 90))
+    ds = image_folder(tmp_path, _tiny_vit())
+    assert ds.classes == ["cat", "dog"] and len(ds) == 2
+    x, y = ds[0]
+    assert x.shape == (3, 32, 32) and y == 0
+    torch.testing.assert_close(x[:, 5, 7], torch.tensor([1.0, 0.0, 128 / 255]))  # [0, 1], not normalised
+    x1, y1 = ds[1]
+    assert x1.shape == (3, 32, 32) and y1 == 1 and float(x1[1].mean()) > 0.95  # jpeg of pure green
+    xn, _ = image_folder(tmp_path, _tiny_vit(), normalize=True)[0]
+    torch.testing.assert_close(xn, (x - 0.5) / 0.5)
+    torch.testing.assert_close(normalize(x[None], (0.5,) * 3, (0.5,) * 3)[0], xn)
+    grey, _ = image_folder(tmp_path, _tiny_vit(in_chans=1, img_size=24))[0]
+    assert grey.shape == (1, 24, 24)
+    expected = round((255 * 299 + 128 * 114) / 1000) / 255  # PIL's "L" conversion
+    assert abs(float(grey[0, 3, 3]) - expected) <= 1 / 255
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        image_folder(tmp_path / "nope", _tiny_vit())
+    with pytest.raises(ValueError, match="pass a timm model"):
+        image_folder(tmp_path)
+    assert len(timm_transform(_tiny_vit()).transforms) >= 3
+
+
+def _write_cifar_c(root: Path, names=("gaussian_noise", "fog"), block=3):
+    root.mkdir(parents=True, exist_ok=True)
+    labels = np.tile(np.arange(block, dtype=np.uint8), 5) % 10
+    np.save(root / "labels.npy", labels)
+    for k, name in enumerate(names):
+        imgs = np.zeros((5 * block, 32, 32, 3), dtype=np.uint8)
+        for s in range(5):
+            for i in range(block):
+                imgs[s * block + i] = 10 * (s + 1) + i + k
+        np.save(root / f"{name}.npy", imgs)
+    return labels
+
+
+def test_cifar10_c_blocks(tmp_path):
+    _write_cifar_c(tmp_path)
+    x, y = load_cifar10_c(tmp_path, "gaussian_noise", 2)
+    assert x.shape == (3, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert [round(float(v) * 255) for v in x[:, 0, 0, 0]] == [20, 21, 22]
+    assert y.tolist() == [0, 1, 2]
+    x5, _ = load_cifar10_c(tmp_path, "fog", 5)
+    assert round(float(x5[0, 2, 31, 31]) * 255) == 51
+    ds = CIFAR10C(tmp_path, "gaussian_noise", 1)
+    assert len(ds) == 3 and ds[2][1] == 2 and ds.classes[0] == "airplane"
+    with pytest.raises(ValueError, match="no snow.npy.*available: fog, gaussian_noise"):
+        load_cifar10_c(tmp_path, "snow", 1)
+    with pytest.raises(ValueError, match="severity must be one of"):
+        load_cifar10_c(tmp_path, "fog", 6)
+    np.save(tmp_path / "labels.npy", np.zeros(7, dtype=np.uint8))
+    with pytest.raises(ValueError, match="5 equal severity blocks and as many labels, got 15 images and 7"):
+        load_cifar10_c(tmp_path, "fog", 1)
+    with pytest.raises(FileNotFoundError, match="no labels.npy"):
+        load_cifar10_c(tmp_path / "empty", "fog", 1)
+
+
+def test_imagenet_c_layout(tmp_path):
+    for wnid, rgb in (("n01440764", (10, 20, 30)), ("n01443537", (200, 100, 0))):
+        for k in range(2):
+            _write_image(tmp_path / "gaussian_blur" / "3" / wnid / f"ILSVRC2012_val_{k}.JPEG", rgb, (80, 64))
+    (tmp_path / "gaussian_blur" / "5").mkdir()
+    ds = imagenet_c(tmp_path, "gaussian_blur", 3, _tiny_vit())
+    assert ds.classes == ["n01440764", "n01443537"] and len(ds) == 4
+    x, y = ds[3]
+    assert x.shape == (3, 32, 32) and y == 1 and abs(float(x[0].mean()) - 200 / 255) < 0.03
+    with pytest.raises(ValueError, match="no corruption 'fog'.*available: gaussian_blur"):
+        imagenet_c(tmp_path, "fog", 3, _tiny_vit())
+    with pytest.raises(ValueError, match="no severity 2 for gaussian_blur.*available: 3, 5"):
+        imagenet_c(tmp_path, "gaussian_blur", 2, _tiny_vit())

@@ -1,5 +1,15 @@
 """Real images: Fashion-MNIST and loaders for users' own data (ImageFolder, CIFAR-10-C, ImageNet-C)."""
 
+from mechvit.data.datasets import (
+    CIFAR10_CLASSES,
+    CIFAR10C,
+    data_config,
+    image_folder,
+    imagenet_c,
+    load_cifar10_c,
+    normalize,
+    timm_transform,
+)
 from mechvit.data.fashion_mnist import (
     FASHION_MNIST_CLASSES,
     FashionMNIST,
@@ -7,4 +17,17 @@ from mechvit.data.fashion_mnist import (
     load_fashion_mnist,
 )
 
-__all__ = ["FASHION_MNIST_CLASSES", "FashionMNIST", "FashionMNISTError", "load_fashion_mnist"]
+__all__ = [
+    "CIFAR10C",
+    "CIFAR10_CLASSES",
+    "FASHION_MNIST_CLASSES",
+    "FashionMNIST",
+    "FashionMNISTError",
+    "data_config",
+    "image_folder",
+    "imagenet_c",
+    "load_cifar10_c",
+    "load_fashion_mnist",
+    "normalize",
+    "timm_transform",
+]
