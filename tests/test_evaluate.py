@@ -143,3 +143,38 @@ def test_robustness_matrix_rejects_mismatched_input():
     m = torch.nn.Linear(1, 1)
     with pytest.raises(ValueError, match="expected images"):
         robustness_matrix({"m": m}, torch.rand(4, 8, 8), torch.zeros(4, dtype=torch.long), [], progress=False)
+
+
+def test_cli_train_then_evaluate_checkpoints_updates_cards(tmp_path, capsys):
+    from test_training import write_image_folder
+
+    from mechvit.training import read_card
+    from mechvit.training.cli import main
+
+    write_image_folder(tmp_path / "imgs", n_per_class=4, size=16)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"out: {tmp_path / 'base'}\n"
+        "model: {name: vit_tiny_patch16_224, kwargs: {img_size: 16, patch_size: 8, in_chans: 3, num_classes: 2,"
+        " embed_dim: 16, depth: 1, num_heads: 2}}\n"
+        f"data: {{dataset: imagefolder, root: {tmp_path / 'imgs'}, test_split: val, img_size: 16}}\n"
+        "epochs: 1\nbatch_size: 4\nwarmup_epochs: 0.0\neval: null\n"
+    )
+    main(["train", "--config", str(cfg), "--quiet"])
+    main(["train", "--config", str(cfg), "--quiet", "--set", f"out={tmp_path / 'ft'}",
+          "corruption={seen: [gaussian_noise], severities: [3], p: 1.0}"])  # fmt: skip
+    capsys.readouterr()
+    main(["evaluate", str(tmp_path / "base"), str(tmp_path / "ft"), "--corruptions", "gaussian_noise", "pixelate",
+          "--severities", "1", "3", "--out", str(tmp_path / "res"), "--update-cards", "--quiet"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "| ft | gaussian_noise |" in printed and "| base | – |" in printed
+    saved = json.loads((tmp_path / "res" / "robustness.json").read_text())
+    assert len(saved["rows"]) == 2 * (1 + 2 * 2) and saved["corruption_errors"]["base"]["mCE"] == pytest.approx(1.0)
+    card = read_card(tmp_path / "ft")
+    assert set(card["corruption_top1"]) == {"gaussian_noise", "pixelate"}
+    assert card["evaluation"]["n_test"] == 8 and "clean_top1_same_images" in card["evaluation"]
+    assert card["clean"]["top1"] == card["evaluation"]["clean_top1_same_images"]  # the whole test set here
+    row = next(r for r in saved["rows"] if r["model"] == "ft" and r["corruption"] == "pixelate" and r["severity"] == 3)
+    assert card["corruption_top1"]["pixelate"]["3"] == pytest.approx(row["top1"], abs=1e-4)
+    with pytest.raises(SystemExit, match="unknown config key"):
+        main(["train", "--config", str(cfg), "--set", "epochz=2"])

@@ -350,22 +350,25 @@ def evaluate_checkpoints(
     summary = seen_unseen_summary(rows, seen, ce)
     if out is not None:
         write_results(out, rows, summary, ce)
-    if update_cards:
+    if update_cards:  # per-corruption top-1 on these images; the card's ``clean`` (whole test set) is kept
         for name, c in zip(cards, checkpoints, strict=True):
-            update_card(c, **card_accuracy(rows, name, n_test=len(test[1]), seed=seed))
+            fields = card_accuracy([r for r in rows if r["corruption"] != "clean"], name, len(test[1]), seed)
+            clean = next(r for r in rows if r["model"] == name and r["corruption"] == "clean")
+            fields["evaluation"]["clean_top1_same_images"] = round(clean["top1"], 4)
+            update_card(c, **fields)
     return CheckpointEval(rows, ce, summary)
 
 
 def card_accuracy(rows: list[dict], model: str, n_test: int, seed: int) -> dict:
-    """The card fields of one model's evaluation: clean metrics and per-corruption top-1 by severity."""
+    """The card fields of one model's evaluation: ``clean`` metrics (when the rows hold the clean images),
+    ``corruption_top1`` ({corruption: {severity: top-1}}) and ``evaluation`` (images, seed, severities)."""
     mine = [r for r in rows if r["model"] == model]
     clean = next((r for r in mine if r["corruption"] == "clean"), None)
     per = {}
     for r in mine:
         if r["corruption"] != "clean":
             per.setdefault(r["corruption"], {})[str(r["severity"])] = round(r["top1"], 4)
-    return {
-        "clean": {k: round(clean[k], 4) for k in METRICS} if clean else None,
-        "corruption_top1": per,
-        "evaluation": {"n_test": n_test, "corruption_seed": seed},
-    }
+    out = {"corruption_top1": per, "evaluation": {"n_test": n_test, "corruption_seed": seed}}
+    if clean is not None:
+        out["clean"] = {k: round(clean[k], 4) for k in METRICS}
+    return out
