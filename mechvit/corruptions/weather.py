@@ -1,0 +1,320 @@
+"""Weather family: snow, frost, fog, spatter. Parameters of ImageNet-C as implemented by ``imagecorruptions``
+1.1.2 (the reference), batched in torch with independent draws per image.
+
+Size rule. Fog is scale-free in the reference (its fractal map is the next power of two above the image side).
+Snow, frost and spatter have parameters in pixels that the reference does not rescale (snow-flake zoom,
+motion-blur length, spatter blur sigmas, Canny / distance thresholds, frost photographs at their native
+resolution), chosen for 224 px ImageNet images. We render their random layer (snow layer, frost crop, spatter
+mask) at the size the image would have at ``REFERENCE_SIZE`` = 224 px on its short side, with the reference's
+pixel parameters, and resize the layer to the image (area average when shrinking, antialiased bilinear when
+enlarging; frost resizes the photograph once instead). At 224 px this is exactly the reference; a 28 px image
+gets the same corruption as a 224 px image viewed 8x smaller. Set ``REFERENCE_SIZE = None`` to use the
+reference's pixel parameters at every size (imagecorruptions' own behaviour, used by the fidelity tests at
+32 and 64 px). See ``docs/corruptions_weather_digital.md``.
+
+On 1-channel images each corruption follows the reference's own grayscale code path (the function called on
+a mode-"L" image): snow brightens with the gray value itself, frost and spatter add the gray version of their
+colour layer (with the reference's weights, which for frost are applied to the photo in BGR order).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from PIL import Image
+from torch import Tensor
+
+from mechvit.corruptions._kernels import (
+    GRAY_WEIGHTS,
+    clamp01,
+    clipped_zoom,
+    filter2d,
+    gaussian_blur,
+    motion_blur,
+)
+
+REFERENCE_SIZE: int | None = 224  # short side at which the pixel parameters of snow/frost/spatter apply
+
+# loc, scale, zoom, threshold, blur radius, blur sigma, keep
+SNOW = (
+    (0.1, 0.3, 3, 0.5, 10, 4, 0.8),
+    (0.2, 0.3, 2, 0.5, 12, 4, 0.7),
+    (0.55, 0.3, 4, 0.9, 12, 8, 0.7),
+    (0.55, 0.3, 4.5, 0.85, 12, 8, 0.65),
+    (0.55, 0.3, 2.5, 0.85, 12, 12, 0.55),
+)
+SNOW_ANGLE = (-135.0, -45.0)  # uniform, degrees, one per image
+FROST = ((1, 0.4), (0.8, 0.6), (0.7, 0.7), (0.65, 0.7), (0.6, 0.75))  # image weight, frost weight
+# The reference draws randint(5) over frost1..frost6, so frost6 is never used; frost3.png is pixel-identical
+# to frost2.png, so we ship it once. Photos from the imagecorruptions package (Apache-2.0), see assets/README.md.
+FROST_FILES = ("frost1.jpg", "frost2.jpg", "frost2.jpg", "frost4.jpg", "frost5.jpg")
+FOG = ((1.5, 2), (2.0, 2), (2.5, 1.7), (2.5, 1.5), (3.0, 1.4))  # fractal weight, wibble decay
+# loc, scale, blur sigma, threshold, strength (water) or mask sigma (mud), mud?
+SPATTER = (
+    (0.65, 0.3, 4, 0.69, 0.6, 0),
+    (0.65, 0.3, 3, 0.68, 0.6, 0),
+    (0.65, 0.3, 2, 0.68, 0.5, 0),
+    (0.65, 0.3, 1, 0.65, 1.5, 1),
+    (0.67, 0.4, 1, 0.65, 1.5, 1),
+)
+WATER_RGB = (175 / 255, 238 / 255, 238 / 255)  # pale turquoise
+MUD_RGB = (63 / 255, 42 / 255, 20 / 255)  # mud brown
+CV2_GRAY = (0.299, 0.587, 0.114)  # cv2.COLOR_RGB2GRAY, used by the reference's snow
+ASSETS = Path(__file__).parent / "assets"
+
+
+# ---------------------------------------------------------------- size rule
+
+
+def layer_size(h: int, w: int) -> tuple[int, int]:
+    """Size at which a ``[h, w]`` image's random layer is rendered (see the module docstring)."""
+    if REFERENCE_SIZE is None:
+        return h, w
+    s = REFERENCE_SIZE / min(h, w)
+    return max(round(h * s), 1), max(round(w * s), 1)
+
+
+def _resize(layer: Tensor, h: int, w: int) -> Tensor:
+    lh, lw = layer.shape[-2:]
+    if (lh, lw) == (h, w):
+        return layer
+    if lh >= h and lw >= w:
+        return F.interpolate(layer, size=(h, w), mode="area")
+    return F.interpolate(layer, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+
+
+def _weights(values: tuple[float, ...], x: Tensor) -> Tensor:
+    return torch.tensor(values, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+
+
+def _uniform(n: int, lo: float, hi: float, generator: torch.Generator, device) -> Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------- snow
+
+
+def snow(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
+    """Gaussian noise, zoomed (flake size), thresholded, motion-blurred along a random angle, rounded to 8 bits,
+    added twice (as is and rotated 180 degrees) to the image brightened towards ``max(x, 1.5 gray + 0.5)``."""
+    loc, scale, zoom, threshold, radius, sigma, keep = SNOW[severity - 1]
+    n, c, h, w = x.shape
+    lh, lw = layer_size(h, w)
+    layer = loc + scale * torch.randn((n, 1, lh, lw), generator=generator, device=x.device, dtype=x.dtype)
+    layer = clipped_zoom(layer, zoom)
+    layer = clamp01(torch.where(layer < threshold, torch.zeros_like(layer), layer))
+    layer = motion_blur(layer, radius, sigma, _uniform(n, *SNOW_ANGLE, generator, x.device))
+    layer = torch.round(layer * 255) / 255
+    layer = _resize(layer + layer.flip(-2, -1), h, w)
+    gray = x if c == 1 else (x * _weights(CV2_GRAY, x)).sum(1, keepdim=True)
+    x = keep * x + (1 - keep) * torch.maximum(x, gray * 1.5 + 0.5)
+    return clamp01(x + layer)
+
+
+# ---------------------------------------------------------------- frost
+
+
+@lru_cache(maxsize=8)
+def _frost_photo(file: str) -> Tensor:
+    with Image.open(ASSETS / file) as im:
+        return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)  # uint8 [3, H, W]
+
+
+@lru_cache(maxsize=64)
+def _frost_scaled(file: str, h: int, w: int, device: str) -> Tensor:
+    """The frost photo resized as the reference does for an image of the layer size (enlarged to cover it if
+    needed, then x1.1, cv2 INTER_CUBIC), then by image / layer size. float [3, H', W'] in [0, 255]."""
+    photo = _frost_photo(file)
+    fh, fw = photo.shape[-2:]
+    lh, lw = layer_size(h, w)
+    factor = 1.0
+    if fh < lh and fw >= lw:
+        factor = lh / fh
+    elif fh >= lh and fw < lw:
+        factor = lw / fw
+    elif fh < lh and fw < lw:
+        factor = max(lh / fh, lw / fw)
+    factor *= 1.1
+    size = (round(math.ceil(fh * factor) * h / lh), round(math.ceil(fw * factor) * w / lw))
+    shrink = size[0] < fh
+    out = F.interpolate(photo[None].float().to(device), size=size, mode="bicubic", antialias=shrink)
+    return torch.round(out[0]).clamp(0, 255)
+
+
+def frost(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
+    """``a * x + b * crop`` with a random crop of one of five frost photographs (one photo and crop per image)."""
+    a, b = FROST[severity - 1]
+    n, c, h, w = x.shape
+    idx = torch.randint(len(FROST_FILES), (n,), generator=generator, device=x.device)
+    u = torch.rand((2, n), generator=generator, device=x.device, dtype=torch.float64)
+    layer = torch.empty((n, 3, h, w), dtype=x.dtype, device=x.device)
+    for i in idx.unique().tolist():
+        photo = _frost_scaled(FROST_FILES[i], h, w, str(x.device)).to(x.dtype)
+        sel = (idx == i).nonzero().squeeze(1)
+        top = (u[0, sel] * (photo.shape[1] - h)).long()  # randint(0, H' - h)
+        left = (u[1, sel] * (photo.shape[2] - w)).long()
+        rows = top[:, None] + torch.arange(h, device=x.device)
+        cols = left[:, None] + torch.arange(w, device=x.device)
+        layer[sel] = photo[:, rows[:, :, None], cols[:, None, :]].transpose(0, 1) / 255
+    if c == 1:  # the reference's rgb2gray on cv2's BGR array: weights applied to (B, G, R)
+        layer = (layer.flip(1) * _weights(GRAY_WEIGHTS, x)).sum(1, keepdim=True)
+    return clamp01(a * x + b * layer)
+
+
+# ---------------------------------------------------------------- fog
+
+
+def plasma_fractal(
+    n: int, mapsize: int, wibbledecay: float, generator: torch.Generator, device=None, dtype=torch.float32
+) -> Float[Tensor, "n m m"]:
+    """The reference's diamond-square height map (``plasma_fractal``), batched: ``n`` maps of side ``mapsize``
+    (a power of two), each normalised to [0, 1]. As in the reference, the random term is ``wibble * U(-wibble,
+    wibble)`` (so its scale is ``wibble**2``), with ``wibble`` starting at 100 and divided by ``wibbledecay``
+    at each level."""
+    if mapsize < 2 or mapsize & (mapsize - 1):
+        raise ValueError(f"mapsize must be a power of two >= 2, got {mapsize}")
+    m = torch.zeros((n, mapsize, mapsize), device=device, dtype=dtype)
+    step, wibble = mapsize, 100.0
+
+    def wibbled_mean(total: Tensor) -> Tensor:
+        noise = (
+            torch.rand(total.shape, generator=generator, device=device, dtype=dtype) * (2 * wibble) - wibble
+        )
+        return total / 4 + wibble * noise
+
+    while step >= 2:
+        half = step // 2
+        corners = m[:, 0::step, 0::step]
+        squares = corners + corners.roll(-1, 1)
+        squares = squares + squares.roll(-1, 2)
+        m[:, half::step, half::step] = wibbled_mean(squares)
+        centres = m[:, half::step, half::step]
+        corners = m[:, 0::step, 0::step]
+        m[:, 0::step, half::step] = wibbled_mean(centres + centres.roll(1, 1) + corners + corners.roll(-1, 2))
+        m[:, half::step, 0::step] = wibbled_mean(centres + centres.roll(1, 2) + corners + corners.roll(-1, 1))
+        step //= 2
+        wibble /= wibbledecay
+    m = m - m.amin((1, 2), keepdim=True)
+    return m / m.amax((1, 2), keepdim=True)
+
+
+def fog(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
+    """Add ``c * plasma fractal`` (map side: next power of two >= the image's longer side, cropped top-left),
+    then rescale by ``max / (max + c)`` with the image's maximum. Scale-free, as in the reference."""
+    c, decay = FOG[severity - 1]
+    n, ch, h, w = x.shape
+    mapsize = max(2, 1 << (max(h, w) - 1).bit_length())
+    frac = plasma_fractal(n, mapsize, decay, generator, x.device, x.dtype)[:, None, :h, :w]
+    max_val = x.amax((1, 2, 3), keepdim=True)
+    return clamp01((x + c * frac) * max_val / (max_val + c))
+
+
+# ---------------------------------------------------------------- spatter
+
+
+def _canny(img: Tensor, low: float, high: float) -> Tensor:
+    """``cv2.Canny(img, low, high)`` (aperture 3, L1 gradient) on 8-bit values [n, 1, H, W] -> bool edges:
+    Sobel with repeated borders, non-maximum suppression in four directions, hysteresis (8-connected)."""
+    h, w = img.shape[-2:]
+    p = F.pad(img, (1, 1, 1, 1), mode="replicate")
+    sob = torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]], dtype=img.dtype, device=img.device)
+    gx = F.conv2d(p, sob.view(1, 1, 3, 3))
+    gy = F.conv2d(p, sob.T.reshape(1, 1, 3, 3))
+    mag = gx.abs() + gy.abs()
+    mp = F.pad(mag, (1, 1, 1, 1))  # neighbours outside the image count as 0
+
+    def at(dy: int, dx: int) -> Tensor:
+        return mp[..., 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
+
+    ax, ay = gx.abs(), gy.abs()
+    tg22 = math.tan(math.pi / 8)
+    horizontal = ay < ax * tg22
+    vertical = ay > ax * (tg22 + 2)  # tan(67.5 deg) = tan(22.5 deg) + 2
+    same_sign = (gx < 0) == (gy < 0)  # OpenCV: s = (dx ^ dy) < 0 ? -1 : 1
+    keep_h = (mag > at(0, -1)) & (mag >= at(0, 1))
+    keep_v = (mag > at(-1, 0)) & (mag >= at(1, 0))
+    keep_d_pos = (mag > at(-1, -1)) & (mag > at(1, 1))
+    keep_d_neg = (mag > at(-1, 1)) & (mag > at(1, -1))
+    keep_d = torch.where(same_sign, keep_d_pos, keep_d_neg)
+    candidate = (mag > math.floor(low)) & torch.where(
+        horizontal, keep_h, torch.where(vertical, keep_v, keep_d)
+    )
+    edges = candidate & (mag > math.floor(high))
+    while True:  # hysteresis: grow strong edges through weak candidates
+        grown = candidate & (F.max_pool2d(edges.to(img.dtype), 3, 1, 1) > 0)
+        if torch.equal(grown, edges):
+            return edges
+        edges = grown
+
+
+def _edge_distance(edges: Tensor, cap: int) -> Tensor:
+    """Euclidean distance to the nearest edge pixel, truncated at ``cap`` (``cv2.distanceTransform(255 - edges,
+    DIST_L2, 5)`` then ``THRESH_TRUNC``; OpenCV's 5x5 chamfer approximates this exact distance within 2%)."""
+    w = edges.shape[-1]
+    inf = float("inf")
+    idx = torch.arange(w, device=edges.device, dtype=torch.float32).expand_as(edges)
+    last = torch.where(edges, idx, idx.new_full((), -inf)).cummax(-1).values
+    nxt = torch.where(edges, idx, idx.new_full((), inf)).flip(-1).cummin(-1).values.flip(-1)
+    g2 = torch.minimum(idx - last, nxt - idx).clamp(max=cap + 1) ** 2  # within-row distance, squared
+    d2 = g2.clone()
+    for k in range(1, min(cap, edges.shape[-2] - 1) + 1):  # column pass, exact up to the cap
+        d2[..., k:, :] = torch.minimum(d2[..., k:, :], g2[..., :-k, :] + k * k)
+        d2[..., :-k, :] = torch.minimum(d2[..., :-k, :], g2[..., k:, :] + k * k)
+    return d2.sqrt().clamp(max=cap)
+
+
+def _equalize_hist(img: Tensor) -> Tensor:
+    """``cv2.equalizeHist`` per image on 8-bit values [n, 1, H, W]."""
+    n = img.shape[0]
+    flat = img.reshape(n, -1).long()
+    hist = torch.zeros((n, 256), device=img.device, dtype=torch.float32)
+    hist.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float32))
+    first = (hist > 0).float().argmax(1, keepdim=True)
+    h0 = hist.gather(1, first)
+    total = hist.sum(1, keepdim=True)
+    lut = torch.round((hist.cumsum(1) - h0) * (255.0 / (total - h0).clamp_min(1)))
+    lut = torch.where(total == h0, first.float().expand_as(lut), lut.clamp(0, 255))
+    return lut.gather(1, flat).reshape(img.shape).to(img.dtype)
+
+
+def _box3(img: Tensor) -> Tensor:
+    return filter2d(img, torch.full((3, 3), 1 / 9, dtype=img.dtype), mode="reflect")
+
+
+def _water(liquid: Tensor) -> Tensor:
+    """The reference's water-drop shading: Canny edges of the 8-bit liquid layer, distance to them (<= 20),
+    blur, histogram equalisation, an emboss filter, blur; times the liquid layer, normalised to max 1."""
+    u8 = torch.floor(liquid * 255).clamp(0, 255)
+    dist = _edge_distance(_canny(u8, 50, 150), cap=20)
+    dist = _equalize_hist(torch.floor(_box3(dist)))
+    emboss = torch.tensor([[-2.0, -1, 0], [-1, 1, 1], [0, 1, 2]])
+    dist = torch.round(filter2d(dist, emboss, mode="reflect")).clamp(0, 255)
+    dist = torch.round(_box3(dist))
+    m = u8 * dist
+    return m / m.amax((2, 3), keepdim=True).clamp_min(1e-12)
+
+
+def spatter(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
+    """Blurred Gaussian noise, thresholded into blobs: water drops (severities 1-3: shaded pale turquoise,
+    added) or mud (4-5: smoothed mask, brown, replacing the image)."""
+    loc, scale, sigma, threshold, strength, mud = SPATTER[severity - 1]
+    n, c, h, w = x.shape
+    lh, lw = layer_size(h, w)
+    liquid = loc + scale * torch.randn((n, 1, lh, lw), generator=generator, device=x.device, dtype=x.dtype)
+    liquid = gaussian_blur(liquid, sigma, mode="replicate")
+    liquid = torch.where(liquid < threshold, torch.zeros_like(liquid), liquid)
+    colour = _weights(MUD_RGB if mud else WATER_RGB, x)
+    if c == 1:
+        colour = (colour * _weights(GRAY_WEIGHTS, x)).sum(1, keepdim=True)
+    if not mud:
+        m = _resize(_water(liquid) * strength, h, w)
+        return clamp01(x + m * colour)
+    m = gaussian_blur((liquid > threshold).to(x.dtype), strength, mode="replicate")
+    m = _resize(torch.where(m < 0.8, torch.zeros_like(m), m), h, w)
+    return clamp01(x * (1 - m) + m * colour)
