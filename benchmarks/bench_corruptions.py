@@ -1,0 +1,124 @@
+"""Corruption speed: mechvit (one batched call) vs imagecorruptions (its per-image loop), on CPU, one run.
+
+For every corruption at severity 3: images per second of ``mechvit.corruptions.corrupt`` on a batch and of
+``imagecorruptions.corrupt`` called image by image (uint8 HxWx3, as that package expects), on 256 images of
+32x32 (Fashion-MNIST upscaled, as RGB) and 32 images of 224x224 (scikit-image photographs). Prints a markdown
+table with each ratio and the geometric means.
+
+    .venv/bin/python benchmarks/bench_corruptions.py [--names gaussian_noise,glass_blur] [--out bench.json]
+
+The reference is patched for NumPy 2 / scikit-image >= 0.19 here (``np.float_``, ``gaussian(multichannel=)``),
+never in mechvit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+import warnings
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mechvit.corruptions import CORRUPTIONS, corrupt
+
+
+def patch_reference():
+    warnings.simplefilter("ignore")
+    import imagecorruptions
+    import imagecorruptions.corruptions as R
+    import skimage.filters
+
+    if not hasattr(np, "float_"):
+        np.float_ = np.float64  # plasma_fractal (fog) uses the alias NumPy 2 removed
+
+    def gaussian(image, sigma=1, multichannel=None, **kw):
+        if multichannel:
+            kw["channel_axis"] = -1
+        return skimage.filters.gaussian(image, sigma=sigma, **kw)
+
+    R.gaussian = gaussian
+    return imagecorruptions
+
+
+def image_sets() -> dict[str, np.ndarray]:
+    from skimage import data as skdata
+    from skimage import transform as sktransform
+
+    from mechvit.data import load_fashion_mnist
+
+    x, _ = load_fashion_mnist("test")
+    x = torch.nn.functional.interpolate(x[:256], size=(32, 32), mode="bilinear", align_corners=False)
+    small = (x.clamp(0, 1) * 255).round().to(torch.uint8).repeat(1, 3, 1, 1).permute(0, 2, 3, 1).numpy()
+    photos = []
+    for p in (skdata.astronaut(), skdata.coffee(), skdata.chelsea(), skdata.rocket(), skdata.cat()):
+        s = min(p.shape[:2])
+        photos.append((sktransform.resize(p[:s, :s], (224, 224), anti_aliasing=True) * 255).round())
+    large = np.stack([photos[i % len(photos)] for i in range(32)]).astype(np.uint8)
+    return {"256 x 32px": small, "32 x 224px": large}
+
+
+def time_ours(imgs: np.ndarray, name: str, severity: int) -> float:
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(255).contiguous()
+    corrupt(x[:2], name, severity, seed=0)  # warm-up (kernel caches, lazy imports)
+    t = time.perf_counter()
+    corrupt(x, name, severity, seed=0)
+    return len(imgs) / (time.perf_counter() - t)
+
+
+def time_reference(ic, imgs: np.ndarray, name: str, severity: int) -> float:
+    np.random.seed(0)
+    ic.corrupt(imgs[0], corruption_name=name, severity=severity)  # warm-up
+    t = time.perf_counter()
+    for im in imgs:
+        ic.corrupt(im, corruption_name=name, severity=severity)
+    return len(imgs) / (time.perf_counter() - t)
+
+
+def geomean(v) -> float:
+    return math.exp(sum(math.log(a) for a in v) / len(v))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--names", default=",".join(CORRUPTIONS), help="comma-separated corruption names")
+    ap.add_argument("--severity", type=int, default=3)
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    names = [n for n in args.names.split(",") if n]
+    ic = patch_reference()
+    sets = image_sets()
+    rows = {}
+    for name in tqdm(names, desc="corruptions"):
+        rows[name] = {}
+        for label, imgs in sets.items():
+            ours = time_ours(imgs, name, args.severity)
+            ref = time_reference(ic, imgs, name, args.severity)
+            rows[name][label] = {"ours": ours, "reference": ref, "ratio": ours / ref}
+    labels = list(sets)
+    print(f"\nCPU: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
+          f"os.cpu_count {os.cpu_count()}, severity {args.severity}; images/s, ours vs imagecorruptions\n")  # fmt: skip
+    print("| corruption | " + " | ".join(f"{lb}: ours | ref | ratio" for lb in labels) + " |")
+    print("|---|" + "---|---|---|" * len(labels))
+    for name, r in rows.items():
+        cells = [f"{r[lb]['ours']:.0f} | {r[lb]['reference']:.1f} | {r[lb]['ratio']:.1f}x" for lb in labels]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    per_size = {lb: geomean([r[lb]["ratio"] for r in rows.values()]) for lb in labels}
+    overall = geomean([r[lb]["ratio"] for r in rows.values() for lb in labels])
+    print("| **geometric mean** | " + " | ".join(f" | | **{per_size[lb]:.1f}x**" for lb in labels) + " |")
+    print(f"\ngeometric mean of all {len(rows) * len(labels)} ratios: {overall:.1f}x")
+    if args.out:
+        tmp = f"{args.out}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"rows": rows, "geomean": per_size, "geomean_all": overall, "severity": args.severity}, f,
+                      indent=1)  # fmt: skip
+        os.replace(tmp, args.out)
+
+
+if __name__ == "__main__":
+    main()
