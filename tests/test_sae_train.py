@@ -1,6 +1,7 @@
 """SAE training through sae-lens's SAETrainer: dictionary recovery, save/load, traps, end-to-end on a HookedViT."""
 
 import json
+from pathlib import Path
 
 import pytest
 import timm
@@ -103,3 +104,21 @@ def test_train_for_hook_end_to_end_cached(tmp_path):
     assert manifest["hook"] == store.hook and manifest["tokens"] == "patches"
     assert manifest["n_activations"] == 32 * 16 and len(manifest["model_sha256"]) == 64
     assert manifest["heldout_metrics"]["n_rows"] == 100 and trained.path == tmp_path / "sae"
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists(),
+                    reason="needs Fashion-MNIST")
+def test_command_line_trains_and_reports(tmp_path):
+    from mechvit.sae.__main__ import main
+
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7, in_chans=1,
+                          num_classes=10, embed_dim=32, depth=2, num_heads=2)
+    HookedViT.from_timm(m).save_pretrained(tmp_path / "vit")
+    summary = main(["--checkpoint", str(tmp_path / "vit"), "--hook", "blocks.1.hook_resid_pre",
+                    "--out", str(tmp_path / "sae"), "--images", "64", "--heldout", "32", "--samples", "2048",
+                    "--batch-size", "256", "--k", "8", "--expansion", "2",
+                    "--mix", "0.5", "--corruption", "gaussian_blur:4"])
+    assert summary["n_rows"] == 32 * 16 and summary["n_images"] == 32 and summary["d_sae"] == 64
+    loaded, manifest = load_sae(tmp_path / "sae")
+    assert manifest["corruption_mix"] == {"fraction": 0.5, "corruptions": [["gaussian_blur", 4]]}
+    assert manifest["spliced_metrics"]["n_images"] == 32 and manifest["dataset"] == "fashion_mnist/train[:64]"

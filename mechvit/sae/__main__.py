@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--architecture", default="batchtopk", choices=["standard", "topk", "batchtopk", "jumprelu"])
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--expansion", type=int, default=16)
+    ap.add_argument("--aux", type=float, default=1 / 32, help="TopK/BatchTopK auxiliary (dead-feature) loss")
     ap.add_argument("--l1", type=float, default=5.0)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=1024)
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_x, test_x, test_y = train_x[:args.images], test_x[:args.heldout], test_y[:args.heldout]
     store = ActivationStoreConfig(hook=args.hook, tokens=args.tokens, seed=args.seed,
                                   mix=CorruptionMix(args.mix, tuple(args.corruption)))
-    cfg = SAETrainingConfig(architecture=args.architecture, k=args.k, expansion_factor=args.expansion,
+    cfg = SAETrainingConfig(architecture=args.architecture, k=args.k, expansion_factor=args.expansion, aux_coefficient=args.aux,
                             l1_coefficient=args.l1, lr=args.lr, batch_size=args.batch_size,
                             total_samples=args.samples, seed=args.seed, device=args.device)
     t0 = time.perf_counter()

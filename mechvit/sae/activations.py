@@ -501,6 +501,8 @@ def cache_activations(
             d_in = rows.shape[1]
             bar.update(1)
         flush()
+    if d_in is None:
+        raise ValueError("no images in data: nothing to cache")
     save_manifest(True, d_in)
     return CachedActivations(out)
 
