@@ -3,7 +3,7 @@
 For every corruption at severity 3: images per second of ``mechvit.corruptions.corrupt`` on a batch and of
 ``imagecorruptions.corrupt`` called image by image (uint8 HxWx3, as that package expects), on 256 images of
 32x32 (Fashion-MNIST upscaled, as RGB) and 32 images of 224x224 (scikit-image photographs). Prints a markdown
-table with each ratio and the geometric means.
+table with each ratio and the geometric means. Both sides get one CPU thread by default (``--threads``).
 
     .venv/bin/python benchmarks/bench_corruptions.py [--names gaussian_noise,glass_blur] [--out bench.json]
 
@@ -89,7 +89,10 @@ def main(argv=None) -> None:
     ap.add_argument("--names", default=",".join(CORRUPTIONS), help="comma-separated corruption names")
     ap.add_argument("--severity", type=int, default=3)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: the reference runs on one core, so both get one)")  # fmt: skip
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     names = [n for n in args.names.split(",") if n]
     ic = patch_reference()
     sets = image_sets()

@@ -29,9 +29,10 @@ def shot_noise(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
 
 def impulse_noise(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
     c = IMPULSE_NOISE[severity - 1]
-    u = torch.rand((2, *x.shape), generator=generator, device=x.device, dtype=x.dtype)
-    flipped, salted = u[0] <= c, u[1] <= 0.5
-    return torch.where(flipped, salted.to(x.dtype), x)
+    # one uniform per value: u <= c/2 -> salt (1), c/2 < u <= c -> pepper (0); i.e. a value is flipped with
+    # probability c, to salt or pepper with probability 1/2 each, as skimage's random_noise(mode="s&p")
+    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return torch.where(u <= c, (u <= 0.5 * c).to(x.dtype), x)
 
 
 def speckle_noise(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
