@@ -6,8 +6,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mechvit.corruptions._kernels import clamp01
-
 GAUSSIAN_NOISE = (0.08, 0.12, 0.18, 0.26, 0.38)  # std of additive N(0, c^2)
 SHOT_NOISE = (60, 25, 12, 5, 3)  # photons per unit intensity: Poisson(x * c) / c
 IMPULSE_NOISE = (0.03, 0.06, 0.09, 0.17, 0.27)  # fraction of values set to 0 or 1 (half each)
@@ -19,12 +17,12 @@ def _normal(x: Tensor, generator: torch.Generator) -> Tensor:
 
 
 def gaussian_noise(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
-    return clamp01(x + GAUSSIAN_NOISE[severity - 1] * _normal(x, generator))
+    return _normal(x, generator).mul_(GAUSSIAN_NOISE[severity - 1]).add_(x).clamp_(0.0, 1.0)
 
 
 def shot_noise(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
     c = SHOT_NOISE[severity - 1]
-    return clamp01(torch.poisson(x * c, generator=generator) / c)
+    return torch.poisson(x * c, generator=generator).div_(c).clamp_(0.0, 1.0)
 
 
 def impulse_noise(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
@@ -36,4 +34,4 @@ def impulse_noise(x: Tensor, severity: int, generator: torch.Generator) -> Tenso
 
 
 def speckle_noise(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
-    return clamp01(x + x * SPECKLE_NOISE[severity - 1] * _normal(x, generator))
+    return _normal(x, generator).mul_(SPECKLE_NOISE[severity - 1]).add_(1.0).mul_(x).clamp_(0.0, 1.0)
