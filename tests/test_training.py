@@ -166,6 +166,10 @@ def test_card_contents_and_checkpoint_round_trip(tmp_path):
     ref.load_state_dict(weights(out))
     x = toy_data(8, seed=2)[0]
     assert torch.equal(m(x), ref(x))
+    from mechvit import HookedViT
+
+    with torch.no_grad():  # the documented way to hook a checkpoint
+        torch.testing.assert_close(HookedViT.from_timm(load_checkpoint(out))(x), m(x), atol=1e-5, rtol=1e-5)
     # the card's clean accuracy is the model's accuracy on the test set
     xt, yt = toy_data(48, seed=1)
     with torch.no_grad():

@@ -15,9 +15,10 @@ from mechvit.training.config import AugmentConfig, DataConfig
 TensorData = tuple[Tensor, Tensor]
 
 
-def load_split(cfg: DataConfig, split: str) -> TensorData | Dataset:
+def load_split(cfg: DataConfig, split: str, model: nn.Module | None = None) -> TensorData | Dataset:
     """``(images, labels)`` tensors for Fashion-MNIST, a ``Dataset`` of ``(image [C,H,W] in [0,1], label)``
-    for an ImageFolder. ``split`` is ``"train"`` or ``"test"``."""
+    for an ImageFolder (``mechvit.data.datasets.image_folder``: resized and centre-cropped to ``img_size``,
+    or with ``model``'s timm evaluation transform when ``img_size`` is unset). ``split``: "train" or "test"."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     limit = cfg.limit_train if split == "train" else cfg.limit_test
@@ -29,16 +30,23 @@ def load_split(cfg: DataConfig, split: str) -> TensorData | Dataset:
             x = nn.functional.interpolate(x, size=cfg.img_size, mode="bilinear", align_corners=False)
         return (x[:limit], y[:limit]) if limit is not None else (x, y)
     if cfg.dataset == "imagefolder":
+        from mechvit.data.datasets import image_folder
+
         if cfg.root is None:
             raise ValueError("data.root must name the ImageFolder root for dataset 'imagefolder'")
         folder = Path(cfg.root) / (cfg.train_split if split == "train" else cfg.test_split)
         if not folder.is_dir():
             raise ValueError(f"ImageFolder split folder {folder} does not exist")
-        from torchvision import datasets, transforms
+        if cfg.img_size is None and model is None:
+            raise ValueError("dataset 'imagefolder' needs data.img_size (or a model for its timm transform)")
+        tf = None
+        if cfg.img_size is not None:
+            from torchvision import transforms
 
-        size = cfg.img_size or 224
-        tf = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor()])
-        ds = datasets.ImageFolder(str(folder), transform=tf)
+            tf = transforms.Compose([
+                transforms.Resize(cfg.img_size), transforms.CenterCrop(cfg.img_size), transforms.ToTensor(),
+            ])  # fmt: skip
+        ds = image_folder(folder, model, transform=tf)
         if limit is not None:
             ds = torch.utils.data.Subset(ds, range(min(limit, len(ds))))
         return ds

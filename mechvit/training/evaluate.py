@@ -331,14 +331,14 @@ def evaluate_checkpoints(
     first = next(iter(cards.values()))
     data_cfg = from_dict(DataConfig, first.get("config", {}).get("data", {}))
     data_cfg.limit_test = n_test
-    test = load_split(data_cfg, "test")
-    if not isinstance(test, tuple):
-        xs, ys = zip(*[(x, y) for x, y in test], strict=True)
-        test = (torch.stack(xs), torch.tensor(ys))
     models = {
         name: Normalized(load_checkpoint(c), data_cfg.mean, data_cfg.std)
         for name, c in zip(cards, checkpoints, strict=True)
     }
+    test = load_split(data_cfg, "test", next(iter(models.values())).model)
+    if not isinstance(test, tuple):
+        xs, ys = zip(*[(x, y) for x, y in test], strict=True)
+        test = (torch.stack(xs), torch.tensor(ys))
     corruptions = list(corruptions) if corruptions is not None else list(CORRUPTIONS)
     rows = robustness_matrix(
         models, *test, corruptions, severities, seed=seed, batch_size=batch_size, device=device,

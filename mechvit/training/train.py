@@ -128,7 +128,7 @@ def train(
     if data is not None:
         train_data, test_data = data
     else:
-        train_data, test_data = load_split(cfg.data, "train"), load_split(cfg.data, "test")
+        train_data, test_data = load_split(cfg.data, "train", model), load_split(cfg.data, "test", model)
     steps_per_epoch = math.ceil(n_items(train_data) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
