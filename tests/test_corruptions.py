@@ -265,3 +265,15 @@ def test_frequency_groups_all_rederived():
     photo_low, photo_high = split_by_frequency(frequency_table(real_images("photos"), ["saturate"]))
     assert set(low) | set(photo_low) == set(C.LOW_FREQUENCY)
     assert set(high) | set(photo_high) == set(C.HIGH_FREQUENCY)
+
+
+def test_reference_size_is_per_call_and_validated():
+    from mechvit.corruptions import _kernels
+
+    x = torch.rand(2, 1, 28, 28)
+    scaled = corrupt(x, "gaussian_blur", 3, seed=0, reference_size=224)
+    plain = corrupt(x, "gaussian_blur", 3, seed=0)
+    assert _kernels.reference_size() is None  # nothing leaks out of the call
+    assert (scaled - x).abs().mean() < 0.5 * (plain - x).abs().mean()
+    with pytest.raises(ValueError, match="reference_size must be a positive int or None, got 0"):
+        corrupt(x, "gaussian_blur", 3, reference_size=0)

@@ -191,15 +191,13 @@ def test_glass_blur_schedule_is_the_sequential_loop():
 
 @pytest.mark.parametrize("name", ["gaussian_blur", "defocus_blur", "motion_blur", "glass_blur"])
 def test_size_rule(monkeypatch, name):
-    """REFERENCE_SIZE = 224: unchanged at 224 px; at 28 px the change is that of the 224 px image, resized."""
+    """reference_size=224: unchanged at 224 px; at 28 px the change is that of the 224 px image, resized."""
     x224 = torch.from_numpy(image_set("photos96")[:1]).permute(0, 3, 1, 2).float() / 255
     x224 = torch.nn.functional.interpolate(x224, size=(224, 224), mode="bilinear", align_corners=False)
     off = corrupt(x224, name, 2, seed=0)
-    monkeypatch.setattr(blur, "REFERENCE_SIZE", 224)
-    torch.testing.assert_close(corrupt(x224, name, 2, seed=0), off)
+    torch.testing.assert_close(corrupt(x224, name, 2, seed=0, reference_size=224), off)
     small = torch.nn.functional.interpolate(x224, size=(28, 28), mode="area")
-    on = corrupt(small, name, 2, seed=0)
-    monkeypatch.setattr(blur, "REFERENCE_SIZE", None)
+    on = corrupt(small, name, 2, seed=0, reference_size=224)
     raw = corrupt(small, name, 2, seed=0)
     assert on.shape == small.shape and float(on.min()) >= 0 and float(on.max()) <= 1
     assert 0 < float((on - small).abs().mean()) < 0.5 * float((raw - small).abs().mean())

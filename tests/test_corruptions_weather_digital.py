@@ -17,8 +17,8 @@ The reference is called per image through its own functions (float output, no ui
 never in the product: ``np.float_`` (removed in NumPy 2, used by its fog), and a cached ``cv2.imread`` (speed
 only). Its spatter divides by the maximum of an all-zero drop layer when no drop lands on the image (NaN, which
 uint8 turns into a black image); those reference outputs are left out of the comparison, ours leave the image
-as is. Snow, frost and spatter are compared at the reference's pixel parameters (``REFERENCE_SIZE = None``)
-at 32 and 64 px, and with the default size rule at 224 px, where the two coincide.
+as is. Snow, frost and spatter are compared at the reference's pixel parameters (the default,
+``reference_size=None``) at 32 and 64 px and at 224 px, where the two rules coincide.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ PIL = pytest.importorskip("PIL.Image")
 skdata = pytest.importorskip("skimage.data")
 sktransform = pytest.importorskip("skimage.transform")
 
-from mechvit.corruptions import corrupt, digital, weather  # noqa: E402
+from mechvit.corruptions import _kernels, corrupt, digital, weather  # noqa: E402
 from mechvit.data.fashion_mnist import DEFAULT_ROOT  # noqa: E402
 
 DETERMINISTIC = ("brightness", "contrast", "saturate", "pixelate", "jpeg_compression")
@@ -85,8 +85,8 @@ def reference(monkeypatch):
 
 @pytest.fixture
 def native_size(monkeypatch):
-    """The reference's pixel parameters at every size (imagecorruptions' own behaviour)."""
-    monkeypatch.setattr(weather, "REFERENCE_SIZE", None)
+    """The reference's pixel parameters at every size (imagecorruptions' own behaviour): the default."""
+    assert _kernels.reference_size() is None
 
 
 def run_reference(
@@ -233,7 +233,7 @@ def test_random_matches_reference_statistics_all(reference, native_size, name, s
 @pytest.mark.parametrize("severity", [1, 3, 5])
 @pytest.mark.parametrize("name", RANDOM)
 def test_random_matches_reference_at_224_with_the_default_size_rule(reference, name, severity):
-    assert weather.REFERENCE_SIZE == 224
+    assert _kernels.reference_size() is None
     copies = {"frost": 75, "fog": 24}.get(name, 8)  # 300 / 96 / 32 images: frost and fog vary most per image
     assert_statistics_match(reference, name, np.concatenate([photos(224, 224)] * copies), severity)
 
@@ -241,23 +241,26 @@ def test_random_matches_reference_at_224_with_the_default_size_rule(reference, n
 # ---------------------------------------------------------------- building blocks and the size rule
 
 
-def test_layer_size_rule(monkeypatch):
-    assert weather.layer_size(224, 224) == (224, 224)
-    assert weather.layer_size(28, 28) == (224, 224)
-    assert weather.layer_size(32, 48) == (224, 336)
-    assert weather.layer_size(448, 448) == (224, 224)
-    monkeypatch.setattr(weather, "REFERENCE_SIZE", None)
+def test_layer_size_rule():
+    token = _kernels._REFERENCE_SIZE.set(224)
+    try:
+        assert weather.layer_size(224, 224) == (224, 224)
+        assert weather.layer_size(28, 28) == (224, 224)
+        assert weather.layer_size(32, 48) == (224, 336)
+        assert weather.layer_size(448, 448) == (224, 224)
+    finally:
+        _kernels._REFERENCE_SIZE.reset(token)
     assert weather.layer_size(28, 30) == (28, 30)
 
 
 @pytest.mark.parametrize("name", ["snow", "frost", "spatter"])
 def test_small_image_gets_the_224px_corruption_seen_smaller(name):
-    """Default size rule: the mean change at 32 px matches the mean change at 224 px of the same images."""
+    """reference_size=224: the mean change at 32 px matches the mean change at 224 px of the same images."""
     small = torch.from_numpy(fmnist(32, 24)).float()[:, None] / 255
     large = torch.nn.functional.interpolate(small, size=(224, 224), mode="bilinear", align_corners=False)
     for severity in (2, 4):
-        m_small = (corrupt(small, name, severity, seed=0) - small).abs().mean()
-        m_large = (corrupt(large, name, severity, seed=1) - large).abs().mean()
+        m_small = (corrupt(small, name, severity, seed=0, reference_size=224) - small).abs().mean()
+        m_large = (corrupt(large, name, severity, seed=1, reference_size=224) - large).abs().mean()
         assert abs(m_small - m_large) <= 0.10 * m_large, (severity, float(m_small), float(m_large))
 
 

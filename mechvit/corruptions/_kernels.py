@@ -10,6 +10,7 @@ Unlike ``torch.nn.functional.pad`` these work for any pad width, however small t
 from __future__ import annotations
 
 import math
+from contextvars import ContextVar
 from functools import lru_cache
 
 import numpy as np
@@ -238,3 +239,14 @@ def _zoom_coords(n: int, zoom: float, device: str, dtype: torch.dtype) -> tuple[
     lo = np.floor(coord).astype(np.int64).clip(0, n - 1)
     frac = coord - lo
     return torch.from_numpy(lo).to(device), torch.from_numpy(frac).to(device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------- size rule
+# Short side (px) at which the ImageNet-C pixel parameters apply; None: the reference's pixels at every size.
+# Set per call by ``corrupt(..., reference_size=...)``; a context variable, so it never leaks between calls.
+_REFERENCE_SIZE: ContextVar[int | None] = ContextVar("mechvit_reference_size", default=None)
+
+
+def reference_size() -> int | None:
+    """The size rule in force for the corruption being computed (see ``corrupt``)."""
+    return _REFERENCE_SIZE.get()

@@ -1,11 +1,11 @@
 """Blur family: defocus, glass, motion, zoom, gaussian. Parameters of ImageNet-C (imagecorruptions 1.1.2).
 
-Size rule. By default (``REFERENCE_SIZE = None``) sizes are in pixels exactly as in the reference, which does
+Size rule. By default (``corrupt(..., reference_size=None)``) sizes are in pixels exactly as in the reference, which does
 not rescale them with the image (the ImageNet-C values were chosen for 224 px): gaussian and glass blur sigmas,
 the glass-blur shift distance, the defocus disk radius and the motion-blur length are the same at 28 px as at
 224 px, so a 28 px image is blurred far more, relative to its size, than an ImageNet image (gaussian_blur
 severity 4, sigma 4 px, leaves a 28 px Fashion-MNIST item recognisable but soft). Zoom blur is relative (zoom
-factors) and scale-free. With ``REFERENCE_SIZE = 224`` the defocus, glass, motion and gaussian blurs are
+factors) and scale-free. With ``reference_size=224`` the defocus, glass, motion and gaussian blurs are
 applied to the image resized to 224 px on its short side and their *change* is resized back (area average)
 and added, i.e. a 28 px image gets the blur a 224 px image would get, seen 8x smaller; at 28 px that makes
 severities 1-2 of gaussian blur nearly invisible (see docs/corruptions.md).
@@ -20,11 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mechvit.corruptions._kernels import clamp01, clipped_zoom, disk_kernel, filter2d
+from mechvit.corruptions._kernels import clamp01, clipped_zoom, disk_kernel, filter2d, reference_size
 from mechvit.corruptions._kernels import gaussian_blur as _gauss
 from mechvit.corruptions._kernels import motion_blur as _motion
-
-REFERENCE_SIZE: int | None = None  # short side at which the pixel parameters apply; None: at every size
 
 GAUSSIAN_BLUR = (1, 2, 3, 4, 6)  # sigma in pixels
 GLASS_BLUR = ((0.7, 1, 2), (0.9, 2, 1), (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2))  # sigma, max shift, iterations
@@ -41,14 +39,15 @@ ZOOM_BLUR = (
 
 
 def _size_rule(fn):
-    """Apply ``fn`` at ``REFERENCE_SIZE`` (short side) and add its resized change to the image."""
+    """Apply ``fn`` at the reference size (short side) and add its resized change to the image."""
 
     @wraps(fn)
     def wrapped(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
         h, w = x.shape[-2:]
-        if REFERENCE_SIZE is None or min(h, w) == REFERENCE_SIZE:
+        ref = reference_size()
+        if ref is None or min(h, w) == ref:
             return fn(x, severity, generator)
-        s = REFERENCE_SIZE / min(h, w)
+        s = ref / min(h, w)
         size = (max(round(h * s), 1), max(round(w * s), 1))
         big = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=s < 1)
         change = fn(big, severity, generator) - big

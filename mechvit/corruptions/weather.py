@@ -5,12 +5,12 @@ Size rule. Fog is scale-free in the reference (its fractal map is the next power
 Snow, frost and spatter have parameters in pixels that the reference does not rescale (snow-flake zoom,
 motion-blur length, spatter blur sigmas, Canny / distance thresholds, frost photographs at their native
 resolution), chosen for 224 px ImageNet images. We render their random layer (snow layer, frost crop, spatter
-mask) at the size the image would have at ``REFERENCE_SIZE`` = 224 px on its short side, with the reference's
-pixel parameters, and resize the layer to the image (area average when shrinking, antialiased bilinear when
+mask), with ``corrupt(..., reference_size=224)``, at the size the image would have at 224 px on its short
+side, with the reference's pixel parameters, and resize the layer to the image (area average when shrinking, antialiased bilinear when
 enlarging; frost resizes the photograph once instead). At 224 px this is exactly the reference; a 28 px image
-gets the same corruption as a 224 px image viewed 8x smaller. Set ``REFERENCE_SIZE = None`` to use the
+gets the same corruption as a 224 px image viewed 8x smaller. The default, ``reference_size=None``, uses the
 reference's pixel parameters at every size (imagecorruptions' own behaviour, used by the fidelity tests at
-32 and 64 px). See ``docs/corruptions_weather_digital.md``.
+32 and 64 px), as the blur family does. See ``docs/corruptions_weather_digital.md``.
 
 On 1-channel images each corruption follows the reference's own grayscale code path (the function called on
 a mode-"L" image): snow brightens with the gray value itself, frost and spatter add the gray version of their
@@ -37,9 +37,8 @@ from mechvit.corruptions._kernels import (
     gaussian_blur,
     motion_blur,
     pad2d,
+    reference_size,
 )
-
-REFERENCE_SIZE: int | None = 224  # short side at which the pixel parameters of snow/frost/spatter apply
 
 # loc, scale, zoom, threshold, blur radius, blur sigma, keep
 SNOW = (
@@ -74,9 +73,10 @@ ASSETS = Path(__file__).parent / "assets"
 
 def layer_size(h: int, w: int) -> tuple[int, int]:
     """Size at which a ``[h, w]`` image's random layer is rendered (see the module docstring)."""
-    if REFERENCE_SIZE is None:
+    ref = reference_size()
+    if ref is None:
         return h, w
-    s = REFERENCE_SIZE / min(h, w)
+    s = ref / min(h, w)
     return max(round(h * s), 1), max(round(w * s), 1)
 
 
