@@ -490,3 +490,16 @@ def test_stack_head_results_with_the_attn_result_switch():
     assert_close(a, b)
     with_rest = hooked_cache.stack_head_results(incl_remainder=True)
     assert_close(with_rest.sum(0), hooked_cache["blocks.1.hook_resid_post"])
+
+
+def test_logit_attrs_accept_class_names():
+    hooked = HookedViT.from_timm(tiny(num_classes=3)).eval()
+    hooked.cfg.class_names = ["cat", "dog", "emu"]
+    x = images(hooked)
+    _, cache = hooked.run_with_cache(x)
+    stack = cache.decompose_resid()[:, :, 0]
+    by_name = cache.logit_attrs(stack, "dog", incorrect_tokens="emu", pos_slice=0)
+    by_index = cache.logit_attrs(stack, 1, incorrect_tokens=2, pos_slice=0)
+    assert_close(by_name, by_index)
+    with pytest.raises(ValueError, match="unknown class name 'yak'"):
+        hooked.to_single_token("yak")
