@@ -1,0 +1,446 @@
+"""The ``mechvit study`` config: dataclasses loaded from YAML and validated in one pass.
+
+Every YAML key must name a field; a wrong type, an unknown corruption, a severity outside 1..5 or a hook
+name no ViT has raises ONE ``ValueError`` that starts with the key path, e.g.
+``sae.hook: unknown hook 'blocks.3.hook_foo'``. Hook layer indices are checked against the real model when
+the study starts (:func:`check_hooks_against_model`).
+
+``load_study_config(None)`` returns the embedded default (``configs/fashion_mnist.yaml``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "fashion_mnist.yaml"
+
+# hooks a HookedViT can have (see mechvit/model/hooked_vit.py); the layer index is checked against the model
+_BLOCK_HOOKS = (
+    "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
+    "ln1.hook_scale", "ln1.hook_normalized", "ln2.hook_scale", "ln2.hook_normalized",
+    "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z", "attn.hook_result",
+    "attn.hook_attn_scores", "attn.hook_pattern", "mlp.hook_pre", "mlp.hook_post",
+)  # fmt: skip
+_GLOBAL_HOOKS = (
+    "hook_embed", "hook_pos_embed", "hook_full_embed", "ln_pre.hook_scale", "ln_pre.hook_normalized",
+    "ln_final.hook_scale", "ln_final.hook_normalized", "hook_pooled", "hook_logits",
+)  # fmt: skip
+_BLOCK_RE = re.compile(r"blocks\.(\d+)\.(.+)")
+# hooks whose activation is [batch, tokens, d] (what an SAE over tokens reads)
+_TOKEN_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
+                "ln1.hook_normalized", "ln2.hook_normalized", "mlp.hook_pre", "mlp.hook_post", "attn.hook_z")
+
+
+class ConfigError(ValueError):
+    """A study config that does not validate; the message starts with the key path."""
+
+
+def check_hook_name(hook: str, key: str, token_hook: bool = False) -> None:
+    m = _BLOCK_RE.fullmatch(hook)
+    ok = hook in _GLOBAL_HOOKS if m is None else m.group(2) in _BLOCK_HOOKS
+    if ok and token_hook and (m is None or m.group(2) not in _TOKEN_HOOKS):
+        raise ConfigError(f"{key}: hook {hook!r} does not give per-token activations; expected "
+                          f"blocks.<layer>.<one of {', '.join(_TOKEN_HOOKS)}>")
+    if not ok:
+        raise ConfigError(f"{key}: unknown hook {hook!r}; expected blocks.<layer>.<{'|'.join(_BLOCK_HOOKS)}> "
+                          f"or one of {', '.join(_GLOBAL_HOOKS)}")
+
+
+def check_corruption(name: str, key: str) -> None:
+    from mechvit.corruptions import CORRUPTIONS
+
+    if name not in CORRUPTIONS:
+        raise ConfigError(f"{key}: unknown corruption {name!r}; expected one of {', '.join(CORRUPTIONS)}")
+
+
+def check_severity(sev: int, key: str) -> None:
+    if not 1 <= sev <= 5:
+        raise ConfigError(f"{key}: severity must be in 1..5, got {sev}")
+
+
+def _positive(obj: Any, prefix: str, names: tuple[str, ...]) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        if v is not None and not v > 0:
+            raise ConfigError(f"{prefix}{n}: must be > 0, got {v!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# schema
+
+
+@dataclass
+class DataSection:
+    """Images: ``fashion_mnist`` (Debian's IDX files) or an ``imagefolder`` (``root/<split>/<class>/*``).
+
+    Models see ``(x - mean) / std`` when ``mean``/``std`` are given (pretrained timm models), else the [0, 1]
+    images; corruptions always act on the [0, 1] images.
+    """
+
+    dataset: Literal["fashion_mnist", "imagefolder"] = "fashion_mnist"
+    root: str | None = None
+    train_split: str = "train"
+    test_split: str = "test"
+    img_size: int | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+
+@dataclass
+class ModelEntry:
+    """One model. Exactly one source: ``checkpoint`` (a mechvit checkpoint folder: model.safetensors +
+    card.json), ``hooked`` (a HookedViT folder from ``save_pretrained``/``mechvit convert``) or ``timm`` (a timm
+    model name, ``pretrained`` weights from the hub, ``timm_kwargs`` to ``timm.create_model``).
+    ``seen``: the corruptions it was fine-tuned on (None: read from the checkpoint card).
+    ``train_config``: a ``mechvit train`` YAML that writes ``checkpoint`` when it does not exist yet."""
+
+    name: str
+    checkpoint: str | None = None
+    hooked: str | None = None
+    timm: str | None = None
+    pretrained: bool = False
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    seen: list[str] | None = None
+    train_config: str | None = None
+
+
+@dataclass
+class ModelsSection:
+    base: ModelEntry
+    finetuned: list[ModelEntry] = field(default_factory=list)
+
+
+@dataclass
+class Condition:
+    """A corrupted input condition: every image corrupted by ``corruption`` at ``severity``."""
+
+    corruption: str
+    severity: int = 4
+
+    @property
+    def label(self) -> str:
+        return f"{self.corruption}/{self.severity}"
+
+
+@dataclass
+class RobustnessSection:
+    """The robustness matrix (every model x corruption x severity); unseen = every corruption a model was
+    not fine-tuned on."""
+
+    enabled: bool = True
+    corruptions: list[str] | None = None  # None: all of mechvit.corruptions.CORRUPTIONS
+    severities: list[int] = field(default_factory=lambda: [1, 2, 4])
+    n_images: int = 1000
+    batch_size: int = 250
+
+
+@dataclass
+class LogitLensSection:
+    enabled: bool = True
+    n_images: int = 500
+    include_embed: bool = True
+    mode: Literal["first", "stable"] = "first"
+    batch_size: int = 100
+
+
+@dataclass
+class AttentionSection:
+    enabled: bool = True
+    n_images: int = 200
+    n_views: int = 2  # images shown in the circuitsvis views (per model and condition)
+    batch_size: int = 50
+
+
+@dataclass
+class OverlapSection:
+    persistent_cos: float = 0.9
+    shifted_cos: float = 0.5
+    top_k: int = 20
+
+
+@dataclass
+class SAESection:
+    """SAEs on ``hook`` (a late block's output), ``tokens`` (patch tokens), trained on a mix of clean and
+    corrupted images: ``mix_fraction`` of the images get the condition's corruption. One SAE per
+    architecture x model x condition, where ``scope: own`` keeps, for a fine-tuned model, only the
+    conditions of the corruptions it was fine-tuned on (the base model gets every condition) and
+    ``scope: all`` trains every pair."""
+
+    enabled: bool = True
+    hook: str = "blocks.3.hook_resid_post"
+    tokens: Literal["patches", "all", "cls", "prefix"] = "patches"
+    architectures: list[Literal["batchtopk", "standard", "topk", "jumprelu"]] = field(
+        default_factory=lambda: ["batchtopk", "standard"])
+    expansion_factor: int = 32
+    k: int = 32
+    aux_coefficient: float = 1 / 32
+    l1_coefficient: float = 5.0
+    lr: float = 1e-3
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    epochs: float = 2.0
+    batch_size: int = 1024
+    n_train_images: int = 2000
+    mix_fraction: float = 0.5
+    scope: Literal["own", "all"] = "own"
+    n_eval_images: int = 200
+    histogram_bins: int = 50
+    top_features: int = 6  # features with a feature page, per SAE pair
+    top_images: int = 6  # images per feature
+    overlap: OverlapSection = field(default_factory=OverlapSection)
+
+
+@dataclass
+class PatchingSection:
+    """Activation patching: clean -> corrupted within the base model per condition (``component`` by layer x
+    position, and ``z`` by layer x head), and across models on corrupted images (fine-tuned activations
+    into the base model)."""
+
+    enabled: bool = True
+    n_images: int = 32
+    component: Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"] = "resid_pre"
+    heads: bool = True
+    across_models: bool = True
+    batch_size: int = 32
+    max_rows: int = 2048
+
+
+@dataclass
+class CKASection:
+    enabled: bool = True
+    n_images: int = 256
+    hook: Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"] = "resid_post"
+    token_reduction: Literal["flatten", "cls", "mean_patches", "tokens"] = "flatten"
+    batch_size: int = 64
+
+
+@dataclass
+class StudyConfig:
+    """Everything ``mechvit study`` does; see configs/fashion_mnist.yaml for a commented example."""
+
+    models: ModelsSection
+    name: str = "study"
+    title: str = "mechvit study"
+    seed: int = 0
+    device: str | None = None  # None: cuda when available, else cpu
+    num_threads: int | None = None
+    progress: bool = True
+    data: DataSection = field(default_factory=DataSection)
+    conditions: list[Condition] = field(default_factory=lambda: [Condition("gaussian_blur", 4),
+                                                                  Condition("gaussian_noise", 4)])
+    robustness: RobustnessSection = field(default_factory=RobustnessSection)
+    logit_lens: LogitLensSection = field(default_factory=LogitLensSection)
+    attention: AttentionSection = field(default_factory=AttentionSection)
+    sae: SAESection = field(default_factory=SAESection)
+    patching: PatchingSection = field(default_factory=PatchingSection)
+    cka: CKASection = field(default_factory=CKASection)
+
+    def model_entries(self) -> list[ModelEntry]:
+        return [self.models.base, *self.models.finetuned]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# dict -> dataclass
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (list, dict):
+        return str(tp).replace("typing.", "")
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(a, value, key)
+            except ConfigError as e:
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{key}: expected one of {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping ({tp.__name__}), got {type(value).__name__} {value!r}")
+        return _from_dict(tp, value, f"{key}.")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is str and isinstance(value, str):
+        return value
+    if tp is None or tp is type(None):
+        if value is None:
+            return None
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in fields:
+            raise ConfigError(f"{prefix}{k}: unknown key; expected one of {', '.join(fields)}")
+    for name, f in fields.items():
+        if name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{prefix}{name}: missing required key")
+    return cls(**{k: _convert(hints[k], v, prefix + k) for k, v in data.items()})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# semantic checks
+
+
+def validate(cfg: StudyConfig) -> StudyConfig:
+    """Check values that types cannot: corruption names, severities, hooks, sources, sizes."""
+    names = [m.name for m in cfg.model_entries()]
+    for i, m in enumerate(cfg.model_entries()):
+        key = "models.base" if i == 0 else f"models.finetuned[{i - 1}]"
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", m.name):
+            raise ConfigError(f"{key}.name: use letters, digits, '_', '.', '-' only (it names files), got {m.name!r}")
+        if m.name in names[:i]:
+            raise ConfigError(f"{key}.name: model name {m.name!r} is used twice")
+        sources = [s for s in ("checkpoint", "hooked", "timm") if getattr(m, s) is not None]
+        if len(sources) != 1:
+            raise ConfigError(f"{key}: give exactly one of checkpoint, hooked, timm; got {sources or 'none'}")
+        if m.train_config is not None and m.checkpoint is None:
+            raise ConfigError(f"{key}.train_config: needs `checkpoint` (the folder the training writes)")
+        for j, c in enumerate(m.seen or []):
+            check_corruption(c, f"{key}.seen[{j}]")
+    if not cfg.conditions:
+        raise ConfigError("conditions: give at least one {corruption, severity} condition")
+    labels = [c.label for c in cfg.conditions]
+    for i, c in enumerate(cfg.conditions):
+        check_corruption(c.corruption, f"conditions[{i}].corruption")
+        check_severity(c.severity, f"conditions[{i}].severity")
+        if labels.count(c.label) > 1:
+            raise ConfigError(f"conditions[{i}]: condition {c.label} is listed twice")
+    r = cfg.robustness
+    for i, c in enumerate(r.corruptions or []):
+        check_corruption(c, f"robustness.corruptions[{i}]")
+    for i, s in enumerate(r.severities):
+        check_severity(s, f"robustness.severities[{i}]")
+    if not r.severities:
+        raise ConfigError("robustness.severities: give at least one severity")
+    check_hook_name(cfg.sae.hook, "sae.hook", token_hook=True)
+    if not cfg.sae.architectures:
+        raise ConfigError("sae.architectures: give at least one architecture")
+    if not 0 <= cfg.sae.mix_fraction <= 1:
+        raise ConfigError(f"sae.mix_fraction: must be in [0, 1], got {cfg.sae.mix_fraction}")
+    o = cfg.sae.overlap
+    if not -1 <= o.shifted_cos <= o.persistent_cos <= 1:
+        raise ConfigError(f"sae.overlap: need -1 <= shifted_cos <= persistent_cos <= 1, got {o.shifted_cos}, "
+                          f"{o.persistent_cos}")
+    if (cfg.data.mean is None) != (cfg.data.std is None):
+        raise ConfigError("data: give both mean and std or neither")
+    if cfg.data.dataset == "imagefolder" and not cfg.data.root:
+        raise ConfigError("data.root: an imagefolder dataset needs its root folder")
+    _positive(r, "robustness.", ("n_images", "batch_size"))
+    _positive(cfg.logit_lens, "logit_lens.", ("n_images", "batch_size"))
+    _positive(cfg.attention, "attention.", ("n_images", "batch_size"))
+    _positive(cfg.sae, "sae.", ("expansion_factor", "k", "lr", "epochs", "batch_size", "n_train_images",
+                                "n_eval_images", "histogram_bins", "top_features", "top_images"))
+    _positive(cfg.patching, "patching.", ("n_images", "batch_size", "max_rows"))
+    _positive(cfg.cka, "cka.", ("batch_size",))
+    if cfg.cka.n_images < 4:
+        raise ConfigError(f"cka.n_images: debiased CKA needs at least 4 images, got {cfg.cka.n_images}")
+    if cfg.attention.n_views < 0:
+        raise ConfigError(f"attention.n_views: must be >= 0, got {cfg.attention.n_views}")
+    return cfg
+
+
+def check_hooks_against_model(cfg: StudyConfig, model: Any) -> None:
+    """``sae.hook`` must exist in ``model.hook_dict`` (the layer index must fit the model)."""
+    if cfg.sae.enabled and cfg.sae.hook not in model.hook_dict:
+        raise ConfigError(f"sae.hook: unknown hook {cfg.sae.hook!r}; this model has {model.cfg.n_layers} blocks "
+                          f"(blocks.0 .. blocks.{model.cfg.n_layers - 1})")
+
+
+def study_config_from_dict(data: dict, overrides: dict[str, Any] | None = None) -> StudyConfig:
+    """Build and validate a :class:`StudyConfig`; ``overrides`` maps dotted keys to values."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"the config must be a mapping at the top level, got {type(data).__name__}")
+    data = _apply_overrides(data, overrides or {})
+    return validate(_from_dict(StudyConfig, data))
+
+
+def _apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
+    import copy
+
+    data = copy.deepcopy(data)
+    for dotted, v in overrides.items():
+        d = data
+        *parents, last = dotted.split(".")
+        for p in parents:
+            nxt = d.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"{dotted}: cannot set a key inside {p!r}, which is {type(nxt).__name__}")
+            d = nxt
+        d[last] = v
+    return data
+
+
+def load_study_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> StudyConfig:
+    """Load and validate a YAML study config (``None``: the embedded default, configs/fashion_mnist.yaml).
+
+    Relative paths in ``models`` and ``data.root`` are taken as they are (relative to the working
+    directory), like every other mechvit command.
+    """
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    return study_config_from_dict(data, overrides)
+
+
+__all__ = [
+    "AttentionSection", "CKASection", "Condition", "ConfigError", "DataSection", "LogitLensSection", "ModelEntry",
+    "ModelsSection", "OverlapSection", "PatchingSection", "RobustnessSection", "SAESection", "StudyConfig",
+    "check_hook_name", "check_hooks_against_model", "load_study_config", "study_config_from_dict", "validate",
+]  # fmt: skip

@@ -1,0 +1,143 @@
+"""The study config schema: the shipped configs validate, every kind of mistake gives one error naming the key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mechvit.config import (
+    ConfigError,
+    StudyConfig,
+    check_hooks_against_model,
+    load_study_config,
+    study_config_from_dict,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def tiny_hooked():
+    import timm
+
+    from mechvit import HookedViT
+
+    return HookedViT.from_timm(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7,
+                                                 in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=2))
+
+
+MINIMAL = {"models": {"base": {"name": "base", "checkpoint": "ck/base"}}}
+
+
+def _with(**sections) -> dict:
+    return {**MINIMAL, **sections}
+
+
+def _error(data: dict) -> str:
+    with pytest.raises(ConfigError) as e:
+        study_config_from_dict(data)
+    msg = str(e.value)
+    assert "\n" not in msg, "one error, one line"
+    return msg
+
+
+def test_embedded_default_validates_and_is_the_default():
+    cfg = load_study_config(None)
+    assert isinstance(cfg, StudyConfig)
+    assert cfg.name == "fashion_mnist"
+    assert cfg == load_study_config(ROOT / "configs" / "fashion_mnist.yaml")
+    assert [c.label for c in cfg.conditions] == ["gaussian_blur/4", "gaussian_noise/4"]
+    assert cfg.models.base.checkpoint == "checkpoints/fmnist_vit_base"
+
+
+def test_imagenet_paper_config_expresses_the_seed_protocol():
+    cfg = load_study_config(ROOT / "configs" / "imagenet_paper.yaml")
+    assert cfg.models.base.timm == "vit_base_patch16_224" and cfg.models.base.pretrained
+    # one fine-tuned model per corruption x severity: blur/noise x {1, 2, 4}
+    tuned = {(m.seen[0], int(m.name[-1])) for m in cfg.models.finetuned}
+    assert tuned == {(c, s) for c in ("gaussian_blur", "gaussian_noise") for s in (1, 2, 4)}
+    assert cfg.robustness.severities == [1, 2, 4]
+    assert {c.corruption for c in cfg.conditions} == {"gaussian_blur", "gaussian_noise"}
+    s = cfg.sae
+    assert set(s.architectures) == {"batchtopk", "standard"}
+    assert (s.k, s.aux_coefficient, s.expansion_factor, s.lr, s.lr_schedule, s.epochs) == (32, 1 / 32, 32, 1e-3,
+                                                                                          "cosine", 15)
+    assert s.hook == "blocks.10.hook_resid_post" and s.tokens == "patches" and 0 < s.mix_fraction < 1
+    assert cfg.data.img_size == 224 and cfg.data.mean == [0.5] * 3
+
+
+def test_defaults_follow_the_paper():
+    cfg = study_config_from_dict(MINIMAL)
+    assert cfg.sae.k == 32 and cfg.sae.aux_coefficient == 1 / 32 and cfg.sae.expansion_factor == 32
+    assert cfg.robustness.severities == [1, 2, 4]
+    assert cfg.logit_lens.mode == "first"
+
+
+def test_unknown_key_names_the_path():
+    msg = _error(_with(sae={"hookk": "blocks.1.hook_resid_post"}))
+    assert msg.startswith("sae.hookk: unknown key")
+    assert _error({**MINIMAL, "bogus": 1}).startswith("bogus: unknown key")
+    assert _error({"models": {"base": {"name": "b", "checkpoint": "x", "chekpoint": "y"}}}).startswith(
+        "models.base.chekpoint: unknown key")
+
+
+def test_wrong_type_names_the_path():
+    assert _error(_with(robustness={"n_images": "many"})).startswith("robustness.n_images: expected int, got str")
+    assert _error(_with(robustness={"severities": [1, "2"]})).startswith("robustness.severities[1]: expected int")
+    assert _error(_with(sae={"enabled": "yes"})).startswith("sae.enabled: expected bool")
+    assert _error(_with(sae={"architectures": ["batchtopk", "relu"]})).startswith("sae.architectures[1]: expected one of")
+    assert _error(_with(conditions={"corruption": "gaussian_blur"})).startswith("conditions: expected a list")
+    assert _error({"models": "x"}).startswith("models: expected a mapping")
+    # YAML 1.1 reads 1e-3 as a string: still a float
+    assert study_config_from_dict(_with(sae={"lr": "1e-3"})).sae.lr == 1e-3
+
+
+def test_unknown_corruption_and_bad_severity():
+    msg = _error(_with(conditions=[{"corruption": "gausian_blur", "severity": 4}]))
+    assert msg.startswith("conditions[0].corruption: unknown corruption 'gausian_blur'") and "gaussian_blur" in msg
+    assert _error(_with(robustness={"corruptions": ["fog", "smog"]})).startswith(
+        "robustness.corruptions[1]: unknown corruption 'smog'")
+    assert _error({"models": {"base": {"name": "b", "checkpoint": "x"},
+                              "finetuned": [{"name": "f", "checkpoint": "y", "seen": ["blurry"]}]}}).startswith(
+        "models.finetuned[0].seen[0]: unknown corruption")
+    assert _error(_with(conditions=[{"corruption": "fog", "severity": 6}])).startswith(
+        "conditions[0].severity: severity must be in 1..5")
+
+
+def test_unknown_hook_names_the_key():
+    assert _error(_with(sae={"hook": "blocks.9.hook_foo"})).startswith("sae.hook: unknown hook 'blocks.9.hook_foo'")
+    assert _error(_with(sae={"hook": "resid_post"})).startswith("sae.hook: unknown hook")
+    # a real hook that is not per-token
+    assert _error(_with(sae={"hook": "blocks.1.attn.hook_pattern"})).startswith("sae.hook: hook 'blocks.1.attn.hook_")
+
+
+def test_hook_layer_checked_against_the_model(tiny_hooked):
+    cfg = study_config_from_dict(_with(sae={"hook": "blocks.7.hook_resid_post"}))  # pattern is fine
+    with pytest.raises(ConfigError, match=r"^sae.hook: unknown hook 'blocks.7.hook_resid_post'; this model has 2"):
+        check_hooks_against_model(cfg, tiny_hooked)
+    check_hooks_against_model(study_config_from_dict(_with(sae={"hook": "blocks.1.hook_resid_post"})), tiny_hooked)
+
+
+def test_model_entry_checks():
+    assert _error({"models": {"base": {"name": "b"}}}).startswith("models.base: give exactly one of checkpoint")
+    assert _error({"models": {"base": {"name": "b", "checkpoint": "x", "timm": "vit_tiny_patch16_224"}}}).startswith(
+        "models.base: give exactly one of")
+    assert _error({"models": {"base": {"name": "a b", "checkpoint": "x"}}}).startswith("models.base.name:")
+    assert _error({"models": {"base": {"name": "b", "checkpoint": "x"},
+                              "finetuned": [{"name": "b", "checkpoint": "y"}]}}).startswith(
+        "models.finetuned[0].name: model name 'b' is used twice")
+    assert _error({}).startswith("models: missing required key")
+
+
+def test_overrides_and_files(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(MINIMAL))
+    cfg = load_study_config(p, {"sae.epochs": 1, "robustness.n_images": 10})
+    assert cfg.sae.epochs == 1.0 and cfg.robustness.n_images == 10
+    with pytest.raises(ConfigError, match="^sae.epochs: expected float"):
+        load_study_config(p, {"sae.epochs": "lots"})
+    p.write_text("models: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_study_config(p)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_study_config(tmp_path / "missing.yaml")

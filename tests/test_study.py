@@ -1,0 +1,170 @@
+"""`mechvit study` end to end on tiny checkpoints: the report is complete and self-contained, steps are cached
+under their hashes, an interrupted study resumes without recomputing finished steps."""
+
+import base64
+import json
+import re
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from mechvit.config import ConfigError, study_config_from_dict
+from mechvit.study import run_study
+from mechvit.study import steps as study_steps
+from mechvit.training.checkpoint import save_checkpoint
+
+ARCH = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=2)
+ALL_STEPS = ["robustness", "logit_lens", "attention", "sae", "sae_analysis", "patching", "cka"]
+
+
+def make_checkpoints(root: Path) -> dict[str, Path]:
+    """A base model and two 'fine-tuned' ones (different random weights; cards say what they have seen)."""
+    out = {}
+    for i, (name, seen) in enumerate([("base", None), ("ft_blur", ["gaussian_blur"]), ("ft_noise", ["gaussian_noise"])]):
+        torch.manual_seed(i)
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **ARCH)
+        card = {"model": {"name": "vit_tiny_patch16_224", "kwargs": ARCH},
+                "config": {"corruption": {"seen": seen} if seen else None}}
+        save_checkpoint(root / name, model, card)
+        out[name] = root / name
+    return out
+
+
+def tiny_config(ck: dict[str, Path], **sections) -> dict:
+    cfg = {
+        "name": "tiny", "title": "tiny study", "progress": False, "num_threads": 1,
+        "models": {"base": {"name": "base", "checkpoint": str(ck["base"])},
+                   "finetuned": [{"name": "ft_blur", "checkpoint": str(ck["ft_blur"])},
+                                 {"name": "ft_noise", "checkpoint": str(ck["ft_noise"])}]},
+        "conditions": [{"corruption": "gaussian_blur", "severity": 4}, {"corruption": "gaussian_noise", "severity": 4}],
+        "robustness": {"corruptions": ["gaussian_blur", "gaussian_noise", "contrast"], "severities": [1, 4],
+                       "n_images": 32, "batch_size": 32},
+        "logit_lens": {"n_images": 16},
+        "attention": {"n_images": 8, "n_views": 1},
+        "sae": {"hook": "blocks.1.hook_resid_post", "expansion_factor": 2, "k": 4, "epochs": 1, "batch_size": 64,
+                "n_train_images": 32, "n_eval_images": 8, "top_features": 2, "top_images": 2},
+        "patching": {"n_images": 4},
+        "cka": {"n_images": 8},
+    }
+    cfg.update(sections)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return make_checkpoints(tmp_path_factory.mktemp("ck"))
+
+
+@pytest.fixture(scope="module")
+def finished(checkpoints, tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    run = run_study(study_config_from_dict(tiny_config(checkpoints)), out)
+    return run, out
+
+
+def test_study_runs_every_step_and_writes_the_report(finished):
+    run, out = finished
+    assert run.computed == ALL_STEPS and run.cached == []
+    for name in ("report.html", "report.md", "metrics.json"):
+        assert (out / name).is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["steps"]) == ALL_STEPS
+    rob = metrics["steps"]["robustness"]["metrics"]
+    # seen vs unseen: each fine-tuned model's seen corruption comes from its card
+    assert {s["model"]: s["seen"] for s in rob["seen_unseen"]} == {
+        "base": [], "ft_blur": ["gaussian_blur"], "ft_noise": ["gaussian_noise"]}
+    assert set(rob["paper"]["base"]) == {"clean", "gaussian_blur/4", "gaussian_noise/4"}
+    assert all(0 <= m["top1"] <= m["top5"] <= m["top10"] <= 1 for m in rob["paper"]["ft_blur"].values())
+    # SAEs: base x 2 conditions + each fine-tuned model x its own condition, x 2 architectures
+    assert len(metrics["steps"]["sae"]["metrics"]) == 2 * (2 + 1 + 1)
+    saes = sorted(p.name for p in (out / "sae" / "saes").iterdir())
+    assert "batchtopk__ft_blur__gaussian_blur-4" in saes and "standard__base__gaussian_noise-4" in saes
+    assert not (out / "sae" / "_acts").exists() and not (out / ".staging").exists()
+    overlap = metrics["steps"]["sae_analysis"]["metrics"]["overlap"]
+    assert set(overlap) == {f"{a}|{m}|{c}" for a in ("batchtopk", "standard")
+                            for m, c in (("ft_blur", "gaussian_blur/4"), ("ft_noise", "gaussian_noise/4"))}
+    assert metrics["key_numbers"]
+
+
+def test_report_html_has_every_section_and_every_image_embedded(finished):
+    run, out = finished
+    page = (out / "report.html").read_text()
+    for sec in ["summary", "models", *ALL_STEPS]:
+        assert f"id='{sec}'" in page, sec
+    imgs = re.findall(r"<img src='([^']*)'", page)
+    n_figures = sum(len(r.figures) for r in run.results.values())
+    assert len(imgs) == n_figures >= 14
+    for src in imgs:  # embedded, so the page opens offline
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    for href in re.findall(r"href='([^'#]*)'", page):  # SVGs, CSVs, attention views: files in the out dir
+        assert (out / href).is_file(), href
+    assert not re.search(r"<(script|img|link)[^>]+(src|href)=['\"]https?:", page)
+    for f in (f for r in run.results.values() for f in r.figures):
+        assert (out / f["svg"]).read_text().lstrip().startswith(("<?xml", "<svg"))
+    md = (out / "report.md").read_text()
+    for link in re.findall(r"\]\(([^)]+)\)", md):
+        assert (out / link).is_file(), link
+
+
+def test_attention_views_are_offline_circuitsvis_pages(finished):
+    _, out = finished
+    page = (out / "attention" / "attention_views_ft_blur.html").read_text()
+    assert "var CircuitsVis=" in page and "CircuitsVis.render(" in page and "AttentionHeads" in page
+    assert "unpkg.com" not in page and not re.search(r"<script[^>]+src=", page)
+    assert '"CLS"' in page and '"r0c0"' in page and '"r3c3"' in page and '"L1H1"' in page
+
+
+def test_rerun_skips_finished_steps_and_recomputes_only_what_changed(finished, checkpoints):
+    run, out = finished
+    again = run_study(study_config_from_dict(tiny_config(checkpoints)), out)
+    assert again.computed == [] and again.cached == ALL_STEPS
+    # a step without its done-marker (as after a crash) runs again, alone
+    (out / "patching" / "done.json").unlink()
+    again = run_study(study_config_from_dict(tiny_config(checkpoints)), out)
+    assert again.computed == ["patching"]
+    # a changed config section invalidates that step only
+    cfg = tiny_config(checkpoints, cka={"n_images": 12})
+    assert run_study(study_config_from_dict(cfg), out).computed == ["cka"]
+    # the SAE step's result changes the SAE analysis hash: both rerun, nothing else
+    cfg = tiny_config(checkpoints, cka={"n_images": 12})
+    cfg["sae"] = {**cfg["sae"], "k": 3}
+    assert run_study(study_config_from_dict(cfg), out).computed == ["sae", "sae_analysis"]
+
+
+def test_interrupted_study_resumes(checkpoints, tmp_path, monkeypatch):
+    cfg = study_config_from_dict(tiny_config(checkpoints, sae={"enabled": False}, patching={"enabled": False},
+                                             cka={"enabled": False}))
+    calls = []
+    real = {s.name: s.fn for s in study_steps.STEPS}
+
+    def crash(ctx, w, prev):
+        calls.append("attention")
+        w.path("partial.txt").write_text("half written")
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(next(s for s in study_steps.STEPS if s.name == "attention"), "fn", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_study(cfg, tmp_path)
+    assert (tmp_path / "robustness" / "done.json").is_file() and (tmp_path / "logit_lens" / "done.json").is_file()
+    assert not (tmp_path / "attention").exists() and not (tmp_path / "report.html").exists()
+    monkeypatch.setattr(next(s for s in study_steps.STEPS if s.name == "attention"), "fn", real["attention"])
+    run = run_study(cfg, tmp_path)
+    assert run.cached == ["robustness", "logit_lens"] and run.computed == ["attention"]
+    assert (tmp_path / "report.html").is_file() and calls == ["attention"]
+
+
+def test_hook_beyond_the_model_fails_before_any_step(checkpoints, tmp_path):
+    cfg = study_config_from_dict(tiny_config(checkpoints, sae={"hook": "blocks.5.hook_resid_post"}))
+    with pytest.raises(ConfigError, match=r"^sae.hook: unknown hook 'blocks.5.hook_resid_post'; this model has 2"):
+        run_study(cfg, tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_missing_checkpoint_is_a_clear_error(checkpoints, tmp_path):
+    cfg = tiny_config(checkpoints)
+    cfg["models"]["finetuned"][0]["checkpoint"] = str(tmp_path / "nope")
+    with pytest.raises(ConfigError, match=r"^models.finetuned\[0\].checkpoint: .*nope is not a mechvit checkpoint"):
+        run_study(study_config_from_dict(cfg), tmp_path / "out")
