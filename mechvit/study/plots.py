@@ -53,7 +53,7 @@ def save_figure(fig, writer, stem: str, caption: str) -> dict[str, str]:
     with plt.rc_context(STYLE):
         for fmt, kw in (("png", {"dpi": 150}), ("svg", {})):
             buf = io.BytesIO()
-            fig.savefig(buf, format=fmt, bbox_inches="tight", **kw)
+            fig.savefig(buf, format=fmt, **kw)
             _atomic_bytes(writer.path(f"{stem}.{fmt}"), buf.getvalue())
             out[fmt] = writer.rel(f"{stem}.{fmt}")
     plt.close(fig)
