@@ -115,7 +115,7 @@ def feature_comparison_figure(
             ax[r, side * (k + 1)].text(0, 1.42, head, transform=ax[r, side * (k + 1)].transAxes, fontsize=8,
                                        fontweight="bold", va="bottom")
             if idx:
-                fig.colorbar(im, ax=ax[r, side * (k + 1) + k - 1], fraction=0.08, pad=0.03,
+                fig.colorbar(im, ax=ax[r, side * (k + 1):side * (k + 1) + k].tolist(), fraction=0.02, pad=0.01,
                              label="activation" if r == f - 1 else None)
         ax[r, k].axis("off")
     return fig
