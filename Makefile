@@ -41,9 +41,18 @@ lint: install
 
 bench: install data
 	$(PY) benchmarks/bench_forward.py
+	$(PY) benchmarks/bench_corruptions.py
+	$(PY) benchmarks/bench_patching.py
+	$(PY) benchmarks/bench_sae.py
 
+# Reproduce the shipped models (about 30 minutes of training on 2 CPU cores, then the evaluation into the cards).
+CKPTS := checkpoints/fmnist_vit_base checkpoints/fmnist_vit_gaussian_blur_4 checkpoints/fmnist_vit_gaussian_noise_4
 checkpoints: install data
 	$(VENV)/bin/mechvit train --config configs/train_base.yaml
+	$(VENV)/bin/mechvit train --config configs/train_base_stage2.yaml
+	$(VENV)/bin/mechvit train --config configs/finetune_gaussian_blur_4.yaml
+	$(VENV)/bin/mechvit train --config configs/finetune_gaussian_noise_4.yaml
+	$(VENV)/bin/mechvit evaluate $(CKPTS) --out runs/robustness --update-cards
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache runs
