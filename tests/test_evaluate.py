@@ -93,6 +93,11 @@ def test_corruption_errors_as_in_imagenet_c():
     rel_blur = ((0.2 - 0.2) + (0.3 - 0.2)) / ((0.4 - 0.1) + (0.6 - 0.1))
     rel_noise = ((0.6 - 0.2) * 2) / ((0.5 - 0.1) * 2)
     assert ce["ft"]["relative_mCE"] == pytest.approx((rel_blur + rel_noise) / 2)
+    # a corruption that leaves the base's error at its clean error has no relative CE; the mean skips it
+    flat = {**top1, ("base", "saturate", 1): 0.9, ("ft", "saturate", 1): 0.8}
+    ce_flat = corruption_errors(rows_from(flat), base="base")
+    assert ce_flat["ft"]["relative_mCE"] == pytest.approx((rel_blur + rel_noise) / 2)
+    assert ce_flat["ft"]["saturate"] == pytest.approx(0.2 / 0.1)
     with pytest.raises(ValueError, match="base model 'nope'"):
         corruption_errors(rows_from(top1), base="nope")
     s = seen_unseen_summary(rows_from(top1), {"ft": ["blur"]}, ce)

@@ -174,10 +174,17 @@ def corruption_errors(rows: list[dict], base: str) -> dict[str, dict[str, float]
                 rnum = sum(err[m, c, s] - err[m, "clean", 0] for s in sevs)
                 rden = sum(err[base, c, s] - err[base, "clean", 0] for s in sevs)
                 rel.append(rnum / rden if rden > 0 else float("nan"))
-        ces["mCE"] = float(np.mean(list(ces.values()))) if ces else float("nan")
-        ces["relative_mCE"] = float(np.mean(rel)) if rel else float("nan")
+        # a corruption that leaves the base's error unchanged (e.g. saturate on grey images) has no relative CE;
+        # the means skip such undefined entries
+        ces["mCE"] = _nanmean(list(ces.values()))
+        ces["relative_mCE"] = _nanmean(rel)
         out[m] = ces
     return out
+
+
+def _nanmean(values) -> float:
+    v = np.asarray(values, dtype=float)
+    return float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
 
 
 def seen_unseen_summary(
