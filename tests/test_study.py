@@ -43,8 +43,8 @@ def tiny_config(ck: dict[str, Path], **sections) -> dict:
                        "n_images": 32, "batch_size": 32},
         "logit_lens": {"n_images": 16},
         "attention": {"n_images": 8, "n_views": 1},
-        "sae": {"hook": "blocks.1.hook_resid_post", "expansion_factor": 2, "k": 4, "epochs": 1, "batch_size": 64,
-                "n_train_images": 32, "n_eval_images": 8, "top_features": 2, "top_images": 2},
+        "sae": {"hook": "blocks.1.hook_resid_post", "architectures": ["batchtopk", "standard"], "expansion_factor": 2, "k": 4, "epochs": 1, "batch_size": 64,
+                "n_train_images": 32, "n_eval_images": 8, "top_features": 1, "top_images": 2},
         "patching": {"n_images": 4},
         "cka": {"n_images": 8},
     }
@@ -130,7 +130,7 @@ def test_rerun_skips_finished_steps_and_recomputes_only_what_changed(finished, c
     assert run_study(study_config_from_dict(cfg), out).computed == ["cka"]
     # the SAE step's result changes the SAE analysis hash: both rerun, nothing else
     cfg = tiny_config(checkpoints, cka={"n_images": 12})
-    cfg["sae"] = {**cfg["sae"], "k": 3}
+    cfg["sae"] = {**cfg["sae"], "k": 3, "architectures": ["batchtopk"]}
     assert run_study(study_config_from_dict(cfg), out).computed == ["sae", "sae_analysis"]
 
 

@@ -493,7 +493,8 @@ def sae_analysis_step(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResul
         match_ab = dict(zip(o.idx_a.tolist(), o.idx_b.tolist(), strict=True))
         match_ba = {j: i for i, j in match_ab.items()}
         n_img = len(xe)
-        tags = [f"clean #{i}" for i in range(n_img)] + [f"{lab} #{i}" for i in range(n_img)]
+        short = lab.replace("gaussian_", "")
+        tags = [f"clean #{i}" for i in range(n_img)] + [f"{short} #{i}" for i in range(n_img)]
         for side, (sae_x, sae_y, acts_x, acts_y, match, nx, ny) in {
             "base": (sae_a, sae_b, acts_a, acts_b, match_ab, ctx.base_name, n),
             "finetuned": (sae_b, sae_a, acts_b, acts_a, match_ba, n, ctx.base_name),
@@ -648,7 +649,7 @@ STEPS: list[Step] = [
     Step("attention", "Attention", "attention", attention_step),
     Step("sae", "Sparse autoencoders", "sae", sae_step),
     Step("sae_analysis", "SAE features: code similarity, overlap, feature pages", "sae", sae_analysis_step,
-         deps=("sae",)),
+         deps=("sae",), version=3),
     Step("patching", "Activation patching", "patching", patching_step),
     Step("cka", "Representation similarity (CKA)", "cka", cka_step),
 ]

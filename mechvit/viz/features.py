@@ -104,16 +104,20 @@ def feature_comparison_figure(
                     i = idx[c]
                     im = plots.image_overlay(a, images[i].numpy(), m[i].numpy(), vmax=vmax,
                                              title=f"{labels[i]}\nmax {float(m[i].max()):.2f}")
-                else:
+                    a.title.set_fontsize(6)
+                elif c > 0:
                     a.axis("off")
+            first = ax[r, side * (k + 1)]
             if not idx:
-                ax[r, side * (k + 1)].text(0.5, 0.5, "never active\non these images", ha="center", va="center",
-                                           fontsize=7, transform=ax[r, side * (k + 1)].transAxes)
-            head = f"{names[side]} feature {feat[r]}"
+                first.set(xticks=[], yticks=[])
+                for spine in first.spines.values():
+                    spine.set_visible(False)
+                first.text(0.5, 0.5, "never active\non these images", ha="center", va="center", fontsize=7,
+                           transform=first.transAxes)
+            head = f"{names[side]}\nfeature {feat[r]}"
             if pair_cosine is not None and side == 1:
-                head += f" (cos {pair_cosine[r]:.2f})"
-            ax[r, side * (k + 1)].text(0, 1.42, head, transform=ax[r, side * (k + 1)].transAxes, fontsize=8,
-                                       fontweight="bold", va="bottom")
+                head += f"\n(cos {pair_cosine[r]:.2f})"
+            first.set_ylabel(head, fontsize=7, fontweight="bold")
             if idx:
                 fig.colorbar(im, ax=ax[r, side * (k + 1):side * (k + 1) + k].tolist(), fraction=0.02, pad=0.01,
                              label="activation" if r == f - 1 else None)
