@@ -454,9 +454,14 @@ def test_editing_the_layer_norm_scale_is_honoured():
     def double(scale, hook):
         return scale * 2
 
+    seen: dict = {}
+
+    def keep(t, hook):
+        seen["n"] = t
+
     for fn in (double_in_place, double):
-        seen = {}
-        hooks = [("blocks.1.ln1.hook_scale", fn), ("blocks.1.ln1.hook_normalized", lambda t, hook: seen.setdefault("n", t))]
+        seen.clear()
+        hooks = [("blocks.1.ln1.hook_scale", fn), ("blocks.1.ln1.hook_normalized", keep)]
         with torch.no_grad():
             hooked.run_with_hooks(x, fwd_hooks=hooks)
         want = centred / (2 * cache["blocks.1.ln1.hook_scale"]) * ln.weight + ln.bias
