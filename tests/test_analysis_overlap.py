@@ -44,7 +44,7 @@ def test_permuted_copy_is_matched_back_exactly():
     assert torch.equal(perm[res.idx_b], res.idx_a)
     torch.testing.assert_close(res.matched_cos, torch.ones(24))
     assert res.mean_max_cos_a_to_b == pytest.approx(1.0) and res.mean_max_cos_b_to_a == pytest.approx(1.0)
-    assert res.counts() == {"persistent": 24, "shifted": 0, "lost": 0, "new": 0}
+    assert res.counts() == {"persistent": 24, "shifted": 0, "lost": 0, "new": 0, "dead_a": 0, "dead_b": 0}
     live = ~torch.isnan(res.act_corr)
     assert live.sum() > 12
     torch.testing.assert_close(res.act_corr[live], torch.ones(int(live.sum())), atol=1e-6, rtol=0)
@@ -80,7 +80,7 @@ def test_different_sizes_and_activation_gate(tmp_path):
     assert len(res.rows()) == 10
     res.save_csv(tmp_path / "ov.csv")
     d = res.to_dict()
-    assert d["n_features_a"] == 10 and set(d["counts"]) == {"persistent", "shifted", "lost", "new"}
+    assert d["n_features_a"] == 10 and set(d["counts"]) == {"persistent", "shifted", "lost", "new", "dead_a", "dead_b"}
     # an activation-correlation gate demotes a decoder match whose codes do not co-vary
     c = copy.deepcopy(a)
     with torch.no_grad():
@@ -142,3 +142,26 @@ def test_model_code_similarity_and_collection():
     torch.testing.assert_close(same.cosines, torch.ones(48))
     with pytest.raises(ValueError, match="unknown hook"):
         collect_activations(model, x, "blocks.9.hook_resid_post")
+
+
+def test_dead_features_are_not_matched_or_counted_as_persistent():
+    """Two SAEs from one seed keep their never-firing features at identical directions: those are dead."""
+    a = standard_sae()
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        b.W_dec[6:].add_(torch.randn_like(b.W_dec[6:]))  # the live features of b move away
+        for sae in (a, b):
+            sae.b_enc[:6] = -1e6  # features 0-5 can never fire, in both SAEs, with identical decoders
+    acts = torch.randn(40, 5, 8)
+    res = feature_overlap(a, b, acts, acts)
+    counts = res.counts()
+    assert counts["dead_a"] == 6 and counts["dead_b"] == 6
+    assert res.class_a[:6] == ["dead"] * 6 and res.class_b[:6] == ["dead"] * 6
+    assert not set(res.idx_a.tolist()) & set(range(6)) and not set(res.idx_b.tolist()) & set(range(6))
+    assert sum(counts[k] for k in ("persistent", "shifted", "lost")) == 18
+    decoder_only = feature_overlap(a, b)  # without activations nothing is known to be dead
+    assert decoder_only.counts()["persistent"] >= 6 and decoder_only.counts()["dead_a"] == 0
+    masked = feature_overlap(a, b, alive_a=torch.arange(24) >= 6, alive_b=torch.arange(24) >= 6)
+    assert masked.counts()["dead_a"] == 6 and masked.class_a[:6] == ["dead"] * 6
+    with pytest.raises(ValueError, match=r"alive_a/alive_b must be bool \[24\]"):
+        feature_overlap(a, b, alive_a=torch.ones(3, dtype=torch.bool))

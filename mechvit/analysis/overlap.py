@@ -15,6 +15,10 @@ Matching and classification (``OverlapConfig`` holds every threshold):
   ``shifted_cos`` or no partner because the dictionaries differ in size) the SAE-a feature is *lost* and the
   SAE-b feature is *new*. With ``min_act_corr`` set and activations given, a pair whose activation
   correlation is below it (or undefined) is demoted from persistent to shifted.
+- dead features: with activations given, a feature that never fires on its own model's activations
+  (``alive_a``/``alive_b`` may also be passed) is *dead*: it is left out of the matching, the mean max cosines
+  and the four classes, and counted apart. Two SAEs trained from the same seed keep their dead features at
+  the same initial directions; matching those would report them as persistent.
 - activation correlation: Pearson correlation, over every token of the same inputs, between SAE a's code
   on model a's activations and SAE b's matched code on model b's activations (``nan`` when a feature never
   varies, e.g. dead).
@@ -39,7 +43,7 @@ from torch import Tensor
 from mechvit.analysis._utils import check_images, run_hook_batches
 from mechvit.analysis.similarity import write_rows_csv
 
-CLASSES = ("persistent", "shifted", "lost", "new")
+CLASSES = ("persistent", "shifted", "lost", "new", "dead")
 TOKEN_SETS = ("all", "patches", "prefix", "cls")
 
 
@@ -148,8 +152,8 @@ class FeatureOverlap:
     idx_a: Tensor  # [M] matched pairs
     idx_b: Tensor  # [M]
     matched_cos: Tensor  # [M]
-    class_a: list[str]  # per SAE-a feature: persistent / shifted / lost
-    class_b: list[str]  # per SAE-b feature: persistent / shifted / new
+    class_a: list[str]  # per SAE-a feature: persistent / shifted / lost / dead
+    class_b: list[str]  # per SAE-b feature: persistent / shifted / new / dead
     act_corr: Tensor | None = None  # [M]
     topk_jaccard: Tensor | None = None  # [M]
     cross: dict[str, dict[str, float]] | None = None  # {"a_on_a": {...}, "a_on_b": ..., "b_on_b", "b_on_a"}
@@ -157,7 +161,8 @@ class FeatureOverlap:
 
     def counts(self) -> dict[str, int]:
         return {"persistent": self.class_a.count("persistent"), "shifted": self.class_a.count("shifted"),
-                "lost": self.class_a.count("lost"), "new": self.class_b.count("new")}
+                "lost": self.class_a.count("lost"), "new": self.class_b.count("new"),
+                "dead_a": self.class_a.count("dead"), "dead_b": self.class_b.count("dead")}
 
     def rows(self) -> list[dict]:
         """One row per matched pair, then one per unmatched feature."""
@@ -188,8 +193,9 @@ class FeatureOverlap:
         write_rows_csv(self.rows(), path)
 
 
-def _classify(n_a, n_b, ia, ib, cos, act_corr, cfg: OverlapConfig) -> tuple[list[str], list[str]]:
-    class_a, class_b = ["lost"] * n_a, ["new"] * n_b
+def _classify(alive_a, alive_b, ia, ib, cos, act_corr, cfg: OverlapConfig) -> tuple[list[str], list[str]]:
+    class_a = ["lost" if a else "dead" for a in alive_a.tolist()]
+    class_b = ["new" if b else "dead" for b in alive_b.tolist()]
     for m, (i, j) in enumerate(zip(ia.tolist(), ib.tolist(), strict=True)):
         c = float(cos[m])
         if c >= cfg.persistent_cos:
@@ -213,28 +219,54 @@ def feature_overlap(
     acts_a: Float[Tensor, "n ... d"] | None = None,
     acts_b: Float[Tensor, "n ... d"] | None = None,
     config: OverlapConfig | None = None,
+    *,
+    alive_a: Tensor | None = None,
+    alive_b: Tensor | None = None,
 ) -> FeatureOverlap:
     """Compare two SAEs of the same hook.
 
     ``acts_a``/``acts_b``: activations of model a and model b at that hook on the *same* images, shape
     ``[n_images, n_tokens, d_in]`` (or ``[n_images, d_in]``). Without them only the decoder-based measures
-    are computed.
+    are computed, and every feature counts as alive unless ``alive_a``/``alive_b`` (bool ``[d_sae]``) say
+    otherwise; with them, a feature that never fires on its own model's activations is dead.
     """
     cfg = config or OverlapConfig()
-    cos = decoder_cosine(sae_a, sae_b)
-    mm_ab, mm_ba = mean_max_cosine(cos)
-    ia, ib, mcos = match_features(cos)
-    act_corr = jac = cross = None
     if (acts_a is None) != (acts_b is None):
         raise ValueError("pass both acts_a and acts_b (activations of both models on the same images) or neither")
+    if acts_a is not None and (acts_a.shape != acts_b.shape or acts_a.ndim not in (2, 3)):
+        raise ValueError("acts_a and acts_b must have the same shape [n_images, (n_tokens,) d_in], got "
+                         f"{tuple(acts_a.shape)} and {tuple(acts_b.shape)}")
+    cos_all = decoder_cosine(sae_a, sae_b)
+    a3 = b3 = None
+    per = 1
     if acts_a is not None:
-        if acts_a.shape != acts_b.shape or acts_a.ndim not in (2, 3):
-            raise ValueError("acts_a and acts_b must have the same shape [n_images, (n_tokens,) d_in], got "
-                             f"{tuple(acts_a.shape)} and {tuple(acts_b.shape)}")
         a3 = acts_a if acts_a.ndim == 3 else acts_a[:, None]
         b3 = acts_b if acts_b.ndim == 3 else acts_b[:, None]
-        tok_a, tok_b, img_a, img_b = [], [], [], []
         per = max(1, cfg.batch_size // a3.shape[1])
+        fired_a = torch.zeros(cos_all.shape[0], dtype=torch.bool)
+        fired_b = torch.zeros(cos_all.shape[1], dtype=torch.bool)
+        for s in range(0, a3.shape[0], per):
+            fired_a |= (encode(sae_a, a3[s:s + per], cfg.batch_size) > 0).flatten(0, -2).any(0).cpu()
+            fired_b |= (encode(sae_b, b3[s:s + per], cfg.batch_size) > 0).flatten(0, -2).any(0).cpu()
+        alive_a = fired_a if alive_a is None else alive_a.cpu().bool() & fired_a
+        alive_b = fired_b if alive_b is None else alive_b.cpu().bool() & fired_b
+    alive_a = torch.ones(cos_all.shape[0], dtype=torch.bool) if alive_a is None else alive_a.cpu().bool()
+    alive_b = torch.ones(cos_all.shape[1], dtype=torch.bool) if alive_b is None else alive_b.cpu().bool()
+    if alive_a.shape != (cos_all.shape[0],) or alive_b.shape != (cos_all.shape[1],):
+        raise ValueError(f"alive_a/alive_b must be bool [{cos_all.shape[0]}] / [{cos_all.shape[1]}], got "
+                         f"{tuple(alive_a.shape)} / {tuple(alive_b.shape)}")
+    live_a, live_b = alive_a.nonzero().flatten(), alive_b.nonzero().flatten()
+    cos = cos_all[live_a][:, live_b]
+    mm_ab, mm_ba = mean_max_cosine(cos) if cos.numel() else (float("nan"), float("nan"))
+    if cos.numel():
+        ia, ib, mcos = match_features(cos)
+        ia, ib = live_a[ia], live_b[ib]
+    else:
+        ia = ib = torch.zeros(0, dtype=torch.long)
+        mcos = torch.zeros(0)
+    act_corr = jac = cross = None
+    if a3 is not None:
+        tok_a, tok_b, img_a, img_b = [], [], [], []
         for s in range(0, a3.shape[0], per):
             za = encode(sae_a, a3[s:s + per], cfg.batch_size)[..., ia]
             zb = encode(sae_b, b3[s:s + per], cfg.batch_size)[..., ib]
@@ -246,8 +278,8 @@ def feature_overlap(
         jac = _topk_jaccard(torch.cat(img_a), torch.cat(img_b), cfg.top_k).float()
         cross = {"a_on_a": sae_fit(sae_a, acts_a, cfg.batch_size), "a_on_b": sae_fit(sae_a, acts_b, cfg.batch_size),
                  "b_on_b": sae_fit(sae_b, acts_b, cfg.batch_size), "b_on_a": sae_fit(sae_b, acts_a, cfg.batch_size)}
-    class_a, class_b = _classify(cos.shape[0], cos.shape[1], ia, ib, mcos, act_corr, cfg)
-    return FeatureOverlap(cosine=cos, mean_max_cos_a_to_b=mm_ab, mean_max_cos_b_to_a=mm_ba, idx_a=ia, idx_b=ib,
+    class_a, class_b = _classify(alive_a, alive_b, ia, ib, mcos, act_corr, cfg)
+    return FeatureOverlap(cosine=cos_all, mean_max_cos_a_to_b=mm_ab, mean_max_cos_b_to_a=mm_ba, idx_a=ia, idx_b=ib,
                           matched_cos=mcos, class_a=class_a, class_b=class_b, act_corr=act_corr,
                           topk_jaccard=jac, cross=cross, config=cfg)
 

@@ -451,17 +451,20 @@ def sae_analysis_step(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResul
 
     if overlaps:
         header = ["SAE", f"{ctx.base_name} vs", "condition", "mean max cos (base→ft)", "mean max cos (ft→base)",
-                  "persistent", "shifted", "lost", "new", "mean act. corr.", "top-k Jaccard", "EV base SAE on ft acts"]
+                  "persistent", "shifted", "lost", "new", "dead (base)", "dead (ft)", "mean act. corr.", "top-k Jaccard",
+                  "EV base SAE on ft acts"]
         rows = []
         for (a, n, lab), o in overlaps.items():
             d = o.to_dict()
             cnt = d["counts"]
             rows.append([a, n, lab, d["mean_max_cos_a_to_b"], d["mean_max_cos_b_to_a"], cnt["persistent"],
-                         cnt["shifted"], cnt["lost"], cnt["new"], d["mean_act_corr"] or float("nan"),
+                         cnt["shifted"], cnt["lost"], cnt["new"], cnt["dead_a"], cnt["dead_b"],
+                         d["mean_act_corr"] or float("nan"),
                          d["mean_topk_jaccard"] or float("nan"), d["cross_application"]["a_on_b"]["explained_variance"]])
         res.tables.append({"title": f"Feature overlap between the base model's SAE and each fine-tuned model's SAE "
                                     f"(matched one to one; persistent: cosine >= {s.overlap.persistent_cos}, shifted: "
-                                    f">= {s.overlap.shifted_cos})", "markdown": _md_table(header, rows)})
+                                    f">= {s.overlap.shifted_cos}; features that never fire on the images are dead and "
+                                    f"left out of the matching)", "markdown": _md_table(header, rows)})
         fig, ax = plots.new_figure(1, 2, w=3.8, h=2.9)
         keys = list(overlaps)
         for i, k in enumerate(keys):
@@ -469,12 +472,13 @@ def sae_analysis_step(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResul
             ax[0, 0].hist(o.matched_cos.numpy(), bins=40, range=(-1, 1), histtype="step", lw=1.4,
                           color=plots.color(i + 1), label="/".join(k))
             cnt = o.counts()
-            ax[0, 1].bar(np.arange(4) + (i - (len(keys) - 1) / 2) * 0.8 / len(keys), list(cnt.values()),
+            ax[0, 1].bar(np.arange(6) + (i - (len(keys) - 1) / 2) * 0.8 / len(keys),
+                         [cnt[c] for c in ("persistent", "shifted", "lost", "new", "dead_a", "dead_b")],
                          0.8 / len(keys), color=plots.color(i + 1), label="/".join(k))
         ax[0, 0].axvline(s.overlap.persistent_cos, color=plots.PALETTE[6], ls=":", lw=0.8)
         ax[0, 0].axvline(s.overlap.shifted_cos, color=plots.PALETTE[6], ls=":", lw=0.8)
         ax[0, 0].set(xlabel="decoder cosine of matched pair", ylabel="feature pairs")
-        ax[0, 1].set_xticks(range(4), ["persistent", "shifted", "lost", "new"])
+        ax[0, 1].set_xticks(range(6), ["persistent", "shifted", "lost", "new", "dead\n(base)", "dead\n(ft)"], fontsize=6)
         ax[0, 1].set(ylabel="features")
         ax[0, 1].legend(frameon=False, fontsize=6)
         res.figures.append(plots.save_figure(fig, w, "feature_overlap", "Matched decoder cosines and feature classes, "
@@ -649,7 +653,7 @@ STEPS: list[Step] = [
     Step("attention", "Attention", "attention", attention_step),
     Step("sae", "Sparse autoencoders", "sae", sae_step),
     Step("sae_analysis", "SAE features: code similarity, overlap, feature pages", "sae", sae_analysis_step,
-         deps=("sae",), version=3),
+         deps=("sae",), version=4),  # 4: dead features left out of the overlap
     Step("patching", "Activation patching", "patching", patching_step),
     Step("cka", "Representation similarity (CKA)", "cka", cka_step),
 ]
