@@ -52,7 +52,7 @@ checkpoints: install data
 	$(VENV)/bin/mechvit train --config configs/train_base_stage2.yaml
 	$(VENV)/bin/mechvit train --config configs/finetune_gaussian_blur_4.yaml
 	$(VENV)/bin/mechvit train --config configs/finetune_gaussian_noise_4.yaml
-	$(VENV)/bin/mechvit evaluate $(CKPTS) --out runs/robustness --update-cards
+	$(VENV)/bin/mechvit evaluate $(CKPTS) --n-test 2000 --out runs/robustness --update-cards
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache runs
