@@ -3,6 +3,7 @@
 from transformer_lens.ActivationCache import ActivationCache
 
 from .model import HookedViT, HookedViTConfig
+from .runtime import keep_freed_memory
 
 __version__ = "0.1.0"
 
@@ -14,4 +15,4 @@ def corrupt(images, name, severity, *, seed=None, generator=None):
     return _corrupt(images, name, severity, seed=seed, generator=generator)
 
 
-__all__ = ["ActivationCache", "HookedViT", "HookedViTConfig", "corrupt", "__version__"]
+__all__ = ["ActivationCache", "HookedViT", "HookedViTConfig", "corrupt", "keep_freed_memory", "__version__"]
