@@ -218,5 +218,7 @@ def test_store_memory_stays_bounded(model, tmp_path):
     cache_and_read(many[:200], tmp_path / "warmup")  # first-call allocator and import costs
     growth = {"cache": _peak_rss_growth_mib(lambda: cache_and_read(many, tmp_path / "big")),
               "stream": _peak_rss_growth_mib(stream), "unbounded": _peak_rss_growth_mib(keep_everything)}
-    assert growth["unbounded"] > 20, growth
-    assert growth["cache"] < 8 and growth["stream"] < 8, growth
+    # The data is 31 MiB: a store that kept it would grow by about that (the control does); a bounded store
+    # grows only by its fixed working set (model batch, buffer, shard: ~9 MiB measured), whatever the data size.
+    assert growth["unbounded"] > 28, growth
+    assert growth["cache"] < 16 and growth["stream"] < 16, growth
