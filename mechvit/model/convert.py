@@ -290,7 +290,7 @@ def fold_layer_norm(sd: dict[str, Tensor], cfg: HookedViTConfig) -> dict[str, Te
     return sd
 
 
-def center_writing_weights(sd: dict[str, Tensor], cfg: HookedViTConfig) -> dict[str, Tensor]:
+def center_writing_weights_sd(sd: dict[str, Tensor], cfg: HookedViTConfig) -> dict[str, Tensor]:
     """Make every weight that writes to the residual stream have zero mean over d_model.
 
     Valid because every reader of the residual stream is a LayerNorm (which removes the mean):
@@ -461,7 +461,7 @@ def from_timm(
     if fold_ln:
         sd = fold_layer_norm(sd, cfg)
     if center_writing_weights:
-        sd = center_writing_weights_fn(sd, cfg)
+        sd = center_writing_weights_sd(sd, cfg)
     model = cls(cfg)
     param = next(timm_model.parameters())
     model.to(dtype=param.dtype)
@@ -469,8 +469,6 @@ def from_timm(
     model.train(timm_model.training)
     return model.to(device if device is not None else param.device)
 
-
-center_writing_weights_fn = center_writing_weights
 
 
 # ----------------------------------------------------------------------------------------------
