@@ -1,9 +1,9 @@
 """The ``mechvit study`` config: dataclasses loaded from YAML and validated in one pass.
 
 Every YAML key must name a field; a wrong type, an unknown corruption, a severity outside 1..5 or a hook
-name no ViT has raises ONE ``ValueError`` that starts with the key path, e.g.
-``sae.hook: unknown hook 'blocks.3.hook_foo'``. Hook layer indices are checked against the real model when
-the study starts (:func:`check_hooks_against_model`).
+name no ViT has raises ONE ``ValueError`` (:class:`ConfigError`) that starts with the key path, e.g.
+``sae.hook: unknown hook 'blocks.3.hook_foo'`` (keys and types: :mod:`mechvit._dataclass_yaml`). Hook
+layer indices are checked against the real model when the study starts (:func:`check_hooks_against_model`).
 
 ``load_study_config(None)`` returns the embedded default (``configs/fashion_mnist.yaml``).
 """
@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
-import yaml
+from mechvit._dataclass_yaml import ConfigError, apply_overrides, from_dict, read_yaml
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "fashion_mnist.yaml"
 
@@ -37,10 +35,6 @@ _BLOCK_RE = re.compile(r"blocks\.(\d+)\.(.+)")
 # hooks whose activation is [batch, tokens, d] (what an SAE over tokens reads)
 _TOKEN_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
                 "ln1.hook_normalized", "ln2.hook_normalized", "mlp.hook_pre", "mlp.hook_post", "attn.hook_z")
-
-
-class ConfigError(ValueError):
-    """A study config that does not validate; the message starts with the key path."""
 
 
 def check_hook_name(hook: str, key: str, token_hook: bool = False) -> None:
@@ -250,87 +244,6 @@ class StudyConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# dict -> dataclass
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
-    if typing.get_origin(tp) in (list, dict):
-        return str(tp).replace("typing.", "")
-    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
-
-
-def _convert(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _convert(a, value, key)
-            except ConfigError as e:
-                errors.append(e)
-        if len(errors) == 1:
-            raise errors[0]
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise ConfigError(f"{key}: expected one of {_type_name(tp)}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping ({tp.__name__}), got {type(value).__name__} {value!r}")
-        return _from_dict(tp, value, f"{key}.")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
-        return dict(value)
-    if tp is bool and isinstance(value, bool):
-        return value
-    if tp is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if tp is str and isinstance(value, str):
-        return value
-    if tp is None or tp is type(None):
-        if value is None:
-            return None
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-
-
-def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for k in data:
-        if k not in fields:
-            raise ConfigError(f"{prefix}{k}: unknown key; expected one of {', '.join(fields)}")
-    for name, f in fields.items():
-        if name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{prefix}{name}: missing required key")
-    return cls(**{k: _convert(hints[k], v, prefix + k) for k, v in data.items()})
-
-
-# ---------------------------------------------------------------------------------------------------------
 # semantic checks
 
 
@@ -401,26 +314,7 @@ def check_hooks_against_model(cfg: StudyConfig, model: Any) -> None:
 
 def study_config_from_dict(data: dict, overrides: dict[str, Any] | None = None) -> StudyConfig:
     """Build and validate a :class:`StudyConfig`; ``overrides`` maps dotted keys to values."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"the config must be a mapping at the top level, got {type(data).__name__}")
-    data = _apply_overrides(data, overrides or {})
-    return validate(_from_dict(StudyConfig, data))
-
-
-def _apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
-    import copy
-
-    data = copy.deepcopy(data)
-    for dotted, v in overrides.items():
-        d = data
-        *parents, last = dotted.split(".")
-        for p in parents:
-            nxt = d.setdefault(p, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"{dotted}: cannot set a key inside {p!r}, which is {type(nxt).__name__}")
-            d = nxt
-        d[last] = v
-    return data
+    return validate(from_dict(StudyConfig, apply_overrides(data, overrides or {})))
 
 
 def load_study_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> StudyConfig:
@@ -429,14 +323,7 @@ def load_study_config(path: str | Path | None = None, overrides: dict[str, Any] 
     Relative paths in ``models`` and ``data.root`` are taken as they are (relative to the working
     directory), like every other mechvit command.
     """
-    path = Path(path) if path is not None else DEFAULT_CONFIG
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
-    return study_config_from_dict(data, overrides)
+    return study_config_from_dict(read_yaml(path if path is not None else DEFAULT_CONFIG), overrides)
 
 
 __all__ = [

@@ -92,6 +92,44 @@ def test_wrong_type_names_the_path():
     assert study_config_from_dict(_with(sae={"lr": "1e-3"})).sae.lr == 1e-3
 
 
+def test_type_errors_say_the_path_what_was_expected_and_what_was_given():
+    assert _error(_with(robustness={"n_images": "many"})) == "robustness.n_images: expected int, got str 'many'"
+    assert _error(_with(logit_lens={"mode": "last"})) == (
+        "logit_lens.mode: expected one of 'first' | 'stable', got str 'last'")
+    assert _error(_with(sae={"overlap": 3})) == "sae.overlap: expected a mapping (OverlapSection), got int 3"
+    assert _error(_with(data={"root": None, "img_size": 1.5})) == "data.img_size: expected int, got float 1.5"
+    assert _error(_with(name=None)) == "name: expected str, got null"
+    assert _error(_with(sae={"hookk": 1, "kk": 2})).startswith(
+        "sae.hookk, sae.kk: unknown keys; expected one of enabled, hook, tokens,")
+    assert _error([1]) == "the config: expected a mapping (StudyConfig), got list [1]"
+    assert _error({**MINIMAL, "models": {"base": 3}}) == "models.base: expected a mapping (ModelEntry), got int 3"
+
+
+def test_dataclass_yaml_takes_tuples_and_dataclass_instances():
+    from dataclasses import dataclass, field
+
+    from mechvit._dataclass_yaml import from_dict
+
+    @dataclass
+    class Inner:
+        xs: tuple[int, ...] = ()
+        pair: tuple[str, float] | None = None
+
+    @dataclass
+    class Outer:
+        inner: Inner = field(default_factory=Inner)
+        values: list[float] = field(default_factory=list)
+
+    assert from_dict(Outer, {"inner": {"xs": [1, 2], "pair": ("a", 1)}, "values": (1, "2e-1")}) == Outer(
+        Inner((1, 2), ("a", 1.0)), [1.0, 0.2])
+    given = Inner((3,))
+    assert from_dict(Outer, {"inner": given}).inner is given
+    with pytest.raises(ConfigError, match=r"^inner\.pair: expected a list of 2 \(tuple\[str, float\]\), got list"):
+        from_dict(Outer, {"inner": {"pair": ["a"]}})
+    with pytest.raises(ConfigError, match=r"^inner\.xs\[1\]: expected int, got bool True$"):
+        from_dict(Outer, {"inner": {"xs": [1, True]}})
+
+
 def test_unknown_corruption_and_bad_severity():
     msg = _error(_with(conditions=[{"corruption": "gausian_blur", "severity": 4}]))
     assert msg.startswith("conditions[0].corruption: unknown corruption 'gausian_blur'") and "gaussian_blur" in msg

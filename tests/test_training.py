@@ -59,22 +59,33 @@ def weights(directory) -> dict[str, torch.Tensor]:
 
 
 def test_config_unknown_key_and_wrong_type_name_the_key(tmp_path):
+    # one line: the file, the full key path, what was expected and what was given
     p = tmp_path / "c.yaml"
     p.write_text("out: x\nmodel: {name: vit_tiny_patch16_224}\nepochz: 3\n")
-    with pytest.raises(ValueError, match="epochz"):
+    with pytest.raises(ValueError, match=rf"^{p}: epochz: unknown key; expected one of out, model, .*epochs"):
         load_config(p)
     p.write_text("out: x\nmodel: {name: vit_tiny_patch16_224}\naugment: {crop_pad: 3}\n")
-    with pytest.raises(ValueError, match=r"augment\.crop_pad"):
+    with pytest.raises(ValueError, match=r": augment\.crop_pad: unknown key; expected one of crop_padding, hflip$"):
         load_config(p)
     p.write_text("out: x\nmodel: {name: vit_tiny_patch16_224}\nepochs: three\n")
-    with pytest.raises(ValueError, match="'epochs'.*expected int"):
+    with pytest.raises(ValueError, match=r": epochs: expected int, got str 'three'$"):
         load_config(p)
     p.write_text("out: x\nmodel: {name: vit_tiny_patch16_224}\ncorruption: {seen: [gaussian_blur], severities: [x]}\n")
-    with pytest.raises(ValueError, match=r"corruption\.severities\[0\]"):
+    with pytest.raises(ValueError, match=r": corruption\.severities\[0\]: expected int, got str 'x'$"):
+        load_config(p)
+    p.write_text("out: x\nmodel: vit_tiny_patch16_224\n")
+    with pytest.raises(ValueError, match=r": model: expected a mapping \(ModelSpec\), got str 'vit_tiny_patch16_224'$"):
         load_config(p)
     p.write_text("model: {name: vit_tiny_patch16_224}\n")
-    with pytest.raises(ValueError, match="missing.*out"):
+    with pytest.raises(ValueError, match=r": out: missing required key$"):
         load_config(p)
+    with pytest.raises(ValueError, match=r"^epochs\.x: cannot set a key inside 'epochs', which is int"):
+        load_config(p, overrides={"out": "x", "epochs": 3, "epochs.x": 1})
+    p.write_text("out: [unclosed\n")
+    with pytest.raises(ValueError, match=r"not valid YAML \(.* at line 2, column 1\)"):
+        load_config(p)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
 
 
 def test_config_values_and_overrides(tmp_path):

@@ -1,19 +1,23 @@
 """Configs for training, fine-tuning, PGD and evaluation: dataclasses loaded from YAML with validation.
 
 Every key of a YAML file must name a field (an unknown key or a value of the wrong type raises a
-``ValueError`` naming the key), so a typo never silently falls back to a default.
+``ValueError`` naming the key path, see :mod:`mechvit._dataclass_yaml`), so a typo never silently falls back
+to a default.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
-import yaml
+from mechvit._dataclass_yaml import ConfigError, apply_overrides, from_dict, read_yaml
+
+__all__ = [
+    "AugmentConfig", "ConfigError", "CorruptionFinetune", "DataConfig", "EvalConfig", "ModelSpec", "PGDConfig",
+    "TrainConfig", "check_pgd", "check_positive", "from_dict", "load_config", "to_dict",
+]  # fmt: skip
 
 
 @dataclass
@@ -150,102 +154,13 @@ def check_pgd(cfg: PGDConfig) -> None:
         raise ValueError(f"adversarial.p must be in [0, 1], got {cfg.p}")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# dict/YAML -> dataclass with validation
-
-
-def _convert(tp, value, key: str):
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ValueError(f"config key {key!r}: expected {tp}, got None")
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _convert(a, value, key)
-            except ValueError as e:
-                errors.append(str(e))
-        raise ValueError(errors[0] if len(errors) == 1 else f"config key {key!r}: expected {tp}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ValueError(f"config key {key!r}: expected a mapping for {tp.__name__}, got {value!r}")
-        return from_dict(tp, value, prefix=f"{key}.")
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"config key {key!r}: expected a list, got {type(value).__name__} {value!r}")
-        (item,) = typing.get_args(tp)[:1]
-        return [_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"config key {key!r}: expected a mapping, got {type(value).__name__} {value!r}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    else:
-        raise TypeError(f"unsupported config type {tp} for {key!r}")
-    raise ValueError(f"config key {key!r}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
-
-
-def from_dict(cls, data: dict, prefix: str = ""):
-    """Build dataclass ``cls`` from a dict; unknown keys and wrong types raise ``ValueError`` naming the key."""
-    if not isinstance(data, dict):
-        raise ValueError(f"expected a mapping for {cls.__name__}, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"unknown config key(s) {[prefix + k for k in unknown]}; known keys: {sorted(names)}")
-    missing = [
-        f.name for f in dataclasses.fields(cls)
-        if f.name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]  # fmt: skip
-    if missing:
-        raise ValueError(f"missing config key(s) {[prefix + k for k in missing]}")
-    kwargs = {k: _convert(hints[k], v, prefix + k) for k, v in data.items()}
-    return cls(**kwargs)
-
-
 def load_config(path: str | Path, cls=TrainConfig, overrides: dict | None = None):
     """Load a YAML config into ``cls``; ``overrides`` (dotted keys, e.g. ``{"epochs": 1}``) win over the file."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({e})") from e
-    for dotted, v in (overrides or {}).items():
-        d = data
-        *parents, last = dotted.split(".")
-        for p in parents:
-            d = d.setdefault(p, {})
-        d[last] = v
+    data = apply_overrides(read_yaml(path), overrides or {})
     try:
         return from_dict(cls, data)
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from e
+        raise type(e)(f"{path}: {e}") from e
 
 
 def to_dict(cfg) -> dict:
