@@ -141,10 +141,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_train_sae(argv: list[str]) -> int:
+def _run_train_sae(argv: list[str], prog: str) -> int:
     from mechvit.sae.__main__ import main as sae_main
 
-    sae_main(argv)
+    sae_main(argv, prog=prog)
     return 0
 
 
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "train-sae":  # its options belong to mechvit.sae's own parser
         prog = "mechvit train-sae"
         try:
-            code = _run_train_sae(argv[1:])
+            code = _run_train_sae(argv[1:], prog)
         except USER_ERRORS + (UserError,) as e:
             code = _fail(prog, e)
         except SystemExit as e:  # argparse inside mechvit.sae

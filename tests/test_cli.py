@@ -32,6 +32,12 @@ def test_every_subcommand_has_help(cmd, capsys):
     assert "usage:" in capsys.readouterr().out
 
 
+def test_train_sae_help_names_the_mechvit_command(capsys):
+    assert main(["train-sae", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: mechvit train-sae ") and "python -m mechvit.sae" not in out
+
+
 def test_top_level_help_lists_the_commands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
@@ -116,6 +122,8 @@ def test_train_sae_errors(tmp_path, capsys):
                  "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert main(["train-sae", "--hook", "x"]) == 2  # an argparse error names the mechvit command too
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("mechvit train-sae: error:")
 
 
 def test_console_script_runs(tmp_path):

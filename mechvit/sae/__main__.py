@@ -49,8 +49,9 @@ def _corruption(text: str) -> tuple[str, int]:
     return name, int(severity)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m mechvit.sae", description=__doc__,
+def main(argv: list[str] | None = None, prog: str = "python -m mechvit.sae") -> dict:
+    """Parse ``argv``, train and evaluate; ``prog`` is the command name the help and errors show."""
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.replace("python -m mechvit.sae", prog),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--hook", required=True)
