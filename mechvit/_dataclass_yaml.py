@@ -105,7 +105,8 @@ def convert(tp: Any, value: Any, key: str) -> Any:
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
-            raise ConfigError(f"{where}: expected a list of {len(args)} ({_type_name(tp)}), got {_given(value)}")
+            raise ConfigError(f"{where}: expected a list of {len(args)} ({_type_name(tp)}), "
+                              f"got {_given(value)}")
         return tuple(convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if origin is dict:
         if not isinstance(value, dict):
@@ -128,7 +129,8 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
     if unknown:
-        raise ConfigError(f"{', '.join(prefix + str(k) for k in unknown)}: unknown key{'s' * (len(unknown) > 1)}; "
+        keys = ", ".join(prefix + str(k) for k in unknown)
+        raise ConfigError(f"{keys}: unknown key{'s' * (len(unknown) > 1)}; "
                           f"expected one of {', '.join(fields)}")
     missing = [name for name, f in fields.items() if name not in data
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
@@ -156,8 +158,8 @@ def apply_overrides(data: Any, overrides: dict[str, Any]) -> Any:
 
 
 def read_yaml(path: str | Path) -> Any:
-    """What a YAML file holds (an empty file: ``{}``); a missing file or invalid YAML raises :class:`ConfigError`
-    (one line, with the place of the problem)."""
+    """What a YAML file holds (an empty file: ``{}``); a missing file or invalid YAML raises
+    :class:`ConfigError` (one line, with the place of the problem)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
