@@ -99,3 +99,19 @@ def test_save_figure_formats(tmp_path):
     fig.add_subplot().plot([0, 1])
     paths = save_figure(fig, tmp_path / "sub" / "f.svg", formats=("png",))
     assert [p.name for p in paths] == ["f.png"] and not list((tmp_path / "sub").glob("*.tmp"))
+
+
+def test_heatmap_writes_values_and_outlines_marked_cells():
+    from matplotlib.figure import Figure
+
+    from mechvit.viz.figures import DIVERGING, heatmap
+
+    fig = Figure()
+    ax = fig.add_subplot()
+    mat = np.array([[1.0, -2.0], [0.5, np.nan]])
+    im = heatmap(ax, mat, ["a", "b"], ["r0", "r1"], cbar_label="v", cmap=DIVERGING, fmt="{:.1f}", marks=mat > 0.7)
+    assert im.get_clim() == (-2.0, 2.0)  # centred on 0
+    assert sorted(t.get_text() for t in ax.texts) == ["-2.0", "0.5", "1.0"]  # NaN cells stay empty
+    assert len(ax.patches) == 1
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"]
+    assert fig.axes[-1].get_ylabel() == "v"  # the colour bar

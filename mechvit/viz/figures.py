@@ -2,8 +2,10 @@
 
 Every ``plot_*`` function returns the :class:`matplotlib.figure.Figure`; with ``path`` (a file stem or a
 name with a suffix) it also writes ``<stem>.png`` and ``<stem>.svg`` atomically. Colours: ``PALETTE``
-(Okabe-Ito, colour-blind safe) for lines and bars, ``SEQUENTIAL`` for non-negative maps, ``DIVERGING``
-(centred on 0) for signed maps such as patching scores.
+(Paul Tol's "bright", colour-blind safe; its last colour is a neutral grey) for lines and bars, ``SEQUENTIAL``
+for non-negative maps, ``DIVERGING`` (centred on 0) for signed maps such as patching scores. The building
+blocks (``save_figure``, ``heatmap``, ``image_overlay``, ``color``) also draw the study's figures
+(``mechvit.study.plots``).
 """
 
 from __future__ import annotations
@@ -17,15 +19,24 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
-PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
+PALETTE = ("#4477AA", "#EE6677", "#228833", "#CCBB44", "#66CCEE", "#AA3377", "#BBBBBB")
 SEQUENTIAL = "viridis"
 DIVERGING = "RdBu_r"
 FORMATS = ("png", "svg")
 
 
-def save_figure(fig: Figure, path: str | os.PathLike, formats: Sequence[str] = FORMATS, dpi: int = 150) -> list[Path]:
-    """Write ``fig`` as ``<stem>.<fmt>`` for each format, atomically; returns the paths written."""
+def color(i: int) -> str:
+    """The ``i``-th colour of ``PALETTE``, cycling."""
+    return PALETTE[i % len(PALETTE)]
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, formats: Sequence[str] = FORMATS, dpi: int = 150,
+                bbox_inches: str | None = "tight") -> list[Path]:
+    """Write ``fig`` as ``<stem>.<fmt>`` for each format, atomically; returns the paths written.
+
+    ``bbox_inches=None`` keeps the figure's own size (for figures with a constrained layout)."""
     path = Path(path)
     stem = path.with_suffix("") if path.suffix.lstrip(".") in ("png", "svg", "pdf") else path
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -35,7 +46,7 @@ def save_figure(fig: Figure, path: str | os.PathLike, formats: Sequence[str] = F
         fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=f".{fmt}.tmp")
         os.close(fd)
         try:
-            fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight")
+            fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches=bbox_inches)
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
@@ -59,21 +70,58 @@ def _sym(values: np.ndarray) -> float:
     return m if m > 0 else 1.0
 
 
-def _heatmap(fig, ax, values, xlabels, ylabels, xlabel, ylabel, cbar_label, *, signed=True, max_ticks=25,
-             colorbar=True):
+def heatmap(ax, values, xlabels: Sequence[str], ylabels: Sequence[str], *, cbar_label: str | None = None,
+            cmap: str = SEQUENTIAL, vmin: float | None = None, vmax: float | None = None, xlabel: str = "",
+            ylabel: str = "", fmt: str | None = None, marks=None, max_ticks: int = 25,
+            xrotation: float | None = None, cbar_kw: dict | None = None):
+    """``values [rows, cols]`` as a labelled image with a colour bar (none when ``cbar_label`` is None).
+
+    A ``DIVERGING`` map without ``vmin`` is centred on 0. ``fmt`` (e.g. ``"{:.2f}"``) writes each value in
+    its cell (up to 400 cells); ``marks`` (bool ``[rows, cols]``) outlines cells; an axis with more than
+    ``max_ticks`` labels shows every n-th; x labels turn by ``xrotation`` degrees, aligned at their right
+    end (default: upright, or 90 with more than 8 labels). ``cbar_kw`` goes to ``colorbar``."""
     v = _np(values)
-    kw = dict(cmap=DIVERGING, vmin=-_sym(v), vmax=_sym(v)) if signed else dict(cmap=SEQUENTIAL)
-    im = ax.imshow(v, aspect="auto", interpolation="nearest", **kw)
-    for axis, labels, setter, lsetter in ((1, xlabels, ax.set_xticks, ax.set_xticklabels),
-                                          (0, ylabels, ax.set_yticks, ax.set_yticklabels)):
-        step = max(1, math.ceil(len(labels) / max_ticks))
-        ticks = list(range(0, len(labels), step))
-        setter(ticks)
-        lsetter([labels[i] for i in ticks], rotation=90 if axis == 1 and len(labels) > 8 else 0, fontsize=7)
+    if cmap == DIVERGING and vmin is None:
+        vmin, vmax = -_sym(v), _sym(v)
+    im = ax.imshow(v, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
+    xtext = {"rotation": xrotation, "ha": "right"} if xrotation is not None else {
+        "rotation": 90 if len(xlabels) > 8 else 0}
+    for labels, set_ticks, text in ((xlabels, ax.set_xticks, xtext), (ylabels, ax.set_yticks, {})):
+        ticks = list(range(0, len(labels), max(1, math.ceil(len(labels) / max_ticks))))
+        set_ticks(ticks, [labels[i] for i in ticks], fontsize=7, **text)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    if colorbar:
-        fig.colorbar(im, ax=ax, label=cbar_label)
+    if fmt is not None and v.size <= 400:
+        lo, hi = im.get_clim()
+        for (i, j), x in np.ndenumerate(v):
+            if np.isfinite(x):
+                dark = (x - lo) / ((hi - lo) or 1) < 0.55 if cmap == SEQUENTIAL else abs(x) > 0.6 * hi
+                ax.text(j, i, fmt.format(x), ha="center", va="center", fontsize=6,
+                        color="white" if dark else "black")
+    if marks is not None:
+        for i, j in zip(*np.nonzero(marks), strict=True):
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec=PALETTE[1], lw=1.6))
+    if cbar_label is not None:
+        ax.figure.colorbar(im, ax=ax, label=cbar_label, **(cbar_kw or {}))
+    return im
+
+
+def image_overlay(ax, image, grid=None, *, vmin: float = 0.0, vmax: float | None = None, alpha: float = 0.55,
+                  title: str = "", cmap: str = "inferno"):
+    """``image [C, H, W]`` (in [0, 1]) with a per-patch map ``grid [gh, gw]`` stretched over it; returns the
+    map's image (for a colour bar), None without ``grid``."""
+    img = _np(image)
+    img = img[0] if img.shape[0] == 1 else np.clip(np.moveaxis(img, 0, -1), 0, 1)
+    ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
+    im = None
+    if grid is not None:
+        h, w = img.shape[:2]
+        im = ax.imshow(_np(grid), cmap=cmap, alpha=alpha, extent=(-0.5, w - 0.5, h - 0.5, -0.5), vmin=vmin,
+                       vmax=vmax or None, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=7)
     return im
 
 
@@ -96,7 +144,7 @@ def plot_patching(result, path=None, *, title: str | None = None) -> Figure:
         ax.bar(range(len(v)), v, color=PALETTE[0])
         ax.set_xticks(range(len(v)))
         ax.set_xticklabels(lab[dims[0]], rotation=90 if len(v) > 12 else 0, fontsize=7)
-        ax.axhline(0, color=PALETTE[7], lw=0.6)
+        ax.axhline(0, color="black", lw=0.6)
         ax.set_xlabel(dims[0])
         ax.set_ylabel(cbar)
         ax.set_title(title)
@@ -104,7 +152,8 @@ def plot_patching(result, path=None, *, title: str | None = None) -> Figure:
     if len(dims) == 2 and not (full_positions and dims[-1] == "position"):
         fig = Figure(figsize=(max(4, 0.25 * v.shape[1] + 3), max(3, 0.35 * v.shape[0] + 1.5)))
         ax = fig.add_subplot()
-        _heatmap(fig, ax, v, lab[dims[1]], lab[dims[0]], dims[1], dims[0], cbar)
+        heatmap(ax, v, lab[dims[1]], lab[dims[0]], xlabel=dims[1], ylabel=dims[0], cbar_label=cbar,
+                cmap=DIVERGING)
         ax.set_title(title)
         return _finish(fig, path)
     if not full_positions:
@@ -127,7 +176,7 @@ def plot_patching(result, path=None, *, title: str | None = None) -> Figure:
     vmax = _sym(v)
     if top:
         ax = fig.add_subplot(gs[0, :])
-        _heatmap(fig, ax, v, lab["position"], lab[dims[0]], "position", dims[0], cbar, colorbar=False)
+        heatmap(ax, v, lab["position"], lab[dims[0]], xlabel="position", ylabel=dims[0], cmap=DIVERGING)
         ax.set_title(title)
     im = None
     for i in range(n):
@@ -164,10 +213,10 @@ def plot_logit_lens(results, path=None, *, title: str = "Logit lens") -> Figure:
     for i, (label, res) in enumerate(results.items()):
         s = res.summary()
         x = range(len(res.layers))
-        color = PALETTE[i % len(PALETTE)]
+        c = color(i)
         style = linestyles[models.index(label.split("/")[0]) % len(linestyles)]
         for ax, (key, name) in zip(axes.flat, _LENS_PANELS, strict=True):
-            ax.plot(x, _np(s[key]), style, marker="o", ms=3, color=color, label=f"{label} (first {res.mean_first_correct:.2f})")
+            ax.plot(x, _np(s[key]), style, marker="o", ms=3, color=c, label=f"{label} (first {res.mean_first_correct:.2f})")
             ax.set_xticks(list(x))
             ax.set_xticklabels(res.layers)
             ax.set_xlabel("layer (residual stream after block)")
@@ -189,8 +238,9 @@ def plot_attention_stats(stats, path=None, *, title: str = "Attention per layer 
     a1, a2 = fig.subplots(1, 2)
     n_layers, n_heads = stats.entropy.shape
     layers, heads = [str(i) for i in range(n_layers)], [str(h) for h in range(n_heads)]
-    _heatmap(fig, a1, stats.entropy, heads, layers, "head", "layer", "entropy [nats]", signed=False)
-    _heatmap(fig, a2, stats.distance, heads, layers, "head", "layer", "mean attention distance [px]", signed=False)
+    for ax, values, label in ((a1, stats.entropy, "entropy [nats]"),
+                              (a2, stats.distance, "mean attention distance [px]")):
+        heatmap(ax, values, heads, layers, xlabel="head", ylabel="layer", cbar_label=label)
     a1.set_title("entropy")
     a2.set_title("mean attention distance")
     fig.suptitle(title)
@@ -210,19 +260,14 @@ def plot_paired_attention(paired, path=None, *, title: str = "Attention: paired 
     for i, (label, p) in enumerate(paired.items()):
         per = p.per_layer()
         for ax, (key, name) in zip(axes, names, strict=True):
-            ax.plot(range(len(per[key])), _np(per[key]), marker="o", ms=3, color=PALETTE[i % len(PALETTE)], label=label)
+            ax.plot(range(len(per[key])), _np(per[key]), marker="o", ms=3, color=color(i), label=label)
             ax.set_xlabel("layer")
             ax.set_ylabel(name)
-    axes[0].axhline(0, color=PALETTE[7], lw=0.6)
+    axes[0].axhline(0, color="black", lw=0.6)
     axes[0].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     return _finish(fig, path)
-
-
-def _upsample(m: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    t = torch.as_tensor(m, dtype=torch.float32)[None, None]
-    return torch.nn.functional.interpolate(t, size=shape, mode="nearest")[0, 0].numpy()
 
 
 def plot_attention_overlay(image, maps, path=None, *, titles: Sequence[str] | None = None,
@@ -233,7 +278,6 @@ def plot_attention_overlay(image, maps, path=None, *, titles: Sequence[str] | No
     img = _np(image)
     if img.ndim != 3:
         raise ValueError(f"image must be [C, H, W], got shape {img.shape}")
-    img = img[0] if img.shape[0] == 1 else np.clip(np.transpose(img, (1, 2, 0)), 0, 1)
     maps = _np(maps)
     maps = maps[None] if maps.ndim == 2 else maps
     if maps.ndim != 3:
@@ -245,11 +289,8 @@ def plot_attention_overlay(image, maps, path=None, *, titles: Sequence[str] | No
     im = None
     for i in range(n):
         ax = fig.add_subplot(math.ceil(n / ncol), ncol, i + 1)
-        ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
-        im = ax.imshow(_upsample(maps[i], img.shape[:2]), cmap=SEQUENTIAL, alpha=alpha, vmin=vmin, vmax=vmax)
+        im = image_overlay(ax, img, maps[i], vmin=vmin, vmax=vmax, alpha=alpha, cmap=SEQUENTIAL)
         ax.set_title(titles[i] if titles else f"{i}", fontsize=8)
-        ax.set_xticks([])
-        ax.set_yticks([])
     fig.colorbar(im, ax=fig.axes, label="attention weight", shrink=0.8)
     fig.suptitle(title)
     return _finish(fig, path)
@@ -267,7 +308,7 @@ def plot_cka(results, path=None, *, title: str = "Linear CKA per layer") -> Figu
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
     for i, (label, r) in enumerate(results.items()):
-        c = PALETTE[i % len(PALETTE)]
+        c = color(i)
         ax.plot(range(len(r.layers)), _np(r.linear), "-o", ms=3, color=c, label=f"{label} linear".strip())
         ax.plot(range(len(r.layers)), _np(r.debiased), "--s", ms=3, color=c, label=f"{label} debiased".strip())
         ax.set_xticks(range(len(r.layers)))
@@ -289,8 +330,8 @@ def plot_feature_overlap(overlap, path=None, *, title: str = "SAE feature overla
     ax = axes[0]
     ax.hist(_np(overlap.matched_cos), bins=40, range=(-1, 1), color=PALETTE[0])
     for thr, name in ((overlap.config.persistent_cos, "persistent"), (overlap.config.shifted_cos, "shifted")):
-        ax.axvline(thr, color=PALETTE[3], ls="--", lw=1)
-        ax.text(thr, ax.get_ylim()[1] * 0.95, f" {name}", fontsize=7, color=PALETTE[3], va="top")
+        ax.axvline(thr, color=PALETTE[1], ls="--", lw=1)
+        ax.text(thr, ax.get_ylim()[1] * 0.95, f" {name}", fontsize=7, color=PALETTE[1], va="top")
     ax.set_xlabel("signed decoder cosine of matched pair")
     ax.set_ylabel("pairs")
     counts = overlap.counts()
@@ -313,7 +354,7 @@ def plot_code_similarity(sims, path=None, *, title: str = "SAE code cosine: clea
     fig = Figure(figsize=(6.5, 4))
     ax = fig.add_subplot()
     for i, s in enumerate(sims):
-        c = PALETTE[i % len(PALETTE)]
+        c = color(i)
         ax.hist(_np(s.cosines), bins=_np(s.edges), density=True, histtype="step", lw=1.6, color=c,
                 label=f"{s.label or i} (mean {s.mean:.3f}, n={s.cosines.numel()})")
     ax.set_xlabel("cosine(code clean, code corrupted)")
@@ -323,6 +364,6 @@ def plot_code_similarity(sims, path=None, *, title: str = "SAE code cosine: clea
     return _finish(fig, path)
 
 
-__all__ = ["DIVERGING", "PALETTE", "SEQUENTIAL", "plot_attention_overlay", "plot_attention_stats", "plot_cka",
+__all__ = ["DIVERGING", "PALETTE", "SEQUENTIAL", "color", "heatmap", "image_overlay", "plot_attention_overlay", "plot_attention_stats", "plot_cka",
            "plot_code_similarity", "plot_feature_overlap", "plot_logit_lens", "plot_paired_attention", "plot_patching",
            "save_figure"]
