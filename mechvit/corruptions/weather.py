@@ -219,14 +219,30 @@ def fog(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
 
 
 def _correlate3(img: Tensor, kernel, mode: str) -> Tensor:
-    """3x3 correlation (``cv2.filter2D``) as nine shifted adds; much faster than a 1-channel conv2d on CPU."""
+    """3x3 correlation (``cv2.filter2D``) as shifted in-place adds; much faster than a 1-channel conv2d on CPU."""
     h, w = img.shape[-2:]
     p = pad2d(img, (1, 1, 1, 1), mode)
-    out = torch.zeros_like(img)
+    out = None
     for i in range(3):
         for j in range(3):
             if kernel[i][j]:
-                out = out + kernel[i][j] * p[..., i : i + h, j : j + w]
+                tap = p[..., i : i + h, j : j + w]
+                out = tap * kernel[i][j] if out is None else out.add_(tap, alpha=kernel[i][j])
+    return torch.zeros_like(img) if out is None else out
+
+
+def _separable3(img: Tensor, k_rows, k_cols, mode: str) -> Tensor:
+    """3x3 correlation with the separable kernel ``outer(k_rows, k_cols)``: 4-6 shifted adds instead of 9."""
+    h, w = img.shape[-2:]
+    p = pad2d(img, (1, 1, 1, 1), mode)
+    v = None
+    for i, k in enumerate(k_rows):
+        if k:
+            v = p[..., i : i + h, :] * k if v is None else v.add_(p[..., i : i + h, :], alpha=k)
+    out = None
+    for j, k in enumerate(k_cols):
+        if k:
+            out = v[..., j : j + w] * k if out is None else out.add_(v[..., j : j + w], alpha=k)
     return out
 
 
@@ -234,9 +250,8 @@ def _canny(img: Tensor, low: float, high: float) -> Tensor:
     """``cv2.Canny(img, low, high)`` (aperture 3, L1 gradient) on 8-bit values [n, 1, H, W] -> bool edges:
     Sobel with repeated borders, non-maximum suppression in four directions, hysteresis (8-connected)."""
     h, w = img.shape[-2:]
-    sobel = ((-1, 0, 1), (-2, 0, 2), (-1, 0, 1))
-    gx = _correlate3(img, sobel, "replicate")
-    gy = _correlate3(img, tuple(zip(*sobel, strict=True)), "replicate")
+    gx = _separable3(img, (1, 2, 1), (-1, 0, 1), "replicate")  # Sobel (exact: integer values)
+    gy = _separable3(img, (-1, 0, 1), (1, 2, 1), "replicate")
     mag = gx.abs() + gy.abs()
     mp = F.pad(mag, (1, 1, 1, 1))  # neighbours outside the image count as 0
 
@@ -258,10 +273,22 @@ def _canny(img: Tensor, low: float, high: float) -> Tensor:
     )
     edges = candidate & (mag > math.floor(high))
     while True:  # hysteresis: grow strong edges through weak candidates
-        grown = candidate & (F.max_pool2d(edges.to(img.dtype), 3, 1, 1) > 0)
+        grown = candidate & _dilate3(edges)
         if torch.equal(grown, edges):
             return edges
         edges = grown
+
+
+def _dilate3(m: Tensor) -> Tensor:
+    """3x3 binary dilation (8-connected) of a bool mask, zeros outside: four shifted ORs (bool ops instead of a
+    float max_pool2d: measured 35 -> ~1 ms on 32 masks of 224 x 224)."""
+    r = m.clone()
+    r[..., 1:] |= m[..., :-1]
+    r[..., :-1] |= m[..., 1:]
+    out = r.clone()
+    out[..., 1:, :] |= r[..., :-1, :]
+    out[..., :-1, :] |= r[..., 1:, :]
+    return out
 
 
 def _edge_distance(edges: Tensor, cap: int) -> Tensor:
@@ -275,9 +302,10 @@ def _edge_distance(edges: Tensor, cap: int) -> Tensor:
     g2 = torch.minimum(idx - last, nxt - idx).clamp(max=cap + 1) ** 2  # within-row distance, squared
     d2 = g2.clone()
     for k in range(1, min(cap, edges.shape[-2] - 1) + 1):  # column pass, exact up to the cap
-        d2[..., k:, :] = torch.minimum(d2[..., k:, :], g2[..., :-k, :] + k * k)
-        d2[..., :-k, :] = torch.minimum(d2[..., :-k, :], g2[..., k:, :] + k * k)
-    return d2.sqrt().clamp(max=cap)
+        lower, upper = d2[..., k:, :], d2[..., :-k, :]
+        torch.minimum(lower, g2[..., :-k, :] + k * k, out=lower)
+        torch.minimum(upper, g2[..., k:, :] + k * k, out=upper)
+    return d2.sqrt_().clamp_(max=cap)
 
 
 def _equalize_hist(img: Tensor) -> Tensor:
@@ -296,7 +324,7 @@ def _equalize_hist(img: Tensor) -> Tensor:
 
 def _box3(img: Tensor) -> Tensor:
     """``cv2.blur(img, (3, 3))`` (border BORDER_REFLECT_101)."""
-    return _correlate3(img, ((1, 1, 1),) * 3, "reflect") / 9
+    return _separable3(img, (1, 1, 1), (1, 1, 1), "reflect").div_(9)
 
 
 def _water(liquid: Tensor) -> Tensor:
