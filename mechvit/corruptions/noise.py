@@ -25,12 +25,22 @@ def shot_noise(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
     return torch.poisson(x * c, generator=generator).div_(c).clamp_(0.0, 1.0)
 
 
+def _uniform31(x: Tensor, generator: torch.Generator) -> Tensor:
+    """One uniform integer in [0, 2**31) per value of ``x`` (int32, same shape): the two 32-bit halves of
+    random int64 draws, top bit masked off. 3-4x faster than ``torch.rand`` on CPU (one generator call per
+    two values) and finer (31 bits against float32's 24)."""
+    n = x.numel()
+    bits = torch.empty((n + 1) // 2, dtype=torch.int64, device=x.device).random_(generator=generator)
+    return bits.view(torch.int32)[:n].bitwise_and_(0x7FFFFFFF).view(x.shape)
+
+
 def impulse_noise(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
     c = IMPULSE_NOISE[severity - 1]
-    # one uniform per value: u <= c/2 -> salt (1), c/2 < u <= c -> pepper (0); i.e. a value is flipped with
+    # one uniform per value: u < c/2 -> salt (1), c/2 <= u < c -> pepper (0); i.e. a value is flipped with
     # probability c, to salt or pepper with probability 1/2 each, as skimage's random_noise(mode="s&p")
-    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return torch.where(u <= c, (u <= 0.5 * c).to(x.dtype), x)
+    u = _uniform31(x, generator)
+    flip, salt = round(c * 2**31), round(c / 2 * 2**31)
+    return torch.where(u < flip, (u < salt).to(x.dtype), x)
 
 
 def speckle_noise(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
