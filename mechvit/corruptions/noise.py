@@ -3,7 +3,12 @@
 
 from __future__ import annotations
 
+import math
+from functools import lru_cache
+
+import numpy as np
 import torch
+from scipy.special import gammaln
 from torch import Tensor
 
 GAUSSIAN_NOISE = (0.08, 0.12, 0.18, 0.26, 0.38)  # std of additive N(0, c^2)
@@ -22,7 +27,87 @@ def gaussian_noise(x: Tensor, severity: int, generator: torch.Generator) -> Tens
 
 def shot_noise(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
     c = SHOT_NOISE[severity - 1]
-    return torch.poisson(x * c, generator=generator).div_(c).clamp_(0.0, 1.0)
+    return poisson_scaled(x, c, generator).div_(c).clamp_(0.0, 1.0)
+
+
+# ---------------------------------------------------------------- Poisson sampling
+# torch.poisson on CPU samples one value at a time (~45 ns each here); this exact batched sampler is 3-5x
+# faster. Poisson(c x) = Poisson(c g / G) + Poisson(c (x - g / G)) for g = floor(G x), the two independent (a
+# sum of independent Poisson variables is Poisson). The first has one of G + 1 fixed means: sampled by
+# inversion of its tabulated CDF (a guide table on the top bits of a 30-bit uniform, then a short sequential
+# search). The second has a mean below c / G: it is 0 unless a second uniform lands in the top 1 - exp(-mean)
+# of its range, and those few values are inverted exactly in float64. G = 255 puts 8-bit images on the grid.
+# Probabilities are resolved to 2**-30 (outcomes rarer than that are not drawn), as any 30-bit inversion.
+
+_GRID = 255
+_BITS = 30
+_GUIDE_BITS = 11
+_ONE = 1 << _BITS
+
+
+@lru_cache(maxsize=32)
+def _poisson_tables(c: float, device: str) -> tuple[Tensor, Tensor, int]:
+    """For the means ``c * g / 255``, g = 0..255: the CDF scaled to 2**30 (int32, rows of ``width``, last
+    column a sentinel 2**30 that no uniform reaches) and the guide table ``#{k: T[g, k] <= b << 19}`` for the
+    2048 values ``b`` of a uniform's top 11 bits (int16), both flattened."""
+    lam = c * np.arange(_GRID + 1) / _GRID
+    width = int(c + 15 * math.sqrt(c) + 40)
+    k = np.arange(width - 1)
+    logp = k[None] * np.log(np.maximum(lam, 1e-300))[:, None] - lam[:, None] - gammaln(k + 1)[None]
+    pmf = np.exp(logp)
+    pmf[0] = 0.0
+    pmf[0, 0] = 1.0  # mean 0: always 0
+    t = np.minimum(np.round(np.cumsum(pmf, axis=1) * _ONE), _ONE).astype(np.int64)
+    if not (t[:, -1] == _ONE).all():
+        raise AssertionError("Poisson table too short")  # the tail must fall below 2**-31 inside the table
+    t = np.concatenate([t, np.full((_GRID + 1, 1), _ONE, np.int64)], axis=1)
+    starts = np.arange(1 << _GUIDE_BITS, dtype=np.int64) << (_BITS - _GUIDE_BITS)
+    guide = np.stack([np.searchsorted(row, starts, side="right") for row in t])
+    table = torch.from_numpy(t.ravel().astype(np.int32)).to(device)
+    return table, torch.from_numpy(guide.ravel().astype(np.int16)).to(device), width
+
+
+def poisson_scaled(x: Tensor, c: float, generator: torch.Generator) -> Tensor:
+    """Independent Poisson draws with means ``c * x`` (``x`` in [0, 1]), as a tensor of ``x``'s dtype."""
+    table, guide, width = _poisson_tables(float(c), str(x.device))
+    t = (x * _GRID).reshape(-1)
+    g = t.floor()
+    frac = t.sub_(g)  # in [0, 1): the mean left over, in units of c / 255
+    g = g.to(torch.int32)
+    u = _uniform31(frac, generator).bitwise_and_(_ONE - 1)
+    base = g * width
+    g.bitwise_left_shift_(_GUIDE_BITS).add_(u >> (_BITS - _GUIDE_BITS))
+    pos = guide.index_select(0, g).to(torch.int32).add_(base)
+    # sequential search from the guide: step while the CDF at the current position is <= u
+    hit = table.index_select(0, pos) <= u
+    pos += hit
+    sel = hit.nonzero().squeeze(1)
+    while sel.numel():
+        p = pos[sel]
+        more = table.index_select(0, p) <= u[sel]
+        pos[sel] = p + more
+        sel = sel[more]
+    k = pos.sub_(base).to(x.dtype)
+    # the remainder mean d = frac * c / 255 gives a nonzero draw iff u2 >= exp(-d) * 2**31; exp(-d) >= 1 - d,
+    # so only values with u2 + d * 2**31 >= 2**31 (less a float rounding margin) can be nonzero
+    d = frac.mul_(c / _GRID)
+    u2 = _uniform31(frac, generator)
+    cand = ((d * 2**31).add_(u2) >= 2**31 - 1024).nonzero().squeeze(1)
+    if cand.numel():
+        dd, uu = d[cand].double(), u2[cand].double() / 2**31
+        p = torch.exp(-dd)
+        cdf = p.clone()
+        extra = torch.zeros_like(dd)
+        active = (uu >= cdf).nonzero().squeeze(1)
+        j = 0
+        while active.numel():  # inversion: the count of CDF values <= u
+            j += 1
+            extra[active] += 1
+            p[active] *= dd[active] / j
+            cdf[active] += p[active]
+            active = active[uu[active] >= cdf[active]]
+        k.index_add_(0, cand, extra.to(k.dtype))
+    return k.view(x.shape)
 
 
 def _uniform31(x: Tensor, generator: torch.Generator) -> Tensor:
