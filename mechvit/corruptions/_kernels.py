@@ -200,12 +200,19 @@ def motion_blur(x: Float[Tensor, "n c h w"], radius: int, sigma: float, angle_de
     n, h, w = x.shape[0], x.shape[-2], x.shape[-1]
     inside = ((dy.abs() < h) & (dx.abs() < w)).to(torch.int64).cumprod(1).bool()  # reference breaks out
     if h * w < 64 * 64:  # small images: whole-batch gathers beat per-image slicing
+        # one gather per step from the flattened images (2 gathers + a multiply-add before: 3x slower)
         wts = (k[None] * inside).to(x.dtype)
-        out = torch.zeros_like(x)
+        c = x.shape[1]
+        ar_h, ar_w = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+        flat = x.reshape(n, c, h * w)
+        out = torch.zeros_like(flat)
         for s in range(width):
             if bool(inside[:, s].any()):
-                out += wts[:, s, None, None, None] * shift_replicate(x, dy[:, s], dx[:, s])
-        return out
+                rows = (ar_h[None] - dy[:, s].long()[:, None]).clamp_(0, h - 1)
+                cols = (ar_w[None] - dx[:, s].long()[:, None]).clamp_(0, w - 1)
+                idx = (rows[:, :, None] * w + cols[:, None, :]).reshape(n, 1, h * w).expand(n, c, h * w)
+                out.addcmul_(torch.gather(flat, 2, idx), wts[:, s, None, None])
+        return out.view(x.shape)
     weights = (k[None] * inside).tolist()  # [n][width]
     # large images: shift by slicing a replicate-padded copy: xp[i + p - dy, j + p - dx] = x[clamp(i - dy), clamp(j - dx)]
     p = width
