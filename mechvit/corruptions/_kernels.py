@@ -28,6 +28,19 @@ def clamp01(x: Tensor) -> Tensor:
     return x.clamp(0.0, 1.0)
 
 
+def uniform(shape, generator: torch.Generator, dtype=torch.float32, device=None) -> Tensor:
+    """Uniform [0, 1) like ``torch.rand`` (24 random bits for float32, 53 for float64), from random int64 draws
+    (for float32 two values per draw): ~2x faster than ``torch.rand`` on CPU."""
+    n = math.prod(shape)
+    if dtype == torch.float64:
+        bits = torch.empty(n, dtype=torch.int64, device=device).random_(generator=generator)
+        return bits.bitwise_right_shift_(10).to(dtype).mul_(2.0**-53).view(shape)
+    bits = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_(generator=generator)
+    u = bits.view(torch.int32)[:n].bitwise_right_shift(7).bitwise_and_(0xFFFFFF)  # bits 7..30 (bit 31 of the
+    # upper half of a draw in [0, 2**63) is always 0)
+    return u.to(dtype).mul_(2.0**-24).view(shape)
+
+
 def rgb_to_gray(x: Float[Tensor, "n 3 h w"]) -> Float[Tensor, "n 1 h w"]:
     """Luma with the reference's weights (0.2989, 0.5870, 0.1140); a 1-channel input is returned as is."""
     if x.shape[1] == 1:
@@ -69,6 +82,10 @@ def pad2d(x: Tensor, pad: tuple[int, int, int, int], mode: str) -> Tensor:
         # torch's own padding where it applies (pad narrower than the image): 3-10x faster than two index_selects
         y = F.pad(x.reshape(-1, 1, h, w), (left, right, top, bottom), mode=torch_mode)
         return y.reshape(*x.shape[:-2], *y.shape[-2:])
+    if mode == "symmetric" and max(left, right) <= w and max(top, bottom) <= h and x.numel() > 0:
+        # edge-repeating mirror as flipped strips (the index_select along the last dim was 2-3x slower)
+        x = torch.cat([x[..., :top, :].flip(-2), x, x[..., h - bottom :, :].flip(-2)], dim=-2) if top or bottom else x
+        return torch.cat([x[..., :left].flip(-1), x, x[..., w - right :].flip(-1)], dim=-1) if left or right else x
     rows = torch.from_numpy(pad_index(h, top, bottom, mode)).to(x.device)
     cols = torch.from_numpy(pad_index(w, left, right, mode)).to(x.device)
     return x.index_select(-2, rows).index_select(-1, cols)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from mechvit.corruptions._kernels import clamp01, gaussian_kernel1d, separable_filter
+from mechvit.corruptions._kernels import clamp01, gaussian_kernel1d, separable_filter, uniform
 
 BRIGHTNESS = (0.1, 0.2, 0.3, 0.4, 0.5)  # added to the HSV value channel
 CONTRAST = (0.4, 0.3, 0.2, 0.1, 0.05)  # (x - channel mean) * c + channel mean
@@ -307,7 +307,7 @@ def elastic_transform(x: Tensor, severity: int, generator: torch.Generator) -> T
     alpha = ELASTIC_ALPHA[severity - 1]
     n, c, h, w = x.shape
     max_d = h * ELASTIC_MAX
-    u = torch.rand((n, 2, h, w), generator=generator, device=x.device, dtype=x.dtype) * (2 * max_d) - max_d
+    u = uniform((n, 2, h, w), generator, x.dtype, x.device).mul_(2 * max_d).sub_(max_d)
     ky = gaussian_kernel1d(h * ELASTIC_SIGMA, truncate=3.0, dtype=x.dtype, device=x.device)
     kx = gaussian_kernel1d(w * ELASTIC_SIGMA, truncate=3.0, dtype=x.dtype, device=x.device)
     dx, dy = (separable_filter(u, ky, kx, mode="symmetric") * alpha).unbind(1)  # reference draws dx first
