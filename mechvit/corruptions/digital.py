@@ -310,9 +310,12 @@ def elastic_transform(x: Tensor, severity: int, generator: torch.Generator) -> T
     u = uniform((n, 2, h, w), generator, x.dtype, x.device).mul_(2 * max_d).sub_(max_d)
     ky = gaussian_kernel1d(h * ELASTIC_SIGMA, truncate=3.0, dtype=x.dtype, device=x.device)
     kx = gaussian_kernel1d(w * ELASTIC_SIGMA, truncate=3.0, dtype=x.dtype, device=x.device)
-    dx, dy = (separable_filter(u, ky, kx, mode="symmetric") * alpha).unbind(1)  # reference draws dx first
-    yy = torch.arange(h, device=x.device, dtype=x.dtype)[:, None] + dy
-    xx = torch.arange(w, device=x.device, dtype=x.dtype)[None, :] + dx
-    grid = torch.stack([(2 * xx + 1) / w - 1, (2 * yy + 1) / h - 1], dim=-1)  # [n, h, w, 2], (x, y)
+    dx, dy = separable_filter(u, ky, kx, mode="symmetric").unbind(1)  # reference draws dx first
+    # grid_sample's normalised coordinates, (2 * (j + alpha * dx) + 1) / w - 1, written straight into the grid
+    grid = torch.empty((n, h, w, 2), device=x.device, dtype=x.dtype)  # [n, h, w, (x, y)]
+    cols = (2 * torch.arange(w, device=x.device, dtype=x.dtype) + 1) / w - 1
+    rows = (2 * torch.arange(h, device=x.device, dtype=x.dtype)[:, None] + 1) / h - 1
+    torch.add(cols, dx, alpha=2 * alpha / w, out=grid[..., 0])
+    torch.add(rows, dy, alpha=2 * alpha / h, out=grid[..., 1])
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     return clamp01(out)
