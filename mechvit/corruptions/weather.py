@@ -112,9 +112,14 @@ def snow(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
     layer = motion_blur(layer, radius, sigma, _uniform(n, *SNOW_ANGLE, generator, x.device))
     layer = torch.round(layer * 255) / 255
     layer = _resize(layer + layer.flip(-2, -1), h, w)
-    gray = x if c == 1 else (x * _weights(CV2_GRAY, x)).sum(1, keepdim=True)
-    x = keep * x + (1 - keep) * torch.maximum(x, gray * 1.5 + 0.5)
-    return clamp01(x + layer)
+    if c == 1:
+        bright = x * 1.5 + 0.5
+    else:  # the gray value (cv2 weights), 1.5 gray + 0.5, in place on one [n, 1, h, w] plane
+        r, g, b = x.unbind(1)
+        bright = (r * (1.5 * CV2_GRAY[0])).add_(g, alpha=1.5 * CV2_GRAY[1]).add_(b, alpha=1.5 * CV2_GRAY[2])
+        bright = bright.add_(0.5)[:, None]
+    out = torch.maximum(x, bright).mul_(1 - keep).add_(x, alpha=keep)
+    return out.add_(layer).clamp_(0.0, 1.0)
 
 
 # ---------------------------------------------------------------- frost
