@@ -87,6 +87,8 @@ def test_equivalence_with_timm(flag):
         assert_close(hooked(x), want)
         logits, cache = hooked.run_with_cache(x)  # the explicit (hookable) path
         assert_close(logits, want)
+        assert_close(hooked(x, readout_only=True), want)  # last block computes only the pooled rows
+        assert_close(hooked.run_with_cache(x, readout_only=True)[0], want)
         assert_close(HookedViT.from_timm(ref, fold_ln=True).eval()(x), want)
         if center_valid(kw):
             both = HookedViT.from_timm(ref, fold_ln=True, center_writing_weights=True).eval()
@@ -331,6 +333,33 @@ def test_stop_and_start_at_layer():
         mid = hooked(x, stop_at_layer=1)
         assert_close(mid, cache["blocks.1.hook_resid_pre"])
         assert_close(hooked(mid, start_at_layer=1), hooked(x))
+
+
+def test_readout_only_computes_the_pooled_rows_of_the_last_block():
+    for kw, rows in (({}, 1), (dict(reg_tokens=2), 1), (dict(global_pool="avg"), None)):
+        hooked = HookedViT.from_timm(tiny(depth=3, **kw)).eval()
+        assert hooked.readout_rows() == (None if rows is None else slice(0, rows))
+        x = images(hooked)
+        full, cache = hooked.run_with_cache(x)
+        part, cache_ro = hooked.run_with_cache(x, readout_only=True)
+        assert_close(part, full, 1e-6)
+        T = hooked.cfg.n_tokens
+        assert cache_ro["blocks.1.hook_resid_post"].shape[1] == T  # earlier blocks untouched
+        assert cache_ro["blocks.2.hook_resid_pre"].shape[1] == T
+        assert cache_ro["blocks.2.attn.hook_pattern"].shape[-2:] == (rows or T, T)
+        assert cache_ro["blocks.2.hook_resid_post"].shape[1] == (rows or T)
+        assert_close(cache_ro["blocks.2.hook_resid_post"], cache["blocks.2.hook_resid_post"][:, : rows or T], 1e-6)
+        mid = hooked(x, stop_at_layer=2, readout_only=True)  # stop_at_layer: nothing to read out
+        assert mid.shape[1] == T
+
+
+def test_readout_only_with_a_distillation_token():
+    model = tiny("deit_tiny_distilled_patch16_224")
+    hooked = HookedViT.from_timm(model).eval()
+    assert hooked.readout_rows() == slice(0, 2)
+    x = images(hooked)
+    with torch.no_grad():
+        assert_close(hooked(x, readout_only=True), model(x))
 
 
 def test_token_labels_follow_timm_order():

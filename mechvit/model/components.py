@@ -172,20 +172,32 @@ class Attention(nn.Module):
         b = self.proj.bias if self.proj.bias is not None else self.proj.weight.new_zeros(self.cfg.d_model)
         return b * self.layer_scale() if self.layer_scale is not None else b
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        """Returns the attention output before LayerScale (or after it, with use_attn_result)."""
+    def forward(
+        self, x: Float[Tensor, "batch pos d_model"], query_rows: slice | None = None
+    ) -> Float[Tensor, "batch query_pos d_model"]:
+        """Returns the attention output before LayerScale (or after it, with use_attn_result).
+
+        ``query_rows`` computes only those query positions (keys and values still span every token): what a
+        readout that pools a few tokens needs from the last block. Hooks then see only those rows.
+        """
         B, T, _ = x.shape
         H, Dh = self.cfg.n_heads, self.cfg.d_head
-        q, k, v = self.qkv(x).view(B, T, 3, H, Dh).unbind(2)
+        if query_rows is None:
+            q, k, v = self.qkv(x).view(B, T, 3, H, Dh).unbind(2)
+        else:
+            w, b, n = self.qkv.weight, self.qkv.bias, H * Dh
+            q = F.linear(x[:, query_rows], w[:n], None if b is None else b[:n]).unflatten(-1, (H, Dh))
+            k, v = F.linear(x, w[n:], None if b is None else b[n:]).view(B, T, 2, H, Dh).unbind(2)
+        Tq = q.shape[1]
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if hooked(self.hook_attn_scores, self.hook_pattern):
             # baddbmm folds the 1/sqrt(d_head) scale into the matmul (measured ~15% faster than q * scale @ k^T)
-            qb, kb = q.reshape(B * H, T, Dh), k.reshape(B * H, T, Dh)
-            scores = torch.baddbmm(qb.new_empty(B * H, T, T), qb, kb.transpose(1, 2), beta=0.0, alpha=self.scale)
-            scores = self.hook_attn_scores(scores.view(B, H, T, T))
+            qb, kb = q.reshape(B * H, Tq, Dh), k.reshape(B * H, T, Dh)
+            scores = torch.baddbmm(qb.new_empty(B * H, Tq, T), qb, kb.transpose(1, 2), beta=0.0, alpha=self.scale)
+            scores = self.hook_attn_scores(scores.view(B, H, Tq, T))
             pattern = self.hook_pattern(scores.softmax(dim=-1))
             z = self.attn_drop(pattern) @ v
         else:
@@ -195,7 +207,7 @@ class Attention(nn.Module):
         if self.cfg.use_attn_result:
             result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))
             return self.proj_drop(result.sum(dim=2) + self.b_O)
-        return self.proj_drop(self.proj(z.reshape(B, T, H * Dh)))
+        return self.proj_drop(self.proj(z.reshape(B, Tq, H * Dh)))
 
 
 class MLP(nn.Module):
@@ -267,9 +279,14 @@ class TransformerBlock(nn.Module):
         self.hook_mlp_out = HookPoint()  # [batch, pos, d_model]
         self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+    def forward(
+        self, x: Float[Tensor, "batch pos d_model"], query_rows: slice | None = None
+    ) -> Float[Tensor, "batch query_pos d_model"]:
+        """``query_rows`` returns only those positions (see ``Attention.forward``)."""
         x = self.hook_resid_pre(x)
-        a = self.attn(self.ln1(x))
+        a = self.attn(self.ln1(x), query_rows)
+        if query_rows is not None:
+            x = x[:, query_rows]
         if self.ls1 is not None and not self.cfg.use_attn_result:
             a = self.ls1(a)
         x = self.hook_resid_mid(x + drop_path(self.hook_attn_out(a), self.drop_path, self.training))

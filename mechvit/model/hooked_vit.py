@@ -131,6 +131,13 @@ class HookedViT(HookedRootModule):
             return x.amax(dim=-2)
         return 0.5 * (x.amax(dim=-2) + x.mean(dim=-2))  # avgmax
 
+    def readout_rows(self) -> slice | None:
+        """The token rows that ``pool`` reads when it reads only some (class/distillation token), else None."""
+        cfg = self.cfg
+        if cfg.dist_token:
+            return slice(0, 2)
+        return slice(0, 1) if cfg.global_pool == "token" else None
+
     def head_logits(self, pooled: Tensor) -> Tensor:
         """fc_norm, dropout and the classifier head(s) on pooled features."""
         if self.fc_norm is not None:
@@ -157,17 +164,24 @@ class HookedViT(HookedRootModule):
         *,
         start_at_layer: int | None = None,
         stop_at_layer: int | None = None,
+        readout_only: bool = False,
     ) -> Float[Tensor, "batch num_classes"]:
         """Logits for a batch of images.
 
         ``stop_at_layer=L`` returns the residual stream entering block L (``blocks.L.hook_resid_pre``;
         ``L = n_layers`` gives the last ``resid_post``) without running the rest;
         ``start_at_layer=L`` takes that residual stream as input instead of images.
+        ``readout_only=True``: the last block computes only the rows the pooling reads (``readout_rows()``:
+        the class token, and the distillation token), which gives the same logits for about a quarter of that
+        block's cost; hooks of the last block then see only those rows. No effect when the pooling reads
+        every token (avg, max, map).
         """
         x = self.embed_images(images) if start_at_layer is None else images
         stop = self.cfg.n_layers if stop_at_layer is None else stop_at_layer
-        for block in self.blocks[start_at_layer or 0 : stop]:
-            x = block(x)
+        blocks = self.blocks[start_at_layer or 0 : stop]
+        rows = self.readout_rows() if readout_only and stop_at_layer is None else None
+        for i, block in enumerate(blocks):
+            x = block(x, rows) if rows is not None and i == len(blocks) - 1 else block(x)
         if stop_at_layer is not None:
             return x
         if self.ln_final is not None:
