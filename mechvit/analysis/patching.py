@@ -23,8 +23,10 @@ Positions index dimension 1 (tokens) of ``[B, T, D]`` activations, in the model'
 Batching: the receiving batch is repeated ``P`` times along the batch dimension and a boolean mask
 ``[P, ...]`` says which slice each copy takes from the source run. Variants are grouped by layer and the
 forward starts at that layer from the receiving run's cached ``resid_pre`` (``start_at_layer``), so the
-earlier blocks are not recomputed. ``max_rows`` bounds the rows (``P * images``) of one forward (default
-256 on CPU, where larger batches only cost cache misses, and 4096 elsewhere).
+earlier blocks are not recomputed; when nothing inside the last block is patched, that block computes only
+the rows the readout pools (``readout_only``: the class token of a token-pooled model). ``max_rows`` bounds
+the rows (``P * images``) of one forward (default 256 on CPU, where larger batches only cost cache misses,
+and 4096 elsewhere).
 """
 
 from __future__ import annotations
@@ -219,11 +221,15 @@ def _cache(model, x: Tensor, names: Sequence[str]) -> tuple[Tensor, dict[str, Te
     return logits, {n: cache[n] for n in names}
 
 
-def _supports_start(model) -> bool:
+def _supports(model, keyword: str) -> bool:
     try:
-        return "start_at_layer" in inspect.signature(model.forward).parameters
+        return keyword in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def _supports_start(model) -> bool:
+    return _supports(model, "start_at_layer")
 
 
 def _check_pair(model_a, model_b) -> None:
@@ -342,6 +348,8 @@ def _run_batched(model, x, plan, component, names, recv_cache, src_cache, y, oth
                  progress) -> Tensor:
     B = x.shape[0]
     per_chunk = max(1, max_rows // B)
+    last = model.cfg.n_layers - 1
+    readout_ok = start_ok and _supports(model, "readout_only")
     out = torch.empty(len(plan.variants), device=x.device)
     if component == "sae":
         name = names[0]
@@ -373,8 +381,15 @@ def _run_batched(model, x, plan, component, names, recv_cache, src_cache, y, oth
             return torch.where(m, src[None], a).view_as(act)
 
         if start_ok and layer is not None:
-            inp = recv_cache[f"blocks.{layer}.hook_resid_pre"].repeat(P, 1, 1)
-            logits = model.run_with_hooks(inp, start_at_layer=layer, fwd_hooks=[(name, hook)])
+            # The last block need only compute the rows the readout pools when nothing inside it is patched.
+            readout = readout_ok and (layer < last or name == f"blocks.{last}.hook_resid_pre")
+            recv = recv_cache[f"blocks.{layer}.hook_resid_pre"]
+            if component == "resid_pre":  # build the patched input directly: no hook needed
+                inp = torch.where(mask.view(P, 1, -1, 1), src[None], recv[None]).flatten(0, 1)
+                logits = model(inp, start_at_layer=layer, readout_only=readout)
+            else:
+                with model.hooks(fwd_hooks=[(name, hook)]):
+                    logits = model(recv.repeat(P, 1, 1), start_at_layer=layer, readout_only=readout)
         else:
             logits = model.run_with_hooks(x.repeat(P, *([1] * (x.ndim - 1))), fwd_hooks=[(name, hook)])
         ld = logit_diff(logits, y.repeat(P), other.repeat(P)).view(P, B).double().sum(1)
