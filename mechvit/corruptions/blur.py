@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mechvit.corruptions._kernels import clamp01, clipped_zoom, disk_kernel, filter2d, reference_size
+from mechvit.corruptions._kernels import clamp01_, clipped_zoom, disk_kernel, filter2d, reference_size
 from mechvit.corruptions._kernels import gaussian_blur as _gauss
 from mechvit.corruptions._kernels import motion_blur as _motion
 
@@ -55,20 +55,20 @@ def _size_rule(fn):
             change = F.interpolate(change, size=(h, w), mode="area")
         else:
             change = F.interpolate(change, size=(h, w), mode="bilinear", align_corners=False)
-        return clamp01(x + change)
+        return clamp01_(change.add_(x))
 
     return wrapped
 
 
 @_size_rule
 def gaussian_blur(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
-    return clamp01(_gauss(x, GAUSSIAN_BLUR[severity - 1]))
+    return clamp01_(_gauss(x, GAUSSIAN_BLUR[severity - 1]))
 
 
 @_size_rule
 def defocus_blur(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
     radius, alias_blur = DEFOCUS_BLUR[severity - 1]
-    return clamp01(filter2d(x, disk_kernel(radius, alias_blur), mode="reflect"))
+    return clamp01_(filter2d(x, disk_kernel(radius, alias_blur), mode="reflect"))
 
 
 @_size_rule
@@ -76,7 +76,7 @@ def motion_blur(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
     radius, sigma = MOTION_BLUR[severity - 1]
     lo, hi = MOTION_ANGLE
     u = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=torch.float64)
-    return clamp01(_motion(x, radius, sigma, lo + (hi - lo) * u))
+    return clamp01_(_motion(x, radius, sigma, lo + (hi - lo) * u))
 
 
 def zoom_blur(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
@@ -84,7 +84,7 @@ def zoom_blur(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
     out = x.clone()
     for z in factors:
         out += clipped_zoom(x, float(z))
-    return clamp01(out / (len(factors) + 1))
+    return clamp01_(out.div_(len(factors) + 1))
 
 
 @lru_cache(maxsize=32)
@@ -111,7 +111,7 @@ def glass_blur(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
     leaves the neighbour unchanged (numpy views); we reproduce that, exactly, with independent draws per image."""
     sigma, d, iterations = GLASS_BLUR[severity - 1]
     n, c, h, w = x.shape
-    x = torch.floor(clamp01(_gauss(x, sigma)) * 255) / 255
+    x = clamp01_(_gauss(x, sigma)).mul_(255).floor_().div_(255)
     order, pos, bounds = _glass_schedule(h, w, d)
     if len(order):
         dev = x.device
@@ -125,4 +125,4 @@ def glass_blur(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
             for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
                 src.scatter_(1, pos_t[a:b].expand(n, -1), torch.gather(src, 1, nbr[:, a:b]))
         x = torch.gather(x.reshape(n, c, h * w), 2, src[:, None].expand(n, c, h * w)).reshape(n, c, h, w)
-    return clamp01(_gauss(x, sigma))
+    return clamp01_(_gauss(x, sigma))

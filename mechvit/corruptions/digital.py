@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from mechvit.corruptions._kernels import clamp01, gaussian_kernel1d, separable_filter, uniform
+from mechvit.corruptions._kernels import clamp01_, gaussian_kernel1d, separable_filter, uniform
 
 BRIGHTNESS = (0.1, 0.2, 0.3, 0.4, 0.5)  # added to the HSV value channel
 CONTRAST = (0.4, 0.3, 0.2, 0.1, 0.05)  # (x - channel mean) * c + channel mean
@@ -44,19 +44,20 @@ def brightness(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
     by ``v' / v`` (HSV -> RGB is linear in v); black pixels (v = 0, hue 0, s = 0) become gray ``v'``."""
     c = BRIGHTNESS[severity - 1]
     if x.shape[1] == 1:
-        return clamp01(x + c)
+        return clamp01_(x + c)
     _check_rgb(x, "brightness")
     v = x.amax(1, keepdim=True)
-    v_new = clamp01(v + c)
+    v_new = clamp01_(v + c)
     scaled = x * (v_new / v.clamp_min(torch.finfo(x.dtype).tiny))
-    return clamp01(torch.where(v > 0, scaled, v_new.expand_as(x)))
+    # where v = 0 every channel is 0, so adding v_new there (and 0 elsewhere) sets them to gray v_new
+    return clamp01_(scaled.add_(torch.where(v > 0, 0.0, v_new)))
 
 
 def contrast(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
     """Shrink each channel towards its own mean over the image."""
     c = CONTRAST[severity - 1]
     means = x.mean(dim=(2, 3), keepdim=True)
-    return clamp01((x - means) * c + means)
+    return clamp01_(torch.sub(x, means).mul_(c).add_(means))
 
 
 def saturate(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
@@ -71,11 +72,12 @@ def saturate(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
     v = x.amax(1, keepdim=True)
     delta = v - x.amin(1, keepdim=True)
     s = torch.where(v > 0, delta / v.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(v))
-    s_new = clamp01(s * a + b)
-    # channel = v * (1 - s * k) with k = (v - channel) / delta fixed by the hue
-    colour = v - s_new * v * (v - x) / delta.clamp_min(torch.finfo(x.dtype).tiny)
-    gray = torch.cat([v, v * (1 - s_new), v * (1 - s_new)], dim=1)  # hue 0
-    return clamp01(torch.where(delta > 0, colour, gray))
+    s_new = clamp01_(s * a + b)
+    # channel = v * (1 - s * k) with k = (v - channel) / delta fixed by the hue (in place on one temporary)
+    colour = torch.sub(v, x).mul_(s_new * v).div_(delta.clamp_min(torch.finfo(x.dtype).tiny)).neg_().add_(v)
+    # gray pixels (delta = 0): hue 0, i.e. (v, v (1 - s'), v (1 - s')); channel 0 is already v there
+    torch.where(delta > 0, colour[:, 1:], v * (1 - s_new), out=colour[:, 1:])
+    return clamp01_(colour)
 
 
 # ---------------------------------------------------------------- pixelate (PIL BOX down, NEAREST up)
@@ -318,4 +320,4 @@ def elastic_transform(x: Tensor, severity: int, generator: torch.Generator) -> T
     torch.add(cols, dx, alpha=2 * alpha / w, out=grid[..., 0])
     torch.add(rows, dy, alpha=2 * alpha / h, out=grid[..., 1])
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    return clamp01(out)
+    return clamp01_(out)

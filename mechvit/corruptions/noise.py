@@ -121,11 +121,10 @@ def _uniform31(x: Tensor, generator: torch.Generator) -> Tensor:
 
 def impulse_noise(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
     c = IMPULSE_NOISE[severity - 1]
-    # one uniform per value: u < c/2 -> salt (1), c/2 <= u < c -> pepper (0); i.e. a value is flipped with
+    # one uniform per value: u <= c/2 -> salt (1), c/2 < u <= c -> pepper (0); i.e. a value is flipped with
     # probability c, to salt or pepper with probability 1/2 each, as skimage's random_noise(mode="s&p")
-    u = _uniform31(x, generator)
-    flip, salt = round(c * 2**31), round(c / 2 * 2**31)
-    return torch.where(u < flip, (u < salt).to(x.dtype), x)
+    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return torch.where(u <= c, (u <= 0.5 * c).to(x.dtype), x)
 
 
 def speckle_noise(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:

@@ -33,6 +33,7 @@ from torch import Tensor
 from mechvit.corruptions._kernels import (
     GRAY_WEIGHTS,
     clamp01,
+    clamp01_,
     clipped_zoom,
     gaussian_blur,
     motion_blur,
@@ -164,12 +165,16 @@ def frost(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
         sel = (idx == i).nonzero().squeeze(1)
         top = (u[0, sel] * (photo.shape[1] - h)).long()  # randint(0, H' - h)
         left = (u[1, sel] * (photo.shape[2] - w)).long()
+        if h * w >= 64 * 64:  # large crops: one slice copy per image beats a gather
+            for j, t, lf in zip(sel.tolist(), top.tolist(), left.tolist(), strict=True):
+                layer[j] = photo[:, t : t + h, lf : lf + w]
+            continue
         rows = top[:, None] + torch.arange(h, device=x.device)
         cols = left[:, None] + torch.arange(w, device=x.device)
-        layer[sel] = photo[:, rows[:, :, None], cols[:, None, :]].transpose(0, 1) / 255
+        layer[sel] = photo[:, rows[:, :, None], cols[:, None, :]].transpose(0, 1)
     if c == 1:  # the reference's rgb2gray on cv2's BGR array: weights applied to (B, G, R)
         layer = (layer.flip(1) * _weights(GRAY_WEIGHTS, x)).sum(1, keepdim=True)
-    return clamp01(a * x + b * layer)
+    return clamp01_(layer.mul_(b / 255).add_(x, alpha=a))
 
 
 # ---------------------------------------------------------------- fog
@@ -217,7 +222,7 @@ def fog(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
     mapsize = max(2, 1 << (max(h, w) - 1).bit_length())
     frac = plasma_fractal(n, mapsize, decay, generator, x.device, x.dtype)[:, None, :h, :w]
     max_val = x.amax((1, 2, 3), keepdim=True)
-    return clamp01((x + c * frac) * max_val / (max_val + c))
+    return clamp01_(torch.add(x, frac, alpha=c).mul_(max_val).div_(max_val + c))
 
 
 # ---------------------------------------------------------------- spatter
@@ -358,7 +363,7 @@ def spatter(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
         colour = (colour * _weights(GRAY_WEIGHTS, x)).sum(1, keepdim=True)
     if not mud:
         m = _resize(_water(liquid) * strength, h, w)
-        return clamp01(x + m * colour)
+        return clamp01_((m * colour).add_(x))
     m = gaussian_blur((liquid > threshold).to(x.dtype), strength, mode="replicate")
     m = _resize(torch.where(m < 0.8, torch.zeros_like(m), m), h, w)
-    return clamp01(x * (1 - m) + m * colour)
+    return clamp01_((x * (1 - m)).addcmul_(m, colour))
