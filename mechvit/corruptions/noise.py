@@ -49,7 +49,7 @@ _ONE = 1 << _BITS
 def _poisson_tables(c: float, device: str) -> tuple[Tensor, Tensor, int]:
     """For the means ``c * g / 255``, g = 0..255: the CDF scaled to 2**30 (int32, rows of ``width``, last
     column a sentinel 2**30 that no uniform reaches) and the guide table ``#{k: T[g, k] <= b << 19}`` for the
-    2048 values ``b`` of a uniform's top 11 bits (int16), both flattened."""
+    2048 values ``b`` of a uniform's top 11 bits (int32), both flattened."""
     lam = c * np.arange(_GRID + 1) / _GRID
     width = int(c + 15 * math.sqrt(c) + 40)
     k = np.arange(width - 1)
@@ -64,37 +64,43 @@ def _poisson_tables(c: float, device: str) -> tuple[Tensor, Tensor, int]:
     starts = np.arange(1 << _GUIDE_BITS, dtype=np.int64) << (_BITS - _GUIDE_BITS)
     guide = np.stack([np.searchsorted(row, starts, side="right") for row in t])
     table = torch.from_numpy(t.ravel().astype(np.int32)).to(device)
-    return table, torch.from_numpy(guide.ravel().astype(np.int16)).to(device), width
+    return table, torch.from_numpy(guide.ravel().astype(np.int32)).to(device), width
 
 
 def poisson_scaled(x: Tensor, c: float, generator: torch.Generator) -> Tensor:
-    """Independent Poisson draws with means ``c * x`` (``x`` in [0, 1]), as a tensor of ``x``'s dtype."""
+    """Independent Poisson draws with means ``c * x`` (``x`` in [0, 1]), as a tensor of ``x``'s dtype. Integer
+    work stays in int32 with in-place comparisons (``le_`` gives 0/1 in int32): mixed-dtype ops would copy."""
     table, guide, width = _poisson_tables(float(c), str(x.device))
-    t = (x * _GRID).reshape(-1)
-    g = t.floor()
-    frac = t.sub_(g)  # in [0, 1): the mean left over, in units of c / 255
-    g = g.to(torch.int32)
+    frac = (x * _GRID).reshape(-1)
+    g = frac.to(torch.int32)  # floor (x >= 0)
+    frac.sub_(g)  # in [0, 1): the mean left over, in units of c / 255
     u = _uniform31(frac, generator).bitwise_and_(_ONE - 1)
-    base = g * width
-    g.bitwise_left_shift_(_GUIDE_BITS).add_(u >> (_BITS - _GUIDE_BITS))
-    pos = guide.index_select(0, g).to(torch.int32).add_(base)
+    idx = (u >> (_BITS - _GUIDE_BITS)).add_(g, alpha=1 << _GUIDE_BITS)
+    k = guide.index_select(0, idx)  # the draw for the smallest u of its guide bin
+    pos = torch.add(k, g, alpha=width, out=idx)  # flat table position of that draw
+    del g
     # sequential search from the guide: step while the CDF at the current position is <= u
-    hit = table.index_select(0, pos) <= u
+    hit = table.index_select(0, pos).le_(u)
+    k += hit
     pos += hit
     sel = hit.nonzero().squeeze(1)
+    del hit
     while sel.numel():
         p = pos[sel]
         more = table.index_select(0, p) <= u[sel]
-        pos[sel] = p + more
+        p += more
+        pos[sel] = p
+        k.index_add_(0, sel, more.to(k.dtype))
         sel = sel[more]
-    k = pos.sub_(base).to(x.dtype)
+    del pos, u, idx
+    out = k.to(x.dtype)
+    del k
     # the remainder mean d = frac * c / 255 gives a nonzero draw iff u2 >= exp(-d) * 2**31; exp(-d) >= 1 - d,
-    # so only values with u2 + d * 2**31 >= 2**31 (less a float rounding margin) can be nonzero
-    d = frac.mul_(c / _GRID)
+    # so only values with u2 >= (1 - d) * 2**31 (less a float rounding margin) can be nonzero
     u2 = _uniform31(frac, generator)
-    cand = ((d * 2**31).add_(u2) >= 2**31 - 1024).nonzero().squeeze(1)
+    cand = torch.mul(frac, -c / _GRID * 2**31).add_(2**31 - 1024).to(torch.int32).le_(u2).nonzero().squeeze(1)
     if cand.numel():
-        dd, uu = d[cand].double(), u2[cand].double() / 2**31
+        dd, uu = frac[cand].double() * (c / _GRID), u2[cand].double() / 2**31
         p = torch.exp(-dd)
         cdf = p.clone()
         extra = torch.zeros_like(dd)
@@ -106,8 +112,8 @@ def poisson_scaled(x: Tensor, c: float, generator: torch.Generator) -> Tensor:
             p[active] *= dd[active] / j
             cdf[active] += p[active]
             active = active[uu[active] >= cdf[active]]
-        k.index_add_(0, cand, extra.to(k.dtype))
-    return k.view(x.shape)
+        out.index_add_(0, cand, extra.to(out.dtype))
+    return out.view(x.shape)
 
 
 def _uniform31(x: Tensor, generator: torch.Generator) -> Tensor:
