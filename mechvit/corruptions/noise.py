@@ -130,7 +130,9 @@ def impulse_noise(x: Tensor, severity: int, generator: torch.Generator) -> Tenso
     # one uniform per value: u <= c/2 -> salt (1), c/2 < u <= c -> pepper (0); i.e. a value is flipped with
     # probability c, to salt or pepper with probability 1/2 each, as skimage's random_noise(mode="s&p")
     u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return torch.where(u <= c, (u <= 0.5 * c).to(x.dtype), x)
+    flip = u <= c
+    salt = u.le_(0.5 * c)  # in place: 1.0 where salt, else 0.0 (one full-size tensor instead of three)
+    return torch.where(flip, salt, x, out=salt)
 
 
 def speckle_noise(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
