@@ -209,12 +209,15 @@ def _jpeg_plane(p: Float[Tensor, "n h w"], qt: np.ndarray) -> Tensor:
     n, h, w = p.shape
     d = _dct_matrix(str(p.device))
     q = torch.from_numpy(qt).float().to(p.device).view(1, 1, 8, 1, 8)
-    t = torch.matmul(d, p.sub_(128).view(n * h // 8, 8, w))  # DCT along rows of each block
-    t = torch.matmul(t.view(-1, 8), d.T).view(n, h // 8, 8, w // 8, 8)  # along columns: coefficients (u, v)
-    t = t.abs().div_(q).add_(0.5).floor_().mul_(q).copysign_(t)
-    t = torch.matmul(d.T, t.view(n * h // 8, 8, w))
-    t = torch.matmul(t.view(-1, 8), d).view(n, h, w)
-    return t.add_(128.5).floor_().clamp_(0, 255)
+    # two buffers, ping-ponged through matmul(out=): fewer live full-size temporaries
+    a = p.sub_(128)
+    b = torch.matmul(d, a.view(n * h // 8, 8, w))  # DCT along rows of each block
+    torch.matmul(b.view(-1, 8), d.T, out=a.view(-1, 8))  # along columns: coefficients (u, v)
+    coef = a.view(n, h // 8, 8, w // 8, 8)
+    torch.abs(coef, out=b.view(coef.shape)).div_(q).add_(0.5).floor_().mul_(q).copysign_(coef)
+    torch.matmul(d.T, b.view(n * h // 8, 8, w), out=a.view(n * h // 8, 8, w))
+    torch.matmul(a.view(-1, 8), d, out=b.view(-1, 8))
+    return b.view(n, h, w).add_(128.5).floor_().clamp_(0, 255)
 
 
 def _fix(v: float) -> int:
@@ -236,9 +239,10 @@ def _ycbcr_to_rgb(y: Tensor, cb: Tensor, cr: Tensor) -> Tensor:
     half = 1 << 15
     cb, cr = cb.sub_(128), cr.sub_(128)
     out = torch.empty((y.shape[0], 3, *y.shape[1:]), dtype=y.dtype, device=y.device)
-    out[:, 0] = _shr_((cr * _fix(1.40200)).add_(half), 16).add_(y)
-    out[:, 1] = _shr_((cb * -_fix(0.34414)).add_(cr, alpha=-_fix(0.71414)).add_(half), 16).add_(y)
-    out[:, 2] = _shr_((cb * _fix(1.77200)).add_(half), 16).add_(y)
+    r, g, b = out.unbind(1)
+    _shr_(torch.mul(cr, _fix(1.40200), out=r).add_(half), 16).add_(y)
+    _shr_(torch.mul(cb, -_fix(0.34414), out=g).add_(cr, alpha=-_fix(0.71414)).add_(half), 16).add_(y)
+    _shr_(torch.mul(cb, _fix(1.77200), out=b).add_(half), 16).add_(y)
     return out.clamp_(0, 255)
 
 
@@ -284,6 +288,7 @@ def jpeg(x: Tensor, quality: int) -> Tensor:
         return (_jpeg_plane(q[:, 0].contiguous(), quant_table(quality))[:, :h, :w] / 255)[:, None].to(x.dtype)
     _check_rgb(x, "jpeg_compression")
     y, cb, cr = _rgb_to_ycbcr(q)
+    del q
     y = _jpeg_plane(y, quant_table(quality))
     hc, wc = math.ceil(h / 2), math.ceil(w / 2)
     chroma = []
