@@ -39,6 +39,7 @@ from mechvit.corruptions._kernels import (
     motion_blur,
     pad2d,
     reference_size,
+    uniform,
 )
 
 # loc, scale, zoom, threshold, blur radius, blur sigma, keep
@@ -193,10 +194,8 @@ def plasma_fractal(
     step, wibble = mapsize, 100.0
 
     def wibbled_mean(total: Tensor) -> Tensor:
-        noise = (
-            torch.rand(total.shape, generator=generator, device=device, dtype=dtype) * (2 * wibble) - wibble
-        )
-        return total / 4 + wibble * noise
+        noise = uniform(total.shape, generator, dtype, device).mul_(2 * wibble).sub_(wibble)
+        return noise.mul_(wibble).add_(total.div_(4))
 
     while step >= 2:
         half = step // 2
@@ -210,8 +209,8 @@ def plasma_fractal(
         m[:, half::step, 0::step] = wibbled_mean(centres + centres.roll(1, 2) + corners + corners.roll(-1, 1))
         step //= 2
         wibble /= wibbledecay
-    m = m - m.amin((1, 2), keepdim=True)
-    return m / m.amax((1, 2), keepdim=True)
+    m.sub_(m.amin((1, 2), keepdim=True))
+    return m.div_(m.amax((1, 2), keepdim=True))
 
 
 def fog(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
