@@ -68,7 +68,18 @@ def gaussian_blur(x: Tensor, severity: int, generator: torch.Generator) -> Tenso
 @_size_rule
 def defocus_blur(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
     radius, alias_blur = DEFOCUS_BLUR[severity - 1]
-    return clamp01_(filter2d(x, disk_kernel(radius, alias_blur), mode="reflect"))
+    return clamp01_(filter2d(x, _defocus_kernel(radius, alias_blur), mode="reflect"))
+
+
+@lru_cache(maxsize=16)
+def _defocus_kernel(radius: float, alias_blur: float) -> Tensor:
+    """The reference's disk kernel without its all-zero outer rings (e.g. 9x9 of 17x17 at severity 1, 15x15 at
+    severity 3): the same correlation, with up to 3.5x fewer taps."""
+    k = disk_kernel(radius, alias_blur)
+    c = k.shape[0] // 2
+    nz = k.nonzero()
+    r = int((nz - c).abs().max()) if len(nz) else 0
+    return k[c - r : c + r + 1, c - r : c + r + 1].contiguous()
 
 
 @_size_rule
