@@ -67,6 +67,17 @@ def _gaussian_compat(image, sigma=1, multichannel=None, **kw):
 @pytest.fixture
 def reference(monkeypatch):
     monkeypatch.setattr(R, "gaussian", _gaussian_compat)
+    # the reference's impulse_noise calls skimage's random_noise without a generator, i.e. from fresh OS entropy,
+    # which made its statistics test flaky (~5% of runs at severity 1 on 6 images); draw its generator's seed
+    # from numpy's global state, which run_reference seeds, so every test compares against a fixed draw
+    random_noise = R.sk.util.random_noise
+
+    def seeded_random_noise(image, mode="gaussian", rng=None, **kw):
+        if rng is None:
+            rng = np.random.default_rng(np.random.randint(2**31))
+        return random_noise(image, mode=mode, rng=rng, **kw)
+
+    monkeypatch.setattr(R.sk.util, "random_noise", seeded_random_noise)
     return R
 
 
