@@ -261,13 +261,13 @@ def _canny(img: Tensor, low: float, high: float) -> Tensor:
     h, w = img.shape[-2:]
     gx = _separable3(img, (1, 2, 1), (-1, 0, 1), "replicate")  # Sobel (exact: integer values)
     gy = _separable3(img, (-1, 0, 1), (1, 2, 1), "replicate")
-    mag = gx.abs() + gy.abs()
+    ax, ay = gx.abs(), gy.abs()
+    mag = ax + ay
     mp = F.pad(mag, (1, 1, 1, 1))  # neighbours outside the image count as 0
 
     def at(dy: int, dx: int) -> Tensor:
         return mp[..., 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
 
-    ax, ay = gx.abs(), gy.abs()
     tg22 = math.tan(math.pi / 8)
     horizontal = ay < ax * tg22
     vertical = ay > ax * (tg22 + 2)  # tan(67.5 deg) = tan(22.5 deg) + 2
@@ -308,13 +308,15 @@ def _edge_distance(edges: Tensor, cap: int) -> Tensor:
     idx = torch.arange(w, device=edges.device, dtype=torch.float32).expand_as(edges)
     last = torch.where(edges, idx, idx.new_full((), -inf)).cummax(-1).values
     nxt = torch.where(edges, idx, idx.new_full((), inf)).flip(-1).cummin(-1).values.flip(-1)
-    g2 = torch.minimum(idx - last, nxt - idx).clamp(max=cap + 1) ** 2  # within-row distance, squared
+    g2 = torch.minimum(idx - last, nxt - idx).clamp_(max=cap + 1).square_()  # within-row distance, squared
+    # column pass in int16 (squared distances <= (cap + 1)**2 + cap**2 fit; half the memory traffic of float32)
+    g2 = g2.to(torch.int16)
     d2 = g2.clone()
-    for k in range(1, min(cap, edges.shape[-2] - 1) + 1):  # column pass, exact up to the cap
+    for k in range(1, min(cap, edges.shape[-2] - 1) + 1):  # exact up to the cap
         lower, upper = d2[..., k:, :], d2[..., :-k, :]
         torch.minimum(lower, g2[..., :-k, :] + k * k, out=lower)
         torch.minimum(upper, g2[..., k:, :] + k * k, out=upper)
-    return d2.sqrt_().clamp_(max=cap)
+    return d2.float().sqrt_().clamp_(max=cap)
 
 
 def _equalize_hist(img: Tensor) -> Tensor:
@@ -339,13 +341,12 @@ def _box3(img: Tensor) -> Tensor:
 def _water(liquid: Tensor) -> Tensor:
     """The reference's water-drop shading: Canny edges of the 8-bit liquid layer, distance to them (<= 20),
     blur, histogram equalisation, an emboss filter, blur; times the liquid layer, normalised to max 1."""
-    u8 = torch.floor(liquid * 255).clamp(0, 255)
+    u8 = (liquid * 255).floor_().clamp_(0, 255)
     dist = _edge_distance(_canny(u8, 50, 150), cap=20)
-    dist = _equalize_hist(torch.floor(_box3(dist)))
-    dist = _correlate3(dist, ((-2, -1, 0), (-1, 1, 1), (0, 1, 2)), "reflect").clamp(0, 255)  # emboss
-    dist = torch.round(_box3(dist))
-    m = u8 * dist
-    return m / m.amax((2, 3), keepdim=True).clamp_min(1e-12)
+    dist = _equalize_hist(_box3(dist).floor_())
+    dist = _correlate3(dist, ((-2, -1, 0), (-1, 1, 1), (0, 1, 2)), "reflect").clamp_(0, 255)  # emboss
+    m = u8.mul_(_box3(dist).round_())
+    return m.div_(m.amax((2, 3), keepdim=True).clamp_min(1e-12))
 
 
 def spatter(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
@@ -356,7 +357,7 @@ def spatter(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
     lh, lw = layer_size(h, w)
     liquid = loc + scale * torch.randn((n, 1, lh, lw), generator=generator, device=x.device, dtype=x.dtype)
     liquid = gaussian_blur(liquid, sigma, mode="replicate")
-    liquid = torch.where(liquid < threshold, torch.zeros_like(liquid), liquid)
+    liquid = liquid.masked_fill_(liquid < threshold, 0.0)
     colour = _weights(MUD_RGB if mud else WATER_RGB, x)
     if c == 1:
         colour = (colour * _weights(GRAY_WEIGHTS, x)).sum(1, keepdim=True)
@@ -364,5 +365,5 @@ def spatter(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
         m = _resize(_water(liquid) * strength, h, w)
         return clamp01_((m * colour).add_(x))
     m = gaussian_blur((liquid > threshold).to(x.dtype), strength, mode="replicate")
-    m = _resize(torch.where(m < 0.8, torch.zeros_like(m), m), h, w)
+    m = _resize(m.masked_fill_(m < 0.8, 0.0), h, w)
     return clamp01_((x * (1 - m)).addcmul_(m, colour))
