@@ -221,7 +221,8 @@ def fog(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
     mapsize = max(2, 1 << (max(h, w) - 1).bit_length())
     frac = plasma_fractal(n, mapsize, decay, generator, x.device, x.dtype)[:, None, :h, :w]
     max_val = x.amax((1, 2, 3), keepdim=True)
-    return clamp01_(torch.add(x, frac, alpha=c).mul_(max_val).div_(max_val + c))
+    scale = max_val / (max_val + c)  # per image; (x + c frac) * scale as x * scale + (c scale) frac
+    return clamp01_(torch.mul(x, scale).addcmul_(frac, scale * c))
 
 
 # ---------------------------------------------------------------- spatter
