@@ -31,8 +31,8 @@ def shot_noise(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
 
 
 # ---------------------------------------------------------------- Poisson sampling
-# torch.poisson on CPU samples one value at a time (~45 ns each here); this exact batched sampler is 3-5x
-# faster. Poisson(c x) = Poisson(c g / G) + Poisson(c (x - g / G)) for g = floor(G x), the two independent (a
+# torch.poisson on CPU samples one value at a time (~45 ns each here); this exact batched sampler is faster
+# (measured at c = 12: 2.3x on float images and 3.8x on 8-bit images at 224 px, 4.8x at 32 px). Poisson(c x) = Poisson(c g / G) + Poisson(c (x - g / G)) for g = floor(G x), the two independent (a
 # sum of independent Poisson variables is Poisson). The first has one of G + 1 fixed means: sampled by
 # inversion of its tabulated CDF (a guide table on the top bits of a 30-bit uniform, then a short sequential
 # search). The second has a mean below c / G: it is 0 unless a second uniform lands in the top 1 - exp(-mean)
