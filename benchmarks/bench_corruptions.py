@@ -136,7 +136,9 @@ def main(argv=None) -> None:
         cells = [f"{r[lb]['ours']:.0f} | {r[lb]['reference']:.1f} | {r[lb]['ratio']:.1f}x" for lb in labels]
         print(f"| {name} | " + " | ".join(cells) + " |")
     summary = {}
-    for key, what in (("ratio", f"torch threads {threads}"), ("ratio_1thread", "torch threads 1")):
+    main_what = (f"torch threads {threads} (--threads)" if args.threads else
+                 f"torch's default {threads} threads (what issue #4's >= 10x target is judged on)")  # fmt: skip
+    for key, what in (("ratio", main_what), ("ratio_1thread", "1 torch thread (core against core)")):
         per_size = {lb: geomean([r[lb][key] for r in rows.values()]) for lb in labels}
         overall = geomean([r[lb][key] for r in rows.values() for lb in labels])
         summary[key] = {"per_size": per_size, "all": overall}
