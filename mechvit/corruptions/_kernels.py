@@ -44,7 +44,7 @@ def uniform(shape, generator: torch.Generator, dtype=torch.float32, device=None)
     bits = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_(generator=generator)
     u = bits.view(torch.int32)[:n].bitwise_right_shift(7).bitwise_and_(0xFFFFFF)  # bits 7..30 (bit 31 of the
     # upper half of a draw in [0, 2**63) is always 0)
-    return u.to(dtype).mul_(2.0**-24).view(shape)
+    return u.to(torch.float32).mul_(2.0**-24).to(dtype).view(shape)  # via float32: 2**24 overflows float16
 
 
 def rgb_to_gray(x: Float[Tensor, "n 3 h w"]) -> Float[Tensor, "n 1 h w"]:
