@@ -157,6 +157,17 @@ def apply_overrides(data: Any, overrides: dict[str, Any]) -> Any:
     return data
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Command-line ``--set KEY=VALUE`` items (dotted keys, YAML values) as a dict for ``apply_overrides``."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE (dotted keys, YAML values), got {item!r}")
+        key, value = item.split("=", 1)
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def read_yaml(path: str | Path) -> Any:
     """What a YAML file holds (an empty file: ``{}``); a missing file or invalid YAML raises
     :class:`ConfigError` (one line, with the place of the problem)."""

@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-import yaml
+from mechvit._dataclass_yaml import parse_overrides
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
@@ -33,16 +33,6 @@ def _fail(prog: str, err: BaseException) -> int:
     return 2
 
 
-def _parse_set(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise UserError(f"--set expects KEY=VALUE (dotted keys, YAML values), got {item!r}")
-        k, v = item.split("=", 1)
-        out[k] = yaml.safe_load(v)
-    return out
-
-
 # ---- study --------------------------------------------------------------------------------------------
 def _add_study(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None,
@@ -62,7 +52,7 @@ def _run_study(args: argparse.Namespace) -> int:
 
     from mechvit.config import load_study_config
 
-    overrides = _parse_set(args.set)
+    overrides = parse_overrides(args.set)
     if args.quiet:
         overrides["progress"] = False
     cfg = load_study_config(args.config, overrides)
@@ -99,7 +89,7 @@ def _run_convert(args: argparse.Namespace) -> int:
 
     from mechvit.model import HookedViT
 
-    kwargs = _parse_set(args.set)
+    kwargs = parse_overrides(args.set)
     flags = {"fold_ln": args.fold_ln, "center_writing_weights": args.center_writing_weights}
     src = Path(args.source)
     if (src / "card.json").is_file():

@@ -114,6 +114,8 @@ def test_train_and_evaluate_delegate_with_clear_errors(tmp_path, capsys):
     cfg.write_text("out: x\nmodel: {name: vit_tiny_patch16_224}\nepochz: 3\n")
     line = _one_line_error(*run(capsys, "train", "--config", str(cfg))[::2], "mechvit train: error:")
     assert "epochz" in line
+    line = _one_line_error(*run(capsys, "train", "--config", str(cfg), "--set", "epochs")[::2], "mechvit train: error:")
+    assert "--set expects KEY=VALUE" in line and "'epochs'" in line
     _one_line_error(*run(capsys, "evaluate", str(tmp_path / "nope"))[::2], "mechvit evaluate: error:")
 
 

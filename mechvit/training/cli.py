@@ -6,17 +6,7 @@ import argparse
 import json
 import sys
 
-import yaml
-
-
-def _parse_set(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--set expects key=value, got {item!r}")
-        k, v = item.split("=", 1)
-        out[k] = yaml.safe_load(v)
-    return out
+from mechvit._dataclass_yaml import parse_overrides
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -45,7 +35,7 @@ def run_train(args: argparse.Namespace) -> None:
     from mechvit.training.config import load_config
     from mechvit.training.train import train
 
-    cfg = load_config(args.config, overrides=_parse_set(args.set))
+    cfg = load_config(args.config, overrides=parse_overrides(args.set))
     out = train(cfg, resume=not args.no_resume, progress=not args.quiet)
     print(f"checkpoint written to {out}")
 
