@@ -4,12 +4,13 @@
 
 A full layer x position ``resid_pre`` sweep (clean -> corrupted, gaussian noise severity 4 on Fashion-MNIST
 test images) on the shipped model ``checkpoints/fmnist_vit_base`` when it exists, else on a randomly
-initialised model of the same shape (configs/train_base.yaml: patch 4, width 64, depth 5, 4 heads; 50
-tokens, so 250 patched variants). Variants:
+initialised model of the same shape (configs/train_base.yaml: patch 4, width 96, depth 6, 4 heads; 50
+tokens, so 300 patched variants). Variants:
 
 - naive: ``activation_patching(..., batched=False)``: one full forward of the image batch per variant;
 - batched-full: variants stacked along the batch dimension, every chunk runs the whole model;
-- batched: the same, and each layer's chunk starts at that layer from the cached residual stream.
+- batched: the same, and each layer's chunk starts at that layer from the cached residual stream, and the
+  last block computes only the class-token row the readout pools (``readout_only``).
 
 All three must give the same scores (max abs difference printed, asserted < 1e-4). Rounds are interleaved;
 ratios are median(naive) / median(variant).
@@ -30,7 +31,7 @@ from mechvit import HookedViT
 from mechvit.analysis import activation_patching
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPE = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=5, num_heads=4,
+SHAPE = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=6, num_heads=4,
              mlp_ratio=2.0)
 
 
