@@ -34,17 +34,23 @@ def clamp01_(x: Tensor) -> Tensor:
     return x.clamp_(0.0, 1.0)
 
 
+def uniform31(shape, generator: torch.Generator, device=None) -> Tensor:
+    """One uniform integer in [0, 2**31) per element (int32): the two 32-bit halves of random int64 draws, top
+    bit masked off (that of the upper half is always 0: draws lie in [0, 2**63)). 3-4x faster than ``torch.rand``
+    on CPU (one generator call per two values) and finer (31 bits against float32's 24)."""
+    n = math.prod(shape)
+    bits = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_(generator=generator)
+    return bits.view(torch.int32)[:n].bitwise_and_(0x7FFFFFFF).view(shape)
+
+
 def uniform(shape, generator: torch.Generator, dtype=torch.float32, device=None) -> Tensor:
     """Uniform [0, 1) like ``torch.rand`` (24 random bits for float32, 53 for float64), from random int64 draws
     (for float32 two values per draw): ~2x faster than ``torch.rand`` on CPU."""
-    n = math.prod(shape)
     if dtype == torch.float64:
-        bits = torch.empty(n, dtype=torch.int64, device=device).random_(generator=generator)
+        bits = torch.empty(math.prod(shape), dtype=torch.int64, device=device).random_(generator=generator)
         return bits.bitwise_right_shift_(10).to(dtype).mul_(2.0**-53).view(shape)
-    bits = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_(generator=generator)
-    u = bits.view(torch.int32)[:n].bitwise_right_shift(7).bitwise_and_(0xFFFFFF)  # bits 7..30 (bit 31 of the
-    # upper half of a draw in [0, 2**63) is always 0)
-    return u.to(torch.float32).mul_(2.0**-24).to(dtype).view(shape)  # via float32: 2**24 overflows float16
+    u = uniform31(shape, generator, device).bitwise_right_shift_(7)  # bits 7..30
+    return u.to(torch.float32).mul_(2.0**-24).to(dtype)  # via float32: 2**24 overflows float16
 
 
 def rgb_to_gray(x: Float[Tensor, "n 3 h w"]) -> Float[Tensor, "n 1 h w"]:

@@ -11,6 +11,8 @@ import torch
 from scipy.special import gammaln
 from torch import Tensor
 
+from mechvit.corruptions._kernels import uniform31
+
 GAUSSIAN_NOISE = (0.08, 0.12, 0.18, 0.26, 0.38)  # std of additive N(0, c^2)
 SHOT_NOISE = (60, 25, 12, 5, 3)  # photons per unit intensity: Poisson(x * c) / c
 IMPULSE_NOISE = (0.03, 0.06, 0.09, 0.17, 0.27)  # fraction of values set to 0 or 1 (half each)
@@ -74,7 +76,7 @@ def poisson_scaled(x: Tensor, c: float, generator: torch.Generator) -> Tensor:
     frac = (x * _GRID).reshape(-1)
     g = frac.to(torch.int32)  # floor (x >= 0)
     frac.sub_(g)  # in [0, 1): the mean left over, in units of c / 255
-    u = _uniform31(frac, generator).bitwise_and_(_ONE - 1)
+    u = uniform31(frac.shape, generator, frac.device).bitwise_and_(_ONE - 1)
     idx = (u >> (_BITS - _GUIDE_BITS)).add_(g, alpha=1 << _GUIDE_BITS)
     k = guide.index_select(0, idx)  # the draw for the smallest u of its guide bin
     pos = torch.add(k, g, alpha=width, out=idx)  # flat table position of that draw
@@ -97,7 +99,7 @@ def poisson_scaled(x: Tensor, c: float, generator: torch.Generator) -> Tensor:
     del k
     # the remainder mean d = frac * c / 255 gives a nonzero draw iff u2 >= exp(-d) * 2**31; exp(-d) >= 1 - d,
     # so only values with u2 >= (1 - d) * 2**31 (less a float rounding margin) can be nonzero
-    u2 = _uniform31(frac, generator)
+    u2 = uniform31(frac.shape, generator, frac.device)
     cand = torch.mul(frac, -c / _GRID * 2**31).add_(2**31 - 1024).to(torch.int32).le_(u2).nonzero().squeeze(1)
     if cand.numel():
         dd, uu = frac[cand].double() * (c / _GRID), u2[cand].double() / 2**31
@@ -114,15 +116,6 @@ def poisson_scaled(x: Tensor, c: float, generator: torch.Generator) -> Tensor:
             active = active[uu[active] >= cdf[active]]
         out.index_add_(0, cand, extra.to(out.dtype))
     return out.view(x.shape)
-
-
-def _uniform31(x: Tensor, generator: torch.Generator) -> Tensor:
-    """One uniform integer in [0, 2**31) per value of ``x`` (int32, same shape): the two 32-bit halves of
-    random int64 draws, top bit masked off. 3-4x faster than ``torch.rand`` on CPU (one generator call per
-    two values) and finer (31 bits against float32's 24)."""
-    n = x.numel()
-    bits = torch.empty((n + 1) // 2, dtype=torch.int64, device=x.device).random_(generator=generator)
-    return bits.view(torch.int32)[:n].bitwise_and_(0x7FFFFFFF).view(x.shape)
 
 
 def impulse_noise(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
