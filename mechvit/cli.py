@@ -200,13 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
-
-
 def console_main() -> int:
     """The ``mechvit`` console script: this process's allocator keeps freed memory (see keep_freed_memory)."""
     from .runtime import keep_freed_memory
 
     keep_freed_memory()
     return main()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
