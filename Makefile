@@ -38,6 +38,7 @@ test-slow: install data
 
 lint: install
 	$(VENV)/bin/ruff check mechvit tests benchmarks
+	$(VENV)/bin/ruff format --check mechvit tests benchmarks
 
 bench: install data
 	$(PY) benchmarks/bench_forward.py

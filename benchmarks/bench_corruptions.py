@@ -82,7 +82,9 @@ def time_reference(ic, imgs: np.ndarray, name: str, severity: int) -> float:
     return len(imgs) / (time.perf_counter() - t)
 
 
-def best_rates(ic, imgs: np.ndarray, name: str, severity: int, repeats: int, threads: int) -> dict[str, float]:
+def best_rates(
+    ic, imgs: np.ndarray, name: str, severity: int, repeats: int, threads: int
+) -> dict[str, float]:
     """Best of ``repeats`` interleaved rounds (ours at ``threads``, ours at 1 thread, reference, ...) after one
     warm-up of each, so that drifting load on a shared machine hits all alike."""
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(255).contiguous()
@@ -109,7 +111,9 @@ def main(argv=None) -> None:
     ap.add_argument("--names", default=",".join(CORRUPTIONS), help="comma-separated corruption names")
     ap.add_argument("--severity", type=int, default=3)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the best rate of each side counts")
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="interleaved rounds; the best rate of each side counts"
+    )
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads for ours in the main table (default: torch's default, "
                          f"{torch.get_num_threads()} here); a 1-thread geometric mean is printed too")  # fmt: skip
@@ -143,10 +147,16 @@ def main(argv=None) -> None:
         overall = geomean([r[lb][key] for r in rows.values() for lb in labels])
         summary[key] = {"per_size": per_size, "all": overall}
         if key == "ratio":
-            print("| **geometric mean** | " + " | ".join(f" | | **{per_size[lb]:.1f}x**" for lb in labels) + " |")
+            print(
+                "| **geometric mean** | "
+                + " | ".join(f" | | **{per_size[lb]:.1f}x**" for lb in labels)
+                + " |"
+            )
             print()
         sizes = ", ".join(f"{lb} {per_size[lb]:.1f}x" for lb in labels)
-        print(f"geometric mean of all {len(rows) * len(labels)} ratios, ours at {what}: {overall:.1f}x ({sizes})")
+        print(
+            f"geometric mean of all {len(rows) * len(labels)} ratios, ours at {what}: {overall:.1f}x ({sizes})"
+        )
     if args.out:
         tmp = f"{args.out}.tmp"
         with open(tmp, "w") as f:

@@ -52,7 +52,11 @@ def bench(name: str, batch: int, rounds: int, threads: int) -> dict[str, float]:
             for k, fn in variants.items():
                 times[k].append(timed(fn))
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"timm_s": med["timm"], "hooked_x": med["hooked"] / med["timm"], "cached_x": med["cached"] / med["timm"]}
+    return {
+        "timm_s": med["timm"],
+        "hooked_x": med["hooked"] / med["timm"],
+        "cached_x": med["cached"] / med["timm"],
+    }
 
 
 def main() -> None:
@@ -61,19 +65,26 @@ def main() -> None:
     ap.add_argument("--batches", nargs="+", type=int, default=[8, 32])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--no-tuned-malloc", action="store_true", help="skip the run with glibc keeping freed memory")
+    ap.add_argument(
+        "--no-tuned-malloc", action="store_true", help="skip the run with glibc keeping freed memory"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tuned = "MALLOC_MMAP_THRESHOLD_" in os.environ
-    print(f"torch {torch.__version__}, timm {timm.__version__}, {args.threads} threads, {args.rounds} interleaved rounds, "
-          f"glibc malloc {'keeping freed memory' if tuned else 'defaults'}")
+    print(
+        f"torch {torch.__version__}, timm {timm.__version__}, {args.threads} threads, {args.rounds} interleaved rounds, "
+        f"glibc malloc {'keeping freed memory' if tuned else 'defaults'}"
+    )
     print("| model | batch | timm (s) | HookedViT / timm | run_with_cache / timm |")
     print("|---|---|---|---|---|")
     for name in args.models:
         for batch in args.batches:
             rounds = args.rounds if "base" not in name or batch <= 8 else max(3, args.rounds // 2)
             r = bench(name, batch, rounds, args.threads)
-            print(f"| {name} | {batch} | {r['timm_s']:.3f} | {r['hooked_x']:.3f}x | {r['cached_x']:.3f}x |", flush=True)
+            print(
+                f"| {name} | {batch} | {r['timm_s']:.3f} | {r['hooked_x']:.3f}x | {r['cached_x']:.3f}x |",
+                flush=True,
+            )
     if not tuned and not args.no_tuned_malloc:
         print(flush=True)
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(4 << 30), MALLOC_TRIM_THRESHOLD_=str(8 << 30))

@@ -31,8 +31,9 @@ from mechvit import HookedViT
 from mechvit.analysis import activation_patching
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPE = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=6, num_heads=4,
-             mlp_ratio=2.0)
+SHAPE = dict(
+    img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=6, num_heads=4, mlp_ratio=2.0
+)
 
 
 def load_model(device: str) -> tuple[HookedViT, str]:
@@ -54,7 +55,11 @@ def load_data(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
         x, y, src = x[:n], y[:n], "Fashion-MNIST test"
     except Exception as e:  # noqa: BLE001 - the benchmark still runs without the dataset
         g = torch.Generator().manual_seed(0)
-        x, y, src = torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g), f"random ({e})"
+        x, y, src = (
+            torch.rand(n, 1, 28, 28, generator=g),
+            torch.randint(0, 10, (n,), generator=g),
+            f"random ({e})",
+        )
     try:
         from mechvit.corruptions import corrupt
 
@@ -80,9 +85,11 @@ def bench(model, n_images: int, rounds: int, max_rows: int | None, device: str) 
         finally:
             patching._supports_start = supports_start
 
-    variants = {"naive": lambda: activation_patching(model, x, xc, y, batched=False, **kw),
-                "batched-full": batched_full,
-                "batched": lambda: activation_patching(model, x, xc, y, **kw)}
+    variants = {
+        "naive": lambda: activation_patching(model, x, xc, y, batched=False, **kw),
+        "batched-full": batched_full,
+        "batched": lambda: activation_patching(model, x, xc, y, **kw),
+    }
     results = {k: fn() for k, fn in variants.items()}  # warm-up, and the results compared below
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(rounds):
@@ -109,25 +116,38 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, model_src = load_model(args.device)
     cfg = model.cfg
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
+    device = (
+        torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
+    )
     print(f"model: {model_src}; device: {device}; torch {torch.__version__}")
-    print(f"sweep: resid_pre, {cfg.n_layers} layers x {cfg.n_tokens} positions = {cfg.n_layers * cfg.n_tokens} "
-          f"variants; max_rows {args.max_rows or 'default'}; {args.rounds} interleaved rounds (median)")
-    print("| images | naive (s) | batched-full (s) | batched (s) | batched-full speed-up | batched speed-up "
-          "| max abs diff |")
+    print(
+        f"sweep: resid_pre, {cfg.n_layers} layers x {cfg.n_tokens} positions = {cfg.n_layers * cfg.n_tokens} "
+        f"variants; max_rows {args.max_rows or 'default'}; {args.rounds} interleaved rounds (median)"
+    )
+    print(
+        "| images | naive (s) | batched-full (s) | batched (s) | batched-full speed-up | batched speed-up "
+        "| max abs diff |"
+    )
     print("|---|---|---|---|---|---|---|")
     for n in args.images:
         b = bench(model, n, args.rounds, args.max_rows, args.device)
         med = b["med"]
-        print(f"| {n} | {med['naive']:.3f} | {med['batched-full']:.3f} | {med['batched']:.3f} "
-              f"| {med['naive'] / med['batched-full']:.1f}x | {med['naive'] / med['batched']:.1f}x "
-              f"| {max(b['diffs'].values()):.1e} |", flush=True)
+        print(
+            f"| {n} | {med['naive']:.3f} | {med['batched-full']:.3f} | {med['batched']:.3f} "
+            f"| {med['naive'] / med['batched-full']:.1f}x | {med['naive'] / med['batched']:.1f}x "
+            f"| {max(b['diffs'].values()):.1e} |",
+            flush=True,
+        )
     r = b["result"]
     best = torch.topk(r.values.flatten(), 3)
-    where = [f"layer {i // cfg.n_tokens} {r.labels['position'][i % cfg.n_tokens]} ({v:.2f})"
-             for v, i in zip(best.values.tolist(), best.indices.tolist(), strict=True)]
-    print(f"data: {b['data']}; last sweep: clean LD {r.clean_logit_diff:.3f}, corrupted LD "
-          f"{r.corrupted_logit_diff:.3f}; top patches: {', '.join(where)}")
+    where = [
+        f"layer {i // cfg.n_tokens} {r.labels['position'][i % cfg.n_tokens]} ({v:.2f})"
+        for v, i in zip(best.values.tolist(), best.indices.tolist(), strict=True)
+    ]
+    print(
+        f"data: {b['data']}; last sweep: clean LD {r.clean_logit_diff:.3f}, corrupted LD "
+        f"{r.corrupted_logit_diff:.3f}; top patches: {', '.join(where)}"
+    )
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def memory_batches(rows: torch.Tensor, batch_size: int, seed: int = 0) -> Iterat
     while True:
         perm = torch.randperm(len(rows), generator=g)
         for i in range(0, len(rows) - batch_size + 1, batch_size):
-            yield rows[perm[i:i + batch_size]]
+            yield rows[perm[i : i + batch_size]]
 
 
 def timed(fn: Callable[[], int]) -> tuple[float, int]:
@@ -72,20 +72,35 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=4, in_chans=1,
-                            num_classes=10, embed_dim=args.width, depth=args.depth, num_heads=3)
+    vit = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=28,
+        patch_size=4,
+        in_chans=1,
+        num_classes=10,
+        embed_dim=args.width,
+        depth=args.depth,
+        num_heads=3,
+    )
     model = HookedViT.from_timm(vit).eval()
     images = images_for(args.images)
     hook = f"blocks.{args.layer}.hook_resid_post"
-    store = ActivationStoreConfig(hook=hook, tokens="patches", model_batch_size=128, buffer_size=16 * args.batch)
+    store = ActivationStoreConfig(
+        hook=hook, tokens="patches", model_batch_size=128, buffer_size=16 * args.batch
+    )
     n_rows = len(images) * model.cfg.n_patches
-    print(f"torch {torch.__version__}, {args.threads} threads; ViT d={args.width} depth={args.depth}, "
-          f"{len(images)} images -> {n_rows} activations at {hook}; {args.rounds} interleaved rounds")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads; ViT d={args.width} depth={args.depth}, "
+        f"{len(images)} images -> {n_rows} activations at {hook}; {args.rounds} interleaved rounds"
+    )
 
     def baseline_store() -> int:
         with torch.no_grad():
-            parts = [select_tokens(model.run_with_cache(x, names_filter=hook)[1][hook], model.cfg, "patches")
-                     for x in images.split(store.model_batch_size)]
+            parts = [
+                select_tokens(model.run_with_cache(x, names_filter=hook)[1][hook], model.cfg, "patches")
+                for x in images.split(store.model_batch_size)
+            ]
         rows = torch.cat(parts)
         it = memory_batches(rows, args.batch)
         return sum(len(next(it)) for _ in range(len(rows) // args.batch))
@@ -114,11 +129,22 @@ def main() -> None:
         it = memory_batches(in_memory, args.batch)
         return sum(len(next(it)) for _ in range(len(in_memory) // args.batch))
 
-    store_variants = {"baseline": baseline_store, "stream": stream_store, "cache": cache_store,
-                      "read_memory": read_memory, "read_cache": read_cache}
-    train_cfg = SAETrainingConfig(architecture="batchtopk", k=32, expansion_factor=16, batch_size=args.batch,
-                                  total_samples=args.batch * args.steps, n_batches_for_norm_estimate=5,
-                                  log_every=10**9)
+    store_variants = {
+        "baseline": baseline_store,
+        "stream": stream_store,
+        "cache": cache_store,
+        "read_memory": read_memory,
+        "read_cache": read_cache,
+    }
+    train_cfg = SAETrainingConfig(
+        architecture="batchtopk",
+        k=32,
+        expansion_factor=16,
+        batch_size=args.batch,
+        total_samples=args.batch * args.steps,
+        n_batches_for_norm_estimate=5,
+        log_every=10**9,
+    )
 
     def train_on(batches: Iterator[torch.Tensor]) -> int:
         train_sae(batches, model.cfg.d_model, train_cfg)
@@ -141,9 +167,17 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in results.items()}
     print("\n| measurement | ours (/s) | baseline (/s) | ratio |\n|---|---|---|---|")
     rows = [
-        ("store: stream (early stop + shuffle buffer) vs run_with_cache + in-memory", "store/stream", "store/baseline"),
+        (
+            "store: stream (early stop + shuffle buffer) vs run_with_cache + in-memory",
+            "store/stream",
+            "store/baseline",
+        ),
         ("store: disk cache write + read vs run_with_cache + in-memory", "store/cache", "store/baseline"),
-        ("store: memory-mapped read-back vs in-memory tensor iterator", "store/read_cache", "store/read_memory"),
+        (
+            "store: memory-mapped read-back vs in-memory tensor iterator",
+            "store/read_cache",
+            "store/read_memory",
+        ),
         ("SAE training fed by the disk cache vs in-memory iterator", "train/cache", "train/memory"),
         ("SAE training fed by the live stream vs in-memory iterator", "train/stream", "train/memory"),
     ]

@@ -105,8 +105,9 @@ def convert(tp: Any, value: Any, key: str) -> Any:
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
-            raise ConfigError(f"{where}: expected a list of {len(args)} ({_type_name(tp)}), "
-                              f"got {_given(value)}")
+            raise ConfigError(
+                f"{where}: expected a list of {len(args)} ({_type_name(tp)}), got {_given(value)}"
+            )
         return tuple(convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if origin is dict:
         if not isinstance(value, dict):
@@ -123,20 +124,27 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
 
     Unknown keys, missing required keys and wrong types raise :class:`ConfigError` naming the key path."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.removesuffix('.') or 'the config'}: expected a mapping ({cls.__name__}), "
-                          f"got {_given(data)}")
+        raise ConfigError(
+            f"{prefix.removesuffix('.') or 'the config'}: expected a mapping ({cls.__name__}), "
+            f"got {_given(data)}"
+        )
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
     if unknown:
         keys = ", ".join(prefix + str(k) for k in unknown)
-        raise ConfigError(f"{keys}: unknown key{'s' * (len(unknown) > 1)}; "
-                          f"expected one of {', '.join(fields)}")
-    missing = [name for name, f in fields.items() if name not in data
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        raise ConfigError(
+            f"{keys}: unknown key{'s' * (len(unknown) > 1)}; expected one of {', '.join(fields)}"
+        )
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
-        raise ConfigError(f"{', '.join(prefix + k for k in missing)}: missing required key"
-                          f"{'s' * (len(missing) > 1)}")
+        raise ConfigError(
+            f"{', '.join(prefix + k for k in missing)}: missing required key{'s' * (len(missing) > 1)}"
+        )
     return cls(**{k: convert(hints[k], v, prefix + k) for k, v in data.items()})
 
 

@@ -35,14 +35,25 @@ def _fail(prog: str, err: BaseException) -> int:
 
 # ---- study --------------------------------------------------------------------------------------------
 def _add_study(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None,
-                   help="study YAML (default: the embedded configs/fashion_mnist.yaml)")
+    p.add_argument(
+        "--config", default=None, help="study YAML (default: the embedded configs/fashion_mnist.yaml)"
+    )
     p.add_argument("--out", default=None, help="output folder (default: runs/<config name>)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="override config keys, e.g. --set sae.epochs=1 robustness.n_images=200")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config keys, e.g. --set sae.epochs=1 robustness.n_images=200",
+    )
     p.add_argument("--force", action="store_true", help="recompute every step, ignoring finished ones")
-    p.add_argument("--only", nargs="*", default=None, metavar="STEP",
-                   help="run only these steps (robustness logit_lens attention sae sae_analysis patching cka)")
+    p.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        metavar="STEP",
+        help="run only these steps (robustness logit_lens attention sae sae_analysis patching cka)",
+    )
     p.add_argument("--validate", action="store_true", help="only validate the config and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -57,31 +68,48 @@ def _run_study(args: argparse.Namespace) -> int:
         overrides["progress"] = False
     cfg = load_study_config(args.config, overrides)
     if args.validate:
-        print(f"{args.config or 'configs/fashion_mnist.yaml'}: valid ({len(cfg.model_entries())} models, "
-              f"{len(cfg.conditions)} conditions)")
+        print(
+            f"{args.config or 'configs/fashion_mnist.yaml'}: valid ({len(cfg.model_entries())} models, "
+            f"{len(cfg.conditions)} conditions)"
+        )
         return 0
     from mechvit.study import run_study
 
     t0 = time.time()
     run = run_study(cfg, args.out or f"runs/{cfg.name}", force=args.force, only=args.only)
-    print(f"study finished in {time.time() - t0:.1f} s: computed {run.computed or 'nothing'}, "
-          f"up to date {run.cached or 'nothing'}")
+    print(
+        f"study finished in {time.time() - t0:.1f} s: computed {run.computed or 'nothing'}, "
+        f"up to date {run.cached or 'nothing'}"
+    )
     print(f"report: {run.report}")
     return 0
 
 
 # ---- convert ------------------------------------------------------------------------------------------
 def _add_convert(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", help="a timm model name (e.g. vit_base_patch16_224) or a mechvit checkpoint folder "
-                                  "(model.safetensors + card.json)")
+    p.add_argument(
+        "source",
+        help="a timm model name (e.g. vit_base_patch16_224) or a mechvit checkpoint folder "
+        "(model.safetensors + card.json)",
+    )
     p.add_argument("out", help="folder for the HookedViT (config.json + model.safetensors)")
     p.add_argument("--pretrained", action="store_true", help="timm name: download timm's pretrained weights")
-    p.add_argument("--checkpoint-path", default=None, help="timm name: load this local state dict "
-                                                           "(safetensors, or a torch file read weights-only)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="timm.create_model kwargs, e.g. img_size=28 in_chans=1 num_classes=10")
+    p.add_argument(
+        "--checkpoint-path",
+        default=None,
+        help="timm name: load this local state dict (safetensors, or a torch file read weights-only)",
+    )
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="timm.create_model kwargs, e.g. img_size=28 in_chans=1 num_classes=10",
+    )
     p.add_argument("--fold-ln", action="store_true", help="fold LayerNorm weights into the next linear layer")
-    p.add_argument("--center-writing-weights", action="store_true", help="centre weights writing to the residual")
+    p.add_argument(
+        "--center-writing-weights", action="store_true", help="centre weights writing to the residual"
+    )
 
 
 def _run_convert(args: argparse.Namespace) -> int:
@@ -94,25 +122,34 @@ def _run_convert(args: argparse.Namespace) -> int:
     src = Path(args.source)
     if (src / "card.json").is_file():
         if args.pretrained or args.checkpoint_path or kwargs:
-            raise UserError("--pretrained, --checkpoint-path and --set apply to a timm name, not a checkpoint folder")
+            raise UserError(
+                "--pretrained, --checkpoint-path and --set apply to a timm name, not a checkpoint folder"
+            )
         from mechvit.training.checkpoint import load_checkpoint
 
         model = HookedViT.from_timm(load_checkpoint(src), **flags)
     elif src.exists():
-        raise UserError(f"{src} is not a mechvit checkpoint folder (no card.json); give a folder written by "
-                        "`mechvit train` or a timm model name")
+        raise UserError(
+            f"{src} is not a mechvit checkpoint folder (no card.json); give a folder written by "
+            "`mechvit train` or a timm model name"
+        )
     else:
         import timm
 
         if args.source not in timm.list_models() and args.source.split(".")[0] not in timm.list_models():
-            raise UserError(f"{args.source!r} is neither a folder nor a timm model name "
-                            f"(e.g. {', '.join(timm.list_models('vit_*')[:3])})")
-        model = HookedViT.from_timm(args.source, pretrained=args.pretrained, checkpoint_path=args.checkpoint_path,
-                                    **flags, **kwargs)
+            raise UserError(
+                f"{args.source!r} is neither a folder nor a timm model name "
+                f"(e.g. {', '.join(timm.list_models('vit_*')[:3])})"
+            )
+        model = HookedViT.from_timm(
+            args.source, pretrained=args.pretrained, checkpoint_path=args.checkpoint_path, **flags, **kwargs
+        )
     out = model.save_pretrained(args.out)
     c = model.cfg
-    print(f"HookedViT written to {out}: {c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads, "
-          f"{c.n_tokens} tokens, {c.num_classes} classes")
+    print(
+        f"HookedViT written to {out}: {c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads, "
+        f"{c.n_tokens} tokens, {c.num_classes} classes"
+    )
     return 0
 
 
@@ -145,20 +182,42 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     specs: list[tuple[str, str, Callable, Callable]] = [
-        ("study", "run the whole study (robustness, logit lens, attention, SAEs, overlap, patching, CKA) and "
-                  "write report.html/report.md/metrics.json", _add_study, _run_study),
-        ("convert", "convert a timm model or a mechvit checkpoint to a HookedViT folder", _add_convert, _run_convert),
-        ("train", "train or fine-tune a ViT from a YAML config (python -m mechvit.training train)",
-         add_train_args, _run_train),
-        ("evaluate", "robustness matrix of checkpoint folders (python -m mechvit.training evaluate)",
-         add_evaluate_args, _run_evaluate),
+        (
+            "study",
+            "run the whole study (robustness, logit lens, attention, SAEs, overlap, patching, CKA) and "
+            "write report.html/report.md/metrics.json",
+            _add_study,
+            _run_study,
+        ),
+        (
+            "convert",
+            "convert a timm model or a mechvit checkpoint to a HookedViT folder",
+            _add_convert,
+            _run_convert,
+        ),
+        (
+            "train",
+            "train or fine-tune a ViT from a YAML config (python -m mechvit.training train)",
+            add_train_args,
+            _run_train,
+        ),
+        (
+            "evaluate",
+            "robustness matrix of checkpoint folders (python -m mechvit.training evaluate)",
+            add_evaluate_args,
+            _run_evaluate,
+        ),
     ]
     for name, help_, add, run in specs:
         p = sub.add_parser(name, help=help_, description=help_)
         add(p)
         p.set_defaults(run=run)
-    sub.add_parser("train-sae", help="train one SAE on a checkpoint's activations (python -m mechvit.sae); "
-                                     "`mechvit train-sae --help` lists its options", add_help=False)
+    sub.add_parser(
+        "train-sae",
+        help="train one SAE on a checkpoint's activations (python -m mechvit.sae); "
+        "`mechvit train-sae --help` lists its options",
+        add_help=False,
+    )
     return parser
 
 

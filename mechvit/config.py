@@ -33,19 +33,33 @@ _GLOBAL_HOOKS = (
 )  # fmt: skip
 _BLOCK_RE = re.compile(r"blocks\.(\d+)\.(.+)")
 # hooks whose activation is [batch, tokens, d] (what an SAE over tokens reads)
-_TOKEN_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
-                "ln1.hook_normalized", "ln2.hook_normalized", "mlp.hook_pre", "mlp.hook_post", "attn.hook_z")
+_TOKEN_HOOKS = (
+    "hook_resid_pre",
+    "hook_resid_mid",
+    "hook_resid_post",
+    "hook_attn_out",
+    "hook_mlp_out",
+    "ln1.hook_normalized",
+    "ln2.hook_normalized",
+    "mlp.hook_pre",
+    "mlp.hook_post",
+    "attn.hook_z",
+)
 
 
 def check_hook_name(hook: str, key: str, token_hook: bool = False) -> None:
     m = _BLOCK_RE.fullmatch(hook)
     ok = hook in _GLOBAL_HOOKS if m is None else m.group(2) in _BLOCK_HOOKS
     if ok and token_hook and (m is None or m.group(2) not in _TOKEN_HOOKS):
-        raise ConfigError(f"{key}: hook {hook!r} does not give per-token activations; expected "
-                          f"blocks.<layer>.<one of {', '.join(_TOKEN_HOOKS)}>")
+        raise ConfigError(
+            f"{key}: hook {hook!r} does not give per-token activations; expected "
+            f"blocks.<layer>.<one of {', '.join(_TOKEN_HOOKS)}>"
+        )
     if not ok:
-        raise ConfigError(f"{key}: unknown hook {hook!r}; expected blocks.<layer>.<{'|'.join(_BLOCK_HOOKS)}> "
-                          f"or one of {', '.join(_GLOBAL_HOOKS)}")
+        raise ConfigError(
+            f"{key}: unknown hook {hook!r}; expected blocks.<layer>.<{'|'.join(_BLOCK_HOOKS)}> "
+            f"or one of {', '.join(_GLOBAL_HOOKS)}"
+        )
 
 
 def check_corruption(name: str, key: str) -> None:
@@ -172,7 +186,8 @@ class SAESection:
     hook: str = "blocks.3.hook_resid_post"
     tokens: Literal["patches", "all", "cls", "prefix"] = "patches"
     architectures: list[Literal["batchtopk", "standard", "topk", "jumprelu"]] = field(
-        default_factory=lambda: ["batchtopk", "standard"])
+        default_factory=lambda: ["batchtopk", "standard"]
+    )
     expansion_factor: int = 32
     k: int = 32
     aux_coefficient: float = 1 / 32
@@ -227,8 +242,9 @@ class StudyConfig:
     num_threads: int | None = None
     progress: bool = True
     data: DataSection = field(default_factory=DataSection)
-    conditions: list[Condition] = field(default_factory=lambda: [Condition("gaussian_blur", 4),
-                                                                  Condition("gaussian_noise", 4)])
+    conditions: list[Condition] = field(
+        default_factory=lambda: [Condition("gaussian_blur", 4), Condition("gaussian_noise", 4)]
+    )
     robustness: RobustnessSection = field(default_factory=RobustnessSection)
     logit_lens: LogitLensSection = field(default_factory=LogitLensSection)
     attention: AttentionSection = field(default_factory=AttentionSection)
@@ -253,7 +269,9 @@ def validate(cfg: StudyConfig) -> StudyConfig:
     for i, m in enumerate(cfg.model_entries()):
         key = "models.base" if i == 0 else f"models.finetuned[{i - 1}]"
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", m.name):
-            raise ConfigError(f"{key}.name: use letters, digits, '_', '.', '-' only (it names files), got {m.name!r}")
+            raise ConfigError(
+                f"{key}.name: use letters, digits, '_', '.', '-' only (it names files), got {m.name!r}"
+            )
         if m.name in names[:i]:
             raise ConfigError(f"{key}.name: model name {m.name!r} is used twice")
         sources = [s for s in ("checkpoint", "hooked", "timm") if getattr(m, s) is not None]
@@ -285,8 +303,10 @@ def validate(cfg: StudyConfig) -> StudyConfig:
         raise ConfigError(f"sae.mix_fraction: must be in [0, 1], got {cfg.sae.mix_fraction}")
     o = cfg.sae.overlap
     if not -1 <= o.shifted_cos <= o.persistent_cos <= 1:
-        raise ConfigError(f"sae.overlap: need -1 <= shifted_cos <= persistent_cos <= 1, got {o.shifted_cos}, "
-                          f"{o.persistent_cos}")
+        raise ConfigError(
+            f"sae.overlap: need -1 <= shifted_cos <= persistent_cos <= 1, got {o.shifted_cos}, "
+            f"{o.persistent_cos}"
+        )
     if (cfg.data.mean is None) != (cfg.data.std is None):
         raise ConfigError("data: give both mean and std or neither")
     if cfg.data.dataset == "imagefolder" and not cfg.data.root:
@@ -294,8 +314,22 @@ def validate(cfg: StudyConfig) -> StudyConfig:
     _positive(r, "robustness.", ("n_images", "batch_size"))
     _positive(cfg.logit_lens, "logit_lens.", ("n_images", "batch_size"))
     _positive(cfg.attention, "attention.", ("n_images", "batch_size"))
-    _positive(cfg.sae, "sae.", ("expansion_factor", "k", "lr", "epochs", "batch_size", "n_train_images",
-                                "n_eval_images", "histogram_bins", "top_features", "top_images"))
+    _positive(
+        cfg.sae,
+        "sae.",
+        (
+            "expansion_factor",
+            "k",
+            "lr",
+            "epochs",
+            "batch_size",
+            "n_train_images",
+            "n_eval_images",
+            "histogram_bins",
+            "top_features",
+            "top_images",
+        ),
+    )
     _positive(cfg.patching, "patching.", ("n_images", "batch_size", "max_rows"))
     _positive(cfg.cka, "cka.", ("batch_size",))
     if cfg.cka.n_images < 4:
@@ -308,8 +342,10 @@ def validate(cfg: StudyConfig) -> StudyConfig:
 def check_hooks_against_model(cfg: StudyConfig, model: Any) -> None:
     """``sae.hook`` must exist in ``model.hook_dict`` (the layer index must fit the model)."""
     if cfg.sae.enabled and cfg.sae.hook not in model.hook_dict:
-        raise ConfigError(f"sae.hook: unknown hook {cfg.sae.hook!r}; this model has {model.cfg.n_layers} blocks "
-                          f"(blocks.0 .. blocks.{model.cfg.n_layers - 1})")
+        raise ConfigError(
+            f"sae.hook: unknown hook {cfg.sae.hook!r}; this model has {model.cfg.n_layers} blocks "
+            f"(blocks.0 .. blocks.{model.cfg.n_layers - 1})"
+        )
 
 
 def study_config_from_dict(data: dict, overrides: dict[str, Any] | None = None) -> StudyConfig:

@@ -29,7 +29,9 @@ def test_entropy_known_values():
 def test_rollout_known_answers():
     eye = torch.eye(7).expand(2, 3, 7, 7)
     for residual in (True, False):
-        torch.testing.assert_close(attention_rollout([eye, eye, eye], residual=residual), torch.eye(7).expand(2, 7, 7))
+        torch.testing.assert_close(
+            attention_rollout([eye, eye, eye], residual=residual), torch.eye(7).expand(2, 7, 7)
+        )
     g = torch.Generator().manual_seed(0)
     a1, a2 = torch.rand(1, 2, 4, 4, generator=g).softmax(-1), torch.rand(1, 2, 4, 4, generator=g).softmax(-1)
     m1, m2 = 0.5 * a1.mean(1) + 0.5 * torch.eye(4), 0.5 * a2.mean(1) + 0.5 * torch.eye(4)
@@ -69,8 +71,18 @@ def test_cls_attention_map_layout():
 
 def tiny(seed=0, **kw):
     torch.manual_seed(seed)
-    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7, in_chans=1,
-                          num_classes=10, embed_dim=32, depth=2, num_heads=2, **kw)
+    m = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=28,
+        patch_size=7,
+        in_chans=1,
+        num_classes=10,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        **kw,
+    )
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.3)
@@ -90,7 +102,9 @@ def test_model_level_metrics(tmp_path):
     torch.testing.assert_close(same.mse, torch.zeros(2, 2))
     torch.testing.assert_close(same.cosine, torch.ones(2, 2))
     torch.testing.assert_close(same.entropy_diff, torch.zeros(2, 2))
-    diff = compare_attention(model, x, images_b=x.flip(-1), labels=("clean", "flip"), batch_size=3, progress=False)
+    diff = compare_attention(
+        model, x, images_b=x.flip(-1), labels=("clean", "flip"), batch_size=3, progress=False
+    )
     ref = (pat1 - model.run_with_cache(x.flip(-1))[1]["blocks.1.attn.hook_pattern"]).pow(2).mean((0, 2, 3))
     torch.testing.assert_close(diff.mse[1], ref)
     assert torch.all(diff.cosine < 1) and diff.rows()[0]["run_b"] == "flip"
@@ -98,7 +112,9 @@ def test_model_level_metrics(tmp_path):
     other = compare_attention(model, x, tiny(1, reg_tokens=1), progress=False)
     assert set(other.per_layer()) >= {"entropy_diff", "mse", "cosine"}
     roll = model_attention_rollout(model, x, batch_size=2)
-    torch.testing.assert_close(roll, attention_rollout([cache[f"blocks.{i}.attn.hook_pattern"] for i in range(2)]))
+    torch.testing.assert_close(
+        roll, attention_rollout([cache[f"blocks.{i}.attn.hook_pattern"] for i in range(2)])
+    )
     cls_maps = model_cls_attention(model, x, batch_size=2)
     assert cls_maps.shape == (2, 5, 2, 4, 4)
     torch.testing.assert_close(cls_maps[1], pat1[:, :, 0, 2:].reshape(5, 2, 4, 4))

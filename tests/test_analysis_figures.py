@@ -31,8 +31,18 @@ from mechvit.viz.figures import (
 @pytest.fixture(scope="module")
 def setup():
     torch.manual_seed(0)
-    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7, in_chans=1,
-                          num_classes=10, embed_dim=32, depth=2, num_heads=2, reg_tokens=1)
+    m = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=28,
+        patch_size=7,
+        in_chans=1,
+        num_classes=10,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        reg_tokens=1,
+    )
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.3)
@@ -84,8 +94,9 @@ def test_other_figures(setup, tmp_path):
     sae = StandardSAE(StandardSAEConfig(d_in=32, d_sae=16))
     acts = torch.randn(6, 5, 32)
     plot_feature_overlap(feature_overlap(sae, sae, acts, acts), tmp_path / "overlap")
-    plot_code_similarity([code_similarity(sae, acts, acts + 0.1 * torch.randn_like(acts), label="base")],
-                         tmp_path / "codes")
+    plot_code_similarity(
+        [code_similarity(sae, acts, acts + 0.1 * torch.randn_like(acts), label="base")], tmp_path / "codes"
+    )
     for stem in ("lens", "att", "paired", "overlay", "cka", "overlap", "codes"):
         _written(tmp_path / stem)
     with pytest.raises(ValueError, match="image"):
@@ -109,7 +120,9 @@ def test_heatmap_writes_values_and_outlines_marked_cells():
     fig = Figure()
     ax = fig.add_subplot()
     mat = np.array([[1.0, -2.0], [0.5, np.nan]])
-    im = heatmap(ax, mat, ["a", "b"], ["r0", "r1"], cbar_label="v", cmap=DIVERGING, fmt="{:.1f}", marks=mat > 0.7)
+    im = heatmap(
+        ax, mat, ["a", "b"], ["r0", "r1"], cbar_label="v", cmap=DIVERGING, fmt="{:.1f}", marks=mat > 0.7
+    )
     assert im.get_clim() == (-2.0, 2.0)  # centred on 0
     assert sorted(t.get_text() for t in ax.texts) == ["-2.0", "0.5", "1.0"]  # NaN cells stay empty
     assert len(ax.patches) == 1

@@ -10,16 +10,32 @@ from mechvit.analysis.logit_lens import first_correct_layer, logit_lens, logit_l
 
 def tiny(seed=0, **kw):
     torch.manual_seed(seed)
-    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7, in_chans=1,
-                          num_classes=10, embed_dim=32, depth=3, num_heads=2, **kw)
+    m = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=28,
+        patch_size=7,
+        in_chans=1,
+        num_classes=10,
+        embed_dim=32,
+        depth=3,
+        num_heads=2,
+        **kw,
+    )
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.3)
     return HookedViT.from_timm(m).eval()
 
 
-@pytest.mark.parametrize("kw", [{}, {"class_token": False, "global_pool": "avg"}, {"reg_tokens": 2, "fc_norm": True,
-                                                                                    "global_pool": "avg"}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"class_token": False, "global_pool": "avg"},
+        {"reg_tokens": 2, "fc_norm": True, "global_pool": "avg"},
+    ],
+)
 def test_last_layer_equals_model_logits(kw):
     model = tiny(**kw)
     x = torch.rand(5, 1, 28, 28)
@@ -45,7 +61,9 @@ def test_intermediate_layer_matches_manual_readout():
 
 
 def test_first_correct_layer_modes():
-    top1 = torch.tensor([[0, 1, 0, 1], [0, 0, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    top1 = torch.tensor(
+        [[0, 1, 0, 1], [0, 0, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool
+    )
     assert first_correct_layer(top1, "first").tolist() == [1, 2, -1, 0, 0]
     assert first_correct_layer(top1, "stable").tolist() == [3, 2, -1, 0, -1]
     with pytest.raises(ValueError, match="mode"):
@@ -55,13 +73,16 @@ def test_first_correct_layer_modes():
 def test_summary_rows_and_sweep(tmp_path):
     base, tuned = tiny(0), tiny(1)
     x, y = torch.rand(6, 1, 28, 28), torch.randint(0, 10, (6,))
-    sweep = logit_lens_sweep({"base": base, "tuned": tuned}, {"clean": x, "flip": x.flip(-1)}, y, progress=False)
+    sweep = logit_lens_sweep(
+        {"base": base, "tuned": tuned}, {"clean": x, "flip": x.flip(-1)}, y, progress=False
+    )
     rows = sweep.rows()
     assert len(rows) == 2 * 2 * 3 and rows[0]["model"] == "base" and rows[0]["condition"] == "clean"
     res = sweep.results[("tuned", "flip")]
     expected = res.top1.double().mean(0)
-    assert [r["top1_acc"] for r in rows if r["model"] == "tuned" and r["condition"] == "flip"] == pytest.approx(
-        expected.tolist())
+    assert [
+        r["top1_acc"] for r in rows if r["model"] == "tuned" and r["condition"] == "flip"
+    ] == pytest.approx(expected.tolist())
     f = res.first_correct
     mean = f[f >= 0].double().mean().item() if (f >= 0).any() else float("nan")
     assert res.to_dict()["mean_first_correct_layer"] == pytest.approx(mean, nan_ok=True)

@@ -61,7 +61,7 @@ def test_sign_flip_is_not_persistent_and_shift_classes():
     b = copy.deepcopy(a)
     with torch.no_grad():
         b.W_dec[0] = -a.W_dec[0]  # same line, opposite direction: a different feature for a non-negative code
-        b.W_dec[1] = 0.7 * q.T[1] + 0.51 ** 0.5 * q.T[7]  # cosine 0.7 with a's feature 1
+        b.W_dec[1] = 0.7 * q.T[1] + 0.51**0.5 * q.T[7]  # cosine 0.7 with a's feature 1
     res = feature_overlap(a, b)
     cos = decoder_cosine(a, b)
     assert cos[0, 0] == pytest.approx(-1.0) and cos[1, 1] == pytest.approx(0.7, abs=1e-5)
@@ -80,7 +80,14 @@ def test_different_sizes_and_activation_gate(tmp_path):
     assert len(res.rows()) == 10
     res.save_csv(tmp_path / "ov.csv")
     d = res.to_dict()
-    assert d["n_features_a"] == 10 and set(d["counts"]) == {"persistent", "shifted", "lost", "new", "dead_a", "dead_b"}
+    assert d["n_features_a"] == 10 and set(d["counts"]) == {
+        "persistent",
+        "shifted",
+        "lost",
+        "new",
+        "dead_a",
+        "dead_b",
+    }
     # an activation-correlation gate demotes a decoder match whose codes do not co-vary
     c = copy.deepcopy(a)
     with torch.no_grad():
@@ -129,8 +136,18 @@ def test_code_similarity():
 
 def test_model_code_similarity_and_collection():
     torch.manual_seed(0)
-    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7, in_chans=1,
-                          num_classes=10, embed_dim=32, depth=2, num_heads=2, reg_tokens=1)
+    m = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=28,
+        patch_size=7,
+        in_chans=1,
+        num_classes=10,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        reg_tokens=1,
+    )
     model = HookedViT.from_timm(m).eval()
     x = torch.rand(3, 1, 28, 28)
     acts = collect_activations(model, x, "blocks.1.hook_resid_post", batch_size=2, progress=False)

@@ -18,8 +18,18 @@ LAYOUTS = {
 def tiny(seed=0, **kw):
     name = kw.pop("model", "vit_tiny_patch16_224")
     torch.manual_seed(seed)
-    m = timm.create_model(name, pretrained=False, img_size=28, patch_size=7, in_chans=1, num_classes=10,
-                          embed_dim=32, depth=2, num_heads=2, **kw)
+    m = timm.create_model(
+        name,
+        pretrained=False,
+        img_size=28,
+        patch_size=7,
+        in_chans=1,
+        num_classes=10,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        **kw,
+    )
     with torch.no_grad():  # larger random weights than timm's init, so inputs give clearly different logits
         for p in m.parameters():
             p.normal_(0, 0.3)
@@ -28,8 +38,9 @@ def tiny(seed=0, **kw):
 
 def one_patch_corruption(x, row, col, patch=7):
     y = x.clone()
-    y[:, :, row * patch:(row + 1) * patch, col * patch:(col + 1) * patch] = torch.rand_like(
-        y[:, :, row * patch:(row + 1) * patch, col * patch:(col + 1) * patch])
+    y[:, :, row * patch : (row + 1) * patch, col * patch : (col + 1) * patch] = torch.rand_like(
+        y[:, :, row * patch : (row + 1) * patch, col * patch : (col + 1) * patch]
+    )
     return y
 
 
@@ -56,7 +67,9 @@ def test_positions_follow_the_token_layout(layout, data):
     prefix, grid = res.on_grid()
     assert grid.shape == (1, 4, 4) and float(grid[0, 1, 2]) == pytest.approx(1.0, abs=1e-4)
     assert len(prefix) == model.cfg.n_prefix_tokens
-    back = activation_patching(model, clean, corrupted, y, layers=[0], direction="corrupted_to_clean", progress=False)
+    back = activation_patching(
+        model, clean, corrupted, y, layers=[0], direction="corrupted_to_clean", progress=False
+    )
     torch.testing.assert_close(back.values[0], 1.0 - expected, atol=1e-4, rtol=0)
 
 
@@ -69,7 +82,10 @@ def test_whole_resid_pre_restores_clean_logits(data):
     torch.testing.assert_close(res.logit_diff, torch.full((2,), res.clean_logit_diff), atol=1e-5, rtol=1e-5)
     _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_resid_pre"))
     for layer in range(2):
-        hook = (f"blocks.{layer}.hook_resid_pre", lambda act, hook, la=layer: cache[f"blocks.{la}.hook_resid_pre"])
+        hook = (
+            f"blocks.{layer}.hook_resid_pre",
+            lambda act, hook, la=layer: cache[f"blocks.{la}.hook_resid_pre"],
+        )
         torch.testing.assert_close(model.run_with_hooks(corrupted, fwd_hooks=[hook]), model(clean))
 
 
@@ -103,10 +119,21 @@ def test_batched_equals_naive_in_the_other_direction_and_across_models(data):
         torch.testing.assert_close(fast.values, slow.values, atol=2e-5, rtol=1e-4)
         # identical embeddings in both models: patching layer 0 changes nothing
         expected = 0.0 if direction == "clean_to_corrupted" else 1.0
-        torch.testing.assert_close(fast.values[0], torch.full_like(fast.values[0], expected), atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            fast.values[0], torch.full_like(fast.values[0], expected), atol=1e-4, rtol=0
+        )
     # both models share the head: the whole last residual stream carries the source's answer
-    res = activation_patching(tuned, clean, clean, y, corrupted_model=base, component="resid_post", by="layer",
-                              layers=[1], progress=False)
+    res = activation_patching(
+        tuned,
+        clean,
+        clean,
+        y,
+        corrupted_model=base,
+        component="resid_post",
+        by="layer",
+        layers=[1],
+        progress=False,
+    )
     assert float(res.values[0]) == pytest.approx(1.0, abs=1e-4)
 
 
@@ -129,8 +156,16 @@ def test_sae_feature_patching(data):
     corrupted = clean.flip(-1)
     sae = _sae(32, 16, dead=(3,))
     for by in ("feature", "feature_position"):
-        kw = dict(component="sae", by=by, sae=sae, sae_hook="blocks.0.hook_resid_post", features=[0, 3, 7],
-                  positions=[0, 4], progress=False, max_rows=10)
+        kw = dict(
+            component="sae",
+            by=by,
+            sae=sae,
+            sae_hook="blocks.0.hook_resid_post",
+            features=[0, 3, 7],
+            positions=[0, 4],
+            progress=False,
+            max_rows=10,
+        )
         if by == "feature":
             kw.pop("positions")
         fast = activation_patching(model, clean, corrupted, y, **kw)

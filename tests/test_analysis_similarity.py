@@ -18,8 +18,11 @@ def _gram_cka(x, y, debiased):
             return torch.trace(K @ H @ L @ H)
         K, L = K - torch.diag(torch.diag(K)), L - torch.diag(torch.diag(L))
         one = torch.ones(n, dtype=K.dtype)
-        return (torch.trace(K @ L) + (one @ K @ one) * (one @ L @ one) / ((n - 1) * (n - 2))
-                - 2.0 / (n - 2) * one @ K @ L @ one) / (n * (n - 3))
+        return (
+            torch.trace(K @ L)
+            + (one @ K @ one) * (one @ L @ one) / ((n - 1) * (n - 2))
+            - 2.0 / (n - 2) * one @ K @ L @ one
+        ) / (n * (n - 3))
 
     return float(hsic(K, L) / torch.sqrt(hsic(K, K) * hsic(L, L)))
 
@@ -32,7 +35,9 @@ def test_orthogonal_and_scale_invariance(debiased):
     assert linear_cka(x, x @ q, debiased=debiased) == pytest.approx(1.0, abs=1e-9)
     assert linear_cka(x, 7.5 * x, debiased=debiased) == pytest.approx(1.0, abs=1e-9)
     y = torch.randn(40, 5, generator=g) + x[:, :5]
-    assert linear_cka(x, y, debiased=debiased) == pytest.approx(linear_cka(3 * x, 0.2 * y, debiased=debiased), abs=1e-6)
+    assert linear_cka(x, y, debiased=debiased) == pytest.approx(
+        linear_cka(3 * x, 0.2 * y, debiased=debiased), abs=1e-6
+    )
     assert linear_cka(x, y, debiased=debiased) < 0.99
 
 
@@ -63,8 +68,17 @@ def test_bad_input():
 
 def tiny(seed):
     torch.manual_seed(seed)
-    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7, in_chans=1,
-                          num_classes=10, embed_dim=32, depth=2, num_heads=2)
+    m = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=28,
+        patch_size=7,
+        in_chans=1,
+        num_classes=10,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+    )
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.3)
@@ -82,7 +96,9 @@ def test_layer_cka(tmp_path):
     _, cb = b.run_with_cache(x)
     ref = linear_cka(ca["blocks.1.hook_resid_post"][:, 0], cb["blocks.1.hook_resid_post"][:, 0])
     assert float(other.linear[1]) == pytest.approx(ref, abs=1e-6)
-    inputs = layer_cka(a, x, images_b=x.flip(-1), token_reduction="mean_patches", hook="mlp_out", progress=False)
+    inputs = layer_cka(
+        a, x, images_b=x.flip(-1), token_reduction="mean_patches", hook="mlp_out", progress=False
+    )
     assert torch.all(inputs.linear < 1 - 1e-3)
     inputs.save_csv(tmp_path / "cka.csv")
     assert len(inputs.rows()) == 2 and inputs.to_dict()["hook"] == "mlp_out"

@@ -48,7 +48,9 @@ def test_more_steps_do_not_lower_the_loss_much_and_fgsm_is_one_step(model_and_ba
     assert torch.allclose(moved[moved > 0], torch.full_like(moved[moved > 0], eps), atol=1e-6)
     with torch.no_grad():
         l1 = F.cross_entropy(model(one), y).item()
-        l10 = F.cross_entropy(model(pgd(model, x, y, eps=eps, steps=10, step_size=eps / 4, random_start=False)), y).item()
+        l10 = F.cross_entropy(
+            model(pgd(model, x, y, eps=eps, steps=10, step_size=eps / 4, random_start=False)), y
+        ).item()
     assert l10 >= l1 - 1e-3
 
 

@@ -55,17 +55,31 @@ def _one_line_error(code, err, prefix):
 
 
 def test_study_config_errors_are_one_line(tmp_path, capsys):
-    line = _one_line_error(*run(capsys, "study", "--config", str(tmp_path / "nope.yaml"))[::2], "mechvit study: error:")
+    line = _one_line_error(
+        *run(capsys, "study", "--config", str(tmp_path / "nope.yaml"))[::2], "mechvit study: error:"
+    )
     assert "does not exist" in line
-    line = _one_line_error(*run(capsys, "study", "--validate", "--set", "sae.hook=blocks.9.hook_foo")[::2],
-                           "mechvit study: error: sae.hook: unknown hook 'blocks.9.hook_foo'")
+    line = _one_line_error(
+        *run(capsys, "study", "--validate", "--set", "sae.hook=blocks.9.hook_foo")[::2],
+        "mechvit study: error: sae.hook: unknown hook 'blocks.9.hook_foo'",
+    )
     bad = tmp_path / "bad.yaml"
-    bad.write_text((ROOT / "configs" / "fashion_mnist.yaml").read_text().replace("severity: 4", "severity: four", 1))
-    _one_line_error(*run(capsys, "study", "--config", str(bad))[::2],
-                    "mechvit study: error: conditions[0].severity: expected int, got str")
-    _one_line_error(*run(capsys, "study", "--validate", "--set", "nonsense")[::2], "mechvit study: error: --set")
-    _one_line_error(*run(capsys, "study", "--only", "bogus", "--set",
-                         "models.base.checkpoint=" + str(tmp_path / "none"))[::2], "mechvit study: error:")
+    bad.write_text(
+        (ROOT / "configs" / "fashion_mnist.yaml").read_text().replace("severity: 4", "severity: four", 1)
+    )
+    _one_line_error(
+        *run(capsys, "study", "--config", str(bad))[::2],
+        "mechvit study: error: conditions[0].severity: expected int, got str",
+    )
+    _one_line_error(
+        *run(capsys, "study", "--validate", "--set", "nonsense")[::2], "mechvit study: error: --set"
+    )
+    _one_line_error(
+        *run(capsys, "study", "--only", "bogus", "--set", "models.base.checkpoint=" + str(tmp_path / "none"))[
+            ::2
+        ],
+        "mechvit study: error:",
+    )
 
 
 def test_validate_the_shipped_configs(capsys):
@@ -79,15 +93,29 @@ def test_usage_errors_are_one_line(capsys):
         main(["study", "--no-such-flag"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("mechvit") and "unrecognized arguments: --no-such-flag" in err[0]
+    assert (
+        len(err) == 1 and err[0].startswith("mechvit") and "unrecognized arguments: --no-such-flag" in err[0]
+    )
     with pytest.raises(SystemExit) as e:
         main(["frobnicate"])
     assert e.value.code == 2
 
 
 def test_convert_timm_name_and_checkpoint(tmp_path, capsys):
-    code, out, _ = run(capsys, "convert", "vit_tiny_patch16_224", str(tmp_path / "a"), "--set", "img_size=28",
-                       "patch_size=7", "in_chans=1", "num_classes=10", "embed_dim=32", "depth=2", "num_heads=2")
+    code, out, _ = run(
+        capsys,
+        "convert",
+        "vit_tiny_patch16_224",
+        str(tmp_path / "a"),
+        "--set",
+        "img_size=28",
+        "patch_size=7",
+        "in_chans=1",
+        "num_classes=10",
+        "embed_dim=32",
+        "depth=2",
+        "num_heads=2",
+    )
     assert code == 0 and "2 layers" in out
     m = HookedViT.from_pretrained(tmp_path / "a")
     assert (m.cfg.n_layers, m.cfg.d_model, m.cfg.grid_size) == (2, 32, (4, 4))
@@ -101,27 +129,43 @@ def test_convert_timm_name_and_checkpoint(tmp_path, capsys):
 
 
 def test_convert_errors(tmp_path, capsys):
-    _one_line_error(*run(capsys, "convert", "not_a_model_xyz", str(tmp_path / "o"))[::2],
-                    "mechvit convert: error: 'not_a_model_xyz' is neither a folder nor a timm model name")
+    _one_line_error(
+        *run(capsys, "convert", "not_a_model_xyz", str(tmp_path / "o"))[::2],
+        "mechvit convert: error: 'not_a_model_xyz' is neither a folder nor a timm model name",
+    )
     (tmp_path / "empty").mkdir()
-    _one_line_error(*run(capsys, "convert", str(tmp_path / "empty"), str(tmp_path / "o"))[::2],
-                    "mechvit convert: error:")
+    _one_line_error(
+        *run(capsys, "convert", str(tmp_path / "empty"), str(tmp_path / "o"))[::2], "mechvit convert: error:"
+    )
 
 
 def test_train_and_evaluate_delegate_with_clear_errors(tmp_path, capsys):
-    _one_line_error(*run(capsys, "train", "--config", str(tmp_path / "missing.yaml"))[::2], "mechvit train: error:")
+    _one_line_error(
+        *run(capsys, "train", "--config", str(tmp_path / "missing.yaml"))[::2], "mechvit train: error:"
+    )
     cfg = tmp_path / "t.yaml"
     cfg.write_text("out: x\nmodel: {name: vit_tiny_patch16_224}\nepochz: 3\n")
     line = _one_line_error(*run(capsys, "train", "--config", str(cfg))[::2], "mechvit train: error:")
     assert "epochz" in line
-    line = _one_line_error(*run(capsys, "train", "--config", str(cfg), "--set", "epochs")[::2], "mechvit train: error:")
+    line = _one_line_error(
+        *run(capsys, "train", "--config", str(cfg), "--set", "epochs")[::2], "mechvit train: error:"
+    )
     assert "--set expects KEY=VALUE" in line and "'epochs'" in line
     _one_line_error(*run(capsys, "evaluate", str(tmp_path / "nope"))[::2], "mechvit evaluate: error:")
 
 
 def test_train_sae_errors(tmp_path, capsys):
-    code = main(["train-sae", "--checkpoint", str(tmp_path / "nope"), "--hook", "blocks.0.hook_resid_post",
-                 "--out", str(tmp_path / "o")])
+    code = main(
+        [
+            "train-sae",
+            "--checkpoint",
+            str(tmp_path / "nope"),
+            "--hook",
+            "blocks.0.hook_resid_post",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert main(["train-sae", "--hook", "x"]) == 2  # an argparse error names the mechvit command too

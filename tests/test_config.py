@@ -22,8 +22,19 @@ def tiny_hooked():
 
     from mechvit import HookedViT
 
-    return HookedViT.from_timm(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7,
-                                                 in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=2))
+    return HookedViT.from_timm(
+        timm.create_model(
+            "vit_tiny_patch16_224",
+            pretrained=False,
+            img_size=28,
+            patch_size=7,
+            in_chans=1,
+            num_classes=10,
+            embed_dim=32,
+            depth=2,
+            num_heads=2,
+        )
+    )
 
 
 MINIMAL = {"models": {"base": {"name": "base", "checkpoint": "ck/base"}}}
@@ -60,8 +71,14 @@ def test_imagenet_paper_config_expresses_the_seed_protocol():
     assert {c.corruption for c in cfg.conditions} == {"gaussian_blur", "gaussian_noise"}
     s = cfg.sae
     assert set(s.architectures) == {"batchtopk", "standard"}
-    assert (s.k, s.aux_coefficient, s.expansion_factor, s.lr, s.lr_schedule, s.epochs) == (32, 1 / 32, 32, 1e-3,
-                                                                                          "cosine", 15)
+    assert (s.k, s.aux_coefficient, s.expansion_factor, s.lr, s.lr_schedule, s.epochs) == (
+        32,
+        1 / 32,
+        32,
+        1e-3,
+        "cosine",
+        15,
+    )
     assert s.hook == "blocks.10.hook_resid_post" and s.tokens == "patches" and 0 < s.mix_fraction < 1
     assert cfg.data.img_size == 224 and cfg.data.mean == [0.5] * 3
 
@@ -78,14 +95,21 @@ def test_unknown_key_names_the_path():
     assert msg.startswith("sae.hookk: unknown key")
     assert _error({**MINIMAL, "bogus": 1}).startswith("bogus: unknown key")
     assert _error({"models": {"base": {"name": "b", "checkpoint": "x", "chekpoint": "y"}}}).startswith(
-        "models.base.chekpoint: unknown key")
+        "models.base.chekpoint: unknown key"
+    )
 
 
 def test_wrong_type_names_the_path():
-    assert _error(_with(robustness={"n_images": "many"})).startswith("robustness.n_images: expected int, got str")
-    assert _error(_with(robustness={"severities": [1, "2"]})).startswith("robustness.severities[1]: expected int")
+    assert _error(_with(robustness={"n_images": "many"})).startswith(
+        "robustness.n_images: expected int, got str"
+    )
+    assert _error(_with(robustness={"severities": [1, "2"]})).startswith(
+        "robustness.severities[1]: expected int"
+    )
     assert _error(_with(sae={"enabled": "yes"})).startswith("sae.enabled: expected bool")
-    assert _error(_with(sae={"architectures": ["batchtopk", "relu"]})).startswith("sae.architectures[1]: expected one of")
+    assert _error(_with(sae={"architectures": ["batchtopk", "relu"]})).startswith(
+        "sae.architectures[1]: expected one of"
+    )
     assert _error(_with(conditions={"corruption": "gaussian_blur"})).startswith("conditions: expected a list")
     assert _error({"models": "x"}).startswith("models: expected a mapping")
     # YAML 1.1 reads 1e-3 as a string: still a float
@@ -93,16 +117,23 @@ def test_wrong_type_names_the_path():
 
 
 def test_type_errors_say_the_path_what_was_expected_and_what_was_given():
-    assert _error(_with(robustness={"n_images": "many"})) == "robustness.n_images: expected int, got str 'many'"
+    assert (
+        _error(_with(robustness={"n_images": "many"})) == "robustness.n_images: expected int, got str 'many'"
+    )
     assert _error(_with(logit_lens={"mode": "last"})) == (
-        "logit_lens.mode: expected one of 'first' | 'stable', got str 'last'")
+        "logit_lens.mode: expected one of 'first' | 'stable', got str 'last'"
+    )
     assert _error(_with(sae={"overlap": 3})) == "sae.overlap: expected a mapping (OverlapSection), got int 3"
     assert _error(_with(data={"root": None, "img_size": 1.5})) == "data.img_size: expected int, got float 1.5"
     assert _error(_with(name=None)) == "name: expected str, got null"
     assert _error(_with(sae={"hookk": 1, "kk": 2})).startswith(
-        "sae.hookk, sae.kk: unknown keys; expected one of enabled, hook, tokens,")
+        "sae.hookk, sae.kk: unknown keys; expected one of enabled, hook, tokens,"
+    )
     assert _error([1]) == "the config: expected a mapping (StudyConfig), got list [1]"
-    assert _error({**MINIMAL, "models": {"base": 3}}) == "models.base: expected a mapping (ModelEntry), got int 3"
+    assert (
+        _error({**MINIMAL, "models": {"base": 3}})
+        == "models.base: expected a mapping (ModelEntry), got int 3"
+    )
 
 
 def test_dataclass_yaml_takes_tuples_and_dataclass_instances():
@@ -121,10 +152,13 @@ def test_dataclass_yaml_takes_tuples_and_dataclass_instances():
         values: list[float] = field(default_factory=list)
 
     assert from_dict(Outer, {"inner": {"xs": [1, 2], "pair": ("a", 1)}, "values": (1, "2e-1")}) == Outer(
-        Inner((1, 2), ("a", 1.0)), [1.0, 0.2])
+        Inner((1, 2), ("a", 1.0)), [1.0, 0.2]
+    )
     given = Inner((3,))
     assert from_dict(Outer, {"inner": given}).inner is given
-    with pytest.raises(ConfigError, match=r"^inner\.pair: expected a list of 2 \(tuple\[str, float\]\), got list"):
+    with pytest.raises(
+        ConfigError, match=r"^inner\.pair: expected a list of 2 \(tuple\[str, float\]\), got list"
+    ):
         from_dict(Outer, {"inner": {"pair": ["a"]}})
     with pytest.raises(ConfigError, match=r"^inner\.xs\[1\]: expected int, got bool True$"):
         from_dict(Outer, {"inner": {"xs": [1, True]}})
@@ -132,38 +166,64 @@ def test_dataclass_yaml_takes_tuples_and_dataclass_instances():
 
 def test_unknown_corruption_and_bad_severity():
     msg = _error(_with(conditions=[{"corruption": "gausian_blur", "severity": 4}]))
-    assert msg.startswith("conditions[0].corruption: unknown corruption 'gausian_blur'") and "gaussian_blur" in msg
+    assert (
+        msg.startswith("conditions[0].corruption: unknown corruption 'gausian_blur'")
+        and "gaussian_blur" in msg
+    )
     assert _error(_with(robustness={"corruptions": ["fog", "smog"]})).startswith(
-        "robustness.corruptions[1]: unknown corruption 'smog'")
-    assert _error({"models": {"base": {"name": "b", "checkpoint": "x"},
-                              "finetuned": [{"name": "f", "checkpoint": "y", "seen": ["blurry"]}]}}).startswith(
-        "models.finetuned[0].seen[0]: unknown corruption")
+        "robustness.corruptions[1]: unknown corruption 'smog'"
+    )
+    assert _error(
+        {
+            "models": {
+                "base": {"name": "b", "checkpoint": "x"},
+                "finetuned": [{"name": "f", "checkpoint": "y", "seen": ["blurry"]}],
+            }
+        }
+    ).startswith("models.finetuned[0].seen[0]: unknown corruption")
     assert _error(_with(conditions=[{"corruption": "fog", "severity": 6}])).startswith(
-        "conditions[0].severity: severity must be in 1..5")
+        "conditions[0].severity: severity must be in 1..5"
+    )
 
 
 def test_unknown_hook_names_the_key():
-    assert _error(_with(sae={"hook": "blocks.9.hook_foo"})).startswith("sae.hook: unknown hook 'blocks.9.hook_foo'")
+    assert _error(_with(sae={"hook": "blocks.9.hook_foo"})).startswith(
+        "sae.hook: unknown hook 'blocks.9.hook_foo'"
+    )
     assert _error(_with(sae={"hook": "resid_post"})).startswith("sae.hook: unknown hook")
     # a real hook that is not per-token
-    assert _error(_with(sae={"hook": "blocks.1.attn.hook_pattern"})).startswith("sae.hook: hook 'blocks.1.attn.hook_")
+    assert _error(_with(sae={"hook": "blocks.1.attn.hook_pattern"})).startswith(
+        "sae.hook: hook 'blocks.1.attn.hook_"
+    )
 
 
 def test_hook_layer_checked_against_the_model(tiny_hooked):
     cfg = study_config_from_dict(_with(sae={"hook": "blocks.7.hook_resid_post"}))  # pattern is fine
-    with pytest.raises(ConfigError, match=r"^sae.hook: unknown hook 'blocks.7.hook_resid_post'; this model has 2"):
+    with pytest.raises(
+        ConfigError, match=r"^sae.hook: unknown hook 'blocks.7.hook_resid_post'; this model has 2"
+    ):
         check_hooks_against_model(cfg, tiny_hooked)
-    check_hooks_against_model(study_config_from_dict(_with(sae={"hook": "blocks.1.hook_resid_post"})), tiny_hooked)
+    check_hooks_against_model(
+        study_config_from_dict(_with(sae={"hook": "blocks.1.hook_resid_post"})), tiny_hooked
+    )
 
 
 def test_model_entry_checks():
-    assert _error({"models": {"base": {"name": "b"}}}).startswith("models.base: give exactly one of checkpoint")
-    assert _error({"models": {"base": {"name": "b", "checkpoint": "x", "timm": "vit_tiny_patch16_224"}}}).startswith(
-        "models.base: give exactly one of")
+    assert _error({"models": {"base": {"name": "b"}}}).startswith(
+        "models.base: give exactly one of checkpoint"
+    )
+    assert _error(
+        {"models": {"base": {"name": "b", "checkpoint": "x", "timm": "vit_tiny_patch16_224"}}}
+    ).startswith("models.base: give exactly one of")
     assert _error({"models": {"base": {"name": "a b", "checkpoint": "x"}}}).startswith("models.base.name:")
-    assert _error({"models": {"base": {"name": "b", "checkpoint": "x"},
-                              "finetuned": [{"name": "b", "checkpoint": "y"}]}}).startswith(
-        "models.finetuned[0].name: model name 'b' is used twice")
+    assert _error(
+        {
+            "models": {
+                "base": {"name": "b", "checkpoint": "x"},
+                "finetuned": [{"name": "b", "checkpoint": "y"}],
+            }
+        }
+    ).startswith("models.finetuned[0].name: model name 'b' is used twice")
     assert _error({}).startswith("models: missing required key")
 
 

@@ -16,7 +16,9 @@ from mechvit.corruptions import CORRUPTIONS, FAMILIES, corrupt, get_corruption
 DETERMINISTIC = {"defocus_blur", "zoom_blur", "gaussian_blur", "brightness", "contrast", "pixelate",
                  "jpeg_compression", "saturate"}  # fmt: skip
 RANDOM = set(CORRUPTIONS) - DETERMINISTIC
-COLOUR_ONLY = {"saturate"}  # no change on grey images, so its severity ordering is checked on photographs only
+COLOUR_ONLY = {
+    "saturate"
+}  # no change on grey images, so its severity ordering is checked on photographs only
 # Where the ImageNet-C definition itself is not monotone in severity (the reference implementation gives the same
 # ordering; mean |change| measured with imagecorruptions on 64 px photographs and 32 px Fashion-MNIST), only the
 # overall trend (severity 5 changes more than severity 1) is checked:
@@ -39,7 +41,9 @@ def _missing(name: str) -> str | None:
 
 
 def each(names):
-    return [pytest.param(n, marks=pytest.mark.skipif(bool(_missing(n)), reason=_missing(n) or "")) for n in names]
+    return [
+        pytest.param(n, marks=pytest.mark.skipif(bool(_missing(n)), reason=_missing(n) or "")) for n in names
+    ]
 
 
 ALL = each(CORRUPTIONS)
@@ -70,7 +74,9 @@ def real_images(kind: str) -> torch.Tensor:
         x, _ = load_fashion_mnist("test")
     except FileNotFoundError:
         pytest.skip("dataset-fashion-mnist not installed")
-    return torch.nn.functional.interpolate(x[:8], size=(32, 32), mode="bilinear", align_corners=False).clamp(0, 1)
+    return torch.nn.functional.interpolate(x[:8], size=(32, 32), mode="bilinear", align_corners=False).clamp(
+        0, 1
+    )
 
 
 def test_registry_constants():
@@ -164,10 +170,14 @@ def test_half_precision_and_empty_batch(name):
 
 def test_bad_arguments_raise_value_error_listing_choices():
     x = smooth_images(1, 3, 16, 16, 0)
-    with pytest.raises(ValueError, match="unknown corruption 'gaussian'; expected one of gaussian_noise, shot_noise"):
+    with pytest.raises(
+        ValueError, match="unknown corruption 'gaussian'; expected one of gaussian_noise, shot_noise"
+    ):
         corrupt(x, "gaussian", 1)
     for bad in (0, 6, 2.0, True, "3", None):
-        with pytest.raises(ValueError, match=r"severity must be an integer in 1..5 \(one of \(1, 2, 3, 4, 5\)\)"):
+        with pytest.raises(
+            ValueError, match=r"severity must be an integer in 1..5 \(one of \(1, 2, 3, 4, 5\)\)"
+        ):
             corrupt(x, "gaussian_noise", bad)
     with pytest.raises(ValueError, match=r"\[N, C, H, W\] \(4 dimensions\), got shape \(3, 16, 16\)"):
         corrupt(x[0], "gaussian_noise", 1)
@@ -191,7 +201,9 @@ def test_bad_arguments_raise_value_error_listing_choices():
 
 def test_missing_family_module_raises_not_implemented(monkeypatch):
     monkeypatch.setitem(C.FAMILY_OF, "gaussian_noise", "no_such_family")
-    with pytest.raises(NotImplementedError, match="mechvit.corruptions.no_such_family, which is not written yet"):
+    with pytest.raises(
+        NotImplementedError, match="mechvit.corruptions.no_such_family, which is not written yet"
+    ):
         corrupt(smooth_images(1, 1, 16, 16, 0), "gaussian_noise", 1, seed=0)
 
 

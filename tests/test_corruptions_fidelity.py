@@ -151,7 +151,9 @@ def test_motion_blur_kernel_matches_reference_at_fixed_angles():
     for radius, sigma in blur.MOTION_BLUR:
         for angle in (-45.0, -30.0, -7.5, 0.0, 22.0, 45.0):
             ref = np.stack([R._motion_blur(im, radius=radius, sigma=sigma, angle=angle) for im in imgs])
-            ours = _kernels.motion_blur(x, radius, sigma, torch.full((len(imgs),), angle, dtype=torch.float64))
+            ours = _kernels.motion_blur(
+                x, radius, sigma, torch.full((len(imgs),), angle, dtype=torch.float64)
+            )
             np.testing.assert_allclose(ours.permute(0, 2, 3, 1).numpy(), ref, atol=1e-9)
 
 

@@ -120,9 +120,15 @@ def test_robustness_matrix_gives_every_model_identical_corrupted_images(tmp_path
     args = (x, y, ["gaussian_noise", "gaussian_blur"], [1, 3])
     both = robustness_matrix({"a": m1, "b": m2, "a_again": m1}, *args, batch_size=8, seed=5, progress=False)
     alone = robustness_matrix({"b": m2}, *args, batch_size=8, seed=5, progress=False)
-    assert len(both) == 3 * 5 and {r["corruption"] for r in both} == {"clean", "gaussian_noise", "gaussian_blur"}
+    assert len(both) == 3 * 5 and {r["corruption"] for r in both} == {
+        "clean",
+        "gaussian_noise",
+        "gaussian_blur",
+    }
     key = lambda r: (r["corruption"], r["severity"])  # noqa: E731
-    for ra, rb in zip([r for r in both if r["model"] == "a"], [r for r in both if r["model"] == "a_again"], strict=True):
+    for ra, rb in zip(
+        [r for r in both if r["model"] == "a"], [r for r in both if r["model"] == "a_again"], strict=True
+    ):
         assert ra == {**rb, "model": "a"}
     b_both = {key(r): r for r in both if r["model"] == "b"}
     for r in alone:
@@ -174,12 +180,18 @@ def test_cli_train_then_evaluate_checkpoints_updates_cards(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| ft | gaussian_noise |" in printed and "| base | – |" in printed
     saved = json.loads((tmp_path / "res" / "robustness.json").read_text())
-    assert len(saved["rows"]) == 2 * (1 + 2 * 2) and saved["corruption_errors"]["base"]["mCE"] == pytest.approx(1.0)
+    assert len(saved["rows"]) == 2 * (1 + 2 * 2) and saved["corruption_errors"]["base"][
+        "mCE"
+    ] == pytest.approx(1.0)
     card = read_card(tmp_path / "ft")
     assert set(card["corruption_top1"]) == {"gaussian_noise", "pixelate"}
     assert card["evaluation"]["n_test"] == 8 and "clean_top1_same_images" in card["evaluation"]
     assert card["clean"]["top1"] == card["evaluation"]["clean_top1_same_images"]  # the whole test set here
-    row = next(r for r in saved["rows"] if r["model"] == "ft" and r["corruption"] == "pixelate" and r["severity"] == 3)
+    row = next(
+        r
+        for r in saved["rows"]
+        if r["model"] == "ft" and r["corruption"] == "pixelate" and r["severity"] == 3
+    )
     assert card["corruption_top1"]["pixelate"]["3"] == pytest.approx(row["top1"], abs=1e-4)
     with pytest.raises(SystemExit, match=r"c\.yaml: epochz: unknown key; expected one of out, model"):
         main(["train", "--config", str(cfg), "--set", "epochz=2"])

@@ -95,8 +95,11 @@ def test_equivalence_with_timm(flag):
             assert_close(both(x), want)
             assert_close(HookedViT.from_timm(ref, center_writing_weights=True).eval()(x), want)
         # to_timm_state_dict round-trips exactly into a fresh timm model
-        fresh = timm.create_model("vit_tiny_patch16_224", pretrained=False, **{**dict(
-            img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=7), **kw}).eval()
+        fresh = timm.create_model(
+            "vit_tiny_patch16_224",
+            pretrained=False,
+            **{**dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=7), **kw},
+        ).eval()
         fresh.load_state_dict(hooked.to_timm_state_dict(), strict=True)
         assert torch.equal(fresh(x), want)
 
@@ -136,7 +139,9 @@ def test_distilled_model_averages_both_heads():
 def test_fold_ln_removes_block_norm_weights():
     hooked = HookedViT.from_timm(tiny(), fold_ln=True)
     assert hooked.cfg.normalization_type == "LNPre"
-    assert hooked.blocks[0].ln1.weight is None and hooked.ln_final is not None and hooked.ln_final.weight is None
+    assert (
+        hooked.blocks[0].ln1.weight is None and hooked.ln_final is not None and hooked.ln_final.weight is None
+    )
     centred = HookedViT.from_timm(tiny(), center_writing_weights=True)
     assert centred.W_O.mean(-1).abs().max() < 1e-6
     assert centred.W_out.mean(-1).abs().max() < 1e-6
@@ -185,9 +190,23 @@ def test_real_architectures(name):
 # ---------------------------------------------------------------------------------------------
 def block_hooks(layer: int, with_result: bool = False) -> list[str]:
     names = [
-        "hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v",
-        "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "hook_attn_out", "hook_resid_mid",
-        "ln2.hook_scale", "ln2.hook_normalized", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out", "hook_resid_post",
+        "hook_resid_pre",
+        "ln1.hook_scale",
+        "ln1.hook_normalized",
+        "attn.hook_q",
+        "attn.hook_k",
+        "attn.hook_v",
+        "attn.hook_attn_scores",
+        "attn.hook_pattern",
+        "attn.hook_z",
+        "hook_attn_out",
+        "hook_resid_mid",
+        "ln2.hook_scale",
+        "ln2.hook_normalized",
+        "mlp.hook_pre",
+        "mlp.hook_post",
+        "hook_mlp_out",
+        "hook_resid_post",
     ]
     if with_result:
         names.insert(names.index("attn.hook_z") + 1, "attn.hook_result")
@@ -197,8 +216,16 @@ def block_hooks(layer: int, with_result: bool = False) -> list[str]:
 def test_cache_keys_in_forward_order():
     hooked = HookedViT.from_timm(tiny(depth=1)).eval()
     _, cache = hooked.run_with_cache(images(hooked))
-    want = ["hook_embed", "hook_pos_embed", "hook_full_embed", *block_hooks(0),
-            "ln_final.hook_scale", "ln_final.hook_normalized", "hook_pooled", "hook_logits"]
+    want = [
+        "hook_embed",
+        "hook_pos_embed",
+        "hook_full_embed",
+        *block_hooks(0),
+        "ln_final.hook_scale",
+        "ln_final.hook_normalized",
+        "hook_pooled",
+        "hook_logits",
+    ]
     assert list(cache.keys()) == want
     hooked = HookedViT.from_timm(tiny(depth=1, pre_norm=True, qk_norm=True)).eval()
     hooked.set_use_attn_result(True)
@@ -225,12 +252,19 @@ def test_every_hook_fires_once_with_documented_shape(flag):
         hooked.run_with_hooks(images(hooked, B), fwd_hooks=[(lambda n: True, count)])
     assert counts == {n: 1 for n in hooked.hook_dict}
     expect = {
-        "hook_embed": (B, T, D), "hook_pos_embed": (B, T, D), "hook_full_embed": (B, T, D),
-        "blocks.0.hook_resid_pre": (B, T, D), "blocks.0.ln1.hook_scale": (B, T, 1),
-        "blocks.0.attn.hook_q": (B, T, H, Dh), "blocks.0.attn.hook_attn_scores": (B, H, T, T),
-        "blocks.0.attn.hook_pattern": (B, H, T, T), "blocks.0.attn.hook_z": (B, T, H, Dh),
-        "blocks.0.attn.hook_result": (B, T, H, D), "blocks.1.mlp.hook_post": (B, T, M),
-        "blocks.1.hook_resid_post": (B, T, D), "hook_logits": (B, cfg.num_classes),
+        "hook_embed": (B, T, D),
+        "hook_pos_embed": (B, T, D),
+        "hook_full_embed": (B, T, D),
+        "blocks.0.hook_resid_pre": (B, T, D),
+        "blocks.0.ln1.hook_scale": (B, T, 1),
+        "blocks.0.attn.hook_q": (B, T, H, Dh),
+        "blocks.0.attn.hook_attn_scores": (B, H, T, T),
+        "blocks.0.attn.hook_pattern": (B, H, T, T),
+        "blocks.0.attn.hook_z": (B, T, H, Dh),
+        "blocks.0.attn.hook_result": (B, T, H, D),
+        "blocks.1.mlp.hook_post": (B, T, M),
+        "blocks.1.hook_resid_post": (B, T, D),
+        "hook_logits": (B, cfg.num_classes),
         "hook_pooled": (B, D),
     }
     for name, shape in expect.items():
@@ -242,7 +276,9 @@ def test_fast_and_explicit_attention_agree():
     x = images(hooked)
     with torch.no_grad():
         fast = hooked(x)
-        slow = hooked.run_with_hooks(x, fwd_hooks=[(lambda n: n.endswith("hook_pattern"), lambda t, hook: None)])
+        slow = hooked.run_with_hooks(
+            x, fwd_hooks=[(lambda n: n.endswith("hook_pattern"), lambda t, hook: None)]
+        )
     assert_close(fast, slow, 1e-6)
 
 
@@ -281,13 +317,22 @@ def test_weight_properties_act_as_in_transformer_lens():
     x = images(hooked)
     _, cache = hooked.run_with_cache(x)
     ln = cache["blocks.1.ln1.hook_normalized"]
-    for name, W, b in (("q", hooked.W_Q, hooked.b_Q), ("k", hooked.W_K, hooked.b_K), ("v", hooked.W_V, hooked.b_V)):
+    for name, W, b in (
+        ("q", hooked.W_Q, hooked.b_Q),
+        ("k", hooked.W_K, hooked.b_K),
+        ("v", hooked.W_V, hooked.b_V),
+    ):
         assert_close(torch.einsum("bpd,hde->bphe", ln, W[1]) + b[1], cache[f"blocks.1.attn.hook_{name}"])
     z = cache["blocks.1.attn.hook_z"]
-    assert_close(torch.einsum("bphe,hed->bpd", z, hooked.W_O[1]) + hooked.b_O[1], cache["blocks.1.hook_attn_out"])
+    assert_close(
+        torch.einsum("bphe,hed->bpd", z, hooked.W_O[1]) + hooked.b_O[1], cache["blocks.1.hook_attn_out"]
+    )
     post = cache["blocks.0.mlp.hook_post"]
     assert_close(post @ hooked.W_out[0] + hooked.b_out[0], cache["blocks.0.hook_mlp_out"])
-    assert_close(cache["blocks.0.ln2.hook_normalized"] @ hooked.W_in[0] + hooked.b_in[0], cache["blocks.0.mlp.hook_pre"])
+    assert_close(
+        cache["blocks.0.ln2.hook_normalized"] @ hooked.W_in[0] + hooked.b_in[0],
+        cache["blocks.0.mlp.hook_pre"],
+    )
     patches = x.unfold(2, 8, 8).unfold(3, 8, 8).permute(0, 2, 3, 1, 4, 5).reshape(3, 16, -1)
     assert_close(patches @ hooked.W_E + hooked.b_E, cache["hook_embed"][:, 1:])
 
@@ -308,7 +353,10 @@ def test_activation_cache_identities(flag):
     assert heads.shape[0] == hooked.cfg.n_heads
     assert_close(heads.sum(0) + hooked.blocks[0].attn.b_O, cache["blocks.0.hook_attn_out"])
     normed = cache.apply_ln_to_stack(cache["blocks.1.hook_resid_pre"][None], layer=1)[0]
-    assert_close(normed, (cache["blocks.1.ln1.hook_normalized"] - hooked.blocks[1].ln1.bias) / hooked.blocks[1].ln1.weight)
+    assert_close(
+        normed,
+        (cache["blocks.1.ln1.hook_normalized"] - hooked.blocks[1].ln1.bias) / hooked.blocks[1].ln1.weight,
+    )
     y = torch.tensor([1, 4, 6])
     const = hooked.ln_final.bias @ hooked.W_H[:, y] + hooked.b_H[y]
     if hooked.cfg.global_pool == "token":
@@ -348,7 +396,9 @@ def test_readout_only_computes_the_pooled_rows_of_the_last_block():
         assert cache_ro["blocks.2.hook_resid_pre"].shape[1] == T
         assert cache_ro["blocks.2.attn.hook_pattern"].shape[-2:] == (rows or T, T)
         assert cache_ro["blocks.2.hook_resid_post"].shape[1] == (rows or T)
-        assert_close(cache_ro["blocks.2.hook_resid_post"], cache["blocks.2.hook_resid_post"][:, : rows or T], 1e-6)
+        assert_close(
+            cache_ro["blocks.2.hook_resid_post"], cache["blocks.2.hook_resid_post"][:, : rows or T], 1e-6
+        )
         mid = hooked(x, stop_at_layer=2, readout_only=True)  # stop_at_layer: nothing to read out
         assert mid.shape[1] == T
 
@@ -365,7 +415,11 @@ def test_readout_only_with_a_distillation_token():
 def test_token_labels_follow_timm_order():
     hooked = HookedViT.from_timm(tiny(reg_tokens=2))
     labels = hooked.token_labels()
-    assert labels[:4] == ["CLS", "reg0", "reg1", "r0c0"] and labels[-1] == "r3c3" and len(labels) == hooked.cfg.n_tokens
+    assert (
+        labels[:4] == ["CLS", "reg0", "reg1", "r0c0"]
+        and labels[-1] == "r3c3"
+        and len(labels) == hooked.cfg.n_tokens
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,7 +475,9 @@ def test_from_timm_name_with_checkpoint(tmp_path):
         with torch.no_grad():
             assert torch.equal(hooked(x), ref(x))
     with pytest.raises(ValueError, match=r"does not fit this architecture: .*shape mismatch"):
-        HookedViT.from_timm("vit_tiny_patch16_224", checkpoint_path=tmp_path / "w.pth", **{**kw, "embed_dim": 64})
+        HookedViT.from_timm(
+            "vit_tiny_patch16_224", checkpoint_path=tmp_path / "w.pth", **{**kw, "embed_dim": 64}
+        )
     (tmp_path / "bad.safetensors").write_bytes((tmp_path / "w.safetensors").read_bytes()[:100])
     with pytest.raises(ValueError, match="cannot read checkpoint"):
         HookedViT.from_timm("vit_tiny_patch16_224", checkpoint_path=tmp_path / "bad.safetensors", **kw)
@@ -450,8 +506,14 @@ def test_bad_images_raise_value_errors():
 @pytest.mark.parametrize(
     "make, feature",
     [
-        (lambda: timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=28), "Eva is not supported"),
-        (lambda: timm.create_model("vit_relpos_small_patch16_224", pretrained=False, img_size=32), "VisionTransformerRelPos"),
+        (
+            lambda: timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=28),
+            "Eva is not supported",
+        ),
+        (
+            lambda: timm.create_model("vit_relpos_small_patch16_224", pretrained=False, img_size=32),
+            "VisionTransformerRelPos",
+        ),
         (lambda: tiny(mlp_layer=__import__("timm").layers.SwiGLUPacked, mlp_ratio=2), "SwiGLU"),
         (lambda: tiny(block_fn=__import__("timm").models.vision_transformer.ResPostBlock), "ResPostBlock"),
         (lambda: tiny(scale_attn_norm=True), "scale_attn_norm"),

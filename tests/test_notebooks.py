@@ -12,8 +12,12 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
 def test_the_four_notebooks_exist_without_outputs():
-    assert [p.stem for p in NOTEBOOKS] == ["01_quickstart", "02_activation_patching", "03_sae_feature_overlap",
-                                           "04_robustness_study"]
+    assert [p.stem for p in NOTEBOOKS] == [
+        "01_quickstart",
+        "02_activation_patching",
+        "03_sae_feature_overlap",
+        "04_robustness_study",
+    ]
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         for cell in nb.cells:
@@ -27,5 +31,7 @@ def test_notebook_runs_headless(path, monkeypatch):
     monkeypatch.setenv("MECHVIT_NOTEBOOK_THREADS", os.environ.get("MECHVIT_TEST_THREADS", "1"))
     nb = nbformat.read(path, as_version=4)
     # a cell error raises CellExecutionError and fails the test
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+    ).execute()
     assert all(c.get("execution_count") for c in nb.cells if c.cell_type == "code")

@@ -24,7 +24,9 @@ print(returned, kept)
 """
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").exists() or sys.platform != "linux", reason="needs Linux glibc")
+@pytest.mark.skipif(
+    not Path("/proc/self/status").exists() or sys.platform != "linux", reason="needs Linux glibc"
+)
 def test_freed_memory_is_kept_only_after_the_call():
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True).stdout
     returned, kept = map(float, out.split())

@@ -28,8 +28,18 @@ HOOK = "blocks.1.hook_resid_pre"
 
 
 def tiny(**kw) -> HookedViT:
-    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7, in_chans=1,
-                          num_classes=10, embed_dim=32, depth=2, num_heads=2, **kw)
+    m = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=28,
+        patch_size=7,
+        in_chans=1,
+        num_classes=10,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        **kw,
+    )
     return HookedViT.from_timm(m).eval()
 
 
@@ -71,7 +81,7 @@ def test_token_selection_counts_and_values(reg_tokens, images):
 
 def test_hook_widths_and_errors(model):
     assert hook_width(model, HOOK) == 32
-    assert hook_width(model, "blocks.0.attn.hook_z") == 32      # [B, T, H, d_head] flattened
+    assert hook_width(model, "blocks.0.attn.hook_z") == 32  # [B, T, H, d_head] flattened
     assert hook_width(model, "blocks.0.mlp.hook_post") == 128
     with pytest.raises(ValueError, match="not a hook of this model"):
         run_to_hook(model, torch.zeros(1, 1, 28, 28), "blocks.7.hook_resid_pre")
@@ -128,8 +138,12 @@ def test_cache_round_trip_and_mismatch(model, images, tmp_path):
 
 
 def test_cache_resumes_after_interruption(model, images, tmp_path):
-    cfg = ActivationStoreConfig(hook=HOOK, tokens="all", model_batch_size=4,
-                                mix=CorruptionMix(0.5, (("gaussian_noise", 3), ("gaussian_blur", 2))))
+    cfg = ActivationStoreConfig(
+        hook=HOOK,
+        tokens="all",
+        model_batch_size=4,
+        mix=CorruptionMix(0.5, (("gaussian_noise", 3), ("gaussian_blur", 2))),
+    )
     reference = cache_activations(model, images, tmp_path / "ref", cfg, batches_per_shard=3).rows()
     calls = []
 
@@ -140,13 +154,16 @@ def test_cache_resumes_after_interruption(model, images, tmp_path):
         return x
 
     with pytest.raises(KeyboardInterrupt):
-        cache_activations(model, images, tmp_path / "run", cfg, batches_per_shard=3, transform=crash_after_five)
+        cache_activations(
+            model, images, tmp_path / "run", cfg, batches_per_shard=3, transform=crash_after_five
+        )
     with pytest.raises(ValueError, match="incomplete"):
         CachedActivations(tmp_path / "run")
     assert len(json.loads((tmp_path / "run" / "manifest.json").read_text())["shards"]) == 1
     calls.clear()
-    resumed = cache_activations(model, images, tmp_path / "run", cfg, batches_per_shard=3,
-                                transform=lambda x: calls.append(1) or x)
+    resumed = cache_activations(
+        model, images, tmp_path / "run", cfg, batches_per_shard=3, transform=lambda x: calls.append(1) or x
+    )
     assert len(calls) == 10 - 3  # the finished shard (3 batches) is not recomputed
     assert torch.equal(resumed.rows(), reference)
 
@@ -200,8 +217,9 @@ def _peak_rss_growth_mib(fn) -> float:
 def test_store_memory_stays_bounded(model, tmp_path):
     # 4,000 images x 16 patches x 128 (mlp) = 8.2M values: 31 MiB in float32, 1000x the 64-row buffer
     many = torch.rand(4000, 1, 28, 28)
-    cfg = ActivationStoreConfig(hook="blocks.0.mlp.hook_post", tokens="patches", model_batch_size=100,
-                                buffer_size=64)
+    cfg = ActivationStoreConfig(
+        hook="blocks.0.mlp.hook_post", tokens="patches", model_batch_size=100, buffer_size=64
+    )
     total = 4000 * 16
 
     def cache_and_read(images, out):
@@ -212,12 +230,17 @@ def test_store_memory_stays_bounded(model, tmp_path):
         assert sum(len(b) for b in stream_batches(model, many, cfg, 32, epochs=1)) == total
 
     def keep_everything():  # what an unbounded store would do: the probe must see it
-        kept.extend(select_tokens(run_to_hook(model, x, cfg.hook), model.cfg, "patches") for x in many.split(100))
+        kept.extend(
+            select_tokens(run_to_hook(model, x, cfg.hook), model.cfg, "patches") for x in many.split(100)
+        )
 
     kept: list = []
     cache_and_read(many[:200], tmp_path / "warmup")  # first-call allocator and import costs
-    growth = {"cache": _peak_rss_growth_mib(lambda: cache_and_read(many, tmp_path / "big")),
-              "stream": _peak_rss_growth_mib(stream), "unbounded": _peak_rss_growth_mib(keep_everything)}
+    growth = {
+        "cache": _peak_rss_growth_mib(lambda: cache_and_read(many, tmp_path / "big")),
+        "stream": _peak_rss_growth_mib(stream),
+        "unbounded": _peak_rss_growth_mib(keep_everything),
+    }
     # The data is 31 MiB: a store that kept it would grow by about that (the control does); a bounded store
     # grows only by its fixed working set (model batch, buffer, shard: ~9 MiB measured), whatever the data size.
     assert growth["unbounded"] > 28, growth

@@ -33,8 +33,17 @@ def zero_sae(d: int) -> StandardSAE:
 @pytest.fixture(scope="module")
 def model() -> HookedViT:
     torch.manual_seed(0)
-    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7, in_chans=1,
-                          num_classes=10, embed_dim=32, depth=2, num_heads=2)
+    m = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=28,
+        patch_size=7,
+        in_chans=1,
+        num_classes=10,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+    )
     return HookedViT.from_timm(m).eval()
 
 
@@ -63,7 +72,9 @@ def test_reconstruction_metrics_known_answers():
 def test_identity_splice_gives_unmodified_logits(model, data, tokens):
     images, labels = data
     clean = model(images)
-    spliced = model.run_with_hooks(images, fwd_hooks=[(HOOK, splice_hook(identity_sae(32), model.cfg, tokens, HOOK))])
+    spliced = model.run_with_hooks(
+        images, fwd_hooks=[(HOOK, splice_hook(identity_sae(32), model.cfg, tokens, HOOK))]
+    )
     assert torch.equal(spliced, clean)
     m = spliced_metrics(model, identity_sae(32), images, labels, HOOK, tokens=tokens, batch_size=10)
     assert m.kl_sae == pytest.approx(0.0, abs=1e-7) and m.loss_sae == pytest.approx(m.loss_clean, abs=1e-6)
@@ -77,11 +88,13 @@ def test_zero_reconstruction_recovers_nothing_and_touches_only_selected_tokens(m
     assert m.loss_sae == pytest.approx(m.loss_zero) and m.kl_sae == pytest.approx(m.kl_zero)
     assert m.loss_recovered == pytest.approx(0.0, abs=1e-6) and m.kl_zero > 0
     seen = {}
-    hooks = [(HOOK, splice_hook(zero_sae(32), model.cfg, "patches", HOOK)),
-             (HOOK, lambda act, hook: seen.setdefault("act", act.clone()))]
+    hooks = [
+        (HOOK, splice_hook(zero_sae(32), model.cfg, "patches", HOOK)),
+        (HOOK, lambda act, hook: seen.setdefault("act", act.clone())),
+    ]
     _, cache = model.run_with_cache(images[:2], names_filter=HOOK)
     model.run_with_hooks(images[:2], fwd_hooks=hooks)
-    assert torch.all(seen["act"][:, 1:] == 0)                   # patches replaced by the (zero) reconstruction
+    assert torch.all(seen["act"][:, 1:] == 0)  # patches replaced by the (zero) reconstruction
     assert torch.equal(seen["act"][:, :1], cache[HOOK][:, :1])  # the CLS token untouched
 
 

@@ -24,14 +24,23 @@ def sparse_batches(dictionary: torch.Tensor, batch_size: int, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     while True:
         idx = torch.rand(batch_size, N_FEATURES, generator=g).argsort(-1)[:, :K]
-        codes = torch.zeros(batch_size, N_FEATURES).scatter_(1, idx, torch.rand(batch_size, K, generator=g) + 0.5)
+        codes = torch.zeros(batch_size, N_FEATURES).scatter_(
+            1, idx, torch.rand(batch_size, K, generator=g) + 0.5
+        )
         yield codes @ dictionary
 
 
 def test_topk_sae_recovers_a_known_sparse_dictionary():
     true = dictionary()
-    cfg = SAETrainingConfig(architecture="topk", k=K, expansion_factor=2, batch_size=256,
-                            total_samples=256 * 800, lr=3e-3, log_every=200)
+    cfg = SAETrainingConfig(
+        architecture="topk",
+        k=K,
+        expansion_factor=2,
+        batch_size=256,
+        total_samples=256 * 800,
+        lr=3e-3,
+        log_every=200,
+    )
     trained = train_sae(sparse_batches(true, 256), D_IN, cfg)
     learned = F.normalize(trained.sae.W_dec.detach(), dim=-1)
     max_cos = (true @ learned.T).max(dim=1).values
@@ -39,13 +48,21 @@ def test_topk_sae_recovers_a_known_sparse_dictionary():
     assert isinstance(trained.sae, TopKSAE)
 
 
-@pytest.mark.parametrize("architecture,inference_cls", [("batchtopk", JumpReLUSAE), ("topk", TopKSAE),
-                                                        ("standard", SAE), ("jumprelu", JumpReLUSAE)])
+@pytest.mark.parametrize(
+    "architecture,inference_cls",
+    [("batchtopk", JumpReLUSAE), ("topk", TopKSAE), ("standard", SAE), ("jumprelu", JumpReLUSAE)],
+)
 def test_save_load_with_sae_lens_gives_identical_encode(architecture, inference_cls, tmp_path):
-    cfg = SAETrainingConfig(architecture=architecture, k=4, expansion_factor=2, batch_size=64,
-                            total_samples=64 * 30, log_every=10)
-    trained = train_sae(sparse_batches(dictionary(), 64), D_IN, cfg, out_dir=tmp_path / "sae",
-                        manifest={"hook": "blocks.0.hook_resid_post"})
+    cfg = SAETrainingConfig(
+        architecture=architecture, k=4, expansion_factor=2, batch_size=64, total_samples=64 * 30, log_every=10
+    )
+    trained = train_sae(
+        sparse_batches(dictionary(), 64),
+        D_IN,
+        cfg,
+        out_dir=tmp_path / "sae",
+        manifest={"hook": "blocks.0.hook_resid_post"},
+    )
     loaded = SAE.load_from_disk(tmp_path / "sae")  # plain sae-lens, nothing of ours
     assert isinstance(loaded, inference_cls) and type(loaded) is type(trained.sae)
     x = next(sparse_batches(dictionary(), 50, seed=7))
@@ -62,8 +79,16 @@ def test_save_load_with_sae_lens_gives_identical_encode(architecture, inference_
 
 
 def test_cosine_schedule_ends_at_lr_end_and_total_rounds_to_whole_batches():
-    cfg = SAETrainingConfig(architecture="topk", k=2, expansion_factor=2, batch_size=32,
-                            total_samples=32 * 20 + 7, lr=1e-3, lr_end=1e-4, log_every=1)
+    cfg = SAETrainingConfig(
+        architecture="topk",
+        k=2,
+        expansion_factor=2,
+        batch_size=32,
+        total_samples=32 * 20 + 7,
+        lr=1e-3,
+        lr_end=1e-4,
+        log_every=1,
+    )
     trained = train_sae(sparse_batches(dictionary(), 32), D_IN, cfg)
     lrs = [e["details/current_learning_rate"] for e in trained.log]
     assert len(lrs) == 20 and trained.manifest["trained_samples"] == 640
@@ -85,20 +110,40 @@ def test_config_errors():
     with pytest.raises(ValueError, match="at least one batch"):
         SAETrainingConfig(batch_size=1024, total_samples=100)
     with pytest.raises(ValueError, match="must not exceed d_sae"):
-        train_sae(sparse_batches(dictionary(), 32), 2, SAETrainingConfig(k=8, expansion_factor=2, batch_size=32,
-                                                                          total_samples=64))
+        train_sae(
+            sparse_batches(dictionary(), 32),
+            2,
+            SAETrainingConfig(k=8, expansion_factor=2, batch_size=32, total_samples=64),
+        )
 
 
 def test_train_for_hook_end_to_end_cached(tmp_path):
-    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7, in_chans=1,
-                          num_classes=10, embed_dim=32, depth=2, num_heads=2)
+    m = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=28,
+        patch_size=7,
+        in_chans=1,
+        num_classes=10,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+    )
     model = HookedViT.from_timm(m).eval()
     images = torch.rand(32, 1, 28, 28)
-    store = ActivationStoreConfig(hook="blocks.1.hook_resid_pre", tokens="patches", model_batch_size=16,
-                                  buffer_size=512)
+    store = ActivationStoreConfig(
+        hook="blocks.1.hook_resid_pre", tokens="patches", model_batch_size=16, buffer_size=512
+    )
     cfg = SAETrainingConfig(k=8, expansion_factor=2, batch_size=128, total_samples=128 * 10)
-    trained = train_sae_for_hook(model, images, store, cfg, out_dir=tmp_path / "sae", cache_dir=tmp_path / "acts",
-                                 heldout=torch.randn(100, 32))
+    trained = train_sae_for_hook(
+        model,
+        images,
+        store,
+        cfg,
+        out_dir=tmp_path / "sae",
+        cache_dir=tmp_path / "acts",
+        heldout=torch.randn(100, 32),
+    )
     loaded, manifest = load_sae(tmp_path / "sae")
     assert loaded.cfg.d_in == 32 and loaded.cfg.d_sae == 64
     assert manifest["hook"] == store.hook and manifest["tokens"] == "patches"
@@ -106,18 +151,51 @@ def test_train_for_hook_end_to_end_cached(tmp_path):
     assert manifest["heldout_metrics"]["n_rows"] == 100 and trained.path == tmp_path / "sae"
 
 
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists(),
-                    reason="needs Fashion-MNIST")
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists(),
+    reason="needs Fashion-MNIST",
+)
 def test_command_line_trains_and_reports(tmp_path):
     from mechvit.sae.__main__ import main
 
-    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7, in_chans=1,
-                          num_classes=10, embed_dim=32, depth=2, num_heads=2)
+    m = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=28,
+        patch_size=7,
+        in_chans=1,
+        num_classes=10,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+    )
     HookedViT.from_timm(m).save_pretrained(tmp_path / "vit")
-    summary = main(["--checkpoint", str(tmp_path / "vit"), "--hook", "blocks.1.hook_resid_pre",
-                    "--out", str(tmp_path / "sae"), "--images", "64", "--heldout", "32", "--samples", "2048",
-                    "--batch-size", "256", "--k", "8", "--expansion", "2",
-                    "--mix", "0.5", "--corruption", "gaussian_blur:4"])
+    summary = main(
+        [
+            "--checkpoint",
+            str(tmp_path / "vit"),
+            "--hook",
+            "blocks.1.hook_resid_pre",
+            "--out",
+            str(tmp_path / "sae"),
+            "--images",
+            "64",
+            "--heldout",
+            "32",
+            "--samples",
+            "2048",
+            "--batch-size",
+            "256",
+            "--k",
+            "8",
+            "--expansion",
+            "2",
+            "--mix",
+            "0.5",
+            "--corruption",
+            "gaussian_blur:4",
+        ]
+    )
     assert summary["n_rows"] == 32 * 16 and summary["n_images"] == 32 and summary["d_sae"] == 64
     loaded, manifest = load_sae(tmp_path / "sae")
     assert manifest["corruption_mix"] == {"fraction": 0.5, "corruptions": [["gaussian_blur", 4]]}

@@ -22,11 +22,15 @@ ALL_STEPS = ["robustness", "logit_lens", "attention", "sae", "sae_analysis", "pa
 def make_checkpoints(root: Path) -> dict[str, Path]:
     """A base model and two 'fine-tuned' ones (different random weights; cards say what they have seen)."""
     out = {}
-    for i, (name, seen) in enumerate([("base", None), ("ft_blur", ["gaussian_blur"]), ("ft_noise", ["gaussian_noise"])]):
+    for i, (name, seen) in enumerate(
+        [("base", None), ("ft_blur", ["gaussian_blur"]), ("ft_noise", ["gaussian_noise"])]
+    ):
         torch.manual_seed(i)
         model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **ARCH)
-        card = {"model": {"name": "vit_tiny_patch16_224", "kwargs": ARCH},
-                "config": {"corruption": {"seen": seen} if seen else None}}
+        card = {
+            "model": {"name": "vit_tiny_patch16_224", "kwargs": ARCH},
+            "config": {"corruption": {"seen": seen} if seen else None},
+        }
         save_checkpoint(root / name, model, card)
         out[name] = root / name
     return out
@@ -34,17 +38,41 @@ def make_checkpoints(root: Path) -> dict[str, Path]:
 
 def tiny_config(ck: dict[str, Path], **sections) -> dict:
     cfg = {
-        "name": "tiny", "title": "tiny study", "progress": False, "num_threads": 1,
-        "models": {"base": {"name": "base", "checkpoint": str(ck["base"])},
-                   "finetuned": [{"name": "ft_blur", "checkpoint": str(ck["ft_blur"])},
-                                 {"name": "ft_noise", "checkpoint": str(ck["ft_noise"])}]},
-        "conditions": [{"corruption": "gaussian_blur", "severity": 4}, {"corruption": "gaussian_noise", "severity": 4}],
-        "robustness": {"corruptions": ["gaussian_blur", "gaussian_noise", "contrast"], "severities": [1, 4],
-                       "n_images": 32, "batch_size": 32},
+        "name": "tiny",
+        "title": "tiny study",
+        "progress": False,
+        "num_threads": 1,
+        "models": {
+            "base": {"name": "base", "checkpoint": str(ck["base"])},
+            "finetuned": [
+                {"name": "ft_blur", "checkpoint": str(ck["ft_blur"])},
+                {"name": "ft_noise", "checkpoint": str(ck["ft_noise"])},
+            ],
+        },
+        "conditions": [
+            {"corruption": "gaussian_blur", "severity": 4},
+            {"corruption": "gaussian_noise", "severity": 4},
+        ],
+        "robustness": {
+            "corruptions": ["gaussian_blur", "gaussian_noise", "contrast"],
+            "severities": [1, 4],
+            "n_images": 32,
+            "batch_size": 32,
+        },
         "logit_lens": {"n_images": 16},
         "attention": {"n_images": 8, "n_views": 1},
-        "sae": {"hook": "blocks.1.hook_resid_post", "architectures": ["batchtopk", "standard"], "expansion_factor": 2, "k": 4, "epochs": 1, "batch_size": 64,
-                "n_train_images": 32, "n_eval_images": 8, "top_features": 1, "top_images": 2},
+        "sae": {
+            "hook": "blocks.1.hook_resid_post",
+            "architectures": ["batchtopk", "standard"],
+            "expansion_factor": 2,
+            "k": 4,
+            "epochs": 1,
+            "batch_size": 64,
+            "n_train_images": 32,
+            "n_eval_images": 8,
+            "top_features": 1,
+            "top_images": 2,
+        },
         "patching": {"n_images": 4},
         "cka": {"n_images": 8},
     }
@@ -74,7 +102,10 @@ def test_study_runs_every_step_and_writes_the_report(finished):
     rob = metrics["steps"]["robustness"]["metrics"]
     # seen vs unseen: each fine-tuned model's seen corruption comes from its card
     assert {s["model"]: s["seen"] for s in rob["seen_unseen"]} == {
-        "base": [], "ft_blur": ["gaussian_blur"], "ft_noise": ["gaussian_noise"]}
+        "base": [],
+        "ft_blur": ["gaussian_blur"],
+        "ft_noise": ["gaussian_noise"],
+    }
     assert set(rob["paper"]["base"]) == {"clean", "gaussian_blur/4", "gaussian_noise/4"}
     assert all(0 <= m["top1"] <= m["top5"] <= m["top10"] <= 1 for m in rob["paper"]["ft_blur"].values())
     # SAEs: base x 2 conditions + each fine-tuned model x its own condition, x 2 architectures
@@ -83,8 +114,11 @@ def test_study_runs_every_step_and_writes_the_report(finished):
     assert "batchtopk__ft_blur__gaussian_blur-4" in saes and "standard__base__gaussian_noise-4" in saes
     assert not (out / "sae" / "_acts").exists() and not (out / ".staging").exists()
     overlap = metrics["steps"]["sae_analysis"]["metrics"]["overlap"]
-    assert set(overlap) == {f"{a}|{m}|{c}" for a in ("batchtopk", "standard")
-                            for m, c in (("ft_blur", "gaussian_blur/4"), ("ft_noise", "gaussian_noise/4"))}
+    assert set(overlap) == {
+        f"{a}|{m}|{c}"
+        for a in ("batchtopk", "standard")
+        for m, c in (("ft_blur", "gaussian_blur/4"), ("ft_noise", "gaussian_noise/4"))
+    }
     assert metrics["key_numbers"]
 
 
@@ -135,8 +169,9 @@ def test_rerun_skips_finished_steps_and_recomputes_only_what_changed(finished, c
 
 
 def test_interrupted_study_resumes(checkpoints, tmp_path, monkeypatch):
-    cfg = study_config_from_dict(tiny_config(checkpoints, sae={"enabled": False}, patching={"enabled": False},
-                                             cka={"enabled": False}))
+    cfg = study_config_from_dict(
+        tiny_config(checkpoints, sae={"enabled": False}, patching={"enabled": False}, cka={"enabled": False})
+    )
     calls = []
     real = {s.name: s.fn for s in study_steps.STEPS}
 
@@ -148,7 +183,9 @@ def test_interrupted_study_resumes(checkpoints, tmp_path, monkeypatch):
     monkeypatch.setattr(next(s for s in study_steps.STEPS if s.name == "attention"), "fn", crash)
     with pytest.raises(RuntimeError, match="killed"):
         run_study(cfg, tmp_path)
-    assert (tmp_path / "robustness" / "done.json").is_file() and (tmp_path / "logit_lens" / "done.json").is_file()
+    assert (tmp_path / "robustness" / "done.json").is_file() and (
+        tmp_path / "logit_lens" / "done.json"
+    ).is_file()
     assert not (tmp_path / "attention").exists() and not (tmp_path / "report.html").exists()
     monkeypatch.setattr(next(s for s in study_steps.STEPS if s.name == "attention"), "fn", real["attention"])
     run = run_study(cfg, tmp_path)
@@ -158,7 +195,9 @@ def test_interrupted_study_resumes(checkpoints, tmp_path, monkeypatch):
 
 def test_hook_beyond_the_model_fails_before_any_step(checkpoints, tmp_path):
     cfg = study_config_from_dict(tiny_config(checkpoints, sae={"hook": "blocks.5.hook_resid_post"}))
-    with pytest.raises(ConfigError, match=r"^sae.hook: unknown hook 'blocks.5.hook_resid_post'; this model has 2"):
+    with pytest.raises(
+        ConfigError, match=r"^sae.hook: unknown hook 'blocks.5.hook_resid_post'; this model has 2"
+    ):
         run_study(cfg, tmp_path)
     assert not any(tmp_path.iterdir())
 
@@ -166,5 +205,7 @@ def test_hook_beyond_the_model_fails_before_any_step(checkpoints, tmp_path):
 def test_missing_checkpoint_is_a_clear_error(checkpoints, tmp_path):
     cfg = tiny_config(checkpoints)
     cfg["models"]["finetuned"][0]["checkpoint"] = str(tmp_path / "nope")
-    with pytest.raises(ConfigError, match=r"^models.finetuned\[0\].checkpoint: .*nope is not a mechvit checkpoint"):
+    with pytest.raises(
+        ConfigError, match=r"^models.finetuned\[0\].checkpoint: .*nope is not a mechvit checkpoint"
+    ):
         run_study(study_config_from_dict(cfg), tmp_path / "out")

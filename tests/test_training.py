@@ -22,7 +22,9 @@ from mechvit.training.config import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0)
+TINY = dict(
+    img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0
+)
 
 
 def toy_data(n: int, seed: int = 0, size: int = 8, channels: int = 1):
@@ -65,16 +67,22 @@ def test_config_unknown_key_and_wrong_type_name_the_key(tmp_path):
     with pytest.raises(ValueError, match=rf"^{p}: epochz: unknown key; expected one of out, model, .*epochs"):
         load_config(p)
     p.write_text("out: x\nmodel: {name: vit_tiny_patch16_224}\naugment: {crop_pad: 3}\n")
-    with pytest.raises(ValueError, match=r": augment\.crop_pad: unknown key; expected one of crop_padding, hflip$"):
+    with pytest.raises(
+        ValueError, match=r": augment\.crop_pad: unknown key; expected one of crop_padding, hflip$"
+    ):
         load_config(p)
     p.write_text("out: x\nmodel: {name: vit_tiny_patch16_224}\nepochs: three\n")
     with pytest.raises(ValueError, match=r": epochs: expected int, got str 'three'$"):
         load_config(p)
-    p.write_text("out: x\nmodel: {name: vit_tiny_patch16_224}\ncorruption: {seen: [gaussian_blur], severities: [x]}\n")
+    p.write_text(
+        "out: x\nmodel: {name: vit_tiny_patch16_224}\ncorruption: {seen: [gaussian_blur], severities: [x]}\n"
+    )
     with pytest.raises(ValueError, match=r": corruption\.severities\[0\]: expected int, got str 'x'$"):
         load_config(p)
     p.write_text("out: x\nmodel: vit_tiny_patch16_224\n")
-    with pytest.raises(ValueError, match=r": model: expected a mapping \(ModelSpec\), got str 'vit_tiny_patch16_224'$"):
+    with pytest.raises(
+        ValueError, match=r": model: expected a mapping \(ModelSpec\), got str 'vit_tiny_patch16_224'$"
+    ):
         load_config(p)
     p.write_text("model: {name: vit_tiny_patch16_224}\n")
     with pytest.raises(ValueError, match=r": out: missing required key$"):
@@ -160,7 +168,9 @@ def test_resume_refuses_a_state_of_another_config(tmp_path):
 
 
 def test_card_contents_and_checkpoint_round_trip(tmp_path):
-    cfg = tiny_cfg(tmp_path, epochs=1, eval=EvalConfig(corruptions=["gaussian_noise"], severities=[1, 5], n_test=32))
+    cfg = tiny_cfg(
+        tmp_path, epochs=1, eval=EvalConfig(corruptions=["gaussian_noise"], severities=[1, 5], n_test=32)
+    )
     out = train(cfg, data=(toy_data(64), toy_data(48, seed=1)), progress=False)
     card = json.loads((out / "card.json").read_text())
     assert card["model"] == {"name": "vit_tiny_patch16_224", "kwargs": TINY}
@@ -185,7 +195,9 @@ def test_card_contents_and_checkpoint_round_trip(tmp_path):
     # the card's clean accuracy is the model's accuracy on the test set
     xt, yt = toy_data(48, seed=1)
     with torch.no_grad():
-        assert card["clean"]["top1"] == pytest.approx((m(xt).argmax(-1) == yt).float().mean().item(), abs=1e-4)
+        assert card["clean"]["top1"] == pytest.approx(
+            (m(xt).argmax(-1) == yt).float().mean().item(), abs=1e-4
+        )
 
 
 def test_wrong_architecture_and_damaged_files_give_clear_errors(tmp_path):
@@ -249,7 +261,9 @@ def test_corruption_finetuning_raises_accuracy_on_the_seen_corruption(tmp_path, 
 
 
 def test_finetune_config_must_keep_the_checkpoint_architecture(tmp_path):
-    base = train(tiny_cfg(tmp_path / "b", epochs=1), data=(toy_data(32), toy_data(16, seed=1)), progress=False)
+    base = train(
+        tiny_cfg(tmp_path / "b", epochs=1), data=(toy_data(32), toy_data(16, seed=1)), progress=False
+    )
     cfg = tiny_cfg(tmp_path / "f", model=ModelSpec(kwargs={**TINY, "depth": 3}), init_from=str(base))
     with pytest.raises(ValueError, match="differs from the architecture of init_from"):
         train(cfg, data=(toy_data(32), toy_data(16, seed=1)), progress=False)
@@ -271,7 +285,9 @@ def test_training_a_hooked_vit(tmp_path):
     from mechvit import HookedViT
 
     hooked = HookedViT.from_timm(timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY))
-    out = train(tiny_cfg(tmp_path, epochs=2), model=hooked, data=(toy_data(96), toy_data(32, seed=1)), progress=False)
+    out = train(
+        tiny_cfg(tmp_path, epochs=2), model=hooked, data=(toy_data(96), toy_data(32, seed=1)), progress=False
+    )
     card = read_card(out)
     assert card["history"][-1]["train_loss"] < card["history"][0]["train_loss"]
     x = toy_data(4, seed=3)[0]

@@ -13,7 +13,11 @@ BLOCK_HOOKS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 
 def check_images(images, name: str = "images") -> None:
     if not isinstance(images, Tensor) or images.ndim != 4 or not images.is_floating_point():
-        got = f"{type(images).__name__} {tuple(images.shape)}" if isinstance(images, Tensor) else type(images).__name__
+        got = (
+            f"{type(images).__name__} {tuple(images.shape)}"
+            if isinstance(images, Tensor)
+            else type(images).__name__
+        )
         raise ValueError(f"{name} must be a float tensor [B, C, H, W], got {got}")
 
 
@@ -23,7 +27,9 @@ def check_labels(labels, n: int, num_classes: int) -> Tensor:
         raise ValueError(f"labels must be an integer tensor [{n}], got {got}")
     labels = labels.long()
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes}), got range [{int(labels.min())}, {int(labels.max())}]")
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}), got range [{int(labels.min())}, {int(labels.max())}]"
+        )
     return labels
 
 
@@ -71,7 +77,7 @@ def run_hook_batches(
     if with_logits:
         out["logits"] = []
     for start in batches(images.shape[0], batch_size, progress, desc):
-        x = images[start:start + batch_size].to(device)
+        x = images[start : start + batch_size].to(device)
         logits, cache = model.run_with_cache(x, names_filter=lambda n: n in wanted)
         for n in names:
             act = cache[n]

@@ -59,7 +59,9 @@ def mean_attention_distance(
     _check_pattern(pattern)
     n_patch = grid_size[0] * grid_size[1]
     if pattern.shape[-1] != n_prefix + n_patch:
-        raise ValueError(f"pattern has {pattern.shape[-1]} tokens, expected {n_prefix} prefix + {n_patch} patches")
+        raise ValueError(
+            f"pattern has {pattern.shape[-1]} tokens, expected {n_prefix} prefix + {n_patch} patches"
+        )
     centers = patch_centers(grid_size, patch_size).to(pattern.device)
     dist = torch.cdist(centers, centers)  # [P, P]
     p = pattern[..., n_prefix:, n_prefix:].to(torch.float32)
@@ -75,7 +77,9 @@ def cls_attention_map(
     _check_pattern(pattern)
     gh, gw = grid_size
     if pattern.shape[-1] != n_prefix + gh * gw:
-        raise ValueError(f"pattern has {pattern.shape[-1]} tokens, expected {n_prefix} prefix + {gh * gw} patches")
+        raise ValueError(
+            f"pattern has {pattern.shape[-1]} tokens, expected {n_prefix} prefix + {gh * gw} patches"
+        )
     if not 0 <= query < pattern.shape[-1]:
         raise ValueError(f"query must index a token in [0, {pattern.shape[-1]}), got {query}")
     return pattern[:, :, query, n_prefix:].reshape(*pattern.shape[:2], gh, gw)
@@ -117,8 +121,12 @@ def _patterns(model, x: Tensor) -> list[Tensor]:
 def model_attention_rollout(model, images: Tensor, *, residual: bool = True, batch_size: int = 64) -> Tensor:
     """Rollout ``[B, T, T]`` of ``model`` on ``images`` (on CPU)."""
     check_images(images)
-    return torch.cat([attention_rollout(_patterns(model, images[s:s + batch_size]), residual=residual).cpu()
-                      for s in batches(images.shape[0], batch_size)])
+    return torch.cat(
+        [
+            attention_rollout(_patterns(model, images[s : s + batch_size]), residual=residual).cpu()
+            for s in batches(images.shape[0], batch_size)
+        ]
+    )
 
 
 @torch.no_grad()
@@ -130,9 +138,10 @@ def model_cls_attention(model, images: Tensor, *, batch_size: int = 64, query: i
         raise ValueError("this model has no prefix (CLS) token; pass query=<a patch token index>")
     per_batch = []
     for s in batches(images.shape[0], batch_size):
-        pats = _patterns(model, images[s:s + batch_size])
-        per_batch.append(torch.stack([cls_attention_map(p, cfg.grid_size, cfg.n_prefix_tokens, query).cpu()
-                                      for p in pats]))
+        pats = _patterns(model, images[s : s + batch_size])
+        per_batch.append(
+            torch.stack([cls_attention_map(p, cfg.grid_size, cfg.n_prefix_tokens, query).cpu() for p in pats])
+        )
     return torch.cat(per_batch, dim=1)
 
 
@@ -146,12 +155,24 @@ class AttentionStats:
 
     def rows(self) -> list[dict]:
         n_layers, n_heads = self.entropy.shape
-        return [{"layer": lay, "head": h, "entropy": float(self.entropy[lay, h]),
-                 "distance_px": float(self.distance[lay, h]), "n_images": self.n_images}
-                for lay in range(n_layers) for h in range(n_heads)]
+        return [
+            {
+                "layer": lay,
+                "head": h,
+                "entropy": float(self.entropy[lay, h]),
+                "distance_px": float(self.distance[lay, h]),
+                "n_images": self.n_images,
+            }
+            for lay in range(n_layers)
+            for h in range(n_heads)
+        ]
 
     def to_dict(self) -> dict:
-        return {"entropy": self.entropy.tolist(), "distance_px": self.distance.tolist(), "n_images": self.n_images}
+        return {
+            "entropy": self.entropy.tolist(),
+            "distance_px": self.distance.tolist(),
+            "n_images": self.n_images,
+        }
 
     def save_csv(self, path: str | os.PathLike) -> None:
         write_rows_csv(self.rows(), path)
@@ -165,10 +186,14 @@ def attention_stats(model, images: Tensor, *, batch_size: int = 64, progress: bo
     ent = torch.zeros(cfg.n_layers, cfg.n_heads, dtype=torch.float64)
     dist = torch.zeros_like(ent)
     for s in batches(images.shape[0], batch_size, progress, "attention stats"):
-        for layer, p in enumerate(_patterns(model, images[s:s + batch_size])):
+        for layer, p in enumerate(_patterns(model, images[s : s + batch_size])):
             ent[layer] += attention_entropy(p).mean(-1).sum(0).double().cpu()
-            dist[layer] += mean_attention_distance(p, cfg.grid_size, cfg.patch_size,
-                                                   cfg.n_prefix_tokens).sum(0).double().cpu()
+            dist[layer] += (
+                mean_attention_distance(p, cfg.grid_size, cfg.patch_size, cfg.n_prefix_tokens)
+                .sum(0)
+                .double()
+                .cpu()
+            )
     n = images.shape[0]
     return AttentionStats(entropy=(ent / n).float(), distance=(dist / n).float(), n_images=n)
 
@@ -193,19 +218,36 @@ class PairedAttention:
 
     def per_layer(self) -> dict[str, Tensor]:
         """Head-averaged metrics per layer."""
-        return {"entropy_a": self.entropy_a.mean(1), "entropy_b": self.entropy_b.mean(1),
-                "entropy_diff": self.entropy_diff.mean(1), "distance_diff": (self.distance_b - self.distance_a).mean(1),
-                "mse": self.mse.mean(1), "cosine": self.cosine.mean(1)}
+        return {
+            "entropy_a": self.entropy_a.mean(1),
+            "entropy_b": self.entropy_b.mean(1),
+            "entropy_diff": self.entropy_diff.mean(1),
+            "distance_diff": (self.distance_b - self.distance_a).mean(1),
+            "mse": self.mse.mean(1),
+            "cosine": self.cosine.mean(1),
+        }
 
     def rows(self) -> list[dict]:
         n_layers, n_heads = self.mse.shape
         a, b = self.labels
-        return [{"layer": lay, "head": h, "run_a": a, "run_b": b,
-                 "entropy_a": float(self.entropy_a[lay, h]), "entropy_b": float(self.entropy_b[lay, h]),
-                 "entropy_diff": float(self.entropy_diff[lay, h]),
-                 "distance_a_px": float(self.distance_a[lay, h]), "distance_b_px": float(self.distance_b[lay, h]),
-                 "mse": float(self.mse[lay, h]), "cosine": float(self.cosine[lay, h]), "n_images": self.n_images}
-                for lay in range(n_layers) for h in range(n_heads)]
+        return [
+            {
+                "layer": lay,
+                "head": h,
+                "run_a": a,
+                "run_b": b,
+                "entropy_a": float(self.entropy_a[lay, h]),
+                "entropy_b": float(self.entropy_b[lay, h]),
+                "entropy_diff": float(self.entropy_diff[lay, h]),
+                "distance_a_px": float(self.distance_a[lay, h]),
+                "distance_b_px": float(self.distance_b[lay, h]),
+                "mse": float(self.mse[lay, h]),
+                "cosine": float(self.cosine[lay, h]),
+                "n_images": self.n_images,
+            }
+            for lay in range(n_layers)
+            for h in range(n_heads)
+        ]
 
     def to_dict(self) -> dict:
         out = {k: v.tolist() for k, v in self.per_layer().items()}
@@ -237,26 +279,44 @@ def compare_attention(
     check_images(images_a, "images_a")
     check_images(images_b, "images_b")
     if images_a.shape[0] != images_b.shape[0]:
-        raise ValueError(f"images_a and images_b must be paired, got {images_a.shape[0]} and {images_b.shape[0]} images")
+        raise ValueError(
+            f"images_a and images_b must be paired, got {images_a.shape[0]} and {images_b.shape[0]} images"
+        )
     ca, cb = model_a.cfg, model_b.cfg
     if (ca.n_layers, ca.n_heads, ca.n_tokens) != (cb.n_layers, cb.n_heads, cb.n_tokens):
-        raise ValueError("models must share n_layers, n_heads and n_tokens, got "
-                         f"{(ca.n_layers, ca.n_heads, ca.n_tokens)} and {(cb.n_layers, cb.n_heads, cb.n_tokens)}")
-    sums = {k: torch.zeros(ca.n_layers, ca.n_heads, dtype=torch.float64)
-            for k in ("entropy_a", "entropy_b", "distance_a", "distance_b", "mse", "cosine")}
+        raise ValueError(
+            "models must share n_layers, n_heads and n_tokens, got "
+            f"{(ca.n_layers, ca.n_heads, ca.n_tokens)} and {(cb.n_layers, cb.n_heads, cb.n_tokens)}"
+        )
+    sums = {
+        k: torch.zeros(ca.n_layers, ca.n_heads, dtype=torch.float64)
+        for k in ("entropy_a", "entropy_b", "distance_a", "distance_b", "mse", "cosine")
+    }
     for s in batches(images_a.shape[0], batch_size, progress, "attention compare"):
-        pats_a = _patterns(model_a, images_a[s:s + batch_size])
-        pats_b = _patterns(model_b, images_b[s:s + batch_size])
+        pats_a = _patterns(model_a, images_a[s : s + batch_size])
+        pats_b = _patterns(model_b, images_b[s : s + batch_size])
         for layer, (pa, pb) in enumerate(zip(pats_a, pats_b, strict=True)):
             pa, pb = pa.float(), pb.to(pa.device).float()
             sums["entropy_a"][layer] += attention_entropy(pa).mean(-1).sum(0).double().cpu()
             sums["entropy_b"][layer] += attention_entropy(pb).mean(-1).sum(0).double().cpu()
-            sums["distance_a"][layer] += mean_attention_distance(
-                pa, ca.grid_size, ca.patch_size, ca.n_prefix_tokens).sum(0).double().cpu()
-            sums["distance_b"][layer] += mean_attention_distance(
-                pb, cb.grid_size, cb.patch_size, cb.n_prefix_tokens).sum(0).double().cpu()
+            sums["distance_a"][layer] += (
+                mean_attention_distance(pa, ca.grid_size, ca.patch_size, ca.n_prefix_tokens)
+                .sum(0)
+                .double()
+                .cpu()
+            )
+            sums["distance_b"][layer] += (
+                mean_attention_distance(pb, cb.grid_size, cb.patch_size, cb.n_prefix_tokens)
+                .sum(0)
+                .double()
+                .cpu()
+            )
             sums["mse"][layer] += (pa - pb).pow(2).mean((-1, -2)).sum(0).double().cpu()
-            sums["cosine"][layer] += torch.nn.functional.cosine_similarity(
-                pa.flatten(2), pb.flatten(2), dim=-1).sum(0).double().cpu()
+            sums["cosine"][layer] += (
+                torch.nn.functional.cosine_similarity(pa.flatten(2), pb.flatten(2), dim=-1)
+                .sum(0)
+                .double()
+                .cpu()
+            )
     n = images_a.shape[0]
     return PairedAttention(**{k: (v / n).float() for k, v in sums.items()}, n_images=n, labels=tuple(labels))

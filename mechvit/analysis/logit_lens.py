@@ -39,7 +39,9 @@ def first_correct_layer(top1: Tensor, mode: str = "first") -> Tensor:
     if mode == "stable":
         # suffix[i, l] = top1 at every layer >= l
         top1 = top1.flip(1).cumprod(1).flip(1).bool()
-    idx = torch.where(top1, torch.arange(n_layers).expand_as(top1), torch.full_like(top1, n_layers, dtype=torch.long))
+    idx = torch.where(
+        top1, torch.arange(n_layers).expand_as(top1), torch.full_like(top1, n_layers, dtype=torch.long)
+    )
     first = idx.min(1).values
     return torch.where(first == n_layers, torch.full_like(first, -1), first)
 
@@ -68,19 +70,31 @@ class LogitLensResult:
         return float(f.double().mean()) if f.numel() else float("nan")
 
     def summary(self) -> dict[str, Tensor]:
-        return {"top1_acc": self.top1.double().mean(0).float(), "correct_prob": self.correct_prob.mean(0),
-                "kl_to_final": self.kl_to_final.mean(0), "entropy": self.entropy.mean(0)}
+        return {
+            "top1_acc": self.top1.double().mean(0).float(),
+            "correct_prob": self.correct_prob.mean(0),
+            "kl_to_final": self.kl_to_final.mean(0),
+            "entropy": self.entropy.mean(0),
+        }
 
     def rows(self) -> list[dict]:
         s = self.summary()
-        return [{**self.meta, "layer": lay, **{k: float(v[i]) for k, v in s.items()}}
-                for i, lay in enumerate(self.layers)]
+        return [
+            {**self.meta, "layer": lay, **{k: float(v[i]) for k, v in s.items()}}
+            for i, lay in enumerate(self.layers)
+        ]
 
     def to_dict(self) -> dict:
         f = self.first_correct
-        return {**self.meta, "layers": list(self.layers), **{k: v.tolist() for k, v in self.summary().items()},
-                "first_correct_mode": self.mode, "mean_first_correct_layer": self.mean_first_correct,
-                "n_correct_somewhere": int((f >= 0).sum()), "n_images": int(self.top1.shape[0])}
+        return {
+            **self.meta,
+            "layers": list(self.layers),
+            **{k: v.tolist() for k, v in self.summary().items()},
+            "first_correct_mode": self.mode,
+            "mean_first_correct_layer": self.mean_first_correct,
+            "n_correct_somewhere": int((f >= 0).sum()),
+            "n_images": int(self.top1.shape[0]),
+        }
 
     def save_csv(self, path: str | os.PathLike) -> None:
         write_rows_csv(self.rows(), path)
@@ -105,13 +119,14 @@ def logit_lens(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     n_layers = model.cfg.n_layers
     names = (["blocks.0.hook_resid_pre"] if include_embed else []) + [
-        f"blocks.{lay}.hook_resid_post" for lay in range(n_layers)]
+        f"blocks.{lay}.hook_resid_post" for lay in range(n_layers)
+    ]
     layer_names = (["embed"] if include_embed else []) + [str(lay) for lay in range(n_layers)]
     wanted = set(names)
     device = model_device(model)
     out: dict[str, list[Tensor]] = {k: [] for k in ("correct_prob", "top1", "kl_to_final", "entropy")}
     for s in batches(images.shape[0], batch_size, progress, "logit lens"):
-        x, y = images[s:s + batch_size].to(device), labels[s:s + batch_size].to(device)
+        x, y = images[s : s + batch_size].to(device), labels[s : s + batch_size].to(device)
         _, cache = model.run_with_cache(x, names_filter=lambda n: n in wanted)
         logp = torch.stack([model.unembed(cache[n]).float().log_softmax(-1) for n in names], 1)  # [B, L, C]
         logp_final = logp[:, -1:]
@@ -120,8 +135,9 @@ def logit_lens(
         out["top1"].append((logp.argmax(-1) == y[:, None]).cpu())
         out["kl_to_final"].append((logp_final.exp() * (logp_final - logp)).sum(-1).clamp_min(0).cpu())
         out["entropy"].append(-(p * logp).nan_to_num().sum(-1).cpu())
-    return LogitLensResult(layers=layer_names, **{k: torch.cat(v) for k, v in out.items()}, mode=mode,
-                           meta=dict(meta or {}))
+    return LogitLensResult(
+        layers=layer_names, **{k: torch.cat(v) for k, v in out.items()}, mode=mode, meta=dict(meta or {})
+    )
 
 
 @dataclass
@@ -140,11 +156,19 @@ class LogitLensSweep:
         write_rows_csv(self.rows(), path)
 
 
-def logit_lens_sweep(models: Mapping[str, object], inputs: Mapping[str, Tensor], labels: Tensor,
-                     **kwargs) -> LogitLensSweep:
+def logit_lens_sweep(
+    models: Mapping[str, object], inputs: Mapping[str, Tensor], labels: Tensor, **kwargs
+) -> LogitLensSweep:
     """:func:`logit_lens` for every model in ``models`` (name -> HookedViT) on every condition in ``inputs``
     (name -> images, e.g. ``{"clean": x, "gaussian_blur/4": corrupt(x, "gaussian_blur", 4, seed=0)}``)."""
     if not models or not inputs:
-        raise ValueError(f"need at least one model and one input condition, got {len(models)} and {len(inputs)}")
-    return LogitLensSweep({(m, c): logit_lens(model, x, labels, meta={"model": m, "condition": c}, **kwargs)
-                           for m, model in models.items() for c, x in inputs.items()})
+        raise ValueError(
+            f"need at least one model and one input condition, got {len(models)} and {len(inputs)}"
+        )
+    return LogitLensSweep(
+        {
+            (m, c): logit_lens(model, x, labels, meta={"model": m, "condition": c}, **kwargs)
+            for m, model in models.items()
+            for c, x in inputs.items()
+        }
+    )

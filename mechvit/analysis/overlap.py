@@ -50,7 +50,9 @@ TOKEN_SETS = ("all", "patches", "prefix", "cls")
 def _decoder(sae_or_matrix) -> Tensor:
     w = sae_or_matrix if isinstance(sae_or_matrix, Tensor) else getattr(sae_or_matrix, "W_dec", None)
     if not isinstance(w, Tensor) or w.ndim != 2:
-        raise ValueError(f"expected an SAE with W_dec [d_sae, d_in] or such a matrix, got {type(sae_or_matrix).__name__}")
+        raise ValueError(
+            f"expected an SAE with W_dec [d_sae, d_in] or such a matrix, got {type(sae_or_matrix).__name__}"
+        )
     return w.detach().to(torch.float32)
 
 
@@ -58,7 +60,9 @@ def decoder_cosine(sae_a, sae_b) -> Float[Tensor, "f_a f_b"]:
     """Signed cosine similarity between every decoder direction of ``sae_a`` and of ``sae_b`` (on CPU)."""
     wa, wb = _decoder(sae_a).cpu(), _decoder(sae_b).cpu()
     if wa.shape[1] != wb.shape[1]:
-        raise ValueError(f"SAEs must read the same hook (same d_in), got d_in {wa.shape[1]} and {wb.shape[1]}")
+        raise ValueError(
+            f"SAEs must read the same hook (same d_in), got d_in {wa.shape[1]} and {wb.shape[1]}"
+        )
     wa = wa / wa.norm(dim=1, keepdim=True).clamp_min(1e-12)
     wb = wb / wb.norm(dim=1, keepdim=True).clamp_min(1e-12)
     return wa @ wb.T
@@ -88,7 +92,7 @@ def encode(sae, acts: Tensor, batch_size: int = 4096) -> Tensor:
         raise ValueError(f"activations must end in d_in={d_in}, got shape {tuple(acts.shape)}")
     flat = acts.reshape(-1, d_in)
     dev = sae.W_dec.device
-    out = [sae.encode(flat[s:s + batch_size].to(dev)).cpu() for s in range(0, flat.shape[0], batch_size)]
+    out = [sae.encode(flat[s : s + batch_size].to(dev)).cpu() for s in range(0, flat.shape[0], batch_size)]
     return torch.cat(out).reshape(*acts.shape[:-1], -1)
 
 
@@ -103,7 +107,7 @@ def sae_fit(sae, acts: Tensor, batch_size: int = 4096) -> dict[str, float]:
     sse = sst = l0 = 0.0
     dev = sae.W_dec.device
     for s in range(0, flat.shape[0], batch_size):
-        x = flat[s:s + batch_size]
+        x = flat[s : s + batch_size]
         z = sae.encode(x.to(dev, sae.W_dec.dtype))
         x_hat = sae.decode(z).double().cpu()
         sse += float((x - x_hat).pow(2).sum())
@@ -136,8 +140,10 @@ class OverlapConfig:
 
     def __post_init__(self):
         if not -1.0 <= self.shifted_cos <= self.persistent_cos <= 1.0:
-            raise ValueError("need -1 <= shifted_cos <= persistent_cos <= 1, got "
-                             f"shifted_cos={self.shifted_cos}, persistent_cos={self.persistent_cos}")
+            raise ValueError(
+                "need -1 <= shifted_cos <= persistent_cos <= 1, got "
+                f"shifted_cos={self.shifted_cos}, persistent_cos={self.persistent_cos}"
+            )
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
 
@@ -160,34 +166,59 @@ class FeatureOverlap:
     config: OverlapConfig = field(default_factory=OverlapConfig)
 
     def counts(self) -> dict[str, int]:
-        return {"persistent": self.class_a.count("persistent"), "shifted": self.class_a.count("shifted"),
-                "lost": self.class_a.count("lost"), "new": self.class_b.count("new"),
-                "dead_a": self.class_a.count("dead"), "dead_b": self.class_b.count("dead")}
+        return {
+            "persistent": self.class_a.count("persistent"),
+            "shifted": self.class_a.count("shifted"),
+            "lost": self.class_a.count("lost"),
+            "new": self.class_b.count("new"),
+            "dead_a": self.class_a.count("dead"),
+            "dead_b": self.class_b.count("dead"),
+        }
 
     def rows(self) -> list[dict]:
         """One row per matched pair, then one per unmatched feature."""
         out = []
         for m, (i, j) in enumerate(zip(self.idx_a.tolist(), self.idx_b.tolist(), strict=True)):
-            out.append({"feature_a": i, "feature_b": j, "cosine": float(self.matched_cos[m]),
-                        "class_a": self.class_a[i], "class_b": self.class_b[j],
-                        "act_corr": float(self.act_corr[m]) if self.act_corr is not None else None,
-                        "topk_jaccard": float(self.topk_jaccard[m]) if self.topk_jaccard is not None else None})
+            out.append(
+                {
+                    "feature_a": i,
+                    "feature_b": j,
+                    "cosine": float(self.matched_cos[m]),
+                    "class_a": self.class_a[i],
+                    "class_b": self.class_b[j],
+                    "act_corr": float(self.act_corr[m]) if self.act_corr is not None else None,
+                    "topk_jaccard": float(self.topk_jaccard[m]) if self.topk_jaccard is not None else None,
+                }
+            )
         matched_a, matched_b = set(self.idx_a.tolist()), set(self.idx_b.tolist())
-        out += [{"feature_a": i, "feature_b": None, "class_a": self.class_a[i]}
-                for i in range(len(self.class_a)) if i not in matched_a]
-        out += [{"feature_a": None, "feature_b": j, "class_b": self.class_b[j]}
-                for j in range(len(self.class_b)) if j not in matched_b]
+        out += [
+            {"feature_a": i, "feature_b": None, "class_a": self.class_a[i]}
+            for i in range(len(self.class_a))
+            if i not in matched_a
+        ]
+        out += [
+            {"feature_a": None, "feature_b": j, "class_b": self.class_b[j]}
+            for j in range(len(self.class_b))
+            if j not in matched_b
+        ]
         return out
 
     def to_dict(self) -> dict:
         def _nanmean(t):
             return None if t is None else float(np.nanmean(t.numpy())) if t.numel() else None
 
-        return {"n_features_a": len(self.class_a), "n_features_b": len(self.class_b),
-                "mean_max_cos_a_to_b": self.mean_max_cos_a_to_b, "mean_max_cos_b_to_a": self.mean_max_cos_b_to_a,
-                "mean_matched_cos": float(self.matched_cos.mean()), "counts": self.counts(),
-                "mean_act_corr": _nanmean(self.act_corr), "mean_topk_jaccard": _nanmean(self.topk_jaccard),
-                "cross_application": self.cross, "config": asdict(self.config)}
+        return {
+            "n_features_a": len(self.class_a),
+            "n_features_b": len(self.class_b),
+            "mean_max_cos_a_to_b": self.mean_max_cos_a_to_b,
+            "mean_max_cos_b_to_a": self.mean_max_cos_b_to_a,
+            "mean_matched_cos": float(self.matched_cos.mean()),
+            "counts": self.counts(),
+            "mean_act_corr": _nanmean(self.act_corr),
+            "mean_topk_jaccard": _nanmean(self.topk_jaccard),
+            "cross_application": self.cross,
+            "config": asdict(self.config),
+        }
 
     def save_csv(self, path: str | os.PathLike) -> None:
         write_rows_csv(self.rows(), path)
@@ -232,10 +263,14 @@ def feature_overlap(
     """
     cfg = config or OverlapConfig()
     if (acts_a is None) != (acts_b is None):
-        raise ValueError("pass both acts_a and acts_b (activations of both models on the same images) or neither")
+        raise ValueError(
+            "pass both acts_a and acts_b (activations of both models on the same images) or neither"
+        )
     if acts_a is not None and (acts_a.shape != acts_b.shape or acts_a.ndim not in (2, 3)):
-        raise ValueError("acts_a and acts_b must have the same shape [n_images, (n_tokens,) d_in], got "
-                         f"{tuple(acts_a.shape)} and {tuple(acts_b.shape)}")
+        raise ValueError(
+            "acts_a and acts_b must have the same shape [n_images, (n_tokens,) d_in], got "
+            f"{tuple(acts_a.shape)} and {tuple(acts_b.shape)}"
+        )
     cos_all = decoder_cosine(sae_a, sae_b)
     a3 = b3 = None
     per = 1
@@ -246,15 +281,17 @@ def feature_overlap(
         fired_a = torch.zeros(cos_all.shape[0], dtype=torch.bool)
         fired_b = torch.zeros(cos_all.shape[1], dtype=torch.bool)
         for s in range(0, a3.shape[0], per):
-            fired_a |= (encode(sae_a, a3[s:s + per], cfg.batch_size) > 0).flatten(0, -2).any(0).cpu()
-            fired_b |= (encode(sae_b, b3[s:s + per], cfg.batch_size) > 0).flatten(0, -2).any(0).cpu()
+            fired_a |= (encode(sae_a, a3[s : s + per], cfg.batch_size) > 0).flatten(0, -2).any(0).cpu()
+            fired_b |= (encode(sae_b, b3[s : s + per], cfg.batch_size) > 0).flatten(0, -2).any(0).cpu()
         alive_a = fired_a if alive_a is None else alive_a.cpu().bool() & fired_a
         alive_b = fired_b if alive_b is None else alive_b.cpu().bool() & fired_b
     alive_a = torch.ones(cos_all.shape[0], dtype=torch.bool) if alive_a is None else alive_a.cpu().bool()
     alive_b = torch.ones(cos_all.shape[1], dtype=torch.bool) if alive_b is None else alive_b.cpu().bool()
     if alive_a.shape != (cos_all.shape[0],) or alive_b.shape != (cos_all.shape[1],):
-        raise ValueError(f"alive_a/alive_b must be bool [{cos_all.shape[0]}] / [{cos_all.shape[1]}], got "
-                         f"{tuple(alive_a.shape)} / {tuple(alive_b.shape)}")
+        raise ValueError(
+            f"alive_a/alive_b must be bool [{cos_all.shape[0]}] / [{cos_all.shape[1]}], got "
+            f"{tuple(alive_a.shape)} / {tuple(alive_b.shape)}"
+        )
     live_a, live_b = alive_a.nonzero().flatten(), alive_b.nonzero().flatten()
     cos = cos_all[live_a][:, live_b]
     mm_ab, mm_ba = mean_max_cosine(cos) if cos.numel() else (float("nan"), float("nan"))
@@ -268,20 +305,35 @@ def feature_overlap(
     if a3 is not None:
         tok_a, tok_b, img_a, img_b = [], [], [], []
         for s in range(0, a3.shape[0], per):
-            za = encode(sae_a, a3[s:s + per], cfg.batch_size)[..., ia]
-            zb = encode(sae_b, b3[s:s + per], cfg.batch_size)[..., ib]
+            za = encode(sae_a, a3[s : s + per], cfg.batch_size)[..., ia]
+            zb = encode(sae_b, b3[s : s + per], cfg.batch_size)[..., ib]
             tok_a.append(za.reshape(-1, za.shape[-1]))
             tok_b.append(zb.reshape(-1, zb.shape[-1]))
             img_a.append(za.amax(1))
             img_b.append(zb.amax(1))
         act_corr = _pearson(torch.cat(tok_a), torch.cat(tok_b)).float()
         jac = _topk_jaccard(torch.cat(img_a), torch.cat(img_b), cfg.top_k).float()
-        cross = {"a_on_a": sae_fit(sae_a, acts_a, cfg.batch_size), "a_on_b": sae_fit(sae_a, acts_b, cfg.batch_size),
-                 "b_on_b": sae_fit(sae_b, acts_b, cfg.batch_size), "b_on_a": sae_fit(sae_b, acts_a, cfg.batch_size)}
+        cross = {
+            "a_on_a": sae_fit(sae_a, acts_a, cfg.batch_size),
+            "a_on_b": sae_fit(sae_a, acts_b, cfg.batch_size),
+            "b_on_b": sae_fit(sae_b, acts_b, cfg.batch_size),
+            "b_on_a": sae_fit(sae_b, acts_a, cfg.batch_size),
+        }
     class_a, class_b = _classify(alive_a, alive_b, ia, ib, mcos, act_corr, cfg)
-    return FeatureOverlap(cosine=cos_all, mean_max_cos_a_to_b=mm_ab, mean_max_cos_b_to_a=mm_ba, idx_a=ia, idx_b=ib,
-                          matched_cos=mcos, class_a=class_a, class_b=class_b, act_corr=act_corr,
-                          topk_jaccard=jac, cross=cross, config=cfg)
+    return FeatureOverlap(
+        cosine=cos_all,
+        mean_max_cos_a_to_b=mm_ab,
+        mean_max_cos_b_to_a=mm_ba,
+        idx_a=ia,
+        idx_b=ib,
+        matched_cos=mcos,
+        class_a=class_a,
+        class_b=class_b,
+        act_corr=act_corr,
+        topk_jaccard=jac,
+        cross=cross,
+        config=cfg,
+    )
 
 
 def select_tokens(act: Tensor, n_prefix: int, tokens: str) -> Tensor:
@@ -293,15 +345,31 @@ def select_tokens(act: Tensor, n_prefix: int, tokens: str) -> Tensor:
     return {"all": act, "patches": act[:, n_prefix:], "prefix": act[:, :n_prefix], "cls": act[:, :1]}[tokens]
 
 
-def collect_activations(model, images: Tensor, hook_name: str, *, tokens: str = "patches",
-                        batch_size: int = 64, progress: bool = True) -> Tensor:
+def collect_activations(
+    model,
+    images: Tensor,
+    hook_name: str,
+    *,
+    tokens: str = "patches",
+    batch_size: int = 64,
+    progress: bool = True,
+) -> Tensor:
     """Activations ``[N, T', D]`` of ``model`` at ``hook_name`` (a residual-shaped hook) on ``images``."""
     check_images(images)
     if hook_name not in model.hook_dict:
-        raise ValueError(f"unknown hook {hook_name!r}; e.g. 'blocks.{model.cfg.n_layers - 1}.hook_resid_post'")
+        raise ValueError(
+            f"unknown hook {hook_name!r}; e.g. 'blocks.{model.cfg.n_layers - 1}.hook_resid_post'"
+        )
     n_prefix = model.cfg.n_prefix_tokens
-    out = run_hook_batches(model, images, [hook_name], batch_size=batch_size, progress=progress,
-                           transform=lambda a: select_tokens(a, n_prefix, tokens), desc=f"collect {hook_name}")
+    out = run_hook_batches(
+        model,
+        images,
+        [hook_name],
+        batch_size=batch_size,
+        progress=progress,
+        transform=lambda a: select_tokens(a, n_prefix, tokens),
+        desc=f"collect {hook_name}",
+    )
     return out[hook_name]
 
 
@@ -320,26 +388,43 @@ class CodeSimilarity:
         return float(self.cosines.mean()) if self.cosines.numel() else float("nan")
 
     def rows(self) -> list[dict]:
-        return [{"label": self.label, "bin_lo": float(lo), "bin_hi": float(hi), "count": int(c)}
-                for lo, hi, c in zip(self.edges[:-1], self.edges[1:], self.counts, strict=True)]
+        return [
+            {"label": self.label, "bin_lo": float(lo), "bin_hi": float(hi), "count": int(c)}
+            for lo, hi, c in zip(self.edges[:-1], self.edges[1:], self.counts, strict=True)
+        ]
 
     def to_dict(self) -> dict:
-        return {"label": self.label, "mean": self.mean, "median": float(self.cosines.median()) if self.cosines.numel()
-                else float("nan"), "n": int(self.cosines.numel()), "n_undefined": self.n_undefined,
-                "counts": self.counts.tolist(), "edges": self.edges.tolist()}
+        return {
+            "label": self.label,
+            "mean": self.mean,
+            "median": float(self.cosines.median()) if self.cosines.numel() else float("nan"),
+            "n": int(self.cosines.numel()),
+            "n_undefined": self.n_undefined,
+            "counts": self.counts.tolist(),
+            "edges": self.edges.tolist(),
+        }
 
     def save_csv(self, path: str | os.PathLike) -> None:
         write_rows_csv(self.rows(), path)
 
 
 @torch.no_grad()
-def code_similarity(sae, clean_acts: Tensor, corrupted_acts: Tensor, *, bins: int = 50, label: str = "",
-                    batch_size: int = 4096) -> CodeSimilarity:
+def code_similarity(
+    sae,
+    clean_acts: Tensor,
+    corrupted_acts: Tensor,
+    *,
+    bins: int = 50,
+    label: str = "",
+    batch_size: int = 4096,
+) -> CodeSimilarity:
     """The seed paper's measure: per token, cosine(sae.encode(clean), sae.encode(corrupted)); histogram on [0, 1]
     (codes are non-negative for ReLU/TopK SAEs; negative cosines, if any, fall in an extended first bin)."""
     if clean_acts.shape != corrupted_acts.shape:
-        raise ValueError(f"clean and corrupted activations must correspond one to one, got shapes "
-                         f"{tuple(clean_acts.shape)} and {tuple(corrupted_acts.shape)}")
+        raise ValueError(
+            f"clean and corrupted activations must correspond one to one, got shapes "
+            f"{tuple(clean_acts.shape)} and {tuple(corrupted_acts.shape)}"
+        )
     za = encode(sae, clean_acts, batch_size).reshape(-1, sae.cfg.d_sae).double()
     zb = encode(sae, corrupted_acts, batch_size).reshape(-1, sae.cfg.d_sae).double()
     na, nb = za.norm(dim=1), zb.norm(dim=1)
@@ -347,23 +432,56 @@ def code_similarity(sae, clean_acts: Tensor, corrupted_acts: Tensor, *, bins: in
     cos = ((za[ok] * zb[ok]).sum(1) / (na[ok] * nb[ok])).clamp(-1, 1).float()
     lo = min(0.0, float(cos.min())) if cos.numel() else 0.0
     counts, edges = np.histogram(cos.numpy(), bins=bins, range=(lo, 1.0))
-    return CodeSimilarity(cosines=cos, counts=torch.as_tensor(counts), edges=torch.as_tensor(edges, dtype=torch.float32),
-                          n_undefined=int((~ok).sum()), label=label)
+    return CodeSimilarity(
+        cosines=cos,
+        counts=torch.as_tensor(counts),
+        edges=torch.as_tensor(edges, dtype=torch.float32),
+        n_undefined=int((~ok).sum()),
+        label=label,
+    )
 
 
-def model_code_similarity(model, sae, hook_name: str, clean_images: Tensor, corrupted_images: Tensor, *,
-                          tokens: str = "patches", bins: int = 50, label: str = "", batch_size: int = 64,
-                          progress: bool = True) -> CodeSimilarity:
+def model_code_similarity(
+    model,
+    sae,
+    hook_name: str,
+    clean_images: Tensor,
+    corrupted_images: Tensor,
+    *,
+    tokens: str = "patches",
+    bins: int = 50,
+    label: str = "",
+    batch_size: int = 64,
+    progress: bool = True,
+) -> CodeSimilarity:
     """:func:`code_similarity` on ``model``'s activations at ``hook_name`` for paired clean/corrupted images."""
     if clean_images.shape != corrupted_images.shape:
-        raise ValueError(f"clean and corrupted images must be paired, got {tuple(clean_images.shape)} and "
-                         f"{tuple(corrupted_images.shape)}")
-    a = collect_activations(model, clean_images, hook_name, tokens=tokens, batch_size=batch_size, progress=progress)
-    b = collect_activations(model, corrupted_images, hook_name, tokens=tokens, batch_size=batch_size,
-                            progress=progress)
+        raise ValueError(
+            f"clean and corrupted images must be paired, got {tuple(clean_images.shape)} and "
+            f"{tuple(corrupted_images.shape)}"
+        )
+    a = collect_activations(
+        model, clean_images, hook_name, tokens=tokens, batch_size=batch_size, progress=progress
+    )
+    b = collect_activations(
+        model, corrupted_images, hook_name, tokens=tokens, batch_size=batch_size, progress=progress
+    )
     return code_similarity(sae, a, b, bins=bins, label=label)
 
 
-__all__ = ["CLASSES", "CodeSimilarity", "FeatureOverlap", "OverlapConfig", "code_similarity", "collect_activations",
-           "decoder_cosine", "encode", "feature_overlap", "match_features", "mean_max_cosine", "model_code_similarity",
-           "sae_fit", "select_tokens"]
+__all__ = [
+    "CLASSES",
+    "CodeSimilarity",
+    "FeatureOverlap",
+    "OverlapConfig",
+    "code_similarity",
+    "collect_activations",
+    "decoder_cosine",
+    "encode",
+    "feature_overlap",
+    "match_features",
+    "mean_max_cosine",
+    "model_code_similarity",
+    "sae_fit",
+    "select_tokens",
+]

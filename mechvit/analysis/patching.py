@@ -92,7 +92,9 @@ def _plan(model, component: str, by: str, layers, positions, heads, features, sa
     if component not in COMPONENTS:
         raise ValueError(f"component must be one of {COMPONENTS}, got {component!r}")
     if by not in GRANULARITY[component]:
-        raise ValueError(f"by={by!r} is not available for component {component!r}; choose from {GRANULARITY[component]}")
+        raise ValueError(
+            f"by={by!r} is not available for component {component!r}; choose from {GRANULARITY[component]}"
+        )
     T, H = cfg.n_tokens, cfg.n_heads
     layers = list(range(cfg.n_layers)) if layers is None else [int(x) for x in layers]
     positions = list(range(T)) if positions is None else [int(x) for x in positions]
@@ -101,7 +103,11 @@ def _plan(model, component: str, by: str, layers, positions, heads, features, sa
         if not vals or min(vals) < 0 or max(vals) >= n:
             raise ValueError(f"{name} must be a non-empty list of indices in [0, {n}), got {vals}")
     tok = model.token_labels()
-    lab = {"layer": [str(x) for x in layers], "position": [tok[p] for p in positions], "head": [str(h) for h in heads]}
+    lab = {
+        "layer": [str(x) for x in layers],
+        "position": [tok[p] for p in positions],
+        "head": [str(h) for h in heads],
+    }
     if component == "sae":
         if sae is None or sae_hook is None:
             raise ValueError("component='sae' needs sae=<sae_lens SAE> and sae_hook=<hook name it reads>")
@@ -111,28 +117,50 @@ def _plan(model, component: str, by: str, layers, positions, heads, features, sa
             raise ValueError(f"features must be a non-empty list of indices in [0, {d_sae}), got {features}")
         lab["feature"] = [str(f) for f in features]
         if by == "feature":
-            return _Plan(("feature",), {"feature": lab["feature"]}, [(None, (_ALL, f)) for f in features], (T, d_sae))
-        return _Plan(("feature", "position"), {"feature": lab["feature"], "position": lab["position"]},
-                     [(None, (t, f)) for f in features for t in positions], (T, d_sae))
+            return _Plan(
+                ("feature",), {"feature": lab["feature"]}, [(None, (_ALL, f)) for f in features], (T, d_sae)
+            )
+        return _Plan(
+            ("feature", "position"),
+            {"feature": lab["feature"], "position": lab["position"]},
+            [(None, (t, f)) for f in features for t in positions],
+            (T, d_sae),
+        )
     if component in RESID_COMPONENTS:
         shape = (T,)
         if by == "layer":
             return _Plan(("layer",), {"layer": lab["layer"]}, [(lay, ()) for lay in layers], shape)
-        return _Plan(("layer", "position"), {k: lab[k] for k in ("layer", "position")},
-                     [(lay, (t,)) for lay in layers for t in positions], shape)
+        return _Plan(
+            ("layer", "position"),
+            {k: lab[k] for k in ("layer", "position")},
+            [(lay, (t,)) for lay in layers for t in positions],
+            shape,
+        )
     shape = (T, H) if component == "z" else (H, T)
     if by == "layer":
         return _Plan(("layer",), {"layer": lab["layer"]}, [(lay, ()) for lay in layers], shape)
     if by == "position":  # z only: every head at one position
-        return _Plan(("layer", "position"), {k: lab[k] for k in ("layer", "position")},
-                     [(lay, (t,)) for lay in layers for t in positions], shape)
+        return _Plan(
+            ("layer", "position"),
+            {k: lab[k] for k in ("layer", "position")},
+            [(lay, (t,)) for lay in layers for t in positions],
+            shape,
+        )
     if by == "head":
         idx = (lambda h: (_ALL, h)) if component == "z" else (lambda h: (h,))
-        return _Plan(("layer", "head"), {k: lab[k] for k in ("layer", "head")},
-                     [(lay, idx(h)) for lay in layers for h in heads], shape)
+        return _Plan(
+            ("layer", "head"),
+            {k: lab[k] for k in ("layer", "head")},
+            [(lay, idx(h)) for lay in layers for h in heads],
+            shape,
+        )
     idx2 = (lambda h, t: (t, h)) if component == "z" else (lambda h, t: (h, t))
-    return _Plan(("layer", "head", "position"), {k: lab[k] for k in ("layer", "head", "position")},
-                 [(lay, idx2(h, t)) for lay in layers for h in heads for t in positions], shape)
+    return _Plan(
+        ("layer", "head", "position"),
+        {k: lab[k] for k in ("layer", "head", "position")},
+        [(lay, idx2(h, t)) for lay in layers for h in heads for t in positions],
+        shape,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,17 +189,31 @@ class PatchingResult:
         out = []
         for idx in itertools.product(*(range(len(self.labels[d])) for d in self.dims)):
             row = {d: self.labels[d][i] for d, i in zip(self.dims, idx, strict=True)}
-            row.update(component=self.component, direction=self.direction, score=float(self.values[idx]),
-                       logit_diff=float(self.logit_diff[idx]), **self.meta)
+            row.update(
+                component=self.component,
+                direction=self.direction,
+                score=float(self.values[idx]),
+                logit_diff=float(self.logit_diff[idx]),
+                **self.meta,
+            )
             out.append(row)
         return out
 
     def to_dict(self) -> dict:
-        return {"component": self.component, "direction": self.direction, "dims": list(self.dims),
-                "labels": self.labels, "values": self.values.tolist(), "logit_diff": self.logit_diff.tolist(),
-                "clean_logit_diff": self.clean_logit_diff, "corrupted_logit_diff": self.corrupted_logit_diff,
-                "n_images": self.n_images, "grid_size": list(self.grid_size),
-                "n_prefix_tokens": self.n_prefix_tokens, **self.meta}
+        return {
+            "component": self.component,
+            "direction": self.direction,
+            "dims": list(self.dims),
+            "labels": self.labels,
+            "values": self.values.tolist(),
+            "logit_diff": self.logit_diff.tolist(),
+            "clean_logit_diff": self.clean_logit_diff,
+            "corrupted_logit_diff": self.corrupted_logit_diff,
+            "n_images": self.n_images,
+            "grid_size": list(self.grid_size),
+            "n_prefix_tokens": self.n_prefix_tokens,
+            **self.meta,
+        }
 
     def save_csv(self, path: str | os.PathLike) -> None:
         write_rows_csv(self.rows(), path)
@@ -187,8 +229,10 @@ class PatchingResult:
         n_pos = len(self.labels["position"])
         if n_pos != self.n_prefix_tokens + gh * gw:
             raise ValueError(f"on_grid needs every position ({self.n_prefix_tokens + gh * gw}), got {n_pos}")
-        prefix = {lab: self.values[..., i] for i, lab in enumerate(self.labels["position"][: self.n_prefix_tokens])}
-        return prefix, self.values[..., self.n_prefix_tokens:].reshape(*self.values.shape[:-1], gh, gw)
+        prefix = {
+            lab: self.values[..., i] for i, lab in enumerate(self.labels["position"][: self.n_prefix_tokens])
+        }
+        return prefix, self.values[..., self.n_prefix_tokens :].reshape(*self.values.shape[:-1], gh, gw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,8 +322,10 @@ def activation_patching(
     check_images(clean_images, "clean_images")
     check_images(corrupted_images, "corrupted_images")
     if clean_images.shape != corrupted_images.shape:
-        raise ValueError(f"clean and corrupted images must be paired, got {tuple(clean_images.shape)} and "
-                         f"{tuple(corrupted_images.shape)}")
+        raise ValueError(
+            f"clean and corrupted images must be paired, got {tuple(clean_images.shape)} and "
+            f"{tuple(corrupted_images.shape)}"
+        )
     labels = check_labels(labels, clean_images.shape[0], model.cfg.num_classes)
     if max_rows is not None and max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
@@ -299,33 +345,65 @@ def activation_patching(
     sum_clean = sum_corr = 0.0
     start_ok = batched and _supports_start(recv_model)
     for s in batches(clean_images.shape[0], batch_size, progress, "patching (image batches)"):
-        y = labels[s:s + batch_size].to(device)
-        logit_clean = model(clean_images[s:s + batch_size].to(device))
-        logit_corr = corrupted_model(corrupted_images[s:s + batch_size].to(device))
+        y = labels[s : s + batch_size].to(device)
+        logit_clean = model(clean_images[s : s + batch_size].to(device))
+        logit_corr = corrupted_model(corrupted_images[s : s + batch_size].to(device))
         other = best_other(logit_corr, y)
         sum_clean += float(logit_diff(logit_clean, y, other).double().sum())
         sum_corr += float(logit_diff(logit_corr, y, other).double().sum())
-        extra = [f"blocks.{lay}.hook_resid_pre" for lay in {v[0] for v in plan.variants} if lay is not None and start_ok]
+        extra = [
+            f"blocks.{lay}.hook_resid_pre"
+            for lay in {v[0] for v in plan.variants}
+            if lay is not None and start_ok
+        ]
         if component == "sae" and start_ok and _sae_layer(sae_hook) is not None:
             extra.append(f"blocks.{_sae_layer(sae_hook)}.hook_resid_pre")
-        _, recv_cache = _cache(recv_model, recv_x[s:s + batch_size].to(device), sorted(set(names + extra)))
-        _, src_cache = _cache(src_model, src_x[s:s + batch_size].to(device), names)
+        _, recv_cache = _cache(recv_model, recv_x[s : s + batch_size].to(device), sorted(set(names + extra)))
+        _, src_cache = _cache(src_model, src_x[s : s + batch_size].to(device), names)
         run = _run_batched if batched else _run_naive
-        sum_ld += run(recv_model, recv_x[s:s + batch_size].to(device), plan, component, names, recv_cache, src_cache,
-                      y, other, sae, max_rows, start_ok, progress).double().cpu()
+        sum_ld += (
+            run(
+                recv_model,
+                recv_x[s : s + batch_size].to(device),
+                plan,
+                component,
+                names,
+                recv_cache,
+                src_cache,
+                y,
+                other,
+                sae,
+                max_rows,
+                start_ok,
+                progress,
+            )
+            .double()
+            .cpu()
+        )
     n = clean_images.shape[0]
     ld_clean, ld_corr = sum_clean / n, sum_corr / n
     denom = ld_clean - ld_corr
     if abs(denom) < 1e-6 * max(1.0, abs(ld_clean)):
-        raise ValueError(f"the clean and corrupted runs have the same mean logit difference ({ld_clean:.6g}); "
-                         "the normalised metric is undefined. Use inputs or models that differ.")
+        raise ValueError(
+            f"the clean and corrupted runs have the same mean logit difference ({ld_clean:.6g}); "
+            "the normalised metric is undefined. Use inputs or models that differ."
+        )
     shape = tuple(len(plan.labels[d]) for d in plan.dims)
     mean_ld = (sum_ld / n).reshape(shape)
-    return PatchingResult(values=((mean_ld - ld_corr) / denom).float(), logit_diff=mean_ld.float(), dims=plan.dims,
-                          labels=plan.labels, component=component, direction=direction, clean_logit_diff=ld_clean,
-                          corrupted_logit_diff=ld_corr, n_images=n, grid_size=tuple(model.cfg.grid_size),
-                          n_prefix_tokens=model.cfg.n_prefix_tokens,
-                          meta={"by": by, **({"sae_hook": sae_hook} if sae_hook else {})})
+    return PatchingResult(
+        values=((mean_ld - ld_corr) / denom).float(),
+        logit_diff=mean_ld.float(),
+        dims=plan.dims,
+        labels=plan.labels,
+        component=component,
+        direction=direction,
+        clean_logit_diff=ld_clean,
+        corrupted_logit_diff=ld_corr,
+        n_images=n,
+        grid_size=tuple(model.cfg.grid_size),
+        n_prefix_tokens=model.cfg.n_prefix_tokens,
+        meta={"by": by, **({"sae_hook": sae_hook} if sae_hook else {})},
+    )
 
 
 def _sae_patch(sae, a: Tensor, z_recv: Tensor, z_src: Tensor, mask: Tensor) -> Tensor:
@@ -344,8 +422,9 @@ def _sae_splice(sae, a: Tensor, z_new: Tensor, z_old: Tensor) -> Tensor:
     return torch.where(changed, a + sae.decode(z_new) - sae.decode(z_old), a)
 
 
-def _run_batched(model, x, plan, component, names, recv_cache, src_cache, y, other, sae, max_rows, start_ok,
-                 progress) -> Tensor:
+def _run_batched(
+    model, x, plan, component, names, recv_cache, src_cache, y, other, sae, max_rows, start_ok, progress
+) -> Tensor:
     B = x.shape[0]
     per_chunk = max(1, max_rows // B)
     last = model.cfg.n_layers - 1
@@ -356,9 +435,15 @@ def _run_batched(model, x, plan, component, names, recv_cache, src_cache, y, oth
         z_recv, z_src = sae.encode(recv_cache[name]), sae.encode(src_cache[name])
     # group consecutive variants by layer (plans are layer-major), then chunk
     groups = itertools.groupby(range(len(plan.variants)), key=lambda i: plan.variants[i][0])
-    chunks = [(lay, idx[i:i + per_chunk]) for lay, g in groups for idx in [list(g)] for i in range(0, len(idx), per_chunk)]
-    for lay, idx in tqdm(chunks, desc="patching (batched chunks)", disable=not progress or len(chunks) < 2,
-                         leave=False):
+    chunks = [
+        (lay, idx[i : i + per_chunk])
+        for lay, g in groups
+        for idx in [list(g)]
+        for i in range(0, len(idx), per_chunk)
+    ]
+    for lay, idx in tqdm(
+        chunks, desc="patching (batched chunks)", disable=not progress or len(chunks) < 2, leave=False
+    ):
         P = len(idx)
         mask = torch.zeros(P, *plan.mask_shape, dtype=torch.bool, device=x.device)
         for p, i in enumerate(idx):
@@ -397,14 +482,16 @@ def _run_batched(model, x, plan, component, names, recv_cache, src_cache, y, oth
     return out
 
 
-def _run_naive(model, x, plan, component, names, recv_cache, src_cache, y, other, sae, max_rows, start_ok,
-               progress) -> Tensor:
+def _run_naive(
+    model, x, plan, component, names, recv_cache, src_cache, y, other, sae, max_rows, start_ok, progress
+) -> Tensor:
     """Reference loop: one full forward of the receiving batch per variant, patched by plain indexing."""
     out = torch.empty(len(plan.variants), device=x.device)
     if component == "sae":
         z_recv, z_src = sae.encode(recv_cache[names[0]]), sae.encode(src_cache[names[0]])
-    for i, (lay, index) in enumerate(tqdm(plan.variants, desc="patching (naive loop)", disable=not progress,
-                                          leave=False)):
+    for i, (lay, index) in enumerate(
+        tqdm(plan.variants, desc="patching (naive loop)", disable=not progress, leave=False)
+    ):
         name = names[0] if component == "sae" else hook_name(component, lay)
         src = src_cache[name]
 
@@ -422,5 +509,13 @@ def _run_naive(model, x, plan, component, names, recv_cache, src_cache, y, other
     return out
 
 
-__all__ = ["COMPONENTS", "DIRECTIONS", "GRANULARITY", "PatchingResult", "activation_patching", "best_other",
-           "hook_name", "logit_diff"]
+__all__ = [
+    "COMPONENTS",
+    "DIRECTIONS",
+    "GRANULARITY",
+    "PatchingResult",
+    "activation_patching",
+    "best_other",
+    "hook_name",
+    "logit_diff",
+]

@@ -32,7 +32,9 @@ def _as_2d(x: Tensor, name: str) -> Tensor:
     if not isinstance(x, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.ndim < 2:
-        raise ValueError(f"{name} must have shape [n, ...features] with n examples, got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} must have shape [n, ...features] with n examples, got shape {tuple(x.shape)}"
+        )
     return x.reshape(x.shape[0], -1).to(torch.float64)
 
 
@@ -76,7 +78,9 @@ def _reduce_tokens(act: Float[Tensor, "b t d"], token_reduction: str, n_prefix: 
         return act.reshape(act.shape[0], -1)
     if token_reduction == "cls":
         if n_prefix < 1:
-            raise ValueError("token_reduction='cls' needs a model with a prefix (class) token; this one has none")
+            raise ValueError(
+                "token_reduction='cls' needs a model with a prefix (class) token; this one has none"
+            )
         return act[:, 0]
     if token_reduction == "mean_patches":
         return act[:, n_prefix:].mean(1)
@@ -97,15 +101,28 @@ class CKAResult:
 
     def rows(self) -> list[dict]:
         return [
-            {"layer": lay, "hook": self.hook, "cka_linear": float(a), "cka_debiased": float(b),
-             "token_reduction": self.token_reduction, "n_examples": self.n_examples, **self.meta}
+            {
+                "layer": lay,
+                "hook": self.hook,
+                "cka_linear": float(a),
+                "cka_debiased": float(b),
+                "token_reduction": self.token_reduction,
+                "n_examples": self.n_examples,
+                **self.meta,
+            }
             for lay, a, b in zip(self.layers, self.linear.tolist(), self.debiased.tolist(), strict=True)
         ]
 
     def to_dict(self) -> dict:
-        return {"layers": list(self.layers), "cka_linear": self.linear.tolist(),
-                "cka_debiased": self.debiased.tolist(), "hook": self.hook,
-                "token_reduction": self.token_reduction, "n_examples": self.n_examples, **self.meta}
+        return {
+            "layers": list(self.layers),
+            "cka_linear": self.linear.tolist(),
+            "cka_debiased": self.debiased.tolist(),
+            "hook": self.hook,
+            "token_reduction": self.token_reduction,
+            "n_examples": self.n_examples,
+            **self.meta,
+        }
 
     def save_csv(self, path: str | os.PathLike) -> None:
         write_rows_csv(self.rows(), path)
@@ -159,18 +176,44 @@ def layer_cka(
     check_images(images_a, "images_a")
     check_images(images_b, "images_b")
     if images_a.shape[0] != images_b.shape[0]:
-        raise ValueError(f"images_a and images_b must hold the same images, got {images_a.shape[0]} and "
-                         f"{images_b.shape[0]}")
+        raise ValueError(
+            f"images_a and images_b must hold the same images, got {images_a.shape[0]} and "
+            f"{images_b.shape[0]}"
+        )
     if model_a.cfg.n_layers != model_b.cfg.n_layers:
-        raise ValueError(f"models must have the same depth, got {model_a.cfg.n_layers} and {model_b.cfg.n_layers}")
+        raise ValueError(
+            f"models must have the same depth, got {model_a.cfg.n_layers} and {model_b.cfg.n_layers}"
+        )
     names = layer_hook_names(model_a, hook)
     reduce_a: Callable = lambda t: _reduce_tokens(t, token_reduction, model_a.cfg.n_prefix_tokens)  # noqa: E731
     reduce_b: Callable = lambda t: _reduce_tokens(t, token_reduction, model_b.cfg.n_prefix_tokens)  # noqa: E731
-    acts_a = run_hook_batches(model_a, images_a, names, batch_size=batch_size, device=device,
-                              transform=reduce_a, progress=progress, desc="CKA (run a)")
-    acts_b = run_hook_batches(model_b, images_b, names, batch_size=batch_size, device=device,
-                              transform=reduce_b, progress=progress, desc="CKA (run b)")
+    acts_a = run_hook_batches(
+        model_a,
+        images_a,
+        names,
+        batch_size=batch_size,
+        device=device,
+        transform=reduce_a,
+        progress=progress,
+        desc="CKA (run a)",
+    )
+    acts_b = run_hook_batches(
+        model_b,
+        images_b,
+        names,
+        batch_size=batch_size,
+        device=device,
+        transform=reduce_b,
+        progress=progress,
+        desc="CKA (run b)",
+    )
     lin = torch.tensor([linear_cka(acts_a[n], acts_b[n]) for n in names])
     deb = torch.tensor([linear_cka(acts_a[n], acts_b[n], debiased=True) for n in names])
-    return CKAResult(layers=[str(i) for i in range(len(names))], linear=lin, debiased=deb, hook=hook,
-                     token_reduction=token_reduction, n_examples=acts_a[names[0]].shape[0])
+    return CKAResult(
+        layers=[str(i) for i in range(len(names))],
+        linear=lin,
+        debiased=deb,
+        hook=hook,
+        token_reduction=token_reduction,
+        n_examples=acts_a[names[0]].shape[0],
+    )

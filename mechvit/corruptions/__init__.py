@@ -55,7 +55,9 @@ def get_corruption(name: str) -> Callable[[Tensor, int, torch.Generator], Tensor
     except ModuleNotFoundError as e:
         if e.name != module_name:
             raise
-        raise NotImplementedError(f"corruption {name!r} lives in {module_name}, which is not written yet") from e
+        raise NotImplementedError(
+            f"corruption {name!r} lives in {module_name}, which is not written yet"
+        ) from e
     fn = getattr(module, name, None)
     if fn is None:
         raise NotImplementedError(f"corruption {name!r} is not implemented in {module_name} yet")
@@ -65,19 +67,27 @@ def get_corruption(name: str) -> Callable[[Tensor, int, torch.Generator], Tensor
 def _validate(images, name, severity) -> None:
     if not isinstance(name, str) or name not in FAMILY_OF:
         raise ValueError(f"unknown corruption {name!r}; expected one of {', '.join(CORRUPTIONS)}")
-    if isinstance(severity, bool) or not isinstance(severity, numbers.Integral) or int(severity) not in SEVERITIES:
+    if (
+        isinstance(severity, bool)
+        or not isinstance(severity, numbers.Integral)
+        or int(severity) not in SEVERITIES
+    ):
         raise ValueError(f"severity must be an integer in 1..5 (one of {SEVERITIES}), got {severity!r}")
     if not isinstance(images, Tensor):
         raise ValueError(f"images must be a torch.Tensor [N, C, H, W], got {type(images).__name__}")
     if images.ndim != 4:
-        raise ValueError(f"images must have shape [N, C, H, W] (4 dimensions), got shape {tuple(images.shape)}")
+        raise ValueError(
+            f"images must have shape [N, C, H, W] (4 dimensions), got shape {tuple(images.shape)}"
+        )
     if not images.is_floating_point():
         raise ValueError(
             f"images must be a float tensor (float16, bfloat16, float32 or float64) in [0, 1], got {images.dtype}"
         )
     n, c, h, w = images.shape
     if c not in (1, 3):
-        raise ValueError(f"images must have 1 or 3 channels (dim 1 of [N, C, H, W]), got {c} (shape {tuple(images.shape)})")
+        raise ValueError(
+            f"images must have 1 or 3 channels (dim 1 of [N, C, H, W]), got {c} (shape {tuple(images.shape)})"
+        )
     if h < MIN_SIZE or w < MIN_SIZE:
         raise ValueError(f"images must be at least {MIN_SIZE}x{MIN_SIZE} pixels, got {h}x{w}")
     if n > 0:
@@ -121,7 +131,9 @@ def corrupt(
         raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     elif torch.device(generator.device).type != images.device.type:
         raise ValueError(f"generator is on {generator.device} but images are on {images.device}")
-    if reference_size is not None and (not isinstance(reference_size, numbers.Integral) or reference_size < 1):
+    if reference_size is not None and (
+        not isinstance(reference_size, numbers.Integral) or reference_size < 1
+    ):
         raise ValueError(f"reference_size must be a positive int or None, got {reference_size!r}")
     fn = get_corruption(name)
     if images.shape[0] == 0:

@@ -96,8 +96,16 @@ def pad2d(x: Tensor, pad: tuple[int, int, int, int], mode: str) -> Tensor:
         return y.reshape(*x.shape[:-2], *y.shape[-2:])
     if mode == "symmetric" and max(left, right) <= w and max(top, bottom) <= h and x.numel() > 0:
         # edge-repeating mirror as flipped strips (measured 3-5x faster than index_select)
-        x = torch.cat([x[..., :top, :].flip(-2), x, x[..., h - bottom :, :].flip(-2)], dim=-2) if top or bottom else x
-        return torch.cat([x[..., :left].flip(-1), x, x[..., w - right :].flip(-1)], dim=-1) if left or right else x
+        x = (
+            torch.cat([x[..., :top, :].flip(-2), x, x[..., h - bottom :, :].flip(-2)], dim=-2)
+            if top or bottom
+            else x
+        )
+        return (
+            torch.cat([x[..., :left].flip(-1), x, x[..., w - right :].flip(-1)], dim=-1)
+            if left or right
+            else x
+        )
     rows = torch.from_numpy(pad_index(h, top, bottom, mode)).to(x.device)
     cols = torch.from_numpy(pad_index(w, left, right, mode)).to(x.device)
     return x.index_select(-2, rows).index_select(-1, cols)

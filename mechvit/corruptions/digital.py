@@ -156,7 +156,11 @@ def pixelate(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
     y = _pil_round_(_box_rows(y, sw)).transpose(2, 3).contiguous()  # horizontal pass -> [n, ch, h, sw]
     y = _pil_round_(_box_rows(y, sh)).div_(255)  # vertical pass -> [n, ch, sh, sw]
     dev = y.device.type
-    if h * w >= 64 * 64 and _torch_nearest_is_pillows(sh, h, y.dtype, dev) and _torch_nearest_is_pillows(sw, w, y.dtype, dev):
+    if (
+        h * w >= 64 * 64
+        and _torch_nearest_is_pillows(sh, h, y.dtype, dev)
+        and _torch_nearest_is_pillows(sw, w, y.dtype, dev)
+    ):
         # torch's "nearest-exact" picks the same source pixels for these sizes (checked): 2x faster at 224 px
         return F.interpolate(y, size=(h, w), mode="nearest-exact")
     rows = torch.from_numpy(np.bincount(_pil_nearest_index(sh, h), minlength=sh)).to(x.device)
@@ -272,7 +276,9 @@ def _upsample_h2v2_fancy(p: Tensor) -> Tensor:
     """libjpeg's "fancy" (triangle) 2x chroma upsampling with the edges repeated (jdsample.c)."""
     n, h, w = p.shape
     p3 = p * 3
-    rows = torch.empty((n, h, 2, w), dtype=p.dtype, device=p.device)  # column sums of the output rows 2i, 2i+1
+    rows = torch.empty(
+        (n, h, 2, w), dtype=p.dtype, device=p.device
+    )  # column sums of the output rows 2i, 2i+1
     torch.add(p3[:, 1:], p[:, :-1], out=rows[:, 1:, 0])
     torch.add(p3[:, :-1], p[:, 1:], out=rows[:, :-1, 1])
     rows[:, 0, 0] = p3[:, 0] + p[:, 0]

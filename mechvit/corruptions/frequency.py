@@ -34,7 +34,9 @@ LOW_FREQUENCY: tuple[str, ...] = (
     "defocus_blur", "glass_blur", "motion_blur", "zoom_blur", "gaussian_blur",
     "snow", "frost", "fog", "spatter", "brightness", "contrast", "saturate",
 )  # fmt: skip
-MEASURED_ON = "Fashion-MNIST test images 0..255 at 28 px (saturate: 5 scikit-image photographs at 96 px), seed 0"
+MEASURED_ON = (
+    "Fashion-MNIST test images 0..255 at 28 px (saturate: 5 scikit-image photographs at 96 px), seed 0"
+)
 
 
 def high_frequency_share(
@@ -43,7 +45,9 @@ def high_frequency_share(
     """Fraction of the energy of ``FFT(corrupted) - FFT(clean)`` at radial frequency above ``cutoff``
     (NaN when nothing changed, e.g. ``saturate`` on grey images)."""
     if clean.shape != corrupted.shape or clean.ndim != 4:
-        raise ValueError(f"expected two [N, C, H, W] tensors of one shape, got {clean.shape} and {corrupted.shape}")
+        raise ValueError(
+            f"expected two [N, C, H, W] tensors of one shape, got {clean.shape} and {corrupted.shape}"
+        )
     diff = (corrupted - clean).double()
     power = torch.fft.fft2(diff).abs().pow(2).sum(dim=(0, 1))  # [H, W]
     h, w = power.shape

@@ -82,7 +82,9 @@ def image_folder(root: str | os.PathLike, model: Any = None, *, transform=None, 
 
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"ImageFolder root {root} does not exist (expected {root}/<class>/<image files>)")
+        raise FileNotFoundError(
+            f"ImageFolder root {root} does not exist (expected {root}/<class>/<image files>)"
+        )
     if transform is None:
         if model is None:
             raise ValueError("pass a timm model (or model name) for its transform, or an explicit transform")
@@ -103,10 +105,14 @@ def load_cifar10_c(
     of ``B`` images; ``B`` = 10,000 in the released files) and ``labels.npy`` (``[5 * B]``)."""
     root = Path(root)
     if not (root / "labels.npy").is_file():
-        raise FileNotFoundError(f"CIFAR-10-C folder {root} has no labels.npy (expected <corruption>.npy files)")
+        raise FileNotFoundError(
+            f"CIFAR-10-C folder {root} has no labels.npy (expected <corruption>.npy files)"
+        )
     path = root / f"{corruption}.npy"
     if not path.is_file():
-        raise ValueError(f"no {corruption}.npy in {root}; available: {', '.join(_cifar_c_names(root)) or 'none'}")
+        raise ValueError(
+            f"no {corruption}.npy in {root}; available: {', '.join(_cifar_c_names(root)) or 'none'}"
+        )
     if isinstance(severity, bool) or severity not in (1, 2, 3, 4, 5):
         raise ValueError(f"severity must be one of (1, 2, 3, 4, 5), got {severity!r}")
     images = np.load(path, mmap_mode="r")
@@ -150,7 +156,9 @@ def imagenet_c(
     transform. Class indices follow the sorted wnids, as for the ImageNet validation set."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"ImageNet-C root {root} does not exist (expected <corruption>/<severity>/<class>/)")
+        raise FileNotFoundError(
+            f"ImageNet-C root {root} does not exist (expected <corruption>/<severity>/<class>/)"
+        )
     if not (root / corruption).is_dir():
         names = sorted(p.name for p in root.iterdir() if p.is_dir())
         raise ValueError(f"no corruption {corruption!r} in {root}; available: {', '.join(names) or 'none'}")

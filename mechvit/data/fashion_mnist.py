@@ -105,7 +105,9 @@ def parse_idx(raw: bytes) -> np.ndarray:
     offset = 4 + 4 * ndim
     n = int(np.prod(shape)) if shape else 0
     if len(raw) - offset != n:
-        raise ValueError(f"IDX header declares shape {shape} ({n} values) but {len(raw) - offset} bytes follow")
+        raise ValueError(
+            f"IDX header declares shape {shape} ({n} values) but {len(raw) - offset} bytes follow"
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(shape)
 
 

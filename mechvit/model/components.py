@@ -90,7 +90,9 @@ class PatchEmbed(nn.Module):
         self.cfg = cfg
         self.proj = nn.Conv2d(cfg.in_chans, cfg.d_model, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
 
-    def forward(self, x: Float[Tensor, "batch chan h w"]) -> tuple[Float[Tensor, "batch patch d_model"], tuple[int, int]]:
+    def forward(
+        self, x: Float[Tensor, "batch chan h w"]
+    ) -> tuple[Float[Tensor, "batch patch d_model"], tuple[int, int]]:
         ph, pw = self.cfg.patch_size
         if self.cfg.dynamic_img_pad:
             x = F.pad(x, (0, (pw - x.shape[-1] % pw) % pw, 0, (ph - x.shape[-2] % ph) % ph))
@@ -124,7 +126,9 @@ class Attention(nn.Module):
         self.hook_pattern = HookPoint()  # [batch, head_index, query_pos, key_pos]
         self.hook_z = HookPoint()  # [batch, pos, head_index, d_head]
         self.hook_result = HookPoint()  # [batch, pos, head_index, d_model] (cfg.use_attn_result)
-        self.layer_scale: Callable[[], Tensor] | None = None  # set by the block: LayerScale gamma (for W_O / b_O)
+        self.layer_scale: Callable[[], Tensor] | None = (
+            None  # set by the block: LayerScale gamma (for W_O / b_O)
+        )
 
     # ---- weights in TransformerLens shapes (views; LayerScale folded into W_O / b_O) -------------
     def _split(self, i: int) -> Tensor:
@@ -196,7 +200,9 @@ class Attention(nn.Module):
         if hooked(self.hook_attn_scores, self.hook_pattern):
             # baddbmm folds the 1/sqrt(d_head) scale into the matmul (measured ~15% faster than q * scale @ k^T)
             qb, kb = q.reshape(B * H, Tq, Dh), k.reshape(B * H, T, Dh)
-            scores = torch.baddbmm(qb.new_empty(B * H, Tq, T), qb, kb.transpose(1, 2), beta=0.0, alpha=self.scale)
+            scores = torch.baddbmm(
+                qb.new_empty(B * H, Tq, T), qb, kb.transpose(1, 2), beta=0.0, alpha=self.scale
+            )
             scores = self.hook_attn_scores(scores.view(B, H, Tq, T))
             pattern = self.hook_pattern(scores.softmax(dim=-1))
             z = self.attn_drop(pattern) @ v

@@ -69,7 +69,9 @@ def _act_name(act: nn.Module, where: str) -> str:
         return "gelu_tanh"
     if type(act) is QuickGELU:
         return "quick_gelu"
-    raise NotImplementedError(f"{where}: activation {type(act).__name__} is not supported (gelu, gelu_tanh, quick_gelu are)")
+    raise NotImplementedError(
+        f"{where}: activation {type(act).__name__} is not supported (gelu, gelu_tanh, quick_gelu are)"
+    )
 
 
 def _check_ln(m: nn.Module, where: str, eps: float | None) -> float:
@@ -112,29 +114,42 @@ def config_from_timm(model: nn.Module) -> HookedViTConfig:
 
     pe = model.patch_embed
     if type(pe) is not PatchEmbed:
-        raise NotImplementedError(f"patch embedding {type(pe).__name__} is not supported (hybrid CNN stems are not)")
+        raise NotImplementedError(
+            f"patch embedding {type(pe).__name__} is not supported (hybrid CNN stems are not)"
+        )
     if not _is_identity(pe.norm):
         raise NotImplementedError("a norm inside the patch embedding (embed_norm_layer) is not supported")
     conv = pe.proj
-    if not isinstance(conv, nn.Conv2d) or conv.kernel_size != conv.stride or conv.padding != (0, 0) or conv.groups != 1:
+    if (
+        not isinstance(conv, nn.Conv2d)
+        or conv.kernel_size != conv.stride
+        or conv.padding != (0, 0)
+        or conv.groups != 1
+    ):
         raise NotImplementedError("patch embedding must be a Conv2d with kernel == stride and no padding")
     if not isinstance(model.patch_drop, nn.Identity):
         raise NotImplementedError("patch dropout (patch_drop_rate > 0) is not supported")
     if getattr(model, "attn_pool", None) is not None and not isinstance(model.attn_pool, AttentionPoolLatent):
-        raise NotImplementedError(f"attention pool {type(model.attn_pool).__name__} (global_pool='prr') is not supported")
+        raise NotImplementedError(
+            f"attention pool {type(model.attn_pool).__name__} (global_pool='prr') is not supported"
+        )
 
     blocks = list(model.blocks)
     if not blocks:
         raise NotImplementedError("a ViT with no blocks is not supported")
     for i, b in enumerate(blocks):
         if type(b) is not Block:
-            raise NotImplementedError(f"blocks.{i}: block type {type(b).__name__} is not supported (timm Block is)")
+            raise NotImplementedError(
+                f"blocks.{i}: block type {type(b).__name__} is not supported (timm Block is)"
+            )
         if type(b.attn) is not Attention:
             raise NotImplementedError(
                 f"blocks.{i}.attn: {type(b.attn).__name__} is not supported (RoPE/relative position/diff attention are not)"
             )
         if type(b.mlp) is not Mlp:
-            raise NotImplementedError(f"blocks.{i}.mlp: {type(b.mlp).__name__} is not supported (SwiGLU/GLU MLPs are not)")
+            raise NotImplementedError(
+                f"blocks.{i}.mlp: {type(b.mlp).__name__} is not supported (SwiGLU/GLU MLPs are not)"
+            )
     b0 = blocks[0]
     eps = _check_ln(b0.norm1, "blocks.0.norm1", None)
     act = _act_name(b0.mlp.act, "blocks.0.mlp.act")
@@ -145,9 +160,13 @@ def config_from_timm(model: nn.Module) -> HookedViTConfig:
         if not isinstance(b.mlp.fc1, nn.Linear) or not isinstance(b.mlp.fc2, nn.Linear):
             raise NotImplementedError(f"{w}.mlp: convolutional MLP layers are not supported")
         if not _is_identity(b.mlp.norm):
-            raise NotImplementedError(f"{w}.mlp.norm: an extra norm inside the MLP (scale_mlp_norm) is not supported")
+            raise NotImplementedError(
+                f"{w}.mlp.norm: an extra norm inside the MLP (scale_mlp_norm) is not supported"
+            )
         if not _is_identity(b.attn.norm):
-            raise NotImplementedError(f"{w}.attn.norm: an extra norm inside attention (scale_attn_norm) is not supported")
+            raise NotImplementedError(
+                f"{w}.attn.norm: an extra norm inside attention (scale_attn_norm) is not supported"
+            )
         if getattr(b.attn, "gate", None) is not None:
             raise NotImplementedError(f"{w}.attn.gate: gated attention is not supported")
         for ln, nm in ((b.norm1, "norm1"), (b.norm2, "norm2")):
@@ -157,7 +176,9 @@ def config_from_timm(model: nn.Module) -> HookedViTConfig:
         if not isinstance(b.attn.q_norm, nn.Identity):
             _check_ln(b.attn.q_norm, f"{w}.attn.q_norm", eps)
             _check_ln(b.attn.k_norm, f"{w}.attn.k_norm", eps)
-        if (not isinstance(b.ls1, nn.Identity)) != layer_scale or (not isinstance(b.ls2, nn.Identity)) != layer_scale:
+        if (not isinstance(b.ls1, nn.Identity)) != layer_scale or (
+            not isinstance(b.ls2, nn.Identity)
+        ) != layer_scale:
             raise NotImplementedError(f"{w}: LayerScale differs between blocks")
         if _act_name(b.mlp.act, f"{w}.mlp.act") != act:
             raise NotImplementedError(f"{w}: activation differs between blocks")
@@ -182,7 +203,9 @@ def config_from_timm(model: nn.Module) -> HookedViTConfig:
     if pre_norm:
         _check_ln(model.norm_pre, "norm_pre", eps)
     if distilled and model.reg_token is not None:
-        raise NotImplementedError("register tokens on a distilled model (timm's distilled embedding drops them)")
+        raise NotImplementedError(
+            "register tokens on a distilled model (timm's distilled embedding drops them)"
+        )
     if not isinstance(model.head, (nn.Linear, nn.Identity)):
         raise NotImplementedError(f"head {type(model.head).__name__} is not supported (Linear is)")
 
@@ -194,15 +217,22 @@ def config_from_timm(model: nn.Module) -> HookedViTConfig:
         if not isinstance(ap.q_norm, nn.Identity):
             raise NotImplementedError("MAP attention pool with qk_norm is not supported")
         if ap.mlp is None or ap.proj is None or isinstance(ap.proj, nn.Identity):
-            raise NotImplementedError("MAP attention pool without projection/MLP (out_features=0) is not supported")
+            raise NotImplementedError(
+                "MAP attention pool without projection/MLP (out_features=0) is not supported"
+            )
         if ap.num_heads != b0.attn.num_heads or ap.latent_dim != model.embed_dim:
-            raise NotImplementedError("MAP attention pool with its own head count or latent width is not supported")
+            raise NotImplementedError(
+                "MAP attention pool with its own head count or latent width is not supported"
+            )
         _check_ln(ap.norm, "attn_pool.norm", eps)
         if _act_name(ap.mlp.act, "attn_pool.mlp.act") != act:
             raise NotImplementedError("MAP attention pool with a different activation is not supported")
         map_kw = dict(
-            map_latent_len=ap.latent_len, map_pool=ap.pool, map_q_proj=not isinstance(ap.q, nn.Identity),
-            map_mlp_ratio=ap.mlp.fc1.out_features / model.embed_dim, map_kv_bias=ap.kv.bias is not None,
+            map_latent_len=ap.latent_len,
+            map_pool=ap.pool,
+            map_q_proj=not isinstance(ap.q, nn.Identity),
+            map_mlp_ratio=ap.mlp.fc1.out_features / model.embed_dim,
+            map_kv_bias=ap.kv.bias is not None,
         )
 
     num_classes = model.head.out_features if isinstance(model.head, nn.Linear) else 0
@@ -332,8 +362,12 @@ def center_writing_weights_sd(sd: dict[str, Tensor], cfg: HookedViTConfig) -> di
 def to_timm_state_dict(model: HookedViT) -> dict[str, Tensor]:
     cfg = model.cfg
     sd = {_rename(k, _INVERSE): v.detach().clone() for k, v in model.state_dict().items()}
+
     # LayerNorms whose weights were folded away are the identity affine map in timm.
-    ones = lambda: torch.ones(cfg.d_model, dtype=model.embed.proj.weight.dtype, device=model.embed.proj.weight.device)  # noqa: E731
+    def ones():
+        w = model.embed.proj.weight
+        return torch.ones(cfg.d_model, dtype=w.dtype, device=w.device)
+
     if cfg.fold_ln:
         for i in range(cfg.n_layers):
             for n in ("norm1", "norm2"):
@@ -348,20 +382,41 @@ def timm_kwargs(cfg: HookedViTConfig) -> dict[str, Any]:
     """Keyword arguments that rebuild this architecture with timm's VisionTransformer."""
     from timm.layers import get_act_layer
 
-    if cfg.global_pool == "map" and (cfg.map_latent_len != 1 or cfg.map_pool != "token" or not cfg.map_q_proj):
-        raise NotImplementedError("timm's VisionTransformer cannot rebuild a MAP pool with non-default latent settings")
+    if cfg.global_pool == "map" and (
+        cfg.map_latent_len != 1 or cfg.map_pool != "token" or not cfg.map_q_proj
+    ):
+        raise NotImplementedError(
+            "timm's VisionTransformer cannot rebuild a MAP pool with non-default latent settings"
+        )
     if cfg.proj_bias != cfg.fc2_bias or (not cfg.fold_ln and cfg.fc1_bias != cfg.proj_bias):
         raise NotImplementedError("timm's VisionTransformer ties the projection and MLP biases")
     kw: dict[str, Any] = dict(
-        img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, num_classes=cfg.num_classes,
-        global_pool=cfg.global_pool, embed_dim=cfg.d_model, depth=cfg.n_layers, num_heads=cfg.n_heads,
-        mlp_ratio=cfg.d_mlp / cfg.d_model, qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm, proj_bias=cfg.proj_bias,
-        init_values=1.0 if cfg.layer_scale else None, class_token=cfg.class_token,
-        pos_embed="learn" if cfg.pos_embed else "none", no_embed_class=cfg.no_embed_class, reg_tokens=cfg.n_reg_tokens,
-        pre_norm=cfg.pre_norm, final_norm=cfg.final_norm or cfg.fc_norm, fc_norm=cfg.fc_norm,
-        pool_include_prefix=cfg.pool_include_prefix, dynamic_img_size=cfg.dynamic_img_size,
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        in_chans=cfg.in_chans,
+        num_classes=cfg.num_classes,
+        global_pool=cfg.global_pool,
+        embed_dim=cfg.d_model,
+        depth=cfg.n_layers,
+        num_heads=cfg.n_heads,
+        mlp_ratio=cfg.d_mlp / cfg.d_model,
+        qkv_bias=cfg.qkv_bias,
+        qk_norm=cfg.qk_norm,
+        proj_bias=cfg.proj_bias,
+        init_values=1.0 if cfg.layer_scale else None,
+        class_token=cfg.class_token,
+        pos_embed="learn" if cfg.pos_embed else "none",
+        no_embed_class=cfg.no_embed_class,
+        reg_tokens=cfg.n_reg_tokens,
+        pre_norm=cfg.pre_norm,
+        final_norm=cfg.final_norm or cfg.fc_norm,
+        fc_norm=cfg.fc_norm,
+        pool_include_prefix=cfg.pool_include_prefix,
+        dynamic_img_size=cfg.dynamic_img_size,
         dynamic_img_pad=cfg.dynamic_img_pad,
-        act_layer=get_act_layer({"gelu": "gelu", "gelu_tanh": "gelu_tanh", "quick_gelu": "quick_gelu"}[cfg.act_fn]),
+        act_layer=get_act_layer(
+            {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "quick_gelu": "quick_gelu"}[cfg.act_fn]
+        ),
     )
     if cfg.d_head * cfg.n_heads != cfg.d_model:
         raise NotImplementedError("timm's VisionTransformer needs d_head * n_heads == d_model")
@@ -405,7 +460,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # safetensors / torch raise several types for damaged files
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e} (truncated or not a weights file?)") from e
+        raise ValueError(
+            f"cannot read checkpoint {path}: {type(e).__name__}: {e} (truncated or not a weights file?)"
+        ) from e
     for key in ("state_dict", "model", "model_ema"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
@@ -420,13 +477,21 @@ def load_into(module: nn.Module, sd: dict[str, Tensor], source: str) -> None:
     own = module.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    shapes = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in sd and sd[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
+
         def few(xs: list[str]) -> str:
             return ", ".join(xs[:6]) + (f" (+{len(xs) - 6} more)" if len(xs) > 6 else "")
 
-        parts = [f"missing {few(missing)}" if missing else "", f"unexpected {few(unexpected)}" if unexpected else "",
-                 f"shape mismatch {few(shapes)}" if shapes else ""]
+        parts = [
+            f"missing {few(missing)}" if missing else "",
+            f"unexpected {few(unexpected)}" if unexpected else "",
+            f"shape mismatch {few(shapes)}" if shapes else "",
+        ]
         raise ValueError(f"{source} does not fit this architecture: " + "; ".join(p for p in parts if p))
     module.load_state_dict(sd, strict=True)
 
@@ -448,7 +513,9 @@ def from_timm(
         timm_model = timm.create_model(model_or_name, pretrained=pretrained, **timm_kw)
     elif isinstance(model_or_name, nn.Module):
         if pretrained or timm_kw:
-            raise ValueError("pretrained and timm keyword arguments apply to a model name, not to a model instance")
+            raise ValueError(
+                "pretrained and timm keyword arguments apply to a model name, not to a model instance"
+            )
         timm_model = model_or_name
     else:
         raise ValueError(f"expected a timm model or a timm model name, got {type(model_or_name).__name__}")
@@ -468,7 +535,6 @@ def from_timm(
     load_into(model, sd, f"timm {type(timm_model).__name__}")
     model.train(timm_model.training)
     return model.to(device if device is not None else param.device)
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -506,15 +572,21 @@ def load_pretrained(cls: type[HookedViT], directory: str | os.PathLike, *, devic
     cfg_path, w_path = d / "config.json", d / "model.safetensors"
     for p in (cfg_path, w_path):
         if not p.is_file():
-            raise FileNotFoundError(f"{p} does not exist (expected a folder written by HookedViT.save_pretrained)")
+            raise FileNotFoundError(
+                f"{p} does not exist (expected a folder written by HookedViT.save_pretrained)"
+            )
     try:
         meta = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path} is not valid JSON ({e}); truncated?") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{cfg_path} is not a HookedViT config (format {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r})")
+        raise ValueError(
+            f"{cfg_path} is not a HookedViT config (format {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r})"
+        )
     if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{cfg_path} has format_version {meta['format_version']}; this mechvit reads <= {FORMAT_VERSION}")
+        raise ValueError(
+            f"{cfg_path} has format_version {meta['format_version']}; this mechvit reads <= {FORMAT_VERSION}"
+        )
     cfg = HookedViTConfig.from_dict(meta["config"])
     try:
         sd = load_file(str(w_path))

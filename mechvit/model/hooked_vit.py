@@ -47,7 +47,9 @@ class HookedViT(HookedRootModule):
         self.distilled_training = False  # as timm: return (cls, dist) logits separately while training
 
         self.hook_embed = HookPoint()  # [batch, pos, d_model]: prefix tokens and patch embeddings
-        self.hook_pos_embed = HookPoint()  # [batch, pos, d_model]: position embeddings (0 on prefix if no_embed_class)
+        self.hook_pos_embed = (
+            HookPoint()
+        )  # [batch, pos, d_model]: position embeddings (0 on prefix if no_embed_class)
         self.hook_full_embed = HookPoint()  # [batch, pos, d_model]: their sum, before ln_pre
         self.hook_pooled = HookPoint()  # [batch, d_model] (distilled: [batch, 2, d_model])
         self.hook_logits = HookPoint()  # [batch, num_classes]
@@ -61,13 +63,17 @@ class HookedViT(HookedRootModule):
         """Raise ValueError unless ``images`` is a float ``[B, C, H, W]`` batch this model accepts."""
         cfg = self.cfg
         if not isinstance(images, Tensor):
-            raise ValueError(f"expected a torch.Tensor of images [batch, {cfg.in_chans}, H, W], got {type(images).__name__}")
+            raise ValueError(
+                f"expected a torch.Tensor of images [batch, {cfg.in_chans}, H, W], got {type(images).__name__}"
+            )
         if images.ndim != 4:
             raise ValueError(
                 f"expected images of shape [batch, {cfg.in_chans}, H, W] (4 dims), got {images.ndim} dims {tuple(images.shape)}"
             )
         if images.shape[1] != cfg.in_chans:
-            raise ValueError(f"expected {cfg.in_chans} channels, got {images.shape[1]} (shape {tuple(images.shape)})")
+            raise ValueError(
+                f"expected {cfg.in_chans} channels, got {images.shape[1]} (shape {tuple(images.shape)})"
+            )
         want = self.embed.proj.weight.dtype
         if not images.is_floating_point() or (images.dtype != want and not torch.is_autocast_enabled()):
             raise ValueError(f"expected images of dtype {want} (float, model dtype), got {images.dtype}")
@@ -92,7 +98,9 @@ class HookedViT(HookedRootModule):
             from timm.layers import resample_abs_pos_embed
 
             n_prefix = 0 if cfg.no_embed_class else cfg.n_prefix_tokens
-            pos = resample_abs_pos_embed(pos, new_size=grid, old_size=cfg.grid_size, num_prefix_tokens=n_prefix)
+            pos = resample_abs_pos_embed(
+                pos, new_size=grid, old_size=cfg.grid_size, num_prefix_tokens=n_prefix
+            )
         if cfg.no_embed_class and cfg.n_prefix_tokens:
             pos = torch.cat([pos.new_zeros(1, cfg.n_prefix_tokens, pos.shape[-1]), pos], dim=1)
         return pos
@@ -102,7 +110,9 @@ class HookedViT(HookedRootModule):
         self.check_input(images)
         x, grid = self.embed(images)
         B = x.shape[0]
-        prefix = [t.expand(B, -1, -1) for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
+        prefix = [
+            t.expand(B, -1, -1) for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None
+        ]
         x = self.hook_embed(torch.cat(prefix + [x], dim=1) if prefix else x)
         pos = self._pos(grid)
         if pos is not None:
@@ -192,7 +202,13 @@ class HookedViT(HookedRootModule):
     # ------------------------------------------------------------------------------------------
     # TransformerLens API
     # ------------------------------------------------------------------------------------------
-    def run_with_cache(self, *model_args: Any, return_cache_object: bool = True, remove_batch_dim: bool = False, **kwargs: Any):
+    def run_with_cache(
+        self,
+        *model_args: Any,
+        return_cache_object: bool = True,
+        remove_batch_dim: bool = False,
+        **kwargs: Any,
+    ):
         """As TransformerLens: ``(logits, ActivationCache)``; ``names_filter`` selects hooks to cache."""
         self.cfg._device = next(self.parameters()).device  # type: ignore[attr-defined]
         out, cache_dict = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)
@@ -219,7 +235,9 @@ class HookedViT(HookedRootModule):
             return label
         names = self.cfg.class_names or []
         if label not in names:
-            raise ValueError(f"unknown class name {label!r}; known: {names or 'none (cfg.class_names is unset)'}")
+            raise ValueError(
+                f"unknown class name {label!r}; known: {names or 'none (cfg.class_names is unset)'}"
+            )
         return names.index(label)
 
     def tokens_to_residual_directions(
@@ -237,7 +255,12 @@ class HookedViT(HookedRootModule):
         if self.head is None:
             raise ValueError("this model has no classifier head (num_classes=0)")
         cfg = self.cfg
-        if cfg.dist_token or cfg.fc_norm or cfg.global_pool not in ("token", "avg", "") or self.ln_final is None:
+        if (
+            cfg.dist_token
+            or cfg.fc_norm
+            or cfg.global_pool not in ("token", "avg", "")
+            or self.ln_final is None
+        ):
             raise NotImplementedError(
                 "logit directions need a final token-wise LayerNorm read linearly by one head "
                 f"(global_pool token/avg/none); this model has global_pool={cfg.global_pool!r}, "
@@ -325,8 +348,14 @@ class HookedViT(HookedRootModule):
         from .convert import from_timm
 
         return from_timm(
-            cls, model_or_name, pretrained=pretrained, checkpoint_path=checkpoint_path, fold_ln=fold_ln,
-            center_writing_weights=center_writing_weights, device=device, **timm_kwargs,
+            cls,
+            model_or_name,
+            pretrained=pretrained,
+            checkpoint_path=checkpoint_path,
+            fold_ln=fold_ln,
+            center_writing_weights=center_writing_weights,
+            device=device,
+            **timm_kwargs,
         )
 
     def to_timm_state_dict(self) -> dict[str, Tensor]:
@@ -348,7 +377,9 @@ class HookedViT(HookedRootModule):
         return save_pretrained(self, directory)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, *, device: str | torch.device | None = None) -> HookedViT:
+    def from_pretrained(
+        cls, directory: str | os.PathLike, *, device: str | torch.device | None = None
+    ) -> HookedViT:
         """Load a folder written by :meth:`save_pretrained` (safetensors only; nothing is unpickled)."""
         from .convert import load_pretrained
 

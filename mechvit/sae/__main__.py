@@ -51,14 +51,19 @@ def _corruption(text: str) -> tuple[str, int]:
 
 def main(argv: list[str] | None = None, prog: str = "python -m mechvit.sae") -> dict:
     """Parse ``argv``, train and evaluate; ``prog`` is the command name the help and errors show."""
-    ap = argparse.ArgumentParser(prog=prog, description=__doc__.replace("python -m mechvit.sae", prog),
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog=prog,
+        description=__doc__.replace("python -m mechvit.sae", prog),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--hook", required=True)
     ap.add_argument("--tokens", default="patches", choices=["all", "cls", "patches", "prefix"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--cache", default=None, help="activation cache folder (resumable); default: stream")
-    ap.add_argument("--architecture", default="batchtopk", choices=["standard", "topk", "batchtopk", "jumprelu"])
+    ap.add_argument(
+        "--architecture", default="batchtopk", choices=["standard", "topk", "batchtopk", "jumprelu"]
+    )
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--expansion", type=int, default=16)
     ap.add_argument("--aux", type=float, default=1 / 32, help="TopK/BatchTopK auxiliary (dead-feature) loss")
@@ -81,25 +86,44 @@ def main(argv: list[str] | None = None, prog: str = "python -m mechvit.sae") -> 
     model = load_model(args.checkpoint, args.device)
     train_x, _ = load_fashion_mnist("train")
     test_x, test_y = load_fashion_mnist("test")
-    train_x, test_x, test_y = train_x[:args.images], test_x[:args.heldout], test_y[:args.heldout]
-    store = ActivationStoreConfig(hook=args.hook, tokens=args.tokens, seed=args.seed,
-                                  mix=CorruptionMix(args.mix, tuple(args.corruption)))
-    cfg = SAETrainingConfig(architecture=args.architecture, k=args.k, expansion_factor=args.expansion, aux_coefficient=args.aux,
-                            l1_coefficient=args.l1, lr=args.lr, batch_size=args.batch_size,
-                            total_samples=args.samples, seed=args.seed, device=args.device)
+    train_x, test_x, test_y = train_x[: args.images], test_x[: args.heldout], test_y[: args.heldout]
+    store = ActivationStoreConfig(
+        hook=args.hook,
+        tokens=args.tokens,
+        seed=args.seed,
+        mix=CorruptionMix(args.mix, tuple(args.corruption)),
+    )
+    cfg = SAETrainingConfig(
+        architecture=args.architecture,
+        k=args.k,
+        expansion_factor=args.expansion,
+        aux_coefficient=args.aux,
+        l1_coefficient=args.l1,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        total_samples=args.samples,
+        seed=args.seed,
+        device=args.device,
+    )
     t0 = time.perf_counter()
-    trained = train_sae_for_hook(model, train_x, store, cfg, cache_dir=args.cache,
-                                 dataset=f"fashion_mnist/train[:{len(train_x)}]")
+    trained = train_sae_for_hook(
+        model, train_x, store, cfg, cache_dir=args.cache, dataset=f"fashion_mnist/train[:{len(train_x)}]"
+    )
     seconds = time.perf_counter() - t0
     # held-out: clean test images (the store without corruption)
     clean_store = ActivationStoreConfig(hook=args.hook, tokens=args.tokens)
     with tempfile.TemporaryDirectory() as tmp:
-        heldout = cache_activations(model, test_x, tmp, clean_store, dtype="float32",
-                                    dataset=f"fashion_mnist/test[:{len(test_x)}]")
+        heldout = cache_activations(
+            model, test_x, tmp, clean_store, dtype="float32", dataset=f"fashion_mnist/test[:{len(test_x)}]"
+        )
         recon = reconstruction_metrics(trained.sae, heldout.chunks(8192, shuffle=False))
     spliced = spliced_metrics(model, trained.sae, test_x, test_y, args.hook, tokens=args.tokens)
-    trained.manifest.update(heldout_metrics=recon.to_dict(), spliced_metrics=spliced.to_dict(),
-                            train_seconds=round(seconds, 1), checkpoint=str(args.checkpoint))
+    trained.manifest.update(
+        heldout_metrics=recon.to_dict(),
+        spliced_metrics=spliced.to_dict(),
+        train_seconds=round(seconds, 1),
+        checkpoint=str(args.checkpoint),
+    )
     save_trained(trained, args.out)
     summary = {"out": args.out, "train_seconds": round(seconds, 1), **recon.to_dict(), **spliced.to_dict()}
     print(json.dumps(summary, indent=2))

@@ -30,9 +30,21 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-__all__ = ["TOKEN_SELECTIONS", "ActivationStoreConfig", "CachedActivations", "CorruptionMix",
-           "cache_activations", "check_hook", "hook_width", "iter_activations", "model_fingerprint",
-           "run_to_hook", "select_tokens", "shuffle_batches", "stream_batches"]
+__all__ = [
+    "TOKEN_SELECTIONS",
+    "ActivationStoreConfig",
+    "CachedActivations",
+    "CorruptionMix",
+    "cache_activations",
+    "check_hook",
+    "hook_width",
+    "iter_activations",
+    "model_fingerprint",
+    "run_to_hook",
+    "select_tokens",
+    "shuffle_batches",
+    "stream_batches",
+]
 
 TokenSelection = Literal["all", "cls", "patches", "prefix"]
 TOKEN_SELECTIONS: tuple[str, ...] = ("all", "cls", "patches", "prefix")
@@ -84,11 +96,11 @@ class ActivationStoreConfig:
 
     hook: str
     tokens: TokenSelection = "patches"
-    model_batch_size: int = 64          # images per forward pass
+    model_batch_size: int = 64  # images per forward pass
     mix: CorruptionMix = field(default_factory=CorruptionMix)
-    buffer_size: int = 32_768           # rows in the shuffle buffer
+    buffer_size: int = 32_768  # rows in the shuffle buffer
     seed: int = 0
-    device: str | None = None           # None: the model's device
+    device: str | None = None  # None: the model's device
 
     def __post_init__(self) -> None:
         if isinstance(self.mix, dict):
@@ -96,8 +108,10 @@ class ActivationStoreConfig:
         if self.tokens not in TOKEN_SELECTIONS:
             raise ValueError(f"tokens must be one of {TOKEN_SELECTIONS}, got {self.tokens!r}")
         if self.model_batch_size < 1 or self.buffer_size < 1:
-            raise ValueError(f"model_batch_size and buffer_size must be >= 1, got "
-                             f"{self.model_batch_size} and {self.buffer_size}")
+            raise ValueError(
+                f"model_batch_size and buffer_size must be >= 1, got "
+                f"{self.model_batch_size} and {self.buffer_size}"
+            )
 
     def identity(self) -> dict[str, Any]:
         """What decides the cached rows (everything but buffer size and device)."""
@@ -118,8 +132,10 @@ class _StopForward(Exception):
 def check_hook(model: Any, hook: str) -> None:
     if hook not in model.hook_dict:
         blocks = [h for h in model.hook_dict if h.startswith("blocks.0.")]
-        raise ValueError(f"hook {hook!r} is not a hook of this model; expected a name from model.hook_dict, "
-                         f"e.g. {blocks[:4] + ['hook_embed']}")
+        raise ValueError(
+            f"hook {hook!r} is not a hook of this model; expected a name from model.hook_dict, "
+            f"e.g. {blocks[:4] + ['hook_embed']}"
+        )
 
 
 def _model_device(model: Any) -> torch.device:
@@ -155,8 +171,10 @@ def _flat(act: Tensor, hook: str) -> Tensor:
     if act.ndim == 2:
         return act[:, None, :]
     if "pattern" in hook or "attn_scores" in hook:
-        raise ValueError(f"hook {hook!r} gives attention maps [batch, heads, query, key]; the store needs "
-                         "[batch, tokens, features] activations")
+        raise ValueError(
+            f"hook {hook!r} gives attention maps [batch, heads, query, key]; the store needs "
+            "[batch, tokens, features] activations"
+        )
     if act.ndim == 4:
         return act.flatten(2)
     if act.ndim != 3:
@@ -170,8 +188,10 @@ def select_tokens(act: Tensor, model_cfg: Any, tokens: str, hook: str = "") -> F
         raise ValueError(f"tokens must be one of {TOKEN_SELECTIONS}, got {tokens!r}")
     if act.ndim == 2:
         if tokens != "all":
-            raise ValueError(f"hook {hook!r} has one vector per image (shape {tuple(act.shape)}); "
-                             f"tokens must be 'all', got {tokens!r}")
+            raise ValueError(
+                f"hook {hook!r} has one vector per image (shape {tuple(act.shape)}); "
+                f"tokens must be 'all', got {tokens!r}"
+            )
         return act
     act = _flat(act, hook)
     return act[:, _token_slice(model_cfg, tokens, act.shape[1])].reshape(-1, act.shape[-1])
@@ -187,11 +207,14 @@ def _token_slice(model_cfg: Any, tokens: str, n_tokens: int) -> slice:
         return slice(0, 1)
     if tokens == "prefix":
         if n_prefix == 0:
-            raise ValueError("tokens='prefix' but this model has no prefix tokens (no cls, dist or registers)")
+            raise ValueError(
+                "tokens='prefix' but this model has no prefix tokens (no cls, dist or registers)"
+            )
         return slice(0, n_prefix)
     if n_tokens <= n_prefix:
-        raise ValueError(f"tokens='patches' but the activation has only {n_tokens} tokens "
-                         f"({n_prefix} prefix tokens)")
+        raise ValueError(
+            f"tokens='patches' but the activation has only {n_tokens} tokens ({n_prefix} prefix tokens)"
+        )
     return slice(n_prefix, None)
 
 
@@ -242,15 +265,17 @@ def _image_batches(data: Any, batch_size: int) -> Iterator[Tensor]:
         if images.ndim != 4:
             raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
         for i in range(0, len(images), batch_size):
-            yield images[i:i + batch_size]
+            yield images[i : i + batch_size]
         return
     pending: list[Tensor] = []
     n = 0
     for item in data:
         x = item[0] if isinstance(item, (tuple, list)) else item
         if not isinstance(x, Tensor) or x.ndim != 4:
-            raise ValueError(f"data must yield image batches [B, C, H, W] (or tuples starting with one), "
-                             f"got {type(x).__name__} {getattr(x, 'shape', '')}")
+            raise ValueError(
+                f"data must yield image batches [B, C, H, W] (or tuples starting with one), "
+                f"got {type(x).__name__} {getattr(x, 'shape', '')}"
+            )
         pending.append(x)
         n += len(x)
         while n >= batch_size:
@@ -349,13 +374,13 @@ def shuffle_batches(
         if shuffle:
             order = torch.randperm(n_rows, generator=g).to(buf.device)
             for i in range(0, n_serve, batch_size):
-                yield buf[order[i:i + batch_size]].float()
+                yield buf[order[i : i + batch_size]].float()
             rest = buf[order[n_serve:]]
         else:
             for i in range(0, n_serve, batch_size):
-                yield buf[i:i + batch_size].to(torch.float32, copy=True)
+                yield buf[i : i + batch_size].to(torch.float32, copy=True)
             rest = buf[n_serve:n_rows].clone()
-        buf[:len(rest)] = rest
+        buf[: len(rest)] = rest
         n = len(rest)
 
     for chunk in chunks:
@@ -370,7 +395,7 @@ def shuffle_batches(
         pos = 0
         while pos < len(chunk):
             take = min(buffer_size - n, len(chunk) - pos)
-            buf[n:n + take] = chunk[pos:pos + take]
+            buf[n : n + take] = chunk[pos : pos + take]
             n, pos = n + take, pos + take
             if n == buffer_size:
                 yield from serve(buffer_size, keep)
@@ -395,8 +420,11 @@ def stream_batches(
     transform: ImageTransform | None = None,
 ) -> Iterator[Float[Tensor, "batch d"]]:
     """Shuffled [batch_size, d] float32 batches straight from the model (endless when ``epochs`` is None)."""
-    chunks = (rows for e in _epochs(epochs)
-              for _, rows in iter_activations(model, data, cfg, epoch=e, transform=transform))
+    chunks = (
+        rows
+        for e in _epochs(epochs)
+        for _, rows in iter_activations(model, data, cfg, epoch=e, transform=transform)
+    )
     return shuffle_batches(chunks, batch_size, cfg.buffer_size, seed=cfg.seed)
 
 
@@ -452,8 +480,10 @@ def cache_activations(
         if {k: old.get(k) for k in identity} != identity:
             if not overwrite:
                 diff = sorted(k for k in identity if old.get(k) != identity[k])
-                raise ValueError(f"{out} holds a different activation cache (differs in {diff}); "
-                                 "pass overwrite=True or use another directory")
+                raise ValueError(
+                    f"{out} holds a different activation cache (differs in {diff}); "
+                    "pass overwrite=True or use another directory"
+                )
             for s in old.get("shards", []):
                 (out / s["file"]).unlink(missing_ok=True)
         else:
@@ -461,8 +491,16 @@ def cache_activations(
 
     def save_manifest(complete: bool, d: int | None) -> None:
         ordered = [shards[i] for i in sorted(shards)]
-        _write_json(manifest_path, {**identity, "hook_width": d, "complete": complete,
-                                    "count": int(sum(s["rows"] for s in ordered)), "shards": ordered})
+        _write_json(
+            manifest_path,
+            {
+                **identity,
+                "hook_width": d,
+                "complete": complete,
+                "count": int(sum(s["rows"] for s in ordered)),
+                "shards": ordered,
+            },
+        )
 
     d_in = next((s["width"] for s in shards.values()), None)
     n_images = len(_as_image_tensor(data)) if _as_image_tensor(data) is not None else None
@@ -483,13 +521,20 @@ def cache_activations(
         tmp = out / (name + ".tmp.npy")
         np.save(tmp, arr)
         os.replace(tmp, out / name)
-        shards[current] = {"index": current, "file": name, "rows": int(arr.shape[0]),
-                           "width": int(arr.shape[1]), "first_batch": first_batch, "n_batches": n_batches}
+        shards[current] = {
+            "index": current,
+            "file": name,
+            "rows": int(arr.shape[0]),
+            "width": int(arr.shape[1]),
+            "first_batch": first_batch,
+            "n_batches": n_batches,
+        }
         save_manifest(False, int(arr.shape[1]))
 
     done = set(shards)
-    rows_iter = iter_activations(model, data, cfg, transform=transform,
-                                 skip_batch=lambda b: b // batches_per_shard in done)
+    rows_iter = iter_activations(
+        model, data, cfg, transform=transform, skip_batch=lambda b: b // batches_per_shard in done
+    )
     with tqdm(total=total, desc=f"caching {cfg.hook}", unit="batch", leave=False) as bar:
         bar.update(sum(s["n_batches"] for s in shards.values()))
         for b, rows in rows_iter:
@@ -517,7 +562,9 @@ class CachedActivations:
             raise ValueError(f"{self.path} is not an activation cache (no {MANIFEST})")
         self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
         if self.manifest.get("format") != FORMAT:
-            raise ValueError(f"{manifest_path} has format {self.manifest.get('format')!r}, expected {FORMAT!r}")
+            raise ValueError(
+                f"{manifest_path} has format {self.manifest.get('format')!r}, expected {FORMAT!r}"
+            )
         if not self.manifest.get("complete"):
             raise ValueError(f"the activation cache in {self.path} is incomplete; rerun cache_activations")
         self._shards = [np.load(self.path / s["file"], mmap_mode="r") for s in self.manifest["shards"]]
@@ -541,7 +588,7 @@ class CachedActivations:
         for i, shard in enumerate(self._shards):
             lo, hi = max(start, self._starts[i]), min(stop, self._starts[i + 1])
             if lo < hi:
-                parts.append(np.asarray(shard[lo - self._starts[i]:hi - self._starts[i]], dtype=np.float32))
+                parts.append(np.asarray(shard[lo - self._starts[i] : hi - self._starts[i]], dtype=np.float32))
         if not parts:
             return torch.empty(0, self.d_in)
         return torch.from_numpy(np.concatenate(parts))
@@ -556,7 +603,9 @@ class CachedActivations:
             if shuffle:
                 g.shuffle(starts)
             for s in starts:
-                yield torch.from_numpy(np.array(shard[s:s + chunk_rows]))  # stored dtype; batches are float32
+                yield torch.from_numpy(
+                    np.array(shard[s : s + chunk_rows])
+                )  # stored dtype; batches are float32
 
     def batches(
         self,

@@ -19,20 +19,26 @@ from torch import Tensor
 
 from .activations import TOKEN_SELECTIONS, _model_device, _token_slice, check_hook
 
-__all__ = ["ReconstructionMetrics", "SplicedMetrics", "feature_density_figure", "reconstruction_metrics",
-           "splice_hook", "spliced_metrics"]
+__all__ = [
+    "ReconstructionMetrics",
+    "SplicedMetrics",
+    "feature_density_figure",
+    "reconstruction_metrics",
+    "splice_hook",
+    "spliced_metrics",
+]
 
 
 @dataclass
 class ReconstructionMetrics:
-    explained_variance: float   # 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2
-    mse: float                  # mean over rows and dimensions
-    l0: float                   # mean active features per row
-    dead_features: int          # never active on these rows
-    dense_features: int         # active on more than ``dense_threshold`` of the rows
+    explained_variance: float  # 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2
+    mse: float  # mean over rows and dimensions
+    l0: float  # mean active features per row
+    dead_features: int  # never active on these rows
+    dense_features: int  # active on more than ``dense_threshold`` of the rows
     n_rows: int
     d_sae: int
-    feature_density: Tensor     # [d_sae] fraction of rows on which each feature is active
+    feature_density: Tensor  # [d_sae] fraction of rows on which each feature is active
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -72,12 +78,12 @@ def reconstruction_metrics(
         n += len(x)
         x64 = x.double()
         sum_x += x64.sum(0)
-        sum_x2 += (x64 ** 2).sum()
+        sum_x2 += (x64**2).sum()
         sum_err += ((recon.double() - x64) ** 2).sum()
         active += (codes != 0).double().sum(0)
     if n == 0:
         raise ValueError("no activations given")
-    total_var = sum_x2 - (sum_x ** 2).sum() / n
+    total_var = sum_x2 - (sum_x**2).sum() / n
     density = (active / n).float().cpu()
     return ReconstructionMetrics(
         explained_variance=float(1 - sum_err / total_var.clamp_min(1e-12)),
@@ -115,12 +121,12 @@ class SplicedMetrics:
     accuracy_clean: float
     accuracy_sae: float
     accuracy_zero: float
-    kl_sae: float            # mean KL(p_clean || p_sae) over images, nats
+    kl_sae: float  # mean KL(p_clean || p_sae) over images, nats
     kl_zero: float
-    loss_clean: float        # mean cross-entropy against the labels
+    loss_clean: float  # mean cross-entropy against the labels
     loss_sae: float
     loss_zero: float
-    loss_recovered: float    # (loss_zero - loss_sae) / (loss_zero - loss_clean)
+    loss_recovered: float  # (loss_zero - loss_sae) / (loss_zero - loss_clean)
     n_images: int
 
     def to_dict(self) -> dict[str, Any]:
@@ -170,7 +176,9 @@ def spliced_metrics(
     if tokens not in TOKEN_SELECTIONS:
         raise ValueError(f"tokens must be one of {TOKEN_SELECTIONS}, got {tokens!r}")
     if len(images) != len(labels) or len(images) == 0:
-        raise ValueError(f"need as many labels as images (and at least one), got {len(images)} and {len(labels)}")
+        raise ValueError(
+            f"need as many labels as images (and at least one), got {len(images)} and {len(labels)}"
+        )
     _check_fit(model, sae, hook, tokens)
     device = _model_device(model)
     was_training = model.training
@@ -178,13 +186,17 @@ def spliced_metrics(
     sums = dict.fromkeys(("acc_c", "acc_s", "acc_z", "kl_s", "kl_z", "l_c", "l_s", "l_z"), 0.0)
     try:
         for i in range(0, len(images), batch_size):
-            x = images[i:i + batch_size].to(device, torch.float32)
-            y = labels[i:i + batch_size].to(device)
+            x = images[i : i + batch_size].to(device, torch.float32)
+            y = labels[i : i + batch_size].to(device)
             if transform is not None:
                 x = transform(x)
             clean = model(x).float()
-            spliced = model.run_with_hooks(x, fwd_hooks=[(hook, splice_hook(sae, model.cfg, tokens, hook))]).float()
-            zero = model.run_with_hooks(x, fwd_hooks=[(hook, splice_hook(None, model.cfg, tokens, hook))]).float()
+            spliced = model.run_with_hooks(
+                x, fwd_hooks=[(hook, splice_hook(sae, model.cfg, tokens, hook))]
+            ).float()
+            zero = model.run_with_hooks(
+                x, fwd_hooks=[(hook, splice_hook(None, model.cfg, tokens, hook))]
+            ).float()
             logp_c = clean.log_softmax(-1)
             for key, logits in (("s", spliced), ("z", zero)):
                 logp = logits.log_softmax(-1)
@@ -199,9 +211,14 @@ def spliced_metrics(
     m = {k: v / n for k, v in sums.items()}
     gap = m["l_z"] - m["l_c"]
     return SplicedMetrics(
-        accuracy_clean=m["acc_c"], accuracy_sae=m["acc_s"], accuracy_zero=m["acc_z"],
-        kl_sae=m["kl_s"], kl_zero=m["kl_z"],
-        loss_clean=m["l_c"], loss_sae=m["l_s"], loss_zero=m["l_z"],
+        accuracy_clean=m["acc_c"],
+        accuracy_sae=m["acc_s"],
+        accuracy_zero=m["acc_z"],
+        kl_sae=m["kl_s"],
+        kl_zero=m["kl_z"],
+        loss_clean=m["l_c"],
+        loss_sae=m["l_s"],
+        loss_zero=m["l_z"],
         loss_recovered=float((m["l_z"] - m["l_s"]) / gap) if abs(gap) > 1e-12 else float("nan"),
         n_images=n,
     )

@@ -62,8 +62,18 @@ from .activations import (
 )
 from .metrics import reconstruction_metrics
 
-__all__ = ["ARCHITECTURES", "MANIFEST_NAME", "METRICS_LOG_NAME", "SAETrainingConfig", "TrainedSAE",
-           "build_training_sae", "load_sae", "save_trained", "train_sae", "train_sae_for_hook"]
+__all__ = [
+    "ARCHITECTURES",
+    "MANIFEST_NAME",
+    "METRICS_LOG_NAME",
+    "SAETrainingConfig",
+    "TrainedSAE",
+    "build_training_sae",
+    "load_sae",
+    "save_trained",
+    "train_sae",
+    "train_sae_for_hook",
+]
 
 Architecture = Literal["standard", "topk", "batchtopk", "jumprelu"]
 ARCHITECTURES: tuple[str, ...] = ("standard", "topk", "batchtopk", "jumprelu")
@@ -77,26 +87,26 @@ class SAETrainingConfig:
     """How to train one SAE. Defaults are CPU-sized; the paper's are BatchTopK, k=32, aux 1/32, x32, lr 1e-3."""
 
     architecture: Architecture = "batchtopk"
-    expansion_factor: int = 16          # d_sae = expansion_factor * d_in (paper: 32)
-    k: int = 32                         # topk / batchtopk: active features per sample (batch mean for batchtopk)
-    aux_coefficient: float = 1 / 32     # topk / batchtopk: dead-feature auxiliary loss
-    l1_coefficient: float = 5.0         # standard (ReLU + L1, the paper's "vanilla")
+    expansion_factor: int = 16  # d_sae = expansion_factor * d_in (paper: 32)
+    k: int = 32  # topk / batchtopk: active features per sample (batch mean for batchtopk)
+    aux_coefficient: float = 1 / 32  # topk / batchtopk: dead-feature auxiliary loss
+    l1_coefficient: float = 5.0  # standard (ReLU + L1, the paper's "vanilla")
     l1_warmup_steps: int = 0
-    l0_coefficient: float = 1.0         # jumprelu
+    l0_coefficient: float = 1.0  # jumprelu
     jumprelu_init_threshold: float = 0.01
     jumprelu_bandwidth: float = 0.05
     topk_threshold_lr: float | None = None  # batchtopk: EMA rate of the inference threshold; None = auto
     lr: float = 1e-3
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     lr_warmup_steps: int = 0
-    lr_end: float | None = None         # cosine floor; None = lr / 10 (sae-lens's runner default)
-    batch_size: int = 1024              # activations per step; every batch is exactly this size
-    total_samples: int = 300_000        # rounded down to whole batches
+    lr_end: float | None = None  # cosine floor; None = lr / 10 (sae-lens's runner default)
+    batch_size: int = 1024  # activations per step; every batch is exactly this size
+    total_samples: int = 300_000  # rounded down to whole batches
     normalize_activations: Literal["none", "expected_average_only_in"] = "expected_average_only_in"
     n_batches_for_norm_estimate: int = 20
-    dead_feature_window: int | None = None   # steps; None = total_steps // 10 clipped to [10, 1000]
+    dead_feature_window: int | None = None  # steps; None = total_steps // 10 clipped to [10, 1000]
     decoder_init_norm: float | None = 0.1
-    log_every: int = 10                 # steps between metrics-log lines
+    log_every: int = 10  # steps between metrics-log lines
     seed: int = 0
     device: str = "cpu"
 
@@ -109,11 +119,15 @@ class SAETrainingConfig:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.total_samples < self.batch_size:
-            raise ValueError(f"total_samples ({self.total_samples}) must be at least one batch ({self.batch_size})")
+            raise ValueError(
+                f"total_samples ({self.total_samples}) must be at least one batch ({self.batch_size})"
+            )
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.lr_warmup_steps < self.total_steps:
-            raise ValueError(f"lr_warmup_steps must be in [0, {self.total_steps}), got {self.lr_warmup_steps}")
+            raise ValueError(
+                f"lr_warmup_steps must be in [0, {self.total_steps}), got {self.lr_warmup_steps}"
+            )
 
     @property
     def total_steps(self) -> int:
@@ -145,7 +159,7 @@ class TrainedSAE:
     sae: SAE
     manifest: dict[str, Any]
     log: list[dict[str, float]] = field(default_factory=list)
-    log_feature_sparsity: Tensor | None = None   # [d_sae] log10 firing rate over the last training window
+    log_feature_sparsity: Tensor | None = None  # [d_sae] log10 firing rate over the last training window
     path: Path | None = None
 
 
@@ -153,21 +167,42 @@ def build_training_sae(d_in: int, cfg: SAETrainingConfig) -> TrainingSAE:
     """The sae-lens training SAE for ``cfg`` (weights initialised from the current torch RNG)."""
     if int(d_in) < 1:
         raise ValueError(f"d_in must be >= 1, got {d_in}")
-    common = dict(d_in=int(d_in), d_sae=int(d_in) * cfg.expansion_factor, device=cfg.device,
-                  normalize_activations=cfg.normalize_activations, decoder_init_norm=cfg.decoder_init_norm)
+    common = dict(
+        d_in=int(d_in),
+        d_sae=int(d_in) * cfg.expansion_factor,
+        device=cfg.device,
+        normalize_activations=cfg.normalize_activations,
+        decoder_init_norm=cfg.decoder_init_norm,
+    )
     if cfg.architecture == "standard":
-        return StandardTrainingSAE(StandardTrainingSAEConfig(
-            **common, l1_coefficient=cfg.l1_coefficient, l1_warm_up_steps=cfg.l1_warmup_steps))
+        return StandardTrainingSAE(
+            StandardTrainingSAEConfig(
+                **common, l1_coefficient=cfg.l1_coefficient, l1_warm_up_steps=cfg.l1_warmup_steps
+            )
+        )
     if cfg.architecture in ("topk", "batchtopk") and cfg.k > common["d_sae"]:
         raise ValueError(f"k ({cfg.k}) must not exceed d_sae ({common['d_sae']})")
     if cfg.architecture == "topk":
-        return TopKTrainingSAE(TopKTrainingSAEConfig(**common, k=cfg.k, aux_loss_coefficient=cfg.aux_coefficient))
+        return TopKTrainingSAE(
+            TopKTrainingSAEConfig(**common, k=cfg.k, aux_loss_coefficient=cfg.aux_coefficient)
+        )
     if cfg.architecture == "batchtopk":
-        return BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(
-            **common, k=cfg.k, aux_loss_coefficient=cfg.aux_coefficient, topk_threshold_lr=cfg.resolved_topk_threshold_lr))
-    return JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(
-        **common, l0_coefficient=cfg.l0_coefficient, jumprelu_init_threshold=cfg.jumprelu_init_threshold,
-        jumprelu_bandwidth=cfg.jumprelu_bandwidth))
+        return BatchTopKTrainingSAE(
+            BatchTopKTrainingSAEConfig(
+                **common,
+                k=cfg.k,
+                aux_loss_coefficient=cfg.aux_coefficient,
+                topk_threshold_lr=cfg.resolved_topk_threshold_lr,
+            )
+        )
+    return JumpReLUTrainingSAE(
+        JumpReLUTrainingSAEConfig(
+            **common,
+            l0_coefficient=cfg.l0_coefficient,
+            jumprelu_init_threshold=cfg.jumprelu_init_threshold,
+            jumprelu_bandwidth=cfg.jumprelu_bandwidth,
+        )
+    )
 
 
 def _trainer_config(cfg: SAETrainingConfig) -> SAETrainerConfig:
@@ -200,11 +235,15 @@ class _ExactBatches:
         try:
             batch = next(self._it)
         except StopIteration:
-            raise ValueError("the activation iterator ran out before training finished; give an endless one "
-                             "(e.g. CachedActivations.batches(epochs=None)) or lower total_samples") from None
+            raise ValueError(
+                "the activation iterator ran out before training finished; give an endless one "
+                "(e.g. CachedActivations.batches(epochs=None)) or lower total_samples"
+            ) from None
         if batch.shape != (self.batch_size, self.d_in):
-            raise ValueError(f"every training batch must have shape ({self.batch_size}, {self.d_in}) "
-                             f"(batch_size, d_in), got {tuple(batch.shape)}")
+            raise ValueError(
+                f"every training batch must have shape ({self.batch_size}, {self.d_in}) "
+                f"(batch_size, d_in), got {tuple(batch.shape)}"
+            )
         return batch.to(device=self.device, dtype=torch.float32)
 
 
@@ -220,8 +259,9 @@ class _LoggingTrainer(SAETrainer):
         step = self.n_training_steps  # fit() increments after step(): this is the 0-based index
         if step % self._log_every == 0 or self.n_training_samples >= self.cfg.total_training_samples:
             entry = self.build_train_step_log_dict(output=out, n_training_samples=self.n_training_samples)
-            self._log.append({"step": step + 1, **{k: float(v) for k, v in entry.items()
-                                                    if isinstance(v, (int, float))}})
+            self._log.append(
+                {"step": step + 1, **{k: float(v) for k, v in entry.items() if isinstance(v, (int, float))}}
+            )
         return out
 
 
@@ -251,9 +291,12 @@ def train_sae(
         if manifest and manifest.get("model_name"):
             sae.cfg.metadata.model_name = manifest["model_name"]
         trainer = _LoggingTrainer(
-            cfg=_trainer_config(cfg), sae=sae,
+            cfg=_trainer_config(cfg),
+            sae=sae,
             data_provider=_ExactBatches(batches, cfg.batch_size, int(d_in), cfg.device),
-            log_every=cfg.log_every, log=log)
+            log_every=cfg.log_every,
+            log=log,
+        )
         sae = trainer.fit()
     final = log[-1] if log else {}
     record = {
@@ -265,17 +308,20 @@ def train_sae(
         "d_sae": int(sae.cfg.d_sae),
         "training": asdict(cfg),
         "trained_samples": int(trainer.n_training_samples),
-        "final_train_metrics": {k: final[k] for k in ("metrics/explained_variance", "metrics/l0",
-                                                      "losses/mse_loss", "sparsity/dead_features")
-                                if k in final},
+        "final_train_metrics": {
+            k: final[k]
+            for k in ("metrics/explained_variance", "metrics/l0", "losses/mse_loss", "sparsity/dead_features")
+            if k in final
+        },
         **(manifest or {}),
     }
     with tempfile.TemporaryDirectory() as tmp:
         # the trainer's SAE is a training SAE; sae-lens writes and reads the inference one
         sae.save_inference_model(tmp)
         inference = SAE.load_from_disk(tmp, device=cfg.device)
-    trained = TrainedSAE(sae=inference, manifest=record, log=log,
-                         log_feature_sparsity=trainer.log_feature_sparsity.cpu())
+    trained = TrainedSAE(
+        sae=inference, manifest=record, log=log, log_feature_sparsity=trainer.log_feature_sparsity.cpu()
+    )
     if out_dir is not None:
         trained.path = save_trained(trained, out_dir)
     return trained
@@ -298,7 +344,9 @@ def load_sae(path: str | os.PathLike, device: str = "cpu") -> tuple[SAE, dict[st
     """Load an SAE written by ``train_sae`` (plain ``sae_lens.SAE.load_from_disk``) and its manifest."""
     path = Path(path)
     if not (path / "cfg.json").is_file():
-        raise ValueError(f"{path} is not an SAE directory: expected cfg.json and sae_weights.safetensors in it")
+        raise ValueError(
+            f"{path} is not an SAE directory: expected cfg.json and sae_weights.safetensors in it"
+        )
     manifest_path = path / MANIFEST_NAME
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     return SAE.load_from_disk(path, device=device), manifest
@@ -358,8 +406,9 @@ def train_sae_for_hook(
         d_in = cached.d_in
         manifest["dataset"], manifest["activations"] = cached.manifest["dataset"], str(Path(cache_dir))
         manifest["n_activations"] = len(cached)
-        batches = cached.batches(cfg.batch_size, buffer_size=store.buffer_size, seed=store.seed,
-                                 device=cfg.device)
+        batches = cached.batches(
+            cfg.batch_size, buffer_size=store.buffer_size, seed=store.seed, device=cfg.device
+        )
     else:
         d_in = hook_width(model, store.hook, store.tokens)
         manifest["dataset"] = dataset or _dataset_id(data, None)

@@ -40,8 +40,13 @@ class ModelInfo:
 
     def to_dict(self) -> dict[str, Any]:
         clean = (self.card.get("clean") or {}) if self.card else {}
-        return {"name": self.name, "source": self.source, "sha256": self.sha256, "seen": self.seen,
-                "card_clean_top1": clean.get("top1")}
+        return {
+            "name": self.name,
+            "source": self.source,
+            "sha256": self.sha256,
+            "seen": self.seen,
+            "card_clean_top1": clean.get("top1"),
+        }
 
 
 def _key(i: int) -> str:
@@ -60,18 +65,24 @@ def resolve_model(entry: ModelEntry, key: str, progress: bool = True) -> ModelIn
 
             tcfg = load_config(entry.train_config)
             if Path(tcfg.out).resolve() != folder.resolve():
-                raise ConfigError(f"{key}.train_config: {entry.train_config} writes {tcfg.out}, "
-                                  f"not the checkpoint {folder}")
+                raise ConfigError(
+                    f"{key}.train_config: {entry.train_config} writes {tcfg.out}, not the checkpoint {folder}"
+                )
             train(tcfg, progress=progress)
         if not (folder / CARD).is_file():
-            raise ConfigError(f"{key}.checkpoint: {folder} is not a mechvit checkpoint folder (no {CARD}); "
-                              "train it first (mechvit train) or fix the path")
+            raise ConfigError(
+                f"{key}.checkpoint: {folder} is not a mechvit checkpoint folder (no {CARD}); "
+                "train it first (mechvit train) or fix the path"
+            )
         card = read_card(folder)
         weights = folder / card.get("weights", {}).get("file", WEIGHTS)
         if not weights.is_file():
             raise ConfigError(f"{key}.checkpoint: weights file {weights} is missing")
-        seen = entry.seen if entry.seen is not None else list(
-            ((card.get("config") or {}).get("corruption") or {}).get("seen") or [])
+        seen = (
+            entry.seen
+            if entry.seen is not None
+            else list(((card.get("config") or {}).get("corruption") or {}).get("seen") or [])
+        )
         return ModelInfo(entry.name, entry, sha256_file(weights), seen, f"checkpoint {folder}", card)
     if entry.hooked is not None:
         folder = Path(entry.hooked)
@@ -82,8 +93,13 @@ def resolve_model(entry: ModelEntry, key: str, progress: bool = True) -> ModelIn
         digest = hashlib.sha256("".join(sha256_file(f) for f in files).encode()).hexdigest()
         return ModelInfo(entry.name, entry, digest, list(entry.seen or []), f"HookedViT folder {folder}")
     spec = f"timm:{entry.timm}:pretrained={entry.pretrained}:{sorted(entry.timm_kwargs.items())}"
-    return ModelInfo(entry.name, entry, hashlib.sha256(spec.encode()).hexdigest(), list(entry.seen or []),
-                     f"timm {entry.timm}" + (" (pretrained)" if entry.pretrained else ""))
+    return ModelInfo(
+        entry.name,
+        entry,
+        hashlib.sha256(spec.encode()).hexdigest(),
+        list(entry.seen or []),
+        f"timm {entry.timm}" + (" (pretrained)" if entry.pretrained else ""),
+    )
 
 
 def load_hooked(info: ModelInfo, device: torch.device):
@@ -155,14 +171,28 @@ class StudyContext:
         from mechvit.training.config import DataConfig
 
         d = self.cfg.data
-        return DataConfig(dataset=d.dataset, root=d.root, train_split=d.train_split, test_split=d.test_split,
-                          img_size=d.img_size, mean=d.mean, std=d.std, limit_train=limit_train,
-                          limit_test=limit_test)
+        return DataConfig(
+            dataset=d.dataset,
+            root=d.root,
+            train_split=d.train_split,
+            test_split=d.test_split,
+            img_size=d.img_size,
+            mean=d.mean,
+            std=d.std,
+            limit_train=limit_train,
+            limit_test=limit_test,
+        )
 
     def _n_test_needed(self) -> int:
         c = self.cfg
-        sizes = [c.robustness.n_images, c.logit_lens.n_images, c.attention.n_images, c.sae.n_eval_images,
-                 c.patching.n_images, c.cka.n_images]
+        sizes = [
+            c.robustness.n_images,
+            c.logit_lens.n_images,
+            c.attention.n_images,
+            c.sae.n_eval_images,
+            c.patching.n_images,
+            c.cka.n_images,
+        ]
         return max(sizes)
 
     @staticmethod
@@ -177,7 +207,9 @@ class StudyContext:
         if self._test is None:
             from mechvit.training.data import load_split
 
-            self._test = self._as_tensors(load_split(self._data_cfg(limit_test=self._n_test_needed()), "test"))
+            self._test = self._as_tensors(
+                load_split(self._data_cfg(limit_test=self._n_test_needed()), "test")
+            )
         x, y = self._test
         if n > len(y):
             raise ConfigError(f"data: the test split holds {len(y)} images, the config asks for {n}")
@@ -198,7 +230,9 @@ class StudyContext:
             from mechvit.corruptions import corrupt
 
             x, _ = self.test_images(self._n_test_needed())
-            cached = corrupt(x, cond.corruption, cond.severity, seed=_condition_seed(self.cfg.seed, cond, "test"))
+            cached = corrupt(
+                x, cond.corruption, cond.severity, seed=_condition_seed(self.cfg.seed, cond, "test")
+            )
             self._corrupted[key] = cached
         return cached[:n]
 

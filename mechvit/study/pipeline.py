@@ -134,8 +134,14 @@ class StudyRun:
     report: Path | None = None
 
 
-def run_study(cfg: StudyConfig, out: str | Path, *, force: bool = False, only: list[str] | None = None,
-              report: bool = True) -> StudyRun:
+def run_study(
+    cfg: StudyConfig,
+    out: str | Path,
+    *,
+    force: bool = False,
+    only: list[str] | None = None,
+    report: bool = True,
+) -> StudyRun:
     """Run every enabled step of ``cfg`` into ``out`` (skipping finished ones unless ``force``), then write
     ``report.html``, ``report.md`` and ``metrics.json``. ``only`` restricts to those steps (and needs their
     upstream steps finished or enabled)."""
@@ -185,8 +191,15 @@ def run_study(cfg: StudyConfig, out: str | Path, *, force: bool = False, only: l
             shutil.rmtree(old, ignore_errors=True)
         os.replace(staging, final)
         seconds = round(time.time() - t0, 2)
-        write_json_atomic(final / DONE, {"step": step.name, "hash": h, "seconds": seconds,
-                                         "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        write_json_atomic(
+            final / DONE,
+            {
+                "step": step.name,
+                "hash": h,
+                "seconds": seconds,
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            },
+        )
         run.results[step.name], run.hashes[step.name], run.timings[step.name] = result, h, seconds
         run.computed.append(step.name)
         tqdm.write(f"[{step.name}] done in {seconds:.1f} s")

@@ -15,8 +15,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 from mechvit.viz import figures  # noqa: E402
 from mechvit.viz.figures import DIVERGING, PALETTE, SEQUENTIAL, color, image_overlay  # noqa: E402
 
-__all__ = ["DIVERGING", "PALETTE", "SEQUENTIAL", "STYLE", "color", "heatmap", "image_overlay", "new_figure",
-           "save_figure"]
+__all__ = [
+    "DIVERGING",
+    "PALETTE",
+    "SEQUENTIAL",
+    "STYLE",
+    "color",
+    "heatmap",
+    "image_overlay",
+    "new_figure",
+    "save_figure",
+]
 
 STYLE = {
     "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8, "xtick.labelsize": 8,
@@ -27,8 +36,9 @@ STYLE = {
 
 def new_figure(nrows: int = 1, ncols: int = 1, *, w: float = 4.2, h: float = 3.0, **kw):
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(nrows, ncols, figsize=(w * ncols, h * nrows), squeeze=False, layout="constrained",
-                                 **kw)
+        fig, axes = plt.subplots(
+            nrows, ncols, figsize=(w * ncols, h * nrows), squeeze=False, layout="constrained", **kw
+        )
     return fig, axes
 
 
@@ -43,7 +53,16 @@ def save_figure(fig, writer, stem: str, caption: str) -> dict[str, str]:
 def heatmap(ax, mat, xlabels, ylabels, *, cbar_label: str, fmt: str | None = "{:.0f}", **kw):
     """:func:`mechvit.viz.figures.heatmap` with the values written in the cells, x labels at 60 degrees and a
     slim colour bar; ``marks`` (bool array) outlines cells (e.g. seen corruptions)."""
-    im = figures.heatmap(ax, mat, xlabels, ylabels, cbar_label=cbar_label, fmt=fmt, xrotation=60,
-                         cbar_kw={"fraction": 0.046, "pad": 0.03}, **kw)
+    im = figures.heatmap(
+        ax,
+        mat,
+        xlabels,
+        ylabels,
+        cbar_label=cbar_label,
+        fmt=fmt,
+        xrotation=60,
+        cbar_kw={"fraction": 0.046, "pad": 0.03},
+        **kw,
+    )
     ax.tick_params(labelsize=STYLE["xtick.labelsize"])
     return im

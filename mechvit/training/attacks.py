@@ -35,9 +35,7 @@ def pgd(
     if images.ndim != 4:
         raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
     if images.min() < 0 or images.max() > 1:
-        raise ValueError(
-            f"images must lie in [0, 1], got values in [{images.min():.3f}, {images.max():.3f}]"
-        )
+        raise ValueError(f"images must lie in [0, 1], got values in [{images.min():.3f}, {images.max():.3f}]")
     step_size = eps / max(steps, 1) * 2.5 if step_size is None else step_size
     loss_fn = loss_fn or F.cross_entropy
     x0 = images.detach()

@@ -10,15 +10,24 @@ from mechvit._dataclass_yaml import parse_overrides
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="YAML TrainConfig (configs/train_base.yaml, configs/finetune_*.yaml)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="override config keys, dotted for nested ones (e.g. epochs=1 data.limit_train=512)")
+    p.add_argument(
+        "--config", required=True, help="YAML TrainConfig (configs/train_base.yaml, configs/finetune_*.yaml)"
+    )
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config keys, dotted for nested ones (e.g. epochs=1 data.limit_train=512)",
+    )
     p.add_argument("--no-resume", action="store_true", help="ignore an existing train_state.pt in `out`")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def add_evaluate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoints", nargs="+", help="checkpoint folders; the first is the mCE base unless --base")
+    p.add_argument(
+        "checkpoints", nargs="+", help="checkpoint folders; the first is the mCE base unless --base"
+    )
     p.add_argument("--out", default=None, help="folder for robustness.csv/.json/.png and summary.md")
     p.add_argument("--corruptions", nargs="*", default=None, help="default: all of mechvit.corruptions")
     p.add_argument("--severities", nargs="*", type=int, default=[1, 2, 3, 4, 5])

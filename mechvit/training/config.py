@@ -126,7 +126,9 @@ class TrainConfig:
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.model is None and self.init_from is None:
-            raise ValueError("config needs `model` (train from scratch) or `init_from` (fine-tune a checkpoint)")
+            raise ValueError(
+                "config needs `model` (train from scratch) or `init_from` (fine-tune a checkpoint)"
+            )
         if self.corruption is not None:
             if not self.corruption.seen:
                 raise ValueError("corruption.seen must list at least one corruption name, got []")

@@ -28,9 +28,7 @@ from mechvit.training.checkpoint import atomic_write_bytes, atomic_write_json
 METRICS = ("top1", "top5", "confidence", "correct_prob", "nll", "ece")
 
 
-def expected_calibration_error(
-    confidence: Float[Tensor, " n"], correct: Tensor, n_bins: int = 15
-) -> float:
+def expected_calibration_error(confidence: Float[Tensor, " n"], correct: Tensor, n_bins: int = 15) -> float:
     """ECE with ``n_bins`` equal-width confidence bins ``(k/n, (k+1)/n]``: sum_b |B|/N |acc_b - conf_b|."""
     acc = _Accumulator(num_classes=1, n_bins=n_bins)
     acc.add_confidence(confidence.detach().double().cpu(), correct.detach().double().cpu())
@@ -213,7 +211,9 @@ def seen_unseen_summary(
     return out
 
 
-def pivot_top1(rows: list[dict], severities: Sequence[int] | None = None) -> tuple[list[str], list[str], np.ndarray]:
+def pivot_top1(
+    rows: list[dict], severities: Sequence[int] | None = None
+) -> tuple[list[str], list[str], np.ndarray]:
     """(models, corruptions, top-1 matrix [model, corruption]) averaged over ``severities`` (all if None)."""
     models = list(dict.fromkeys(r["model"] for r in rows))
     corrs = list(dict.fromkeys(r["corruption"] for r in rows))
@@ -253,7 +253,13 @@ def summary_markdown(summary: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
-        cells = [s["clean_top1"], s["seen_top1"], s["unseen_top1"], s["seen_confidence"], s["unseen_confidence"]]
+        cells = [
+            s["clean_top1"],
+            s["seen_top1"],
+            s["unseen_top1"],
+            s["seen_confidence"],
+            s["unseen_confidence"],
+        ]
         cells = " | ".join(_pct(v) for v in [*cells, s["mCE"]])
         lines.append(f"| {s['model']} | {', '.join(s['seen']) or '–'} | {cells} |")
     return "\n".join(lines)
@@ -294,11 +300,17 @@ def write_results(out_dir: str | Path, rows: list[dict], summary: list[dict], ce
     w.writeheader()
     w.writerows(rows)
     atomic_write_bytes(out_dir / "robustness.csv", lambda tmp: Path(tmp).write_text(buf.getvalue()))
-    atomic_write_json(out_dir / "robustness.json", {"rows": rows, "corruption_errors": ce, "summary": summary})
+    atomic_write_json(
+        out_dir / "robustness.json", {"rows": rows, "corruption_errors": ce, "summary": summary}
+    )
     md = summary_markdown(summary) + "\n\n" + markdown_table(rows) + "\n"
     atomic_write_bytes(out_dir / "summary.md", lambda tmp: Path(tmp).write_text(md))
     heatmap(rows, out_dir / "robustness.png")
-    return {"csv": out_dir / "robustness.csv", "json": out_dir / "robustness.json", "png": out_dir / "robustness.png"}
+    return {
+        "csv": out_dir / "robustness.csv",
+        "json": out_dir / "robustness.json",
+        "png": out_dir / "robustness.png",
+    }
 
 
 @dataclass

@@ -60,7 +60,9 @@ def resolve_model(cfg: TrainConfig, model: nn.Module | None) -> tuple[nn.Module,
         parent = read_card(cfg.init_from)["model"]
         parent = {"name": parent["name"], "kwargs": parent.get("kwargs", {})}
         if spec is not None and spec != parent:
-            raise ValueError(f"model {spec} differs from the architecture of init_from={cfg.init_from}: {parent}")
+            raise ValueError(
+                f"model {spec} differs from the architecture of init_from={cfg.init_from}: {parent}"
+            )
         spec = parent
         if model is None:
             model = load_checkpoint(cfg.init_from)
@@ -215,16 +217,24 @@ def train(
         "config": config_dict,
         "init_from": None if cfg.init_from is None else _card_ref(cfg.init_from),
         "data": {
-            "dataset": cfg.data.dataset if data is None else "in-memory (passed to train)", "root": cfg.data.root, "n_train": n_items(train_data),
-            "n_test": n_items(test_data), "img_size": cfg.data.img_size, "mean": cfg.data.mean, "std": cfg.data.std,
+            "dataset": cfg.data.dataset if data is None else "in-memory (passed to train)",
+            "root": cfg.data.root,
+            "n_train": n_items(train_data),
+            "n_test": n_items(test_data),
+            "img_size": cfg.data.img_size,
+            "mean": cfg.data.mean,
+            "std": cfg.data.std,
         },  # fmt: skip
         "seed": cfg.seed,
         "epochs": cfg.epochs,
         "wall_time_s": round(elapsed, 3),
         "history": history,
         "environment": {
-            "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
-            "device": str(device), "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "python": platform.python_version(),
+            "device": str(device),
+            "threads": torch.get_num_threads(),
         },  # fmt: skip
     }
     card.update(evaluate_for_card(net, cfg, test_data, device, progress))

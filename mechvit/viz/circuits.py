@@ -42,8 +42,9 @@ def attention_heads(pattern: Tensor, tokens: Sequence[str], names: Sequence[str]
     import circuitsvis as cv
 
     pattern, names = _flatten(pattern, tokens, names)
-    return cv.attention.attention_heads(pattern, list(tokens), attention_head_names=names, max_value=1.0,
-                                        min_value=0.0, mask_upper_tri=False)
+    return cv.attention.attention_heads(
+        pattern, list(tokens), attention_head_names=names, max_value=1.0, min_value=0.0, mask_upper_tri=False
+    )
 
 
 def _flatten(pattern: Tensor, tokens: Sequence[str], names: Sequence[str] | None) -> tuple[Tensor, list[str]]:
@@ -52,8 +53,10 @@ def _flatten(pattern: Tensor, tokens: Sequence[str], names: Sequence[str] | None
         names = list(names) if names is not None else head_names(pattern.shape[0], pattern.shape[1])
         pattern = pattern.reshape(-1, *pattern.shape[2:])
     if pattern.ndim != 3 or pattern.shape[1] != pattern.shape[2] or pattern.shape[1] != len(tokens):
-        raise ValueError(f"expected a pattern [heads, T, T] or [layers, heads, T, T] with T = {len(tokens)} "
-                         f"tokens, got {tuple(pattern.shape)}")
+        raise ValueError(
+            f"expected a pattern [heads, T, T] or [layers, heads, T, T] with T = {len(tokens)} "
+            f"tokens, got {tuple(pattern.shape)}"
+        )
     names = list(names) if names is not None else [f"H{h}" for h in range(pattern.shape[0])]
     if len(names) != pattern.shape[0]:
         raise ValueError(f"got {len(names)} head names for {pattern.shape[0]} heads")
@@ -71,8 +74,9 @@ def _image_data_uri(image: Tensor, scale: int = 6) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def attention_views_page(views: Sequence[dict], tokens: Sequence[str], *, title: str = "Attention heads",
-                         decimals: int = 3) -> str:
+def attention_views_page(
+    views: Sequence[dict], tokens: Sequence[str], *, title: str = "Attention heads", decimals: int = 3
+) -> str:
     """A self-contained HTML page with one circuitsvis ``AttentionHeads`` view per entry of ``views``.
 
     Each view: ``{"title": str, "pattern": [layers, heads, T, T] or [heads, T, T], "image": optional
@@ -81,13 +85,25 @@ def attention_views_page(views: Sequence[dict], tokens: Sequence[str], *, title:
     parts = []
     for i, v in enumerate(views):
         pattern, names = _flatten(v["pattern"], tokens, v.get("head_names"))
-        props = {"attention": np.round(pattern.numpy(), decimals).tolist(), "tokens": list(tokens),
-                 "attentionHeadNames": names, "maxValue": 1.0, "minValue": 0.0, "maskUpperTri": False}
-        img = f'<img class="thumb" src="{_image_data_uri(v["image"])}" alt="input image">' if "image" in v else ""
-        parts.append(f'<section><h2>{html.escape(str(v.get("title", f"view {i}")))}</h2>{img}'
-                     f'<div id="cv-{i}"></div>'
-                     f'<script>CircuitsVis.render("cv-{i}", CircuitsVis.AttentionHeads, '
-                     f'{json.dumps(props, separators=(",", ":"))});</script></section>')
+        props = {
+            "attention": np.round(pattern.numpy(), decimals).tolist(),
+            "tokens": list(tokens),
+            "attentionHeadNames": names,
+            "maxValue": 1.0,
+            "minValue": 0.0,
+            "maskUpperTri": False,
+        }
+        img = (
+            f'<img class="thumb" src="{_image_data_uri(v["image"])}" alt="input image">'
+            if "image" in v
+            else ""
+        )
+        parts.append(
+            f"<section><h2>{html.escape(str(v.get('title', f'view {i}')))}</h2>{img}"
+            f'<div id="cv-{i}"></div>'
+            f'<script>CircuitsVis.render("cv-{i}", CircuitsVis.AttentionHeads, '
+            f"{json.dumps(props, separators=(',', ':'))});</script></section>"
+        )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:1.5em;max-width:1200px}}

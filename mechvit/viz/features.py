@@ -26,7 +26,7 @@ def _check(acts: Tensor, sae) -> None:
 def _codes(sae, acts: Tensor, batch: int = 64):
     dev = sae.W_dec.device
     for s in range(0, acts.shape[0], batch):
-        chunk = acts[s:s + batch]
+        chunk = acts[s : s + batch]
         z = sae.encode(chunk.reshape(-1, chunk.shape[-1]).to(dev, sae.W_dec.dtype))
         yield s, z.reshape(*chunk.shape[:2], -1).float().cpu()
 
@@ -41,8 +41,9 @@ def top_features(sae, acts: Float[Tensor, "n p d"], k: int) -> list[int]:
     return [int(f) for f in order[:k] if total[f] > 0]
 
 
-def feature_maps(sae, acts: Float[Tensor, "n p d"], features: Sequence[int],
-                 grid: tuple[int, int]) -> Float[Tensor, "n f gh gw"]:
+def feature_maps(
+    sae, acts: Float[Tensor, "n p d"], features: Sequence[int], grid: tuple[int, int]
+) -> Float[Tensor, "n f gh gw"]:
     """Activation of each of ``features`` at every patch, laid out on the patch grid."""
     _check(acts, sae)
     gh, gw = grid
@@ -53,7 +54,7 @@ def feature_maps(sae, acts: Float[Tensor, "n p d"], features: Sequence[int],
         raise ValueError(f"features must index [0, {sae.cfg.d_sae}), got {feats.tolist()}")
     out = torch.empty(acts.shape[0], len(feats), gh, gw)
     for s, z in _codes(sae, acts):
-        out[s:s + z.shape[0]] = z[..., feats].permute(0, 2, 1).reshape(z.shape[0], len(feats), gh, gw)
+        out[s : s + z.shape[0]] = z[..., feats].permute(0, 2, 1).reshape(z.shape[0], len(feats), gh, gw)
     return out
 
 
@@ -85,14 +86,17 @@ def feature_comparison_figure(
 
     n, f = maps_left.shape[:2]
     if maps_right.shape[:2] != (n, f) or len(images) != n:
-        raise ValueError(f"images {tuple(images.shape)}, maps_left {tuple(maps_left.shape)} and maps_right "
-                         f"{tuple(maps_right.shape)} must hold the same images and features")
+        raise ValueError(
+            f"images {tuple(images.shape)}, maps_left {tuple(maps_left.shape)} and maps_right "
+            f"{tuple(maps_right.shape)} must hold the same images and features"
+        )
     if len(features_left) != f or len(features_right) != f:
         raise ValueError(f"give {f} feature ids per side, got {len(features_left)} and {len(features_right)}")
     labels = list(image_labels) if image_labels is not None else [f"#{i}" for i in range(n)]
     k = max(1, min(top_images, n))
-    fig, ax = plots.new_figure(f, 2 * k + 1, w=1.05, h=1.25,
-                               gridspec_kw={"width_ratios": [1] * k + [0.25] + [1] * k})
+    fig, ax = plots.new_figure(
+        f, 2 * k + 1, w=1.05, h=1.25, gridspec_kw={"width_ratios": [1] * k + [0.25] + [1] * k}
+    )
     for r in range(f):
         for side, maps, feat in ((0, maps_left, features_left), (1, maps_right, features_right)):
             m = maps[:, r]
@@ -102,8 +106,13 @@ def feature_comparison_figure(
                 a = ax[r, c + side * (k + 1)]
                 if c < len(idx):
                     i = idx[c]
-                    im = plots.image_overlay(a, images[i].numpy(), m[i].numpy(), vmax=vmax,
-                                             title=f"{labels[i]}\nmax {float(m[i].max()):.2f}")
+                    im = plots.image_overlay(
+                        a,
+                        images[i].numpy(),
+                        m[i].numpy(),
+                        vmax=vmax,
+                        title=f"{labels[i]}\nmax {float(m[i].max()):.2f}",
+                    )
                     a.title.set_fontsize(6)
                 elif c > 0:
                     a.axis("off")
@@ -112,14 +121,26 @@ def feature_comparison_figure(
                 first.set(xticks=[], yticks=[])
                 for spine in first.spines.values():
                     spine.set_visible(False)
-                first.text(0.5, 0.5, "never active\non these images", ha="center", va="center", fontsize=7,
-                           transform=first.transAxes)
+                first.text(
+                    0.5,
+                    0.5,
+                    "never active\non these images",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    transform=first.transAxes,
+                )
             head = f"{names[side]}\nfeature {feat[r]}"
             if pair_cosine is not None and side == 1:
                 head += f"\n(cos {pair_cosine[r]:.2f})"
             first.set_ylabel(head, fontsize=7, fontweight="bold")
             if idx:
-                fig.colorbar(im, ax=ax[r, side * (k + 1):side * (k + 1) + k].tolist(), fraction=0.02, pad=0.01,
-                             label="activation" if r == f - 1 else None)
+                fig.colorbar(
+                    im,
+                    ax=ax[r, side * (k + 1) : side * (k + 1) + k].tolist(),
+                    fraction=0.02,
+                    pad=0.01,
+                    label="activation" if r == f - 1 else None,
+                )
         ax[r, k].axis("off")
     return fig

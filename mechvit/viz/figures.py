@@ -32,8 +32,13 @@ def color(i: int) -> str:
     return PALETTE[i % len(PALETTE)]
 
 
-def save_figure(fig: Figure, path: str | os.PathLike, formats: Sequence[str] = FORMATS, dpi: int = 150,
-                bbox_inches: str | None = "tight") -> list[Path]:
+def save_figure(
+    fig: Figure,
+    path: str | os.PathLike,
+    formats: Sequence[str] = FORMATS,
+    dpi: int = 150,
+    bbox_inches: str | None = "tight",
+) -> list[Path]:
     """Write ``fig`` as ``<stem>.<fmt>`` for each format, atomically; returns the paths written.
 
     ``bbox_inches=None`` keeps the figure's own size (for figures with a constrained layout)."""
@@ -70,10 +75,24 @@ def _sym(values: np.ndarray) -> float:
     return m if m > 0 else 1.0
 
 
-def heatmap(ax, values, xlabels: Sequence[str], ylabels: Sequence[str], *, cbar_label: str | None = None,
-            cmap: str = SEQUENTIAL, vmin: float | None = None, vmax: float | None = None, xlabel: str = "",
-            ylabel: str = "", fmt: str | None = None, marks=None, max_ticks: int = 25,
-            xrotation: float | None = None, cbar_kw: dict | None = None):
+def heatmap(
+    ax,
+    values,
+    xlabels: Sequence[str],
+    ylabels: Sequence[str],
+    *,
+    cbar_label: str | None = None,
+    cmap: str = SEQUENTIAL,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    xlabel: str = "",
+    ylabel: str = "",
+    fmt: str | None = None,
+    marks=None,
+    max_ticks: int = 25,
+    xrotation: float | None = None,
+    cbar_kw: dict | None = None,
+):
     """``values [rows, cols]`` as a labelled image with a colour bar (none when ``cbar_label`` is None).
 
     A ``DIVERGING`` map without ``vmin`` is centred on 0. ``fmt`` (e.g. ``"{:.2f}"``) writes each value in
@@ -84,8 +103,11 @@ def heatmap(ax, values, xlabels: Sequence[str], ylabels: Sequence[str], *, cbar_
     if cmap == DIVERGING and vmin is None:
         vmin, vmax = -_sym(v), _sym(v)
     im = ax.imshow(v, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
-    xtext = {"rotation": xrotation, "ha": "right"} if xrotation is not None else {
-        "rotation": 90 if len(xlabels) > 8 else 0}
+    xtext = (
+        {"rotation": xrotation, "ha": "right"}
+        if xrotation is not None
+        else {"rotation": 90 if len(xlabels) > 8 else 0}
+    )
     for labels, set_ticks, text in ((xlabels, ax.set_xticks, xtext), (ylabels, ax.set_yticks, {})):
         ticks = list(range(0, len(labels), max(1, math.ceil(len(labels) / max_ticks))))
         set_ticks(ticks, [labels[i] for i in ticks], fontsize=7, **text)
@@ -96,8 +118,15 @@ def heatmap(ax, values, xlabels: Sequence[str], ylabels: Sequence[str], *, cbar_
         for (i, j), x in np.ndenumerate(v):
             if np.isfinite(x):
                 dark = (x - lo) / ((hi - lo) or 1) < 0.55 if cmap == SEQUENTIAL else abs(x) > 0.6 * hi
-                ax.text(j, i, fmt.format(x), ha="center", va="center", fontsize=6,
-                        color="white" if dark else "black")
+                ax.text(
+                    j,
+                    i,
+                    fmt.format(x),
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if dark else "black",
+                )
     if marks is not None:
         for i, j in zip(*np.nonzero(marks), strict=True):
             ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec=PALETTE[1], lw=1.6))
@@ -106,8 +135,17 @@ def heatmap(ax, values, xlabels: Sequence[str], ylabels: Sequence[str], *, cbar_
     return im
 
 
-def image_overlay(ax, image, grid=None, *, vmin: float = 0.0, vmax: float | None = None, alpha: float = 0.55,
-                  title: str = "", cmap: str = "inferno"):
+def image_overlay(
+    ax,
+    image,
+    grid=None,
+    *,
+    vmin: float = 0.0,
+    vmax: float | None = None,
+    alpha: float = 0.55,
+    title: str = "",
+    cmap: str = "inferno",
+):
     """``image [C, H, W]`` (in [0, 1]) with a per-patch map ``grid [gh, gw]`` stretched over it; returns the
     map's image (for a colour bar), None without ``grid``."""
     img = _np(image)
@@ -116,8 +154,15 @@ def image_overlay(ax, image, grid=None, *, vmin: float = 0.0, vmax: float | None
     im = None
     if grid is not None:
         h, w = img.shape[:2]
-        im = ax.imshow(_np(grid), cmap=cmap, alpha=alpha, extent=(-0.5, w - 0.5, h - 0.5, -0.5), vmin=vmin,
-                       vmax=vmax or None, interpolation="nearest")
+        im = ax.imshow(
+            _np(grid),
+            cmap=cmap,
+            alpha=alpha,
+            extent=(-0.5, w - 0.5, h - 0.5, -0.5),
+            vmin=vmin,
+            vmax=vmax or None,
+            interpolation="nearest",
+        )
     ax.set_xticks([])
     ax.set_yticks([])
     if title:
@@ -152,8 +197,9 @@ def plot_patching(result, path=None, *, title: str | None = None) -> Figure:
     if len(dims) == 2 and not (full_positions and dims[-1] == "position"):
         fig = Figure(figsize=(max(4, 0.25 * v.shape[1] + 3), max(3, 0.35 * v.shape[0] + 1.5)))
         ax = fig.add_subplot()
-        heatmap(ax, v, lab[dims[1]], lab[dims[0]], xlabel=dims[1], ylabel=dims[0], cbar_label=cbar,
-                cmap=DIVERGING)
+        heatmap(
+            ax, v, lab[dims[1]], lab[dims[0]], xlabel=dims[1], ylabel=dims[0], cbar_label=cbar, cmap=DIVERGING
+        )
         ax.set_title(title)
         return _finish(fig, path)
     if not full_positions:
@@ -196,8 +242,12 @@ def plot_patching(result, path=None, *, title: str | None = None) -> Figure:
 # Logit lens
 # ----------------------------------------------------------------------------------------------
 
-_LENS_PANELS = (("top1_acc", "top-1 accuracy"), ("correct_prob", "mean correct-class probability"),
-                ("kl_to_final", "KL(final || layer) [nats]"), ("entropy", "entropy [nats]"))
+_LENS_PANELS = (
+    ("top1_acc", "top-1 accuracy"),
+    ("correct_prob", "mean correct-class probability"),
+    ("kl_to_final", "KL(final || layer) [nats]"),
+    ("entropy", "entropy [nats]"),
+)
 
 
 def plot_logit_lens(results, path=None, *, title: str = "Logit lens") -> Figure:
@@ -216,7 +266,15 @@ def plot_logit_lens(results, path=None, *, title: str = "Logit lens") -> Figure:
         c = color(i)
         style = linestyles[models.index(label.split("/")[0]) % len(linestyles)]
         for ax, (key, name) in zip(axes.flat, _LENS_PANELS, strict=True):
-            ax.plot(x, _np(s[key]), style, marker="o", ms=3, color=c, label=f"{label} (first {res.mean_first_correct:.2f})")
+            ax.plot(
+                x,
+                _np(s[key]),
+                style,
+                marker="o",
+                ms=3,
+                color=c,
+                label=f"{label} (first {res.mean_first_correct:.2f})",
+            )
             ax.set_xticks(list(x))
             ax.set_xticklabels(res.layers)
             ax.set_xlabel("layer (residual stream after block)")
@@ -238,8 +296,10 @@ def plot_attention_stats(stats, path=None, *, title: str = "Attention per layer 
     a1, a2 = fig.subplots(1, 2)
     n_layers, n_heads = stats.entropy.shape
     layers, heads = [str(i) for i in range(n_layers)], [str(h) for h in range(n_heads)]
-    for ax, values, label in ((a1, stats.entropy, "entropy [nats]"),
-                              (a2, stats.distance, "mean attention distance [px]")):
+    for ax, values, label in (
+        (a1, stats.entropy, "entropy [nats]"),
+        (a2, stats.distance, "mean attention distance [px]"),
+    ):
         heatmap(ax, values, heads, layers, xlabel="head", ylabel="layer", cbar_label=label)
     a1.set_title("entropy")
     a2.set_title("mean attention distance")
@@ -247,7 +307,9 @@ def plot_attention_stats(stats, path=None, *, title: str = "Attention per layer 
     return _finish(fig, path)
 
 
-def plot_paired_attention(paired, path=None, *, title: str = "Attention: paired comparison per layer") -> Figure:
+def plot_paired_attention(
+    paired, path=None, *, title: str = "Attention: paired comparison per layer"
+) -> Figure:
     """Per-layer entropy difference, mean squared difference and cosine similarity of attention maps.
 
     ``paired``: a PairedAttention or a dict label -> PairedAttention (e.g. one per corruption or model)."""
@@ -255,8 +317,11 @@ def plot_paired_attention(paired, path=None, *, title: str = "Attention: paired 
         paired = {" vs ".join(paired.labels): paired}
     fig = Figure(figsize=(13, 3.6))
     axes = fig.subplots(1, 3)
-    names = (("entropy_diff", "entropy difference (b - a) [nats]"), ("mse", "mean squared difference"),
-             ("cosine", "cosine similarity of maps"))
+    names = (
+        ("entropy_diff", "entropy difference (b - a) [nats]"),
+        ("mse", "mean squared difference"),
+        ("cosine", "cosine similarity of maps"),
+    )
     for i, (label, p) in enumerate(paired.items()):
         per = p.per_layer()
         for ax, (key, name) in zip(axes, names, strict=True):
@@ -270,8 +335,15 @@ def plot_paired_attention(paired, path=None, *, title: str = "Attention: paired 
     return _finish(fig, path)
 
 
-def plot_attention_overlay(image, maps, path=None, *, titles: Sequence[str] | None = None,
-                           title: str = "CLS attention to patches", alpha: float = 0.55) -> Figure:
+def plot_attention_overlay(
+    image,
+    maps,
+    path=None,
+    *,
+    titles: Sequence[str] | None = None,
+    title: str = "CLS attention to patches",
+    alpha: float = 0.55,
+) -> Figure:
     """Attention maps on the patch grid (``[gh, gw]`` or ``[n, gh, gw]``) over ``image [C, H, W]``.
 
     Use with ``model_cls_attention`` (one map per layer or head) or a rollout's CLS row."""
@@ -310,7 +382,9 @@ def plot_cka(results, path=None, *, title: str = "Linear CKA per layer") -> Figu
     for i, (label, r) in enumerate(results.items()):
         c = color(i)
         ax.plot(range(len(r.layers)), _np(r.linear), "-o", ms=3, color=c, label=f"{label} linear".strip())
-        ax.plot(range(len(r.layers)), _np(r.debiased), "--s", ms=3, color=c, label=f"{label} debiased".strip())
+        ax.plot(
+            range(len(r.layers)), _np(r.debiased), "--s", ms=3, color=c, label=f"{label} debiased".strip()
+        )
         ax.set_xticks(range(len(r.layers)))
         ax.set_xticklabels(r.layers)
     ax.set_xlabel("layer")
@@ -348,15 +422,30 @@ def plot_feature_overlap(overlap, path=None, *, title: str = "SAE feature overla
     return _finish(fig, path)
 
 
-def plot_code_similarity(sims, path=None, *, title: str = "SAE code cosine: clean vs corrupted tokens") -> Figure:
+def plot_code_similarity(
+    sims, path=None, *, title: str = "SAE code cosine: clean vs corrupted tokens"
+) -> Figure:
     """Histograms (as densities) of the clean-vs-corrupted code cosine, one per model (CodeSimilarity list)."""
-    sims = list(sims.values()) if isinstance(sims, Mapping) else [sims] if hasattr(sims, "cosines") else list(sims)
+    sims = (
+        list(sims.values())
+        if isinstance(sims, Mapping)
+        else [sims]
+        if hasattr(sims, "cosines")
+        else list(sims)
+    )
     fig = Figure(figsize=(6.5, 4))
     ax = fig.add_subplot()
     for i, s in enumerate(sims):
         c = color(i)
-        ax.hist(_np(s.cosines), bins=_np(s.edges), density=True, histtype="step", lw=1.6, color=c,
-                label=f"{s.label or i} (mean {s.mean:.3f}, n={s.cosines.numel()})")
+        ax.hist(
+            _np(s.cosines),
+            bins=_np(s.edges),
+            density=True,
+            histtype="step",
+            lw=1.6,
+            color=c,
+            label=f"{s.label or i} (mean {s.mean:.3f}, n={s.cosines.numel()})",
+        )
     ax.set_xlabel("cosine(code clean, code corrupted)")
     ax.set_ylabel("density")
     ax.legend(fontsize=7)
@@ -364,6 +453,20 @@ def plot_code_similarity(sims, path=None, *, title: str = "SAE code cosine: clea
     return _finish(fig, path)
 
 
-__all__ = ["DIVERGING", "PALETTE", "SEQUENTIAL", "color", "heatmap", "image_overlay", "plot_attention_overlay", "plot_attention_stats", "plot_cka",
-           "plot_code_similarity", "plot_feature_overlap", "plot_logit_lens", "plot_paired_attention", "plot_patching",
-           "save_figure"]
+__all__ = [
+    "DIVERGING",
+    "PALETTE",
+    "SEQUENTIAL",
+    "color",
+    "heatmap",
+    "image_overlay",
+    "plot_attention_overlay",
+    "plot_attention_stats",
+    "plot_cka",
+    "plot_code_similarity",
+    "plot_feature_overlap",
+    "plot_logit_lens",
+    "plot_paired_attention",
+    "plot_patching",
+    "save_figure",
+]

@@ -52,35 +52,47 @@ def key_numbers(results: dict, base: str) -> list[str]:
     if r is not None:
         for s in r.metrics["seen_unseen"]:
             seen = ", ".join(s["seen"]) or "none"
-            out.append(f"{s['model']}: clean top-1 {_fmt(s['clean_top1'], True)}, seen ({seen}) "
-                       f"{_fmt(s['seen_top1'], True)}, unseen {_fmt(s['unseen_top1'], True)}, mCE {_fmt(s['mCE'])}")
+            out.append(
+                f"{s['model']}: clean top-1 {_fmt(s['clean_top1'], True)}, seen ({seen}) "
+                f"{_fmt(s['seen_top1'], True)}, unseen {_fmt(s['unseen_top1'], True)}, mCE {_fmt(s['mCE'])}"
+            )
         for n, d in r.metrics.get("transfer_top1", {}).items():
             parts = ", ".join(f"{lab} {100 * v:+.1f} pp" for lab, v in d.items())
             out.append(f"{n} vs {base} (top-1 change): {parts}")
     r = results.get("logit_lens")
     if r is not None:
-        parts = [f"{k.replace('|', ' on ')} {_fmt(v['mean_first_correct_layer'])}" for k, v in r.metrics.items()]
+        parts = [
+            f"{k.replace('|', ' on ')} {_fmt(v['mean_first_correct_layer'])}" for k, v in r.metrics.items()
+        ]
         out.append("logit lens, mean first correct layer: " + "; ".join(parts))
     r = results.get("sae")
     if r is not None and r.metrics:
-        parts = [f"{k.replace('|', ' ')}: EV {_fmt(v['heldout']['explained_variance'])}, L0 {v['heldout']['l0']:.1f}"
-                 for k, v in r.metrics.items()]
+        parts = [
+            f"{k.replace('|', ' ')}: EV {_fmt(v['heldout']['explained_variance'])}, L0 {v['heldout']['l0']:.1f}"
+            for k, v in r.metrics.items()
+        ]
         out.append("SAEs (held-out): " + "; ".join(parts))
     r = results.get("sae_analysis")
     if r is not None:
         cs = r.metrics.get("code_similarity", {})
         if cs:
-            out.append("SAE code cosine clean vs corrupted (mean): " +
-                       "; ".join(f"{k.replace('|', ' ')} {_fmt(v['mean'])}" for k, v in cs.items()))
+            out.append(
+                "SAE code cosine clean vs corrupted (mean): "
+                + "; ".join(f"{k.replace('|', ' ')} {_fmt(v['mean'])}" for k, v in cs.items())
+            )
         for k, v in r.metrics.get("overlap", {}).items():
             c = v["counts"]
-            out.append(f"feature overlap {k.replace('|', ' ')} vs {base}: persistent {c['persistent']}, shifted "
-                       f"{c['shifted']}, lost {c['lost']}, new {c['new']} of {v['n_features_a']}; mean matched "
-                       f"cosine {_fmt(v['mean_matched_cos'])}")
+            out.append(
+                f"feature overlap {k.replace('|', ' ')} vs {base}: persistent {c['persistent']}, shifted "
+                f"{c['shifted']}, lost {c['lost']}, new {c['new']} of {v['n_features_a']}; mean matched "
+                f"cosine {_fmt(v['mean_matched_cos'])}"
+            )
     r = results.get("cka")
     if r is not None:
         for k, v in r.metrics.get("between_models", {}).items():
-            out.append(f"CKA {k}: min over layers {_fmt(min(v['cka_linear']))}, last layer {_fmt(v['cka_linear'][-1])}")
+            out.append(
+                f"CKA {k}: min over layers {_fmt(min(v['cka_linear']))}, last layer {_fmt(v['cka_linear'][-1])}"
+            )
     return out
 
 
@@ -109,8 +121,12 @@ def write_report(ctx, run, steps) -> Path:
         import timm
         import torch
 
-        env.update(torch=torch.__version__, timm=timm.__version__, sae_lens=sae_lens.__version__,
-                   threads=torch.get_num_threads())
+        env.update(
+            torch=torch.__version__,
+            timm=timm.__version__,
+            sae_lens=sae_lens.__version__,
+            threads=torch.get_num_threads(),
+        )
     except ImportError:  # pragma: no cover
         pass
     models = {n: i.to_dict() for n, i in ctx.infos.items()}
@@ -126,11 +142,30 @@ def write_report(ctx, run, steps) -> Path:
     write_json_atomic(out / "metrics.json", metrics)
 
     # ---- markdown ----
-    models_md = "\n".join(["| model | source | seen corruptions | sha256 |", "|---|---|---|---|",
-                           *[f"| {n} | {i['source']} | {', '.join(i['seen']) or '–'} | {i['sha256'][:12]} |"
-                             for n, i in models.items()]])
-    md = [f"# {cfg.title}", "", f"Config `{cfg.name}`, written {metrics['written']}; device {env['device']}.", "",
-          f"## {SUMMARY_TITLE}", "", *[f"- {x}" for x in numbers], "", "## Models", "", models_md, ""]
+    models_md = "\n".join(
+        [
+            "| model | source | seen corruptions | sha256 |",
+            "|---|---|---|---|",
+            *[
+                f"| {n} | {i['source']} | {', '.join(i['seen']) or '–'} | {i['sha256'][:12]} |"
+                for n, i in models.items()
+            ],
+        ]
+    )
+    md = [
+        f"# {cfg.title}",
+        "",
+        f"Config `{cfg.name}`, written {metrics['written']}; device {env['device']}.",
+        "",
+        f"## {SUMMARY_TITLE}",
+        "",
+        *[f"- {x}" for x in numbers],
+        "",
+        "## Models",
+        "",
+        models_md,
+        "",
+    ]
     for s in steps:
         r = results[s.name]
         md += [f"## {s.title}", ""]
@@ -141,21 +176,35 @@ def write_report(ctx, run, steps) -> Path:
             md += [f"![{f['caption']}]({f['png']})", "", f"*{f['caption']}* ([SVG]({f['svg']}))", ""]
         for link in r.links:
             md += [f"- [{link['title']}]({link['file']})"]
-        md += ["", f"<sub>step hash {run.hashes.get(s.name)}, {run.timings.get(s.name, 0):.1f} s"
-                   f"{' (cached)' if s.name in run.cached else ''}</sub>", ""]
+        md += [
+            "",
+            f"<sub>step hash {run.hashes.get(s.name)}, {run.timings.get(s.name, 0):.1f} s"
+            f"{' (cached)' if s.name in run.cached else ''}</sub>",
+            "",
+        ]
     md += ["## Reproduce", "", "```bash", f"mechvit study --config <this config> --out {out}", "```", ""]
     _write_text(out / "report.md", "\n".join(md))
 
     # ---- html ----
-    h = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(cfg.title)}</title>"
-         f"<style>{CSS}</style></head><body>", f"<h1>{html.escape(cfg.title)}</h1>",
-         f"<p>Config <code>{html.escape(cfg.name)}</code>, written {metrics['written']}; device "
-         f"{html.escape(env['device'])}; torch {env.get('torch', '?')}, timm {env.get('timm', '?')}, "
-         f"sae-lens {env.get('sae_lens', '?')}.</p>"]
-    h.append("<nav><ol>" + f"<li><a href='#summary'>{SUMMARY_TITLE}</a></li><li><a href='#models'>Models</a></li>"
-             + "".join(f"<li><a href='#{s.name}'>{html.escape(s.title)}</a></li>" for s in steps) + "</ol></nav>")
-    h.append(f"<h2 id='summary'>{SUMMARY_TITLE}</h2><ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in numbers)
-             + "</ul>")
+    h = [
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(cfg.title)}</title>"
+        f"<style>{CSS}</style></head><body>",
+        f"<h1>{html.escape(cfg.title)}</h1>",
+        f"<p>Config <code>{html.escape(cfg.name)}</code>, written {metrics['written']}; device "
+        f"{html.escape(env['device'])}; torch {env.get('torch', '?')}, timm {env.get('timm', '?')}, "
+        f"sae-lens {env.get('sae_lens', '?')}.</p>",
+    ]
+    h.append(
+        "<nav><ol>"
+        + f"<li><a href='#summary'>{SUMMARY_TITLE}</a></li><li><a href='#models'>Models</a></li>"
+        + "".join(f"<li><a href='#{s.name}'>{html.escape(s.title)}</a></li>" for s in steps)
+        + "</ol></nav>"
+    )
+    h.append(
+        f"<h2 id='summary'>{SUMMARY_TITLE}</h2><ul>"
+        + "".join(f"<li>{html.escape(x)}</li>" for x in numbers)
+        + "</ul>"
+    )
     h.append("<h2 id='models'>Models</h2>" + markdown_table_to_html(models_md))
     for s in steps:
         r = results[s.name]
@@ -166,17 +215,31 @@ def write_report(ctx, run, steps) -> Path:
         for f in r.figures:
             png = out / f["png"]
             if not png.is_file():
-                raise FileNotFoundError(f"figure {png} of step {s.name} is missing; rerun the study with --force")
-            h.append(f"<figure><img src='{_data_uri(png)}' alt='{html.escape(f['caption'])}'>"
-                     f"<figcaption>{html.escape(f['caption'])} (<a href='{html.escape(f['svg'])}'>SVG</a>)"
-                     "</figcaption></figure>")
+                raise FileNotFoundError(
+                    f"figure {png} of step {s.name} is missing; rerun the study with --force"
+                )
+            h.append(
+                f"<figure><img src='{_data_uri(png)}' alt='{html.escape(f['caption'])}'>"
+                f"<figcaption>{html.escape(f['caption'])} (<a href='{html.escape(f['svg'])}'>SVG</a>)"
+                "</figcaption></figure>"
+            )
         if r.links:
-            h.append("<ul>" + "".join(f"<li><a href='{html.escape(x['file'])}'>{html.escape(x['title'])}</a></li>"
-                                      for x in r.links) + "</ul>")
-        h.append(f"<p><small>step hash {run.hashes.get(s.name)}, {run.timings.get(s.name, 0):.1f} s"
-                 f"{' (cached)' if s.name in run.cached else ''}</small></p></section>")
-    h.append("<h2>Reproduce</h2><pre>mechvit study --config &lt;this config&gt; --out "
-             f"{html.escape(str(out))}</pre><p>metrics.json holds every number of this report.</p></body></html>")
+            h.append(
+                "<ul>"
+                + "".join(
+                    f"<li><a href='{html.escape(x['file'])}'>{html.escape(x['title'])}</a></li>"
+                    for x in r.links
+                )
+                + "</ul>"
+            )
+        h.append(
+            f"<p><small>step hash {run.hashes.get(s.name)}, {run.timings.get(s.name, 0):.1f} s"
+            f"{' (cached)' if s.name in run.cached else ''}</small></p></section>"
+        )
+    h.append(
+        "<h2>Reproduce</h2><pre>mechvit study --config &lt;this config&gt; --out "
+        f"{html.escape(str(out))}</pre><p>metrics.json holds every number of this report.</p></body></html>"
+    )
     path = out / "report.html"
     _write_text(path, "\n".join(h))
     return path
