@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.mechvit-installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PYTEST_ARGS ?=
 
-.PHONY: install data study test test-slow lint bench checkpoints clean
+.PHONY: install data browser study test test-slow lint bench checkpoints clean
 
 install: $(STAMP)
 
@@ -27,10 +27,20 @@ data:
 	  else echo "Fashion-MNIST missing: install Debian's dataset-fashion-mnist or set MECHVIT_DATA" >&2; fi; \
 	fi
 
+# Debian's Chromium and ChromeDriver: the page tests (report.html, features.html) run in a real headless browser.
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	    { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null; }; \
+	  else echo "chromium missing: the browser tests will be skipped" >&2; fi; \
+	fi
+
 study: install data
 	$(VENV)/bin/mechvit study --config configs/fashion_mnist.yaml --out runs/default
 
-test: install data
+test: install data browser
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
 test-slow: install data
