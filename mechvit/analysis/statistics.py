@@ -1,0 +1,369 @@
+"""Uncertainty for every number a study states: confidence intervals and tests, all through scipy.
+
+Results are small frozen dataclasses that format themselves (``str(ci)`` -> ``"0.554 [0.512, 0.596]"``)
+and serialise with ``to_dict()``.
+
+- :func:`mean_ci`: CI of a mean. ``method="auto"`` uses ``scipy.stats.bootstrap`` (BCa) from 20 values up
+  and Student's t below (a bootstrap of 3 to 19 values under-covers badly; the t interval is exact for
+  normal data and the usual choice for a handful of seeds).
+- :func:`proportion_ci`: Wilson (default) or Clopper-Pearson ("exact") interval of k successes in n, from
+  ``scipy.stats.binomtest(...).proportion_ci``.
+- :func:`paired_difference_ci`: CI of ``mean(a - b)`` over paired observations (paired bootstrap).
+- :func:`mcnemar`: exact McNemar test of two classifiers on the same items (``binomtest`` on the
+  discordant pairs), with the paired accuracy difference and its CI.
+- :func:`permutation_test`: difference of group means, exact over every relabelling when there are at most
+  ``max_exact`` of them, Monte Carlo otherwise (``scipy.stats.permutation_test``).
+- :func:`pairwise_label_permutation_test`: for a matrix of pairwise scores between units (e.g. overlap of
+  every pair of SAEs), tests whether pairs within a group differ from pairs across groups by permuting the
+  units' group labels. This is the right test for seed pairs: pairs sharing an SAE are not independent,
+  but the SAEs (the units) are exchangeable under the null.
+- :func:`ratio_ci`: CI of ``mean(num) / mean(den)`` for two independent samples (bootstrap of each).
+
+Every function takes a ``seed`` and is deterministic given it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+__all__ = [
+    "Estimate",
+    "McNemarResult",
+    "TestResult",
+    "mcnemar",
+    "mean_ci",
+    "pairwise_label_permutation_test",
+    "paired_difference_ci",
+    "permutation_test",
+    "proportion_ci",
+    "ratio_ci",
+]
+
+BOOTSTRAP_MIN_N = 20  # below this, mean_ci(method="auto") uses Student's t
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A point estimate with its confidence interval."""
+
+    estimate: float
+    low: float
+    high: float
+    n: int
+    method: str
+    confidence: float = 0.95
+
+    def format(self, digits: int = 3, scale: float = 1.0, unit: str = "") -> str:
+        f = f"{{:.{digits}f}}"
+        e, lo, hi = (f.format(v * scale) if math.isfinite(v) else "nan" for v in self.as_tuple())
+        return f"{e}{unit} [{lo}, {hi}]"
+
+    def as_tuple(self) -> tuple[float, float, float]:
+        return (self.estimate, self.low, self.high)
+
+    def contains(self, value: float) -> bool:
+        return self.low <= value <= self.high
+
+    def __str__(self) -> str:
+        return self.format()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TestResult:
+    """A test: the observed statistic, its p-value and how it was computed."""
+
+    statistic: float
+    p_value: float
+    n: int  # units (items, SAEs, ...) the test permuted or counted
+    method: str
+    alternative: str = "two-sided"
+    n_permutations: int | None = None  # for permutation tests: how many relabellings were evaluated
+    exact: bool | None = None
+
+    def __str__(self) -> str:
+        return f"{self.statistic:.3f} (p = {self.p_value:.3g}, {self.method})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _as_1d(x: Any, name: str) -> np.ndarray:
+    arr = np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x, dtype=np.float64)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D sequence of numbers, got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(
+            f"{name} holds {int((~np.isfinite(arr)).sum())} non-finite value(s); drop them first"
+        )
+    return arr
+
+
+def _check_confidence(confidence: float) -> None:
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+
+
+def _bootstrap(
+    data: tuple[np.ndarray, ...],
+    statistic: Callable[..., float],
+    *,
+    confidence: float,
+    n_resamples: int,
+    seed: int,
+    paired: bool = False,
+    method: str = "BCa",
+    vectorized: bool = False,
+) -> tuple[float, float]:
+    """scipy's bootstrap CI; falls back from BCa to percentile where BCa is undefined (e.g. a statistic that
+    is constant over the jackknife)."""
+    rng = np.random.default_rng(seed)
+    kw = dict(
+        confidence_level=confidence,
+        n_resamples=n_resamples,
+        paired=paired,
+        vectorized=vectorized,
+        random_state=rng,
+    )
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                res = stats.bootstrap(data, statistic, method=method, **kw)
+            lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+        except (ValueError, FloatingPointError):
+            lo = hi = math.nan
+        if not (math.isfinite(lo) and math.isfinite(hi)) and method != "percentile":
+            res = stats.bootstrap(
+                data, statistic, method="percentile", **{**kw, "random_state": np.random.default_rng(seed)}
+            )
+            lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return lo, hi
+
+
+def mean_ci(
+    values: Any,
+    *,
+    confidence: float = 0.95,
+    method: str = "auto",
+    n_resamples: int = 9999,
+    seed: int = 0,
+) -> Estimate:
+    """Mean of ``values`` with its CI. ``method``: ``"auto"`` (bootstrap BCa from 20 values, t below),
+    ``"bootstrap"``, ``"t"``. One value gives a degenerate interval (nan); constant values give [v, v]."""
+    _check_confidence(confidence)
+    if method not in ("auto", "bootstrap", "t"):
+        raise ValueError(f"method must be 'auto', 'bootstrap' or 't', got {method!r}")
+    x = _as_1d(values, "values")
+    n = len(x)
+    if n == 0:
+        raise ValueError("mean_ci needs at least one value, got none")
+    m = float(x.mean())
+    if n == 1:
+        return Estimate(m, math.nan, math.nan, 1, "single value", confidence)
+    if np.ptp(x) == 0:
+        return Estimate(m, m, m, n, "constant", confidence)
+    if method == "t" or (method == "auto" and n < BOOTSTRAP_MIN_N):
+        half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
+        return Estimate(m, m - half, m + half, n, "student-t", confidence)
+    lo, hi = _bootstrap(
+        (x,), np.mean, confidence=confidence, n_resamples=n_resamples, seed=seed, vectorized=True
+    )
+    return Estimate(m, lo, hi, n, "bootstrap-bca", confidence)
+
+
+def proportion_ci(successes: int, n: int, *, confidence: float = 0.95, method: str = "wilson") -> Estimate:
+    """``successes / n`` with a Wilson (``"wilson"``) or Clopper-Pearson (``"clopper-pearson"``) CI."""
+    _check_confidence(confidence)
+    names = {"wilson": "wilson", "clopper-pearson": "exact", "exact": "exact"}
+    if method not in names:
+        raise ValueError(f"method must be 'wilson' or 'clopper-pearson', got {method!r}")
+    if int(n) != n or n < 1 or int(successes) != successes or not 0 <= successes <= n:
+        raise ValueError(f"need integers 0 <= successes <= n and n >= 1, got successes={successes}, n={n}")
+    ci = stats.binomtest(int(successes), int(n)).proportion_ci(
+        confidence_level=confidence, method=names[method]
+    )
+    label = "wilson" if method == "wilson" else "clopper-pearson"
+    return Estimate(successes / n, float(ci.low), float(ci.high), int(n), label, confidence)
+
+
+def paired_difference_ci(
+    a: Any, b: Any, *, confidence: float = 0.95, n_resamples: int = 9999, seed: int = 0, method: str = "auto"
+) -> Estimate:
+    """``mean(a - b)`` over paired observations (same items measured twice) with its CI: the bootstrap
+    resamples items, keeping each pair together (``method`` as in :func:`mean_ci`)."""
+    xa, xb = _as_1d(a, "a"), _as_1d(b, "b")
+    if xa.shape != xb.shape:
+        raise ValueError(f"paired samples must have the same length, got {len(xa)} and {len(xb)}")
+    est = mean_ci(xa - xb, confidence=confidence, n_resamples=n_resamples, seed=seed, method=method)
+    return Estimate(est.estimate, est.low, est.high, est.n, f"paired {est.method}", confidence)
+
+
+@dataclass(frozen=True)
+class McNemarResult:
+    """Exact McNemar test of two classifiers on the same items, with the paired accuracy difference."""
+
+    a_only: int  # items a gets right and b wrong
+    b_only: int
+    n: int
+    p_value: float
+    difference: Estimate  # accuracy(a) - accuracy(b) with its paired CI
+
+    def __str__(self) -> str:
+        return f"{self.difference} (McNemar exact p = {self.p_value:.3g}, {self.a_only} vs {self.b_only})"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["difference"] = self.difference.to_dict()
+        return d
+
+
+def mcnemar(correct_a: Any, correct_b: Any, *, confidence: float = 0.95, seed: int = 0) -> McNemarResult:
+    """Exact McNemar test: under the null the discordant items split 50/50 (``scipy.stats.binomtest``)."""
+    ca, cb = _as_1d(correct_a, "correct_a"), _as_1d(correct_b, "correct_b")
+    if ca.shape != cb.shape:
+        raise ValueError(f"correct_a and correct_b must cover the same items, got {len(ca)} and {len(cb)}")
+    if not (np.isin(ca, (0, 1)).all() and np.isin(cb, (0, 1)).all()):
+        raise ValueError("correct_a and correct_b must be booleans (1 = correct, 0 = wrong)")
+    if len(ca) == 0:
+        raise ValueError("mcnemar needs at least one item")
+    a_only, b_only = int(((ca == 1) & (cb == 0)).sum()), int(((ca == 0) & (cb == 1)).sum())
+    p = 1.0 if a_only + b_only == 0 else float(stats.binomtest(a_only, a_only + b_only, 0.5).pvalue)
+    return McNemarResult(
+        a_only, b_only, len(ca), p, paired_difference_ci(ca, cb, confidence=confidence, seed=seed)
+    )
+
+
+def _mean_diff(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.mean(x, axis=axis) - np.mean(y, axis=axis)
+
+
+def permutation_test(
+    a: Any,
+    b: Any,
+    *,
+    statistic: Callable[..., Any] | None = None,
+    alternative: str = "two-sided",
+    max_exact: int = 100_000,
+    n_resamples: int = 9999,
+    seed: int = 0,
+) -> TestResult:
+    """Test whether groups ``a`` and ``b`` differ, by relabelling (``scipy.stats.permutation_test``,
+    independent samples). Default statistic ``mean(a) - mean(b)``. Exact over all ``C(n_a + n_b, n_a)``
+    relabellings when there are at most ``max_exact``, Monte Carlo with ``n_resamples`` otherwise."""
+    xa, xb = _as_1d(a, "a"), _as_1d(b, "b")
+    if len(xa) < 1 or len(xb) < 1:
+        raise ValueError(f"each group needs at least one value, got {len(xa)} and {len(xb)}")
+    if alternative not in ("two-sided", "greater", "less"):
+        raise ValueError(f"alternative must be 'two-sided', 'greater' or 'less', got {alternative!r}")
+    n_perm = math.comb(len(xa) + len(xb), len(xa))
+    exact = n_perm <= max_exact
+    res = stats.permutation_test(
+        (xa, xb),
+        statistic or _mean_diff,
+        permutation_type="independent",
+        vectorized=statistic is None,
+        alternative=alternative,
+        n_resamples=n_perm if exact else n_resamples,
+        random_state=np.random.default_rng(seed),
+    )
+    return TestResult(
+        float(res.statistic),
+        float(res.pvalue),
+        len(xa) + len(xb),
+        "exact permutation" if exact else f"monte-carlo permutation ({n_resamples})",
+        alternative,
+        n_perm if exact else n_resamples,
+        exact,
+    )
+
+
+def pairwise_label_permutation_test(
+    scores: Any,
+    labels: Sequence[Any],
+    *,
+    alternative: str = "greater",
+    max_exact: int = 100_000,
+    n_resamples: int = 9999,
+    seed: int = 0,
+) -> TestResult:
+    """Do pairs of units within a group score differently from pairs across the two groups?
+
+    ``scores [n, n]``: a pairwise score between units (e.g. mean matched decoder cosine of two SAEs; made
+    symmetric by averaging both directions, diagonal ignored). ``labels``: each unit's group, exactly two
+    distinct values. Statistic: mean over within-group pairs (both groups) minus mean over across-group
+    pairs; its null distribution comes from permuting the units' labels (group sizes kept), exactly when
+    ``C(n, n_a) <= max_exact``. Default ``alternative="greater"``: within-group pairs agree more than
+    across-group pairs (the groups differ). A relabelling and its mirror give the same statistic, so with
+    4 + 4 units the smallest one-sided p is 2/70 = 0.029 (two-sided, scipy doubles it: 4/70).
+    """
+    m = np.asarray(scores.detach().cpu().numpy() if hasattr(scores, "detach") else scores, dtype=np.float64)
+    if m.ndim != 2 or m.shape[0] != m.shape[1]:
+        raise ValueError(f"scores must be a square [n, n] matrix, got shape {m.shape}")
+    labels = list(labels)
+    if len(labels) != m.shape[0]:
+        raise ValueError(f"need one label per unit: {m.shape[0]} units, {len(labels)} labels")
+    groups = list(dict.fromkeys(labels))
+    if len(groups) != 2:
+        raise ValueError(f"labels must name exactly two groups, got {groups}")
+    m = (m + m.T) / 2
+    off = ~np.eye(len(m), dtype=bool)
+    if not np.isfinite(m[off]).all():
+        raise ValueError("scores holds non-finite values off the diagonal")
+    idx_a = np.array([i for i, g in enumerate(labels) if g == groups[0]], dtype=float)
+    idx_b = np.array([i for i, g in enumerate(labels) if g == groups[1]], dtype=float)
+    if min(len(idx_a), len(idx_b)) < 1 or len(labels) < 3:
+        raise ValueError("need at least one unit per group and three units in all")
+
+    def stat(ia: np.ndarray, ib: np.ndarray) -> float:
+        a, b = ia.astype(int), ib.astype(int)
+        within = [m[i, j] for g in (a, b) for x, i in enumerate(g) for j in g[x + 1 :]]
+        between = m[np.ix_(a, b)].ravel()
+        return float(np.mean(within) - np.mean(between)) if within else math.nan
+
+    return permutation_test(
+        idx_a,
+        idx_b,
+        statistic=stat,
+        alternative=alternative,
+        max_exact=max_exact,
+        n_resamples=n_resamples,
+        seed=seed,
+    )
+
+
+def ratio_ci(
+    numerator: Any,
+    denominator: Any,
+    *,
+    confidence: float = 0.95,
+    n_resamples: int = 9999,
+    seed: int = 0,
+) -> Estimate:
+    """``mean(numerator) / mean(denominator)`` for two independent samples (e.g. between-model over
+    within-model seed pairs), with a bootstrap CI that resamples each sample on its own (BCa, percentile
+    where BCa is undefined). Needs at least two values in each sample and a denominator mean away from 0."""
+    xn, xd = _as_1d(numerator, "numerator"), _as_1d(denominator, "denominator")
+    if len(xn) < 2 or len(xd) < 2:
+        raise ValueError(f"ratio_ci needs at least two values per sample, got {len(xn)} and {len(xd)}")
+    if abs(xd.mean()) < 1e-12:
+        raise ValueError("the denominator's mean is 0: the ratio is undefined")
+    r = float(xn.mean() / xd.mean())
+    lo, hi = _bootstrap(
+        (xn, xd),
+        lambda a, b, axis=-1: np.mean(a, axis=axis) / np.mean(b, axis=axis),
+        confidence=confidence,
+        vectorized=True,
+        n_resamples=n_resamples,
+        seed=seed,
+    )
+    return Estimate(r, lo, hi, len(xn) + len(xd), "bootstrap ratio", confidence)
