@@ -1,0 +1,428 @@
+"""Everything the feature explorer shows about one SAE's latents, computed in one place (no plotting).
+
+:func:`feature_stats` runs a HookedViT over a set of images (and, optionally, corrupted versions of them),
+encodes the patch tokens at the SAE's hook and returns a :class:`FeatureStats` with, per latent:
+
+- **density** (fraction of patch tokens on which it fires), **mean activation** (mean over the tokens where
+  it fires), max activation, and a histogram of its non-zero activations;
+- its **top images** (by the strongest patch) with the per-patch activation map, from the clean images and,
+  separately, from the corrupted ones;
+- the **classes** of its top ``n_assoc`` images and an **automatic label**: the class association
+  (``"Sneaker 94%"``, ``"Shirt / T-shirt"``, or ``"mixed"``) plus where on the patch grid it fires
+  (``"top-left"``, ``"centre"``, ``"everywhere"`` ...);
+- its **direct logit effect**: the mean change of each class logit when ``mean_act * d`` (``d`` = the
+  decoder direction in the hook's units, ``sae.decode(e_f) - sae.decode(0)``) is added to the tokens the
+  readout reads (the class token for token pooling, every pooled token otherwise) of the *final* residual
+  stream of real images, through the model's own non-linear readout (final LayerNorm, pooling, fc_norm,
+  head): ``unembed(resid + mean_act * d) - unembed(resid)`` averaged over ``n_readout`` images. It is the
+  direct path only: the blocks between the SAE's hook and the readout are skipped (as the logit lens does);
+- the **measured effect** of ablating it (activation x 0) and of doubling it (x 2) on its top clean images:
+  the feature's decoded contribution ``c_f(token) * d`` is removed / added once more at every patch token of
+  the hook, with the SAE's reconstruction error kept, so "before" is exactly the model's own prediction and
+  "after" differs from it only by this one latent (the rest of the forward runs as usual).
+
+:func:`nearest_cosine` gives, for each latent of one SAE, the most similar decoder direction of another
+(used for seed stability across replicates and for change under fine-tuning).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+__all__ = [
+    "FeatureStats",
+    "automatic_label",
+    "decoder_directions",
+    "feature_stats",
+    "location_label",
+    "nearest_cosine",
+]
+
+
+@dataclass
+class FeatureStats:
+    """Per-latent data of one SAE on one model (arrays over all ``d_sae`` latents; numpy, CPU).
+
+    Activations are the SAE's codes on the model's patch tokens at ``hook``. ``top_*`` hold ``k`` entries per
+    latent, padded with index -1 / value 0 where the latent fires on fewer than ``k`` images."""
+
+    hook: str
+    grid: tuple[int, int]
+    n_images: int
+    n_corrupted: int
+    density: np.ndarray  # [F] fraction of clean patch tokens where the code is > 0
+    density_corrupted: np.ndarray | None  # [F] the same on the corrupted images
+    mean_act: np.ndarray  # [F] mean code over the clean tokens where it is > 0 (0 if never)
+    max_act: np.ndarray  # [F] largest code over clean and corrupted tokens
+    hist: np.ndarray  # [F, n_bins] counts of clean non-zero codes in n_bins equal bins over (0, max_act]
+    top_idx: np.ndarray  # [F, k] clean image indices by the strongest patch, best first (-1 = none)
+    top_val: np.ndarray  # [F, k] that strongest patch's code
+    top_maps: np.ndarray  # [F, k, gh, gw] per-patch codes of those images
+    top_idx_corrupted: np.ndarray | None  # [F, k] the same among the corrupted images
+    top_val_corrupted: np.ndarray | None
+    top_maps_corrupted: np.ndarray | None
+    class_counts: np.ndarray  # [F, C] classes of the top n_assoc clean images where it fires
+    location: np.ndarray  # [F, gh, gw] mean of the (max-normalised) maps of those images
+    label: list[str]  # automatic label: class association and location
+    label_class: list[str]
+    label_where: list[str]
+    logit_effect: np.ndarray  # [F, C] direct effect of mean_act * decoder direction on each class logit
+    probs: np.ndarray  # [N, C] the model's class probabilities on each clean image ("before")
+    probs_ablate: np.ndarray  # [F, k, C] on top image j with the latent's contribution removed
+    probs_double: np.ndarray  # [F, k, C] with it doubled
+    n_assoc: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.density.shape[0])
+
+    @property
+    def live(self) -> np.ndarray:
+        """Latents that fire on at least one clean or corrupted patch token of these images."""
+        return np.flatnonzero(self.max_act > 0)
+
+
+def decoder_directions(sae: Any) -> Float[Tensor, "d_sae d_in"]:
+    """Each latent's direction in the hook's units: ``sae.decode(e_f) - sae.decode(0)`` (this includes any
+    activation-normalisation scale sae-lens applies on the way out; the decoder is affine)."""
+    with torch.no_grad():
+        dev, dt = sae.W_dec.device, sae.W_dec.dtype
+        eye = torch.eye(int(sae.cfg.d_sae), device=dev, dtype=dt)
+        return (sae.decode(eye) - sae.decode(torch.zeros_like(eye[:1]))).float().cpu()
+
+
+def nearest_cosine(w_a: Tensor, w_b: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """For each row of ``w_a`` [Fa, d]: the index of the row of ``w_b`` [Fb, d] with the largest cosine, and
+    that cosine. Zero rows get cosine 0."""
+    if w_a.ndim != 2 or w_b.ndim != 2 or w_a.shape[1] != w_b.shape[1]:
+        raise ValueError(
+            f"expected two decoder matrices [F, d] of the same width, got {tuple(w_a.shape)} and "
+            f"{tuple(w_b.shape)}"
+        )
+    a = torch.nn.functional.normalize(w_a.float(), dim=1)
+    b = torch.nn.functional.normalize(w_b.float(), dim=1)
+    idx, cos = [], []
+    for s in range(0, len(a), 1024):
+        c = a[s : s + 1024] @ b.T
+        v, i = c.max(1)
+        idx.append(i)
+        cos.append(v)
+    return torch.cat(idx).numpy(), torch.cat(cos).numpy()
+
+
+def location_label(mean_map: np.ndarray) -> str:
+    """Where on the patch grid a latent fires, from its mean normalised map: ``"everywhere"`` when more
+    than half of the patches reach half the peak, otherwise the third of the grid (top/middle/bottom x
+    left/centre/right) holding the centre of mass (``"centre"`` for the middle one)."""
+    m = np.clip(np.asarray(mean_map, dtype=np.float64), 0, None)
+    if m.sum() <= 0:
+        return "nowhere"
+    if (m >= 0.5 * m.max()).mean() > 0.5:
+        return "everywhere"
+    gh, gw = m.shape
+    rows, cols = np.mgrid[0:gh, 0:gw]
+    r = (rows * m).sum() / m.sum() / max(gh - 1, 1)
+    c = (cols * m).sum() / m.sum() / max(gw - 1, 1)
+    vert = ("top", "middle", "bottom")[min(int(r * 3), 2)]
+    horiz = ("left", "centre", "right")[min(int(c * 3), 2)]
+    if vert == "middle" and horiz == "centre":
+        return "centre"
+    if vert == "middle":
+        return f"middle-{horiz}"
+    return f"{vert}-{horiz}" if horiz != "centre" else f"{vert}-centre"
+
+
+def automatic_label(counts: np.ndarray, class_names: Sequence[str]) -> str:
+    """Class association of a latent's top images: the class when it holds >= 60% of them (with its share),
+    the two leading classes when together they hold >= 75%, else ``"mixed"``; with fewer than 5 images the leading class and its count
+    (``"Bag (2 of 3)"``); ``"-"`` with no images."""
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum()
+    if total <= 0:
+        return "-"
+    order = np.argsort(-counts, kind="stable")
+    p1, p2 = counts[order[0]] / total, counts[order[1]] / total if len(order) > 1 else 0.0
+    if total < 5:  # too few images for a share: say how many
+        return f"{class_names[order[0]]} ({int(counts[order[0]])} of {int(total)})"
+    if p1 >= 0.6:
+        return f"{class_names[order[0]]} {round(100 * p1)}%"
+    if p1 + p2 >= 0.75:
+        return f"{class_names[order[0]]} / {class_names[order[1]]}"
+    return "mixed"
+
+
+def _patch_rows(model: Any) -> slice:
+    return slice(int(model.cfg.n_prefix_tokens), None)
+
+
+def _model_device(model: Any) -> torch.device:
+    return next(iter(model.parameters())).device
+
+
+@torch.no_grad()
+def _hook_acts(model: Any, x: Tensor, hook: str, batch_size: int) -> Tensor:
+    """The full activation at ``hook`` [N, T, D] (CPU float32), forward stopped at the hook."""
+    from mechvit.sae import run_to_hook
+
+    out = [
+        run_to_hook(model, x[s : s + batch_size], hook).float().cpu() for s in range(0, len(x), batch_size)
+    ]
+    return torch.cat(out)
+
+
+def _resume_layer(model: Any, hook: str) -> int | None:
+    """The block index a forward can start at with the hook's activation as input, when the hook is a
+    residual-stream hook (``blocks.L.hook_resid_pre`` -> L, ``blocks.L.hook_resid_post`` -> L + 1)."""
+    m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(pre|post)", hook)
+    if m is None:
+        return None
+    return int(m.group(1)) + (m.group(2) == "post")
+
+
+@torch.no_grad()
+def _forward_from_hook(
+    model: Any, images: Tensor | None, resid: Tensor, delta: Tensor, hook: str, layer: int | None
+) -> Tensor:
+    """Logits with ``delta`` [B, P, D] added to the patch tokens of the hook's activation ``resid`` [B, T, D]."""
+    dev = _model_device(model)
+    rows = _patch_rows(model)
+    if layer is not None:
+        x = resid.to(dev).clone()
+        x[:, rows] += delta.to(dev)
+        return model(x, start_at_layer=layer, readout_only=True).float().cpu()
+
+    def add(act: Tensor, hook: Any) -> Tensor:
+        act = act.clone()
+        act[:, rows] += delta.to(act.device, act.dtype)
+        return act
+
+    return model.run_with_hooks(images.to(dev), fwd_hooks=[(hook, add)]).float().cpu()
+
+
+@torch.no_grad()
+def feature_stats(
+    model: Any,
+    sae: Any,
+    images: Float[Tensor, "n c h w"],
+    labels: Tensor | Sequence[int],
+    class_names: Sequence[str],
+    *,
+    corrupted: Float[Tensor, "n c h w"] | None = None,
+    hook: str | None = None,
+    transform: Callable[[Tensor], Tensor] | None = None,
+    k: int = 8,
+    n_assoc: int = 32,
+    n_bins: int = 24,
+    n_readout: int = 64,
+    batch_size: int = 256,
+    effect_batch: int = 512,
+    progress: bool = True,
+) -> FeatureStats:
+    """Compute :class:`FeatureStats` for every latent of ``sae`` on ``model`` (a HookedViT).
+
+    ``images`` (and ``corrupted``, any number of images) are what the model takes after ``transform``
+    (e.g. the study's normalisation; None = as given). ``hook`` defaults to the SAE's recorded
+    ``cfg.metadata.hook_name``. Only patch tokens are encoded (the maps live on the patch grid)."""
+    from mechvit.sae.activations import check_hook
+
+    hook = hook or getattr(getattr(sae.cfg, "metadata", None), "hook_name", None)
+    if not hook:
+        raise ValueError("the SAE records no hook name (cfg.metadata.hook_name); pass hook='blocks.L....'")
+    check_hook(model, hook)
+    labels = torch.as_tensor(labels).long().cpu()
+    if not isinstance(images, Tensor) or images.ndim != 4 or len(images) != len(labels) or len(images) == 0:
+        got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(
+            f"expected images [n, c, h, w] with one label each (n >= 1), got {got} and {len(labels)}"
+        )
+    if len(class_names) != model.cfg.num_classes:
+        raise ValueError(f"expected {model.cfg.num_classes} class names, got {len(class_names)}")
+    if corrupted is not None and (corrupted.ndim != 4 or corrupted.shape[1:] != images.shape[1:]):
+        raise ValueError(
+            f"corrupted images must be [m, {', '.join(map(str, images.shape[1:]))}], got {tuple(corrupted.shape)}"
+        )
+    if labels.min() < 0 or labels.max() >= len(class_names):
+        raise ValueError(
+            f"labels must index the {len(class_names)} classes, got range [{labels.min()}, {labels.max()}]"
+        )
+    gh, gw = model.cfg.grid_size
+    P, F, C = gh * gw, int(sae.cfg.d_sae), len(class_names)
+    dev = _model_device(model)
+    sdev, sdt = sae.W_dec.device, sae.W_dec.dtype
+    prep = transform or (lambda t: t)
+    was_training = model.training
+    model.eval()
+    sae.eval()
+    try:
+        resid = _hook_acts(model, prep(images.to(dev, torch.float32)), hook, batch_size)
+        if resid.ndim != 3 or resid.shape[1] - int(model.cfg.n_prefix_tokens) != P:
+            raise ValueError(
+                f"hook {hook!r} gives {tuple(resid.shape)}; expected [n, tokens, d] with {P} patches"
+            )
+        if resid.shape[-1] != int(sae.cfg.d_in):
+            raise ValueError(f"the SAE has d_in={sae.cfg.d_in} but hook {hook!r} has width {resid.shape[-1]}")
+        resid_c = None
+        if corrupted is not None:
+            resid_c = _hook_acts(model, prep(corrupted.to(dev, torch.float32)), hook, batch_size)
+        rows = _patch_rows(model)
+
+        def codes(acts: Tensor):
+            for s in range(0, len(acts), batch_size):
+                chunk = acts[s : s + batch_size, rows]
+                z = sae.encode(chunk.reshape(-1, chunk.shape[-1]).to(sdev, sdt)).float().cpu()
+                yield s, z.reshape(chunk.shape[0], P, F)
+
+        n_top = max(k, n_assoc)
+
+        def pass_one(acts: Tensor, desc: str):
+            img_max = torch.zeros(len(acts), F)
+            active = torch.zeros(F, dtype=torch.float64)
+            total = torch.zeros(F, dtype=torch.float64)
+            for s, z in tqdm(
+                codes(acts), total=-(-len(acts) // batch_size), desc=desc, disable=not progress, leave=False
+            ):
+                img_max[s : s + len(z)] = z.amax(1)
+                active += (z > 0).sum((0, 1)).double()
+                total += z.sum((0, 1)).double()
+            return img_max, active, total
+
+        def top_of(img_max: Tensor, n: int):
+            n = min(n, len(img_max))
+            val, idx = img_max.topk(n, dim=0)  # [n, F]
+            val, idx = val.T.contiguous(), idx.T.contiguous()
+            idx[val <= 0] = -1
+            val[val <= 0] = 0
+            return idx, val
+
+        def gather_maps(acts: Tensor, idx: Tensor, hist_max: Tensor | None):
+            maps = torch.zeros(*idx.shape, P)
+            hist = torch.zeros(F * n_bins, dtype=torch.float64)
+            for s, z in codes(acts):
+                e = s + len(z)
+                f_sel, j_sel = torch.nonzero((idx >= s) & (idx < e), as_tuple=True)
+                if len(f_sel):
+                    maps[f_sel, j_sel] = z[idx[f_sel, j_sel] - s, :, f_sel]
+                if hist_max is not None:
+                    flat = z.reshape(-1, F)
+                    r, f = torch.nonzero(flat > 0, as_tuple=True)
+                    b = (flat[r, f] / hist_max[f] * n_bins).long().clamp_(0, n_bins - 1)
+                    hist += torch.bincount(f * n_bins + b, minlength=F * n_bins).double()
+            return maps.reshape(*idx.shape, gh, gw), hist.reshape(F, n_bins)
+
+        img_max, active, total = pass_one(resid, "encode clean")
+        max_act = img_max.amax(0)
+        dens_c = img_max_c = None
+        if resid_c is not None:
+            img_max_c, active_c, _ = pass_one(resid_c, "encode corrupted")
+            max_act = torch.maximum(max_act, img_max_c.amax(0))
+            dens_c = (active_c / (len(resid_c) * P)).float().numpy()
+        idx_all, val_all = top_of(img_max, n_top)
+        maps_all, hist = gather_maps(resid, idx_all, max_act.clamp_min(1e-12))
+        top_idx_c = top_val_c = maps_c = None
+        if resid_c is not None:
+            top_idx_c, top_val_c = top_of(img_max_c, k)
+            maps_c, _ = gather_maps(resid_c, top_idx_c, None)
+        # class association and location over the top n_assoc clean images where the latent fires
+        na = idx_all[:, :n_assoc]
+        valid = na >= 0
+        class_counts = torch.zeros(F, C, dtype=torch.long)
+        class_counts.scatter_add_(1, labels[na.clamp_min(0)], valid.long())
+        norm = maps_all[:, :n_assoc] / val_all[:, :n_assoc, None, None].clamp_min(1e-12)
+        location = (norm * valid[..., None, None]).sum(1) / valid.sum(1).clamp_min(1)[:, None, None]
+        label_class = [automatic_label(c, class_names) for c in class_counts.numpy()]
+        label_where = [
+            location_label(m) if v.any() else "-"
+            for m, v in zip(location.numpy(), valid.numpy(), strict=True)
+        ]
+        label = [c if c == "-" else f"{c} · {w}" for c, w in zip(label_class, label_where, strict=True)]
+        mean_act = (total / active.clamp_min(1)).float()
+
+        directions = decoder_directions(sae)  # [F, D]
+        # direct logit effect through the model's own readout on the final residual stream
+        n_layers = model.cfg.n_layers
+        final = _hook_acts(
+            model,
+            prep(images[:n_readout].to(dev, torch.float32)),
+            f"blocks.{n_layers - 1}.hook_resid_post",
+            batch_size,
+        )
+        read = model.readout_rows() or slice(
+            0 if model.cfg.pool_include_prefix else int(model.cfg.n_prefix_tokens), None
+        )
+        if model.readout_rows() is not None:
+            final = final[:, : read.stop]  # the rows the pooling reads are the first ones
+        base_logits = model.unembed(final.to(dev)).float().cpu()  # [M, C]
+        logit_effect = torch.zeros(F, C)
+        step = max(1, effect_batch // max(1, len(final)))
+        for s in tqdm(range(0, F, step), desc="direct logit effect", disable=not progress, leave=False):
+            d = (directions[s : s + step] * mean_act[s : s + step, None]).to(dev)  # [f, D]
+            x = final.to(dev)[None].repeat(len(d), 1, 1, 1)  # [f, M, T', D]
+            x[:, :, read] += d[:, None, None, :]
+            lg = model.unembed(x.reshape(-1, *x.shape[2:])).float().cpu().reshape(len(d), len(final), C)
+            logit_effect[s : s + step] = (lg - base_logits[None]).mean(1)
+
+        # before/after: the model's own probabilities, and with the latent's contribution removed / doubled
+        probs = torch.cat(
+            [
+                model(prep(images[s : s + batch_size].to(dev, torch.float32))).float().softmax(-1).cpu()
+                for s in range(0, len(images), batch_size)
+            ]
+        )
+        layer = _resume_layer(model, hook)
+        top_idx, top_val, top_maps = idx_all[:, :k], val_all[:, :k], maps_all[:, :k]
+        pairs = torch.nonzero(top_idx >= 0)  # [(f, j)]
+        p_abl = torch.zeros(F, top_idx.shape[1], C)
+        p_dbl = torch.zeros(F, top_idx.shape[1], C)
+        for s in tqdm(
+            range(0, len(pairs), effect_batch), desc="ablate / double", disable=not progress, leave=False
+        ):
+            f, j = pairs[s : s + effect_batch].T
+            img = top_idx[f, j]
+            contrib = top_maps[f, j].reshape(len(f), P, 1) * directions[f][:, None, :]  # [b, P, D]
+            imgs = prep(images[img].to(dev, torch.float32)) if layer is None else None
+            for factor, out in ((0.0, p_abl), (2.0, p_dbl)):
+                lg = _forward_from_hook(model, imgs, resid[img], (factor - 1.0) * contrib, hook, layer)
+                out[f, j] = lg.softmax(-1)
+    finally:
+        model.train(was_training)
+
+    def np_(t):
+        return None if t is None else t.numpy()
+
+    return FeatureStats(
+        hook=hook,
+        grid=(gh, gw),
+        n_images=len(images),
+        n_corrupted=0 if corrupted is None else len(corrupted),
+        density=(active / (len(images) * P)).float().numpy(),
+        density_corrupted=dens_c,
+        mean_act=mean_act.numpy(),
+        max_act=max_act.numpy(),
+        hist=hist.numpy().astype(np.int64),
+        top_idx=top_idx.numpy(),
+        top_val=top_val.numpy(),
+        top_maps=top_maps.numpy(),
+        top_idx_corrupted=np_(top_idx_c),
+        top_val_corrupted=np_(top_val_c),
+        top_maps_corrupted=np_(maps_c),
+        class_counts=class_counts.numpy(),
+        location=location.numpy(),
+        label=label,
+        label_class=label_class,
+        label_where=label_where,
+        logit_effect=logit_effect.numpy(),
+        probs=probs.numpy(),
+        probs_ablate=p_abl.numpy(),
+        probs_double=p_dbl.numpy(),
+        n_assoc=n_assoc,
+    )

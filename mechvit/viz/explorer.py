@@ -1,0 +1,511 @@
+"""The feature explorer: one self-contained, offline HTML page (``features.html``) to browse every live latent
+of one or more SAEs.
+
+The page embeds its data (JSON; images as PNG sprite sheets, per-patch maps and probabilities quantised to
+uint8 and base64-encoded) and its script and style (``explorer_assets/``), and forbids every network request
+with a Content-Security-Policy, so it opens from disk, e-mail or a USB stick. The index is virtualised (only
+visible rows exist in the DOM), so tens of thousands of latents stay fast.
+
+Python: :func:`write_explorer` (SAEs, HookedViTs, images) -> ``features.html``; :func:`explorer_data` gives
+the embedded data and the :class:`~mechvit.analysis.features.FeatureStats` it came from. Command line:
+``mechvit explore --sae DIR [--sae DIR ...] --model CKPT_OR_DIR --out OUT`` (:func:`add_cli_arguments`,
+:func:`run_cli`). See ``docs/explorer.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ASSETS = Path(__file__).with_name("explorer_assets")
+PAGE_NAME = "features.html"
+CARDS_DIR = "feature_cards"
+
+__all__ = ["ExplorerSAE", "add_cli_arguments", "explorer_data", "explorer_html", "run_cli", "write_explorer"]
+
+
+@dataclass
+class ExplorerSAE:
+    """One SAE shown in the explorer.
+
+    ``model`` names the HookedViT it reads (a key of the ``models`` mapping). SAEs of the same ``model`` and
+    ``condition`` (the data they were trained on) with different ``seed`` are seed replicates: each latent's
+    *seed stability* is its mean decoder cosine to the nearest latent of every other replicate. An SAE of
+    another model with the same ``condition`` (and the same ``seed`` when there is one) is its counterpart:
+    the nearest latent there, with its cosine, is the *change under fine-tuning*, shown side by side.
+    ``sae`` is a sae-lens ``SAE`` or a folder written by ``mechvit.sae.train_sae`` / ``SAE.save_model``."""
+
+    name: str
+    sae: Any
+    model: str
+    condition: str = ""
+    seed: int | str = 0
+    hook: str | None = None
+
+
+def _load_sae(spec: ExplorerSAE, device: str | None = None):
+    if isinstance(spec.sae, (str, os.PathLike)):
+        from mechvit.sae import load_sae
+
+        return load_sae(spec.sae, device=device or "cpu")[0]
+    return spec.sae
+
+
+def _b64(a: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(a, dtype=np.uint8).tobytes()).decode("ascii")
+
+
+def _q(a: np.ndarray, scale: np.ndarray | float = 1.0) -> np.ndarray:
+    """Quantise [0, scale] to uint8 (0 stays 0; rounding to the nearest of 255 steps)."""
+    return np.rint(np.clip(np.asarray(a, np.float64) / np.maximum(scale, 1e-12), 0, 1) * 255).astype(np.uint8)
+
+
+def _num(a: np.ndarray, digits: int = 4) -> list:
+    """Floats to 4 significant digits for JSON (NaN -> None)."""
+    return [
+        None if not np.isfinite(x) else float(f"{x:.{digits}g}") for x in np.asarray(a, np.float64).ravel()
+    ]
+
+
+def _sprite(images: np.ndarray, cols: int = 64) -> tuple[str, int]:
+    """[N, C, H, W] in [0, 1] -> a PNG data URI of a grid ``cols`` wide (grayscale or RGB), and ``cols``."""
+    from PIL import Image
+
+    n, c, h, w = images.shape
+    cols = max(1, min(cols, n))
+    rows = -(-n // cols)
+    px = np.rint(np.clip(images, 0, 1) * 255).astype(np.uint8)
+    sheet = np.zeros((rows * h, cols * w, c), np.uint8)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        sheet[r * h : (r + 1) * h, q * w : (q + 1) * w] = px[i].transpose(1, 2, 0)
+    img = Image.fromarray(sheet[..., 0] if c == 1 else sheet[..., :3], mode="L" if c == 1 else "RGB")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), cols
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("_") or "sae"
+
+
+def explorer_data(
+    saes: Sequence[ExplorerSAE],
+    models: Mapping[str, Any],
+    images,
+    labels,
+    class_names: Sequence[str],
+    *,
+    corrupted=None,
+    corrupted_labels=None,
+    corrupted_name: str = "corrupted",
+    transform: Callable | None = None,
+    title: str = "mechvit feature explorer",
+    k: int = 8,
+    n_assoc: int = 32,
+    progress: bool = True,
+    stats: Mapping[str, Any] | None = None,
+) -> tuple[dict, dict]:
+    """The page's data and ``{sae name: FeatureStats}``. ``images`` [N, C, H, W] in [0, 1] (what is shown;
+    ``transform`` maps them to model inputs), ``labels`` [N]; ``corrupted`` any [M, C, H, W] in [0, 1] with
+    ``corrupted_labels`` (default: ``labels`` when M == N). ``stats`` reuses already computed FeatureStats."""
+    import torch
+
+    from mechvit.analysis.features import decoder_directions, feature_stats, nearest_cosine
+
+    if not saes:
+        raise ValueError("give at least one SAE")
+    names = [s.name for s in saes]
+    if len(set(names)) != len(names):
+        raise ValueError(f"SAE names must be unique, got {names}")
+    for s in saes:
+        if s.model not in models:
+            raise ValueError(
+                f"SAE {s.name!r} reads model {s.model!r}, which is not among the models {sorted(models)}"
+            )
+    images = torch.as_tensor(images).float().cpu()
+    labels = torch.as_tensor(labels).long().cpu()
+    if corrupted is not None:
+        corrupted = torch.as_tensor(corrupted).float().cpu()
+        if corrupted_labels is None:
+            if len(corrupted) != len(labels):
+                raise ValueError(
+                    f"give corrupted_labels: {len(corrupted)} corrupted images but {len(labels)} labels"
+                )
+            corrupted_labels = labels
+        corrupted_labels = torch.as_tensor(corrupted_labels).long().cpu()
+        if len(corrupted_labels) != len(corrupted):
+            raise ValueError(
+                f"{len(corrupted)} corrupted images but {len(corrupted_labels)} corrupted labels"
+            )
+    loaded = {s.name: _load_sae(s) for s in saes}
+    stats = dict(stats or {})
+    for s in saes:
+        if s.name not in stats:
+            stats[s.name] = feature_stats(
+                models[s.model],
+                loaded[s.name],
+                images,
+                labels,
+                class_names,
+                corrupted=corrupted,
+                hook=s.hook,
+                transform=transform,
+                k=k,
+                n_assoc=n_assoc,
+                progress=progress,
+            )
+    dirs = {n: decoder_directions(sae) for n, sae in loaded.items()}
+
+    def counterparts(x: ExplorerSAE) -> list[ExplorerSAE]:
+        out = []
+        for model in dict.fromkeys(s.model for s in saes if s.model != x.model):
+            cands = [s for s in saes if s.model == model and s.condition == x.condition]
+            same_seed = [s for s in cands if s.seed == x.seed]
+            if same_seed or cands:
+                out.append((same_seed or cands)[0])
+        return out
+
+    entries = []
+    for x in saes:
+        st = stats[x.name]
+        live = st.live
+        k_ = st.top_idx.shape[1]
+        matches = []
+        for y in counterparts(x):
+            idx, cos = nearest_cosine(dirs[x.name][live], dirs[y.name])
+            matches.append({"sae": y.name, "model": y.model, "idx": idx.tolist(), "cos": _num(cos)})
+        reps = [
+            y
+            for y in saes
+            if y is not x and y.model == x.model and y.condition == x.condition and y.seed != x.seed
+        ]
+        replicates, stability = [], None
+        if reps:
+            coss = []
+            for y in reps:
+                idx, cos = nearest_cosine(dirs[x.name][live], dirs[y.name])
+                replicates.append({"sae": y.name, "model": y.model, "idx": idx.tolist(), "cos": _num(cos)})
+                coss.append(cos)
+            stability = _num(np.mean(coss, axis=0))
+        scale = st.max_act[live][:, None, None, None]
+        entry = {
+            "name": x.name,
+            "model": x.model,
+            "condition": x.condition,
+            "seed": x.seed,
+            "hook": st.hook,
+            "d_sae": st.d_sae,
+            "grid": list(st.grid),
+            "k": k_,
+            "n_assoc": st.n_assoc,
+            "live": live.tolist(),
+            "density": _num(st.density[live]),
+            "density_c": None if st.density_corrupted is None else _num(st.density_corrupted[live]),
+            "mean_act": _num(st.mean_act[live]),
+            "max_act": _num(st.max_act[live]),
+            "label": [st.label[f] for f in live],
+            "stability": stability,
+            "matches": matches,
+            "replicates": replicates,
+            "hist": st.hist[live].tolist(),
+            "top": st.top_idx[live].tolist(),
+            "top_val": [_num(v) for v in st.top_val[live]],
+            "maps": _b64(_q(st.top_maps[live], scale)),
+            "top_c": None if st.top_idx_corrupted is None else st.top_idx_corrupted[live].tolist(),
+            "top_val_c": None
+            if st.top_val_corrupted is None
+            else [_num(v) for v in st.top_val_corrupted[live]],
+            "maps_c": None if st.top_maps_corrupted is None else _b64(_q(st.top_maps_corrupted[live], scale)),
+            "class_counts": st.class_counts[live].tolist(),
+            "logit": np.round(st.logit_effect[live], 3).tolist(),
+            "p_abl": _b64(_q(st.probs_ablate[live])),
+            "p_dbl": _b64(_q(st.probs_double[live])),
+            "cards": {},
+        }
+        entries.append(entry)
+    model_probs = {}
+    for x in saes:
+        model_probs.setdefault(x.model, {"probs": _b64(_q(stats[x.name].probs))})
+    sprite, cols = _sprite(images.numpy())
+    img = {
+        "n": len(images),
+        "h": int(images.shape[-2]),
+        "w": int(images.shape[-1]),
+        "labels": labels.tolist(),
+        "clean": {"sprite": sprite, "cols": cols},
+        "corrupted": None,
+        "corrupted_name": corrupted_name,
+        "n_corrupted": 0,
+        "labels_corrupted": None,
+    }
+    if corrupted is not None:
+        sprite_c, cols_c = _sprite(corrupted.numpy())
+        img.update(
+            corrupted={"sprite": sprite_c, "cols": cols_c},
+            n_corrupted=len(corrupted),
+            labels_corrupted=corrupted_labels.tolist(),
+        )
+    data = {
+        "format": "mechvit-explorer/1",
+        "title": title,
+        "class_names": list(class_names),
+        "images": img,
+        "models": model_probs,
+        "saes": entries,
+    }
+    return data, stats
+
+
+def explorer_html(data: dict) -> str:
+    """The page for ``data`` (from :func:`explorer_data`): data, script and style inlined."""
+    css = (ASSETS / "explorer.css").read_text(encoding="utf-8")
+    js = (ASSETS / "explorer.js").read_text(encoding="utf-8")
+    payload = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+    csp = (
+        "default-src 'none'; img-src data: blob:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
+        "base-uri 'none'; form-action 'none'"
+    )
+    t = html.escape(data.get("title", "feature explorer"))
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{csp}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
+<title>{t}</title>
+<style>{css}</style></head>
+<body>
+<header><h1 id="title">{t}</h1><span class="meta" id="meta"></span><span id="saes"></span>
+<input id="search" type="search" placeholder="search: #id or label (e.g. sneaker, top-left)" aria-label="search"></header>
+<main><section id="left"><div id="count"></div><div class="thead" id="thead"></div>
+<div id="list"><div id="spacer"></div></div></section>
+<section id="detail"></section></main>
+<script id="explorer-data" type="application/json">{payload}</script>
+<script>{js}</script>
+</body></html>
+"""
+
+
+def write_explorer(
+    out: str | os.PathLike,
+    saes: Sequence[ExplorerSAE],
+    models: Mapping[str, Any],
+    images,
+    labels,
+    class_names: Sequence[str],
+    *,
+    corrupted=None,
+    corrupted_labels=None,
+    corrupted_name: str = "corrupted",
+    transform: Callable | None = None,
+    title: str = "mechvit feature explorer",
+    k: int = 8,
+    n_assoc: int = 32,
+    cards: int = 0,
+    progress: bool = True,
+    stats: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write the explorer page: ``out`` is the ``.html`` path or a folder (then ``out/features.html``).
+
+    ``saes``: :class:`ExplorerSAE` entries; ``models``: ``{name: HookedViT}``; ``images`` [N, C, H, W] in
+    [0, 1] with ``labels`` [N] and ``class_names``; ``corrupted``: optional images in [0, 1] (e.g. the same
+    images corrupted) shown with the clean/corrupted toggle; ``transform``: [0, 1] images -> model inputs.
+    ``cards > 0`` also writes publication feature cards (PNG + SVG, :func:`mechvit.viz.feature_card`) of
+    each SAE's ``cards`` densest latents under ``feature_cards/`` beside the page, linked from it.
+    Returns the page's path."""
+    from mechvit._io import atomic_write_text
+
+    out = Path(out)
+    path = out if out.suffix.lower() in (".html", ".htm") else out / PAGE_NAME
+    data, stats = explorer_data(
+        saes,
+        models,
+        images,
+        labels,
+        class_names,
+        corrupted=corrupted,
+        corrupted_labels=corrupted_labels,
+        corrupted_name=corrupted_name,
+        transform=transform,
+        title=title,
+        k=k,
+        n_assoc=n_assoc,
+        progress=progress,
+        stats=stats,
+    )
+    if cards > 0:
+        from mechvit.viz.feature_card import feature_card
+
+        imgs = np.asarray(images, dtype=np.float32)
+        for entry in data["saes"]:
+            st = stats[entry["name"]]
+            live = st.live
+            for f in live[np.argsort(-st.density[live], kind="stable")[:cards]]:
+                stem = path.parent / CARDS_DIR / _slug(entry["name"]) / f"latent_{int(f)}"
+                feature_card(
+                    st,
+                    int(f),
+                    imgs,
+                    class_names,
+                    path=stem.with_suffix(".png"),
+                    formats=("png", "svg"),
+                    title=f"{entry['name']} · latent #{int(f)}",
+                )
+                rel = stem.relative_to(path.parent).as_posix()
+                entry["cards"][int(f)] = {"png": rel + ".png", "svg": rel + ".svg"}
+    atomic_write_text(path, explorer_html(data))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# command line: mechvit explore
+
+
+def add_cli_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--sae",
+        action="append",
+        required=True,
+        metavar="[MODEL=]DIR",
+        help="an SAE folder (mechvit.sae / sae-lens format); repeat for several. Prefix MODEL= to say which "
+        "--model it reads; otherwise it is matched by the model hash its manifest records",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="[NAME=]PATH",
+        help="a mechvit checkpoint folder (card.json) or a HookedViT folder (save_pretrained); repeat for several",
+    )
+    p.add_argument(
+        "--out", required=True, help="output folder (features.html is written there) or .html path"
+    )
+    p.add_argument("--n-images", type=int, default=1000, help="test images to scan (default 1000)")
+    p.add_argument("--data-root", default=None, help="Fashion-MNIST folder (default: the Debian package's)")
+    p.add_argument(
+        "--corruption", default=None, help="also scan the images under this corruption (e.g. gaussian_noise)"
+    )
+    p.add_argument("--severity", type=int, default=3, help="severity of --corruption (default 3)")
+    p.add_argument("--k", type=int, default=8, help="top images per latent (default 8)")
+    p.add_argument("--cards", type=int, default=0, help="write feature cards of each SAE's N densest latents")
+    p.add_argument("--title", default="mechvit feature explorer")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the corruption draws")
+
+
+def _split_named(value: str) -> tuple[str | None, str]:
+    name, sep, rest = value.partition("=")
+    if sep and name and not Path(value).exists():
+        return name, rest
+    return None, value
+
+
+def _load_model(path: Path, device):
+    from mechvit.model import HookedViT
+
+    if (path / "card.json").is_file():
+        from mechvit.training.checkpoint import load_checkpoint
+
+        return HookedViT.from_timm(load_checkpoint(path), device=device).eval()
+    if path.is_dir():
+        return HookedViT.from_pretrained(path, device=device).eval()
+    raise ValueError(
+        f"--model {path}: expected a mechvit checkpoint folder (card.json + model.safetensors) or a "
+        "HookedViT folder written by save_pretrained"
+    )
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    import torch
+
+    from mechvit.sae import load_sae, model_fingerprint
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    models, hashes = {}, {}
+    for spec in args.model:
+        name, path = _split_named(spec)
+        path = Path(path)
+        name = name or path.name
+        if name in models:
+            raise ValueError(f"two --model entries are named {name!r}; name them NAME=PATH")
+        models[name] = _load_model(path, device)
+        hashes[model_fingerprint(models[name])] = name
+    entries = []
+    for spec in args.sae:
+        mname, path = _split_named(spec)
+        path = Path(path)
+        sae, manifest = load_sae(path, device=str(device))
+        if mname is None:
+            mname = hashes.get(manifest.get("model_sha256"))
+            if mname is None and len(models) == 1:
+                mname = next(iter(models))
+            if mname is None:
+                raise ValueError(
+                    f"--sae {path}: its manifest names no model among the --model entries; write MODEL={path}"
+                )
+        if mname not in models:
+            raise ValueError(f"--sae {spec}: unknown model {mname!r}; models: {sorted(models)}")
+        cond = (
+            json.dumps(manifest.get("corruption_mix"), sort_keys=True)
+            if manifest.get("corruption_mix")
+            else ""
+        )
+        seed = manifest.get("training", {}).get("seed", 0)
+        entries.append(ExplorerSAE(name=path.name, sae=sae, model=mname, condition=cond, seed=seed))
+    first = next(iter(models.values()))
+    from mechvit.training.checkpoint import read_card
+
+    mean = std = None
+    for spec in args.model:
+        p = Path(_split_named(spec)[1])
+        if (p / "card.json").is_file():
+            data_cfg = read_card(p).get("config", {}).get("data", {})
+            mean, std = data_cfg.get("mean"), data_cfg.get("std")
+            break
+    from mechvit.data import FASHION_MNIST_CLASSES, load_fashion_mnist
+
+    x, y = load_fashion_mnist("test", root=args.data_root)
+    if args.n_images < 1:
+        raise ValueError(f"--n-images must be >= 1, got {args.n_images}")
+    x, y = x[: args.n_images], y[: args.n_images]
+    class_names = list(first.cfg.class_names or FASHION_MNIST_CLASSES)
+    corrupted = None
+    if args.corruption:
+        from mechvit.corruptions import corrupt
+
+        corrupted = corrupt(x, args.corruption, args.severity, seed=args.seed)
+    transform = None
+    if mean is not None:
+        m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+        def transform(t):
+            return (t - m.to(t.device)) / s.to(t.device)
+
+    path = write_explorer(
+        args.out,
+        entries,
+        models,
+        x,
+        y,
+        class_names,
+        corrupted=corrupted,
+        corrupted_name=f"{args.corruption} {args.severity}" if args.corruption else "corrupted",
+        transform=transform,
+        title=args.title,
+        k=args.k,
+        cards=args.cards,
+    )
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0

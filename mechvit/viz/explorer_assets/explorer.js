@@ -1,0 +1,370 @@
+// mechvit feature explorer: vanilla JS, no network, no build step. The data is the JSON in
+// <script id="explorer-data">; quantised arrays are base64 uint8 and decoded on first use.
+"use strict";
+(function () {
+  const D = JSON.parse(document.getElementById("explorer-data").textContent);
+  const ROW = 24;
+  const C = D.class_names.length;
+  const $ = (s, el) => (el || document).querySelector(s);
+  const esc = (s) => String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+  const fmt = (v, d) => (v === null || v === undefined || Number.isNaN(v) ? "–" : Number(v).toFixed(d));
+  const fmtDensity = (v) => (v === null || v === undefined ? "–" : v >= 0.001 ? (100 * v).toFixed(2) + "%" : v > 0 ? v.toExponential(1) : "0");
+
+  function b64(s) {
+    const bin = atob(s);
+    const out = new Uint8Array(bin.length);
+    for (let i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
+    return out;
+  }
+  const decoded = new Map();
+  function arr(obj, key) {
+    // lazily decoded uint8 arrays, cached per object and key
+    if (!obj[key]) return null;
+    let m = decoded.get(obj);
+    if (!m) decoded.set(obj, (m = {}));
+    if (!m[key]) m[key] = b64(obj[key]);
+    return m[key];
+  }
+
+  // ---- images: sprite sheets decoded once into canvases -------------------------------------------------------
+  const sprites = {};
+  const spriteReady = {};
+  for (const set of ["clean", "corrupted"]) {
+    if (!D.images[set]) continue;
+    const img = new Image();
+    spriteReady[set] = new Promise((res) => { img.onload = res; img.onerror = res; });
+    img.src = D.images[set].sprite;
+    sprites[set] = img;
+  }
+  const IH = D.images.h, IW = D.images.w;
+
+  // A colour map for the heatmap overlay (transparent -> orange -> yellow), alpha grows with the activation.
+  function heat(q) {
+    const t = q / 255;
+    const r = 255, g = Math.round(60 + 180 * t), b = Math.round(20 * (1 - t));
+    return `rgba(${r},${g},${b},${(0.1 + 0.65 * t).toFixed(3)})`;
+  }
+
+  function drawImage(canvas, set, imgIdx, map, scale) {
+    // map: Uint8Array(gh*gw) quantised activations (0-255 of the latent's max), or null
+    const ctx = canvas.getContext("2d");
+    ctx.imageSmoothingEnabled = false;
+    ctx.fillStyle = "#ddd";
+    ctx.fillRect(0, 0, canvas.width, canvas.height);
+    const meta = D.images[set];
+    const paint = () => {
+      if (imgIdx >= 0) {
+        const sx = (imgIdx % meta.cols) * IW, sy = Math.floor(imgIdx / meta.cols) * IH;
+        ctx.drawImage(sprites[set], sx, sy, IW, IH, 0, 0, IW * scale, IH * scale);
+      }
+      if (!map) return;
+      const [gh, gw] = S().grid;
+      const ph = (IH * scale) / gh, pw = (IW * scale) / gw;
+      for (let r = 0; r < gh; r++)
+        for (let c = 0; c < gw; c++) {
+          const q = map[r * gw + c];
+          if (q === 0) continue;
+          ctx.fillStyle = heat(q);
+          ctx.fillRect(c * pw, r * ph, pw, ph);
+        }
+    };
+    if (sprites[set].complete && sprites[set].naturalWidth) paint();
+    else spriteReady[set].then(paint);
+  }
+
+  // ---- state ---------------------------------------------------------------------------------------------------
+  const state = { sae: 0, q: "", sort: "id", dir: 1, feature: null, set: "clean", rows: [] };
+  const S = () => D.saes[state.sae];
+  const pos = (s, f) => {
+    if (!s._pos) { s._pos = new Map(); s.live.forEach((id, i) => s._pos.set(id, i)); }
+    return s._pos.has(f) ? s._pos.get(f) : -1;
+  };
+
+  function columns(s) {
+    const cols = [
+      { key: "id", name: "id", w: "58px", get: (i) => s.live[i], show: (v) => "#" + v },
+      { key: "density", name: "density", w: "104px", get: (i) => s.density[i], show: fmtDensity },
+      { key: "mean_act", name: "mean act", w: "80px", get: (i) => s.mean_act[i], show: (v) => fmt(v, 3) },
+      { key: "label", name: "label", w: "minmax(120px, 1fr)", get: (i) => s.label[i], show: esc, text: true },
+    ];
+    if (s.stability) cols.push({ key: "stability", name: "seed stab.", w: "84px", get: (i) => s.stability[i], show: (v) => fmt(v, 2), title: "mean matched cosine to the nearest latent of the other seed replicates" });
+    for (const m of s.matches) cols.push({ key: "match:" + m.sae, name: "cos " + m.model, w: "90px", get: (i) => m.cos[i], show: (v) => fmt(v, 2), title: `decoder cosine to the nearest latent of ${m.sae} (model ${m.model})` });
+    return cols;
+  }
+
+  function refilter() {
+    const s = S();
+    const q = state.q.trim().toLowerCase();
+    const col = columns(s).find((c) => c.key === state.sort) || columns(s)[0];
+    let rows = [...s.live.keys()];
+    if (q) {
+      const idq = q.replace(/^#/, "");
+      const num = /^\d+$/.test(idq);
+      rows = rows.filter((i) => (num && String(s.live[i]) === idq) || s.label[i].toLowerCase().includes(q) || ("#" + s.live[i]) === q);
+    }
+    const dir = state.dir;
+    rows.sort((a, b) => {
+      const va = col.get(a), vb = col.get(b);
+      if (va === vb) return s.live[a] - s.live[b];
+      if (va === null) return 1;
+      if (vb === null) return -1;
+      return (col.text ? String(va).localeCompare(String(vb)) : va - vb) * dir;
+    });
+    state.rows = rows;
+    renderIndex();
+  }
+
+  function renderHeader() {
+    const s = S();
+    const cols = columns(s);
+    const tpl = cols.map((c) => c.w).join(" ");
+    $("#left").style.setProperty("--cols", tpl);
+    $("#thead").innerHTML = cols
+      .map((c) => `<div data-sort="${c.key}" title="${esc(c.title || "sort by " + c.name)}" class="${c.key === state.sort ? "sorted" + (state.dir > 0 ? " asc" : "") : ""}">${esc(c.name)}</div>`)
+      .join("");
+  }
+
+  function renderIndex() {
+    const s = S();
+    renderHeader();
+    $("#count").textContent = `${state.rows.length} of ${s.live.length} live latents (${s.d_sae - s.live.length} dead of ${s.d_sae}) · ${s.name}`;
+    $("#spacer").style.height = state.rows.length * ROW + "px";
+    renderRows();
+  }
+
+  function renderRows() {
+    const s = S();
+    const cols = columns(s);
+    const list = $("#list");
+    const first = Math.max(0, Math.floor(list.scrollTop / ROW) - 8);
+    const last = Math.min(state.rows.length, Math.ceil((list.scrollTop + list.clientHeight) / ROW) + 8);
+    let html = "";
+    const maxDen = s._maxDensity || (s._maxDensity = Math.max(...s.density, 1e-12));
+    for (let r = first; r < last; r++) {
+      const i = state.rows[r];
+      const f = s.live[i];
+      const cells = cols.map((c) => {
+        const v = c.get(i);
+        if (c.key === "density") return `<div><span class="bar" style="width:${Math.max(1, (30 * Math.sqrt(v / maxDen))).toFixed(1)}px"></span>${c.show(v)}</div>`;
+        return `<div>${c.show(v)}</div>`;
+      });
+      html += `<div class="row${f === state.feature ? " sel" : ""}" data-feature="${f}" style="top:${r * ROW}px">${cells.join("")}</div>`;
+    }
+    $("#spacer").innerHTML = html;
+  }
+
+  // ---- detail panel --------------------------------------------------------------------------------------------
+  function slice(a, start, n) { return a ? a.subarray(start, start + n) : null; }
+
+  function topFigures(s, i, set, scale, withAbl) {
+    const k = s.k, P = s.grid[0] * s.grid[1];
+    const top = set === "clean" ? s.top[i] : s.top_c[i];
+    const vals = set === "clean" ? s.top_val[i] : s.top_val_c[i];
+    const maps = arr(s, set === "clean" ? "maps" : "maps_c");
+    const labels = set === "clean" ? D.images.labels : D.images.labels_corrupted;
+    const out = [];
+    for (let j = 0; j < k; j++) {
+      if (top[j] < 0) continue;
+      const fig = document.createElement("figure");
+      fig.className = "topimg";
+      fig.dataset.image = top[j];
+      fig.dataset.value = vals[j];
+      const cv = document.createElement("canvas");
+      cv.width = IW * scale; cv.height = IH * scale;
+      fig.appendChild(cv);
+      const cap = document.createElement("figcaption");
+      cap.innerHTML = `${esc(D.class_names[labels[top[j]]])}<br>max ${fmt(vals[j], 2)}`;
+      fig.appendChild(cap);
+      drawImage(cv, set, top[j], slice(maps, (i * k + j) * P, P), scale);
+      out.push(fig);
+    }
+    return out;
+  }
+
+  function bars(values, opts) {
+    // horizontal bar chart as inline SVG: one bar per class
+    const w = opts.width || 260, rowh = 14, lw = 78, n = values.length;
+    const max = Math.max(...values.map(Math.abs), 1e-12);
+    const signed = values.some((v) => v < 0);
+    const zero = signed ? lw + (w - lw - 40) / 2 : lw;
+    const span = signed ? (w - lw - 40) / 2 : w - lw - 40;
+    let g = "";
+    values.forEach((v, c) => {
+      const len = (Math.abs(v) / max) * span;
+      const x = v < 0 ? zero - len : zero;
+      const col = opts.color ? opts.color(v) : v < 0 ? "#6d8fc7" : "#d0674f";
+      g += `<text x="${lw - 4}" y="${c * rowh + 10}" text-anchor="end">${esc(D.class_names[c])}</text>`;
+      g += `<rect x="${x.toFixed(1)}" y="${c * rowh + 2}" width="${Math.max(len, 0.5).toFixed(1)}" height="${rowh - 4}" fill="${col}"></rect>`;
+      g += `<text x="${(v < 0 ? zero + 3 : zero + len + 3).toFixed(1)}" y="${c * rowh + 10}">${opts.show(v)}</text>`;
+    });
+    if (signed) g += `<line x1="${zero}" x2="${zero}" y1="0" y2="${n * rowh}" stroke="#888"></line>`;
+    return `<svg width="${w}" height="${n * rowh + 4}" class="${opts.cls || ""}">${g}</svg>`;
+  }
+
+  function histogram(s, i) {
+    const h = s.hist[i], n = h.length, w = 260, hh = 90;
+    const max = Math.max(...h, 1);
+    const bw = (w - 10) / n;
+    let g = "";
+    h.forEach((c, b) => {
+      const y = c > 0 ? (Math.log10(c + 1) / Math.log10(max + 1)) * hh : 0;
+      g += `<rect x="${(5 + b * bw).toFixed(1)}" y="${(hh - y).toFixed(1)}" width="${(bw - 1).toFixed(1)}" height="${y.toFixed(1)}" fill="#6d8fc7"><title>${fmt((b * s.max_act[i]) / n, 3)}–${fmt(((b + 1) * s.max_act[i]) / n, 3)}: ${c} tokens</title></rect>`;
+    });
+    g += `<text x="5" y="${hh + 12}">0</text><text x="${w - 5}" y="${hh + 12}" text-anchor="end">${fmt(s.max_act[i], 3)}</text>`;
+    return `<svg width="${w}" height="${hh + 16}" id="hist">${g}</svg><div class="muted">non-zero activations on clean patch tokens (log count)</div>`;
+  }
+
+  function ablationTable(s, i) {
+    const k = s.k, P = C;
+    const pa = arr(s, "p_abl"), pd = arr(s, "p_dbl");
+    const before = arr(D.models[s.model], "probs");
+    const top = s.top[i];
+    let rows = "";
+    for (let j = 0; j < k; j++) {
+      const img = top[j];
+      if (img < 0) continue;
+      const b = Array.from(before.subarray(img * C, img * C + C), (q) => q / 255);
+      const a = Array.from(pa.subarray((i * k + j) * P, (i * k + j) * P + C), (q) => q / 255);
+      const d = Array.from(pd.subarray((i * k + j) * P, (i * k + j) * P + C), (q) => q / 255);
+      const pred = b.indexOf(Math.max(...b));
+      const cell = (p) => {
+        const top1 = p.indexOf(Math.max(...p));
+        const dp = p[pred] - b[pred];
+        const cls = Math.abs(dp) < 0.005 ? "" : dp > 0 ? "up" : "down";
+        return `<td data-pred="${top1}" data-p="${p[pred].toFixed(4)}">${esc(D.class_names[top1])} ${(100 * p[top1]).toFixed(1)}%<br><span class="${cls}">p(${esc(D.class_names[pred])}) ${(100 * p[pred]).toFixed(1)}%</span></td>`;
+      };
+      rows += `<tr data-image="${img}" data-j="${j}"><td><canvas width="${IW * 2}" height="${IH * 2}" data-thumb="${img}"></canvas></td><td>${esc(D.class_names[D.images.labels[img]])}</td>` +
+        `<td data-pred="${pred}" data-p="${b[pred].toFixed(4)}">${esc(D.class_names[pred])} ${(100 * b[pred]).toFixed(1)}%</td>${cell(a)}${cell(d)}</tr>`;
+    }
+    return `<table class="abl" id="ablation"><tr><th>image</th><th>true</th><th>before</th><th>ablated (×0)</th><th>doubled (×2)</th></tr>${rows}</table>`;
+  }
+
+  function matchBlock(s, i, m) {
+    const other = D.saes.find((x) => x.name === m.sae);
+    const g = m.idx[i];
+    const gi = pos(other, g);
+    const div = document.createElement("div");
+    div.className = "match";
+    div.dataset.sae = m.sae;
+    div.dataset.feature = g;
+    div.dataset.cos = m.cos[i];
+    const live = gi >= 0;
+    div.innerHTML = `<div class="head"><b>${esc(other.name)}</b> (model ${esc(other.model)}) · nearest latent <a class="open" data-open-sae="${esc(other.name)}" data-open-feature="${g}">#${g}</a> · decoder cosine <b>${fmt(m.cos[i], 3)}</b>` +
+      (live ? ` · ${esc(other.label[gi])} · density ${fmtDensity(other.density[gi])}` : ` · <span class="muted">never active on these images</span>`) + `</div>`;
+    if (live) {
+      const imgs = document.createElement("div");
+      imgs.className = "imgs";
+      topFigures(other, gi, "clean", 2, false).forEach((f) => imgs.appendChild(f));
+      div.appendChild(imgs);
+    }
+    return div;
+  }
+
+  function renderDetail() {
+    const s = S();
+    const el = $("#detail");
+    const f = state.feature;
+    const i = f === null ? -1 : pos(s, f);
+    if (i < 0) {
+      el.innerHTML = `<p class="muted">Pick a latent on the left (search by id or label; click a column to sort).</p>`;
+      el.dataset.feature = "";
+      return;
+    }
+    el.dataset.sae = s.name;
+    el.dataset.feature = f;
+    const setBtns = D.images.corrupted
+      ? `<span class="toggle" id="settoggle"><button data-set="clean" class="${state.set === "clean" ? "on" : ""}">clean</button><button data-set="corrupted" class="${state.set === "corrupted" ? "on" : ""}">${esc(D.images.corrupted_name)}</button></span>`
+      : "";
+    const stat = (key, name, v, shown) => `<div class="stat" data-key="${key}" data-value="${v}"><b>${name}</b><span>${shown}</span></div>`;
+    let statsHtml = stat("density", "density (clean)", s.density[i], fmtDensity(s.density[i]));
+    if (s.density_c) statsHtml += stat("density_corrupted", `density (${esc(D.images.corrupted_name)})`, s.density_c[i], fmtDensity(s.density_c[i]));
+    statsHtml += stat("mean_act", "mean activation", s.mean_act[i], fmt(s.mean_act[i], 3)) + stat("max_act", "max activation", s.max_act[i], fmt(s.max_act[i], 3));
+    if (s.stability) statsHtml += stat("stability", "seed stability", s.stability[i], fmt(s.stability[i], 3));
+    const card = s.cards && s.cards[f];
+    const cardHtml = card
+      ? `<a href="${esc(card.png)}" id="card-png">feature card PNG</a> · <a href="${esc(card.svg)}" id="card-svg">SVG</a>`
+      : `<span class="muted">feature card: <code>mechvit.viz.feature_card(stats, ${f}, "card.png", ...)</code></span>`;
+    el.innerHTML = `<h2>${esc(s.name)} · latent #${f}</h2><div class="label" id="label">${esc(s.label[i])}</div>` +
+      `<div class="stats">${statsHtml}</div><div>${cardHtml}</div>` +
+      `<h3>Top images ${setBtns}</h3><div class="imgs" id="topimgs"></div>` +
+      `<div class="muted">heatmap: the latent's activation on each patch (scale 0 – ${fmt(s.max_act[i], 3)}, the latent's max) ` +
+      `<canvas class="cbar" width="120" height="8" id="cbar"></canvas></div>` +
+      `<div class="panel"><div><h3>Activation histogram</h3>${histogram(s, i)}</div>` +
+      `<div><h3>Classes of top ${s.n_assoc} images</h3>${bars(s.class_counts[i], { show: (v) => String(v), color: () => "#7a9c5a", cls: "classes" })}</div>` +
+      `<div><h3>Direct logit effect</h3>${bars(s.logit[i], { show: (v) => (v >= 0 ? "+" : "") + v.toFixed(2), cls: "logits" })}<div class="muted" style="max-width:300px">Δ logit when mean act × decoder direction is added to the readout token(s) of the final residual stream (model's own final norm, pooling, head; blocks after the hook skipped).</div></div></div>` +
+      `<h3>Ablate / double on the top images</h3><div class="muted">the latent's decoded contribution at every patch token of ${esc(s.hook)} removed (×0) or added again (×2), SAE error kept: "before" is the model's own prediction.</div>${ablationTable(s, i)}` +
+      `<div id="matches"></div>`;
+    const cb = $("#cbar").getContext("2d");
+    for (let x = 0; x < 120; x++) { cb.fillStyle = "#ddd"; cb.fillRect(x, 0, 1, 8); cb.fillStyle = heat(Math.round((x / 119) * 255)); cb.fillRect(x, 0, 1, 8); }
+    const box = $("#topimgs");
+    const set = D.images.corrupted ? state.set : "clean";
+    topFigures(s, i, set, 3, true).forEach((fig) => box.appendChild(fig));
+    if (!box.children.length) box.innerHTML = `<span class="muted">never active on these images</span>`;
+    el.querySelectorAll("canvas[data-thumb]").forEach((cv) => drawImage(cv, "clean", +cv.dataset.thumb, null, 2));
+    const mbox = $("#matches");
+    if (s.matches.length || (s.replicates && s.replicates.length)) mbox.innerHTML = `<h3>Matched latents in other SAEs</h3>`;
+    for (const m of s.matches) mbox.appendChild(matchBlock(s, i, m));
+    for (const m of s.replicates || []) mbox.appendChild(matchBlock(s, i, m));
+  }
+
+  // ---- navigation ----------------------------------------------------------------------------------------------
+  function selectSae(idx, keepFeature) {
+    state.sae = idx;
+    document.querySelectorAll("#saes button").forEach((b, j) => b.classList.toggle("on", j === idx));
+    if (!keepFeature) state.feature = null;
+    const cols = columns(S());
+    if (!cols.find((c) => c.key === state.sort)) { state.sort = "id"; state.dir = 1; }
+    refilter();
+    renderDetail();
+  }
+  function open(saeName, f) {
+    const idx = D.saes.findIndex((x) => x.name === saeName);
+    if (idx < 0) return;
+    state.feature = f;
+    if (idx !== state.sae) selectSae(idx, true);
+    else { renderRows(); renderDetail(); }
+    history.replaceState(null, "", "#" + new URLSearchParams({ sae: saeName, f: String(f) }).toString());
+    const r = state.rows.findIndex((i) => S().live[i] === f);
+    const list = $("#list");
+    if (r >= 0 && (r * ROW < list.scrollTop || (r + 1) * ROW > list.scrollTop + list.clientHeight)) { list.scrollTop = r * ROW - list.clientHeight / 3; renderRows(); }
+  }
+
+  function init() {
+    $("#title").textContent = D.title;
+    $("#meta").textContent = `${D.images.n} images${D.images.corrupted ? " + " + D.images.n_corrupted + " " + D.images.corrupted_name : ""} · ${D.saes.length} SAE${D.saes.length > 1 ? "s" : ""}`;
+    $("#saes").innerHTML = D.saes.map((s, j) => `<button data-i="${j}" title="model ${esc(s.model)} · ${esc(s.hook)}">${esc(s.name)}</button>`).join("");
+    $("#saes").addEventListener("click", (e) => { const b = e.target.closest("button"); if (b) selectSae(+b.dataset.i); });
+    $("#search").addEventListener("input", (e) => { state.q = e.target.value; $("#list").scrollTop = 0; refilter(); });
+    $("#thead").addEventListener("click", (e) => {
+      const h = e.target.closest("[data-sort]");
+      if (!h) return;
+      if (state.sort === h.dataset.sort) state.dir = -state.dir;
+      else { state.sort = h.dataset.sort; state.dir = h.dataset.sort === "id" || h.dataset.sort === "label" ? 1 : -1; }
+      refilter();
+    });
+    let pending = false;
+    $("#list").addEventListener("scroll", () => { if (!pending) { pending = true; requestAnimationFrame(() => { pending = false; renderRows(); }); } });
+    $("#spacer").addEventListener("click", (e) => { const r = e.target.closest(".row"); if (r) open(S().name, +r.dataset.feature); });
+    $("#detail").addEventListener("click", (e) => {
+      const a = e.target.closest("[data-open-sae]");
+      if (a) { open(a.dataset.openSae, +a.dataset.openFeature); return; }
+      const b = e.target.closest("#settoggle button");
+      if (b) { state.set = b.dataset.set; renderDetail(); }
+    });
+    window.addEventListener("resize", renderRows);
+    const h = new URLSearchParams(location.hash.slice(1));
+    const start = Math.max(0, D.saes.findIndex((x) => x.name === h.get("sae")));
+    selectSae(start);
+    if (h.has("f")) open(D.saes[start].name, +h.get("f"));
+    else if (S().live.length) {
+      // open the densest live latent first so the page never starts empty
+      const i = S().density.indexOf(Math.max(...S().density));
+      open(S().name, S().live[i]);
+    }
+    document.body.dataset.ready = "1";
+  }
+
+  // for tests and the console: the current filtered, sorted feature ids and a way to open one
+  window.explorer = { data: D, state, open, visibleIds: () => state.rows.map((i) => S().live[i]) };
+  init();
+})();

@@ -1,0 +1,152 @@
+"""Publication "feature card" of one SAE latent: its top images with the per-patch activation as a heatmap,
+the automatic label, density and mean activation, the classes of its top images and its direct logit effect.
+
+One call: ``feature_card(stats, feature, images, class_names, path="card.png")`` writes ``card.png`` (300
+dpi) and ``card.svg`` (text kept as text) and returns the matplotlib ``Figure``. ``stats`` is the
+:class:`~mechvit.analysis.features.FeatureStats` the explorer shows, so the card and the page agree.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["feature_card", "heat_cmap"]
+
+
+def heat_cmap():
+    """The explorer's heatmap colours (transparent -> orange -> yellow, alpha growing with activation)."""
+    from matplotlib.colors import ListedColormap
+
+    t = np.linspace(0, 1, 256)
+    rgba = np.stack([np.ones_like(t), (60 + 180 * t) / 255, 20 * (1 - t) / 255, 0.1 + 0.65 * t], axis=1)
+    rgba[0, 3] = 0.0  # an inactive patch leaves the image as it is
+    return ListedColormap(rgba, name="mechvit_heat")
+
+
+def feature_card(
+    stats: Any,
+    feature: int,
+    images,
+    class_names: Sequence[str],
+    *,
+    path: str | os.PathLike | None = None,
+    formats: Sequence[str] = ("png", "svg"),
+    dpi: int = 300,
+    n_images: int = 6,
+    corrupted=None,
+    title: str | None = None,
+):
+    """Draw latent ``feature`` of ``stats`` (a ``FeatureStats``); ``images`` are the clean images [N, C, H, W]
+    in [0, 1] the stats were computed on (and ``corrupted`` the corrupted ones, adding a second row).
+    With ``path``, the card is saved once per format in ``formats`` (``path`` with that suffix)."""
+    from matplotlib.figure import Figure
+
+    f = int(feature)
+    if not 0 <= f < stats.d_sae:
+        raise ValueError(f"feature must be in [0, {stats.d_sae}), got {feature}")
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim != 4 or len(images) != stats.n_images:
+        raise ValueError(
+            f"expected the {stats.n_images} images [N, C, H, W] the stats were computed on, got {images.shape}"
+        )
+    sets = [("clean", images, stats.top_idx[f], stats.top_maps[f])]
+    if corrupted is not None and stats.top_idx_corrupted is not None:
+        sets.append(
+            (
+                "corrupted",
+                np.asarray(corrupted, np.float32),
+                stats.top_idx_corrupted[f],
+                stats.top_maps_corrupted[f],
+            )
+        )
+    k = max(1, min(n_images, stats.top_idx.shape[1]))
+    C = len(class_names)
+    vmax = float(stats.max_act[f]) or 1.0
+    cmap = heat_cmap()
+    fig = Figure(figsize=(7.0, 1.35 * len(sets) + 1.9), dpi=dpi, layout="constrained")
+    gs = fig.add_gridspec(
+        len(sets) + 1, k + 1, height_ratios=[1.0] * len(sets) + [1.25], width_ratios=[1] * k + [0.08]
+    )
+    im = None
+    for r, (name, imgs, idx, maps) in enumerate(sets):
+        for j in range(k):
+            ax = fig.add_subplot(gs[r, j])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j >= len(idx) or idx[j] < 0:
+                ax.axis("off")
+                continue
+            img = imgs[idx[j]]
+            h, w = img.shape[-2:]
+            ax.imshow(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), cmap="gray", vmin=0, vmax=1)
+            im = ax.imshow(
+                maps[j],
+                cmap=cmap,
+                vmin=0,
+                vmax=vmax,
+                extent=(-0.5, w - 0.5, h - 0.5, -0.5),
+                interpolation="nearest",
+            )
+            ax.set_title(
+                f"{float(stats.top_val[f, j] if name == 'clean' else stats.top_val_corrupted[f, j]):.2f}",
+                fontsize=6,
+                pad=1.5,
+            )
+            if j == 0:
+                ax.set_ylabel(name, fontsize=7)
+        if im is not None:
+            cax = fig.add_subplot(gs[r, k])
+            cb = fig.colorbar(im, cax=cax)
+            cb.ax.tick_params(labelsize=5)
+    # bottom row: classes of the top images | direct logit effect
+    counts = stats.class_counts[f]
+    ax1 = fig.add_subplot(gs[-1, : k // 2])
+    ax1.barh(np.arange(C), counts, color="#7a9c5a")
+    ax1.set_yticks(np.arange(C), list(class_names), fontsize=6)
+    ax1.invert_yaxis()
+    ax1.tick_params(axis="x", labelsize=6)
+    ax1.set_title(f"classes of top {int(counts.sum())} images", fontsize=7)
+    ax2 = fig.add_subplot(gs[-1, k // 2 : k])
+    eff = stats.logit_effect[f]
+    ax2.barh(np.arange(C), eff, color=["#d0674f" if v >= 0 else "#6d8fc7" for v in eff])
+    ax2.axvline(0, color="#888", lw=0.6)
+    ax2.set_yticks(np.arange(C), list(class_names), fontsize=6)
+    ax2.invert_yaxis()
+    ax2.tick_params(axis="x", labelsize=6)
+    ax2.set_title("direct logit effect (mean act × decoder dir.)", fontsize=7)
+    for ax in (ax1, ax2):
+        for s in ("top", "right"):
+            ax.spines[s].set_visible(False)
+    head = title or f"latent #{f}"
+    fig.suptitle(
+        f"{head} — {stats.label[f]}\ndensity {100 * float(stats.density[f]):.3g}% · mean act "
+        f"{float(stats.mean_act[f]):.3g} · max {vmax:.3g} · hook {stats.hook}",
+        fontsize=8,
+    )
+    if path is not None:
+        from mechvit._io import atomic_write
+
+        stem = Path(path)
+        for fmt in formats:
+            target = stem.with_suffix("." + fmt)
+            with _svg_text():
+                atomic_write(target, lambda fh, fmt=fmt: fig.savefig(fh, format=fmt, dpi=dpi))
+    return fig
+
+
+class _svg_text:
+    """Keep text as text in SVG (editable in a vector editor) while saving."""
+
+    def __enter__(self):
+        import matplotlib
+
+        self._ctx = matplotlib.rc_context({"svg.fonttype": "none"})
+        self._ctx.__enter__()
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
