@@ -207,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
             add_evaluate_args,
             _run_evaluate,
         ),
+        (
+            "explore",
+            "write the offline feature explorer (features.html) for SAE folders on their models",
+            lambda p: __import__("mechvit.viz.explorer", fromlist=["run_cli"]).add_cli_arguments(p),
+            lambda a: __import__("mechvit.viz.explorer", fromlist=["run_cli"]).run_cli(a),
+        ),
     ]
     for name, help_, add, run in specs:
         p = sub.add_parser(name, help=help_, description=help_)
