@@ -15,17 +15,46 @@ from .activations import (
     stream_batches,
 )
 from .metrics import (
+    AblationGap,
+    PCABaseline,
     ReconstructionMetrics,
     SplicedMetrics,
+    ablation_gap,
+    ablation_gap_sweep,
+    choose_hook,
     feature_density_figure,
+    mean_activation,
+    pca_baseline,
+    pca_components,
     reconstruction_metrics,
     splice_hook,
     spliced_metrics,
 )
-from .train import SAETrainingConfig, TrainedSAE, load_sae, save_trained, train_sae, train_sae_for_hook
+from .train import (
+    SAETrainingConfig,
+    TrainedSAE,
+    convergence,
+    derive_seed,
+    load_sae,
+    save_trained,
+    train_sae,
+    train_sae_for_hook,
+    train_saes,
+)
 
 __all__ = [
     "TOKEN_SELECTIONS",
+    "AblationGap",
+    "PCABaseline",
+    "ablation_gap",
+    "ablation_gap_sweep",
+    "choose_hook",
+    "convergence",
+    "derive_seed",
+    "mean_activation",
+    "pca_baseline",
+    "pca_components",
+    "train_saes",
     "ActivationStoreConfig",
     "CachedActivations",
     "CorruptionMix",

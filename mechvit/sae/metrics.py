@@ -230,3 +230,231 @@ def _check_fit(model: Any, sae: Any, hook: str, tokens: str) -> None:
     width = hook_width(model, hook, tokens)
     if width != _sae_width(sae):
         raise ValueError(f"the SAE has d_in={_sae_width(sae)} but hook {hook!r} gives rows of width {width}")
+
+
+# ---- is the hook worth an SAE: the ablation gap ---------------------------------------------------
+
+
+@dataclass
+class AblationGap:
+    """What the model loses when the selected tokens at ``hook`` are replaced by their mean (or zeros).
+
+    ``kl`` (mean over images of KL(p_clean || p_ablated), nats) is the gap: non-negative and label-free.
+    ``loss_delta`` = CE(ablated) - CE(clean) can be negative (an ablation can *lower* the loss), so "loss
+    recovered", which divides by it, is only meaningful when it is clearly positive.
+    """
+
+    hook: str
+    tokens: str
+    mode: str  # "mean" or "zero"
+    kl: float
+    kl_per_image: Tensor  # [n_images]
+    loss_clean: float
+    loss_ablated: float
+    accuracy_clean: float
+    accuracy_ablated: float
+    n_images: int
+
+    @property
+    def loss_delta(self) -> float:
+        return self.loss_ablated - self.loss_clean
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("kl_per_image")
+        d["loss_delta"] = self.loss_delta
+        return d
+
+
+def mean_activation(
+    model: Any,
+    images: Float[Tensor, "n c h w"],
+    hook: str,
+    *,
+    tokens: str = "patches",
+    batch_size: int = 256,
+    transform: Any = None,
+) -> Float[Tensor, " d"]:
+    """Mean activation vector over the selected tokens of ``images`` at ``hook`` (float64 sum, float32 out)."""
+    from .activations import run_to_hook, select_tokens
+
+    total, n = None, 0
+    for i in range(0, len(images), batch_size):
+        x = images[i : i + batch_size].to(_model_device(model), torch.float32)
+        if transform is not None:
+            x = transform(x)
+        rows = select_tokens(run_to_hook(model, x, hook), model.cfg, tokens, hook).double()
+        total = rows.sum(0) if total is None else total + rows.sum(0)
+        n += len(rows)
+    if total is None:
+        raise ValueError("no images given")
+    return (total / n).float()
+
+
+def _replace_hook(value: Tensor | None, model_cfg: Any, tokens: str, hook_name: str):
+    """Forward hook setting the selected tokens to ``value`` ([d] broadcast) or zeros when None."""
+
+    def fn(act: Tensor, hook: Any) -> Tensor:
+        if act.ndim != 3:
+            raise ValueError(
+                f"ablation needs a [batch, tokens, d] hook, {hook_name!r} gives {tuple(act.shape)}"
+            )
+        out = act.clone()
+        sl = _token_slice(model_cfg, tokens, act.shape[1])
+        out[:, sl] = 0 if value is None else value.to(out.device, out.dtype)
+        return out
+
+    return fn
+
+
+@torch.no_grad()
+def ablation_gap(
+    model: Any,
+    images: Float[Tensor, "n c h w"],
+    labels: Tensor,
+    hook: str,
+    *,
+    tokens: str = "patches",
+    mode: str = "mean",
+    mean: Tensor | None = None,
+    batch_size: int = 256,
+    transform: Any = None,
+) -> AblationGap:
+    """KL and loss change when the ``tokens`` at ``hook`` are mean-ablated (``mode="mean"``: one mean vector
+    over all selected tokens of ``images``, or ``mean`` if given, e.g. from training images) or zeroed."""
+    check_hook(model, hook)
+    if mode not in ("mean", "zero"):
+        raise ValueError(f"mode must be 'mean' or 'zero', got {mode!r}")
+    if tokens not in TOKEN_SELECTIONS:
+        raise ValueError(f"tokens must be one of {TOKEN_SELECTIONS}, got {tokens!r}")
+    if len(images) != len(labels) or len(images) == 0:
+        raise ValueError(
+            f"need as many labels as images (and at least one), got {len(images)} and {len(labels)}"
+        )
+    value = None
+    if mode == "mean":
+        value = (
+            mean
+            if mean is not None
+            else mean_activation(
+                model, images, hook, tokens=tokens, batch_size=batch_size, transform=transform
+            )
+        )
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    kls, l_c, l_a, a_c, a_a = [], 0.0, 0.0, 0.0, 0.0
+    try:
+        for i in range(0, len(images), batch_size):
+            x = images[i : i + batch_size].to(device, torch.float32)
+            y = labels[i : i + batch_size].to(device)
+            if transform is not None:
+                x = transform(x)
+            clean = model(x).float()
+            abl = model.run_with_hooks(
+                x, fwd_hooks=[(hook, _replace_hook(value, model.cfg, tokens, hook))]
+            ).float()
+            lp_c, lp_a = clean.log_softmax(-1), abl.log_softmax(-1)
+            kls.append((lp_c.exp() * (lp_c - lp_a)).sum(-1).clamp_min(0).cpu())
+            l_c += float(F.cross_entropy(clean, y, reduction="sum"))
+            l_a += float(F.cross_entropy(abl, y, reduction="sum"))
+            a_c += float((clean.argmax(-1) == y).sum())
+            a_a += float((abl.argmax(-1) == y).sum())
+    finally:
+        model.train(was_training)
+    kl = torch.cat(kls)
+    n = len(images)
+    return AblationGap(
+        hook=hook,
+        tokens=tokens,
+        mode=mode,
+        kl=float(kl.double().mean()),
+        kl_per_image=kl,
+        loss_clean=l_c / n,
+        loss_ablated=l_a / n,
+        accuracy_clean=a_c / n,
+        accuracy_ablated=a_a / n,
+        n_images=n,
+    )
+
+
+def ablation_gap_sweep(
+    model: Any, images: Tensor, labels: Tensor, hooks: Iterable[str] | None = None, **kwargs: Any
+) -> list[AblationGap]:
+    """:func:`ablation_gap` at every hook (default: every block's ``hook_resid_post``)."""
+    if hooks is None:
+        hooks = [f"blocks.{i}.hook_resid_post" for i in range(int(model.cfg.n_layers))]
+    return [ablation_gap(model, images, labels, h, **kwargs) for h in hooks]
+
+
+def choose_hook(gaps: Iterable[AblationGap], min_gap: float = 0.2) -> str:
+    """The deepest hook (last in the given order) whose ablation gap (KL, nats) is at least ``min_gap``.
+
+    The seed paper reads a late block; this takes the latest one whose patch tokens still matter."""
+    gaps = list(gaps)
+    ok = [g for g in gaps if g.kl >= min_gap]
+    if not ok:
+        best = max(gaps, key=lambda g: g.kl, default=None)
+        raise ValueError(
+            f"no hook has an ablation gap >= {min_gap} nats; the largest is "
+            + (f"{best.kl:.3f} at {best.hook!r}" if best else "(no hooks given)")
+        )
+    return ok[-1].hook
+
+
+# ---- the PCA baseline -----------------------------------------------------------------------------
+
+
+@dataclass
+class PCABaseline:
+    """Explained variance of the top-``k`` principal components (fit on training rows) on held-out rows."""
+
+    k: int
+    explained_variance: float
+    train_explained_variance: float
+    n_train: int
+    n_heldout: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def pca_components(train: Float[Tensor, "n d"], k: int) -> tuple[Tensor, Tensor]:
+    """(mean [d], components [k, d]) of ``train``: exact SVD of the centred rows in float64."""
+    if train.ndim != 2 or len(train) < 2:
+        raise ValueError(f"train rows must be [n >= 2, d], got {tuple(train.shape)}")
+    if not 1 <= k <= train.shape[1]:
+        raise ValueError(f"k must be in [1, {train.shape[1]}] (the row width), got {k}")
+    x = train.double()
+    mean = x.mean(0)
+    # d x d covariance then eigh: exact, and cheap for d ~ 100 whatever n
+    cov = (x - mean).T @ (x - mean)
+    _, vecs = torch.linalg.eigh(cov)
+    return mean, vecs[:, -k:].flip(1).T.contiguous()
+
+
+def _ev(x: Tensor, recon: Tensor) -> float:
+    sst = float(((x - x.mean(0)) ** 2).sum())
+    return 1.0 - float(((x - recon) ** 2).sum()) / sst if sst > 0 else float("nan")
+
+
+def pca_baseline(train: Float[Tensor, "n d"], heldout: Float[Tensor, "m d"], k: int) -> PCABaseline:
+    """EV of the rank-``k`` PCA reconstruction ``mean + (x - mean) V V^T`` on ``heldout`` (the SAE's
+    comparison: an SAE with L0 <= k should beat it, since PCA is a dense code of the same size)."""
+    if heldout.ndim != 2 or heldout.shape[1] != train.shape[1] or len(heldout) < 2:
+        raise ValueError(
+            f"heldout rows must be [m >= 2, {train.shape[1]}] like train, got {tuple(heldout.shape)}"
+        )
+    mean, v = pca_components(train, k)
+
+    def recon(x: Tensor) -> Tensor:
+        x = x.double()
+        return mean + (x - mean) @ v.T @ v
+
+    return PCABaseline(
+        k=int(k),
+        explained_variance=_ev(heldout.double(), recon(heldout)),
+        train_explained_variance=_ev(train.double(), recon(train)),
+        n_train=len(train),
+        n_heldout=len(heldout),
+    )

@@ -22,9 +22,9 @@ sae-lens traps handled here:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -46,9 +46,11 @@ from sae_lens.saes import (
     TopKTrainingSAEConfig,
 )
 from sae_lens.saes.sae import TrainingSAE, TrainStepOutput
+from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 from sae_lens.training.sae_trainer import SAETrainer
-from safetensors.torch import save_file
 from torch import Tensor
+
+from mechvit._io import atomic_save_safetensors, atomic_write_json, atomic_write_text, staged_dir, strict_json
 
 from .activations import (
     ActivationStoreConfig,
@@ -69,10 +71,13 @@ __all__ = [
     "SAETrainingConfig",
     "TrainedSAE",
     "build_training_sae",
+    "convergence",
+    "derive_seed",
     "load_sae",
     "save_trained",
     "train_sae",
     "train_sae_for_hook",
+    "train_saes",
 ]
 
 Architecture = Literal["standard", "topk", "batchtopk", "jumprelu"]
@@ -80,6 +85,44 @@ ARCHITECTURES: tuple[str, ...] = ("standard", "topk", "batchtopk", "jumprelu")
 MANIFEST_NAME = "mechvit_sae.json"
 METRICS_LOG_NAME = "metrics.jsonl"
 SPARSITY_NAME = "sparsity.safetensors"  # sae-lens's own name for the log10 feature density
+
+
+def derive_seed(study_seed: int, *parts: Any) -> int:
+    """A seed for one SAE from the study seed and what identifies it, e.g.
+    ``derive_seed(0, "batchtopk", "base", "clean+blur", 2)``: the first 8 bytes of
+    sha256(json([study_seed, *parts])) modulo 2**31 - 1. Stable across runs, machines and Python versions
+    (unlike ``hash()``); distinct identities give distinct seeds (collision odds ~1e-9 per pair)."""
+    key = json.dumps([int(study_seed), *[str(p) for p in parts]], separators=(",", ":"))
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % (2**31 - 1)
+
+
+def convergence(
+    log: list[dict[str, float]], key: str = "metrics/explained_variance", fraction: float = 0.1
+) -> dict[str, Any]:
+    """How much ``key`` still moved over the last ``fraction`` of training: the least-squares slope of the
+    logged values against the step over that window, times the window's length in steps (robust to the
+    batch-to-batch noise of the training EV). ``converged`` when its magnitude is below 0.005."""
+    pts = [(e["step"], e[key]) for e in log if key in e and e.get(key) == e.get(key)]
+    if len(pts) < 3:
+        return {"key": key, "change": None, "converged": None, "n_points": len(pts)}
+    last = pts[-1][0]
+    start = last - fraction * last
+    win = [(x, y) for x, y in pts if x >= start]
+    if len(win) < 3:
+        win = pts[-3:]
+    xs = torch.tensor([x for x, _ in win], dtype=torch.float64)
+    ys = torch.tensor([y for _, y in win], dtype=torch.float64)
+    xc = xs - xs.mean()
+    slope = float((xc * (ys - ys.mean())).sum() / (xc**2).sum().clamp_min(1e-12))
+    change = slope * float(xs[-1] - xs[0])
+    return {
+        "key": key,
+        "window_steps": [int(xs[0]), int(xs[-1])],
+        "mean_in_window": float(ys.mean()),
+        "change": change,
+        "converged": abs(change) < 0.005,
+        "n_points": len(win),
+    }
 
 
 @dataclass
@@ -298,6 +341,21 @@ def train_sae(
             log=log,
         )
         sae = trainer.fit()
+    trained = _finish(sae, trainer, cfg, int(d_in), log, manifest)
+    if out_dir is not None:
+        trained.path = save_trained(trained, out_dir)
+    return trained
+
+
+def _finish(
+    sae: TrainingSAE,
+    trainer: SAETrainer,
+    cfg: SAETrainingConfig,
+    d_in: int,
+    log: list[dict[str, float]],
+    manifest: dict[str, Any] | None,
+) -> TrainedSAE:
+    """The inference SAE (as sae-lens reads it back) and its manifest, after the trainer is done."""
     final = log[-1] if log else {}
     record = {
         "format": "mechvit-sae/1",
@@ -313,31 +371,168 @@ def train_sae(
             for k in ("metrics/explained_variance", "metrics/l0", "losses/mse_loss", "sparsity/dead_features")
             if k in final
         },
+        "convergence": convergence(log),
         **(manifest or {}),
     }
     with tempfile.TemporaryDirectory() as tmp:
         # the trainer's SAE is a training SAE; sae-lens writes and reads the inference one
         sae.save_inference_model(tmp)
         inference = SAE.load_from_disk(tmp, device=cfg.device)
-    trained = TrainedSAE(
+    return TrainedSAE(
         sae=inference, manifest=record, log=log, log_feature_sparsity=trainer.log_feature_sparsity.cpu()
     )
-    if out_dir is not None:
-        trained.path = save_trained(trained, out_dir)
-    return trained
+
+
+class _SharedPass:
+    """One pass over a stream of shuffled [batch_size, d] batches feeds several SAEs, each in its own order.
+
+    A pool holds the last ``pool_batches`` batches of the stream; every step one new batch enters (the
+    oldest leaves) and each SAE draws ``batch_size`` distinct pool rows with its own generator (seeded by
+    its ``SAETrainingConfig.seed``). A row stays ``pool_batches`` steps in the pool and is drawn with
+    probability ``1 / pool_batches`` per step, so each SAE sees it once on average (0, 1, 2... times,
+    Poisson-like) and no two SAEs see the same sequence. With ``pool_batches=1`` every SAE gets exactly the
+    stream's batch (in its own row order). Yields ``{name: batch}`` as sae-lens's ``MultiSAETrainer`` reads.
+    """
+
+    def __init__(
+        self,
+        batches: Iterable[torch.Tensor],
+        seeds: dict[str, int],
+        batch_size: int,
+        d_in: int,
+        device: str,
+        pool_batches: int,
+    ):
+        if pool_batches < 1:
+            raise ValueError(f"pool_batches must be >= 1, got {pool_batches}")
+        self._src = _ExactBatches(batches, batch_size, d_in, device)
+        self._gens = {n: torch.Generator().manual_seed(int(s)) for n, s in seeds.items()}
+        self._pool: list[torch.Tensor] = []
+        self._pool_batches, self._batch_size = pool_batches, batch_size
+        self._next_slot = 0
+
+    def __iter__(self) -> _SharedPass:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        batch = next(self._src)
+        if len(self._pool) < self._pool_batches:
+            self._pool.append(batch)
+        else:
+            self._pool[self._next_slot] = batch
+            self._next_slot = (self._next_slot + 1) % self._pool_batches
+        pool = torch.cat(self._pool) if len(self._pool) > 1 else batch
+        out = {}
+        for name, g in self._gens.items():
+            idx = torch.randperm(len(pool), generator=g)[: self._batch_size]
+            out[name] = pool[idx.to(pool.device)]
+        return out
+
+
+class _LockstepTrainer(MultiSAETrainer):
+    """sae-lens's ``MultiSAETrainer`` (one coordinator, one ``SAETrainer`` per SAE, stepped in lockstep),
+    with our logging trainers and a trainer config per SAE (same batch size and sample count, anything
+    else, e.g. the learning rate, may differ)."""
+
+    def __init__(
+        self,
+        cfgs: dict[str, SAETrainerConfig],
+        saes: dict[str, TrainingSAE],
+        data_provider: Iterator[dict[str, torch.Tensor]],
+        log_every: int,
+        logs: dict[str, list[dict[str, float]]],
+    ):
+        first = next(iter(cfgs.values()))
+        super().__init__(cfg=first, saes=saes, hook_names={n: n for n in saes}, data_provider=data_provider)
+        self.trainers = {
+            name: _LoggingTrainer(
+                cfg=cfgs[name], sae=sae, data_provider=iter(()), log_every=log_every, log=logs[name]
+            )
+            for name, sae in self.saes.items()
+        }
+
+
+_LOCKSTEP_SAME = ("batch_size", "total_samples", "n_batches_for_norm_estimate", "device")
+
+
+def train_saes(
+    batches: Iterable[torch.Tensor],
+    d_in: int,
+    cfgs: dict[str, SAETrainingConfig],
+    *,
+    pool_batches: int = 8,
+    manifests: dict[str, dict[str, Any]] | None = None,
+    out_dirs: dict[str, str | os.PathLike] | None = None,
+) -> dict[str, TrainedSAE]:
+    """Train several SAEs (replicates, architectures) from ONE pass over ``batches`` with sae-lens's
+    ``MultiSAETrainer``: each SAE keeps its own sae-lens ``SAETrainer`` (optimizer, lr schedule, aux loss,
+    sparsity window, normalisation estimate), initialised from its own ``cfg.seed`` and fed its own
+    draw of the shared stream (see :class:`_SharedPass`; its order also comes from ``cfg.seed``).
+
+    ``batches``: endless iterator of shuffled [batch_size, d_in] rows (e.g. ``CachedActivations.batches``).
+    Configs must agree on ``batch_size``, ``total_samples``, ``n_batches_for_norm_estimate`` and ``device``;
+    seeds must differ (two SAEs with one seed would be one SAE twice).
+    """
+    if not cfgs:
+        raise ValueError("train_saes needs at least one config")
+    first = next(iter(cfgs.values()))
+    for name, cfg in cfgs.items():
+        diff = [k for k in _LOCKSTEP_SAME if getattr(cfg, k) != getattr(first, k)]
+        if diff:
+            raise ValueError(
+                f"SAEs trained in one pass must share {_LOCKSTEP_SAME}; {name!r} differs in {diff}"
+            )
+    seeds = {n: c.seed for n, c in cfgs.items()}
+    if len(set(seeds.values())) != len(seeds):
+        raise ValueError(f"every SAE needs its own seed (see derive_seed), got {seeds}")
+    logs: dict[str, list[dict[str, float]]] = {n: [] for n in cfgs}
+    device = torch.device(first.device)
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        saes = {}
+        for name, cfg in cfgs.items():
+            torch.manual_seed(cfg.seed)
+            saes[name] = build_training_sae(d_in, cfg)
+            meta = (manifests or {}).get(name) or {}
+            if meta.get("hook"):
+                saes[name].cfg.metadata.hook_name = meta["hook"]
+            if meta.get("model_name"):
+                saes[name].cfg.metadata.model_name = meta["model_name"]
+        provider = _SharedPass(batches, seeds, first.batch_size, int(d_in), first.device, pool_batches)
+        coordinator = _LockstepTrainer(
+            {n: _trainer_config(c) for n, c in cfgs.items()},
+            saes,
+            provider,
+            log_every=first.log_every,
+            logs=logs,
+        )
+        fitted = coordinator.fit()
+    out: dict[str, TrainedSAE] = {}
+    for name, cfg in cfgs.items():
+        meta = {
+            **((manifests or {}).get(name) or {}),
+            "lockstep": {"group": sorted(cfgs), "pool_batches": pool_batches},
+        }
+        out[name] = _finish(fitted[name], coordinator.trainers[name], cfg, int(d_in), logs[name], meta)
+        if out_dirs and name in out_dirs:
+            out[name].path = save_trained(out[name], out_dirs[name])
+    return out
 
 
 def save_trained(trained: TrainedSAE, out_dir: str | os.PathLike) -> Path:
     """Write ``trained`` atomically: sae-lens's ``cfg.json`` + ``sae_weights.safetensors`` (+ its
     ``sparsity.safetensors``), our ``mechvit_sae.json`` manifest and the ``metrics.jsonl`` log."""
-    with tempfile.TemporaryDirectory() as tmp:
+    with staged_dir(out_dir) as tmp:
         trained.sae.save_model(tmp)
         if trained.log_feature_sparsity is not None:
-            save_file({"sparsity": trained.log_feature_sparsity.contiguous()}, Path(tmp) / SPARSITY_NAME)
-        _write_json(Path(tmp) / MANIFEST_NAME, trained.manifest)
-        with open(Path(tmp) / METRICS_LOG_NAME, "w") as f:
-            f.writelines(json.dumps(e) + "\n" for e in trained.log)
-        return _replace_dir(Path(tmp), Path(out_dir))
+            atomic_save_safetensors(
+                Path(tmp) / SPARSITY_NAME, {"sparsity": trained.log_feature_sparsity.contiguous()}
+            )
+        atomic_write_json(Path(tmp) / MANIFEST_NAME, trained.manifest)
+        atomic_write_text(
+            Path(tmp) / METRICS_LOG_NAME, "".join(json.dumps(strict_json(e)) + "\n" for e in trained.log)
+        )
+    return Path(out_dir)
 
 
 def load_sae(path: str | os.PathLike, device: str = "cpu") -> tuple[SAE, dict[str, Any]]:
@@ -350,27 +545,6 @@ def load_sae(path: str | os.PathLike, device: str = "cpu") -> tuple[SAE, dict[st
     manifest_path = path / MANIFEST_NAME
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     return SAE.load_from_disk(path, device=device), manifest
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
-
-
-def _replace_dir(src: Path, dst: Path) -> Path:
-    """Copy ``src`` next to ``dst`` then swap it in, so ``dst`` is never half written."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    shutil.copytree(src, staging, dirs_exist_ok=True)
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-    os.replace(staging, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return dst
 
 
 def train_sae_for_hook(
@@ -406,8 +580,9 @@ def train_sae_for_hook(
         d_in = cached.d_in
         manifest["dataset"], manifest["activations"] = cached.manifest["dataset"], str(Path(cache_dir))
         manifest["n_activations"] = len(cached)
+        # the data order is the SAE's own (cfg.seed); store.seed decided the cached rows themselves
         batches = cached.batches(
-            cfg.batch_size, buffer_size=store.buffer_size, seed=store.seed, device=cfg.device
+            cfg.batch_size, buffer_size=store.buffer_size, seed=cfg.seed, device=cfg.device
         )
     else:
         d_in = hook_width(model, store.hook, store.tokens)
