@@ -358,6 +358,64 @@ class HookedViT(HookedRootModule):
             **timm_kwargs,
         )
 
+    @classmethod
+    def from_hf(
+        cls,
+        model_or_path: nn.Module | str | os.PathLike,
+        *,
+        drop_pooler: bool = False,
+        fold_ln: bool = False,
+        center_writing_weights: bool = False,
+        device: str | torch.device | None = None,
+    ) -> HookedViT:
+        """Convert an HF transformers ViT / DeiT / CLIP / DINOv2 / SigLIP vision model, or a local folder.
+
+        ``model_or_path``: a model instance, or a ``save_pretrained`` folder (safetensors; no hub access).
+        ``model(images)`` returns the source's logits, projected embedding or pooled output (see
+        :mod:`mechvit.model.from_hf`); ``drop_pooler=True`` converts a ViTModel/DeiTModel without its tanh
+        pooler. Unsupported features raise ``NotImplementedError`` naming the feature.
+        """
+        from .from_hf import from_hf
+
+        return from_hf(
+            cls,
+            model_or_path,
+            drop_pooler=drop_pooler,
+            fold_ln=fold_ln,
+            center_writing_weights=center_writing_weights,
+            device=device,
+        )
+
+    @classmethod
+    def from_open_clip(
+        cls,
+        model_or_name: nn.Module | str,
+        *,
+        checkpoint_path: str | os.PathLike | None = None,
+        fold_ln: bool = False,
+        center_writing_weights: bool = False,
+        device: str | torch.device | None = None,
+        **open_clip_kwargs: Any,
+    ) -> HookedViT:
+        """Convert an open_clip ViT image tower (a CLIP model, its ``.visual``, or a model name).
+
+        With a name, ``open_clip.create_model(name, pretrained=None, **open_clip_kwargs)`` builds it and
+        ``checkpoint_path`` loads local weights (safetensors, or torch with ``weights_only=True``);
+        ``'local-dir:/folder'`` reads open_clip's own folder format. ``model(images)`` equals
+        ``encode_image(images)``. See :mod:`mechvit.model.from_open_clip` for what is supported.
+        """
+        from .from_open_clip import from_open_clip
+
+        return from_open_clip(
+            cls,
+            model_or_name,
+            checkpoint_path=checkpoint_path,
+            fold_ln=fold_ln,
+            center_writing_weights=center_writing_weights,
+            device=device,
+            **open_clip_kwargs,
+        )
+
     def to_timm_state_dict(self) -> dict[str, Tensor]:
         """The weights under timm's names; loads into ``to_timm_model()`` (exact for unprocessed models)."""
         from .convert import to_timm_state_dict
