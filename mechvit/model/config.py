@@ -67,6 +67,9 @@ class HookedViTConfig:
     map_q_proj: bool = True
     map_mlp_ratio: float = 4.0
     map_kv_bias: bool = True
+    # CLIP/SigLIP zero-shot head (mechvit.model.zero_shot.ZeroShotHead) when > 0: the pooled features are projected
+    # to this width, L2-normalised and classified by logit_scale * unit text embeddings (0: a Linear head)
+    zero_shot_dim: int = 0
     # dropout / stochastic depth (training only; eval is deterministic)
     pos_drop: float = 0.0
     attn_drop: float = 0.0
@@ -101,6 +104,11 @@ class HookedViTConfig:
             raise ValueError(f"drop_path needs {self.n_layers} rates, got {len(self.drop_path)}")
         if self.class_names is not None and len(self.class_names) != self.num_classes:
             raise ValueError(f"class_names has {len(self.class_names)} names for {self.num_classes} classes")
+        if self.zero_shot_dim < 0 or (self.zero_shot_dim and (self.num_classes <= 0 or self.dist_token)):
+            raise ValueError(
+                "zero_shot_dim > 0 (a zero-shot head) needs num_classes > 0 and no distillation token, got "
+                f"zero_shot_dim={self.zero_shot_dim}, num_classes={self.num_classes}, dist_token={self.dist_token}"
+            )
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property

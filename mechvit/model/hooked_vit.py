@@ -42,7 +42,12 @@ class HookedViT(HookedRootModule):
         self.attn_pool = AttentionPool(cfg) if cfg.global_pool == "map" else None
         self.fc_norm = LayerNorm(D, cfg.eps, affine=not cfg.final_ln_folded) if cfg.fc_norm else None
         self.head_drop = nn.Dropout(cfg.head_drop)
-        self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else None
+        if cfg.zero_shot_dim:  # CLIP/SigLIP zero-shot: projection, L2 normalisation, text-embedding classifier
+            from .zero_shot import ZeroShotHead
+
+            self.head = ZeroShotHead(D, cfg.zero_shot_dim, cfg.num_classes)
+        else:
+            self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else None
         self.head_dist = nn.Linear(D, cfg.num_classes) if cfg.dist_token and cfg.num_classes > 0 else None
         self.distilled_training = False  # as timm: return (cls, dist) logits separately while training
 
@@ -257,6 +262,7 @@ class HookedViT(HookedRootModule):
         cfg = self.cfg
         if (
             cfg.dist_token
+            or cfg.zero_shot_dim  # L2 normalisation in the head: not linear
             or cfg.fc_norm
             or cfg.global_pool not in ("token", "avg", "")
             or self.ln_final is None
