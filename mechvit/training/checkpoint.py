@@ -6,10 +6,8 @@ The resumable training state (optimizer, scheduler, RNG, epoch) lives beside it 
 
 from __future__ import annotations
 
-import hashlib
+import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,38 +16,12 @@ import timm
 import torch
 from torch import nn
 
+from mechvit._io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, sha256_file
+
 WEIGHTS = "model.safetensors"
 CARD = "card.json"
 TRAIN_STATE = "train_state.pt"
 CARD_FORMAT = "mechvit-checkpoint/1"
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` and move the finished file onto ``path`` (never leaves a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
-    atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def timm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -67,7 +39,7 @@ def save_checkpoint(directory: str | Path, model: nn.Module, card: dict[str, Any
     if "model" not in card or "name" not in card["model"]:
         raise ValueError("card must hold model.name and model.kwargs (the timm architecture)")
     sd = timm_state_dict(model)
-    atomic_write_bytes(directory / WEIGHTS, lambda tmp: safetensors.torch.save_file(sd, tmp))
+    atomic_save_safetensors(directory / WEIGHTS, sd)
     card = {"format": CARD_FORMAT, **card}
     card["weights"] = {
         "file": WEIGHTS,
@@ -170,7 +142,9 @@ def load_checkpoint(
 
 
 def save_train_state(directory: str | Path, state: dict[str, Any]) -> None:
-    atomic_write_bytes(Path(directory) / TRAIN_STATE, lambda tmp: torch.save(state, tmp))
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(Path(directory) / TRAIN_STATE, buf.getvalue())
 
 
 def load_train_state(directory: str | Path) -> dict[str, Any] | None:

@@ -23,7 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mechvit.training.checkpoint import atomic_write_bytes, atomic_write_json
+from mechvit._io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 METRICS = ("top1", "top5", "confidence", "correct_prob", "nll", "ece")
 
@@ -287,7 +287,7 @@ def heatmap(rows: list[dict], path: str | Path, title: str = "top-1 accuracy (me
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=130)
     plt.close(fig)
-    atomic_write_bytes(Path(path), lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def write_results(out_dir: str | Path, rows: list[dict], summary: list[dict], ce: dict | None = None) -> dict:
@@ -299,12 +299,12 @@ def write_results(out_dir: str | Path, rows: list[dict], summary: list[dict], ce
     w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
-    atomic_write_bytes(out_dir / "robustness.csv", lambda tmp: Path(tmp).write_text(buf.getvalue()))
+    atomic_write_text(out_dir / "robustness.csv", buf.getvalue())
     atomic_write_json(
         out_dir / "robustness.json", {"rows": rows, "corruption_errors": ce, "summary": summary}
     )
     md = summary_markdown(summary) + "\n\n" + markdown_table(rows) + "\n"
-    atomic_write_bytes(out_dir / "summary.md", lambda tmp: Path(tmp).write_text(md))
+    atomic_write_text(out_dir / "summary.md", md)
     heatmap(rows, out_dir / "robustness.png")
     return {
         "csv": out_dir / "robustness.csv",

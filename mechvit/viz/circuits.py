@@ -121,13 +121,6 @@ row-major). Heads are named L&lt;layer&gt;H&lt;head&gt;; click a head to enlarge
 
 def save_attention_views(path: str | Path, views: Sequence[dict], tokens: Sequence[str], **kwargs) -> Path:
     """Write :func:`attention_views_page` to ``path`` atomically."""
-    import os
-    import tempfile
+    from mechvit._io import atomic_write_text
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(attention_views_page(views, tokens, **kwargs))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, attention_views_page(views, tokens, **kwargs))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -20,6 +19,8 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+
+from mechvit._io import atomic_write
 
 PALETTE = ("#4477AA", "#EE6677", "#228833", "#CCBB44", "#66CCEE", "#AA3377", "#BBBBBB")
 SEQUENTIAL = "viridis"
@@ -48,14 +49,7 @@ def save_figure(
     out = []
     for fmt in formats:
         target = stem.parent / f"{stem.name}.{fmt}"
-        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=f".{fmt}.tmp")
-        os.close(fd)
-        try:
-            fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches=bbox_inches)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(target, lambda f, fmt=fmt: fig.savefig(f, format=fmt, dpi=dpi, bbox_inches=bbox_inches))
         out.append(target)
     return out
 
