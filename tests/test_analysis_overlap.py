@@ -182,3 +182,107 @@ def test_dead_features_are_not_matched_or_counted_as_persistent():
     assert masked.counts()["dead_a"] == 6 and masked.class_a[:6] == ["dead"] * 6
     with pytest.raises(ValueError, match=r"alive_a/alive_b must be bool \[24\]"):
         feature_overlap(a, b, alive_a=torch.ones(3, dtype=torch.bool))
+
+
+# ---- controls: ceiling, floor, permutation test over model labels ----------------------------------
+
+
+def _copies(sae, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [permuted(sae, torch.randperm(sae.cfg.d_sae, generator=g)) for _ in range(n)]
+
+
+def _acts(d_in, seed=0, n_images=40, n_tokens=6):
+    return torch.randn(n_images, n_tokens, d_in, generator=torch.Generator().manual_seed(seed))
+
+
+def test_sae_against_a_permuted_copy_of_itself_is_the_ceiling():
+    from mechvit.analysis.controls import pair_metrics
+
+    a = standard_sae(d_in=16, d_sae=32)
+    (b,) = _copies(a, 1, seed=1)
+    acts = _acts(16)
+    metrics, matched, n_a, n_b = pair_metrics(a, b, acts, acts)
+    assert n_a == n_b == 32
+    torch.testing.assert_close(matched, torch.ones(32), atol=1e-5, rtol=0)
+    assert metrics["matched_cos"] == pytest.approx(1, abs=1e-5)
+    assert metrics["act_corr"] == pytest.approx(1, abs=1e-6)
+    assert metrics["topk_jaccard"] == pytest.approx(1)
+    assert metrics["cross_ev"] == pytest.approx(sae_fit(a, acts)["explained_variance"], abs=1e-6)
+
+
+def test_controls_with_identical_models_sit_at_the_ceiling():
+    from mechvit.analysis.controls import ControlsConfig, overlap_controls
+
+    a = standard_sae(d_in=16, d_sae=32)
+    acts = _acts(16)
+    res = overlap_controls(
+        {"base": _copies(a, 3, 1), "ft": _copies(a, 3, 2)},
+        {"base": acts, "ft": acts},
+        ControlsConfig(floor_draws=3, n_resamples=999),
+    )
+    s = res.summary["base vs ft"]
+    for metric in ("matched_cos", "act_corr", "topk_jaccard", "persistent_fraction"):
+        assert s[metric]["between"].estimate == pytest.approx(1, abs=1e-5), metric
+        assert s[metric]["within_reference"].estimate == pytest.approx(1, abs=1e-5), metric
+        assert s[metric]["ratio"].estimate == pytest.approx(1, abs=1e-5), metric
+    assert s["persistent_fraction"]["floor"].estimate == pytest.approx(0)
+    assert s["matched_cos"]["floor"].high < 0.95
+    assert s["matched_cos"]["test"].p_value == pytest.approx(1.0)  # nothing tells the labels apart
+    assert res.live == {"base": [32] * 3, "ft": [32] * 3}
+    assert {r["kind"] for r in res.pairs} == {"within", "between", "floor"}
+    assert len(res.summary_rows()) == 6
+
+
+def test_controls_tell_known_different_models_apart_and_independent_dictionaries_sit_at_the_floor():
+    from mechvit.analysis.controls import ControlsConfig, floor_matched_cosines, overlap_controls
+
+    a, b = standard_sae(d_in=16, d_sae=32, seed=0), standard_sae(d_in=16, d_sae=32, seed=1)
+    acts = _acts(16)
+    res = overlap_controls(
+        {"base": _copies(a, 4, 1), "ft": _copies(b, 4, 2)},
+        {"base": acts, "ft": acts},
+        ControlsConfig(floor="directions", floor_draws=4, n_resamples=999),
+    )
+    s = res.summary["base vs ft"]["matched_cos"]
+    assert s["within_reference"].estimate == pytest.approx(1, abs=1e-5)
+    assert s["test"].exact and s["test"].p_value == pytest.approx(2 / 70)  # the smallest possible with 4 + 4
+    assert s["ratio"].high < 0.9
+    # two independent random dictionaries match no better than random directions do
+    assert abs(s["between"].estimate - s["floor"].estimate) < 0.1
+    assert res.summary["base vs ft"]["persistent_fraction"]["between"].estimate < 0.1
+    assert res.threshold["persistent_cos"] == pytest.approx(1, abs=1e-5)
+    g = torch.Generator().manual_seed(0)
+    rows = floor_matched_cosines(a, acts, torch.ones(32, dtype=torch.bool), kind="rows", generator=g)
+    assert rows.shape == (32,) and float(rows.max()) <= 1 + 1e-6
+
+
+def test_controls_errors():
+    from mechvit.analysis.controls import ControlsConfig, overlap_controls
+
+    a = standard_sae(d_in=16, d_sae=32)
+    acts = _acts(16)
+    with pytest.raises(ValueError, match="at least 2 replicate"):
+        overlap_controls({"base": [a], "ft": [a]}, {"base": acts, "ft": acts})
+    with pytest.raises(ValueError, match="no activations"):
+        overlap_controls({"base": _copies(a, 2, 1), "ft": [a]}, {"base": acts})
+    with pytest.raises(ValueError, match="floor must be"):
+        ControlsConfig(floor="noise")
+
+
+def test_code_cosine_controls_known_answers():
+    from mechvit.analysis.controls import code_cosine_controls
+
+    a = standard_sae(d_in=16, d_sae=32)
+    clean = _acts(16, seed=3)
+    same = code_cosine_controls(_copies(a, 3, 1), clean, clean.clone(), seed=0)
+    assert torch.allclose(same.code, torch.ones_like(same.code), atol=1e-6)
+    assert torch.allclose(same.raw, torch.ones_like(same.raw), atol=1e-6)
+    est = same.estimates()
+    assert est["code"]["over_images"].estimate == pytest.approx(1, abs=1e-6)
+    assert est["mismatched"]["over_images"].high < 0.9  # another image's patches are not the same patch
+    assert est["raw"]["over_seeds"] is None and est["code"]["over_seeds"].n == 3
+    noisy = code_cosine_controls([a], clean, clean + 0.5 * _acts(16, seed=4))
+    assert noisy.to_dict()["code"]["over_images"]["estimate"] < 1
+    with pytest.raises(ValueError, match="paired"):
+        code_cosine_controls([a], clean, clean[:-1])

@@ -17,6 +17,13 @@ from mechvit.analysis.attention import (
     model_cls_attention,
     patch_centers,
 )
+from mechvit.analysis.controls import (
+    CodeCosineControls,
+    ControlsConfig,
+    OverlapControls,
+    code_cosine_controls,
+    overlap_controls,
+)
 from mechvit.analysis.logit_lens import (
     LogitLensResult,
     LogitLensSweep,
@@ -39,23 +46,42 @@ from mechvit.analysis.overlap import (
 )
 from mechvit.analysis.patching import PatchingResult, activation_patching, best_other, logit_diff
 from mechvit.analysis.similarity import CKAResult, layer_cka, linear_cka, write_rows_csv
+from mechvit.analysis.statistics import (
+    Estimate,
+    McNemarResult,
+    TestResult,
+    mcnemar,
+    mean_ci,
+    paired_difference_ci,
+    pairwise_label_permutation_test,
+    permutation_test,
+    proportion_ci,
+    ratio_ci,
+)
 
 __all__ = [
     "AttentionStats",
     "CKAResult",
+    "CodeCosineControls",
     "CodeSimilarity",
+    "ControlsConfig",
+    "Estimate",
     "FeatureOverlap",
     "LogitLensResult",
     "LogitLensSweep",
+    "McNemarResult",
     "OverlapConfig",
+    "OverlapControls",
     "PairedAttention",
     "PatchingResult",
+    "TestResult",
     "activation_patching",
     "attention_entropy",
     "attention_rollout",
     "attention_stats",
     "best_other",
     "cls_attention_map",
+    "code_cosine_controls",
     "code_similarity",
     "collect_activations",
     "compare_attention",
@@ -68,12 +94,20 @@ __all__ = [
     "logit_lens",
     "logit_lens_sweep",
     "match_features",
+    "mcnemar",
     "mean_attention_distance",
+    "mean_ci",
     "mean_max_cosine",
     "model_attention_rollout",
     "model_cls_attention",
     "model_code_similarity",
+    "overlap_controls",
+    "paired_difference_ci",
+    "pairwise_label_permutation_test",
     "patch_centers",
+    "permutation_test",
+    "proportion_ci",
+    "ratio_ci",
     "sae_fit",
     "write_rows_csv",
 ]

@@ -24,7 +24,16 @@ __all__ = [
     "SplicedMetrics",
     "feature_density_figure",
     "reconstruction_metrics",
+    "AblationGap",
+    "PCABaseline",
+    "ablation_gap",
+    "ablation_gap_sweep",
+    "choose_hook",
+    "mean_activation",
+    "pca_baseline",
+    "pca_components",
     "splice_hook",
+    "spliced_kl_per_image",
     "spliced_metrics",
 ]
 
@@ -458,3 +467,43 @@ def pca_baseline(train: Float[Tensor, "n d"], heldout: Float[Tensor, "m d"], k: 
         n_train=len(train),
         n_heldout=len(heldout),
     )
+
+
+@torch.no_grad()
+def spliced_kl_per_image(
+    model: Any,
+    sae: Any,
+    images: Float[Tensor, "n c h w"],
+    hook: str,
+    *,
+    tokens: str = "patches",
+    batch_size: int = 256,
+    transform: Any = None,
+) -> Float[Tensor, " n"]:
+    """KL(p_clean || p_spliced) per image (nats) with ``sae``'s reconstruction spliced in at ``hook``
+    (selected tokens only). ``sae`` may come from another model: Kissane et al. (2024)'s cross-model splice."""
+    check_hook(model, hook)
+    if tokens not in TOKEN_SELECTIONS:
+        raise ValueError(f"tokens must be one of {TOKEN_SELECTIONS}, got {tokens!r}")
+    if len(images) == 0:
+        raise ValueError("no images given")
+    _check_fit(model, sae, hook, tokens)
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for i in range(0, len(images), batch_size):
+            x = images[i : i + batch_size].to(device, torch.float32)
+            if transform is not None:
+                x = transform(x)
+            lp_c = model(x).float().log_softmax(-1)
+            lp_s = (
+                model.run_with_hooks(x, fwd_hooks=[(hook, splice_hook(sae, model.cfg, tokens, hook))])
+                .float()
+                .log_softmax(-1)
+            )
+            out.append((lp_c.exp() * (lp_c - lp_s)).sum(-1).clamp_min(0).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
