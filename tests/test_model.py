@@ -316,7 +316,8 @@ def test_weight_properties_act_as_in_transformer_lens():
     assert hooked.W_H.shape == (cfg.d_model, cfg.num_classes) and hooked.b_H.shape == (cfg.num_classes,)
     x = images(hooked)
     _, cache = hooked.run_with_cache(x)
-    ln = cache["blocks.1.ln1.hook_normalized"]
+    ln1 = hooked.blocks[1].ln1  # hook_normalized is before the affine map, as in TransformerLens
+    ln = cache["blocks.1.ln1.hook_normalized"] * ln1.weight + ln1.bias
     for name, W, b in (
         ("q", hooked.W_Q, hooked.b_Q),
         ("k", hooked.W_K, hooked.b_K),
@@ -330,7 +331,9 @@ def test_weight_properties_act_as_in_transformer_lens():
     post = cache["blocks.0.mlp.hook_post"]
     assert_close(post @ hooked.W_out[0] + hooked.b_out[0], cache["blocks.0.hook_mlp_out"])
     assert_close(
-        cache["blocks.0.ln2.hook_normalized"] @ hooked.W_in[0] + hooked.b_in[0],
+        (cache["blocks.0.ln2.hook_normalized"] * hooked.blocks[0].ln2.weight + hooked.blocks[0].ln2.bias)
+        @ hooked.W_in[0]
+        + hooked.b_in[0],
         cache["blocks.0.mlp.hook_pre"],
     )
     patches = x.unfold(2, 8, 8).unfold(3, 8, 8).permute(0, 2, 3, 1, 4, 5).reshape(3, 16, -1)
@@ -353,10 +356,7 @@ def test_activation_cache_identities(flag):
     assert heads.shape[0] == hooked.cfg.n_heads
     assert_close(heads.sum(0) + hooked.blocks[0].attn.b_O, cache["blocks.0.hook_attn_out"])
     normed = cache.apply_ln_to_stack(cache["blocks.1.hook_resid_pre"][None], layer=1)[0]
-    assert_close(
-        normed,
-        (cache["blocks.1.ln1.hook_normalized"] - hooked.blocks[1].ln1.bias) / hooked.blocks[1].ln1.weight,
-    )
+    assert_close(normed, cache["blocks.1.ln1.hook_normalized"])
     y = torch.tensor([1, 4, 6])
     const = hooked.ln_final.bias @ hooked.W_H[:, y] + hooked.b_H[y]
     if hooked.cfg.global_pool == "token":
@@ -536,7 +536,6 @@ def test_editing_the_layer_norm_scale_is_honoured():
     x = images(hooked)
     _, cache = hooked.run_with_cache(x)
     resid = cache["blocks.1.hook_resid_pre"]
-    ln = hooked.blocks[1].ln1
     centred = resid - resid.mean(-1, keepdim=True)
 
     def double_in_place(scale, hook):
@@ -555,7 +554,7 @@ def test_editing_the_layer_norm_scale_is_honoured():
         hooks = [("blocks.1.ln1.hook_scale", fn), ("blocks.1.ln1.hook_normalized", keep)]
         with torch.no_grad():
             hooked.run_with_hooks(x, fwd_hooks=hooks)
-        want = centred / (2 * cache["blocks.1.ln1.hook_scale"]) * ln.weight + ln.bias
+        want = centred / (2 * cache["blocks.1.ln1.hook_scale"])  # hook_normalized: before the affine map
         assert_close(seen["n"], want)
 
 

@@ -9,7 +9,6 @@ when a hook is attached to them: a hook that is never attached is never observed
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +34,13 @@ def activation(name: str, x: Tensor) -> Tensor:
     raise ValueError(f"unknown activation {name!r}")
 
 
+def share(module: nn.Module, name: str, other: nn.Module | None) -> None:
+    """Give ``module`` a plain reference to ``other`` (owned and registered elsewhere, so it is not a submodule
+    here and the state dict keeps one key per weight). A reference, unlike a closure, follows the model
+    through ``copy.deepcopy`` and pickling (both keep one copy of an object referenced twice)."""
+    object.__setattr__(module, name, other)
+
+
 def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
     """Stochastic depth per sample, as timm's DropPath (scale_by_keep=True)."""
     if p == 0.0 or not training:
@@ -45,11 +51,13 @@ def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm over the last dimension with TransformerLens hooks.
+    """LayerNorm over the last dimension with TransformerLens's hooks and their semantics.
 
-    ``hook_scale`` holds sqrt(var + eps) ``[..., 1]``; ``hook_normalized`` the output (after the affine
-    map, as in TransformerLens). With ``affine=False`` it is TransformerLens's ``LNPre`` (weights folded
-    into the next linear layer).
+    As TransformerLens's ``LayerNorm`` (``transformer_lens/components/layer_norm.py``): ``hook_scale`` holds
+    ``sqrt(var + eps)`` ``[..., 1]`` and ``hook_normalized`` the centred input divided by it, *before* the
+    affine map ``* weight + bias``; half-precision inputs are normalised in float32 (hooks see float32) and
+    cast back. With ``affine=False`` it is TransformerLens's ``LayerNormPre`` (weights folded into the next
+    linear layer). With no hook attached it is one fused ``F.layer_norm``.
     """
 
     def __init__(self, d: int, eps: float = 1e-6, affine: bool = True):
@@ -62,24 +70,25 @@ class LayerNorm(nn.Module):
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
         self.hook_scale = HookPoint()  # [..., 1]
-        self.hook_normalized = HookPoint()  # [..., d]
+        self.hook_normalized = HookPoint()  # [..., d]: (x - mean) / scale, before the affine map
 
     def forward(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
         if not hooked(self.hook_scale, self.hook_normalized):
             return F.layer_norm(x, (self.d,), self.weight, self.bias, self.eps)
-        # centre then mean of squares: ~30x faster on CPU than torch.var_mean (Welford), same values to 1e-7
-        centred = x - x.mean(-1, keepdim=True)
-        scale0 = ((centred * centred).mean(-1, keepdim=True) + self.eps).sqrt()
-        version = scale0._version
-        scale = self.hook_scale(scale0)
-        if scale is scale0 and scale._version == version:
-            # The scale hook only read it: the fused kernel gives the same numbers in one pass.
-            out = F.layer_norm(x, (self.d,), self.weight, self.bias, self.eps)
-        else:  # a hook edited the scale: normalise with the edited one
-            out = centred / scale
-            if self.affine:
-                out = out * self.weight + self.bias
-        return self.hook_normalized(out)
+        out_dtype = self.weight.dtype if self.weight is not None else x.dtype
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()
+        if hooked(self.hook_scale):
+            # centre then mean of squares: ~30x faster on CPU than torch.var_mean (Welford), same values to 1e-7
+            centred = x - x.mean(-1, keepdim=True)
+            scale = self.hook_scale(((centred * centred).mean(-1, keepdim=True) + self.eps).sqrt())
+            normalized = centred / scale  # with the scale as the hook left it (edited or not)
+        else:  # only the normalised stream is read: the fused kernel without the affine map
+            normalized = F.layer_norm(x, (self.d,), None, None, self.eps)
+        normalized = self.hook_normalized(normalized).to(out_dtype)
+        if self.weight is None:
+            return normalized
+        return torch.addcmul(self.bias, normalized, self.weight)
 
 
 class PatchEmbed(nn.Module):
@@ -108,7 +117,7 @@ class Attention(nn.Module):
     ``hook_pattern``; otherwise the explicit softmax(q k^T / sqrt(d_head)) v.
     """
 
-    def __init__(self, cfg: HookedViTConfig):
+    def __init__(self, cfg: HookedViTConfig, layer_scale: LayerScale | None = None):
         super().__init__()
         self.cfg = cfg
         H, Dh, D = cfg.n_heads, cfg.d_head, cfg.d_model
@@ -126,9 +135,8 @@ class Attention(nn.Module):
         self.hook_pattern = HookPoint()  # [batch, head_index, query_pos, key_pos]
         self.hook_z = HookPoint()  # [batch, pos, head_index, d_head]
         self.hook_result = HookPoint()  # [batch, pos, head_index, d_model] (cfg.use_attn_result)
-        self.layer_scale: Callable[[], Tensor] | None = (
-            None  # set by the block: LayerScale gamma (for W_O / b_O)
-        )
+        # the block's LayerScale (``ls1``), so that W_O / b_O are the weights as they act on the residual stream
+        share(self, "layer_scale", layer_scale)
 
     # ---- weights in TransformerLens shapes (views; LayerScale folded into W_O / b_O) -------------
     def _split(self, i: int) -> Tensor:
@@ -169,12 +177,12 @@ class Attention(nn.Module):
     def W_O(self) -> Float[Tensor, "n_heads d_head d_model"]:
         H, Dh, D = self.cfg.n_heads, self.cfg.d_head, self.cfg.d_model
         w = self.proj.weight.T.reshape(H, Dh, D)
-        return w * self.layer_scale() if self.layer_scale is not None else w
+        return w * self.layer_scale.gamma if self.layer_scale is not None else w
 
     @property
     def b_O(self) -> Float[Tensor, " d_model"]:
         b = self.proj.bias if self.proj.bias is not None else self.proj.weight.new_zeros(self.cfg.d_model)
-        return b * self.layer_scale() if self.layer_scale is not None else b
+        return b * self.layer_scale.gamma if self.layer_scale is not None else b
 
     def forward(
         self, x: Float[Tensor, "batch pos d_model"], query_rows: slice | None = None
@@ -186,12 +194,16 @@ class Attention(nn.Module):
         """
         B, T, _ = x.shape
         H, Dh = self.cfg.n_heads, self.cfg.d_head
+        # q, k, v are views of one fused projection, taken with select rather than unbind: autograd forbids
+        # in-place edits of unbind's outputs, and TransformerLens lets a hook edit hook_q/k/v in place
         if query_rows is None:
-            q, k, v = self.qkv(x).view(B, T, 3, H, Dh).unbind(2)
+            qkv = self.qkv(x).view(B, T, 3, H, Dh)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         else:
             w, b, n = self.qkv.weight, self.qkv.bias, H * Dh
             q = F.linear(x[:, query_rows], w[:n], None if b is None else b[:n]).unflatten(-1, (H, Dh))
-            k, v = F.linear(x, w[n:], None if b is None else b[n:]).view(B, T, 2, H, Dh).unbind(2)
+            kv = F.linear(x, w[n:], None if b is None else b[n:]).view(B, T, 2, H, Dh)
+            k, v = kv[:, :, 0], kv[:, :, 1]
         Tq = q.shape[1]
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         if self.q_norm is not None:
@@ -204,11 +216,19 @@ class Attention(nn.Module):
                 qb.new_empty(B * H, Tq, T), qb, kb.transpose(1, 2), beta=0.0, alpha=self.scale
             )
             scores = self.hook_attn_scores(scores.view(B, H, Tq, T))
-            pattern = self.hook_pattern(scores.softmax(dim=-1))
-            z = self.attn_drop(pattern) @ v
+            pattern = scores.softmax(dim=-1)
+            if pattern.requires_grad and hooked(self.hook_pattern):
+                pattern = (
+                    pattern.clone()
+                )  # softmax saves its output for backward; a hook may edit it in place
+            z = self.attn_drop(self.hook_pattern(pattern)) @ v
         else:
             p = self.attn_drop.p if self.training else 0.0
             z = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+            if z.requires_grad and hooked(self.hook_z):
+                z = (
+                    z.clone()
+                )  # SDPA saves its output for backward; a hook may edit hook_z in place (as in TL)
         z = self.hook_z(z.transpose(1, 2))
         if self.cfg.use_attn_result:
             result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))
@@ -219,7 +239,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """fc1 -> activation -> fc2, as timm's Mlp."""
 
-    def __init__(self, cfg: HookedViTConfig):
+    def __init__(self, cfg: HookedViTConfig, layer_scale: LayerScale | None = None):
         super().__init__()
         self.cfg = cfg
         self.fc1 = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.fc1_bias)
@@ -228,7 +248,7 @@ class MLP(nn.Module):
         self.drop2 = nn.Dropout(cfg.proj_drop)
         self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
         self.hook_post = HookPoint()  # [batch, pos, d_mlp]
-        self.layer_scale: Callable[[], Tensor] | None = None
+        share(self, "layer_scale", layer_scale)  # the block's ``ls2`` (for W_out / b_out)
 
     @property
     def W_in(self) -> Float[Tensor, "d_model d_mlp"]:
@@ -241,12 +261,12 @@ class MLP(nn.Module):
     @property
     def W_out(self) -> Float[Tensor, "d_mlp d_model"]:
         w = self.fc2.weight.T
-        return w * self.layer_scale() if self.layer_scale is not None else w
+        return w * self.layer_scale.gamma if self.layer_scale is not None else w
 
     @property
     def b_out(self) -> Float[Tensor, " d_model"]:
         b = self.fc2.bias if self.fc2.bias is not None else self.fc2.weight.new_zeros(self.cfg.d_model)
-        return b * self.layer_scale() if self.layer_scale is not None else b
+        return b * self.layer_scale.gamma if self.layer_scale is not None else b
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         pre = self.hook_pre(self.fc1(x))
@@ -269,16 +289,16 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: HookedViTConfig, layer: int):
         super().__init__()
         self.cfg, self.layer = cfg, layer
+        # attention and MLP read LayerScale so that W_O / W_out are the weights as they act on the residual
+        # stream; the block owns it (timm's state-dict layout: blocks.{l}.ls1.gamma)
+        ls1, ls2 = (LayerScale(cfg.d_model), LayerScale(cfg.d_model)) if cfg.layer_scale else (None, None)
         self.ln1 = LayerNorm(cfg.d_model, cfg.eps, affine=not cfg.fold_ln)
-        self.attn = Attention(cfg)
-        self.ls1 = LayerScale(cfg.d_model) if cfg.layer_scale else None
+        self.attn = Attention(cfg, ls1)
+        self.ls1 = ls1
         self.ln2 = LayerNorm(cfg.d_model, cfg.eps, affine=not cfg.fold_ln)
-        self.mlp = MLP(cfg)
-        self.ls2 = LayerScale(cfg.d_model) if cfg.layer_scale else None
+        self.mlp = MLP(cfg, ls2)
+        self.ls2 = ls2
         self.drop_path = cfg.drop_path[layer]
-        if self.ls1 is not None:  # so that W_O / W_out are the weights as they act on the residual stream
-            self.attn.layer_scale = lambda: self.ls1.gamma
-            self.mlp.layer_scale = lambda: self.ls2.gamma
         self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
         self.hook_attn_out = HookPoint()  # [batch, pos, d_model]
         self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 ACT_FNS = ("gelu", "gelu_tanh", "quick_gelu")
 GLOBAL_POOLS = ("token", "avg", "max", "avgmax", "map", "")
@@ -109,6 +112,17 @@ class HookedViTConfig:
                 "zero_shot_dim > 0 (a zero-shot head) needs num_classes > 0 and no distillation token, got "
                 f"zero_shot_dim={self.zero_shot_dim}, num_classes={self.num_classes}, dist_token={self.dist_token}"
             )
+        (H, W), (ph, pw) = self.img_size, self.patch_size
+        if (H % ph or W % pw) and not self.dynamic_img_pad:
+            gh, gw = H // ph, W // pw
+            lost = 1 - (gh * ph * gw * pw) / (H * W)
+            warnings.warn(
+                f"img_size {H}x{W} is not divisible by patch_size {ph}x{pw}: the {gh}x{gw} patch grid covers "
+                f"the top-left {gh * ph}x{gw * pw} pixels and {lost:.0%} of each image is ignored (as in timm, "
+                "which builds this silently); use a patch size that divides the image, or dynamic_img_pad=True",
+                UserWarning,
+                stacklevel=3,
+            )
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property
@@ -142,8 +156,41 @@ class HookedViTConfig:
         return False
 
     @property
-    def device(self) -> Any:  # ActivationCache reads cfg.device; the model sets it on .to()
+    def device(self) -> Any:  # TransformerLens utilities read cfg.device; the model keeps it current on .to()
         return getattr(self, "_device", None)
+
+    @property
+    def dtype(self) -> torch.dtype:  # the parameters' dtype, kept current by the model
+        return getattr(self, "_dtype", torch.float32)
+
+    # fixed answers to the other fields TransformerLens's utilities read (ActivationCache, patching, ...)
+    n_key_value_heads = None  # no grouped-query attention: every head has its own keys and values
+    ungroup_grouped_query_attention = False
+    positional_embedding_type = "standard"  # learned absolute position embeddings, added before block 0
+    attention_dir = "bidirectional"
+    n_devices = 1
+    default_prepend_bos = False
+    tokenizer_prepends_bos = False
+    use_attn_in = False
+    use_split_qkv_input = False
+    use_hook_mlp_in = False
+    parallel_attn_mlp = False
+
+    @property
+    def d_vocab(self) -> int:  # the "vocabulary" a ViT reads out is its classes
+        return self.num_classes
+
+    @property
+    def d_vocab_out(self) -> int:
+        return self.num_classes
+
+    @property
+    def original_architecture(self) -> str:
+        return self.timm_class
+
+    @property
+    def model_name(self) -> str:
+        return self.timm_name or self.timm_class
 
     @property
     def n_params(self) -> int:
@@ -158,9 +205,10 @@ class HookedViTConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> HookedViTConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown HookedViTConfig keys {unknown}; expected a subset of {sorted(known)}")
-        return cls(**d)
+    def from_dict(cls, d: dict[str, Any], prefix: str = "") -> HookedViTConfig:
+        """Build from a mapping, checking keys and types (``mechvit._dataclass_yaml.from_dict``): an unknown
+        key or a wrong type is one ``ConfigError`` (a ValueError) naming the key, e.g.
+        ``config.d_model: expected int, got str '96'``; ``prefix`` goes before the key names."""
+        from mechvit._dataclass_yaml import from_dict
+
+        return from_dict(cls, d, prefix)

@@ -6,15 +6,18 @@ Every timm flag is either carried into :class:`HookedViTConfig` or rejected with
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+from mechvit._dataclass_yaml import ConfigError
+from mechvit._io import atomic_save_safetensors, atomic_write_json, sha256_file
 
 from .config import HookedViTConfig
 
@@ -417,6 +420,7 @@ def timm_kwargs(cfg: HookedViTConfig) -> dict[str, Any]:
         act_layer=get_act_layer(
             {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "quick_gelu": "quick_gelu"}[cfg.act_fn]
         ),
+        norm_layer=functools.partial(nn.LayerNorm, eps=cfg.eps),  # timm's default eps is 1e-6 (CLIP: 1e-5)
     )
     if cfg.d_head * cfg.n_heads != cfg.d_model:
         raise NotImplementedError("timm's VisionTransformer needs d_head * n_heads == d_model")
@@ -540,28 +544,19 @@ def from_timm(
 # ----------------------------------------------------------------------------------------------
 # files
 # ----------------------------------------------------------------------------------------------
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_pretrained(model: HookedViT, directory: str | os.PathLike) -> Path:
-    from safetensors.torch import save
-
     d = Path(directory)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.cfg.to_dict()}
-    atomic_write_bytes(d / "model.safetensors", save(tensors, metadata={"format": "pt"}))
-    atomic_write_bytes(d / "config.json", (json.dumps(meta, indent=2) + "\n").encode())
+    # weights first, then the config that records their hash: a crash in between leaves a pair that
+    # from_pretrained rejects instead of a silent mix
+    w = atomic_save_safetensors(d / "model.safetensors", tensors, metadata={"format": "pt"})
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "weights_sha256": sha256_file(w),
+        "config": model.cfg.to_dict(),
+    }
+    atomic_write_json(d / "config.json", meta)
     return d
 
 
@@ -583,18 +578,36 @@ def load_pretrained(cls: type[HookedViT], directory: str | os.PathLike, *, devic
         raise ValueError(
             f"{cfg_path} is not a HookedViT config (format {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r})"
         )
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ValueError(
+            f"{cfg_path}: format_version: expected int, got {type(version).__name__} {version!r}"
+        )
+    if version > FORMAT_VERSION:
         raise ValueError(
             f"{cfg_path} has format_version {meta['format_version']}; this mechvit reads <= {FORMAT_VERSION}"
         )
-    cfg = HookedViTConfig.from_dict(meta["config"])
+    if "config" not in meta:
+        raise ValueError(f"{cfg_path}: missing key 'config'")
+    try:
+        cfg = HookedViTConfig.from_dict(meta["config"], prefix="config.")
+    except ConfigError as e:
+        raise ConfigError(f"{cfg_path}: {e}") from None
+    except (TypeError, ValueError) as e:  # raised by the config's own checks (__post_init__)
+        raise ValueError(f"{cfg_path}: config: {e}") from None
     try:
         sd = load_file(str(w_path))
     except Exception as e:
         raise ValueError(f"cannot read {w_path}: {type(e).__name__}: {e} (truncated or damaged file?)") from e
-    model = cls(cfg)
+    model = cls(cfg)  # load_into checks every tensor's name and shape against the model the config builds
     dtype = next(iter(sd.values())).dtype if sd else torch.float32
     model.to(dtype=dtype)
     load_into(model, sd, str(w_path))
+    want = meta.get("weights_sha256")  # absent in folders written before mechvit recorded it
+    if want is not None and sha256_file(w_path) != want:
+        raise ValueError(
+            f"{w_path} does not match the sha256 recorded in {cfg_path.name} at save time "
+            f"({want[:12]}...): the file was changed, truncated or damaged after saving"
+        )
     model.eval()
     return model.to(device) if device is not None else model

@@ -7,14 +7,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
-from transformer_lens.ActivationCache import ActivationCache
+from transformer_lens.FactoredMatrix import FactoredMatrix
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.HookedRootModule import HookedRootModule
+from transformer_lens.utilities import Slice
 
-from .components import AttentionPool, LayerNorm, PatchEmbed, TransformerBlock, init_like_timm
+from .activation_cache import ViTActivationCache
+from .components import AttentionPool, LayerNorm, PatchEmbed, TransformerBlock, hooked, init_like_timm
 from .config import HookedViTConfig
+
+RETURN_TYPES = ("logits", "loss", "both", None)
 
 
 class HookedViT(HookedRootModule):
@@ -42,7 +47,8 @@ class HookedViT(HookedRootModule):
         self.attn_pool = AttentionPool(cfg) if cfg.global_pool == "map" else None
         self.fc_norm = LayerNorm(D, cfg.eps, affine=not cfg.final_ln_folded) if cfg.fc_norm else None
         self.head_drop = nn.Dropout(cfg.head_drop)
-        if cfg.zero_shot_dim:  # CLIP/SigLIP zero-shot: projection, L2 normalisation, text-embedding classifier
+        # CLIP/SigLIP zero-shot: projection, L2 normalisation, text-embedding classifier
+        if cfg.zero_shot_dim:
             from .zero_shot import ZeroShotHead
 
             self.head = ZeroShotHead(D, cfg.zero_shot_dim, cfg.num_classes)
@@ -60,12 +66,31 @@ class HookedViT(HookedRootModule):
         self.hook_logits = HookPoint()  # [batch, num_classes]
         init_like_timm(self)
         self.setup()
+        self._sync_cfg()
+
+    def _sync_cfg(self) -> None:
+        """Record the parameters' device and dtype in ``cfg`` (TransformerLens utilities read cfg.device/dtype)."""
+        w = self.embed.proj.weight
+        self.cfg._device, self.cfg._dtype = w.device, w.dtype  # type: ignore[attr-defined]
+
+    def _apply(self, fn, recurse: bool = True):  # every .to() / .half() / .cuda() goes through here
+        out = super()._apply(fn, recurse)
+        self._sync_cfg()
+        return out
 
     # ------------------------------------------------------------------------------------------
     # forward
     # ------------------------------------------------------------------------------------------
+    check_finite = True  # set False on an instance to skip the NaN/inf check of every forward
+
     def check_input(self, images: Tensor) -> None:
-        """Raise ValueError unless ``images`` is a float ``[B, C, H, W]`` batch this model accepts."""
+        """Raise ValueError unless ``images`` is a float ``[B, C, H, W]`` batch this model accepts.
+
+        Also rejects NaN and infinite pixels (one ``torch.isfinite(images).all()`` per forward: a pass over the
+        input, small next to the model's cost, but on a GPU it waits for the result; skipped inside
+        ``torch.compile`` and when ``model.check_finite = False``). An empty batch (0 images) is accepted and
+        gives empty outputs.
+        """
         cfg = self.cfg
         if not isinstance(images, Tensor):
             raise ValueError(
@@ -91,6 +116,12 @@ class HookedViT(HookedRootModule):
             raise ValueError(
                 f"expected images of size {cfg.img_size[0]}x{cfg.img_size[1]}, got {H}x{W} "
                 "(convert with dynamic_img_size=True to accept other sizes)"
+            )
+        if self.check_finite and not torch.compiler.is_compiling() and not torch.isfinite(images).all():
+            bad = (~torch.isfinite(images)).flatten(1).any(1).nonzero().flatten().tolist()
+            raise ValueError(
+                f"expected finite pixel values, got NaN or inf in {len(bad)} of {images.shape[0]} images "
+                f"(batch indices {bad[:10]}{' ...' if len(bad) > 10 else ''})"
             )
 
     def _pos(self, grid: tuple[int, int]) -> Tensor | None:
@@ -120,7 +151,10 @@ class HookedViT(HookedRootModule):
         ]
         x = self.hook_embed(torch.cat(prefix + [x], dim=1) if prefix else x)
         pos = self._pos(grid)
-        if pos is not None:
+        if pos is not None and hooked(self.hook_pos_embed):
+            # a copy per image: a hook may edit it in place without writing into the parameter
+            x = x + self.hook_pos_embed(pos.expand(B, -1, -1).clone())
+        elif pos is not None:
             x = x + self.hook_pos_embed(pos.expand(B, -1, -1))
         x = self.pos_drop(self.hook_full_embed(x))
         return self.ln_pre(x) if self.ln_pre is not None else x
@@ -177,11 +211,17 @@ class HookedViT(HookedRootModule):
         self,
         images: Float[Tensor, "batch chan h w"],
         *,
+        labels: Int[Tensor, " batch"] | None = None,
+        return_type: str | None = "logits",
         start_at_layer: int | None = None,
         stop_at_layer: int | None = None,
         readout_only: bool = False,
-    ) -> Float[Tensor, "batch num_classes"]:
+    ) -> Any:
         """Logits for a batch of images.
+
+        ``return_type`` as in TransformerLens: ``"logits"`` (default), ``"loss"`` (the mean cross-entropy
+        of the logits against ``labels``, a scalar: what ``run_with_cache(..., incl_bwd=True)`` calls
+        ``backward()`` on), ``"both"`` (``(logits, loss)``) or None.
 
         ``stop_at_layer=L`` returns the residual stream entering block L (``blocks.L.hook_resid_pre``;
         ``L = n_layers`` gives the last ``resid_post``) without running the rest;
@@ -191,6 +231,10 @@ class HookedViT(HookedRootModule):
         block's cost; hooks of the last block then see only those rows. No effect when the pooling reads
         every token (avg, max, map).
         """
+        if return_type not in RETURN_TYPES:
+            raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
+        if return_type in ("loss", "both") and stop_at_layer is None:
+            self._check_labels(labels, images.shape[0])
         x = self.embed_images(images) if start_at_layer is None else images
         stop = self.cfg.n_layers if stop_at_layer is None else stop_at_layer
         blocks = self.blocks[start_at_layer or 0 : stop]
@@ -202,7 +246,28 @@ class HookedViT(HookedRootModule):
         if self.ln_final is not None:
             x = self.ln_final(x)
         logits = self.head_logits(self.hook_pooled(self.pool(x)))
-        return self.hook_logits(logits) if isinstance(logits, Tensor) else logits
+        logits = self.hook_logits(logits) if isinstance(logits, Tensor) else logits
+        if return_type == "logits":
+            return logits
+        if return_type is None:
+            return None
+        if logits.ndim != 2:
+            raise ValueError(f"a loss needs logits [batch, classes]; this model gives {tuple(logits.shape)}")
+        loss = F.cross_entropy(logits, labels)
+        return loss if return_type == "loss" else (logits, loss)
+
+    def _check_labels(self, labels: Any, n: int) -> None:
+        if not isinstance(labels, Tensor) or labels.shape != (n,) or labels.is_floating_point():
+            got = (
+                f"{labels.dtype} {tuple(labels.shape)}"
+                if isinstance(labels, Tensor)
+                else type(labels).__name__
+            )
+            raise ValueError(f"return_type 'loss'/'both' needs labels: an integer tensor [{n}], got {got}")
+        if n == 0:
+            raise ValueError("a loss needs at least one image, got an empty batch")
+        if self.cfg.num_classes == 0 or self.cfg.dist_token and self.distilled_training and self.training:
+            raise ValueError("a loss needs one logit tensor: this model has no head or returns two")
 
     # ------------------------------------------------------------------------------------------
     # TransformerLens API
@@ -210,16 +275,111 @@ class HookedViT(HookedRootModule):
     def run_with_cache(
         self,
         *model_args: Any,
-        return_cache_object: bool = True,
+        names_filter: Any = None,
+        device: Any = None,
         remove_batch_dim: bool = False,
-        **kwargs: Any,
+        incl_bwd: bool = False,
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+        pos_slice: Any = None,
+        return_cache_object: bool = True,
+        **model_kwargs: Any,
     ):
-        """As TransformerLens: ``(logits, ActivationCache)``; ``names_filter`` selects hooks to cache."""
-        self.cfg._device = next(self.parameters()).device  # type: ignore[attr-defined]
-        out, cache_dict = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)
+        """As TransformerLens: ``(output, ActivationCache)``.
+
+        ``names_filter``: None (every hook), a hook name, a list of names or a predicate on names.
+        ``pos_slice`` (an int, a ``(start, stop[, step])`` tuple or slice, a list or tensor of indices, a ``Slice``)
+        selects token positions on the position dimension of each activation (dim 1 of ``[batch, pos, ...]``,
+        the query position of attention scores and patterns; an int keeps the dimension, as in TL);
+        activations without one (pooled features, logits, ``fc_norm`` and MAP-pool hooks) are kept whole. Unlike
+        TransformerLens, which slices whatever dimension is second to last, it never touches the batch.
+        ``remove_batch_dim=True`` needs a batch of one image. ``incl_bwd=True`` calls ``backward()`` on the
+        output and caches every hook's gradient as ``<name>_grad``: the output must be a scalar, so pass
+        ``labels=`` and ``return_type="loss"`` (mean cross-entropy; ``"both"`` returns the logits too).
+        ``device`` moves the cached tensors there.
+        """
+        self._sync_cfg()
+        if remove_batch_dim and model_args and isinstance(model_args[0], Tensor) and len(model_args[0]) != 1:
+            raise ValueError(
+                f"remove_batch_dim=True needs a batch of one image, got {len(model_args[0])} "
+                f"(input shape {tuple(model_args[0].shape)})"
+            )
+        if incl_bwd and model_kwargs.get("return_type", "logits") not in ("loss", "both"):
+            raise ValueError(
+                "incl_bwd=True calls backward() on the output, which must be a scalar: pass labels=<int tensor "
+                "[batch]> and return_type='loss' (mean cross-entropy) or 'both'"
+            )
+        cache_dict, fwd, bwd = self.get_caching_hooks(
+            names_filter, incl_bwd, device, remove_batch_dim=remove_batch_dim, pos_slice=pos_slice
+        )
+        with self.hooks(
+            fwd_hooks=fwd, bwd_hooks=bwd, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts
+        ):
+            out = self(*model_args, **model_kwargs)
+            if incl_bwd:
+                (out[1] if isinstance(out, tuple) else out).backward()
         if return_cache_object:
-            return out, ActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
+            return out, ViTActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
         return out, cache_dict
+
+    def position_dim(self, name: str) -> int | None:
+        """The dimension of hook ``name``'s activation (batch first) that indexes token positions, or None."""
+        leaf = name.rsplit(".", 1)[-1]
+        if name.startswith("attn_pool."):  # latents; the pool's keys are the patches, not every token
+            return None
+        if name in ("hook_pooled", "hook_logits") or name.startswith(
+            ("fc_norm.", "head.")
+        ):  # head.: zero-shot
+            return 1 if self.cfg.global_pool == "" and not self.cfg.dist_token else None
+        return 2 if leaf in ("hook_attn_scores", "hook_pattern") else 1
+
+    def get_caching_hooks(
+        self,
+        names_filter: Any = None,
+        incl_bwd: bool = False,
+        device: Any = None,
+        remove_batch_dim: bool = False,
+        cache: dict | None = None,
+        pos_slice: Any = None,
+    ) -> tuple[dict, list, list]:
+        """TransformerLens's caching hooks, with ``pos_slice`` applied to each hook's position dimension
+        (:meth:`position_dim`) and never to the batch (see :meth:`run_with_cache`)."""
+        cache = {} if cache is None else cache
+        pos_slice = Slice.unwrap(pos_slice)
+        if names_filter is None:
+            keep = lambda name: True  # noqa: E731
+        elif isinstance(names_filter, str):
+            keep = lambda name: name == names_filter  # noqa: E731
+        elif isinstance(names_filter, (list, tuple, set)):
+            wanted = set(names_filter)
+            keep = lambda name: name in wanted  # noqa: E731
+        elif callable(names_filter):
+            keep = names_filter
+        else:
+            raise ValueError(
+                f"names_filter must be None, a hook name, a list of names or a function, got {names_filter!r}"
+            )
+        self.is_caching = True
+        position_dims = {name: self.position_dim(name) for name in self.hook_dict}
+
+        def save(tensor: Tensor, hook: HookPoint, is_backward: bool = False) -> None:
+            t = tensor.detach()
+            if device is not None:
+                t = t.to(device)
+            dim = position_dims[hook.name]
+            if pos_slice.mode != "identity" and dim is not None and t.ndim > dim:
+                t = pos_slice.apply(t, dim=dim)
+            if remove_batch_dim:
+                t = t[0]
+            cache[hook.name + ("_grad" if is_backward else "")] = t
+
+        fwd, bwd = [], []
+        for name in self.hook_dict:
+            if keep(name):
+                fwd.append((name, save))
+                if incl_bwd:
+                    bwd.append((name, lambda t, hook: save(t, hook, is_backward=True)))
+        return cache, fwd, bwd
 
     def set_use_attn_result(self, use_attn_result: bool) -> None:
         """Compute and hook each head's contribution ``blocks.{l}.attn.hook_result`` (costs memory)."""
@@ -328,6 +488,40 @@ class HookedViT(HookedRootModule):
 
     W_U = W_H
     b_U = b_H
+
+    @property
+    def W_E_pos(self) -> Float[Tensor, "d_patch+n_pos d_model"]:
+        """``W_E`` and ``W_pos`` stacked, as TransformerLens's ``W_E_pos`` (an overcomplete input basis)."""
+        return torch.cat([self.W_E, self.W_pos], dim=0)
+
+    @property
+    def QK(self) -> FactoredMatrix:
+        """``W_Q @ W_K^T`` per layer and head ``[n_layers, n_heads, d_model, d_model]``, factored (as TL)."""
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+    @property
+    def OV(self) -> FactoredMatrix:
+        """``W_V @ W_O`` per layer and head ``[n_layers, n_heads, d_model, d_model]``, factored (as TL);
+        ``W_O`` includes LayerScale."""
+        return FactoredMatrix(self.W_V, self.W_O)
+
+    def accumulated_bias(
+        self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
+    ) -> Float[Tensor, " d_model"]:
+        """Sum of the output biases (``b_O``, and ``b_out`` unless ``include_mlp_biases=False``) of blocks
+        ``0..layer-1``, plus block ``layer``'s ``b_O`` with ``mlp_input`` (TransformerLens's definition)."""
+        if not 0 <= layer <= self.cfg.n_layers or (mlp_input and layer == self.cfg.n_layers):
+            raise ValueError(
+                f"layer must be in [0, {self.cfg.n_layers}{')' if mlp_input else ']'}, got {layer}"
+            )
+        bias = self.W_E.new_zeros(self.cfg.d_model)
+        for block in self.blocks[:layer]:
+            bias = bias + block.attn.b_O
+            if include_mlp_biases:
+                bias = bias + block.mlp.b_out
+        if mlp_input:
+            bias = bias + self.blocks[layer].attn.b_O
+        return bias
 
     # ------------------------------------------------------------------------------------------
     # conversion and files (implemented in convert.py)

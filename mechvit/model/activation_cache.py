@@ -1,0 +1,71 @@
+"""TransformerLens's ActivationCache, with the final norm of a ViT read where a ViT has it.
+
+TransformerLens assumes one token-wise ``ln_final`` before the unembedding. A ViT may instead normalise after
+pooling (timm's ``fc_norm``, e.g. ``global_pool="avg"``) or have no final norm at all. At the final layer:
+
+- ``apply_ln_to_stack(..., recompute_ln=True)`` (what ``accumulated_resid(apply_ln=True)`` uses) applies the
+  model's final norm to each component with its own statistics: ``ln_final`` when there is one, else
+  ``fc_norm`` token-wise (at the class token of a token-pooled model this is exactly what the head reads; for
+  average pooling it normalises each token rather than their mean: ``model.unembed`` is the exact logit lens),
+  else nothing.
+- the cached-scale path (``decompose_resid(apply_ln=True)``, ``logit_attrs``, ...) reads ``ln_final.hook_scale``;
+  a model with ``fc_norm`` and no ``ln_final`` has the scale of the pooled vector only (``fc_norm.hook_scale``,
+  ``[batch, 1]``), which applies to the class token of a token-pooled model: pass ``pos_slice=0``; anything
+  else raises a ValueError saying so. With no final norm at all the stack is returned unchanged.
+
+Every other method is TransformerLens's own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+from transformer_lens.ActivationCache import ActivationCache
+from transformer_lens.utilities import Slice
+
+
+class ViTActivationCache(ActivationCache):
+    def _final(self, layer: int | None) -> bool:
+        return layer is None or layer == -1 or layer == self.model.cfg.n_layers
+
+    def apply_ln_to_stack(
+        self,
+        residual_stack: Tensor,
+        layer: int | None = None,
+        mlp_input: bool = False,
+        pos_slice: Any = None,
+        batch_slice: Any = None,
+        has_batch_dim: bool = True,
+        recompute_ln: bool = False,
+    ) -> Tensor:
+        model = self.model
+        final_token_norm = not self._final(layer) or model.ln_final is not None
+        if final_token_norm or (model.fc_norm is not None and not recompute_ln):
+            return super().apply_ln_to_stack(
+                residual_stack, layer, mlp_input, pos_slice, batch_slice, has_batch_dim, recompute_ln
+            )
+        if has_batch_dim:
+            batch_slice = batch_slice if isinstance(batch_slice, Slice) else Slice(batch_slice)
+            residual_stack = batch_slice.apply(residual_stack, dim=1)
+        return residual_stack if model.fc_norm is None else model.fc_norm(residual_stack)
+
+    def _get_cached_ln_scale(
+        self, layer: int | None, mlp_input: bool, pos_slice: Slice, batch_slice: Slice | None = None
+    ) -> Tensor:
+        model = self.model
+        if not self._final(layer) or model.ln_final is not None or model.fc_norm is None:
+            return super()._get_cached_ln_scale(layer, mlp_input, pos_slice, batch_slice)
+        if model.cfg.global_pool != "token" or not (
+            isinstance(pos_slice.slice, int) and pos_slice.slice == 0
+        ):
+            raise ValueError(
+                "this model normalises after pooling (fc_norm, no ln_final): the cached final scale "
+                "(fc_norm.hook_scale) is that of the pooled vector, which is the class token only for "
+                f"global_pool='token' (this model: {model.cfg.global_pool!r}); pass pos_slice=0 on a "
+                "token-pooled model, or use recompute_ln / model.unembed"
+            )
+        scale = self["fc_norm.hook_scale"]
+        if batch_slice is not None and self.has_batch_dim:
+            scale = batch_slice.apply(scale)
+        return scale
