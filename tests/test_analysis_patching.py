@@ -1,4 +1,5 @@
 import copy
+import warnings
 
 import pytest
 import timm
@@ -223,3 +224,59 @@ def test_batched_without_start_at_layer(data, monkeypatch):
     monkeypatch.setattr(patching, "_supports_start", lambda m: False)
     without = activation_patching(model, clean, clean.flip(-1), y, **kw)
     torch.testing.assert_close(with_start.values, without.values, atol=2e-5, rtol=1e-4)
+
+
+def test_empty_input_is_a_clear_error(data):
+    model = tiny()
+    clean, y = data
+    with pytest.raises(ValueError, match="at least one clean/corrupted image pair, got 0 images"):
+        activation_patching(model, clean[:0], clean[:0].flip(-1), y[:0], progress=False)
+
+
+def test_denominator_interval_and_sign_flips(data):
+    from scipy import stats
+
+    from mechvit.analysis.patching import best_other, logit_diff
+
+    model = tiny()
+    clean, y = data
+    corrupted = clean.flip(-1)
+    with torch.no_grad():
+        lc, lr = model(clean), model(corrupted)
+    other = best_other(lr, y)
+    d = (logit_diff(lc, y, other) - logit_diff(lr, y, other)).double()
+    half = stats.t.ppf(0.975, len(d) - 1) * float(d.std()) / len(d) ** 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = activation_patching(model, clean, corrupted, y, layers=[0], progress=False)
+    assert res.n_sign_flipped == int((d <= 0).sum())
+    lo, hi = res.denominator_ci
+    assert lo == pytest.approx(float(d.mean()) - half, rel=1e-5)
+    assert hi == pytest.approx(float(d.mean()) + half, rel=1e-5)
+    assert res.to_dict()["denominator_ci"] == [lo, hi]
+    # the warning fires exactly when the interval contains 0 or the mean is negative
+    expect_warning = float(d.mean()) < 0 or lo <= 0 <= hi
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        activation_patching(model, clean, corrupted, y, layers=[0], progress=False)
+    assert any("patching denominator" in str(w.message) for w in caught) == expect_warning
+
+
+def test_sign_flipped_denominator_warns_and_keeps_the_definition(data):
+    # Known answer: the "corrupted" model is the same model with +5 on class 0's head bias, the images are the
+    # same and every label is 0, so each image's LD_corrupted = LD_clean + 5 (the other class is unchanged):
+    # every denominator is -5, which warns; the scores keep their definition (0 = corrupted, 1 = clean run).
+    model = tiny()
+    biased = copy.deepcopy(model)
+    with torch.no_grad():
+        biased.head.bias[0] += 5.0
+    clean, _ = data
+    y = torch.zeros(len(clean), dtype=torch.long)
+    with pytest.warns(RuntimeWarning, match="negative"):
+        res = activation_patching(model, clean, clean, y, corrupted_model=biased, by="layer", progress=False)
+    assert res.clean_logit_diff - res.corrupted_logit_diff == pytest.approx(-5.0, abs=1e-4)
+    assert res.n_sign_flipped == len(clean)
+    lo, hi = res.denominator_ci
+    assert lo == pytest.approx(-5.0, abs=1e-3) and hi == pytest.approx(-5.0, abs=1e-3)
+    # the residual stream is the same in both models: patching any layer leaves the corrupted run's answer
+    torch.testing.assert_close(res.values, torch.zeros_like(res.values), atol=1e-4, rtol=0)

@@ -17,6 +17,7 @@ from mechvit.analysis.attention import (
     model_cls_attention,
     patch_centers,
 )
+from mechvit.analysis.attribution import attribution_patching
 from mechvit.analysis.controls import (
     CodeCosineControls,
     ControlsConfig,
@@ -79,6 +80,7 @@ __all__ = [
     "attention_entropy",
     "attention_rollout",
     "attention_stats",
+    "attribution_patching",
     "best_other",
     "cls_attention_map",
     "code_cosine_controls",

@@ -17,6 +17,14 @@ corrupted, each patched variant) is scored on the same two classes. The score of
 0 = the corrupted run, 1 = the clean run, in both directions (so an unpatched corrupted->clean sweep
 scores 1). Averaging before dividing keeps the score stable when single images barely change.
 
+Denominator guard. No images is a ValueError, and so is a mean denominator ``D = mean LD_clean - mean
+LD_corrupted`` of (numerically) zero. Otherwise the scores are computed as defined (no image is masked:
+dropping images whose own denominator is small or negative would select the images by their outcome) and the
+result carries ``denominator_ci`` (95% t interval of the mean of the per-image denominators) and
+``n_sign_flipped`` (images with ``LD_clean <= LD_corrupted``); a ``RuntimeWarning`` is raised when the
+interval contains 0 or ``D < 0`` (the scores are then noise-dominated or of the opposite sense).
+``method="attribution"`` estimates the same scores to first order (``mechvit.analysis.attribution``).
+
 Positions index dimension 1 (tokens) of ``[B, T, D]`` activations, in the model's token order
 ``model.token_labels()`` (cls, dist, registers, patches row-major), whatever prefix tokens the model has.
 
@@ -36,6 +44,7 @@ import itertools
 import math
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -184,6 +193,8 @@ class PatchingResult:
     grid_size: tuple[int, int]
     n_prefix_tokens: int
     meta: dict = field(default_factory=dict)
+    denominator_ci: tuple[float, float] | None = None  # 95% t interval of the mean per-image denominator
+    n_sign_flipped: int = 0  # images whose own LD_clean - LD_corrupted is <= 0
 
     def rows(self) -> list[dict]:
         out = []
@@ -212,6 +223,8 @@ class PatchingResult:
             "n_images": self.n_images,
             "grid_size": list(self.grid_size),
             "n_prefix_tokens": self.n_prefix_tokens,
+            "denominator_ci": list(self.denominator_ci) if self.denominator_ci is not None else None,
+            "n_sign_flipped": self.n_sign_flipped,
             **self.meta,
         }
 
@@ -284,6 +297,95 @@ def _check_pair(model_a, model_b) -> None:
         raise ValueError(f"models must share the architecture to patch between them, got {da} and {db}")
 
 
+def _check_inputs(
+    model, corrupted_model, clean_images, corrupted_images, labels, direction, sae_hook
+) -> Tensor:
+    """Shared argument checks of the exact and the attribution sweeps; returns the labels as int64."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    _check_pair(model, corrupted_model)
+    check_images(clean_images, "clean_images")
+    check_images(corrupted_images, "corrupted_images")
+    if clean_images.shape != corrupted_images.shape:
+        raise ValueError(
+            f"clean and corrupted images must be paired, got {tuple(clean_images.shape)} and "
+            f"{tuple(corrupted_images.shape)}"
+        )
+    if clean_images.shape[0] == 0:
+        raise ValueError(
+            "patching needs at least one clean/corrupted image pair, got 0 images "
+            f"(shape {tuple(clean_images.shape)})"
+        )
+    if sae_hook is not None and sae_hook not in model.hook_dict:
+        raise ValueError(f"unknown sae_hook {sae_hook!r}")
+    return check_labels(labels, clean_images.shape[0], model.cfg.num_classes)
+
+
+def _denominator(ld_clean: Tensor, ld_corr: Tensor) -> tuple[float, float, tuple[float, float] | None, int]:
+    """Mean clean and corrupted logit differences, the 95% t interval of the mean per-image denominator
+    (None for one image), and the number of images whose denominator is <= 0. Raises when the mean
+    denominator is (numerically) zero; warns when its interval contains 0 or it is negative."""
+    from scipy import stats
+
+    d = (ld_clean - ld_corr).double()
+    mean_clean, mean_corr = float(ld_clean.double().mean()), float(ld_corr.double().mean())
+    denom = mean_clean - mean_corr
+    if abs(denom) < 1e-6 * max(1.0, abs(mean_clean)):
+        raise ValueError(
+            f"the clean and corrupted runs have the same mean logit difference ({mean_clean:.6g}); "
+            "the normalised metric is undefined. Use inputs or models that differ."
+        )
+    n = d.numel()
+    ci = None
+    if n > 1:
+        half = float(stats.t.ppf(0.975, n - 1)) * float(d.std()) / math.sqrt(n)
+        ci = (denom - half, denom + half)
+    flipped = int((d <= 0).sum())
+    if denom < 0 or (ci is not None and ci[0] <= 0 <= ci[1]):
+        ci_txt = f"[{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "n/a"
+        warnings.warn(
+            f"patching denominator mean LD_clean - mean LD_corrupted = {denom:.3g} (95% CI {ci_txt}, "
+            f"{flipped} of {n} images <= 0): "
+            + (
+                "negative, so the corrupted run scores higher than the clean one and the scores have the "
+                "opposite sense"
+                if denom < 0
+                else "not distinguishable from 0, so the normalised scores are dominated by noise"
+            ),
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return mean_clean, mean_corr, ci, flipped
+
+
+def _result(plan, component, direction, sum_ld, ld_clean, ld_corr, model, meta) -> PatchingResult:
+    """Normalised scores from the summed patched logit differences of every variant and the per-image clean
+    and corrupted logit differences (the metric of the module docstring)."""
+    n = ld_clean.numel()
+    mean_clean, mean_corr, ci, flipped = _denominator(ld_clean, ld_corr)
+    shape = tuple(len(plan.labels[d]) for d in plan.dims)
+    mean_ld = (sum_ld.double().cpu() / n).reshape(shape)
+    return PatchingResult(
+        values=((mean_ld - mean_corr) / (mean_clean - mean_corr)).float(),
+        logit_diff=mean_ld.float(),
+        dims=plan.dims,
+        labels=plan.labels,
+        component=component,
+        direction=direction,
+        clean_logit_diff=mean_clean,
+        corrupted_logit_diff=mean_corr,
+        n_images=n,
+        grid_size=tuple(model.cfg.grid_size),
+        n_prefix_tokens=model.cfg.n_prefix_tokens,
+        meta=meta,
+        denominator_ci=ci,
+        n_sign_flipped=flipped,
+    )
+
+
+METHODS = ("exact", "attribution")
+
+
 @torch.no_grad()
 def activation_patching(
     model,
@@ -305,6 +407,7 @@ def activation_patching(
     max_rows: int | None = None,
     batched: bool = True,
     progress: bool = True,
+    method: str = "exact",
 ) -> PatchingResult:
     """Patching sweep; see the module docstring for runs, metric and batching.
 
@@ -313,24 +416,26 @@ def activation_patching(
     ``layer``; ``z`` by ``head``, ``head_position``, ``position`` or ``layer``; ``pattern`` (query rows) by
     ``head``, ``head_position`` or ``layer``; ``sae`` (features of ``sae`` at ``sae_hook``, the receiving
     run's SAE error term kept) by ``feature`` or ``feature_position``. ``batched=False`` runs the naive
-    reference loop: one full forward per patched variant.
+    reference loop: one full forward per patched variant. ``method="attribution"`` returns
+    ``attribution_patching``'s first-order estimate of the same scores instead (same arguments and result
+    layout; ``max_rows`` and ``batched`` do not apply to it).
     """
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "attribution":
+        from mechvit.analysis.attribution import attribution_patching
+
+        kw = dict(layers=layers, positions=positions, heads=heads, features=features, sae=sae)
+        return attribution_patching(
+            model, clean_images, corrupted_images, labels, component=component, by=by, direction=direction,
+            corrupted_model=corrupted_model, sae_hook=sae_hook, batch_size=batch_size, progress=progress, **kw,
+        )  # fmt: skip
     corrupted_model = model if corrupted_model is None else corrupted_model
-    _check_pair(model, corrupted_model)
-    check_images(clean_images, "clean_images")
-    check_images(corrupted_images, "corrupted_images")
-    if clean_images.shape != corrupted_images.shape:
-        raise ValueError(
-            f"clean and corrupted images must be paired, got {tuple(clean_images.shape)} and "
-            f"{tuple(corrupted_images.shape)}"
-        )
-    labels = check_labels(labels, clean_images.shape[0], model.cfg.num_classes)
+    labels = _check_inputs(
+        model, corrupted_model, clean_images, corrupted_images, labels, direction, sae_hook
+    )
     if max_rows is not None and max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
-    if sae_hook is not None and sae_hook not in model.hook_dict:
-        raise ValueError(f"unknown sae_hook {sae_hook!r}")
     plan = _plan(model, component, by, layers, positions, heads, features, sae, sae_hook)
     if direction == "clean_to_corrupted":
         recv_model, recv_x, src_model, src_x = corrupted_model, corrupted_images, model, clean_images
@@ -342,15 +447,15 @@ def activation_patching(
     names = _names(plan, component, sae_hook)
     n_var = len(plan.variants)
     sum_ld = torch.zeros(n_var, dtype=torch.float64)
-    sum_clean = sum_corr = 0.0
+    lds_clean, lds_corr = [], []
     start_ok = batched and _supports_start(recv_model)
     for s in batches(clean_images.shape[0], batch_size, progress, "patching (image batches)"):
         y = labels[s : s + batch_size].to(device)
         logit_clean = model(clean_images[s : s + batch_size].to(device))
         logit_corr = corrupted_model(corrupted_images[s : s + batch_size].to(device))
         other = best_other(logit_corr, y)
-        sum_clean += float(logit_diff(logit_clean, y, other).double().sum())
-        sum_corr += float(logit_diff(logit_corr, y, other).double().sum())
+        lds_clean.append(logit_diff(logit_clean, y, other).double().cpu())
+        lds_corr.append(logit_diff(logit_corr, y, other).double().cpu())
         extra = [
             f"blocks.{lay}.hook_resid_pre"
             for lay in {v[0] for v in plan.variants}
@@ -380,30 +485,8 @@ def activation_patching(
             .double()
             .cpu()
         )
-    n = clean_images.shape[0]
-    ld_clean, ld_corr = sum_clean / n, sum_corr / n
-    denom = ld_clean - ld_corr
-    if abs(denom) < 1e-6 * max(1.0, abs(ld_clean)):
-        raise ValueError(
-            f"the clean and corrupted runs have the same mean logit difference ({ld_clean:.6g}); "
-            "the normalised metric is undefined. Use inputs or models that differ."
-        )
-    shape = tuple(len(plan.labels[d]) for d in plan.dims)
-    mean_ld = (sum_ld / n).reshape(shape)
-    return PatchingResult(
-        values=((mean_ld - ld_corr) / denom).float(),
-        logit_diff=mean_ld.float(),
-        dims=plan.dims,
-        labels=plan.labels,
-        component=component,
-        direction=direction,
-        clean_logit_diff=ld_clean,
-        corrupted_logit_diff=ld_corr,
-        n_images=n,
-        grid_size=tuple(model.cfg.grid_size),
-        n_prefix_tokens=model.cfg.n_prefix_tokens,
-        meta={"by": by, **({"sae_hook": sae_hook} if sae_hook else {})},
-    )
+    meta = {"by": by, **({"sae_hook": sae_hook} if sae_hook else {})}
+    return _result(plan, component, direction, sum_ld, torch.cat(lds_clean), torch.cat(lds_corr), model, meta)
 
 
 def _sae_patch(sae, a: Tensor, z_recv: Tensor, z_src: Tensor, mask: Tensor) -> Tensor:
@@ -513,6 +596,7 @@ __all__ = [
     "COMPONENTS",
     "DIRECTIONS",
     "GRANULARITY",
+    "METHODS",
     "PatchingResult",
     "activation_patching",
     "best_other",
