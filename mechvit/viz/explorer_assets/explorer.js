@@ -266,8 +266,11 @@
     const f = state.feature;
     const i = f === null ? -1 : pos(s, f);
     if (i < 0) {
-      el.innerHTML = `<p class="muted">Pick a latent on the left (search by id or label; click a column to sort).</p>`;
-      el.dataset.feature = "";
+      el.dataset.sae = s.name;
+      el.dataset.feature = f === null ? "" : f;
+      el.innerHTML = f === null
+        ? `<p class="muted">Pick a latent on the left (search by id or label; click a column to sort).</p>`
+        : `<h2>${esc(s.name)} · latent #${f}</h2><p class="muted">This latent never fires on these images (dead here): nothing to show.</p>`;
       return;
     }
     el.dataset.sae = s.name;

@@ -1,0 +1,364 @@
+"""The feature explorer page: its embedded data against the Python computation, and the page itself driven in
+headless Chromium (tests/browser.py): loads offline without console errors, lists, searches and sorts every
+live latent, and shows the numbers Python computed."""
+
+import base64
+import copy
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mechvit.analysis.features import decoder_directions, nearest_cosine
+from mechvit.viz.explorer import ExplorerSAE, write_explorer
+from tests.browser import (
+    broken_images,
+    broken_links,
+    chromium,
+    collect,
+    open_page,
+    screenshot,
+    skip_without_chromium,
+)
+from tests.test_analysis_features import CLASSES, random_sae, tiny_model
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+def page_data(path: Path) -> dict:
+    text = path.read_text(encoding="utf-8")
+    m = re.search(r'<script id="explorer-data" type="application/json">(.*?)</script>', text, re.S)
+    assert m, "no embedded data"
+    return json.loads(m.group(1))
+
+
+def u8(s: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(s), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    base = tiny_model(0)
+    ft = copy.deepcopy(base)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(5)
+        for p in ft.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    saes = [
+        ExplorerSAE("base s0", random_sae(HOOK, seed=0), "base", condition="noise", seed=0),
+        ExplorerSAE("base s1", random_sae(HOOK, seed=1), "base", condition="noise", seed=1),
+        ExplorerSAE("ft s0", random_sae(HOOK, seed=2), "ft", condition="noise", seed=0),
+    ]
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(40, 1, 28, 28, generator=g)
+    labels = torch.arange(40) % 10
+    corrupted = (images + 0.3 * torch.randn(images.shape, generator=g)).clamp(0, 1)
+    out = tmp_path_factory.mktemp("explorer")
+    from mechvit.viz.explorer import explorer_data
+
+    _, stats = explorer_data(
+        saes,
+        {"base": base, "ft": ft},
+        images,
+        labels,
+        CLASSES,
+        corrupted=corrupted,
+        k=4,
+        n_assoc=8,
+        progress=False,
+    )
+    path = write_explorer(
+        out,
+        saes,
+        {"base": base, "ft": ft},
+        images,
+        labels,
+        CLASSES,
+        corrupted=corrupted,
+        corrupted_name="noise",
+        k=4,
+        n_assoc=8,
+        cards=1,
+        progress=False,
+        stats=stats,
+    )
+    return path, saes, stats, images, labels
+
+
+def test_page_data_matches_the_python_computation(built):
+    path, saes, stats, *_ = built
+    data = page_data(path)
+    assert path.name == "features.html" and [s["name"] for s in data["saes"]] == [s.name for s in saes]
+    dirs = {s.name: decoder_directions(s.sae) for s in saes}
+    for entry, spec in zip(data["saes"], saes, strict=True):
+        st = stats[spec.name]
+        live = st.live
+        assert entry["live"] == live.tolist() and entry["d_sae"] == st.d_sae
+        np.testing.assert_allclose(entry["density"], st.density[live], rtol=1e-3)
+        assert entry["top"] == st.top_idx[live].tolist()
+        assert entry["label"] == [st.label[f] for f in live]
+        maps = u8(entry["maps"]).reshape(len(live), 4, 4, 4) / 255 * st.max_act[live][:, None, None, None]
+        np.testing.assert_allclose(maps, st.top_maps[live], atol=float(st.max_act.max()) / 255)
+        p_abl = u8(entry["p_abl"]).reshape(len(live), 4, 10) / 255
+        np.testing.assert_allclose(p_abl, st.probs_ablate[live], atol=0.5 / 255 + 1e-6)
+        np.testing.assert_allclose(entry["logit"], st.logit_effect[live], atol=6e-4)
+    # counterparts (other model, same condition and seed) and seed replicates (same model and condition)
+    b0, b1, f0 = data["saes"]
+    assert [m["sae"] for m in b0["matches"]] == ["ft s0"] and [m["sae"] for m in b0["replicates"]] == [
+        "base s1"
+    ]
+    assert [m["sae"] for m in b1["matches"]] == ["ft s0"] and [m["sae"] for m in f0["matches"]] == ["base s0"]
+    assert f0["stability"] is None and f0["replicates"] == []
+    live0 = stats["base s0"].live
+    idx, cos = nearest_cosine(dirs["base s0"][live0], dirs["ft s0"])
+    assert b0["matches"][0]["idx"] == idx.tolist()
+    np.testing.assert_allclose(b0["matches"][0]["cos"], cos, rtol=1e-3)
+    _, cos_rep = nearest_cosine(dirs["base s0"][live0], dirs["base s1"])
+    np.testing.assert_allclose(b0["stability"], cos_rep, rtol=1e-3)  # one replicate: the mean is its cosine
+
+
+def test_page_is_self_contained_and_cards_are_written(built):
+    path, saes, stats, *_ = built
+    text = path.read_text(encoding="utf-8")
+    assert "Content-Security-Policy" in text and "default-src 'none'" in text
+    assert "http://" not in text and "https://" not in text and '<link rel="stylesheet"' not in text
+    assert re.search(r"<script[^>]+src=", text) is None
+    data = page_data(path)
+    for entry in data["saes"]:
+        (f, card), *rest = entry["cards"].items()
+        assert not rest
+        assert int(f) == int(
+            stats[entry["name"]].live[np.argmax(stats[entry["name"]].density[stats[entry["name"]].live])]
+        )
+        for key in ("png", "svg"):
+            assert (path.parent / card[key]).is_file()
+
+
+def test_bad_arguments_are_refused(built, tmp_path):
+    _, saes, _, images, labels = built
+    models = {"base": tiny_model(0), "ft": tiny_model(1)}
+    with pytest.raises(ValueError, match="unique"):
+        write_explorer(tmp_path, [saes[0], saes[0]], models, images, labels, CLASSES, progress=False)
+    with pytest.raises(ValueError, match="not among the models"):
+        write_explorer(tmp_path, [ExplorerSAE("x", saes[0].sae, "nope")], models, images, labels, CLASSES)
+    with pytest.raises(ValueError, match="corrupted_labels"):
+        write_explorer(
+            tmp_path, saes[:1], models, images, labels, CLASSES, corrupted=images[:5], progress=False
+        )
+    assert not (tmp_path / "features.html").exists()
+
+
+# ---- in the browser -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser(built):
+    path = built[0]
+    with chromium() as driver:
+        page = open_page(driver, path, ready="body[data-ready]")
+        yield driver, page
+
+
+def js(driver, script, *args):
+    return driver.execute_script(script, *args)
+
+
+def show(driver, sae_index: int, query: str = ""):
+    driver.find_elements("css selector", "#saes button")[sae_index].click()
+    box = driver.find_element("css selector", "#search")
+    js(
+        driver, "arguments[0].value = ''; arguments[0].dispatchEvent(new Event('input'))", box
+    )  # clear() fires no event
+    if query:
+        box.send_keys(query)  # typed, as a user would
+
+
+@skip_without_chromium
+def test_loads_offline_without_console_errors(browser):
+    driver, page = browser
+    assert page.console_errors == []
+    assert page.network == [], page.network
+    assert any(u.startswith("file://") for u in page.requests)
+    assert broken_images(driver) == []
+    assert js(driver, "return document.querySelectorAll('#detail figure.topimg').length") > 0
+
+
+@skip_without_chromium
+def test_index_lists_every_live_feature_of_every_sae(browser, built):
+    driver, _ = browser
+    _, saes, stats, *_ = built
+    for i, spec in enumerate(saes):
+        show(driver, i)
+        live = stats[spec.name].live.tolist()
+        assert sorted(js(driver, "return explorer.visibleIds()")) == live
+        assert js(driver, "return document.getElementById('count').textContent").startswith(
+            f"{len(live)} of {len(live)} live"
+        )
+        # virtualised: scrolling to the end renders the last row
+        js(driver, "const l = document.getElementById('list'); l.scrollTop = l.scrollHeight;")
+        driver.implicitly_wait(0)
+        last = js(driver, "return explorer.visibleIds().at(-1)")
+        assert driver.find_elements("css selector", f'#spacer .row[data-feature="{last}"]')
+    assert collect(driver).console_errors == []
+
+
+@skip_without_chromium
+def test_search_and_sort(browser, built):
+    driver, _ = browser
+    _, saes, stats, *_ = built
+    st = stats["base s0"]
+    live = st.live
+    f = int(live[len(live) // 2])
+    show(driver, 0, f"#{f}")
+    assert js(driver, "return explorer.visibleIds()") == [f]
+    word = st.label[int(live[0])].split(" ")[0].lower()
+    show(driver, 0, word)
+    want = sorted(int(g) for g in live if word in st.label[g].lower())
+    assert sorted(js(driver, "return explorer.visibleIds()")) == want and want
+    show(driver, 0, "")
+    header = driver.find_element("css selector", '#thead [data-sort="density"]')
+    header.click()  # first click on a numeric column: descending
+    dens = np.array([float(f"{v:.4g}") for v in st.density[live]])
+    desc = live[np.lexsort((live, -dens))].tolist()
+    assert js(driver, "return explorer.visibleIds()") == desc
+    driver.find_element("css selector", '#thead [data-sort="density"]').click()
+    asc = live[np.lexsort((live, dens))].tolist()
+    assert js(driver, "return explorer.visibleIds()") == asc
+    driver.find_element("css selector", '#thead [data-sort="id"]').click()
+
+
+def _feature_with_images(st, k_min=2):
+    for f in st.live[np.argsort(-st.density[st.live], kind="stable")]:
+        if (st.top_idx[f] >= 0).sum() >= k_min and (st.top_idx_corrupted[f] >= 0).sum() >= 1:
+            return int(f)
+    raise AssertionError("no latent with images")
+
+
+@skip_without_chromium
+def test_clicking_a_feature_shows_its_images_numbers_and_ablation(browser, built, tmp_path):
+    driver, _ = browser
+    _, saes, stats, images, labels = built
+    st = stats["base s0"]
+    f = _feature_with_images(st)
+    show(driver, 0, f"#{f}")
+    driver.find_element("css selector", f'#spacer .row[data-feature="{f}"]').click()
+    detail = driver.find_element("css selector", "#detail")
+    assert detail.get_attribute("data-feature") == str(f) and detail.get_attribute("data-sae") == "base s0"
+    shown = [
+        int(e.get_attribute("data-image")) for e in driver.find_elements("css selector", "#topimgs figure")
+    ]
+    assert shown == [int(i) for i in st.top_idx[f] if i >= 0]
+    vals = [
+        float(e.get_attribute("data-value")) for e in driver.find_elements("css selector", "#topimgs figure")
+    ]
+    np.testing.assert_allclose(vals, st.top_val[f][: len(vals)], rtol=1e-3)
+    stat = {
+        e.get_attribute("data-key"): float(e.get_attribute("data-value"))
+        for e in driver.find_elements("css selector", "#detail .stat")
+    }
+    assert stat["density"] == pytest.approx(float(st.density[f]), rel=1e-3)
+    assert stat["mean_act"] == pytest.approx(float(st.mean_act[f]), rel=1e-3)
+    assert stat["max_act"] == pytest.approx(float(st.max_act[f]), rel=1e-3)
+    assert driver.find_element("css selector", "#label").text == st.label[f]
+    # the heatmap is drawn: the canvas of the top image is not uniform
+    var = js(
+        driver,
+        "const c = document.querySelector('#topimgs canvas'); const d = c.getContext('2d')"
+        ".getImageData(0, 0, c.width, c.height).data; let s = 0, s2 = 0;"
+        "for (let i = 0; i < d.length; i += 4) { s += d[i + 1]; s2 += d[i + 1] * d[i + 1]; }"
+        "const n = d.length / 4; return s2 / n - (s / n) ** 2;",
+    )
+    assert var > 10
+    # ablation panel: before = the model's probabilities, ablated / doubled = the precomputed ones
+    rows = driver.find_elements("css selector", "#ablation tr[data-image]")
+    assert [int(r.get_attribute("data-image")) for r in rows] == shown
+    for r in rows:
+        i, j = int(r.get_attribute("data-image")), int(r.get_attribute("data-j"))
+        before, abl, dbl = r.find_elements("css selector", "td[data-p]")
+        pred = int(before.get_attribute("data-pred"))
+        tol = 0.5 / 255 + 1e-4
+        assert float(before.get_attribute("data-p")) == pytest.approx(float(st.probs[i, pred]), abs=tol)
+        assert float(abl.get_attribute("data-p")) == pytest.approx(
+            float(st.probs_ablate[f, j, pred]), abs=tol
+        )
+        assert float(dbl.get_attribute("data-p")) == pytest.approx(
+            float(st.probs_double[f, j, pred]), abs=tol
+        )
+    # corrupted toggle: the top images among the corrupted ones
+    driver.find_element("css selector", '#settoggle button[data-set="corrupted"]').click()
+    shown_c = [
+        int(e.get_attribute("data-image")) for e in driver.find_elements("css selector", "#topimgs figure")
+    ]
+    assert shown_c == [int(i) for i in st.top_idx_corrupted[f] if i >= 0]
+    driver.find_element("css selector", '#settoggle button[data-set="clean"]').click()
+    # the matched latent of the fine-tuned model's SAE, side by side, and a link that opens it
+    data = js(driver, "return explorer.data.saes[0].matches[0]")
+    pos = int(np.searchsorted(st.live, f))
+    block = driver.find_element("css selector", '.match[data-sae="ft s0"]')
+    assert int(block.get_attribute("data-feature")) == data["idx"][pos]
+    assert float(block.get_attribute("data-cos")) == pytest.approx(data["cos"][pos])
+    assert broken_links(driver, built[0]) == []  # the feature card links (when this latent has one)
+    pixels = screenshot(driver, tmp_path / "explorer.png")
+    assert pixels.std() > 20  # not blank
+    block.find_element("css selector", "a.open").click()
+    assert detail.get_attribute("data-sae") == "ft s0"
+    assert detail.get_attribute("data-feature") == str(data["idx"][pos])
+    assert collect(driver).console_errors == []
+
+
+@skip_without_chromium
+def test_card_links_resolve(browser, built):
+    driver, _ = browser
+    path, _, stats, *_ = built
+    data = page_data(path)
+    f = int(next(iter(data["saes"][0]["cards"])))
+    show(driver, 0, "")
+    js(driver, "explorer.open('base s0', arguments[0])", f)
+    assert driver.find_element("css selector", "#card-png").get_attribute("href").endswith(".png")
+    assert broken_links(driver, path) == []
+
+
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz").exists()
+    and not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists(),
+    reason="needs Fashion-MNIST",
+)
+def test_command_line_writes_the_page(tmp_path):
+    from mechvit.cli import main
+    from mechvit.sae import ActivationStoreConfig, SAETrainingConfig, train_sae_for_hook
+
+    model = tiny_model(0)
+    model.save_pretrained(tmp_path / "vit")
+    store = ActivationStoreConfig(hook=HOOK, tokens="patches", model_batch_size=16, buffer_size=256)
+    cfg = SAETrainingConfig(architecture="topk", k=4, expansion_factor=2, batch_size=64, total_samples=64 * 4)
+    train_sae_for_hook(model, torch.rand(16, 1, 28, 28), store, cfg, out_dir=tmp_path / "sae_a")
+    code = main(
+        [
+            "explore",
+            "--sae",
+            str(tmp_path / "sae_a"),
+            "--model",
+            str(tmp_path / "vit"),
+            "--out",
+            str(tmp_path / "out"),
+            "--n-images",
+            "30",
+            "--corruption",
+            "gaussian_noise",
+            "--severity",
+            "2",
+            "--k",
+            "3",
+        ]
+    )
+    assert code == 0
+    data = page_data(tmp_path / "out" / "features.html")
+    assert data["saes"][0]["name"] == "sae_a" and data["saes"][0]["model"] == "vit"
+    assert data["images"]["n"] == 30 and data["images"]["n_corrupted"] == 30
+    assert data["images"]["corrupted_name"] == "gaussian_noise 2" and data["saes"][0]["live"]
+    assert (
+        main(["explore", "--sae", str(tmp_path / "vit"), "--model", str(tmp_path / "vit"), "--out", "x"]) != 0
+    )
