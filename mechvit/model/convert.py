@@ -424,6 +424,11 @@ def timm_kwargs(cfg: HookedViTConfig) -> dict[str, Any]:
     )
     if cfg.d_head * cfg.n_heads != cfg.d_model:
         raise NotImplementedError("timm's VisionTransformer needs d_head * n_heads == d_model")
+    if cfg.zero_shot_dim:
+        raise NotImplementedError(
+            "timm's VisionTransformer has no zero-shot head (projection, L2 normalisation, text classifier); "
+            "convert the image tower (HookedViT.from_hf / from_open_clip without zero-shot) to timm instead"
+        )
     if cfg.dist_token:
         kw.pop("global_pool")
     return kw
