@@ -14,8 +14,8 @@ Nguyen, Raghu & Kornblith (2021). Both are computed in feature space (``O(n d^2)
 from __future__ import annotations
 
 import csv
+import io
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -23,6 +23,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechvit._io import atomic_write_text
 from mechvit.analysis._utils import check_images, layer_hook_names, run_hook_batches
 
 TOKEN_REDUCTIONS = ("flatten", "cls", "mean_patches", "tokens")
@@ -132,21 +133,14 @@ def write_rows_csv(rows: Sequence[dict], path: str | os.PathLike) -> None:
     """Write a tidy table (list of dicts with the same keys) to ``path`` atomically."""
     if not rows:
         raise ValueError("write_rows_csv needs at least one row, got none")
-    path = os.fspath(path)
     fields: list[str] = []
     for row in rows:
         fields += [k for k in row if k not in fields]
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
 
 
 def layer_cka(
