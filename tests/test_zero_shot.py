@@ -168,3 +168,23 @@ def test_linear_directions_are_refused_and_errors():
         zero_shot_classifier(model, torch.randn(3, 8), logit_scale=10.0)
     with pytest.raises(NotImplementedError, match="CLIPModel and SiglipModel"):
         zero_shot_from_hf(T.ViTModel(T.ViTConfig(**VISION)), text_embeds=torch.randn(2, 8))
+    with pytest.raises(NotImplementedError, match="no zero-shot head"):
+        model.to_timm_model()
+
+
+def test_readme_model_sources_section_runs():
+    """The README's HF / open_clip quickstart blocks run offline as written (small random models)."""
+    pytest.importorskip("open_clip")
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = re.search(r"## HF transformers and open_clip models\n(.*?)\n## ", text, re.S).group(1)
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2
+    for i, block in enumerate(blocks):
+        scope: dict = {}
+        exec(compile(block, f"README model sources block {i}", "exec"), scope)
+    # the second block's zero-shot model names its classes and its logit lens ends at the model's prediction
+    assert scope["model"].cfg.class_names == ["T-shirt", "trouser", "sneaker"]
+    assert scope["lens"].top1[:, -1].all()
