@@ -102,6 +102,14 @@ def test_registered_config_and_local_checkpoint(tmp_path):
         for f in ("w.safetensors", "w.pt"):
             model = HookedViT.from_open_clip("mechvit-tiny-test", checkpoint_path=tmp_path / f)
             torch.testing.assert_close(model(x), ref, atol=ATOL, rtol=0)
+    # open_clip's own local folder format: open_clip_config.json + weights
+    folder = tmp_path / "local"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    save_file(sd, str(folder / "open_clip_model.safetensors"))
+    model = HookedViT.from_open_clip(f"local-dir:{folder}")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, atol=ATOL, rtol=0)
 
 
 def test_name_errors(tmp_path):
