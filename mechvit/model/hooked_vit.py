@@ -47,13 +47,14 @@ class HookedViT(HookedRootModule):
         self.attn_pool = AttentionPool(cfg) if cfg.global_pool == "map" else None
         self.fc_norm = LayerNorm(D, cfg.eps, affine=not cfg.final_ln_folded) if cfg.fc_norm else None
         self.head_drop = nn.Dropout(cfg.head_drop)
+        d_pooled = 2 * D if cfg.global_pool == "token_avg" else D  # token_avg: [CLS, mean of patch tokens]
         # CLIP/SigLIP zero-shot: projection, L2 normalisation, text-embedding classifier
         if cfg.zero_shot_dim:
             from .zero_shot import ZeroShotHead
 
-            self.head = ZeroShotHead(D, cfg.zero_shot_dim, cfg.num_classes)
+            self.head = ZeroShotHead(d_pooled, cfg.zero_shot_dim, cfg.num_classes)
         else:
-            self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else None
+            self.head = nn.Linear(d_pooled, cfg.num_classes) if cfg.num_classes > 0 else None
         self.head_dist = nn.Linear(D, cfg.num_classes) if cfg.dist_token and cfg.num_classes > 0 else None
         self.distilled_training = False  # as timm: return (cls, dist) logits separately while training
 
@@ -88,7 +89,7 @@ class HookedViT(HookedRootModule):
 
         Also rejects NaN and infinite pixels (one ``torch.isfinite(images).all()`` per forward: a pass over the
         input, small next to the model's cost, but on a GPU it waits for the result; skipped inside
-        ``torch.compile`` and when ``model.check_finite = False``). An empty batch (0 images) is accepted and
+        ``torch.compile``, on the meta device and when ``model.check_finite = False``). An empty batch (0 images) is accepted and
         gives empty outputs.
         """
         cfg = self.cfg
@@ -117,7 +118,8 @@ class HookedViT(HookedRootModule):
                 f"expected images of size {cfg.img_size[0]}x{cfg.img_size[1]}, got {H}x{W} "
                 "(convert with dynamic_img_size=True to accept other sizes)"
             )
-        if self.check_finite and not torch.compiler.is_compiling() and not torch.isfinite(images).all():
+        check = self.check_finite and images.device.type != "meta" and not torch.compiler.is_compiling()
+        if check and not torch.isfinite(images).all():
             bad = (~torch.isfinite(images)).flatten(1).any(1).nonzero().flatten().tolist()
             raise ValueError(
                 f"expected finite pixel values, got NaN or inf in {len(bad)} of {images.shape[0]} images "
@@ -168,6 +170,8 @@ class HookedViT(HookedRootModule):
             return x[..., 0, :]
         if cfg.global_pool == "":
             return x
+        if cfg.global_pool == "token_avg":  # HF DINOv2's classifier input: [CLS, mean of the patch tokens]
+            return torch.cat([x[..., 0, :], x[..., cfg.n_prefix_tokens :, :].mean(dim=-2)], dim=-1)
         if not cfg.pool_include_prefix:
             x = x[..., cfg.n_prefix_tokens :, :]
         if cfg.global_pool == "map":
