@@ -187,18 +187,42 @@ def test_jpeg_quant_tables_are_libjpegs(quality):
         digital.quant_table(0)
 
 
+def _pillow_jpeg(imgs: np.ndarray, quality: int) -> np.ndarray:
+    out = []
+    for im in imgs:
+        buf = io.BytesIO()
+        PIL.fromarray(im, mode="L" if im.ndim == 2 else "RGB").save(buf, "JPEG", quality=quality)
+        out.append(np.asarray(PIL.open(buf), dtype=np.float64) / 255)  # Pillow codes L images luma-only
+    return np.stack(out)
+
+
 def test_jpeg_on_gray_is_luma_only_and_close_to_pillow():
     imgs = fmnist(64, 4)
     for quality in digital.JPEG_QUALITY:
-        ref = []
-        for im in imgs:
-            buf = io.BytesIO()
-            PIL.fromarray(im, mode="L").save(buf, "JPEG", quality=quality)  # Pillow codes L images luma-only
-            ref.append(np.asarray(PIL.open(buf), dtype=np.float64) / 255)
+        ref = _pillow_jpeg(imgs, quality)
         x = torch.from_numpy(imgs).float()[:, None] / 255
-        ours = digital.jpeg(x, quality)
-        assert torch.equal(ours, torch.round(ours * 255) / 255)  # 8-bit levels, as a decoded JPEG
-        assert psnr(ours[:, 0].double().numpy(), np.stack(ref)) >= 35.0
+        for fn in (digital.jpeg, digital.jpeg_torch):
+            ours = fn(x, quality)
+            assert torch.equal(ours, torch.round(ours * 255) / 255)  # 8-bit levels, as a decoded JPEG
+            assert psnr(ours[:, 0].double().numpy(), ref) >= 35.0
+
+
+@pytest.mark.parametrize("severity", [1, 2, 3, 4, 5])
+def test_jpeg_on_cpu_is_pillow_exact(severity):
+    # torchvision's libjpeg-turbo codec (the CPU path) is the library Pillow links: the same bytes out
+    quality = digital.JPEG_QUALITY[severity - 1]
+    for imgs in (photos(37, 53), photos(224, 224), fmnist(32, 6), rgb(fmnist(32, 6))):
+        ref = np.round(_pillow_jpeg(imgs, quality) * 255)  # compare 8-bit levels (float32 / 255 rounds)
+        np.testing.assert_array_equal(np.round(run_ours("jpeg_compression", imgs, severity) * 255), ref)
+
+
+def test_jpeg_torch_matches_pillow_within_tolerance():
+    # the device (GPU) path, run here on CPU: >= 30 dB to Pillow, as the fidelity standard asks
+    for imgs in (photos(64, 64), photos(37, 53)):
+        x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255
+        for quality in digital.JPEG_QUALITY:
+            ours = digital.jpeg_torch(x, quality).permute(0, 2, 3, 1).double().numpy()
+            assert psnr(ours, _pillow_jpeg(imgs, quality)) >= 30.0
 
 
 def test_colour_corruptions_on_gray_follow_the_reference_gray_path():
