@@ -46,6 +46,15 @@ from mechvit.analysis.overlap import (
     sae_fit,
 )
 from mechvit.analysis.patching import PatchingResult, activation_patching, best_other, logit_diff
+from mechvit.analysis.robustness import (
+    MetricAccumulator,
+    classification_metrics,
+    corruption_errors,
+    expected_calibration_error,
+    robustness_matrix,
+    seen_unseen_summary,
+    topk_accuracy,
+)
 from mechvit.analysis.similarity import CKAResult, layer_cka, linear_cka, write_rows_csv
 from mechvit.analysis.statistics import (
     Estimate,
@@ -71,6 +80,7 @@ __all__ = [
     "LogitLensResult",
     "LogitLensSweep",
     "McNemarResult",
+    "MetricAccumulator",
     "OverlapConfig",
     "OverlapControls",
     "PairedAttention",
@@ -82,12 +92,15 @@ __all__ = [
     "attention_stats",
     "attribution_patching",
     "best_other",
+    "classification_metrics",
     "cls_attention_map",
     "code_cosine_controls",
     "code_similarity",
     "collect_activations",
     "compare_attention",
+    "corruption_errors",
     "decoder_cosine",
+    "expected_calibration_error",
     "feature_overlap",
     "first_correct_layer",
     "layer_cka",
@@ -110,6 +123,9 @@ __all__ = [
     "permutation_test",
     "proportion_ci",
     "ratio_ci",
+    "robustness_matrix",
     "sae_fit",
+    "seen_unseen_summary",
+    "topk_accuracy",
     "write_rows_csv",
 ]

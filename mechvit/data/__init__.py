@@ -16,8 +16,15 @@ from mechvit.data.fashion_mnist import (
     FashionMNISTError,
     load_fashion_mnist,
 )
+from mechvit.data.loading import DataConfig, Normalized, as_tensors, batches, load_split, n_items
 
 __all__ = [
+    "DataConfig",
+    "Normalized",
+    "as_tensors",
+    "batches",
+    "load_split",
+    "n_items",
     "CIFAR10C",
     "CIFAR10_CLASSES",
     "FASHION_MNIST_CLASSES",

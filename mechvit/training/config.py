@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mechvit._dataclass_yaml import ConfigError, apply_overrides, from_dict, read_yaml
+from mechvit.data.loading import DataConfig
 
 __all__ = [
     "AugmentConfig", "ConfigError", "CorruptionFinetune", "DataConfig", "EvalConfig", "ModelSpec", "PGDConfig",
@@ -27,27 +28,6 @@ class ModelSpec:
     name: str = "vit_tiny_patch16_224"
     kwargs: dict[str, Any] = field(default_factory=dict)
     pretrained: bool = False
-
-
-@dataclass
-class DataConfig:
-    """Where the images come from. ``dataset`` is ``fashion_mnist`` or ``imagefolder``.
-
-    ``imagefolder`` reads ``root/train/<class>/*`` and ``root/val/<class>/*`` (``train_split``/``test_split``
-    name the subfolders), resized to ``img_size``. Images reach the model as ``(x - mean) / std`` when
-    ``mean``/``std`` are given (pretrained timm models), else as they are in [0, 1]; corruptions and
-    attacks always act on the [0, 1] images.
-    """
-
-    dataset: str = "fashion_mnist"
-    root: str | None = None
-    train_split: str = "train"
-    test_split: str = "test"
-    img_size: int | None = None
-    mean: list[float] | None = None
-    std: list[float] | None = None
-    limit_train: int | None = None
-    limit_test: int | None = None
 
 
 @dataclass

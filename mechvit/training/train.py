@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mechvit.analysis.robustness import MetricAccumulator, robustness_matrix
 from mechvit.training.attacks import pgd
 from mechvit.training.checkpoint import (
     TRAIN_STATE,
@@ -31,7 +32,7 @@ from mechvit.training.checkpoint import (
 )
 from mechvit.training.config import TrainConfig, to_dict
 from mechvit.training.data import Normalized, augment, batches, load_split, n_items
-from mechvit.training.evaluate import _Accumulator, card_accuracy, robustness_matrix
+from mechvit.training.evaluate import card_accuracy
 
 # config keys that may change between an interrupted run and its resumption
 _RESUME_FREE = {"device", "num_threads", "keep_state", "eval"}
@@ -96,7 +97,7 @@ def accuracy(model: nn.Module, data, batch_size: int = 500, device=None) -> dict
     for x, y in batches(data, batch_size, shuffle=False):
         logits = model(x.to(device) if device else x)
         if acc is None:
-            acc = _Accumulator(logits.shape[-1])
+            acc = MetricAccumulator(logits.shape[-1])
         acc.add(logits, y)
     return acc.result()
 
