@@ -31,7 +31,7 @@ def randomise(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _outputs(name: str, m, o):
-    if name in ("vit_cls", "deit_cls", "deit_teacher"):
+    if name in ("vit_cls", "deit_cls", "deit_teacher", "dinov2_cls", "dinov2_reg_cls"):
         return o.logits
     if name in ("vit_nopool", "deit_nopool"):
         return o.last_hidden_state[:, 0]
@@ -54,6 +54,10 @@ CASES = {
     "dinov2": lambda: T.Dinov2Model(T.Dinov2Config(**KW)),
     "dinov2_reg": lambda: T.Dinov2WithRegistersModel(
         T.Dinov2WithRegistersConfig(**KW, num_register_tokens=2)
+    ),
+    "dinov2_cls": lambda: T.Dinov2ForImageClassification(T.Dinov2Config(**KW, num_labels=5)),
+    "dinov2_reg_cls": lambda: T.Dinov2WithRegistersForImageClassification(
+        T.Dinov2WithRegistersConfig(**KW, num_register_tokens=3, num_labels=5)
     ),
     "siglip": lambda: T.SiglipVisionModel(T.SiglipVisionConfig(**KW, hidden_act="gelu_pytorch_tanh")),
     "siglip_nohead": lambda: T.SiglipVisionModel(T.SiglipVisionConfig(**KW, vision_use_head=False)),
@@ -166,7 +170,6 @@ def test_to_timm_round_trip_of_a_converted_model():
         (lambda: T.ViTModel(T.ViTConfig(**KW)), "pooler"),
         (lambda: T.DeiTModel(T.DeiTConfig(**KW)), "pooler"),
         (lambda: T.Dinov2Model(T.Dinov2Config(**KW, use_swiglu_ffn=True)), "use_swiglu_ffn"),
-        (lambda: T.Dinov2ForImageClassification(T.Dinov2Config(**KW, num_labels=3)), "concatenated"),
         (lambda: T.ViTForImageClassification(T.ViTConfig(**KW, hidden_act="relu")), "activation 'relu'"),
         (lambda: T.Dinov2Model(T.Dinov2Config(**(KW | dict(image_size=[16, 12])))), "non-square"),
         (lambda: T.BeitModel(T.BeitConfig(**KW)), "BeitModel is not supported"),
@@ -183,6 +186,27 @@ def test_pooler_can_be_dropped_explicitly():
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(model(x), hf(x).last_hidden_state[:, 0], atol=ATOL, rtol=0)
+
+
+def test_dinov2_classifier_readout_and_its_limits():
+    """[CLS, mean patch] (global_pool='token_avg'): the logit lens reads it too; timm cannot rebuild it."""
+    hf = randomise(CASES["dinov2_reg_cls"]())
+    model = HookedViT.from_hf(hf)
+    assert (model.cfg.global_pool, model.cfg.n_reg_tokens) == ("token_avg", 3)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(x, names_filter="blocks.1.hook_resid_post")
+        torch.testing.assert_close(
+            model.unembed(cache["blocks.1.hook_resid_post"]), hf(x).logits, atol=ATOL, rtol=0
+        )
+    with pytest.raises(NotImplementedError, match="token_avg"):
+        model.to_timm_model()
+    with pytest.raises(NotImplementedError):
+        model.tokens_to_residual_directions(0)
+    # without a classifier (num_labels=0) the output is the classifier's input [CLS, mean patch]
+    hf0 = randomise(T.Dinov2ForImageClassification(T.Dinov2Config(**KW, num_labels=0)))
+    with torch.no_grad():
+        torch.testing.assert_close(HookedViT.from_hf(hf0)(x), hf0(x).logits, atol=ATOL, rtol=0)
 
 
 def test_other_image_sizes_are_refused_clearly():

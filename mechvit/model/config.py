@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 ACT_FNS = ("gelu", "gelu_tanh", "quick_gelu")
-GLOBAL_POOLS = ("token", "avg", "max", "avgmax", "map", "")
+GLOBAL_POOLS = ("token", "avg", "max", "avgmax", "map", "", "token_avg")
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -99,6 +99,12 @@ class HookedViTConfig:
             raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {self.global_pool!r}")
         if self.global_pool == "token" and not self.class_token:
             raise ValueError("global_pool='token' needs class_token=True")
+        if self.global_pool == "token_avg" and (not self.class_token or self.dist_token or self.fc_norm):
+            raise ValueError(
+                "global_pool='token_avg' ([CLS, mean of patch tokens], HF DINOv2's classifier input) needs a class "
+                f"token, no distillation token and no fc_norm; got class_token={self.class_token}, "
+                f"dist_token={self.dist_token}, fc_norm={self.fc_norm}"
+            )
         if self.dist_token and not self.class_token:
             raise ValueError("a distillation token needs a class token")
         if not self.drop_path:

@@ -13,11 +13,11 @@ DeiTModel                                 ``last_hidden_state[:, 0]`` (pooler: a
 CLIPVisionModel                           ``pooler_output`` (post_layernorm on the CLS token)
 CLIPVisionModelWithProjection, CLIPModel  ``image_embeds`` (visual_projection as a head with zero bias)
 Dinov2Model, Dinov2WithRegistersModel     ``pooler_output`` (= ``last_hidden_state[:, 0]``)
+Dinov2(WithRegisters)ForImageClassification  ``logits`` (``global_pool='token_avg'``: [CLS, mean patch])
 SiglipVisionModel, SiglipModel            ``pooler_output`` (MAP head); ``last_hidden_state`` without the head
 ========================================  ======================================================================
 
-Anything else raises ``NotImplementedError`` naming the feature: SwiGLU DINOv2 (``use_swiglu_ffn``), the
-DINOv2 classifier (it reads the CLS token concatenated with the mean patch token), non-square DINOv2
+Anything else raises ``NotImplementedError`` naming the feature: SwiGLU DINOv2 (``use_swiglu_ffn``), non-square DINOv2
 image sizes (HF always resamples those position embeddings), activations other than gelu / gelu_pytorch_tanh
 / quick_gelu. ``interpolate_pos_encoding`` is a per-call option of the HF forward; HookedViT runs at the
 configured image size only (other sizes are refused with a clear error by ``check_input``).
@@ -253,7 +253,9 @@ def _clip(vision: nn.Module, proj: nn.Module | None) -> tuple[dict[str, Any], di
     return kw, sd
 
 
-def _dinov2(model: nn.Module, registers: bool) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def _dinov2(
+    model: nn.Module, registers: bool, classifier: nn.Module | None = None
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
     config = model.config
     if getattr(config, "use_swiglu_ffn", False):
         raise NotImplementedError("DINOv2 with a SwiGLU MLP (use_swiglu_ffn=True) is not supported")
@@ -310,6 +312,11 @@ def _dinov2(model: nn.Module, registers: bool) -> tuple[dict[str, Any], dict[str
         attn_drop=float(config.attention_probs_dropout_prob),
         drop_path=[rate] * len(layers),  # HF DINOv2 uses one rate in every layer
     )
+    if classifier is not None:  # Dinov2(WithRegisters)ForImageClassification: Linear([CLS, mean patch token])
+        kw["global_pool"] = "token_avg"
+        if not isinstance(classifier, nn.Identity):
+            _put(sd, "head", _lin(classifier, "classifier"))
+            kw["num_classes"] = classifier.out_features
     return kw, sd
 
 
@@ -384,6 +391,8 @@ SUPPORTED = (
     "CLIPModel",
     "Dinov2Model",
     "Dinov2WithRegistersModel",
+    "Dinov2ForImageClassification",
+    "Dinov2WithRegistersForImageClassification",
     "SiglipVisionModel",
     "SiglipModel",
 )
@@ -394,11 +403,6 @@ def config_and_state_dict(
 ) -> tuple[HookedViTConfig, dict[str, Tensor]]:
     """The HookedViTConfig and the state dict (HookedViT names) of a supported transformers model."""
     name = type(model).__name__
-    if name in ("Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification"):
-        raise NotImplementedError(
-            f"{name}: its classifier reads the CLS token concatenated with the mean patch token, which "
-            "HookedViT's pooling cannot express; convert the backbone (model.dinov2) instead"
-        )
     if name not in SUPPORTED:
         raise NotImplementedError(
             f"transformers {name} is not supported; HookedViT.from_hf converts {', '.join(SUPPORTED)}"
@@ -419,6 +423,10 @@ def config_and_state_dict(
         kw, sd = _clip(model.vision_model, model.visual_projection)
     elif name in ("Dinov2Model", "Dinov2WithRegistersModel"):
         kw, sd = _dinov2(model, registers=name == "Dinov2WithRegistersModel")
+    elif name == "Dinov2ForImageClassification":
+        kw, sd = _dinov2(model.dinov2, registers=False, classifier=model.classifier)
+    elif name == "Dinov2WithRegistersForImageClassification":
+        kw, sd = _dinov2(model.dinov2_with_registers, registers=True, classifier=model.classifier)
     else:  # SigLIP
         kw, sd = _siglip(model.vision_model if name == "SiglipModel" else model)
     kw["timm_class"] = f"transformers.{name}"
@@ -446,7 +454,7 @@ def load_hf_folder(path: str | os.PathLike) -> nn.Module:
     if not archs:
         raise ValueError(f"{d / 'config.json'} names no architecture ('architectures' is empty)")
     arch = archs[0]
-    if arch not in SUPPORTED and arch not in ("Dinov2ForImageClassification",):
+    if arch not in SUPPORTED:
         raise NotImplementedError(
             f"{d}: transformers {arch} is not supported; HookedViT.from_hf converts {', '.join(SUPPORTED)}"
         )
