@@ -95,7 +95,7 @@ class PageReport:
     load_s: float  # navigation start to the ready condition, measured by the browser
     console_errors: list[str] = field(default_factory=list)
     network: list[str] = field(default_factory=list)  # non-local requests (should be empty)
-    requests: list[str] = field(default_factory=list)  # every request URL seen (scheme and up to 80 chars)
+    requests: list[str] = field(default_factory=list)  # every request URL seen (data: URLs in full)
 
 
 def _short(url: str) -> str:
@@ -137,7 +137,7 @@ def collect(driver, url: str = "", load_s: float = float("nan")) -> PageReport:
         ".concat(performance.getEntriesByType('navigation').map(e => e.name))"
     )
     network = sorted({_short(u) for u in requests if urlparse(u).scheme not in LOCAL_SCHEMES})
-    return PageReport(url, load_s, errors, network, sorted({_short(u) for u in requests}))
+    return PageReport(url, load_s, errors, network, sorted(set(requests)))
 
 
 def broken_images(driver) -> list[str]:

@@ -362,3 +362,28 @@ def test_command_line_writes_the_page(tmp_path):
     assert (
         main(["explore", "--sae", str(tmp_path / "vit"), "--model", str(tmp_path / "vit"), "--out", "x"]) != 0
     )
+
+
+@skip_without_chromium
+def test_circuitsvis_views_share_one_bundle_and_render_offline(tmp_path):
+    from mechvit.viz.circuits import BUNDLE_NAME, save_attention_views
+
+    tokens = ["CLS", "r0c0", "r0c1", "r1c0", "r1c1"]
+    pattern = torch.softmax(torch.randn(1, 2, 5, 5, generator=torch.Generator().manual_seed(0)), -1)
+    pages = [
+        save_attention_views(
+            tmp_path / "attention" / f"view{i}.html",
+            [{"title": f"v{i}", "pattern": pattern}],
+            tokens,
+            shared_bundle=tmp_path / "assets",
+        )
+        for i in range(2)
+    ]
+    bundle = tmp_path / "assets" / BUNDLE_NAME
+    assert bundle.stat().st_size > 500_000 and all(p.stat().st_size < 50_000 for p in pages)
+    assert '<script src="../assets/circuitsvis.js"></script>' in pages[0].read_text()
+    with chromium() as driver:
+        for p in pages:
+            page = open_page(driver, p, ready="#cv-0 *")  # React rendered into the view's div
+            assert page.console_errors == [] and page.network == []
+            assert "file://" + str(bundle) in page.requests

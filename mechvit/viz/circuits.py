@@ -32,6 +32,26 @@ def circuitsvis_bundle() -> str:
     return path.read_text(encoding="utf-8").replace("</script>", "<\\/script>")
 
 
+BUNDLE_NAME = "circuitsvis.js"
+
+
+def write_circuitsvis_bundle(folder: str | Path) -> Path:
+    """Write the circuitsvis bundle once as ``folder/circuitsvis.js`` (unchanged if already there), for pages
+    made with ``attention_views_page(..., bundle_src=...)`` to share instead of inlining ~1.3 MB each."""
+    import circuitsvis
+
+    from mechvit._io import atomic_write_bytes
+
+    src = Path(circuitsvis.__file__).parent / "dist" / "cdn" / "iife.js"
+    if not src.is_file():
+        raise FileNotFoundError(f"circuitsvis bundle {src} not found; reinstall circuitsvis")
+    data = src.read_bytes()
+    path = Path(folder) / BUNDLE_NAME
+    if not (path.is_file() and path.read_bytes() == data):
+        atomic_write_bytes(path, data)
+    return path
+
+
 def head_names(n_layers: int, n_heads: int) -> list[str]:
     return [f"L{layer}H{h}" for layer in range(n_layers) for h in range(n_heads)]
 
@@ -75,13 +95,25 @@ def _image_data_uri(image: Tensor, scale: int = 6) -> str:
 
 
 def attention_views_page(
-    views: Sequence[dict], tokens: Sequence[str], *, title: str = "Attention heads", decimals: int = 3
+    views: Sequence[dict],
+    tokens: Sequence[str],
+    *,
+    title: str = "Attention heads",
+    decimals: int = 3,
+    bundle_src: str | None = None,
 ) -> str:
     """A self-contained HTML page with one circuitsvis ``AttentionHeads`` view per entry of ``views``.
 
     Each view: ``{"title": str, "pattern": [layers, heads, T, T] or [heads, T, T], "image": optional
-    [C, H, W] in [0, 1]}``. Values are rounded to ``decimals`` to keep the page small."""
-    bundle = circuitsvis_bundle()
+    [C, H, W] in [0, 1]}``. Values are rounded to ``decimals`` to keep the page small. ``bundle_src``: a
+    relative URL of a shared copy of the bundle (:func:`write_circuitsvis_bundle`) loaded with
+    ``<script src>`` instead of inlining it (pages and bundle then travel together; still offline)."""
+    if bundle_src is not None:
+        script = f'<script src="{html.escape(bundle_src, quote=True)}"></script>'
+        where = f"The circuitsvis bundle is loaded from {html.escape(bundle_src)} beside this page: it works offline."
+    else:
+        script = f"<script>{circuitsvis_bundle()}</script>"
+        where = "The circuitsvis bundle is inlined: this page works offline."
     parts = []
     for i, v in enumerate(views):
         pattern, names = _flatten(v["pattern"], tokens, v.get("head_names"))
@@ -109,18 +141,32 @@ def attention_views_page(
 <style>body{{font-family:system-ui,sans-serif;margin:1.5em;max-width:1200px}}
 img.thumb{{image-rendering:pixelated;border:1px solid #ccc;margin-bottom:.5em}}
 section{{border-top:1px solid #ddd;padding-top:.5em}}</style>
-<script>{bundle}</script></head>
+{script}</head>
 <body><h1>{html.escape(title)}</h1>
 <p>Tokens: {html.escape(", ".join(tokens[:3]))}, … (CLS and prefix tokens first, then patches r&lt;row&gt;c&lt;col&gt;,
 row-major). Heads are named L&lt;layer&gt;H&lt;head&gt;; click a head to enlarge it. Rows are queries
-(destination), columns keys (source). The circuitsvis bundle is inlined: this page works offline.</p>
+(destination), columns keys (source). {where}</p>
 {"".join(parts)}
 </body></html>
 """
 
 
-def save_attention_views(path: str | Path, views: Sequence[dict], tokens: Sequence[str], **kwargs) -> Path:
-    """Write :func:`attention_views_page` to ``path`` atomically."""
+def save_attention_views(
+    path: str | Path,
+    views: Sequence[dict],
+    tokens: Sequence[str],
+    *,
+    shared_bundle: str | Path | None = None,
+    **kwargs,
+) -> Path:
+    """Write :func:`attention_views_page` to ``path`` atomically. ``shared_bundle``: a folder (e.g. the report's
+    ``assets/``) holding one copy of the circuitsvis bundle for every page, referenced relatively."""
+    import os
+
     from mechvit._io import atomic_write_text
 
+    path = Path(path)
+    if shared_bundle is not None:
+        bundle = write_circuitsvis_bundle(shared_bundle)
+        kwargs["bundle_src"] = Path(os.path.relpath(bundle.resolve(), path.resolve().parent)).as_posix()
     return atomic_write_text(path, attention_views_page(views, tokens, **kwargs))
