@@ -228,8 +228,9 @@ def test_accumulated_resid_apply_ln_without_a_final_norm(pool):
     close(cache.accumulated_resid(apply_ln=True)[-1], cache["blocks.1.hook_resid_post"], 0)
 
 
-def test_run_with_cache_pos_slice_touches_positions_only():
-    model = HookedViT.from_timm(tiny(global_pool="map")).eval()
+@pytest.mark.parametrize("pool", ["map", ""])
+def test_run_with_cache_pos_slice_touches_positions_only(pool):
+    model = HookedViT.from_timm(tiny(global_pool=pool)).eval()
     x = images(model)
     with torch.no_grad():
         _, full = model.run_with_cache(x)
@@ -246,12 +247,15 @@ def test_run_with_cache_pos_slice_touches_positions_only():
                     else:  # an int keeps the dimension, as in TransformerLens (Slice.unwrap)
                         want = want[idx + (torch.as_tensor(pos_slice).reshape(-1),)]
                 close(part[name], want, 0)
-    assert model.position_dim("hook_logits") is None and model.position_dim("attn_pool.hook_pattern") is None
-    assert (
-        model.position_dim("blocks.0.attn.hook_pattern") == 2
-        and model.position_dim("blocks.0.attn.hook_z") == 1
-    )
-    assert full["hook_logits"].shape == part["hook_logits"].shape == (3, 7)  # the batch is never sliced
+    assert model.position_dim("blocks.0.attn.hook_pattern") == 2
+    assert model.position_dim("blocks.0.attn.hook_z") == 1
+    if pool == "map":
+        assert (
+            model.position_dim("hook_logits") is None and model.position_dim("attn_pool.hook_pattern") is None
+        )
+        assert full["hook_logits"].shape == part["hook_logits"].shape == (3, 7)  # the batch is never sliced
+    else:  # no pooling: the head reads every token, so the logits have positions
+        assert full["hook_logits"].shape == (3, 17, 7) and part["hook_logits"].shape == (3, 2, 7)
 
 
 def test_run_with_cache_remove_batch_dim_and_names_filter_forms():

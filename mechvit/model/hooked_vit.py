@@ -329,13 +329,16 @@ class HookedViT(HookedRootModule):
     def position_dim(self, name: str) -> int | None:
         """The dimension of hook ``name``'s activation (batch first) that indexes token positions, or None."""
         leaf = name.rsplit(".", 1)[-1]
-        if name.startswith("attn_pool."):  # latents; the pool's keys are the patches, not every token
-            return None
-        if name in ("hook_pooled", "hook_logits") or name.startswith(
-            ("fc_norm.", "head.")
-        ):  # head.: zero-shot
-            return 1 if self.cfg.global_pool == "" and not self.cfg.dist_token else None
-        return 2 if leaf in ("hook_attn_scores", "hook_pattern") else 1
+        if name.startswith("blocks."):
+            return 2 if leaf in ("hook_attn_scores", "hook_pattern") else 1
+        if name in ("hook_embed", "hook_pos_embed", "hook_full_embed") or name.startswith(
+            ("ln_pre.", "ln_final.")
+        ):
+            return 1
+        after_pool = name in ("hook_pooled", "hook_logits") or name.startswith(("fc_norm.", "head."))
+        if after_pool and self.cfg.global_pool == "" and not self.cfg.dist_token:
+            return 1  # no pooling: every token is read out
+        return None  # pooled features, logits, the MAP pool (latents; its keys are the patches only)
 
     def get_caching_hooks(
         self,
