@@ -1,21 +1,20 @@
 """HF transformers vision models -> HookedViT, by an explicit state-dict mapping per model family.
 
-Supported (exact in eval mode, checked against the transformers forward in ``tests/test_from_hf.py``):
+Supported (exact in eval mode, checked against the transformers forward in ``tests/test_from_hf.py``), with
+what HookedViT's ``model(images)`` returns:
 
-========================================  ======================================================================
-transformers class                        HookedViT ``model(images)`` returns
-========================================  ======================================================================
-ViTForImageClassification                 ``logits``
-ViTModel (``add_pooling_layer=False``)    ``last_hidden_state[:, 0]`` (the tanh pooler needs ``drop_pooler=True``)
-DeiTForImageClassificationWithTeacher     ``logits`` (mean of the CLS and distillation heads)
-DeiTForImageClassification               ``logits`` (the distillation token is carried as a register token)
-DeiTModel                                 ``last_hidden_state[:, 0]`` (pooler: as ViTModel)
-CLIPVisionModel                           ``pooler_output`` (post_layernorm on the CLS token)
-CLIPVisionModelWithProjection, CLIPModel  ``image_embeds`` (visual_projection as a head with zero bias)
-Dinov2Model, Dinov2WithRegistersModel     ``pooler_output`` (= ``last_hidden_state[:, 0]``)
-Dinov2(WithRegisters)ForImageClassification  ``logits`` (``global_pool='token_avg'``: [CLS, mean patch])
-SiglipVisionModel, SiglipModel            ``pooler_output`` (MAP head); ``last_hidden_state`` without the head
-========================================  ======================================================================
+- ``ViTForImageClassification``: ``logits``.
+- ``ViTModel``, ``DeiTModel``: ``last_hidden_state[:, 0]`` (their dense+tanh pooler needs ``drop_pooler=True``
+  or ``add_pooling_layer=False``).
+- ``DeiTForImageClassificationWithTeacher``: ``logits`` (mean of the CLS and distillation heads).
+- ``DeiTForImageClassification``: ``logits`` (its distillation token, read by no head, is carried as a
+  register token right after CLS: exact, labelled ``reg0``).
+- ``CLIPVisionModel``: ``pooler_output`` (post_layernorm on the CLS token = HookedViT's ``fc_norm``).
+- ``CLIPVisionModelWithProjection``, ``CLIPModel``: ``image_embeds`` (visual_projection as a zero-bias head).
+- ``Dinov2Model``, ``Dinov2WithRegistersModel``: ``pooler_output`` (= ``last_hidden_state[:, 0]``).
+- ``Dinov2ForImageClassification``, ``Dinov2WithRegistersForImageClassification``: ``logits``
+  (``global_pool='token_avg'``: the head reads [CLS, mean of the patch tokens]).
+- ``SiglipVisionModel``, ``SiglipModel``: ``pooler_output`` (MAP head); ``last_hidden_state`` without the head.
 
 Anything else raises ``NotImplementedError`` naming the feature: SwiGLU DINOv2 (``use_swiglu_ffn``), non-square DINOv2
 image sizes (HF always resamples those position embeddings), activations other than gelu / gelu_pytorch_tanh
