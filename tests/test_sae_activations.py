@@ -100,7 +100,7 @@ def test_corruption_mix_validation():
     with pytest.raises(ValueError, match="in \\[0, 1\\]"):
         CorruptionMix(fraction=1.5, corruptions=(("gaussian_noise", 1),))
     with pytest.raises(ValueError, match="no \\(name, severity\\)"):
-        CorruptionMix(fraction=0.5)
+        CorruptionMix(fraction=0.5).validate()
     with pytest.raises(ValueError, match="unknown corruption"):
         CorruptionMix(fraction=0.5, corruptions=(("no_such_thing", 1),)).validate()
 

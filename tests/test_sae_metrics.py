@@ -108,3 +108,88 @@ def test_clear_errors(model, data):
         spliced_metrics(model, identity_sae(32), images, labels[:3], HOOK)
     with pytest.raises(ValueError, match=r"\[n, 16\]"):
         reconstruction_metrics(identity_sae(16), torch.rand(10, 32))
+
+
+# ---- ablation gap, PCA baseline, per-image spliced KL -------------------------------------------------
+
+
+def test_mean_ablation_gap_equals_a_hand_made_ablation(model, data):
+    from mechvit.sae import ablation_gap
+
+    images, labels = data
+    hook = "blocks.0.hook_resid_post"
+    _, cache = model.run_with_cache(images, names_filter=[hook])
+    mean = cache[hook][:, 1:].reshape(-1, 32).double().mean(0).float()  # patch tokens (cls first)
+
+    def hand(act, hook):
+        act = act.clone()
+        act[:, 1:] = mean
+        return act
+
+    ablated = model.run_with_hooks(images, fwd_hooks=[(hook, hand)]).log_softmax(-1)
+    clean = model(images).log_softmax(-1)
+    kl = (clean.exp() * (clean - ablated)).sum(-1)
+    gap = ablation_gap(model, images, labels, hook, batch_size=10)
+    torch.testing.assert_close(gap.kl_per_image, kl.clamp_min(0), atol=1e-5, rtol=1e-4)
+    assert gap.kl == pytest.approx(float(kl.detach().mean()), abs=1e-5) and gap.kl > 0
+    ce = torch.nn.functional.cross_entropy
+    assert gap.loss_delta == pytest.approx(float(ce(ablated, labels) - ce(clean, labels)), abs=1e-4)
+    zero = ablation_gap(model, images, labels, hook, mode="zero")
+    assert zero.mode == "zero" and zero.kl != pytest.approx(gap.kl)
+
+
+def test_ablation_gap_guard_last_layer_patches_do_not_matter_and_choose_hook(model, data):
+    from mechvit.sae import ablation_gap_sweep, choose_hook
+
+    images, labels = data
+    gaps = ablation_gap_sweep(model, images, labels)  # blocks.0 and blocks.1 resid_post
+    assert [g.hook for g in gaps] == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    # class-token readout: the last block's patch tokens never reach the logits
+    assert gaps[1].kl == pytest.approx(0.0, abs=1e-6)
+    assert choose_hook(gaps, min_gap=gaps[0].kl / 2) == "blocks.0.hook_resid_post"
+    with pytest.raises(ValueError, match="no hook has an ablation gap"):
+        choose_hook(gaps, min_gap=gaps[0].kl * 2)
+    with pytest.raises(ValueError, match="mode must be"):
+        ablation_gap_sweep(model, images, labels, mode="resample")
+
+
+def test_pca_baseline_equals_torch_pca():
+    from mechvit.sae import pca_baseline, pca_components
+
+    g = torch.Generator().manual_seed(0)
+    # a clear gap after the 4th component, so the top-4 subspace is well defined for pca_lowrank
+    scales = torch.tensor([5.0, 4.0, 3.0, 2.0] + [0.1] * 8)
+    mix = torch.linalg.qr(torch.randn(12, 12, generator=g))[0] * scales[:, None]
+    train, held = (
+        torch.randn(3000, 12, generator=g) @ mix + 3.0,
+        torch.randn(500, 12, generator=g) @ mix + 3.0,
+    )
+    k = 4
+    mean, comps = pca_components(train, k)
+    _, _, v = torch.pca_lowrank(train.double(), q=k, center=True, niter=30)
+    torch.testing.assert_close(comps.T @ comps, v @ v.T, atol=1e-6, rtol=0)  # same subspace
+    _, _, vh = torch.linalg.svd(train.double() - train.double().mean(0), full_matrices=False)
+    torch.testing.assert_close(comps.T @ comps, vh[:k].T @ vh[:k], atol=1e-9, rtol=0)  # exact SVD
+    torch.testing.assert_close(mean, train.double().mean(0))
+    res = pca_baseline(train, held, k)
+    x = held.double()
+    recon = mean + (x - mean) @ v @ v.T
+    expected = 1 - ((x - recon) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    assert res.explained_variance == pytest.approx(float(expected), abs=1e-9)
+    assert pca_baseline(train, held, 12).explained_variance == pytest.approx(1.0, abs=1e-9)
+    assert pca_baseline(train, held, 1).explained_variance < res.explained_variance
+    with pytest.raises(ValueError, match="k must be in"):
+        pca_baseline(train, held, 13)
+    with pytest.raises(ValueError, match="heldout rows"):
+        pca_baseline(train, held[:, :5], 2)
+
+
+def test_spliced_kl_per_image_known_answers(model, data):
+    from mechvit.sae import spliced_kl_per_image
+
+    images, labels = data
+    kl_id = spliced_kl_per_image(model, identity_sae(32), images, HOOK, batch_size=10)
+    assert kl_id.shape == (24,) and float(kl_id.abs().max()) < 1e-6
+    kl_zero = spliced_kl_per_image(model, zero_sae(32), images, HOOK)
+    ref = spliced_metrics(model, zero_sae(32), images, labels, HOOK)
+    assert float(kl_zero.mean()) == pytest.approx(ref.kl_sae, rel=1e-5) and ref.kl_sae > 0

@@ -42,9 +42,10 @@ from torch import Tensor
 
 from mechvit.analysis._utils import check_images, run_hook_batches
 from mechvit.analysis.similarity import write_rows_csv
+from mechvit.sae.activations import TOKEN_SELECTIONS, token_slice
 
 CLASSES = ("persistent", "shifted", "lost", "new", "dead")
-TOKEN_SETS = ("all", "patches", "prefix", "cls")
+TOKEN_SETS = TOKEN_SELECTIONS
 
 
 def _decoder(sae_or_matrix) -> Tensor:
@@ -336,13 +337,10 @@ def feature_overlap(
     )
 
 
-def select_tokens(act: Tensor, n_prefix: int, tokens: str) -> Tensor:
-    """Keep a token subset of ``act [B, T, ...]``: all, patches, prefix, or cls (token 0)."""
-    if tokens not in TOKEN_SETS:
-        raise ValueError(f"tokens must be one of {TOKEN_SETS}, got {tokens!r}")
-    if tokens in ("prefix", "cls") and n_prefix < 1:
-        raise ValueError(f"tokens={tokens!r} needs prefix tokens; this model has none")
-    return {"all": act, "patches": act[:, n_prefix:], "prefix": act[:, :n_prefix], "cls": act[:, :1]}[tokens]
+def select_tokens(act: Tensor, model_cfg, tokens: str) -> Tensor:
+    """Keep a token subset of ``act [B, T, ...]`` (all, patches, prefix or cls), by the same rule as the SAE
+    store (:func:`mechvit.sae.activations.token_slice`)."""
+    return act[:, token_slice(model_cfg, tokens, act.shape[1])]
 
 
 def collect_activations(
@@ -360,14 +358,13 @@ def collect_activations(
         raise ValueError(
             f"unknown hook {hook_name!r}; e.g. 'blocks.{model.cfg.n_layers - 1}.hook_resid_post'"
         )
-    n_prefix = model.cfg.n_prefix_tokens
     out = run_hook_batches(
         model,
         images,
         [hook_name],
         batch_size=batch_size,
         progress=progress,
-        transform=lambda a: select_tokens(a, n_prefix, tokens),
+        transform=lambda a: select_tokens(a, model.cfg, tokens),
         desc=f"collect {hook_name}",
     )
     return out[hook_name]

@@ -28,6 +28,7 @@ from .metrics import (
     pca_components,
     reconstruction_metrics,
     splice_hook,
+    spliced_kl_per_image,
     spliced_metrics,
 )
 from .train import (
@@ -74,6 +75,7 @@ __all__ = [
     "select_tokens",
     "shuffle_batches",
     "splice_hook",
+    "spliced_kl_per_image",
     "spliced_metrics",
     "stream_batches",
     "train_sae",

@@ -69,17 +69,19 @@ class CorruptionMix:
                 raise ValueError(f"each corruption must be a (name, severity) pair, got {item!r}")
             pairs.append((item[0], int(item[1])))
         self.corruptions = tuple(pairs)
-        if self.fraction > 0 and not self.corruptions:
-            raise ValueError(f"fraction={self.fraction} corrupts images but no (name, severity) was given")
 
     @property
     def active(self) -> bool:
         return self.fraction > 0
 
     def validate(self) -> None:
-        """Check the names against ``mechvit.corruptions.CORRUPTIONS`` (imported only when needed)."""
+        """Check the names against ``mechvit.corruptions.CORRUPTIONS`` (imported only when needed). Called
+        when the mix is used, not at construction: a mix with a fraction and no corruptions yet is a template
+        (the study's ``sae.store.mix`` gets each SAE's condition)."""
         if not self.active:
             return
+        if not self.corruptions:
+            raise ValueError(f"fraction={self.fraction} corrupts images but no (name, severity) was given")
         from mechvit.corruptions import CORRUPTIONS
 
         unknown = [name for name, _ in self.corruptions if name not in CORRUPTIONS]
@@ -194,10 +196,14 @@ def select_tokens(act: Tensor, model_cfg: Any, tokens: str, hook: str = "") -> F
             )
         return act
     act = _flat(act, hook)
-    return act[:, _token_slice(model_cfg, tokens, act.shape[1])].reshape(-1, act.shape[-1])
+    return act[:, token_slice(model_cfg, tokens, act.shape[1])].reshape(-1, act.shape[-1])
 
 
-def _token_slice(model_cfg: Any, tokens: str, n_tokens: int) -> slice:
+def token_slice(model_cfg: Any, tokens: str, n_tokens: int) -> slice:
+    """The token positions of ``tokens`` (all / cls / prefix / patches) in a ``n_tokens`` residual stream:
+    the one token-selection rule of mechvit (the SAE store and :func:`mechvit.analysis.collect_activations`)."""
+    if tokens not in TOKEN_SELECTIONS:
+        raise ValueError(f"tokens must be one of {TOKEN_SELECTIONS}, got {tokens!r}")
     n_prefix = int(model_cfg.n_prefix_tokens)
     if tokens == "all":
         return slice(None)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from .activations import TOKEN_SELECTIONS, _model_device, _token_slice, check_hook
+from .activations import TOKEN_SELECTIONS, _model_device, check_hook, token_slice
 
 __all__ = [
     "ReconstructionMetrics",
@@ -154,7 +154,7 @@ def splice_hook(sae: Any | None, model_cfg: Any, tokens: str, hook_name: str):
             raise ValueError(f"cannot splice hook {hook_name!r} with shape {tuple(shape)}")
         if d_in is not None and flat.shape[-1] != d_in:
             raise ValueError(f"the SAE has d_in={d_in} but hook {hook_name!r} has width {flat.shape[-1]}")
-        sl = slice(None) if act.ndim == 2 else _token_slice(model_cfg, tokens, flat.shape[1])
+        sl = slice(None) if act.ndim == 2 else token_slice(model_cfg, tokens, flat.shape[1])
         out = flat.clone()
         sel = out[:, sl]
         if sae is None:
@@ -309,7 +309,7 @@ def _replace_hook(value: Tensor | None, model_cfg: Any, tokens: str, hook_name: 
                 f"ablation needs a [batch, tokens, d] hook, {hook_name!r} gives {tuple(act.shape)}"
             )
         out = act.clone()
-        sl = _token_slice(model_cfg, tokens, act.shape[1])
+        sl = token_slice(model_cfg, tokens, act.shape[1])
         out[:, sl] = 0 if value is None else value.to(out.device, out.dtype)
         return out
 
