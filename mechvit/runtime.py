@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import functools
+from collections.abc import Iterator
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -27,3 +30,28 @@ def keep_freed_memory(max_block_bytes: int = 1 << 30) -> bool:
         return False
     ok = mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(max_block_bytes)) == 1
     return ok and mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1)) == 1
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool = True) -> Iterator[None]:
+    """With ``enabled=False``, every tqdm bar made inside the block is silent, mechvit's and the libraries'
+    (sae-lens's training and norm-estimation bars among them), by forcing ``disable=True`` in tqdm's base
+    class for the duration. tqdm's own ``TQDM_DISABLE`` variable is read once at import, so it cannot do this
+    for a process that already imported tqdm (a notebook, the ``mechvit`` command)."""
+    if enabled:
+        yield
+        return
+    from tqdm import std
+
+    original = std.tqdm.__init__
+
+    @functools.wraps(original)
+    def silent(self, *args, **kwargs):
+        kwargs["disable"] = True
+        original(self, *args, **kwargs)
+
+    std.tqdm.__init__ = silent
+    try:
+        yield
+    finally:
+        std.tqdm.__init__ = original

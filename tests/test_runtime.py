@@ -37,3 +37,28 @@ def test_freed_memory_is_kept_only_after_the_call():
 def test_bad_block_size_is_refused():
     with pytest.raises(ValueError, match=r"max_block_bytes must be in \(0, 2\*\*31\), got 0"):
         keep_freed_memory(0)
+
+
+def test_progress_bars_silences_every_tqdm_bar_inside_the_block_only():
+    import io
+
+    from tqdm import tqdm
+    from tqdm.auto import tqdm as auto_tqdm
+
+    from mechvit.runtime import progress_bars
+
+    def shown(cls) -> str:
+        buf = io.StringIO()
+        for _ in cls(range(3), file=buf, mininterval=0):
+            pass
+        return buf.getvalue()
+
+    assert "3/3" in shown(tqdm)
+    with progress_bars(False):
+        assert shown(tqdm) == "" and shown(auto_tqdm) == ""
+    with progress_bars(True):
+        assert "3/3" in shown(tqdm)
+    assert "3/3" in shown(tqdm)  # restored after the block
+    with pytest.raises(KeyError), progress_bars(False):
+        raise KeyError("x")
+    assert "3/3" in shown(tqdm)  # restored after an error too

@@ -15,6 +15,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechvit.viz.figures import styled as _styled
+
 
 def _check(acts: Tensor, sae) -> None:
     if not isinstance(acts, Tensor) or acts.ndim != 3 or acts.shape[-1] != sae.cfg.d_in:
@@ -65,6 +67,7 @@ def top_image_indices(maps: Float[Tensor, "n gh gw"], k: int) -> list[int]:
     return [int(i) for i in order if score[i] > 0]
 
 
+@_styled
 def feature_comparison_figure(
     images: Float[Tensor, "n c h w"],
     maps_left: Float[Tensor, "n f gh gw"],
@@ -82,7 +85,7 @@ def feature_comparison_figure(
 
     ``images`` are the [0, 1] images the maps were computed on; ``pair_cosine`` (decoder cosine of each
     pair) goes into the row titles. Returns the matplotlib figure."""
-    from mechvit.study import plots
+    from mechvit.viz import figures as plots
 
     n, f = maps_left.shape[:2]
     if maps_right.shape[:2] != (n, f) or len(images) != n:

@@ -4,17 +4,20 @@ Every ``plot_*`` function returns the :class:`matplotlib.figure.Figure`; with ``
 name with a suffix) it also writes ``<stem>.png`` and ``<stem>.svg`` atomically. Colours: ``PALETTE``
 (Paul Tol's "bright", colour-blind safe; its last colour is a neutral grey) for lines and bars, ``SEQUENTIAL``
 for non-negative maps, ``DIVERGING`` (centred on 0) for signed maps such as patching scores. The building
-blocks (``save_figure``, ``heatmap``, ``image_overlay``, ``color``) also draw the study's figures
-(``mechvit.study.plots``).
+blocks (``save_figure``, ``heatmap``, ``image_overlay``, ``color``) draw the study report's figures, which are
+the public functions at the end of this module (``robustness_heatmap`` ... ``cka_curves``): the study's steps call
+them with their analysis results, and a notebook can call them with the same results.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import torch
 from matplotlib.figure import Figure
@@ -464,3 +467,298 @@ __all__ = [
     "plot_patching",
     "save_figure",
 ]
+
+
+# ----------------------------------------------------------------------------------------------
+# The study report's figures: one public function per figure, called by the study's steps with the
+# analysis results (and callable from a notebook with the same results). Each returns a Figure drawn in the
+# report's style (constrained layout, small fonts, PALETTE as the colour cycle); write it with save_figure.
+# ----------------------------------------------------------------------------------------------
+
+STYLE = {
+    "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8, "xtick.labelsize": 8,
+    "ytick.labelsize": 8, "axes.spines.top": False, "axes.spines.right": False, "figure.dpi": 100,
+    "svg.fonttype": "path", "axes.prop_cycle": matplotlib.cycler(color=PALETTE),
+}  # fmt: skip
+_LINES = ("-", "--", ":", "-.")
+
+
+def styled(fn):
+    """Run a figure function under the report's :data:`STYLE` (rcParams are read when artists are made)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with matplotlib.rc_context(STYLE):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def new_figure(nrows: int = 1, ncols: int = 1, *, w: float = 4.2, h: float = 3.0, **kw):
+    """A constrained-layout ``Figure`` (no pyplot state) and its ``[nrows, ncols]`` axes array."""
+    fig = Figure(figsize=(w * ncols, h * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False, **kw)
+    return fig, axes
+
+
+def save_report_figure(fig: Figure, path: str | os.PathLike) -> list[Path]:
+    """``stem.png`` (150 dpi) and ``stem.svg`` at the figure's own (constrained-layout) size."""
+    with matplotlib.rc_context(STYLE):
+        return save_figure(fig, path, bbox_inches=None)
+
+
+def _report_heatmap(ax, mat, xlabels, ylabels, *, cbar_label: str, fmt: str | None = "{:.0f}", **kw):
+    im = heatmap(
+        ax, mat, xlabels, ylabels, cbar_label=cbar_label, fmt=fmt, xrotation=60,
+        cbar_kw={"fraction": 0.046, "pad": 0.03}, **kw,
+    )  # fmt: skip
+    ax.tick_params(labelsize=STYLE["xtick.labelsize"])
+    return im
+
+
+@styled
+def robustness_heatmap(rows: list[dict], models: Sequence[str], corruptions: Sequence[str], seen, severities):
+    """Top-1 (%) per model x corruption (mean over severities) from ``robustness_matrix`` rows; the cells of
+    the corruptions in ``seen[model]`` are outlined."""
+    cols = ["clean", *corruptions]
+    mat = 100 * np.array(
+        [
+            [np.mean([q["top1"] for q in rows if q["model"] == n and q["corruption"] == c]) for c in cols]
+            for n in models
+        ]
+    )
+    marks = np.array([[c in seen[n] for c in cols] for n in models])
+    fig, ax = new_figure(w=max(5.0, 0.42 * len(cols) + 2.5), h=1.1 + 0.45 * len(models))
+    _report_heatmap(
+        ax[0, 0], mat, cols, list(models), cbar_label="top-1 accuracy (%)", vmin=0, vmax=100, marks=marks
+    )
+    ax[0, 0].set_xlabel("corruption (mean over severities " + ", ".join(map(str, severities)) + ")")
+    ax[0, 0].set_ylabel("model")
+    return fig
+
+
+@styled
+def seen_unseen_bars(summary: list[dict]):
+    """Clean, seen and unseen top-1 per model (``seen_unseen_summary`` rows)."""
+    fig, ax = new_figure(w=max(4.5, 1.1 * len(summary) + 1.5))
+    width = 0.27
+    for i, (key, lab) in enumerate(
+        (("clean_top1", "clean"), ("seen_top1", "seen"), ("unseen_top1", "unseen"))
+    ):
+        vals = [100 * s[key] if s[key] == s[key] else 0 for s in summary]
+        ax[0, 0].bar(np.arange(len(summary)) + (i - 1) * width, vals, width, label=lab, color=color(i))
+    ax[0, 0].set_xticks(range(len(summary)), [s["model"] for s in summary], rotation=20, ha="right")
+    ax[0, 0].set_ylabel("top-1 accuracy (%)")
+    ax[0, 0].set_ylim(0, 100)
+    ax[0, 0].legend(frameon=False, ncols=3, loc="lower right")
+    return fig
+
+
+@styled
+def logit_lens_curves(
+    results: Mapping[tuple[str, str], object], models: Sequence[str], inputs: Sequence[str]
+):
+    """Mean correct-class probability and top-1 per layer; ``results[(model, input)]`` is a
+    ``LogitLensResult``; one column per input, one colour per model."""
+    layers = next(iter(results.values())).layers
+    fig, ax = new_figure(2, len(inputs), w=3.4, h=2.8, sharey="row")
+    for j, lab in enumerate(inputs):
+        for i, n in enumerate(models):
+            r = results[(n, lab)].summary()
+            kw = {"color": color(i), "marker": "o", "ms": 3, "label": n}
+            ax[0, j].plot(layers, _np(r["correct_prob"]), **kw)
+            ax[1, j].plot(layers, 100 * _np(r["top1_acc"]), **kw)
+        ax[0, j].set_title(lab)
+        ax[1, j].set_xlabel("layer (residual stream after block)")
+    ax[0, 0].set_ylabel("mean correct-class prob.")
+    ax[1, 0].set_ylabel("logit-lens top-1 (%)")
+    ax[0, -1].legend(frameon=False)
+    return fig
+
+
+@styled
+def attention_change_curves(paired: Mapping[tuple[str, str], object], models: Sequence[str], conditions):
+    """Per layer: entropy change, mean squared difference and cosine of each model's attention maps, clean vs
+    corrupted (``paired[(model, condition)]`` is a ``PairedAttention``; colour: model, line style: condition)."""
+    fig, ax = new_figure(1, 3, w=3.6, h=2.9)
+    panels = (
+        ("entropy_diff", "entropy change (nats)"),
+        ("mse", "mean squared diff."),
+        ("cosine", "cosine similarity"),
+    )
+    for k, (key, ylabel) in enumerate(panels):
+        for i, n in enumerate(models):
+            for j, lab in enumerate(conditions):
+                v = _np(paired[(n, lab)].per_layer()[key])
+                ax[0, k].plot(
+                    range(len(v)), v, color=color(i), ls=_LINES[j % 4], marker="o", ms=3, label=f"{n}, {lab}"
+                )
+        ax[0, k].set_xlabel("layer")
+        ax[0, k].set_ylabel(ylabel)
+    ax[0, 0].axhline(0, color=PALETTE[6], lw=0.8, ls=":")
+    ax[0, 2].legend(frameon=False, fontsize=6)
+    fig.suptitle("Attention maps, clean vs corrupted copy of each image (head mean)")
+    return fig
+
+
+@styled
+def attention_layer_stats(stats: Mapping[str, object]):
+    """Attention entropy and mean attention distance per layer (head mean) of each model's ``AttentionStats``."""
+    fig, ax = new_figure(1, 2, w=3.8, h=2.9)
+    for i, (n, s) in enumerate(stats.items()):
+        ent, dist = _np(s.entropy.mean(1)), _np(s.distance.mean(1))
+        ax[0, 0].plot(range(len(ent)), ent, color=color(i), marker="o", ms=3, label=n)
+        ax[0, 1].plot(range(len(dist)), dist, color=color(i), marker="o", ms=3, label=n)
+    ax[0, 0].set(xlabel="layer", ylabel="attention entropy (nats)")
+    ax[0, 1].set(xlabel="layer", ylabel="mean attention distance (px)")
+    ax[0, 1].legend(frameon=False)
+    return fig
+
+
+@styled
+def attention_between_models(
+    between: Mapping[tuple[str, str], object], finetuned: Sequence[str], inputs, base: str
+):
+    """Each fine-tuned model's attention maps against ``base``'s on the same images, per layer
+    (``between[(model, input)]`` is a ``PairedAttention``)."""
+    fig, ax = new_figure(1, 2, w=3.8, h=2.9)
+    inputs = list(inputs)
+    for (n, lab), p in between.items():
+        kw = {
+            "color": color(list(finetuned).index(n) + 1),
+            "ls": _LINES[inputs.index(lab) % 4],
+            "marker": "o",
+            "ms": 3,
+        }
+        per = p.per_layer()
+        ax[0, 0].plot(range(len(per["cosine"])), _np(per["cosine"]), label=f"{n}, {lab}", **kw)
+        ax[0, 1].plot(range(len(per["entropy_diff"])), _np(per["entropy_diff"]), label=f"{n}, {lab}", **kw)
+    ax[0, 0].set(xlabel="layer", ylabel=f"cosine to {base}'s maps")
+    ax[0, 1].set(xlabel="layer", ylabel=f"entropy minus {base}'s (nats)")
+    ax[0, 1].axhline(0, color=PALETTE[6], lw=0.8, ls=":")
+    ax[0, 1].legend(frameon=False, fontsize=6)
+    return fig
+
+
+@styled
+def cls_attention_grid(
+    maps: Mapping[tuple[str, str], object], images: Mapping[str, object], models: Sequence[str]
+):
+    """CLS-to-patch attention over the images: ``maps[(model, input)]`` is ``[views, gh, gw]``, ``images[input]``
+    the ``[views, C, H, W]`` images; rows: models, columns: inputs x views."""
+    inputs = list(images)
+    n_views = len(next(iter(images.values())))
+    fig, ax = new_figure(len(models), len(inputs) * n_views, w=1.45, h=1.55)
+    vmax = max(float(_np(v).max()) for v in maps.values())
+    for i, n in enumerate(models):
+        for j, lab in enumerate(inputs):
+            for v in range(n_views):
+                im = image_overlay(
+                    ax[i, j * n_views + v], images[lab][v], maps[(n, lab)][v], vmax=vmax,
+                    title=f"{lab} #{v}" if i == 0 else "",
+                )  # fmt: skip
+        ax[i, 0].set_ylabel(n, fontsize=7)
+    fig.colorbar(im, ax=ax.ravel().tolist(), label="CLS attention (last layer, head mean)", fraction=0.02)
+    return fig
+
+
+@styled
+def code_cosine_histograms(code_sim: Mapping[tuple[str, str, str], object], panels, models: Sequence[str]):
+    """The seed paper's code-cosine histograms: one panel per ``(architecture, condition)`` in ``panels``,
+    one line per model (``code_sim[(architecture, model, condition)]`` is a ``CodeSimilarity``)."""
+    fig, ax = new_figure(1, len(panels), w=3.5, h=2.8)
+    for p, (a, lab) in enumerate(panels):
+        for i, n in enumerate(models):
+            cs = code_sim.get((a, n, lab))
+            if cs is None:
+                continue
+            edges = _np(cs.edges)
+            dens = _np(cs.counts) / max(1, cs.counts.sum().item()) / np.diff(edges)
+            ax[0, p].stairs(dens, edges, color=color(i), lw=1.4, label=f"{n} (mean {cs.mean:.2f})")
+        ax[0, p].set(title=f"{a}, {lab}", xlabel="cosine(code clean, code corrupted)", ylabel="density")
+        ax[0, p].legend(frameon=False, fontsize=6, loc="upper left")
+    return fig
+
+
+@styled
+def feature_overlap_summary(overlaps: Mapping[tuple, object], persistent_cos: float, shifted_cos: float):
+    """Matched decoder cosines (histogram) and feature classes (bars) of each ``FeatureOverlap``."""
+    fig, ax = new_figure(1, 2, w=3.8, h=2.9)
+    keys = list(overlaps)
+    classes = ("persistent", "shifted", "lost", "new", "dead_a", "dead_b")
+    for i, k in enumerate(keys):
+        o = overlaps[k]
+        label = "/".join(k) if isinstance(k, tuple) else str(k)
+        ax[0, 0].hist(
+            _np(o.matched_cos),
+            bins=40,
+            range=(-1, 1),
+            histtype="step",
+            lw=1.4,
+            color=color(i + 1),
+            label=label,
+        )
+        cnt = o.counts()
+        ax[0, 1].bar(
+            np.arange(6) + (i - (len(keys) - 1) / 2) * 0.8 / len(keys), [cnt[c] for c in classes],
+            0.8 / len(keys), color=color(i + 1), label=label,
+        )  # fmt: skip
+    for x in (persistent_cos, shifted_cos):
+        ax[0, 0].axvline(x, color=PALETTE[6], ls=":", lw=0.8)
+    ax[0, 0].set(xlabel="decoder cosine of matched pair", ylabel="feature pairs")
+    ax[0, 1].set_xticks(
+        range(6), ["persistent", "shifted", "lost", "new", "dead\n(base)", "dead\n(ft)"], fontsize=6
+    )
+    ax[0, 1].set(ylabel="features")
+    ax[0, 1].legend(frameon=False, fontsize=6)
+    return fig
+
+
+@styled
+def patching_grids(results: Mapping[str, object], title: str):
+    """Position-patching scores on the patch grid, one row per ``PatchingResult`` (by layer x position), one
+    column per layer; the prefix tokens' scores are in the titles."""
+    keys = list(results)
+    L = results[keys[0]].values.shape[0]
+    lim = max(float(r.values.abs().max()) for r in results.values()) or 1.0
+    fig, ax = new_figure(len(keys), L, w=1.7, h=1.9)
+    for i, k in enumerate(keys):
+        prefix, g = results[k].on_grid()
+        for layer in range(L):
+            im = ax[i, layer].imshow(_np(g[layer]), cmap=DIVERGING, vmin=-lim, vmax=lim)
+            pre = ", ".join(f"{t} {float(v[layer]):.2f}" for t, v in prefix.items())
+            ax[i, layer].set_title(f"layer {layer}" + (f"\n{pre}" if pre else ""), fontsize=7)
+            ax[i, layer].set_xticks([])
+            ax[i, layer].set_yticks([])
+        ax[i, 0].set_ylabel(k, fontsize=7)
+    fig.colorbar(im, ax=ax.ravel().tolist(), label="normalised logit difference restored", fraction=0.02)
+    fig.suptitle(title, fontsize=9)
+    return fig
+
+
+@styled
+def patching_head_maps(results: Mapping[str, object]):
+    """Head-patching scores (layer x head), one panel per ``PatchingResult``."""
+    keys = list(results)
+    fig, ax = new_figure(1, len(keys), w=3.4, h=2.8)
+    for j, k in enumerate(keys):
+        r = results[k]
+        _report_heatmap(
+            ax[0, j], _np(r.values), r.labels["head"], r.labels["layer"], cbar_label="restored", cmap=DIVERGING,
+            fmt="{:.2f}",
+        )  # fmt: skip
+        ax[0, j].set(title=k, xlabel="head", ylabel="layer")
+    return fig
+
+
+@styled
+def cka_curves(groups: Mapping[str, Mapping[str, object]], ylabel: str, xlabel: str = "layer"):
+    """Linear CKA per layer: one panel per group (title -> {pair label: ``CKAResult``})."""
+    fig, ax = new_figure(1, len(groups), w=3.9, h=3.0, sharey=True)
+    for j, (title, group) in enumerate(groups.items()):
+        for i, (k, r) in enumerate(group.items()):
+            ax[0, j].plot(r.layers, _np(r.linear), color=color(i), marker="o", ms=3, label=k)
+        ax[0, j].set(title=title, xlabel=xlabel)
+        ax[0, j].legend(frameon=False, fontsize=6)
+    ax[0, 0].set_ylabel(ylabel)
+    return fig
