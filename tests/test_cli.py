@@ -60,8 +60,8 @@ def test_study_config_errors_are_one_line(tmp_path, capsys):
     )
     assert "does not exist" in line
     line = _one_line_error(
-        *run(capsys, "study", "--validate", "--set", "sae.hook=blocks.9.hook_foo")[::2],
-        "mechvit study: error: sae.hook: unknown hook 'blocks.9.hook_foo'",
+        *run(capsys, "study", "--validate", "--set", "sae.store.hook=blocks.9.hook_foo")[::2],
+        "mechvit study: error: sae.store.hook: unknown hook 'blocks.9.hook_foo'",
     )
     bad = tmp_path / "bad.yaml"
     bad.write_text(

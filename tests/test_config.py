@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mechvit.config import (
+from mechvit.study.config import (
     ConfigError,
     StudyConfig,
     check_hooks_against_model,
@@ -71,7 +71,8 @@ def test_imagenet_paper_config_expresses_the_seed_protocol():
     assert {c.corruption for c in cfg.conditions} == {"gaussian_blur", "gaussian_noise"}
     s = cfg.sae
     assert set(s.architectures) == {"batchtopk", "standard"}
-    assert (s.k, s.aux_coefficient, s.expansion_factor, s.lr, s.lr_schedule, s.epochs) == (
+    t = s.train
+    assert (t.k, t.aux_coefficient, t.expansion_factor, t.lr, t.lr_schedule, s.epochs) == (
         32,
         1 / 32,
         32,
@@ -79,20 +80,22 @@ def test_imagenet_paper_config_expresses_the_seed_protocol():
         "cosine",
         15,
     )
-    assert s.hook == "blocks.10.hook_resid_post" and s.tokens == "patches" and 0 < s.mix_fraction < 1
+    assert s.store.hook == "blocks.10.hook_resid_post" and s.store.tokens == "patches"
+    assert 0 < s.store.mix.fraction < 1
     assert cfg.data.img_size == 224 and cfg.data.mean == [0.5] * 3
 
 
 def test_defaults_follow_the_paper():
     cfg = study_config_from_dict(MINIMAL)
-    assert cfg.sae.k == 32 and cfg.sae.aux_coefficient == 1 / 32 and cfg.sae.expansion_factor == 32
+    t = cfg.sae.train
+    assert t.k == 32 and t.aux_coefficient == 1 / 32 and t.expansion_factor == 32
     assert cfg.robustness.severities == [1, 2, 4]
     assert cfg.logit_lens.mode == "first"
 
 
 def test_unknown_key_names_the_path():
-    msg = _error(_with(sae={"hookk": "blocks.1.hook_resid_post"}))
-    assert msg.startswith("sae.hookk: unknown key")
+    msg = _error(_with(sae={"store": {"hookk": "blocks.1.hook_resid_post"}}))
+    assert msg.startswith("sae.store.hookk: unknown key")
     assert _error({**MINIMAL, "bogus": 1}).startswith("bogus: unknown key")
     assert _error({"models": {"base": {"name": "b", "checkpoint": "x", "chekpoint": "y"}}}).startswith(
         "models.base.chekpoint: unknown key"
@@ -113,7 +116,7 @@ def test_wrong_type_names_the_path():
     assert _error(_with(conditions={"corruption": "gaussian_blur"})).startswith("conditions: expected a list")
     assert _error({"models": "x"}).startswith("models: expected a mapping")
     # YAML 1.1 reads 1e-3 as a string: still a float
-    assert study_config_from_dict(_with(sae={"lr": "1e-3"})).sae.lr == 1e-3
+    assert study_config_from_dict(_with(sae={"train": {"lr": "1e-3"}})).sae.train.lr == 1e-3
 
 
 def test_type_errors_say_the_path_what_was_expected_and_what_was_given():
@@ -123,11 +126,11 @@ def test_type_errors_say_the_path_what_was_expected_and_what_was_given():
     assert _error(_with(logit_lens={"mode": "last"})) == (
         "logit_lens.mode: expected one of 'first' | 'stable', got str 'last'"
     )
-    assert _error(_with(sae={"overlap": 3})) == "sae.overlap: expected a mapping (OverlapSection), got int 3"
+    assert _error(_with(sae={"overlap": 3})) == "sae.overlap: expected a mapping (OverlapConfig), got int 3"
     assert _error(_with(data={"root": None, "img_size": 1.5})) == "data.img_size: expected int, got float 1.5"
     assert _error(_with(name=None)) == "name: expected str, got null"
-    assert _error(_with(sae={"hookk": 1, "kk": 2})).startswith(
-        "sae.hookk, sae.kk: unknown keys; expected one of enabled, hook, tokens,"
+    assert _error(_with(sae={"train": {"kk": 1, "lrr": 2}})).startswith(
+        "sae.train.kk, sae.train.lrr: unknown keys; expected one of "
     )
     assert _error([1]) == "the config: expected a mapping (StudyConfig), got list [1]"
     assert (
@@ -187,24 +190,26 @@ def test_unknown_corruption_and_bad_severity():
 
 
 def test_unknown_hook_names_the_key():
-    assert _error(_with(sae={"hook": "blocks.9.hook_foo"})).startswith(
-        "sae.hook: unknown hook 'blocks.9.hook_foo'"
+    assert _error(_with(sae={"store": {"hook": "blocks.9.hook_foo"}})).startswith(
+        "sae.store.hook: unknown hook 'blocks.9.hook_foo'"
     )
-    assert _error(_with(sae={"hook": "resid_post"})).startswith("sae.hook: unknown hook")
+    assert _error(_with(sae={"store": {"hook": "resid_post"}})).startswith("sae.store.hook: unknown hook")
     # a real hook that is not per-token
-    assert _error(_with(sae={"hook": "blocks.1.attn.hook_pattern"})).startswith(
-        "sae.hook: hook 'blocks.1.attn.hook_"
+    assert _error(_with(sae={"store": {"hook": "blocks.1.attn.hook_pattern"}})).startswith(
+        "sae.store.hook: hook 'blocks.1.attn.hook_"
     )
 
 
 def test_hook_layer_checked_against_the_model(tiny_hooked):
-    cfg = study_config_from_dict(_with(sae={"hook": "blocks.7.hook_resid_post"}))  # pattern is fine
+    cfg = study_config_from_dict(
+        _with(sae={"store": {"hook": "blocks.7.hook_resid_post"}})
+    )  # pattern is fine
     with pytest.raises(
-        ConfigError, match=r"^sae.hook: unknown hook 'blocks.7.hook_resid_post'; this model has 2"
+        ConfigError, match=r"^sae.store.hook: unknown hook 'blocks.7.hook_resid_post'; this model has 2"
     ):
         check_hooks_against_model(cfg, tiny_hooked)
     check_hooks_against_model(
-        study_config_from_dict(_with(sae={"hook": "blocks.1.hook_resid_post"})), tiny_hooked
+        study_config_from_dict(_with(sae={"store": {"hook": "blocks.1.hook_resid_post"}})), tiny_hooked
     )
 
 

@@ -10,9 +10,9 @@ import pytest
 import timm
 import torch
 
-from mechvit.config import ConfigError, study_config_from_dict
 from mechvit.study import run_study
-from mechvit.study import steps as study_steps
+from mechvit.study.config import ConfigError, study_config_from_dict
+from mechvit.study.steps import attention as attention_step
 from mechvit.training.checkpoint import save_checkpoint
 
 ARCH = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=2)
@@ -62,16 +62,14 @@ def tiny_config(ck: dict[str, Path], **sections) -> dict:
         "logit_lens": {"n_images": 16},
         "attention": {"n_images": 8, "n_views": 1},
         "sae": {
-            "hook": "blocks.1.hook_resid_post",
             "architectures": ["batchtopk", "standard"],
-            "expansion_factor": 2,
-            "k": 4,
             "epochs": 1,
-            "batch_size": 64,
             "n_train_images": 32,
             "n_eval_images": 8,
             "top_features": 1,
             "top_images": 2,
+            "store": {"hook": "blocks.1.hook_resid_post", "buffer_size": 256},
+            "train": {"expansion_factor": 2, "k": 4, "batch_size": 64},
         },
         "patching": {"n_images": 4},
         "cka": {"n_images": 8},
@@ -164,7 +162,7 @@ def test_rerun_skips_finished_steps_and_recomputes_only_what_changed(finished, c
     assert run_study(study_config_from_dict(cfg), out).computed == ["cka"]
     # the SAE step's result changes the SAE analysis hash: both rerun, nothing else
     cfg = tiny_config(checkpoints, cka={"n_images": 12})
-    cfg["sae"] = {**cfg["sae"], "k": 3, "architectures": ["batchtopk"]}
+    cfg["sae"] = {**cfg["sae"], "train": {**cfg["sae"]["train"], "k": 3}, "architectures": ["batchtopk"]}
     assert run_study(study_config_from_dict(cfg), out).computed == ["sae", "sae_analysis"]
 
 
@@ -173,33 +171,34 @@ def test_interrupted_study_resumes(checkpoints, tmp_path, monkeypatch):
         tiny_config(checkpoints, sae={"enabled": False}, patching={"enabled": False}, cka={"enabled": False})
     )
     calls = []
-    real = {s.name: s.fn for s in study_steps.STEPS}
 
     def crash(ctx, w, prev):
         calls.append("attention")
         w.path("partial.txt").write_text("half written")
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(next(s for s in study_steps.STEPS if s.name == "attention"), "fn", crash)
+    monkeypatch.setattr(attention_step, "run", crash)
     with pytest.raises(RuntimeError, match="killed"):
         run_study(cfg, tmp_path)
     assert (tmp_path / "robustness" / "done.json").is_file() and (
         tmp_path / "logit_lens" / "done.json"
     ).is_file()
     assert not (tmp_path / "attention").exists() and not (tmp_path / "report.html").exists()
-    monkeypatch.setattr(next(s for s in study_steps.STEPS if s.name == "attention"), "fn", real["attention"])
+    monkeypatch.undo()
     run = run_study(cfg, tmp_path)
     assert run.cached == ["robustness", "logit_lens"] and run.computed == ["attention"]
     assert (tmp_path / "report.html").is_file() and calls == ["attention"]
 
 
 def test_hook_beyond_the_model_fails_before_any_step(checkpoints, tmp_path):
-    cfg = study_config_from_dict(tiny_config(checkpoints, sae={"hook": "blocks.5.hook_resid_post"}))
+    cfg = tiny_config(checkpoints)
+    cfg["sae"]["store"]["hook"] = "blocks.5.hook_resid_post"
+    cfg = study_config_from_dict(cfg)
     with pytest.raises(
-        ConfigError, match=r"^sae.hook: unknown hook 'blocks.5.hook_resid_post'; this model has 2"
+        ConfigError, match=r"^sae.store.hook: unknown hook 'blocks.5.hook_resid_post'; this model has 2"
     ):
         run_study(cfg, tmp_path)
-    assert not any(tmp_path.iterdir())
+    assert [p.name for p in tmp_path.iterdir()] == [".lock"]  # the out folder's lock file, no step output
 
 
 def test_missing_checkpoint_is_a_clear_error(checkpoints, tmp_path):

@@ -1,9 +1,17 @@
 """The ``mechvit study`` config: dataclasses loaded from YAML and validated in one pass.
 
+The sections that configure a library function ARE that function's config object, nested rather than copied:
+``data`` is :class:`mechvit.data.DataConfig`, ``sae.store`` is :class:`mechvit.sae.ActivationStoreConfig`,
+``sae.train`` is :class:`mechvit.sae.SAETrainingConfig` and ``sae.overlap`` is
+:class:`mechvit.analysis.OverlapConfig`. The few fields of those objects that the study sets itself per run
+(listed in :data:`SET_BY_STUDY`, e.g. each SAE's architecture, seed and sample count) must not appear in the
+YAML. A nested section given in the YAML starts from the study's defaults for it, not the class defaults.
+
 Every YAML key must name a field; a wrong type, an unknown corruption, a severity outside 1..5 or a hook
 name no ViT has raises ONE ``ValueError`` (:class:`ConfigError`) that starts with the key path, e.g.
-``sae.hook: unknown hook 'blocks.3.hook_foo'`` (keys and types: :mod:`mechvit._dataclass_yaml`). Hook
-layer indices are checked against the real model when the study starts (:func:`check_hooks_against_model`).
+``sae.store.hook: unknown hook 'blocks.3.hook_foo'`` (keys and types: :mod:`mechvit._dataclass_yaml`, which
+also turns a nested object's own ``__post_init__`` check into ``key.path: message``). Hook layer indices are
+checked against the real model when the study starts (:func:`check_hooks_against_model`).
 
 ``load_study_config(None)`` returns the embedded default (``configs/fashion_mnist.yaml``).
 """
@@ -17,8 +25,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mechvit._dataclass_yaml import ConfigError, apply_overrides, from_dict, read_yaml
+from mechvit.analysis.overlap import OverlapConfig
+from mechvit.data.loading import DataConfig
+from mechvit.sae.activations import ActivationStoreConfig, CorruptionMix
+from mechvit.sae.train import SAETrainingConfig
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "fashion_mnist.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent.parent / "configs" / "fashion_mnist.yaml"
+
+# fields of the nested library configs that the study sets per run; giving them in the YAML is an error
+SET_BY_STUDY: dict[str, dict[str, str]] = {
+    "data": {"limit_train": "the step sizes (n_images, sae.n_train_images)", "limit_test": "the step sizes"},
+    "sae.train": {
+        "architecture": "sae.architectures", "total_samples": "sae.epochs x sae.n_train_images x tokens",
+        "seed": "the study seed", "device": "the study device", "log_every": "the run length",
+    },
+    "sae.store": {"seed": "the study seed", "device": "the study device"},
+    "sae.store.mix": {"corruptions": "each SAE's condition"},
+}  # fmt: skip
 
 # hooks a HookedViT can have (see mechvit/model/hooked_vit.py); the layer index is checked against the model
 _BLOCK_HOOKS = (
@@ -86,23 +109,6 @@ def _positive(obj: Any, prefix: str, names: tuple[str, ...]) -> None:
 
 
 @dataclass
-class DataSection:
-    """Images: ``fashion_mnist`` (Debian's IDX files) or an ``imagefolder`` (``root/<split>/<class>/*``).
-
-    Models see ``(x - mean) / std`` when ``mean``/``std`` are given (pretrained timm models), else the [0, 1]
-    images; corruptions always act on the [0, 1] images.
-    """
-
-    dataset: Literal["fashion_mnist", "imagefolder"] = "fashion_mnist"
-    root: str | None = None
-    train_split: str = "train"
-    test_split: str = "test"
-    img_size: int | None = None
-    mean: list[float] | None = None
-    std: list[float] | None = None
-
-
-@dataclass
 class ModelEntry:
     """One model. Exactly one source: ``checkpoint`` (a mechvit checkpoint folder: model.safetensors +
     card.json), ``hooked`` (a HookedViT folder from ``save_pretrained``/``mechvit convert``) or ``timm`` (a timm
@@ -167,43 +173,43 @@ class AttentionSection:
     batch_size: int = 50
 
 
-@dataclass
-class OverlapSection:
-    persistent_cos: float = 0.9
-    shifted_cos: float = 0.5
-    top_k: int = 20
+def _default_store() -> ActivationStoreConfig:
+    return ActivationStoreConfig(
+        hook="blocks.3.hook_resid_post", model_batch_size=128, buffer_size=16384, mix=CorruptionMix(0.5)
+    )
 
 
 @dataclass
 class SAESection:
-    """SAEs on ``hook`` (a late block's output), ``tokens`` (patch tokens), trained on a mix of clean and
-    corrupted images: ``mix_fraction`` of the images get the condition's corruption. One SAE per
-    architecture x model x condition, where ``scope: own`` keeps, for a fine-tuned model, only the
-    conditions of the corruptions it was fine-tuned on (the base model gets every condition) and
-    ``scope: all`` trains every pair."""
+    """SAEs on ``store.hook`` (``store.tokens``), trained on a mix of clean and corrupted images:
+    ``store.mix.fraction`` of the images get the condition's corruption. One SAE per architecture x model x
+    condition, where ``scope: own`` keeps, for a fine-tuned model, only the conditions of the corruptions it
+    was fine-tuned on (the base model gets every condition) and ``scope: all`` trains every pair.
+    Each SAE trains for ``epochs`` passes over ``n_train_images`` images' tokens (``train`` is sae-lens's
+    recipe through :class:`mechvit.sae.SAETrainingConfig`)."""
 
     enabled: bool = True
-    hook: str = "blocks.3.hook_resid_post"
-    tokens: Literal["patches", "all", "cls", "prefix"] = "patches"
     architectures: list[Literal["batchtopk", "standard", "topk", "jumprelu"]] = field(
         default_factory=lambda: ["batchtopk", "standard"]
     )
-    expansion_factor: int = 32
-    k: int = 32
-    aux_coefficient: float = 1 / 32
-    l1_coefficient: float = 5.0
-    lr: float = 1e-3
-    lr_schedule: Literal["cosine", "constant"] = "cosine"
     epochs: float = 2.0
-    batch_size: int = 1024
     n_train_images: int = 2000
-    mix_fraction: float = 0.5
     scope: Literal["own", "all"] = "own"
     n_eval_images: int = 200
     histogram_bins: int = 50
     top_features: int = 6  # features with a feature page, per SAE pair
     top_images: int = 6  # images per feature
-    overlap: OverlapSection = field(default_factory=OverlapSection)
+    store: ActivationStoreConfig = field(default_factory=_default_store)
+    train: SAETrainingConfig = field(default_factory=lambda: SAETrainingConfig(expansion_factor=32))
+    overlap: OverlapConfig = field(default_factory=OverlapConfig)
+
+    @property
+    def hook(self) -> str:
+        return self.store.hook
+
+    @property
+    def tokens(self) -> str:
+        return self.store.tokens
 
 
 @dataclass
@@ -217,6 +223,7 @@ class PatchingSection:
     component: Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"] = "resid_pre"
     heads: bool = True
     across_models: bool = True
+    method: Literal["exact", "attribution"] = "exact"  # attribution: mechvit.analysis.attribution_patching
     batch_size: int = 32
     max_rows: int = 2048
 
@@ -241,7 +248,7 @@ class StudyConfig:
     device: str | None = None  # None: cuda when available, else cpu
     num_threads: int | None = None
     progress: bool = True
-    data: DataSection = field(default_factory=DataSection)
+    data: DataConfig = field(default_factory=DataConfig)
     conditions: list[Condition] = field(
         default_factory=lambda: [Condition("gaussian_blur", 4), Condition("gaussian_noise", 4)]
     )
@@ -296,16 +303,13 @@ def validate(cfg: StudyConfig) -> StudyConfig:
         check_severity(s, f"robustness.severities[{i}]")
     if not r.severities:
         raise ConfigError("robustness.severities: give at least one severity")
-    check_hook_name(cfg.sae.hook, "sae.hook", token_hook=True)
+    check_hook_name(cfg.sae.store.hook, "sae.store.hook", token_hook=True)
     if not cfg.sae.architectures:
         raise ConfigError("sae.architectures: give at least one architecture")
-    if not 0 <= cfg.sae.mix_fraction <= 1:
-        raise ConfigError(f"sae.mix_fraction: must be in [0, 1], got {cfg.sae.mix_fraction}")
-    o = cfg.sae.overlap
-    if not -1 <= o.shifted_cos <= o.persistent_cos <= 1:
+    if cfg.sae.store.buffer_size < cfg.sae.train.batch_size:
         raise ConfigError(
-            f"sae.overlap: need -1 <= shifted_cos <= persistent_cos <= 1, got {o.shifted_cos}, "
-            f"{o.persistent_cos}"
+            f"sae.store.buffer_size: expected at least sae.train.batch_size ({cfg.sae.train.batch_size}), "
+            f"got {cfg.sae.store.buffer_size}"
         )
     if (cfg.data.mean is None) != (cfg.data.std is None):
         raise ConfigError("data: give both mean and std or neither")
@@ -318,11 +322,7 @@ def validate(cfg: StudyConfig) -> StudyConfig:
         cfg.sae,
         "sae.",
         (
-            "expansion_factor",
-            "k",
-            "lr",
             "epochs",
-            "batch_size",
             "n_train_images",
             "n_eval_images",
             "histogram_bins",
@@ -343,14 +343,31 @@ def check_hooks_against_model(cfg: StudyConfig, model: Any) -> None:
     """``sae.hook`` must exist in ``model.hook_dict`` (the layer index must fit the model)."""
     if cfg.sae.enabled and cfg.sae.hook not in model.hook_dict:
         raise ConfigError(
-            f"sae.hook: unknown hook {cfg.sae.hook!r}; this model has {model.cfg.n_layers} blocks "
+            f"sae.store.hook: unknown hook {cfg.sae.hook!r}; this model has {model.cfg.n_layers} blocks "
             f"(blocks.0 .. blocks.{model.cfg.n_layers - 1})"
         )
 
 
+def check_set_by_study(data: Any) -> None:
+    """Refuse YAML keys of the nested library configs that the study sets itself (:data:`SET_BY_STUDY`)."""
+    for section, fields_ in SET_BY_STUDY.items():
+        d = data
+        for part in section.split("."):
+            d = d.get(part) if isinstance(d, dict) else None
+        if not isinstance(d, dict):
+            continue
+        for name, source in fields_.items():
+            if name in d:
+                raise ConfigError(
+                    f"{section}.{name}: expected no value (the study sets it from {source}), got {d[name]!r}"
+                )
+
+
 def study_config_from_dict(data: dict, overrides: dict[str, Any] | None = None) -> StudyConfig:
     """Build and validate a :class:`StudyConfig`; ``overrides`` maps dotted keys to values."""
-    return validate(from_dict(StudyConfig, apply_overrides(data, overrides or {})))
+    data = apply_overrides(data, overrides or {})
+    check_set_by_study(data)
+    return validate(from_dict(StudyConfig, data))
 
 
 def load_study_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> StudyConfig:
@@ -363,7 +380,7 @@ def load_study_config(path: str | Path | None = None, overrides: dict[str, Any] 
 
 
 __all__ = [
-    "AttentionSection", "CKASection", "Condition", "ConfigError", "DataSection", "LogitLensSection", "ModelEntry",
-    "ModelsSection", "OverlapSection", "PatchingSection", "RobustnessSection", "SAESection", "StudyConfig",
+    "AttentionSection", "CKASection", "Condition", "ConfigError", "DataConfig", "LogitLensSection", "ModelEntry",
+    "ModelsSection", "OverlapConfig", "PatchingSection", "SET_BY_STUDY", "RobustnessSection", "SAESection", "StudyConfig",
     "check_hook_name", "check_hooks_against_model", "load_study_config", "study_config_from_dict", "validate",
 ]  # fmt: skip

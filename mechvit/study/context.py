@@ -7,6 +7,7 @@ derived from the study seed and the condition, so every step and model sees the 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import zlib
 from dataclasses import dataclass, field
@@ -16,15 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mechvit.config import Condition, ConfigError, ModelEntry, StudyConfig
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from mechvit._io import sha256_file
+from mechvit.data.loading import as_tensors, load_split
+from mechvit.study.config import Condition, ConfigError, ModelEntry, StudyConfig
 
 
 @dataclass
@@ -118,6 +113,19 @@ def load_hooked(info: ModelInfo, device: torch.device):
     return model.eval()
 
 
+def resolve_device(device: str | None) -> torch.device:
+    """The study's device: ``None`` is cuda when available, else cpu; a bad string is a :class:`ConfigError`."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device: expected cpu, cuda, cuda:<n> or mps, got {device!r}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: expected an available device, got {device!r} (no CUDA here)")
+    return dev
+
+
 def _condition_seed(seed: int, cond: Condition, tag: str) -> int:
     return zlib.crc32(f"{seed}/{tag}/{cond.corruption}/{cond.severity}".encode()) & 0x7FFFFFFF
 
@@ -128,7 +136,7 @@ class StudyContext:
     def __init__(self, cfg: StudyConfig, out: Path):
         self.cfg = cfg
         self.out = out
-        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(cfg.device)
         self.progress = cfg.progress
         self.infos: dict[str, ModelInfo] = {}
         for i, entry in enumerate(cfg.model_entries()):
@@ -168,20 +176,7 @@ class StudyContext:
 
     # ---- images -----------------------------------------------------------------------------------------
     def _data_cfg(self, limit_test: int | None = None, limit_train: int | None = None):
-        from mechvit.training.config import DataConfig
-
-        d = self.cfg.data
-        return DataConfig(
-            dataset=d.dataset,
-            root=d.root,
-            train_split=d.train_split,
-            test_split=d.test_split,
-            img_size=d.img_size,
-            mean=d.mean,
-            std=d.std,
-            limit_train=limit_train,
-            limit_test=limit_test,
-        )
+        return dataclasses.replace(self.cfg.data, limit_train=limit_train, limit_test=limit_test)
 
     def _n_test_needed(self) -> int:
         c = self.cfg
@@ -195,21 +190,10 @@ class StudyContext:
         ]
         return max(sizes)
 
-    @staticmethod
-    def _as_tensors(data) -> tuple[Tensor, Tensor]:
-        if isinstance(data, tuple):
-            return data[0].float().contiguous(), data[1].long()
-        xs, ys = zip(*[(x, y) for x, y in data], strict=True)
-        return torch.stack(xs).float(), torch.tensor(ys).long()
-
     def test_images(self, n: int) -> tuple[Tensor, Tensor]:
         """The first ``n`` test images in [0, 1] (CPU) and their labels."""
         if self._test is None:
-            from mechvit.training.data import load_split
-
-            self._test = self._as_tensors(
-                load_split(self._data_cfg(limit_test=self._n_test_needed()), "test")
-            )
+            self._test = as_tensors(load_split(self._data_cfg(limit_test=self._n_test_needed()), "test"))
         x, y = self._test
         if n > len(y):
             raise ConfigError(f"data: the test split holds {len(y)} images, the config asks for {n}")
@@ -217,9 +201,7 @@ class StudyContext:
 
     def train_images(self, n: int) -> Tensor:
         if self._train is None or len(self._train) < n:
-            from mechvit.training.data import load_split
-
-            self._train = self._as_tensors(load_split(self._data_cfg(limit_train=n), "train"))[0]
+            self._train = as_tensors(load_split(self._data_cfg(limit_train=n), "train"))[0]
         return self._train[:n]
 
     def corrupted(self, cond: Condition, n: int) -> Tensor:
@@ -244,7 +226,23 @@ class StudyContext:
         return x
 
     def wrapped(self, name: str):
-        """The model taking [0, 1] images (``mechvit.training.data.Normalized``), for the robustness matrix."""
-        from mechvit.training.data import Normalized
+        """The model taking [0, 1] images (``mechvit.data.Normalized``), for the robustness matrix."""
+        from mechvit.data.loading import Normalized
 
         return Normalized(self.model(name), self.cfg.data.mean, self.cfg.data.std).to(self.device)
+
+    def inputs(self, n: int) -> dict[str, Tensor]:
+        """{"clean": x, "<corruption>/<severity>": corrupted x} for the first ``n`` test images ([0, 1], CPU)."""
+        x, _ = self.test_images(n)
+        return {"clean": x, **{c.label: self.corrupted(c, n) for c in self.cfg.conditions}}
+
+    def bar(self, total: int, desc: str):
+        """A progress bar for a step's runs (silent with ``progress: false``)."""
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit="run", leave=False, disable=not self.progress)
+
+
+def slug(label: str) -> str:
+    """A condition label as a file-name part (``gaussian_blur/4`` -> ``gaussian_blur-4``)."""
+    return label.replace("/", "-")

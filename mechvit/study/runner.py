@@ -1,0 +1,196 @@
+"""The study's step graph: named steps, each cached under a hash of its config, inputs and code.
+
+A step's hash covers its name, its config section, the shared settings it reads (data, seed, conditions),
+the content hashes of the models, the hashes of the steps it reads, and the source of its module and of
+every ``mechvit`` module that module imports (transitively; :func:`code_hash`), so editing a step or an
+analysis it calls reruns it, with no version number to bump by hand. A step writes into
+``<out>/.staging/<step>-<hash>/``; when it finishes, its ``result.json`` is written there, the folder is
+moved onto ``<out>/<step>/`` and then the done-marker ``<out>/<step>/done.json`` (holding the hash) is
+written. A rerun skips every step whose marker holds the current hash; an interrupted step leaves no marker
+and runs again (the staging folder survives, so a step may keep finished pieces, e.g. trained SAEs).
+The out folder is locked for the run (:class:`mechvit._io.FolderLock`): a second study on the same folder
+fails at once.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import hashlib
+import importlib
+import importlib.util
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from mechvit._io import FolderLock, atomic_write_json, replace_dir, sha256_bytes
+from mechvit.runtime import progress_bars
+from mechvit.study.config import StudyConfig, check_hooks_against_model
+from mechvit.study.context import StudyContext
+from mechvit.study.result import StepResult, StepWriter
+from mechvit.study.steps import STEPS, Step
+
+DONE = "done.json"
+RESULT = "result.json"
+
+
+def _imported_mechvit_modules(tree: ast.AST, package: str) -> set[str]:
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.split(".")[0] == "mechvit"}
+        elif isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level:  # relative import
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                mod = f"{base}.{mod}" if mod else base
+            if mod.split(".")[0] != "mechvit":
+                continue
+            out.add(mod)
+            for a in node.names:  # `from mechvit.analysis import overlap` imports a module
+                if importlib.util.find_spec(mod) is not None and _is_module(f"{mod}.{a.name}"):
+                    out.add(f"{mod}.{a.name}")
+    return out
+
+
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+@functools.cache
+def code_hash(module: str) -> str:
+    """sha256 over the source of ``module`` and of every ``mechvit`` module it imports, transitively
+    (imports inside functions included), in a fixed order."""
+    sources: dict[str, str] = {}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in sources:
+            continue
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+            sources[name] = "-"
+            continue
+        src = Path(spec.origin).read_bytes()
+        sources[name] = sha256_bytes(src)
+        package = name if spec.submodule_search_locations else name.rpartition(".")[0]
+        todo += sorted(_imported_mechvit_modules(ast.parse(src), package) - sources.keys())
+    return sha256_bytes(json.dumps(sorted(sources.items())).encode())
+
+
+def step_hash(step: Step, ctx: StudyContext, upstream: dict[str, str]) -> str:
+    cfg = ctx.cfg
+    section = dataclasses.asdict(getattr(cfg, step.section)) if step.section else None
+    if isinstance(section, dict):
+        section.pop("enabled", None)
+    payload = {
+        "step": step.name, "code": code_hash(step.module), "section": section,
+        "data": dataclasses.asdict(cfg.data), "seed": cfg.seed,
+        "conditions": [dataclasses.asdict(c) for c in cfg.conditions],
+        "models": ctx.model_hashes(), "upstream": {d: upstream[d] for d in step.deps},
+    }  # fmt: skip
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def read_done(out: Path, step: str) -> dict | None:
+    p = out / step / DONE
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def read_result(out: Path, step: str) -> StepResult:
+    return StepResult.from_dict(json.loads((out / step / RESULT).read_text()))
+
+
+@dataclass
+class StudyRun:
+    out: Path
+    results: dict[str, StepResult]
+    hashes: dict[str, str]
+    computed: list[str]
+    cached: list[str]
+    timings: dict[str, float]
+    report: Path | None = None
+
+
+def run_study(
+    cfg: StudyConfig,
+    out: str | Path,
+    *,
+    force: bool = False,
+    only: list[str] | None = None,
+    report: bool = True,
+) -> StudyRun:
+    """Run every enabled step of ``cfg`` into ``out`` (skipping finished ones unless ``force``), then write
+    ``report.html``, ``report.md`` and ``metrics.json``. ``only`` restricts to those steps (and needs their
+    upstream steps finished or enabled). Raises :class:`mechvit._io.LockError` when another run holds ``out``."""
+    out = Path(out)
+    with FolderLock(out), progress_bars(cfg.progress):
+        return _run(cfg, out, force=force, only=only, report=report)
+
+
+def _run(cfg: StudyConfig, out: Path, *, force: bool, only: list[str] | None, report: bool) -> StudyRun:
+    import torch
+
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    known = [s.name for s in STEPS]
+    for name in only or []:
+        if name not in known:
+            raise ValueError(f"unknown step {name!r}; steps: {', '.join(known)}")
+    ctx = StudyContext(cfg, out)
+    check_hooks_against_model(cfg, ctx.model(ctx.base_name))
+    steps = [s for s in STEPS if s.enabled(cfg) and (only is None or s.name in only)]
+    run = StudyRun(out, {}, {}, [], [], {})
+    bar = tqdm(steps, desc="study", unit="step", disable=not cfg.progress)
+    for step in bar:
+        bar.set_postfix_str(step.name)
+        missing = [d for d in step.deps if d not in run.hashes and read_done(out, d) is None]
+        if missing:
+            raise ValueError(f"step {step.name!r} needs {missing} (enable them in the config)")
+        for d in step.deps:  # a dependency outside `only`: use its finished result
+            if d not in run.hashes:
+                run.hashes[d] = read_done(out, d)["hash"]
+                run.results[d] = read_result(out, d)
+        h = step_hash(step, ctx, run.hashes)
+        done = read_done(out, step.name)
+        if not force and done is not None and done.get("hash") == h and (out / step.name / RESULT).is_file():
+            run.results[step.name] = read_result(out, step.name)
+            run.hashes[step.name], run.timings[step.name] = h, float(done.get("seconds", 0.0))
+            run.cached.append(step.name)
+            if cfg.progress:
+                tqdm.write(f"[{step.name}] up to date ({h}), skipped")
+            continue
+        t0 = time.time()
+        staging = out / ".staging" / f"{step.name}-{h}"
+        staging.mkdir(parents=True, exist_ok=True)
+        result = step.fn(ctx, StepWriter(step.name, staging), run.results)
+        atomic_write_json(staging / RESULT, result.to_dict(), indent=1)
+        final = replace_dir(staging, out / step.name)
+        seconds = round(time.time() - t0, 2)
+        finished = time.strftime("%Y-%m-%dT%H:%M:%S")
+        atomic_write_json(
+            final / DONE, {"step": step.name, "hash": h, "seconds": seconds, "finished": finished}
+        )
+        run.results[step.name], run.hashes[step.name], run.timings[step.name] = result, h, seconds
+        run.computed.append(step.name)
+        if cfg.progress:
+            tqdm.write(f"[{step.name}] done in {seconds:.1f} s")
+    bar.close()
+    shutil.rmtree(out / ".staging", ignore_errors=True)
+    if report:
+        from mechvit.study.report import write_report
+
+        run.report = write_report(ctx, run, [s for s in STEPS if s.name in run.results])
+    return run

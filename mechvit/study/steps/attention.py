@@ -1,0 +1,112 @@
+"""Attention: entropy and distance per layer, clean vs corrupted maps per model, fine-tuned vs base maps, CLS
+attention over the images and circuitsvis head views."""
+
+from __future__ import annotations
+
+import torch
+
+from mechvit.analysis import attention_stats, compare_attention, model_cls_attention
+from mechvit.study.context import StudyContext
+from mechvit.study.result import StepResult, StepWriter
+from mechvit.viz import figures
+from mechvit.viz.circuits import save_attention_views
+
+TITLE = "Attention"
+SECTION = "attention"
+
+
+def _per_layer(pairs: dict) -> dict:
+    return {f"{n}|{lab}": {k: v.tolist() for k, v in p.per_layer().items()} for (n, lab), p in pairs.items()}
+
+
+def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
+    s = ctx.cfg.attention
+    inputs = ctx.inputs(s.n_images)
+    conds = [lab for lab in inputs if lab != "clean"]
+    names, base = ctx.model_names, ctx.base_name
+    kw = {"batch_size": s.batch_size, "progress": False}
+    stats, paired, between = {}, {}, {}
+    with ctx.bar(len(names) * (1 + len(conds)) + len(ctx.finetuned_names) * len(inputs), "attention") as bar:
+        for n in names:
+            m, clean = ctx.model(n), ctx.prep(inputs["clean"])
+            stats[n] = attention_stats(m, clean, **kw)
+            bar.update(1)
+            for lab in conds:
+                paired[(n, lab)] = compare_attention(
+                    m, clean, images_b=ctx.prep(inputs[lab]), labels=("clean", lab), **kw
+                )
+                bar.update(1)
+        for n in ctx.finetuned_names:
+            for lab, xi in inputs.items():
+                between[(n, lab)] = compare_attention(
+                    ctx.model(base), ctx.prep(xi), ctx.model(n), labels=(base, n), **kw
+                )
+                bar.update(1)
+    res = StepResult(
+        metrics={
+            "stats": {n: v.to_dict() for n, v in stats.items()},
+            "clean_vs_corrupted": _per_layer(paired),
+            "base_vs_finetuned": _per_layer(between),
+        }
+    )
+    res.figures.append(
+        w.figure(
+            figures.attention_change_curves(paired, names, conds),
+            "attention_clean_vs_corrupted",
+            "Per layer: entropy of the corrupted minus the clean attention, mean squared difference and cosine "
+            "similarity of the maps (colour: model; line style: condition).",
+        )
+    )
+    res.figures.append(
+        w.figure(
+            figures.attention_layer_stats(stats),
+            "attention_stats",
+            "Attention entropy and mean attention distance per layer on clean images (head mean).",
+        )
+    )
+    if between:
+        res.figures.append(
+            w.figure(
+                figures.attention_between_models(between, ctx.finetuned_names, inputs, base),
+                "attention_base_vs_finetuned",
+                "Fine-tuned against base attention on the same images.",
+            )
+        )
+
+    # CLS attention of the last layer (head mean) on the first view images, and the circuitsvis views
+    n_views = min(s.n_views, s.n_images)
+    if not n_views:
+        return res
+    views_x = {lab: xi[:n_views] for lab, xi in inputs.items()}
+    cls = {
+        (n, lab): model_cls_attention(ctx.model(n), ctx.prep(xi))[-1].mean(1)
+        for n in names
+        for lab, xi in views_x.items()
+    }  # [views, gh, gw]
+    res.figures.append(
+        w.figure(
+            figures.cls_attention_grid(cls, views_x, names),
+            "cls_attention",
+            "CLS-to-patch attention of the last layer over the image (rows: models).",
+        )
+    )
+    with ctx.bar(len(names), "attention views") as bar:
+        for n in names:
+            m = ctx.model(n)
+            views = []
+            for v in range(n_views):
+                for lab, xi in views_x.items():
+                    _, cache = m.run_with_cache(
+                        ctx.prep(xi[v : v + 1]), names_filter=lambda h: h.endswith("hook_pattern")
+                    )
+                    pats = torch.stack(
+                        [cache[f"blocks.{i}.attn.hook_pattern"][0] for i in range(m.cfg.n_layers)]
+                    )
+                    views.append({"title": f"{n}: image #{v}, {lab}", "pattern": pats.cpu(), "image": xi[v]})
+            name = f"attention_views_{n}.html"
+            save_attention_views(w.path(name), views, m.token_labels(), title=f"Attention heads of {n}")
+            res.links.append(
+                {"file": w.rel(name), "title": f"circuitsvis attention views: {n} (offline, JS inlined)"}
+            )
+            bar.update(1)
+    return res
