@@ -49,6 +49,7 @@ test-slow: install data
 lint: install
 	$(VENV)/bin/ruff check mechvit tests benchmarks
 	$(VENV)/bin/ruff format --check mechvit tests benchmarks
+	$(VENV)/bin/lint-imports
 
 bench: install data
 	$(PY) benchmarks/bench_forward.py
