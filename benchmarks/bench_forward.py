@@ -1,11 +1,13 @@
 """HookedViT vs timm on the same weights: forward time ratios, measured in one run.
 
     python benchmarks/bench_forward.py [--models vit_tiny_patch16_224 vit_base_patch16_224] [--batches 8 32]
+        [--device cpu|cuda] [--dtype float32|bfloat16]
 
 Variants per (model, batch): timm forward; HookedViT forward (no hooks); HookedViT ``run_with_cache``
 (every hook cached). Rounds are interleaved (timm, hooked, cached, timm, ...) so that drift in machine
-load hits all variants alike; each ratio is median(variant) / median(timm). CPU, float32, no_grad.
-Targets: <= 1.02x without hooks, <= 1.10x with a full cache.
+load hits all variants alike; each ratio is median(variant) / median(timm). no_grad; ``--device`` and
+``--dtype`` (default CPU, float32) move both models and the input; CUDA timings synchronise before and after
+each call. Targets: <= 1.02x without hooks, <= 1.10x with a full cache.
 
 The run is repeated in a child process with glibc told to keep freed memory (``MALLOC_MMAP_THRESHOLD_``,
 ``MALLOC_TRIM_THRESHOLD_``): a full cache holds ~1 GB for ViT-B at batch 32, and with glibc's defaults every
@@ -19,27 +21,23 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import timm
 import torch
+from _common import add_device_args, machine, resolve, timed
 
 from mechvit import HookedViT
 
 
-def timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
-def bench(name: str, batch: int, rounds: int, threads: int) -> dict[str, float]:
+def bench(name: str, batch: int, rounds: int, device, dtype) -> dict[str, float]:
     torch.manual_seed(0)
     ref = timm.create_model(name, pretrained=False).eval()
-    hooked = HookedViT.from_timm(ref).eval()
-    x = torch.rand(batch, 3, *ref.patch_embed.img_size)
+    hooked = HookedViT.from_timm(ref).eval().to(device, dtype)
+    ref = ref.to(device, dtype)
+    x = torch.rand(batch, 3, *ref.patch_embed.img_size).to(device, dtype)
     with torch.no_grad():
-        assert (hooked(x) - ref(x)).abs().max() < 1e-4
+        diff = float((hooked(x).float() - ref(x).float()).abs().max())
+        assert diff < (1e-4 if dtype == torch.float32 else 0.1), f"HookedViT and timm differ by {diff}"
         variants = {
             "timm": lambda: ref(x),
             "hooked": lambda: hooked(x),
@@ -50,7 +48,7 @@ def bench(name: str, batch: int, rounds: int, threads: int) -> dict[str, float]:
         times: dict[str, list[float]] = {k: [] for k in variants}
         for _ in range(rounds):
             for k, fn in variants.items():
-                times[k].append(timed(fn))
+                times[k].append(timed(fn, device))
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
         "timm_s": med["timm"],
@@ -68,11 +66,13 @@ def main() -> None:
     ap.add_argument(
         "--no-tuned-malloc", action="store_true", help="skip the run with glibc keeping freed memory"
     )
+    add_device_args(ap)
     args = ap.parse_args()
+    device, dtype = resolve(args)
     torch.set_num_threads(args.threads)
     tuned = "MALLOC_MMAP_THRESHOLD_" in os.environ
     print(
-        f"torch {torch.__version__}, timm {timm.__version__}, {args.threads} threads, {args.rounds} interleaved rounds, "
+        f"{machine(device, dtype)}; timm {timm.__version__}, {args.rounds} interleaved rounds, "
         f"glibc malloc {'keeping freed memory' if tuned else 'defaults'}"
     )
     print("| model | batch | timm (s) | HookedViT / timm | run_with_cache / timm |")
@@ -80,7 +80,7 @@ def main() -> None:
     for name in args.models:
         for batch in args.batches:
             rounds = args.rounds if "base" not in name or batch <= 8 else max(3, args.rounds // 2)
-            r = bench(name, batch, rounds, args.threads)
+            r = bench(name, batch, rounds, device, dtype)
             print(
                 f"| {name} | {batch} | {r['timm_s']:.3f} | {r['hooked_x']:.3f}x | {r['cached_x']:.3f}x |",
                 flush=True,

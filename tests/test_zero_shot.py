@@ -188,3 +188,20 @@ def test_readme_model_sources_section_runs():
     # the second block's zero-shot model names its classes and its logit lens ends at the model's prediction
     assert scope["model"].cfg.class_names == ["T-shirt", "trouser", "sneaker"]
     assert scope["lens"].top1[:, -1].all()
+
+
+def test_cache_options_leave_the_head_hooks_whole():
+    """pos_slice selects token positions only: the zero-shot head's [batch, dim] hooks are kept whole."""
+    model = zero_shot_from_hf(hf_clip(), dict(input_ids=PROMPTS, attention_mask=MASK))
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        _, full = model.run_with_cache(x)
+        _, sliced = model.run_with_cache(x, pos_slice=0)
+        _, one = model.run_with_cache(x[:1], remove_batch_dim=True)
+    for name in ("head.hook_image_embed", "head.hook_normalized", "hook_logits"):
+        torch.testing.assert_close(sliced[name], full[name], atol=0, rtol=0)
+        torch.testing.assert_close(one[name], full[name][0], atol=1e-6, rtol=0)
+    # while block activations keep only the CLS position of every image
+    cls = sliced["blocks.0.hook_resid_post"]
+    assert cls.numel() == 3 * 32
+    torch.testing.assert_close(cls.reshape(3, 32), full["blocks.0.hook_resid_post"][:, 0], atol=0, rtol=0)
