@@ -425,7 +425,9 @@ def timm_kwargs(cfg: HookedViTConfig) -> dict[str, Any]:
     if cfg.d_head * cfg.n_heads != cfg.d_model:
         raise NotImplementedError("timm's VisionTransformer needs d_head * n_heads == d_model")
     if cfg.global_pool == "token_avg":
-        raise NotImplementedError("timm's VisionTransformer has no global_pool='token_avg' ([CLS, mean patch] readout)")
+        raise NotImplementedError(
+            "timm's VisionTransformer has no global_pool='token_avg' ([CLS, mean patch] readout)"
+        )
     if cfg.zero_shot_dim:
         raise NotImplementedError(
             "timm's VisionTransformer has no zero-shot head (projection, L2 normalisation, text classifier); "
