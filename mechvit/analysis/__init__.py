@@ -51,9 +51,11 @@ from mechvit.analysis.robustness import (
     classification_metrics,
     corruption_errors,
     expected_calibration_error,
+    robustness_estimates,
     robustness_matrix,
     seen_unseen_summary,
     topk_accuracy,
+    unchanged_corruptions,
 )
 from mechvit.analysis.similarity import CKAResult, layer_cka, linear_cka, write_rows_csv
 from mechvit.analysis.statistics import (
@@ -123,7 +125,9 @@ __all__ = [
     "permutation_test",
     "proportion_ci",
     "ratio_ci",
+    "robustness_estimates",
     "robustness_matrix",
+    "unchanged_corruptions",
     "sae_fit",
     "seen_unseen_summary",
     "topk_accuracy",

@@ -210,6 +210,7 @@ class PairedAttention:
     cosine: Tensor  # [L, H]
     n_images: int
     labels: tuple[str, str] = ("a", "b")
+    cosine_per_image: Tensor | None = None  # [N]: cosine of the two maps, mean over layers, heads and queries
 
     @property
     def entropy_diff(self) -> Tensor:
@@ -292,9 +293,11 @@ def compare_attention(
         k: torch.zeros(ca.n_layers, ca.n_heads, dtype=torch.float64)
         for k in ("entropy_a", "entropy_b", "distance_a", "distance_b", "mse", "cosine")
     }
+    per_image = []
     for s in batches(images_a.shape[0], batch_size, progress, "attention compare"):
         pats_a = _patterns(model_a, images_a[s : s + batch_size])
         pats_b = _patterns(model_b, images_b[s : s + batch_size])
+        cos_img = torch.zeros(pats_a[0].shape[0], dtype=torch.float64)
         for layer, (pa, pb) in enumerate(zip(pats_a, pats_b, strict=True)):
             pa, pb = pa.float(), pb.to(pa.device).float()
             sums["entropy_a"][layer] += attention_entropy(pa).mean(-1).sum(0).double().cpu()
@@ -312,11 +315,13 @@ def compare_attention(
                 .cpu()
             )
             sums["mse"][layer] += (pa - pb).pow(2).mean((-1, -2)).sum(0).double().cpu()
-            sums["cosine"][layer] += (
-                torch.nn.functional.cosine_similarity(pa.flatten(2), pb.flatten(2), dim=-1)
-                .sum(0)
-                .double()
-                .cpu()
-            )
+            cos = torch.nn.functional.cosine_similarity(pa.flatten(2), pb.flatten(2), dim=-1)  # [b, H]
+            sums["cosine"][layer] += cos.sum(0).double().cpu()
+            # per image: cosine of each query row's attention distribution, mean over queries and heads
+            cos_img += torch.nn.functional.cosine_similarity(pa, pb, dim=-1).mean((-1, -2)).double().cpu()
+        per_image.append(cos_img / len(pats_a))
     n = images_a.shape[0]
-    return PairedAttention(**{k: (v / n).float() for k, v in sums.items()}, n_images=n, labels=tuple(labels))
+    return PairedAttention(
+        **{k: (v / n).float() for k, v in sums.items()}, n_images=n, labels=tuple(labels),
+        cosine_per_image=torch.cat(per_image).float(),
+    )  # fmt: skip

@@ -467,6 +467,7 @@ class CodeCosineControls:
             per_image = torch.nanmean(t.double(), 0)
             per_image = per_image[~torch.isnan(per_image)]
             per_seed = torch.nanmean(t.double(), 1)
+            per_seed = per_seed[~torch.isnan(per_seed)]  # a seed whose codes are all zero has no cosine
             out[name] = {
                 "over_images": mean_ci(per_image.numpy(), confidence=self.confidence, seed=self.seed)
                 if per_image.numel()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -113,10 +114,12 @@ def robustness_matrix(
     device: str | torch.device | None = None,
     include_clean: bool = True,
     progress: bool = True,
-) -> list[dict]:
+    return_correct: bool = False,
+) -> list[dict] | tuple[list[dict], dict[tuple[str, str, int], Tensor]]:
     """One row per (model, corruption, severity) with the metrics of ``METRICS``; the clean images are
     corruption ``"clean"``, severity 0. ``models`` map a name to a module taking [0, 1] images (wrap a
-    normalising model in ``mechvit.data.Normalized``)."""
+    normalising model in ``mechvit.data.Normalized``). With ``return_correct`` also ``{(model, corruption,
+    severity): bool [N]}``, whether each image is classified correctly (for paired tests, CIs over images)."""
     from mechvit.corruptions import corrupt
 
     if len(labels) == 0:
@@ -131,9 +134,11 @@ def robustness_matrix(
     for m in models.values():
         m.eval().to(device)
     rows = []
+    correct: dict[tuple[str, str, int], Tensor] = {}
     bar = tqdm(total=len(cells) * n_batches, desc="robustness", disable=not progress, unit="batch")
     for name, sev in cells:
         accs = {m: None for m in models}
+        hits: dict[str, list[Tensor]] = {m: [] for m in models}
         for bi in range(n_batches):
             x = images[bi * batch_size : (bi + 1) * batch_size].to(device)
             y = labels[bi * batch_size : (bi + 1) * batch_size]
@@ -144,12 +149,102 @@ def robustness_matrix(
                 if accs[mname] is None:
                     accs[mname] = MetricAccumulator(logits.shape[-1])
                 accs[mname].add(logits, y)
+                if return_correct:
+                    hits[mname].append(logits.argmax(-1).cpu() == y.cpu())
             bar.update(1)
             bar.set_postfix_str(f"{name}-{sev}")
         for mname, a in accs.items():
             rows.append({"model": mname, "corruption": name, "severity": sev, **a.result()})
+            if return_correct:
+                correct[(mname, name, sev)] = torch.cat(hits[mname])
     bar.close()
-    return rows
+    return (rows, correct) if return_correct else rows
+
+
+def unchanged_corruptions(
+    images: Float[Tensor, "n c h w"], corruptions: Sequence[str], severities: Sequence[int], *, seed: int = 0
+) -> list[str]:
+    """The corruptions that leave ``images`` unchanged at every severity (e.g. ``saturate`` on grayscale
+    images: a colour-only change). They measure nothing and belong in neither "unseen" nor mCE."""
+    from mechvit.corruptions import corrupt
+
+    out = []
+    for name in corruptions:
+        if all(torch.equal(corrupt(images, name, sev, seed=seed), images.clamp(0, 1)) for sev in severities):
+            out.append(name)
+    return out
+
+
+def _score(
+    correct: dict[tuple[str, str, int], Tensor], model: str, cells: Sequence[tuple[str, int]]
+) -> Tensor:
+    """Per image: the fraction of ``cells`` (corruption, severity) that ``model`` classifies correctly."""
+    return torch.stack([correct[(model, c, s)].double() for c, s in cells]).mean(0)
+
+
+def robustness_estimates(
+    correct: dict[tuple[str, str, int], Tensor],
+    seen: dict[str, Sequence[str]],
+    base: str,
+    *,
+    exclude: Sequence[str] = (),
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """Accuracy with 95% CIs over images, per model and group of cells, and paired differences.
+
+    Groups (all severities in ``correct``; corruptions in ``exclude`` left out): ``clean``; ``seen`` (the
+    model's fine-tuning corruptions); ``unseen_same_family`` (the other corruptions of a seen corruption's
+    family, :data:`mechvit.corruptions.FAMILY_OF`); ``unseen_other`` (every other corruption). A model's score
+    on a group is, per image, the fraction of the group's cells it gets right; ``vs`` holds, for every other
+    model, the paired difference (this model minus that one) on THIS model's groups, with its CI (bootstrap
+    over images, pairs kept). Models without seen corruptions (the base, a clean fine-tune) have only
+    ``clean`` and ``all_corrupted``."""
+    from mechvit.analysis.statistics import mean_ci, paired_difference_ci
+    from mechvit.corruptions import FAMILY_OF
+
+    models = list(dict.fromkeys(m for m, _, _ in correct))
+    if base not in models:
+        raise ValueError(f"base model {base!r} not among the evaluated models {models}")
+    cells = sorted({(c, s) for _, c, s in correct if c != "clean" and c not in exclude})
+    out: dict[str, dict[str, Any]] = {}
+    for m in models:
+        s = set(seen.get(m, ()))
+        fams = {FAMILY_OF.get(c) for c in s}
+        groups = {"clean": [("clean", 0)]}
+        if s:
+            groups["seen"] = [cs for cs in cells if cs[0] in s]
+            groups["unseen_same_family"] = [
+                cs for cs in cells if cs[0] not in s and FAMILY_OF.get(cs[0]) in fams
+            ]
+            groups["unseen_other"] = [
+                cs for cs in cells if cs[0] not in s and FAMILY_OF.get(cs[0]) not in fams
+            ]
+        else:
+            groups["all_corrupted"] = cells
+        groups = {g: c for g, c in groups.items() if c}
+        est = {
+            g: mean_ci(_score(correct, m, c).numpy(), confidence=confidence, seed=seed)
+            for g, c in groups.items()
+        }
+        vs = {
+            o: {
+                g: paired_difference_ci(
+                    _score(correct, m, c).numpy(),
+                    _score(correct, o, c).numpy(),
+                    confidence=confidence,
+                    seed=seed,
+                )
+                for g, c in groups.items()
+            }
+            for o in models
+            if o != m
+        }
+        out[m] = {
+            "seen": sorted(s), "groups": {g: [f"{c}/{sv}" for c, sv in cs] for g, cs in groups.items()},
+            "accuracy": est, "vs": vs,
+        }  # fmt: skip
+    return out
 
 
 def corruption_errors(rows: list[dict], base: str) -> dict[str, dict[str, float]]:
