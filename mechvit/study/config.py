@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mechvit._dataclass_yaml import ConfigError, apply_overrides, from_dict, read_yaml
+from mechvit.analysis.controls import ControlsConfig
 from mechvit.analysis.overlap import OverlapConfig
 from mechvit.data.loading import DataConfig
 from mechvit.sae.activations import ActivationStoreConfig, CorruptionMix
@@ -40,7 +41,8 @@ SET_BY_STUDY: dict[str, dict[str, str]] = {
         "seed": "the study seed", "device": "the study device", "log_every": "the run length",
     },
     "sae.store": {"seed": "the study seed", "device": "the study device"},
-    "sae.store.mix": {"corruptions": "each SAE's condition"},
+    "sae.store.mix": {"corruptions": "the study's conditions"},
+    "sae.controls": {"reference": "models.base", "seed": "the study seed"},
 }  # fmt: skip
 
 # hooks a HookedViT can have (see mechvit/model/hooked_vit.py); the layer index is checked against the model
@@ -181,27 +183,33 @@ def _default_store() -> ActivationStoreConfig:
 
 @dataclass
 class SAESection:
-    """SAEs on ``store.hook`` (``store.tokens``), trained on a mix of clean and corrupted images:
-    ``store.mix.fraction`` of the images get the condition's corruption. One SAE per architecture x model x
-    condition, where ``scope: own`` keeps, for a fine-tuned model, only the conditions of the corruptions it
-    was fine-tuned on (the base model gets every condition) and ``scope: all`` trains every pair.
-    Each SAE trains for ``epochs`` passes over ``n_train_images`` images' tokens (``train`` is sae-lens's
-    recipe through :class:`mechvit.sae.SAETrainingConfig`)."""
+    """Replicate SAEs on ``store.hook`` (``store.tokens``) for every model of ``models`` (None: all of them),
+    all trained on ONE data mix: ``store.mix.fraction`` of the training images carry one of the study's
+    conditions (drawn uniformly), the same images and corruptions for every model (the store's seed is the
+    study's), so that SAEs of different models differ by the model only. Each architecture gets
+    ``replicates`` SAEs per model, each with its own init and data-order seed
+    (``mechvit.sae.derive_seed(seed, architecture, model, replicate)``); the replicates of one model are the
+    seed-noise ceiling every between-model comparison is set against (``controls``). The SAEs of one model
+    train in one pass over its cached activations (``mechvit.sae.train_saes``, sae-lens's trainer per SAE),
+    ``epochs`` passes over ``n_train_images`` images' tokens."""
 
     enabled: bool = True
     architectures: list[Literal["batchtopk", "standard", "topk", "jumprelu"]] = field(
-        default_factory=lambda: ["batchtopk", "standard"]
+        default_factory=lambda: ["batchtopk"]
     )
-    epochs: float = 2.0
-    n_train_images: int = 2000
-    scope: Literal["own", "all"] = "own"
+    models: list[str] | None = None  # None: every model of the study
+    replicates: int = 3
+    epochs: float = 1.0
+    n_train_images: int = 20_000
     n_eval_images: int = 200
     histogram_bins: int = 50
+    ablation_warn_nats: float = 0.1  # the report warns when the hook's mean-ablation KL is below this
     top_features: int = 6  # features with a feature page, per SAE pair
     top_images: int = 6  # images per feature
     store: ActivationStoreConfig = field(default_factory=_default_store)
     train: SAETrainingConfig = field(default_factory=lambda: SAETrainingConfig(expansion_factor=32))
     overlap: OverlapConfig = field(default_factory=OverlapConfig)
+    controls: ControlsConfig = field(default_factory=ControlsConfig)
 
     @property
     def hook(self) -> str:
@@ -306,6 +314,20 @@ def validate(cfg: StudyConfig) -> StudyConfig:
     check_hook_name(cfg.sae.store.hook, "sae.store.hook", token_hook=True)
     if not cfg.sae.architectures:
         raise ConfigError("sae.architectures: give at least one architecture")
+    if cfg.sae.replicates < 2:
+        raise ConfigError(
+            f"sae.replicates: expected at least 2 (two seeds per model are the seed-noise control of every "
+            f"overlap number), got {cfg.sae.replicates}"
+        )
+    names = [m.name for m in cfg.model_entries()]
+    unknown = [m for m in cfg.sae.models or [] if m not in names]
+    if unknown:
+        raise ConfigError(f"sae.models: unknown model(s) {unknown}; the study's models are {names}")
+    if cfg.sae.models is not None and cfg.models.base.name not in cfg.sae.models:
+        raise ConfigError(
+            f"sae.models: must include the base model {cfg.models.base.name!r} (the reference of the "
+            f"controls), got {cfg.sae.models}"
+        )
     if cfg.sae.store.buffer_size < cfg.sae.train.batch_size:
         raise ConfigError(
             f"sae.store.buffer_size: expected at least sae.train.batch_size ({cfg.sae.train.batch_size}), "

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mechvit._io import atomic_write_json, atomic_write_text
+from mechvit.study.claims import CLAIMS, claims_table, overall, verdicts
 from mechvit.study.result import Table
 
 SUMMARY_TITLE = "Key numbers"
@@ -78,48 +79,58 @@ def _fmt(v: Any, pct: bool = False) -> str:
     return f"{100 * v:.1f}%" if pct else (f"{v:.3f}" if isinstance(v, float) else str(v))
 
 
+def _ci(d: dict | None, scale: float = 1.0, unit: str = "") -> str:
+    if not d or d.get("estimate") is None:
+        return "–"
+    e, lo, hi = (None if d.get(k) is None else scale * d[k] for k in ("estimate", "low", "high"))
+    if lo is None or hi is None or lo != lo:
+        return f"{e:.3g}{unit}"
+    return f"{e:.3g}{unit} [95% CI {lo:.3g}, {hi:.3g}]"
+
+
 def key_numbers(results: dict, base: str) -> list[str]:
-    """One line per headline number of the study (what a reader checks first)."""
+    """One line per headline number of the study (what a reader checks first), each with its 95% CI."""
     out = []
     r = results.get("robustness")
-    if r is not None:
-        for s in r.metrics["seen_unseen"]:
-            seen = ", ".join(s["seen"]) or "none"
-            out.append(
-                f"{s['model']}: clean top-1 {_fmt(s['clean_top1'], True)}, seen ({seen}) "
-                f"{_fmt(s['seen_top1'], True)}, unseen {_fmt(s['unseen_top1'], True)}, mCE {_fmt(s['mCE'])}"
-            )
-        for n, d in r.metrics.get("transfer_top1", {}).items():
-            parts = ", ".join(f"{lab} {100 * v:+.1f} pp" for lab, v in d.items())
-            out.append(f"{n} vs {base} (top-1 change): {parts}")
+    if r is not None and "estimates" in r.metrics:
+        n = r.metrics["n_images"]
+        for m, e in r.metrics["estimates"].items():
+            parts = [f"{g.replace('_', ' ')} {_ci(v, 100, '%')}" for g, v in e["accuracy"].items()]
+            out.append(f"{m} top-1 on {n} images: " + "; ".join(parts))
     r = results.get("logit_lens")
     if r is not None:
-        parts = [
-            f"{k.replace('|', ' on ')} {_fmt(v['mean_first_correct_layer'])}" for k, v in r.metrics.items()
-        ]
-        out.append("logit lens, mean first correct layer: " + "; ".join(parts))
+        for k, v in r.metrics.get("paired_first_correct", {}).items():
+            m, ref, lab = k.split("|")
+            out.append(
+                f"logit lens, first correct block {m} minus {ref} on {lab} (paired, {v['n_common']} images): "
+                f"{_ci(v['difference'])}"
+            )
     r = results.get("sae")
     if r is not None and r.metrics:
-        parts = [
-            f"{k.replace('|', ' ')}: EV {_fmt(v['heldout']['explained_variance'])}, L0 {v['heldout']['l0']:.1f}"
-            for k, v in r.metrics.items()
-        ]
-        out.append("SAEs (held-out): " + "; ".join(parts))
+        g = r.metrics.get("ablation_gap")
+        if g:
+            out.append(f"mean-ablation gap of the SAE hook's tokens (base model): KL {g['kl']:.3f} nats")
+        for k, v in r.metrics.items():
+            if k.count("|") != 2:
+                continue
+            h = v["heldout"]
+            out.append(
+                f"SAE {k.replace('|', ' ')} (seed {v['seed']}): held-out EV {_fmt(h['explained_variance'])} (PCA-k "
+                f"{_fmt(v['pca_k_explained_variance'])}), L0 {h['l0']:.1f}, dead {h['dead_features']}/{h['d_sae']}, "
+                f"spliced KL {_fmt(v['spliced_clean']['kl_sae'])} nats"
+            )
     r = results.get("sae_analysis")
     if r is not None:
-        cs = r.metrics.get("code_similarity", {})
-        if cs:
-            out.append(
-                "SAE code cosine clean vs corrupted (mean): "
-                + "; ".join(f"{k.replace('|', ' ')} {_fmt(v['mean'])}" for k, v in cs.items())
-            )
-        for k, v in r.metrics.get("overlap", {}).items():
-            c = v["counts"]
-            out.append(
-                f"feature overlap {k.replace('|', ' ')} vs {base}: persistent {c['persistent']}, shifted "
-                f"{c['shifted']}, lost {c['lost']}, new {c['new']} of {v['n_features_a']}; mean matched "
-                f"cosine {_fmt(v['mean_matched_cos'])}"
-            )
+        for arch, oc in r.metrics.get("overlap_controls", {}).items():
+            for comp, per in oc["summary"].items():
+                mc = per["matched_cos"]
+                p = (mc.get("test") or {}).get("p_value")
+                out.append(
+                    f"SAE overlap {comp} ({arch}): matched decoder cosine between {_ci(mc['between'])}, within "
+                    f"base {_ci(mc['within_reference'])}, within other {_ci(mc['within_other'])}, floor "
+                    f"{_ci(mc['floor'])}; ratio {_ci(mc['ratio'])}; permutation p = "
+                    f"{'–' if p is None else f'{p:.3g}'}"
+                )
     r = results.get("cka")
     if r is not None:
         for k, v in r.metrics.get("between_models", {}).items():
@@ -132,7 +143,19 @@ def key_numbers(results: dict, base: str) -> list[str]:
 # ---- sections -----------------------------------------------------------------------------------------
 def sections(ctx, run, steps, numbers: list[str], models: dict) -> list[Section]:
     """The report's sections: key numbers, models, then one per step in order."""
+    vs = verdicts({k: v.metrics for k, v in run.results.items()}, ctx.base_name)
+    ov = overall(vs)
     out = [
+        Section(
+            "claims",
+            "Claims: what the data say",
+            paragraphs=[
+                "Rules: see mechvit/study/claims.py and docs/study.md. Every effect carries its 95% CI "
+                "and is set against its control."
+            ],
+            items=[f"{CLAIMS[c]}: {v}" for c, v in ov.items()],
+            tables=[claims_table(vs)] if vs else [],
+        ),
         Section("summary", SUMMARY_TITLE, items=numbers),
         Section(
             "models",
@@ -269,6 +292,8 @@ def write_report(ctx, run, steps) -> Path:
                            "cached": s.name in run.cached, "metrics": results[s.name].metrics} for s in steps},
         "config": dataclasses.asdict(cfg),
     }  # fmt: skip
+    vs = verdicts({k: v.metrics for k, v in results.items()}, ctx.base_name)
+    metrics["claims"] = {"overall": overall(vs), "per_model": [dataclasses.asdict(v) for v in vs]}
     atomic_write_json(out / "metrics.json", metrics, indent=1)
     secs = sections(ctx, run, steps, numbers, models)
     reproduce = f"mechvit study --config <this config> --out {out}"

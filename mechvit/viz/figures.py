@@ -454,6 +454,9 @@ __all__ = [
     "DIVERGING",
     "PALETTE",
     "SEQUENTIAL",
+    "code_cosine_controls_figure",
+    "overlap_controls_figure",
+    "robustness_group_bars",
     "color",
     "heatmap",
     "image_overlay",
@@ -761,4 +764,122 @@ def cka_curves(groups: Mapping[str, Mapping[str, object]], ylabel: str, xlabel: 
         ax[0, j].set(title=title, xlabel=xlabel)
         ax[0, j].legend(frameon=False, fontsize=6)
     ax[0, 0].set_ylabel(ylabel)
+    return fig
+
+
+def _ci_bar(ax, x: float, e, col: str, width: float, label: str | None = None) -> None:
+    """One bar at ``x`` for an Estimate-like (``estimate``/``low``/``high`` attributes or keys), CI whiskers."""
+    if e is None:
+        return
+    get = (lambda k: e[k]) if isinstance(e, Mapping) else (lambda k: getattr(e, k))
+    m, lo, hi = get("estimate"), get("low"), get("high")
+    if m is None or m != m:
+        return
+    ax.bar(x, m, width, color=col, label=label)
+    if lo is not None and hi is not None and lo == lo and hi == hi:
+        ax.errorbar(x, m, yerr=[[m - lo], [hi - m]], color="black", lw=0.8, capsize=2)
+
+
+_CONTROL_GROUPS = (("within_reference", "within base"), ("within_other", "within other"),
+                   ("between", "between"), ("floor", "floor (random rows)"))  # fmt: skip
+
+
+@styled
+def overlap_controls_figure(
+    summary: Mapping[str, Mapping[str, Mapping[str, object]]], labels: Mapping[str, str]
+):
+    """SAE overlap against its controls (``OverlapControls.summary``): one panel per metric, one group of
+    bars per comparison (within base, within other, between, floor; mean and 95% CI over seed pairs)."""
+    metrics = list(labels)
+    comps = list(summary)
+    ncols = min(3, len(metrics))
+    nrows = -(-len(metrics) // ncols)
+    fig, ax = new_figure(nrows, ncols, w=max(3.2, 1.1 * len(comps) + 1.2), h=2.7)
+    width = 0.8 / len(_CONTROL_GROUPS)
+    for k, metric in enumerate(metrics):
+        a = ax[k // ncols, k % ncols]
+        for i, comp in enumerate(comps):
+            s = summary[comp].get(metric) or {}
+            for j, (key, name) in enumerate(_CONTROL_GROUPS):
+                _ci_bar(a, i + (j - 1.5) * width, s.get(key), color(j), width, name if i == 0 else None)
+            t = s.get("test")
+            p = getattr(t, "p_value", None) if t is not None else None
+            if p is not None:
+                a.annotate(
+                    f"p={p:.2g}",
+                    (i, 1.0),
+                    xycoords=("data", "axes fraction"),
+                    ha="center",
+                    va="top",
+                    fontsize=6,
+                )
+        a.set_xticks(range(len(comps)))
+        a.set_xticklabels([c.split(" vs ")[-1] for c in comps], rotation=30, ha="right")
+        a.set_title(labels[metric], fontsize=8)
+        if k == 0:
+            a.legend(frameon=False, fontsize=6, loc="lower left")
+    for k in range(len(metrics), nrows * ncols):
+        ax[k // ncols, k % ncols].set_visible(False)
+    fig.suptitle("base vs each model: SAE overlap against seed-noise ceiling and random floor", fontsize=9)
+    return fig
+
+
+@styled
+def code_cosine_controls_figure(
+    code: Mapping[str, Mapping], architectures: Sequence[str], conditions: Sequence[str]
+):
+    """The seed paper's code cosine with its controls (``CodeCosineControls.to_dict()`` under keys
+    ``"arch|model|sae_of|condition"``): per architecture x condition, each model's code cosine with its own
+    SAEs, the raw-activation cosine and the mismatched-patch baseline, 95% CI over images."""
+    fig, ax = new_figure(len(architectures), len(conditions), w=3.8, h=2.8)
+    groups = (
+        ("code", "code cosine (own SAEs)"),
+        ("raw", "raw activation cosine"),
+        ("mismatched", "mismatched patch"),
+    )
+    width = 0.8 / len(groups)
+    for i, a in enumerate(architectures):
+        for j, cond in enumerate(conditions):
+            keys = [
+                k
+                for k in code
+                if k.startswith(f"{a}|") and k.endswith(f"|{cond}") and k.split("|")[1] == k.split("|")[2]
+            ]
+            models = [k.split("|")[1] for k in keys]
+            for x, k in enumerate(keys):
+                for g, (name, lab) in enumerate(groups):
+                    _ci_bar(ax[i, j], x + (g - 1) * width, code[k][name]["over_images"], color(g), width,
+                            lab if x == 0 else None)  # fmt: skip
+            ax[i, j].set_xticks(range(len(models)))
+            ax[i, j].set_xticklabels(models, rotation=30, ha="right")
+            ax[i, j].set(title=f"{a}, {cond}", ylabel="cosine")
+            if i == 0 and j == 0:
+                ax[i, j].legend(frameon=False, fontsize=6, loc="lower left")
+    return fig
+
+
+@styled
+def robustness_group_bars(estimates: Mapping[str, Mapping], models: Sequence[str], groups: Mapping[str, str]):
+    """Top-1 per model and group of cells with 95% CI whiskers (the robustness step's ``estimates``:
+    ``{model: {"accuracy": {group: Estimate dict}}}``); ``groups`` maps a group key to its legend label."""
+    keys = [g for g in groups if any(g in estimates[m]["accuracy"] for m in models)]
+    fig, ax = new_figure(w=max(4.5, 1.2 * len(models) + 1.5))
+    width = 0.8 / max(1, len(keys))
+    for j, g in enumerate(keys):
+        for i, m in enumerate(models):
+            e = estimates[m]["accuracy"].get(g)
+            if e is not None:
+                e = {k: 100 * e[k] for k in ("estimate", "low", "high")}
+            _ci_bar(
+                ax[0, 0],
+                i + (j - (len(keys) - 1) / 2) * width,
+                e,
+                color(j),
+                width,
+                groups[g] if i == 0 else None,
+            )
+    ax[0, 0].set_xticks(range(len(models)), list(models), rotation=20, ha="right")
+    ax[0, 0].set_ylabel("top-1 accuracy (%)")
+    ax[0, 0].set_ylim(0, 100)
+    ax[0, 0].legend(frameon=False, ncols=2, loc="lower right", fontsize=6)
     return fig

@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 
 from mechvit.analysis import attention_stats, compare_attention, model_cls_attention
+from mechvit.analysis.statistics import mean_ci, paired_difference_ci
 from mechvit.study.context import StudyContext
-from mechvit.study.result import StepResult, StepWriter
+from mechvit.study.result import StepResult, StepWriter, Table
 from mechvit.viz import figures
 from mechvit.viz.circuits import save_attention_views
 
@@ -49,6 +50,37 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
             "base_vs_finetuned": _per_layer(between),
         }
     )
+    # how far each fine-tune's attention moved from the base's, per image (1 - cosine of the maps, mean over
+    # layers, heads, queries), against how far the clean fine-tune control's moved on the same images
+    change, rows = {}, []
+    ctrls = [m for m in ctx.finetuned_names if not ctx.infos[m].seen]
+    for n in ctx.finetuned_names:
+        d_n = {lab: 1 - between[(n, lab)].cosine_per_image.double() for lab in inputs}
+        for lab in inputs:
+            e = mean_ci(d_n[lab].numpy(), seed=ctx.cfg.seed)
+            entry = {"change": e.to_dict()}
+            row = [n, lab, e.estimate, e.low, e.high, None, None, None, None]
+            for c in ctrls:
+                if c == n:
+                    continue
+                dc = 1 - between[(c, lab)].cosine_per_image.double()
+                diff = paired_difference_ci(d_n[lab].numpy(), dc.numpy(), seed=ctx.cfg.seed)
+                entry[f"minus_{c}"] = diff.to_dict()
+                row[5:9] = [c, diff.estimate, diff.low, diff.high]
+            change[f"{n}|{lab}"] = entry
+            rows.append(row)
+    res.metrics["change_from_base"] = change
+    if rows:
+        res.tables.append(
+            Table(
+                f"Attention change from the base model: 1 - cosine of the attention maps (mean over layers, heads "
+                f"and queries), mean and 95% CI over {s.n_images} images, and its paired difference from the "
+                "clean fine-tune control's change on the same images",
+                ["model", "input", "change", "low", "high", "control", "minus control", "low", "high"],
+                rows,
+                digits=4,
+            )
+        )
     res.figures.append(
         w.figure(
             figures.attention_change_curves(paired, names, conds),

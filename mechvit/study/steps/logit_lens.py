@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from mechvit.analysis import LogitLensSweep, logit_lens
+from mechvit.analysis.logit_lens import first_correct_layer
+from mechvit.analysis.statistics import mean_ci, paired_difference_ci
 from mechvit.study.context import StudyContext
 from mechvit.study.result import StepResult, StepWriter, Table
 from mechvit.viz import figures
@@ -26,25 +28,65 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
                 bar.update(1)
     LogitLensSweep(results).save_csv(w.path("logit_lens.csv"))
     res = StepResult(metrics={f"{n}|{lab}": r.to_dict() for (n, lab), r in results.items()})
-    rows = [
-        [
-            n,
-            lab,
-            float(r.top1[:, -1].double().mean()),
-            r.mean_first_correct,
-            f"{int((r.first_correct >= 0).sum())}/{r.top1.shape[0]}",
-        ]  # fmt: skip
-        for (n, lab), r in results.items()
-    ]
+
+    def first_block(
+        r,
+    ):  # first correct BLOCK: the embed row (class token before block 0) does not see the image
+        return first_correct_layer(r.top1[:, 1:] if s.include_embed else r.top1, s.mode)
+
+    firsts = {k: first_block(r) for k, r in results.items()}
+    rows = []
+    for (n, lab), r in results.items():
+        f = firsts[(n, lab)]
+        ok = f >= 0
+        e = mean_ci(f[ok].double().numpy(), seed=ctx.cfg.seed) if ok.any() else None
+        rows.append(
+            [n, lab, float(r.top1[:, -1].double().mean()), *([e.estimate, e.low, e.high] if e else [None] * 3),
+             f"{int(ok.sum())}/{r.top1.shape[0]}"]
+        )  # fmt: skip
     res.tables.append(
         Table(
-            f"Logit lens: first layer at which the correct class is top-1 (mode '{s.mode}', averaged over "
-            f"images correct at some layer; layer index counts "
-            f"{'embed, then blocks' if s.include_embed else 'blocks'})",
-            ["model", "input", "final top-1", "mean first correct layer", "correct at some layer"],
+            f"Logit lens: first block after which the correct class is top-1 (mode '{s.mode}'; 0 = after block 0; "
+            "the embed row is left out: before block 0 the class token does not depend on the image), mean and "
+            "95% CI over the images correct after some block",
+            [
+                "model",
+                "input",
+                "final top-1",
+                "mean first correct block",
+                "low",
+                "high",
+                "correct after some block",
+            ],
             rows,
         )
     )
+    paired, prow = {}, []
+    refs = [ctx.base_name, *[m for m in ctx.finetuned_names if not ctx.infos[m].seen]]
+    for n in ctx.finetuned_names:
+        for ref in refs:
+            if ref == n:
+                continue
+            for lab in inputs:
+                a, b = firsts[(n, lab)], firsts[(ref, lab)]
+                common = (a >= 0) & (b >= 0)
+                if int(common.sum()) < 2:
+                    continue
+                d = paired_difference_ci(
+                    a[common].double().numpy(), b[common].double().numpy(), seed=ctx.cfg.seed
+                )
+                paired[f"{n}|{ref}|{lab}"] = {"n_common": int(common.sum()), "difference": d.to_dict()}
+                prow.append([n, ref, lab, int(common.sum()), d.estimate, d.low, d.high])
+    res.metrics["paired_first_correct"] = paired
+    if prow:
+        res.tables.append(
+            Table(
+                "First correct block, fine-tuned model minus reference, paired on the images correct after some "
+                "block for both models (negative: the answer forms earlier); 95% CI over images",
+                ["model", "reference", "input", "images", "difference (blocks)", "low", "high"],
+                prow,
+            )
+        )
     res.figures.append(
         w.figure(
             figures.logit_lens_curves(results, ctx.model_names, list(inputs)),

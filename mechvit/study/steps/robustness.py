@@ -1,17 +1,18 @@
-"""Robustness: the model x corruption x severity matrix (seen vs unseen, mCE) and the seed paper's per-condition
-metrics (top-1/5/10, certainty, ECE, NLL) on the analysis images."""
+"""Robustness: the model x corruption x severity matrix, accuracy on seen / unseen (same family, other
+families) corruptions with 95% CIs over images, paired differences of each fine-tune against the base and
+against the clean fine-tune control, exact McNemar tests per seen cell, mCE; corruptions that leave the
+images unchanged are excluded from unseen and mCE."""
 
 from __future__ import annotations
 
-import torch
-
 from mechvit.analysis.robustness import (
-    classification_metrics,
     corruption_errors,
+    robustness_estimates,
     robustness_matrix,
     seen_unseen_summary,
-    topk_accuracy,
+    unchanged_corruptions,
 )
+from mechvit.analysis.statistics import mcnemar
 from mechvit.study.context import StudyContext
 from mechvit.study.result import StepResult, StepWriter, Table
 from mechvit.viz import figures
@@ -19,87 +20,144 @@ from mechvit.viz import figures
 TITLE = "Robustness: seen vs unseen corruptions"
 SECTION = "robustness"
 
+_GROUPS = {
+    "clean": "clean",
+    "seen": "seen",
+    "unseen_same_family": "unseen, same family",
+    "unseen_other": "unseen, other families",
+    "all_corrupted": "all corruptions",
+}
+
+
+def _ci(e) -> list:
+    return [None, None, None] if e is None else [100 * e.estimate, 100 * e.low, 100 * e.high]
+
+
+def controls(ctx: StudyContext) -> list[str]:
+    """The fine-tuned models that saw no corruption: clean fine-tune controls."""
+    return [n for n in ctx.finetuned_names if not ctx.infos[n].seen]
+
 
 def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     from mechvit.corruptions import CORRUPTIONS
 
     cfg, r = ctx.cfg, ctx.cfg.robustness
     x, y = ctx.test_images(r.n_images)
-    names = ctx.model_names
+    names, base = ctx.model_names, ctx.base_name
     corrs = list(r.corruptions or CORRUPTIONS)
     models = {n: ctx.wrapped(n) for n in names}
-    rows = robustness_matrix(
+    rows, correct = robustness_matrix(
         models, x, y, corrs, r.severities, seed=cfg.seed, batch_size=r.batch_size, device=ctx.device,
-        progress=ctx.progress,
+        progress=ctx.progress, return_correct=True,
     )  # fmt: skip
-    ce = corruption_errors(rows, ctx.base_name)
+    noop = unchanged_corruptions(x[:16], corrs, r.severities, seed=cfg.seed)
+    kept = [row for row in rows if row["corruption"] not in noop]
+    ce = corruption_errors(kept, base)
     seen = {n: ctx.infos[n].seen for n in names}
-    summary = seen_unseen_summary(rows, seen, ce)
+    summary = seen_unseen_summary(kept, seen, ce)
+    est = robustness_estimates(correct, seen, base, exclude=noop, seed=cfg.seed)
+    ctrl = controls(ctx)
+    tests = []
+    for n in names:
+        for c in seen[n]:
+            for sev in r.severities:
+                if (n, c, sev) not in correct:
+                    continue
+                for ref in [base, *ctrl]:
+                    t = mcnemar(correct[(n, c, sev)].numpy(), correct[(ref, c, sev)].numpy(), seed=cfg.seed)
+                    tests.append({"model": n, "reference": ref, "cell": f"{c}/{sev}", **t.to_dict()})
 
-    # the seed paper's table: top-1/5/10, certainty and ECE on clean and each condition (the analysis images)
-    paper: dict[str, dict[str, dict]] = {}
-    inputs = ctx.inputs(r.n_images)
-    with torch.no_grad():
-        for n in names:
-            model, paper[n] = ctx.model(n), {}
-            for label, xi in inputs.items():
-                logits = torch.cat(
-                    [model(ctx.prep(xi[s : s + r.batch_size])).cpu() for s in range(0, len(xi), r.batch_size)]
-                )
-                paper[n][label] = {**classification_metrics(logits, y), "top10": topk_accuracy(logits, y, 10)}
-    transfer = {
-        n: {lab: paper[n][lab]["top1"] - paper[ctx.base_name][lab]["top1"] for lab in inputs}
-        for n in ctx.finetuned_names
-    }
+    def conv(e):
+        return {g: v.to_dict() for g, v in e.items()}
 
     res = StepResult(
         metrics={
-            "rows": rows, "corruption_errors": ce, "seen_unseen": summary, "paper": paper,
-            "transfer_top1": transfer, "n_images": int(len(y)), "corruptions": corrs,
-            "severities": list(r.severities),
+            "rows": rows, "corruption_errors": ce, "seen_unseen": summary, "n_images": int(len(y)),
+            "corruptions": corrs, "severities": list(r.severities), "excluded_unchanged": noop,
+            "controls": ctrl,
+            "estimates": {
+                n: {"seen": e["seen"], "groups": e["groups"], "accuracy": conv(e["accuracy"]),
+                    "vs": {o: conv(d) for o, d in e["vs"].items()}}
+                for n, e in est.items()
+            },
+            "mcnemar": tests,
         }
     )  # fmt: skip
-    pct = ("clean_top1", "seen_top1", "unseen_top1", "seen_confidence", "unseen_confidence")
+    if noop:
+        res.notes.append(
+            f"{', '.join(noop)} leave these images unchanged at every severity (colour-only on grayscale): "
+            "excluded from unseen, mCE and the estimates; still in the matrix."
+        )
+    acc_rows = []
+    for n in names:
+        for g, e in est[n]["accuracy"].items():
+            acc_rows.append([n, ", ".join(seen[n]) or "–", _GROUPS[g], *_ci(e), len(est[n]["groups"][g])])
     res.tables.append(
         Table(
-            "Seen vs unseen corruptions (mean over corruptions and severities; mCE relative to the base "
-            "model, 100 = as good as the base)",
-            [
-                "model",
-                "seen",
-                "clean top-1",
-                "seen top-1",
-                "unseen top-1",
-                "seen confidence",
-                "unseen confidence",
-                "mCE",
-            ],  # fmt: skip
-            [
-                [s["model"], ", ".join(s["seen"]) or "–", *[100 * s[k] for k in pct], 100 * s["mCE"]]
-                for s in summary
-            ],
-            units=["", "", "%", "%", "%", "%", "%", ""],
+            f"Top-1 accuracy with 95% CIs over {len(y)} test images (bootstrap; per image, the fraction of the "
+            "group's corruption x severity cells classified correctly)",
+            ["model", "seen", "group", "top-1", "low", "high", "cells"],
+            acc_rows,
+            units=["", "", "", "%", "%", "%", ""],
             digits=1,
         )
     )
-    keys = ("top1", "top5", "top10", "confidence", "correct_prob", "ece", "nll")
-    res.tables.append(
-        Table(
-            "Seed-paper metrics per input condition",
-            ["model", "input", "top-1", "top-5", "top-10", "confidence", "correct-class prob.", "ECE", "NLL"],
-            [[n, lab, *[m[k] for k in keys]] for n in names for lab, m in paper[n].items()],
-        )
-    )
-    if transfer:
-        labs = list(inputs)
+    diff_rows = []
+    for n in ctx.finetuned_names:
+        for ref in [base, *ctrl]:
+            if ref == n:
+                continue
+            for g, e in est[n]["vs"][ref].items():
+                diff_rows.append([n, ref, _GROUPS[g], *_ci(e)])
+    if diff_rows:
         res.tables.append(
             Table(
-                "Top-1 change of each fine-tuned model against the base",
-                ["model", "seen", *labs],
-                [[n, ", ".join(seen[n]) or "–", *[100 * transfer[n][lab] for lab in labs]] for n in transfer],
-                units=["", "", *["pp"] * len(labs)],
+                "Paired top-1 difference, fine-tuned model minus reference (the base; the clean fine-tune "
+                "control), on the fine-tuned model's groups; 95% CI over images, pairs kept",
+                ["model", "reference", "group", "difference", "low", "high"],
+                diff_rows,
+                units=["", "", "", "pp", "pp", "pp"],
+                digits=2,
             )
         )
+    if tests:
+        res.tables.append(
+            Table(
+                "Exact McNemar tests on each seen cell (discordant images: model right / reference right)",
+                ["model", "reference", "cell", "model only", "reference only", "p"],
+                [
+                    [t["model"], t["reference"], t["cell"], t["a_only"], t["b_only"], t["p_value"]]
+                    for t in tests
+                ],
+                digits=4,
+            )
+        )
+    labels = [("clean", 0)] + [(c.corruption, c.severity) for c in cfg.conditions]
+    paper = [row for lab in labels for row in rows if (row["corruption"], row["severity"]) == lab]
+    keys = ("top1", "top5", "confidence", "correct_prob", "ece", "nll")
+    res.tables.append(
+        Table(
+            "Seed-paper metrics on clean images and each study condition (top-10 is left out: with 10 classes "
+            "it is 100% by construction)",
+            ["model", "input", "top-1", "top-5", "confidence", "correct-class prob.", "ECE", "NLL"],
+            [
+                [
+                    row["model"],
+                    "clean" if row["corruption"] == "clean" else f"{row['corruption']}/{row['severity']}",
+                    *[row.get(k) for k in keys],
+                ]
+                for row in paper
+            ],
+        )  # fmt: skip
+    )
+    res.tables.append(
+        Table(
+            "mCE relative to the base model (100 = as good as the base), corruptions that change the images",
+            ["model", "mCE"],
+            [[s["model"], 100 * s["mCE"]] for s in summary],
+            digits=1,
+        )
+    )
     res.figures.append(
         w.figure(
             figures.robustness_heatmap(rows, names, corrs, seen, r.severities),
@@ -110,9 +168,10 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     )
     res.figures.append(
         w.figure(
-            figures.seen_unseen_bars(summary),
+            figures.robustness_group_bars(res.metrics["estimates"], names, _GROUPS),
             "seen_unseen",
-            "Clean, seen and unseen top-1 accuracy per model (the base model has seen no corruption).",
+            "Top-1 per model on clean, seen, unseen same-family and unseen other-family corruptions, with 95% "
+            "CIs over images.",
         )
     )
     return res

@@ -1,167 +1,234 @@
-"""SAEs: one per architecture x model x condition (``sae.scope``), trained with sae-lens on a clean/corrupted
-mix of the model's activations, measured on held-out clean + corrupted images (EV, L0, dead, spliced)."""
+"""SAEs: ``sae.replicates`` per architecture and model, each with its own seed, all trained with sae-lens on
+the same clean/corrupted mix; the SAEs of one model train in one pass over its cached activations. Measured
+on held-out clean + corrupted test images: EV, L0, dead and dense latents, spliced KL and accuracy, the EV
+of PCA with k components (the baseline an SAE must beat), convergence, and the hook's mean-ablation gap
+(is the hook worth an SAE: do its tokens matter for the prediction?)."""
 
 from __future__ import annotations
 
 import dataclasses
 import shutil
 import time
+from dataclasses import dataclass
 
 import torch
 
 from mechvit.analysis import collect_activations
 from mechvit.sae import (
     CorruptionMix,
+    ablation_gap,
+    cache_activations,
+    derive_seed,
     load_sae,
+    pca_baseline,
     reconstruction_metrics,
     save_trained,
     spliced_metrics,
-    train_sae_for_hook,
+    train_saes,
 )
-from mechvit.study.context import StudyContext, slug
+from mechvit.study.context import StudyContext
 from mechvit.study.result import StepResult, StepWriter, Table
 
 TITLE = "Sparse autoencoders"
 SECTION = "sae"
 
 
-def sae_runs(ctx: StudyContext) -> list[tuple[str, str, object]]:
-    """(architecture, model, condition) for every SAE the config asks for."""
+@dataclass(frozen=True)
+class SAERun:
+    """One SAE of the study: ``architecture`` x ``model`` x ``replicate`` with its own ``seed``."""
+
+    architecture: str
+    model: str
+    replicate: int
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.architecture}|{self.model}|{self.replicate}"
+
+    @property
+    def dirname(self) -> str:
+        return f"saes/{self.architecture}__{self.model}__r{self.replicate}"
+
+
+def sae_models(ctx: StudyContext) -> list[str]:
+    """The models that get SAEs (``sae.models``, default all), base first."""
+    chosen = ctx.cfg.sae.models or ctx.model_names
+    return [n for n in ctx.model_names if n in chosen]
+
+
+def sae_runs(ctx: StudyContext) -> list[SAERun]:
+    """Every SAE the config asks for, each with its seed ``derive_seed(seed, architecture, model, replicate)``."""
     s = ctx.cfg.sae
-    out = []
-    for arch in s.architectures:
-        for n in ctx.model_names:
-            conds = ctx.cfg.conditions if (n == ctx.base_name or s.scope == "all") else ctx.seen_conditions(n)
-            out += [(arch, n, c) for c in conds]
-    return out
+    return [
+        SAERun(arch, n, r, derive_seed(ctx.cfg.seed, arch, n, r))
+        for arch in s.architectures
+        for n in sae_models(ctx)
+        for r in range(s.replicates)
+    ]
 
 
-def sae_dirname(arch: str, model: str, cond) -> str:
-    return f"saes/{arch}__{model}__{slug(cond.label)}"
+def mix(ctx: StudyContext) -> CorruptionMix:
+    """The one training mix of every SAE: ``store.mix.fraction`` of the images carry one of the conditions."""
+    conds = tuple((c.corruption, c.severity) for c in ctx.cfg.conditions)
+    return CorruptionMix(ctx.cfg.sae.store.mix.fraction if conds else 0.0, conds)
 
 
-def _n_tokens(model, tokens: str) -> int:
+def n_tokens(model, tokens: str) -> int:
     c = model.cfg
     return {"patches": c.n_patches, "all": c.n_tokens, "cls": 1, "prefix": c.n_prefix_tokens}[tokens]
 
 
-def run_configs(ctx: StudyContext, arch: str, cond, rows_per_epoch: int):
-    """The activation-store and SAE-training configs of one SAE: the config's ``sae.store``/``sae.train`` with
-    the fields the study sets per run (architecture, sample count, seed, device, the condition's corruption)."""
+def run_configs(ctx: StudyContext, runs: list[SAERun], rows_per_epoch: int):
+    """The store config (shared by every model: same images, same corruptions) and one training config per
+    run: the config's ``sae.train`` with what the study sets (architecture, samples, seed, device)."""
     s = ctx.cfg.sae
     b = s.train.batch_size
     total = max(b, int(s.epochs * rows_per_epoch) // b * b)
-    store = dataclasses.replace(
-        s.store,
-        seed=ctx.cfg.seed,
-        mix=CorruptionMix(s.store.mix.fraction, ((cond.corruption, cond.severity),)),
-    )
-    train = dataclasses.replace(
-        s.train,
-        architecture=arch,
-        total_samples=total,
-        seed=ctx.cfg.seed,
-        device=str(ctx.device),
-        log_every=max(1, total // b // 20),
-    )
-    return store, train
+    store = dataclasses.replace(s.store, seed=ctx.cfg.seed, mix=mix(ctx))
+    trains = {
+        r.key: dataclasses.replace(
+            s.train,
+            architecture=r.architecture,
+            total_samples=total,
+            seed=r.seed,
+            device=str(ctx.device),
+            log_every=max(1, total // b // 50),
+        )
+        for r in runs
+    }
+    return store, trains
 
 
-def _train_one(ctx: StudyContext, w: StepWriter, arch: str, n: str, cond, train_x, xe, ye) -> None:
+def heldout(ctx: StudyContext, model) -> torch.Tensor:
+    """The model's hook activations on the held-out clean test images and every condition, ``[n, d]``."""
     s = ctx.cfg.sae
-    model = ctx.model(n)
-    store, tcfg = run_configs(ctx, arch, cond, len(train_x) * _n_tokens(model, s.tokens))
+    parts = [ctx.test_images(s.n_eval_images)[0]] + [
+        ctx.corrupted(c, s.n_eval_images) for c in ctx.cfg.conditions
+    ]
+    acts = [collect_activations(model, ctx.prep(x), s.hook, tokens=s.tokens, progress=False) for x in parts]
+    return torch.cat(acts).reshape(-1, acts[0].shape[-1])
+
+
+def _train_model(ctx: StudyContext, w: StepWriter, name: str, runs: list[SAERun], train_x) -> None:
+    """Cache ``name``'s activations once, then train its SAEs in one pass; each SAE saved when done."""
+    s = ctx.cfg.sae
+    model = ctx.model(name)
+    store, trains = run_configs(ctx, runs, len(train_x) * n_tokens(model, s.tokens))
     t0 = time.time()
-    trained = train_sae_for_hook(
-        model, train_x, store, tcfg, cache_dir=w.path(f"_acts/{n}__{slug(cond.label)}"), transform=ctx.prep
+    cached = cache_activations(model, train_x, w.path(f"_acts/{name}"), store, transform=ctx.prep)
+    batches = cached.batches(
+        s.train.batch_size,
+        buffer_size=store.buffer_size,
+        seed=derive_seed(ctx.cfg.seed, "order", name),
+        device=str(ctx.device),
     )
-    xc = ctx.prep(ctx.corrupted(cond, s.n_eval_images))
-    clean = collect_activations(model, ctx.prep(xe), s.hook, tokens=s.tokens, progress=False)
-    corr = collect_activations(model, xc, s.hook, tokens=s.tokens, progress=False)
-    held = torch.cat([clean, corr]).reshape(-1, clean.shape[-1])
-    trained.manifest.update(
-        heldout_metrics=reconstruction_metrics(trained.sae, held).to_dict(),
-        spliced_clean=spliced_metrics(
-            model, trained.sae, ctx.prep(xe), ye, s.hook, tokens=s.tokens
-        ).to_dict(),
-        spliced_corrupted=spliced_metrics(model, trained.sae, xc, ye, s.hook, tokens=s.tokens).to_dict(),
-        train_seconds=round(time.time() - t0, 2),
-        study={"architecture": arch, "model": n, "condition": cond.label},
-    )
-    save_trained(trained, w.path(sae_dirname(arch, n, cond)))
+    manifests = {
+        r.key: {
+            "hook": s.hook, "tokens": s.tokens, "model_name": name, "corruption_mix": store.mix.to_dict(),
+            "store": store.identity(), "n_activations": len(cached),
+            "study": {"architecture": r.architecture, "model": name, "replicate": r.replicate, "seed": r.seed},
+        }
+        for r in runs
+    }  # fmt: skip
+    trained = train_saes(batches, cached.d_in, trains, manifests=manifests)
+    seconds = round(time.time() - t0, 2)
+    xe, ye = ctx.test_images(s.n_eval_images)
+    held = heldout(ctx, model)
+    train_rows = cached.rows(0, min(len(cached), 200_000))
+    pca = pca_baseline(train_rows, held, s.train.k).explained_variance
+    for r in runs:
+        t = trained[r.key]
+        t.manifest.update(
+            heldout_metrics=reconstruction_metrics(t.sae, held).to_dict(),
+            pca_k_explained_variance=pca,
+            spliced_clean=spliced_metrics(model, t.sae, ctx.prep(xe), ye, s.hook, tokens=s.tokens).to_dict(),
+            train_seconds_group=seconds,
+        )
+        save_trained(t, w.path(r.dirname))
 
 
 def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     s = ctx.cfg.sae
     runs = sae_runs(ctx)
     res = StepResult()
-    if not runs:
-        res.notes.append(
-            "no SAE to train: no fine-tuned model has seen a corruption of the study's conditions "
-            "(set sae.scope: all to train every pair)"
-        )
-        return res
     train_x = ctx.train_images(s.n_train_images)
     xe, ye = ctx.test_images(s.n_eval_images)
-    rows = []
-    with ctx.bar(len(runs), "SAEs") as bar:
-        for arch, n, cond in runs:
-            folder = w.path(sae_dirname(arch, n, cond))
-            if not (folder / "cfg.json").is_file():  # a finished SAE survives an interrupted step
-                _train_one(ctx, w, arch, n, cond, train_x, xe, ye)
-            _, manifest = load_sae(folder)
-            rec, spc, spx = (
-                manifest["heldout_metrics"],
-                manifest["spliced_clean"],
-                manifest["spliced_corrupted"],
-            )
-            res.metrics[f"{arch}|{n}|{cond.label}"] = {
-                "dir": w.rel(sae_dirname(arch, n, cond)), "heldout": rec, "spliced_clean": spc,
-                "spliced_corrupted": spx, "train_seconds": manifest.get("train_seconds"),
-                "trained_samples": manifest.get("trained_samples"),
-            }  # fmt: skip
-            rows.append(
-                [
-                    arch,
-                    n,
-                    cond.label,
-                    rec["d_sae"],
-                    rec["explained_variance"],
-                    rec["l0"],
-                    rec["dead_features"],
-                    spc["accuracy_clean"],
-                    spc["accuracy_sae"],
-                    spx["accuracy_clean"],
-                    spx["accuracy_sae"],
-                    spc["loss_recovered"],
-                ]  # fmt: skip
-            )
+    gap = ablation_gap(ctx.model(ctx.base_name), ctx.prep(xe), ye, s.hook, tokens=s.tokens)
+    res.metrics["ablation_gap"] = gap.to_dict()
+    if gap.kl < s.ablation_warn_nats:
+        res.notes.append(
+            f"warning: mean-ablating the {s.tokens} tokens at {s.hook} changes the base model's prediction by "
+            f"only {gap.kl:.3f} nats (KL), under {s.ablation_warn_nats}: the prediction barely reads these "
+            "tokens, so SAE fidelity numbers here say little (choose an earlier hook: "
+            "mechvit.sae.ablation_gap_sweep / choose_hook)"
+        )
+    with ctx.bar(len(sae_models(ctx)), "SAEs (per model)") as bar:
+        for name in sae_models(ctx):
+            todo = [r for r in runs if r.model == name and not (w.path(r.dirname) / "cfg.json").is_file()]
+            if todo:  # finished SAEs survive an interrupted step
+                _train_model(ctx, w, name, todo, train_x)
             bar.update(1)
     shutil.rmtree(w.dir / "_acts", ignore_errors=True)
-    mix = s.store.mix.fraction
+    rows = []
+    for r in runs:
+        _, m = load_sae(w.path(r.dirname))
+        rec, spc, conv = m["heldout_metrics"], m["spliced_clean"], m.get("convergence") or {}
+        d_sae = rec["d_sae"]
+        res.metrics[r.key] = {
+            "dir": w.rel(r.dirname), "seed": r.seed, "heldout": rec, "spliced_clean": spc,
+            "pca_k_explained_variance": m["pca_k_explained_variance"], "convergence": conv,
+            "trained_samples": m.get("trained_samples"), "train_seconds_group": m.get("train_seconds_group"),
+        }  # fmt: skip
+        rows.append(
+            [
+                r.architecture,
+                r.model,
+                r.replicate,
+                r.seed,
+                d_sae,
+                m.get("trained_samples"),
+                rec["explained_variance"],
+                m["pca_k_explained_variance"],
+                rec["l0"],
+                rec["dead_features"] / d_sae,
+                rec["dense_features"] / d_sae,
+                spc["kl_sae"],
+                spc["accuracy_clean"],
+                spc["accuracy_sae"],
+                conv.get("change"),
+            ]  # fmt: skip
+        )
+    frac = mix(ctx).fraction
     res.tables.append(
         Table(
-            f"SAEs on {s.hook} ({s.tokens} tokens), trained on {1 - mix:.0%} clean and {mix:.0%} corrupted "
-            "images; metrics on held-out clean + corrupted test images",
+            f"SAEs on {s.hook} ({s.tokens} tokens), trained on one mix for every model ({1 - frac:.0%} clean, "
+            f"{frac:.0%} with one of the conditions); metrics on held-out clean + corrupted test images. "
+            f"PCA-k: EV of the top-{s.train.k} principal components of the same model's training activations "
+            "(an SAE with L0 <= k should beat it). Spliced: the SAE's reconstruction in place of the hook on "
+            "clean test images. EV change: least-squares change of the training EV over the last 10% of steps",
             [
                 "SAE",
                 "model",
-                "mix",
+                "replicate",
+                "seed",
                 "d_sae",
+                "tokens",
                 "EV (held-out)",
+                "EV PCA-k",
                 "L0",
-                "dead",
+                "dead (frac)",
+                "dense >10% (frac)",
+                "spliced KL (nats)",
                 "acc clean",
-                "acc clean + SAE",
-                "acc corrupted",
-                "acc corrupted + SAE",
-                "loss recovered (clean)",
+                "acc spliced",
+                "EV change (last 10%)",
             ],  # fmt: skip
             rows,
         )
     )
     res.notes.append(
-        "SAE folders load with sae_lens.SAE.load_from_disk(<out>/sae/saes/<name>); BatchTopK SAEs are "
-        "saved as the JumpReLU SAE they are at inference."
+        "SAE folders load with sae_lens.SAE.load_from_disk(<out>/sae/saes/<arch>__<model>__r<replicate>); "
+        "BatchTopK SAEs are saved as the JumpReLU SAE they are at inference."
     )
     return res

@@ -1,170 +1,194 @@
-"""SAE features: the seed paper's code similarity (clean vs corrupted patch, same SAE), feature overlap between
-the base model's and each fine-tuned model's SAE, and feature pages of the top features side by side."""
+"""SAE features against their controls: overlap of the base model's replicate SAEs with each other model's
+(within-model seed pairs are the ceiling, matching against random activation rows the floor, a permutation
+test over model labels the verdict); the seed paper's code cosine (clean vs corrupted patch, same SAE) beside
+the raw-activation cosine and a mismatched-patch baseline, with each model's own SAEs and with the base's
+SAEs shared by both; feature pages of the top features of replicate 0 side by side."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from mechvit.analysis import collect_activations, feature_overlap, model_code_similarity
+from mechvit.analysis import code_cosine_controls, collect_activations, feature_overlap, overlap_controls
 from mechvit.sae import load_sae
 from mechvit.study.context import StudyContext, slug
 from mechvit.study.result import StepResult, StepWriter, Table
-from mechvit.study.steps.sae import sae_dirname, sae_runs
+from mechvit.study.steps.sae import sae_models, sae_runs
 from mechvit.viz import figures
 from mechvit.viz.features import feature_comparison_figure, feature_maps, top_features
 
-TITLE = "SAE features: code similarity, overlap, feature pages"
+TITLE = "SAE features: overlap and code similarity against seed controls"
 SECTION = "sae"
 DEPS = ("sae",)
+
+_METRIC_LABELS = {
+    "matched_cos": "matched decoder cosine",
+    "act_corr": "activation correlation",
+    "topk_jaccard": "top-k image Jaccard",
+    "persistent_fraction": "persistent fraction of live features",
+    "cross_ev": "cross-application EV",
+    "spliced_kl": "cross-spliced KL (nats, lower = closer)",
+}
+
+
+def _est(e) -> list:
+    return [None, None, None] if e is None else [e.estimate, e.low, e.high]
 
 
 def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     s, base = ctx.cfg.sae, ctx.base_name
-    runs = sae_runs(ctx)
+    models = sae_models(ctx)
     res = StepResult()
-    saes = {
-        (a, n, c.label): load_sae(ctx.out / "sae" / sae_dirname(a, n, c), device=str(ctx.device))[0]
-        for a, n, c in runs
-    }
+    saes: dict[tuple[str, str], list] = {}
+    for r in sae_runs(ctx):
+        sae, _ = load_sae(ctx.out / "sae" / r.dirname, device=str(ctx.device))
+        saes.setdefault((r.architecture, r.model), []).append(sae)
     xe, _ = ctx.test_images(s.n_eval_images)
-    pairs = [(a, n, c) for a, n, c in runs if n != base and (a, base, c.label) in saes]
-    acts_cache: dict = {}
+    pool = torch.cat([xe] + [ctx.corrupted(c, s.n_eval_images) for c in ctx.cfg.conditions])
+    acts = {
+        n: collect_activations(ctx.model(n), ctx.prep(pool), s.hook, tokens=s.tokens, progress=False)
+        for n in models
+    }
+    n = len(xe)
+    controls_cfg = dataclasses.replace(s.controls, reference=base, seed=ctx.cfg.seed)
 
-    def acts(n: str, c) -> torch.Tensor:  # [2N, T', D]: clean then corrupted images
-        if (n, c.label) not in acts_cache:
-            pool = torch.cat([xe, ctx.corrupted(c, s.n_eval_images)])
-            acts_cache[(n, c.label)] = collect_activations(
-                ctx.model(n), ctx.prep(pool), s.hook, tokens=s.tokens, progress=False
-            )
-        return acts_cache[(n, c.label)]
-
-    code_sim, overlaps = {}, {}
-    with ctx.bar(len(runs) + len(pairs), "SAE analysis") as bar:
-        for a, n, c in runs:
-            code_sim[(a, n, c.label)] = model_code_similarity(
-                ctx.model(n), saes[(a, n, c.label)], s.hook, ctx.prep(xe),
-                ctx.prep(ctx.corrupted(c, s.n_eval_images)), tokens=s.tokens, bins=s.histogram_bins, label=n,
-                progress=False,
+    # ---- overlap with controls, per architecture ---------------------------------------------------------
+    rows, overlap_metrics = [], {}
+    for a in s.architectures:
+        with ctx.bar(1, f"overlap controls ({a})"):
+            oc = overlap_controls(
+                {m: saes[(a, m)] for m in models}, acts, controls_cfg,
+                models={m: ctx.model(m) for m in models}, images=ctx.prep(pool), hook=s.hook, tokens=s.tokens,
             )  # fmt: skip
-            bar.update(1)
-        for a, n, c in pairs:
-            overlaps[(a, n, c.label)] = feature_overlap(
-                saes[(a, base, c.label)], saes[(a, n, c.label)], acts(base, c), acts(n, c), s.overlap
-            )
-            bar.update(1)
-    res.metrics["code_similarity"] = {"|".join(k): v.to_dict() for k, v in code_sim.items()}
-    res.metrics["overlap"] = {"|".join(k): v.to_dict() for k, v in overlaps.items()}
-
-    panels = sorted({(a, c.label) for a, _, c in runs}, key=lambda t: (s.architectures.index(t[0]), t[1]))
-    res.figures.append(
-        w.figure(
-            figures.code_cosine_histograms(code_sim, panels, ctx.model_names),
-            "code_cosine",
-            "The seed paper's measure: cosine similarity between the SAE codes of each patch of a clean image "
-            "and of its corrupted copy, per model's own SAE.",
-        )
-    )
-    res.tables.append(
-        Table(
-            "SAE code similarity, clean vs corrupted patches",
-            ["SAE", "model", "condition", "mean cosine", "median", "tokens", "undefined (zero code)"],
-            [
-                [a, n, lab, v.mean, v.to_dict()["median"], int(v.cosines.numel()), v.n_undefined]
-                for (a, n, lab), v in code_sim.items()
-            ],
-        )
-    )
-    if overlaps:
-        res.tables.append(_overlap_table(overlaps, s.overlap, base))
+        overlap_metrics[a] = oc.to_dict()
+        oc.save_csv(w.path(f"overlap_controls_{a}.csv"))
+        for comp, per_metric in oc.summary.items():
+            for metric, v in per_metric.items():
+                t = v.get("test")
+                rows.append(
+                    [a, comp, _METRIC_LABELS[metric], *_est(v["within_reference"]), *_est(v["within_other"]),
+                     *_est(v["between"]), *_est(v["floor"]), *_est(v["ratio"]), None if t is None else t.p_value]
+                )  # fmt: skip
         res.figures.append(
             w.figure(
-                figures.feature_overlap_summary(overlaps, s.overlap.persistent_cos, s.overlap.shifted_cos),
-                "feature_overlap",
-                "Matched decoder cosines and feature classes, base SAE vs fine-tuned SAE.",
+                figures.overlap_controls_figure(oc.summary, _METRIC_LABELS),
+                f"overlap_controls_{a}",
+                f"{a} SAEs: each metric for seed pairs within the base model, within the other model, between "
+                "the two, and against random activation rows (the floor); mean and 95% CI over pairs. A "
+                "between-model bar below both within-model bars means the dictionaries differ by more than "
+                "seed noise.",
             )
         )
+    res.metrics["overlap_controls"] = overlap_metrics
+    cols = ["SAE", "comparison", "metric"]
+    for g in ("within base", "within other", "between", "floor", "between / within"):
+        cols += [g, "low", "high"]
+    res.tables.append(
+        Table(
+            f"Feature overlap against controls ({s.replicates} seeds per model; mean and 95% CI over seed pairs; "
+            "pairs sharing an SAE are not independent, so the CIs are somewhat narrow and the permutation test "
+            "over model labels (p, one-sided: within pairs more similar than between) is the one to trust). "
+            "Persistent: matched cosine >= max(5th percentile of the base's within-model pairs, 99th "
+            "percentile of the floor).",
+            [*cols, "p (permutation)"],
+            rows,
+        )
+    )
+
+    # ---- the seed paper's code cosine, with its controls ---------------------------------------------------
+    code_rows, code_metrics = [], {}
+    for a in s.architectures:
+        for ci, c in enumerate(ctx.cfg.conditions):
+            sl = slice((ci + 1) * n, (ci + 2) * n)
+            for m in models:
+                for sae_of in dict.fromkeys((m, base)):  # own SAEs, then the base's shared by both models
+                    cc = code_cosine_controls(
+                        saes[(a, sae_of)],
+                        acts[m][:n],
+                        acts[m][sl],
+                        label=f"{m} ({sae_of} SAEs)",
+                        seed=ctx.cfg.seed,
+                    )
+                    est = cc.estimates()
+                    code_metrics[f"{a}|{m}|{sae_of}|{c.label}"] = cc.to_dict()
+                    code_rows.append(
+                        [a, c.label, m, sae_of, *_est(est["code"]["over_images"]), *_est(est["code"]["over_seeds"]),
+                         *_est(est["raw"]["over_images"]), *_est(est["mismatched"]["over_images"])]
+                    )  # fmt: skip
+    res.metrics["code_cosine"] = code_metrics
+    res.tables.append(
+        Table(
+            "The seed paper's code cosine (SAE code of a clean patch vs of its corrupted copy, mean over "
+            "patches), beside the raw-activation cosine of the same patches and the mismatched baseline (the "
+            "clean patch vs the corrupted patch at the same position of another image); 95% CI over images "
+            "(seed-averaged) and over seeds. 'SAEs of' the base model on a fine-tuned model's activations: one "
+            "shared dictionary for both models.",
+            [
+                "SAE",
+                "condition",
+                "model",
+                "SAEs of",
+                "code cos",
+                "low",
+                "high",
+                "over seeds",
+                "low",
+                "high",
+                "raw cos",
+                "low",
+                "high",
+                "mismatched",
+                "low",
+                "high",
+            ],  # fmt: skip
+            code_rows,
+        )
+    )
+    res.figures.append(
+        w.figure(
+            figures.code_cosine_controls_figure(
+                code_metrics, s.architectures, [c.label for c in ctx.cfg.conditions]
+            ),
+            "code_cosine",
+            "Code cosine (own SAEs) per model and condition with 95% CIs over images, against the raw-activation "
+            "cosine and the mismatched-patch baseline.",
+        )
+    )
+
+    # ---- feature pages: replicate 0 of the base vs replicate 0 of each other model --------------------------
     if s.tokens != "patches":
         res.notes.append("feature pages need patch tokens (sae.store.tokens: patches); skipped")
         return res
-    _feature_pages(ctx, w, res, saes, overlaps, acts, xe)
-    return res
-
-
-def _overlap_table(overlaps: dict, oc, base: str) -> Table:
-    rows = []
-    for (a, n, lab), o in overlaps.items():
-        d = o.to_dict()
-        cnt = d["counts"]
-        rows.append(
-            [a, n, lab, d["mean_max_cos_a_to_b"], d["mean_max_cos_b_to_a"], cnt["persistent"], cnt["shifted"],
-             cnt["lost"], cnt["new"], cnt["dead_a"], cnt["dead_b"], d["mean_act_corr"] or float("nan"),
-             d["mean_topk_jaccard"] or float("nan"), d["cross_application"]["a_on_b"]["explained_variance"]]
-        )  # fmt: skip
-    return Table(
-        f"Feature overlap between the base model's SAE and each fine-tuned model's SAE (matched one to one; "
-        f"persistent: cosine >= {oc.persistent_cos}, shifted: >= {oc.shifted_cos}; features that never fire on "
-        "the images are dead and left out of the matching)",
-        [
-            "SAE",
-            f"{base} vs",
-            "condition",
-            "mean max cos (base→ft)",
-            "mean max cos (ft→base)",
-            "persistent",
-            "shifted",
-            "lost",
-            "new",
-            "dead (base)",
-            "dead (ft)",
-            "mean act. corr.",
-            "top-k Jaccard",
-            "EV base SAE on ft acts",
-        ],  # fmt: skip
-        rows,
-    )
-
-
-def _feature_pages(ctx: StudyContext, w: StepWriter, res: StepResult, saes, overlaps, acts, xe) -> None:
-    """The top features of each SAE with their best match in the other, side by side."""
-    s, base = ctx.cfg.sae, ctx.base_name
-    pool_x = {c.label: torch.cat([xe, ctx.corrupted(c, s.n_eval_images)]) for c in ctx.cfg.conditions}
+    tags = [f"clean #{i}" for i in range(n)]
+    for c in ctx.cfg.conditions:
+        tags += [f"{c.label.replace('gaussian_', '')} #{i}" for i in range(n)]
     grid = ctx.model(base).cfg.grid_size
-    for (a, n, lab), o in overlaps.items():
-        c = next(cc for cc in ctx.cfg.conditions if cc.label == lab)
-        match_ab = dict(zip(o.idx_a.tolist(), o.idx_b.tolist(), strict=True))
-        match_ba = {j: i for i, j in match_ab.items()}
-        short = lab.replace("gaussian_", "")
-        tags = [f"clean #{i}" for i in range(len(xe))] + [f"{short} #{i}" for i in range(len(xe))]
-        sides = {
-            "base": (saes[(a, base, lab)], saes[(a, n, lab)], acts(base, c), acts(n, c), match_ab, base, n),
-            "finetuned": (
-                saes[(a, n, lab)],
-                saes[(a, base, lab)],
-                acts(n, c),
-                acts(base, c),
-                match_ba,
-                n,
-                base,
-            ),
-        }
-        for side, (sae_x, sae_y, acts_x, acts_y, match, nx, ny) in sides.items():
-            feats = [f for f in top_features(sae_x, acts_x, s.top_features * 3) if f in match][
+    for a in s.architectures:
+        for m in models:
+            if m == base:
+                continue
+            sa, sb = saes[(a, base)][0], saes[(a, m)][0]
+            o = feature_overlap(sa, sb, acts[base], acts[m], s.overlap)
+            match = dict(zip(o.idx_a.tolist(), o.idx_b.tolist(), strict=True))
+            feats = [f for f in top_features(sa, acts[base], s.top_features * 3) if f in match][
                 : s.top_features
             ]
             if not feats:
                 continue
             partners = [match[f] for f in feats]
-            cos = o.cosine[feats, partners] if side == "base" else o.cosine[partners, feats]
             fig = feature_comparison_figure(
-                pool_x[lab], feature_maps(sae_x, acts_x, feats, grid), feature_maps(sae_y, acts_y, partners, grid),
-                feats, partners, (nx, ny), tags, top_images=s.top_images, pair_cosine=cos.tolist(),
+                pool, feature_maps(sa, acts[base], feats, grid), feature_maps(sb, acts[m], partners, grid),
+                feats, partners, (base, m), tags, top_images=s.top_images,
+                pair_cosine=o.cosine[feats, partners].tolist(),
             )  # fmt: skip
             res.figures.append(
                 w.figure(
                     fig,
-                    f"features_{a}_{n}_{slug(lab)}_{side}",
-                    f"Feature page ({a}, {lab}): the top features of {nx}'s SAE (left, by mean activation) and "
-                    f"their matched features in {ny}'s SAE (right); each shows its most activating images "
-                    "(clean and corrupted pool) with the feature's per-patch activation overlaid.",
+                    f"features_{a}_{slug(m)}",
+                    f"Feature page ({a}, seed replicate 0): the top features of {base}'s SAE (left, by mean "
+                    f"activation) and their matched features in {m}'s SAE (right); each shows its most "
+                    "activating images (clean and corrupted pool) with the feature's per-patch activation.",
                 )
             )
+    return res
