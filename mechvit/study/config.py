@@ -241,7 +241,9 @@ class CKASection:
     enabled: bool = True
     n_images: int = 256
     hook: Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"] = "resid_post"
-    token_reduction: Literal["flatten", "cls", "mean_patches", "tokens"] = "flatten"
+    # the headline: the readout token (the class token the head reads); every token as examples is secondary
+    token_reduction: Literal["flatten", "cls", "mean_patches", "tokens"] = "cls"
+    secondary_reduction: Literal["flatten", "cls", "mean_patches", "tokens"] | None = "tokens"
     batch_size: int = 64
 
 

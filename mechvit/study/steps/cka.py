@@ -37,6 +37,23 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
             "clean_vs_corrupted": {k: v.to_dict() for k, v in within.items()},
         }
     )
+    if s.secondary_reduction and s.secondary_reduction != s.token_reduction:
+        kw2 = {**kw, "token_reduction": s.secondary_reduction}
+        second = {
+            f"{ctx.base_name} vs {n}, {lab} ({s.secondary_reduction})": layer_cka(
+                ctx.model(ctx.base_name), ctx.prep(xi), ctx.model(n), **kw2
+            )
+            for n in ctx.finetuned_names
+            for lab, xi in inputs.items()
+        }
+        res.metrics["between_models_secondary"] = {k: v.to_dict() for k, v in second.items()}
+        res.notes.append(
+            f"Headline CKA on the {s.token_reduction} token(s) (what the readout sees); base vs fine-tuned with "
+            f"{s.secondary_reduction} as examples (secondary) in metrics.json and the table. CKA values carry "
+            "no CI here (one estimate per layer on the same images)."
+        )
+    else:
+        second = {}
     groups = {"base vs fine-tuned, same images": between, "clean vs corrupted, same model": within}
     res.figures.append(
         w.figure(
@@ -47,7 +64,7 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     )
     rows = [
         [k, *[f"{a:.3f} / {b:.3f}" for a, b in zip(r.linear.tolist(), r.debiased.tolist(), strict=True)]]
-        for k, r in {**between, **within}.items()
+        for k, r in {**between, **within, **second}.items()
     ]
     L = ctx.model(ctx.base_name).cfg.n_layers
     res.tables.append(
