@@ -248,6 +248,22 @@ class CKASection:
 
 
 @dataclass
+class ExplorerSection:
+    """The feature explorer ``explorer/features.html`` (:func:`mechvit.viz.write_explorer`) over every SAE of
+    the ``sae`` step: ``n_images`` clean test images, and the same images under each of the study's conditions
+    pooled into the page's one corrupted set; ``top_images`` per latent (clean and corrupted), the classes of
+    the top ``n_assoc`` images for the automatic label, ``histogram_bins`` bins per activation histogram, and
+    feature cards (PNG + SVG) of each SAE's ``cards`` densest latents (0: none)."""
+
+    enabled: bool = True
+    n_images: int = 500
+    top_images: int = 6
+    n_assoc: int = 32
+    histogram_bins: int = 24
+    cards: int = 1
+
+
+@dataclass
 class StudyConfig:
     """Everything ``mechvit study`` does; see configs/fashion_mnist.yaml for a commented example."""
 
@@ -268,6 +284,7 @@ class StudyConfig:
     sae: SAESection = field(default_factory=SAESection)
     patching: PatchingSection = field(default_factory=PatchingSection)
     cka: CKASection = field(default_factory=CKASection)
+    explorer: ExplorerSection = field(default_factory=ExplorerSection)
 
     def model_entries(self) -> list[ModelEntry]:
         return [self.models.base, *self.models.finetuned]
@@ -360,6 +377,9 @@ def validate(cfg: StudyConfig) -> StudyConfig:
         raise ConfigError(f"cka.n_images: debiased CKA needs at least 4 images, got {cfg.cka.n_images}")
     if cfg.attention.n_views < 0:
         raise ConfigError(f"attention.n_views: must be >= 0, got {cfg.attention.n_views}")
+    _positive(cfg.explorer, "explorer.", ("n_images", "top_images", "n_assoc", "histogram_bins"))
+    if cfg.explorer.cards < 0:
+        raise ConfigError(f"explorer.cards: must be >= 0, got {cfg.explorer.cards}")
     return cfg
 
 
@@ -405,6 +425,6 @@ def load_study_config(path: str | Path | None = None, overrides: dict[str, Any] 
 
 __all__ = [
     "AttentionSection", "CKASection", "Condition", "ConfigError", "DataConfig", "LogitLensSection", "ModelEntry",
-    "ModelsSection", "OverlapConfig", "PatchingSection", "SET_BY_STUDY", "RobustnessSection", "SAESection", "StudyConfig",
+    "ExplorerSection", "ModelsSection", "OverlapConfig", "PatchingSection", "SET_BY_STUDY", "RobustnessSection", "SAESection", "StudyConfig",
     "check_hook_name", "check_hooks_against_model", "load_study_config", "study_config_from_dict", "validate",
 ]  # fmt: skip
