@@ -32,7 +32,15 @@ ASSETS = Path(__file__).with_name("explorer_assets")
 PAGE_NAME = "features.html"
 CARDS_DIR = "feature_cards"
 
-__all__ = ["ExplorerSAE", "add_cli_arguments", "explorer_data", "explorer_html", "run_cli", "write_explorer"]
+__all__ = [
+    "ExplorerSAE",
+    "add_cli_arguments",
+    "explorer_data",
+    "explorer_html",
+    "read_explorer_data",
+    "run_cli",
+    "write_explorer",
+]
 
 
 @dataclass
@@ -110,16 +118,21 @@ def explorer_data(
     corrupted=None,
     corrupted_labels=None,
     corrupted_name: str = "corrupted",
+    corrupted_groups: Sequence[tuple[str, int]] | None = None,
     transform: Callable | None = None,
     title: str = "mechvit feature explorer",
     k: int = 8,
     n_assoc: int = 32,
+    n_bins: int = 24,
     progress: bool = True,
     stats: Mapping[str, Any] | None = None,
 ) -> tuple[dict, dict]:
     """The page's data and ``{sae name: FeatureStats}``. ``images`` [N, C, H, W] in [0, 1] (what is shown;
     ``transform`` maps them to model inputs), ``labels`` [N]; ``corrupted`` any [M, C, H, W] in [0, 1] with
-    ``corrupted_labels`` (default: ``labels`` when M == N). ``stats`` reuses already computed FeatureStats."""
+    ``corrupted_labels`` (default: ``labels`` when M == N); ``corrupted_groups`` ``[(name, count), ...]``
+    says which consecutive corrupted images came from which corruption (shown under each image); ``k`` top images per latent, ``n_assoc`` for the
+    label, ``n_bins`` histogram bins (:func:`mechvit.analysis.features.feature_stats`). ``stats`` reuses
+    already computed FeatureStats."""
     import torch
 
     from mechvit.analysis.features import decoder_directions, feature_stats, nearest_cosine
@@ -149,6 +162,14 @@ def explorer_data(
             raise ValueError(
                 f"{len(corrupted)} corrupted images but {len(corrupted_labels)} corrupted labels"
             )
+    if corrupted_groups is not None:
+        corrupted_groups = [(str(g), int(c)) for g, c in corrupted_groups]
+        n_grouped = sum(c for _, c in corrupted_groups)
+        if corrupted is None or n_grouped != len(corrupted) or any(c < 0 for _, c in corrupted_groups):
+            raise ValueError(
+                f"corrupted_groups must count the {0 if corrupted is None else len(corrupted)} corrupted "
+                f"images (non-negative counts), got {n_grouped}"
+            )
     loaded = {s.name: _load_sae(s) for s in saes}
     stats = dict(stats or {})
     for s in saes:
@@ -164,6 +185,7 @@ def explorer_data(
                 transform=transform,
                 k=k,
                 n_assoc=n_assoc,
+                n_bins=n_bins,
                 progress=progress,
             )
     dirs = {n: decoder_directions(sae) for n, sae in loaded.items()}
@@ -249,6 +271,7 @@ def explorer_data(
         "corrupted_name": corrupted_name,
         "n_corrupted": 0,
         "labels_corrupted": None,
+        "corrupted_groups": None,
     }
     if corrupted is not None:
         sprite_c, cols_c = _sprite(corrupted.numpy())
@@ -256,6 +279,7 @@ def explorer_data(
             corrupted={"sprite": sprite_c, "cols": cols_c},
             n_corrupted=len(corrupted),
             labels_corrupted=corrupted_labels.tolist(),
+            corrupted_groups=None if corrupted_groups is None else [list(g) for g in corrupted_groups],
         )
     data = {
         "format": "mechvit-explorer/1",
@@ -266,6 +290,15 @@ def explorer_data(
         "saes": entries,
     }
     return data, stats
+
+
+def read_explorer_data(path: str | os.PathLike) -> dict:
+    """The data embedded in a written explorer page (what :func:`explorer_data` returned)."""
+    text = Path(path).read_text(encoding="utf-8")
+    m = re.search(r'<script id="explorer-data" type="application/json">(.*?)</script>', text, re.S)
+    if m is None:
+        raise ValueError(f"{path}: not a mechvit feature explorer page (no embedded explorer-data)")
+    return json.loads(m.group(1))  # JSON reads the escaped "<\/" of the page back as "</"
 
 
 def explorer_html(data: dict) -> str:
@@ -308,10 +341,12 @@ def write_explorer(
     corrupted=None,
     corrupted_labels=None,
     corrupted_name: str = "corrupted",
+    corrupted_groups: Sequence[tuple[str, int]] | None = None,
     transform: Callable | None = None,
     title: str = "mechvit feature explorer",
     k: int = 8,
     n_assoc: int = 32,
+    n_bins: int = 24,
     cards: int = 0,
     progress: bool = True,
     stats: Mapping[str, Any] | None = None,
@@ -320,7 +355,8 @@ def write_explorer(
 
     ``saes``: :class:`ExplorerSAE` entries; ``models``: ``{name: HookedViT}``; ``images`` [N, C, H, W] in
     [0, 1] with ``labels`` [N] and ``class_names``; ``corrupted``: optional images in [0, 1] (e.g. the same
-    images corrupted) shown with the clean/corrupted toggle; ``transform``: [0, 1] images -> model inputs.
+    images corrupted) shown with the clean/corrupted toggle (``corrupted_groups``: which corruption each
+    consecutive run of them came from, see :func:`explorer_data`); ``transform``: [0, 1] images -> model inputs.
     ``cards > 0`` also writes publication feature cards (PNG + SVG, :func:`mechvit.viz.feature_card`) of
     each SAE's ``cards`` densest latents under ``feature_cards/`` beside the page, linked from it.
     Returns the page's path."""
@@ -337,10 +373,12 @@ def write_explorer(
         corrupted=corrupted,
         corrupted_labels=corrupted_labels,
         corrupted_name=corrupted_name,
+        corrupted_groups=corrupted_groups,
         transform=transform,
         title=title,
         k=k,
         n_assoc=n_assoc,
+        n_bins=n_bins,
         progress=progress,
         stats=stats,
     )

@@ -50,7 +50,16 @@ class Step:
 
 STEPS: list[Step] = [
     Step(name, f"mechvit.study.steps.{name}")
-    for name in ("robustness", "logit_lens", "attention", "sae", "sae_analysis", "patching", "cka")
+    for name in (
+        "robustness",
+        "logit_lens",
+        "attention",
+        "sae",
+        "sae_analysis",
+        "explorer",
+        "patching",
+        "cka",
+    )
 ]
 
 __all__ = ["STEPS", "Step"]

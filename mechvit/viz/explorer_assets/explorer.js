@@ -156,6 +156,16 @@
   // ---- detail panel --------------------------------------------------------------------------------------------
   function slice(a, start, n) { return a ? a.subarray(start, start + n) : null; }
 
+  function groupOf(img) {
+    // the corruption a pooled corrupted image came from (images.corrupted_groups: [[name, count], ...])
+    let start = 0;
+    for (const [name, count] of D.images.corrupted_groups || []) {
+      if (img < start + count) return name;
+      start += count;
+    }
+    return "";
+  }
+
   function topFigures(s, i, set, scale, withAbl) {
     const k = s.k, P = s.grid[0] * s.grid[1];
     const top = set === "clean" ? s.top[i] : s.top_c[i];
@@ -173,7 +183,9 @@
       cv.width = IW * scale; cv.height = IH * scale;
       fig.appendChild(cv);
       const cap = document.createElement("figcaption");
-      cap.innerHTML = `${esc(D.class_names[labels[top[j]]])}<br>max ${fmt(vals[j], 2)}`;
+      const grp = set === "clean" ? "" : groupOf(top[j]);
+      if (grp) fig.dataset.group = grp;
+      cap.innerHTML = `${esc(D.class_names[labels[top[j]]])}${grp ? "<br>" + esc(grp) : ""}<br>max ${fmt(vals[j], 2)}`;
       fig.appendChild(cap);
       drawImage(cv, set, top[j], slice(maps, (i * k + j) * P, P), scale);
       out.push(fig);

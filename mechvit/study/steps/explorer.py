@@ -1,0 +1,157 @@
+"""The feature explorer: one offline page, ``explorer/features.html``, over every SAE of the ``sae`` step
+(:func:`mechvit.viz.write_explorer`; what it shows: docs/explorer.md).
+
+Images: the first ``explorer.n_images`` clean test images, and the same images under each of the study's
+conditions pooled into the page's one corrupted set (every condition's copy, in config order; each image's
+caption names its condition), because every SAE was trained on the one clean + corrupted mix of all of them.
+Groups: every SAE of an architecture shares one training mix, so they all get the same ``condition``
+(``mix``, plus the architecture when the study has several); the replicates of one model are its seed
+replicates (seed stability), and the same replicate index of another model is its counterpart (change under
+fine-tuning), so an SAE's ``seed`` on the page is its replicate index, not its training seed."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from mechvit.study.context import StudyContext
+from mechvit.study.result import StepResult, StepWriter, Table
+from mechvit.study.steps.sae import sae_runs
+
+TITLE = "Feature explorer"
+SECTION = "explorer"
+DEPS = ("sae",)
+PAGE = "features.html"
+
+
+def class_names(ctx: StudyContext) -> list[str]:
+    """The class names: the base model's own (``cfg.class_names``), else the dataset's (Fashion-MNIST's, or
+    an ImageFolder's sorted class folders), else ``class <i>``."""
+    model = ctx.model(ctx.base_name)
+    n = int(model.cfg.num_classes)
+    names = list(model.cfg.class_names or [])
+    if not names and ctx.cfg.data.dataset == "fashion_mnist":
+        from mechvit.data import FASHION_MNIST_CLASSES
+
+        names = list(FASHION_MNIST_CLASSES)
+    if not names and ctx.cfg.data.dataset == "imagefolder" and ctx.cfg.data.root:
+        from pathlib import Path
+
+        folder = Path(ctx.cfg.data.root) / ctx.cfg.data.test_split
+        names = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    return names if len(names) == n else [f"class {i}" for i in range(n)]
+
+
+def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
+    from mechvit.viz.explorer import ExplorerSAE, write_explorer
+
+    e, s = ctx.cfg.explorer, ctx.cfg.sae
+    t0 = time.time()
+    runs = sae_runs(ctx)
+    several = len(s.architectures) > 1
+    specs = []
+    for r in runs:
+        folder = ctx.out / "sae" / r.dirname
+        if not (folder / "cfg.json").is_file():
+            raise FileNotFoundError(f"explorer: SAE folder {folder} is missing; rerun the sae step (--force)")
+        specs.append(
+            ExplorerSAE(
+                name=f"{r.architecture} · {r.model} · r{r.replicate}"
+                if several
+                else f"{r.model} · r{r.replicate}",
+                sae=str(folder),
+                model=r.model,
+                condition=f"mix ({r.architecture})" if several else "mix",
+                seed=r.replicate,
+                hook=s.hook,
+            )
+        )
+    models = {n: ctx.model(n) for n in dict.fromkeys(r.model for r in runs)}
+    # the context loads as many test images as the largest step asks for; never more than that here
+    n = min(e.n_images, ctx._n_test_needed())
+    x, y = ctx.test_images(n)
+    conds = ctx.cfg.conditions
+    corrupted = torch.cat([ctx.corrupted(c, n) for c in conds])
+    path = write_explorer(
+        w.path(PAGE),
+        specs,
+        models,
+        x,
+        y,
+        class_names(ctx),
+        corrupted=corrupted,
+        corrupted_labels=y.repeat(len(conds)),
+        corrupted_name=" + ".join(c.label for c in conds),
+        corrupted_groups=[(c.label, len(x)) for c in conds],
+        transform=ctx.prep,
+        title=f"{ctx.cfg.title}: SAE features",
+        k=e.top_images,
+        n_assoc=e.n_assoc,
+        n_bins=e.histogram_bins,
+        cards=e.cards,
+        progress=ctx.progress,
+    )
+    seconds = round(time.time() - t0, 2)
+    size = path.stat().st_size
+    data_rows = _index_rows(path)
+    res = StepResult()
+    if n < e.n_images:
+        res.notes.append(
+            f"explorer.n_images is {e.n_images} but the study loads only {n} test images (the largest "
+            "n_images of the other steps); the explorer uses those"
+        )
+    res.metrics = {
+        "page": w.rel(PAGE),
+        "bytes": size,
+        "seconds": seconds,
+        "n_images": len(x),
+        "n_corrupted": len(corrupted),
+        "saes": {
+            row["name"]: {"dir": f"sae/{r.dirname}", **row} for row, r in zip(data_rows, runs, strict=True)
+        },
+    }
+    res.links.append(
+        {
+            "file": w.rel(PAGE),
+            "title": f"Feature explorer: every live latent of the {len(specs)} SAEs ({size / 1e6:.1f} MB, "
+            "offline; opens in a browser)",
+        }
+    )
+    res.notes.append(
+        f"features.html browses every live latent of every SAE on {len(x)} clean test images and the same "
+        f"images under {', '.join(c.label for c in conds)} (pooled into its one corrupted set): top images with "
+        "per-patch heatmaps, activation histogram, class association and automatic label, direct logit effect, "
+        "the measured effect of ablating and doubling the latent on its top images, and the nearest latent of "
+        "the other seed replicates (seed stability) and of the same replicate of every other model (change "
+        "under fine-tuning). See docs/explorer.md."
+    )
+    res.tables.append(
+        Table(
+            "SAEs in the explorer (live: fires on at least one clean or corrupted patch token)",
+            ["SAE", "folder", "live latents", "d_sae", "mean seed stability"],
+            [
+                [row["name"], f"sae/{r.dirname}", row["live"], row["d_sae"], row["stability"]]
+                for row, r in zip(data_rows, runs, strict=True)
+            ],
+        )
+    )
+    return res
+
+
+def _index_rows(path) -> list[dict]:
+    """Per SAE of the written page: name, live latents, d_sae and mean seed stability (read back from it)."""
+    from mechvit.viz.explorer import read_explorer_data
+
+    rows = []
+    for sae in read_explorer_data(path)["saes"]:
+        stab = [v for v in sae["stability"] or [] if v is not None]
+        rows.append(
+            {
+                "name": sae["name"],
+                "live": len(sae["live"]),
+                "d_sae": sae["d_sae"],
+                "stability": sum(stab) / len(stab) if stab else None,
+            }
+        )
+    return rows
