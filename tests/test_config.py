@@ -59,6 +59,30 @@ def test_embedded_default_validates_and_is_the_default():
     assert cfg == load_study_config(ROOT / "configs" / "fashion_mnist.yaml")
     assert [c.label for c in cfg.conditions] == ["gaussian_blur/4", "gaussian_noise/4"]
     assert cfg.models.base.checkpoint == "checkpoints/fmnist_vit_base"
+    # the paper's protocol: all six fine-tunes and the clean control, and every checkpoint is shipped
+    assert [m.name for m in cfg.models.finetuned] == [
+        "blur1",
+        "blur2",
+        "blur4",
+        "noise1",
+        "noise2",
+        "noise4",
+        "clean",
+    ]
+    assert cfg.sae.models == ["base", "blur4", "noise4", "clean"] and cfg.sae.replicates >= 3
+    assert cfg.sae.train.k / 96 <= 0.1
+    assert cfg.robustness.n_images >= 2000
+    for m in cfg.model_entries():
+        assert (ROOT / m.checkpoint / "card.json").is_file(), m.checkpoint
+
+
+def test_seed_variation_config_has_three_seeds_of_each_severity4_recipe_and_the_control():
+    cfg = load_study_config(ROOT / "configs" / "fashion_mnist_seeds.yaml")
+    names = [m.name for m in cfg.models.finetuned]
+    assert names == [f"{r}{s}" for r in ("blur4", "noise4", "clean") for s in ("", "_s1", "_s2")]
+    assert not cfg.sae.enabled and cfg.robustness.n_images >= 2000
+    for m in cfg.model_entries():
+        assert (ROOT / m.checkpoint / "card.json").is_file(), m.checkpoint
 
 
 def test_imagenet_paper_config_expresses_the_seed_protocol():
