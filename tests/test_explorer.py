@@ -4,6 +4,7 @@ live latent, and shows the numbers Python computed."""
 
 import base64
 import copy
+import io
 import json
 import re
 from pathlib import Path
@@ -124,7 +125,8 @@ def test_page_is_self_contained_and_cards_are_written(built):
     path, saes, stats, *_ = built
     text = path.read_text(encoding="utf-8")
     assert "Content-Security-Policy" in text and "default-src 'none'" in text
-    assert "http://" not in text and "https://" not in text and '<link rel="stylesheet"' not in text
+    no_ns = text.replace('xmlns="http://www.w3.org/2000/svg"', "")  # the exported card's namespace: no request
+    assert "http://" not in no_ns and "https://" not in no_ns and '<link rel="stylesheet"' not in text
     assert re.search(r"<script[^>]+src=", text) is None
     data = page_data(path)
     for entry in data["saes"]:
@@ -230,6 +232,72 @@ def test_search_and_sort(browser, built):
     driver.find_element("css selector", '#thead [data-sort="id"]').click()
 
 
+def _expected_order(data_entry: dict, key: str, direction: int) -> list[int]:
+    """The live ids sorted as the index must sort them: by the column's value (nulls last), ties by id."""
+    live = data_entry["live"]
+    if key == "id":
+        vals = live
+    elif key.startswith("match:"):
+        vals = next(m["cos"] for m in data_entry["matches"] if m["sae"] == key[6:])
+    else:
+        vals = data_entry[key]
+    nulls = [f for f, v in zip(live, vals, strict=True) if v is None]
+    rest = sorted(
+        ((v, f) for f, v in zip(live, vals, strict=True) if v is not None),
+        key=lambda t: (direction * t[0], t[1]),
+    )
+    return [f for _, f in rest] + nulls
+
+
+@skip_without_chromium
+def test_sort_by_every_column(browser, built):
+    """id, density, mean activation, label, seed stability and the matched cosine to each other model's SAE
+    (change under fine-tuning): first click sorts (ids and labels ascending, numbers descending), the second
+    reverses."""
+    driver, _ = browser
+    path, *_ = built
+    data = page_data(path)
+    entry = data["saes"][0]  # base s0: has replicates (stability) and a counterpart (ft s0)
+    show(driver, 0, "")
+    keys = [e.get_attribute("data-sort") for e in driver.find_elements("css selector", "#thead [data-sort]")]
+    assert keys == ["id", "density", "mean_act", "label", "stability", "match:ft s0"]
+    names = [e.text for e in driver.find_elements("css selector", "#thead [data-sort]")]
+    assert names[-2:] == ["seed stab.", "cos ft"]
+    for key in keys:
+        if key == "id":  # already sorted by id ascending: the first click reverses
+            driver.find_element("css selector", '#thead [data-sort="mean_act"]').click()
+        for direction in (1, -1) if key in ("id", "label") else (-1, 1):
+            driver.find_element("css selector", f'#thead [data-sort="{key}"]').click()
+            got = js(driver, "return explorer.visibleIds()")
+            if key == "label":  # the browser's locale collation: check the shown labels are in order
+                labels = [entry["label"][entry["live"].index(f)] for f in got]
+                ordered = js(
+                    driver,
+                    "const l = arguments[0], d = arguments[1];"
+                    "return l.every((x, i) => i === 0 || d * l[i - 1].localeCompare(x) <= 0)",
+                    labels,
+                    direction,
+                )
+                assert ordered and sorted(got) == entry["live"], (key, direction)
+            else:
+                assert got == _expected_order(entry, key, direction), (key, direction)
+            assert driver.find_element("css selector", f'#thead [data-sort="{key}"]').get_attribute(
+                "class"
+            ) == ("sorted asc" if direction > 0 else "sorted")
+    # search keeps the sort: the filtered ids in the same order
+    word = entry["label"][0].split(" ")[0].lower()
+    box = driver.find_element("css selector", "#search")
+    box.send_keys(word)
+    want = [
+        f
+        for f in _expected_order(entry, keys[-1], 1)
+        if word in entry["label"][entry["live"].index(f)].lower()
+    ]
+    assert js(driver, "return explorer.visibleIds()") == want and want
+    show(driver, 0, "")
+    driver.find_element("css selector", '#thead [data-sort="id"]').click()
+
+
 def _feature_with_images(st, k_min=2):
     for f in st.live[np.argsort(-st.density[st.live], kind="stable")]:
         if (st.top_idx[f] >= 0).sum() >= k_min and (st.top_idx_corrupted[f] >= 0).sum() >= 1:
@@ -306,6 +374,43 @@ def test_clicking_a_feature_shows_its_images_numbers_and_ablation(browser, built
     block.find_element("css selector", "a.open").click()
     assert detail.get_attribute("data-sae") == "ft s0"
     assert detail.get_attribute("data-feature") == str(data["idx"][pos])
+    assert collect(driver).console_errors == []
+
+
+@skip_without_chromium
+def test_every_latent_exports_a_feature_card(browser, built):
+    """The page draws a card of any latent (not only those with a Python-written card): an SVG with the
+    latent's label and numbers and one picture per top image, and a PNG at 300 dpi (7.5 in wide)."""
+    driver, _ = browser
+    _, saes, stats, *_ = built
+    st = stats["ft s0"]
+    f = _feature_with_images(st)
+    show(driver, 2, "")
+    js(driver, "explorer.open('ft s0', arguments[0])", f)
+    assert driver.find_element("css selector", "#card-svg-btn").is_displayed()
+    assert driver.find_element("css selector", "#card-png-btn").text == "PNG 300 dpi"
+    svg = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "explorer.cardSvg('ft s0', arguments[0]).then(done, (e) => done('ERROR ' + e));",
+        f,
+    )
+    assert svg.startswith("<svg") and f"latent #{f}" in svg, svg[:200]
+    label = st.label[f].replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    assert label in svg and "density " in svg
+    assert svg.count("<image ") == min(6, int((st.top_idx[f] >= 0).sum()))
+    uri = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "explorer.cardSvg('ft s0', arguments[0]).then((s) => explorer.cardPng(s, 300)).then(done, (e) => done('ERROR ' + e));",
+        f,
+    )
+    assert uri.startswith("data:image/png;base64,"), uri[:80]
+    from PIL import Image
+
+    with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as im:
+        assert im.width == round(720 * 300 / 96)
+        px = np.asarray(im.convert("RGB"), dtype=float)
+    assert px.std() > 20  # text, bars and images, not a blank sheet
+    assert (np.abs(px[..., 0] - px[..., 2]) > 60).mean() > 0.001  # coloured heatmap / bars drawn
     assert collect(driver).console_errors == []
 
 

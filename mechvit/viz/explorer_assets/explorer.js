@@ -46,7 +46,11 @@
   }
 
   function drawImage(canvas, set, imgIdx, map, scale) {
-    // map: Uint8Array(gh*gw) quantised activations (0-255 of the latent's max), or null
+    drawImageOf(S(), canvas, set, imgIdx, map, scale);
+  }
+
+  function drawImageOf(sae, canvas, set, imgIdx, map, scale) {
+    // map: Uint8Array(gh*gw) quantised activations (0-255 of the latent's max) on sae's grid, or null
     const ctx = canvas.getContext("2d");
     ctx.imageSmoothingEnabled = false;
     ctx.fillStyle = "#ddd";
@@ -58,7 +62,7 @@
         ctx.drawImage(sprites[set], sx, sy, IW, IH, 0, 0, IW * scale, IH * scale);
       }
       if (!map) return;
-      const [gh, gw] = S().grid;
+      const [gh, gw] = sae.grid;
       const ph = (IH * scale) / gh, pw = (IW * scale) / gw;
       for (let r = 0; r < gh; r++)
         for (let c = 0; c < gw; c++) {
@@ -187,7 +191,7 @@
       if (grp) fig.dataset.group = grp;
       cap.innerHTML = `${esc(D.class_names[labels[top[j]]])}${grp ? "<br>" + esc(grp) : ""}<br>max ${fmt(vals[j], 2)}`;
       fig.appendChild(cap);
-      drawImage(cv, set, top[j], slice(maps, (i * k + j) * P, P), scale);
+      drawImageOf(s, cv, set, top[j], slice(maps, (i * k + j) * P, P), scale);
       out.push(fig);
     }
     return out;
@@ -296,9 +300,13 @@
     statsHtml += stat("mean_act", "mean activation", s.mean_act[i], fmt(s.mean_act[i], 3)) + stat("max_act", "max activation", s.max_act[i], fmt(s.max_act[i], 3));
     if (s.stability) statsHtml += stat("stability", "seed stability", s.stability[i], fmt(s.stability[i], 3));
     const card = s.cards && s.cards[f];
-    const cardHtml = card
-      ? `<a href="${esc(card.png)}" id="card-png">feature card PNG</a> · <a href="${esc(card.svg)}" id="card-svg">SVG</a>`
-      : `<span class="muted">feature card: <code>mechvit.viz.feature_card(stats, ${f}, "card.png", ...)</code></span>`;
+    // every latent: a card drawn here from the page's data (SVG, or PNG at print resolution); the study's
+    // densest latents also have the card mechvit.viz.feature_card wrote (matplotlib, PNG + SVG) beside the page
+    const cardHtml = `<span class="cardbtns">feature card <button id="card-svg-btn" data-card="svg">SVG</button>` +
+      `<button id="card-png-btn" data-card="png" title="${CARD_DPI} dpi">PNG ${CARD_DPI} dpi</button></span>` +
+      (card
+        ? ` · written by <code>mechvit.viz.feature_card</code>: <a href="${esc(card.png)}" id="card-png">PNG</a> · <a href="${esc(card.svg)}" id="card-svg">SVG</a>`
+        : ` <span class="muted">(or <code>mechvit.viz.feature_card(stats, ${f}, images, class_names, path="card.png")</code>)</span>`);
     el.innerHTML = `<h2>${esc(s.name)} · latent #${f}</h2><div class="label" id="label">${esc(s.label[i])}</div>` +
       `<div class="stats">${statsHtml}</div><div>${cardHtml}</div>` +
       `<h3>Top images ${setBtns}</h3><div class="imgs" id="topimgs"></div>` +
@@ -320,6 +328,84 @@
     if (s.matches.length || (s.replicates && s.replicates.length)) mbox.innerHTML = `<h3>Matched latents in other SAEs</h3>`;
     for (const m of s.matches) mbox.appendChild(matchBlock(s, i, m));
     for (const m of s.replicates || []) mbox.appendChild(matchBlock(s, i, m));
+  }
+
+  // ---- feature card export (client side, no network) ----------------------------------------------------------
+  const CARD_W = 720; // CSS px: 7.5 in at 96 px/in
+  const CARD_DPI = 300;
+
+  async function cardSvg(saeName, f) {
+    // a standalone SVG card of latent f: title, label, numbers, top clean images with heatmaps, classes, logits
+    const s = D.saes.find((x) => x.name === saeName);
+    const i = s ? pos(s, f) : -1;
+    if (i < 0) throw new Error(`no live latent #${f} in ${saeName}`);
+    if (spriteReady.clean) await spriteReady.clean;
+    const n = Math.min(6, s.k), cell = 112, gap = 8;
+    const figs = [];
+    const k = s.k, P = s.grid[0] * s.grid[1];
+    const maps = arr(s, "maps");
+    for (let j = 0; j < n; j++) {
+      const img = s.top[i][j];
+      if (img < 0) continue;
+      const cv = document.createElement("canvas");
+      cv.width = IW * 4; cv.height = IH * 4;
+      drawImageOf(s, cv, "clean", img, slice(maps, (i * k + j) * P, P), 4);
+      figs.push({ uri: cv.toDataURL("image/png"), img, v: s.top_val[i][j] });
+    }
+    const x0 = 16;
+    let g = `<text x="${x0}" y="24" class="t">${esc(s.name)} · latent #${f}</text>` +
+      `<text x="${x0}" y="44" class="l">${esc(s.label[i])}</text>` +
+      `<text x="${x0}" y="62">density ${fmtDensity(s.density[i])} · mean act ${fmt(s.mean_act[i], 3)} · max ${fmt(s.max_act[i], 3)}` +
+      (s.stability ? ` · seed stability ${fmt(s.stability[i], 2)}` : "") + ` · hook ${esc(s.hook)}</text>`;
+    figs.forEach((fg, j) => {
+      const x = x0 + j * (cell + gap);
+      g += `<image x="${x}" y="74" width="${cell}" height="${cell}" href="${fg.uri}" style="image-rendering:pixelated"></image>` +
+        `<text x="${x + cell / 2}" y="${74 + cell + 12}" text-anchor="middle">${esc(D.class_names[D.images.labels[fg.img]])} · ${fmt(fg.v, 2)}</text>`;
+    });
+    const y1 = 74 + cell + 30;
+    g += `<text x="${x0}" y="${y1}" class="h">classes of the top ${s.n_assoc} images</text>` +
+      `<g transform="translate(${x0},${y1 + 6})">${bars(s.class_counts[i], { width: 320, show: (v) => String(v), color: () => "#7a9c5a" })}</g>` +
+      `<text x="${x0 + 350}" y="${y1}" class="h">direct logit effect</text>` +
+      `<g transform="translate(${x0 + 350},${y1 + 6})">${bars(s.logit[i], { width: 340, show: (v) => (v >= 0 ? "+" : "") + v.toFixed(2) })}</g>`;
+    const h = y1 + 6 + C * 14 + 16;
+    return `<svg xmlns="http://www.w3.org/2000/svg" width="${CARD_W}" height="${h}" viewBox="0 0 ${CARD_W} ${h}">` +
+      `<style>text{font:10px sans-serif;fill:#3b4558}.t{font-size:15px;font-weight:600;fill:#1d2430}.l{font-size:13px}.h{font-size:11px;font-weight:600}</style>` +
+      `<rect width="100%" height="100%" fill="#fff"></rect>${g}</svg>`;
+  }
+
+  function cardPng(svg, dpi) {
+    // the SVG rasterised at dpi (the card is 7.5 in wide): resolves to a PNG data URL
+    const scale = (dpi || CARD_DPI) / 96;
+    return new Promise((resolve, reject) => {
+      const img = new Image();
+      img.onload = () => {
+        const cv = document.createElement("canvas");
+        cv.width = Math.round(img.naturalWidth * scale);
+        cv.height = Math.round(img.naturalHeight * scale);
+        const ctx = cv.getContext("2d");
+        ctx.drawImage(img, 0, 0, cv.width, cv.height);
+        resolve(cv.toDataURL("image/png"));
+      };
+      img.onerror = () => reject(new Error("the card SVG did not render"));
+      img.src = URL.createObjectURL(new Blob([svg], { type: "image/svg+xml" }));
+    });
+  }
+
+  function download(href, name) {
+    const a = document.createElement("a");
+    a.href = href;
+    a.download = name;
+    document.body.appendChild(a);
+    a.click();
+    a.remove();
+  }
+
+  async function exportCard(kind) {
+    const s = S(), f = state.feature;
+    const svg = await cardSvg(s.name, f);
+    const stem = `${s.name.replace(/[^A-Za-z0-9_.-]+/g, "_")}_latent_${f}`;
+    if (kind === "svg") download(URL.createObjectURL(new Blob([svg], { type: "image/svg+xml" })), stem + ".svg");
+    else download(await cardPng(svg, CARD_DPI), stem + ".png");
   }
 
   // ---- navigation ----------------------------------------------------------------------------------------------
@@ -364,7 +450,9 @@
       const a = e.target.closest("[data-open-sae]");
       if (a) { open(a.dataset.openSae, +a.dataset.openFeature); return; }
       const b = e.target.closest("#settoggle button");
-      if (b) { state.set = b.dataset.set; renderDetail(); }
+      if (b) { state.set = b.dataset.set; renderDetail(); return; }
+      const c = e.target.closest("button[data-card]");
+      if (c) exportCard(c.dataset.card).catch((err) => console.error(err));
     });
     window.addEventListener("resize", renderRows);
     const h = new URLSearchParams(location.hash.slice(1));
@@ -377,9 +465,18 @@
       open(S().name, S().live[i]);
     }
     document.body.dataset.ready = "1";
+    // load time, as the browser measures it: index and first latent rendered (readyMs), images painted (paintedMs)
+    window.explorer.readyMs = performance.now();
+    Promise.all(Object.values(spriteReady)).then(() => {
+      requestAnimationFrame(() => { window.explorer.paintedMs = performance.now(); document.body.dataset.painted = "1"; });
+    });
   }
 
   // for tests and the console: the current filtered, sorted feature ids and a way to open one
-  window.explorer = { data: D, state, open, visibleIds: () => state.rows.map((i) => S().live[i]) };
+  window.explorer = {
+    data: D, state, open, cardSvg, cardPng,
+    visibleIds: () => state.rows.map((i) => S().live[i]),
+    renderedRows: () => document.querySelectorAll("#spacer .row").length,
+  };
   init();
 })();
