@@ -1,5 +1,6 @@
 """Attention: entropy and distance per layer, clean vs corrupted maps per model, fine-tuned vs base maps, CLS
-attention over the images and circuitsvis head views."""
+attention over the images and circuitsvis head views (one shared copy of the circuitsvis bundle,
+``attention/circuitsvis.js``, for every view page)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from mechvit.analysis.statistics import mean_ci, paired_difference_ci
 from mechvit.study.context import StudyContext
 from mechvit.study.result import StepResult, StepWriter, Table
 from mechvit.viz import figures
-from mechvit.viz.circuits import save_attention_views
+from mechvit.viz.circuits import BUNDLE_NAME, save_attention_views
 
 TITLE = "Attention"
 SECTION = "attention"
@@ -136,9 +137,20 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
                     )
                     views.append({"title": f"{n}: image #{v}, {lab}", "pattern": pats.cpu(), "image": xi[v]})
             name = f"attention_views_{n}.html"
-            save_attention_views(w.path(name), views, m.token_labels(), title=f"Attention heads of {n}")
+            # every view page loads one shared copy of the circuitsvis bundle, attention/circuitsvis.js
+            save_attention_views(
+                w.path(name),
+                views,
+                m.token_labels(),
+                title=f"Attention heads of {n}",
+                shared_bundle=w.path(name).parent,
+            )
             res.links.append(
-                {"file": w.rel(name), "title": f"circuitsvis attention views: {n} (offline, JS inlined)"}
+                {
+                    "file": w.rel(name),
+                    "title": f"circuitsvis attention views: {n} (offline; loads the shared "
+                    f"{w.rel(BUNDLE_NAME)})",
+                }
             )
             bar.update(1)
     return res
