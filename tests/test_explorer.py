@@ -125,7 +125,8 @@ def test_page_is_self_contained_and_cards_are_written(built):
     path, saes, stats, *_ = built
     text = path.read_text(encoding="utf-8")
     assert "Content-Security-Policy" in text and "default-src 'none'" in text
-    no_ns = text.replace('xmlns="http://www.w3.org/2000/svg"', "")  # the exported card's namespace: no request
+    # the exported card's SVG namespace is a name, not a request
+    no_ns = text.replace('xmlns="http://www.w3.org/2000/svg"', "")
     assert "http://" not in no_ns and "https://" not in no_ns and '<link rel="stylesheet"' not in text
     assert re.search(r"<script[^>]+src=", text) is None
     data = page_data(path)
