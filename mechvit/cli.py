@@ -1,8 +1,9 @@
-"""The ``mechvit`` command: ``study``, ``convert``, ``train``, ``evaluate``, ``train-sae``.
+"""The ``mechvit`` command: ``study``, ``convert``, ``train``, ``evaluate``, ``train-sae``, ``cache-activations``.
 
 User errors (a bad config, a missing file, a wrong argument) print one line ``mechvit <cmd>: error: ...``
 on stderr and exit with status 2, without a traceback. ``train``/``evaluate`` are
-``python -m mechvit.training`` and ``train-sae`` is ``python -m mechvit.sae`` under one name.
+``python -m mechvit.training`` and ``train-sae`` is ``python -m mechvit.sae`` under one name;
+``python -m mechvit`` (and so ``torchrun -m mechvit``) is the ``mechvit`` command.
 """
 
 from __future__ import annotations
@@ -13,11 +14,63 @@ from collections.abc import Callable
 
 from mechvit._dataclass_yaml import parse_overrides
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    NotImplementedError,  # an unsupported architecture or feature, named in the message
+)
 
 
 class UserError(Exception):
     pass
+
+
+def check_device(text: str) -> None:
+    """Raise :class:`UserError` unless ``text`` names a torch device that exists here."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, TypeError, ValueError):
+        raise UserError(f"--device: expected cpu, cuda, cuda:<n> or mps, got {text!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device: expected an available device, got {text!r} (no CUDA here)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device: got {text!r}, but this machine has {torch.cuda.device_count()} GPU(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device: expected an available device, got {text!r} (no MPS here)")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device: expected cpu, cuda, cuda:<n> or mps, got {text!r}")
+
+
+def _argv_devices(argv: list[str]) -> list[str]:
+    """The values of ``--device X`` / ``--device=X`` in a delegated command's own arguments."""
+    out = [a.split("=", 1)[1] for a in argv if a.startswith("--device=")]
+    out += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--device"]
+    return out
+
+
+def _is_user_error(err: BaseException) -> bool:
+    """Errors caused by what the user asked for, which deserve one line rather than a traceback: the
+    usual ones, another run holding the output folder, and a device named in a config that this machine lacks."""
+    from mechvit._io import LockError
+
+    if isinstance(err, USER_ERRORS + (UserError, LockError)):
+        return True
+    text = str(err)
+    device_errors = (
+        "device type at start of device string",
+        "Invalid device string",
+        "Torch not compiled with CUDA enabled",
+        "Found no NVIDIA driver",
+        "CUDA driver initialization failed",
+        "invalid device ordinal",
+    )
+    return isinstance(err, (RuntimeError, AssertionError)) and any(d in text for d in device_errors)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -141,9 +194,14 @@ def _run_convert(args: argparse.Namespace) -> int:
                 f"{args.source!r} is neither a folder nor a timm model name "
                 f"(e.g. {', '.join(timm.list_models('vit_*')[:3])})"
             )
-        model = HookedViT.from_timm(
-            args.source, pretrained=args.pretrained, checkpoint_path=args.checkpoint_path, **flags, **kwargs
-        )
+        try:
+            model = HookedViT.from_timm(
+                args.source, pretrained=args.pretrained, checkpoint_path=args.checkpoint_path, **flags, **kwargs
+            )
+        except TypeError as e:  # timm.create_model / the model's constructor refusing a --set key or value
+            if not kwargs:
+                raise
+            raise UserError(f"timm.create_model({args.source!r}) refused --set {kwargs}: {e}") from None
     out = model.save_pretrained(args.out)
     c = model.cfg
     print(
@@ -173,6 +231,17 @@ def _run_train_sae(argv: list[str], prog: str) -> int:
 
     sae_main(argv, prog=prog)
     return 0
+
+
+def _run_cache_activations(argv: list[str], prog: str) -> int:
+    from mechvit.sae.__main__ import cache_main
+
+    cache_main(argv, prog=prog)
+    return 0
+
+
+# commands whose options belong to their package's own parser
+_DELEGATED = {"train-sae": _run_train_sae, "cache-activations": _run_cache_activations}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,17 +293,27 @@ def build_parser() -> argparse.ArgumentParser:
         "`mechvit train-sae --help` lists its options",
         add_help=False,
     )
+    sub.add_parser(
+        "cache-activations",
+        help="write a model's activations at one hook to a float16 disk cache; torchrun: one shard set "
+        "per rank (docs/scaling.md); `mechvit cache-activations --help` lists its options",
+        add_help=False,
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (the ``mechvit`` script exits with it)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "train-sae":  # its options belong to mechvit.sae's own parser
-        prog = "mechvit train-sae"
+    if argv and argv[0] in _DELEGATED:  # its options belong to mechvit.sae's own parser
+        prog = f"mechvit {argv[0]}"
         try:
-            code = _run_train_sae(argv[1:], prog)
-        except USER_ERRORS + (UserError,) as e:
+            for device in _argv_devices(argv[1:]):
+                check_device(device)
+            code = _DELEGATED[argv[0]](argv[1:], prog)
+        except Exception as e:
+            if not _is_user_error(e):
+                raise
             code = _fail(prog, e)
         except SystemExit as e:  # argparse inside mechvit.sae
             code = e.code if isinstance(e.code, int) else 2
@@ -251,8 +330,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     prog = f"mechvit {args.command}"
     try:
+        if getattr(args, "device", None) is not None:
+            check_device(args.device)
         code = args.run(args)
-    except USER_ERRORS + (UserError,) as e:
+    except Exception as e:
+        if not _is_user_error(e):
+            raise
         code = _fail(prog, e)
     except SystemExit as e:  # e.g. sys.exit("error: ...") inside a delegated entry point
         if isinstance(e.code, str):

@@ -7,6 +7,14 @@
 ``--checkpoint`` is a mechvit training checkpoint (``card.json`` + ``model.safetensors``) or a
 ``HookedViT.save_pretrained`` folder. Data: Fashion-MNIST train images for training, test images held out.
 Prints (and stores in the SAE's ``mechvit_sae.json``) the held-out reconstruction and spliced metrics.
+
+Or train on an activation cache written by ``mechvit cache-activations`` (no model, no held-out metrics),
+on one process or data-parallel under torchrun (docs/scaling.md); several architectures and seeds train in
+one pass over the data (saved as <out>/<architecture>__s<seed>, each SAE seeded by
+derive_seed(seed, architecture)):
+
+    torchrun --nproc_per_node=N -m mechvit train-sae --activations runs/acts/b10 --out runs/sae/b10 \\
+        --architecture batchtopk standard --seeds 0 1 2 --batch-size 4096 --samples 20000000
 """
 
 from __future__ import annotations
@@ -56,14 +64,24 @@ def main(argv: list[str] | None = None, prog: str = "python -m mechvit.sae") -> 
         description=__doc__.replace("python -m mechvit.sae", prog),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--hook", required=True)
+    ap.add_argument("--checkpoint", default=None, help="model folder (required unless --activations)")
+    ap.add_argument("--hook", default=None, help="hook name (required unless --activations)")
+    ap.add_argument(
+        "--activations",
+        default=None,
+        help="train on this finished activation cache (mechvit cache-activations); torchrun: data-parallel",
+    )
     ap.add_argument("--tokens", default="patches", choices=["all", "cls", "patches", "prefix"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--cache", default=None, help="activation cache folder (resumable); default: stream")
     ap.add_argument(
-        "--architecture", default="batchtopk", choices=["standard", "topk", "batchtopk", "jumprelu"]
+        "--architecture",
+        nargs="+",
+        default=["batchtopk"],
+        choices=["standard", "topk", "batchtopk", "jumprelu"],
+        help="several (with --activations): trained in one pass",
     )
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="with --activations: one SAE per seed")
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--expansion", type=int, default=16)
     ap.add_argument("--aux", type=float, default=1 / 32, help="TopK/BatchTopK auxiliary (dead-feature) loss")
@@ -76,11 +94,20 @@ def main(argv: list[str] | None = None, prog: str = "python -m mechvit.sae") -> 
     ap.add_argument("--mix", type=float, default=0.0, help="fraction of training images corrupted")
     ap.add_argument("--corruption", type=_corruption, action="append", default=[])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--device", default="cpu", help="cpu, cuda, auto (under torchrun cuda is cuda:LOCAL_RANK)"
+    )
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.activations is not None:
+        return _train_from_cache(args)
+    if args.checkpoint is None or args.hook is None:
+        ap.error("--checkpoint and --hook are required (or train on a cache with --activations)")
+    if len(args.architecture) > 1 or args.seeds:
+        ap.error("several --architecture values and --seeds need --activations (one pass over a cache)")
+    args.architecture = args.architecture[0]
     from mechvit.data import load_fashion_mnist
 
     model = load_model(args.checkpoint, args.device)
@@ -127,6 +154,190 @@ def main(argv: list[str] | None = None, prog: str = "python -m mechvit.sae") -> 
     save_trained(trained, args.out)
     summary = {"out": args.out, "train_seconds": round(seconds, 1), **recon.to_dict(), **spliced.to_dict()}
     print(json.dumps(summary, indent=2))
+    return summary
+
+
+def _training_config(
+    args: argparse.Namespace, architecture: str, seed: int, device: str
+) -> SAETrainingConfig:
+    return SAETrainingConfig(
+        architecture=architecture,
+        k=args.k,
+        expansion_factor=args.expansion,
+        aux_coefficient=args.aux,
+        l1_coefficient=args.l1,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        total_samples=args.samples,
+        seed=seed,
+        device=device,
+    )
+
+
+def _train_from_cache(args: argparse.Namespace) -> dict:
+    """SAEs on a finished activation cache; data-parallel when launched by torchrun (rank 0 saves)."""
+    from .activations import CachedActivations
+    from .distributed import init_from_env, rank_and_world
+    from .train import derive_seed, train_sae, train_saes
+
+    device = init_from_env(args.device)
+    rank, world = rank_and_world()
+    cached = CachedActivations(args.activations)
+    m = cached.manifest
+    manifest = {
+        "hook": m["hook"],
+        "tokens": m["tokens"],
+        "model_sha256": m["model_sha256"],
+        "dataset": m["dataset"],
+        "corruption_mix": m["mix"],
+        "activations": str(Path(args.activations)),
+        "n_activations": len(cached),
+        "processes": world,
+    }
+    if len(cached) < args.batch_size:
+        raise ValueError(
+            f"{args.activations} holds {len(cached)} activations, fewer than one batch ({args.batch_size})"
+        )
+    seeds = args.seeds or [args.seed]
+    order_seed = derive_seed(args.seed, "order") if len(args.architecture) * len(seeds) > 1 else args.seed
+    # every rank reads the same global batches (same seed) and trains on its slice of each
+    batches = cached.batches(
+        args.batch_size, buffer_size=max(32_768, 2 * args.batch_size), seed=order_seed, device=device
+    )
+    t0 = time.perf_counter()
+    if len(args.architecture) == 1 and len(seeds) == 1:
+        cfg = _training_config(args, args.architecture[0], seeds[0], device)
+        trained = {"": train_sae(batches, cached.d_in, cfg, out_dir=args.out, manifest=manifest)}
+    else:
+        # one pass, each SAE its own init and draw seed (train_saes), derived from (seed, architecture)
+        cfgs = {
+            f"{a}__s{s}": _training_config(args, a, derive_seed(s, a), device)
+            for a in args.architecture
+            for s in seeds
+        }
+        trained = train_saes(
+            batches,
+            cached.d_in,
+            cfgs,
+            manifests={n: manifest for n in cfgs},
+            out_dirs={n: Path(args.out) / n for n in cfgs},
+        )
+    seconds = round(time.perf_counter() - t0, 1)
+    summary = {
+        "out": args.out,
+        "processes": world,
+        "train_seconds": seconds,
+        "saes": {n or args.architecture[0]: t.manifest["final_train_metrics"] for n, t in trained.items()},
+    }
+    if rank == 0:
+        print(json.dumps(summary, indent=2))
+    return summary
+
+
+# ---- cache-activations ---------------------------------------------------------------------------------
+
+
+def cache_main(argv: list[str] | None = None, prog: str = "mechvit cache-activations") -> dict:
+    """``mechvit cache-activations``: write a model's activations at one hook over a dataset split to a
+    float16 disk cache; under torchrun each rank writes its shards (mechvit.sae.distributed)."""
+    ap = argparse.ArgumentParser(
+        prog=prog,
+        description="Write a model's activations at one hook over a dataset split to a resumable, "
+        "memory-mapped float16 cache (shards + manifest.json). Under torchrun --nproc_per_node=N each rank "
+        "writes every N-th shard and rank 0 writes the manifest when all are done; the cache is the one a "
+        "single process writes. Rerun the same command to resume. See docs/scaling.md.",
+    )
+    ap.add_argument("--checkpoint", required=True, help="mechvit checkpoint or HookedViT folder")
+    ap.add_argument("--hook", required=True)
+    ap.add_argument("--tokens", default="patches", choices=["all", "cls", "patches", "prefix"])
+    ap.add_argument("--out", required=True, help="cache folder (shared by every rank)")
+    ap.add_argument("--dataset", default="fashion_mnist", choices=["fashion_mnist", "imagefolder"])
+    ap.add_argument(
+        "--root", default=None, help="ImageFolder root (<root>/<split>/<class>/*) or Fashion-MNIST folder"
+    )
+    ap.add_argument("--split", default="train", help="train, test, or the ImageFolder subfolder name")
+    ap.add_argument("--images", type=int, default=None, help="the first N images of the split (default: all)")
+    ap.add_argument("--img-size", type=int, default=None)
+    ap.add_argument("--mean", type=float, nargs="+", default=None, help="normalisation the model expects")
+    ap.add_argument("--std", type=float, nargs="+", default=None)
+    ap.add_argument("--mix", type=float, default=0.0, help="fraction of images corrupted")
+    ap.add_argument("--corruption", type=_corruption, action="append", default=[])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model-batch-size", type=int, default=64)
+    ap.add_argument("--batches-per-shard", type=int, default=16)
+    ap.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    ap.add_argument("--workers", type=int, default=0, help="DataLoader workers per rank (ImageFolder)")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda (under torchrun: cuda:LOCAL_RANK)")
+    ap.add_argument("--overwrite", action="store_true", help="replace a different cache in --out")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if (args.mean is None) != (args.std is None):
+        ap.error("give both --mean and --std or neither")
+    from mechvit.data.loading import DataConfig, load_split
+
+    from .distributed import cache_activations_distributed, init_from_env, rank_and_world
+
+    device = init_from_env(args.device)
+    rank, world = rank_and_world()
+    data_cfg = DataConfig(
+        dataset=args.dataset, root=args.root, img_size=args.img_size, limit_train=args.images
+    )
+    split = "train"
+    if args.dataset == "imagefolder":
+        data_cfg.train_split = args.split
+    elif args.split not in ("train", "test"):
+        ap.error(f"--split for fashion_mnist is train or test, got {args.split!r}")
+    else:
+        split = args.split
+        data_cfg.limit_test = args.images
+    data = load_split(data_cfg, split)
+    model = load_model(args.checkpoint, device)
+    transform = None
+    if args.mean is not None:
+        mean = torch.tensor(args.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        std = torch.tensor(args.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+        def transform(x: torch.Tensor) -> torch.Tensor:
+            return (x - mean) / std
+
+    store = ActivationStoreConfig(
+        hook=args.hook,
+        tokens=args.tokens,
+        model_batch_size=args.model_batch_size,
+        seed=args.seed,
+        mix=CorruptionMix(args.mix, tuple(args.corruption)),
+    )
+    name = f"{args.dataset}:{Path(args.root).name if args.root else ''}/{args.split}"
+    name += f"[:{args.images}]" if args.images is not None else ""
+    if args.mean is not None:
+        name += f" normalised mean={args.mean} std={args.std}"
+    t0 = time.perf_counter()
+    cached = cache_activations_distributed(
+        model,
+        data,
+        args.out,
+        store,
+        dataset=name,
+        batches_per_shard=args.batches_per_shard,
+        dtype=args.dtype,
+        transform=transform,
+        overwrite=args.overwrite,
+        num_workers=args.workers,
+        progress=not args.quiet,
+    )
+    summary = {
+        "out": args.out,
+        "activations": len(cached),
+        "width": cached.d_in,
+        "shards": len(cached.manifest["shards"]),
+        "processes": world,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    if rank == 0:
+        print(json.dumps(summary, indent=2))
     return summary
 
 

@@ -49,6 +49,7 @@ __all__ = [
 TokenSelection = Literal["all", "cls", "patches", "prefix"]
 TOKEN_SELECTIONS: tuple[str, ...] = ("all", "cls", "patches", "prefix")
 MANIFEST = "manifest.json"
+PARTIAL_GLOB = "manifest.rank*.json"  # per-rank progress of a distributed run
 FORMAT = "mechvit-activations/1"
 ImageTransform = Callable[[Tensor], Tensor]
 
@@ -322,18 +323,20 @@ def iter_activations(
     epoch: int = 0,
     transform: ImageTransform | None = None,
     skip_batch: Callable[[int], bool] | None = None,
+    batch_offset: int = 0,
 ) -> Iterator[tuple[int, Tensor]]:
     """``(batch_index, rows [n, d])`` per image batch, in dataset order.
 
     Images are corrupted per ``cfg.mix`` (seeded by ``cfg.seed``, ``epoch`` and the batch index, so a rerun
     gives the same rows), then passed through ``transform`` (e.g. the model's normalisation) and the model.
-    Batches for which ``skip_batch(index)`` is true are not run.
+    Batches for which ``skip_batch(index)`` is true are not run. ``batch_offset``: ``data`` starts at that
+    batch of a larger dataset (a shard of it): indices and corruption seeds are those of the whole dataset.
     """
     check_hook(model, cfg.hook)
     cfg.mix.validate()
     device = torch.device(cfg.device) if cfg.device else _model_device(model)
     model_device = _model_device(model)
-    for b, images in enumerate(_image_batches(data, cfg.model_batch_size)):
+    for b, images in enumerate(_image_batches(data, cfg.model_batch_size), start=batch_offset):
         if skip_batch is not None and skip_batch(b):
             continue
         images = _corrupt(images.to(model_device, torch.float32), cfg.mix, _batch_seed(cfg.seed, epoch, b))
@@ -443,6 +446,110 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def cache_identity(
+    model: Any,
+    data: Any,
+    cfg: ActivationStoreConfig,
+    *,
+    dataset: str | None = None,
+    batches_per_shard: int = 16,
+    dtype: str = "float16",
+) -> dict[str, Any]:
+    """What decides a cache's rows (the manifest's identity keys): format, model hash, dataset id, shard
+    size, dtype and the store config. Two caches with equal identities hold the same rows."""
+    if batches_per_shard < 1:
+        raise ValueError(f"batches_per_shard must be >= 1, got {batches_per_shard}")
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
+    return {
+        "format": FORMAT,
+        "model_sha256": model_fingerprint(model),
+        "dataset": _dataset_id(data, dataset),
+        "batches_per_shard": int(batches_per_shard),
+        "dtype": dtype,
+        **cfg.identity(),
+    }
+
+
+def _partial_manifests(out: Path) -> list[Path]:
+    """Per-rank progress files of a distributed run (``mechvit.sae.distributed``), merged into the manifest
+    when every rank has finished."""
+    return sorted(out.glob(PARTIAL_GLOB))
+
+
+def finished_shards(
+    out: Path, identity: dict[str, Any], *, overwrite: bool = False
+) -> dict[int, dict[str, Any]]:
+    """The shard records of ``out`` that match ``identity`` and whose files exist: from ``manifest.json``
+    and from per-rank progress files of an interrupted distributed run. A folder holding a different cache
+    raises ``ValueError``, or with ``overwrite`` is emptied of its shards."""
+    shards: dict[int, dict[str, Any]] = {}
+    sources = [out / MANIFEST] + _partial_manifests(out)
+    for path in sources:
+        if not path.is_file():
+            continue
+        old = json.loads(path.read_text())
+        if {k: old.get(k) for k in identity} != identity:
+            if not overwrite:
+                diff = sorted(k for k in identity if old.get(k) != identity[k])
+                raise ValueError(
+                    f"{out} holds a different activation cache (differs in {diff}); "
+                    "pass overwrite=True or use another directory"
+                )
+            for s in old.get("shards", []):
+                (out / s["file"]).unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+            continue
+        for s in old.get("shards", []):
+            if (out / s["file"]).is_file():
+                shards[int(s["index"])] = s
+    return shards
+
+
+def write_manifest(
+    out: Path,
+    identity: dict[str, Any],
+    shards: dict[int, dict[str, Any]],
+    d: int | None,
+    complete: bool,
+    name: str = MANIFEST,
+) -> None:
+    """``manifest.json`` (or a per-rank progress file ``name``), written atomically; shards in index order."""
+    ordered = [shards[i] for i in sorted(shards)]
+    _write_json(
+        out / name,
+        {
+            **identity,
+            "hook_width": d,
+            "complete": complete,
+            "count": int(sum(s["rows"] for s in ordered)),
+            "shards": ordered,
+        },
+    )
+
+
+def write_shard(
+    out: Path, index: int, parts: list[np.ndarray], first_batch: int, dtype: str, hook: str
+) -> dict[str, Any]:
+    """Write shard ``index`` (the rows of ``len(parts)`` image batches from ``first_batch`` on) atomically
+    as ``shard_<index>.npy``; returns its manifest record."""
+    arr = np.concatenate(parts)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"activations at {hook!r} overflow {dtype}; cache with dtype='float32'")
+    name = f"shard_{index:06d}.npy"
+    tmp = out / (name + ".tmp.npy")
+    np.save(tmp, arr)
+    os.replace(tmp, out / name)
+    return {
+        "index": int(index),
+        "file": name,
+        "rows": int(arr.shape[0]),
+        "width": int(arr.shape[1]),
+        "first_batch": int(first_batch),
+        "n_batches": len(parts),
+    }
+
+
 def cache_activations(
     model: Any,
     data: Any,
@@ -461,52 +568,17 @@ def cache_activations(
     is rewritten after every shard, so an interrupted run keeps its finished shards and a rerun with the
     same model, data and config computes only the rest. A directory holding a different cache raises
     ``ValueError`` unless ``overwrite``. ``data`` must come in the same order every time (no shuffling
-    DataLoader); name it with ``dataset`` (tensors are fingerprinted automatically).
+    DataLoader); name it with ``dataset`` (tensors are fingerprinted automatically). Several processes
+    (torchrun) write one cache with :func:`mechvit.sae.distributed.cache_activations_distributed`.
     """
-    if batches_per_shard < 1:
-        raise ValueError(f"batches_per_shard must be >= 1, got {batches_per_shard}")
-    if dtype not in ("float16", "float32"):
-        raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
+    identity = cache_identity(
+        model, data, cfg, dataset=dataset, batches_per_shard=batches_per_shard, dtype=dtype
+    )
     check_hook(model, cfg.hook)
     cfg.mix.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    identity = {
-        "format": FORMAT,
-        "model_sha256": model_fingerprint(model),
-        "dataset": _dataset_id(data, dataset),
-        "batches_per_shard": int(batches_per_shard),
-        "dtype": dtype,
-        **cfg.identity(),
-    }
-    manifest_path = out / MANIFEST
-    shards: dict[int, dict[str, Any]] = {}
-    if manifest_path.is_file():
-        old = json.loads(manifest_path.read_text())
-        if {k: old.get(k) for k in identity} != identity:
-            if not overwrite:
-                diff = sorted(k for k in identity if old.get(k) != identity[k])
-                raise ValueError(
-                    f"{out} holds a different activation cache (differs in {diff}); "
-                    "pass overwrite=True or use another directory"
-                )
-            for s in old.get("shards", []):
-                (out / s["file"]).unlink(missing_ok=True)
-        else:
-            shards = {int(s["index"]): s for s in old.get("shards", []) if (out / s["file"]).is_file()}
-
-    def save_manifest(complete: bool, d: int | None) -> None:
-        ordered = [shards[i] for i in sorted(shards)]
-        _write_json(
-            manifest_path,
-            {
-                **identity,
-                "hook_width": d,
-                "complete": complete,
-                "count": int(sum(s["rows"] for s in ordered)),
-                "shards": ordered,
-            },
-        )
+    shards = finished_shards(out, identity, overwrite=overwrite)
 
     d_in = next((s["width"] for s in shards.values()), None)
     n_images = len(_as_image_tensor(data)) if _as_image_tensor(data) is not None else None
@@ -519,23 +591,9 @@ def cache_activations(
         nonlocal pending
         if not pending:
             return
-        arr, n_batches = np.concatenate(pending), len(pending)
+        shards[current] = write_shard(out, current, pending, first_batch, dtype, cfg.hook)
         pending = []
-        if not np.isfinite(arr).all():
-            raise ValueError(f"activations at {cfg.hook!r} overflow {dtype}; cache with dtype='float32'")
-        name = f"shard_{current:06d}.npy"
-        tmp = out / (name + ".tmp.npy")
-        np.save(tmp, arr)
-        os.replace(tmp, out / name)
-        shards[current] = {
-            "index": current,
-            "file": name,
-            "rows": int(arr.shape[0]),
-            "width": int(arr.shape[1]),
-            "first_batch": first_batch,
-            "n_batches": n_batches,
-        }
-        save_manifest(False, int(arr.shape[1]))
+        write_manifest(out, identity, shards, shards[current]["width"], False)
 
     done = set(shards)
     rows_iter = iter_activations(
@@ -554,7 +612,9 @@ def cache_activations(
         flush()
     if d_in is None:
         raise ValueError("no images in data: nothing to cache")
-    save_manifest(True, d_in)
+    write_manifest(out, identity, shards, d_in, True)
+    for path in _partial_manifests(out):  # merged above
+        path.unlink(missing_ok=True)
     return CachedActivations(out)
 
 

@@ -299,13 +299,22 @@ class _LoggingTrainer(SAETrainer):
 
     def step(self, batch: torch.Tensor) -> TrainStepOutput:
         out = super().step(batch)
+        self.after_step()
         step = self.n_training_steps  # fit() increments after step(): this is the 0-based index
         if step % self._log_every == 0 or self.n_training_samples >= self.cfg.total_training_samples:
-            entry = self.build_train_step_log_dict(output=out, n_training_samples=self.n_training_samples)
+            entry = self.build_train_step_log_dict(output=out, n_training_samples=self.samples_seen)
             self._log.append(
                 {"step": step + 1, **{k: float(v) for k, v in entry.items() if isinstance(v, (int, float))}}
             )
         return out
+
+    def after_step(self) -> None:
+        """Called after each step, before logging (the data-parallel trainer makes its statistics global)."""
+
+    @property
+    def samples_seen(self) -> int:
+        """Training samples so far (over all processes in data-parallel training)."""
+        return self.n_training_samples
 
 
 def train_sae(
@@ -326,6 +335,9 @@ def train_sae(
     log: list[dict[str, float]] = []
     device = torch.device(cfg.device)
     fork_devices = [device.index or 0] if device.type == "cuda" else []
+    par = _data_parallel()
+    if par is not None:
+        par.check(cfg.batch_size)
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(cfg.seed)
         sae = build_training_sae(d_in, cfg)
@@ -333,18 +345,36 @@ def train_sae(
             sae.cfg.metadata.hook_name = manifest["hook"]
         if manifest and manifest.get("model_name"):
             sae.cfg.metadata.model_name = manifest["model_name"]
-        trainer = _LoggingTrainer(
-            cfg=_trainer_config(cfg),
-            sae=sae,
-            data_provider=_ExactBatches(batches, cfg.batch_size, int(d_in), cfg.device),
-            log_every=cfg.log_every,
-            log=log,
-        )
+        provider = _ExactBatches(batches, cfg.batch_size, int(d_in), cfg.device)
+        if par is None:
+            trainer = _LoggingTrainer(
+                cfg=_trainer_config(cfg), sae=sae, data_provider=provider, log_every=cfg.log_every, log=log
+            )
+        else:  # torchrun: this rank's slice of every global batch (mechvit.sae.distributed)
+            trainer = par.trainer(
+                cfg=_trainer_config(cfg),
+                global_batch=cfg.batch_size,
+                sae=par.sae(sae),
+                data_provider=par.slices(provider),
+                log_every=cfg.log_every,
+                log=log,
+            )
         sae = trainer.fit()
     trained = _finish(sae, trainer, cfg, int(d_in), log, manifest)
-    if out_dir is not None:
+    if out_dir is not None and (par is None or par.rank == 0):
         trained.path = save_trained(trained, out_dir)
     return trained
+
+
+def _data_parallel() -> Any:
+    """``mechvit.sae.distributed.DataParallel`` when this process is one of several, else None."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    from .distributed import data_parallel
+
+    return data_parallel()
 
 
 def _finish(
@@ -365,7 +395,7 @@ def _finish(
         "d_in": int(d_in),
         "d_sae": int(sae.cfg.d_sae),
         "training": asdict(cfg),
-        "trained_samples": int(trainer.n_training_samples),
+        "trained_samples": int(trainer.samples_seen),
         "final_train_metrics": {
             k: final[k]
             for k in ("metrics/explained_variance", "metrics/l0", "losses/mse_loss", "sparsity/dead_features")
@@ -441,15 +471,34 @@ class _LockstepTrainer(MultiSAETrainer):
         data_provider: Iterator[dict[str, torch.Tensor]],
         log_every: int,
         logs: dict[str, list[dict[str, float]]],
+        par: Any = None,
+        global_batch: int = 0,
     ):
         first = next(iter(cfgs.values()))
+        if par is not None:  # torchrun: per-rank sizes, data-parallel trainers (mechvit.sae.distributed)
+            first = par.trainer_config(first)
+            saes = {name: par.sae(sae) for name, sae in saes.items()}
+            data_provider = par.slices(data_provider)
         super().__init__(cfg=first, saes=saes, hook_names={n: n for n in saes}, data_provider=data_provider)
-        self.trainers = {
-            name: _LoggingTrainer(
-                cfg=cfgs[name], sae=sae, data_provider=iter(()), log_every=log_every, log=logs[name]
-            )
-            for name, sae in self.saes.items()
-        }
+        if par is None:
+            self.trainers = {
+                name: _LoggingTrainer(
+                    cfg=cfgs[name], sae=sae, data_provider=iter(()), log_every=log_every, log=logs[name]
+                )
+                for name, sae in self.saes.items()
+            }
+        else:
+            self.trainers = {
+                name: par.trainer(
+                    cfg=cfgs[name],
+                    global_batch=global_batch,
+                    sae=sae,
+                    data_provider=iter(()),
+                    log_every=log_every,
+                    log=logs[name],
+                )
+                for name, sae in self.saes.items()
+            }
 
 
 _LOCKSTEP_SAME = ("batch_size", "total_samples", "n_batches_for_norm_estimate", "device")
@@ -482,6 +531,9 @@ def train_saes(
             raise ValueError(
                 f"SAEs trained in one pass must share {_LOCKSTEP_SAME}; {name!r} differs in {diff}"
             )
+    par = _data_parallel()
+    if par is not None:
+        par.check(first.batch_size)
     seeds = {n: c.seed for n, c in cfgs.items()}
     if len(set(seeds.values())) != len(seeds):
         raise ValueError(f"every SAE needs its own seed (see derive_seed), got {seeds}")
@@ -505,6 +557,8 @@ def train_saes(
             provider,
             log_every=first.log_every,
             logs=logs,
+            par=par,
+            global_batch=first.batch_size,
         )
         fitted = coordinator.fit()
     out: dict[str, TrainedSAE] = {}
@@ -514,7 +568,7 @@ def train_saes(
             "lockstep": {"group": sorted(cfgs), "pool_batches": pool_batches},
         }
         out[name] = _finish(fitted[name], coordinator.trainers[name], cfg, int(d_in), logs[name], meta)
-        if out_dirs and name in out_dirs:
+        if out_dirs and name in out_dirs and (par is None or par.rank == 0):
             out[name].path = save_trained(out[name], out_dirs[name])
     return out
 
