@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.mechvit-installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PYTEST_ARGS ?=
 
-.PHONY: install data browser study test test-slow lint bench checkpoints clean
+.PHONY: install data browser study docs-numbers test test-slow lint bench checkpoints clean
 
 install: $(STAMP)
 
@@ -39,6 +39,10 @@ browser:
 
 study: install data
 	$(VENV)/bin/mechvit study --config configs/fashion_mnist.yaml --out runs/default
+
+# The README's study block and docs/default_study/metrics.json come from the last `make study` (tests check they agree).
+docs-numbers: install
+	$(PY) -m mechvit.study.summary runs/default/metrics.json --readme README.md --keep docs/default_study
 
 test: install data browser
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)

@@ -1,0 +1,125 @@
+"""The README's study numbers are rendered from the kept metrics.json of the run they describe."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mechvit.study import summary
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _est(e, lo, hi):
+    return {"estimate": e, "low": lo, "high": hi, "n": 10, "method": "t", "confidence": 0.95}
+
+
+def test_ci_formats_estimate_and_interval():
+    assert summary.ci(_est(0.5, 0.25, 0.75)) == "0.5 [0.25, 0.75]"
+    assert summary.ci(_est(0.5, 0.25, 0.75), 100) == "50 [25, 75]"
+    assert summary.ci(_est(0.5, float("nan"), 0.75)) == "0.5"
+    assert summary.ci(None) == "–"
+
+
+def test_render_known_metrics():
+    metrics = {
+        "name": "toy",
+        "models": {"base": {}, "ft": {}},
+        "environment": {"torch": "x", "threads": 2, "device": "cpu"},
+        "claims": {
+            "overall": {"seen_gain": "supported"},
+            "per_model": [
+                {
+                    "claim": "seen_gain",
+                    "model": "ft",
+                    "effect": "top-1",
+                    "estimate": 12.0,
+                    "low": 10.0,
+                    "high": 14.0,
+                    "control": "vs clean: 11",
+                    "verdict": "supported",
+                    "extra": {},
+                }
+            ],
+        },  # fmt: skip
+        "steps": {
+            "robustness": {
+                "seconds": 60.0,
+                "metrics": {
+                    "n_images": 100,
+                    "severities": [4],
+                    "excluded_unchanged": ["saturate"],
+                    "controls": [],
+                    "estimates": {
+                        "base": {
+                            "seen": [],
+                            "groups": {},
+                            "accuracy": {"clean": _est(0.9, 0.85, 0.95)},
+                            "vs": {},
+                        },
+                        "ft": {
+                            "seen": ["gaussian_blur"],
+                            "groups": {},
+                            "accuracy": {"clean": _est(0.8, 0.7, 0.9), "seen": _est(0.6, 0.5, 0.7)},
+                            "vs": {"base": {"seen": _est(0.2, 0.1, 0.3)}},
+                        },
+                    },
+                },  # fmt: skip
+            },
+            "sae": {
+                "seconds": 120.0,
+                "metrics": {
+                    "ablation_gap": {"kl": 0.25},
+                    **{
+                        f"batchtopk|base|{r}": {
+                            "heldout": {
+                                "explained_variance": ev,
+                                "l0": 8.0,
+                                "dead_features": 4,
+                                "dense_features": 0,
+                                "d_sae": 40,
+                            },
+                            "pca_k_explained_variance": 0.8,
+                            "trained_samples": 1000,
+                            "spliced_clean": {"kl_sae": 0.01, "accuracy_clean": 0.9, "accuracy_sae": 0.89},
+                            "convergence": {"change": -0.001},
+                        }  # fmt: skip
+                        for r, ev in enumerate([0.9, 0.96])
+                    },
+                },
+            },
+        },
+    }
+    md = summary.render(metrics)
+    assert "steps 3.0 min in all (robustness 60 s, sae 120 s)" in md
+    assert "| Fine-tuning raises accuracy on the corruptions trained on | ft | top-1 | 12 [10, 14] |" in md
+    assert "| ft | gaussian_blur | 80 [70, 90] | 60 [50, 70] |" in md
+    assert "| base | – | 90 [85, 95] |" in md
+    assert "excluded as unchanged on these images: saturate" in md
+    assert "| ft | base | – | 20 [10, 30] | – | – |" in md
+    # two replicates: mean (min-max); dead fraction 4/40; top-1 drop 1 pp
+    assert (
+        "| batchtopk | base | 2 | 40 | 1000 | 0.93 (0.9–0.96) | 0.8 (0.8–0.8) | 8 (8–8) | 0.1 (0.1–0.1) |"
+        in md
+    )
+    assert "| 1 (1–1) |" in md
+    assert "KL 0.25 nats" in md
+
+
+def test_replace_block_round_trip_and_errors():
+    text = f"intro\n{summary.BEGIN}\nold\n{summary.END}\noutro\n"
+    new = summary.replace_block(text, "new numbers\n")
+    assert new == f"intro\n{summary.BEGIN}\nnew numbers\n{summary.END}\noutro\n"
+    assert summary.read_block(new) == "new numbers\n"
+    with pytest.raises(ValueError, match="markers"):
+        summary.replace_block("no markers here", "x")
+
+
+def test_readme_quotes_the_kept_default_run():
+    kept = ROOT / "docs" / "default_study" / "metrics.json"
+    metrics = json.loads(kept.read_text())
+    assert metrics["name"] == "fashion_mnist"
+    readme = (ROOT / "README.md").read_text()
+    assert summary.read_block(readme) == summary.render(metrics), (
+        "README's study block is not what docs/default_study/metrics.json renders: run `make docs-numbers`"
+    )
