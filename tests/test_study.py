@@ -109,18 +109,29 @@ def test_study_runs_every_step_and_writes_the_report(finished):
     # no other blur corruption among the three: no same-family group; contrast and noise are other families
     assert set(est["ft_blur"]["accuracy"]) == {"clean", "seen", "unseen_other"}
     assert est["ft_blur"]["groups"]["unseen_other"] == [
-        "contrast/1", "contrast/4", "gaussian_noise/1", "gaussian_noise/4"
+        "contrast/1",
+        "contrast/4",
+        "gaussian_noise/1",
+        "gaussian_noise/4",
     ]
     assert set(est["base"]["accuracy"]) == {"clean", "all_corrupted"}
     assert est["ft_blur"]["groups"]["seen"] == ["gaussian_blur/1", "gaussian_blur/4"]
     clean = est["ft_blur"]["accuracy"]["clean"]
     assert clean["low"] <= clean["estimate"] <= clean["high"]
-    assert {t["cell"] for t in rob["mcnemar"] if t["model"] == "ft_blur"} == {"gaussian_blur/1", "gaussian_blur/4"}
+    assert {t["cell"] for t in rob["mcnemar"] if t["model"] == "ft_blur"} == {
+        "gaussian_blur/1",
+        "gaussian_blur/4",
+    }
     assert "claims" in metrics and metrics["claims"]["per_model"]
     # SAEs: 2 replicates x 3 models x 2 architectures, each with its own seed, one folder each
     sae_m = metrics["steps"]["sae"]["metrics"]
     keys = {k for k in sae_m if k.count("|") == 2}
-    assert keys == {f"{a}|{m}|{r}" for a in ("batchtopk", "standard") for m in ("base", "ft_blur", "ft_noise") for r in (0, 1)}
+    assert keys == {
+        f"{a}|{m}|{r}"
+        for a in ("batchtopk", "standard")
+        for m in ("base", "ft_blur", "ft_noise")
+        for r in (0, 1)
+    }
     assert len({sae_m[k]["seed"] for k in keys}) == len(keys)
     assert sae_m["ablation_gap"]["kl"] >= 0
     saes = sorted(p.name for p in (out / "sae" / "saes").iterdir())
@@ -131,7 +142,9 @@ def test_study_runs_every_step_and_writes_the_report(finished):
     summary = oc["batchtopk"]["summary"]
     assert set(summary) == {"base vs ft_blur", "base vs ft_noise"}
     mc = summary["base vs ft_blur"]["matched_cos"]
-    assert mc["within_reference"]["n"] == 1 and mc["between"]["n"] == 4  # 2 seeds: 1 within pair, 2 x 2 between
+    assert (
+        mc["within_reference"]["n"] == 1 and mc["between"]["n"] == 4
+    )  # 2 seeds: 1 within pair, 2 x 2 between
     assert mc["test"]["p_value"] is not None
     code = metrics["steps"]["sae_analysis"]["metrics"]["code_cosine"]
     assert "batchtopk|ft_blur|base|gaussian_blur/4" in code  # the base's SAEs shared by both models
