@@ -86,13 +86,13 @@
 
   function columns(s) {
     const cols = [
-      { key: "id", name: "id", w: "58px", get: (i) => s.live[i], show: (v) => "#" + v },
-      { key: "density", name: "density", w: "104px", get: (i) => s.density[i], show: fmtDensity },
-      { key: "mean_act", name: "mean act", w: "80px", get: (i) => s.mean_act[i], show: (v) => fmt(v, 3) },
-      { key: "label", name: "label", w: "minmax(120px, 1fr)", get: (i) => s.label[i], show: esc, text: true },
+      { key: "id", name: "id", w: "52px", get: (i) => s.live[i], show: (v) => "#" + v },
+      { key: "density", name: "density", w: "100px", get: (i) => s.density[i], show: fmtDensity },
+      { key: "mean_act", name: "mean act", w: "72px", get: (i) => s.mean_act[i], show: (v) => fmt(v, 3) },
+      { key: "label", name: "label", w: "minmax(100px, 1fr)", get: (i) => s.label[i], show: esc, text: true },
     ];
-    if (s.stability) cols.push({ key: "stability", name: "seed stab.", w: "84px", get: (i) => s.stability[i], show: (v) => fmt(v, 2), title: "mean matched cosine to the nearest latent of the other seed replicates" });
-    for (const m of s.matches) cols.push({ key: "match:" + m.sae, name: "cos " + m.model, w: "90px", get: (i) => m.cos[i], show: (v) => fmt(v, 2), title: `decoder cosine to the nearest latent of ${m.sae} (model ${m.model})` });
+    if (s.stability) cols.push({ key: "stability", name: "seed stab.", w: "76px", get: (i) => s.stability[i], show: (v) => fmt(v, 2), title: "seed stability: mean decoder cosine to the nearest latent of each other seed replicate" });
+    for (const m of s.matches) cols.push({ key: "match:" + m.sae, name: "cos " + m.model, w: "76px", get: (i) => m.cos[i], show: (v) => fmt(v, 2), title: `change under fine-tuning: decoder cosine to the nearest latent of ${m.sae} (model ${m.model})` });
     return cols;
   }
 
@@ -150,7 +150,7 @@
       const cells = cols.map((c) => {
         const v = c.get(i);
         if (c.key === "density") return `<div><span class="bar" style="width:${Math.max(1, (30 * Math.sqrt(v / maxDen))).toFixed(1)}px"></span>${c.show(v)}</div>`;
-        return `<div>${c.show(v)}</div>`;
+        return c.text ? `<div title="${c.show(v)}">${c.show(v)}</div>` : `<div>${c.show(v)}</div>`;
       });
       html += `<div class="row${f === state.feature ? " sel" : ""}" data-feature="${f}" style="top:${r * ROW}px">${cells.join("")}</div>`;
     }
