@@ -54,6 +54,17 @@ def test_card_png_and_svg(stats, tmp_path):
     assert n_images >= top  # matplotlib composites each axes' picture + heatmap into one SVG image
 
 
+def test_card_default_is_print_resolution(stats, tmp_path):
+    """One call from mechvit.viz with the defaults: 300 dpi PNG (recorded in the file) and an SVG beside it."""
+    st, images, _ = stats
+    f = int(st.live[0])
+    fig = feature_card(st, f, images, CLASSES, path=tmp_path / "sub" / "latent.png")
+    with Image.open(tmp_path / "sub" / "latent.png") as im:
+        assert im.size == tuple(round(v * 300) for v in fig.get_size_inches())
+        assert im.size[0] >= 2000 and round(im.info["dpi"][0]) == 300
+    assert (tmp_path / "sub" / "latent.svg").read_text().lstrip().startswith(("<?xml", "<svg"))
+
+
 def test_card_refuses_bad_input(stats):
     st, images, _ = stats
     with pytest.raises(ValueError, match="feature must be in"):
