@@ -289,3 +289,22 @@ def test_reference_size_is_per_call_and_validated():
     assert (scaled - x).abs().mean() < 0.5 * (plain - x).abs().mean()
     with pytest.raises(ValueError, match="reference_size must be a positive int or None, got 0"):
         corrupt(x, "gaussian_blur", 3, reference_size=0)
+
+
+def test_random_bits_uniform_reproducible_and_advancing():
+    # the fast CPU bit source (numpy SFC64 keyed by two draws of the torch generator) behind every uniform
+    from mechvit.corruptions._kernels import random_bits, uniform, uniform31
+
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    a, b = random_bits(200_000, g1), random_bits(200_000, g2)
+    assert a.dtype == torch.int64 and torch.equal(a, b)
+    assert not torch.equal(random_bits(200_000, g1)[:100], a[:100])  # the generator advanced
+    halves = a.view(torch.int32)
+    for bit in (0, 15, 31):  # each of the 32 bits of both halves is a fair coin
+        assert abs(float(((halves >> bit) & 1).double().mean()) - 0.5) < 0.005, bit
+    u31 = uniform31((100_000,), g1)
+    assert int(u31.min()) >= 0 and u31.dtype == torch.int32
+    for dtype in (torch.float32, torch.float64):
+        u = uniform((100_000,), g1, dtype)
+        assert u.dtype == dtype and float(u.min()) >= 0 and float(u.max()) < 1
+        assert abs(float(u.mean()) - 0.5) < 0.005 and abs(float(u.var()) - 1 / 12) < 0.002

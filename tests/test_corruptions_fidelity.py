@@ -132,8 +132,13 @@ def test_grayscale_equals_each_channel_of_rgb(name):
 def test_random_matches_reference_statistics(reference, name, images, severity):
     imgs = image_set(images)
     clean = imgs.astype(np.float64) / 255.0
-    ref = run_reference(reference, name, imgs, severity) - clean
-    ours = run_ours(name, imgs, severity) - clean
+    # the noises are per pixel and cheap: pool 8 seeded draws on each side. A single draw of impulse noise at
+    # severity 1 on 6 images of 32 px changes ~550 values, so its mean change has a 6% standard deviation
+    # between draws (measured over 40 seeds, ours and the reference's alike) and one draw against one would
+    # miss the 10% bound in ~1 seed of 9; pooled, the bound is > 3 standard deviations of the difference.
+    seeds = range(8) if name.endswith("_noise") else range(1)
+    ref = np.concatenate([run_reference(reference, name, imgs, severity, seed=s) - clean for s in seeds])
+    ours = np.concatenate([run_ours(name, imgs, severity, seed=s) - clean for s in seeds])
     m_ref, m_ours = np.abs(ref).mean(), np.abs(ours).mean()
     assert abs(m_ours - m_ref) <= 0.10 * m_ref, (m_ours, m_ref)
     # per-pixel change distributions: two-sample KS on a fixed subsample (the statistic, an effect size, must

@@ -34,21 +34,38 @@ def clamp01_(x: Tensor) -> Tensor:
     return x.clamp_(0.0, 1.0)
 
 
+def random_bits(n: int, generator: torch.Generator, device=None) -> Tensor:
+    """``n`` random int64 values, all 64 bits uniformly random, drawn from ``generator``.
+
+    On CPU the bits come from numpy's SFC64 generator seeded by two draws of ``generator``: torch's CPU
+    generator hands out values one call at a time (measured ~8 ns per int64 with ``random_``, 3-8x slower than
+    SFC64's ``random_raw``, and ``torch.rand`` ~12 ns per float32), which bounds every noise corruption at 224
+    px. The stream is still a deterministic function of ``generator``'s state. On other devices torch's own
+    generator (Philox on CUDA) is fast and is used directly."""
+    device = torch.device(device) if device is not None else torch.device(generator.device)
+    if device.type != "cpu":
+        return torch.empty(n, dtype=torch.int64, device=device).random_(-(2**63), None, generator=generator)
+    key = torch.randint(0, 2**62, (2,), generator=generator, device=generator.device).tolist()
+    raw = np.random.SFC64(np.random.SeedSequence(key)).random_raw(n)
+    return torch.from_numpy(raw.view(np.int64))
+
+
 def uniform31(shape, generator: torch.Generator, device=None) -> Tensor:
-    """One uniform integer in [0, 2**31) per element (int32): the two 32-bit halves of random int64 draws, top
-    bit masked off (that of the upper half is always 0: draws lie in [0, 2**63)). 3-4x faster than ``torch.rand``
-    on CPU (one generator call per two values) and finer (31 bits against float32's 24)."""
+    """One uniform integer in [0, 2**31) per element (int32): the two 32-bit halves of ``random_bits``, top
+    bit masked off. 3-4x faster than ``torch.rand`` on CPU even from torch's own generator (one call per two
+    values), faster still from SFC64 (``random_bits``), and finer (31 bits against float32's 24)."""
     n = math.prod(shape)
-    bits = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_(generator=generator)
+    bits = random_bits((n + 1) // 2, generator, device)
     return bits.view(torch.int32)[:n].bitwise_and_(0x7FFFFFFF).view(shape)
 
 
 def uniform(shape, generator: torch.Generator, dtype=torch.float32, device=None) -> Tensor:
-    """Uniform [0, 1) like ``torch.rand`` (24 random bits for float32, 53 for float64), from random int64 draws
-    (for float32 two values per draw): ~2x faster than ``torch.rand`` on CPU."""
+    """Uniform [0, 1) like ``torch.rand`` (24 random bits for float32, 53 for float64), from ``random_bits``
+    (for float32 two values per draw): ~2x faster than ``torch.rand`` on CPU from torch's generator, more
+    from SFC64."""
     if dtype == torch.float64:
-        bits = torch.empty(math.prod(shape), dtype=torch.int64, device=device).random_(generator=generator)
-        return bits.bitwise_right_shift_(10).to(dtype).mul_(2.0**-53).view(shape)
+        bits = random_bits(math.prod(shape), generator, device)
+        return bits.bitwise_right_shift_(11).bitwise_and_((1 << 53) - 1).to(dtype).mul_(2.0**-53).view(shape)
     u = uniform31(shape, generator, device).bitwise_right_shift_(7)  # bits 7..30
     return u.to(torch.float32).mul_(2.0**-24).to(dtype)  # via float32: 2**24 overflows float16
 

