@@ -8,20 +8,35 @@ Store (activations/s, patch tokens of ``blocks.{layer}.hook_resid_post``):
   stream    ``stream_batches``: forward stopped at the hook, shuffle buffer, bounded memory;
   cache     ``cache_activations`` (float16 shards + manifest) then one pass of ``CachedActivations.batches``;
   read      ``CachedActivations.batches`` alone (memory-mapped read-back) vs the in-memory tensor iterator.
+  write     ``cache_activations`` alone (forward to the hook + float16 shards on disk) vs the same forward
+            with the rows kept in memory (``iter_activations`` into one tensor);
+  seq read  ``CachedActivations.chunks(shuffle=False)`` as float32 (sequential memory-mapped read) vs
+            slicing the in-memory float32 tensor.
 SAE training (samples/s), the same sae-lens ``SAETrainer`` (BatchTopK, k=32, x16) fed by: an in-memory
 tensor iterator (baseline), the disk cache, the live stream. Rounds are interleaved; ratios are of medians.
+
+Processes (torch.distributed, gloo, forked ranks with one thread each; ``--no-processes`` skips it):
+``cache_activations_distributed`` and data-parallel ``train_sae`` (DDP, same global batch) on 2 processes
+vs 1 (activations/s and samples/s, wall time between two barriers).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
+import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import timm
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from mechvit import HookedViT
 from mechvit.sae import (
@@ -31,8 +46,12 @@ from mechvit.sae import (
     cache_activations,
     stream_batches,
 )
-from mechvit.sae.activations import select_tokens
+from mechvit.sae.activations import iter_activations, select_tokens
+from mechvit.sae.distributed import cache_activations_distributed
 from mechvit.sae.train import train_sae
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_name, load  # noqa: E402
 
 
 def images_for(n: int) -> torch.Tensor:
@@ -59,6 +78,69 @@ def timed(fn: Callable[[], int]) -> tuple[float, int]:
     return time.perf_counter() - t, n
 
 
+def _rank(rank: int, world: int, tmp: str, job: Callable[[int], int]) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+    try:
+        dist.barrier()
+        t = time.perf_counter()
+        n = job(rank)
+        dist.barrier()
+        if rank == 0:
+            Path(tmp, "result.json").write_text(json.dumps([n, time.perf_counter() - t]))
+    finally:
+        dist.destroy_process_group()
+
+
+def in_processes(job: Callable[[int], int], world: int) -> float:
+    """Items per second of ``job`` run on ``world`` forked ranks (one thread each), between two barriers."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(_rank, args=(world, tmp, job), nprocs=world, start_method="fork")
+        n, seconds = json.loads(Path(tmp, "result.json").read_text())
+    return n / seconds
+
+
+def process_scaling(model, images, store, d_model: int, args) -> list[tuple[str, float, float]]:
+    """1 vs 2 processes: caching and data-parallel SAE training. Forked before this process runs any
+    multi-threaded op (OpenMP is not fork-safe)."""
+    folder = tempfile.TemporaryDirectory()
+
+    def cache_job(rank: int, out: Path) -> int:
+        return len(cache_activations_distributed(model, images, out, store, progress=False))
+
+    rows = torch.randn(8 * args.batch, d_model, generator=torch.Generator().manual_seed(0))
+    cfg = SAETrainingConfig(
+        architecture="batchtopk",
+        k=32,
+        expansion_factor=16,
+        batch_size=args.batch,
+        total_samples=args.batch * args.steps,
+        n_batches_for_norm_estimate=5,
+        log_every=10**9,
+    )
+
+    def train_job(rank: int) -> int:
+        train_sae(memory_batches(rows, args.batch), d_model, cfg)
+        return args.batch * args.steps
+
+    rates: dict[str, list[float]] = {k: [] for k in ("cache1", "cache2", "train1", "train2")}
+    for r in range(args.rounds):
+        for world in (1, 2):
+            out = Path(folder.name) / f"cache{r}_{world}"  # a fresh folder: a finished cache would be reused
+            rates[f"cache{world}"].append(in_processes(functools.partial(cache_job, out=out), world))
+            rates[f"train{world}"].append(in_processes(train_job, world))
+    folder.cleanup()
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    return [
+        ("caching (activations/s): 2 processes vs 1", med["cache2"], med["cache1"]),
+        (
+            f"SAE training (samples/s, global batch {args.batch}): 2 processes vs 1",
+            med["train2"],
+            med["train1"],
+        ),
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=1000)
@@ -69,6 +151,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30, help="SAE training steps per variant")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--no-processes", action="store_true", help="skip the 1 vs 2 processes comparison")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -94,6 +177,8 @@ def main() -> None:
         f"torch {torch.__version__}, {args.threads} threads; ViT d={args.width} depth={args.depth}, "
         f"{len(images)} images -> {n_rows} activations at {hook}; {args.rounds} interleaved rounds"
     )
+    print(f"{cpu_name()}, {os.cpu_count()} CPUs, {load()} (before)")
+    scaling = [] if args.no_processes else process_scaling(model, images, store, model.cfg.d_model, args)
 
     def baseline_store() -> int:
         with torch.no_grad():
@@ -129,12 +214,34 @@ def main() -> None:
         it = memory_batches(in_memory, args.batch)
         return sum(len(next(it)) for _ in range(len(in_memory) // args.batch))
 
+    def write_memory() -> int:  # the same forward, rows kept in one float32 tensor
+        return len(torch.cat([rows for _, rows in iter_activations(model, images, store)]))
+
+    def write_cache() -> int:
+        cached = cache_activations(model, images, tmp.name + "/write", store)
+        for s in cached.manifest["shards"]:
+            (cached.path / s["file"]).unlink()
+        (cached.path / "manifest.json").unlink()
+        return len(cached)
+
+    chunk = 16 * args.batch
+
+    def seq_read_memory() -> int:
+        return sum(len(c.to(torch.float32, copy=True)) for c in in_memory.split(chunk))  # a copy per slice
+
+    def seq_read_cache() -> int:
+        return sum(len(c.float()) for c in reader.chunks(chunk, shuffle=False))
+
     store_variants = {
         "baseline": baseline_store,
         "stream": stream_store,
         "cache": cache_store,
         "read_memory": read_memory,
         "read_cache": read_cache,
+        "write_memory": write_memory,
+        "write_cache": write_cache,
+        "seq_read_memory": seq_read_memory,
+        "seq_read_cache": seq_read_cache,
     }
     train_cfg = SAETrainingConfig(
         architecture="batchtopk",
@@ -178,11 +285,24 @@ def main() -> None:
             "store/read_cache",
             "store/read_memory",
         ),
+        (
+            "store: cache write (forward + float16 shards) vs forward into memory",
+            "store/write_cache",
+            "store/write_memory",
+        ),
+        (
+            "store: sequential memory-mapped read (float16 -> float32) vs in-memory slices",
+            "store/seq_read_cache",
+            "store/seq_read_memory",
+        ),
         ("SAE training fed by the disk cache vs in-memory iterator", "train/cache", "train/memory"),
         ("SAE training fed by the live stream vs in-memory iterator", "train/stream", "train/memory"),
     ]
     for label, ours, base in rows:
         print(f"| {label} | {med[ours]:,.0f} | {med[base]:,.0f} | {med[ours] / med[base]:.2f}x |")
+    for label, two, one in scaling:
+        print(f"| {label} | {two:,.0f} | {one:,.0f} | {two / one:.2f}x |")
+    print(f"{load()} (after)")
     tmp.cleanup()
 
 
