@@ -1,5 +1,6 @@
-"""Shared benchmark options: ``--device`` and ``--dtype``, a timing that waits for the device, and a line
-describing the machine (CPU model and load average, or the GPU), so every printed table says where it ran."""
+"""Shared benchmark options: ``--device`` (default ``auto``: CUDA when present, so ``make bench`` runs there)
+and ``--dtype``, a timing that waits for the device, and a line describing the machine (CPU model and load
+average, or the GPU), so every printed table says where it ran."""
 
 from __future__ import annotations
 
@@ -15,12 +16,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def add_device_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    ap.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA when available, else CPU; the default), cpu, cuda or cuda:N",
+    )
     ap.add_argument("--dtype", default="float32", choices=list(DTYPES), help="dtype of our side")
 
 
 def resolve(args) -> tuple[torch.device, torch.dtype]:
     """The device and dtype asked for, or a clear error when that device is not there."""
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: CUDA is not available here (torch {torch.__version__})")

@@ -12,7 +12,7 @@ default threads, left as they are). The machine's load average is printed before
 machine it says how much the numbers can be trusted.
 
     .venv/bin/python benchmarks/bench_corruptions.py [--sizes 224 32] [--names gaussian_noise,glass_blur]
-        [--device cpu|cuda] [--dtype float32|bfloat16] [--out bench.json]
+        [--device auto|cpu|cuda] [--dtype float32|bfloat16] [--out bench.json]
 
 ``--device cuda`` times ours on the GPU (synchronised before and after each call; the 1-thread column is then
 skipped) against the same CPU reference. ``--dtype bfloat16`` feeds ours bfloat16 images (computed in float32

@@ -1,12 +1,12 @@
 """HookedViT vs timm on the same weights: forward time ratios, measured in one run.
 
     python benchmarks/bench_forward.py [--models vit_tiny_patch16_224 vit_base_patch16_224] [--batches 8 32]
-        [--device cpu|cuda] [--dtype float32|bfloat16]
+        [--device auto|cpu|cuda] [--dtype float32|bfloat16]
 
 Variants per (model, batch): timm forward; HookedViT forward (no hooks); HookedViT ``run_with_cache``
 (every hook cached). Rounds are interleaved (timm, hooked, cached, timm, ...) so that drift in machine
 load hits all variants alike; each ratio is median(variant) / median(timm). no_grad; ``--device`` and
-``--dtype`` (default CPU, float32) move both models and the input; CUDA timings synchronise before and after
+``--dtype`` (default: CUDA when present, else CPU; float32) move both models and the input; CUDA timings synchronise before and after
 each call. Targets: <= 1.02x without hooks, <= 1.10x with a full cache.
 
 The run is repeated in a child process with glibc told to keep freed memory (``MALLOC_MMAP_THRESHOLD_``,

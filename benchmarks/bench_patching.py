@@ -1,6 +1,6 @@
 """Activation patching: attribution estimate vs exact batched sweep vs the naive loop, measured in one run.
 
-    python benchmarks/bench_patching.py [--images 1 8 32] [--rounds 3] [--device cpu|cuda]
+    python benchmarks/bench_patching.py [--images 1 8 32] [--rounds 3] [--device auto|cpu|cuda]
         [--dtype float32|bfloat16] [--max-rows N]
 
 A full layer x position ``resid_pre`` sweep (clean -> corrupted, gaussian noise severity 4 on Fashion-MNIST
