@@ -40,7 +40,9 @@ def check_device(text: str) -> None:
         if not torch.cuda.is_available():
             raise UserError(f"--device: expected an available device, got {text!r} (no CUDA here)")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UserError(f"--device: got {text!r}, but this machine has {torch.cuda.device_count()} GPU(s)")
+            raise UserError(
+                f"--device: got {text!r}, but this machine has {torch.cuda.device_count()} GPU(s)"
+            )
     elif dev.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"--device: expected an available device, got {text!r} (no MPS here)")
     elif dev.type not in ("cpu", "cuda", "mps"):
@@ -196,7 +198,11 @@ def _run_convert(args: argparse.Namespace) -> int:
             )
         try:
             model = HookedViT.from_timm(
-                args.source, pretrained=args.pretrained, checkpoint_path=args.checkpoint_path, **flags, **kwargs
+                args.source,
+                pretrained=args.pretrained,
+                checkpoint_path=args.checkpoint_path,
+                **flags,
+                **kwargs,
             )
         except TypeError as e:  # timm.create_model / the model's constructor refusing a --set key or value
             if not kwargs:

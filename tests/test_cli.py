@@ -180,3 +180,108 @@ def test_console_script_runs(tmp_path):
     p = subprocess.run([*cmd, "study", "--validate"], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     json.dumps(p.stdout)
+
+
+def test_unsupported_features_and_bad_devices_are_one_line(tmp_path, capsys):
+    line = _one_line_error(
+        *run(
+            capsys,
+            "convert",
+            "vit_tiny_patch16_224",
+            str(tmp_path / "o"),
+            "--set",
+            "depth=1",
+            "embed_dim=32",
+            "num_heads=2",
+            "img_size=32",
+            "scale_attn_norm=true",
+        )[::2],
+        "mechvit convert: error:",
+    )
+    assert "scale_attn_norm" in line  # the NotImplementedError names the feature
+    line = _one_line_error(
+        *run(capsys, "convert", "vit_tiny_patch16_224", str(tmp_path / "o"), "--set", "depht=1")[::2],
+        "mechvit convert: error: timm.create_model('vit_tiny_patch16_224') refused --set",
+    )
+    assert "depht" in line
+    assert not (tmp_path / "o").exists()
+    ckpt = str(ROOT / "checkpoints" / "fmnist_vit_base")
+    for argv in (
+        ["evaluate", ckpt, "--device", "cudx"],
+        [
+            "train-sae",
+            "--checkpoint",
+            ckpt,
+            "--hook",
+            "blocks.0.hook_resid_post",
+            "--out",
+            "x",
+            "--device=gpu",
+        ],
+        ["explore", "--sae", "s", "--model", ckpt, "--out", "x", "--device", "cuda:99"],
+    ):
+        line = _one_line_error(*run(capsys, *argv)[::2], f"mechvit {argv[0]}: error: --device: expected")
+        assert repr(argv[-1].removeprefix("--device=")) in line
+
+
+def test_a_device_named_in_a_config_is_a_user_error():
+    import torch
+
+    from mechvit.cli import _is_user_error
+
+    with pytest.raises(RuntimeError) as e:
+        torch.device("cudx")
+    assert _is_user_error(e.value)
+    assert not _is_user_error(RuntimeError("shape mismatch in a matmul"))  # a bug keeps its traceback
+    assert not _is_user_error(KeyError("x"))
+
+
+def test_a_second_study_on_one_out_folder_is_refused_in_one_line(tmp_path, capsys):
+    import os
+
+    from mechvit._io import FolderLock
+
+    out = tmp_path / "run"
+    with FolderLock(out):  # another run holds the folder
+        line = _one_line_error(
+            *run(capsys, "study", "--out", str(out), "--quiet", "--only", "cka")[::2], "mechvit study: error:"
+        )
+    assert f"{out} is in use by another run (pid {os.getpid()})" in line
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing computed
+
+
+def test_study_quiet_turns_every_bar_off(monkeypatch, capfd):
+    """--quiet sets progress=False, which the runner turns into runtime.progress_bars(False): sae-lens's own
+    training and norm-estimation bars are silent inside it (and shown outside it, so this can fail)."""
+    import torch
+
+    import mechvit.study
+    from mechvit.runtime import progress_bars
+    from mechvit.sae.train import SAETrainingConfig, train_sae
+
+    seen = {}
+
+    def fake_run_study(cfg, out, **kw):
+        seen["progress"] = cfg.progress
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(mechvit.study, "run_study", fake_run_study)
+    run(capfd, "study", "--quiet")
+    assert seen["progress"] is False
+    run(capfd, "study")
+    assert seen["progress"] is True
+
+    def train() -> str:
+        g = torch.Generator().manual_seed(0)
+        batches = iter([torch.randn(32, 8, generator=g) for _ in range(4)])
+        cfg = SAETrainingConfig(
+            expansion_factor=1, k=2, batch_size=32, total_samples=64, n_batches_for_norm_estimate=2
+        )
+        capfd.readouterr()
+        train_sae(batches, 8, cfg)
+        return capfd.readouterr().err
+
+    assert "Training SAE" in train()
+    with progress_bars(False):
+        err = train()
+    assert "Training SAE" not in err and "Estimating norm" not in err and "it/s" not in err, err
