@@ -151,3 +151,77 @@ def test_to_timm_model_keeps_layer_norm_eps(make):
     with torch.no_grad():
         close(back(x), ref(x), 1e-5)
         close(model(x), ref(x), 1e-5)
+
+
+def _sae_setup():
+    from mechvit.sae.activations import ActivationStoreConfig
+    from mechvit.sae.train import SAETrainingConfig
+
+    torch.manual_seed(0)
+    model = HookedViT.from_timm(tiny()).eval()
+    store = ActivationStoreConfig(hook="blocks.0.hook_resid_post", model_batch_size=4, buffer_size=64)
+    cfg = SAETrainingConfig(
+        expansion_factor=1, k=4, batch_size=32, total_samples=64, n_batches_for_norm_estimate=1
+    )
+    return model, store, cfg
+
+
+class _Deadline:
+    """Fail (instead of hanging the suite) when the block runs longer than ``seconds``."""
+
+    def __init__(self, seconds: int):
+        self.seconds = seconds
+
+    def __enter__(self):
+        import signal
+
+        def boom(*_):
+            raise TimeoutError(f"still running after {self.seconds} s (hangs?)")
+
+        self.old = signal.signal(signal.SIGALRM, boom)
+        signal.alarm(self.seconds)
+
+    def __exit__(self, *exc):
+        import signal
+
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, self.old)
+
+
+def test_an_sae_trained_on_one_hook_is_refused_at_another_of_the_same_width(tmp_path):
+    from mechvit.sae.metrics import splice_hook, spliced_kl_per_image, spliced_metrics
+    from mechvit.sae.train import load_sae, train_sae_for_hook
+
+    model, store, cfg = _sae_setup()
+    x, y = images(model, 8), torch.arange(8) % 7
+    train_sae_for_hook(model, x, store, cfg, out_dir=tmp_path / "sae")
+    sae, manifest = load_sae(tmp_path / "sae")  # as a user gets it back from disk
+    assert manifest["hook"] == sae.cfg.metadata.hook_name == "blocks.0.hook_resid_post"
+    other = "blocks.1.hook_resid_post"  # same width (d_model), another space
+    message = "trained on hook 'blocks.0.hook_resid_post' .*, not 'blocks.1.hook_resid_post'"
+    with pytest.raises(ValueError, match=message):
+        spliced_metrics(model, sae, x, y, other)
+    with pytest.raises(ValueError, match=message):
+        spliced_kl_per_image(model, sae, x, other)
+    with pytest.raises(ValueError, match=message):
+        splice_hook(sae, model.cfg, "patches", other)
+    with torch.no_grad():
+        assert spliced_kl_per_image(model, sae, x, "blocks.0.hook_resid_post").shape == (8,)
+    sae.cfg.metadata.hook_name = other  # applying it elsewhere on purpose
+    assert spliced_kl_per_image(model, sae, x, other).shape == (8,)
+
+
+def test_streaming_sae_training_on_zero_images_raises_instead_of_hanging():
+    from mechvit.sae.train import train_sae_for_hook
+
+    model, store, cfg = _sae_setup()
+    with _Deadline(120):
+        for empty in (images(model, 0), (images(model, 0), torch.zeros(0, dtype=torch.long)), []):
+            with pytest.raises(ValueError, match="data has no images"):
+                train_sae_for_hook(model, empty, store, cfg)
+        # a one-shot generator: enough for one epoch (2 images x 16 patches), not for the 64 samples asked
+        one_shot = (b for b in [images(model, 2)])
+        with pytest.raises(ValueError, match="no images on pass 2: .* must be re-iterable"):
+            train_sae_for_hook(model, one_shot, store, cfg)
+        # a list of batches is read again every epoch
+        assert train_sae_for_hook(model, [images(model, 2)], store, cfg).manifest["trained_samples"] == 64

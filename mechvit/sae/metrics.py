@@ -28,6 +28,7 @@ __all__ = [
     "PCABaseline",
     "ablation_gap",
     "ablation_gap_sweep",
+    "check_sae_hook",
     "choose_hook",
     "mean_activation",
     "pca_baseline",
@@ -57,6 +58,19 @@ class ReconstructionMetrics:
 
 def _sae_width(sae: Any) -> int:
     return int(sae.cfg.d_in)
+
+
+def check_sae_hook(sae: Any, hook: str) -> None:
+    """Raise ValueError when ``sae`` records the hook it was trained on (``cfg.metadata.hook_name``, as
+    mechvit and sae-lens save it) and that is not ``hook``: the same width does not make it the same space
+    (an SAE trained on ``blocks.2.hook_resid_post`` spliced into ``blocks.4.hook_resid_post`` would run)."""
+    recorded = getattr(getattr(getattr(sae, "cfg", None), "metadata", None), "hook_name", None)
+    if recorded and recorded != hook:
+        raise ValueError(
+            f"this SAE was trained on hook {recorded!r} (its cfg.metadata.hook_name), not {hook!r}; "
+            f"use it at {recorded!r}, or set sae.cfg.metadata.hook_name = {hook!r} to apply it "
+            "elsewhere on purpose"
+        )
 
 
 @torch.no_grad()
@@ -146,6 +160,8 @@ def splice_hook(sae: Any | None, model_cfg: Any, tokens: str, hook_name: str):
     """A forward hook replacing the selected tokens by the SAE reconstruction (zeros when ``sae`` is None);
     use it with ``model.run_with_hooks(images, fwd_hooks=[(hook_name, splice_hook(...))])``."""
     d_in = None if sae is None else _sae_width(sae)
+    if sae is not None:
+        check_sae_hook(sae, hook_name)
 
     def fn(act: Tensor, hook: Any) -> Tensor:
         shape = act.shape
@@ -236,6 +252,7 @@ def spliced_metrics(
 def _check_fit(model: Any, sae: Any, hook: str, tokens: str) -> None:
     from .activations import hook_width
 
+    check_sae_hook(sae, hook)
     width = hook_width(model, hook, tokens)
     if width != _sae_width(sae):
         raise ValueError(f"the SAE has d_in={_sae_width(sae)} but hook {hook!r} gives rows of width {width}")

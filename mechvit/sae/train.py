@@ -601,6 +601,43 @@ def load_sae(path: str | os.PathLike, device: str = "cpu") -> tuple[SAE, dict[st
     return SAE.load_from_disk(path, device=device), manifest
 
 
+class _EveryPassHasImages:
+    """``data`` for a streaming store, which reads it once per epoch until the SAE has its samples: a
+    pass that yields no image raises ValueError instead of leaving the store waiting forever for its first
+    batch."""
+
+    def __init__(self, data: Any):
+        self.data, self.passes = data, 0
+
+    def __iter__(self) -> Iterator[Any]:
+        n = 0
+        for item in self.data:
+            x = item[0] if isinstance(item, (tuple, list)) and item else item
+            n += len(x) if isinstance(x, Tensor) else 1
+            yield item
+        if n == 0:
+            raise ValueError(
+                "data has no images: nothing to train the SAE on"
+                if self.passes == 0
+                else f"data yielded no images on pass {self.passes + 1}: streaming SAE training reads "
+                "the data once per epoch, so it must be re-iterable (a tensor, a list of batches or a "
+                "DataLoader, not a one-shot iterator or generator), or cache it first with cache_dir"
+            )
+        self.passes += 1
+
+
+def _images_every_pass(data: Any) -> Any:
+    """``data`` itself when it is an image tensor (or ``(images, labels)``) with images, else a guard."""
+    images = data if isinstance(data, Tensor) else None
+    if isinstance(data, (tuple, list)) and data and isinstance(data[0], Tensor) and data[0].ndim == 4:
+        images = data[0]
+    if images is not None:
+        if len(images) == 0:
+            raise ValueError(f"data has no images (shape {tuple(images.shape)}): nothing to train the SAE on")
+        return data
+    return _EveryPassHasImages(data)
+
+
 def train_sae_for_hook(
     model: Any,
     data: Any,
@@ -641,7 +678,7 @@ def train_sae_for_hook(
     else:
         d_in = hook_width(model, store.hook, store.tokens)
         manifest["dataset"] = dataset or _dataset_id(data, None)
-        batches = stream_batches(model, data, store, cfg.batch_size, transform=transform)
+        batches = stream_batches(model, _images_every_pass(data), store, cfg.batch_size, transform=transform)
     trained = train_sae(batches, d_in, cfg, out_dir=None, manifest=manifest)
     if heldout is not None:
         trained.manifest["heldout_metrics"] = reconstruction_metrics(trained.sae, heldout).to_dict()
