@@ -227,3 +227,12 @@ def test_agreement_on_the_shipped_model():
     assert res["resid_pre"]["all"] >= 0.8
     for item in comps:
         assert res[item]["all"] >= 0.8, (item, res[item])
+        # per layer (50 positions or 4 heads each): the first-order estimate ranks the patches of every layer
+        assert min(res[item]["per_layer"]) >= 0.7, (item, res[item]["per_layer"])
+    # where the linear approximation is weakest (docs/analysis.md): the residual stream and MLP output of the
+    # first blocks, where the noise-4 corruption moves activations farthest through LayerNorm and GELU; from
+    # layer 2 on the estimate is near exact
+    for item in ("resid_pre", "resid_mid", "resid_post", "mlp_out"):
+        per = res[item]["per_layer"]
+        assert min(range(len(per)), key=per.__getitem__) in (0, 1), (item, per)
+        assert min(per[2:]) >= 0.95, (item, per)
