@@ -186,21 +186,42 @@ def test_factored_matrices_and_input_basis():
 
 
 @pytest.mark.parametrize(
-    "kw", [{}, {"reg_tokens": 2, "init_values": 0.5}, {"global_pool": "avg", "fc_norm": False}]
+    "kw",
+    [
+        {},
+        {"reg_tokens": 2, "init_values": 0.5},
+        {"global_pool": "avg", "fc_norm": False},
+        {"pre_norm": True},  # CLIP's ln_pre: the embedding terms are taken through it
+        {"pre_norm": True, "pos_embed": "none"},
+    ],
 )
 def test_full_resid_decomposition_sums_to_the_residual_stream(kw):
     model = HookedViT.from_timm(tiny(**kw)).eval()
     with torch.no_grad():
         _, cache = model.run_with_cache(images(model))
+        embed_before = cache["hook_embed"].clone()
         full, labels = cache.get_full_resid_decomposition(return_labels=True)
         by_mlp = cache.get_full_resid_decomposition(expand_neurons=False)
         mid = cache.get_full_resid_decomposition(layer=1, mlp_input=True)
     L, H, M = model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_mlp
-    assert full.shape[0] == L * H + L * M + 3 and labels[-3:] == ["embed", "pos_embed", "bias"]
+    embeds = ["embed", "pos_embed"] if model.pos_embed is not None else ["embed"]
+    assert full.shape[0] == L * H + L * M + len(embeds) + 1
+    assert labels[-len(embeds) - 1 :] == [*embeds, "bias"]
     close(full.sum(0), cache["blocks.1.hook_resid_post"], 1e-4)
     close(by_mlp.sum(0), cache["blocks.1.hook_resid_post"], 1e-4)
     close(mid.sum(0), cache["blocks.1.hook_resid_mid"], 1e-4)
     close(model.accumulated_bias(2), sum(b.attn.b_O + b.mlp.b_out for b in model.blocks), 1e-6)
+    with torch.no_grad():
+        dec, dec_labels = cache.decompose_resid(layer=0, return_labels=True)
+    assert dec_labels == embeds
+    close(dec.sum(0), cache["blocks.0.hook_resid_pre"], 1e-5)  # through ln_pre in a pre-norm model
+    close(cache.decompose_resid().sum(0), cache["blocks.1.hook_resid_post"], 1e-4)
+    assert torch.equal(cache["hook_embed"], embed_before)  # the cache itself is left as it was
+    if model.ln_pre is not None:  # the raw embeddings do not sum to the stream entering block 0
+        assert (cache["hook_full_embed"] - cache["blocks.0.hook_resid_pre"]).abs().max() > 0.1
+        _, part = model.run_with_cache(images(model), names_filter=lambda n: "ln_pre" not in n)
+        with pytest.raises(ValueError, match="needs 'ln_pre.hook_scale' in the cache"):
+            part.get_full_resid_decomposition()
 
 
 @pytest.mark.parametrize("pool", ["token", "avg"])

@@ -13,11 +13,19 @@ pooling (timm's ``fc_norm``, e.g. ``global_pool="avg"``) or have no final norm a
   ``[batch, 1]``), which applies to the class token of a token-pooled model: pass ``pos_slice=0``; anything
   else raises a ValueError saying so. With no final norm at all the stack is returned unchanged.
 
+A pre-norm model (CLIP: ``ln_pre`` between the embeddings and block 0) has no TransformerLens counterpart:
+there ``decompose_resid`` and ``get_full_resid_decomposition`` give the ``embed`` and ``pos_embed`` terms as
+they enter block 0, i.e. through ``ln_pre`` with its cached scale (``(e - mean(e)) / scale * w`` for each,
+``ln_pre``'s bias added to ``embed``), so that the terms still sum to the residual stream. This needs
+``ln_pre.hook_scale`` in the cache.
+
 Every other method is TransformerLens's own.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from torch import Tensor
@@ -26,6 +34,50 @@ from transformer_lens.utilities import Slice
 
 
 class ViTActivationCache(ActivationCache):
+    _embeds_through_ln_pre = False
+
+    @contextlib.contextmanager
+    def _embeddings_through_ln_pre(self) -> Iterator[None]:
+        """In a pre-norm model, swap the cached embeddings for their contributions to
+        ``blocks.0.hook_resid_pre`` (through ``ln_pre`` with its cached scale) during a decomposition."""
+        ln = self.model.ln_pre
+        if ln is None or self._embeds_through_ln_pre or "hook_embed" not in self.cache_dict:
+            yield
+            return
+        if "ln_pre.hook_scale" not in self.cache_dict:
+            raise ValueError(
+                "this model normalises the embeddings (ln_pre) before block 0: decomposing the residual "
+                "stream needs 'ln_pre.hook_scale' in the cache (a run_with_cache names_filter that keeps it)"
+            )
+        scale = self.cache_dict["ln_pre.hook_scale"].float()
+        saved = {k: self.cache_dict[k] for k in ("hook_embed", "hook_pos_embed") if k in self.cache_dict}
+        through = {}
+        for k, t in saved.items():
+            x = t.float()
+            x = (x - x.mean(-1, keepdim=True)) / scale
+            if ln.weight is not None:
+                x = x * ln.weight.to(x.device).float()
+            if k == "hook_embed" and ln.bias is not None:
+                x = x + ln.bias.to(x.device).float()
+            through[k] = x.to(t.dtype)
+        self.cache_dict.update(through)
+        self._embeds_through_ln_pre = True
+        try:
+            yield
+        finally:
+            self.cache_dict.update(saved)
+            self._embeds_through_ln_pre = False
+
+    def decompose_resid(self, *args: Any, **kwargs: Any) -> Any:
+        """As TransformerLens; a pre-norm model's embedding terms go through ``ln_pre`` (module doc)."""
+        with self._embeddings_through_ln_pre():
+            return super().decompose_resid(*args, **kwargs)
+
+    def get_full_resid_decomposition(self, *args: Any, **kwargs: Any) -> Any:
+        """As TransformerLens; a pre-norm model's embedding terms go through ``ln_pre`` (module doc)."""
+        with self._embeddings_through_ln_pre():
+            return super().get_full_resid_decomposition(*args, **kwargs)
+
     def _final(self, layer: int | None) -> bool:
         return layer is None or layer == -1 or layer == self.model.cfg.n_layers
 
