@@ -57,7 +57,8 @@ def contrast(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
     """Shrink each channel towards its own mean over the image."""
     c = CONTRAST[severity - 1]
     means = x.mean(dim=(2, 3), keepdim=True)
-    return clamp01_(torch.sub(x, means).mul_(c).add_(means))
+    # c x + (1 - c) mean: one pass over the image (was three)
+    return clamp01_(torch.add(means * (1 - c), x, alpha=c))
 
 
 def saturate(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
@@ -152,7 +153,8 @@ def pixelate(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
     c = PIXELATE[severity - 1]
     n, ch, h, w = x.shape
     sh, sw = max(int(h * c), 1), max(int(w * c), 1)
-    y = _pil_round_(x.transpose(2, 3).contiguous().mul_(255))  # [n, ch, w, h], 8-bit levels
+    y = torch.empty((n, ch, w, h), dtype=x.dtype, device=x.device)  # transposed and scaled in one pass
+    y = _pil_round_(torch.mul(x.transpose(2, 3), 255, out=y))  # [n, ch, w, h], 8-bit levels
     y = _pil_round_(_box_rows(y, sw)).transpose(2, 3).contiguous()  # horizontal pass -> [n, ch, h, sw]
     y = _pil_round_(_box_rows(y, sh)).div_(255)  # vertical pass -> [n, ch, sh, sw]
     dev = y.device.type
@@ -316,9 +318,13 @@ def _jpeg_libjpeg(x: Tensor, quality: int) -> Tensor:
         raise ValueError(f"JPEG quality must be in 1..100, got {quality}")
     if x.shape[1] != 1:
         _check_rgb(x, "jpeg_compression")
-    q = _pil_round_(x.float() * 255).clamp_(0, 255).to(torch.uint8)
-    out = decode_jpeg(encode_jpeg(list(q), quality=quality), mode=ImageReadMode.UNCHANGED)
-    return torch.stack(out).to(x.dtype).div_(255)
+    # 8-bit levels floor(255 x + 0.5): 255 x + 0.5 lies in [0.5, 255.5] and the uint8 cast truncates, so no
+    # floor or clamp pass is needed (3 passes over the batch instead of 5)
+    q = torch.mul(x, 255).add_(0.5).to(torch.uint8)
+    out = torch.stack(decode_jpeg(encode_jpeg(list(q), quality=quality), mode=ImageReadMode.UNCHANGED))
+    if x.dtype == torch.get_default_dtype():  # uint8 -> float and the division in one pass (the same k / 255)
+        return torch.div(out, 255)
+    return out.to(x.dtype).div_(255)
 
 
 def jpeg_torch(x: Tensor, quality: int) -> Tensor:
