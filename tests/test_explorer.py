@@ -43,11 +43,7 @@ def u8(s: str) -> np.ndarray:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     base = tiny_model(0)
-    ft = copy.deepcopy(base)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(5)
-        for p in ft.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    ft = fine_tuned(base)
     saes = [
         ExplorerSAE("base s0", random_sae(HOOK, seed=0), "base", condition="noise", seed=0),
         ExplorerSAE("base s1", random_sae(HOOK, seed=1), "base", condition="noise", seed=1),
@@ -119,6 +115,44 @@ def test_page_data_matches_the_python_computation(built):
     np.testing.assert_allclose(b0["matches"][0]["cos"], cos, rtol=1e-3)
     _, cos_rep = nearest_cosine(dirs["base s0"][live0], dirs["base s1"])
     np.testing.assert_allclose(b0["stability"], cos_rep, rtol=1e-3)  # one replicate: the mean is its cosine
+
+
+def fine_tuned(base):
+    ft = copy.deepcopy(base)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(5)
+        for p in ft.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return ft
+
+
+def test_shared_model_activations_change_nothing(built):
+    """explorer_data computes each model's activations once for all its SAEs (feature_stats(cache=...)): the
+    second replicate's stats, and the other model's, equal a computation of their own."""
+    from mechvit.analysis.features import feature_stats
+
+    _, saes, stats, images, labels = built
+    g = torch.Generator().manual_seed(1)  # the fixture's images, then its corrupted images
+    assert torch.equal(torch.rand(images.shape, generator=g), images)
+    corrupted = (images + 0.3 * torch.randn(images.shape, generator=g)).clamp(0, 1)
+    base = tiny_model(0)
+    for spec, model in ((saes[1], base), (saes[2], fine_tuned(base))):
+        alone = feature_stats(
+            model, spec.sae, images, labels, CLASSES, corrupted=corrupted, k=4, n_assoc=8, progress=False
+        )
+        shared = stats[spec.name]
+        for name in (
+            "density", "mean_act", "top_idx", "top_maps", "top_idx_corrupted", "hist", "logit_effect", "probs",
+            "probs_ablate", "probs_double",
+        ):  # fmt: skip
+            np.testing.assert_allclose(
+                getattr(shared, name),
+                getattr(alone, name),
+                rtol=1e-5,
+                atol=1e-6,
+                err_msg=f"{spec.name} {name}",
+            )
+        assert shared.label == alone.label
 
 
 def test_page_is_self_contained_and_cards_are_written(built):

@@ -227,12 +227,17 @@ def feature_stats(
     batch_size: int = 256,
     effect_batch: int = 512,
     progress: bool = True,
+    cache: dict | None = None,
 ) -> FeatureStats:
     """Compute :class:`FeatureStats` for every latent of ``sae`` on ``model`` (a HookedViT).
 
     ``images`` (and ``corrupted``, any number of images) are what the model takes after ``transform``
     (e.g. the study's normalisation; None = as given). ``hook`` defaults to the SAE's recorded
-    ``cfg.metadata.hook_name``. Only patch tokens are encoded (the maps live on the patch grid)."""
+    ``cfg.metadata.hook_name``. Only patch tokens are encoded (the maps live on the patch grid).
+
+    ``cache``: a dict shared by calls on the same ``model``, ``images``, ``corrupted`` and ``transform`` (e.g.
+    the seed replicates of one model's SAE) keeps the model's own activations and probabilities, computed
+    once; the results are the same as without it."""
     from mechvit.sae.activations import check_hook
 
     hook = hook or getattr(getattr(sae.cfg, "metadata", None), "hook_name", None)
@@ -264,7 +269,17 @@ def feature_stats(
     model.eval()
     sae.eval()
     try:
-        resid = _hook_acts(model, prep(images.to(dev, torch.float32)), hook, batch_size)
+        memo = cache if cache is not None else {}
+
+        def once(name: str, fn: Callable[[], Tensor]) -> Tensor:
+            key = (id(model), id(images), id(corrupted), hook, n_readout, name)
+            if key not in memo:
+                memo[key] = fn()
+            return memo[key]
+
+        resid = once(
+            "resid", lambda: _hook_acts(model, prep(images.to(dev, torch.float32)), hook, batch_size)
+        )
         if resid.ndim != 3 or resid.shape[1] - int(model.cfg.n_prefix_tokens) != P:
             raise ValueError(
                 f"hook {hook!r} gives {tuple(resid.shape)}; expected [n, tokens, d] with {P} patches"
@@ -273,7 +288,9 @@ def feature_stats(
             raise ValueError(f"the SAE has d_in={sae.cfg.d_in} but hook {hook!r} has width {resid.shape[-1]}")
         resid_c = None
         if corrupted is not None:
-            resid_c = _hook_acts(model, prep(corrupted.to(dev, torch.float32)), hook, batch_size)
+            resid_c = once(
+                "resid_c", lambda: _hook_acts(model, prep(corrupted.to(dev, torch.float32)), hook, batch_size)
+            )
         rows = _patch_rows(model)
 
         def codes(acts: Tensor):
@@ -350,11 +367,14 @@ def feature_stats(
         directions = decoder_directions(sae)  # [F, D]
         # direct logit effect through the model's own readout on the final residual stream
         n_layers = model.cfg.n_layers
-        final = _hook_acts(
-            model,
-            prep(images[:n_readout].to(dev, torch.float32)),
-            f"blocks.{n_layers - 1}.hook_resid_post",
-            batch_size,
+        final = once(
+            "final",
+            lambda: _hook_acts(
+                model,
+                prep(images[:n_readout].to(dev, torch.float32)),
+                f"blocks.{n_layers - 1}.hook_resid_post",
+                batch_size,
+            ),
         )
         read = model.readout_rows() or slice(
             0 if model.cfg.pool_include_prefix else int(model.cfg.n_prefix_tokens), None
@@ -372,11 +392,14 @@ def feature_stats(
             logit_effect[s : s + step] = (lg - base_logits[None]).mean(1)
 
         # before/after: the model's own probabilities, and with the latent's contribution removed / doubled
-        probs = torch.cat(
-            [
-                model(prep(images[s : s + batch_size].to(dev, torch.float32))).float().softmax(-1).cpu()
-                for s in range(0, len(images), batch_size)
-            ]
+        probs = once(
+            "probs",
+            lambda: torch.cat(
+                [
+                    model(prep(images[s : s + batch_size].to(dev, torch.float32))).float().softmax(-1).cpu()
+                    for s in range(0, len(images), batch_size)
+                ]
+            ),
         )
         layer = _resume_layer(model, hook)
         top_idx, top_val, top_maps = idx_all[:, :k], val_all[:, :k], maps_all[:, :k]

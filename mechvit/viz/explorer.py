@@ -172,6 +172,7 @@ def explorer_data(
             )
     loaded = {s.name: _load_sae(s) for s in saes}
     stats = dict(stats or {})
+    cache: dict = {}  # each model's own activations and probabilities, computed once for all its SAEs
     for s in saes:
         if s.name not in stats:
             stats[s.name] = feature_stats(
@@ -187,7 +188,9 @@ def explorer_data(
                 n_assoc=n_assoc,
                 n_bins=n_bins,
                 progress=progress,
+                cache=cache,
             )
+    del cache
     dirs = {n: decoder_directions(sae) for n, sae in loaded.items()}
 
     def counterparts(x: ExplorerSAE) -> list[ExplorerSAE]:
