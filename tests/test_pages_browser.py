@@ -432,3 +432,46 @@ def test_default_study_sized_explorer_is_small_fast_and_lazy(tmp_path):
     assert size < 25e6
     # the faster of the two loads: a busy shared machine slows one load, not the page
     assert min(painted for _, painted in times) < 2000, times
+
+
+@skip_without_chromium
+def test_thousands_of_latents_render_lazily(tmp_path):
+    """One SAE with 16,384 live latents: the index holds a few dozen rows at any time, and searching, sorting
+    and scrolling to the last row stay fast."""
+    from mechvit.viz.explorer import ExplorerSAE, explorer_data, explorer_html
+    from tests.test_analysis_features import random_sae
+
+    d_sae, n = 16384, 64
+    x, y, corrupted = _images(n, ["gaussian_noise/4"])
+    st = synthetic_stats(d_sae, n, n, 4, 16, 12, 7, seed=3)
+    sae = random_sae("blocks.2.hook_resid_post", d_in=96, d_sae=d_sae, seed=3)
+    data, _ = explorer_data(
+        [ExplorerSAE("big", sae, "m")], {"m": None}, x, y, [str(c) for c in range(10)],
+        corrupted=corrupted, stats={"big": st}, progress=False,
+    )  # fmt: skip
+    path = tmp_path / "features.html"
+    path.write_text(explorer_html(data), encoding="utf-8")
+    with chromium() as driver:
+        page = open_page(driver, path, ready="body[data-painted]")
+        assert page.console_errors == [] and page.network == []
+        assert driver.execute_script("return explorer.visibleIds().length") == d_sae
+        assert 0 < driver.execute_script("return explorer.renderedRows()") < 80
+        t0 = driver.execute_script("return performance.now()")
+        driver.find_element("css selector", '#thead [data-sort="density"]').click()
+        driver.find_element("css selector", "#search").send_keys("#12345")
+        assert driver.execute_script("return explorer.visibleIds()") == [12345]
+        driver.execute_script(
+            "const b = document.getElementById('search'); b.value = ''; b.dispatchEvent(new Event('input'))"
+        )
+        driver.execute_script("const l = document.getElementById('list'); l.scrollTop = l.scrollHeight;")
+        driver.execute_script(
+            "return new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))"
+        )
+        last = driver.execute_script("return explorer.visibleIds().at(-1)")
+        assert driver.find_elements("css selector", f'#spacer .row[data-feature="{last}"]')
+        assert driver.execute_script("return explorer.renderedRows()") < 80
+        elapsed = driver.execute_script("return performance.now()") - t0
+        assert elapsed < 3000, (
+            elapsed
+        )  # sort + search + clear + scroll of 16k rows, WebDriver round trips included
+        assert collect(driver).console_errors == []

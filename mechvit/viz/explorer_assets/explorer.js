@@ -10,6 +10,13 @@
   const fmt = (v, d) => (v === null || v === undefined || Number.isNaN(v) ? "–" : Number(v).toFixed(d));
   const fmtDensity = (v) => (v === null || v === undefined ? "–" : v >= 0.001 ? (100 * v).toFixed(2) + "%" : v > 0 ? v.toExponential(1) : "0");
 
+  function argmax(a) {
+    // index of the largest value (no spread: safe for any number of latents); nulls never win
+    let best = 0;
+    for (let i = 1; i < a.length; i++) if (a[i] !== null && (a[best] === null || a[i] > a[best])) best = i;
+    return best;
+  }
+
   function b64(s) {
     const bin = atob(s);
     const out = new Uint8Array(bin.length);
@@ -143,7 +150,7 @@
     const first = Math.max(0, Math.floor(list.scrollTop / ROW) - 8);
     const last = Math.min(state.rows.length, Math.ceil((list.scrollTop + list.clientHeight) / ROW) + 8);
     let html = "";
-    const maxDen = s._maxDensity || (s._maxDensity = Math.max(...s.density, 1e-12));
+    const maxDen = s._maxDensity || (s._maxDensity = Math.max(s.density[argmax(s.density)], 1e-12));
     for (let r = first; r < last; r++) {
       const i = state.rows[r];
       const f = s.live[i];
@@ -461,7 +468,7 @@
     if (h.has("f")) open(D.saes[start].name, +h.get("f"));
     else if (S().live.length) {
       // open the densest live latent first so the page never starts empty
-      const i = S().density.indexOf(Math.max(...S().density));
+      const i = argmax(S().density);
       open(S().name, S().live[i]);
     }
     document.body.dataset.ready = "1";
