@@ -159,7 +159,7 @@ def _add_convert(p: argparse.ArgumentParser) -> None:
         nargs="*",
         default=[],
         metavar="KEY=VALUE",
-        help="timm.create_model kwargs, e.g. img_size=28 in_chans=1 num_classes=10",
+        help="timm.create_model kwargs, e.g. img_size=28 patch_size=4 in_chans=1 num_classes=10",
     )
     p.add_argument("--fold-ln", action="store_true", help="fold LayerNorm weights into the next linear layer")
     p.add_argument(
