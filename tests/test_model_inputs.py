@@ -225,3 +225,20 @@ def test_streaming_sae_training_on_zero_images_raises_instead_of_hanging():
             train_sae_for_hook(model, one_shot, store, cfg)
         # a list of batches is read again every epoch
         assert train_sae_for_hook(model, [images(model, 2)], store, cfg).manifest["trained_samples"] == 64
+
+
+def test_evaluate_and_patching_refuse_an_empty_batch_in_one_line():
+    """0 images: a ValueError saying so (no ZeroDivisionError or traceback from deep inside)."""
+    from mechvit.analysis.patching import activation_patching
+    from mechvit.analysis.robustness import classification_metrics, robustness_matrix
+
+    model = HookedViT.from_timm(tiny()).eval()
+    x, y = images(model, 0), torch.zeros(0, dtype=torch.long)
+    with pytest.raises(ValueError, match="expected at least one image, got 0"):
+        robustness_matrix({"m": model}, x, y, ["gaussian_noise"], [1], progress=False)
+    with pytest.raises(ValueError, match="expected at least one image, got 0"):
+        classification_metrics(torch.zeros(0, 7), y)
+    with pytest.raises(ValueError, match="got 0 images"):
+        activation_patching(model, x, x, y, component="resid_pre", by="layer", progress=False)
+    with pytest.raises(ValueError, match="got 0"):
+        logit_lens(model, x, y, progress=False)
