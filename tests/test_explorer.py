@@ -7,6 +7,7 @@ import copy
 import io
 import json
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -413,7 +414,7 @@ def test_clicking_a_feature_shows_its_images_numbers_and_ablation(browser, built
 
 
 @skip_without_chromium
-def test_every_latent_exports_a_feature_card(browser, built):
+def test_every_latent_exports_a_feature_card(browser, built, tmp_path):
     """The page draws a card of any latent (not only those with a Python-written card): an SVG with the
     latent's label and numbers and one picture per top image, and a PNG at 300 dpi (7.5 in wide)."""
     driver, _ = browser
@@ -446,6 +447,20 @@ def test_every_latent_exports_a_feature_card(browser, built):
         px = np.asarray(im.convert("RGB"), dtype=float)
     assert px.std() > 20  # text, bars and images, not a blank sheet
     assert (np.abs(px[..., 0] - px[..., 2]) > 60).mean() > 0.001  # coloured heatmap / bars drawn
+    # the buttons download both files
+    driver.execute_cdp_cmd(
+        "Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(tmp_path)}
+    )
+    driver.find_element("css selector", "#card-svg-btn").click()
+    driver.find_element("css selector", "#card-png-btn").click()
+    stem = tmp_path / f"ft_s0_latent_{f}"
+    for _ in range(100):
+        if stem.with_suffix(".svg").is_file() and stem.with_suffix(".png").is_file():
+            break
+        time.sleep(0.1)
+    assert stem.with_suffix(".svg").read_text(encoding="utf-8") == svg
+    with Image.open(stem.with_suffix(".png")) as im:
+        assert im.width == round(720 * 300 / 96)
     assert collect(driver).console_errors == []
 
 
