@@ -308,3 +308,9 @@ def test_random_bits_uniform_reproducible_and_advancing():
         u = uniform((100_000,), g1, dtype)
         assert u.dtype == dtype and float(u.min()) >= 0 and float(u.max()) < 1
         assert abs(float(u.mean()) - 0.5) < 0.005 and abs(float(u.var()) - 1 / 12) < 0.002
+    # small draws come from torch's generator itself (no stream keying): reproducible and full-range too
+    s1, s2 = (
+        random_bits(1000, torch.Generator().manual_seed(9)),
+        random_bits(1000, torch.Generator().manual_seed(9)),
+    )
+    assert torch.equal(s1, s2) and bool((s1 < 0).any()) and bool((s1 > 0).any())

@@ -34,6 +34,9 @@ def clamp01_(x: Tensor) -> Tensor:
     return x.clamp_(0.0, 1.0)
 
 
+_SFC64_MIN = 1 << 16  # below this many values, keying a new SFC64 stream costs more than it saves
+
+
 def random_bits(n: int, generator: torch.Generator, device=None) -> Tensor:
     """``n`` random int64 values, all 64 bits uniformly random, drawn from ``generator``.
 
@@ -41,9 +44,10 @@ def random_bits(n: int, generator: torch.Generator, device=None) -> Tensor:
     generator hands out values one call at a time (measured ~8 ns per int64 with ``random_``, 3-8x slower than
     SFC64's ``random_raw``, and ``torch.rand`` ~12 ns per float32), which bounds every noise corruption at 224
     px. The stream is still a deterministic function of ``generator``'s state. On other devices torch's own
-    generator (Philox on CUDA) is fast and is used directly."""
+    generator (Philox on CUDA) is fast and is used directly, and so it is for small draws (< 65536 values),
+    where keying a new stream would cost more than it saves (fog's coarse fractal levels)."""
     device = torch.device(device) if device is not None else torch.device(generator.device)
-    if device.type != "cpu":
+    if device.type != "cpu" or n < _SFC64_MIN:
         return torch.empty(n, dtype=torch.int64, device=device).random_(-(2**63), None, generator=generator)
     key = torch.randint(0, 2**62, (2,), generator=generator, device=generator.device).tolist()
     raw = np.random.SFC64(np.random.SeedSequence(key)).random_raw(n)
