@@ -63,6 +63,8 @@ def _is_user_error(err: BaseException) -> bool:
 
     if isinstance(err, USER_ERRORS + (UserError, LockError)):
         return True
+    if isinstance(err, OSError) and err.filename is not None:  # a path that exists, a full or read-only disk
+        return True
     text = str(err)
     device_errors = (
         "device type at start of device string",

@@ -232,6 +232,7 @@ def test_a_device_named_in_a_config_is_a_user_error():
     with pytest.raises(RuntimeError) as e:
         torch.device("cudx")
     assert _is_user_error(e.value)
+    assert _is_user_error(FileExistsError(17, "File exists", "/some/out"))  # e.g. --out names a file
     assert not _is_user_error(RuntimeError("shape mismatch in a matmul"))  # a bug keeps its traceback
     assert not _is_user_error(KeyError("x"))
 
@@ -248,6 +249,11 @@ def test_a_second_study_on_one_out_folder_is_refused_in_one_line(tmp_path, capsy
         )
     assert f"{out} is in use by another run (pid {os.getpid()})" in line
     assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing computed
+    (tmp_path / "a_file").write_text("")
+    line = _one_line_error(
+        *run(capsys, "study", "--out", str(tmp_path / "a_file"), "--quiet")[::2], "mechvit study: error:"
+    )
+    assert "File exists" in line and "a_file" in line
 
 
 def test_study_quiet_turns_every_bar_off(monkeypatch, capfd):
