@@ -236,3 +236,59 @@ def test_agreement_on_the_shipped_model():
         per = res[item]["per_layer"]
         assert min(range(len(per)), key=per.__getitem__) in (0, 1), (item, per)
         assert min(per[2:]) >= 0.95, (item, per)
+
+
+def test_study_patching_method_switch(monkeypatch):
+    # the study's patching section: exact by default, attribution on request, anything else refused; the step
+    # calls the function the switch names
+    from mechvit._dataclass_yaml import ConfigError
+    from mechvit.study.config import load_study_config
+    from mechvit.study.steps import patching as step
+
+    assert load_study_config().patching.method == "exact"
+    cfg = load_study_config(overrides={"patching.method": "attribution"})
+    assert cfg.patching.method == "attribution"
+    with pytest.raises(ConfigError, match="attribution"):
+        load_study_config(overrides={"patching.method": "fast"})
+
+    called = []
+
+    class Stop(Exception):
+        pass
+
+    def fake(name):
+        def f(*args, **kw):
+            called.append(name)
+            raise Stop
+
+        return f
+
+    monkeypatch.setattr(step, "attribution_patching", fake("attribution"))
+    monkeypatch.setattr(step, "activation_patching", fake("exact"))
+
+    class Ctx:  # just enough of StudyContext for the step to reach its first patching call
+        def __init__(self, c):
+            self.cfg, self.base_name, self.finetuned_names = c, "base", []
+
+        def test_images(self, n):
+            return torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.long)
+
+        def model(self, name):
+            return None
+
+        def corrupted(self, cond, n):
+            return torch.zeros(2, 1, 28, 28)
+
+        def prep(self, x):
+            return x
+
+        def bar(self, n, desc):
+            import contextlib
+
+            return contextlib.nullcontext(type("B", (), {"update": lambda self, k: None})())
+
+    for method in ("exact", "attribution"):
+        c = load_study_config(overrides={"patching.method": method, "patching.across_models": False})
+        with pytest.raises(Stop):
+            step.run(Ctx(c), None, {})
+        assert called[-1] == method
