@@ -100,9 +100,13 @@ def test_page_data_matches_the_python_computation(built):
         assert entry["label"] == [st.label[f] for f in live]
         maps = u8(entry["maps"]).reshape(len(live), 4, 4, 4) / 255 * st.max_act[live][:, None, None, None]
         np.testing.assert_allclose(maps, st.top_maps[live], atol=float(st.max_act.max()) / 255)
-        p_abl = u8(entry["p_abl"]).reshape(len(live), 4, 10) / 255
-        np.testing.assert_allclose(p_abl, st.probs_ablate[live], atol=0.5 / 255 + 1e-6)
+        assert data["prob_max"] == 65535
+        for key, want in (("p_abl", st.probs_ablate), ("p_dbl", st.probs_double)):
+            got = np.frombuffer(base64.b64decode(entry[key]), "<u2").reshape(len(live), 4, 10) / 65535
+            np.testing.assert_allclose(got, want[live], atol=0.5 / 65535 + 1e-7)
         np.testing.assert_allclose(entry["logit"], st.logit_effect[live], atol=6e-4)
+    probs = np.frombuffer(base64.b64decode(data["models"]["base"]["probs"]), "<u2").reshape(-1, 10) / 65535
+    np.testing.assert_allclose(probs, stats["base s0"].probs, atol=0.5 / 65535 + 1e-7)
     # counterparts (other model, same condition and seed) and seed replicates (same model and condition)
     b0, b1, f0 = data["saes"]
     assert [m["sae"] for m in b0["matches"]] == ["ft s0"] and [m["sae"] for m in b0["replicates"]] == [
@@ -383,7 +387,7 @@ def test_clicking_a_feature_shows_its_images_numbers_and_ablation(browser, built
         i, j = int(r.get_attribute("data-image")), int(r.get_attribute("data-j"))
         before, abl, dbl = r.find_elements("css selector", "td[data-p]")
         pred = int(before.get_attribute("data-pred"))
-        tol = 0.5 / 255 + 1e-4
+        tol = 1e-5  # uint16 in the page, 5 decimals in the table's data-p
         assert float(before.get_attribute("data-p")) == pytest.approx(float(st.probs[i, pred]), abs=tol)
         assert float(abl.get_attribute("data-p")) == pytest.approx(
             float(st.probs_ablate[f, j, pred]), abs=tol

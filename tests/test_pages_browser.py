@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from mechvit.study import run_study
-from mechvit.study.config import ExplorerSection, load_study_config, study_config_from_dict
+from mechvit.study.config import load_study_config, study_config_from_dict
 from tests.browser import (
     broken_images,
     broken_links,
@@ -227,20 +227,24 @@ def test_explorer_of_the_study(study):
         assert stats["density"] == s["density"][i] and stats["mean_act"] == s["mean_act"][i]
         assert stats["stability"] == s["stability"][i]
         assert driver.find_element("css selector", "#label").text == s["label"][i]
-        # the ablation panel: the precomputed probabilities (uint8 of [0, 1]) for each top image
-        p_abl = np.frombuffer(base64.b64decode(s["p_abl"]), np.uint8).reshape(len(s["live"]), 3, 10)
-        before = np.frombuffer(base64.b64decode(data["models"]["ft_noise"]["probs"]), np.uint8).reshape(
-            -1, 10
-        )
+
+        # the ablation panel: the precomputed probabilities (uint16 of [0, 1]) for each top image
+        def probs(b64: str) -> np.ndarray:
+            return np.frombuffer(base64.b64decode(b64), "<u2").reshape(-1, 10) / 65535
+
+        p_abl = probs(s["p_abl"]).reshape(len(s["live"]), 3, 10)
+        p_dbl = probs(s["p_dbl"]).reshape(len(s["live"]), 3, 10)
+        before = probs(data["models"]["ft_noise"]["probs"])
         rows = driver.find_elements("css selector", "#ablation tr[data-image]")
         assert len(rows) == len(figs) > 0
         for r in rows:
             img, j = int(r.get_attribute("data-image")), int(r.get_attribute("data-j"))
-            b, a, _ = r.find_elements("css selector", "td[data-p]")
+            b, a, d = r.find_elements("css selector", "td[data-p]")
             pred = int(b.get_attribute("data-pred"))
             assert pred == int(np.argmax(before[img]))
-            assert float(b.get_attribute("data-p")) == pytest.approx(before[img, pred] / 255, abs=1e-4)
-            assert float(a.get_attribute("data-p")) == pytest.approx(p_abl[i, j, pred] / 255, abs=1e-4)
+            assert float(b.get_attribute("data-p")) == pytest.approx(before[img, pred], abs=1e-5)
+            assert float(a.get_attribute("data-p")) == pytest.approx(p_abl[i, j, pred], abs=1e-5)
+            assert float(d.get_attribute("data-p")) == pytest.approx(p_dbl[i, j, pred], abs=1e-5)
         # corrupted images: captions name the condition each came from
         driver.find_element("css selector", '#settoggle button[data-set="corrupted"]').click()
         groups = {
@@ -391,15 +395,17 @@ def default_sized_page(tmp: Path) -> tuple[Path, dict]:
 
 def test_default_study_sizes_come_from_its_config():
     z = _default_sizes()
-    assert len(z["models"]) * z["replicates"] == 12 and z["d_sae"] == 384 and z["grid"] == 7
-    assert z["n"] == ExplorerSection().n_images and len(z["conditions"]) == 2
+    cfg = load_study_config(ROOT / "configs" / "fashion_mnist.yaml")
+    assert z["models"] == cfg.sae.models and z["replicates"] == cfg.sae.replicates >= 2
+    assert z["d_sae"] == 96 * cfg.sae.train.expansion_factor and z["grid"] == 7
+    assert z["n"] == cfg.explorer.n_images and len(z["conditions"]) == len(cfg.conditions) == 2
 
 
 @skip_without_chromium
 def test_default_study_sized_explorer_is_small_fast_and_lazy(tmp_path):
-    """12 SAEs x 384 live latents (every latent live: the largest page the default study can write), 500 clean
-    + 1,000 corrupted images: under 25 MB, open (index, first latent and its images painted) in under 2 s, and
-    only the visible rows of the 4,608 latents are in the DOM."""
+    """Every SAE of the default study (models x replicates, each with every latent live: the largest page the
+    study can write) on its explorer images (500 clean + 1,000 corrupted): under 25 MB, open (index, first
+    latent and its images painted) in under 2 s, and only the visible rows of the index are in the DOM."""
     path, z = default_sized_page(tmp_path)
     size = path.stat().st_size
     with chromium() as driver:
@@ -411,7 +417,7 @@ def test_default_study_sized_explorer_is_small_fast_and_lazy(tmp_path):
         n_sae = z["replicates"] * len(z["models"])
         total = driver.execute_script("return explorer.data.saes.reduce((a, s) => a + s.live.length, 0)")
         rows = driver.execute_script("return explorer.renderedRows()")
-        assert total == n_sae * z["d_sae"] == 4608 and 0 < rows < 80
+        assert total == n_sae * z["d_sae"] and 0 < rows < 80
         # the index scrolls in its own box and the page fits the window (12 SAE buttons wrap the header)
         fits = "return document.documentElement.scrollHeight <= innerHeight + 1"
         assert driver.execute_script(fits)
@@ -428,7 +434,10 @@ def test_default_study_sized_explorer_is_small_fast_and_lazy(tmp_path):
         assert driver.find_elements("css selector", f'#spacer .row[data-feature="{z["d_sae"] - 1}"]')
         assert driver.execute_script("return explorer.renderedRows()") < 80
         assert collect(driver).console_errors == []
-    print(f"\ndefault-study-sized explorer: {size / 1e6:.2f} MB; ready, painted (ms): {times}")
+    print(
+        f"\ndefault-study-sized explorer ({n_sae} SAEs x {z['d_sae']} latents): {size / 1e6:.2f} MB; "
+        f"ready, painted (ms): {times}"
+    )
     assert size < 25e6
     # the faster of the two loads: a busy shared machine slows one load, not the page
     assert min(painted for _, painted in times) < 2000, times

@@ -1,8 +1,8 @@
 """The feature explorer: one self-contained, offline HTML page (``features.html``) to browse every live latent
 of one or more SAEs.
 
-The page embeds its data (JSON; images as PNG sprite sheets, per-patch maps and probabilities quantised to
-uint8 and base64-encoded) and its script and style (``explorer_assets/``), and forbids every network request
+The page embeds its data (JSON; images as PNG sprite sheets, per-patch maps quantised to uint8 and
+probabilities to uint16, base64-encoded) and its script and style (``explorer_assets/``), and forbids every network request
 with a Content-Security-Policy, so it opens from disk, e-mail or a USB stick. The index is virtualised (only
 visible rows exist in the DOM), so tens of thousands of latents stay fast.
 
@@ -70,8 +70,17 @@ def _load_sae(spec: ExplorerSAE, device: str | None = None):
     return spec.sae
 
 
+PROB_MAX = 65535  # probabilities are stored as uint16 (little-endian) of [0, 1]: steps of 1.5e-5
+
+
 def _b64(a: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(a, dtype=np.uint8).tobytes()).decode("ascii")
+
+
+def _b64_probs(p: np.ndarray) -> str:
+    """Probabilities [0, 1] to base64 of little-endian uint16 (small ablation effects stay visible)."""
+    q = np.rint(np.clip(np.asarray(p, np.float64), 0, 1) * PROB_MAX).astype("<u2")
+    return base64.b64encode(np.ascontiguousarray(q).tobytes()).decode("ascii")
 
 
 def _q(a: np.ndarray, scale: np.ndarray | float = 1.0) -> np.ndarray:
@@ -255,14 +264,14 @@ def explorer_data(
             "maps_c": None if st.top_maps_corrupted is None else _b64(_q(st.top_maps_corrupted[live], scale)),
             "class_counts": st.class_counts[live].tolist(),
             "logit": np.round(st.logit_effect[live], 3).tolist(),
-            "p_abl": _b64(_q(st.probs_ablate[live])),
-            "p_dbl": _b64(_q(st.probs_double[live])),
+            "p_abl": _b64_probs(st.probs_ablate[live]),
+            "p_dbl": _b64_probs(st.probs_double[live]),
             "cards": {},
         }
         entries.append(entry)
     model_probs = {}
     for x in saes:
-        model_probs.setdefault(x.model, {"probs": _b64(_q(stats[x.name].probs))})
+        model_probs.setdefault(x.model, {"probs": _b64_probs(stats[x.name].probs)})
     sprite, cols = _sprite(images.numpy())
     img = {
         "n": len(images),
@@ -285,7 +294,8 @@ def explorer_data(
             corrupted_groups=None if corrupted_groups is None else [list(g) for g in corrupted_groups],
         )
     data = {
-        "format": "mechvit-explorer/1",
+        "format": "mechvit-explorer/2",
+        "prob_max": PROB_MAX,
         "title": title,
         "class_names": list(class_names),
         "images": img,

@@ -33,6 +33,24 @@
     return m[key];
   }
 
+  function probs(obj, key) {
+    // probabilities: base64 of little-endian uint16 over [0, D.prob_max] (uint8 over [0, 255] in older pages)
+    const max = D.prob_max || 255;
+    let m = decoded.get(obj);
+    if (!m) decoded.set(obj, (m = {}));
+    const k = key + "/p";
+    if (!m[k]) {
+      const u8 = arr(obj, key);
+      if (max === 255) m[k] = Float32Array.from(u8, (q) => q / 255);
+      else {
+        const out = new Float32Array(u8.length / 2);
+        for (let i = 0; i < out.length; i++) out[i] = (u8[2 * i] | (u8[2 * i + 1] << 8)) / max;
+        m[k] = out;
+      }
+    }
+    return m[k];
+  }
+
   // ---- images: sprite sheets decoded once into canvases -------------------------------------------------------
   const sprites = {};
   const spriteReady = {};
@@ -239,25 +257,26 @@
 
   function ablationTable(s, i) {
     const k = s.k, P = C;
-    const pa = arr(s, "p_abl"), pd = arr(s, "p_dbl");
-    const before = arr(D.models[s.model], "probs");
+    const pa = probs(s, "p_abl"), pd = probs(s, "p_dbl");
+    const before = probs(D.models[s.model], "probs");
     const top = s.top[i];
     let rows = "";
     for (let j = 0; j < k; j++) {
       const img = top[j];
       if (img < 0) continue;
-      const b = Array.from(before.subarray(img * C, img * C + C), (q) => q / 255);
-      const a = Array.from(pa.subarray((i * k + j) * P, (i * k + j) * P + C), (q) => q / 255);
-      const d = Array.from(pd.subarray((i * k + j) * P, (i * k + j) * P + C), (q) => q / 255);
+      const b = Array.from(before.subarray(img * C, img * C + C));
+      const a = Array.from(pa.subarray((i * k + j) * P, (i * k + j) * P + C));
+      const d = Array.from(pd.subarray((i * k + j) * P, (i * k + j) * P + C));
       const pred = b.indexOf(Math.max(...b));
       const cell = (p) => {
         const top1 = p.indexOf(Math.max(...p));
         const dp = p[pred] - b[pred];
         const cls = Math.abs(dp) < 0.005 ? "" : dp > 0 ? "up" : "down";
-        return `<td data-pred="${top1}" data-p="${p[pred].toFixed(4)}">${esc(D.class_names[top1])} ${(100 * p[top1]).toFixed(1)}%<br><span class="${cls}">p(${esc(D.class_names[pred])}) ${(100 * p[pred]).toFixed(1)}%</span></td>`;
+        const delta = `${dp >= 0 ? "+" : "−"}${(100 * Math.abs(dp)).toFixed(Math.abs(dp) < 0.01 ? 2 : 1)}`;
+        return `<td data-pred="${top1}" data-p="${p[pred].toFixed(5)}">${esc(D.class_names[top1])} ${(100 * p[top1]).toFixed(1)}%<br><span class="${cls}" title="change of p(${esc(D.class_names[pred])}) in percentage points">p(${esc(D.class_names[pred])}) ${(100 * p[pred]).toFixed(1)}% (${delta})</span></td>`;
       };
       rows += `<tr data-image="${img}" data-j="${j}"><td><canvas width="${IW * 2}" height="${IH * 2}" data-thumb="${img}"></canvas></td><td>${esc(D.class_names[D.images.labels[img]])}</td>` +
-        `<td data-pred="${pred}" data-p="${b[pred].toFixed(4)}">${esc(D.class_names[pred])} ${(100 * b[pred]).toFixed(1)}%</td>${cell(a)}${cell(d)}</tr>`;
+        `<td data-pred="${pred}" data-p="${b[pred].toFixed(5)}">${esc(D.class_names[pred])} ${(100 * b[pred]).toFixed(1)}%</td>${cell(a)}${cell(d)}</tr>`;
     }
     return `<table class="abl" id="ablation"><tr><th>image</th><th>true</th><th>before</th><th>ablated (×0)</th><th>doubled (×2)</th></tr>${rows}</table>`;
   }
