@@ -323,6 +323,9 @@ def test_incl_bwd_caches_gradients_of_the_mean_cross_entropy():
     assert grads == {k for k in cache.keys() if not k.endswith("_grad")}  # every hook that ran
     with pytest.raises(ValueError, match="must be a scalar: pass labels"):
         model.run_with_cache(x, incl_bwd=True)
+    for no_grad in (torch.no_grad, torch.inference_mode):
+        with no_grad(), pytest.raises(ValueError, match="needs gradients: call run_with_cache outside"):
+            model.run_with_cache(x, labels=y, return_type="loss", incl_bwd=True)
 
 
 def test_in_place_hook_edits_then_backward_as_transformer_lens_allows():

@@ -308,6 +308,11 @@ class HookedViT(HookedRootModule):
                 f"remove_batch_dim=True needs a batch of one image, got {len(model_args[0])} "
                 f"(input shape {tuple(model_args[0].shape)})"
             )
+        if incl_bwd and not torch.is_grad_enabled():
+            raise ValueError(
+                "incl_bwd=True calls backward(), which needs gradients: call run_with_cache outside "
+                "torch.no_grad() / torch.inference_mode()"
+            )
         if incl_bwd and model_kwargs.get("return_type", "logits") not in ("loss", "both"):
             raise ValueError(
                 "incl_bwd=True calls backward() on the output, which must be a scalar: pass labels=<int tensor "
