@@ -193,3 +193,35 @@ def test_spliced_kl_per_image_known_answers(model, data):
     kl_zero = spliced_kl_per_image(model, zero_sae(32), images, HOOK)
     ref = spliced_metrics(model, zero_sae(32), images, labels, HOOK)
     assert float(kl_zero.mean()) == pytest.approx(ref.kl_sae, rel=1e-5) and ref.kl_sae > 0
+
+
+@pytest.mark.parametrize(
+    "hook",
+    [
+        "blocks.1.hook_resid_pre",
+        "blocks.0.hook_resid_post",
+        "blocks.1.hook_resid_post",
+        "blocks.0.hook_attn_out",
+    ],
+)
+def test_overlap_controls_spliced_kl_equals_the_reference(model, data, hook):
+    """analysis.controls._SplicedKL (clean logits and the stream at the hook computed once, only the blocks after
+    the hook rerun per SAE; run_with_hooks for other hooks) gives spliced_kl_per_image's mean."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    from mechvit.analysis.controls import _SplicedKL
+    from mechvit.sae import spliced_kl_per_image
+
+    images, _ = data
+    splicer = _SplicedKL(model, images, hook, "patches", batch_size=10)
+    assert splicer.layer == {"blocks.1.hook_resid_pre": 1, "blocks.0.hook_resid_post": 1}.get(hook)
+    for seed in range(2):
+        torch.manual_seed(seed)
+        sae = StandardSAE(StandardSAEConfig(d_in=32, d_sae=64))
+        with torch.no_grad():
+            sae.b_enc.normal_()
+        sae.cfg.metadata.hook_name = hook
+        ref = float(spliced_kl_per_image(model, sae, images, hook, batch_size=7).mean())
+        # after the last block the patch tokens no longer reach the class-token readout: KL 0 there
+        assert ref == 0.0 if hook == "blocks.1.hook_resid_post" else ref > 1e-4
+        assert splicer(sae) == pytest.approx(ref, rel=1e-4, abs=1e-7)
