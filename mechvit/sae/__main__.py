@@ -94,9 +94,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m mechvit.sae") -> 
     ap.add_argument("--mix", type=float, default=0.0, help="fraction of training images corrupted")
     ap.add_argument("--corruption", type=_corruption, action="append", default=[])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument(
-        "--device", default="cpu", help="cpu, cuda, auto (under torchrun cuda is cuda:LOCAL_RANK)"
-    )
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun, cuda is cuda:LOCAL_RANK)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     if args.threads:
@@ -267,7 +265,11 @@ def cache_main(argv: list[str] | None = None, prog: str = "mechvit cache-activat
     ap.add_argument("--batches-per-shard", type=int, default=16)
     ap.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers per rank (ImageFolder)")
-    ap.add_argument("--device", default="auto", help="auto, cpu, cuda (under torchrun: cuda:LOCAL_RANK)")
+    ap.add_argument(
+        "--device",
+        default="auto",
+        help="cpu or cuda (under torchrun: cuda:LOCAL_RANK); default: cuda if available",
+    )
     ap.add_argument("--overwrite", action="store_true", help="replace a different cache in --out")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quiet", action="store_true")
