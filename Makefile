@@ -62,13 +62,17 @@ bench: install data
 	$(PY) benchmarks/bench_sae.py
 
 # Reproduce the shipped models: base training (about 29 minutes on 2 idle cores), the seed paper's six fine-tunes
-# (gaussian_blur and gaussian_noise at severities 1, 2, 4; about 3 minutes each), then the evaluation into the cards
+# (gaussian_blur and gaussian_noise at severities 1, 2, 4; about 3 minutes each), the clean fine-tune control, training
+# seeds 1 and 2 of blur-4, noise-4 and the control, then the evaluation of the base and six fine-tunes into the cards
 # (about 12 minutes).
 FINETUNES := gaussian_blur_1 gaussian_blur_2 gaussian_blur_4 gaussian_noise_1 gaussian_noise_2 gaussian_noise_4
 CKPTS := checkpoints/fmnist_vit_base $(addprefix checkpoints/fmnist_vit_,$(FINETUNES))
 checkpoints: install data
 	$(VENV)/bin/mechvit train --config configs/train_base.yaml
-	for f in $(FINETUNES); do $(VENV)/bin/mechvit train --config configs/finetune_$$f.yaml || exit 1; done
+	for f in $(FINETUNES) clean; do $(VENV)/bin/mechvit train --config configs/finetune_$$f.yaml || exit 1; done
+	for f in gaussian_blur_4 gaussian_noise_4; do for s in 1 2; do \
+	  $(VENV)/bin/mechvit train --config configs/finetune_$$f.yaml --set seed=$$s out=checkpoints/fmnist_vit_$${f}_seed$$s || exit 1; done; done
+	for s in 1 2; do $(VENV)/bin/mechvit train --config configs/finetune_clean.yaml --set seed=$$s out=checkpoints/fmnist_vit_clean_ft_seed$$s || exit 1; done
 	$(VENV)/bin/mechvit evaluate $(CKPTS) --n-test 2000 --out runs/robustness --update-cards
 
 clean:
