@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mechvit.analysis.features import decoder_directions, nearest_cosine
-from mechvit.viz.explorer import ExplorerSAE, write_explorer
+from mechvit.viz.explorer import ExplorerSAE, explorer_array, write_explorer
 from tests.browser import (
     broken_images,
     broken_links,
@@ -35,10 +35,6 @@ def page_data(path: Path) -> dict:
     m = re.search(r'<script id="explorer-data" type="application/json">(.*?)</script>', text, re.S)
     assert m, "no embedded data"
     return json.loads(m.group(1))
-
-
-def u8(s: str) -> np.ndarray:
-    return np.frombuffer(base64.b64decode(s), dtype=np.uint8)
 
 
 @pytest.fixture(scope="module")
@@ -98,14 +94,15 @@ def test_page_data_matches_the_python_computation(built):
         np.testing.assert_allclose(entry["density"], st.density[live], rtol=1e-3)
         assert entry["top"] == st.top_idx[live].tolist()
         assert entry["label"] == [st.label[f] for f in live]
-        maps = u8(entry["maps"]).reshape(len(live), 4, 4, 4) / 255 * st.max_act[live][:, None, None, None]
+        maps = explorer_array(data, entry, "maps").reshape(len(live), 4, 4, 4) / 255
+        maps = maps * st.max_act[live][:, None, None, None]
         np.testing.assert_allclose(maps, st.top_maps[live], atol=float(st.max_act.max()) / 255)
         assert data["prob_max"] == 65535
         for key, want in (("p_abl", st.probs_ablate), ("p_dbl", st.probs_double)):
-            got = np.frombuffer(base64.b64decode(entry[key]), "<u2").reshape(len(live), 4, 10) / 65535
+            got = explorer_array(data, entry, key).reshape(len(live), 4, 10)
             np.testing.assert_allclose(got, want[live], atol=0.5 / 65535 + 1e-7)
         np.testing.assert_allclose(entry["logit"], st.logit_effect[live], atol=6e-4)
-    probs = np.frombuffer(base64.b64decode(data["models"]["base"]["probs"]), "<u2").reshape(-1, 10) / 65535
+    probs = explorer_array(data, data["models"]["base"], "probs").reshape(-1, 10)
     np.testing.assert_allclose(probs, stats["base s0"].probs, atol=0.5 / 65535 + 1e-7)
     # counterparts (other model, same condition and seed) and seed replicates (same model and condition)
     b0, b1, f0 = data["saes"]

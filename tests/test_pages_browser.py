@@ -9,7 +9,6 @@ also writes the README's screenshot."""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
@@ -21,6 +20,7 @@ import torch
 
 from mechvit.study import run_study
 from mechvit.study.config import load_study_config, study_config_from_dict
+from mechvit.viz.explorer import explorer_array
 from tests.browser import (
     broken_images,
     broken_links,
@@ -229,12 +229,9 @@ def test_explorer_of_the_study(study):
         assert driver.find_element("css selector", "#label").text == s["label"][i]
 
         # the ablation panel: the precomputed probabilities (uint16 of [0, 1]) for each top image
-        def probs(b64: str) -> np.ndarray:
-            return np.frombuffer(base64.b64decode(b64), "<u2").reshape(-1, 10) / 65535
-
-        p_abl = probs(s["p_abl"]).reshape(len(s["live"]), 3, 10)
-        p_dbl = probs(s["p_dbl"]).reshape(len(s["live"]), 3, 10)
-        before = probs(data["models"]["ft_noise"]["probs"])
+        p_abl = explorer_array(data, s, "p_abl").reshape(len(s["live"]), 3, 10)
+        p_dbl = explorer_array(data, s, "p_dbl").reshape(len(s["live"]), 3, 10)
+        before = explorer_array(data, data["models"]["ft_noise"], "probs").reshape(-1, 10)
         rows = driver.find_elements("css selector", "#ablation tr[data-image]")
         assert len(rows) == len(figs) > 0
         for r in rows:

@@ -2,7 +2,8 @@
 of one or more SAEs.
 
 The page embeds its data (JSON; images as PNG sprite sheets, per-patch maps quantised to uint8 and
-probabilities to uint16, base64-encoded) and its script and style (``explorer_assets/``), and forbids every network request
+probabilities to uint16, base64-encoded and decoded lazily per SAE; zlib-compressing them saved a third of
+the size but inflating every SAE's arrays at load doubled the opening time) and its script and style (``explorer_assets/``), and forbids every network request
 with a Content-Security-Policy, so it opens from disk, e-mail or a USB stick. The index is virtualised (only
 visible rows exist in the DOM), so tens of thousands of latents stay fast.
 
@@ -35,6 +36,7 @@ CARDS_DIR = "feature_cards"
 __all__ = [
     "ExplorerSAE",
     "add_cli_arguments",
+    "explorer_array",
     "explorer_data",
     "explorer_html",
     "read_explorer_data",
@@ -73,14 +75,26 @@ def _load_sae(spec: ExplorerSAE, device: str | None = None):
 PROB_MAX = 65535  # probabilities are stored as uint16 (little-endian) of [0, 1]: steps of 1.5e-5
 
 
+ARRAY_KEYS = {"maps": "u1", "maps_c": "u1", "p_abl": "<u2", "p_dbl": "<u2", "probs": "<u2"}
+
+
 def _b64(a: np.ndarray) -> str:
+    """uint8 bytes -> base64 (decoded lazily by the page, per SAE, when first shown)."""
     return base64.b64encode(np.ascontiguousarray(a, dtype=np.uint8).tobytes()).decode("ascii")
 
 
 def _b64_probs(p: np.ndarray) -> str:
-    """Probabilities [0, 1] to base64 of little-endian uint16 (small ablation effects stay visible)."""
+    """Probabilities [0, 1] as little-endian uint16 (small ablation effects stay visible)."""
     q = np.rint(np.clip(np.asarray(p, np.float64), 0, 1) * PROB_MAX).astype("<u2")
-    return base64.b64encode(np.ascontiguousarray(q).tobytes()).decode("ascii")
+    return _b64(np.ascontiguousarray(q).view(np.uint8))
+
+
+def explorer_array(data: dict, obj: dict, key: str) -> np.ndarray:
+    """A binary array of the page's data, flat: ``obj`` is an SAE entry (``maps``, ``maps_c`` uint8 0-255 of the
+    latent's max; ``p_abl``, ``p_dbl`` probabilities) or a ``data["models"]`` entry (``probs``); probabilities
+    come back as floats in [0, 1]."""
+    a = np.frombuffer(base64.b64decode(obj[key]), ARRAY_KEYS[key])
+    return a / data["prob_max"] if key in ("p_abl", "p_dbl", "probs") else a
 
 
 def _q(a: np.ndarray, scale: np.ndarray | float = 1.0) -> np.ndarray:
