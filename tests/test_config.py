@@ -268,3 +268,11 @@ def test_overrides_and_files(tmp_path):
         load_study_config(p)
     with pytest.raises(ConfigError, match="does not exist"):
         load_study_config(tmp_path / "missing.yaml")
+
+
+def test_a_bad_device_string_fails_validation_but_a_gpu_config_validates_without_a_gpu():
+    with pytest.raises(
+        ValueError, match=r"^device: expected cpu, cuda, cuda:<n>, mps or null \(auto\), got 'foo'"
+    ):
+        load_study_config(None, {"device": "foo"})
+    assert load_study_config(None, {"device": "cuda:1"}).device == "cuda:1"

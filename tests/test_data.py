@@ -199,3 +199,40 @@ def test_imagenet_c_layout(tmp_path):
         imagenet_c(tmp_path, "fog", 3, _tiny_vit())
     with pytest.raises(ValueError, match="no severity 2 for gaussian_blur.*available: 3, 5"):
         imagenet_c(tmp_path, "gaussian_blur", 2, _tiny_vit())
+
+
+def test_normalisation_settings_are_checked_with_clear_errors():
+    import timm
+
+    from mechvit import HookedViT
+    from mechvit.data.loading import DataConfig, Normalized
+
+    with pytest.raises(ValueError, match=r"data.std must be > 0 for every channel, got \[0.5, 0.0, 0.5\]"):
+        DataConfig(mean=[0.5, 0.5, 0.5], std=[0.5, 0.0, 0.5])
+    with pytest.raises(ValueError, match="one value per channel each, got 3 and 2"):
+        DataConfig(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5])
+    with pytest.raises(ValueError, match="give both data.mean and data.std or neither"):
+        DataConfig(mean=[0.5])
+    model = HookedViT.from_timm(
+        timm.create_model(
+            "vit_tiny_patch16_224",
+            img_size=28,
+            patch_size=7,
+            in_chans=1,
+            embed_dim=32,
+            depth=1,
+            num_heads=2,
+            num_classes=10,
+        )  # fmt: skip
+    )
+    with pytest.raises(ValueError, match=r"have 3 values but the model takes 1 channel\(s\)"):
+        Normalized(model, [0.5] * 3, [0.2] * 3)
+    x = torch.rand(2, 1, 28, 28)
+    torch.testing.assert_close(Normalized(model, [0.5], [0.25])(x), model((x - 0.5) / 0.25))
+
+
+def test_study_config_reports_bad_normalisation_at_its_key():
+    from mechvit.study.config import load_study_config
+
+    with pytest.raises(ValueError, match=r"^data: data.std must be > 0"):
+        load_study_config(None, {"data.mean": [0.5], "data.std": [-1.0]})

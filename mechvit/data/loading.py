@@ -38,6 +38,28 @@ class DataConfig:
     limit_train: int | None = None  # the first n images of the split (None: all)
     limit_test: int | None = None
 
+    def __post_init__(self) -> None:
+        check_mean_std(self.mean, self.std)
+
+
+def check_mean_std(mean, std, channels: int | None = None) -> None:
+    """Per-channel normalisation must come as both ``mean`` and ``std`` (or neither), of one length (1 or
+    ``channels``), with every std > 0; a ValueError says which rule is broken and what was given."""
+    if (mean is None) != (std is None):
+        raise ValueError(f"give both data.mean and data.std or neither, got mean={mean}, std={std}")
+    if mean is None:
+        return
+    if len(mean) != len(std) or len(mean) == 0:
+        raise ValueError(
+            f"data.mean and data.std need one value per channel each, got {len(mean)} and {len(std)}"
+        )
+    if any(not s > 0 for s in std):
+        raise ValueError(f"data.std must be > 0 for every channel, got {list(std)}")
+    if channels is not None and len(mean) not in (1, channels):
+        raise ValueError(
+            f"data.mean/std have {len(mean)} values but the model takes {channels} channel(s): expected 1 or {channels}"
+        )
+
 
 def load_split(cfg: DataConfig, split: str, model: nn.Module | None = None) -> TensorData | Dataset:
     """``(images, labels)`` tensors for Fashion-MNIST, a ``Dataset`` of ``(image [C,H,W] in [0,1], label)``
@@ -106,8 +128,10 @@ class Normalized(nn.Module):
     def __init__(self, model: nn.Module, mean: list[float] | None = None, std: list[float] | None = None):
         super().__init__()
         self.model = model
-        if (mean is None) != (std is None):
-            raise ValueError(f"give both data.mean and data.std or neither, got mean={mean}, std={std}")
+        cfg = getattr(model, "cfg", None)
+        proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+        channels = getattr(cfg, "in_chans", None) or getattr(proj, "in_channels", None)
+        check_mean_std(mean, std, channels)
         self.normalize = mean is not None
         if self.normalize:
             self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), False)
@@ -129,4 +153,13 @@ def as_tensors(data: TensorData | Dataset) -> TensorData:
     return torch.stack(xs).float(), torch.tensor(ys).long()
 
 
-__all__ = ["DataConfig", "Normalized", "TensorData", "as_tensors", "batches", "load_split", "n_items"]
+__all__ = [
+    "DataConfig",
+    "Normalized",
+    "check_mean_std",
+    "TensorData",
+    "as_tensors",
+    "batches",
+    "load_split",
+    "n_items",
+]

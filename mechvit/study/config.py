@@ -298,7 +298,10 @@ class StudyConfig:
 
 
 def validate(cfg: StudyConfig) -> StudyConfig:
-    """Check values that types cannot: corruption names, severities, hooks, sources, sizes."""
+    """Check values that types cannot: corruption names, severities, hooks, sources, sizes, the device string
+    (its form only: a config for a GPU still validates on a laptop; availability is checked at run time)."""
+    if cfg.device is not None and not re.fullmatch(r"(cpu|cuda|mps|xpu|meta)(:\d+)?", cfg.device):
+        raise ConfigError(f"device: expected cpu, cuda, cuda:<n>, mps or null (auto), got {cfg.device!r}")
     names = [m.name for m in cfg.model_entries()]
     for i, m in enumerate(cfg.model_entries()):
         key = "models.base" if i == 0 else f"models.finetuned[{i - 1}]"
