@@ -94,9 +94,13 @@ def test_page_data_matches_the_python_computation(built):
         np.testing.assert_allclose(entry["density"], st.density[live], rtol=1e-3)
         assert entry["top"] == st.top_idx[live].tolist()
         assert entry["label"] == [st.label[f] for f in live]
-        maps = explorer_array(data, entry, "maps").reshape(len(live), 4, 4, 4) / 255
-        maps = maps * st.max_act[live][:, None, None, None]
-        np.testing.assert_allclose(maps, st.top_maps[live], atol=float(st.max_act.max()) / 255)
+        assert data["map_bits"] == 4
+        for key, want in (("maps", st.top_maps), ("maps_c", st.top_maps_corrupted)):
+            q = explorer_array(data, entry, key).reshape(len(live), 4, 4, 4)
+            maps = q / 255 * st.max_act[live][:, None, None, None]
+            # 16 levels of each latent's max (half a level off; a patch where it fires reads at least level 1)
+            np.testing.assert_allclose(maps, want[live], atol=float(st.max_act.max()) / 15 + 1e-6)
+            assert ((q > 0) == (want[live] > 0)).all()
         assert data["prob_max"] == 65535
         for key, want in (("p_abl", st.probs_ablate), ("p_dbl", st.probs_double)):
             got = explorer_array(data, entry, key).reshape(len(live), 4, 10)

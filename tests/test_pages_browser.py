@@ -407,7 +407,7 @@ def test_default_study_sized_explorer_is_small_fast_and_lazy(tmp_path):
     size = path.stat().st_size
     with chromium() as driver:
         times = []
-        for _ in range(2):  # the first load warms the browser's caches of this fresh profile
+        for _ in range(3):  # the first load warms the browser's caches of this fresh profile
             page = open_page(driver, path, ready="body[data-painted]")
             assert page.console_errors == [] and page.network == []
             times.append(driver.execute_script("return [explorer.readyMs, explorer.paintedMs]"))
@@ -436,7 +436,7 @@ def test_default_study_sized_explorer_is_small_fast_and_lazy(tmp_path):
         f"ready, painted (ms): {times}"
     )
     assert size < 25e6
-    # the faster of the two loads: a busy shared machine slows one load, not the page
+    # the fastest of three loads: a busy shared machine slows a load, not the page
     assert min(painted for _, painted in times) < 2000, times
 
 

@@ -1,7 +1,7 @@
 """The feature explorer: one self-contained, offline HTML page (``features.html``) to browse every live latent
 of one or more SAEs.
 
-The page embeds its data (JSON; images as PNG sprite sheets, per-patch maps quantised to uint8 and
+The page embeds its data (JSON; images as PNG sprite sheets, per-patch maps quantised to 4 bits and
 probabilities to uint16, base64-encoded and decoded lazily per SAE; zlib-compressing them saved a third of
 the size but inflating every SAE's arrays at load doubled the opening time) and its script and style (``explorer_assets/``), and forbids every network request
 with a Content-Security-Policy, so it opens from disk, e-mail or a USB stick. The index is virtualised (only
@@ -89,17 +89,36 @@ def _b64_probs(p: np.ndarray) -> str:
     return _b64(np.ascontiguousarray(q).view(np.uint8))
 
 
+MAP_LEVELS = 15  # per-patch maps: 4 bits per patch (0 = not firing, 15 = the latent's max), two per byte
+
+
 def explorer_array(data: dict, obj: dict, key: str) -> np.ndarray:
-    """A binary array of the page's data, flat: ``obj`` is an SAE entry (``maps``, ``maps_c`` uint8 0-255 of the
-    latent's max; ``p_abl``, ``p_dbl`` probabilities) or a ``data["models"]`` entry (``probs``); probabilities
-    come back as floats in [0, 1]."""
+    """A binary array of the page's data, flat: ``obj`` is an SAE entry (``maps``, ``maps_c``: per-patch levels
+    0-255 of the latent's max, as the page draws them; ``p_abl``, ``p_dbl``: probabilities) or a
+    ``data["models"]`` entry (``probs``); probabilities come back as floats in [0, 1]."""
     a = np.frombuffer(base64.b64decode(obj[key]), ARRAY_KEYS[key])
-    return a / data["prob_max"] if key in ("p_abl", "p_dbl", "probs") else a
+    if key in ("p_abl", "p_dbl", "probs"):
+        return a / data["prob_max"]
+    if data.get("map_bits") == 4:  # high nibble first; the page scales 0-15 to 0-255
+        a = np.stack([a >> 4, a & 15], axis=1).reshape(-1)[: obj["n_map_values"]] * 17
+    return a.astype(np.uint8)
 
 
 def _q(a: np.ndarray, scale: np.ndarray | float = 1.0) -> np.ndarray:
     """Quantise [0, scale] to uint8 (0 stays 0; rounding to the nearest of 255 steps)."""
     return np.rint(np.clip(np.asarray(a, np.float64) / np.maximum(scale, 1e-12), 0, 1) * 255).astype(np.uint8)
+
+
+def _q4(a: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, int]:
+    """Maps to 4-bit levels of [0, scale] packed two per byte (high nibble first), and the number of values.
+    A patch where the latent fires at all keeps level >= 1, so where it fires stays visible."""
+    x = np.clip(np.asarray(a, np.float64) / np.maximum(scale, 1e-12), 0, 1).reshape(-1)
+    q = np.rint(x * MAP_LEVELS).astype(np.uint8)
+    q[(x > 0) & (q == 0)] = 1
+    n = len(q)
+    if n % 2:
+        q = np.append(q, np.uint8(0))
+    return (q[0::2] << 4) | q[1::2], n
 
 
 def _num(a: np.ndarray, digits: int = 4) -> list:
@@ -270,12 +289,15 @@ def explorer_data(
             "hist": st.hist[live].tolist(),
             "top": st.top_idx[live].tolist(),
             "top_val": [_num(v) for v in st.top_val[live]],
-            "maps": _b64(_q(st.top_maps[live], scale)),
+            "maps": _b64(_q4(st.top_maps[live], scale)[0]),
+            "n_map_values": int(st.top_maps[live].size),
             "top_c": None if st.top_idx_corrupted is None else st.top_idx_corrupted[live].tolist(),
             "top_val_c": None
             if st.top_val_corrupted is None
             else [_num(v) for v in st.top_val_corrupted[live]],
-            "maps_c": None if st.top_maps_corrupted is None else _b64(_q(st.top_maps_corrupted[live], scale)),
+            "maps_c": None
+            if st.top_maps_corrupted is None
+            else _b64(_q4(st.top_maps_corrupted[live], scale)[0]),
             "class_counts": st.class_counts[live].tolist(),
             "logit": np.round(st.logit_effect[live], 3).tolist(),
             "p_abl": _b64_probs(st.probs_ablate[live]),
@@ -308,8 +330,9 @@ def explorer_data(
             corrupted_groups=None if corrupted_groups is None else [list(g) for g in corrupted_groups],
         )
     data = {
-        "format": "mechvit-explorer/2",
+        "format": "mechvit-explorer/3",
         "prob_max": PROB_MAX,
+        "map_bits": 4,
         "title": title,
         "class_names": list(class_names),
         "images": img,

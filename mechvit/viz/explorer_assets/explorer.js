@@ -31,7 +31,15 @@
     if (!obj[key]) return null;
     let m = decoded.get(obj);
     if (!m) decoded.set(obj, (m = {}));
-    if (!m[key]) m[key] = b64(obj[key]);
+    if (!m[key]) {
+      m[key] = b64(obj[key]);
+      if (D.map_bits === 4 && (key === "maps" || key === "maps_c")) {
+        // 4-bit levels, two per byte (high nibble first) -> 0-255 like an 8-bit map
+        const packed = m[key], n = obj.n_map_values, out = new Uint8Array(n);
+        for (let i = 0; i < n; i++) out[i] = 17 * (i % 2 ? packed[i >> 1] & 15 : packed[i >> 1] >> 4);
+        m[key] = out;
+      }
+    }
     return m[key];
   }
 
