@@ -16,7 +16,7 @@ from mechvit.study.steps import attention as attention_step
 from mechvit.training.checkpoint import save_checkpoint
 
 ARCH = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=2)
-ALL_STEPS = ["robustness", "logit_lens", "attention", "sae", "sae_analysis", "patching", "cka"]
+ALL_STEPS = ["robustness", "logit_lens", "attention", "sae", "sae_analysis", "explorer", "patching", "cka"]
 
 
 def make_checkpoints(root: Path) -> dict[str, Path]:
@@ -175,13 +175,19 @@ def test_report_html_has_every_section_and_every_image_embedded(finished):
 def test_attention_views_are_offline_circuitsvis_pages(finished):
     _, out = finished
     page = (out / "attention" / "attention_views_ft_blur.html").read_text()
-    assert "var CircuitsVis=" in page and "CircuitsVis.render(" in page and "AttentionHeads" in page
-    assert "unpkg.com" not in page and not re.search(r"<script[^>]+src=", page)
+    assert "CircuitsVis.render(" in page and "AttentionHeads" in page and "unpkg.com" not in page
+    # every view page loads the one shared copy of the bundle beside it (not 8 MB inlined into each)
+    assert re.findall(r"<script[^>]+src=['\"]([^'\"]+)", page) == ["circuitsvis.js"]
+    assert "var CircuitsVis=" in (out / "attention" / "circuitsvis.js").read_text()
     assert '"CLS"' in page and '"r0c0"' in page and '"r3c3"' in page and '"L1H1"' in page
 
 
-def test_rerun_skips_finished_steps_and_recomputes_only_what_changed(finished, checkpoints):
-    run, out = finished
+def test_rerun_skips_finished_steps_and_recomputes_only_what_changed(finished, checkpoints, tmp_path):
+    import shutil
+
+    out = shutil.copytree(
+        finished[1], tmp_path / "study"
+    )  # reruns below change it: never the shared fixture's
     again = run_study(study_config_from_dict(tiny_config(checkpoints)), out)
     assert again.computed == [] and again.cached == ALL_STEPS
     # a step without its done-marker (as after a crash) runs again, alone
@@ -194,7 +200,7 @@ def test_rerun_skips_finished_steps_and_recomputes_only_what_changed(finished, c
     # the SAE step's result changes the SAE analysis hash: both rerun, nothing else
     cfg = tiny_config(checkpoints, cka={"n_images": 12})
     cfg["sae"] = {**cfg["sae"], "train": {**cfg["sae"]["train"], "k": 3}, "architectures": ["batchtopk"]}
-    assert run_study(study_config_from_dict(cfg), out).computed == ["sae", "sae_analysis"]
+    assert run_study(study_config_from_dict(cfg), out).computed == ["sae", "sae_analysis", "explorer"]
 
 
 def test_interrupted_study_resumes(checkpoints, tmp_path, monkeypatch):

@@ -44,8 +44,12 @@ class Step:
         return self._mod.run
 
     def enabled(self, cfg: StudyConfig) -> bool:
+        """On when its config section is (``enabled``) and so is every step it reads: turning the SAEs off
+        turns off the SAE analysis and the explorer too."""
         sec = getattr(cfg, self.section, None) if self.section else None
-        return bool(getattr(sec, "enabled", True))
+        if not getattr(sec, "enabled", True):
+            return False
+        return all(s.enabled(cfg) for s in STEPS if s.name in self.deps)
 
 
 STEPS: list[Step] = [
