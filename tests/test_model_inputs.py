@@ -205,6 +205,15 @@ def test_an_sae_trained_on_one_hook_is_refused_at_another_of_the_same_width(tmp_
         spliced_kl_per_image(model, sae, x, other)
     with pytest.raises(ValueError, match=message):
         splice_hook(sae, model.cfg, "patches", other)
+    # and in every analysis that takes an SAE with a hook name
+    from mechvit.analysis import activation_patching, attribution_patching
+    from mechvit.analysis.features import feature_stats
+
+    for fn in (activation_patching, attribution_patching):
+        with pytest.raises(ValueError, match=message):
+            fn(model, x, x.flip(0), y, component="sae", by="feature", sae=sae, sae_hook=other)
+    with pytest.raises(ValueError, match=message):
+        feature_stats(model, sae, x, y, [str(i) for i in range(10)], hook=other)
     with torch.no_grad():
         assert spliced_kl_per_image(model, sae, x, "blocks.0.hook_resid_post").shape == (8,)
     sae.cfg.metadata.hook_name = other  # applying it elsewhere on purpose

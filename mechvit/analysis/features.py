@@ -239,11 +239,13 @@ def feature_stats(
     the seed replicates of one model's SAE) keeps the model's own activations and probabilities, computed
     once; the results are the same as without it."""
     from mechvit.sae.activations import check_hook
+    from mechvit.sae.metrics import check_sae_hook
 
     hook = hook or getattr(getattr(sae.cfg, "metadata", None), "hook_name", None)
     if not hook:
         raise ValueError("the SAE records no hook name (cfg.metadata.hook_name); pass hook='blocks.L....'")
     check_hook(model, hook)
+    check_sae_hook(sae, hook)
     labels = torch.as_tensor(labels).long().cpu()
     if not isinstance(images, Tensor) or images.ndim != 4 or len(images) != len(labels) or len(images) == 0:
         got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__

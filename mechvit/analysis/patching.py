@@ -120,6 +120,9 @@ def _plan(model, component: str, by: str, layers, positions, heads, features, sa
     if component == "sae":
         if sae is None or sae_hook is None:
             raise ValueError("component='sae' needs sae=<sae_lens SAE> and sae_hook=<hook name it reads>")
+        from mechvit.sae.metrics import check_sae_hook
+
+        check_sae_hook(sae, sae_hook)  # an SAE of another hook (same width) would run and mean nothing
         d_sae = sae.cfg.d_sae
         features = list(range(d_sae)) if features is None else [int(x) for x in features]
         if not features or min(features) < 0 or max(features) >= d_sae:
