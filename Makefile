@@ -44,8 +44,10 @@ study: install data
 docs-numbers: install
 	$(PY) -m mechvit.study.summary runs/default/metrics.json --readme README.md --keep docs/default_study
 
+# Two stages: the fast tests first (a failure there stops before the long ones), then the tests marked slow (> ~20 s).
 test: install data browser
-	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 -m "not slow" --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 -m slow --durations=15 $(PYTEST_ARGS)
 
 test-slow: install data
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
