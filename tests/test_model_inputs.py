@@ -234,6 +234,15 @@ def test_streaming_sae_training_on_zero_images_raises_instead_of_hanging():
             train_sae_for_hook(model, one_shot, store, cfg)
         # a list of batches is read again every epoch
         assert train_sae_for_hook(model, [images(model, 2)], store, cfg).manifest["trained_samples"] == 64
+        # the store's own stream, called directly, raises too (it looped forever before)
+        from mechvit.sae.activations import stream_batches
+
+        with pytest.raises(ValueError, match="epoch 0 of data gave no activations"):
+            next(stream_batches(model, images(model, 0), store, 8))
+        one_shot = (b for b in [images(model, 2)])
+        with pytest.raises(ValueError, match="epoch 1 of data gave no activations.*one-shot iterator"):
+            for _ in stream_batches(model, one_shot, store, 8):
+                pass
 
 
 def test_evaluate_and_patching_refuse_an_empty_batch_in_one_line():

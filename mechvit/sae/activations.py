@@ -30,6 +30,8 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechvit._io import atomic_write_text
+
 __all__ = [
     "TOKEN_SELECTIONS",
     "ActivationStoreConfig",
@@ -428,22 +430,31 @@ def stream_batches(
     epochs: int | None = None,
     transform: ImageTransform | None = None,
 ) -> Iterator[Float[Tensor, "batch d"]]:
-    """Shuffled [batch_size, d] float32 batches straight from the model (endless when ``epochs`` is None)."""
-    chunks = (
-        rows
-        for e in _epochs(epochs)
-        for _, rows in iter_activations(model, data, cfg, epoch=e, transform=transform)
-    )
-    return shuffle_batches(chunks, batch_size, cfg.buffer_size, seed=cfg.seed)
+    """Shuffled [batch_size, d] float32 batches straight from the model (endless when ``epochs`` is None).
+    An epoch that yields no activation (no images, or a one-shot iterator already used up) raises
+    ValueError instead of looping forever."""
+
+    def chunks() -> Iterator[Tensor]:
+        for e in _epochs(epochs):
+            n = 0
+            for _, rows in iter_activations(model, data, cfg, epoch=e, transform=transform):
+                n += len(rows)
+                yield rows
+            if n == 0:
+                raise ValueError(
+                    f"stream_batches: epoch {e} of data gave no activations; expected images (a tensor, an "
+                    "(images, labels) pair, a Dataset or a re-iterable of batches), got none"
+                    + (" (a one-shot iterator is used up after one epoch)" if e else "")
+                )
+
+    return shuffle_batches(chunks(), batch_size, cfg.buffer_size, seed=cfg.seed)
 
 
 # ---- disk cache ----------------------------------------------------------------------------------
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True))  # mechvit._io: the one atomic writer
 
 
 def cache_identity(
