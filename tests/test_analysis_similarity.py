@@ -87,7 +87,7 @@ def tiny(seed):
 
 def test_layer_cka(tmp_path):
     a, b = tiny(0), tiny(1)
-    x = torch.rand(12, 1, 28, 28)
+    x = torch.rand(12, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     same = layer_cka(a, x, a, progress=False, batch_size=5)
     torch.testing.assert_close(same.linear, torch.ones(2), atol=1e-6, rtol=0)
     torch.testing.assert_close(same.debiased, torch.ones(2), atol=1e-6, rtol=0)
@@ -95,7 +95,8 @@ def test_layer_cka(tmp_path):
     _, ca = a.run_with_cache(x)
     _, cb = b.run_with_cache(x)
     ref = linear_cka(ca["blocks.1.hook_resid_post"][:, 0], cb["blocks.1.hook_resid_post"][:, 0])
-    assert float(other.linear[1]) == pytest.approx(ref, abs=1e-6)
+    # float32 Gram matrices summed batch by batch vs in one product: equal to float32 rounding (~1e-6 relative)
+    assert float(other.linear[1]) == pytest.approx(ref, rel=1e-5)
     inputs = layer_cka(
         a, x, images_b=x.flip(-1), token_reduction="mean_patches", hook="mlp_out", progress=False
     )
