@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = json.loads(Path(a.metrics).read_text())
     block = render(metrics)
     if a.keep:
-        atomic_write_text(Path(a.keep) / "metrics.json", json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+        atomic_write_text(Path(a.keep) / "metrics.json", json.dumps(metrics, indent=1) + "\n")
     if a.readme:
         path = Path(a.readme)
         atomic_write_text(path, replace_block(path.read_text(), block))
