@@ -172,6 +172,7 @@ def test_train_sae_errors(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("mechvit train-sae: error:")
 
 
+@pytest.mark.slow  # 20-70 s: a fresh interpreter imports torch, timm and sae-lens
 def test_console_script_runs(tmp_path):
     exe = Path(sys.executable).parent / "mechvit"
     cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "mechvit.cli"]
