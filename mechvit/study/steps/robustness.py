@@ -20,7 +20,7 @@ from mechvit.viz import figures
 TITLE = "Robustness: seen vs unseen corruptions"
 SECTION = "robustness"
 
-_GROUPS = {
+GROUPS = {
     "clean": "clean",
     "seen": "seen",
     "unseen_same_family": "unseen, same family",
@@ -91,7 +91,7 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     acc_rows = []
     for n in names:
         for g, e in est[n]["accuracy"].items():
-            acc_rows.append([n, ", ".join(seen[n]) or "–", _GROUPS[g], *_ci(e), len(est[n]["groups"][g])])
+            acc_rows.append([n, ", ".join(seen[n]) or "–", GROUPS[g], *_ci(e), len(est[n]["groups"][g])])
     res.tables.append(
         Table(
             f"Top-1 accuracy with 95% CIs over {len(y)} test images (bootstrap; per image, the fraction of the "
@@ -108,7 +108,7 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
             if ref == n:
                 continue
             for g, e in est[n]["vs"][ref].items():
-                diff_rows.append([n, ref, _GROUPS[g], *_ci(e)])
+                diff_rows.append([n, ref, GROUPS[g], *_ci(e)])
     if diff_rows:
         res.tables.append(
             Table(
@@ -168,7 +168,7 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     )
     res.figures.append(
         w.figure(
-            figures.robustness_group_bars(res.metrics["estimates"], names, _GROUPS),
+            figures.robustness_group_bars(res.metrics["estimates"], names, GROUPS),
             "seen_unseen",
             "Top-1 per model on clean, seen, unseen same-family and unseen other-family corruptions, with 95% "
             "CIs over images.",
