@@ -118,18 +118,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m mechvit.sae") -> 
         seed=args.seed,
         mix=CorruptionMix(args.mix, tuple(args.corruption)),
     )
-    cfg = SAETrainingConfig(
-        architecture=args.architecture,
-        k=args.k,
-        expansion_factor=args.expansion,
-        aux_coefficient=args.aux,
-        l1_coefficient=args.l1,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        total_samples=args.samples,
-        seed=args.seed,
-        device=args.device,
-    )
+    cfg = _training_config(args, args.architecture, args.seed, args.device)
     t0 = time.perf_counter()
     trained = train_sae_for_hook(
         model, train_x, store, cfg, cache_dir=args.cache, dataset=f"fashion_mnist/train[:{len(train_x)}]"
