@@ -225,6 +225,21 @@ def test_jpeg_torch_matches_pillow_within_tolerance():
             assert psnr(ours, _pillow_jpeg(imgs, quality)) >= 30.0
 
 
+@pytest.mark.parametrize("quality", [*digital.JPEG_QUALITY, 50, 90])
+def test_jpeg_torch_is_pillow_exact(quality):
+    # the device path reproduces libjpeg's integer arithmetic (islow DCTs, libjpeg-turbo's reciprocal
+    # quantisation, its edge padding): the same 8-bit values as Pillow, RGB and gray, odd and tiny sizes
+    sets = (photos(224, 224), photos(37, 53), photos(17, 16), photos(8, 9), rgb(fmnist(32, 6)), fmnist(32, 6))
+    for imgs in sets:
+        ref = np.round(_pillow_jpeg(imgs, quality) * 255)
+        x = torch.from_numpy(imgs).float() / 255
+        x = x[:, None] if imgs.ndim == 3 else x.permute(0, 3, 1, 2)
+        for dtype in (torch.float32, torch.float64):
+            ours = digital.jpeg_torch(x.to(dtype), quality)
+            ours = ours[:, 0] if imgs.ndim == 3 else ours.permute(0, 2, 3, 1)
+            np.testing.assert_array_equal(np.round(ours.double().numpy() * 255), ref)
+
+
 def test_colour_corruptions_on_gray_follow_the_reference_gray_path():
     x = torch.from_numpy(fmnist(32, 4)).float()[:, None] / 255
     assert torch.equal(digital.saturate(x, 5, None), x)  # identity
