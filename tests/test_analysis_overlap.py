@@ -11,6 +11,7 @@ from mechvit.analysis.overlap import (
     code_similarity,
     collect_activations,
     decoder_cosine,
+    encode,
     feature_overlap,
     model_code_similarity,
     sae_fit,
@@ -286,3 +287,49 @@ def test_code_cosine_controls_known_answers():
     assert noisy.to_dict()["code"]["over_images"]["estimate"] < 1
     with pytest.raises(ValueError, match="paired"):
         code_cosine_controls([a], clean, clean[:-1])
+
+
+def test_precomputed_codes_and_fits_give_the_same_overlap():
+    a, b = standard_sae(d_in=8, d_sae=24, seed=0), standard_sae(d_in=8, d_sae=24, seed=1)
+    g = torch.Generator().manual_seed(3)
+    acts_a, acts_b = torch.randn(12, 5, 8, generator=g), torch.randn(12, 5, 8, generator=g)
+    cfg = OverlapConfig(top_k=4, batch_size=16)  # several chunks
+    plain = feature_overlap(a, b, acts_a, acts_b, cfg)
+    cross = {
+        "a_on_a": sae_fit(a, acts_a, 16), "a_on_b": sae_fit(a, acts_b, 16),
+        "b_on_b": sae_fit(b, acts_b, 16), "b_on_a": sae_fit(b, acts_a, 16),
+    }  # fmt: skip
+    reused = feature_overlap(
+        a, b, acts_a, acts_b, cfg, codes_a=encode(a, acts_a), codes_b=encode(b, acts_b), cross=cross
+    )
+    assert torch.equal(plain.idx_a, reused.idx_a) and torch.equal(plain.idx_b, reused.idx_b)
+    assert torch.allclose(plain.act_corr, reused.act_corr, equal_nan=True)
+    assert torch.equal(plain.topk_jaccard, reused.topk_jaccard)
+    assert plain.class_a == reused.class_a and plain.cross == reused.cross
+    with pytest.raises(ValueError, match="codes_a must be the codes of the activations"):
+        feature_overlap(a, b, acts_a, acts_b, cfg, codes_a=encode(a, acts_a[:3]))
+    with pytest.raises(ValueError, match="cross needs the keys"):
+        feature_overlap(a, b, acts_a, acts_b, cfg, cross={"a_on_a": cross["a_on_a"]})
+
+
+def test_overlap_controls_with_and_without_the_code_cache_agree(monkeypatch):
+    import mechvit.analysis.controls as controls
+
+    g = torch.Generator().manual_seed(5)
+    saes = {
+        m: [standard_sae(d_in=8, d_sae=24, seed=10 * i + r) for r in range(3)] for i, m in enumerate("xyz")
+    }
+    acts = {m: torch.randn(10, 4, 8, generator=g) for m in saes}
+    cfg = controls.ControlsConfig(reference="x", floor="directions", floor_draws=2, n_resamples=99)
+    cached = controls.overlap_controls(saes, acts, cfg)
+    monkeypatch.setattr(controls, "_CODES_CACHE_BYTES", 0)
+    plain = controls.overlap_controls(saes, acts, cfg)
+    assert len(cached.pairs) == len(plain.pairs) == 3 * 3 + 2 * 9 + 3 * 2
+    for p, q in zip(cached.pairs, plain.pairs, strict=True):
+        assert p.keys() == q.keys()
+        for k in p:
+            if isinstance(p[k], float):
+                assert p[k] == pytest.approx(q[k], nan_ok=True, rel=1e-12), k
+            elif not isinstance(p[k], torch.Tensor):
+                assert p[k] == q[k], k
+    assert cached.live == plain.live and cached.threshold == plain.threshold

@@ -254,6 +254,9 @@ def feature_overlap(
     *,
     alive_a: Tensor | None = None,
     alive_b: Tensor | None = None,
+    codes_a: Tensor | None = None,
+    codes_b: Tensor | None = None,
+    cross: dict[str, dict[str, float]] | None = None,
 ) -> FeatureOverlap:
     """Compare two SAEs of the same hook.
 
@@ -261,6 +264,11 @@ def feature_overlap(
     ``[n_images, n_tokens, d_in]`` (or ``[n_images, d_in]``). Without them only the decoder-based measures
     are computed, and every feature counts as alive unless ``alive_a``/``alive_b`` (bool ``[d_sae]``) say
     otherwise; with them, a feature that never fires on its own model's activations is dead.
+
+    For callers that compare each SAE with many others (``overlap_controls``): ``codes_a`` = ``encode(sae_a,
+    acts_a)`` and ``codes_b`` = ``encode(sae_b, acts_b)`` (shaped like the activations, ``d_sae`` last) and
+    ``cross`` (the four ``sae_fit`` results, keys as in :attr:`FeatureOverlap.cross`) are used instead of
+    being recomputed; the results are the same.
     """
     cfg = config or OverlapConfig()
     if (acts_a is None) != (acts_b is None):
@@ -279,11 +287,23 @@ def feature_overlap(
         a3 = acts_a if acts_a.ndim == 3 else acts_a[:, None]
         b3 = acts_b if acts_b.ndim == 3 else acts_b[:, None]
         per = max(1, cfg.batch_size // a3.shape[1])
+        for name, codes, x3 in (("codes_a", codes_a, a3), ("codes_b", codes_b, b3)):
+            if codes is not None and codes.shape[:-1] != x3.shape[:-1]:
+                raise ValueError(
+                    f"{name} must be the codes of the activations, shape {tuple(x3.shape[:-1])} + (d_sae,), "
+                    f"got {tuple(codes.shape)}"
+                )
+        ca = None if codes_a is None else (codes_a if codes_a.ndim == 3 else codes_a[:, None])
+        cb = None if codes_b is None else (codes_b if codes_b.ndim == 3 else codes_b[:, None])
+
+        def chunk(sae, x3, codes, s):
+            return codes[s : s + per] if codes is not None else encode(sae, x3[s : s + per], cfg.batch_size)
+
         fired_a = torch.zeros(cos_all.shape[0], dtype=torch.bool)
         fired_b = torch.zeros(cos_all.shape[1], dtype=torch.bool)
         for s in range(0, a3.shape[0], per):
-            fired_a |= (encode(sae_a, a3[s : s + per], cfg.batch_size) > 0).flatten(0, -2).any(0).cpu()
-            fired_b |= (encode(sae_b, b3[s : s + per], cfg.batch_size) > 0).flatten(0, -2).any(0).cpu()
+            fired_a |= (chunk(sae_a, a3, ca, s) > 0).flatten(0, -2).any(0).cpu()
+            fired_b |= (chunk(sae_b, b3, cb, s) > 0).flatten(0, -2).any(0).cpu()
         alive_a = fired_a if alive_a is None else alive_a.cpu().bool() & fired_a
         alive_b = fired_b if alive_b is None else alive_b.cpu().bool() & fired_b
     alive_a = torch.ones(cos_all.shape[0], dtype=torch.bool) if alive_a is None else alive_a.cpu().bool()
@@ -302,24 +322,29 @@ def feature_overlap(
     else:
         ia = ib = torch.zeros(0, dtype=torch.long)
         mcos = torch.zeros(0)
-    act_corr = jac = cross = None
-    if a3 is not None:
+    act_corr = jac = None
+    if a3 is None:
+        cross = None
+    else:
         tok_a, tok_b, img_a, img_b = [], [], [], []
         for s in range(0, a3.shape[0], per):
-            za = encode(sae_a, a3[s : s + per], cfg.batch_size)[..., ia]
-            zb = encode(sae_b, b3[s : s + per], cfg.batch_size)[..., ib]
+            za = chunk(sae_a, a3, ca, s)[..., ia]
+            zb = chunk(sae_b, b3, cb, s)[..., ib]
             tok_a.append(za.reshape(-1, za.shape[-1]))
             tok_b.append(zb.reshape(-1, zb.shape[-1]))
             img_a.append(za.amax(1))
             img_b.append(zb.amax(1))
         act_corr = _pearson(torch.cat(tok_a), torch.cat(tok_b)).float()
         jac = _topk_jaccard(torch.cat(img_a), torch.cat(img_b), cfg.top_k).float()
-        cross = {
-            "a_on_a": sae_fit(sae_a, acts_a, cfg.batch_size),
-            "a_on_b": sae_fit(sae_a, acts_b, cfg.batch_size),
-            "b_on_b": sae_fit(sae_b, acts_b, cfg.batch_size),
-            "b_on_a": sae_fit(sae_b, acts_a, cfg.batch_size),
-        }
+        if cross is None:
+            cross = {
+                "a_on_a": sae_fit(sae_a, acts_a, cfg.batch_size),
+                "a_on_b": sae_fit(sae_a, acts_b, cfg.batch_size),
+                "b_on_b": sae_fit(sae_b, acts_b, cfg.batch_size),
+                "b_on_a": sae_fit(sae_b, acts_a, cfg.batch_size),
+            }
+        elif set(cross) != {"a_on_a", "a_on_b", "b_on_b", "b_on_a"}:
+            raise ValueError(f"cross needs the keys a_on_a, a_on_b, b_on_b, b_on_a; got {sorted(cross)}")
     class_a, class_b = _classify(alive_a, alive_b, ia, ib, mcos, act_corr, cfg)
     return FeatureOverlap(
         cosine=cos_all,
