@@ -295,3 +295,22 @@ def test_lockstep_refuses_shared_seeds_and_mismatched_batches():
     other = SAETrainingConfig(k=K, expansion_factor=2, batch_size=64, total_samples=128 * 6, seed=9)
     with pytest.raises(ValueError, match="batch_size"):
         train_saes(sparse_batches(dictionary(), 128), D_IN, {"a": cfgs["sae1"], "b": other})
+
+
+def test_unsorted_batchtopk_keeps_sae_lens_output_and_gradient():
+    from sae_lens.saes.batchtopk_sae import BatchTopK
+
+    from mechvit.sae.train import _BatchTopKTrainingSAE, _UnsortedBatchTopK, build_training_sae
+
+    g = torch.Generator().manual_seed(0)
+    for shape, k in (((64, 96), 8), ((3, 5, 40), 4.5), ((16, 32), 32)):  # k * rows = every element at the end
+        x = torch.randn(*shape, generator=g, dtype=torch.float64)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = BatchTopK(k)(xa), _UnsortedBatchTopK(k)(xb)
+        assert torch.equal(ya, yb)
+        w = torch.randn(*shape, generator=g, dtype=torch.float64)
+        (ya * w).sum().backward()
+        (yb * w).sum().backward()
+        assert torch.equal(xa.grad, xb.grad)
+    sae = build_training_sae(16, SAETrainingConfig(architecture="batchtopk", expansion_factor=2, k=3))
+    assert isinstance(sae, _BatchTopKTrainingSAE) and isinstance(sae.activation_fn, _UnsortedBatchTopK)

@@ -421,7 +421,7 @@ class DataParallel:
 
     def sae(self, sae: TrainingSAE) -> TrainingSAE:
         """BatchTopK gets the global-batch variant (same weights); the others are per-row already."""
-        if type(sae) is BatchTopKTrainingSAE:
+        if isinstance(sae, BatchTopKTrainingSAE) and not isinstance(sae, _GlobalBatchTopKTrainingSAE):
             glob = _GlobalBatchTopKTrainingSAE(sae.cfg)
             glob.load_state_dict(sae.state_dict())
             return glob

@@ -26,7 +26,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -45,6 +45,7 @@ from sae_lens.saes import (
     TopKTrainingSAE,
     TopKTrainingSAEConfig,
 )
+from sae_lens.saes.batchtopk_sae import BatchTopK
 from sae_lens.saes.sae import TrainingSAE, TrainStepOutput
 from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 from sae_lens.training.sae_trainer import SAETrainer
@@ -206,6 +207,26 @@ class TrainedSAE:
     path: Path | None = None
 
 
+class _UnsortedBatchTopK(BatchTopK):
+    """sae-lens's ``BatchTopK`` with ``torch.topk(..., sorted=False)``: the kept set, hence the output and its
+    gradient, is the same (scatter writes the same values at the same indices; tested), but torch does not
+    sort the ``k * batch`` kept values, which was ~40% of the top-k's time on CPU (1024 x 768: 24 -> 14 ms;
+    the top-k was ~20% of a BatchTopK training step)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        acts = x.relu()
+        flat = acts.flatten()
+        top = torch.topk(flat, int(self.k * acts.shape[:-1].numel()), dim=-1, sorted=False)
+        return torch.zeros_like(flat).scatter(-1, top.indices, top.values).reshape(acts.shape)
+
+
+class _BatchTopKTrainingSAE(BatchTopKTrainingSAE):
+    """sae-lens's BatchTopK training SAE with :class:`_UnsortedBatchTopK` (everything else is sae-lens's)."""
+
+    def get_activation_fn(self) -> Callable[[Tensor], Tensor]:
+        return _UnsortedBatchTopK(self.cfg.k)
+
+
 def build_training_sae(d_in: int, cfg: SAETrainingConfig) -> TrainingSAE:
     """The sae-lens training SAE for ``cfg`` (weights initialised from the current torch RNG)."""
     if int(d_in) < 1:
@@ -230,7 +251,7 @@ def build_training_sae(d_in: int, cfg: SAETrainingConfig) -> TrainingSAE:
             TopKTrainingSAEConfig(**common, k=cfg.k, aux_loss_coefficient=cfg.aux_coefficient)
         )
     if cfg.architecture == "batchtopk":
-        return BatchTopKTrainingSAE(
+        return _BatchTopKTrainingSAE(
             BatchTopKTrainingSAEConfig(
                 **common,
                 k=cfg.k,
