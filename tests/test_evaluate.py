@@ -150,6 +150,28 @@ def test_robustness_matrix_gives_every_model_identical_corrupted_images(tmp_path
     assert "| a |" in markdown_table(both) and (tmp_path / "res" / "summary.md").exists()
 
 
+def test_robustness_matrix_reuses_clean_logits_for_unchanged_images():
+    kw = dict(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=16, depth=1, num_heads=2)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw).eval()
+    calls = []
+    model.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(20, 1, 8, 8, generator=g), torch.randint(0, 3, (20,), generator=g)
+    rows, correct = robustness_matrix(
+        {"m": model}, x, y, ["saturate", "gaussian_noise"], [3], batch_size=8, progress=False,
+        return_correct=True,
+    )  # fmt: skip
+    assert calls == [8, 8, 4] * 2  # clean and noise; saturate leaves grayscale images unchanged: no forward
+    by = {r["corruption"]: r for r in rows}
+    assert {**by["saturate"], "corruption": "clean", "severity": 0} == by["clean"]
+    assert torch.equal(correct[("m", "saturate", 3)], correct[("m", "clean", 0)])
+    calls.clear()
+    robustness_matrix(
+        {"m": model}, x, y, ["saturate"], [3], batch_size=8, progress=False, include_clean=False
+    )
+    assert calls == [8, 8, 4]  # without the clean pass there is nothing to reuse
+
+
 def test_robustness_matrix_rejects_mismatched_input():
     m = torch.nn.Linear(1, 1)
     with pytest.raises(ValueError, match="expected images"):
