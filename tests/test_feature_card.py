@@ -71,3 +71,29 @@ def test_card_refuses_bad_input(stats):
         feature_card(st, st.d_sae, images, CLASSES)
     with pytest.raises(ValueError, match="the 24 images"):
         feature_card(st, 0, images[:5], CLASSES)
+
+
+def test_many_classes_show_the_leading_ones(stats, tmp_path):
+    """ImageNet's 1,000 classes: each bar chart draws its 12 leading classes, not 1,000 labels (unreadable, and
+    minutes per card to lay out)."""
+    import dataclasses
+    import time
+
+    st, images, _ = stats
+    f = int(st.live[0])
+    rng = np.random.default_rng(0)
+    counts = np.zeros((st.d_sae, 1000), dtype=np.int64)
+    counts[f, [7, 500, 999]] = [1, 5, 2]
+    effect = rng.normal(0, 0.1, (st.d_sae, 1000)).astype(np.float32)
+    effect[f, 123], effect[f, 321] = 9.0, -8.0
+    many = dataclasses.replace(st, class_counts=counts, logit_effect=effect)
+    names = [f"class_{i:04d}" for i in range(1000)]
+    t = time.perf_counter()
+    feature_card(many, f, images, names, path=tmp_path / "card.png", dpi=100)
+    assert time.perf_counter() - t < 30
+    text = (tmp_path / "card.svg").read_text()
+    shown = set(re.findall(r"class_\d{4}", text))
+    assert {"class_0500", "class_0999", "class_0007", "class_0123", "class_0321"} <= shown
+    assert len(shown) <= 24 and "leading 12 of 1000 classes" in text and "largest 12 of 1000" in text
+    with pytest.raises(ValueError, match="max_classes"):
+        feature_card(st, f, images, CLASSES, max_classes=0)

@@ -3,7 +3,9 @@ the automatic label, density and mean activation, the classes of its top images 
 
 One call: ``feature_card(stats, feature, images, class_names, path="card.png")`` writes ``card.png`` (300
 dpi) and ``card.svg`` (text kept as text) and returns the matplotlib ``Figure``. ``stats`` is the
-:class:`~mechvit.analysis.features.FeatureStats` the explorer shows, so the card and the page agree.
+:class:`~mechvit.analysis.features.FeatureStats` the explorer shows, so the card and the page agree. With more
+than ``max_classes`` classes (ImageNet's 1,000) the two bar charts show the ``max_classes`` leading ones: the
+most frequent classes among the top images, and the largest logit effects by magnitude.
 """
 
 from __future__ import annotations
@@ -40,13 +42,18 @@ def feature_card(
     n_images: int = 6,
     corrupted=None,
     title: str | None = None,
+    max_classes: int = 12,
 ):
     """Draw latent ``feature`` of ``stats`` (a ``FeatureStats``); ``images`` are the clean images [N, C, H, W]
     in [0, 1] the stats were computed on (and ``corrupted`` the corrupted ones, adding a second row).
-    With ``path``, the card is saved once per format in ``formats`` (``path`` with that suffix)."""
+    With ``path``, the card is saved once per format in ``formats`` (``path`` with that suffix). Up to
+    ``max_classes`` classes every class is drawn in class order; beyond, each bar chart draws its
+    ``max_classes`` leading classes (by count, by absolute logit effect; ties: class order), largest first."""
     from matplotlib.figure import Figure
 
     f = int(feature)
+    if max_classes < 1:
+        raise ValueError(f"max_classes must be >= 1, got {max_classes}")
     if not 0 <= f < stats.d_sae:
         raise ValueError(f"feature must be in [0, {stats.d_sae}), got {feature}")
     images = np.asarray(images, dtype=np.float32)
@@ -103,22 +110,31 @@ def feature_card(
             cax = fig.add_subplot(gs[r, k])
             cb = fig.colorbar(im, cax=cax)
             cb.ax.tick_params(labelsize=5)
-    # bottom row: classes of the top images | direct logit effect
+    # bottom row: classes of the top images | direct logit effect (the leading max_classes of many classes)
     counts = stats.class_counts[f]
+    eff = stats.logit_effect[f]
+    show_c = show_e = np.arange(C)
+    if C > max_classes:
+        show_c = np.argsort(-counts, kind="stable")[:max_classes]
+        show_e = np.argsort(-np.abs(eff), kind="stable")[:max_classes]
+    names = list(class_names)
     ax1 = fig.add_subplot(gs[-1, : k // 2])
-    ax1.barh(np.arange(C), counts, color="#7a9c5a")
-    ax1.set_yticks(np.arange(C), list(class_names), fontsize=6)
+    ax1.barh(np.arange(len(show_c)), counts[show_c], color="#7a9c5a")
+    ax1.set_yticks(np.arange(len(show_c)), [names[c] for c in show_c], fontsize=6)
     ax1.invert_yaxis()
     ax1.tick_params(axis="x", labelsize=6)
-    ax1.set_title(f"classes of top {int(counts.sum())} images", fontsize=7)
+    lead = "" if C <= max_classes else f" (leading {len(show_c)} of {C} classes)"
+    ax1.set_title(f"classes of top {int(counts.sum())} images{lead}", fontsize=7)
     ax2 = fig.add_subplot(gs[-1, k // 2 : k])
-    eff = stats.logit_effect[f]
-    ax2.barh(np.arange(C), eff, color=["#d0674f" if v >= 0 else "#6d8fc7" for v in eff])
+    ax2.barh(
+        np.arange(len(show_e)), eff[show_e], color=["#d0674f" if v >= 0 else "#6d8fc7" for v in eff[show_e]]
+    )
     ax2.axvline(0, color="#888", lw=0.6)
-    ax2.set_yticks(np.arange(C), list(class_names), fontsize=6)
+    ax2.set_yticks(np.arange(len(show_e)), [names[c] for c in show_e], fontsize=6)
     ax2.invert_yaxis()
     ax2.tick_params(axis="x", labelsize=6)
-    ax2.set_title("direct logit effect (mean act × decoder dir.)", fontsize=7)
+    lead = "" if C <= max_classes else f" (largest {len(show_e)} of {C})"
+    ax2.set_title(f"direct logit effect (mean act × decoder dir.){lead}", fontsize=7)
     for ax in (ax1, ax2):
         for s in ("top", "right"):
             ax.spines[s].set_visible(False)
