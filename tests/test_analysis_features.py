@@ -231,3 +231,31 @@ def test_bad_input_is_refused(setup):
     wide = random_sae(hook, d_in=16)
     with pytest.raises(ValueError, match="d_in=16"):
         feature_stats(model, wide, images, labels, CLASSES, progress=False)
+
+
+def test_max_effect_latents_computes_the_effects_of_the_most_often_firing_latents_only(setup):
+    model, sae, hook, images, labels, corrupted, st = setup
+    part = feature_stats(
+        model, sae, images, labels, CLASSES, corrupted=corrupted, k=4, n_assoc=6, n_bins=8, progress=False,
+        max_effect_latents=5,
+    )  # fmt: skip
+    assert st.effect_latents is None and np.array_equal(st.with_effects, st.live)
+    # the 5 live latents firing on the most clean + corrupted patch tokens (ties: the lower index)
+    tokens = np.round(
+        (st.density * st.n_images + st.density_corrupted * st.n_corrupted) * 49
+    )  # 7 x 7 patches
+    order = sorted(st.live, key=lambda f: (-tokens[f], f))
+    assert part.effect_latents.tolist() == sorted(order[:5]) == st.most_active(5).tolist()
+    assert np.array_equal(part.with_effects, part.effect_latents)
+    sel = part.effect_latents
+    rest = np.setdiff1d(np.arange(st.d_sae), sel)
+    for key in ("logit_effect", "probs_ablate", "probs_double"):
+        np.testing.assert_allclose(getattr(part, key)[sel], getattr(st, key)[sel], rtol=1e-5, atol=1e-6)
+        assert not getattr(part, key)[rest].any(), key
+    # everything else is the full computation's
+    for key in ("density", "max_act", "top_idx", "top_maps", "class_counts", "probs"):
+        np.testing.assert_array_equal(getattr(part, key), getattr(st, key))
+    many = feature_stats(model, sae, images, labels, CLASSES, k=4, progress=False, max_effect_latents=10_000)
+    assert np.array_equal(many.effect_latents, many.live)
+    with pytest.raises(ValueError, match="max_effect_latents must be >= 1"):
+        feature_stats(model, sae, images, labels, CLASSES, progress=False, max_effect_latents=0)

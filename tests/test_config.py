@@ -276,3 +276,26 @@ def test_a_bad_device_string_fails_validation_but_a_gpu_config_validates_without
     ):
         load_study_config(None, {"device": "foo"})
     assert load_study_config(None, {"device": "cuda:1"}).device == "cuda:1"
+
+
+def test_patching_positions_and_explorer_max_latents(tiny_hooked):
+    cfg = load_study_config(None)
+    assert cfg.patching.positions is None and cfg.explorer.max_latents is None  # the default: everything
+    cfg = study_config_from_dict(_with(patching={"positions": [0, 5, 16]}, explorer={"max_latents": 64}))
+    assert cfg.patching.positions == [0, 5, 16] and cfg.explorer.max_latents == 64
+    for bad in ([], [-1, 3], [2, 2]):
+        assert _error(_with(patching={"positions": bad})).startswith(
+            "patching.positions: expected null (every token) or a non-empty list of distinct token indices"
+        )
+    assert _error(_with(patching={"positions": ["CLS"]})).startswith("patching.positions[0]:")
+    for bad in (0, -3):
+        assert _error(_with(explorer={"max_latents": bad})) == f"explorer.max_latents: must be > 0, got {bad}"
+    # the token indices are checked against the model when the study starts: 1 + 4 x 4 tokens here
+    sae = {"store": {"hook": "blocks.1.hook_resid_post"}}
+    ok = study_config_from_dict(_with(sae=sae, patching={"positions": [0, 16]}))
+    check_hooks_against_model(ok, tiny_hooked)
+    beyond = study_config_from_dict(_with(sae=sae, patching={"positions": [0, 17]}))
+    with pytest.raises(
+        ConfigError, match=r"^patching.positions: token index 17 is out of range; this model has 17 tokens"
+    ):
+        check_hooks_against_model(beyond, tiny_hooked)

@@ -547,3 +547,39 @@ def test_circuitsvis_views_share_one_bundle_and_render_offline(tmp_path):
             page = open_page(driver, p, ready="#cv-0 *")  # React rendered into the view's div
             assert page.console_errors == [] and page.network == []
             assert "file://" + str(bundle) in page.requests
+
+
+def test_max_latents_lists_the_most_often_firing_latents_with_the_same_numbers(built, tmp_path):
+    path, saes, stats, images, labels = built
+    g = torch.Generator().manual_seed(1)  # the fixture's images, then its corrupted images
+    assert torch.equal(torch.rand(images.shape, generator=g), images)
+    corrupted = (images + 0.3 * torch.randn(images.shape, generator=g)).clamp(0, 1)
+    base = tiny_model(0)
+    models = {"base": base, "ft": fine_tuned(base)}
+    full = page_data(path)
+    # computed with the limit, and from the fixture's full stats: the same page data
+    for kw in ({}, {"stats": stats}):
+        out = write_explorer(
+            tmp_path / str(len(kw)), saes, models, images, labels, CLASSES, corrupted=corrupted, k=4, n_assoc=8,
+            max_latents=5, cards=1, progress=False, **kw,
+        )  # fmt: skip
+        data = page_data(out)
+        for entry, ref, spec in zip(data["saes"], full["saes"], saes, strict=True):
+            st = stats[spec.name]
+            assert len(st.live) > 5 and entry["n_live"] == len(st.live) == len(ref["live"])
+            assert entry["live"] == st.most_active(5).tolist()
+            rows = [ref["live"].index(f) for f in entry["live"]]
+            for key in ("label", "top", "top_c"):
+                assert entry[key] == [ref[key][i] for i in rows], key
+            for key in ("density", "logit", "stability"):
+                if ref[key] is not None:
+                    np.testing.assert_allclose(
+                        entry[key], [ref[key][i] for i in rows], atol=1e-3, err_msg=key
+                    )
+            got = explorer_array(data, entry, "p_abl").reshape(5, 4, 10)
+            want = explorer_array(full, ref, "p_abl").reshape(len(ref["live"]), 4, 10)[rows]
+            np.testing.assert_allclose(got, want, atol=2 / 65535)
+            (f, _), *rest = entry["cards"].items()
+            assert not rest and int(f) in entry["live"]
+    with pytest.raises(ValueError, match="max_latents must be >= 1"):
+        write_explorer(tmp_path, saes, models, images, labels, CLASSES, max_latents=0, progress=False)

@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -201,6 +202,36 @@ def test_rerun_skips_finished_steps_and_recomputes_only_what_changed(finished, c
     cfg = tiny_config(checkpoints, cka={"n_images": 12})
     cfg["sae"] = {**cfg["sae"], "train": {**cfg["sae"]["train"], "k": 3}, "architectures": ["batchtopk"]}
     assert run_study(study_config_from_dict(cfg), out).computed == ["sae", "sae_analysis", "explorer"]
+
+
+def test_patching_positions_and_explorer_max_latents_bound_the_work(finished, checkpoints, tmp_path):
+    import shutil
+
+    from mechvit.viz.explorer import read_explorer_data
+
+    out = shutil.copytree(finished[1], tmp_path / "study")
+    full = json.loads((out / "metrics.json").read_text())["steps"]
+    cfg = tiny_config(checkpoints, patching={"n_images": 4, "positions": [0, 5, 16]})
+    cfg["explorer"] = {"max_latents": 3}
+    run = run_study(study_config_from_dict(cfg), out)
+    assert run.computed == ["explorer", "patching"]
+    steps = json.loads((out / "metrics.json").read_text())["steps"]
+    pm = steps["patching"]["metrics"]
+    for key in ("within_by_position", "across_models"):
+        assert pm[key] and set(pm[key]) == set(full["patching"]["metrics"][key])
+        for r in pm[key].values():  # layers x the three positions only, the same scores as the full sweep's
+            assert r["labels"]["position"] == ["CLS", "r1c0", "r3c3"] and len(r["values"][0]) == 3
+        for k, r in pm[key].items():
+            ref = full["patching"]["metrics"][key][k]["values"]
+            np.testing.assert_allclose(r["values"], np.asarray(ref)[:, [0, 5, 16]], rtol=1e-4, atol=1e-5)
+    assert pm["within_by_layer"] == full["patching"]["metrics"]["within_by_layer"]
+    assert (out / "patching" / "patching_within.png").is_file()
+    em = steps["explorer"]["metrics"]["saes"]
+    assert len(em) == 12 and all(s["listed"] == min(3, s["live"]) for s in em.values())
+    assert any(s["live"] > 3 for s in em.values())
+    page = read_explorer_data(out / "explorer" / "features.html")
+    assert all(len(s["live"]) <= 3 and s["n_live"] >= len(s["live"]) for s in page["saes"])
+    assert "explorer.max_latents is 3" in " ".join(run.results["explorer"].notes)
 
 
 def test_interrupted_study_resumes(checkpoints, tmp_path, monkeypatch):

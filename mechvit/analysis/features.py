@@ -21,6 +21,10 @@ encodes the patch tokens at the SAE's hook and returns a :class:`FeatureStats` w
   the hook, with the SAE's reconstruction error kept, so "before" is exactly the model's own prediction and
   "after" differs from it only by this one latent (the rest of the forward runs as usual).
 
+Both effects cost one readout per latent, and the ablate/double effect a forward from the hook per latent
+and top image: ``max_effect_latents`` bounds them to the live latents that fire on the most patch tokens
+(:attr:`FeatureStats.effect_latents` lists those; the others' effects stay 0).
+
 :func:`nearest_cosine` gives, for each latent of one SAE, the most similar decoder direction of another
 (used for seed stability across replicates and for change under fine-tuning).
 """
@@ -44,6 +48,7 @@ __all__ = [
     "decoder_directions",
     "feature_stats",
     "location_label",
+    "most_active_latents",
     "nearest_cosine",
 ]
 
@@ -80,6 +85,8 @@ class FeatureStats:
     probs_ablate: np.ndarray  # [F, k, C] on top image j with the latent's contribution removed
     probs_double: np.ndarray  # [F, k, C] with it doubled
     n_assoc: int
+    # the latents whose logit_effect / probs_ablate / probs_double were computed (sorted); None: every latent
+    effect_latents: np.ndarray | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -90,6 +97,33 @@ class FeatureStats:
     def live(self) -> np.ndarray:
         """Latents that fire on at least one clean or corrupted patch token of these images."""
         return np.flatnonzero(self.max_act > 0)
+
+    def most_active(self, n: int) -> np.ndarray:
+        """The ``n`` live latents that fire on the most clean + corrupted patch tokens (sorted by index)."""
+        dens_c = self.density_corrupted
+        return most_active_latents(self.live, self.density, dens_c, self.n_images, self.n_corrupted, n)
+
+    @property
+    def with_effects(self) -> np.ndarray:
+        """The live latents whose effects were computed (every live latent unless ``max_effect_latents``)."""
+        live = self.live
+        return live if self.effect_latents is None else np.intersect1d(live, self.effect_latents)
+
+
+def most_active_latents(
+    live: np.ndarray,
+    density: np.ndarray,
+    density_corrupted: np.ndarray | None,
+    n_images: int,
+    n_corrupted: int,
+    n: int,
+) -> np.ndarray:
+    """Of ``live``, the ``n`` latents that fire on the most patch tokens (clean density x images + corrupted
+    density x corrupted images; ties: the lower index), sorted by index."""
+    fired = density[live].astype(np.float64) * n_images
+    if density_corrupted is not None:
+        fired += density_corrupted[live].astype(np.float64) * n_corrupted
+    return np.sort(live[np.argsort(-fired, kind="stable")[:n]])
 
 
 def decoder_directions(sae: Any) -> Float[Tensor, "d_sae d_in"]:
@@ -226,6 +260,7 @@ def feature_stats(
     n_readout: int = 64,
     batch_size: int = 256,
     effect_batch: int = 512,
+    max_effect_latents: int | None = None,
     progress: bool = True,
     cache: dict | None = None,
 ) -> FeatureStats:
@@ -237,7 +272,11 @@ def feature_stats(
 
     ``cache``: a dict shared by calls on the same ``model``, ``images``, ``corrupted`` and ``transform`` (e.g.
     the seed replicates of one model's SAE) keeps the model's own activations and probabilities, computed
-    once; the results are the same as without it."""
+    once; the results are the same as without it.
+
+    ``max_effect_latents``: compute the direct logit effect and the ablate/double probabilities only for
+    this many live latents, those active on the most clean + corrupted patch tokens (ties: lower index);
+    None: every latent."""
     from mechvit.sae.activations import check_hook
     from mechvit.sae.metrics import check_sae_hook
 
@@ -262,6 +301,8 @@ def feature_stats(
         raise ValueError(
             f"labels must index the {len(class_names)} classes, got range [{labels.min()}, {labels.max()}]"
         )
+    if max_effect_latents is not None and max_effect_latents < 1:
+        raise ValueError(f"max_effect_latents must be >= 1 or None, got {max_effect_latents}")
     gh, gw = model.cfg.grid_size
     P, F, C = gh * gw, int(sae.cfg.d_sae), len(class_names)
     dev = _model_device(model)
@@ -345,6 +386,14 @@ def feature_stats(
             img_max_c, active_c, _ = pass_one(resid_c, "encode corrupted")
             max_act = torch.maximum(max_act, img_max_c.amax(0))
             dens_c = (active_c / (len(resid_c) * P)).float().numpy()
+        density = (active / (len(images) * P)).float().numpy()
+        effect_latents = None
+        if max_effect_latents is not None:
+            live = np.flatnonzero(max_act.numpy() > 0)
+            n_c = 0 if resid_c is None else len(resid_c)
+            effect_latents = torch.from_numpy(
+                most_active_latents(live, density, dens_c, len(images), n_c, max_effect_latents)
+            )
         idx_all, val_all = top_of(img_max, n_top)
         maps_all, hist = gather_maps(resid, idx_all, max_act.clamp_min(1e-12))
         top_idx_c = top_val_c = maps_c = None
@@ -385,13 +434,17 @@ def feature_stats(
             final = final[:, : read.stop]  # the rows the pooling reads are the first ones
         base_logits = model.unembed(final.to(dev)).float().cpu()  # [M, C]
         logit_effect = torch.zeros(F, C)
+        which = torch.arange(F) if effect_latents is None else effect_latents
         step = max(1, effect_batch // max(1, len(final)))
-        for s in tqdm(range(0, F, step), desc="direct logit effect", disable=not progress, leave=False):
-            d = (directions[s : s + step] * mean_act[s : s + step, None]).to(dev)  # [f, D]
+        for s in tqdm(
+            range(0, len(which), step), desc="direct logit effect", disable=not progress, leave=False
+        ):
+            fs = which[s : s + step]
+            d = (directions[fs] * mean_act[fs, None]).to(dev)  # [f, D]
             x = final.to(dev)[None].repeat(len(d), 1, 1, 1)  # [f, M, T', D]
             x[:, :, read] += d[:, None, None, :]
             lg = model.unembed(x.reshape(-1, *x.shape[2:])).float().cpu().reshape(len(d), len(final), C)
-            logit_effect[s : s + step] = (lg - base_logits[None]).mean(1)
+            logit_effect[fs] = (lg - base_logits[None]).mean(1)
 
         # before/after: the model's own probabilities, and with the latent's contribution removed / doubled
         probs = once(
@@ -406,6 +459,8 @@ def feature_stats(
         layer = _resume_layer(model, hook)
         top_idx, top_val, top_maps = idx_all[:, :k], val_all[:, :k], maps_all[:, :k]
         pairs = torch.nonzero(top_idx >= 0)  # [(f, j)]
+        if effect_latents is not None:
+            pairs = pairs[torch.isin(pairs[:, 0], effect_latents)]
         p_abl = torch.zeros(F, top_idx.shape[1], C)
         p_dbl = torch.zeros(F, top_idx.shape[1], C)
         for s in tqdm(
@@ -429,7 +484,7 @@ def feature_stats(
         grid=(gh, gw),
         n_images=len(images),
         n_corrupted=0 if corrupted is None else len(corrupted),
-        density=(active / (len(images) * P)).float().numpy(),
+        density=density,
         density_corrupted=dens_c,
         mean_act=mean_act.numpy(),
         max_act=max_act.numpy(),
@@ -450,4 +505,5 @@ def feature_stats(
         probs_ablate=p_abl.numpy(),
         probs_double=p_dbl.numpy(),
         n_assoc=n_assoc,
+        effect_latents=None if effect_latents is None else effect_latents.numpy(),
     )

@@ -234,6 +234,9 @@ class PatchingSection:
     method: Literal["exact", "attribution"] = "exact"  # attribution: mechvit.analysis.attribution_patching
     batch_size: int = 32
     max_rows: int = 2048
+    # the token positions the by-position sweeps patch (0 = the class token of a ViT with one, then the patch
+    # grid row by row); None: every token (the sweep's cost grows with their number: 197 on ViT-B/16 at 224)
+    positions: list[int] | None = None
 
 
 @dataclass
@@ -261,6 +264,10 @@ class ExplorerSection:
     n_assoc: int = 32
     histogram_bins: int = 24
     cards: int = 1
+    # per SAE, the page lists at most this many live latents, those firing on the most clean + corrupted patch
+    # tokens, and measures the per-latent effects (ablate/double on the top images, direct logit effect) of
+    # those only; None: every live latent (cost and page size grow with d_sae x top_images x classes)
+    max_latents: int | None = None
 
 
 @dataclass
@@ -375,23 +382,38 @@ def validate(cfg: StudyConfig) -> StudyConfig:
         ),
     )
     _positive(cfg.patching, "patching.", ("n_images", "batch_size", "max_rows"))
+    pos = cfg.patching.positions
+    if pos is not None and (not pos or min(pos) < 0 or len(set(pos)) != len(pos)):
+        raise ConfigError(
+            f"patching.positions: expected null (every token) or a non-empty list of distinct token indices "
+            f">= 0, got {pos!r}"
+        )
     _positive(cfg.cka, "cka.", ("batch_size",))
     if cfg.cka.n_images < 4:
         raise ConfigError(f"cka.n_images: debiased CKA needs at least 4 images, got {cfg.cka.n_images}")
     if cfg.attention.n_views < 0:
         raise ConfigError(f"attention.n_views: must be >= 0, got {cfg.attention.n_views}")
-    _positive(cfg.explorer, "explorer.", ("n_images", "top_images", "n_assoc", "histogram_bins"))
+    _positive(
+        cfg.explorer, "explorer.", ("n_images", "top_images", "n_assoc", "histogram_bins", "max_latents")
+    )
     if cfg.explorer.cards < 0:
         raise ConfigError(f"explorer.cards: must be >= 0, got {cfg.explorer.cards}")
     return cfg
 
 
 def check_hooks_against_model(cfg: StudyConfig, model: Any) -> None:
-    """``sae.hook`` must exist in ``model.hook_dict`` (the layer index must fit the model)."""
+    """``sae.hook`` must exist in ``model.hook_dict`` (the layer index must fit the model), and
+    ``patching.positions`` must index its tokens."""
     if cfg.sae.enabled and cfg.sae.hook not in model.hook_dict:
         raise ConfigError(
             f"sae.store.hook: unknown hook {cfg.sae.hook!r}; this model has {model.cfg.n_layers} blocks "
             f"(blocks.0 .. blocks.{model.cfg.n_layers - 1})"
+        )
+    pos, n_tokens = cfg.patching.positions, int(model.cfg.n_tokens)
+    if cfg.patching.enabled and pos is not None and max(pos) >= n_tokens:
+        raise ConfigError(
+            f"patching.positions: token index {max(pos)} is out of range; this model has {n_tokens} tokens "
+            f"(0 .. {n_tokens - 1})"
         )
 
 

@@ -166,6 +166,7 @@ def explorer_data(
     k: int = 8,
     n_assoc: int = 32,
     n_bins: int = 24,
+    max_latents: int | None = None,
     progress: bool = True,
     stats: Mapping[str, Any] | None = None,
 ) -> tuple[dict, dict]:
@@ -173,12 +174,16 @@ def explorer_data(
     ``transform`` maps them to model inputs), ``labels`` [N]; ``corrupted`` any [M, C, H, W] in [0, 1] with
     ``corrupted_labels`` (default: ``labels`` when M == N); ``corrupted_groups`` ``[(name, count), ...]``
     says which consecutive corrupted images came from which corruption (shown under each image); ``k`` top images per latent, ``n_assoc`` for the
-    label, ``n_bins`` histogram bins (:func:`mechvit.analysis.features.feature_stats`). ``stats`` reuses
-    already computed FeatureStats."""
+    label, ``n_bins`` histogram bins (:func:`mechvit.analysis.features.feature_stats`). ``max_latents``: list
+    only this many live latents per SAE, those firing on the most clean + corrupted patch tokens, whose effects
+    alone are computed (``feature_stats(max_effect_latents=...)``); None: every live latent. ``stats`` reuses
+    already computed FeatureStats (the page lists the latents whose effects they hold)."""
     import torch
 
     from mechvit.analysis.features import decoder_directions, feature_stats, nearest_cosine
 
+    if max_latents is not None and max_latents < 1:
+        raise ValueError(f"max_latents must be >= 1 or None, got {max_latents}")
     if not saes:
         raise ValueError("give at least one SAE")
     names = [s.name for s in saes]
@@ -229,6 +234,7 @@ def explorer_data(
                 k=k,
                 n_assoc=n_assoc,
                 n_bins=n_bins,
+                max_effect_latents=max_latents,
                 progress=progress,
                 cache=cache,
             )
@@ -247,7 +253,9 @@ def explorer_data(
     entries = []
     for x in saes:
         st = stats[x.name]
-        live = st.live
+        live = st.with_effects  # every live latent unless max_latents
+        if max_latents is not None and len(live) > max_latents:  # stats given, computed without the limit
+            live = np.intersect1d(live, st.most_active(max_latents))
         k_ = st.top_idx.shape[1]
         matches = []
         for y in counterparts(x):
@@ -278,6 +286,7 @@ def explorer_data(
             "k": k_,
             "n_assoc": st.n_assoc,
             "live": live.tolist(),
+            "n_live": len(st.live),  # more than len(live) when max_latents left some out
             "density": _num(st.density[live]),
             "density_c": None if st.density_corrupted is None else _num(st.density_corrupted[live]),
             "mean_act": _num(st.mean_act[live]),
@@ -397,6 +406,7 @@ def write_explorer(
     k: int = 8,
     n_assoc: int = 32,
     n_bins: int = 24,
+    max_latents: int | None = None,
     cards: int = 0,
     progress: bool = True,
     stats: Mapping[str, Any] | None = None,
@@ -407,6 +417,8 @@ def write_explorer(
     [0, 1] with ``labels`` [N] and ``class_names``; ``corrupted``: optional images in [0, 1] (e.g. the same
     images corrupted) shown with the clean/corrupted toggle (``corrupted_groups``: which corruption each
     consecutive run of them came from, see :func:`explorer_data`); ``transform``: [0, 1] images -> model inputs.
+    ``max_latents``: list (and measure the effects of) at most this many live latents per SAE, the most
+    often firing (None: every live latent; see :func:`explorer_data`).
     ``cards > 0`` also writes publication feature cards (PNG + SVG, :func:`mechvit.viz.feature_card`) of
     each SAE's ``cards`` densest latents under ``feature_cards/`` beside the page, linked from it.
     Returns the page's path."""
@@ -429,6 +441,7 @@ def write_explorer(
         k=k,
         n_assoc=n_assoc,
         n_bins=n_bins,
+        max_latents=max_latents,
         progress=progress,
         stats=stats,
     )
@@ -438,7 +451,7 @@ def write_explorer(
         imgs = np.asarray(images, dtype=np.float32)
         for entry in data["saes"]:
             st = stats[entry["name"]]
-            live = st.live
+            live = np.asarray(entry["live"], dtype=np.int64)
             for f in live[np.argsort(-st.density[live], kind="stable")[:cards]]:
                 stem = path.parent / CARDS_DIR / _slug(entry["name"]) / f"latent_{int(f)}"
                 feature_card(
@@ -487,6 +500,12 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--severity", type=int, default=3, help="severity of --corruption (default 3)")
     p.add_argument("--k", type=int, default=8, help="top images per latent (default 8)")
     p.add_argument("--cards", type=int, default=0, help="write feature cards of each SAE's N densest latents")
+    p.add_argument(
+        "--max-latents",
+        type=int,
+        default=None,
+        help="list (and measure the effects of) only the N most often firing live latents per SAE (default: all)",
+    )
     p.add_argument("--title", default="mechvit feature explorer")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of the corruption draws")
@@ -593,6 +612,7 @@ def run_cli(args: argparse.Namespace) -> int:
         transform=transform,
         title=args.title,
         k=args.k,
+        max_latents=args.max_latents,
         cards=args.cards,
     )
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")

@@ -7,7 +7,12 @@ caption names its condition), because every SAE was trained on the one clean + c
 Groups: every SAE of an architecture shares one training mix, so they all get the same ``condition``
 (``mix``, plus the architecture when the study has several); the replicates of one model are its seed
 replicates (seed stability), and the same replicate index of another model is its counterpart (change under
-fine-tuning), so an SAE's ``seed`` on the page is its replicate index, not its training seed."""
+fine-tuning), so an SAE's ``seed`` on the page is its replicate index, not its training seed.
+
+``explorer.max_latents`` (None: every live latent) lists only that many live latents per SAE, those firing on
+the most patch tokens, and measures only their effects: the ablate/double effect costs a forward from the hook
+per latent and top image, which dominates at ViT-B width (24,576 latents x 8 top images per SAE in the paper
+config)."""
 
 from __future__ import annotations
 
@@ -89,12 +94,18 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
         k=e.top_images,
         n_assoc=e.n_assoc,
         n_bins=e.histogram_bins,
+        max_latents=e.max_latents,
         cards=e.cards,
         progress=ctx.progress,
     )
     seconds = round(time.time() - t0, 2)
     size = path.stat().st_size
     data_rows = _index_rows(path)
+    shown = (
+        "every live latent"
+        if e.max_latents is None
+        else f"the {e.max_latents} most often firing live latents"
+    )
     res = StepResult()
     if n < e.n_images:
         res.notes.append(
@@ -114,12 +125,17 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     res.links.append(
         {
             "file": w.rel(PAGE),
-            "title": f"Feature explorer: every live latent of the {len(specs)} SAEs ({size / 1e6:.1f} MB, "
+            "title": f"Feature explorer: {shown} of the {len(specs)} SAEs ({size / 1e6:.1f} MB, "
             "offline; opens in a browser)",
         }
     )
+    if e.max_latents is not None and any(row["listed"] < row["live"] for row in data_rows):
+        res.notes.append(
+            f"explorer.max_latents is {e.max_latents}: the page lists (and measures the effects of) only the "
+            f"{e.max_latents} live latents of each SAE that fire on the most clean + corrupted patch tokens"
+        )
     res.notes.append(
-        f"features.html browses every live latent of every SAE on {len(x)} clean test images and the same "
+        f"features.html browses {shown} of every SAE on {len(x)} clean test images and the same "
         f"images under {', '.join(c.label for c in conds)} (pooled into its one corrupted set): top images with "
         "per-patch heatmaps, activation histogram, class association and automatic label, direct logit effect, "
         "the measured effect of ablating and doubling the latent on its top images, and the nearest latent of "
@@ -129,9 +145,9 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     res.tables.append(
         Table(
             "SAEs in the explorer (live: fires on at least one clean or corrupted patch token)",
-            ["SAE", "folder", "live latents", "d_sae", "mean seed stability"],
+            ["SAE", "folder", "live latents", "listed", "d_sae", "mean seed stability"],
             [
-                [row["name"], f"sae/{r.dirname}", row["live"], row["d_sae"], row["stability"]]
+                [row["name"], f"sae/{r.dirname}", row["live"], row["listed"], row["d_sae"], row["stability"]]
                 for row, r in zip(data_rows, runs, strict=True)
             ],
         )
@@ -140,7 +156,8 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
 
 
 def _index_rows(path) -> list[dict]:
-    """Per SAE of the written page: name, live latents, d_sae and mean seed stability (read back from it)."""
+    """Per SAE of the written page: name, live and listed latents, d_sae and mean seed stability of the listed
+    ones (read back from it)."""
     from mechvit.viz.explorer import read_explorer_data
 
     rows = []
@@ -149,7 +166,8 @@ def _index_rows(path) -> list[dict]:
         rows.append(
             {
                 "name": sae["name"],
-                "live": len(sae["live"]),
+                "live": sae.get("n_live", len(sae["live"])),
+                "listed": len(sae["live"]),
                 "d_sae": sae["d_sae"],
                 "stability": sum(stab) / len(stab) if stab else None,
             }

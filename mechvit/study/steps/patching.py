@@ -1,7 +1,12 @@
 """Activation patching: clean -> corrupted within the base model (by layer x position, by layer, by head) and
 across models on corrupted images (fine-tuned activations into the base model). ``patching.method``:
 ``exact`` (:func:`mechvit.analysis.activation_patching`) or ``attribution`` (its first-order estimate,
-:func:`mechvit.analysis.attribution_patching`, same arguments and result layout)."""
+:func:`mechvit.analysis.attribution_patching`, same arguments and result layout).
+
+``patching.positions`` (None: every token) restricts the by-position sweeps (within, across, held-out) to
+those token indices: the exact sweep costs one forward from the patched layer per layer x position x image,
+197 positions on ViT-B/16 at 224 px. Their figures are then layer x position heatmaps instead of maps on the
+patch grid."""
 
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     x, y = ctx.test_images(s.n_images)
     base = ctx.model(ctx.base_name)
     kw = {"batch_size": s.batch_size, "max_rows": s.max_rows, "progress": False}
+    pos = {"by": "position", "positions": s.positions}
     by_pos, by_head, by_layer, across = {}, {}, {}, {}
     res = StepResult()
     jobs = [("within", c, None) for c in ctx.cfg.conditions]
@@ -31,7 +37,7 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
             try:
                 if kind == "within":
                     args = (base, ctx.prep(x), xc, y)
-                    by_pos[c.label] = patch(*args, component=s.component, by="position", **kw)
+                    by_pos[c.label] = patch(*args, component=s.component, **pos, **kw)
                     by_layer[c.label] = patch(*args, component=s.component, by="layer", **kw)
                     if s.heads:
                         by_head[c.label] = patch(*args, component="z", by="head", **kw)
@@ -43,7 +49,7 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
                         y,
                         corrupted_model=base,
                         component=s.component,
-                        by="position",
+                        **pos,
                         **kw,
                     )
             except ValueError as e:  # e.g. both runs give the same logit difference: the metric is undefined
@@ -57,16 +63,19 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     }
     if s.method != "exact":
         res.notes.append(f"patching method: {s.method} (first-order estimate of activation patching)")
+    grids = figures.patching_grids if s.positions is None else position_heatmaps
+    where = (
+        "on the patch grid; the prefix tokens' scores are in the titles"
+        if s.positions is None
+        else f"at the {len(s.positions)} token positions of patching.positions"
+    )
     if by_pos:
         res.figures.append(
             w.figure(
-                figures.patching_grids(
-                    by_pos, f"{ctx.base_name}: clean {s.component} patched into the corrupted run"
-                ),
+                grids(by_pos, f"{ctx.base_name}: clean {s.component} patched into the corrupted run"),
                 "patching_within",
-                "Activation patching (clean → corrupted) in the base model, per layer and position on the patch "
-                "grid; the prefix tokens' scores are in the titles. 1 = the clean answer restored, 0 = the "
-                "corrupted run.",
+                f"Activation patching (clean → corrupted) in the base model, per layer and position {where}. "
+                "1 = the clean answer restored, 0 = the corrupted run.",
             )
         )
     if by_head:
@@ -80,12 +89,10 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     if across:
         res.figures.append(
             w.figure(
-                figures.patching_grids(
-                    across, f"fine-tuned {s.component} patched into {ctx.base_name} (corrupted images)"
-                ),
+                grids(across, f"fine-tuned {s.component} patched into {ctx.base_name} (corrupted images)"),
                 "patching_across",
                 "Across models on corrupted images: the fine-tuned model's activation at one layer and position "
-                "patched into the base model; 1 = the fine-tuned model's answer, 0 = the base model's.",
+                f"({where}) patched into the base model; 1 = the fine-tuned model's answer, 0 = the base model's.",
             )
         )
     rows = [["whole-layer restore", k, *v.values.tolist()] for k, v in by_layer.items()]
@@ -105,9 +112,7 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
             xc = ctx.prep(ctx.corrupted(c, s.n_images))
             try:
                 parts = [
-                    patch(
-                        base, ctx.prep(x[sl]), xc[sl], y[sl], component=s.component, by="position", **kw
-                    ).values
+                    patch(base, ctx.prep(x[sl]), xc[sl], y[sl], component=s.component, **pos, **kw).values
                     for sl in halves
                 ]
             except ValueError as e:
@@ -139,3 +144,21 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
             )
         )
     return res
+
+
+@figures.styled
+def position_heatmaps(results: dict, title: str):
+    """By layer x position results over a subset of the tokens (``patching.positions``): one layer x position
+    heatmap per result, one shared colour scale centred on 0."""
+    keys = list(results)
+    lim = max(float(r.values.abs().max()) for r in results.values()) or 1.0
+    fig, ax = figures.new_figure(len(keys), 1, w=max(4.0, 0.3 * len(results[keys[0]].labels["position"]) + 2))
+    for i, k in enumerate(keys):
+        r = results[k]
+        figures.heatmap(
+            ax[i, 0], r.values, r.labels["position"], r.labels["layer"], cmap=figures.DIVERGING, vmin=-lim,
+            vmax=lim, xlabel="position", ylabel="layer", fmt="{:.2f}", cbar_label="restored",
+        )  # fmt: skip
+        ax[i, 0].set_title(k, fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    return fig

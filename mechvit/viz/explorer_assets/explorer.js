@@ -166,7 +166,10 @@
   function renderIndex() {
     const s = S();
     renderHeader();
-    $("#count").textContent = `${state.rows.length} of ${s.live.length} live latents (${s.d_sae - s.live.length} dead of ${s.d_sae}) · ${s.name}`;
+    const nLive = s.n_live ?? s.live.length;
+    $("#count").textContent = nLive > s.live.length
+      ? `${state.rows.length} of ${s.live.length} listed latents (the most often firing of ${nLive} live; ${s.d_sae - nLive} dead of ${s.d_sae}) · ${s.name}`
+      : `${state.rows.length} of ${s.live.length} live latents (${s.d_sae - s.live.length} dead of ${s.d_sae}) · ${s.name}`;
     $("#spacer").style.height = state.rows.length * ROW + "px";
     renderRows();
   }
@@ -291,6 +294,12 @@
     return `<table class="abl" id="ablation"><tr><th>image</th><th>true</th><th>before</th><th>ablated (×0)</th><th>doubled (×2)</th></tr>${rows}</table>`;
   }
 
+  function notListed(s) {
+    return (s.n_live ?? s.live.length) > s.live.length
+      ? `not listed (never active on these images, or not among the ${s.live.length} latents listed)`
+      : "never active on these images";
+  }
+
   function matchBlock(s, i, m) {
     const other = D.saes.find((x) => x.name === m.sae);
     const g = m.idx[i];
@@ -302,7 +311,7 @@
     div.dataset.cos = m.cos[i];
     const live = gi >= 0;
     div.innerHTML = `<div class="head"><b>${esc(other.name)}</b> (model ${esc(other.model)}) · nearest latent <a class="open" data-open-sae="${esc(other.name)}" data-open-feature="${g}">#${g}</a> · decoder cosine <b>${fmt(m.cos[i], 3)}</b>` +
-      (live ? ` · ${esc(other.label[gi])} · density ${fmtDensity(other.density[gi])}` : ` · <span class="muted">never active on these images</span>`) + `</div>`;
+      (live ? ` · ${esc(other.label[gi])} · density ${fmtDensity(other.density[gi])}` : ` · <span class="muted">${notListed(other)}</span>`) + `</div>`;
     if (live) {
       const imgs = document.createElement("div");
       imgs.className = "imgs";
@@ -322,7 +331,9 @@
       el.dataset.feature = f === null ? "" : f;
       el.innerHTML = f === null
         ? `<p class="muted">Pick a latent on the left (search by id or label; click a column to sort).</p>`
-        : `<h2>${esc(s.name)} · latent #${f}</h2><p class="muted">This latent never fires on these images (dead here): nothing to show.</p>`;
+        : (s.n_live ?? s.live.length) > s.live.length
+          ? `<h2>${esc(s.name)} · latent #${f}</h2><p class="muted">This latent is not listed: it never fires on these images, or it is not among the ${s.live.length} most often firing latents the page lists (max_latents).</p>`
+          : `<h2>${esc(s.name)} · latent #${f}</h2><p class="muted">This latent never fires on these images (dead here): nothing to show.</p>`;
       return;
     }
     el.dataset.sae = s.name;
