@@ -1,6 +1,7 @@
 """SAE activation store and SAE training throughput, each against a plain in-memory baseline in the same run.
 
     python benchmarks/bench_sae.py [--images 1000] [--layer 3] [--steps 30] [--rounds 3]
+        [--device auto|cpu|cuda] [--dtype float32|bfloat16]
 
 Store (activations/s, patch tokens of ``blocks.{layer}.hook_resid_post``):
   baseline  ``run_with_cache(names_filter=hook)`` per batch (full forward), all rows kept in one tensor,
@@ -15,14 +16,22 @@ Store (activations/s, patch tokens of ``blocks.{layer}.hook_resid_post``):
 SAE training (samples/s), the same sae-lens ``SAETrainer`` (BatchTopK, k=32, x16) fed by: an in-memory
 tensor iterator (baseline), the disk cache, the live stream. Rounds are interleaved; ratios are of medians.
 
-Processes (torch.distributed, gloo, forked ranks with one thread each; ``--no-processes`` skips it):
-``cache_activations_distributed`` and data-parallel ``train_sae`` (DDP, same global batch) on 2 processes
-vs 1 (activations/s and samples/s, wall time between two barriers).
+``--device`` (default ``auto``: CUDA when present) runs the ViT and the SAE training there, both sides alike;
+timings synchronise the device before and after each call. ``--dtype bfloat16`` runs the ViT in bfloat16
+(the store casts the images to it) and the SAE training under ``torch.autocast`` to bfloat16 (float32 weights
+and optimiser); the cache stores float16 and every batch is float32, whatever the dtype. The memory-mapped
+read rows compare host-side reads (CPU tensors) on every device.
+
+Processes (torch.distributed, gloo, forked CPU ranks with one thread each, the ``--dtype`` as above;
+``--no-processes`` skips it): ``cache_activations_distributed`` and data-parallel ``train_sae`` (DDP, same
+global batch) on 2 processes vs 1 (activations/s and samples/s, wall time between two barriers).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import functools
 import json
 import os
@@ -51,7 +60,7 @@ from mechvit.sae.distributed import cache_activations_distributed
 from mechvit.sae.train import train_sae
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_name, load  # noqa: E402
+from _common import add_device_args, load, machine, resolve, sync  # noqa: E402
 
 
 def images_for(n: int) -> torch.Tensor:
@@ -67,15 +76,30 @@ def memory_batches(rows: torch.Tensor, batch_size: int, seed: int = 0) -> Iterat
     """The baseline iterator: random batches of an in-memory tensor, epoch after epoch."""
     g = torch.Generator().manual_seed(seed)
     while True:
-        perm = torch.randperm(len(rows), generator=g)
+        perm = torch.randperm(len(rows), generator=g).to(rows.device)
         for i in range(0, len(rows) - batch_size + 1, batch_size):
             yield rows[perm[i : i + batch_size]]
 
 
-def timed(fn: Callable[[], int]) -> tuple[float, int]:
+def timed(fn: Callable[[], int], device: torch.device) -> tuple[float, int]:
+    """Seconds and items of ``fn()``, the device's queue drained before and after (CUDA runs asynchronously)."""
+    sync(device)
     t = time.perf_counter()
     n = fn()
+    sync(device)
     return time.perf_counter() - t, n
+
+
+def precision(device: torch.device, dtype: torch.dtype):
+    """``(transform, autocast)``: the cast of the store's float32 images to the ViT's dtype (None for
+    float32), and the context SAE training runs in (autocast to ``dtype``, or nothing for float32)."""
+    if dtype == torch.float32:
+        return None, contextlib.nullcontext
+
+    def transform(x: torch.Tensor) -> torch.Tensor:
+        return x.to(dtype)
+
+    return transform, functools.partial(torch.autocast, device.type, dtype=dtype)
 
 
 def _rank(rank: int, world: int, tmp: str, job: Callable[[int], int]) -> None:
@@ -100,13 +124,16 @@ def in_processes(job: Callable[[int], int], world: int) -> float:
     return n / seconds
 
 
-def process_scaling(model, images, store, d_model: int, args) -> list[tuple[str, float, float]]:
-    """1 vs 2 processes: caching and data-parallel SAE training. Forked before this process runs any
-    multi-threaded op (OpenMP is not fork-safe)."""
+def process_scaling(model, images, store, d_model: int, args, dtype) -> list[tuple[str, float, float]]:
+    """1 vs 2 processes: caching and data-parallel SAE training, on CPU ranks (``model`` on the CPU in
+    ``dtype``). Forked before this process runs any multi-threaded op (OpenMP is not fork-safe) or starts
+    CUDA."""
     folder = tempfile.TemporaryDirectory()
+    transform, autocast = precision(torch.device("cpu"), dtype)
 
     def cache_job(rank: int, out: Path) -> int:
-        return len(cache_activations_distributed(model, images, out, store, progress=False))
+        cached = cache_activations_distributed(model, images, out, store, transform=transform, progress=False)
+        return len(cached)
 
     rows = torch.randn(8 * args.batch, d_model, generator=torch.Generator().manual_seed(0))
     cfg = SAETrainingConfig(
@@ -120,7 +147,8 @@ def process_scaling(model, images, store, d_model: int, args) -> list[tuple[str,
     )
 
     def train_job(rank: int) -> int:
-        train_sae(memory_batches(rows, args.batch), d_model, cfg)
+        with autocast():
+            train_sae(memory_batches(rows, args.batch), d_model, cfg)
         return args.batch * args.steps
 
     rates: dict[str, list[float]] = {k: [] for k in ("cache1", "cache2", "train1", "train2")}
@@ -132,9 +160,9 @@ def process_scaling(model, images, store, d_model: int, args) -> list[tuple[str,
     folder.cleanup()
     med = {k: statistics.median(v) for k, v in rates.items()}
     return [
-        ("caching (activations/s): 2 processes vs 1", med["cache2"], med["cache1"]),
+        ("caching (activations/s): 2 CPU processes vs 1", med["cache2"], med["cache1"]),
         (
-            f"SAE training (samples/s, global batch {args.batch}): 2 processes vs 1",
+            f"SAE training (samples/s, global batch {args.batch}): 2 CPU processes vs 1",
             med["train2"],
             med["train1"],
         ),
@@ -152,7 +180,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--no-processes", action="store_true", help="skip the 1 vs 2 processes comparison")
+    add_device_args(ap)
     args = ap.parse_args()
+    device, dtype = resolve(args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     vit = timm.create_model(
@@ -166,24 +196,31 @@ def main() -> None:
         depth=args.depth,
         num_heads=3,
     )
-    model = HookedViT.from_timm(vit).eval()
+    cpu_model = HookedViT.from_timm(vit).eval().to(dtype=dtype)
     images = images_for(args.images)
     hook = f"blocks.{args.layer}.hook_resid_post"
     store = ActivationStoreConfig(
         hook=hook, tokens="patches", model_batch_size=128, buffer_size=16 * args.batch
     )
-    n_rows = len(images) * model.cfg.n_patches
+    n_rows = len(images) * cpu_model.cfg.n_patches
+    print(f"{machine(device, dtype)} (before)")
     print(
-        f"torch {torch.__version__}, {args.threads} threads; ViT d={args.width} depth={args.depth}, "
-        f"{len(images)} images -> {n_rows} activations at {hook}; {args.rounds} interleaved rounds"
+        f"ViT d={args.width} depth={args.depth}, {len(images)} images -> {n_rows} activations at {hook}; "
+        f"{args.rounds} interleaved rounds; {os.cpu_count()} CPUs, {args.threads} threads"
     )
-    print(f"{cpu_name()}, {os.cpu_count()} CPUs, {load()} (before)")
-    scaling = [] if args.no_processes else process_scaling(model, images, store, model.cfg.d_model, args)
+    d_model = cpu_model.cfg.d_model
+    scaling = [] if args.no_processes else process_scaling(cpu_model, images, store, d_model, args, dtype)
+    model = cpu_model if device.type == "cpu" else copy.deepcopy(cpu_model).to(device)
+    transform, autocast = precision(device, dtype)
 
     def baseline_store() -> int:
         with torch.no_grad():
             parts = [
-                select_tokens(model.run_with_cache(x, names_filter=hook)[1][hook], model.cfg, "patches")
+                select_tokens(
+                    model.run_with_cache(x.to(device, dtype), names_filter=hook)[1][hook],
+                    model.cfg,
+                    "patches",
+                ).float()
                 for x in images.split(store.model_batch_size)
             ]
         rows = torch.cat(parts)
@@ -191,19 +228,21 @@ def main() -> None:
         return sum(len(next(it)) for _ in range(len(rows) // args.batch))
 
     def stream_store() -> int:
-        return sum(len(b) for b in stream_batches(model, images, store, args.batch, epochs=1))
+        return sum(
+            len(b) for b in stream_batches(model, images, store, args.batch, epochs=1, transform=transform)
+        )
 
     tmp = tempfile.TemporaryDirectory()
 
     def cache_store() -> int:
-        cached = cache_activations(model, images, tmp.name, store)
+        cached = cache_activations(model, images, tmp.name, store, transform=transform)
         # cache_activations resumes a finished cache: clear it so every round really writes
         for s in cached.manifest["shards"]:
             (cached.path / s["file"]).unlink()
         (cached.path / "manifest.json").unlink()
         return sum(len(b) for b in cached.batches(args.batch, buffer_size=store.buffer_size, epochs=1))
 
-    cache_activations(model, images, tmp.name + "/read", store)
+    cache_activations(model, images, tmp.name + "/read", store, transform=transform)
     reader = CachedActivations(tmp.name + "/read")
     in_memory = reader.rows()
 
@@ -215,10 +254,12 @@ def main() -> None:
         return sum(len(next(it)) for _ in range(len(in_memory) // args.batch))
 
     def write_memory() -> int:  # the same forward, rows kept in one float32 tensor
-        return len(torch.cat([rows for _, rows in iter_activations(model, images, store)]))
+        return len(
+            torch.cat([rows for _, rows in iter_activations(model, images, store, transform=transform)])
+        )
 
     def write_cache() -> int:
-        cached = cache_activations(model, images, tmp.name + "/write", store)
+        cached = cache_activations(model, images, tmp.name + "/write", store, transform=transform)
         for s in cached.manifest["shards"]:
             (cached.path / s["file"]).unlink()
         (cached.path / "manifest.json").unlink()
@@ -251,16 +292,19 @@ def main() -> None:
         total_samples=args.batch * args.steps,
         n_batches_for_norm_estimate=5,
         log_every=10**9,
+        device=str(device),
     )
 
     def train_on(batches: Iterator[torch.Tensor]) -> int:
-        train_sae(batches, model.cfg.d_model, train_cfg)
+        with autocast():
+            train_sae(batches, d_model, train_cfg)
         return args.batch * args.steps  # trained samples (the norm estimate is inside the time)
 
+    on_device = in_memory.to(device)  # the baseline's rows where the SAE trains
     train_variants = {
-        "memory": lambda: train_on(memory_batches(in_memory, args.batch)),
-        "cache": lambda: train_on(reader.batches(args.batch, buffer_size=store.buffer_size)),
-        "stream": lambda: train_on(stream_batches(model, images, store, args.batch)),
+        "memory": lambda: train_on(memory_batches(on_device, args.batch)),
+        "cache": lambda: train_on(reader.batches(args.batch, buffer_size=store.buffer_size, device=device)),
+        "stream": lambda: train_on(stream_batches(model, images, store, args.batch, transform=transform)),
     }
     results: dict[str, list[float]] = {f"store/{k}": [] for k in store_variants}
     results.update({f"train/{k}": [] for k in train_variants})
@@ -269,7 +313,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for group, variants in (("store", store_variants), ("train", train_variants)):
             for k, fn in variants.items():
-                seconds, n = timed(fn)
+                seconds, n = timed(fn, device)
                 results[f"{group}/{k}"].append(n / seconds)
     med = {k: statistics.median(v) for k, v in results.items()}
     print("\n| measurement | ours (/s) | baseline (/s) | ratio |\n|---|---|---|---|")
@@ -281,7 +325,7 @@ def main() -> None:
         ),
         ("store: disk cache write + read vs run_with_cache + in-memory", "store/cache", "store/baseline"),
         (
-            "store: memory-mapped read-back vs in-memory tensor iterator",
+            "store: memory-mapped read-back vs in-memory tensor iterator (host)",
             "store/read_cache",
             "store/read_memory",
         ),
@@ -291,7 +335,7 @@ def main() -> None:
             "store/write_memory",
         ),
         (
-            "store: sequential memory-mapped read (float16 -> float32) vs in-memory slices",
+            "store: sequential memory-mapped read (float16 -> float32) vs in-memory slices (host)",
             "store/seq_read_cache",
             "store/seq_read_memory",
         ),
