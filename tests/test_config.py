@@ -299,3 +299,12 @@ def test_patching_positions_and_explorer_max_latents(tiny_hooked):
         ConfigError, match=r"^patching.positions: token index 17 is out of range; this model has 17 tokens"
     ):
         check_hooks_against_model(beyond, tiny_hooked)
+
+
+def test_sae_eval_images_must_allow_the_mismatched_baseline():
+    """The code cosine's mismatched-patch baseline pairs a patch with another image's: 1 image failed only in
+    the sae_analysis step, after the SAEs had trained."""
+    assert _error(_with(sae={"n_eval_images": 1})) == (
+        "sae.n_eval_images: the code cosine's mismatched-patch baseline needs at least 2 images, got 1"
+    )
+    assert study_config_from_dict(_with(sae={"n_eval_images": 1, "enabled": False})).sae.n_eval_images == 1

@@ -389,6 +389,11 @@ def validate(cfg: StudyConfig) -> StudyConfig:
             f">= 0, got {pos!r}"
         )
     _positive(cfg.cka, "cka.", ("batch_size",))
+    if cfg.sae.enabled and cfg.sae.n_eval_images < 2:
+        raise ConfigError(
+            f"sae.n_eval_images: the code cosine's mismatched-patch baseline needs at least 2 images, got "
+            f"{cfg.sae.n_eval_images}"
+        )
     if cfg.cka.n_images < 4:
         raise ConfigError(f"cka.n_images: debiased CKA needs at least 4 images, got {cfg.cka.n_images}")
     if cfg.attention.n_views < 0:
