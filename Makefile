@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.mechvit-installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PYTEST_ARGS ?=
 
-.PHONY: install data browser study docs-numbers test test-slow lint bench checkpoints clean
+.PHONY: install data browser study study-seeds docs-numbers test test-slow lint bench checkpoints clean
 
 install: $(STAMP)
 
@@ -43,6 +43,13 @@ study: install data
 # The README's study block and docs/default_study/metrics.json come from the last `make study` (tests check they agree).
 docs-numbers: install
 	$(PY) -m mechvit.study.summary runs/default/metrics.json --readme README.md --keep docs/default_study
+	@if [ -f runs/fashion_mnist_seeds/metrics.json ]; then \
+	  $(PY) -m mechvit.study.summary runs/fashion_mnist_seeds/metrics.json --readme docs/study.md --block seeds \
+	    --keep docs/seeds_study; fi
+
+# Fine-tune seed variation: robustness and logit lens over three training seeds of blur-4, noise-4 and the control.
+study-seeds: install data
+	$(VENV)/bin/mechvit study --config configs/fashion_mnist_seeds.yaml --out runs/fashion_mnist_seeds
 
 # Two stages: the fast tests first (a failure there stops before the long ones), then the tests marked slow (> ~20 s).
 test: install data browser

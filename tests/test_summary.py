@@ -113,6 +113,15 @@ def test_replace_block_round_trip_and_errors():
     assert summary.read_block(new) == "new numbers\n"
     with pytest.raises(ValueError, match="markers"):
         summary.replace_block("no markers here", "x")
+    b, e = summary.markers("seeds")
+    both = f"{summary.BEGIN}\none\n{summary.END}\n{b}\ntwo\n{e}\n"
+    assert summary.read_block(both) == "one\n" and summary.read_block(both, "seeds") == "two\n"
+    assert summary.read_block(summary.replace_block(both, "2\n", "seeds"), "seeds") == "2\n"
+    assert summary.read_block(summary.replace_block(both, "2\n", "seeds")) == "one\n"
+    with pytest.raises(ValueError, match="markers"):
+        summary.read_block(both, "other")
+    with pytest.raises(ValueError, match="block name"):
+        summary.markers("a b")
 
 
 def test_readme_quotes_the_kept_default_run():
@@ -122,4 +131,14 @@ def test_readme_quotes_the_kept_default_run():
     readme = (ROOT / "README.md").read_text()
     assert summary.read_block(readme) == summary.render(metrics), (
         "README's study block is not what docs/default_study/metrics.json renders: run `make docs-numbers`"
+    )
+
+
+def test_docs_quote_the_kept_fine_tune_seed_run():
+    kept = ROOT / "docs" / "seeds_study" / "metrics.json"
+    metrics = json.loads(kept.read_text())
+    assert metrics["name"] == "fashion_mnist_seeds"
+    doc = (ROOT / "docs" / "study.md").read_text()
+    assert summary.read_block(doc, "seeds") == summary.render(metrics), (
+        "docs/study.md's seeds block is not what docs/seeds_study/metrics.json renders: run `make docs-numbers`"
     )
