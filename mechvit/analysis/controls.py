@@ -114,9 +114,8 @@ class ControlsConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
 
-_CODES_CACHE_BYTES = (
-    2 * 2**30
-)  # overlap_controls keeps dense codes up to this size (the default study: 1.4 GB)
+# overlap_controls keeps the SAEs' dense codes up to this size (the default study: 1.4 GB)
+_CODES_CACHE_BYTES = 2 * 2**30
 
 
 def _nanmean(t: Tensor | None) -> float:

@@ -147,14 +147,11 @@ def robustness_matrix(
             y = labels[bi * batch_size : (bi + 1) * batch_size]
             if name != "clean":
                 x = corrupt(x, name, sev, seed=corruption_seed(seed, name, sev, bi))
-            same = include_clean and (name == "clean" or torch.equal(x, x0))
+            reuse = include_clean and name != "clean" and torch.equal(x, x0)
             for mname, m in models.items():
-                if name != "clean" and same:
-                    logits = clean_logits[(mname, bi)]
-                else:
-                    logits = m(x)
-                    if name == "clean":
-                        clean_logits[(mname, bi)] = logits
+                logits = clean_logits[(mname, bi)] if reuse else m(x)
+                if name == "clean":
+                    clean_logits[(mname, bi)] = logits
                 if accs[mname] is None:
                     accs[mname] = MetricAccumulator(logits.shape[-1])
                 accs[mname].add(logits, y)
