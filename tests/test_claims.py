@@ -65,3 +65,53 @@ def test_lens_and_attention_rules():
     vs = verdicts(m, "base")
     assert by(vs, "lens_changes") == ["supported"]  # earlier, CI excludes 0
     assert by(vs, "attention_changes") == ["inconclusive"]  # no more change than the clean control
+
+
+def test_each_verdict_states_the_condition_that_decided_it():
+    vs = verdicts(
+        {"robustness": robustness(ci(0.3, 0.25, 0.35), ci(0.0, -0.05, 0.05), ci(0.05, 0.03, 0.07))}, "base"
+    )
+    seen = next(v for v in vs if v.claim == "seen_gain")
+    assert seen.rule == "CI vs clean 0 [-5, 5] pp does not lie above 0"
+    other = next(v for v in vs if v.claim == "no_unseen_transfer")
+    # +5 pp on other families is 17% of a 30 pp seen gain: contradicted, and said to be a partial transfer
+    assert other.verdict == "contradicted" and "5 [3, 7] pp = 17% of the seen gain" in other.rule
+    assert "partial transfer" in other.rule
+    assert other.row()[-1] == other.rule
+
+
+def test_overall_text_counts_the_fine_tunes_behind_each_verdict():
+    from mechvit.study.claims import Verdict, overall_text
+
+    def v(model, verdict):
+        return Verdict("seen_gain", model, "e", 1.0, 0.5, 1.5, "c", verdict)
+
+    vs = [v("a", "supported"), v("b", "inconclusive"), v("c", "supported")]
+    assert overall_text(vs) == {"seen_gain": "inconclusive (2 of 3 supported: a, c; 1 of 3 inconclusive: b)"}
+    assert overall_text(vs[:1]) == {"seen_gain": "supported (1 of 1 supported)"}
+
+
+def test_smallest_attainable_permutation_p():
+    from mechvit.study.claims import min_permutation_p
+
+    assert (
+        min_permutation_p({"n": 8, "n_permutations": 70, "exact": True}) == 2 / 70
+    )  # 4 + 4: a split and its swap
+    assert min_permutation_p({"n": 7, "n_permutations": 35, "exact": True}) == 1 / 35  # 3 + 4
+    assert min_permutation_p({"n": 8, "n_permutations": 9999, "exact": False}) is None
+
+
+def test_feature_verdict_says_where_between_lies_from_floor_to_ceiling():
+    mc = {
+        "between": ci(0.38, 0.37, 0.39), "floor": ci(0.30, 0.29, 0.31), "ratio": ci(0.95, 0.93, 0.97),
+        "test": {"p_value": 2 / 70, "n": 8, "n_permutations": 70, "exact": True},
+    }  # fmt: skip
+    m = {"sae_analysis": {"overlap_controls": {"batchtopk": {"summary": {
+        "base vs blur4": {"matched_cos": mc, "persistent_fraction": {"within_reference": ci(0.02, 0.01, 0.03)}},
+    }}}}}  # fmt: skip
+    (v,) = verdicts(m, "base")
+    assert v.verdict == "contradicted"
+    # within = between / ratio = 0.4; (0.38 - 0.30) / (0.4 - 0.30) = 0.80
+    assert "(between - floor) / (within - floor) = 0.80" in v.rule
+    assert "p is the smallest 8 SAEs allow (0.0286)" in v.rule
+    assert "only 2.0% of live features persist even between two seeds" in v.rule

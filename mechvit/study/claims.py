@@ -24,11 +24,15 @@ by a stated rule from the step results (whatever the data say):
    comparison is reported beside it.
 
 A claim's overall verdict: *supported* when every fine-tune supports it, *contradicted* when any contradicts
-it, else *inconclusive*.
+it, else *inconclusive*; :func:`tally` says how many fine-tunes gave each verdict. Every :class:`Verdict`
+carries ``rule``: the condition that decided it, with its numbers, so the report states why, not only what.
+The CIs are over test images (SAE seed pairs for claim 5) for ONE fine-tuning run per model: they do not
+include the variation between fine-tuning seeds (docs/study.md, fine-tune seed variation).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +44,20 @@ CLAIMS = {
     "attention_changes": "Attention changes with corruption fine-tuning",
     "lens_changes": "Layer-wise knowledge evolution (logit lens) changes",
     "features_stable": "Sparse features stay much the same",
+}
+
+# The rule of each claim in one line (the report prints these beside the verdicts; details above).
+RULES = {
+    "seen_gain": "supported when the paired CI (fine-tune - base) on the seen cell and the CI against the clean "
+    "control both lie above 0; contradicted when the CI against the base lies below 0; else inconclusive",
+    "no_unseen_transfer": "contradicted when the CI (fine-tune - base) on unseen other-family cells lies above 0 "
+    "(checked first); supported when its upper end is below half the seen gain's lower end; else inconclusive",
+    "attention_changes": "supported when the CI of (change from base) - (the clean control's change) lies above "
+    "0; contradicted when below 0; else inconclusive",
+    "lens_changes": "supported when the paired CI of the first-correct-block difference (fine-tune - base) "
+    "excludes 0, either sign; else inconclusive (never contradicted: no equivalence margin)",
+    "features_stable": "contradicted when the permutation p <= 0.05 and the CI of matched cosine between / "
+    "within lies below 1; supported when p > 0.05 and that CI lies above 0.95; else inconclusive",
 }
 
 
@@ -54,6 +72,7 @@ class Verdict:
     control: str
     verdict: str
     extra: dict[str, Any] = field(default_factory=dict)
+    rule: str = ""  # the condition that decided the verdict, with its numbers
 
     def row(self) -> list:
         return [
@@ -65,6 +84,7 @@ class Verdict:
             self.high,
             self.control,
             self.verdict,
+            self.rule,
         ]
 
 
@@ -92,26 +112,52 @@ def verdicts(metrics: dict[str, dict], base: str) -> list[Verdict]:
         est, ctrls = rob["estimates"], rob.get("controls", [])
         tuned = [(m, e["seen"]) for m, e in est.items() if e["seen"]]
         for m, _ in tuned:
+            cells = ", ".join((est[m].get("groups") or {}).get("seen") or []) or "the seen cells"
             vs_b = est[m]["vs"][base].get("seen")
             vs_c = {c: est[m]["vs"][c].get("seen") for c in ctrls}
             ok_c = all(_above(v) for v in vs_c.values())
-            v = "supported" if _above(vs_b) and ok_c else "contradicted" if _below(vs_b) else "inconclusive"
-            ctl = "; ".join(f"vs {c}: {_fmt_ci(d, 100)} pp" for c, d in vs_c.items()) or "no clean control"
-            out.append(Verdict("seen_gain", m, "top-1 on seen, minus base (pp)", *_pp(vs_b), ctl, v))
-            other = est[m]["vs"][base].get("unseen_other")
-            seen_low = (vs_b or {}).get("low")
-            if other is None:
-                continue
-            if _above(other):
-                v = "contradicted"
-            elif seen_low is not None and seen_low > 0 and _below(other, 0.5 * seen_low):
-                v = "supported"
+            if _above(vs_b) and ok_c:
+                v, why = (
+                    "supported",
+                    "CI vs base above 0" + (" and CI vs the clean control above 0" if vs_c else ""),
+                )
+            elif _below(vs_b):
+                v, why = "contradicted", "CI vs base below 0"
             else:
                 v = "inconclusive"
+                why = "; ".join([f"CI vs {c} {_fmt_ci(d, 100)} pp does not lie above 0" for c, d in vs_c.items()
+                                 if not _above(d)] + ([] if _above(vs_b) else
+                                                      [f"CI vs base {_fmt_ci(vs_b, 100)} pp includes 0"]))  # fmt: skip
+            ctl = "; ".join(f"vs {c}: {_fmt_ci(d, 100)} pp" for c, d in vs_c.items()) or "no clean control"
+            out.append(Verdict("seen_gain", m, f"top-1 on {cells} (seen corruption), minus base (pp)",
+                               *_pp(vs_b), ctl, v, rule=why))  # fmt: skip
+            other = est[m]["vs"][base].get("unseen_other")
+            seen_low = (vs_b or {}).get("low")
+            seen_est = (vs_b or {}).get("estimate")
+            if other is None:
+                continue
+            share = (
+                f" = {100 * other['estimate'] / seen_est:.0f}% of the seen gain"
+                if seen_est and seen_est > 0 and other.get("estimate") is not None
+                else ""
+            )
+            partial = seen_low is not None and seen_low > 0 and _below(other, 0.5 * seen_low)
+            if _above(other):
+                v, why = "contradicted", f"CI above 0: other families gain {_fmt_ci(other, 100)} pp{share}"
+                if partial:
+                    why += " (its upper end is also below half the seen gain's lower end: a partial transfer)"
+            elif partial:
+                v = "supported"
+                why = f"CI's upper end {100 * other['high']:.3g} pp < half the seen gain's lower end ({50 * seen_low:.3g} pp)"
+            else:
+                v, why = (
+                    "inconclusive",
+                    "neither: CI not above 0 and not below half the seen gain's lower end",
+                )
             vs_c = {c: est[m]["vs"][c].get("unseen_other") for c in ctrls}
             ctl = "; ".join(f"vs {c}: {_fmt_ci(d, 100)} pp" for c, d in vs_c.items()) or "no clean control"
             out.append(Verdict("no_unseen_transfer", m, "top-1 on unseen other families, minus base (pp)",
-                               *_pp(other), ctl, v))  # fmt: skip
+                               *_pp(other), ctl, v, rule=why))  # fmt: skip
     att = metrics.get("attention", {}).get("change_from_base", {})
     lens = metrics.get("logit_lens", {}).get("paired_first_correct", {})
     for m, seen in tuned:
@@ -119,22 +165,35 @@ def verdicts(metrics: dict[str, dict], base: str) -> list[Verdict]:
         if cond is None:
             continue
         a = att.get(f"{m}|{cond}", {})
-        diff = next((v for k, v in a.items() if k.startswith("minus_")), None)
+        key, diff = next(((k, v) for k, v in a.items() if k.startswith("minus_")), ("", None))
         if a:
-            v = "supported" if _above(diff) else "contradicted" if _below(diff) else "inconclusive"
+            ctrl = key.removeprefix("minus_") or "control"
             if diff is None:
-                v = "inconclusive"
-            out.append(Verdict("attention_changes", m, f"attention change on {cond}, minus the control's",
-                               *_get(diff), f"change itself {_fmt_ci(a.get('change'))}", v))  # fmt: skip
+                v, why = "inconclusive", "no control to subtract"
+            elif _above(diff):
+                v, why = "supported", f"CI above 0: attention moved more than {ctrl}'s fine-tune moves it"
+            elif _below(diff):
+                v, why = "contradicted", f"CI below 0: attention moved less than {ctrl}'s fine-tune moves it"
+            else:
+                v, why = "inconclusive", "CI includes 0"
+            out.append(Verdict("attention_changes", m,
+                               f"attention change (1 - cosine) on {cond}, minus the {ctrl} control's",
+                               *_get(diff), f"change itself {_fmt_ci(a.get('change'))}", v, rule=why))  # fmt: skip
         d = (lens.get(f"{m}|{base}|{cond}") or {}).get("difference")
         if d:
-            v = "supported" if (_above(d) or _below(d)) else "inconclusive"
+            if _above(d) or _below(d):
+                v = "supported"
+                why = f"CI excludes 0: the answer forms {abs(d['estimate']):.2g} blocks " + (
+                    "earlier" if d["estimate"] < 0 else "later"
+                )
+            else:
+                v, why = "inconclusive", "CI includes 0"
             c = next(((k, x["difference"]) for k, x in lens.items() if k.startswith(f"{m}|") and k.endswith(f"|{cond}")
                       and k.split("|")[1] in ctrls), None)  # fmt: skip
             ctl = f"vs {c[0].split('|')[1]}: {_fmt_ci(c[1])} blocks" if c else "no clean control"
-            out.append(
-                Verdict("lens_changes", m, f"first correct block on {cond}, minus base", *_get(d), ctl, v)
-            )
+            out.append(Verdict("lens_changes", m,
+                               f"first correct block on {cond}, minus base (blocks; negative = earlier)",
+                               *_get(d), ctl, v, rule=why))  # fmt: skip
     sae = metrics.get("sae_analysis", {}).get("overlap_controls", {})
     for arch, oc in sae.items():
         summ = oc["summary"]
@@ -146,11 +205,12 @@ def verdicts(metrics: dict[str, dict], base: str) -> list[Verdict]:
             ratio, test = mc.get("ratio"), mc.get("test") or {}
             p = test.get("p_value")
             if p is not None and p <= 0.05 and _below(ratio, 1.0):
-                v = "contradicted"
+                v, why = "contradicted", f"p = {p:.3g} <= 0.05 and the ratio's CI below 1"
             elif p is not None and p > 0.05 and _above(ratio, 0.95):
-                v = "supported"
+                v, why = "supported", f"p = {p:.3g} > 0.05 and the ratio's CI above 0.95"
             else:
-                v = "inconclusive"
+                v, why = "inconclusive", "neither rule's condition holds"
+            why += "".join(f"; {x}" for x in _overlap_caveats(mc, test, per.get("persistent_fraction")))
             cc = [summ[f"{base} vs {c}"]["matched_cos"] for c in ctrls if f"{base} vs {c}" in summ]
             ctl = (
                 "; ".join(
@@ -161,7 +221,38 @@ def verdicts(metrics: dict[str, dict], base: str) -> list[Verdict]:
             )
             out.append(Verdict("features_stable", f"{m} ({arch})",
                                f"matched decoder cosine between / within (p = {p:.3g})" if p is not None else
-                               "matched decoder cosine between / within", *_get(ratio), ctl, v))  # fmt: skip
+                               "matched decoder cosine between / within", *_get(ratio), ctl, v, rule=why))  # fmt: skip
+    return out
+
+
+def min_permutation_p(test: dict) -> float | None:
+    """The smallest p an exact two-group permutation test can give: 1 / (number of labelings), or 2 / that
+    when both groups are the same size (a labeling and its swap give the same statistic)."""
+    n, n_perm = test.get("n"), test.get("n_permutations")
+    if not test.get("exact") or not n or not n_perm:
+        return None
+    return (2.0 if n % 2 == 0 and math.comb(n, n // 2) == n_perm else 1.0) / n_perm
+
+
+def _overlap_caveats(mc: dict, test: dict, persistent: dict | None) -> list[str]:
+    """What a reader needs beside the ratio: whether p is the smallest the seed count allows, where between
+    lies from the random-row floor to the seed-noise ceiling, and how few features even seed pairs share."""
+    out = []
+    p, p_min = test.get("p_value"), min_permutation_p(test)
+    if p is not None and p_min is not None and p <= p_min * (1 + 1e-9):
+        out.append(f"p is the smallest {test['n']} SAEs allow ({p_min:.3g})")
+    between, floor, ratio = (mc.get(k) or {} for k in ("between", "floor", "ratio"))
+    b, f, r = between.get("estimate"), floor.get("estimate"), ratio.get("estimate")
+    if b is not None and f is not None and r:
+        within = b / r  # the ratio's denominator: the pooled within-model pairs
+        if within > f:
+            out.append(
+                f"(between - floor) / (within - floor) = {(b - f) / (within - f):.2f} (point estimate; within "
+                f"{within:.3g} is only {within - f:.2g} above the random-row floor {f:.3g})"
+            )
+    w = ((persistent or {}).get("within_reference") or {}).get("estimate")
+    if w is not None:
+        out.append(f"only {100 * w:.1f}% of live features persist even between two seeds of the base model")
     return out
 
 
@@ -205,10 +296,30 @@ def overall(vs: list[Verdict]) -> dict[str, str]:
     return out
 
 
+def tally(vs: list[Verdict]) -> dict[str, dict[str, list[str]]]:
+    """Per claim: ``{verdict: [models]}``, so an overall verdict can be read with its count."""
+    out: dict[str, dict[str, list[str]]] = {}
+    for v in vs:
+        out.setdefault(v.claim, {}).setdefault(v.verdict, []).append(v.model)
+    return out
+
+
+def overall_text(vs: list[Verdict]) -> dict[str, str]:
+    """Per claim: the overall verdict with its tally, e.g. ``inconclusive (5 of 6 supported: blur2, ...; 1 of 6
+    inconclusive: blur1)``."""
+    t, out = tally(vs), {}
+    for c, v in overall(vs).items():
+        n = sum(len(ms) for ms in t[c].values())
+        parts = [f"{len(ms)} of {n} {k}" + ("" if len(ms) == n else f": {', '.join(ms)}")
+                 for k, ms in sorted(t[c].items(), key=lambda kv: (-len(kv[1]), kv[0]))]  # fmt: skip
+        out[c] = f"{v} ({'; '.join(parts)})"
+    return out
+
+
 def claims_table(vs: list[Verdict]) -> Table:
     return Table(
-        "The seed paper's claims: effect with 95% CI, its control, and the verdict by the rule of "
-        "mechvit/study/claims.py (supported / contradicted / inconclusive)",
-        ["claim", "model", "effect", "estimate", "low", "high", "control", "verdict"],
+        "The seed paper's claims: effect with 95% CI (over test images; over SAE seed pairs for the features), "
+        "its control, and the verdict with the condition that decided it",
+        ["claim", "model", "effect", "estimate", "low", "high", "control", "verdict", "why"],
         [v.row() for v in vs],
     )
