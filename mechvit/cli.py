@@ -9,6 +9,7 @@ on stderr and exit with status 2, without a traceback. ``train``/``evaluate`` ar
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -91,6 +92,11 @@ def _fail(prog: str, err: BaseException) -> int:
 
 
 # ---- study --------------------------------------------------------------------------------------------
+# under torchrun, how long the other ranks may wait for rank 0 (a step that is not distributed, e.g. the
+# robustness sweep at ImageNet scale, runs on rank 0 alone): a week
+STUDY_WAIT_MINUTES = 7 * 24 * 60
+
+
 def _add_study(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config", default=None, help="study YAML (default: the embedded configs/fashion_mnist.yaml)"
@@ -132,13 +138,27 @@ def _run_study(args: argparse.Namespace) -> int:
         return 0
     from mechvit.study import run_study
 
+    rank = 0
+    if (
+        int(os.environ.get("WORLD_SIZE", "1")) > 1
+    ):  # torchrun: the SAE step runs on every rank (docs/scaling.md)
+        import dataclasses
+
+        from mechvit.runtime import rank_and_world
+        from mechvit.sae.distributed import init_from_env
+
+        # the other ranks wait for rank 0 through every step that is not distributed: a long timeout
+        device = init_from_env(cfg.device or "auto", timeout_minutes=STUDY_WAIT_MINUTES)
+        cfg = dataclasses.replace(cfg, device=device)
+        rank = rank_and_world()[0]
     t0 = time.time()
     run = run_study(cfg, args.out or f"runs/{cfg.name}", force=args.force, only=args.only)
-    print(
-        f"study finished in {time.time() - t0:.1f} s: computed {run.computed or 'nothing'}, "
-        f"up to date {run.cached or 'nothing'}"
-    )
-    print(f"report: {run.report}")
+    if rank == 0:
+        print(
+            f"study finished in {time.time() - t0:.1f} s: computed {run.computed or 'nothing'}, "
+            f"up to date {run.cached or 'nothing'}"
+        )
+        print(f"report: {run.report}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Process-level settings that make CPU interpretability work faster. Nothing here runs on import."""
+"""Process-level settings that make CPU interpretability work faster, and the two helpers every multi-process
+(torchrun) code path shares. Nothing here runs on import."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -55,3 +59,43 @@ def progress_bars(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         std.tqdm.__init__ = original
+
+
+# ---- several processes (torchrun) ---------------------------------------------------------------------------
+
+
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default ``torch.distributed`` process group; ``(0, 1)`` when there is
+    none."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def rank0_runs(fn: Callable[[], T], what: str) -> T:
+    """``fn()`` run on rank 0 only, its (picklable) value returned on every rank: the way the other ranks
+    wait while rank 0 does file work (saving, evaluating, a study step that is not distributed). A
+    collective: every rank calls it at the same point. An exception on rank 0 is raised there and becomes a
+    ``RuntimeError`` naming ``what`` on the other ranks, which would otherwise wait for rank 0 forever. One
+    process: just ``fn()``."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return fn()
+    import torch.distributed as dist
+
+    box: list[Any] = [None]
+    error: BaseException | None = None
+    if rank == 0:
+        try:
+            box = [("ok", fn())]
+        except BaseException as e:  # the other ranks must hear of it, whatever it is
+            error, box = e, [("error", f"{type(e).__name__}: {e}")]
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    status, value = box[0]
+    if status == "error":
+        raise RuntimeError(f"rank 0 failed while {what}: {value}")
+    return value

@@ -229,6 +229,98 @@ def test_global_batch_must_split_evenly():
         DataParallel(0, 2).check(63)
 
 
+# ---- the study under torchrun -------------------------------------------------------------------------------
+
+
+def _rank0_task(rank: int, tmp: Path) -> None:
+    from mechvit.runtime import rank0_runs
+
+    assert rank0_runs(lambda: rank * 10 + 7, "adding") == 7  # rank 0's value on every rank
+    calls = tmp / f"calls{rank}"
+
+    def fails() -> None:
+        calls.write_text("ran")
+        raise OSError("disk full")
+
+    try:
+        rank0_runs(fails, "writing the report")
+    except Exception as e:  # noqa: BLE001
+        (tmp / f"error{rank}").write_text(f"{type(e).__name__}: {e}")
+
+
+def test_rank0_runs_shares_rank0s_value_and_its_error(tmp_path):
+    run_ranks(_rank0_task, tmp_path)
+    assert (tmp_path / "calls0").is_file() and not (tmp_path / "calls1").exists()  # rank 0 alone runs it
+    assert (tmp_path / "error0").read_text() == "OSError: disk full"
+    assert (tmp_path / "error1").read_text() == (
+        "RuntimeError: rank 0 failed while writing the report: OSError: disk full"
+    )
+
+
+def _study_cfg(ck: dict, **sections):
+    from mechvit.study.config import study_config_from_dict
+    from tests.test_study import tiny_config
+
+    off = {"enabled": False}
+    return study_config_from_dict(
+        tiny_config(
+            ck,
+            logit_lens=off,
+            attention=off,
+            explorer=off,
+            patching=off,
+            cka=off,
+            **sections,
+        )
+    )
+
+
+def _study_task(rank: int, tmp: Path, cfg, out: Path) -> None:
+    from mechvit.study import run_study
+
+    run = run_study(cfg, out, only=["robustness", "sae"])
+    (tmp / f"run{rank}.json").write_text(
+        json.dumps({"computed": run.computed, "report": str(run.report) if run.report else None})
+    )
+
+
+def test_study_sae_step_on_two_ranks_equals_one_process(tmp_path):
+    """The study under a 2-rank process group: the SAE step caches and trains on both ranks (each SAE equals
+    the single-process one), the robustness step runs on rank 0 alone, rank 0 writes the report; a rerun on
+    two ranks finds every step up to date."""
+    from mechvit.study import run_study
+    from tests.test_study import make_checkpoints
+
+    ck = make_checkpoints(tmp_path / "ck")
+    cfg = _study_cfg(ck)
+    run_ranks(functools.partial(_study_task, cfg=cfg, out=tmp_path / "two"), tmp_path)
+    ranks = [json.loads((tmp_path / f"run{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["computed"] == ["robustness", "sae"] and ranks[0]["report"].endswith("report.html")
+    # rank 1 ran only the SAE step and keeps no record of the steps; it is told where the report is
+    assert ranks[1] == {"computed": [], "report": ranks[0]["report"]}
+    one = run_study(cfg, tmp_path / "one", only=["robustness", "sae"])
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())["steps"]
+    ref = json.loads((tmp_path / "one" / "metrics.json").read_text())["steps"]
+    assert two["robustness"]["metrics"] == ref["robustness"]["metrics"]
+    saes = sorted(k for k in ref["sae"]["metrics"] if "|" in k)
+    assert len(saes) == 2 * 3 * 2  # architectures x models x replicates
+    for key in saes:
+        folder = ref["sae"]["metrics"][key]["dir"]
+        a = load_file(tmp_path / "one" / folder / "sae_weights.safetensors")
+        b = load_file(tmp_path / "two" / folder / "sae_weights.safetensors")
+        for name in a:
+            assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-6), (key, name)
+        assert json.loads((tmp_path / "two" / folder / "mechvit_sae.json").read_text())["processes"] == 2
+        ev = [s["sae"]["metrics"][key]["heldout"]["explained_variance"] for s in (two, ref)]
+        assert ev[0] == pytest.approx(ev[1], abs=1e-4), key
+    assert not (tmp_path / "two" / "sae" / "_acts").exists() and not (tmp_path / "two" / ".staging").exists()
+    assert one.computed == ["robustness", "sae"]
+    rerun = tmp_path / "rerun"  # a rerun on two ranks: nothing left to compute
+    rerun.mkdir()
+    run_ranks(functools.partial(_study_task, cfg=cfg, out=tmp_path / "two"), rerun)
+    assert json.loads((rerun / "run0.json").read_text())["computed"] == []
+
+
 # ---- the commands ------------------------------------------------------------------------------------------
 
 
@@ -314,3 +406,23 @@ def test_torchrun_commands_equal_one_process(tmp_path, model_dir):
             assert torch.allclose(one[key], two[key], rtol=1e-4, atol=1e-6), (name, key)
         manifest = json.loads((tmp_path / "s2" / name / "mechvit_sae.json").read_text())
         assert manifest["processes"] == 2 and manifest["trained_samples"] == 640
+
+
+@pytest.mark.slow
+def test_torchrun_study_command_trains_the_saes_on_two_ranks(tmp_path):
+    """``torchrun --nproc_per_node=2 -m mechvit study --only sae``: the real command (process group from
+    torchrun's environment, device per rank) trains every SAE of the study on both ranks; one summary line."""
+    import yaml
+
+    from tests.test_study import make_checkpoints, tiny_config
+
+    cfg = tiny_config(make_checkpoints(tmp_path / "ck"))
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(cfg))
+    done = _torchrun(
+        ["study", "--config", str(tmp_path / "study.yaml"), "--out", str(tmp_path / "out"), "--only", "sae"],
+        2,
+    )
+    assert done.stdout.count("study finished") == 1 and "computed ['sae']" in done.stdout
+    manifests = sorted((tmp_path / "out" / "sae" / "saes").glob("*/mechvit_sae.json"))
+    assert len(manifests) == 2 * 3 * 2
+    assert {json.loads(m.read_text())["processes"] for m in manifests} == {2}

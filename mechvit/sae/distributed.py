@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from ..runtime import rank0_runs, rank_and_world
 from .activations import (
     ActivationStoreConfig,
     CachedActivations,
@@ -60,18 +61,12 @@ __all__ = [
     "cache_activations_distributed",
     "data_parallel",
     "init_from_env",
+    "rank0_runs",
     "rank_and_world",
 ]
 
 
 # ---- process group ---------------------------------------------------------------------------------------
-
-
-def rank_and_world() -> tuple[int, int]:
-    """``(rank, world_size)`` of the default process group; ``(0, 1)`` when there is none."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def init_from_env(device: str = "auto", timeout_minutes: float = 120.0) -> str:

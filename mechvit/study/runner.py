@@ -10,6 +10,12 @@ written. A rerun skips every step whose marker holds the current hash; an interr
 and runs again (the staging folder survives, so a step may keep finished pieces, e.g. trained SAEs).
 The out folder is locked for the run (:class:`mechvit._io.FolderLock`): a second study on the same folder
 fails at once.
+
+Under ``torchrun`` (a process group of several ranks, see ``mechvit study``): rank 0 holds the lock, decides
+which steps are up to date, writes every file and runs the steps that are not distributed while the other
+ranks wait (:func:`mechvit.runtime.rank0_runs`); a step whose module sets ``DISTRIBUTED = True``
+(the SAEs: sharded activation caching and data-parallel training) runs on every rank into rank 0's staging
+folder. The result is the single-process study's.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from mechvit._io import FolderLock, atomic_write_json, replace_dir, sha256_bytes
-from mechvit.runtime import progress_bars
+from mechvit.runtime import progress_bars, rank0_runs, rank_and_world
 from mechvit.study.config import StudyConfig, check_hooks_against_model
 from mechvit.study.context import StudyContext
 from mechvit.study.result import StepResult, StepWriter
@@ -136,8 +142,16 @@ def run_study(
     ``report.html``, ``report.md`` and ``metrics.json``. ``only`` restricts to those steps (and needs their
     upstream steps finished or enabled). Raises :class:`mechvit._io.LockError` when another run holds ``out``."""
     out = Path(out)
-    with FolderLock(out), progress_bars(cfg.progress):
-        return _run(cfg, out, force=force, only=only, report=report)
+    rank, _ = rank_and_world()
+    if rank != 0:  # one set of progress bars: rank 0's
+        cfg = dataclasses.replace(cfg, progress=False)
+    lock = FolderLock(out)
+    rank0_runs(lambda: lock.acquire() and None, f"locking {out}")
+    try:
+        with progress_bars(cfg.progress):
+            return _run(cfg, out, force=force, only=only, report=report)
+    finally:
+        lock.release()  # a no-op where the lock was not taken (ranks other than 0)
 
 
 def _run(cfg: StudyConfig, out: Path, *, force: bool, only: list[str] | None, report: bool) -> StudyRun:
@@ -149,13 +163,17 @@ def _run(cfg: StudyConfig, out: Path, *, force: bool, only: list[str] | None, re
     for name in only or []:
         if name not in known:
             raise ValueError(f"unknown step {name!r}; steps: {', '.join(known)}")
-    ctx = StudyContext(cfg, out)
+    main = rank_and_world()[0] == 0
+    first: list[StudyContext] = []  # rank 0 resolves the models first (it may train a missing checkpoint)
+    rank0_runs(lambda: first.append(StudyContext(cfg, out)), "resolving the models")
+    ctx = first[0] if main else StudyContext(cfg, out)
     check_hooks_against_model(cfg, ctx.model(ctx.base_name))
     steps = [s for s in STEPS if s.enabled(cfg) and (only is None or s.name in only)]
     run = StudyRun(out, {}, {}, [], [], {})
     bar = tqdm(steps, desc="study", unit="step", disable=not cfg.progress)
-    for step in bar:
-        bar.set_postfix_str(step.name)
+
+    def plan(step: Step) -> tuple[str, bool]:
+        """(hash, up to date) of ``step``; a step to run gets its staging folder. Rank 0 only."""
         missing = [d for d in step.deps if d not in run.hashes and read_done(out, d) is None]
         if missing:
             raise ValueError(f"step {step.name!r} needs {missing} (enable them in the config)")
@@ -171,11 +189,13 @@ def _run(cfg: StudyConfig, out: Path, *, force: bool, only: list[str] | None, re
             run.cached.append(step.name)
             if cfg.progress:
                 tqdm.write(f"[{step.name}] up to date ({h}), skipped")
-            continue
-        t0 = time.time()
+            return h, True
+        (out / ".staging" / f"{step.name}-{h}").mkdir(parents=True, exist_ok=True)
+        return h, False
+
+    def finish(step: Step, h: str, result: StepResult, t0: float) -> None:
+        """Write ``result`` and move the staging folder into place, then the done-marker. Rank 0 only."""
         staging = out / ".staging" / f"{step.name}-{h}"
-        staging.mkdir(parents=True, exist_ok=True)
-        result = step.fn(ctx, StepWriter(step.name, staging), run.results)
         atomic_write_json(staging / RESULT, result.to_dict(), indent=1)
         final = replace_dir(staging, out / step.name)
         seconds = round(time.time() - t0, 2)
@@ -187,10 +207,34 @@ def _run(cfg: StudyConfig, out: Path, *, force: bool, only: list[str] | None, re
         run.computed.append(step.name)
         if cfg.progress:
             tqdm.write(f"[{step.name}] done in {seconds:.1f} s")
+
+    for step in bar:
+        bar.set_postfix_str(step.name)
+        h, fresh = rank0_runs(lambda: plan(step), f"preparing step {step.name!r}")  # noqa: B023
+        if fresh:
+            continue
+        t0 = time.time()
+        writer = StepWriter(step.name, out / ".staging" / f"{step.name}-{h}")
+        if step.distributed and not main:  # every rank runs it; rank 0 keeps the result
+            step.fn(ctx, writer, {d: read_result(out, d) for d in step.deps})
+            rank0_runs(lambda: None, f"saving step {step.name!r}")
+        elif step.distributed:
+            result = step.fn(ctx, writer, run.results)
+            rank0_runs(lambda: finish(step, h, result, t0), f"saving step {step.name!r}")  # noqa: B023
+        else:
+            rank0_runs(
+                lambda: finish(step, h, step.fn(ctx, writer, run.results), t0),  # noqa: B023
+                f"running step {step.name!r}",
+            )
     bar.close()
-    shutil.rmtree(out / ".staging", ignore_errors=True)
-    if report:
+
+    def close() -> Path | None:
+        shutil.rmtree(out / ".staging", ignore_errors=True)
+        if not report:
+            return None
         from mechvit.study.report import write_report
 
-        run.report = write_report(ctx, run, [s for s in STEPS if s.name in run.results])
+        return write_report(ctx, run, [s for s in STEPS if s.name in run.results])
+
+    run.report = rank0_runs(close, "writing the report")
     return run

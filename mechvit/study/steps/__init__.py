@@ -18,7 +18,8 @@ from mechvit.study.result import StepResult, StepWriter
 @dataclass
 class Step:
     """A step: ``module`` (under ``mechvit.study.steps``) defines ``TITLE``, ``SECTION`` (the config section
-    it reads, None for none), ``DEPS`` (steps whose results it reads) and ``run(ctx, writer, prev)``."""
+    it reads, None for none), ``DEPS`` (steps whose results it reads), optionally ``DISTRIBUTED`` (runs on every rank under torchrun)
+    and ``run(ctx, writer, prev)``."""
 
     name: str
     module: str
@@ -38,6 +39,11 @@ class Step:
     @property
     def deps(self) -> tuple[str, ...]:
         return tuple(getattr(self._mod, "DEPS", ()))
+
+    @property
+    def distributed(self) -> bool:
+        """Runs on every rank under torchrun (``DISTRIBUTED = True`` in its module); else on rank 0 only."""
+        return bool(getattr(self._mod, "DISTRIBUTED", False))
 
     @property
     def fn(self) -> Callable[[StudyContext, StepWriter, dict[str, StepResult]], StepResult]:

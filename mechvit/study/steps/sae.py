@@ -2,11 +2,17 @@
 the same clean/corrupted mix; the SAEs of one model train in one pass over its cached activations. Measured
 on held-out clean + corrupted test images: EV, L0, dead and dense latents, spliced KL and accuracy, the EV
 of PCA with k components (the baseline an SAE must beat), convergence, and the hook's mean-ablation gap
-(is the hook worth an SAE: do its tokens matter for the prediction?)."""
+(is the hook worth an SAE: do its tokens matter for the prediction?).
+
+Under torchrun every rank runs this step (``DISTRIBUTED``): each caches its shards of the activations
+(:func:`mechvit.sae.distributed.cache_activations_distributed`) and trains its slice of every global batch
+(``train_saes`` under DistributedDataParallel); rank 0 decides what is left to train, evaluates, saves and
+builds the result. The SAEs equal one process's within float tolerance (tests/test_distributed.py)."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import shutil
 import time
 from dataclasses import dataclass
@@ -14,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from mechvit.analysis import collect_activations
+from mechvit.runtime import rank0_runs, rank_and_world
 from mechvit.sae import (
     CorruptionMix,
     ablation_gap,
@@ -26,11 +33,13 @@ from mechvit.sae import (
     spliced_metrics,
     train_saes,
 )
+from mechvit.sae.distributed import cache_activations_distributed
 from mechvit.study.context import StudyContext
 from mechvit.study.result import StepResult, StepWriter, Table
 
 TITLE = "Sparse autoencoders"
 SECTION = "sae"
+DISTRIBUTED = True
 
 
 @dataclass(frozen=True)
@@ -115,8 +124,10 @@ def _train_model(ctx: StudyContext, w: StepWriter, name: str, runs: list[SAERun]
     s = ctx.cfg.sae
     model = ctx.model(name)
     store, trains = run_configs(ctx, runs, len(train_x) * n_tokens(model, s.tokens))
+    world = rank_and_world()[1]
     t0 = time.time()
-    cached = cache_activations(model, train_x, w.path(f"_acts/{name}"), store, transform=ctx.prep)
+    cache = cache_activations_distributed if world > 1 else cache_activations  # the same cache (tested)
+    cached = cache(model, train_x, w.path(f"_acts/{name}"), store, transform=ctx.prep)
     batches = cached.batches(
         s.train.batch_size,
         buffer_size=store.buffer_size,
@@ -128,24 +139,35 @@ def _train_model(ctx: StudyContext, w: StepWriter, name: str, runs: list[SAERun]
             "hook": s.hook, "tokens": s.tokens, "model_name": name, "corruption_mix": store.mix.to_dict(),
             "store": store.identity(), "n_activations": len(cached),
             "study": {"architecture": r.architecture, "model": name, "replicate": r.replicate, "seed": r.seed},
+            "processes": world,
         }
         for r in runs
     }  # fmt: skip
     trained = train_saes(batches, cached.d_in, trains, manifests=manifests)
     seconds = round(time.time() - t0, 2)
-    xe, ye = ctx.test_images(s.n_eval_images)
-    held = heldout(ctx, model)
-    train_rows = cached.rows(0, min(len(cached), 200_000))
-    pca = pca_baseline(train_rows, held, s.train.k).explained_variance
-    for r in runs:
-        t = trained[r.key]
-        t.manifest.update(
-            heldout_metrics=reconstruction_metrics(t.sae, held).to_dict(),
-            pca_k_explained_variance=pca,
-            spliced_clean=spliced_metrics(model, t.sae, ctx.prep(xe), ye, s.hook, tokens=s.tokens).to_dict(),
-            train_seconds_group=seconds,
-        )
-        save_trained(t, w.path(r.dirname))
+
+    def evaluate_and_save() -> None:
+        xe, ye = ctx.test_images(s.n_eval_images)
+        held = heldout(ctx, model)
+        train_rows = cached.rows(0, min(len(cached), 200_000))
+        pca = pca_baseline(train_rows, held, s.train.k).explained_variance
+        for r in runs:
+            t = trained[r.key]
+            t.manifest.update(
+                heldout_metrics=reconstruction_metrics(t.sae, held).to_dict(),
+                pca_k_explained_variance=pca,
+                spliced_clean=spliced_metrics(
+                    model, t.sae, ctx.prep(xe), ye, s.hook, tokens=s.tokens
+                ).to_dict(),
+                train_seconds_group=seconds,
+            )
+            save_trained(t, w.path(r.dirname))
+
+    rank0_runs(evaluate_and_save, f"evaluating and saving the SAEs of {name!r}")
+
+
+def _left_to_train(w: StepWriter, runs: list[SAERun]) -> list[SAERun]:
+    return [r for r in runs if not (w.path(r.dirname) / "cfg.json").is_file()]
 
 
 def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
@@ -153,6 +175,18 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     runs = sae_runs(ctx)
     res = StepResult()
     train_x = ctx.train_images(s.n_train_images)
+    with ctx.bar(len(sae_models(ctx)), "SAEs (per model)") as bar:
+        for name in sae_models(ctx):
+            todo = rank0_runs(  # finished SAEs survive an interrupted step; rank 0 looks (its files)
+                functools.partial(_left_to_train, w, [r for r in runs if r.model == name]),
+                f"listing the SAEs left to train for {name!r}",
+            )
+            if todo:
+                _train_model(ctx, w, name, todo, train_x)
+            bar.update(1)
+    if rank_and_world()[0] != 0:
+        return res  # rank 0 builds the result
+    shutil.rmtree(w.dir / "_acts", ignore_errors=True)
     xe, ye = ctx.test_images(s.n_eval_images)
     gap = ablation_gap(ctx.model(ctx.base_name), ctx.prep(xe), ye, s.hook, tokens=s.tokens)
     res.metrics["ablation_gap"] = gap.to_dict()
@@ -163,13 +197,6 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
             "tokens, so SAE fidelity numbers here say little (choose an earlier hook: "
             "mechvit.sae.ablation_gap_sweep / choose_hook)"
         )
-    with ctx.bar(len(sae_models(ctx)), "SAEs (per model)") as bar:
-        for name in sae_models(ctx):
-            todo = [r for r in runs if r.model == name and not (w.path(r.dirname) / "cfg.json").is_file()]
-            if todo:  # finished SAEs survive an interrupted step
-                _train_model(ctx, w, name, todo, train_x)
-            bar.update(1)
-    shutil.rmtree(w.dir / "_acts", ignore_errors=True)
     rows = []
     for r in runs:
         _, m = load_sae(w.path(r.dirname))
