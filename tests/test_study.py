@@ -276,3 +276,81 @@ def test_missing_checkpoint_is_a_clear_error(checkpoints, tmp_path):
         ConfigError, match=r"^models.finetuned\[0\].checkpoint: .*nope is not a mechvit checkpoint"
     ):
         run_study(study_config_from_dict(cfg), tmp_path / "out")
+
+
+# ---- report rendering (no study run) ------------------------------------------------------------------
+def test_report_p_values_never_render_as_zero_and_text_cells_align_left():
+    from mechvit.study.report import is_p_column, p_cell, table_html, table_markdown
+    from mechvit.study.result import Table
+
+    assert is_p_column("p") and is_p_column("p (permutation)") and not is_p_column("pca")
+    assert p_cell(3e-9) == "< 0.0001" and p_cell(0.10784) == "0.108" and p_cell(None) == "–"
+    t = Table(
+        "", ["model", "model only", "p"], [["blur4", 1163, 1e-300], ["blur1", 132, 0.0072562]], digits=4
+    )
+    md = table_markdown(t)
+    assert "| blur4 | 1163 | < 0.0001 |" in md and "| blur1 | 132 | 0.00726 |" in md and "0.0000" not in md
+    h = table_html(t)
+    assert (
+        "<td class='t'>blur4</td><td>1163</td><td class='t'>&lt; 0.0001</td>" not in h
+    )  # numbers stay right
+    assert "<td class='t'>blur4</td><td>1163</td><td>&lt; 0.0001</td>" in h
+
+
+def test_report_notes_lose_machine_length_floats():
+    from mechvit.study.report import render_markdown, tidy_note
+
+    note = "denominator 95% CI (5.320852547189091, -0.014344346217402992): unstable; 7 of 32; 0.5 kept"
+    assert tidy_note(note) == "denominator 95% CI (5.32, -0.0143): unstable; 7 of 32; 0.5 kept"
+    from mechvit.study.report import Section
+
+    md = render_markdown("t", "i", [Section("s", "S", paragraphs=["one", "two"])], "r")
+    assert "> one\n>\n> two\n" in md  # two notes stay two paragraphs
+
+
+def test_report_sae_quality_table_known_answer():
+    from mechvit.study.report import sae_quality
+
+    def sae(ev, pca, dead, dense, acc_sae, change):
+        return {
+            "heldout": {"explained_variance": ev, "dead_features": dead, "dense_features": dense, "d_sae": 100},
+            "pca_k_explained_variance": pca, "convergence": {"change": change},
+            "spliced_clean": {"accuracy_clean": 0.855, "accuracy_sae": acc_sae, "n_images": 200},
+        }  # fmt: skip
+
+    table, (note,) = sae_quality({
+        "batchtopk|base|0": sae(0.97, 0.90, 10, 5, 0.845, 0.001),  # every bar met (1.0 pp exactly is within)
+        "batchtopk|base|1": sae(0.95, 0.96, 11, 6, 0.83, -0.007),  # EV under PCA-k + 0.01, all else fails too
+        "ablation_gap": {"kl": 0.3},
+    })  # fmt: skip
+    assert table.rows[0] == ["batchtopk", "base", "0", "yes", "yes", "yes", "yes", "yes"]
+    assert table.rows[1] == ["batchtopk", "base", "1", "no (0.950 < 0.970)", "no (11%)", "no (6.0%)",
+                             "no (2.5 pp of 200 images)", "no (-0.0070)"]  # fmt: skip
+    assert note.startswith("SAE quality: 1 of 2 SAEs meet every criterion")
+
+
+def test_report_names_what_each_fine_tune_was_trained_on_and_flags_other_severities():
+    from types import SimpleNamespace
+
+    from mechvit.study.report import severity_note, trained_on
+
+    def card(seen, sev):
+        return {
+            "init_from": {"path": "b"},
+            "config": {"corruption": {"seen": seen, "severities": sev, "p": 1.0}},
+        }
+
+    assert trained_on(card(["gaussian_blur"], [1])) == "gaussian_blur at severity 1, p = 1"
+    assert (
+        trained_on({"init_from": {"path": "b"}, "config": {"corruption": None}})
+        == "clean images (no corruption)"
+    )
+    assert trained_on({}) == "–"
+    infos = {
+        "base": SimpleNamespace(card={}),
+        "blur1": SimpleNamespace(card=card(["gaussian_blur"], [1])),
+        "blur4": SimpleNamespace(card=card(["gaussian_blur"], [4])),
+    }
+    note = severity_note(infos, {"severities": [4]})
+    assert "blur1 (trained at 1)" in note and "blur4" not in note
+    assert severity_note({"blur4": infos["blur4"]}, {"severities": [4]}) is None

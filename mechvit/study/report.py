@@ -14,13 +14,14 @@ import dataclasses
 import html
 import math
 import platform
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mechvit._io import atomic_write_json, atomic_write_text
-from mechvit.study.claims import CLAIMS, claims_table, overall, verdicts
+from mechvit.study.claims import CLAIMS, RULES, claims_table, overall, overall_text, tally, verdicts
 from mechvit.study.result import Table
 
 SUMMARY_TITLE = "Key numbers"
@@ -48,6 +49,32 @@ def cell(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
+def is_p_column(name: str) -> bool:
+    """A column of p-values: ``p``, ``p (...)``, ``p-value``."""
+    n = name.strip().lower()
+    return n == "p" or n.startswith(("p (", "p-value", "p value"))
+
+
+def p_cell(v: Any) -> str:
+    """A p-value as text: 3 significant digits, ``< 0.0001`` below that (never a bare 0.0000)."""
+    if not isinstance(v, (int, float)) or not math.isfinite(v):
+        return cell(v)
+    return "< 0.0001" if v < 1e-4 else f"{v:.3g}"
+
+
+def _cells(t: Table, r: list) -> list[str]:
+    ps = [is_p_column(c) for c in t.columns]
+    return [p_cell(v) if p else cell(v, t.digits) for v, p in zip(r, ps, strict=True)]
+
+
+_LONG_FLOAT = re.compile(r"-?\d+\.\d{5,}(?:[eE][-+]?\d+)?")
+
+
+def tidy_note(text: str) -> str:
+    """A step's note with machine-length floats (``5.320852547189091``) cut to 3 significant digits."""
+    return _LONG_FLOAT.sub(lambda m: f"{float(m.group()):.3g}", text)
+
+
 def _header(t: Table) -> list[str]:
     units = t.units or [""] * len(t.columns)
     return [f"{c} ({u})" if u else c for c, u in zip(t.columns, units, strict=True)]
@@ -60,14 +87,25 @@ def table_markdown(t: Table) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
     lines = [row(_header(t)), "|" + "---|" * len(t.columns)]
-    lines += [row([cell(v, t.digits) for v in r]) for r in t.rows]
+    lines += [row(_cells(t, r)) for r in t.rows]
     return "\n".join(lines)
 
 
+def _is_number(v: Any) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
 def table_html(t: Table) -> str:
+    """An HTML table; text cells (class ``t``) are left-aligned, numbers right-aligned."""
     head = "".join(f"<th>{html.escape(c)}</th>" for c in _header(t))
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(cell(v, t.digits))}</td>" for v in r) + "</tr>" for r in t.rows
+        "<tr>"
+        + "".join(
+            f"<td>{html.escape(c)}</td>" if _is_number(v) else f"<td class='t'>{html.escape(c)}</td>"
+            for v, c in zip(r, _cells(t, r), strict=True)
+        )
+        + "</tr>"
+        for r in t.rows
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -134,26 +172,116 @@ def key_numbers(results: dict, base: str) -> list[str]:
     r = results.get("cka")
     if r is not None:
         for k, v in r.metrics.get("between_models", {}).items():
+            what = f"{v.get('token_reduction', '?')} token, {v.get('n_examples', '?')} images"
             out.append(
-                f"CKA {k}: min over layers {_fmt(min(v['cka_linear']))}, last layer {_fmt(v['cka_linear'][-1])}"
+                f"CKA {k} (linear, {what}; one estimate, no CI): min over layers {_fmt(min(v['cka_linear']))}, "
+                f"last layer {_fmt(v['cka_linear'][-1])}"
             )
     return out
 
 
 # ---- sections -----------------------------------------------------------------------------------------
+SAE_GATES = (
+    "EV >= max(0.95, PCA-k + 0.01)",
+    "dead <= 10%",
+    "dense (>10% of tokens) <= 5%",
+    "spliced top-1 within 1 pp",
+    "|EV change| last 10% < 0.005",
+)
+
+
+def sae_quality(metrics: dict) -> tuple[Table, list[str]] | None:
+    """Each SAE of the ``sae`` step against the field-quality bar of issue 13 (held-out EV over a PCA with k
+    components, dead and dense latents, spliced accuracy, convergence): a table of 'yes' / 'no (value)' and a
+    note with how many SAEs meet every criterion."""
+    rows, passed = [], 0
+    for k, v in metrics.items():
+        if k.count("|") != 2 or not isinstance(v, dict) or "heldout" not in v:
+            continue
+        arch, model, rep = k.split("|")
+        h, sp = v["heldout"], v.get("spliced_clean") or {}
+        ev, pca, d = h["explained_variance"], v.get("pca_k_explained_variance"), h["d_sae"]
+        need = max(0.95, (pca if pca is not None else -1.0) + 0.01)
+        drop = None
+        if sp.get("accuracy_clean") is not None and sp.get("accuracy_sae") is not None:
+            drop = 100 * (sp["accuracy_clean"] - sp["accuracy_sae"])
+        change = (v.get("convergence") or {}).get("change")
+        checks = [
+            (ev >= need, f"{ev:.3f} < {need:.3f}"),
+            (h["dead_features"] <= 0.1 * d, f"{100 * h['dead_features'] / d:.0f}%"),
+            (h["dense_features"] <= 0.05 * d, f"{100 * h['dense_features'] / d:.1f}%"),
+            (None if drop is None else drop <= 1.0 + 1e-9, f"{drop:.1f} pp of {sp.get('n_images', '?')} images" if drop is not None else ""),
+            (None if change is None else abs(change) < 0.005, f"{change:+.4f}" if change is not None else ""),
+        ]  # fmt: skip
+        rows.append(
+            [arch, model, rep] + ["–" if ok is None else "yes" if ok else f"no ({why})" for ok, why in checks]
+        )
+        passed += all(ok for ok, _ in checks)
+    if not rows:
+        return None
+    note = (
+        f"SAE quality: {passed} of {len(rows)} SAEs meet every criterion of the field-quality bar (issue 13: "
+        + "; ".join(SAE_GATES)
+        + "). Held-out EV, dead and dense are on held-out clean + corrupted tokens; spliced top-1 on clean images."
+    )
+    table = Table(
+        "SAE quality against the field's bar (yes, or no with the measured value)",
+        ["SAE", "model", "replicate", *SAE_GATES],
+        rows,
+    )
+    return table, [note]
+
+
+def trained_on(card: dict | None) -> str:
+    """What a checkpoint was fine-tuned on, from its card: corruptions, severities and probability."""
+    c = ((card or {}).get("config") or {}).get("corruption")
+    if not c or not c.get("seen"):
+        return "–" if not card or not card.get("init_from") else "clean images (no corruption)"
+    sev = ", ".join(str(x) for x in c.get("severities") or [])
+    p = c.get("p")
+    return f"{', '.join(c['seen'])} at severity {sev or '?'}" + ("" if p is None else f", p = {p:g}")
+
+
+def severity_note(infos: dict, robustness: dict | None) -> str | None:
+    """A note when a fine-tune's 'seen' cells are scored at severities it was not trained on."""
+    if not robustness or not robustness.get("severities"):
+        return None
+    scored = set(robustness["severities"])
+    off = []
+    for n, i in infos.items():
+        c = ((getattr(i, "card", None) or {}).get("config") or {}).get("corruption") or {}
+        sev = set(c.get("severities") or [])
+        if c.get("seen") and sev and sev != scored:
+            off.append(f"{n} (trained at {', '.join(str(x) for x in sorted(sev))})")
+    if not off:
+        return None
+    return (
+        f"'Seen' is scored at severity {', '.join(str(x) for x in sorted(scored))} only (the study's severities). "
+        f"{'; '.join(off)}: for these the 'seen' cell is their corruption at a severity they were not trained "
+        "on, so their seen gain measures transfer across severity, not the trained condition."
+    )
+
+
 def sections(ctx, run, steps, numbers: list[str], models: dict) -> list[Section]:
-    """The report's sections: key numbers, models, then one per step in order."""
+    """The report's sections: claims, key numbers, models, then one per step in order."""
     vs = verdicts({k: v.metrics for k, v in run.results.items()}, ctx.base_name)
-    ov = overall(vs)
+    infos = getattr(ctx, "infos", {}) or {}
+    rob = run.results.get("robustness")
+    sev_note = severity_note(infos, rob.metrics if rob is not None else None)
+    claim_notes = [
+        "Each verdict follows its claim's rule (below); the table's last column says which condition decided "
+        "it. The CIs are over test images (SAE seed pairs for the features) for ONE fine-tuning run per model: "
+        "they leave out the variation between fine-tuning seeds.",
+        *[f"Rule, {c.replace('_', ' ')}: {RULES[c]}." for c in CLAIMS if c in tally(vs)],
+    ]
+    if sev_note:
+        claim_notes.append(sev_note)
     out = [
         Section(
             "claims",
             "Claims: what the data say",
-            paragraphs=[
-                "Rules: see mechvit/study/claims.py and docs/study.md. Every effect carries its 95% CI "
-                "and is set against its control."
-            ],
-            items=[f"{CLAIMS[c]}: {v}" for c, v in ov.items()],
+            paragraphs=claim_notes,
+            items=[f"{CLAIMS[c]}: {v}" for c, v in overall_text(vs).items()],
             tables=[claims_table(vs)] if vs else [],
         ),
         Section("summary", SUMMARY_TITLE, items=numbers),
@@ -163,11 +291,17 @@ def sections(ctx, run, steps, numbers: list[str], models: dict) -> list[Section]
             tables=[
                 Table(
                     "",
-                    ["model", "source", "seen corruptions", "sha256"],
+                    ["model", "source", "seen corruptions", "fine-tuned on", "sha256"],
                     [
-                        [n, i["source"], ", ".join(i["seen"]) or "–", i["sha256"][:12]]
+                        [
+                            n,
+                            i["source"],
+                            ", ".join(i["seen"]) or "–",
+                            trained_on(getattr(infos.get(n), "card", None)),
+                            i["sha256"][:12],
+                        ]
                         for n, i in models.items()
-                    ],
+                    ],  # fmt: skip
                 )
             ],
         ),
@@ -175,12 +309,20 @@ def sections(ctx, run, steps, numbers: list[str], models: dict) -> list[Section]
     for s in steps:
         r = run.results[s.name]
         cached = " (cached)" if s.name in run.cached else ""
+        notes, tables = [tidy_note(n) for n in r.notes], list(r.tables)
+        if s.name == "robustness" and sev_note:
+            notes.append(sev_note)
+        if s.name == "sae":
+            q = sae_quality(r.metrics)
+            if q is not None:
+                tables.append(q[0])
+                notes += q[1]
         out.append(
             Section(
                 s.name,
                 s.title,
-                paragraphs=list(r.notes),
-                tables=list(r.tables),
+                paragraphs=notes,
+                tables=tables,
                 figures=list(r.figures),
                 links=list(r.links),
                 footer=f"step hash {run.hashes.get(s.name)}, {run.timings.get(s.name, 0):.1f} s{cached}",
@@ -193,7 +335,9 @@ def render_markdown(title: str, intro: str, secs: list[Section], reproduce: str)
     md = [f"# {title}", "", intro, ""]
     for s in secs:
         md += [f"## {s.title}", ""]
-        md += [f"> {p}" for p in s.paragraphs] + ([""] if s.paragraphs else [])
+        for i, p in enumerate(s.paragraphs):  # one quote block, a paragraph per note
+            md += ([">"] if i else []) + [f"> {p}"]
+        md += [""] if s.paragraphs else []
         md += [f"- {x}" for x in s.items] + ([""] if s.items else [])
         for t in s.tables:
             md += ([f"**{t.title}**", ""] if t.title else []) + [table_markdown(t), ""]
@@ -209,7 +353,7 @@ def render_markdown(title: str, intro: str, secs: list[Section], reproduce: str)
 CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1150px;color:#222;
 line-height:1.45;padding:0 1em}h1{font-size:1.6em}h2{border-bottom:2px solid #4477AA;padding-bottom:.2em;margin-top:2em}
 table{border-collapse:collapse;font-size:.85em;margin:.6em 0;display:block;overflow-x:auto}
-th,td{border:1px solid #ccc;padding:.25em .5em;text-align:right}th{background:#eef3f8}td:first-child,th:first-child{text-align:left}
+th,td{border:1px solid #ccc;padding:.25em .5em;text-align:right}th{background:#eef3f8}td:first-child,th:first-child,td.t{text-align:left}
 figure{margin:1em 0}figure img{max-width:100%;height:auto}figcaption{font-size:.85em;color:#555}
 .note{background:#fff6e0;border-left:3px solid #CCBB44;padding:.3em .6em;font-size:.9em}
 nav ol{columns:2}code{background:#f4f4f4;padding:0 .2em}"""
@@ -293,7 +437,10 @@ def write_report(ctx, run, steps) -> Path:
         "config": dataclasses.asdict(cfg),
     }  # fmt: skip
     vs = verdicts({k: v.metrics for k, v in results.items()}, ctx.base_name)
-    metrics["claims"] = {"overall": overall(vs), "per_model": [dataclasses.asdict(v) for v in vs]}
+    metrics["claims"] = {
+        "overall": overall(vs), "overall_text": overall_text(vs), "rules": {c: RULES[c] for c in CLAIMS},
+        "per_model": [dataclasses.asdict(v) for v in vs],
+    }  # fmt: skip
     atomic_write_json(out / "metrics.json", metrics, indent=1)
     secs = sections(ctx, run, steps, numbers, models)
     reproduce = f"mechvit study --config <this config> --out {out}"
