@@ -47,6 +47,7 @@ def test_render_known_metrics():
                 "seconds": 60.0,
                 "metrics": {
                     "n_images": 100,
+                    "corruptions": ["gaussian_blur", "gaussian_noise", "saturate"],
                     "severities": [4],
                     "excluded_unchanged": ["saturate"],
                     "controls": [],
@@ -94,6 +95,9 @@ def test_render_known_metrics():
     assert "steps 3.0 min in all (robustness 60 s, sae 120 s)" in md
     assert "| Fine-tuning raises accuracy on the corruptions trained on | ft | top-1 | 12 [10, 14] |" in md
     assert "| ft | gaussian_blur | 80 [70, 90] | 60 [50, 70] |" in md
+    # the corruption count comes from the metrics; the model's seen corruptions are not a second "seen" column
+    assert "on 100 test images, 3 corruptions at severity 4" in md
+    assert "| model | fine-tuned on | clean | seen |" in md
     assert "| base | – | 90 [85, 95] |" in md
     assert "excluded as unchanged on these images: saturate" in md
     assert "| ft | base | – | 20 [10, 30] | – | – |" in md

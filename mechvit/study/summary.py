@@ -112,13 +112,14 @@ def robustness_md(steps: dict) -> list[str]:
     sev = ", ".join(str(s) for s in r.get("severities", []))
     excl = r.get("excluded_unchanged") or []
     out = [
-        f"**Robustness**: top-1 (%) on {r['n_images']} test images, 19 corruptions at severity {sev}, 95% CIs "
+        f"**Robustness**: top-1 (%) on {r['n_images']} test images, {len(r.get('corruptions') or []) or '?'} "
+        f"corruptions at severity {sev}, 95% CIs "
         "over images (a group's score per image is the fraction of its cells the model gets right)"
         + (f"; excluded as unchanged on these images: {', '.join(excl)}" if excl else "")
         + ":",
         "",
     ]
-    out += _table(["model", "seen", *[GROUPS[g] for g in groups]], rows)
+    out += _table(["model", "fine-tuned on", *[GROUPS[g] for g in groups]], rows)
     base = next((m for m, e in est.items() if not e["seen"] and "vs" in e), None)
     diff_rows = []
     for m, e in est.items():
