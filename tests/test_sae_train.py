@@ -297,20 +297,52 @@ def test_lockstep_refuses_shared_seeds_and_mismatched_batches():
         train_saes(sparse_batches(dictionary(), 128), D_IN, {"a": cfgs["sae1"], "b": other})
 
 
-def test_unsorted_batchtopk_keeps_sae_lens_output_and_gradient():
+def test_fast_batchtopk_keeps_sae_lens_output_and_gradient():
+    """Our BatchTopK (unsorted top-k, pre-filtered by the previous step's k-th value on CPU) against
+    sae-lens's on a run of steps: drifting activations take the filtered path, a sudden shrink falls back to
+    the full top-k; output and gradient equal at every step."""
     from sae_lens.saes.batchtopk_sae import BatchTopK
 
-    from mechvit.sae.train import _BatchTopKTrainingSAE, _UnsortedBatchTopK, build_training_sae
+    from mechvit.sae.train import _BatchTopKTrainingSAE, _FastBatchTopK, build_training_sae
 
     g = torch.Generator().manual_seed(0)
     for shape, k in (((64, 96), 8), ((3, 5, 40), 4.5), ((16, 32), 32)):  # k * rows = every element at the end
+        ours = _FastBatchTopK(k)
         x = torch.randn(*shape, generator=g, dtype=torch.float64)
-        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ya, yb = BatchTopK(k)(xa), _UnsortedBatchTopK(k)(xb)
-        assert torch.equal(ya, yb)
-        w = torch.randn(*shape, generator=g, dtype=torch.float64)
-        (ya * w).sum().backward()
-        (yb * w).sum().backward()
-        assert torch.equal(xa.grad, xb.grad)
+        for scale in (1.0, 1.02, 0.99, 1.01, 0.3, 0.31):  # 0.3: the previous step's filter keeps too few
+            xs = x * scale + 0.01 * torch.randn(*shape, generator=g, dtype=torch.float64)
+            xa, xb = xs.clone().requires_grad_(), xs.clone().requires_grad_()
+            filtered = ours.filtered_steps
+            ya, yb = BatchTopK(k)(xa), ours(xb)
+            assert torch.equal(ya, yb), (shape, scale)
+            w = torch.randn(*shape, generator=g, dtype=torch.float64)
+            (ya * w).sum().backward()
+            (yb * w).sum().backward()
+            assert torch.equal(xa.grad, xb.grad), (shape, scale)
+            if scale == 0.3:
+                assert ours.filtered_steps == filtered  # fell back to the whole batch
+        if k * shape[0] < x.numel():
+            assert ours.filtered_steps >= 3  # and the filter did its work on the drifting steps
     sae = build_training_sae(16, SAETrainingConfig(architecture="batchtopk", expansion_factor=2, k=3))
-    assert isinstance(sae, _BatchTopKTrainingSAE) and isinstance(sae.activation_fn, _UnsortedBatchTopK)
+    assert isinstance(sae, _BatchTopKTrainingSAE) and isinstance(sae.activation_fn, _FastBatchTopK)
+
+
+def test_batchtopk_threshold_update_equals_sae_lens():
+    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE
+
+    from mechvit.sae.train import build_training_sae
+
+    ours = build_training_sae(8, SAETrainingConfig(architecture="batchtopk", expansion_factor=2, k=2))
+    ref = BatchTopKTrainingSAE(ours.cfg)
+    g = torch.Generator().manual_seed(3)
+    for acts in (
+        torch.randn(32, 16, generator=g).relu(),
+        torch.zeros(32, 16),  # nothing positive: no update
+        torch.randn(32, 16, generator=g).relu() * 5,
+        torch.tensor([[0.0, float("nan"), 0.25, -1.0]]),  # NaN and negatives are not positive
+    ):
+        ours.update_topk_threshold(acts)
+        ref.update_topk_threshold(acts)
+        assert ours.topk_threshold.dtype == ref.topk_threshold.dtype == torch.float64
+        assert torch.equal(ours.topk_threshold, ref.topk_threshold)
+    assert ours.topk_threshold > 0

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -207,24 +208,63 @@ class TrainedSAE:
     path: Path | None = None
 
 
-class _UnsortedBatchTopK(BatchTopK):
-    """sae-lens's ``BatchTopK`` with ``torch.topk(..., sorted=False)``: the kept set, hence the output and its
-    gradient, is the same (scatter writes the same values at the same indices; tested), but torch does not
-    sort the ``k * batch`` kept values, which was ~40% of the top-k's time on CPU (1024 x 768: 24 -> 14 ms;
-    the top-k was ~20% of a BatchTopK training step)."""
+class _FastBatchTopK(BatchTopK):
+    """sae-lens's ``BatchTopK``, exact, with a cheaper selection on CPU (written here because it measurably
+    beats ``torch.topk``: the top-k over the ``batch x d_sae`` activations was a third of a BatchTopK training
+    step on CPU, ~16 ms at 1024 x 768 under load).
+
+    - ``torch.topk(..., sorted=False)``: torch does not sort the ``k * batch`` kept values (the kept set is the
+      same);
+    - on CPU, a pre-filter: the ``k * batch``-th largest value moves little from one training step to the
+      next, so only the activations ``>= 0.8 x`` the previous step's go through ``torch.topk``. When at least
+      ``k * batch`` activations pass, the global top set lies among them (every kept value is ``>=`` the
+      ``k * batch``-th largest, which is ``>=`` the filter), so the selection is exact; otherwise (the first
+      step, a shifted distribution) the whole batch goes through ``torch.topk``. Only ties at the boundary
+      value could pick other indices of equal values, as two ``torch.topk`` calls may.
+
+    The output is ``zeros.scatter(kept indices, kept values)`` as in sae-lens, so output and gradient equal
+    sae-lens's (tested, also over a run of steps that takes both paths)."""
+
+    FILTER = 0.8
+
+    def __init__(self, k: float):
+        super().__init__(k)
+        self._floor = 0.0  # the next step's pre-filter (0: none)
+        self.filtered_steps = 0  # steps that took the pre-filtered path (for tests and benchmarks)
 
     def forward(self, x: Tensor) -> Tensor:
         acts = x.relu()
         flat = acts.flatten()
-        top = torch.topk(flat, int(self.k * acts.shape[:-1].numel()), dim=-1, sorted=False)
-        return torch.zeros_like(flat).scatter(-1, top.indices, top.values).reshape(acts.shape)
+        keep = int(self.k * acts.shape[:-1].numel())
+        with torch.no_grad():
+            idx = None
+            if self._floor > 0 and flat.device.type == "cpu":
+                candidates = (flat >= self._floor).nonzero().squeeze(1)
+                if len(candidates) >= keep:
+                    idx = candidates[torch.topk(flat[candidates], keep, sorted=False).indices]
+                    self.filtered_steps += 1
+            if idx is None:
+                idx = torch.topk(flat, keep, sorted=False).indices
+            if flat.device.type == "cpu" and keep > 0:
+                self._floor = self.FILTER * float(flat[idx].min())
+        return torch.zeros_like(flat).scatter(-1, idx, flat.gather(-1, idx)).reshape(acts.shape)
 
 
 class _BatchTopKTrainingSAE(BatchTopKTrainingSAE):
-    """sae-lens's BatchTopK training SAE with :class:`_UnsortedBatchTopK` (everything else is sae-lens's)."""
+    """sae-lens's BatchTopK training SAE with :class:`_FastBatchTopK` and the same inference-threshold EMA
+    computed without boolean indexing (everything else is sae-lens's)."""
 
     def get_activation_fn(self) -> Callable[[Tensor], Tensor]:
-        return _UnsortedBatchTopK(self.cfg.k)
+        return _FastBatchTopK(self.cfg.k)
+
+    @torch.no_grad()
+    def update_topk_threshold(self, acts_topk: Tensor) -> None:
+        # sae-lens: min of acts_topk[acts_topk > 0] (a nonzero + gather over the batch); the same minimum
+        low = acts_topk.masked_fill(~(acts_topk > 0), math.inf).min()
+        with torch.autocast(self.topk_threshold.device.type, enabled=False):
+            if torch.isfinite(low):
+                lr = self.cfg.topk_threshold_lr
+                self.topk_threshold = (1 - lr) * self.topk_threshold + lr * low.to(self.topk_threshold.dtype)
 
 
 def build_training_sae(d_in: int, cfg: SAETrainingConfig) -> TrainingSAE:
