@@ -183,6 +183,24 @@ def test_attention_views_are_offline_circuitsvis_pages(finished):
     assert '"CLS"' in page and '"r0c0"' in page and '"r3c3"' in page and '"L1H1"' in page
 
 
+def test_attention_views_show_the_chosen_layers(checkpoints, tmp_path):
+    """``attention.view_layers`` (negative from the last) limits the circuitsvis views to those blocks, with
+    the heads named after their real layer; a block the model lacks is refused before any step runs."""
+    att = {"n_images": 4, "n_views": 1, "view_layers": [-1]}
+    run_study(
+        study_config_from_dict(tiny_config(checkpoints, attention=att)), tmp_path / "a", only=["attention"]
+    )
+    page = (tmp_path / "a" / "attention" / "attention_views_base.html").read_text()
+    assert '"L1H0"' in page and '"L1H1"' in page and '"L0H0"' not in page
+    for layers, message in (
+        ([2], r"\[2\] out of range; this model has 2 blocks"),
+        ([1, -1], "names a block twice"),
+    ):
+        cfg = tiny_config(checkpoints, attention={**att, "view_layers": layers})
+        with pytest.raises(ConfigError, match=message):
+            run_study(study_config_from_dict(cfg), tmp_path / "b", only=["attention"])
+
+
 def test_rerun_skips_finished_steps_and_recomputes_only_what_changed(finished, checkpoints, tmp_path):
     import shutil
 

@@ -172,6 +172,9 @@ class AttentionSection:
     enabled: bool = True
     n_images: int = 200
     n_views: int = 2  # images shown in the circuitsvis views (per model and condition)
+    # layers in the circuitsvis views (negative: from the last, -1 = last block); None = every layer. A view of
+    # every layer of ViT-B/16 is 12 x 12 heads x 197^2 values, ~30 MB of page per image: pick a few there
+    view_layers: list[int] | None = None
     batch_size: int = 50
 
 
@@ -407,13 +410,22 @@ def validate(cfg: StudyConfig) -> StudyConfig:
 
 
 def check_hooks_against_model(cfg: StudyConfig, model: Any) -> None:
-    """``sae.hook`` must exist in ``model.hook_dict`` (the layer index must fit the model), and
-    ``patching.positions`` must index its tokens."""
+    """``sae.hook`` must exist in ``model.hook_dict`` (the layer index must fit the model),
+    ``attention.view_layers`` must name its blocks, and ``patching.positions`` must index its tokens."""
     if cfg.sae.enabled and cfg.sae.hook not in model.hook_dict:
         raise ConfigError(
             f"sae.store.hook: unknown hook {cfg.sae.hook!r}; this model has {model.cfg.n_layers} blocks "
             f"(blocks.0 .. blocks.{model.cfg.n_layers - 1})"
         )
+    depth, layers = int(model.cfg.n_layers), cfg.attention.view_layers
+    bad = [i for i in layers or [] if not -depth <= i < depth]
+    if cfg.attention.enabled and bad:
+        raise ConfigError(
+            f"attention.view_layers: {bad} out of range; this model has {depth} blocks "
+            f"(0 .. {depth - 1}, or -{depth} .. -1 from the last)"
+        )
+    if cfg.attention.enabled and layers is not None and len({i % depth for i in layers}) != len(layers):
+        raise ConfigError(f"attention.view_layers: {layers} names a block twice (of {depth} blocks)")
     pos, n_tokens = cfg.patching.positions, int(model.cfg.n_tokens)
     if cfg.patching.enabled and pos is not None and max(pos) >= n_tokens:
         raise ConfigError(

@@ -126,16 +126,23 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     with ctx.bar(len(names), "attention views") as bar:
         for n in names:
             m = ctx.model(n)
+            depth = m.cfg.n_layers
+            layers = sorted(i % depth for i in s.view_layers) if s.view_layers is not None else range(depth)
+            keep = {f"blocks.{i}.attn.hook_pattern" for i in layers}
+            heads = [f"L{i}H{h}" for i in layers for h in range(m.cfg.n_heads)]
             views = []
             for v in range(n_views):
                 for lab, xi in views_x.items():
-                    _, cache = m.run_with_cache(
-                        ctx.prep(xi[v : v + 1]), names_filter=lambda h: h.endswith("hook_pattern")
+                    _, cache = m.run_with_cache(ctx.prep(xi[v : v + 1]), names_filter=lambda h: h in keep)  # noqa: B023
+                    pats = torch.stack([cache[f"blocks.{i}.attn.hook_pattern"][0] for i in layers])
+                    views.append(
+                        {
+                            "title": f"{n}: image #{v}, {lab}",
+                            "pattern": pats.cpu(),
+                            "image": xi[v],
+                            "head_names": heads,
+                        }
                     )
-                    pats = torch.stack(
-                        [cache[f"blocks.{i}.attn.hook_pattern"][0] for i in range(m.cfg.n_layers)]
-                    )
-                    views.append({"title": f"{n}: image #{v}, {lab}", "pattern": pats.cpu(), "image": xi[v]})
             name = f"attention_views_{n}.html"
             # every view page loads one shared copy of the circuitsvis bundle, attention/circuitsvis.js
             save_attention_views(
