@@ -18,6 +18,11 @@ and serialise with ``to_dict()``.
   units' group labels. This is the right test for seed pairs: pairs sharing an SAE are not independent,
   but the SAEs (the units) are exchangeable under the null.
 - :func:`ratio_ci`: CI of ``mean(num) / mean(den)`` for two independent samples (bootstrap of each).
+- :func:`holm`: Holm's step-down adjustment of a family of p-values (family-wise error rate).
+- :func:`bootstrap_weights` / :func:`weighted_bootstrap_ci`: a vectorised percentile bootstrap over items for
+  any statistic written as a function of per-item weights (a resample is a vector of counts), so that many
+  statistics of the same items (accuracy, ECE, NLL, a ratio of error sums) share one resampling and cost one
+  matrix product each.
 
 Every function takes a ``seed`` and is deterministic given it.
 """
@@ -37,6 +42,8 @@ __all__ = [
     "Estimate",
     "McNemarResult",
     "TestResult",
+    "bootstrap_weights",
+    "holm",
     "mcnemar",
     "mean_ci",
     "pairwise_label_permutation_test",
@@ -44,6 +51,7 @@ __all__ = [
     "permutation_test",
     "proportion_ci",
     "ratio_ci",
+    "weighted_bootstrap_ci",
 ]
 
 BOOTSTRAP_MIN_N = 20  # below this, mean_ci(method="auto") uses Student's t
@@ -367,3 +375,55 @@ def ratio_ci(
         seed=seed,
     )
     return Estimate(r, lo, hi, len(xn) + len(xd), "bootstrap ratio", confidence)
+
+
+def holm(p_values: Any) -> np.ndarray:
+    """Holm's step-down adjusted p-values (controls the family-wise error rate of the whole family): sorted
+    ascending, ``p_(i) * (m - i)`` (i from 0), made non-decreasing, capped at 1; returned in input order."""
+    p = _as_1d(p_values, "p_values")
+    if ((p < 0) | (p > 1)).any():
+        raise ValueError("p-values must lie in [0, 1]")
+    order = np.argsort(p, kind="stable")
+    adj = np.minimum(1.0, np.maximum.accumulate(p[order] * (len(p) - np.arange(len(p)))))
+    out = np.empty_like(p)
+    out[order] = adj
+    return out
+
+
+def bootstrap_weights(n: int, n_resamples: int = 2000, *, seed: int = 0) -> np.ndarray:
+    """``[n_resamples, n]`` counts: row b says how often each of the ``n`` items is drawn in resample b
+    (``n`` draws with replacement; every row sums to ``n``)."""
+    if n < 1 or n_resamples < 1:
+        raise ValueError(f"need n >= 1 and n_resamples >= 1, got n={n}, n_resamples={n_resamples}")
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+    idx += n * np.arange(n_resamples)[:, None]
+    return np.bincount(idx.ravel(), minlength=n_resamples * n).reshape(n_resamples, n).astype(np.float64)
+
+
+def weighted_bootstrap_ci(
+    statistic: Callable[[np.ndarray], np.ndarray],
+    n: int,
+    *,
+    weights: np.ndarray | None = None,
+    confidence: float = 0.95,
+    n_resamples: int = 2000,
+    seed: int = 0,
+    method: str = "bootstrap-percentile",
+) -> Estimate:
+    """Percentile bootstrap CI over ``n`` items of a statistic given as ``statistic(w [B, n]) -> [B]``, the
+    statistic of the items weighted by ``w`` (e.g. ``w @ x / w.sum(1)`` for a mean). The estimate is
+    ``statistic`` at unit weights; ``weights`` (from :func:`bootstrap_weights`) lets several statistics share
+    one resampling (pairs stay together: every statistic of the same items sees the same draws). Resamples
+    where the statistic is undefined (nan) are dropped."""
+    _check_confidence(confidence)
+    est = float(np.asarray(statistic(np.ones((1, n))))[0])
+    w = bootstrap_weights(n, n_resamples, seed=seed) if weights is None else weights
+    if w.shape[1] != n:
+        raise ValueError(f"weights cover {w.shape[1]} items, the statistic {n}")
+    with np.errstate(all="ignore"):
+        b = np.asarray(statistic(w), dtype=np.float64)
+    b = b[np.isfinite(b)]
+    if not math.isfinite(est) or len(b) == 0:
+        return Estimate(est, math.nan, math.nan, n, method, confidence)
+    lo, hi = np.quantile(b, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return Estimate(est, float(lo), float(hi), n, method, confidence)
