@@ -24,6 +24,15 @@ result carries ``denominator_ci`` (95% t interval of the mean of the per-image d
 ``n_sign_flipped`` (images with ``LD_clean <= LD_corrupted``); a ``RuntimeWarning`` is raised when the
 interval contains 0 or ``D < 0`` (the scores are then noise-dominated or of the opposite sense).
 ``method="attribution"`` estimates the same scores to first order (``mechvit.analysis.attribution``).
+:func:`denominator_status` is the guard a report applies: ``n/a`` (no number) when the interval's lower end is
+under ``DENOM_NA_LOGITS`` (0.25 logits; a CI reaching 0 or a negative mean included), ``unstable`` under
+``DENOM_UNSTABLE_LOGITS`` (1 logit), else ``ok`` (a few sign-flipped images alone do not make a score unstable).
+
+Uncertainty. Exact sweeps keep the per-image logit differences (``per_image_ld``); :func:`bootstrap_scores`
+(``PatchingResult.score_ci``) gives a percentile bootstrap CI over images of every score (the ratio of means
+recomputed per resample), and :func:`best_position_scores` (``PatchingResult.best_position``) the best position
+per layer chosen on one random half of the images and scored on the other (and conversely), with a CI that
+repeats the selection per resample, beside the optimistic in-sample maximum.
 
 Positions index dimension 1 (tokens) of ``[B, T, D]`` activations, in the model's token order
 ``model.token_labels()`` (cls, dist, registers, patches row-major), whatever prefix tokens the model has.
@@ -198,6 +207,35 @@ class PatchingResult:
     meta: dict = field(default_factory=dict)
     denominator_ci: tuple[float, float] | None = None  # 95% t interval of the mean per-image denominator
     n_sign_flipped: int = 0  # images whose own LD_clean - LD_corrupted is <= 0
+    # per-image logit differences (exact sweeps; None for the attribution estimate): patched [*shape, n],
+    # clean and corrupted [n]; what the bootstrap over images (score_ci, best_position) resamples
+    per_image_ld: Tensor | None = None
+    ld_clean: Tensor | None = None
+    ld_corrupted: Tensor | None = None
+
+    def denominator_status(self) -> tuple[str, str]:
+        """``("ok" | "unstable" | "n/a", reason)`` of :func:`denominator_status` for this result."""
+        return denominator_status(self.clean_logit_diff - self.corrupted_logit_diff, self.denominator_ci)
+
+    def _per_image(self) -> tuple[Tensor, Tensor, Tensor]:
+        if self.per_image_ld is None or self.ld_clean is None or self.ld_corrupted is None:
+            raise ValueError(
+                "this result has no per-image logit differences (an attribution estimate, or loaded from a "
+                "dict): the bootstrap over images needs the exact sweep's result"
+            )
+        return self.per_image_ld, self.ld_clean, self.ld_corrupted
+
+    def score_ci(self, *, n_resamples: int = 2000, seed: int = 0, confidence: float = 0.95):
+        """Percentile bootstrap CI over images of every normalised score (:func:`bootstrap_scores`)."""
+        return bootstrap_scores(*self._per_image(), n_resamples=n_resamples, seed=seed, confidence=confidence)
+
+    def best_position(self, *, n_resamples: int = 2000, seed: int = 0, confidence: float = 0.95) -> dict:
+        """:func:`best_position_scores` of a layer x position result."""
+        if self.dims != ("layer", "position"):
+            raise ValueError(f"best_position needs dims ('layer', 'position'), got {self.dims}")
+        return best_position_scores(
+            *self._per_image(), n_resamples=n_resamples, seed=seed, confidence=confidence
+        )
 
     def rows(self) -> list[dict]:
         out = []
@@ -362,11 +400,16 @@ def _denominator(ld_clean: Tensor, ld_corr: Tensor) -> tuple[float, float, tuple
 
 
 def _result(plan, component, direction, sum_ld, ld_clean, ld_corr, model, meta) -> PatchingResult:
-    """Normalised scores from the summed patched logit differences of every variant and the per-image clean
-    and corrupted logit differences (the metric of the module docstring)."""
+    """Normalised scores from the patched logit differences of every variant, summed over images ``[V]`` or
+    per image ``[V, n]`` (kept for the bootstrap), and the per-image clean and corrupted logit differences
+    (the metric of the module docstring)."""
     n = ld_clean.numel()
     mean_clean, mean_corr, ci, flipped = _denominator(ld_clean, ld_corr)
     shape = tuple(len(plan.labels[d]) for d in plan.dims)
+    per_image = None
+    if sum_ld.ndim == 2:
+        per_image = sum_ld.double().cpu().reshape(*shape, n)
+        sum_ld = sum_ld.double().sum(1)
     mean_ld = (sum_ld.double().cpu() / n).reshape(shape)
     return PatchingResult(
         values=((mean_ld - mean_corr) / (mean_clean - mean_corr)).float(),
@@ -383,7 +426,159 @@ def _result(plan, component, direction, sum_ld, ld_clean, ld_corr, model, meta) 
         meta=meta,
         denominator_ci=ci,
         n_sign_flipped=flipped,
+        per_image_ld=per_image,
+        ld_clean=ld_clean.double().cpu() if per_image is not None else None,
+        ld_corrupted=ld_corr.double().cpu() if per_image is not None else None,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Uncertainty: bootstrap over images, split-half best position, denominator guard
+# ----------------------------------------------------------------------------------------------
+
+# Denominator guard, in logits of the mean denominator D = mean LD_clean - mean LD_corrupted (lower end of its
+# 95% CI). Below DENOM_NA_LOGITS (0 included) the runs are not distinguishable enough for a normalised score:
+# a quarter logit is ~1/20 of the within-model denominators of the default study (5-7 logits), so a score's
+# numerator noise is amplified ~4x or more and its sign is not fixed; the score is reported as n/a. Below
+# DENOM_UNSTABLE_LOGITS the score is shown with a warning (its CI is then wide).
+DENOM_NA_LOGITS = 0.25
+DENOM_UNSTABLE_LOGITS = 1.0
+
+
+def denominator_status(
+    denominator: float,
+    ci: tuple[float, float] | None,
+    *,
+    na_below: float = DENOM_NA_LOGITS,
+    unstable_below: float = DENOM_UNSTABLE_LOGITS,
+) -> tuple[str, str]:
+    """``("ok" | "unstable" | "n/a", reason)`` for a mean denominator and its 95% CI (``None``: one image,
+    judged on the mean). ``n/a`` when the CI's lower end (or the mean) is below ``na_below`` logits (0
+    included: a CI reaching 0 or a negative denominator); ``unstable`` below ``unstable_below``."""
+    lo = float(denominator) if ci is None else float(ci[0])
+    txt = f"denominator {denominator:.3g} logits" + (
+        "" if ci is None else f", 95% CI [{ci[0]:.3g}, {ci[1]:.3g}]"
+    )
+    if denominator <= 0:
+        return "n/a", f"{txt}: negative, the corrupted run scores higher than the clean one"
+    if lo <= 0:
+        return "n/a", f"{txt}: the CI includes 0, the two runs are not distinguishable"
+    if lo < na_below:
+        return "n/a", f"{txt}: the CI's lower end is under {na_below} logits, the score is noise-dominated"
+    if lo < unstable_below:
+        return (
+            "unstable",
+            f"{txt}: the CI's lower end is under {unstable_below} logit, the score's CI is wide",
+        )
+    return "ok", txt
+
+
+def _weights(n: int, idx: Tensor, n_resamples: int, gen: torch.Generator) -> Tensor:
+    """Bootstrap weights ``[R, n]``: each row resamples the images ``idx`` with replacement (mean weights)."""
+    draws = idx[torch.randint(len(idx), (n_resamples, len(idx)), generator=gen)]
+    w = torch.zeros(n_resamples, n, dtype=torch.float64)
+    w.scatter_add_(1, draws, torch.ones_like(draws, dtype=torch.float64))
+    return w / len(idx)
+
+
+def _scores(ld: Tensor, ld_clean: Tensor, ld_corr: Tensor, w: Tensor) -> Tensor:
+    """Normalised scores ``[*shape, R]`` under image weights ``w [R, n]`` (ratio of weighted means)."""
+    num = ld.double() @ w.T - (w @ ld_corr.double())
+    return num / (w @ ld_clean.double() - w @ ld_corr.double())
+
+
+def _quantiles(reps: Tensor, confidence: float) -> tuple[Tensor, Tensor]:
+    a = (1 - confidence) / 2
+    q = torch.nanquantile(reps, torch.tensor([a, 1 - a], dtype=reps.dtype), dim=-1)
+    return q[0], q[1]
+
+
+def bootstrap_scores(
+    ld: Tensor,
+    ld_clean: Tensor,
+    ld_corr: Tensor,
+    *,
+    n_resamples: int = 2000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> tuple[Tensor, Tensor]:
+    """Percentile bootstrap CI over images of normalised patching scores.
+
+    ``ld [*shape, n]``: per-image patched logit differences; ``ld_clean``/``ld_corr [n]``. Each resample
+    draws ``n`` images with replacement and recomputes ``(mean ld - mean ld_corr) / (mean ld_clean - mean
+    ld_corr)`` (the ratio of means, as the point estimate), all variants at once (one matmul). Returns
+    ``(low, high)`` of shape ``shape``."""
+    n = ld.shape[-1]
+    if n < 2:
+        raise ValueError(f"a bootstrap over images needs at least 2 images, got {n}")
+    gen = torch.Generator().manual_seed(seed)
+    w = _weights(n, torch.arange(n), n_resamples, gen)
+    lo, hi = _quantiles(_scores(ld, ld_clean, ld_corr, w), confidence)
+    return lo.float(), hi.float()
+
+
+def best_position_scores(
+    ld: Tensor,
+    ld_clean: Tensor,
+    ld_corr: Tensor,
+    *,
+    n_resamples: int = 2000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict:
+    """Best position per layer of a layer x position sweep, scored without and with selection on other images.
+
+    ``ld [L, P, n]``. ``in_sample``: the maximum over positions of the scores on all images (optimistic: a
+    maximum over ``P`` noisy scores), with the bootstrap CI of the score at that position. ``split_half``: the
+    images are split at random (``seed``) into halves A and B (an odd one out is dropped); the position is
+    chosen on A and scored on B (each half normalised by its own denominator), and conversely; the two
+    held-out scores are averaged. Its CI resamples the images within each half and repeats the whole
+    choose-and-score procedure per resample (percentile). Every value is a list over layers."""
+    L, P, n = ld.shape
+    if n < 4:
+        raise ValueError(f"split-half selection needs at least 4 images, got {n}")
+    gen = torch.Generator().manual_seed(seed)
+    full = _scores(ld, ld_clean, ld_corr, torch.full((1, n), 1.0 / n, dtype=torch.float64))[..., 0]
+    best = full.argmax(1)  # [L]
+    at_best = ld[torch.arange(L), best]  # [L, n]
+    lo_in, hi_in = bootstrap_scores(
+        at_best, ld_clean, ld_corr, n_resamples=n_resamples, seed=seed, confidence=confidence
+    )
+    perm = torch.randperm(n, generator=gen)
+    h = n // 2
+    a_idx, b_idx = perm[:h].sort().values, perm[h : 2 * h].sort().values
+
+    def one_half(idx: Tensor, reps: int) -> Tensor:
+        if reps == 0:  # the point estimate: every image of the half once
+            w = torch.zeros(1, n, dtype=torch.float64)
+            w[0, idx] = 1.0 / len(idx)
+            return w
+        return _weights(n, idx, reps, gen)
+
+    def held_out(wa: Tensor, wb: Tensor) -> Tensor:  # [L, R]
+        sa, sb = _scores(ld, ld_clean, ld_corr, wa), _scores(ld, ld_clean, ld_corr, wb)  # [L, P, R]
+        b_at_a = sb.gather(1, sa.argmax(1, keepdim=True)).squeeze(1)
+        a_at_b = sa.gather(1, sb.argmax(1, keepdim=True)).squeeze(1)
+        return 0.5 * (b_at_a + a_at_b)
+
+    est = held_out(one_half(a_idx, 0), one_half(b_idx, 0))[:, 0]
+    lo_sh, hi_sh = _quantiles(
+        held_out(one_half(a_idx, n_resamples), one_half(b_idx, n_resamples)), confidence
+    )
+    return {
+        "in_sample": {
+            "estimate": full.max(1).values.tolist(),
+            "low": lo_in.tolist(),
+            "high": hi_in.tolist(),
+            "position": best.tolist(),
+        },
+        "split_half": {"estimate": est.tolist(), "low": lo_sh.tolist(), "high": hi_sh.tolist()},
+        "n_images": n,
+        "n_half": h,
+        "n_resamples": n_resamples,
+        "confidence": confidence,
+        "seed": seed,
+    }
 
 
 METHODS = ("exact", "attribution")
@@ -449,7 +644,7 @@ def activation_patching(
         max_rows = DEFAULT_MAX_ROWS.get(device.type, 4096)
     names = _names(plan, component, sae_hook)
     n_var = len(plan.variants)
-    sum_ld = torch.zeros(n_var, dtype=torch.float64)
+    per_image = []  # [n_var, batch] per image batch
     lds_clean, lds_corr = [], []
     start_ok = batched and _supports_start(recv_model)
     for s in batches(clean_images.shape[0], batch_size, progress, "patching (image batches)"):
@@ -469,7 +664,7 @@ def activation_patching(
         _, recv_cache = _cache(recv_model, recv_x[s : s + batch_size].to(device), sorted(set(names + extra)))
         _, src_cache = _cache(src_model, src_x[s : s + batch_size].to(device), names)
         run = _run_batched if batched else _run_naive
-        sum_ld += (
+        per_image.append(
             run(
                 recv_model,
                 recv_x[s : s + batch_size].to(device),
@@ -489,7 +684,8 @@ def activation_patching(
             .cpu()
         )
     meta = {"by": by, **({"sae_hook": sae_hook} if sae_hook else {})}
-    return _result(plan, component, direction, sum_ld, torch.cat(lds_clean), torch.cat(lds_corr), model, meta)
+    ld = torch.cat(per_image, 1) if per_image else torch.zeros(n_var, 0, dtype=torch.float64)
+    return _result(plan, component, direction, ld, torch.cat(lds_clean), torch.cat(lds_corr), model, meta)
 
 
 def _sae_patch(sae, a: Tensor, z_recv: Tensor, z_src: Tensor, mask: Tensor) -> Tensor:
@@ -515,7 +711,7 @@ def _run_batched(
     per_chunk = max(1, max_rows // B)
     last = model.cfg.n_layers - 1
     readout_ok = start_ok and _supports(model, "readout_only")
-    out = torch.empty(len(plan.variants), device=x.device)
+    out = torch.empty(len(plan.variants), B, dtype=torch.float64, device=x.device)
     if component == "sae":
         name = names[0]
         z_recv, z_src = sae.encode(recv_cache[name]), sae.encode(src_cache[name])
@@ -563,8 +759,8 @@ def _run_batched(
                     logits = model(recv.repeat(P, 1, 1), start_at_layer=layer, readout_only=readout)
         else:
             logits = model.run_with_hooks(x.repeat(P, *([1] * (x.ndim - 1))), fwd_hooks=[(name, hook)])
-        ld = logit_diff(logits, y.repeat(P), other.repeat(P)).view(P, B).double().sum(1)
-        out[torch.as_tensor(idx, device=x.device)] = ld.to(out.dtype)
+        ld = logit_diff(logits, y.repeat(P), other.repeat(P)).view(P, B).double()
+        out[torch.as_tensor(idx, device=x.device)] = ld
     return out
 
 
@@ -572,7 +768,7 @@ def _run_naive(
     model, x, plan, component, names, recv_cache, src_cache, y, other, sae, max_rows, start_ok, progress
 ) -> Tensor:
     """Reference loop: one full forward of the receiving batch per variant, patched by plain indexing."""
-    out = torch.empty(len(plan.variants), device=x.device)
+    out = torch.empty(len(plan.variants), x.shape[0], dtype=torch.float64, device=x.device)
     if component == "sae":
         z_recv, z_src = sae.encode(recv_cache[names[0]]), sae.encode(src_cache[names[0]])
     for i, (lay, index) in enumerate(
@@ -591,18 +787,23 @@ def _run_naive(
             return act
 
         logits = model.run_with_hooks(x, fwd_hooks=[(name, hook)])
-        out[i] = logit_diff(logits, y, other).double().sum().to(out.dtype)
+        out[i] = logit_diff(logits, y, other).double()
     return out
 
 
 __all__ = [
     "COMPONENTS",
+    "DENOM_NA_LOGITS",
+    "DENOM_UNSTABLE_LOGITS",
     "DIRECTIONS",
     "GRANULARITY",
     "METHODS",
     "PatchingResult",
     "activation_patching",
     "best_other",
+    "best_position_scores",
+    "bootstrap_scores",
+    "denominator_status",
     "hook_name",
     "logit_diff",
 ]
