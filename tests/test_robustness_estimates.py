@@ -59,3 +59,92 @@ def test_unchanged_corruptions_finds_colour_only_ones_on_grayscale():
     assert unchanged_corruptions(x, ["saturate", "gaussian_noise", "contrast"], [1, 4]) == ["saturate"]
     rgb = torch.rand(4, 3, 32, 32)
     assert unchanged_corruptions(rgb, ["saturate"], [4]) == []
+
+
+def test_trained_severity_group_is_scored_apart_from_the_study_severities():
+    c = _correct()
+    g = torch.Generator().manual_seed(5)
+    for m, p in (("base", 0.6), ("ft", 0.95), ("ctrl", 0.6)):
+        c[(m, "gaussian_blur", 1)] = torch.rand(400, generator=g) < p  # the trained severity, scored apart
+    est = robustness_estimates(
+        c, {"ft": ["gaussian_blur"]}, "base", exclude=["saturate"], severities=[4], trained={"ft": [1]}
+    )
+    ft = est["ft"]
+    assert ft["groups"]["seen_trained"] == ["gaussian_blur/1"]
+    assert ft["groups"]["seen"] == ["gaussian_blur/4"]  # severity 4 only: the trained cell stays out
+    assert "gaussian_blur/1" not in est["base"]["groups"]["all_corrupted"]
+    assert "seen_trained" not in est["base"]["groups"]
+    d = ft["vs"]["base"]["seen_trained"]  # true difference 0.35
+    assert d.low < 0.35 < d.high and d.low > 0.2
+
+
+def _per_image(n, g):
+    logits = torch.randn(n, 10, generator=g, dtype=torch.float64) * 2
+    labels = torch.randint(0, 10, (n,), generator=g)
+    return logits, labels
+
+
+def test_metric_cis_estimates_equal_the_cell_metrics_and_cover_known_values():
+    from mechvit.analysis.robustness import classification_metrics, metric_cis, per_image_metrics
+
+    g = torch.Generator().manual_seed(0)
+    logits, labels = _per_image(500, g)
+    cis = metric_cis(per_image_metrics(logits, labels))
+    ref = classification_metrics(logits, labels)
+    for k in ("top1", "top5", "confidence", "correct_prob", "nll", "ece"):
+        assert cis[k].estimate == pytest.approx(ref[k], abs=1e-12), k
+        assert cis[k].low <= cis[k].estimate <= cis[k].high, k
+    # coverage: top-5 hits drawn at a known rate, confidences drawn so that the true ECE is known
+    hits_top5 = hits_nll = 0
+    for r in range(60):
+        gr = torch.Generator().manual_seed(100 + r)
+        top5 = (torch.rand(400, generator=gr) < 0.7).double()
+        nll = torch.empty(400, dtype=torch.float64).exponential_(2.0, generator=gr)  # true mean 0.5
+        pi = {"top1": top5, "top5": top5, "confidence": torch.full((400,), 0.7, dtype=torch.float64),
+              "correct_prob": top5, "nll": nll}  # fmt: skip
+        c = metric_cis(pi, n_resamples=1000, seed=r)
+        hits_top5 += c["top5"].contains(0.7)
+        hits_nll += c["nll"].contains(0.5)
+    assert hits_top5 >= 52 and hits_nll >= 52  # 95% nominal: P(<= 51 of 60) < 0.01
+
+
+def test_corruption_error_cis_match_corruption_errors_and_cover_the_true_mce():
+    from mechvit.analysis.robustness import corruption_error_cis, corruption_errors
+
+    c = _correct()
+    rows = [{"model": m, "corruption": cc, "severity": s, "top1": float(v.double().mean())}
+            for (m, cc, s), v in c.items() if cc != "saturate"]  # fmt: skip
+    ref = corruption_errors(rows, "base")
+    cis = corruption_error_cis(c, "base", exclude=["saturate"])
+    for m in ("base", "ft", "ctrl"):
+        for k in ("mCE", "relative_mCE"):
+            assert cis[m][k].estimate == pytest.approx(ref[m][k]), (m, k)
+    assert (cis["base"]["mCE"].low, cis["base"]["mCE"].high) == (1.0, 1.0)
+    # error rates known: base 0.5 on both corruptions, model 0.25 -> true mCE 0.5
+    hits = 0
+    for r in range(40):
+        gr = torch.Generator().manual_seed(200 + r)
+        cc = {(m, name, 4): torch.rand(300, generator=gr) < p for m, p in (("base", 0.5), ("ft", 0.75))
+              for name in ("gaussian_blur", "gaussian_noise")}  # fmt: skip
+        hits += corruption_error_cis(cc, "base", n_resamples=1000, seed=r)["ft"]["mCE"].contains(0.5)
+    assert hits >= 34  # 95% nominal: P(<= 33 of 40) < 0.01
+
+
+def test_robustness_matrix_per_image_metrics_average_to_the_rows():
+    from torch import nn
+
+    from mechvit.analysis.robustness import robustness_matrix
+
+    torch.manual_seed(0)
+    models = {
+        "a": nn.Sequential(nn.Flatten(), nn.Linear(784, 10)),
+        "b": nn.Sequential(nn.Flatten(), nn.Linear(784, 10)),
+    }
+    x, y = torch.rand(12, 1, 28, 28), torch.randint(0, 10, (12,))
+    rows, per = robustness_matrix(models, x, y, ["gaussian_noise"], [1], batch_size=5, device="cpu",
+                                  progress=False, return_per_image=True)  # fmt: skip
+    assert set(per) == {(m, c, s) for m in "ab" for c, s in (("clean", 0), ("gaussian_noise", 1))}
+    for r in rows:
+        pi = per[(r["model"], r["corruption"], r["severity"])]
+        for k in ("top1", "top5", "confidence", "correct_prob", "nll"):
+            assert float(pi[k].mean()) == pytest.approx(r[k]), k

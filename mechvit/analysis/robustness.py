@@ -12,6 +12,7 @@ both call these functions.
 from __future__ import annotations
 
 import math
+import warnings
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -61,27 +62,15 @@ class MetricAccumulator:
         self.bin_conf += torch.bincount(b, weights=conf, minlength=self.n_bins)
         self.bin_acc += torch.bincount(b, weights=correct, minlength=self.n_bins)
 
-    def add(self, logits: Tensor, labels: Tensor) -> None:
-        logits = logits.detach().double().cpu()
-        labels = labels.detach().cpu()
-        if logits.ndim != 2 or labels.shape != logits.shape[:1]:
-            raise ValueError(
-                f"expected logits [N, K] and labels [N], got {tuple(logits.shape)} and {tuple(labels.shape)}"
-            )
-        logp = logits.log_softmax(-1)
-        p = logp.exp()
-        conf, pred = p.max(-1)
-        correct = (pred == labels).double()
-        topk = logits.topk(self.k, -1).indices
+    def add(self, logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """Add a batch; returns its :func:`per_image_metrics`."""
+        pi = per_image_metrics(logits, labels, self.k)
         s = self.sums
-        s["top1"] += correct.sum().item()
-        s["top5"] += (topk == labels[:, None]).any(-1).double().sum().item()
-        s["confidence"] += conf.sum().item()
-        lp = logp.gather(1, labels[:, None])[:, 0]
-        s["correct_prob"] += lp.exp().sum().item()
-        s["nll"] += -lp.sum().item()
+        for k in s:
+            s[k] += pi[k].sum().item()
         self.n += len(labels)
-        self.add_confidence(conf, correct)
+        self.add_confidence(pi["confidence"], pi["top1"])
+        return pi
 
     def ece(self) -> float:
         n = self.bin_n.sum().item()
@@ -94,6 +83,28 @@ class MetricAccumulator:
         out["ece"] = self.ece()
         out["n"] = self.n
         return out
+
+
+def per_image_metrics(
+    logits: Float[Tensor, "n k"], labels: Int[Tensor, " n"], k: int = 5
+) -> dict[str, Tensor]:
+    """Per image (float64, CPU): ``top1`` / ``top5`` (1.0 = hit; top-``min(k, classes)``), ``confidence``
+    (max softmax), ``correct_prob``, ``nll``. Their means are the cell's metrics; ECE needs ``confidence`` and
+    ``top1`` together (:func:`metric_cis`)."""
+    logits = logits.detach().double().cpu()
+    labels = labels.detach().cpu()
+    if logits.ndim != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(
+            f"expected logits [N, K] and labels [N], got {tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
+    logp = logits.log_softmax(-1)
+    conf, pred = logp.exp().max(-1)
+    lp = logp.gather(1, labels[:, None])[:, 0]
+    topk = logits.topk(min(k, logits.shape[-1]), -1).indices
+    return {
+        "top1": (pred == labels).double(), "top5": (topk == labels[:, None]).any(-1).double(),
+        "confidence": conf, "correct_prob": lp.exp(), "nll": -lp,
+    }  # fmt: skip
 
 
 def corruption_seed(seed: int, name: str, severity: int, batch_index: int) -> int:
@@ -115,11 +126,14 @@ def robustness_matrix(
     include_clean: bool = True,
     progress: bool = True,
     return_correct: bool = False,
-) -> list[dict] | tuple[list[dict], dict[tuple[str, str, int], Tensor]]:
+    return_per_image: bool = False,
+) -> list[dict] | tuple[list[dict], dict]:
     """One row per (model, corruption, severity) with the metrics of ``METRICS``; the clean images are
     corruption ``"clean"``, severity 0. ``models`` map a name to a module taking [0, 1] images (wrap a
     normalising model in ``mechvit.data.Normalized``). With ``return_correct`` also ``{(model, corruption,
-    severity): bool [N]}``, whether each image is classified correctly (for paired tests, CIs over images)."""
+    severity): bool [N]}``, whether each image is classified correctly (for paired tests, CIs over images);
+    with ``return_per_image`` instead ``{(model, corruption, severity): per_image_metrics}`` (every metric per
+    image, for CIs of top-5, ECE, NLL, ...)."""
     from mechvit.corruptions import corrupt
 
     if len(labels) == 0:
@@ -135,13 +149,14 @@ def robustness_matrix(
         m.eval().to(device)
     rows = []
     correct: dict[tuple[str, str, int], Tensor] = {}
+    per_image: dict[tuple[str, str, int], dict[str, Tensor]] = {}
     bar = tqdm(total=len(cells) * n_batches, desc="robustness", disable=not progress, unit="batch")
     # a corrupted batch equal to the clean one (e.g. saturate on grayscale images) reuses the clean logits:
     # the same input gives the same output, and the 8-model default study skips 1/20 of its forwards
     clean_logits: dict[tuple[str, int], Tensor] = {}
     for name, sev in cells:
         accs = {m: None for m in models}
-        hits: dict[str, list[Tensor]] = {m: [] for m in models}
+        hits: dict[str, list[dict[str, Tensor]]] = {m: [] for m in models}
         for bi in range(n_batches):
             x0 = x = images[bi * batch_size : (bi + 1) * batch_size].to(device)
             y = labels[bi * batch_size : (bi + 1) * batch_size]
@@ -154,16 +169,22 @@ def robustness_matrix(
                     clean_logits[(mname, bi)] = logits
                 if accs[mname] is None:
                     accs[mname] = MetricAccumulator(logits.shape[-1])
-                accs[mname].add(logits, y)
-                if return_correct:
-                    hits[mname].append(logits.argmax(-1).cpu() == y.cpu())
+                pi = accs[mname].add(logits, y)
+                if return_correct or return_per_image:
+                    hits[mname].append(pi)
             bar.update(1)
             bar.set_postfix_str(f"{name}-{sev}")
         for mname, a in accs.items():
             rows.append({"model": mname, "corruption": name, "severity": sev, **a.result()})
-            if return_correct:
-                correct[(mname, name, sev)] = torch.cat(hits[mname])
+            if return_per_image:
+                per_image[(mname, name, sev)] = {
+                    k: torch.cat([h[k] for h in hits[mname]]) for k in hits[mname][0]
+                }
+            elif return_correct:
+                correct[(mname, name, sev)] = torch.cat([h["top1"] for h in hits[mname]]).bool()
     bar.close()
+    if return_per_image:
+        return rows, per_image
     return (rows, correct) if return_correct else rows
 
 
@@ -194,12 +215,16 @@ def robustness_estimates(
     base: str,
     *,
     exclude: Sequence[str] = (),
+    severities: Sequence[int] | None = None,
+    trained: dict[str, Sequence[int]] | None = None,
     confidence: float = 0.95,
     seed: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """Accuracy with 95% CIs over images, per model and group of cells, and paired differences.
 
-    Groups (all severities in ``correct``; corruptions in ``exclude`` left out): ``clean``; ``seen`` (the
+    Groups (the cells of ``correct`` at ``severities``, all when None; corruptions in ``exclude`` left out):
+    ``clean``; ``seen_trained`` (only with ``trained``, ``{model: severities it was fine-tuned at}``: its seen
+    corruptions at those severities, whether or not they are among ``severities``); ``seen`` (the
     model's fine-tuning corruptions); ``unseen_same_family`` (the other corruptions of a seen corruption's
     family, :data:`mechvit.corruptions.FAMILY_OF`); ``unseen_other`` (every other corruption). A model's score
     on a group is, per image, the fraction of the group's cells it gets right; ``vs`` holds, for every other
@@ -212,12 +237,15 @@ def robustness_estimates(
     models = list(dict.fromkeys(m for m, _, _ in correct))
     if base not in models:
         raise ValueError(f"base model {base!r} not among the evaluated models {models}")
-    cells = sorted({(c, s) for _, c, s in correct if c != "clean" and c not in exclude})
+    every = {(c, s) for _, c, s in correct if c != "clean" and c not in exclude}
+    cells = sorted(cs for cs in every if severities is None or cs[1] in severities)
     out: dict[str, dict[str, Any]] = {}
     for m in models:
         s = set(seen.get(m, ()))
         fams = {FAMILY_OF.get(c) for c in s}
         groups = {"clean": [("clean", 0)]}
+        if s and trained and trained.get(m):
+            groups["seen_trained"] = sorted(cs for cs in every if cs[0] in s and cs[1] in trained[m])
         if s:
             groups["seen"] = [cs for cs in cells if cs[0] in s]
             groups["unseen_same_family"] = [
@@ -250,6 +278,91 @@ def robustness_estimates(
             "seen": sorted(s), "groups": {g: [f"{c}/{sv}" for c, sv in cs] for g, cs in groups.items()},
             "accuracy": est, "vs": vs,
         }  # fmt: skip
+    return out
+
+
+def metric_cis(
+    per_image: dict[str, Tensor],
+    *,
+    n_bins: int = 15,
+    weights: np.ndarray | None = None,
+    confidence: float = 0.95,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Every metric of one cell (:func:`per_image_metrics` of its images) with a 95% percentile bootstrap CI
+    over images: the means of ``top1``, ``top5``, ``confidence``, ``correct_prob``, ``nll``, and ``ece``
+    (``n_bins`` equal-width bins as :func:`expected_calibration_error`; the bins stay those of the full
+    sample, each resample re-weights their images). Pass the same ``weights``
+    (:func:`mechvit.analysis.statistics.bootstrap_weights`) for cells of the same images to pair them."""
+    from mechvit.analysis.statistics import weighted_bootstrap_ci
+
+    x = {k: v.double().numpy() for k, v in per_image.items()}
+    n = len(x["top1"])
+    kw = dict(weights=weights, confidence=confidence, n_resamples=n_resamples, seed=seed)
+    out = {
+        k: weighted_bootstrap_ci(lambda w, v=x[k]: w @ v / w.sum(1), n, **kw)
+        for k in ("top1", "top5", "confidence", "correct_prob", "nll")
+    }
+    conf = x["confidence"]
+    b = np.clip(np.ceil(conf * n_bins).astype(int), 1, n_bins) - 1
+    gap = np.zeros((n, n_bins))
+    gap[np.arange(n), b] = x["top1"] - conf  # per image: (correct - confidence) in its bin's column
+    out["ece"] = weighted_bootstrap_ci(lambda w: np.abs(w @ gap).sum(1) / w.sum(1), n, **kw)
+    return out
+
+
+def corruption_error_cis(
+    correct: dict[tuple[str, str, int], Tensor],
+    base: str,
+    *,
+    severities: Sequence[int] | None = None,
+    exclude: Sequence[str] = (),
+    weights: np.ndarray | None = None,
+    confidence: float = 0.95,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """mCE and relative mCE of every model (as :func:`corruption_errors`, from per-image correctness at
+    ``severities``, corruptions in ``exclude`` left out) with 95% percentile bootstrap CIs over images: each
+    resample draws the same images for every model and cell, so the base's errors and the model's move
+    together. ``{model: {"mCE": Estimate, "relative_mCE": Estimate}}`` (fractions: 1.0 = as good as the base)."""
+    from mechvit.analysis.statistics import bootstrap_weights, weighted_bootstrap_ci
+
+    models = list(dict.fromkeys(m for m, _, _ in correct))
+    if base not in models:
+        raise ValueError(f"base model {base!r} not among the evaluated models {models}")
+    cells = sorted({(c, s) for _, c, s in correct if c != "clean" and c not in exclude
+                    and (severities is None or s in severities)})  # fmt: skip
+    corrs = list(dict.fromkeys(c for c, _ in cells))
+    n = len(next(iter(correct.values())))
+    w = bootstrap_weights(n, n_resamples, seed=seed) if weights is None else weights
+
+    def err(m: str, c: str, s: int, w: np.ndarray) -> np.ndarray:
+        return 1.0 - w @ correct[(m, c, s)].double().numpy() / w.sum(1)
+
+    def stat(m: str, relative: bool):
+        def f(w: np.ndarray) -> np.ndarray:
+            ces = []
+            for c in corrs:
+                sevs = [s for cc, s in cells if cc == c]
+                sub_m = err(m, "clean", 0, w) if relative else 0.0
+                sub_b = err(base, "clean", 0, w) if relative else 0.0
+                num = sum(err(m, c, s, w) - sub_m for s in sevs)
+                den = sum(err(base, c, s, w) - sub_b for s in sevs)
+                ces.append(np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan))
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                return np.nanmean(np.stack(ces), 0)
+
+        return f
+
+    kw = dict(weights=w, confidence=confidence)
+    out = {}
+    for m in models:
+        out[m] = {"mCE": weighted_bootstrap_ci(stat(m, False), n, **kw)}
+        if (m, "clean", 0) in correct and (base, "clean", 0) in correct:
+            out[m]["relative_mCE"] = weighted_bootstrap_ci(stat(m, True), n, **kw)
     return out
 
 
@@ -340,6 +453,7 @@ def topk_accuracy(logits: Float[Tensor, "n k"], labels: Int[Tensor, " n"], k: in
 
 
 __all__ = [
-    "METRICS", "MetricAccumulator", "classification_metrics", "corruption_errors", "corruption_seed",
-    "expected_calibration_error", "pivot_top1", "robustness_matrix", "seen_unseen_summary", "topk_accuracy",
+    "METRICS", "MetricAccumulator", "classification_metrics", "corruption_error_cis", "corruption_errors",
+    "corruption_seed", "expected_calibration_error", "metric_cis", "per_image_metrics", "pivot_top1",
+    "robustness_estimates", "robustness_matrix", "seen_unseen_summary", "topk_accuracy", "unchanged_corruptions",
 ]  # fmt: skip
