@@ -82,6 +82,27 @@ def test_identity_splice_gives_unmodified_logits(model, data, tokens):
     assert m.n_images == 24
 
 
+def test_spliced_per_image_values_add_up_to_the_means(model, data):
+    """The per-image vectors (for CIs over images) are the ones the means are taken of, across batches; they
+    stay out of to_dict (the manifest)."""
+    images, labels = data
+    m = spliced_metrics(model, zero_sae(32), images, labels, HOOK, tokens="patches", batch_size=10)
+    per = m.per_image
+    assert {k: v.shape for k, v in per.items()} == {
+        k: (24,) for k in ("correct_clean", "correct_sae", "kl_sae")
+    }
+    assert per["correct_clean"].double().mean().item() == pytest.approx(m.accuracy_clean)
+    assert per["correct_sae"].double().mean().item() == pytest.approx(m.accuracy_sae)
+    assert per["kl_sae"].double().mean().item() == pytest.approx(m.kl_sae, rel=1e-6)
+    assert per["kl_sae"].min() >= -1e-6 and "per_image" not in m.to_dict()
+    from mechvit.study.steps.sae import fidelity
+
+    f = fidelity(m, seed=0)
+    assert f["accuracy_drop"]["estimate"] == pytest.approx(m.accuracy_clean - m.accuracy_sae)
+    assert f["accuracy_drop"]["low"] <= f["accuracy_drop"]["estimate"] <= f["accuracy_drop"]["high"]
+    assert f["kl_sae_ci"]["low"] <= m.kl_sae <= f["kl_sae_ci"]["high"] and f["kl_sae_ci"]["n"] == 24
+
+
 def test_zero_reconstruction_recovers_nothing_and_touches_only_selected_tokens(model, data):
     images, labels = data
     m = spliced_metrics(model, zero_sae(32), images, labels, HOOK, tokens="patches")

@@ -333,7 +333,8 @@ def test_report_sae_quality_table_known_answer():
         return {
             "heldout": {"explained_variance": ev, "dead_features": dead, "dense_features": dense, "d_sae": 100},
             "pca_k_explained_variance": pca, "convergence": {"change": change},
-            "spliced_clean": {"accuracy_clean": 0.855, "accuracy_sae": acc_sae, "n_images": 200},
+            "spliced_clean": {"accuracy_clean": 0.855, "accuracy_sae": acc_sae, "n_images": 200,
+                              "accuracy_drop": {"estimate": 0.855 - acc_sae, "low": 0.011, "high": 0.04}},
         }  # fmt: skip
 
     table, (note,) = sae_quality({
@@ -343,7 +344,7 @@ def test_report_sae_quality_table_known_answer():
     })  # fmt: skip
     assert table.rows[0] == ["batchtopk", "base", "0", "yes", "yes", "yes", "yes", "yes"]
     assert table.rows[1] == ["batchtopk", "base", "1", "no (0.950 < 0.970)", "no (11%)", "no (6.0%)",
-                             "no (2.5 pp of 200 images)", "no (-0.0070)"]  # fmt: skip
+                             "no (2.5 pp [1.1, 4.0] of 200 images)", "no (-0.0070)"]  # fmt: skip
     assert note.startswith("SAE quality: 1 of 2 SAEs meet every criterion")
 
 

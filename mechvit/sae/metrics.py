@@ -9,7 +9,7 @@ relative to zero-ablating the same positions: ``(L_zero - L_sae) / (L_zero - L_c
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -151,9 +151,11 @@ class SplicedMetrics:
     loss_zero: float
     loss_recovered: float  # (loss_zero - loss_sae) / (loss_zero - loss_clean)
     n_images: int
+    # per image (for CIs over images): correct_clean, correct_sae (bool) and kl_sae (nats); not in to_dict()
+    per_image: dict[str, Tensor] | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "per_image"}
 
 
 def splice_hook(sae: Any | None, model_cfg: Any, tokens: str, hook_name: str):
@@ -209,6 +211,7 @@ def spliced_metrics(
     was_training = model.training
     model.eval()
     sums = dict.fromkeys(("acc_c", "acc_s", "acc_z", "kl_s", "kl_z", "l_c", "l_s", "l_z"), 0.0)
+    per: dict[str, list[Tensor]] = {"correct_clean": [], "correct_sae": [], "kl_sae": []}
     try:
         for i in range(0, len(images), batch_size):
             x = images[i : i + batch_size].to(device, torch.float32)
@@ -225,9 +228,14 @@ def spliced_metrics(
             logp_c = clean.log_softmax(-1)
             for key, logits in (("s", spliced), ("z", zero)):
                 logp = logits.log_softmax(-1)
-                sums[f"kl_{key}"] += float(F.kl_div(logp, logp_c, log_target=True, reduction="sum"))
+                kl = F.kl_div(logp, logp_c, log_target=True, reduction="none").sum(-1)
+                sums[f"kl_{key}"] += float(kl.sum())
                 sums[f"acc_{key}"] += float((logits.argmax(-1) == y).sum())
                 sums[f"l_{key}"] += float(F.cross_entropy(logits, y, reduction="sum"))
+                if key == "s":
+                    per["kl_sae"].append(kl.cpu())
+                    per["correct_sae"].append((logits.argmax(-1) == y).cpu())
+            per["correct_clean"].append((clean.argmax(-1) == y).cpu())
             sums["acc_c"] += float((clean.argmax(-1) == y).sum())
             sums["l_c"] += float(F.cross_entropy(clean, y, reduction="sum"))
     finally:
@@ -246,6 +254,7 @@ def spliced_metrics(
         loss_zero=m["l_z"],
         loss_recovered=float((m["l_z"] - m["l_s"]) / gap) if abs(gap) > 1e-12 else float("nan"),
         n_images=n,
+        per_image={k: torch.cat(v) for k, v in per.items()},
     )
 
 

@@ -205,6 +205,9 @@ class SAESection:
     epochs: float = 1.0
     n_train_images: int = 20_000
     n_eval_images: int = 200
+    # clean test images for the spliced fidelity numbers (top-1 drop, KL, with CIs over images) and the hook's
+    # ablation gap; None: n_eval_images. The held-out EV / dead / dense and the overlap use n_eval_images
+    n_fidelity_images: int | None = None
     histogram_bins: int = 50
     ablation_warn_nats: float = 0.1  # the report warns when the hook's mean-ablation KL is below this
     top_features: int = 6  # features with a feature page, per SAE pair
@@ -392,6 +395,11 @@ def validate(cfg: StudyConfig) -> StudyConfig:
             f">= 0, got {pos!r}"
         )
     _positive(cfg.cka, "cka.", ("batch_size",))
+    if cfg.sae.n_fidelity_images is not None and cfg.sae.n_fidelity_images < 2:
+        raise ConfigError(
+            f"sae.n_fidelity_images: expected null (n_eval_images) or >= 2 images for a CI, got "
+            f"{cfg.sae.n_fidelity_images}"
+        )
     if cfg.sae.enabled and cfg.sae.n_eval_images < 2:
         raise ConfigError(
             f"sae.n_eval_images: the code cosine's mismatched-patch baseline needs at least 2 images, got "

@@ -185,6 +185,7 @@ class StudyContext:
             c.logit_lens.n_images,
             c.attention.n_images,
             c.sae.n_eval_images,
+            c.sae.n_fidelity_images or 0,
             c.patching.n_images,
             c.cka.n_images,
         ]

@@ -210,7 +210,7 @@ def sae_quality(metrics: dict) -> tuple[Table, list[str]] | None:
             (ev >= need, f"{ev:.3f} < {need:.3f}"),
             (h["dead_features"] <= 0.1 * d, f"{100 * h['dead_features'] / d:.0f}%"),
             (h["dense_features"] <= 0.05 * d, f"{100 * h['dense_features'] / d:.1f}%"),
-            (None if drop is None else drop <= 1.0 + 1e-9, f"{drop:.1f} pp of {sp.get('n_images', '?')} images" if drop is not None else ""),
+            (None if drop is None else drop <= 1.0 + 1e-9, _drop_text(drop, sp)),
             (None if change is None else abs(change) < 0.005, f"{change:+.4f}" if change is not None else ""),
         ]  # fmt: skip
         rows.append(
@@ -230,6 +230,15 @@ def sae_quality(metrics: dict) -> tuple[Table, list[str]] | None:
         rows,
     )
     return table, [note]
+
+
+def _drop_text(drop: float | None, sp: dict) -> str:
+    """``1.4 pp [0.6, 2.2] of 1000 images``: the spliced top-1 drop with its CI when the step stored one."""
+    if drop is None:
+        return ""
+    ci = sp.get("accuracy_drop") or {}
+    band = f" [{100 * ci['low']:.1f}, {100 * ci['high']:.1f}]" if ci.get("low") is not None else ""
+    return f"{drop:.1f} pp{band} of {sp.get('n_images', '?')} images"
 
 
 def trained_on(card: dict | None) -> str:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mechvit.analysis import collect_activations
+from mechvit.analysis import collect_activations, mean_ci, paired_difference_ci
 from mechvit.runtime import rank0_runs, rank_and_world
 from mechvit.sae import (
     CorruptionMix,
@@ -147,7 +147,7 @@ def _train_model(ctx: StudyContext, w: StepWriter, name: str, runs: list[SAERun]
     seconds = round(time.time() - t0, 2)
 
     def evaluate_and_save() -> None:
-        xe, ye = ctx.test_images(s.n_eval_images)
+        xe, ye = ctx.test_images(s.n_fidelity_images or s.n_eval_images)
         held = heldout(ctx, model)
         train_rows = cached.rows(0, min(len(cached), 200_000))
         pca = pca_baseline(train_rows, held, s.train.k).explained_variance
@@ -156,14 +156,35 @@ def _train_model(ctx: StudyContext, w: StepWriter, name: str, runs: list[SAERun]
             t.manifest.update(
                 heldout_metrics=reconstruction_metrics(t.sae, held).to_dict(),
                 pca_k_explained_variance=pca,
-                spliced_clean=spliced_metrics(
-                    model, t.sae, ctx.prep(xe), ye, s.hook, tokens=s.tokens
-                ).to_dict(),
+                spliced_clean=fidelity(
+                    spliced_metrics(model, t.sae, ctx.prep(xe), ye, s.hook, tokens=s.tokens), ctx.cfg.seed
+                ),
                 train_seconds_group=seconds,
             )
             save_trained(t, w.path(r.dirname))
 
     rank0_runs(evaluate_and_save, f"evaluating and saving the SAEs of {name!r}")
+
+
+def _low_high(est: dict | None, scale: float = 1.0) -> list:
+    """``[estimate, low, high]`` of an ``Estimate.to_dict()`` times ``scale``; Nones where there is none."""
+    if not est:
+        return [None, None, None]
+    return [None if est.get(k) is None else scale * est[k] for k in ("estimate", "low", "high")]
+
+
+def fidelity(sp, seed: int) -> dict:
+    """``spliced_metrics``' numbers plus 95% CIs over images: the top-1 drop (clean minus spliced, paired
+    bootstrap over images, in fractions) and the mean spliced KL."""
+    per = sp.per_image
+    drop = paired_difference_ci(
+        per["correct_clean"].double().numpy(), per["correct_sae"].double().numpy(), seed=seed
+    )
+    return {
+        **sp.to_dict(),
+        "accuracy_drop": drop.to_dict(),
+        "kl_sae_ci": mean_ci(per["kl_sae"].double().numpy(), seed=seed).to_dict(),
+    }
 
 
 def _left_to_train(w: StepWriter, runs: list[SAERun]) -> list[SAERun]:
@@ -187,7 +208,7 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     if rank_and_world()[0] != 0:
         return res  # rank 0 builds the result
     shutil.rmtree(w.dir / "_acts", ignore_errors=True)
-    xe, ye = ctx.test_images(s.n_eval_images)
+    xe, ye = ctx.test_images(s.n_fidelity_images or s.n_eval_images)
     gap = ablation_gap(ctx.model(ctx.base_name), ctx.prep(xe), ye, s.hook, tokens=s.tokens)
     res.metrics["ablation_gap"] = gap.to_dict()
     if gap.kl < s.ablation_warn_nats:
@@ -221,8 +242,10 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
                 rec["dead_features"] / d_sae,
                 rec["dense_features"] / d_sae,
                 spc["kl_sae"],
+                *_low_high(spc.get("kl_sae_ci"))[1:],
                 spc["accuracy_clean"],
                 spc["accuracy_sae"],
+                *_low_high(spc.get("accuracy_drop"), 100),
                 conv.get("change"),
             ]  # fmt: skip
         )
@@ -233,7 +256,9 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
             f"{frac:.0%} with one of the conditions); metrics on held-out clean + corrupted test images. "
             f"PCA-k: EV of the top-{s.train.k} principal components of the same model's training activations "
             "(an SAE with L0 <= k should beat it). Spliced: the SAE's reconstruction in place of the hook on "
-            "clean test images. EV change: least-squares change of the training EV over the last 10% of steps",
+            f"{s.n_fidelity_images or s.n_eval_images} clean test images; KL and top-1 drop (clean minus spliced) with "
+            "95% CIs over those images (bootstrap; the drop paired by image). EV change: least-squares change of "
+            "the training EV over the last 10% of steps",
             [
                 "SAE",
                 "model",
@@ -247,8 +272,13 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
                 "dead (frac)",
                 "dense >10% (frac)",
                 "spliced KL (nats)",
+                "KL low",
+                "KL high",
                 "acc clean",
                 "acc spliced",
+                "top-1 drop (pp)",
+                "drop low",
+                "drop high",
                 "EV change (last 10%)",
             ],  # fmt: skip
             rows,
