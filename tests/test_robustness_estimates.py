@@ -148,3 +148,59 @@ def test_robustness_matrix_per_image_metrics_average_to_the_rows():
         pi = per[(r["model"], r["corruption"], r["severity"])]
         for k in ("top1", "top5", "confidence", "correct_prob", "nll"):
             assert float(pi[k].mean()) == pytest.approx(r[k]), k
+
+
+def test_a_tiny_study_scores_each_fine_tunes_seen_corruption_at_its_trained_severity(tmp_path):
+    """End to end through the robustness step: the cards say blur at 2, noise at 1 and 4; the study scores
+    severity 4 for every corruption, plus blur/2 and noise/1 (only those) for every model."""
+    import json
+
+    import timm
+
+    from mechvit.study import run_study
+    from mechvit.study.config import study_config_from_dict
+    from mechvit.training.checkpoint import save_checkpoint
+
+    arch = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=2)
+    models = [("base", None), ("ft_blur", (["gaussian_blur"], [2])), ("ft_noise", (["gaussian_noise"], [1, 4])),
+              ("ctrl", None)]  # fmt: skip
+    ck = {}
+    for i, (name, tuned) in enumerate(models):
+        torch.manual_seed(i)
+        m = timm.create_model("vit_tiny_patch16_224", pretrained=False, **arch)
+        corr = {"seen": tuned[0], "severities": tuned[1], "p": 1.0} if tuned else None
+        save_checkpoint(tmp_path / name, m, {"model": {"name": "vit_tiny_patch16_224", "kwargs": arch},
+                                             "config": {"corruption": corr}})  # fmt: skip
+        ck[name] = str(tmp_path / name)
+    cfg = study_config_from_dict({
+        "name": "tiny", "progress": False, "num_threads": 1,
+        "models": {"base": {"name": "base", "checkpoint": ck["base"]},
+                   "finetuned": [{"name": n, "checkpoint": ck[n]} for n in ("ft_blur", "ft_noise", "ctrl")]},
+        "conditions": [{"corruption": "gaussian_blur", "severity": 4}],
+        "robustness": {"corruptions": ["gaussian_blur", "gaussian_noise", "contrast"], "severities": [4],
+                       "n_images": 40, "batch_size": 40},
+        "sae": {"store": {"hook": "blocks.1.hook_resid_post"}},  # the default's hook: the tiny model has 2 blocks
+    })  # fmt: skip
+    run_study(cfg, tmp_path / "out", only=["robustness"])
+    rob = json.loads((tmp_path / "out" / "metrics.json").read_text())["steps"]["robustness"]["metrics"]
+    assert rob["trained_severities"] == {"ft_blur": [2], "ft_noise": [1, 4]}
+    extra = {(r["model"], r["corruption"], r["severity"]) for r in rob["trained_rows"]}
+    assert extra == {(m, c, s) for m in ("base", "ft_blur", "ft_noise", "ctrl")
+                     for c, s in (("gaussian_blur", 2), ("gaussian_noise", 1))}  # fmt: skip
+    assert {r["severity"] for r in rob["rows"]} == {0, 4}  # the matrix itself stays at the study's severity
+    est = rob["estimates"]
+    assert est["ft_blur"]["groups"]["seen_trained"] == ["gaussian_blur/2"]
+    assert est["ft_noise"]["groups"]["seen_trained"] == ["gaussian_noise/1", "gaussian_noise/4"]
+    assert est["ft_blur"]["groups"]["seen"] == ["gaussian_blur/4"]
+    assert len(est["base"]["groups"]["all_corrupted"]) == 3  # no trained-severity cell among the base's
+    assert set(est["ft_blur"]["vs"]["ctrl"]) >= {"seen_trained", "seen"}
+    cells = {(t["model"], t["reference"], t["cell"]) for t in rob["mcnemar"]}
+    assert ("ft_blur", "base", "gaussian_blur/2") in cells and (
+        "ft_noise",
+        "ctrl",
+        "gaussian_noise/1",
+    ) in cells
+    assert all(t["p_value"] <= t["p_holm"] <= 1 for t in rob["mcnemar"])
+    assert set(rob["corruption_error_cis"]["ft_blur"]) == {"mCE", "relative_mCE"}
+    assert set(rob["metric_cis"]) == {f"{m}|{i}" for m in ("base", "ft_blur", "ft_noise", "ctrl")
+                                      for i in ("clean", "gaussian_blur/4")}  # fmt: skip
