@@ -142,3 +142,57 @@ def test_exact_sweep_keeps_per_image_lds_and_its_ci_brackets_the_scores():
     )
     with pytest.raises(ValueError, match="per-image"):
         attr.score_ci()
+
+
+def test_study_step_rows_ci_guard_and_sanity_note():
+    import copy
+
+    from test_analysis_patching import tiny
+
+    from mechvit.study.result import StepResult
+    from mechvit.study.steps.patching import HEADLINE, IN_SAMPLE, uncertainty
+
+    model = tiny()
+    with (
+        torch.no_grad()
+    ):  # 30x logits (scores are invariant to it): a denominator of ~3.7 logits, CI ~[2.3, 5]
+        model.head.weight.mul_(30)
+        model.head.bias.mul_(30)
+    biased = copy.deepcopy(model)
+    with torch.no_grad():
+        biased.head.bias[0] += 5.0
+    clean = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    corrupted = torch.zeros_like(clean)
+    with torch.no_grad():  # labels the clean run gets right
+        y = model(clean).argmax(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        by_pos = {"c": activation_patching(model, clean, corrupted, y, progress=False)}
+        by_layer = {"c": activation_patching(model, clean, corrupted, y, by="layer", progress=False)}
+        y0 = torch.zeros(8, dtype=torch.long)  # every denominator is -5: sign-flipped, shown as n/a
+        across = {
+            "flip": activation_patching(model, clean, clean, y0, corrupted_model=biased, progress=False)
+        }
+    res = StepResult()
+    res.metrics = {
+        "within_by_position": {k: v.to_dict() for k, v in by_pos.items()},
+        "within_by_layer": {k: v.to_dict() for k, v in by_layer.items()},
+        "within_by_head": {},
+        "across_models": {k: v.to_dict() for k, v in across.items()},
+    }
+    rows = uncertainty(res, by_pos, by_layer, {}, across)
+    assert [r[:2] for r in rows] == [[HEADLINE, "c"], [HEADLINE, "flip"], [IN_SAMPLE, "c"]]
+    assert rows[1][2:] == ["n/a", "n/a"]
+    assert all("[" in cell for cell in rows[0][2:])  # every headline score carries its CI
+    m = res.metrics
+    assert m["across_models"]["flip"]["denominator_status"] == "n/a"
+    assert "values_ci95" not in m["across_models"]["flip"]
+    assert len(m["within_by_position"]["c"]["values_ci95"]["low"]) == 2
+    assert (
+        m["best_position_heldout"]["c"]["estimate"]
+        == m["within_by_position"]["c"]["best_position"]["split_half"]["estimate"]
+    )
+    notes = " ".join(res.notes)
+    assert "patching flip: scores shown as n/a" in notes and "negative" in notes
+    assert "sanity check (not a finding)" in notes
+    assert "whole-layer" not in " ".join(r[0] for r in rows)

@@ -11,6 +11,7 @@ patch grid."""
 from __future__ import annotations
 
 from mechvit.analysis import activation_patching, attribution_patching
+from mechvit.analysis.patching import DENOM_NA_LOGITS, DENOM_UNSTABLE_LOGITS
 from mechvit.study.context import StudyContext
 from mechvit.study.result import StepResult, StepWriter, Table
 from mechvit.viz import figures
@@ -95,55 +96,91 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
                 f"({where}) patched into the base model; 1 = the fine-tuned model's answer, 0 = the base model's.",
             )
         )
-    rows = [["whole-layer restore", k, *v.values.tolist()] for k, v in by_layer.items()]
-    rows += [
-        ["best position (in-sample)", k, *v.values.max(1).values.tolist()]
-        for k, v in {**by_pos, **across}.items()
-    ]
-    # the best position per layer is a maximum over ~50 noisy scores: choose it on one half of the images and
-    # score it on the other (and the converse), so that the number is not inflated by the selection
-    heldout = {}
-    if len(y) >= 4:
-        h = len(y) // 2
-        halves = (slice(0, h), slice(h, 2 * h))
-        for c in ctx.cfg.conditions:
-            if c.label not in by_pos:
-                continue
-            xc = ctx.prep(ctx.corrupted(c, s.n_images))
-            try:
-                parts = [
-                    patch(base, ctx.prep(x[sl]), xc[sl], y[sl], component=s.component, **pos, **kw).values
-                    for sl in halves
-                ]
-            except ValueError as e:
-                res.notes.append(f"held-out best position {c.label}: skipped ({e})")
-                continue
-            score = [
-                0.5
-                * (
-                    float(parts[1][layer, parts[0][layer].argmax()])
-                    + float(parts[0][layer, parts[1][layer].argmax()])
-                )
-                for layer in range(parts[0].shape[0])
-            ]
-            heldout[c.label] = score
-            rows.append(["best position (chosen on one half, scored on the other)", c.label, *score])
-    res.metrics["best_position_heldout"] = heldout
-    for k, v in {**by_layer, **by_pos, **across}.items():
-        if v.n_sign_flipped or (v.denominator_ci and v.denominator_ci[0] <= 0):
-            res.notes.append(
-                f"patching {k}: {v.n_sign_flipped} of {v.n_images} images have LD(clean) <= LD(corrupted), "
-                f"denominator 95% CI {v.denominator_ci}: the normalised score is unstable there"
-            )
+    rows = uncertainty(res, by_pos, by_layer, by_head, across, seed=ctx.cfg.seed)
     if rows:
         res.tables.append(
             Table(
-                f"Patching scores per layer ({s.component}; 1 = clean/fine-tuned answer restored)",
+                f"Patching scores per layer ({s.component}; 1 = clean/fine-tuned answer restored; "
+                f"score [95% CI over images]; n/a: denominator guard, see the notes)",
                 ["measure", "run", *[str(i) for i in range(base.cfg.n_layers)]],
                 rows,
             )
         )
     return res
+
+
+N_RESAMPLES = 2000  # bootstrap resamples over images per result (one matmul each way: cheap)
+HEADLINE = "best position (chosen on one half, scored on the other)"
+IN_SAMPLE = "best position (in-sample max, optimistic; secondary)"
+
+
+def _cell(est: float, lo: float, hi: float) -> str:
+    return f"{est:.3f} [{lo:.2f}, {hi:.2f}]"
+
+
+def uncertainty(res: StepResult, by_pos, by_layer, by_head, across, *, seed: int = 0) -> list[list]:
+    """CIs over images, split-half best position and the denominator guard for every result of the step: adds
+    their metrics (``values_ci95``, ``denominator_status``, ``best_position``), the table rows (headline:
+    best position chosen on one half and scored on the other; in-sample maximum secondary; n/a where the
+    denominator guard says so; returned) and the notes."""
+    m = res.metrics
+    groups = {"within_by_position": by_pos, "within_by_layer": by_layer, "within_by_head": by_head}
+    groups["across_models"] = across
+    for key, results in groups.items():
+        for k, r in results.items():
+            d = m[key][k]
+            status, reason = r.denominator_status()
+            d["denominator_status"], d["denominator_reason"] = status, reason
+            if r.per_image_ld is None or r.n_images < 2:  # attribution estimate: no per-image LDs
+                continue
+            if status == "n/a":
+                continue
+            lo, hi = r.score_ci(n_resamples=N_RESAMPLES, seed=seed)
+            d["values_ci95"] = {"low": lo.tolist(), "high": hi.tolist(), "n_resamples": N_RESAMPLES}
+            if key in ("within_by_position", "across_models") and r.n_images >= 4:
+                d["best_position"] = r.best_position(n_resamples=N_RESAMPLES, seed=seed)
+    heldout, rows = {}, []
+    for key, results in (("within_by_position", by_pos), ("across_models", across)):
+        for k, r in results.items():
+            d = m[key][k]
+            n_layers = len(r.labels["layer"])
+            if d["denominator_status"] == "n/a":
+                rows.append([HEADLINE, k, *["n/a"] * n_layers])
+                res.notes.append(f"patching {k}: scores shown as n/a ({d['denominator_reason']})")
+                continue
+            if d["denominator_status"] == "unstable":
+                res.notes.append(
+                    f"patching {k}: unstable normalisation ({d['denominator_reason']}; {r.n_sign_flipped} of "
+                    f"{r.n_images} images have LD(clean) <= LD(corrupted))"
+                )
+            bp = d.get("best_position")
+            if bp is None:  # attribution estimate or under 4 images: the in-sample maximum only, no CI
+                rows.append([IN_SAMPLE, k, *r.values.max(1).values.tolist()])
+                continue
+            sh, ins = bp["split_half"], bp["in_sample"]
+            heldout[k] = sh
+            rows.append([HEADLINE, k, *map(_cell, sh["estimate"], sh["low"], sh["high"])])
+            rows.append([IN_SAMPLE, k, *map(_cell, ins["estimate"], ins["low"], ins["high"])])
+    m["best_position_heldout"] = heldout
+    rows.sort(key=lambda row: row[0] != HEADLINE)  # the headline rows first, in their run order (stable)
+    exact = [r for r in by_layer.values() if r.per_image_ld is not None]
+    if exact:  # patching the whole residual stream restores the source run exactly: a sanity check only
+        dev = max(float((r.values - 1).abs().max()) for r in exact)
+        res.notes.append(
+            "sanity check (not a finding): patching the whole layer restores the clean answer by construction; "
+            f"largest |score - 1| over layers and conditions {dev:.2g}"
+            + ("" if dev < 1e-3 else " (unexpected)")
+        )
+    if rows and any(row[0] == HEADLINE for row in rows):
+        res.notes.append(
+            f"patching CIs: 95% percentile bootstrap over images ({N_RESAMPLES} resamples, the normalised score "
+            "recomputed as a ratio of means per resample). Headline: the best position per layer chosen on one "
+            "random half of the images and scored on the other (and conversely, averaged), its CI repeating "
+            "the choice per resample; the in-sample maximum over positions is optimistic (a maximum of noisy "
+            f"scores) and secondary. n/a: the denominator's 95% CI reaches below {DENOM_NA_LOGITS} logits "
+            f"(0 included); unstable: below {DENOM_UNSTABLE_LOGITS} logit."
+        )
+    return rows
 
 
 @figures.styled
