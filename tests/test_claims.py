@@ -1,5 +1,7 @@
 """The claim verdict rules of mechvit.study.claims on hand-made step metrics (known answers)."""
 
+import pytest
+
 from mechvit.study.claims import overall, verdicts
 
 
@@ -47,7 +49,8 @@ def test_seen_gain_and_transfer_rules():
 
 def test_feature_stability_rule_uses_the_permutation_test_and_the_ratio():
     def sae(p, ratio):
-        return {"sae_analysis": {"overlap_controls": {"batchtopk": {"summary": {
+        return {"robustness": {"controls": ["clean"], "estimates": {}},  # clean: a control, not in the family
+                "sae_analysis": {"overlap_controls": {"batchtopk": {"summary": {
             "base vs blur4": {"matched_cos": {"ratio": ratio, "test": {"p_value": p}}},
         }}}}}  # fmt: skip
 
@@ -115,3 +118,44 @@ def test_feature_verdict_says_where_between_lies_from_floor_to_ceiling():
     assert "(between - floor) / (within - floor) = 0.80" in v.rule
     assert "p is the smallest 8 SAEs allow (0.0286)" in v.rule
     assert "only 2.0% of live features persist even between two seeds" in v.rule
+
+
+def _mc(model, ref, cell, a_only, b_only, p_holm):
+    return {"model": model, "reference": ref, "cell": cell, "a_only": a_only, "b_only": b_only,
+            "p_value": p_holm / 4, "p_holm": p_holm}  # fmt: skip
+
+
+def test_seen_gain_is_decided_at_the_trained_severity_with_holm_adjusted_mcnemar():
+    rob = robustness(ci(0.02, -0.01, 0.05), ci(0.0, -0.05, 0.05), ci(0.0, -0.01, 0.01))
+    blur = rob["estimates"]["blur4"]
+    blur["groups"] = {"seen_trained": ["gaussian_blur/1"], "seen": ["gaussian_blur/4"]}
+    blur["vs"]["base"]["seen_trained"] = ci(0.04, 0.01, 0.07)
+    blur["vs"]["clean"]["seen_trained"] = ci(0.03, 0.005, 0.06)
+    rob["mcnemar"] = [_mc("blur4", "base", "gaussian_blur/1", 40, 10, 0.001),
+                      _mc("blur4", "clean", "gaussian_blur/1", 35, 12, 0.2)]  # fmt: skip
+    (v,) = [x for x in verdicts({"robustness": rob}, "base") if x.claim == "seen_gain"]
+    # both CIs above 0 at the trained severity, but the test against the control does not survive Holm
+    assert v.verdict == "inconclusive" and "McNemar vs clean on gaussian_blur/1: Holm p = 0.2" in v.rule
+    assert (
+        v.estimate == pytest.approx(4.0)
+        and "gaussian_blur/1 (seen corruption at its trained severity)" in v.effect
+    )
+    assert "at the study's severity (gaussian_blur/4): 2 [-1, 5] pp" in v.rule
+    rob["mcnemar"][1]["p_holm"] = 0.01
+    (v,) = [x for x in verdicts({"robustness": rob}, "base") if x.claim == "seen_gain"]
+    assert v.verdict == "supported" and "every McNemar Holm p < 0.05 (largest 0.01)" in v.rule
+
+
+def test_feature_contradiction_needs_the_holm_adjusted_permutation_p():
+    def two(p):
+        comp = lambda: {"matched_cos": {"ratio": ci(0.98, 0.97, 0.99), "test": {"p_value": p}}}  # noqa: E731
+        return {"robustness": {"controls": ["clean"], "estimates": {}},  # clean: a control, not in the family
+                "sae_analysis": {"overlap_controls": {"batchtopk": {"summary": {
+            "base vs blur4": comp(), "base vs noise4": comp(), "base vs clean": comp()}}}}}  # fmt: skip
+
+    # 4 + 4 SAEs: p = 2/70 for both fine-tunes; Holm over the 2 fine-tunes (not the control) gives 4/70 > 0.05
+    vs = verdicts(two(2 / 70), "base")
+    assert by(vs, "features_stable") == ["inconclusive", "inconclusive"]
+    assert "Holm p = 0.0571, Holm over 2 comparisons" in vs[0].rule
+    # raw p 2/70 <= 0.05: never "supported" either, though the ratio's CI lies above 0.95
+    assert by(verdicts(two(0.01), "base"), "features_stable") == ["contradicted", "contradicted"]

@@ -2,9 +2,13 @@
 by a stated rule from the step results (whatever the data say):
 
 1. **seen gain**: a fine-tune is more accurate than the base on the corruptions it was tuned on.
-   Effect: paired top-1 difference (fine-tune - base) on its seen cells; control: the same difference against
-   the clean fine-tune. *Supported* when both CIs lie above 0; *contradicted* when the CI against the base lies
-   below 0; else *inconclusive*.
+   Effect: paired top-1 difference (fine-tune - base) on its seen corruptions at the severities it was trained
+   at (group ``seen_trained``; the study's severities, group ``seen``, when the card does not say); control:
+   the same difference against the clean fine-tune. *Supported* when both CIs lie above 0 and the exact
+   McNemar test of every one of those cells, against the base and against each control, has a Holm-adjusted
+   p < 0.05 (the family: every McNemar test of the robustness step); *contradicted* when the CI against the
+   base lies below 0 and a McNemar test against the base on those cells has Holm p < 0.05; else
+   *inconclusive*. Without McNemar tests in the metrics the CIs alone decide (stated in the rule).
 2. **no transfer to unseen corruptions**: effect: paired difference (fine-tune - base) on the unseen
    corruptions of other families. *Contradicted* when its CI lies above 0 (accuracy rises there);
    *supported* when the CI's upper end is below half the seen gain's lower end (no gain of the seen size);
@@ -19,9 +23,14 @@ by a stated rule from the step results (whatever the data say):
    0 cannot show that nothing changed without an equivalence margin).
 5. **sparse features stay stable**: effect: matched decoder cosine between the base's and the fine-tune's
    SAEs relative to within-model seed pairs (ratio between / within, CI) with the permutation test over model
-   labels. *Contradicted* when p <= 0.05 and the ratio's CI lies below 1 (features differ beyond seed noise);
-   *supported* when p > 0.05 and the ratio's CI lies above 0.95; else *inconclusive*. The clean control's
-   comparison is reported beside it.
+   labels. *Contradicted* when the Holm-adjusted p <= 0.05 (the family: the permutation tests of every
+   fine-tune's comparison with the base, all architectures; the clean controls' comparisons are not in it) and
+   the ratio's CI lies below 1 (features differ beyond seed noise); *supported* when the raw p > 0.05 and the
+   ratio's CI lies above 0.95 (the adjustment only makes a difference harder to declare: it never makes "no
+   difference" easier); else *inconclusive*. The clean control's comparison is reported beside it.
+
+Multiplicity: where a verdict uses a p-value it uses the Holm-adjusted one (claims 1 and 5); the CIs are
+per-comparison 95% intervals, not adjusted.
 
 A claim's overall verdict: *supported* when every fine-tune supports it, *contradicted* when any contradicts
 it, else *inconclusive*; :func:`tally` says how many fine-tunes gave each verdict. Every :class:`Verdict`
@@ -36,6 +45,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from mechvit.analysis.statistics import holm
 from mechvit.study.result import Table
 
 CLAIMS = {
@@ -48,16 +58,20 @@ CLAIMS = {
 
 # The rule of each claim in one line (the report prints these beside the verdicts; details above).
 RULES = {
-    "seen_gain": "supported when the paired CI (fine-tune - base) on the seen cell and the CI against the clean "
-    "control both lie above 0; contradicted when the CI against the base lies below 0; else inconclusive",
+    "seen_gain": "on the seen corruption at the severity the fine-tune was trained at: supported when the paired "
+    "CI (fine-tune - base) and the CI against the clean control both lie above 0 and every McNemar test of those "
+    "cells (vs base, vs control) has Holm-adjusted p < 0.05 (family: all McNemar tests of the robustness step); "
+    "contradicted when the CI against the base lies below 0 with Holm p < 0.05; else inconclusive",
     "no_unseen_transfer": "contradicted when the CI (fine-tune - base) on unseen other-family cells lies above 0 "
-    "(checked first); supported when its upper end is below half the seen gain's lower end; else inconclusive",
+    "(checked first); supported when its upper end is below half the lower end of the seen gain at the same "
+    "(study) severity; else inconclusive",
     "attention_changes": "supported when the CI of (change from base) - (the clean control's change) lies above "
     "0; contradicted when below 0; else inconclusive",
     "lens_changes": "supported when the paired CI of the first-correct-block difference (fine-tune - base) "
     "excludes 0, either sign; else inconclusive (never contradicted: no equivalence margin)",
-    "features_stable": "contradicted when the permutation p <= 0.05 and the CI of matched cosine between / "
-    "within lies below 1; supported when p > 0.05 and that CI lies above 0.95; else inconclusive",
+    "features_stable": "contradicted when the Holm-adjusted permutation p <= 0.05 (family: every fine-tune's "
+    "comparison with the base) and the CI of matched cosine between / within lies below 1; supported when the "
+    "raw p > 0.05 and that CI lies above 0.95; else inconclusive",
 }
 
 
@@ -111,29 +125,25 @@ def verdicts(metrics: dict[str, dict], base: str) -> list[Verdict]:
     if rob:
         est, ctrls = rob["estimates"], rob.get("controls", [])
         tuned = [(m, e["seen"]) for m, e in est.items() if e["seen"]]
+        tests = rob.get("mcnemar")
         for m, _ in tuned:
-            cells = ", ".join((est[m].get("groups") or {}).get("seen") or []) or "the seen cells"
-            vs_b = est[m]["vs"][base].get("seen")
-            vs_c = {c: est[m]["vs"][c].get("seen") for c in ctrls}
-            ok_c = all(_above(v) for v in vs_c.values())
-            if _above(vs_b) and ok_c:
-                v, why = (
-                    "supported",
-                    "CI vs base above 0" + (" and CI vs the clean control above 0" if vs_c else ""),
-                )
-            elif _below(vs_b):
-                v, why = "contradicted", "CI vs base below 0"
-            else:
-                v = "inconclusive"
-                why = "; ".join([f"CI vs {c} {_fmt_ci(d, 100)} pp does not lie above 0" for c, d in vs_c.items()
-                                 if not _above(d)] + ([] if _above(vs_b) else
-                                                      [f"CI vs base {_fmt_ci(vs_b, 100)} pp includes 0"]))  # fmt: skip
+            groups = est[m].get("groups") or {}
+            g = "seen_trained" if est[m]["vs"][base].get("seen_trained") else "seen"
+            what = "at its trained severity" if g == "seen_trained" else "at the study's severity"
+            cells = groups.get(g) or []
+            vs_b = est[m]["vs"][base].get(g)
+            vs_c = {c: est[m]["vs"][c].get(g) for c in ctrls}
+            v, why = _seen_verdict(m, base, vs_b, vs_c, cells, tests)
+            sev4 = est[m]["vs"][base].get("seen")
+            if g == "seen_trained" and cells != groups.get("seen"):
+                why += f"; at the study's severity ({', '.join(groups.get('seen') or [])}): {_fmt_ci(sev4, 100)} pp"
             ctl = "; ".join(f"vs {c}: {_fmt_ci(d, 100)} pp" for c, d in vs_c.items()) or "no clean control"
-            out.append(Verdict("seen_gain", m, f"top-1 on {cells} (seen corruption), minus base (pp)",
-                               *_pp(vs_b), ctl, v, rule=why))  # fmt: skip
+            out.append(Verdict("seen_gain", m,
+                               f"top-1 on {', '.join(cells) or 'the seen cells'} (seen corruption {what}), minus "
+                               "base (pp)", *_pp(vs_b), ctl, v, rule=why))  # fmt: skip
             other = est[m]["vs"][base].get("unseen_other")
-            seen_low = (vs_b or {}).get("low")
-            seen_est = (vs_b or {}).get("estimate")
+            seen_low = (sev4 or {}).get("low")
+            seen_est = (sev4 or {}).get("estimate")
             if other is None:
                 continue
             share = (
@@ -148,7 +158,7 @@ def verdicts(metrics: dict[str, dict], base: str) -> list[Verdict]:
                     why += " (its upper end is also below half the seen gain's lower end: a partial transfer)"
             elif partial:
                 v = "supported"
-                why = f"CI's upper end {100 * other['high']:.3g} pp < half the seen gain's lower end ({50 * seen_low:.3g} pp)"
+                why = f"CI's upper end {100 * other['high']:.3g} pp < half the seen gain's lower end at the same severity ({50 * seen_low:.3g} pp)"
             else:
                 v, why = (
                     "inconclusive",
@@ -195,6 +205,11 @@ def verdicts(metrics: dict[str, dict], base: str) -> list[Verdict]:
                                f"first correct block on {cond}, minus base (blocks; negative = earlier)",
                                *_get(d), ctl, v, rule=why))  # fmt: skip
     sae = metrics.get("sae_analysis", {}).get("overlap_controls", {})
+    family = [(arch, comp, ((per.get("matched_cos") or {}).get("test") or {}).get("p_value"))
+              for arch, oc in sae.items() for comp, per in oc["summary"].items()
+              if comp.split(" vs ", 1)[1] not in ctrls]  # fmt: skip
+    ps = [(a, c, p) for a, c, p in family if p is not None]
+    adjusted = dict(zip([(a, c) for a, c, _ in ps], holm([p for *_, p in ps]) if ps else [], strict=True))
     for arch, oc in sae.items():
         summ = oc["summary"]
         for comp, per in summ.items():
@@ -204,12 +219,17 @@ def verdicts(metrics: dict[str, dict], base: str) -> list[Verdict]:
             mc = per.get("matched_cos", {})
             ratio, test = mc.get("ratio"), mc.get("test") or {}
             p = test.get("p_value")
-            if p is not None and p <= 0.05 and _below(ratio, 1.0):
-                v, why = "contradicted", f"p = {p:.3g} <= 0.05 and the ratio's CI below 1"
+            q = None if p is None else float(adjusted[(arch, comp)])
+            fam = f"Holm over {len(ps)} comparison{'s' if len(ps) > 1 else ''}"
+            if q is not None and q <= 0.05 and _below(ratio, 1.0):
+                v, why = "contradicted", f"Holm p = {q:.3g} <= 0.05 ({fam}) and the ratio's CI below 1"
             elif p is not None and p > 0.05 and _above(ratio, 0.95):
                 v, why = "supported", f"p = {p:.3g} > 0.05 and the ratio's CI above 0.95"
             else:
-                v, why = "inconclusive", "neither rule's condition holds"
+                v = "inconclusive"
+                why = "neither rule's condition holds" + (
+                    "" if q is None else f" (p = {p:.3g}, Holm p = {q:.3g}, {fam})"
+                )
             why += "".join(f"; {x}" for x in _overlap_caveats(mc, test, per.get("persistent_fraction")))
             cc = [summ[f"{base} vs {c}"]["matched_cos"] for c in ctrls if f"{base} vs {c}" in summ]
             ctl = (
@@ -220,9 +240,45 @@ def verdicts(metrics: dict[str, dict], base: str) -> list[Verdict]:
                 or "no clean control"
             )
             out.append(Verdict("features_stable", f"{m} ({arch})",
-                               f"matched decoder cosine between / within (p = {p:.3g})" if p is not None else
+                               f"matched decoder cosine between / within (p = {p:.3g}, Holm {q:.3g})" if p is not None else
                                "matched decoder cosine between / within", *_get(ratio), ctl, v, rule=why))  # fmt: skip
     return out
+
+
+def _seen_verdict(m: str, base: str, vs_b, vs_c: dict, cells: list[str], tests: list[dict] | None):
+    """The seen-gain verdict and its reason: the CIs give the direction, the Holm-adjusted McNemar tests of
+    ``cells`` (when the metrics have them) the multiplicity-safe significance."""
+    refs = [base, *vs_c]
+    got = {(t["reference"], t["cell"]): t for t in tests or [] if t["model"] == m and t["cell"] in cells}
+    use_p = bool(tests) and all("p_holm" in got.get((r, c), {}) for r in refs for c in cells) and bool(cells)
+    ci_up = _above(vs_b) and all(_above(d) for d in vs_c.values())
+    if use_p:
+        sig = {(r, c): got[(r, c)]["p_holm"] < 0.05 and got[(r, c)]["a_only"] > got[(r, c)]["b_only"]
+               for r in refs for c in cells}  # fmt: skip
+        worst = max(got[(r, c)]["p_holm"] for r in refs for c in cells)
+        if ci_up and all(sig.values()):
+            return "supported", (
+                "CI vs base above 0"
+                + (" and CI vs the clean control above 0" if vs_c else "")
+                + f"; every McNemar Holm p < 0.05 (largest {worst:.2g})"
+            )
+        neg = [got[(base, c)] for c in cells if got[(base, c)]["p_holm"] < 0.05
+               and got[(base, c)]["b_only"] > got[(base, c)]["a_only"]]  # fmt: skip
+        if _below(vs_b) and neg:
+            return "contradicted", f"CI vs base below 0 and McNemar Holm p = {neg[0]['p_holm']:.2g} < 0.05"
+    elif ci_up:
+        return "supported", "CI vs base above 0" + (
+            " and CI vs the clean control above 0" if vs_c else ""
+        ) + (" (no McNemar tests in these metrics: the CIs alone decide)")
+    elif _below(vs_b):
+        return "contradicted", "CI vs base below 0 (no McNemar tests in these metrics: the CIs alone decide)"
+    why = [f"CI vs {c} {_fmt_ci(d, 100)} pp does not lie above 0" for c, d in vs_c.items() if not _above(d)]
+    if not _above(vs_b):
+        why.append(f"CI vs base {_fmt_ci(vs_b, 100)} pp includes 0")
+    if use_p:
+        why += [f"McNemar vs {r} on {c}: Holm p = {got[(r, c)]['p_holm']:.2g}" for r in refs for c in cells
+                if not sig[(r, c)]]  # fmt: skip
+    return "inconclusive", "; ".join(why)
 
 
 def min_permutation_p(test: dict) -> float | None:
