@@ -128,3 +128,31 @@ def test_heatmap_writes_values_and_outlines_marked_cells():
     assert len(ax.patches) == 1
     assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"]
     assert fig.axes[-1].get_ylabel() == "v"  # the colour bar
+
+
+def test_every_model_of_a_twelve_model_study_gets_its_own_colour():
+    from mechvit.viz.figures import PALETTE, color
+
+    cols = [color(i) for i in range(12)]
+    assert len(set(cols)) == 12 and PALETTE[6] not in cols  # never the neutral grey of reference lines
+    assert cols[:6] == list(PALETTE[:6])  # the first six as before
+
+
+def test_robustness_group_bars_legend_names_every_group_beside_the_bars():
+    from mechvit.viz.figures import robustness_group_bars
+
+    e = {"estimate": 0.5, "low": 0.4, "high": 0.6}
+    est = {
+        "base": {"accuracy": {"clean": e, "all_corrupted": e}},  # the first model has no seen groups
+        "ft": {"accuracy": {"clean": e, "seen": e, "unseen_same_family": e, "unseen_other": e}},
+        "ft2": {"accuracy": {"clean": e, "seen": e, "unseen_other": e}},
+    }
+    groups = {"clean": "clean", "seen": "seen", "unseen_same_family": "unseen, same family",
+              "unseen_other": "unseen, other families", "all_corrupted": "all corruptions"}  # fmt: skip
+    fig = robustness_group_bars(est, list(est), groups)
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == list(groups.values())  # each group once
+    assert not fig.axes[0].get_legend()
+    r = fig._get_renderer()
+    fig.draw(r)  # lays out the constrained-layout figure
+    assert not legend.get_window_extent(r).overlaps(fig.axes[0].get_window_extent(r))

@@ -2,7 +2,8 @@
 
 Every ``plot_*`` function returns the :class:`matplotlib.figure.Figure`; with ``path`` (a file stem or a
 name with a suffix) it also writes ``<stem>.png`` and ``<stem>.svg`` atomically. Colours: ``PALETTE``
-(Paul Tol's "bright", colour-blind safe; its last colour is a neutral grey) for lines and bars, ``SEQUENTIAL``
+(Paul Tol's "bright", colour-blind safe; its last colour is a neutral grey) for lines and bars, ``COLORS``
+(``color(i)``: 12 distinct colours, one per model of a study), ``SEQUENTIAL``
 for non-negative maps, ``DIVERGING`` (centred on 0) for signed maps such as patching scores. The building
 blocks (``save_figure``, ``heatmap``, ``image_overlay``, ``color``) draw the study report's figures, which are
 the public functions at the end of this module (``robustness_heatmap`` ... ``cka_curves``): the study's steps call
@@ -26,14 +27,18 @@ from matplotlib.patches import Rectangle
 from mechvit._io import atomic_write
 
 PALETTE = ("#4477AA", "#EE6677", "#228833", "#CCBB44", "#66CCEE", "#AA3377", "#BBBBBB")
+# One colour per model (or group) of a figure: Tol's "bright" without its grey (the neutral colour of reference
+# lines), then Tol's vibrant orange and teal and muted indigo, wine and olive, and a dark grey: 12 distinct
+# colours, so a study of up to 12 models gives each its own (the default has 8).
+COLORS = (*PALETTE[:6], "#EE7733", "#009988", "#332288", "#882255", "#999933", "#555555")
 SEQUENTIAL = "viridis"
 DIVERGING = "RdBu_r"
 FORMATS = ("png", "svg")
 
 
 def color(i: int) -> str:
-    """The ``i``-th colour of ``PALETTE``, cycling."""
-    return PALETTE[i % len(PALETTE)]
+    """The ``i``-th colour of ``COLORS`` (12 distinct, never the neutral grey of ``PALETTE``), cycling."""
+    return COLORS[i % len(COLORS)]
 
 
 def save_figure(
@@ -452,6 +457,7 @@ def plot_code_similarity(
 
 __all__ = [
     "DIVERGING",
+    "COLORS",
     "PALETTE",
     "SEQUENTIAL",
     "code_cosine_controls_figure",
@@ -863,9 +869,10 @@ def robustness_group_bars(estimates: Mapping[str, Mapping], models: Sequence[str
     """Top-1 per model and group of cells with 95% CI whiskers (the robustness step's ``estimates``:
     ``{model: {"accuracy": {group: Estimate dict}}}``); ``groups`` maps a group key to its legend label."""
     keys = [g for g in groups if any(g in estimates[m]["accuracy"] for m in models)]
-    fig, ax = new_figure(w=max(4.5, 1.2 * len(models) + 1.5))
+    fig, ax = new_figure(w=max(5.5, 1.2 * len(models) + 3.0))
     width = 0.8 / max(1, len(keys))
     for j, g in enumerate(keys):
+        first = next(m for m in models if g in estimates[m]["accuracy"])  # the legend entry of group g
         for i, m in enumerate(models):
             e = estimates[m]["accuracy"].get(g)
             if e is not None:
@@ -876,10 +883,11 @@ def robustness_group_bars(estimates: Mapping[str, Mapping], models: Sequence[str
                 e,
                 color(j),
                 width,
-                groups[g] if i == 0 else None,
+                groups[g] if m == first else None,
             )
     ax[0, 0].set_xticks(range(len(models)), list(models), rotation=20, ha="right")
     ax[0, 0].set_ylabel("top-1 accuracy (%)")
     ax[0, 0].set_ylim(0, 100)
-    ax[0, 0].legend(frameon=False, ncols=2, loc="lower right", fontsize=6)
+    # beside the axes, never over the bars
+    fig.legend(*ax[0, 0].get_legend_handles_labels(), loc="outside right upper", frameon=False, fontsize=7)
     return fig
