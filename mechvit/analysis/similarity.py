@@ -9,6 +9,12 @@ The plain estimator uses the biased HSIC (centred Gram matrices); it is 1 for ``
 orthogonal and for ``Y = c X``, but is biased upwards when ``n`` is small relative to the width. The
 debiased form replaces HSIC by the unbiased estimator HSIC_1 of Song et al. (2012), as done for CKA by
 Nguyen, Raghu & Kornblith (2021). Both are computed in feature space (``O(n d^2)``), in float64.
+
+Uncertainty: :func:`linear_cka_ci` is a percentile bootstrap over examples (images) of linear CKA, the same
+resample of rows for both representations (they are paired). Each resample is a vector of counts ``c`` and
+the plug-in CKA of the resampled rows is a ratio of quadratic forms in ``c`` of the Gram matrices, so all
+resamples cost a few ``[R, n] x [n, n]`` matmuls once the Grams are built (``n`` <= a few thousand).
+``layer_cka(..., n_resamples=R)`` attaches that CI per layer (one example per image only: not ``tokens``).
 """
 
 from __future__ import annotations
@@ -74,6 +80,56 @@ def linear_cka(x: Float[Tensor, "n ..."], y: Float[Tensor, "n ..."], *, debiased
     return float(xty / denom)
 
 
+def _boot_hsic(c: Tensor, a: Tensor, ka: Tensor, kb: Tensor, cka_: Tensor, ckb: Tensor, n: int) -> Tensor:
+    """Biased HSIC (up to a common factor) of the rows resampled with counts ``c [R, n]``: ``||X_c^T Y_c||_F^2 /
+    n^2`` of the count-weighted centred features, from Grams K = X X^T, L = Y Y^T: ``a = K * L``, ``ka = c K``,
+    ``kb = c L``, ``cka_ = c^T K c``, ``ckb = c^T L c``."""
+    t1 = ((c @ a) * c).sum(1)
+    t2 = (c * ka * kb).sum(1)
+    return t1 / n**2 - 2 * t2 / n**3 + cka_ * ckb / n**4
+
+
+def linear_cka_ci(
+    x: Float[Tensor, "n ..."],
+    y: Float[Tensor, "n ..."],
+    *,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap CI over examples of :func:`linear_cka` (plain, not debiased): each resample draws
+    ``n`` rows with replacement, the same rows of ``x`` and ``y``, and recomputes CKA on them. Vectorised over
+    resamples (see the module docstring); returns ``(low, high)``; ``(nan, nan)`` when CKA is undefined."""
+    x, y = _as_2d(x, "x"), _as_2d(y, "y")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y must hold the same number of examples, got {x.shape[0]} and {y.shape[0]}")
+    n = x.shape[0]
+    if n < 3:
+        raise ValueError(f"a bootstrap CI of CKA needs at least 3 examples, got {n}")
+    if not 0 < confidence < 1 or n_resamples < 1:
+        raise ValueError(f"need 0 < confidence < 1 and n_resamples >= 1, got {confidence}, {n_resamples}")
+    x = x - x.mean(0, keepdim=True)  # CKA is invariant to a shift; this keeps the Grams well conditioned
+    y = y - y.mean(0, keepdim=True)
+    k, l_ = x @ x.T, y @ y.T
+    gen = torch.Generator().manual_seed(seed)
+    draws = torch.randint(n, (n_resamples, n), generator=gen)
+    c = torch.zeros(n_resamples, n, dtype=torch.float64).scatter_add_(
+        1, draws, torch.ones(n_resamples, n, dtype=torch.float64)
+    )
+    ck, cl = c @ k, c @ l_
+    ckc, clc = (ck * c).sum(1), (cl * c).sum(1)
+    xy = _boot_hsic(c, k * l_, ck, cl, ckc, clc, n)
+    xx = _boot_hsic(c, k * k, ck, ck, ckc, ckc, n)
+    yy = _boot_hsic(c, l_ * l_, cl, cl, clc, clc, n)
+    reps = xy / torch.sqrt(xx * yy)
+    reps = reps[torch.isfinite(reps)]
+    if reps.numel() == 0:
+        return float("nan"), float("nan")
+    a = (1 - confidence) / 2
+    q = torch.quantile(reps, torch.tensor([a, 1 - a], dtype=reps.dtype))
+    return float(q[0]), float(q[1])
+
+
 def _reduce_tokens(act: Float[Tensor, "b t d"], token_reduction: str, n_prefix: int) -> Tensor:
     if token_reduction == "flatten":
         return act.reshape(act.shape[0], -1)
@@ -99,6 +155,8 @@ class CKAResult:
     token_reduction: str
     n_examples: int
     meta: dict = field(default_factory=dict)
+    linear_ci: tuple[Tensor, Tensor] | None = None  # (low, high) [n_layers]: bootstrap over images
+    n_resamples: int = 0
 
     def rows(self) -> list[dict]:
         return [
@@ -122,6 +180,18 @@ class CKAResult:
             "hook": self.hook,
             "token_reduction": self.token_reduction,
             "n_examples": self.n_examples,
+            **(
+                {
+                    "cka_linear_ci95": {
+                        "low": self.linear_ci[0].tolist(),
+                        "high": self.linear_ci[1].tolist(),
+                        "n_resamples": self.n_resamples,
+                        "method": "percentile bootstrap over images (paired rows)",
+                    }
+                }
+                if self.linear_ci is not None
+                else {}
+            ),
             **self.meta,
         }
 
@@ -154,6 +224,8 @@ def layer_cka(
     batch_size: int = 64,
     device: torch.device | str | None = None,
     progress: bool = True,
+    n_resamples: int = 0,
+    seed: int = 0,
 ) -> CKAResult:
     """Per-layer CKA between ``model_a`` on ``images_a`` and ``model_b`` on ``images_b``.
 
@@ -162,7 +234,13 @@ def layer_cka(
     ``hook`` is a block hook suffix (``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``,
     ``mlp_out``). ``token_reduction``: ``flatten`` (one example per image, all tokens concatenated),
     ``cls`` (token 0), ``mean_patches`` (mean over patch tokens), ``tokens`` (every token an example).
+    ``n_resamples > 0`` adds a 95% bootstrap CI over images of the linear CKA per layer
+    (:func:`linear_cka_ci`, ``seed``); not with ``tokens``, whose examples are not independent images.
     """
+    if n_resamples and token_reduction == "tokens":
+        raise ValueError(
+            "a bootstrap CI over images needs one example per image; token_reduction='tokens' has many"
+        )
     if token_reduction not in TOKEN_REDUCTIONS:
         raise ValueError(f"token_reduction must be one of {TOKEN_REDUCTIONS}, got {token_reduction!r}")
     model_b = model_a if model_b is None else model_b
@@ -203,6 +281,10 @@ def layer_cka(
     )
     lin = torch.tensor([linear_cka(acts_a[n], acts_b[n]) for n in names])
     deb = torch.tensor([linear_cka(acts_a[n], acts_b[n], debiased=True) for n in names])
+    ci = None
+    if n_resamples:
+        bounds = [linear_cka_ci(acts_a[n], acts_b[n], n_resamples=n_resamples, seed=seed) for n in names]
+        ci = (torch.tensor([b[0] for b in bounds]), torch.tensor([b[1] for b in bounds]))
     return CKAResult(
         layers=[str(i) for i in range(len(names))],
         linear=lin,
@@ -210,4 +292,6 @@ def layer_cka(
         hook=hook,
         token_reduction=token_reduction,
         n_examples=acts_a[names[0]].shape[0],
+        linear_ci=ci,
+        n_resamples=n_resamples if ci is not None else 0,
     )
