@@ -204,3 +204,16 @@ def test_a_tiny_study_scores_each_fine_tunes_seen_corruption_at_its_trained_seve
     assert set(rob["corruption_error_cis"]["ft_blur"]) == {"mCE", "relative_mCE"}
     assert set(rob["metric_cis"]) == {f"{m}|{i}" for m in ("base", "ft_blur", "ft_noise", "ctrl")
                                       for i in ("clean", "gaussian_blur/4")}  # fmt: skip
+
+
+def test_severity_note_points_to_the_trained_severity_rows_once_they_are_scored():
+    from types import SimpleNamespace
+
+    from mechvit.study.report import severity_note
+
+    card = {"config": {"corruption": {"seen": ["gaussian_blur"], "severities": [1], "p": 1.0}}}
+    infos = {"base": SimpleNamespace(card={}), "blur1": SimpleNamespace(card=card)}
+    old = severity_note(infos, {"severities": [4]})
+    assert "not the trained condition" in old  # scored at severity 4 only: the caveat stays
+    new = severity_note(infos, {"severities": [4], "trained_severities": {"blur1": [1]}})
+    assert "blur1 (trained at 1)" in new and "'seen, trained severity' rows and the seen-gain claim" in new

@@ -264,6 +264,12 @@ def severity_note(infos: dict, robustness: dict | None) -> str | None:
             off.append(f"{n} (trained at {', '.join(str(x) for x in sorted(sev))})")
     if not off:
         return None
+    if set(robustness.get("trained_severities") or {}) >= {o.split(" (")[0] for o in off}:
+        return (
+            f"'Seen, severity {', '.join(str(x) for x in sorted(scored))}' scores each fine-tune's seen corruption "
+            f"at the study's severities. {'; '.join(off)}: for these that measures transfer across severity, so "
+            "the 'seen, trained severity' rows and the seen-gain claim use the severity each was trained at."
+        )
     return (
         f"'Seen' is scored at severity {', '.join(str(x) for x in sorted(scored))} only (the study's severities). "
         f"{'; '.join(off)}: for these the 'seen' cell is their corruption at a severity they were not trained "
