@@ -338,8 +338,15 @@ def corruption_error_cis(
     n = len(next(iter(correct.values())))
     w = bootstrap_weights(n, n_resamples, seed=seed) if weights is None else weights
 
+    keys = [k for k in correct if k[1] == "clean" or (k[1], k[2]) in cells]
+    col = {k: i for i, k in enumerate(keys)}
+    hits = np.stack([correct[k].double().numpy() for k in keys], 1)  # [n, cells]
+    memo: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
     def err(m: str, c: str, s: int, w: np.ndarray) -> np.ndarray:
-        return 1.0 - w @ correct[(m, c, s)].double().numpy() / w.sum(1)
+        if id(w) not in memo:  # every error of every cell under these weights: one matrix product
+            memo[id(w)] = (w, 1.0 - (w @ hits) / w.sum(1)[:, None])
+        return memo[id(w)][1][:, col[(m, c, s)]]
 
     def stat(m: str, relative: bool):
         def f(w: np.ndarray) -> np.ndarray:
