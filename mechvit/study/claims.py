@@ -147,7 +147,7 @@ def verdicts(metrics: dict[str, dict], base: str) -> list[Verdict]:
             if other is None:
                 continue
             share = (
-                f" = {100 * other['estimate'] / seen_est:.0f}% of the seen gain"
+                f" = {100 * other['estimate'] / seen_est:.0f}% of the seen gain at the same severity"
                 if seen_est and seen_est > 0 and other.get("estimate") is not None
                 else ""
             )
