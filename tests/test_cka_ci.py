@@ -67,3 +67,14 @@ def test_layer_cka_attaches_a_ci_per_layer():
     assert "cka_linear_ci95" not in layer_cka(a, x, b, token_reduction="cls", progress=False).to_dict()
     with pytest.raises(ValueError, match="one example per image"):
         layer_cka(a, x, b, token_reduction="tokens", progress=False, n_resamples=10)
+
+
+def test_study_table_cells_show_the_ci_only_where_there_is_one():
+    from mechvit.analysis.similarity import CKAResult
+    from mechvit.study.steps.cka import cells
+
+    kw = dict(layers=["0", "1"], hook="resid_post", token_reduction="cls", n_examples=300)
+    lin, deb = torch.tensor([0.9, 0.5]), torch.tensor([0.89, 0.49])
+    with_ci = CKAResult(linear=lin, debiased=deb, linear_ci=(lin - 0.01, lin + 0.02), n_resamples=10, **kw)
+    assert cells(with_ci) == ["0.900 [0.890, 0.920] / 0.890", "0.500 [0.490, 0.520] / 0.490"]
+    assert cells(CKAResult(linear=lin, debiased=deb, **kw)) == ["0.900 / 0.890", "0.500 / 0.490"]

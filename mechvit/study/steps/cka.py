@@ -1,5 +1,8 @@
 """Representation similarity: linear and debiased CKA per layer, base vs each fine-tuned model on the same
-images, and clean vs corrupted images within each model."""
+images, and clean vs corrupted images within each model. The headline (``cka.token_reduction``, the readout
+token by default) carries a 95% percentile bootstrap CI over images of the linear CKA per layer and pair
+(``N_RESAMPLES`` resamples, :func:`mechvit.analysis.similarity.linear_cka_ci`); the secondary reduction (every
+token an example) is a point estimate without CI."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from mechvit.viz import figures
 
 TITLE = "Representation similarity (CKA)"
 SECTION = "cka"
+N_RESAMPLES = 1000  # bootstrap resamples over images of the headline linear CKA (each pair x layer: ~10 ms)
 
 
 def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
@@ -17,18 +21,20 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     inputs = ctx.inputs(s.n_images)
     conds = [lab for lab in inputs if lab != "clean"]
     kw = {"hook": s.hook, "token_reduction": s.token_reduction, "batch_size": s.batch_size, "progress": False}
+    n_boot = 0 if s.token_reduction == "tokens" else N_RESAMPLES  # a CI over images needs one row per image
+    head = {**kw, "n_resamples": n_boot, "seed": ctx.cfg.seed}
     between, within = {}, {}
     with ctx.bar(len(ctx.finetuned_names) * len(inputs) + len(ctx.model_names) * len(conds), "CKA") as bar:
         for n in ctx.finetuned_names:
             for lab, xi in inputs.items():
                 between[f"{ctx.base_name} vs {n}, {lab}"] = layer_cka(
-                    ctx.model(ctx.base_name), ctx.prep(xi), ctx.model(n), **kw
+                    ctx.model(ctx.base_name), ctx.prep(xi), ctx.model(n), **head
                 )
                 bar.update(1)
         for n in ctx.model_names:
             for lab in conds:
                 within[f"{n}: clean vs {lab}"] = layer_cka(
-                    ctx.model(n), ctx.prep(inputs["clean"]), images_b=ctx.prep(inputs[lab]), **kw
+                    ctx.model(n), ctx.prep(inputs["clean"]), images_b=ctx.prep(inputs[lab]), **head
                 )
                 bar.update(1)
     res = StepResult(
@@ -49,11 +55,21 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
         res.metrics["between_models_secondary"] = {k: v.to_dict() for k, v in second.items()}
         res.notes.append(
             f"Headline CKA on the {s.token_reduction} token(s) (what the readout sees); base vs fine-tuned with "
-            f"{s.secondary_reduction} as examples (secondary) in metrics.json and the table. CKA values carry "
-            "no CI here (one estimate per layer on the same images)."
+            f"{s.secondary_reduction} as examples (secondary, rows marked ({s.secondary_reduction})) in "
+            "metrics.json and the table: those are point estimates without a CI."
         )
     else:
         second = {}
+    n_img = next(iter({**between, **within}.values())).n_examples if between or within else 0
+    res.notes.append(
+        f"CKA CIs: 95% percentile bootstrap over the {n_img} images ({N_RESAMPLES} resamples, the same images "
+        "for both sides of a pair) of the linear CKA; the debiased value has none. The plug-in CKA of a "
+        "resample with repeated images is biased slightly upwards, so the interval can sit a little above the "
+        "estimate when CKA is far from 1."
+        if n_boot
+        else f"CKA on {s.token_reduction} (every token an example): point estimates without a CI (the tokens of "
+        "one image are not independent examples)"
+    )
     groups = {"base vs fine-tuned, same images": between, "clean vs corrupted, same model": within}
     res.figures.append(
         w.figure(
@@ -62,12 +78,23 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
             "Linear CKA per layer (debiased values in metrics.json).",
         )
     )
-    rows = [
-        [k, *[f"{a:.3f} / {b:.3f}" for a, b in zip(r.linear.tolist(), r.debiased.tolist(), strict=True)]]
-        for k, r in {**between, **within, **second}.items()
-    ]
+    rows = [[k, *cells(r)] for k, r in {**between, **within, **second}.items()]
     L = ctx.model(ctx.base_name).cfg.n_layers
     res.tables.append(
-        Table("CKA per layer (linear / debiased)", ["pair", *[f"layer {i}" for i in range(L)]], rows)
+        Table(
+            "CKA per layer (linear [95% CI over images] / debiased; rows marked with a token reduction in "
+            "parentheses: secondary, no CI)",
+            ["pair", *[f"layer {i}" for i in range(L)]],
+            rows,
+        )
     )
     return res
+
+
+def cells(r) -> list[str]:
+    """``linear [low, high] / debiased`` per layer (no interval where the result has none)."""
+    lin, deb = r.linear.tolist(), r.debiased.tolist()
+    if r.linear_ci is None:
+        return [f"{a:.3f} / {b:.3f}" for a, b in zip(lin, deb, strict=True)]
+    lo, hi = r.linear_ci[0].tolist(), r.linear_ci[1].tolist()
+    return [f"{a:.3f} [{x:.3f}, {y:.3f}] / {b:.3f}" for a, x, y, b in zip(lin, lo, hi, deb, strict=True)]
