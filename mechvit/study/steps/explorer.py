@@ -142,17 +142,52 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
         "the other seed replicates (seed stability) and of the same replicate of every other model (change "
         "under fine-tuning). See docs/explorer.md."
     )
+    bounded = e.max_latents is not None
+    res.metrics["live_counted_on"] = image_sets(ctx, len(x))
+    for row in res.metrics["saes"].values():
+        row["dead_on_explorer_images"] = row["d_sae"] - row["live"]
+    res.notes.append(f"live and dead counts: {res.metrics['live_counted_on']}")
     res.tables.append(
-        Table(
-            "SAEs in the explorer (live: fires on at least one clean or corrupted patch token)",
-            ["SAE", "folder", "live latents", "listed", "d_sae", "mean seed stability"],
-            [
-                [row["name"], f"sae/{r.dirname}", row["live"], row["listed"], row["d_sae"], row["stability"]]
-                for row, r in zip(data_rows, runs, strict=True)
-            ],
-        )
+        sae_table(data_rows, [f"sae/{r.dirname}" for r in runs], len(x), len(corrupted), bounded)
     )
     return res
+
+
+def sae_table(rows: list[dict], folders: list[str], n_clean: int, n_corrupted: int, bounded: bool) -> Table:
+    """The explorer's SAE table: live and dead latents on the explorer's images; the ``listed`` column only when
+    ``explorer.max_latents`` bounds the page (otherwise it equals ``live``)."""
+    return Table(
+        f"SAEs in the explorer (live: fires on at least one patch token of the explorer's {n_clean} clean + "
+        f"{n_corrupted} corrupted images; dead = d_sae - live on these images)",
+        ["SAE", "folder", "live latents", "dead (explorer images)"]
+        + (["listed (max_latents)"] if bounded else [])
+        + ["d_sae", "mean seed stability"],
+        [
+            [row["name"], folder, row["live"], row["d_sae"] - row["live"]]
+            + ([row["listed"]] if bounded else [])
+            + [row["d_sae"], row["stability"]]
+            for row, folder in zip(rows, folders, strict=True)
+        ],
+    )
+
+
+def image_sets(ctx: StudyContext, n: int) -> str:
+    """Which images the explorer's live counts are over, next to the ones the SAE step's dead counts are over
+    (both the first test images of the split, clean and under every condition)."""
+    n_eval, n_cond = ctx.cfg.sae.n_eval_images, len(ctx.cfg.conditions)
+    rel = (
+        "a subset of the explorer's"
+        if n_eval < n
+        else "the same images"
+        if n_eval == n
+        else "a superset of the explorer's"
+    )
+    return (
+        f"the explorer counts a latent live on its {n} clean test images and the same images under "
+        f"{n_cond} condition(s) ({n * (1 + n_cond)} images); the SAE step's dead counts are over its held-out "
+        f"{n_eval} clean test images and the same under each condition ({n_eval * (1 + n_cond)} images: {rel}), "
+        "so its dead count and d_sae minus the explorer's live count differ when the image sets do"
+    )
 
 
 def _index_rows(path) -> list[dict]:
