@@ -217,3 +217,17 @@ def test_severity_note_points_to_the_trained_severity_rows_once_they_are_scored(
     assert "not the trained condition" in old  # scored at severity 4 only: the caveat stays
     new = severity_note(infos, {"severities": [4], "trained_severities": {"blur1": [1]}})
     assert "blur1 (trained at 1)" in new and "'seen, trained severity' rows and the seen-gain claim" in new
+
+
+def test_summary_labels_both_seen_groups_when_the_trained_severity_is_scored():
+    from mechvit.study.summary import robustness_md
+
+    e = {"estimate": 0.5, "low": 0.4, "high": 0.6}
+    est = {
+        "base": {"seen": [], "accuracy": {"clean": e}, "vs": {}},
+        "ft": {"seen": ["gaussian_blur"], "accuracy": {"clean": e, "seen_trained": e, "seen": e},
+               "vs": {"base": {"clean": e, "seen_trained": e, "seen": e}}},
+    }  # fmt: skip
+    md = "\n".join(robustness_md({"robustness": {"estimates": est, "n_images": 10, "severities": [4]}}))
+    assert "| model | fine-tuned on | clean | seen, trained severity | seen, severity 4 |" in md
+    assert "| model | reference | clean | seen, trained severity | seen, severity 4 |" in md

@@ -119,8 +119,11 @@ def robustness_md(steps: dict) -> list[str]:
         + ":",
         "",
     ]
-    out += _table(["model", "fine-tuned on", *[GROUPS[g] for g in groups]], rows)
+    label = {**GROUPS, "seen": f"seen, severity {sev}"} if "seen_trained" in groups else GROUPS
+    out += _table(["model", "fine-tuned on", *[label[g] for g in groups]], rows)
     base = next((m for m, e in est.items() if not e["seen"] and "vs" in e), None)
+    diff_groups = [g for g in ("clean", "seen_trained", "seen", "unseen_same_family", "unseen_other")
+                   if g != "seen_trained" or "seen_trained" in groups]  # fmt: skip
     diff_rows = []
     for m, e in est.items():
         if not e["seen"]:
@@ -132,7 +135,7 @@ def robustness_md(steps: dict) -> list[str]:
                 [
                     m,
                     ref,
-                    *[ci(d.get(g), 100, 3) for g in ("clean", "seen", "unseen_same_family", "unseen_other")],
+                    *[ci(d.get(g), 100, 3) for g in diff_groups],
                 ]
             )
     if diff_rows:
@@ -140,8 +143,7 @@ def robustness_md(steps: dict) -> list[str]:
             "Paired differences (fine-tune minus reference, percentage points, 95% CI, bootstrap over images):",
             "",
         ]
-        out += _table(["model", "reference", "clean", "seen", "unseen, same family", "unseen, other families"],
-                      diff_rows)  # fmt: skip
+        out += _table(["model", "reference", *[label[g] for g in diff_groups]], diff_rows)
     return out
 
 
