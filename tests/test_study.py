@@ -326,6 +326,25 @@ def test_report_notes_lose_machine_length_floats():
     assert "> one\n>\n> two\n" in md  # two notes stay two paragraphs
 
 
+def test_report_cka_key_number_quotes_its_ci():
+    from mechvit.study.report import _cka_line
+
+    v = {
+        "layers": ["0", "1", "2"],
+        "cka_linear": [0.9, 0.5, 0.7],
+        "token_reduction": "cls",
+        "n_examples": 300,
+    }
+    assert _cka_line("base vs x, clean", v) == (
+        "CKA base vs x, clean (linear, cls token, 300 images; one estimate, no CI): min over layers 0.500 "
+        "(layer 1), last layer 0.700"
+    )
+    v["cka_linear_ci95"] = {"low": [0.88, 0.41, 0.66], "high": [0.92, 0.56, 0.75]}
+    assert _cka_line("p", v).endswith(
+        "95% CI: bootstrap over images): min over layers 0.500 [0.410, 0.560] (layer 1), last layer 0.700 [0.660, 0.750]"
+    )
+
+
 def test_report_sae_quality_table_known_answer():
     from mechvit.study.report import sae_quality
 

@@ -172,12 +172,27 @@ def key_numbers(results: dict, base: str) -> list[str]:
     r = results.get("cka")
     if r is not None:
         for k, v in r.metrics.get("between_models", {}).items():
-            what = f"{v.get('token_reduction', '?')} token, {v.get('n_examples', '?')} images"
-            out.append(
-                f"CKA {k} (linear, {what}; one estimate, no CI): min over layers {_fmt(min(v['cka_linear']))}, "
-                f"last layer {_fmt(v['cka_linear'][-1])}"
-            )
+            out.append(_cka_line(k, v))
     return out
+
+
+def _cka_line(key: str, v: dict) -> str:
+    """One key-numbers line for a CKA pair: the minimum over layers and the last layer, each with its 95% CI
+    over images when the step stored one (``cka_linear_ci95``)."""
+    what = f"{v.get('token_reduction', '?')} token, {v.get('n_examples', '?')} images"
+    lin, ci = v["cka_linear"], v.get("cka_linear_ci95")
+    i_min = min(range(len(lin)), key=lin.__getitem__)
+
+    def at(i: int) -> str:
+        band = f" [{_fmt(ci['low'][i])}, {_fmt(ci['high'][i])}]" if ci else ""
+        return f"{_fmt(lin[i])}{band}"
+
+    scope = "95% CI: bootstrap over images" if ci else "one estimate, no CI"
+    layers = v.get("layers") or [str(i) for i in range(len(lin))]
+    return (
+        f"CKA {key} (linear, {what}; {scope}): min over layers {at(i_min)} (layer {layers[i_min]}), "
+        f"last layer {at(len(lin) - 1)}"
+    )
 
 
 # ---- sections -----------------------------------------------------------------------------------------
