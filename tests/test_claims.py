@@ -66,8 +66,17 @@ def test_lens_and_attention_rules():
         "attention": {"change_from_base": {"blur4|gaussian_blur/4": {"change": ci(0.1, 0.09, 0.11), "minus_clean": ci(0.0, -0.01, 0.01)}}},
     }  # fmt: skip
     vs = verdicts(m, "base")
-    assert by(vs, "lens_changes") == ["supported"]  # earlier, CI excludes 0
+    assert by(vs, "lens_changes") == [
+        "supported"
+    ]  # earlier, CI excludes 0 (no lens row for the clean control yet)
     assert by(vs, "attention_changes") == ["inconclusive"]  # no more change than the clean control
+    # with a clean control: earlier than the control too -> supported; the control moves as much -> inconclusive
+    lens = m["logit_lens"]["paired_first_correct"]
+    lens["blur4|clean|gaussian_blur/4"] = {"n_common": 50, "difference": ci(-0.5, -0.8, -0.2)}
+    assert by(verdicts(m, "base"), "lens_changes") == ["supported"]
+    lens["blur4|clean|gaussian_blur/4"] = {"n_common": 50, "difference": ci(-0.1, -0.4, 0.2)}
+    (v,) = [x for x in verdicts(m, "base") if x.claim == "lens_changes"]
+    assert v.verdict == "inconclusive" and "does not lie on the same side of 0" in v.rule
 
 
 def test_each_verdict_states_the_condition_that_decided_it():

@@ -68,7 +68,8 @@ RULES = {
     "attention_changes": "supported when the CI of (change from base) - (the clean control's change) lies above "
     "0; contradicted when below 0; else inconclusive",
     "lens_changes": "supported when the paired CI of the first-correct-block difference (fine-tune - base) "
-    "excludes 0, either sign; else inconclusive (never contradicted: no equivalence margin)",
+    "excludes 0, either sign, and the CI against the clean control (fine-tune - control) lies on the same side of "
+    "0; else inconclusive (never contradicted: no equivalence margin)",
     "features_stable": "contradicted when the Holm-adjusted permutation p <= 0.05 (family: every fine-tune's "
     "comparison with the base) and the CI of matched cosine between / within lies below 1; supported when the "
     "raw p > 0.05 and that CI lies above 0.95; else inconclusive",
@@ -191,16 +192,22 @@ def verdicts(metrics: dict[str, dict], base: str) -> list[Verdict]:
                                *_get(diff), f"change itself {_fmt_ci(a.get('change'))}", v, rule=why))  # fmt: skip
         d = (lens.get(f"{m}|{base}|{cond}") or {}).get("difference")
         if d:
-            if _above(d) or _below(d):
+            c = next(((k, x["difference"]) for k, x in lens.items() if k.startswith(f"{m}|") and k.endswith(f"|{cond}")
+                      and k.split("|")[1] in ctrls), None)  # fmt: skip
+            ctl = f"vs {c[0].split('|')[1]}: {_fmt_ci(c[1])} blocks" if c else "no clean control"
+            same_side = (lambda x: _below(x)) if d["estimate"] < 0 else (lambda x: _above(x))  # noqa: E731
+            if not (_above(d) or _below(d)):
+                v, why = "inconclusive", "CI includes 0"
+            elif c is not None and not same_side(c[1]):
+                v = "inconclusive"
+                why = (f"CI vs base excludes 0 but the CI vs the {c[0].split('|')[1]} control {_fmt_ci(c[1])} does "
+                       "not lie on the same side of 0: fine-tuning itself may move it as much")  # fmt: skip
+            else:
                 v = "supported"
                 why = f"CI excludes 0: the answer forms {abs(d['estimate']):.2g} blocks " + (
                     "earlier" if d["estimate"] < 0 else "later"
                 )
-            else:
-                v, why = "inconclusive", "CI includes 0"
-            c = next(((k, x["difference"]) for k, x in lens.items() if k.startswith(f"{m}|") and k.endswith(f"|{cond}")
-                      and k.split("|")[1] in ctrls), None)  # fmt: skip
-            ctl = f"vs {c[0].split('|')[1]}: {_fmt_ci(c[1])} blocks" if c else "no clean control"
+                why += " (and so it does against the clean control)" if c is not None else ""
             out.append(Verdict("lens_changes", m,
                                f"first correct block on {cond}, minus base (blocks; negative = earlier)",
                                *_get(d), ctl, v, rule=why))  # fmt: skip
