@@ -156,11 +156,13 @@ def test_seen_gain_is_decided_at_the_trained_severity_with_holm_adjusted_mcnemar
 
 
 def test_feature_contradiction_needs_the_holm_adjusted_permutation_p():
-    def two(p):
+    def two(p, control=None):
+        control = control or ci(0.996, 0.991, 1.0)
         comp = lambda: {"matched_cos": {"ratio": ci(0.98, 0.97, 0.99), "test": {"p_value": p}}}  # noqa: E731
         return {"robustness": {"controls": ["clean"], "estimates": {}},  # clean: a control, not in the family
                 "sae_analysis": {"overlap_controls": {"batchtopk": {"summary": {
-            "base vs blur4": comp(), "base vs noise4": comp(), "base vs clean": comp()}}}}}  # fmt: skip
+            "base vs blur4": comp(), "base vs noise4": comp(),
+            "base vs clean": {"matched_cos": {"ratio": control, "test": {"p_value": p}}}}}}}}  # fmt: skip
 
     # 4 + 4 SAEs: p = 2/70 for both fine-tunes; Holm over the 2 fine-tunes (not the control) gives 4/70 > 0.05
     vs = verdicts(two(2 / 70), "base")
@@ -168,3 +170,7 @@ def test_feature_contradiction_needs_the_holm_adjusted_permutation_p():
     assert "Holm p = 0.0571, Holm over 2 comparisons" in vs[0].rule
     # raw p 2/70 <= 0.05: never "supported" either, though the ratio's CI lies above 0.95
     assert by(verdicts(two(0.01), "base"), "features_stable") == ["contradicted", "contradicted"]
+    # the clean fine-tune moves the dictionary as much (its ratio CI overlaps): not the corruption's doing
+    vs = verdicts(two(0.01, control=ci(0.985, 0.975, 0.995)), "base")
+    assert by(vs, "features_stable") == ["inconclusive", "inconclusive"]
+    assert "overlaps the clean control's ratio CI" in vs[0].rule

@@ -71,8 +71,9 @@ RULES = {
     "excludes 0, either sign, and the CI against the clean control (fine-tune - control) lies on the same side of "
     "0; else inconclusive (never contradicted: no equivalence margin)",
     "features_stable": "contradicted when the Holm-adjusted permutation p <= 0.05 (family: every fine-tune's "
-    "comparison with the base) and the CI of matched cosine between / within lies below 1; supported when the "
-    "raw p > 0.05 and that CI lies above 0.95; else inconclusive",
+    "comparison with the base) and the CI of matched cosine between / within lies below 1 and below the clean "
+    "control's ratio CI (no overlap); supported when the raw p > 0.05 and that CI lies above 0.95; else "
+    "inconclusive",
 }
 
 
@@ -228,8 +229,21 @@ def verdicts(metrics: dict[str, dict], base: str) -> list[Verdict]:
             p = test.get("p_value")
             q = None if p is None else float(adjusted[(arch, comp)])
             fam = f"Holm over {len(ps)} comparison{'s' if len(ps) > 1 else ''}"
-            if q is not None and q <= 0.05 and _below(ratio, 1.0):
-                v, why = "contradicted", f"Holm p = {q:.3g} <= 0.05 ({fam}) and the ratio's CI below 1"
+            cc = [summ[f"{base} vs {c}"]["matched_cos"] for c in ctrls if f"{base} vs {c}" in summ]
+            # the clean fine-tune moves the dictionary too: the corruption fine-tune must move it further
+            ctrl_lows = [(x.get("ratio") or {}).get("low") for x in cc]
+            beyond_ctrl = all(lo is not None and ratio and ratio.get("high") is not None and ratio["high"] < lo
+                              for lo in ctrl_lows)  # fmt: skip
+            if q is not None and q <= 0.05 and _below(ratio, 1.0) and beyond_ctrl:
+                v, why = (
+                    "contradicted",
+                    f"Holm p = {q:.3g} <= 0.05 ({fam}) and the ratio's CI below 1"
+                    + (" and below the clean control's ratio CI" if cc else ""),
+                )
+            elif q is not None and q <= 0.05 and _below(ratio, 1.0):
+                v = "inconclusive"
+                why = (f"Holm p = {q:.3g} <= 0.05 and the ratio's CI below 1, but it overlaps the clean control's "
+                       "ratio CI: fine-tuning itself moves the dictionary as much")  # fmt: skip
             elif p is not None and p > 0.05 and _above(ratio, 0.95):
                 v, why = "supported", f"p = {p:.3g} > 0.05 and the ratio's CI above 0.95"
             else:
@@ -238,7 +252,6 @@ def verdicts(metrics: dict[str, dict], base: str) -> list[Verdict]:
                     "" if q is None else f" (p = {p:.3g}, Holm p = {q:.3g}, {fam})"
                 )
             why += "".join(f"; {x}" for x in _overlap_caveats(mc, test, per.get("persistent_fraction")))
-            cc = [summ[f"{base} vs {c}"]["matched_cos"] for c in ctrls if f"{base} vs {c}" in summ]
             ctl = (
                 "; ".join(
                     f"clean control ratio {_fmt_ci(x.get('ratio'))}, p {(x.get('test') or {}).get('p_value', float('nan')):.3g}"
