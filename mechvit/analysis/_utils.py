@@ -86,3 +86,15 @@ def run_hook_batches(
             out["logits"].append(logits.detach().cpu())
         del cache
     return {n: torch.cat(v) for n, v in out.items()}
+
+
+def bootstrap_counts(
+    n: int, n_resamples: int, generator: torch.Generator, among: Tensor | None = None
+) -> Tensor:
+    """``[n_resamples, n]`` float64 draw counts of a bootstrap over ``n`` items on a torch generator (the torch
+    twin of :func:`mechvit.analysis.statistics.bootstrap_weights`): each row draws ``len(among)`` of the item
+    indices ``among`` (default: all ``n``) with replacement; items outside ``among`` count 0."""
+    idx = torch.arange(n) if among is None else among
+    draws = idx[torch.randint(len(idx), (n_resamples, len(idx)), generator=generator)]
+    counts = torch.zeros(n_resamples, n, dtype=torch.float64)
+    return counts.scatter_add_(1, draws, torch.ones_like(draws, dtype=torch.float64))

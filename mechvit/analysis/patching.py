@@ -61,7 +61,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechvit.analysis._utils import batches, check_images, check_labels, model_device
+from mechvit.analysis._utils import batches, bootstrap_counts, check_images, check_labels, model_device
 from mechvit.analysis.similarity import write_rows_csv
 
 RESID_COMPONENTS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
@@ -475,10 +475,7 @@ def denominator_status(
 
 def _weights(n: int, idx: Tensor, n_resamples: int, gen: torch.Generator) -> Tensor:
     """Bootstrap weights ``[R, n]``: each row resamples the images ``idx`` with replacement (mean weights)."""
-    draws = idx[torch.randint(len(idx), (n_resamples, len(idx)), generator=gen)]
-    w = torch.zeros(n_resamples, n, dtype=torch.float64)
-    w.scatter_add_(1, draws, torch.ones_like(draws, dtype=torch.float64))
-    return w / len(idx)
+    return bootstrap_counts(n, n_resamples, gen, among=idx) / len(idx)
 
 
 def _scores(ld: Tensor, ld_clean: Tensor, ld_corr: Tensor, w: Tensor) -> Tensor:

@@ -30,7 +30,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechvit._io import atomic_write_text
-from mechvit.analysis._utils import check_images, layer_hook_names, run_hook_batches
+from mechvit.analysis._utils import bootstrap_counts, check_images, layer_hook_names, run_hook_batches
 
 TOKEN_REDUCTIONS = ("flatten", "cls", "mean_patches", "tokens")
 
@@ -111,11 +111,7 @@ def linear_cka_ci(
     x = x - x.mean(0, keepdim=True)  # CKA is invariant to a shift; this keeps the Grams well conditioned
     y = y - y.mean(0, keepdim=True)
     k, l_ = x @ x.T, y @ y.T
-    gen = torch.Generator().manual_seed(seed)
-    draws = torch.randint(n, (n_resamples, n), generator=gen)
-    c = torch.zeros(n_resamples, n, dtype=torch.float64).scatter_add_(
-        1, draws, torch.ones(n_resamples, n, dtype=torch.float64)
-    )
+    c = bootstrap_counts(n, n_resamples, torch.Generator().manual_seed(seed))
     ck, cl = c @ k, c @ l_
     ckc, clc = (ck * c).sum(1), (cl * c).sum(1)
     xy = _boot_hsic(c, k * l_, ck, cl, ckc, clc, n)

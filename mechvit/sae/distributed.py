@@ -53,7 +53,7 @@ from .activations import (
     write_manifest,
     write_shard,
 )
-from .train import _LoggingTrainer
+from .train import _LoggingTrainer, min_positive
 
 __all__ = [
     "DataParallel",
@@ -282,13 +282,7 @@ class _GlobalBatchTopKTrainingSAE(BatchTopKTrainingSAE):
 
     @torch.no_grad()
     def update_topk_threshold(self, acts_topk: Tensor) -> None:
-        positive = acts_topk[acts_topk > 0]
-        low = (
-            positive.min().to(torch.float64)
-            if positive.numel()
-            else torch.tensor(math.inf, dtype=torch.float64)
-        )
-        low = low.to(self.topk_threshold.device)
+        low = min_positive(acts_topk).to(torch.float64).to(self.topk_threshold.device)
         dist.all_reduce(low, op=dist.ReduceOp.MIN)
         if math.isfinite(low.item()):
             lr = self.cfg.topk_threshold_lr

@@ -250,6 +250,15 @@ class _FastBatchTopK(BatchTopK):
         return torch.zeros_like(flat).scatter(-1, idx, flat.gather(-1, idx)).reshape(acts.shape)
 
 
+def min_positive(acts: Tensor) -> Tensor:
+    """The smallest positive entry of ``acts`` (0-d; ``inf`` when none is positive; NaN is not positive): what
+    sae-lens's BatchTopK threshold EMA takes, as ``acts[acts > 0].min()``, without that boolean indexing (a
+    nonzero + gather over the batch)."""
+    if acts.numel() == 0:
+        return acts.new_tensor(math.inf)
+    return acts.masked_fill(~(acts > 0), math.inf).min()
+
+
 class _BatchTopKTrainingSAE(BatchTopKTrainingSAE):
     """sae-lens's BatchTopK training SAE with :class:`_FastBatchTopK` and the same inference-threshold EMA
     computed without boolean indexing (everything else is sae-lens's)."""
@@ -259,8 +268,7 @@ class _BatchTopKTrainingSAE(BatchTopKTrainingSAE):
 
     @torch.no_grad()
     def update_topk_threshold(self, acts_topk: Tensor) -> None:
-        # sae-lens: min of acts_topk[acts_topk > 0] (a nonzero + gather over the batch); the same minimum
-        low = acts_topk.masked_fill(~(acts_topk > 0), math.inf).min()
+        low = min_positive(acts_topk)
         with torch.autocast(self.topk_threshold.device.type, enabled=False):
             if torch.isfinite(low):
                 lr = self.cfg.topk_threshold_lr
