@@ -229,14 +229,16 @@ def spliced_metrics(
             for key, logits in (("s", spliced), ("z", zero)):
                 logp = logits.log_softmax(-1)
                 kl = F.kl_div(logp, logp_c, log_target=True, reduction="none").sum(-1)
+                correct = logits.argmax(-1) == y
                 sums[f"kl_{key}"] += float(kl.sum())
-                sums[f"acc_{key}"] += float((logits.argmax(-1) == y).sum())
+                sums[f"acc_{key}"] += float(correct.sum())
                 sums[f"l_{key}"] += float(F.cross_entropy(logits, y, reduction="sum"))
                 if key == "s":
                     per["kl_sae"].append(kl.cpu())
-                    per["correct_sae"].append((logits.argmax(-1) == y).cpu())
-            per["correct_clean"].append((clean.argmax(-1) == y).cpu())
-            sums["acc_c"] += float((clean.argmax(-1) == y).sum())
+                    per["correct_sae"].append(correct.cpu())
+            correct = clean.argmax(-1) == y
+            per["correct_clean"].append(correct.cpu())
+            sums["acc_c"] += float(correct.sum())
             sums["l_c"] += float(F.cross_entropy(clean, y, reduction="sum"))
     finally:
         model.train(was_training)

@@ -196,7 +196,7 @@ def verdicts(metrics: dict[str, dict], base: str) -> list[Verdict]:
             c = next(((k, x["difference"]) for k, x in lens.items() if k.startswith(f"{m}|") and k.endswith(f"|{cond}")
                       and k.split("|")[1] in ctrls), None)  # fmt: skip
             ctl = f"vs {c[0].split('|')[1]}: {_fmt_ci(c[1])} blocks" if c else "no clean control"
-            same_side = (lambda x: _below(x)) if d["estimate"] < 0 else (lambda x: _above(x))  # noqa: E731
+            same_side = _below if d["estimate"] < 0 else _above
             if not (_above(d) or _below(d)):
                 v, why = "inconclusive", "CI includes 0"
             elif c is not None and not same_side(c[1]):

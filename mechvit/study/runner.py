@@ -172,6 +172,9 @@ def _run(cfg: StudyConfig, out: Path, *, force: bool, only: list[str] | None, re
     run = StudyRun(out, {}, {}, [], [], {})
     bar = tqdm(steps, desc="study", unit="step", disable=not cfg.progress)
 
+    def staging(step: Step, h: str) -> Path:
+        return out / ".staging" / f"{step.name}-{h}"
+
     def plan(step: Step) -> tuple[str, bool]:
         """(hash, up to date) of ``step``; a step to run gets its staging folder. Rank 0 only."""
         missing = [d for d in step.deps if d not in run.hashes and read_done(out, d) is None]
@@ -190,14 +193,13 @@ def _run(cfg: StudyConfig, out: Path, *, force: bool, only: list[str] | None, re
             if cfg.progress:
                 tqdm.write(f"[{step.name}] up to date ({h}), skipped")
             return h, True
-        (out / ".staging" / f"{step.name}-{h}").mkdir(parents=True, exist_ok=True)
+        staging(step, h).mkdir(parents=True, exist_ok=True)
         return h, False
 
     def finish(step: Step, h: str, result: StepResult, t0: float) -> None:
         """Write ``result`` and move the staging folder into place, then the done-marker. Rank 0 only."""
-        staging = out / ".staging" / f"{step.name}-{h}"
-        atomic_write_json(staging / RESULT, result.to_dict(), indent=1)
-        final = replace_dir(staging, out / step.name)
+        atomic_write_json(staging(step, h) / RESULT, result.to_dict(), indent=1)
+        final = replace_dir(staging(step, h), out / step.name)
         seconds = round(time.time() - t0, 2)
         finished = time.strftime("%Y-%m-%dT%H:%M:%S")
         atomic_write_json(
@@ -214,7 +216,7 @@ def _run(cfg: StudyConfig, out: Path, *, force: bool, only: list[str] | None, re
         if fresh:
             continue
         t0 = time.time()
-        writer = StepWriter(step.name, out / ".staging" / f"{step.name}-{h}")
+        writer = StepWriter(step.name, staging(step, h))
         if step.distributed and not main:  # every rank runs it; rank 0 keeps the result
             step.fn(ctx, writer, {d: read_result(out, d) for d in step.deps})
             rank0_runs(lambda: None, f"saving step {step.name!r}")
