@@ -208,6 +208,9 @@ class SAESection:
     # clean test images for the spliced fidelity numbers (top-1 drop, KL, with CIs over images) and the hook's
     # ablation gap; None: n_eval_images. The held-out EV / dead / dense and the overlap use n_eval_images
     n_fidelity_images: int | None = None
+    # CPU: processes training the models' SAE groups at once, one thread each (None: num_threads); 1: one
+    # after the other in this process. The SAEs equal a one-thread sequential run's
+    parallel_models: int | None = None
     histogram_bins: int = 50
     ablation_warn_nats: float = 0.1  # the report warns when the hook's mean-ablation KL is below this
     top_features: int = 6  # features with a feature page, per SAE pair
@@ -399,6 +402,13 @@ def validate(cfg: StudyConfig) -> StudyConfig:
         raise ConfigError(
             f"sae.n_fidelity_images: expected null (n_eval_images) or >= 2 images for a CI, got "
             f"{cfg.sae.n_fidelity_images}"
+        )
+    if cfg.sae.parallel_models is not None and (
+        isinstance(cfg.sae.parallel_models, bool) or cfg.sae.parallel_models < 1
+    ):
+        raise ConfigError(
+            f"sae.parallel_models: expected null (one process per thread of num_threads) or a number of "
+            f"processes >= 1, got {cfg.sae.parallel_models!r}"
         )
     if cfg.sae.enabled and cfg.sae.n_eval_images < 2:
         raise ConfigError(

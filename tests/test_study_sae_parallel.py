@@ -1,0 +1,83 @@
+"""The study's SAE step with the models' SAE groups trained in forked one-thread processes
+(``sae.parallel_models``) against the same step in one process: the same SAEs bit for bit, the same
+metrics; a worker's error reaches the caller; the worker count follows the config."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mechvit.study import run_study
+from mechvit.study.config import ConfigError, study_config_from_dict
+from mechvit.study.steps import sae as sae_step
+from tests.test_study import make_checkpoints, tiny_config
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return make_checkpoints(tmp_path_factory.mktemp("ck"))
+
+
+def _sae_study(checkpoints, out, parallel: int):
+    cfg = tiny_config(checkpoints)
+    cfg["sae"] = {**cfg["sae"], "architectures": ["batchtopk"], "parallel_models": parallel}
+    return run_study(study_config_from_dict(cfg), out, only=["sae"], report=False)
+
+
+def test_forked_workers_train_the_saes_of_one_process(checkpoints, tmp_path):
+    _sae_study(checkpoints, tmp_path / "one", 1)
+    threads = torch.get_num_threads()
+    run = _sae_study(checkpoints, tmp_path / "two", 2)
+    assert torch.get_num_threads() == threads  # the workers' one thread stays in the workers
+    assert run.computed == ["sae"]
+    one = sorted((tmp_path / "one" / "sae" / "saes").iterdir())
+    two = sorted((tmp_path / "two" / "sae" / "saes").iterdir())
+    assert [d.name for d in one] == [d.name for d in two] and len(one) == 3 * 2  # 3 models x 2 replicates
+    for a, b in zip(one, two, strict=True):
+        wa, wb = load_file(a / "sae_weights.safetensors"), load_file(b / "sae_weights.safetensors")
+        assert wa.keys() == wb.keys()
+        for key in wa:
+            assert torch.equal(wa[key], wb[key]), (a.name, key)
+        ma, mb = (json.loads((d / "mechvit_sae.json").read_text()) for d in (a, b))
+        assert ma["heldout_metrics"] == mb["heldout_metrics"] and ma["spliced_clean"] == mb["spliced_clean"]
+    ra, rb = (json.loads((tmp_path / d / "sae" / "result.json").read_text()) for d in ("one", "two"))
+    drop = ("train_seconds_group",)
+    for key, value in ra["metrics"].items():
+        other = rb["metrics"][key]
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k not in drop}
+            other = {k: v for k, v in other.items() if k not in drop}
+        assert value == other, key
+
+
+def test_a_worker_error_reaches_the_study(checkpoints, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ValueError("the SAE trainer failed in a worker")
+
+    monkeypatch.setattr(sae_step, "train_saes", broken)  # forked workers inherit the patched module
+    with pytest.raises(ValueError, match="the SAE trainer failed in a worker"):
+        _sae_study(checkpoints, tmp_path / "broken", 2)
+    assert not list((tmp_path / "broken").glob("sae/saes/*"))
+
+
+def test_worker_count_follows_the_config():
+    def ctx(parallel, threads, device="cpu"):
+        cfg = SimpleNamespace(sae=SimpleNamespace(parallel_models=parallel), num_threads=threads)
+        return SimpleNamespace(cfg=cfg, device=torch.device(device))
+
+    assert sae_step.parallel_workers(ctx(None, 2), 4) == 2
+    assert sae_step.parallel_workers(ctx(None, 8), 3) == 3  # never more than the models left
+    assert sae_step.parallel_workers(ctx(1, 2), 4) == 1
+    assert sae_step.parallel_workers(ctx(4, 1), 1) == 1
+    assert sae_step.parallel_workers(ctx(None, 2, "meta"), 4) == 1  # not on an accelerator
+
+
+def test_parallel_models_is_checked(checkpoints):
+    cfg = tiny_config(checkpoints)
+    cfg["sae"] = {**cfg["sae"], "parallel_models": 0}
+    with pytest.raises(ConfigError, match=r"sae.parallel_models: expected null .* got 0"):
+        study_config_from_dict(cfg)
