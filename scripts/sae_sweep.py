@@ -1,63 +1,89 @@
 """The SAE sweep behind the default study's SAE settings (docs/sae.md, "Choosing the SAE").
 
-Trains every configuration of GRID from ONE pass over a cached activation set (mechvit.sae.train_saes) and
-prints held-out EV, L0, dead and dense latents, plus the EV of PCA with 4, 8 and 16 components.
+One model, one hook: caches the model's activations on the study's training mix exactly as the study does
+(``configs/fashion_mnist.yaml``: its images, its corruption mix, its store), trains every configuration of the
+grid from ONE pass over them (``mechvit.sae.train_saes``, sae-lens's trainer per SAE) and measures each on
+the study's held-out set (the first ``sae.n_fidelity_images`` test images, clean and under each condition):
+held-out EV beside the EV of a PCA with k components, L0, dead (never active on the held-out tokens) and
+dense (active on > 10% of them) latents, and the spliced top-1 drop and KL on the clean images. Prints one
+markdown table row per configuration.
 
-    # the base model's blocks.2 patch tokens on the study's mix (12,000 training images, half corrupted)
-    python -m mechvit.sae --checkpoint checkpoints/fmnist_vit_base --hook blocks.2.hook_resid_post \\
-        --tokens patches --images 12000 --samples 588000 --mix 0.5 --corruption gaussian_blur:4 \\
-        --corruption gaussian_noise:4 --cache runs/acts/base_b2 --out runs/sae/base_b2
-    python scripts/sae_sweep.py runs/acts/base_b2
+    python scripts/sae_sweep.py --model base --layer 0 --grid x8:12 x8:14 x12:14 x16:16
+    python scripts/sae_sweep.py --model noise4 --layer 0 --grid x8:14:3e-3     # expansion:k[:lr]
+
+Each row takes ~40 s of one thread per x8 SAE (1M tokens); run two sweeps side by side at one thread each.
 """
 
+from __future__ import annotations
+
 import argparse
+import dataclasses
+import tempfile
+from pathlib import Path
 
 import torch
 
-from mechvit.sae.activations import CachedActivations
-from mechvit.sae.metrics import reconstruction_metrics
-from mechvit.sae.train import SAETrainingConfig, train_saes
+from mechvit.sae import cache_activations, pca_baseline, reconstruction_metrics, spliced_metrics, train_saes
+from mechvit.study.config import load_study_config
+from mechvit.study.context import StudyContext
+from mechvit.study.steps.sae import heldout, mix
 
-GRID = {
-    "x4 k8 lr1e-3 aux1/32 init0.1": dict(expansion_factor=4, k=8, aux_coefficient=1 / 32, lr=1e-3),
-    "x4 k8 lr1e-3 aux1/2 init0.1": dict(expansion_factor=4, k=8, aux_coefficient=0.5, lr=1e-3),
-    "x4 k8 lr3e-4 aux1/32 init0.1": dict(expansion_factor=4, k=8, aux_coefficient=1 / 32, lr=3e-4),
-    "x2 k8 lr1e-3 aux1/32 init0.1": dict(expansion_factor=2, k=8, aux_coefficient=1 / 32, lr=1e-3),
-    "x4 k8 lr1e-3 aux1/32 init0.5": dict(expansion_factor=4, k=8, aux_coefficient=1 / 32, lr=1e-3, decoder_init_norm=0.5),
-    "x4 k8 lr1e-3 aux1/32 unit": dict(expansion_factor=4, k=8, aux_coefficient=1 / 32, lr=1e-3, decoder_init_norm=None),
-    "x4 k8 lr3e-3 aux1/32 unit": dict(expansion_factor=4, k=8, aux_coefficient=1 / 32, lr=3e-3, decoder_init_norm=None),
-    "x8 k8 lr1e-3 aux1/32 unit": dict(expansion_factor=8, k=8, aux_coefficient=1 / 32, lr=1e-3, decoder_init_norm=None),
-    "x4 k4 lr1e-3 aux1/32 unit": dict(expansion_factor=4, k=4, aux_coefficient=1 / 32, lr=1e-3, decoder_init_norm=None),
-    "x4 k16 lr1e-3 aux1/32 unit": dict(expansion_factor=4, k=16, aux_coefficient=1 / 32, lr=1e-3, decoder_init_norm=None),
-}  # fmt: skip
+
+def _grid_entry(text: str) -> tuple[str, dict]:
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not parts[0].startswith("x"):
+        raise argparse.ArgumentTypeError(f"expected expansion:k[:lr] like x8:14 or x8:14:3e-3, got {text!r}")
+    kw = {"expansion_factor": int(parts[0][1:]), "k": int(parts[1])}
+    if len(parts) == 3:
+        kw["lr"] = float(parts[2])
+    return text, kw
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("cache", help="an activation cache folder (mechvit.sae.cache_activations)")
-    p.add_argument("--held-out", type=int, default=30_000, help="evaluate on the cache's last N rows")
-    p.add_argument("--samples", type=int, default=None, help="training rows (default: the whole cache)")
+    p.add_argument("--config", default="configs/fashion_mnist.yaml")
+    p.add_argument("--model", default="base", help="a model name of the config")
+    p.add_argument("--layer", type=int, required=True, help="block whose hook_resid_post the SAEs read")
+    p.add_argument("--grid", type=_grid_entry, nargs="+", required=True, help="expansion:k[:lr] ...")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    cache = CachedActivations(a.cache)
-    n = len(cache)
-    held = cache.rows(n - a.held_out, n).float()
-    x = held.double() - held.double().mean(0)
-    ev = torch.linalg.eigvalsh(x.T @ x).flip(0)
-    print("PCA EV with 4, 8, 16 components:", [round(float(ev[:k].sum() / ev.sum()), 4) for k in (4, 8, 16)])
-    total = (a.samples or n) // 1024 * 1024
-    cfgs = {
-        name: SAETrainingConfig(
-            architecture="batchtopk", batch_size=1024, total_samples=total, seed=i + 1, **kw
+    cfg = load_study_config(a.config, {"progress": False})
+    cfg.sae.store = dataclasses.replace(cfg.sae.store, hook=f"blocks.{a.layer}.hook_resid_post")
+    s = cfg.sae
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = StudyContext(cfg, Path(tmp))
+        model = ctx.model(a.model)
+        store = dataclasses.replace(s.store, seed=cfg.seed, mix=mix(ctx))
+        cached = cache_activations(
+            model, ctx.train_images(s.n_train_images), Path(tmp) / "acts", store, transform=ctx.prep
         )
-        for i, (name, kw) in enumerate(GRID.items())
-    }
-    trained = train_saes(cache.batches(1024, buffer_size=16384, seed=0, device="cpu"), cache.d_in, cfgs)
-    for name, t in trained.items():
-        m = reconstruction_metrics(t.sae, held)
-        print(f"{name}: EV {m.explained_variance:.3f}, L0 {m.l0:.1f}, dead {m.dead_features}/{m.d_sae}, "
-              f"dense {m.dense_features}")  # fmt: skip
+        total = len(cached) // s.train.batch_size * s.train.batch_size
+        cfgs = {
+            name: dataclasses.replace(s.train, total_samples=total, seed=i + 1, device="cpu", **kw)
+            for i, (name, kw) in enumerate(a.grid)
+        }
+        batches = cached.batches(s.train.batch_size, buffer_size=store.buffer_size, seed=0, device="cpu")
+        trained = train_saes(batches, cached.d_in, cfgs)
+        held = heldout(ctx, model)
+        train_rows = cached.rows(0, min(len(cached), 200_000))
+        xe, ye = ctx.test_images(s.n_fidelity_images or s.n_eval_images)
+        print(f"{a.model}, {s.hook}, {total:,} training tokens, {len(held):,} held-out tokens")
+        print(
+            "| model | layer | expansion | k | lr | EV | EV PCA-k | L0 | dead | dense | top-1 drop (pp) | KL |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for name, t in trained.items():
+            c = cfgs[name]
+            m = reconstruction_metrics(t.sae, held)
+            pca = pca_baseline(train_rows, held, c.k).explained_variance
+            sp = spliced_metrics(model, t.sae, ctx.prep(xe), ye, s.hook, tokens=s.tokens)
+            print(
+                f"| {a.model} | {a.layer} | x{c.expansion_factor} | {c.k} | {c.lr:g} | {m.explained_variance:.3f} | "
+                f"{pca:.3f} | {m.l0:.1f} | {m.dead_features} / {m.d_sae} | {m.dense_features} / {m.d_sae} | "
+                f"{100 * (sp.accuracy_clean - sp.accuracy_sae):.1f} | {sp.kl_sae:.4f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -205,8 +205,9 @@ class SAESection:
     epochs: float = 1.0
     n_train_images: int = 20_000
     n_eval_images: int = 200
-    # clean test images for the spliced fidelity numbers (top-1 drop, KL, with CIs over images) and the hook's
-    # ablation gap; None: n_eval_images. The held-out EV / dead / dense and the overlap use n_eval_images
+    # test images for the SAE quality numbers: held-out EV / L0 / dead / dense (these images clean and under
+    # each condition), the spliced top-1 drop and KL with CIs over the clean ones, the hook's ablation gap;
+    # None: n_eval_images. The overlap controls of sae_analysis use n_eval_images
     n_fidelity_images: int | None = None
     # CPU: processes training the models' SAE groups at once, one thread each (None: num_threads); 1: one
     # after the other in this process. The SAEs equal a one-thread sequential run's

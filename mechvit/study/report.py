@@ -209,10 +209,11 @@ def sae_quality(metrics: dict) -> tuple[Table, list[str]] | None:
     """Each SAE of the ``sae`` step against the field-quality bar of issue 13 (held-out EV over a PCA with k
     components, dead and dense latents, spliced accuracy, convergence): a table of 'yes' / 'no (value)' and a
     note with how many SAEs meet every criterion."""
-    rows, passed = [], 0
+    rows, passed, n_rows = [], 0, set()
     for k, v in metrics.items():
         if k.count("|") != 2 or not isinstance(v, dict) or "heldout" not in v:
             continue
+        n_rows.add(v["heldout"].get("n_rows"))
         arch, model, rep = k.split("|")
         h, sp = v["heldout"], v.get("spliced_clean") or {}
         ev, pca, d = h["explained_variance"], v.get("pca_k_explained_variance"), h["d_sae"]
@@ -237,7 +238,8 @@ def sae_quality(metrics: dict) -> tuple[Table, list[str]] | None:
     note = (
         f"SAE quality: {passed} of {len(rows)} SAEs meet every criterion of the field-quality bar (issue 13: "
         + "; ".join(SAE_GATES)
-        + "). Held-out EV, dead and dense are on held-out clean + corrupted tokens; spliced top-1 on clean images."
+        + f"). Held-out EV, dead and dense are on {_tokens(n_rows)} held-out clean + corrupted tokens (dead: "
+        "never active on them); spliced top-1 on clean images."
     )
     table = Table(
         "SAE quality against the field's bar (yes, or no with the measured value)",
@@ -245,6 +247,14 @@ def sae_quality(metrics: dict) -> tuple[Table, list[str]] | None:
         rows,
     )
     return table, [note]
+
+
+def _tokens(n_rows: set) -> str:
+    """``147,000`` (one size for every SAE), else ``29,400-147,000``; ``the`` when no SAE stored it."""
+    sizes = sorted(n for n in n_rows if n is not None)
+    if not sizes:
+        return "the"
+    return f"{sizes[0]:,}" if len(sizes) == 1 else f"{sizes[0]:,}-{sizes[-1]:,}"
 
 
 def _drop_text(drop: float | None, sp: dict) -> str:

@@ -178,8 +178,11 @@ def sae_md(steps: dict) -> list[str]:
             _mean_range([v["spliced_clean"]["accuracy_clean"] - v["spliced_clean"]["accuracy_sae"] for v in vs], 2, 100),
             _mean_range([abs(c) if c is not None else None for c in conv], 2),
         ])  # fmt: skip
+    n_rows = sorted({v["heldout"].get("n_rows") for vs in groups.values() for v in vs} - {None})
+    on = f"{n_rows[0]:,} " if len(n_rows) == 1 else ""
     out += [
-        "Per architecture and model: mean over seed replicates (min–max), held-out clean + corrupted tokens:",
+        f"Per architecture and model: mean over seed replicates (min–max), {on}held-out clean + corrupted tokens "
+        "(dead: never active on them):",
         "",
     ]
     out += _table(

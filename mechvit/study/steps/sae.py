@@ -110,11 +110,14 @@ def run_configs(ctx: StudyContext, runs: list[SAERun], rows_per_epoch: int):
 
 
 def heldout(ctx: StudyContext, model) -> torch.Tensor:
-    """The model's hook activations on the held-out clean test images and every condition, ``[n, d]``."""
+    """The model's hook activations on the held-out clean test images and every condition, ``[n, d]``: the
+    ``n_fidelity_images`` (else ``n_eval_images``) first test images, so that EV, L0, dead and dense are
+    measured on the images the spliced numbers use. Their size matters for "dead": at an average firing rate
+    of 1e-4 a latent fires ~3 times in 29,400 tokens (200 images x 3 inputs x 49 patches) and looks dead
+    there by chance; 1,000 images give 147,000 tokens."""
     s = ctx.cfg.sae
-    parts = [ctx.test_images(s.n_eval_images)[0]] + [
-        ctx.corrupted(c, s.n_eval_images) for c in ctx.cfg.conditions
-    ]
+    n = s.n_fidelity_images or s.n_eval_images
+    parts = [ctx.test_images(n)[0]] + [ctx.corrupted(c, n) for c in ctx.cfg.conditions]
     acts = [collect_activations(model, ctx.prep(x), s.hook, tokens=s.tokens, progress=False) for x in parts]
     return torch.cat(acts).reshape(-1, acts[0].shape[-1])
 
