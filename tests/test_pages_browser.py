@@ -228,6 +228,12 @@ def test_explorer_of_the_study(study):
         assert stats["stability"] == s["stability"][i]
         assert driver.find_element("css selector", "#label").text == s["label"][i]
 
+        # the direct logit effect panel: one bar per class, printed to 2 decimals from the int16-encoded effects
+        logit = explorer_array(data, s, "logit").reshape(len(s["live"]), -1)[i]
+        texts = [t.text for t in driver.find_elements("css selector", "#detail svg.logits text")]
+        printed = [float(t) for t in texts if t not in data["class_names"]]
+        assert printed == [float(f"{v:+.2f}") for v in logit] and len(printed) == len(data["class_names"])
+
         # the ablation panel: the precomputed probabilities (uint16 of [0, 1]) for each top image
         p_abl = explorer_array(data, s, "p_abl").reshape(len(s["live"]), 3, 10)
         p_dbl = explorer_array(data, s, "p_dbl").reshape(len(s["live"]), 3, 10)
@@ -317,16 +323,19 @@ def synthetic_stats(d_sae: int, n: int, n_c: int, k: int, n_assoc: int, bins: in
     probs = rng.dirichlet(np.full(C, 0.2), n)
     label_class = [f"{classes[int(np.argmax(c))]} {int(100 * c.max() / n_assoc)}%" for c in counts]
     label_where = [wheres[i % len(wheres)] for i in range(F)]
+    density = rng.lognormal(-4, 1.5, F).clip(1e-5, 0.9)
+    nonzero = np.rint(density * n * grid * grid).astype(np.int64)
     return FeatureStats(
         hook="blocks.2.hook_resid_post",
         grid=(grid, grid),
         n_images=n,
         n_corrupted=n_c,
-        density=rng.lognormal(-4, 1.5, F).clip(1e-5, 0.9),
+        density=density,
         density_corrupted=rng.lognormal(-4, 1.5, F).clip(1e-5, 0.9),
         mean_act=rng.gamma(2, 1, F),
         max_act=maps.max((1, 2, 3)) + 0.1,
-        hist=rng.integers(0, 5000, (F, bins)),
+        # a latent's histogram counts its non-zero activations on the clean patch tokens: density x tokens in all
+        hist=np.stack([rng.multinomial(m, rng.dirichlet(np.full(bins, 0.5))) for m in nonzero]),
         top_idx=rng.integers(0, n, (F, k)),
         top_val=rng.gamma(2, 1, (F, k)),
         top_maps=maps,

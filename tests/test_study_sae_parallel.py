@@ -81,3 +81,33 @@ def test_parallel_models_is_checked(checkpoints):
     cfg["sae"] = {**cfg["sae"], "parallel_models": 0}
     with pytest.raises(ConfigError, match=r"sae.parallel_models: expected null .* got 0"):
         study_config_from_dict(cfg)
+
+
+def test_sae_sweep_script_prints_a_row_per_configuration(checkpoints, tmp_path):
+    """``scripts/sae_sweep.py`` (the sweep behind the default SAE, docs/sae.md) on the tiny study: one table
+    row per grid entry, with the held-out numbers of the study's own held-out set; a bad grid entry is
+    refused with what was expected."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = tiny_config(checkpoints)
+    cfg["sae"] = {**cfg["sae"], "n_fidelity_images": 8}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "scripts/sae_sweep.py", "--config", str(tmp_path / "tiny.yaml"), "--layer", "1"]
+    grid = ["--grid", "x2:4", "x4:2:3e-3:0.5"]
+    done = subprocess.run([*cmd, *grid], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| base |")]
+    aux = 1 / 32  # the tiny config leaves sae.train.aux_coefficient at its default: x2:4 keeps it
+    assert [tuple(c.strip() for c in r[2:6]) for r in rows] == [
+        ("x2", "4", "0.001", f"{aux:g}"),
+        ("x4", "2", "0.003", "0.5"),
+    ]
+    for r in rows:
+        ev, l0 = float(r[6]), float(r[8])
+        assert -1.0 < ev <= 1.0 and 0 < l0
+    assert "384 held-out tokens" in done.stdout  # 8 images x 3 inputs (clean + 2 conditions) x 16 patches
+    bad = subprocess.run([*cmd, "--grid", "8:4"], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "expected expansion:k[:lr[:aux]] like x8:14" in bad.stderr

@@ -75,12 +75,24 @@ def _load_sae(spec: ExplorerSAE, device: str | None = None):
 PROB_MAX = 65535  # probabilities are stored as uint16 (little-endian) of [0, 1]: steps of 1.5e-5
 
 
-ARRAY_KEYS = {"maps": "u1", "maps_c": "u1", "p_abl": "<u2", "p_dbl": "<u2", "probs": "<u2"}
+ARRAY_KEYS = {"maps": "u1", "maps_c": "u1", "p_abl": "<u2", "p_dbl": "<u2", "probs": "<u2", "logit": "<i2"}
+LOGIT_MAX = 32767  # direct logit effects: int16 steps of the SAE's largest |effect| / LOGIT_MAX
 
 
 def _b64(a: np.ndarray) -> str:
     """uint8 bytes -> base64 (decoded lazily by the page, per SAE, when first shown)."""
     return base64.b64encode(np.ascontiguousarray(a, dtype=np.uint8).tobytes()).decode("ascii")
+
+
+def _b64_logits(effect: np.ndarray) -> tuple[str, float]:
+    """Direct logit effects [F, C] as little-endian int16 times a scale (the SAE's largest |effect| / 32767):
+    a resolution of 1/65534 of that largest effect, ~6x smaller than JSON numbers at 3 decimals and finer for
+    effects under ~16 logits (the page shows 2 decimals)."""
+    e = np.asarray(effect, np.float64)
+    scale = float(np.abs(e).max()) / LOGIT_MAX if e.size else 0.0
+    scale = scale if scale > 0 and np.isfinite(scale) else 1.0
+    q = np.rint(np.clip(e / scale, -LOGIT_MAX, LOGIT_MAX)).astype("<i2")
+    return _b64(np.ascontiguousarray(q).view(np.uint8)), scale
 
 
 def _b64_probs(p: np.ndarray) -> str:
@@ -94,9 +106,14 @@ MAP_LEVELS = 15  # per-patch maps: 4 bits per patch (0 = not firing, 15 = the la
 
 def explorer_array(data: dict, obj: dict, key: str) -> np.ndarray:
     """A binary array of the page's data, flat: ``obj`` is an SAE entry (``maps``, ``maps_c``: per-patch levels
-    0-255 of the latent's max, as the page draws them; ``p_abl``, ``p_dbl``: probabilities) or a
-    ``data["models"]`` entry (``probs``); probabilities come back as floats in [0, 1]."""
+    0-255 of the latent's max, as the page draws them; ``p_abl``, ``p_dbl``: probabilities; ``logit``: direct
+    logit effects, row-major [live latents, classes]) or a ``data["models"]`` entry (``probs``); probabilities
+    and logit effects come back as floats."""
+    if key == "logit" and isinstance(obj[key], list):  # pages before the int16 encoding: rounded numbers
+        return np.asarray(obj[key], np.float64).reshape(-1)
     a = np.frombuffer(base64.b64decode(obj[key]), ARRAY_KEYS[key])
+    if key == "logit":
+        return a * obj["logit_scale"]
     if key in ("p_abl", "p_dbl", "probs"):
         return a / data["prob_max"]
     if data.get("map_bits") == 4:  # high nibble first; the page scales 0-15 to 0-255
@@ -275,6 +292,7 @@ def explorer_data(
                 coss.append(cos)
             stability = _num(np.mean(coss, axis=0))
         scale = st.max_act[live][:, None, None, None]
+        logit_b64, logit_scale = _b64_logits(st.logit_effect[live])
         entry = {
             "name": x.name,
             "model": x.model,
@@ -308,7 +326,8 @@ def explorer_data(
             if st.top_maps_corrupted is None
             else _b64(_q4(st.top_maps_corrupted[live], scale)[0]),
             "class_counts": st.class_counts[live].tolist(),
-            "logit": np.round(st.logit_effect[live], 3).tolist(),
+            "logit": logit_b64,
+            "logit_scale": logit_scale,
             "p_abl": _b64_probs(st.probs_ablate[live]),
             "p_dbl": _b64_probs(st.probs_double[live]),
             "cards": {},

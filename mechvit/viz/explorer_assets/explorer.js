@@ -43,6 +43,24 @@
     return m[key];
   }
 
+  function logitRow(s, i) {
+    // direct logit effects of the i-th listed latent: base64 of little-endian int16 [live, classes] times
+    // s.logit_scale (a list of rows in older pages)
+    if (Array.isArray(s.logit)) return s.logit[i];
+    let m = decoded.get(s);
+    if (!m) decoded.set(s, (m = {}));
+    if (!m["logit/f"]) {
+      const u8 = arr(s, "logit"), out = new Float32Array(u8.length / 2);
+      for (let j = 0; j < out.length; j++) {
+        const q = u8[2 * j] | (u8[2 * j + 1] << 8);
+        out[j] = (q >= 32768 ? q - 65536 : q) * s.logit_scale;
+      }
+      m["logit/f"] = out;
+    }
+    const C = D.class_names.length;
+    return Array.from(m["logit/f"].subarray(i * C, (i + 1) * C));
+  }
+
   function probs(obj, key) {
     // probabilities: base64 of little-endian uint16 over [0, D.prob_max] (uint8 over [0, 255] in older pages)
     const max = D.prob_max || 255;
@@ -361,7 +379,7 @@
       `<canvas class="cbar" width="120" height="8" id="cbar"></canvas></div>` +
       `<div class="panel"><div><h3>Activation histogram</h3>${histogram(s, i)}</div>` +
       `<div><h3>Classes of top ${s.n_assoc} images</h3>${bars(s.class_counts[i], { show: (v) => String(v), color: () => "#7a9c5a", cls: "classes" })}</div>` +
-      `<div><h3>Direct logit effect</h3>${bars(s.logit[i], { show: (v) => (v >= 0 ? "+" : "") + v.toFixed(2), cls: "logits" })}<div class="muted" style="max-width:300px">Δ logit when mean act × decoder direction is added to the readout token(s) of the final residual stream (model's own final norm, pooling, head; blocks after the hook skipped).</div></div></div>` +
+      `<div><h3>Direct logit effect</h3>${bars(logitRow(s, i), { show: (v) => (v >= 0 ? "+" : "") + v.toFixed(2), cls: "logits" })}<div class="muted" style="max-width:300px">Δ logit when mean act × decoder direction is added to the readout token(s) of the final residual stream (model's own final norm, pooling, head; blocks after the hook skipped).</div></div></div>` +
       `<h3>Ablate / double on the top images</h3><div class="muted">the latent's decoded contribution at every patch token of ${esc(s.hook)} removed (×0) or added again (×2), SAE error kept: "before" is the model's own prediction.</div>${ablationTable(s, i)}` +
       `<div id="matches"></div>`;
     const cb = $("#cbar").getContext("2d");
@@ -413,7 +431,7 @@
     g += `<text x="${x0}" y="${y1}" class="h">classes of the top ${s.n_assoc} images</text>` +
       `<g transform="translate(${x0},${y1 + 6})">${bars(s.class_counts[i], { width: 320, show: (v) => String(v), color: () => "#7a9c5a" })}</g>` +
       `<text x="${x0 + 350}" y="${y1}" class="h">direct logit effect</text>` +
-      `<g transform="translate(${x0 + 350},${y1 + 6})">${bars(s.logit[i], { width: 340, show: (v) => (v >= 0 ? "+" : "") + v.toFixed(2) })}</g>`;
+      `<g transform="translate(${x0 + 350},${y1 + 6})">${bars(logitRow(s, i), { width: 340, show: (v) => (v >= 0 ? "+" : "") + v.toFixed(2) })}</g>`;
     const h = y1 + 6 + C * 14 + 16;
     return `<svg xmlns="http://www.w3.org/2000/svg" width="${CARD_W}" height="${h}" viewBox="0 0 ${CARD_W} ${h}">` +
       `<style>text{font:10px sans-serif;fill:#3b4558}.t{font-size:15px;font-weight:600;fill:#1d2430}.l{font-size:13px}.h{font-size:11px;font-weight:600}</style>` +
