@@ -9,7 +9,9 @@ dense (active on > 10% of them) latents, and the spliced top-1 drop and KL on th
 markdown table row per configuration.
 
     python scripts/sae_sweep.py --model base --layer 0 --grid x8:12 x8:14 x12:14 x16:16
-    python scripts/sae_sweep.py --model noise4 --layer 0 --grid x8:14:3e-3     # expansion:k[:lr]
+    python scripts/sae_sweep.py --model blur4 --layer 0 --grid x12:12:3e-3:0.03125 x12:12:3e-3:0.25
+
+A grid entry is expansion:k[:lr[:aux coefficient]]; what it leaves out comes from the config's sae.train.
 
 Each row takes ~40 s of one thread per x8 SAE (1M tokens); run two sweeps side by side at one thread each.
 """
@@ -31,11 +33,15 @@ from mechvit.study.steps.sae import heldout, mix
 
 def _grid_entry(text: str) -> tuple[str, dict]:
     parts = text.split(":")
-    if len(parts) not in (2, 3) or not parts[0].startswith("x"):
-        raise argparse.ArgumentTypeError(f"expected expansion:k[:lr] like x8:14 or x8:14:3e-3, got {text!r}")
-    kw = {"expansion_factor": int(parts[0][1:]), "k": int(parts[1])}
-    if len(parts) == 3:
-        kw["lr"] = float(parts[2])
+    try:
+        if not 2 <= len(parts) <= 4 or not parts[0].startswith("x"):
+            raise ValueError
+        kw = {"expansion_factor": int(parts[0][1:]), "k": int(parts[1])}
+        kw.update({key: float(v) for key, v in zip(("lr", "aux_coefficient"), parts[2:], strict=False)})
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected expansion:k[:lr[:aux]] like x8:14 or x12:12:3e-3:0.25, got {text!r}"
+        ) from None
     return text, kw
 
 
@@ -70,16 +76,17 @@ def main() -> None:
         xe, ye = ctx.test_images(s.n_fidelity_images or s.n_eval_images)
         print(f"{a.model}, {s.hook}, {total:,} training tokens, {len(held):,} held-out tokens")
         print(
-            "| model | layer | expansion | k | lr | EV | EV PCA-k | L0 | dead | dense | top-1 drop (pp) | KL |"
+            "| model | layer | expansion | k | lr | aux | EV | EV PCA-k | L0 | dead | dense | top-1 drop (pp) | KL |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for name, t in trained.items():
             c = cfgs[name]
             m = reconstruction_metrics(t.sae, held)
             pca = pca_baseline(train_rows, held, c.k).explained_variance
             sp = spliced_metrics(model, t.sae, ctx.prep(xe), ye, s.hook, tokens=s.tokens)
             print(
-                f"| {a.model} | {a.layer} | x{c.expansion_factor} | {c.k} | {c.lr:g} | {m.explained_variance:.3f} | "
+                f"| {a.model} | {a.layer} | x{c.expansion_factor} | {c.k} | {c.lr:g} | {c.aux_coefficient:g} | "
+                f"{m.explained_variance:.3f} | "
                 f"{pca:.3f} | {m.l0:.1f} | {m.dead_features} / {m.d_sae} | {m.dense_features} / {m.d_sae} | "
                 f"{100 * (sp.accuracy_clean - sp.accuracy_sae):.1f} | {sp.kl_sae:.4f} |",
                 flush=True,

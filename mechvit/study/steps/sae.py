@@ -178,11 +178,12 @@ def parallel_workers(ctx: StudyContext, n_models: int) -> int:
     return max(1, min(want, n_models))
 
 
-# Why processes: an SAE step on a 96-wide residual is ~26 ms of small matrix products and sae-lens's Python
-# around them; a second intra-op thread saves little of it (1.1-1.2x, measured), a second process training
-# another model's SAEs at the same time nearly halves the step. Each worker runs one thread, so the SAEs are
-# those of a one-thread sequential run, bit for bit (tests/test_study_sae_parallel.py). Fork, not spawn: the
-# workers inherit the study context (models, images) instead of pickling it.
+# Why processes: an SAE step on a 96-wide residual is small matrix products and sae-lens's Python around them,
+# which a second intra-op thread speeds up only in part. Measured on the 2-core machine, five x12 k12 SAEs in one
+# pass over in-memory rows: one process at 1 thread 23,500 SAE-tokens/s, at 2 threads 33,900 (1.44x); two
+# 1-thread processes side by side 21,500 + 22,100 = 43,600 (1.28x the 2-thread process). Each worker runs one
+# thread, so the SAEs are those of a one-thread sequential run, bit for bit (tests/test_study_sae_parallel.py).
+# Fork, not spawn: the workers inherit the study context (models, images) instead of pickling it.
 _FORKED: tuple | None = None  # (ctx, writer, {model: runs left}, train images), set for the forked workers
 
 
