@@ -73,7 +73,7 @@ def main() -> None:
         trained = train_saes(batches, cached.d_in, cfgs)
         held = heldout(ctx, model)
         train_rows = cached.rows(0, min(len(cached), 200_000))
-        xe, ye = ctx.test_images(s.n_fidelity_images or s.n_eval_images)
+        xe, ye = ctx.test_images(s.quality_images)
         print(f"{a.model}, {s.hook}, {total:,} training tokens, {len(held):,} held-out tokens")
         print(
             "| model | layer | expansion | k | lr | aux | EV | EV PCA-k | L0 | dead | dense | top-1 drop (pp) | KL |"

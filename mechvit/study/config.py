@@ -222,6 +222,11 @@ class SAESection:
     controls: ControlsConfig = field(default_factory=ControlsConfig)
 
     @property
+    def quality_images(self) -> int:
+        """The test images of the SAE quality numbers: ``n_fidelity_images``, else ``n_eval_images``."""
+        return self.n_fidelity_images or self.n_eval_images
+
+    @property
     def hook(self) -> str:
         return self.store.hook
 

@@ -116,7 +116,7 @@ def heldout(ctx: StudyContext, model) -> torch.Tensor:
     of 1e-4 a latent fires ~3 times in 29,400 tokens (200 images x 3 inputs x 49 patches) and looks dead
     there by chance; 1,000 images give 147,000 tokens."""
     s = ctx.cfg.sae
-    n = s.n_fidelity_images or s.n_eval_images
+    n = s.quality_images
     parts = [ctx.test_images(n)[0]] + [ctx.corrupted(c, n) for c in ctx.cfg.conditions]
     acts = [collect_activations(model, ctx.prep(x), s.hook, tokens=s.tokens, progress=False) for x in parts]
     return torch.cat(acts).reshape(-1, acts[0].shape[-1])
@@ -150,7 +150,7 @@ def _train_model(ctx: StudyContext, w: StepWriter, name: str, runs: list[SAERun]
     seconds = round(time.time() - t0, 2)
 
     def evaluate_and_save() -> None:
-        xe, ye = ctx.test_images(s.n_fidelity_images or s.n_eval_images)
+        xe, ye = ctx.test_images(s.quality_images)
         held = heldout(ctx, model)
         train_rows = cached.rows(0, min(len(cached), 200_000))
         pca = pca_baseline(train_rows, held, s.train.k).explained_variance
@@ -204,7 +204,7 @@ def _train_in_processes(ctx: StudyContext, w: StepWriter, todo: dict, train_x, w
 
     global _FORKED
     s = ctx.cfg.sae
-    n = s.n_fidelity_images or s.n_eval_images
+    n = s.quality_images
     ctx.test_images(n)  # load once here so that every worker inherits them
     for c in ctx.cfg.conditions:
         ctx.corrupted(c, n)
@@ -269,7 +269,7 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     if rank_and_world()[0] != 0:
         return res  # rank 0 builds the result
     shutil.rmtree(w.dir / "_acts", ignore_errors=True)
-    xe, ye = ctx.test_images(s.n_fidelity_images or s.n_eval_images)
+    xe, ye = ctx.test_images(s.quality_images)
     gap = ablation_gap(ctx.model(ctx.base_name), ctx.prep(xe), ye, s.hook, tokens=s.tokens)
     res.metrics["ablation_gap"] = gap.to_dict()
     if gap.kl < s.ablation_warn_nats:
@@ -317,7 +317,7 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
             f"{frac:.0%} with one of the conditions); metrics on held-out clean + corrupted test images. "
             f"PCA-k: EV of the top-{s.train.k} principal components of the same model's training activations "
             "(an SAE with L0 <= k should beat it). Spliced: the SAE's reconstruction in place of the hook on "
-            f"{s.n_fidelity_images or s.n_eval_images} clean test images; KL and top-1 drop (clean minus spliced) with "
+            f"{s.quality_images} clean test images; KL and top-1 drop (clean minus spliced) with "
             "95% CIs over those images (bootstrap; the drop paired by image). EV change: least-squares change of "
             "the training EV over the last 10% of steps",
             [
