@@ -14,7 +14,8 @@ Store (activations/s, patch tokens of ``blocks.{layer}.hook_resid_post``):
   seq read  ``CachedActivations.chunks(shuffle=False)`` as float32 (sequential memory-mapped read) vs
             slicing the in-memory float32 tensor.
 SAE training (samples/s), the same sae-lens ``SAETrainer`` (BatchTopK, k=32, x16) fed by: an in-memory
-tensor iterator (baseline), the disk cache, the live stream. Rounds are interleaved; ratios are of medians.
+tensor iterator (baseline), the disk cache, the live stream; and on in-memory rows our sparse BatchTopK step
+(``mechvit.sae.train._BatchTopKTrainingSAE.training_forward_pass``, CPU) against sae-lens's dense one. Rounds are interleaved; ratios are of medians.
 
 ``--device`` (default ``auto``: CUDA when present) runs the ViT and the SAE training there, both sides alike;
 timings synchronise the device before and after each call. ``--dtype bfloat16`` runs the ViT in bfloat16
@@ -57,7 +58,7 @@ from mechvit.sae import (
 )
 from mechvit.sae.activations import iter_activations, select_tokens
 from mechvit.sae.distributed import cache_activations_distributed
-from mechvit.sae.train import train_sae
+from mechvit.sae.train import _BatchTopKTrainingSAE, train_sae
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_device_args, load, machine, resolve, sync  # noqa: E402
@@ -300,9 +301,19 @@ def main() -> None:
             train_sae(batches, d_model, train_cfg)
         return args.batch * args.steps  # trained samples (the norm estimate is inside the time)
 
+    def train_dense(batches: Iterator[torch.Tensor]) -> int:
+        """sae-lens's own dense BatchTopK step (our sparse CPU step switched off)."""
+        sparse = _BatchTopKTrainingSAE._sparse_step_applies
+        _BatchTopKTrainingSAE._sparse_step_applies = lambda self, x: False
+        try:
+            return train_on(batches)
+        finally:
+            _BatchTopKTrainingSAE._sparse_step_applies = sparse
+
     on_device = in_memory.to(device)  # the baseline's rows where the SAE trains
     train_variants = {
         "memory": lambda: train_on(memory_batches(on_device, args.batch)),
+        "dense": lambda: train_dense(memory_batches(on_device, args.batch)),
         "cache": lambda: train_on(reader.batches(args.batch, buffer_size=store.buffer_size, device=device)),
         "stream": lambda: train_on(stream_batches(model, images, store, args.batch, transform=transform)),
     }
@@ -338,6 +349,11 @@ def main() -> None:
             "store: sequential memory-mapped read (float16 -> float32) vs in-memory slices (host)",
             "store/seq_read_cache",
             "store/seq_read_memory",
+        ),
+        (
+            "SAE training: our sparse BatchTopK step (CPU) vs sae-lens's dense step, in-memory rows",
+            "train/memory",
+            "train/dense",
         ),
         ("SAE training fed by the disk cache vs in-memory iterator", "train/cache", "train/memory"),
         ("SAE training fed by the live stream vs in-memory iterator", "train/stream", "train/memory"),

@@ -346,3 +346,94 @@ def test_batchtopk_threshold_update_equals_sae_lens():
         assert ours.topk_threshold.dtype == ref.topk_threshold.dtype == torch.float64
         assert torch.equal(ours.topk_threshold, ref.topk_threshold)
     assert ours.topk_threshold > 0
+
+
+def _step(sae, x, dead):
+    from sae_lens.saes.sae import TrainStepInput
+
+    sae.zero_grad(set_to_none=True)
+    out = sae.training_forward_pass(
+        TrainStepInput(
+            sae_in=x, dead_neuron_mask=dead, coefficients={}, n_training_steps=0, is_logging_step=False
+        )
+    )
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in sae.named_parameters()}
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+def test_sparse_batchtopk_step_equals_sae_lens_dense_step(rescale):
+    """Our CPU training step (kept entries only, forward and backward) against sae-lens's
+    BatchTopKTrainingSAE on the same weights in float64: losses, output, activations, inference threshold
+    and every gradient, with no dead latent, fewer dead latents than d_in // 2 (the aux top-k takes them
+    all, scaled down) and more (the top d_in // 2 of them)."""
+    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE
+
+    from mechvit.sae.train import build_training_sae
+
+    torch.manual_seed(0)
+    cfg = SAETrainingConfig(architecture="batchtopk", expansion_factor=6, k=4, decoder_init_norm=None)
+    ours = build_training_sae(D_IN, cfg).double()
+    ours.cfg.rescale_acts_by_decoder_norm = rescale
+    with torch.no_grad():  # decoder rows of unequal norms, so that the rescaling matters
+        ours.W_dec.mul_(torch.rand(ours.cfg.d_sae, 1, dtype=torch.float64) + 0.5)
+    ref = BatchTopKTrainingSAE(ours.cfg).double()
+    ref.load_state_dict(ours.state_dict())
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, D_IN, generator=g, dtype=torch.float64)
+    for dead in (
+        None,
+        torch.arange(96) % 20 == 0,
+        torch.arange(96) % 3 == 0,
+    ):  # 0, 5, 32 dead (d_in // 2 = 8)
+        assert ours._sparse_step_applies(x)
+        a, ga = _step(ours, x, dead)
+        b, gb = _step(ref, x, dead)
+        assert a.feature_acts.is_sparse and torch.equal(a.feature_acts.to_dense(), b.feature_acts)
+        torch.testing.assert_close(a.sae_out, b.sae_out, rtol=0, atol=1e-12)
+        for name in ("mse_loss", "auxiliary_reconstruction_loss"):
+            torch.testing.assert_close(a.losses[name], b.losses[name], rtol=1e-12, atol=0)
+        assert (a.losses["auxiliary_reconstruction_loss"] > 0) == (dead is not None)
+        for name in ga:
+            torch.testing.assert_close(ga[name], gb[name], rtol=0, atol=1e-12 * gb[name].abs().max().item())
+        assert torch.equal(ours.topk_threshold, ref.topk_threshold)
+
+
+def test_sparse_batchtopk_step_defers_to_sae_lens_where_it_does_not_apply():
+    from mechvit.sae.train import build_training_sae
+
+    sae = build_training_sae(D_IN, SAETrainingConfig(architecture="batchtopk", expansion_factor=2, k=2))
+    x = torch.randn(8, D_IN)
+    assert sae._sparse_step_applies(x)
+    assert not sae._sparse_step_applies(x.reshape(2, 4, D_IN))  # more than one batch dimension
+    sae.hook_sae_acts_post.add_hook(lambda t, hook: t)  # a user's hook sees the dense activations
+    assert not sae._sparse_step_applies(x)
+    out, _ = _step(sae, x, None)
+    assert not out.feature_acts.is_sparse
+    sae.hook_sae_acts_post.remove_hooks()
+    assert sae._sparse_step_applies(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not sae._sparse_step_applies(x)
+
+
+def test_sparse_batchtopk_training_run_matches_sae_lens_dense_run(monkeypatch):
+    """A whole run through sae-lens's trainer (aux loss on, dead latents counted from the sparse
+    activations) lands where the dense sae-lens step lands: same logged L0, dead count and EV to float
+    rounding over the run (float32; the two paths sum in another order)."""
+    from mechvit.sae import train as T
+
+    cfg = SAETrainingConfig(
+        architecture="batchtopk", k=K, expansion_factor=4, batch_size=128, total_samples=128 * 40,
+        log_every=1, seed=3, dead_feature_window=5, decoder_init_norm=None,
+    )  # fmt: skip
+    sparse = train_sae(sparse_batches(dictionary(), 128), D_IN, cfg)
+    monkeypatch.setattr(T._BatchTopKTrainingSAE, "_sparse_step_applies", lambda self, x: False)
+    dense = train_sae(sparse_batches(dictionary(), 128), D_IN, cfg)
+    assert len(sparse.log) == len(dense.log) == 40
+    for a, b in zip(sparse.log, dense.log, strict=True):
+        assert a["metrics/l0"] == pytest.approx(b["metrics/l0"], abs=0.05)
+        assert a["metrics/explained_variance"] == pytest.approx(b["metrics/explained_variance"], abs=1e-3)
+        assert a["sparsity/dead_features"] == pytest.approx(b["sparsity/dead_features"], abs=1)
+    assert any(e["losses/auxiliary_reconstruction_loss"] > 0 for e in sparse.log)
+    torch.testing.assert_close(sparse.sae.W_dec, dense.sae.W_dec, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(sparse.log_feature_sparsity, dense.log_feature_sparsity)
