@@ -312,8 +312,10 @@ def test_precomputed_codes_and_fits_give_the_same_overlap():
         feature_overlap(a, b, acts_a, acts_b, cfg, cross={"a_on_a": cross["a_on_a"]})
 
 
-def test_overlap_controls_with_and_without_the_code_cache_agree(monkeypatch):
+@pytest.mark.parametrize("path", ["dense cache", "sparse codes", "sparse codes given"])
+def test_overlap_controls_with_and_without_the_code_cache_agree(monkeypatch, path):
     import mechvit.analysis.controls as controls
+    from mechvit.analysis.overlap import SparseCodes
 
     g = torch.Generator().manual_seed(5)
     saes = {
@@ -321,7 +323,11 @@ def test_overlap_controls_with_and_without_the_code_cache_agree(monkeypatch):
     }
     acts = {m: torch.randn(10, 4, 8, generator=g) for m in saes}
     cfg = controls.ControlsConfig(reference="x", floor="directions", floor_draws=2, n_resamples=99)
-    cached = controls.overlap_controls(saes, acts, cfg)
+    monkeypatch.setattr(controls, "_SPARSE_CODES", path != "dense cache")
+    given = {(m, r): SparseCodes.encode(sae, acts[m]) for m in saes for r, sae in enumerate(saes[m])}
+    cached = controls.overlap_controls(saes, acts, cfg, codes=given if path == "sparse codes given" else None)
+    # the reference: dense codes encoded per pair
+    monkeypatch.setattr(controls, "_SPARSE_CODES", False)
     monkeypatch.setattr(controls, "_CODES_CACHE_BYTES", 0)
     plain = controls.overlap_controls(saes, acts, cfg)
     assert len(cached.pairs) == len(plain.pairs) == 3 * 3 + 2 * 9 + 3 * 2
@@ -333,3 +339,95 @@ def test_overlap_controls_with_and_without_the_code_cache_agree(monkeypatch):
             elif not isinstance(p[k], torch.Tensor):
                 assert p[k] == q[k], k
     assert cached.live == plain.live and cached.threshold == plain.threshold
+
+
+def _codes_of(sae, acts):
+    from mechvit.analysis.overlap import SparseCodes
+
+    return SparseCodes.encode(sae, acts, batch_size=16)
+
+
+def test_sparse_codes_hold_the_dense_codes():
+    from mechvit.analysis.overlap import SparseCodes, _to_sparse
+
+    sae = TopKSAE(TopKSAEConfig(d_in=8, d_sae=16, k=3))
+    acts = torch.randn(7, 5, 8)
+    sp = SparseCodes.encode(sae, acts, batch_size=6)  # several chunks, one cut mid-image
+    dense = encode(sae, acts)
+    assert torch.equal(sp.to_dense(), dense) and len(sp.vals) == int((dense != 0).sum())
+    assert torch.equal(sp.fired(), (dense > 0).flatten(0, 1).any(0))
+    assert torch.equal(sp.image_max(), dense.amax(1))
+    idx = torch.tensor([3, 0, 6, 3])
+    assert torch.equal(sp.take_images(idx).to_dense(), dense[idx])
+    assert torch.equal(sp.dense(4, 13), dense.reshape(-1, 16)[4:13])
+    # codes of any sign (not an SAE's): the image maximum counts the zero codes too
+    z = torch.randn(4, 3, 5) * (torch.rand(4, 3, 5) < 0.5)
+    z[0, :, 0] = -1.0  # every token negative: the maximum is negative
+    assert torch.equal(_to_sparse(z).image_max(), z.amax(1))
+    flat = SparseCodes.encode(sae, acts[:, 0])  # [n_images, d_in] activations
+    assert torch.equal(flat.image_max(), encode(sae, acts[:, 0]))
+
+
+@pytest.mark.parametrize("kind", ["standard", "topk"])
+def test_sparse_codes_give_the_dense_overlap(kind):
+    def make(seed):
+        if kind == "standard":
+            return standard_sae(d_in=8, d_sae=24, seed=seed)
+        torch.manual_seed(seed)
+        return TopKSAE(TopKSAEConfig(d_in=8, d_sae=24, k=3))
+
+    a, b = make(0), make(1)
+    g = torch.Generator().manual_seed(3)
+    acts_a, acts_b = torch.randn(40, 5, 8, generator=g), torch.randn(40, 5, 8, generator=g)
+    cfg = OverlapConfig(top_k=4, batch_size=16)
+    dense = feature_overlap(a, b, acts_a, acts_b, cfg)
+    for codes in (
+        {"codes_a": _codes_of(a, acts_a)},
+        {"codes_a": _codes_of(a, acts_a), "codes_b": _codes_of(b, acts_b)},
+    ):
+        fast = feature_overlap(a, b, acts_a, acts_b, cfg, **codes)
+        assert torch.equal(dense.idx_a, fast.idx_a) and torch.equal(dense.idx_b, fast.idx_b)
+        assert torch.equal(dense.matched_cos, fast.matched_cos)
+        assert dense.class_a == fast.class_a and dense.class_b == fast.class_b
+        assert torch.equal(dense.topk_jaccard, fast.topk_jaccard)
+        torch.testing.assert_close(fast.act_corr, dense.act_corr, rtol=1e-6, atol=1e-7, equal_nan=True)
+        assert dense.cross == fast.cross  # the own-model fits reuse the codes: the same numbers
+    with pytest.raises(ValueError, match="codes_a must be the codes of the activations"):
+        feature_overlap(a, b, acts_a, acts_b, cfg, codes_a=_codes_of(a, acts_a[:3]))
+
+
+def test_sparse_pearson_known_cases():
+    from mechvit.analysis.overlap import _pearson, _sparse_pearson, _to_sparse
+
+    g = torch.Generator().manual_seed(0)
+    za = torch.rand(200, 6, generator=g) * (torch.rand(200, 6, generator=g) < 0.3)
+    zb = torch.rand(200, 6, generator=g) * (torch.rand(200, 6, generator=g) < 0.3)
+    zb[:, 1] = 2 * za[:, 4]  # perfectly correlated pair
+    za[:, 2] = 0  # never fires: nan
+    zb[:, 5] = 0.7  # fires everywhere with one value: nan
+    ia, ib = torch.tensor([0, 4, 2, 3]), torch.tensor([0, 1, 3, 5])
+    ref = _pearson(za[:, ia], zb[:, ib])
+    fast = _sparse_pearson(_to_sparse(za), ia, _to_sparse(zb), ib)
+    torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12, equal_nan=True)
+    assert fast[1] == pytest.approx(1.0) and fast[2].isnan() and fast[3].isnan()
+
+
+def test_sparse_code_cosine_controls_match_the_dense_ones(monkeypatch):
+    import mechvit.analysis.controls as controls
+    from mechvit.analysis.overlap import SparseCodes
+
+    saes = [TopKSAE(TopKSAEConfig(d_in=16, d_sae=32, k=4)) for _ in range(2)]
+    clean, noisy = _acts(16, seed=3), _acts(16, seed=3) + 0.3 * _acts(16, seed=4)
+    fast = controls.code_cosine_controls(saes, clean, noisy, seed=1)
+    given = controls.code_cosine_controls(
+        saes, clean, noisy, seed=1, clean_codes=[SparseCodes.encode(s, clean) for s in saes]
+    )
+    monkeypatch.setattr(controls, "_SPARSE_CODES", False)
+    ref = controls.code_cosine_controls(saes, clean, noisy, seed=1)
+    for res in (fast, given):
+        for name in ("code", "raw", "mismatched"):
+            torch.testing.assert_close(
+                getattr(res, name), getattr(ref, name), rtol=1e-6, atol=0, equal_nan=True
+            )
+    with pytest.raises(ValueError, match="clean_codes"):
+        controls.code_cosine_controls(saes, clean, noisy, clean_codes=[SparseCodes.encode(saes[0], clean)])

@@ -56,7 +56,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mechvit.analysis.overlap import OverlapConfig, encode, feature_overlap, match_features, sae_fit
+from mechvit.analysis.overlap import (
+    OverlapConfig,
+    SparseCodes,
+    encode,
+    feature_overlap,
+    match_features,
+    sae_fit,
+    sparse_row_cosine,
+)
 from mechvit.analysis.similarity import write_rows_csv
 from mechvit.analysis.statistics import (
     Estimate,
@@ -114,7 +122,9 @@ class ControlsConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
 
-# overlap_controls keeps the SAEs' dense codes up to this size (the default study: 1.4 GB)
+# overlap_controls keeps every SAE's codes sparse (False: the reference path, dense codes up to
+# _CODES_CACHE_BYTES, else encoded per pair; the default study's 20 SAEs would take 2.7 GB dense)
+_SPARSE_CODES = True
 _CODES_CACHE_BYTES = 2 * 2**30
 
 
@@ -316,12 +326,15 @@ def overlap_controls(
     images: Tensor | None = None,
     hook: str | None = None,
     tokens: str = "patches",
+    codes: Mapping[tuple[str, int], SparseCodes] | None = None,
 ) -> OverlapControls:
     """Within-model, between-model and floor overlap of replicate SAEs (see the module docstring).
 
     ``saes``: model name -> its replicate SAEs (same hook; at least two for the reference model).
     ``acts``: model name -> that model's activations at the hook on the SAME images, ``[n_images, n_tokens,
     d_in]``. With ``models`` (name -> HookedViT), ``images`` and ``hook`` the spliced KL is computed too.
+    ``codes``: ``(model, replicate) -> SparseCodes.encode(saes[model][replicate], acts[model])`` where the
+    caller has them already (the others are encoded here).
     """
     cfg = config or ControlsConfig()
     ref = cfg.reference
@@ -346,20 +359,29 @@ def overlap_controls(
 
     units = [(m, r) for m in saes for r in range(len(saes[m]))]
     # Each SAE meets up to 2 x replicates others: its codes on its own model's activations and its fits
-    # (EV, L0) on each model's are computed once, not per pair (the default study: 72 pairs of 16 SAEs;
-    # this cut the step's SAE encodes ~8x). Dense codes are kept only while they fit in _CODES_CACHE_BYTES.
-    n_tok = math.prod(next(iter(acts.values())).shape[:-1])
-    keep_codes = sum(n_tok * int(saes[m][r].cfg.d_sae) * 4 for m, r in units) <= _CODES_CACHE_BYTES
-    codes = {(m, r): encode(saes[m][r], acts[m]) for m, r in units} if keep_codes else {}
-    alive = {
-        u: (codes[u] > 0).flatten(0, -2).any(0) if keep_codes else _alive(saes[u[0]][u[1]], acts[u[0]])
-        for u in units
-    }
+    # (EV, L0) on each model's are computed once, not per pair (the default study: 115 pairs of 20 SAEs).
+    # The codes are kept sparse (SparseCodes: ~k of d_sae per token), so every SAE's fit in memory and the
+    # pairs' per-feature reductions run over the non-zero codes only (the same numbers, see feature_overlap).
+    if _SPARSE_CODES:
+        given = dict(codes or {})
+        codes_of: dict[tuple[str, int], Any] = {
+            u: given[u] if u in given else SparseCodes.encode(saes[u[0]][u[1]], acts[u[0]]) for u in units
+        }
+        alive = {u: codes_of[u].fired() for u in units}
+    else:  # the reference path (tests): dense codes while they fit in _CODES_CACHE_BYTES
+        n_tok = math.prod(next(iter(acts.values())).shape[:-1])
+        keep_codes = sum(n_tok * int(saes[m][r].cfg.d_sae) * 4 for m, r in units) <= _CODES_CACHE_BYTES
+        codes_of = {(m, r): encode(saes[m][r], acts[m]) for m, r in units} if keep_codes else {}
+        alive = {
+            u: (codes_of[u] > 0).flatten(0, -2).any(0) if keep_codes else _alive(saes[u[0]][u[1]], acts[u[0]])
+            for u in units
+        }
     fits: dict[tuple[str, int, str], dict[str, float]] = {}
 
     def fit(m_sae: str, r: int, m_acts: str) -> dict[str, float]:
         if (m_sae, r, m_acts) not in fits:
-            fits[(m_sae, r, m_acts)] = sae_fit(saes[m_sae][r], acts[m_acts])
+            own = codes_of.get((m_sae, r)) if m_sae == m_acts and _SPARSE_CODES else None
+            fits[(m_sae, r, m_acts)] = sae_fit(saes[m_sae][r], acts[m_acts], codes=own)
         return fits[(m_sae, r, m_acts)]
 
     kl_cache: dict[tuple[str, int, str], float] = {}
@@ -386,7 +408,7 @@ def overlap_controls(
             }  # fmt: skip
             pair_cache[key] = pair_metrics(
                 saes[ma][ra], saes[mb][rb], acts[ma], acts[mb], top_k=cfg.top_k, spliced_kl=skl,
-                codes_a=codes.get((ma, ra)), codes_b=codes.get((mb, rb)), cross=cross,
+                codes_a=codes_of.get((ma, ra)), codes_b=codes_of.get((mb, rb)), cross=cross,
             )  # fmt: skip
         return pair_cache[key]
 
@@ -604,6 +626,7 @@ def code_cosine_controls(
     label: str = "",
     seed: int = 0,
     confidence: float = 0.95,
+    clean_codes: Sequence[SparseCodes] | None = None,
 ) -> CodeCosineControls:
     """The seed paper's code cosine for each SAE in ``saes`` (replicates), with the raw-activation cosine
     and a mismatched-patch baseline (each image's clean patches against the corrupted patches at the same
@@ -611,7 +634,11 @@ def code_cosine_controls(
 
     ``clean_acts``/``corrupted_acts``: ``[n_images, n_tokens, d_in]``, image ``i`` of one the corrupted copy
     of image ``i`` of the other. Pass the fine-tune's SAEs on its own activations, or one shared SAE (the
-    base's) on both models' activations, as the comparison requires.
+    base's) on both models' activations, as the comparison requires. ``clean_codes``: each SAE's
+    ``SparseCodes.encode(sae, clean_acts)`` when the caller reuses them (e.g. across corruptions).
+
+    The cosines are summed over the non-zero codes only (:func:`mechvit.analysis.overlap.sparse_row_cosine`:
+    the dense float64 formula up to the order of its additions, ~1e-16 relative before the float32 result).
     """
     if clean_acts.shape != corrupted_acts.shape or clean_acts.ndim != 3:
         raise ValueError(
@@ -623,6 +650,10 @@ def code_cosine_controls(
         raise ValueError(f"the mismatched baseline needs at least 2 images, got {n}")
     if not saes:
         raise ValueError("need at least one SAE")
+    if clean_codes is not None and (
+        len(clean_codes) != len(saes) or any(c.lead != tuple(clean_acts.shape[:-1]) for c in clean_codes)
+    ):
+        raise ValueError("clean_codes must hold one SparseCodes of clean_acts per SAE")
     g = torch.Generator().manual_seed(seed)
     # a derangement: a random cyclic shift of a random order never maps an image to itself
     order = torch.randperm(n, generator=g)
@@ -631,8 +662,15 @@ def code_cosine_controls(
     other[order] = order.roll(shift)
     raw = torch.nanmean(_row_cos(clean_acts, corrupted_acts), 1)
     code, mism = [], []
-    for sae in saes:
-        za, zb = encode(sae, clean_acts), encode(sae, corrupted_acts)
+    for i, sae in enumerate(saes):
+        if _SPARSE_CODES:
+            sa = clean_codes[i] if clean_codes is not None else SparseCodes.encode(sae, clean_acts)
+            sb = SparseCodes.encode(sae, corrupted_acts)
+            code.append(torch.nanmean(sparse_row_cosine(sa, sb), 1))
+            mism.append(torch.nanmean(sparse_row_cosine(sa, sb.take_images(other)), 1))
+            continue
+        za = clean_codes[i].to_dense() if clean_codes is not None else encode(sae, clean_acts)
+        zb = encode(sae, corrupted_acts)
         code.append(torch.nanmean(_row_cos(za, zb), 1))
         mism.append(torch.nanmean(_row_cos(za, zb[other]), 1))
     return CodeCosineControls(

@@ -11,6 +11,7 @@ import dataclasses
 import torch
 
 from mechvit.analysis import code_cosine_controls, collect_activations, feature_overlap, overlap_controls
+from mechvit.analysis.overlap import SparseCodes
 from mechvit.sae import load_sae
 from mechvit.study.context import StudyContext, slug
 from mechvit.study.result import StepResult, StepWriter, Table
@@ -55,11 +56,19 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
 
     # ---- overlap with controls, per architecture ---------------------------------------------------------
     rows, overlap_metrics = [], {}
+    # every SAE's codes on its own model's activations, encoded once (sparse) for the controls and the pages
+    codes = {
+        (a, m, r): SparseCodes.encode(sae, acts[m])
+        for a in s.architectures
+        for m in models
+        for r, sae in enumerate(saes[(a, m)])
+    }
     for a in s.architectures:
         with ctx.bar(1, f"overlap controls ({a})"):
             oc = overlap_controls(
                 {m: saes[(a, m)] for m in models}, acts, controls_cfg,
                 models={m: ctx.model(m) for m in models}, images=ctx.prep(pool), hook=s.hook, tokens=s.tokens,
+                codes={(m, r): c for (a_, m, r), c in codes.items() if a_ == a},
             )  # fmt: skip
         overlap_metrics[a] = oc.to_dict()
         oc.save_csv(w.path(f"overlap_controls_{a}.csv"))
@@ -98,17 +107,22 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
 
     # ---- the seed paper's code cosine, with its controls ---------------------------------------------------
     code_rows, code_metrics = [], {}
+    clean_codes: dict[tuple[str, str, str], list] = {}  # the clean images' codes: one for every condition
     for a in s.architectures:
         for ci, c in enumerate(ctx.cfg.conditions):
             sl = slice((ci + 1) * n, (ci + 2) * n)
             for m in models:
                 for sae_of in dict.fromkeys((m, base)):  # own SAEs, then the base's shared by both models
+                    key = (a, m, sae_of)
+                    if key not in clean_codes:
+                        clean_codes[key] = [SparseCodes.encode(sae, acts[m][:n]) for sae in saes[(a, sae_of)]]
                     cc = code_cosine_controls(
                         saes[(a, sae_of)],
                         acts[m][:n],
                         acts[m][sl],
                         label=f"{m} ({sae_of} SAEs)",
                         seed=ctx.cfg.seed,
+                        clean_codes=clean_codes[key],
                     )
                     est = cc.estimates()
                     code_metrics[f"{a}|{m}|{sae_of}|{c.label}"] = cc.to_dict()
@@ -169,7 +183,15 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
             if m == base:
                 continue
             sa, sb = saes[(a, base)][0], saes[(a, m)][0]
-            o = feature_overlap(sa, sb, acts[base], acts[m], s.overlap)
+            # the page needs the matching only: live features (those firing on their own model's
+            # activations) matched on the decoder cosine, as feature_overlap with the activations does
+            o = feature_overlap(
+                sa,
+                sb,
+                config=s.overlap,
+                alive_a=codes[(a, base, 0)].fired(),
+                alive_b=codes[(a, m, 0)].fired(),
+            )
             match = dict(zip(o.idx_a.tolist(), o.idx_b.tolist(), strict=True))
             feats = [f for f in top_features(sa, acts[base], s.top_features * 3) if f in match][
                 : s.top_features
