@@ -107,3 +107,29 @@ def test_layer_cka(tmp_path):
         layer_cka(a, x, token_reduction="max")
     with pytest.raises(ValueError, match="hook"):
         layer_cka(a, x, hook="resid")
+
+
+def test_activations_once_then_cka_per_pair_equals_layer_cka():
+    """The study's path (each run's activations once, every reduction from one pass, then CKA per pair)
+    gives layer_cka's result exactly, CI included."""
+    from mechvit.analysis.similarity import cka_from_activations, layer_activations
+
+    a, b = tiny(0), tiny(1)
+    x = torch.rand(12, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    reds = ("cls", "tokens", "mean_patches", "flatten")
+    acts_a = layer_activations(a, x, token_reductions=reds, batch_size=5)
+    acts_b = layer_activations(b, x, token_reductions=reds, batch_size=5)
+    assert acts_a["tokens"]["blocks.0.hook_resid_post"].shape == (12 * 17, 32)  # 16 patches + the class token
+    for red in reds:
+        boot = 0 if red == "tokens" else 50
+        ref = layer_cka(a, x, b, token_reduction=red, batch_size=5, progress=False, n_resamples=boot, seed=3)
+        got = cka_from_activations(acts_a[red], acts_b[red], token_reduction=red, n_resamples=boot, seed=3)
+        assert got.to_dict() == ref.to_dict()
+    with pytest.raises(ValueError, match="same layers"):
+        cka_from_activations(
+            acts_a["cls"], {"blocks.0.hook_resid_post": acts_b["cls"]["blocks.0.hook_resid_post"]}
+        )
+    with pytest.raises(ValueError, match="one example per image"):
+        cka_from_activations(acts_a["tokens"], acts_b["tokens"], token_reduction="tokens", n_resamples=10)
+    with pytest.raises(ValueError, match="token_reduction"):
+        layer_activations(a, x, token_reductions=("cls", "max"))

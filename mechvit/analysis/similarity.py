@@ -22,7 +22,7 @@ from __future__ import annotations
 import csv
 import io
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -252,29 +252,63 @@ def layer_cka(
         raise ValueError(
             f"models must have the same depth, got {model_a.cfg.n_layers} and {model_b.cfg.n_layers}"
         )
-    names = layer_hook_names(model_a, hook)
-    reduce_a: Callable = lambda t: _reduce_tokens(t, token_reduction, model_a.cfg.n_prefix_tokens)  # noqa: E731
-    reduce_b: Callable = lambda t: _reduce_tokens(t, token_reduction, model_b.cfg.n_prefix_tokens)  # noqa: E731
-    acts_a = run_hook_batches(
-        model_a,
-        images_a,
-        names,
-        batch_size=batch_size,
-        device=device,
-        transform=reduce_a,
-        progress=progress,
-        desc="CKA (run a)",
+    run = {"hook": hook, "token_reductions": (token_reduction,), "batch_size": batch_size, "device": device}
+    acts_a = layer_activations(model_a, images_a, **run, progress=progress, desc="CKA (run a)")[
+        token_reduction
+    ]
+    acts_b = layer_activations(model_b, images_b, **run, progress=progress, desc="CKA (run b)")[
+        token_reduction
+    ]
+    return cka_from_activations(
+        acts_a, acts_b, hook=hook, token_reduction=token_reduction, n_resamples=n_resamples, seed=seed
     )
-    acts_b = run_hook_batches(
-        model_b,
-        images_b,
-        names,
-        batch_size=batch_size,
-        device=device,
-        transform=reduce_b,
-        progress=progress,
-        desc="CKA (run b)",
+
+
+def layer_activations(
+    model,
+    images: Float[Tensor, "n c h w"],
+    *,
+    hook: str = "resid_post",
+    token_reductions: Sequence[str] = ("flatten",),
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    desc: str = "CKA activations",
+) -> dict[str, dict[str, Tensor]]:
+    """``{token_reduction: {hook name: [examples, features]}}``: ``model``'s activations at every block's
+    ``hook`` over ``images``, reduced as :func:`layer_cka` reduces them, every reduction from ONE pass over
+    the images (a study compares each run with several others: compute it once,
+    :func:`cka_from_activations` per pair)."""
+    for r in token_reductions:
+        if r not in TOKEN_REDUCTIONS:
+            raise ValueError(f"token_reduction must be one of {TOKEN_REDUCTIONS}, got {r!r}")
+    check_images(images, "images")
+    names = layer_hook_names(model, hook)
+    acts = run_hook_batches(
+        model, images, names, batch_size=batch_size, device=device, progress=progress, desc=desc
     )
+    n_prefix = model.cfg.n_prefix_tokens
+    return {r: {n: _reduce_tokens(acts[n], r, n_prefix) for n in names} for r in token_reductions}
+
+
+def cka_from_activations(
+    acts_a: Mapping[str, Tensor],
+    acts_b: Mapping[str, Tensor],
+    *,
+    hook: str = "resid_post",
+    token_reduction: str = "flatten",
+    n_resamples: int = 0,
+    seed: int = 0,
+) -> CKAResult:
+    """:func:`layer_cka` on activations from :func:`layer_activations` (one token reduction of each run,
+    the same layers, the same examples in the same order)."""
+    if list(acts_a) != list(acts_b):
+        raise ValueError(f"the two runs must have the same layers, got {list(acts_a)} and {list(acts_b)}")
+    if n_resamples and token_reduction == "tokens":
+        raise ValueError(
+            "a bootstrap CI over images needs one example per image; token_reduction='tokens' has many"
+        )
+    names = list(acts_a)
     lin = torch.tensor([linear_cka(acts_a[n], acts_b[n]) for n in names])
     deb = torch.tensor([linear_cka(acts_a[n], acts_b[n], debiased=True) for n in names])
     ci = None

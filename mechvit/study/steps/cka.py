@@ -6,7 +6,7 @@ token an example) is a point estimate without CI."""
 
 from __future__ import annotations
 
-from mechvit.analysis import layer_cka
+from mechvit.analysis.similarity import cka_from_activations, layer_activations
 from mechvit.study.context import StudyContext
 from mechvit.study.result import StepResult, StepWriter, Table
 from mechvit.viz import figures
@@ -20,46 +20,63 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     s = ctx.cfg.cka
     inputs = ctx.inputs(s.n_images)
     conds = [lab for lab in inputs if lab != "clean"]
-    kw = {"hook": s.hook, "token_reduction": s.token_reduction, "batch_size": s.batch_size, "progress": False}
     n_boot = 0 if s.token_reduction == "tokens" else N_RESAMPLES  # a CI over images needs one row per image
-    head = {**kw, "n_resamples": n_boot, "seed": ctx.cfg.seed}
-    between, within = {}, {}
-    with ctx.bar(len(ctx.finetuned_names) * len(inputs) + len(ctx.model_names) * len(conds), "CKA") as bar:
-        for n in ctx.finetuned_names:
-            for lab, xi in inputs.items():
-                between[f"{ctx.base_name} vs {n}, {lab}"] = layer_cka(
-                    ctx.model(ctx.base_name), ctx.prep(xi), ctx.model(n), **head
-                )
-                bar.update(1)
+    head = {"hook": s.hook, "token_reduction": s.token_reduction, "n_resamples": n_boot, "seed": ctx.cfg.seed}
+    second_red = (
+        s.secondary_reduction
+        if s.secondary_reduction and s.secondary_reduction != s.token_reduction
+        else None
+    )
+    reductions = (s.token_reduction,) + ((second_red,) if second_red else ())
+
+    def activations(n: str) -> dict[str, dict]:
+        """Model ``n``'s activations on every input, each reduction, from one pass per input (each run is
+        compared with several others: computed once, not once per pair)."""
+        return {
+            lab: layer_activations(
+                ctx.model(n), ctx.prep(xi), hook=s.hook, token_reductions=reductions, batch_size=s.batch_size
+            )
+            for lab, xi in inputs.items()
+        }
+
+    between, within, second = {}, {}, {}
+    with ctx.bar(len(ctx.model_names), "CKA (per model)") as bar:
+        base = activations(ctx.base_name)
         for n in ctx.model_names:
+            acts = base if n == ctx.base_name else activations(n)
+            if n != ctx.base_name:
+                for lab in inputs:
+                    between[f"{ctx.base_name} vs {n}, {lab}"] = cka_from_activations(
+                        base[lab][s.token_reduction], acts[lab][s.token_reduction], **head
+                    )
+                    if second_red:
+                        second[f"{ctx.base_name} vs {n}, {lab} ({second_red})"] = cka_from_activations(
+                            base[lab][second_red],
+                            acts[lab][second_red],
+                            hook=s.hook,
+                            token_reduction=second_red,
+                        )
             for lab in conds:
-                within[f"{n}: clean vs {lab}"] = layer_cka(
-                    ctx.model(n), ctx.prep(inputs["clean"]), images_b=ctx.prep(inputs[lab]), **head
+                within[f"{n}: clean vs {lab}"] = cka_from_activations(
+                    acts["clean"][s.token_reduction], acts[lab][s.token_reduction], **head
                 )
-                bar.update(1)
+            bar.update(1)
+    within = {
+        f"{n}: clean vs {lab}": within[f"{n}: clean vs {lab}"] for n in ctx.model_names for lab in conds
+    }
     res = StepResult(
         metrics={
             "between_models": {k: v.to_dict() for k, v in between.items()},
             "clean_vs_corrupted": {k: v.to_dict() for k, v in within.items()},
         }
     )
-    if s.secondary_reduction and s.secondary_reduction != s.token_reduction:
-        kw2 = {**kw, "token_reduction": s.secondary_reduction}
-        second = {
-            f"{ctx.base_name} vs {n}, {lab} ({s.secondary_reduction})": layer_cka(
-                ctx.model(ctx.base_name), ctx.prep(xi), ctx.model(n), **kw2
-            )
-            for n in ctx.finetuned_names
-            for lab, xi in inputs.items()
-        }
+    if second_red:
         res.metrics["between_models_secondary"] = {k: v.to_dict() for k, v in second.items()}
         res.notes.append(
             f"Headline CKA on the {s.token_reduction} token(s) (what the readout sees); base vs fine-tuned with "
-            f"{s.secondary_reduction} as examples (secondary, rows marked ({s.secondary_reduction})) in "
+            f"{second_red} as examples (secondary, rows marked ({second_red})) in "
             "metrics.json and the table: those are point estimates without a CI."
         )
-    else:
-        second = {}
     n_img = next(iter({**between, **within}.values())).n_examples if between or within else 0
     res.notes.append(
         f"CKA CIs: 95% percentile bootstrap over the {n_img} images ({N_RESAMPLES} resamples, the same images "
