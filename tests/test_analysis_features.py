@@ -259,3 +259,21 @@ def test_max_effect_latents_computes_the_effects_of_the_most_often_firing_latent
     assert np.array_equal(many.effect_latents, many.live)
     with pytest.raises(ValueError, match="max_effect_latents must be >= 1"):
         feature_stats(model, sae, images, labels, CLASSES, progress=False, max_effect_latents=0)
+
+
+def test_reused_codes_give_the_twice_encoded_stats(setup, monkeypatch):
+    import dataclasses
+
+    import mechvit.analysis.features as features
+
+    model, sae, _, images, labels, corrupted, st = setup
+    kw = dict(corrupted=corrupted, k=4, n_assoc=6, n_bins=8, batch_size=7, progress=False)  # several chunks
+    fast = feature_stats(model, sae, images, labels, CLASSES, **kw)
+    monkeypatch.setattr(features, "_REUSE_CODES", False)
+    ref = feature_stats(model, sae, images, labels, CLASSES, **kw)
+    for f in dataclasses.fields(ref):
+        a, b = getattr(fast, f.name), getattr(ref, f.name)
+        if isinstance(b, np.ndarray):
+            assert a.dtype == b.dtype and np.array_equal(a, b), f.name
+        else:
+            assert a == b, f.name

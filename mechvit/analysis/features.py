@@ -195,6 +195,10 @@ def automatic_label(counts: np.ndarray, class_names: Sequence[str]) -> str:
     return "mixed"
 
 
+# feature_stats keeps the first pass's non-zero codes for the second (False: encodes twice, the reference)
+_REUSE_CODES = True
+
+
 def _patch_rows(model: Any) -> slice:
     return slice(int(model.cfg.n_prefix_tokens), None)
 
@@ -343,18 +347,37 @@ def feature_stats(
                 yield s, z.reshape(chunk.shape[0], P, F)
 
         n_top = max(k, n_assoc)
+        kept: dict[int, list] = {}  # id(acts) -> each chunk's non-zero codes from pass_one, for gather_maps
 
         def pass_one(acts: Tensor, desc: str):
             img_max = torch.zeros(len(acts), F)
             active = torch.zeros(F, dtype=torch.float64)
             total = torch.zeros(F, dtype=torch.float64)
+            chunks = kept.setdefault(id(acts), []) if _REUSE_CODES else None
             for s, z in tqdm(
                 codes(acts), total=-(-len(acts) // batch_size), desc=desc, disable=not progress, leave=False
             ):
                 img_max[s : s + len(z)] = z.amax(1)
-                active += (z > 0).sum((0, 1)).double()
+                if chunks is None:
+                    active += (z > 0).sum((0, 1)).double()
+                else:  # the same counts from the non-zero codes, kept (sparse) for the second pass
+                    nz = torch.nonzero(z, as_tuple=True)
+                    v = z[nz]
+                    chunks.append((s, z.shape[0], nz, v))
+                    active += torch.bincount(nz[2][v > 0], minlength=F).double()
                 total += z.sum((0, 1)).double()
             return img_max, active, total
+
+        def codes_again(acts: Tensor):
+            """The codes of pass_one again: rebuilt from the kept non-zero codes (the same numbers up to the
+            sign of zero) instead of a second encode."""
+            if id(acts) not in kept:
+                yield from codes(acts)
+                return
+            for s, n, nz, v in kept.pop(id(acts)):
+                z = torch.zeros(n, P, F)
+                z[nz] = v
+                yield s, z
 
         def top_of(img_max: Tensor, n: int):
             n = min(n, len(img_max))
@@ -367,7 +390,7 @@ def feature_stats(
         def gather_maps(acts: Tensor, idx: Tensor, hist_max: Tensor | None):
             maps = torch.zeros(*idx.shape, P)
             hist = torch.zeros(F * n_bins, dtype=torch.float64)
-            for s, z in codes(acts):
+            for s, z in codes_again(acts):
                 e = s + len(z)
                 f_sel, j_sel = torch.nonzero((idx >= s) & (idx < e), as_tuple=True)
                 if len(f_sel):
