@@ -183,3 +183,53 @@ def test_weighted_bootstrap_ci_of_a_mean_covers_the_true_value():
     ).confidence_interval
     ci = weighted_bootstrap_ci(lambda w: w @ x / w.sum(1), len(x), n_resamples=4000)
     assert (ci.low, ci.high) == pytest.approx((ref.low, ref.high), abs=0.02)
+
+
+def _scipy_bootstrap_ci(x, seed, n_resamples):
+    """The CI of mean_ci's bootstrap straight from scipy (BCa, percentile where BCa is undefined)."""
+    import warnings
+
+    kw = dict(confidence_level=0.95, n_resamples=n_resamples, vectorized=True)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ci = stats.bootstrap(
+                (x,), np.mean, random_state=np.random.default_rng(seed), **kw
+            ).confidence_interval
+            lo, hi = float(ci.low), float(ci.high)
+        except (ValueError, FloatingPointError):
+            lo = hi = math.nan
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            ci = stats.bootstrap(
+                (x,), np.mean, method="percentile", random_state=np.random.default_rng(seed), **kw
+            ).confidence_interval
+            lo, hi = float(ci.low), float(ci.high)
+    return lo, hi
+
+
+@pytest.mark.parametrize("n", [20, 57, 600])
+def test_mean_ci_bootstrap_equals_scipys_bit_for_bit(n):
+    """mean_ci computes the bootstrap distribution itself (cached indices, a block of resamples at a time)
+    and lets scipy finish the interval: the CI is scipy's own, exactly, on fractions whose sums round
+    (k/3, k/18 and their paired differences), 0/1 data, normal data and near-constant data; twice with the
+    same seed (the cached indices) and with another."""
+    from mechvit.analysis import statistics as S
+
+    rng = np.random.default_rng(n)
+    data = [
+        rng.integers(0, 4, n) / 3,
+        rng.integers(0, 19, n) / 18 - rng.integers(0, 19, n) / 18,
+        (rng.random(n) < 0.6).astype(float),
+        rng.normal(size=n),
+        np.r_[np.ones(n - 1), 0.0],  # one odd value: BCa's jackknife is nearly degenerate
+    ]
+    for seed in (7, 7, 11):
+        for x in data:
+            ci = mean_ci(x, seed=seed, n_resamples=999)
+            assert (ci.low, ci.high) == _scipy_bootstrap_ci(x, seed, 999)
+            assert ci.estimate == float(x.mean())
+            assert (
+                paired_difference_ci(x, x[::-1], seed=seed, n_resamples=999).low
+                == _scipy_bootstrap_ci(x - x[::-1], seed, 999)[0]
+            )
+    assert list(S._INDEX_CACHE) == [(11, n, 999)]  # one matrix of indices kept, the last one asked for

@@ -33,6 +33,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -121,6 +122,40 @@ def _check_confidence(confidence: float) -> None:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
 
 
+# the resampling indices of the last one-sample bootstrap: every CI of a study step draws the same
+# (seed, n, n_resamples) matrix, which costs more to draw than the means it indexes
+_INDEX_CACHE: dict[tuple[int, int, int], np.ndarray] = {}
+_ROWS_PER_CHUNK = 256  # resamples gathered at once: [256, n] stays in cache, a [9999, n] gather does not
+_JACKKNIFE_BATCH = 256  # leave-one-out samples per batch of the BCa jackknife (same values as all at once)
+
+
+def _resample_indices(seed: int, n: int, n_resamples: int) -> np.ndarray:
+    """The ``[n_resamples, n]`` indices that ``scipy.stats.bootstrap`` draws for one sample of ``n`` values
+    from ``np.random.default_rng(seed)`` (``rng.integers(0, n, (n_resamples, n))``), drawn once per key and
+    kept (read-only) until another key is asked for."""
+    key = (int(seed), int(n), int(n_resamples))
+    idx = _INDEX_CACHE.get(key)
+    if idx is None:
+        _INDEX_CACHE.clear()
+        idx = np.random.default_rng(seed).integers(0, n, (n_resamples, n), dtype=np.int64)
+        idx.flags.writeable = False  # int64 (160 MB at 2,000 x 9,999): a gather with int32 indices is slower
+        _INDEX_CACHE[key] = idx
+    return idx
+
+
+def _bootstrap_distribution(
+    x: np.ndarray, statistic: Callable[..., np.ndarray], *, n_resamples: int, seed: int
+) -> np.ndarray:
+    """``statistic(x[idx], axis=-1)`` over scipy's resampling indices (:func:`_resample_indices`), a block of
+    resamples at a time: each resample's value is computed by the same reduction over the same values in the
+    same order as scipy's one ``[n_resamples, n]`` gather, so the distribution is bit for bit scipy's."""
+    idx = _resample_indices(seed, len(x), n_resamples)
+    out = np.empty(n_resamples, dtype=np.result_type(x.dtype, np.float64))
+    for k in range(0, n_resamples, _ROWS_PER_CHUNK):
+        out[k : k + _ROWS_PER_CHUNK] = statistic(x[idx[k : k + _ROWS_PER_CHUNK]], axis=-1)
+    return out
+
+
 def _bootstrap(
     data: tuple[np.ndarray, ...],
     statistic: Callable[..., float],
@@ -133,7 +168,12 @@ def _bootstrap(
     vectorized: bool = False,
 ) -> tuple[float, float]:
     """scipy's bootstrap CI; falls back from BCa to percentile where BCa is undefined (e.g. a statistic that
-    is constant over the jackknife)."""
+    is constant over the jackknife).
+
+    One sample with a vectorised statistic that reduces along ``axis=-1`` (:func:`mean_ci`): the bootstrap
+    distribution is computed here (:func:`_bootstrap_distribution`, the same numbers as scipy's) and handed
+    to ``scipy.stats.bootstrap`` as ``bootstrap_result`` with no further resamples, so scipy computes the BCa
+    / percentile interval from it exactly as it would have: the same CI, 4-13x faster at 2,000 values."""
     rng = np.random.default_rng(seed)
     kw = dict(
         confidence_level=confidence,
@@ -142,6 +182,10 @@ def _bootstrap(
         vectorized=vectorized,
         random_state=rng,
     )
+    if len(data) == 1 and vectorized and not paired and n_resamples > 0 and np.ndim(data[0]) == 1:
+        theta = _bootstrap_distribution(np.asarray(data[0]), statistic, n_resamples=n_resamples, seed=seed)
+        prior = SimpleNamespace(bootstrap_distribution=theta)  # scipy reads only this attribute
+        kw.update(n_resamples=0, bootstrap_result=prior, batch=_JACKKNIFE_BATCH)
     with np.errstate(all="ignore"), warnings.catch_warnings():
         try:
             with warnings.catch_warnings():
