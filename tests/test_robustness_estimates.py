@@ -150,6 +150,33 @@ def test_robustness_matrix_per_image_metrics_average_to_the_rows():
             assert float(pi[k].mean()) == pytest.approx(r[k]), k
 
 
+def test_robustness_matrix_split_forwards_give_the_same_numbers_as_whole_batches():
+    """forward_batch only splits a corrupted batch for the model calls: every row and per-image metric is
+    the same, bit for bit, as with the whole batch per call (a ViT in eval mode; 20 images in parts of 7, 7,
+    6 and a last batch of 4)."""
+    from mechvit.analysis.robustness import robustness_matrix
+    from mechvit.model import HookedViT, HookedViTConfig
+
+    torch.manual_seed(0)
+    cfg = HookedViTConfig(img_size=(8, 8), patch_size=(4, 4), in_chans=1, num_classes=3, d_model=16,
+                          n_layers=2, n_heads=2, d_head=8, d_mlp=32)  # fmt: skip
+    models = {"a": HookedViT(cfg).eval(), "b": HookedViT(cfg).eval()}
+    x, y = torch.rand(24, 1, 8, 8), torch.randint(0, 3, (24,))
+    kw = dict(seed=3, batch_size=20, device="cpu", progress=False, return_per_image=True)
+    calls = []
+    models["a"].register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    whole = robustness_matrix(models, x, y, ["gaussian_noise", "saturate"], [2], forward_batch=None, **kw)
+    assert calls == [20, 4, 20, 4]  # clean, noise; saturate reuses the clean logits
+    calls.clear()
+    split = robustness_matrix(models, x, y, ["gaussian_noise", "saturate"], [2], forward_batch=8, **kw)
+    assert calls == [7, 7, 6, 4] * 2
+    assert whole[0] == split[0]
+    assert whole[1].keys() == split[1].keys()
+    for k, pi in whole[1].items():
+        for m, v in pi.items():
+            assert torch.equal(v, split[1][k][m]), (k, m)
+
+
 def test_a_tiny_study_scores_each_fine_tunes_seen_corruption_at_its_trained_severity(tmp_path):
     """End to end through the robustness step: the cards say blur at 2, noise at 1 and 4; the study scores
     severity 4 for every corruption, plus blur/2 and noise/1 (only those) for every model."""
