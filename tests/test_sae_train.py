@@ -366,7 +366,8 @@ def test_sparse_batchtopk_step_equals_sae_lens_dense_step(rescale):
     """Our CPU training step (kept entries only, forward and backward) against sae-lens's
     BatchTopKTrainingSAE on the same weights in float64: losses, output, activations, inference threshold
     and every gradient, with no dead latent, fewer dead latents than d_in // 2 (the aux top-k takes them
-    all, scaled down) and more (the top d_in // 2 of them)."""
+    all, scaled down), more (the top d_in // 2 of them), and fewer positive pre-activations than kept
+    entries (kept zeros pass no gradient)."""
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE
 
     from mechvit.sae.train import build_training_sae
@@ -381,11 +382,12 @@ def test_sparse_batchtopk_step_equals_sae_lens_dense_step(rescale):
     ref.load_state_dict(ours.state_dict())
     g = torch.Generator().manual_seed(1)
     x = torch.randn(64, D_IN, generator=g, dtype=torch.float64)
-    for dead in (
-        None,
-        torch.arange(96) % 20 == 0,
-        torch.arange(96) % 3 == 0,
-    ):  # 0, 5, 32 dead (d_in // 2 = 8)
+    shut = torch.where(torch.arange(96) < 3, 0.0, -100.0).double()  # 3 latents can fire: kept zeros
+    cases = [(None, 0), (torch.arange(96) % 20 == 0, 0), (torch.arange(96) % 3 == 0, 0), (None, shut)]
+    for dead, shift in cases:  # 0, 5, 32 dead (d_in // 2 = 8: the aux takes all 5, scaled, or 8 of the 32)
+        with torch.no_grad():
+            for sae in (ours, ref):
+                sae.b_enc += shift
         assert ours._sparse_step_applies(x)
         a, ga = _step(ours, x, dead)
         b, gb = _step(ref, x, dead)
@@ -397,6 +399,10 @@ def test_sparse_batchtopk_step_equals_sae_lens_dense_step(rescale):
         for name in ga:
             torch.testing.assert_close(ga[name], gb[name], rtol=0, atol=1e-12 * gb[name].abs().max().item())
         assert torch.equal(ours.topk_threshold, ref.topk_threshold)
+        with torch.no_grad():
+            for sae in (ours, ref):
+                sae.b_enc -= shift
+    assert (a.feature_acts.to_dense() > 0).sum() < a.feature_acts._nnz()  # the last case kept zeros
 
 
 def test_sparse_batchtopk_step_defers_to_sae_lens_where_it_does_not_apply():

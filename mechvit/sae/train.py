@@ -265,33 +265,42 @@ def min_positive(acts: Tensor) -> Tensor:
     return acts.masked_fill(~(acts > 0), math.inf).min()
 
 
-class _GatheredPreActivations(torch.autograd.Function):
-    """``(sae_in @ W_enc + b_enc)[rows, cols]``, given those values (computed once, densely, for the
-    selection), with the gradient of only those entries: ``index_add`` over the kept rows and columns
-    instead of the dense ``[batch, d_sae]`` products autograd would run for the whole matrix."""
+class _SparseCodec(torch.autograd.Function):
+    """The decoder's output ``A @ W_dec`` for the kept activations ``A`` (``[n, d_sae]``, ``values`` at
+    ``(rows, cols)``, rows sorted, 0 elsewhere), whose values are the pre-activations
+    ``(sae_in @ W_enc + b_enc)[rows, cols]`` (given: computed once, densely, for the selection). Forward and
+    backward are sparse-dense products over the kept entries (CSR ``A @ W_dec``, the sampled product
+    ``g_out W_dec^T`` at the kept entries, ``A^T g_out``, ``G^T sae_in``, ``G W_enc^T``) instead of the dense
+    ``[n, d_sae]`` products autograd runs for a dense ``A``."""
 
     @staticmethod
-    def forward(ctx, values, sae_in, W_enc, b_enc, rows, cols):  # noqa: ARG004 (b_enc: its gradient only)
-        ctx.save_for_backward(sae_in, W_enc, rows, cols)
-        return values.clone()
+    def forward(ctx, values, sae_in, W_enc, b_enc, W_dec, rows, cols):  # noqa: ARG004 (b_enc: its gradient)
+        n, d_sae = sae_in.shape[0], W_dec.shape[0]
+        crow = torch.searchsorted(rows, torch.arange(n + 1, device=rows.device))
+        ctx.save_for_backward(sae_in, W_enc, W_dec, values, crow, rows, cols)
+        return _csr(crow, cols, values, (n, d_sae)) @ W_dec
 
     @staticmethod
-    def backward(ctx, grad):
-        sae_in, W_enc, rows, cols = ctx.saved_tensors
-        W_enc_t = W_enc.t().contiguous()  # [d_sae, d_in]: its rows gather fast
-        g = grad.unsqueeze(1)
-        grad_in = torch.zeros_like(sae_in).index_add_(0, rows, g * W_enc_t.index_select(0, cols))
-        grad_w = torch.zeros_like(W_enc_t).index_add_(0, cols, g * sae_in.index_select(0, rows))
-        grad_b = torch.zeros(W_enc.shape[1], dtype=grad.dtype, device=grad.device).index_add_(0, cols, grad)
-        return None, grad_in, grad_w.t().contiguous(), grad_b, None, None
+    def backward(ctx, g_out):
+        sae_in, W_enc, W_dec, values, crow, rows, cols = ctx.saved_tensors
+        n, d_sae = sae_in.shape[0], W_dec.shape[0]
+        pattern = _csr(crow, cols, torch.zeros_like(values), (n, d_sae))
+        g = torch.sparse.sampled_addmm(pattern, g_out.contiguous(), W_dec.t(), beta=0.0).values()
+        g = g * (values != 0)  # ReLU: a kept entry that is 0 (fewer positive than kept) passes no gradient
+        by_col = torch.stack([cols, rows])  # the transposed pattern, [d_sae, n]
+        grad_w_dec = torch.sparse.mm(_coo(by_col, values, (d_sae, n)), g_out)
+        grad_w_enc = torch.sparse.mm(_coo(by_col, g, (d_sae, n)), sae_in).t()
+        grad_b_enc = torch.zeros(d_sae, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
+        grad_in = _csr(crow, cols, g, (n, d_sae)) @ W_enc.t()
+        return g, grad_in, grad_w_enc, grad_b_enc, grad_w_dec, None, None
 
 
-def _sparse_decode(rows: Tensor, cols: Tensor, vals: Tensor, W_dec: Tensor, n: int) -> Tensor:
-    """``acts @ W_dec`` for the ``[n, d_sae]`` activations that are ``vals`` at ``(rows, cols)`` and 0
-    elsewhere: ``len(vals)`` decoder rows summed instead of ``n x d_sae`` products (and so the backward)."""
-    return W_dec.new_zeros(n, W_dec.shape[1]).index_add(
-        0, rows, vals.unsqueeze(1) * W_dec.index_select(0, cols)
-    )
+def _csr(crow: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
+
+
+def _coo(indices: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    return torch.sparse_coo_tensor(indices, values, shape, check_invariants=False)
 
 
 class _BatchTopKTrainingSAE(BatchTopKTrainingSAE):
@@ -326,7 +335,7 @@ class _BatchTopKTrainingSAE(BatchTopKTrainingSAE):
         if not self._sparse_step_applies(step_input.sae_in):
             return super().training_forward_pass(step_input)
         sae_in = self.process_sae_in(step_input.sae_in)
-        n, d_sae, rescale = sae_in.shape[0], self.cfg.d_sae, self.cfg.rescale_acts_by_decoder_norm
+        d_sae, rescale = self.cfg.d_sae, self.cfg.rescale_acts_by_decoder_norm
         norms = self.W_dec.norm(dim=-1).detach() if rescale else None  # sae-lens: x decoder row norms
         with torch.no_grad():
             raw = sae_in @ self.W_enc + self.b_enc
@@ -339,14 +348,13 @@ class _BatchTopKTrainingSAE(BatchTopKTrainingSAE):
             feature_acts = torch.sparse_coo_tensor(
                 torch.stack([rows, cols]), kept_acts, acts.shape, is_coalesced=True, check_invariants=False
             )
-        pre = _GatheredPreActivations.apply(
-            raw.view(-1).index_select(0, kept), sae_in, self.W_enc, self.b_enc, rows, cols
-        )
         # ReLU's gradient: 0 where a kept entry is 0. With decoder-norm rescaling (sae-lens's default) the
         # encoder multiplies a pre-activation by its decoder row's norm and the decoder divides by it again:
         # the coefficient of a decoder row is the raw pre-activation, and the norm's two gradients cancel
-        vals = pre * (kept_acts > 0)
-        decoded = _sparse_decode(rows, cols, vals, self.W_dec, n) + self.b_dec
+        values = raw.view(-1).index_select(0, kept) * (kept_acts > 0)
+        decoded = (
+            _SparseCodec.apply(values, sae_in, self.W_enc, self.b_enc, self.W_dec, rows, cols) + self.b_dec
+        )
         sae_out = self.run_time_activation_norm_fn_out(decoded)
         mse_loss = self.mse_loss_fn(sae_out, step_input.sae_in).sum(dim=-1).mean()
         aux_loss = self._aux_loss(step_input, sae_in, sae_out, norms)
