@@ -177,6 +177,41 @@ def test_robustness_matrix_split_forwards_give_the_same_numbers_as_whole_batches
             assert torch.equal(v, split[1][k][m]), (k, m)
 
 
+def test_robustness_matrix_runs_hooked_vits_readout_only_with_the_full_forwards_numbers():
+    """A HookedViT is called with readout_only=True (its last block computes the class token's row only):
+    the rows equal those of full forwards to float rounding; a plain module is called as it is."""
+    from mechvit.analysis import robustness as R
+    from mechvit.model import HookedViT, HookedViTConfig
+
+    torch.manual_seed(0)
+    cfg = HookedViTConfig(img_size=(8, 8), patch_size=(4, 4), in_chans=1, num_classes=3, d_model=16,
+                          n_layers=2, n_heads=2, d_head=8, d_mlp=32)  # fmt: skip
+    vit = HookedViT(cfg).eval()
+    seen = []
+    vit.blocks[-1].register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
+    x, y = torch.rand(24, 1, 8, 8), torch.randint(0, 3, (24,))
+    kw = dict(seed=3, batch_size=12, device="cpu", progress=False, return_per_image=True)
+    fast = R.robustness_matrix({"a": vit}, x, y, ["gaussian_noise"], [2], **kw)
+    assert set(seen) == {1}  # the class token's row only
+
+    class Full(torch.nn.Module):  # a forward without readout_only: called as it is
+        def __init__(self):
+            super().__init__()
+            self.vit = vit
+
+        def forward(self, t):
+            return self.vit(t)
+
+    full = R.robustness_matrix({"a": Full()}, x, y, ["gaussian_noise"], [2], **kw)
+    assert set(seen) == {1, cfg.n_tokens}
+    for a, b in zip(fast[0], full[0], strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == (b[k] if isinstance(b[k], str) else pytest.approx(b[k], rel=1e-5, abs=1e-6)), k
+    linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3)).eval()
+    assert R._readout_only(linear) is linear
+
+
 def test_a_tiny_study_scores_each_fine_tunes_seen_corruption_at_its_trained_severity(tmp_path):
     """End to end through the robustness step: the cards say blur at 2, noise at 1 and 4; the study scores
     severity 4 for every corruption, plus blur/2 and noise/1 (only those) for every model."""
