@@ -518,20 +518,33 @@ def feature_overlap(
             img_b.append(zb.amax(1))
         act_corr = _pearson(torch.cat(tok_a), torch.cat(tok_b)).float()
         jac = _topk_jaccard(torch.cat(img_a), torch.cat(img_b), cfg.top_k).float()
-        if cross is None:
-            cross = {
-                "a_on_a": sae_fit(sae_a, acts_a, cfg.batch_size),
-                "a_on_b": sae_fit(sae_a, acts_b, cfg.batch_size),
-                "b_on_b": sae_fit(sae_b, acts_b, cfg.batch_size),
-                "b_on_a": sae_fit(sae_b, acts_a, cfg.batch_size),
-            }
-        elif set(cross) != {"a_on_a", "a_on_b", "b_on_b", "b_on_a"}:
-            raise ValueError(f"cross needs the keys a_on_a, a_on_b, b_on_b, b_on_a; got {sorted(cross)}")
-    class_a, class_b = _classify(alive_a, alive_b, ia, ib, mcos, act_corr, cfg)
+        cross = _cross_fits(sae_a, sae_b, acts_a, acts_b, cfg, cross)
+    return _overlap(cos_all, (mm_ab, mm_ba), (ia, ib, mcos), (alive_a, alive_b), act_corr, jac, cross, cfg)
+
+
+def _cross_fits(sae_a, sae_b, acts_a, acts_b, cfg, cross, codes_a=None, codes_b=None) -> dict:
+    """Each SAE on its own and on the other's activations (``cross`` when given: checked), with the codes
+    of an SAE's own activations where the caller has them."""
+    if cross is None:
+        return {
+            "a_on_a": sae_fit(sae_a, acts_a, cfg.batch_size, codes=codes_a),
+            "a_on_b": sae_fit(sae_a, acts_b, cfg.batch_size),
+            "b_on_b": sae_fit(sae_b, acts_b, cfg.batch_size, codes=codes_b),
+            "b_on_a": sae_fit(sae_b, acts_a, cfg.batch_size),
+        }
+    if set(cross) != {"a_on_a", "a_on_b", "b_on_b", "b_on_a"}:
+        raise ValueError(f"cross needs the keys a_on_a, a_on_b, b_on_b, b_on_a; got {sorted(cross)}")
+    return cross
+
+
+def _overlap(cos_all, mean_max, matching, alive, act_corr, jac, cross, cfg) -> FeatureOverlap:
+    """The :class:`FeatureOverlap` of a matching ``(idx_a, idx_b, matched_cos)``, its classes included."""
+    ia, ib, mcos = matching
+    class_a, class_b = _classify(*alive, ia, ib, mcos, act_corr, cfg)
     return FeatureOverlap(
         cosine=cos_all,
-        mean_max_cos_a_to_b=mm_ab,
-        mean_max_cos_b_to_a=mm_ba,
+        mean_max_cos_a_to_b=mean_max[0],
+        mean_max_cos_b_to_a=mean_max[1],
         idx_a=ia,
         idx_b=ib,
         matched_cos=mcos,
@@ -587,30 +600,8 @@ def _feature_overlap_sparse(
         mcos = torch.zeros(0)
     act_corr = _sparse_pearson(ca, ia, cb, ib).float()
     jac = _topk_jaccard(ca.image_max()[:, ia], cb.image_max()[:, ib], cfg.top_k).float()
-    if cross is None:
-        cross = {
-            "a_on_a": sae_fit(sae_a, acts_a, cfg.batch_size, codes=ca),
-            "a_on_b": sae_fit(sae_a, acts_b, cfg.batch_size),
-            "b_on_b": sae_fit(sae_b, acts_b, cfg.batch_size, codes=cb),
-            "b_on_a": sae_fit(sae_b, acts_a, cfg.batch_size),
-        }
-    elif set(cross) != {"a_on_a", "a_on_b", "b_on_b", "b_on_a"}:
-        raise ValueError(f"cross needs the keys a_on_a, a_on_b, b_on_b, b_on_a; got {sorted(cross)}")
-    class_a, class_b = _classify(alive_a, alive_b, ia, ib, mcos, act_corr, cfg)
-    return FeatureOverlap(
-        cosine=cos_all,
-        mean_max_cos_a_to_b=mm_ab,
-        mean_max_cos_b_to_a=mm_ba,
-        idx_a=ia,
-        idx_b=ib,
-        matched_cos=mcos,
-        class_a=class_a,
-        class_b=class_b,
-        act_corr=act_corr,
-        topk_jaccard=jac,
-        cross=cross,
-        config=cfg,
-    )
+    cross = _cross_fits(sae_a, sae_b, acts_a, acts_b, cfg, cross, codes_a=ca, codes_b=cb)
+    return _overlap(cos_all, (mm_ab, mm_ba), (ia, ib, mcos), (alive_a, alive_b), act_corr, jac, cross, cfg)
 
 
 def _to_sparse(codes: Tensor, batch_size: int = 4096) -> SparseCodes:
