@@ -152,8 +152,9 @@ def test_robustness_matrix_per_image_metrics_average_to_the_rows():
 
 def test_robustness_matrix_split_forwards_give_the_same_numbers_as_whole_batches():
     """forward_batch only splits a corrupted batch for the model calls: every row and per-image metric is
-    the same, bit for bit, as with the whole batch per call (a ViT in eval mode; 20 images in parts of 7, 7,
-    6 and a last batch of 4)."""
+    the same as with the whole batch per call, to float rounding (matrix products of another height may
+    round differently), and every image's top-1 hit the same (a ViT in eval mode; 20 images in parts of 7,
+    7, 6 and a last batch of 4)."""
     from mechvit.analysis.robustness import robustness_matrix
     from mechvit.model import HookedViT, HookedViTConfig
 
@@ -170,11 +171,15 @@ def test_robustness_matrix_split_forwards_give_the_same_numbers_as_whole_batches
     calls.clear()
     split = robustness_matrix(models, x, y, ["gaussian_noise", "saturate"], [2], forward_batch=8, **kw)
     assert calls == [7, 7, 6, 4] * 2
-    assert whole[0] == split[0]
+    for a, b in zip(whole[0], split[0], strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == (b[k] if isinstance(b[k], str) else pytest.approx(b[k], rel=1e-5, abs=1e-6)), k
     assert whole[1].keys() == split[1].keys()
     for k, pi in whole[1].items():
+        assert torch.equal(pi["top1"], split[1][k]["top1"]), k
         for m, v in pi.items():
-            assert torch.equal(v, split[1][k][m]), (k, m)
+            torch.testing.assert_close(v, split[1][k][m], rtol=1e-5, atol=1e-6, msg=str((k, m)))
 
 
 def test_robustness_matrix_runs_hooked_vits_readout_only_with_the_full_forwards_numbers():

@@ -143,8 +143,9 @@ def robustness_matrix(
 
     ``batch_size`` sets the corrupted batches (and their seeds); ``forward_batch`` only how many of a batch's
     images a model sees per call: a batch larger than it is split into equal parts (500 -> 2 x 250), whose
-    activations stay in cache. A model in eval mode gives each image the same logits either way (checked bit
-    for bit on the study's ViTs, 8 to 1,000 images per call); None: the whole batch at once. A model whose
+    activations stay in cache. A model in eval mode gives each image the same logits either way to float
+    rounding (bit for bit on the study's full ViT forwards, 8 to 1,000 images per call; products of another
+    height may round differently elsewhere); None: the whole batch at once. A model whose
     forward takes ``readout_only`` (HookedViT) computes only the pooled rows in its last block: the same
     logits to float rounding (~1e-6) for ~20% less work."""
     from mechvit.corruptions import corrupt
