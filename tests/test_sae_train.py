@@ -443,3 +443,16 @@ def test_sparse_batchtopk_training_run_matches_sae_lens_dense_run(monkeypatch):
     assert any(e["losses/auxiliary_reconstruction_loss"] > 0 for e in sparse.log)
     torch.testing.assert_close(sparse.sae.W_dec, dense.sae.W_dec, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(sparse.log_feature_sparsity, dense.log_feature_sparsity)
+
+
+def test_sparse_step_keeps_torchs_csr_beta_note_out_of_the_users_warnings():
+    import warnings
+
+    from mechvit.sae.train import _csr
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dense = _csr(
+            torch.tensor([0, 1, 2]), torch.tensor([1, 0]), torch.tensor([2.0, 3.0]), (2, 2)
+        ).to_dense()
+    assert torch.equal(dense, torch.tensor([[0.0, 2.0], [3.0, 0.0]]))

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -296,7 +297,10 @@ class _SparseCodec(torch.autograd.Function):
 
 
 def _csr(crow: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
-    return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
+    # torch notes once per process that sparse CSR support is in beta: not a warning for our users
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
 
 
 def _coo(indices: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
