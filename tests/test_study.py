@@ -348,23 +348,45 @@ def test_report_cka_key_number_quotes_its_ci():
 def test_report_sae_quality_table_known_answer():
     from mechvit.study.report import sae_quality
 
-    def sae(ev, pca, dead, dense, acc_sae, change):
+    def sae(ev, pca, dead, dense, acc_sae, change, l0=11.9):
         return {
-            "heldout": {"explained_variance": ev, "dead_features": dead, "dense_features": dense, "d_sae": 100},
+            "heldout": {"explained_variance": ev, "dead_features": dead, "dense_features": dense, "d_sae": 100,
+                        "l0": l0},
             "pca_k_explained_variance": pca, "convergence": {"change": change},
             "spliced_clean": {"accuracy_clean": 0.855, "accuracy_sae": acc_sae, "n_images": 200,
                               "accuracy_drop": {"estimate": 0.855 - acc_sae, "low": 0.011, "high": 0.04}},
         }  # fmt: skip
 
-    table, (note,) = sae_quality({
-        "batchtopk|base|0": sae(0.97, 0.90, 10, 5, 0.845, 0.001),  # every bar met (1.0 pp exactly is within)
-        "batchtopk|base|1": sae(0.95, 0.96, 11, 6, 0.83, -0.007),  # EV under PCA-k + 0.01, all else fails too
-        "ablation_gap": {"kl": 0.3},
-    })  # fmt: skip
-    assert table.rows[0] == ["batchtopk", "base", "0", "yes", "yes", "yes", "yes", "yes"]
-    assert table.rows[1] == ["batchtopk", "base", "1", "no (0.950 < 0.970)", "no (11%)", "no (6.0%)",
-                             "no (2.5 pp [1.1, 4.0] of 200 images)", "no (-0.0070)"]  # fmt: skip
+    table, (note, relu) = sae_quality(
+        {
+            "batchtopk|base|0": sae(0.97, 0.90, 10, 5, 0.845, 0.001, l0=12.0),  # every bar met (1.0 pp, L0 = k)
+            "batchtopk|base|1": sae(0.95, 0.96, 11, 6, 0.83, -0.007, l0=12.04),  # every bar missed
+            "ablation_gap": {"kl": 0.3},
+        },
+        k=12,
+        architectures=["batchtopk"],
+    )  # fmt: skip
+    assert table.rows[0] == ["batchtopk", "base", "0", "yes", "yes", "yes", "yes", "yes", "yes"]
+    assert table.rows[1] == ["batchtopk", "base", "1", "no (0.950 < 0.970)", "no (12.040 > 12)", "no (11%)",
+                             "no (6.0%)", "no (2.5 pp [1.1, 4.0] of 200 images)", "no (-0.0070)"]  # fmt: skip
     assert note.startswith("SAE quality: 1 of 2 SAEs meet every criterion")
+    assert "ReLU + L1" in relu and "not tested in this run" in relu and "sae.architectures: batchtopk" in relu
+
+    # ReLU + L1 has no k: EV >= 0.90 at L0 <= 32, whatever the PCA with the config's k gives
+    table, notes = sae_quality(
+        {
+            "standard|base|0": sae(0.91, 0.95, 1, 2, 0.85, 0.0, l0=31.5),
+            "standard|base|1": sae(0.89, 0.50, 1, 2, 0.85, 0.0, l0=33.0),
+        },
+        k=12,
+        architectures=["batchtopk", "standard"],
+    )  # fmt: skip
+    assert table.rows[0][3:5] == ["yes", "yes"]
+    assert table.rows[1][3:5] == ["no (0.890 < 0.900)", "no (33.000 > 32)"]
+    assert len(notes) == 1  # ReLU + L1 was trained: no note that it was not
+    # without the config's k (an older caller), the L0 check of a k architecture is not made: '–'
+    table, _ = sae_quality({"batchtopk|base|0": sae(0.97, 0.90, 10, 5, 0.85, 0.0, l0=99.0)})
+    assert table.rows[0][4] == "–"
 
 
 def test_report_names_what_each_fine_tune_was_trained_on_and_flags_other_severities():
