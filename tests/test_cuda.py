@@ -115,21 +115,10 @@ def test_activation_patching_on_cuda_equals_the_cpu_sweep():
     assert att.values.shape == cuda.values.shape and torch.isfinite(att.values).all()
 
 
-D_IN, N_FEATURES, K = 16, 24, 3
-
-
-def _dictionary() -> torch.Tensor:
-    return F.normalize(torch.randn(N_FEATURES, D_IN, generator=torch.Generator().manual_seed(0)), dim=-1)
-
-
-def _sparse_batches(dictionary: torch.Tensor, batch_size: int, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        idx = torch.rand(batch_size, N_FEATURES, generator=g).argsort(-1)[:, :K]
-        codes = torch.zeros(batch_size, N_FEATURES).scatter_(
-            1, idx, torch.rand(batch_size, K, generator=g) + 0.5
-        )
-        yield codes @ dictionary
+# the CPU tests' known sparse dictionary and its data (tests/test_sae_train.py)
+from test_sae_train import D_IN, K  # noqa: E402
+from test_sae_train import dictionary as _dictionary  # noqa: E402
+from test_sae_train import sparse_batches as _sparse_batches  # noqa: E402
 
 
 @pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
