@@ -121,6 +121,27 @@ def test_shuffle_batches_exact_sizes_keeps_every_row():
         next(shuffle_batches(chunks, 64, 100))
 
 
+def test_shuffle_batches_detach_and_leave_no_traceback_at_interpreter_exit():
+    rows = torch.randn(300, 4, requires_grad=True)
+    batch = next(shuffle_batches(iter(rows.split(50)), 32, 128, seed=0))
+    assert not batch.requires_grad and batch.grad_fn is None
+    # an endless stream left half-used when the interpreter exits (a script that trains, then ends): the
+    # generator is finalised during shutdown; a torch.no_grad decorator there raised "Exception ignored in
+    # <generator object shuffle_batches>" with a traceback
+    import subprocess
+    import sys
+
+    code = (
+        "import itertools, torch\n"
+        "from mechvit.sae.activations import shuffle_batches\n"
+        "stream = shuffle_batches(itertools.repeat(torch.randn(64, 4)), 16, 64, seed=0)\n"
+        "next(stream)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Exception ignored" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 def test_cache_round_trip_and_mismatch(model, images, tmp_path):
     cfg = ActivationStoreConfig(hook=HOOK, tokens="patches", model_batch_size=8)
     cached = cache_activations(model, images, tmp_path, cfg, batches_per_shard=2)

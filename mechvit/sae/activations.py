@@ -351,7 +351,6 @@ def iter_activations(
 # ---- shuffling -----------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def shuffle_batches(
     chunks: Iterable[Tensor],
     batch_size: int,
@@ -365,7 +364,9 @@ def shuffle_batches(
 
     The buffer holds ``buffer_size`` rows; when full it is permuted, all but ``keep_fraction`` of it is
     served, and the kept rows mix with the next chunks. Every batch has exactly ``batch_size`` rows: at
-    the very end of the stream fewer than ``batch_size`` leftover rows are dropped.
+    the very end of the stream fewer than ``batch_size`` leftover rows are dropped. Chunks are detached (no
+    autograd through the buffer); no ``torch.no_grad`` decorator: on a generator it is re-entered when the
+    generator is finalised, which at interpreter exit (a half-used endless stream) printed a traceback.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -395,6 +396,7 @@ def shuffle_batches(
         n = len(rest)
 
     for chunk in chunks:
+        chunk = chunk.detach()
         if chunk.ndim != 2:
             raise ValueError(f"chunks must be [n, d], got shape {tuple(chunk.shape)}")
         if buf is None:
