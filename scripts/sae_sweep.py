@@ -10,8 +10,13 @@ markdown table row per configuration.
 
     python scripts/sae_sweep.py --model base --layer 0 --grid x8:12 x8:14 x12:14 x16:16
     python scripts/sae_sweep.py --model blur4 --layer 0 --grid x12:12:3e-3:0.03125 x12:12:3e-3:0.25
+    python scripts/sae_sweep.py --model noise4 --layer 0 --mix 0.5 --grid x12:12 x12:12 x12:12   # 3 seeds
 
 A grid entry is expansion:k[:lr[:aux coefficient]]; what it leaves out comes from the config's sae.train.
+Repeating an entry trains it again with the next seed. ``--mix`` overrides the config's training mix fraction
+(``sae.store.mix.fraction``). Besides the held-out L0, the L0 on each part of the held-out set (clean, then
+each condition) is printed: BatchTopK's inference threshold is learnt on the training mix, so the held-out
+L0 depends on how the two compare.
 
 Each row takes ~40 s of one thread per x8 SAE (1M tokens); run two sweeps side by side at one thread each.
 """
@@ -52,10 +57,15 @@ def main() -> None:
     p.add_argument("--layer", type=int, required=True, help="block whose hook_resid_post the SAEs read")
     p.add_argument("--grid", type=_grid_entry, nargs="+", required=True, help="expansion:k[:lr] ...")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--mix", type=float, default=None, help="training mix fraction (default: the config's)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     cfg = load_study_config(a.config, {"progress": False})
     cfg.sae.store = dataclasses.replace(cfg.sae.store, hook=f"blocks.{a.layer}.hook_resid_post")
+    if a.mix is not None:
+        cfg.sae.store = dataclasses.replace(
+            cfg.sae.store, mix=dataclasses.replace(cfg.sae.store.mix, fraction=a.mix)
+        )
     s = cfg.sae
     with tempfile.TemporaryDirectory() as tmp:
         ctx = StudyContext(cfg, Path(tmp))
@@ -65,8 +75,8 @@ def main() -> None:
             model, ctx.train_images(s.n_train_images), Path(tmp) / "acts", store, transform=ctx.prep
         )
         total = len(cached) // s.train.batch_size * s.train.batch_size
-        cfgs = {
-            name: dataclasses.replace(s.train, total_samples=total, seed=i + 1, device="cpu", **kw)
+        cfgs = {  # keyed by position: a repeated entry is another seed
+            f"{i}:{name}": dataclasses.replace(s.train, total_samples=total, seed=i + 1, device="cpu", **kw)
             for i, (name, kw) in enumerate(a.grid)
         }
         batches = cached.batches(s.train.batch_size, buffer_size=store.buffer_size, seed=0, device="cpu")
@@ -74,20 +84,31 @@ def main() -> None:
         held = heldout(ctx, model)
         train_rows = cached.rows(0, min(len(cached), 200_000))
         xe, ye = ctx.test_images(s.quality_images)
-        print(f"{a.model}, {s.hook}, {total:,} training tokens, {len(held):,} held-out tokens")
+        parts = ["clean", *(f"{c.corruption}-{c.severity}" for c in cfg.conditions)]
+        n_part = len(held) // len(parts)  # heldout(): the clean images, then each condition, equal sizes
         print(
-            "| model | layer | expansion | k | lr | aux | EV | EV PCA-k | L0 | dead | dense | top-1 drop (pp) | KL |"
+            f"{a.model}, {s.hook}, {total:,} training tokens (mix fraction {s.store.mix.fraction:g}), "
+            f"{len(held):,} held-out tokens"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print(
+            "| model | layer | expansion | k | lr | aux | seed | EV | EV PCA-k | L0 | L0 by part "
+            f"({', '.join(parts)}) | dead | dense | top-1 drop (pp) | KL |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for name, t in trained.items():
             c = cfgs[name]
             m = reconstruction_metrics(t.sae, held)
             pca = pca_baseline(train_rows, held, c.k).explained_variance
             sp = spliced_metrics(model, t.sae, ctx.prep(xe), ye, s.hook, tokens=s.tokens)
+            by_part = [
+                reconstruction_metrics(t.sae, held[i * n_part : (i + 1) * n_part]).l0
+                for i in range(len(parts))
+            ]
             print(
                 f"| {a.model} | {a.layer} | x{c.expansion_factor} | {c.k} | {c.lr:g} | {c.aux_coefficient:g} | "
-                f"{m.explained_variance:.3f} | "
-                f"{pca:.3f} | {m.l0:.1f} | {m.dead_features} / {m.d_sae} | {m.dense_features} / {m.d_sae} | "
+                f"{c.seed} | {m.explained_variance:.3f} | {pca:.3f} | {m.l0:.2f} | "
+                f"{', '.join(f'{v:.2f}' for v in by_part)} | {m.dead_features} / {m.d_sae} | "
+                f"{m.dense_features} / {m.d_sae} | "
                 f"{100 * (sp.accuracy_clean - sp.accuracy_sae):.1f} | {sp.kl_sae:.4f} |",
                 flush=True,
             )

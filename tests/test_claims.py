@@ -1,5 +1,7 @@
 """The claim verdict rules of mechvit.study.claims on hand-made step metrics (known answers)."""
 
+import math
+
 import pytest
 
 from mechvit.study.claims import overall, verdicts
@@ -57,6 +59,34 @@ def test_feature_stability_rule_uses_the_permutation_test_and_the_ratio():
     assert by(verdicts(sae(0.05, ci(0.8, 0.7, 0.9)), "base"), "features_stable") == ["contradicted"]
     assert by(verdicts(sae(0.4, ci(1.0, 0.97, 1.02)), "base"), "features_stable") == ["supported"]
     assert by(verdicts(sae(0.4, ci(0.9, 0.6, 1.1)), "base"), "features_stable") == ["inconclusive"]
+
+
+def test_feature_stability_is_never_supported_by_a_test_that_could_not_reject():
+    """3 + 3 seeds: the exact permutation test's smallest two-sided p is 2 / C(6, 3) = 0.1, so "p > 0.05"
+    holds whatever the SAEs are; the rule must not read that as evidence of stability. 4 + 4 (smallest p
+    2 / 70 = 0.029) and 5 + 5 (2 / 252) can reject, and then p > 0.05 means something."""
+    from mechvit.study.claims import min_permutation_p, powerless
+
+    def sae(n_per_model, p):
+        n = 2 * n_per_model
+        test = {
+            "p_value": p,
+            "n": n,
+            "n_permutations": math.comb(n, n_per_model),
+            "exact": True,
+        }
+        return {"sae_analysis": {"overlap_controls": {"batchtopk": {"summary": {
+            "base vs blur4": {"matched_cos": {"ratio": ci(1.0, 0.97, 1.03), "test": test}},
+        }}}}}  # fmt: skip
+
+    assert min_permutation_p({"n": 6, "n_permutations": 20, "exact": True}) == pytest.approx(0.1)
+    assert powerless({"n": 6, "n_permutations": 20, "exact": True})
+    assert not powerless({"n": 8, "n_permutations": 70, "exact": True})
+    assert not powerless({"p_value": 0.3})  # Monte Carlo or unknown design: no claim of powerlessness
+    (v,) = verdicts(sae(3, 0.1), "base")
+    assert v.verdict == "inconclusive" and "smallest p is 0.1: it could not have found a difference" in v.rule
+    assert by(verdicts(sae(4, 0.3), "base"), "features_stable") == ["supported"]
+    assert by(verdicts(sae(5, 0.3), "base"), "features_stable") == ["supported"]
 
 
 def test_lens_and_attention_rules():

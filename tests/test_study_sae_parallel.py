@@ -96,18 +96,23 @@ def test_sae_sweep_script_prints_a_row_per_configuration(checkpoints, tmp_path):
     cfg["sae"] = {**cfg["sae"], "n_fidelity_images": 8}
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "scripts/sae_sweep.py", "--config", str(tmp_path / "tiny.yaml"), "--layer", "1"]
-    grid = ["--grid", "x2:4", "x4:2:3e-3:0.5"]
+    grid = ["--grid", "x2:4", "x4:2:3e-3:0.5", "x2:4", "--mix", "0.25"]
     done = subprocess.run([*cmd, *grid], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| base |")]
     aux = 1 / 32  # the tiny config leaves sae.train.aux_coefficient at its default: x2:4 keeps it
-    assert [tuple(c.strip() for c in r[2:6]) for r in rows] == [
-        ("x2", "4", "0.001", f"{aux:g}"),
-        ("x4", "2", "0.003", "0.5"),
+    assert [tuple(c.strip() for c in r[2:7]) for r in rows] == [
+        ("x2", "4", "0.001", f"{aux:g}", "1"),
+        ("x4", "2", "0.003", "0.5", "2"),
+        ("x2", "4", "0.001", f"{aux:g}", "3"),  # a repeated entry: the next seed, not the same SAE
     ]
     for r in rows:
-        ev, l0 = float(r[6]), float(r[8])
-        assert -1.0 < ev <= 1.0 and 0 < l0
+        ev, l0 = float(r[7]), float(r[9])
+        parts = [float(v) for v in r[10].split(",")]  # clean, blur-4, noise-4: their mean is the held-out L0
+        assert -1.0 < ev <= 1.0 and 0 < l0 and len(parts) == 3
+        assert sum(parts) / 3 == pytest.approx(l0, abs=0.01)
+    assert rows[0][7:] != rows[2][7:]
+    assert "(mix fraction 0.25)" in done.stdout
     assert "384 held-out tokens" in done.stdout  # 8 images x 3 inputs (clean + 2 conditions) x 16 patches
     bad = subprocess.run([*cmd, "--grid", "8:4"], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "expected expansion:k[:lr[:aux]] like x8:14" in bad.stderr

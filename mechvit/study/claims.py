@@ -27,7 +27,8 @@ by a stated rule from the step results (whatever the data say):
    fine-tune's comparison with the base, all architectures; the clean controls' comparisons are not in it) and
    the ratio's CI lies below 1 (features differ beyond seed noise); *supported* when the raw p > 0.05 and the
    ratio's CI lies above 0.95 (the adjustment only makes a difference harder to declare: it never makes "no
-   difference" easier); else *inconclusive*. The clean control's comparison is reported beside it.
+   difference" easier), and the exact test could have given p <= 0.05 at all with this many SAEs (with 3 + 3
+   seeds its smallest p is 0.1, so "p > 0.05" holds whatever the data: no evidence); else *inconclusive*. The clean control's comparison is reported beside it.
 
 Multiplicity: where a verdict uses a p-value it uses the Holm-adjusted one (claims 1 and 5); the CIs are
 per-comparison 95% intervals, not adjusted.
@@ -72,8 +73,8 @@ RULES = {
     "0; else inconclusive (never contradicted: no equivalence margin)",
     "features_stable": "contradicted when the Holm-adjusted permutation p <= 0.05 (family: every fine-tune's "
     "comparison with the base) and the CI of matched cosine between / within lies below 1 and below the clean "
-    "control's ratio CI (no overlap); supported when the raw p > 0.05 and that CI lies above 0.95; else "
-    "inconclusive",
+    "control's ratio CI (no overlap); supported when the raw p > 0.05 and that CI lies above 0.95, and the "
+    "test could have given p <= 0.05 with this many SAEs (3 + 3 seeds cannot: smallest p 0.1); else inconclusive",
 }
 
 
@@ -244,6 +245,11 @@ def verdicts(metrics: dict[str, dict], base: str) -> list[Verdict]:
                 v = "inconclusive"
                 why = (f"Holm p = {q:.3g} <= 0.05 and the ratio's CI below 1, but it overlaps the clean control's "
                        "ratio CI: fine-tuning itself moves the dictionary as much")  # fmt: skip
+            elif p is not None and p > 0.05 and _above(ratio, 0.95) and powerless(test):
+                v = "inconclusive"
+                why = (f"p = {p:.3g} > 0.05 and the ratio's CI above 0.95, but with {test.get('n')} SAEs the exact "
+                       f"test's smallest p is {min_permutation_p(test):.3g}: it could not have found a difference, "
+                       "so its p says nothing (more seeds per model: sae.replicates)")  # fmt: skip
             elif p is not None and p > 0.05 and _above(ratio, 0.95):
                 v, why = "supported", f"p = {p:.3g} > 0.05 and the ratio's CI above 0.95"
             else:
@@ -308,6 +314,13 @@ def min_permutation_p(test: dict) -> float | None:
     if not test.get("exact") or not n or not n_perm:
         return None
     return (2.0 if n % 2 == 0 and math.comb(n, n // 2) == n_perm else 1.0) / n_perm
+
+
+def powerless(test: dict, alpha: float = 0.05) -> bool:
+    """True when the exact permutation test cannot give p <= ``alpha`` with this many SAEs (3 + 3 seeds: the
+    smallest p is 2 / 20 = 0.1): then "p > alpha" is no evidence of "no difference"."""
+    p_min = min_permutation_p(test)
+    return p_min is not None and p_min > alpha
 
 
 def _overlap_caveats(mc: dict, test: dict, persistent: dict | None) -> list[str]:
