@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, in one run, each part under its own time limit so that one slow part cannot
-# take the others' time: the CUDA tests, the GPU benchmarks (float32 and bfloat16), then the default study
-# on the GPU. Logs and JSON land in OUT (default gpu_check/); the README's performance section quotes them.
+# take the others' time: the CUDA tests, the GPU benchmarks (forward in float32 and bfloat16; patching, SAE
+# store and training, corruptions), then the default study on the GPU. Logs and JSON land in OUT (default
+# gpu_check/); the README's performance section quotes them.
 #
 #   scripts/gpu_check.sh [OUT]        (PYTHON=python3 by default; set it to .venv/bin/python where that exists)
 #
@@ -31,6 +32,7 @@ part cuda_tests 240 $PY -m pytest -q -p no:cacheprovider -rA tests/test_cuda.py 
 part bench_forward 150 $PY benchmarks/bench_forward.py --device cuda --models vit_tiny_patch16_224 vit_base_patch16_224 --batches 8 32 128
 part bench_forward_bf16 120 $PY benchmarks/bench_forward.py --device cuda --dtype bfloat16 --models vit_tiny_patch16_224 vit_base_patch16_224 --batches 8 32 128
 part bench_patching 120 $PY benchmarks/bench_patching.py --device cuda --images 1 8 32
+part bench_sae 150 $PY benchmarks/bench_sae.py --device cuda --no-processes --rounds 2
 part bench_corruptions 200 $PY benchmarks/bench_corruptions.py --device cuda --repeats 2 --out "$OUT/bench_corruptions.json"
 if [ "${SKIP_STUDY:-0}" != 1 ]; then
   part study 420 $PY -m mechvit study --out /tmp/gpu_study --set device=cuda
