@@ -361,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "device", None) is not None:
             check_device(args.device)
         code = args.run(args)
+        if code == 0:
+            from .sae.distributed import leave_process_group
+
+            leave_process_group()  # under torchrun: the group the command joined, before the interpreter exits
     except Exception as e:
         if not _is_user_error(e):
             raise

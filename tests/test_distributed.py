@@ -426,3 +426,28 @@ def test_torchrun_study_command_trains_the_saes_on_two_ranks(tmp_path):
     manifests = sorted((tmp_path / "out" / "sae" / "saes").glob("*/mechvit_sae.json"))
     assert len(manifests) == 2 * 3 * 2
     assert {json.loads(m.read_text())["processes"] for m in manifests} == {2}
+
+
+def test_leave_process_group_destroys_only_the_group_init_from_env_made(monkeypatch, tmp_path):
+    """The CLI leaves, on success, the group ``init_from_env`` joined (an undestroyed gloo group can abort
+    the process at exit); a group the caller made is the caller's."""
+    import torch.distributed as dist
+
+    from mechvit.sae import distributed as D
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'a'}", rank=0, world_size=1)
+    D.leave_process_group()  # not ours: left alone
+    assert dist.is_initialized()
+    dist.destroy_process_group()
+
+    real_init = dist.init_process_group
+
+    def one_rank(backend, timeout):  # torchrun's environment says 2 ranks; one rank here joins a 1-rank group
+        real_init(backend, init_method=f"file://{tmp_path / 'b'}", rank=0, world_size=1, timeout=timeout)
+
+    monkeypatch.setattr(dist, "init_process_group", one_rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert D.init_from_env("cpu") == "cpu" and dist.is_initialized()
+    D.leave_process_group()
+    assert not dist.is_initialized()
+    D.leave_process_group()  # twice: a no-op

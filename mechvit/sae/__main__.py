@@ -333,4 +333,7 @@ def cache_main(argv: list[str] | None = None, prog: str = "mechvit cache-activat
 
 
 if __name__ == "__main__":
+    from .distributed import leave_process_group
+
     main()
+    leave_process_group()

@@ -61,6 +61,7 @@ __all__ = [
     "cache_activations_distributed",
     "data_parallel",
     "init_from_env",
+    "leave_process_group",
     "rank0_runs",
     "rank_and_world",
 ]
@@ -86,9 +87,26 @@ def init_from_env(device: str = "auto", timeout_minutes: float = 120.0) -> str:
             device = f"cuda:{local_rank}"
         torch.cuda.set_device(torch.device(device))
     if world > 1 and not dist.is_initialized():
+        global _JOINED
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+        _JOINED = True
     return device
+
+
+_JOINED = False  # init_from_env made this process's group (and leave_process_group may destroy it)
+
+
+def leave_process_group() -> None:
+    """Destroy the process group :func:`init_from_env` made, once the command is done (a no-op otherwise, and
+    a group the caller made is left alone). Without it gloo's worker threads can outlive the interpreter's
+    teardown and abort the process at exit, "terminate called without an active exception" (SIGABRT) after
+    a successful run (pytorch/pytorch#190489; seen once in CI under torchrun). Call it on success only: on
+    an error other ranks may still be inside a collective."""
+    global _JOINED
+    if _JOINED and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _JOINED = False
 
 
 def _rank0_decides(message: str | None) -> str | None:
