@@ -70,6 +70,9 @@ __all__ = [
 # ---- process group ---------------------------------------------------------------------------------------
 
 
+_JOINED = False  # init_from_env made this process's group (and leave_process_group may destroy it)
+
+
 def init_from_env(device: str = "auto", timeout_minutes: float = 120.0) -> str:
     """Join the process group torchrun describes (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``...)
     and return this rank's device. ``device``: ``auto`` (cuda when available), ``cpu``, ``cuda``; under
@@ -92,9 +95,6 @@ def init_from_env(device: str = "auto", timeout_minutes: float = 120.0) -> str:
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
         _JOINED = True
     return device
-
-
-_JOINED = False  # init_from_env made this process's group (and leave_process_group may destroy it)
 
 
 def leave_process_group() -> None:

@@ -28,7 +28,8 @@ by a stated rule from the step results (whatever the data say):
    the ratio's CI lies below 1 (features differ beyond seed noise); *supported* when the raw p > 0.05 and the
    ratio's CI lies above 0.95 (the adjustment only makes a difference harder to declare: it never makes "no
    difference" easier), and the exact test could have given p <= 0.05 at all with this many SAEs (with 3 + 3
-   seeds its smallest p is 0.1, so "p > 0.05" holds whatever the data: no evidence); else *inconclusive*. The clean control's comparison is reported beside it.
+   seeds its smallest p is 0.1, so "p > 0.05" holds whatever the data: no evidence); else *inconclusive*.
+   The clean control's comparison is reported beside it.
 
 Multiplicity: where a verdict uses a p-value it uses the Holm-adjusted one (claims 1 and 5); the CIs are
 per-comparison 95% intervals, not adjusted.
