@@ -225,24 +225,67 @@ def test_spliced_kl_per_image_known_answers(model, data):
         "blocks.0.hook_attn_out",
     ],
 )
-def test_overlap_controls_spliced_kl_equals_the_reference(model, data, hook):
-    """analysis.controls._SplicedKL (clean logits and the stream at the hook computed once, only the blocks after
-    the hook rerun per SAE; run_with_hooks for other hooks) gives spliced_kl_per_image's mean."""
+def test_splicer_logits_are_bitwise_the_full_hooked_forward(model, data, hook):
+    """sae.metrics.Splicer (clean logits and the stream at the hook computed once, only the blocks after the
+    hook rerun per splice; run_with_hooks for other hooks) gives exactly the logits of the full forward with
+    splice_hook, and spliced_kl_per_image / overlap_controls' KL are its KL."""
     from sae_lens import StandardSAE, StandardSAEConfig
 
-    from mechvit.analysis.controls import _SplicedKL
-    from mechvit.sae import spliced_kl_per_image
+    from mechvit.sae import Splicer, spliced_kl_per_image
 
     images, _ = data
-    splicer = _SplicedKL(model, images, hook, "patches", batch_size=10)
+    splicer = Splicer(model, images, hook, batch_size=10)
     assert splicer.layer == {"blocks.1.hook_resid_pre": 1, "blocks.0.hook_resid_post": 1}.get(hook)
-    for seed in range(2):
+    full = [model(images[i : i + 10]).float() for i in range(0, len(images), 10)]
+    assert all(torch.equal(a, b) for a, b in zip(splicer.clean(), full, strict=True))
+    for seed in [None, 0, 1]:  # None: zero-ablation
+        sae = None
+        if seed is not None:
+            torch.manual_seed(seed)
+            sae = StandardSAE(StandardSAEConfig(d_in=32, d_sae=64))
+            with torch.no_grad():
+                sae.b_enc.normal_()
+            sae.cfg.metadata.hook_name = hook
+        fn = splice_hook(sae, model.cfg, "patches", hook)
+        ref = [
+            model.run_with_hooks(images[i : i + 10], fwd_hooks=[(hook, fn)]).float()
+            for i in range(0, len(images), 10)
+        ]
+        assert all(torch.equal(a, b) for a, b in zip(splicer.spliced(sae), ref, strict=True))
+        lp_c, lp_s = torch.cat(full).log_softmax(-1), torch.cat(ref).log_softmax(-1)
+        kl = (lp_c.exp() * (lp_c - lp_s)).sum(-1).clamp_min(0)
+        assert torch.allclose(splicer.kl_per_image(sae), kl, rtol=1e-5, atol=1e-7)
+        if sae is not None:
+            one = spliced_kl_per_image(model, sae, images, hook, batch_size=7)
+            assert torch.allclose(one, kl, rtol=1e-4, atol=1e-7)
+            # after the last block the patch tokens no longer reach the class-token readout: KL 0 there
+            assert (
+                float(one.mean()) == 0.0 if hook == "blocks.1.hook_resid_post" else float(one.mean()) > 1e-4
+            )
+
+
+def test_spliced_metrics_many_equals_one_call_per_sae(model, data):
+    """spliced_metrics_many shares the clean and zero-ablated forwards between SAEs: every number equals
+    spliced_metrics of each SAE alone, which equals the full hooked forwards (known answers above)."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    from mechvit.sae import spliced_metrics_many
+
+    images, labels = data
+    saes = []
+    for seed in range(3):
         torch.manual_seed(seed)
         sae = StandardSAE(StandardSAEConfig(d_in=32, d_sae=64))
         with torch.no_grad():
             sae.b_enc.normal_()
-        sae.cfg.metadata.hook_name = hook
-        ref = float(spliced_kl_per_image(model, sae, images, hook, batch_size=7).mean())
-        # after the last block the patch tokens no longer reach the class-token readout: KL 0 there
-        assert ref == 0.0 if hook == "blocks.1.hook_resid_post" else ref > 1e-4
-        assert splicer(sae) == pytest.approx(ref, rel=1e-4, abs=1e-7)
+        saes.append(sae)
+    many = spliced_metrics_many(model, saes, images, labels, HOOK, batch_size=10)
+    for sae, m in zip(saes, many, strict=True):
+        one = spliced_metrics(model, sae, images, labels, HOOK, batch_size=10)
+        assert m.to_dict() == one.to_dict()
+        assert all(torch.equal(m.per_image[k], one.per_image[k]) for k in one.per_image)
+    assert len({m.kl_sae for m in many}) == 3  # three different SAEs, three different splices
+    with pytest.raises(ValueError, match="no SAEs given"):
+        spliced_metrics_many(model, [], images, labels, HOOK)
+    with pytest.raises(ValueError, match="d_in=16"):
+        spliced_metrics_many(model, [saes[0], identity_sae(16)], images, labels, HOOK)

@@ -214,60 +214,6 @@ def _alive(sae: Any, acts: Tensor, batch_size: int = 4096) -> Tensor:
     return fired
 
 
-class _SplicedKL:
-    """Mean KL(clean || spliced) of many SAEs spliced into ONE model on the same images.
-
-    Same numbers as :func:`mechvit.sae.metrics.spliced_kl_per_image` (tested to float error), but the clean
-    log-probabilities are computed once per model, and for a residual-stream hook (``blocks.L.hook_resid_pre``
-    or ``hook_resid_post``) so is the stream there: each SAE then reruns only the blocks after the hook
-    (``forward(start_at_layer=...)``). In the default study (16 SAEs, 40 splices of 600 images at block 3 of
-    6) this is about a quarter of the block passes of calling ``spliced_kl_per_image`` per SAE, which was
-    ~45% of the ``sae_analysis`` step's time."""
-
-    def __init__(self, model: Any, images: Tensor, hook: str, tokens: str, batch_size: int):
-        import re
-
-        from mechvit.sae.activations import check_hook
-
-        check_hook(model, hook)
-        self.model, self.images, self.hook, self.tokens, self.bs = model, images, hook, tokens, batch_size
-        m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(pre|post)", hook)
-        layer = None if m is None else int(m.group(1)) + (m.group(2) == "post")
-        self.layer = layer if layer is not None and layer < model.cfg.n_layers else None
-        self._clean: list[Tensor] | None = None
-        self._resid: list[Tensor] | None = None
-
-    def _batches(self):
-        device = next(self.model.parameters()).device
-        for i in range(0, len(self.images), self.bs):
-            yield self.images[i : i + self.bs].to(device, torch.float32)
-
-    @torch.no_grad()
-    def __call__(self, sae: Any) -> float:
-        from mechvit.sae.metrics import splice_hook
-
-        model = self.model
-        was_training = model.training
-        model.eval()
-        try:
-            if self._clean is None:
-                self._clean = [model(x).float().log_softmax(-1) for x in self._batches()]
-                if self.layer is not None:
-                    self._resid = [model(x, stop_at_layer=self.layer) for x in self._batches()]
-            splice = splice_hook(sae, model.cfg, self.tokens, self.hook)
-            kls = []
-            for b, (x, lp_c) in enumerate(zip(self._batches(), self._clean, strict=True)):
-                if self._resid is not None:
-                    logits = model(splice(self._resid[b], None), start_at_layer=self.layer)
-                else:
-                    logits = model.run_with_hooks(x, fwd_hooks=[(self.hook, splice)])
-                lp_s = logits.float().log_softmax(-1)
-                kls.append((lp_c.exp() * (lp_c - lp_s)).sum(-1).clamp_min(0).cpu())
-        finally:
-            model.train(was_training)
-        return float(torch.cat(kls).mean())
-
-
 @dataclass
 class OverlapControls:
     """Result of :func:`overlap_controls`."""
@@ -384,15 +330,22 @@ def overlap_controls(
             fits[(m_sae, r, m_acts)] = sae_fit(saes[m_sae][r], acts[m_acts], codes=own)
         return fits[(m_sae, r, m_acts)]
 
+    from mechvit.sae.metrics import Splicer
+
     kl_cache: dict[tuple[str, int, str], float] = {}
-    splicers: dict[str, _SplicedKL] = {}
+    # one Splicer per model: its clean logits and the stream at the hook are computed once, and each of the
+    # model's splices reruns only the blocks after the hook (in the default study about a quarter of the block
+    # passes of spliced_kl_per_image per SAE, which was ~45% of the sae_analysis step's time)
+    splicers: dict[str, Splicer] = {}
 
     def kl(m_sae: str, r: int, m_model: str) -> float:
         key = (m_sae, r, m_model)
         if key not in kl_cache:
             if m_model not in splicers:
-                splicers[m_model] = _SplicedKL(models[m_model], images, hook, tokens, cfg.spliced_batch_size)
-            kl_cache[key] = splicers[m_model](saes[m_sae][r])
+                splicers[m_model] = Splicer(
+                    models[m_model], images, hook, tokens=tokens, batch_size=cfg.spliced_batch_size
+                )
+            kl_cache[key] = float(splicers[m_model].kl_per_image(saes[m_sae][r]).mean())
         return kl_cache[key]
 
     pair_cache: dict[tuple[tuple[str, int], tuple[str, int]], tuple[dict[str, float], Tensor, int, int]] = {}

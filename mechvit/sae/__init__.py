@@ -19,6 +19,7 @@ from .metrics import (
     PCABaseline,
     ReconstructionMetrics,
     SplicedMetrics,
+    Splicer,
     ablation_gap,
     ablation_gap_sweep,
     choose_hook,
@@ -30,6 +31,7 @@ from .metrics import (
     splice_hook,
     spliced_kl_per_image,
     spliced_metrics,
+    spliced_metrics_many,
 )
 from .train import (
     SAETrainingConfig,
@@ -62,6 +64,7 @@ __all__ = [
     "ReconstructionMetrics",
     "SAETrainingConfig",
     "SplicedMetrics",
+    "Splicer",
     "TrainedSAE",
     "cache_activations",
     "feature_density_figure",
@@ -77,6 +80,7 @@ __all__ = [
     "splice_hook",
     "spliced_kl_per_image",
     "spliced_metrics",
+    "spliced_metrics_many",
     "stream_batches",
     "train_sae",
     "train_sae_for_hook",

@@ -8,7 +8,7 @@ relative to zero-ablating the same positions: ``(L_zero - L_sae) / (L_zero - L_c
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -22,6 +22,7 @@ from .activations import TOKEN_SELECTIONS, _model_device, check_hook, token_slic
 __all__ = [
     "ReconstructionMetrics",
     "SplicedMetrics",
+    "Splicer",
     "feature_density_figure",
     "reconstruction_metrics",
     "AblationGap",
@@ -36,6 +37,7 @@ __all__ = [
     "splice_hook",
     "spliced_kl_per_image",
     "spliced_metrics",
+    "spliced_metrics_many",
 ]
 
 
@@ -185,6 +187,108 @@ def splice_hook(sae: Any | None, model_cfg: Any, tokens: str, hook_name: str):
     return fn
 
 
+class Splicer:
+    """Logits of ONE model on fixed images, clean and with the selected tokens at ``hook`` replaced (by an
+    SAE's reconstruction, or zeros): what :func:`spliced_metrics`, :func:`spliced_kl_per_image` and the
+    cross-model splices of :func:`mechvit.analysis.overlap_controls` share.
+
+    The clean logits are computed once; for a residual-stream hook (``blocks.L.hook_resid_pre`` /
+    ``hook_resid_post`` of a model whose ``forward`` takes ``start_at_layer``/``stop_at_layer``, as
+    HookedViT's) so is the stream there, and each splice reruns only the blocks after the hook. The logits are
+    bitwise those of a full ``run_with_hooks`` forward with :func:`splice_hook` (the same blocks on the same
+    inputs; tested). Measured in the default study (5 SAEs per model, 1,000 images, hook at block 0 of 6):
+    2.5x fewer block passes than three full forwards per SAE (36 against 90). Any other hook runs the full hooked forward."""
+
+    def __init__(
+        self,
+        model: Any,
+        images: Float[Tensor, "n c h w"],
+        hook: str,
+        *,
+        tokens: str = "patches",
+        batch_size: int = 128,
+        transform: Any = None,
+    ):
+        import re
+
+        check_hook(model, hook)
+        if tokens not in TOKEN_SELECTIONS:
+            raise ValueError(f"tokens must be one of {TOKEN_SELECTIONS}, got {tokens!r}")
+        if len(images) == 0:
+            raise ValueError("no images given")
+        self.model, self.images, self.hook, self.tokens = model, images, hook, tokens
+        self.batch_size, self.transform = int(batch_size), transform
+        m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(pre|post)", hook)
+        layer = None if m is None else int(m.group(1)) + (m.group(2) == "post")
+        n_layers = getattr(getattr(model, "cfg", None), "n_layers", None)
+        resumable = "start_at_layer" in _forward_parameters(model)
+        self.layer = layer if resumable and layer is not None and n_layers and layer < n_layers else None
+        self._clean: list[Tensor] | None = None
+        self._resid: list[Tensor] | None = None
+
+    def _batches(self):
+        device = _model_device(self.model)
+        for i in range(0, len(self.images), self.batch_size):
+            x = self.images[i : i + self.batch_size].to(device, torch.float32)
+            yield self.transform(x) if self.transform is not None else x
+
+    def _eval(self, fn):
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return fn()
+        finally:
+            self.model.train(was_training)
+
+    @torch.no_grad()
+    def clean(self) -> list[Tensor]:
+        """Clean float32 logits, one tensor per batch of ``batch_size`` images."""
+        if self._clean is None:
+
+            def run() -> tuple[list[Tensor], list[Tensor] | None]:
+                if self.layer is None:
+                    return [self.model(x).float() for x in self._batches()], None
+                resid = [self.model(x, stop_at_layer=self.layer) for x in self._batches()]
+                return [self.model(r, start_at_layer=self.layer).float() for r in resid], resid
+
+            self._clean, self._resid = self._eval(run)
+        return self._clean
+
+    @torch.no_grad()
+    def spliced(self, sae: Any | None) -> list[Tensor]:
+        """Float32 logits per batch with ``sae``'s reconstruction (None: zeros) at the selected tokens."""
+        if sae is not None:
+            _check_fit(self.model, sae, self.hook, self.tokens)
+        self.clean()
+        fn = splice_hook(sae, self.model.cfg, self.tokens, self.hook)
+
+        def run() -> list[Tensor]:
+            if self._resid is not None:
+                return [self.model(fn(r, None), start_at_layer=self.layer).float() for r in self._resid]
+            return [
+                self.model.run_with_hooks(x, fwd_hooks=[(self.hook, fn)]).float() for x in self._batches()
+            ]
+
+        return self._eval(run)
+
+    def kl_per_image(self, sae: Any | None) -> Float[Tensor, " n"]:
+        """KL(p_clean || p_spliced) per image, nats (on the CPU)."""
+        out = []
+        for c, s in zip(self.clean(), self.spliced(sae), strict=True):
+            lp_c, lp_s = c.log_softmax(-1), s.log_softmax(-1)
+            out.append((lp_c.exp() * (lp_c - lp_s)).sum(-1).clamp_min(0).cpu())
+        return torch.cat(out)
+
+
+def _forward_parameters(model: Any) -> set[str]:
+    import inspect
+
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
 @torch.no_grad()
 def spliced_metrics(
     model: Any,
@@ -199,6 +303,25 @@ def spliced_metrics(
 ) -> SplicedMetrics:
     """Run ``images`` clean, with the SAE spliced in at ``hook`` (selected tokens only) and with those
     tokens zero-ablated; compare logits. ``transform`` is applied to the images first (e.g. normalisation)."""
+    return spliced_metrics_many(
+        model, [sae], images, labels, hook, tokens=tokens, batch_size=batch_size, transform=transform
+    )[0]
+
+
+@torch.no_grad()
+def spliced_metrics_many(
+    model: Any,
+    saes: Sequence[Any],
+    images: Float[Tensor, "n c h w"],
+    labels: Tensor,
+    hook: str,
+    *,
+    tokens: str = "patches",
+    batch_size: int = 128,
+    transform: Any = None,
+) -> list[SplicedMetrics]:
+    """:func:`spliced_metrics` of each of ``saes`` (all trained on ``model`` at ``hook``): the same numbers as
+    one call per SAE, but the clean and zero-ablated forwards run once (:class:`Splicer`)."""
     check_hook(model, hook)
     if tokens not in TOKEN_SELECTIONS:
         raise ValueError(f"tokens must be one of {TOKEN_SELECTIONS}, got {tokens!r}")
@@ -206,43 +329,38 @@ def spliced_metrics(
         raise ValueError(
             f"need as many labels as images (and at least one), got {len(images)} and {len(labels)}"
         )
-    _check_fit(model, sae, hook, tokens)
+    if len(saes) == 0:
+        raise ValueError("no SAEs given")
+    for sae in saes:
+        _check_fit(model, sae, hook, tokens)
+    splicer = Splicer(model, images, hook, tokens=tokens, batch_size=batch_size, transform=transform)
     device = _model_device(model)
-    was_training = model.training
-    model.eval()
+    ys = [labels[i : i + batch_size].to(device) for i in range(0, len(images), batch_size)]
+    clean, zero = splicer.clean(), splicer.spliced(None)
+    return [_spliced_summary(clean, splicer.spliced(sae), zero, ys) for sae in saes]
+
+
+def _spliced_summary(clean: list[Tensor], spliced: list[Tensor], zero: list[Tensor], ys: list[Tensor]):
+    """SplicedMetrics from per-batch logits (clean, SAE-spliced, zero-ablated) and labels."""
     sums = dict.fromkeys(("acc_c", "acc_s", "acc_z", "kl_s", "kl_z", "l_c", "l_s", "l_z"), 0.0)
     per: dict[str, list[Tensor]] = {"correct_clean": [], "correct_sae": [], "kl_sae": []}
-    try:
-        for i in range(0, len(images), batch_size):
-            x = images[i : i + batch_size].to(device, torch.float32)
-            y = labels[i : i + batch_size].to(device)
-            if transform is not None:
-                x = transform(x)
-            clean = model(x).float()
-            spliced = model.run_with_hooks(
-                x, fwd_hooks=[(hook, splice_hook(sae, model.cfg, tokens, hook))]
-            ).float()
-            zero = model.run_with_hooks(
-                x, fwd_hooks=[(hook, splice_hook(None, model.cfg, tokens, hook))]
-            ).float()
-            logp_c = clean.log_softmax(-1)
-            for key, logits in (("s", spliced), ("z", zero)):
-                logp = logits.log_softmax(-1)
-                kl = F.kl_div(logp, logp_c, log_target=True, reduction="none").sum(-1)
-                correct = logits.argmax(-1) == y
-                sums[f"kl_{key}"] += float(kl.sum())
-                sums[f"acc_{key}"] += float(correct.sum())
-                sums[f"l_{key}"] += float(F.cross_entropy(logits, y, reduction="sum"))
-                if key == "s":
-                    per["kl_sae"].append(kl.cpu())
-                    per["correct_sae"].append(correct.cpu())
-            correct = clean.argmax(-1) == y
-            per["correct_clean"].append(correct.cpu())
-            sums["acc_c"] += float(correct.sum())
-            sums["l_c"] += float(F.cross_entropy(clean, y, reduction="sum"))
-    finally:
-        model.train(was_training)
-    n = len(images)
+    for c, s, z, y in zip(clean, spliced, zero, ys, strict=True):
+        logp_c = c.log_softmax(-1)
+        for key, logits in (("s", s), ("z", z)):
+            logp = logits.log_softmax(-1)
+            kl = F.kl_div(logp, logp_c, log_target=True, reduction="none").sum(-1)
+            correct = logits.argmax(-1) == y
+            sums[f"kl_{key}"] += float(kl.sum())
+            sums[f"acc_{key}"] += float(correct.sum())
+            sums[f"l_{key}"] += float(F.cross_entropy(logits, y, reduction="sum"))
+            if key == "s":
+                per["kl_sae"].append(kl.cpu())
+                per["correct_sae"].append(correct.cpu())
+        correct = c.argmax(-1) == y
+        per["correct_clean"].append(correct.cpu())
+        sums["acc_c"] += float(correct.sum())
+        sums["l_c"] += float(F.cross_entropy(c, y, reduction="sum"))
+    n = sum(len(y) for y in ys)
     m = {k: v / n for k, v in sums.items()}
     gap = m["l_z"] - m["l_c"]
     return SplicedMetrics(
@@ -510,28 +628,6 @@ def spliced_kl_per_image(
 ) -> Float[Tensor, " n"]:
     """KL(p_clean || p_spliced) per image (nats) with ``sae``'s reconstruction spliced in at ``hook``
     (selected tokens only). ``sae`` may come from another model: Kissane et al. (2024)'s cross-model splice."""
-    check_hook(model, hook)
-    if tokens not in TOKEN_SELECTIONS:
-        raise ValueError(f"tokens must be one of {TOKEN_SELECTIONS}, got {tokens!r}")
-    if len(images) == 0:
-        raise ValueError("no images given")
+    splicer = Splicer(model, images, hook, tokens=tokens, batch_size=batch_size, transform=transform)
     _check_fit(model, sae, hook, tokens)
-    device = _model_device(model)
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        for i in range(0, len(images), batch_size):
-            x = images[i : i + batch_size].to(device, torch.float32)
-            if transform is not None:
-                x = transform(x)
-            lp_c = model(x).float().log_softmax(-1)
-            lp_s = (
-                model.run_with_hooks(x, fwd_hooks=[(hook, splice_hook(sae, model.cfg, tokens, hook))])
-                .float()
-                .log_softmax(-1)
-            )
-            out.append((lp_c.exp() * (lp_c - lp_s)).sum(-1).clamp_min(0).cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(out)
+    return splicer.kl_per_image(sae)

@@ -30,7 +30,7 @@ from mechvit.sae import (
     pca_baseline,
     reconstruction_metrics,
     save_trained,
-    spliced_metrics,
+    spliced_metrics_many,
     train_saes,
 )
 from mechvit.sae.distributed import cache_activations_distributed
@@ -154,14 +154,16 @@ def _train_model(ctx: StudyContext, w: StepWriter, name: str, runs: list[SAERun]
         held = heldout(ctx, model)
         train_rows = cached.rows(0, min(len(cached), 200_000))
         pca = pca_baseline(train_rows, held, s.train.k).explained_variance
-        for r in runs:
+        # the clean and zero-ablated forwards once for all the model's SAEs (the same numbers as one call each)
+        spliced = spliced_metrics_many(
+            model, [trained[r.key].sae for r in runs], ctx.prep(xe), ye, s.hook, tokens=s.tokens
+        )
+        for r, sp in zip(runs, spliced, strict=True):
             t = trained[r.key]
             t.manifest.update(
                 heldout_metrics=reconstruction_metrics(t.sae, held).to_dict(),
                 pca_k_explained_variance=pca,
-                spliced_clean=fidelity(
-                    spliced_metrics(model, t.sae, ctx.prep(xe), ye, s.hook, tokens=s.tokens), ctx.cfg.seed
-                ),
+                spliced_clean=fidelity(sp, ctx.cfg.seed),
                 train_seconds_group=seconds,
             )
             save_trained(t, w.path(r.dirname))
