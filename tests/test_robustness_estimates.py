@@ -219,7 +219,8 @@ def test_robustness_matrix_runs_hooked_vits_readout_only_with_the_full_forwards_
 
 def test_a_tiny_study_scores_each_fine_tunes_seen_corruption_at_its_trained_severity(tmp_path):
     """End to end through the robustness step: the cards say blur at 2, noise at 1 and 4; the study scores
-    severity 4 for every corruption, plus blur/2 and noise/1 (only those) for every model."""
+    severity 4 for every corruption, plus blur/2 and noise/1 (only those) for the fine-tune trained there, the base
+    and the clean control (the models the seen-gain claim compares)."""
     import json
 
     import timm
@@ -252,8 +253,8 @@ def test_a_tiny_study_scores_each_fine_tunes_seen_corruption_at_its_trained_seve
     rob = json.loads((tmp_path / "out" / "metrics.json").read_text())["steps"]["robustness"]["metrics"]
     assert rob["trained_severities"] == {"ft_blur": [2], "ft_noise": [1, 4]}
     extra = {(r["model"], r["corruption"], r["severity"]) for r in rob["trained_rows"]}
-    assert extra == {(m, c, s) for m in ("base", "ft_blur", "ft_noise", "ctrl")
-                     for c, s in (("gaussian_blur", 2), ("gaussian_noise", 1))}  # fmt: skip
+    assert extra == {(m, c, s) for c, s, ft in (("gaussian_blur", 2, "ft_blur"), ("gaussian_noise", 1, "ft_noise"))
+                     for m in ("base", ft, "ctrl")}  # fmt: skip
     assert {r["severity"] for r in rob["rows"]} == {0, 4}  # the matrix itself stays at the study's severity
     est = rob["estimates"]
     assert est["ft_blur"]["groups"]["seen_trained"] == ["gaussian_blur/2"]
@@ -261,6 +262,10 @@ def test_a_tiny_study_scores_each_fine_tunes_seen_corruption_at_its_trained_seve
     assert est["ft_blur"]["groups"]["seen"] == ["gaussian_blur/4"]
     assert len(est["base"]["groups"]["all_corrupted"]) == 3  # no trained-severity cell among the base's
     assert set(est["ft_blur"]["vs"]["ctrl"]) >= {"seen_trained", "seen"}
+    # ft_noise was not scored on blur/2: no difference on ft_blur's trained-severity group against it
+    assert (
+        "seen_trained" not in est["ft_blur"]["vs"]["ft_noise"] and "seen" in est["ft_blur"]["vs"]["ft_noise"]
+    )
     cells = {(t["model"], t["reference"], t["cell"]) for t in rob["mcnemar"]}
     assert ("ft_blur", "base", "gaussian_blur/2") in cells and (
         "ft_noise",
