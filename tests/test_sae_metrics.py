@@ -174,8 +174,13 @@ def test_ablation_gap_guard_last_layer_patches_do_not_matter_and_choose_hook(mod
         ablation_gap_sweep(model, images, labels, mode="resample")
 
 
-def test_pca_baseline_equals_torch_pca():
-    from mechvit.sae import pca_baseline, pca_components
+# the library's chunk (one chunk here), and ragged chunks of 7 rows
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_pca_baseline_equals_torch_pca(chunk, monkeypatch):
+    from mechvit.sae import metrics, pca_baseline, pca_components
+
+    if chunk is not None:
+        monkeypatch.setattr(metrics, "_PCA_CHUNK", chunk)
 
     g = torch.Generator().manual_seed(0)
     # a clear gap after the 4th component, so the top-4 subspace is well defined for pca_lowrank
