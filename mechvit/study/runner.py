@@ -81,15 +81,22 @@ def code_hash(module: str) -> str:
         name = todo.pop()
         if name in sources:
             continue
-        spec = importlib.util.find_spec(name)
-        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
-            sources[name] = "-"
-            continue
-        src = Path(spec.origin).read_bytes()
-        sources[name] = sha256_bytes(src)
-        package = name if spec.submodule_search_locations else name.rpartition(".")[0]
-        todo += sorted(_imported_mechvit_modules(ast.parse(src), package) - sources.keys())
+        sources[name], imports = _module_source(name)
+        todo += sorted(imports - sources.keys())
     return sha256_bytes(json.dumps(sorted(sources.items())).encode())
+
+
+@functools.cache
+def _module_source(name: str) -> tuple[str, frozenset[str]]:
+    """(sha256 of ``name``'s source, or "-" when it has none; the mechvit modules it imports), once per module
+    and process: the steps share most of their imports, and parsing them again for each step took ~3 s of every
+    study run."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return "-", frozenset()
+    src = Path(spec.origin).read_bytes()
+    package = name if spec.submodule_search_locations else name.rpartition(".")[0]
+    return sha256_bytes(src), frozenset(_imported_mechvit_modules(ast.parse(src), package))
 
 
 def step_hash(step: Step, ctx: StudyContext, upstream: dict[str, str]) -> str:
