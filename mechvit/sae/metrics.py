@@ -197,7 +197,8 @@ class Splicer:
     HookedViT's) so is the stream there, and each splice reruns only the blocks after the hook. The logits are
     bitwise those of a full ``run_with_hooks`` forward with :func:`splice_hook` (the same blocks on the same
     inputs; tested). Measured in the default study (5 SAEs per model, 1,000 images, hook at block 0 of 6):
-    2.5x fewer block passes than three full forwards per SAE (36 against 90). Any other hook runs the full hooked forward."""
+    2.5x fewer block passes than three full forwards per SAE (36 against 90). Any other hook runs the full
+    hooked forward."""
 
     def __init__(
         self,
