@@ -31,7 +31,6 @@ and top image: ``max_effect_latents`` bounds them to the live latents that fire 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -218,15 +217,6 @@ def _hook_acts(model: Any, x: Tensor, hook: str, batch_size: int) -> Tensor:
     return torch.cat(out)
 
 
-def _resume_layer(model: Any, hook: str) -> int | None:
-    """The block index a forward can start at with the hook's activation as input, when the hook is a
-    residual-stream hook (``blocks.L.hook_resid_pre`` -> L, ``blocks.L.hook_resid_post`` -> L + 1)."""
-    m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(pre|post)", hook)
-    if m is None:
-        return None
-    return int(m.group(1)) + (m.group(2) == "post")
-
-
 @torch.no_grad()
 def _forward_from_hook(
     model: Any, images: Tensor | None, resid: Tensor, delta: Tensor, hook: str, layer: int | None
@@ -281,7 +271,7 @@ def feature_stats(
     ``max_effect_latents``: compute the direct logit effect and the ablate/double probabilities only for
     this many live latents, those active on the most clean + corrupted patch tokens (ties: lower index);
     None: every latent."""
-    from mechvit.sae.activations import check_hook
+    from mechvit.sae.activations import check_hook, resume_layer
     from mechvit.sae.metrics import check_sae_hook
 
     hook = hook or getattr(getattr(sae.cfg, "metadata", None), "hook_name", None)
@@ -479,7 +469,7 @@ def feature_stats(
                 ]
             ),
         )
-        layer = _resume_layer(model, hook)
+        layer = resume_layer(hook)
         top_idx, top_val, top_maps = idx_all[:, :k], val_all[:, :k], maps_all[:, :k]
         pairs = torch.nonzero(top_idx >= 0)  # [(f, j)]
         if effect_latents is not None:

@@ -250,8 +250,8 @@ def robustness_estimates(
     family, :data:`mechvit.corruptions.FAMILY_OF`); ``unseen_other`` (every other corruption). A model's score
     on a group is, per image, the fraction of the group's cells it gets right; ``vs`` holds, for every other
     model, the paired difference (this model minus that one) on THIS model's groups, with its CI (bootstrap
-    over images, pairs kept), for the groups whose every cell that model was scored on. Models without seen corruptions (the base, a clean fine-tune) have only
-    ``clean`` and ``all_corrupted``."""
+    over images, pairs kept), for the groups whose every cell that model was scored on. Models without seen
+    corruptions (the base, a clean fine-tune) have only ``clean`` and ``all_corrupted``."""
     from mechvit.analysis.statistics import mean_ci, paired_difference_ci
     from mechvit.corruptions import FAMILY_OF
 

@@ -171,6 +171,16 @@ def run_to_hook(model: Any, images: Float[Tensor, "b c h w"], hook: str) -> Tens
     return captured[0]
 
 
+def resume_layer(hook: str) -> int | None:
+    """The block a forward can start at (``forward(start_at_layer=...)``) with the hook's activation as input,
+    for a residual-stream hook (``blocks.L.hook_resid_pre`` -> L, ``blocks.L.hook_resid_post`` -> L + 1);
+    None for any other hook."""
+    import re
+
+    m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(pre|post)", hook)
+    return None if m is None else int(m.group(1)) + (m.group(2) == "post")
+
+
 def _flat(act: Tensor, hook: str) -> Tensor:
     """[B, T, D] as is; [B, T, H, d_head] -> [B, T, H*d_head]; [B, D] -> [B, 1, D]."""
     if act.ndim == 2:

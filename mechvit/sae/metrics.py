@@ -210,7 +210,7 @@ class Splicer:
         batch_size: int = 128,
         transform: Any = None,
     ):
-        import re
+        from .activations import resume_layer
 
         check_hook(model, hook)
         if tokens not in TOKEN_SELECTIONS:
@@ -219,13 +219,21 @@ class Splicer:
             raise ValueError("no images given")
         self.model, self.images, self.hook, self.tokens = model, images, hook, tokens
         self.batch_size, self.transform = int(batch_size), transform
-        m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(pre|post)", hook)
-        layer = None if m is None else int(m.group(1)) + (m.group(2) == "post")
+        layer = resume_layer(hook)
         n_layers = getattr(getattr(model, "cfg", None), "n_layers", None)
         resumable = "start_at_layer" in _forward_parameters(model)
         self.layer = layer if resumable and layer is not None and n_layers and layer < n_layers else None
         self._clean: list[Tensor] | None = None
         self._resid: list[Tensor] | None = None
+        self._width: int | None = None  # of the hook's selected rows: one blank forward, once
+
+    def check(self, sae: Any) -> None:
+        """Raise ValueError when ``sae`` was trained on another hook or its ``d_in`` does not fit the hook."""
+        if self._width is None:
+            from .activations import hook_width
+
+            self._width = hook_width(self.model, self.hook, self.tokens)
+        _check_fit(self.model, sae, self.hook, self.tokens, width=self._width)
 
     def _batches(self):
         device = _model_device(self.model)
@@ -259,7 +267,7 @@ class Splicer:
     def spliced(self, sae: Any | None) -> list[Tensor]:
         """Float32 logits per batch with ``sae``'s reconstruction (None: zeros) at the selected tokens."""
         if sae is not None:
-            _check_fit(self.model, sae, self.hook, self.tokens)
+            self.check(sae)
         self.clean()
         fn = splice_hook(sae, self.model.cfg, self.tokens, self.hook)
 
@@ -274,6 +282,8 @@ class Splicer:
 
     def kl_per_image(self, sae: Any | None) -> Float[Tensor, " n"]:
         """KL(p_clean || p_spliced) per image, nats (on the CPU)."""
+        if sae is not None:
+            self.check(sae)  # before the clean forward
         out = []
         for c, s in zip(self.clean(), self.spliced(sae), strict=True):
             lp_c, lp_s = c.log_softmax(-1), s.log_softmax(-1)
@@ -323,18 +333,13 @@ def spliced_metrics_many(
 ) -> list[SplicedMetrics]:
     """:func:`spliced_metrics` of each of ``saes`` (all trained on ``model`` at ``hook``): the same numbers as
     one call per SAE, but the clean and zero-ablated forwards run once (:class:`Splicer`)."""
-    check_hook(model, hook)
-    if tokens not in TOKEN_SELECTIONS:
-        raise ValueError(f"tokens must be one of {TOKEN_SELECTIONS}, got {tokens!r}")
-    if len(images) != len(labels) or len(images) == 0:
-        raise ValueError(
-            f"need as many labels as images (and at least one), got {len(images)} and {len(labels)}"
-        )
+    splicer = Splicer(model, images, hook, tokens=tokens, batch_size=batch_size, transform=transform)
+    if len(images) != len(labels):
+        raise ValueError(f"need as many labels as images, got {len(images)} images and {len(labels)} labels")
     if len(saes) == 0:
         raise ValueError("no SAEs given")
-    for sae in saes:
-        _check_fit(model, sae, hook, tokens)
-    splicer = Splicer(model, images, hook, tokens=tokens, batch_size=batch_size, transform=transform)
+    for sae in saes:  # every SAE before the first forward
+        splicer.check(sae)
     device = _model_device(model)
     ys = [labels[i : i + batch_size].to(device) for i in range(0, len(images), batch_size)]
     clean, zero = splicer.clean(), splicer.spliced(None)
@@ -379,11 +384,14 @@ def _spliced_summary(clean: list[Tensor], spliced: list[Tensor], zero: list[Tens
     )
 
 
-def _check_fit(model: Any, sae: Any, hook: str, tokens: str) -> None:
+def _check_fit(model: Any, sae: Any, hook: str, tokens: str, width: int | None = None) -> None:
+    """``check_sae_hook``, and the SAE's ``d_in`` against ``width`` (the hook's row width; measured with a blank
+    forward when None)."""
     from .activations import hook_width
 
     check_sae_hook(sae, hook)
-    width = hook_width(model, hook, tokens)
+    if width is None:
+        width = hook_width(model, hook, tokens)
     if width != _sae_width(sae):
         raise ValueError(f"the SAE has d_in={_sae_width(sae)} but hook {hook!r} gives rows of width {width}")
 
@@ -602,9 +610,10 @@ def _mean64(x: Tensor) -> Tensor:
     return sum(c.double().sum(0) for c in x.split(_PCA_CHUNK)) / len(x)
 
 
-def _ev(x: Tensor, recon: Any) -> float:
-    """1 - sum ||x - recon(x)||^2 / sum ||x - mean(x)||^2 over the rows of ``x``, in float64 chunks."""
-    mean = _mean64(x)
+def _ev(x: Tensor, recon: Any, mean: Tensor | None = None) -> float:
+    """1 - sum ||x - recon(x)||^2 / sum ||x - mean(x)||^2 over the rows of ``x``, in float64 chunks (``mean``:
+    the rows' float64 mean when the caller has it)."""
+    mean = _mean64(x) if mean is None else mean
     sst = sse = 0.0
     for c in x.split(_PCA_CHUNK):
         c = c.double()
@@ -628,7 +637,7 @@ def pca_baseline(train: Float[Tensor, "n d"], heldout: Float[Tensor, "m d"], k: 
     return PCABaseline(
         k=int(k),
         explained_variance=_ev(heldout, recon),
-        train_explained_variance=_ev(train, recon),
+        train_explained_variance=_ev(train, recon, mean),  # the PCA's mean is the training rows' own
         n_train=len(train),
         n_heldout=len(heldout),
     )
@@ -647,6 +656,6 @@ def spliced_kl_per_image(
 ) -> Float[Tensor, " n"]:
     """KL(p_clean || p_spliced) per image (nats) with ``sae``'s reconstruction spliced in at ``hook``
     (selected tokens only). ``sae`` may come from another model: Kissane et al. (2024)'s cross-model splice."""
-    splicer = Splicer(model, images, hook, tokens=tokens, batch_size=batch_size, transform=transform)
-    _check_fit(model, sae, hook, tokens)
-    return splicer.kl_per_image(sae)
+    return Splicer(
+        model, images, hook, tokens=tokens, batch_size=batch_size, transform=transform
+    ).kl_per_image(sae)
