@@ -246,13 +246,13 @@ def verdicts(metrics: dict[str, dict], base: str) -> list[Verdict]:
                 v = "inconclusive"
                 why = (f"Holm p = {q:.3g} <= 0.05 and the ratio's CI below 1, but it overlaps the clean control's "
                        "ratio CI: fine-tuning itself moves the dictionary as much")  # fmt: skip
-            elif p is not None and p > 0.05 and _above(ratio, 0.95) and powerless(test):
-                v = "inconclusive"
-                why = (f"p = {p:.3g} > 0.05 and the ratio's CI above 0.95, but with {test.get('n')} SAEs the exact "
-                       f"test's smallest p is {min_permutation_p(test):.3g}: it could not have found a difference, "
-                       "so its p says nothing (more seeds per model: sae.replicates)")  # fmt: skip
             elif p is not None and p > 0.05 and _above(ratio, 0.95):
                 v, why = "supported", f"p = {p:.3g} > 0.05 and the ratio's CI above 0.95"
+                if powerless(test):
+                    v = "inconclusive"
+                    why += (f", but with {test.get('n')} SAEs the exact test's smallest p is "
+                            f"{min_permutation_p(test):.3g}: it could not have found a difference, so its p says "
+                            "nothing (more seeds per model: sae.replicates)")  # fmt: skip
             else:
                 v = "inconclusive"
                 why = "neither rule's condition holds" + (
