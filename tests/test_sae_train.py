@@ -456,3 +456,57 @@ def test_sparse_step_keeps_torchs_csr_beta_note_out_of_the_users_warnings():
             torch.tensor([0, 1, 2]), torch.tensor([1, 0]), torch.tensor([2.0, 3.0]), (2, 2)
         ).to_dense()
     assert torch.equal(dense, torch.tensor([[0.0, 2.0], [3.0, 0.0]]))
+
+
+def test_fast_batchtopk_select_is_ascending_topk_set_and_at_least_equals_nonzero():
+    """``select`` gives torch.topk's kept set, ascending, on the filtered path, the full path and a tie at the
+    boundary value (more candidates >= it than kept: torch.topk's pick); ``_at_least`` (numpy) equals torch's
+    ``nonzero`` of the comparison, for float32 / float64 and for the torch fallback (bfloat16, strided)."""
+    from mechvit.sae.train import _at_least, _FastBatchTopK
+
+    g = torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        x = torch.randn(300, generator=g).to(dtype)
+        for floor in (-10.0, 0.0, 0.5, 10.0):
+            torch.testing.assert_close(_at_least(x, floor), (x >= floor).nonzero().squeeze(1), rtol=0, atol=0)
+    strided = torch.randn(40, 2, generator=g)[:, 0]
+    assert torch.equal(_at_least(strided, 0.1), (strided >= 0.1).nonzero().squeeze(1))
+    ours = _FastBatchTopK(5)
+    acts = torch.randn(32, 64, generator=g).relu()
+    for step in range(4):
+        a = acts * (1 + 0.01 * step)
+        if step == 3:  # a tie at the boundary value: torch.topk picks some of the tied entries
+            kth = torch.topk(a.flatten(), 160).values.min()
+            a.view(-1)[torch.randperm(a.numel(), generator=g)[:3]] = kth
+        idx = ours.select(a)
+        assert torch.equal(idx, idx.sort().values) and len(idx) == 5 * 32 == len(idx.unique())
+        ref = torch.topk(a.flatten(), 160).values
+        torch.testing.assert_close(a.flatten()[idx].sort().values, ref.sort().values, rtol=0, atol=0)
+    assert ours.filtered_steps == 3  # step 0 had no filter yet
+
+
+def test_sparse_codec_gradients_pass_gradcheck_with_and_without_input_gradient():
+    """``_SparseCodec`` against finite differences (float64), including the input's gradient when the input
+    requires one (it skips that product when not: then its gradient is None, as for a constant)."""
+    from mechvit.sae.train import _SparseCodec
+
+    g = torch.Generator().manual_seed(2)
+    n, d_in, d_sae = 5, 3, 7
+    sae_in = torch.randn(n, d_in, generator=g, dtype=torch.float64)
+    W_enc = torch.randn(d_in, d_sae, generator=g, dtype=torch.float64)
+    b_enc = torch.randn(d_sae, generator=g, dtype=torch.float64)
+    W_dec = torch.randn(d_sae, d_in, generator=g, dtype=torch.float64)
+    kept = torch.randperm(n * d_sae, generator=g)[:12].sort().values
+    rows, cols = kept // d_sae, kept % d_sae
+
+    def codec(x, w_enc, b, w_dec):  # the values are the kept pre-activations, given (as in the step) detached
+        values = (x @ w_enc + b).view(-1)[kept].detach()
+        return _SparseCodec.apply(values, x, w_enc, b, w_dec, rows, cols)
+
+    args = [t.clone().requires_grad_() for t in (sae_in, W_enc, b_enc, W_dec)]
+    assert torch.autograd.gradcheck(codec, args)
+    values = (sae_in @ W_enc + b_enc).view(-1)[kept]
+    x = sae_in.clone()  # no gradient wanted: the codec's input gradient is not computed
+    w = W_dec.clone().requires_grad_()
+    _SparseCodec.apply(values, x, W_enc, b_enc, w, rows, cols).sum().backward()
+    assert x.grad is None and w.grad is not None

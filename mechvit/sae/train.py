@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from sae_lens import SAE
 from sae_lens import __version__ as sae_lens_version
@@ -217,11 +218,14 @@ class _FastBatchTopK(BatchTopK):
     - ``torch.topk(..., sorted=False)``: torch does not sort the ``k * batch`` kept values (the kept set is the
       same);
     - on CPU, a pre-filter: the ``k * batch``-th largest value moves little from one training step to the
-      next, so only the activations ``>= 0.8 x`` the previous step's go through ``torch.topk``. When at least
-      ``k * batch`` activations pass, the global top set lies among them (every kept value is ``>=`` the
-      ``k * batch``-th largest, which is ``>=`` the filter), so the selection is exact; otherwise (the first
-      step, a shifted distribution) the whole batch goes through ``torch.topk``. Only ties at the boundary
-      value could pick other indices of equal values, as two ``torch.topk`` calls may.
+      next, so only the activations ``>= 0.8 x`` the previous step's go through ``torch.topk`` (found with
+      :func:`_at_least`). When at least ``k * batch`` activations pass, the global top set lies among them
+      (every kept value is ``>=`` the ``k * batch``-th largest, which is ``>=`` the filter), so the selection
+      is exact; otherwise (the first step, a shifted distribution) the whole batch goes through
+      ``torch.topk``. Only ties at the boundary value could pick other indices of equal values, as two
+      ``torch.topk`` calls may;
+    - the kept indices come out ascending (the candidates >= the ``k * batch``-th value, in order) for the
+      sparse training step, which needs them sorted, without a sort (one only on a tie at the boundary).
 
     The output is ``zeros.scatter(kept indices, kept values)`` as in sae-lens, so output and gradient equal
     sae-lens's (tested, also over a run of steps that takes both paths)."""
@@ -235,19 +239,27 @@ class _FastBatchTopK(BatchTopK):
 
     @torch.no_grad()
     def select(self, acts: Tensor) -> Tensor:
-        """The flat indices of the kept entries of ``acts`` (already ReLU'd): the batch's top ``k x rows``."""
-        flat = acts.flatten()
+        """The flat indices of the kept entries of ``acts`` (already ReLU'd), ascending: the batch's top
+        ``k x rows``."""
+        flat = acts.detach().flatten()
         keep = int(self.k * acts.shape[:-1].numel())
-        idx = None
+        if keep == 0:
+            return torch.zeros(0, dtype=torch.long, device=flat.device)
         if self._floor > 0 and flat.device.type == "cpu":
-            candidates = (flat >= self._floor).nonzero().squeeze(1)
+            candidates = _at_least(flat, self._floor)  # ascending
             if len(candidates) >= keep:
-                idx = candidates[torch.topk(flat[candidates], keep, sorted=False).indices]
                 self.filtered_steps += 1
-        if idx is None:
-            idx = torch.topk(flat, keep, sorted=False).indices
-        if flat.device.type == "cpu" and keep > 0:
-            self._floor = self.FILTER * float(flat[idx].min())
+                values = flat.index_select(0, candidates)
+                top = torch.topk(values, keep, sorted=False)
+                kth = float(top.values.min())
+                self._floor = self.FILTER * kth
+                # the candidates >= the keep-th largest value are the kept set, still ascending, unless a tie
+                # at that value makes them more than keep: then torch.topk's pick, sorted
+                idx = candidates[_at_least(values, kth)]
+                return idx if len(idx) == keep else candidates.index_select(0, top.indices).sort().values
+        idx = torch.topk(flat, keep, sorted=False).indices.sort().values
+        if flat.device.type == "cpu":
+            self._floor = self.FILTER * float(flat.index_select(0, idx).min())
         return idx
 
     def forward(self, x: Tensor) -> Tensor:
@@ -255,6 +267,16 @@ class _FastBatchTopK(BatchTopK):
         flat = acts.flatten()
         idx = self.select(acts)
         return torch.zeros_like(flat).scatter(-1, idx, flat.gather(-1, idx)).reshape(acts.shape)
+
+
+def _at_least(flat: Tensor, floor: float) -> Tensor:
+    """The indices of the entries of the 1-d CPU tensor ``flat`` that are ``>= floor``, ascending. numpy's
+    ``flatnonzero`` of the comparison, where it applies, because it measurably beats torch's: 0.7 ms against
+    2.5 ms (``(flat >= floor).nonzero()``) on 1024 x 1152 float32 activations on one thread, a sixth of a
+    BatchTopK training step of the default study; same indices (tested)."""
+    if flat.dtype in (torch.float32, torch.float64) and flat.is_contiguous() and not flat.requires_grad:
+        return torch.from_numpy(np.flatnonzero(flat.numpy() >= floor))
+    return (flat >= floor).nonzero().squeeze(1)
 
 
 def min_positive(acts: Tensor) -> Tensor:
@@ -292,7 +314,8 @@ class _SparseCodec(torch.autograd.Function):
         grad_w_dec = torch.sparse.mm(_coo(by_col, values, (d_sae, n)), g_out)
         grad_w_enc = torch.sparse.mm(_coo(by_col, g, (d_sae, n)), sae_in).t()
         grad_b_enc = torch.zeros(d_sae, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
-        grad_in = _csr(crow, cols, g, (n, d_sae)) @ W_enc.t()
+        # the input's gradient only when it needs one (the SAE's input is data: never in training)
+        grad_in = _csr(crow, cols, g, (n, d_sae)) @ W_enc.t() if ctx.needs_input_grad[1] else None
         return g, grad_in, grad_w_enc, grad_b_enc, grad_w_dec, None, None
 
 
@@ -345,7 +368,7 @@ class _BatchTopKTrainingSAE(BatchTopKTrainingSAE):
             raw = sae_in @ self.W_enc + self.b_enc
             hidden_pre = raw * norms if rescale else raw
             acts = hidden_pre.relu()
-            kept = self.activation_fn.select(acts).sort().values  # sorted: a coalesced sparse tensor
+            kept = self.activation_fn.select(acts)  # ascending: a coalesced sparse tensor
             rows, cols = kept // d_sae, kept % d_sae
             kept_acts = acts.view(-1).index_select(0, kept)
             # sparse COO, which sae-lens's trainer takes (its firing counts and L0 cost a third as much)
@@ -387,9 +410,14 @@ class _BatchTopKTrainingSAE(BatchTopKTrainingSAE):
         k_aux = min(k_aux, n_dead)
         cols = dead.nonzero().squeeze(1)
         pre = sae_in @ self.W_enc.index_select(1, cols) + self.b_enc.index_select(0, cols)
-        rank = pre.detach() * norms.index_select(0, cols) if norms is not None else pre.detach()
-        top = rank.topk(k_aux, sorted=False).indices  # x norm, then / norm: the raw pre-activation decodes
-        aux_acts = torch.zeros_like(pre).scatter(-1, top, pre.gather(-1, top))
+        if k_aux < n_dead:
+            rank = pre.detach() * norms.index_select(0, cols) if norms is not None else pre.detach()
+            top = rank.topk(
+                k_aux, sorted=False
+            ).indices  # x norm, then / norm: the raw pre-activation decodes
+            aux_acts = torch.zeros_like(pre).scatter(-1, top, pre.gather(-1, top))
+        else:  # every dead latent is in its row's top k_aux (most steps of the default: <= 48 dead)
+            aux_acts = pre
         residual = (step_input.sae_in - sae_out).detach()
         recons = aux_acts @ self.W_dec.index_select(0, cols)
         return self.cfg.aux_loss_coefficient * scale * (recons - residual).pow(2).sum(dim=-1).mean()
