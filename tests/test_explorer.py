@@ -589,3 +589,46 @@ def test_max_latents_lists_the_most_often_firing_latents_with_the_same_numbers(b
             assert not rest and int(f) in entry["live"]
     with pytest.raises(ValueError, match="max_latents must be >= 1"):
         write_explorer(tmp_path, saes, models, images, labels, CLASSES, max_latents=0, progress=False)
+
+
+def test_forked_workers_give_the_pages_numbers_and_cards_of_one_process(built, tmp_path):
+    """``workers=2``: each model's statistics and the feature cards in forked one-thread processes; the page's
+    data equal the one-process page's (every array, to the one-thread forwards' float rounding, which the
+    quantised arrays absorb) and the cards are written and linked the same."""
+    from mechvit.viz.explorer import explorer_data
+
+    _, saes, stats, images, labels = built
+    g = torch.Generator().manual_seed(1)
+    assert torch.equal(torch.rand(images.shape, generator=g), images)
+    corrupted = (images + 0.3 * torch.randn(images.shape, generator=g)).clamp(0, 1)
+    base = tiny_model(0)
+    models = {"base": base, "ft": fine_tuned(base)}
+    threads = torch.get_num_threads()
+    kw = dict(corrupted=corrupted, k=4, n_assoc=8, progress=False)
+    _, forked = explorer_data(saes, models, images, labels, CLASSES, workers=2, **kw)
+    assert torch.get_num_threads() == threads  # the workers' one thread stays in the workers
+    assert forked.keys() == stats.keys()
+    for name, st in stats.items():
+        for key in (
+            "density",
+            "mean_act",
+            "top_idx",
+            "top_maps",
+            "top_maps_corrupted",
+            "hist",
+            "probs_ablate",
+        ):
+            np.testing.assert_allclose(getattr(forked[name], key), getattr(st, key), rtol=1e-5, atol=1e-6)
+        assert forked[name].label == st.label
+    one = write_explorer(tmp_path / "one", saes, models, images, labels, CLASSES, cards=1, stats=stats, **kw)
+    two = write_explorer(
+        tmp_path / "two", saes, models, images, labels, CLASSES, cards=1, stats=stats, workers=2, **kw
+    )
+    assert page_data(one) == page_data(two)
+    for entry in page_data(two)["saes"]:
+        (card,) = entry["cards"].values()
+        for key in ("png", "svg"):
+            a, b = one.parent / card[key], two.parent / card[key]
+            assert b.is_file() and b.stat().st_size > 0 and a.is_file()
+    with pytest.raises(ValueError, match="workers must be a number of processes >= 1, got 0"):
+        explorer_data(saes, models, images, labels, CLASSES, workers=0, **kw)

@@ -1,4 +1,5 @@
-"""keep_freed_memory: freed blocks stay in the process instead of going back to the kernel."""
+"""keep_freed_memory: freed blocks stay in the process instead of going back to the kernel; forked_map: the
+results of one-thread forked workers."""
 
 import subprocess
 import sys
@@ -62,3 +63,36 @@ def test_progress_bars_silences_every_tqdm_bar_inside_the_block_only():
     with pytest.raises(KeyError), progress_bars(False):
         raise KeyError("x")
     assert "3/3" in shown(tqdm)  # restored after an error too
+
+
+def test_forked_map_runs_a_closure_in_one_thread_processes_and_raises_their_errors():
+    import os
+
+    import torch
+
+    from mechvit.runtime import forked_map
+
+    table = {i: torch.full((3,), float(i)) for i in range(5)}  # inherited by fork, never pickled
+    parent, threads = os.getpid(), torch.get_num_threads()
+
+    def work(i):
+        return float(table[i].sum()), os.getpid(), torch.get_num_threads()
+
+    out = dict(forked_map(work, range(5), 2))
+    assert sorted(out) == list(range(5)) and torch.get_num_threads() == threads
+    assert all(v[0] == 3.0 * i and v[1] != parent and v[2] == 1 for i, v in out.items())
+    assert len({v[1] for v in out.values()}) == 5  # a fresh process per item
+
+    def broken(i):
+        if i == 3:
+            raise KeyError("item 3 is missing")
+        return i
+
+    with pytest.raises(KeyError, match="item 3 is missing"):
+        list(forked_map(broken, range(5), 2))
+    nested = forked_map(work, range(2), 1)
+    next(nested)
+    with pytest.raises(RuntimeError, match="forked_map does not nest"):
+        next(forked_map(work, range(2), 1))
+    nested.close()
+    assert dict(forked_map(work, [1], 1))[1][0] == 3.0  # usable again once the first one is closed

@@ -283,6 +283,9 @@ class ExplorerSection:
     # tokens, and measures the per-latent effects (ablate/double on the top images, direct logit effect) of
     # those only; None: every live latent (cost and page size grow with d_sae x top_images x classes)
     max_latents: int | None = None
+    # CPU: processes computing the models' per-latent statistics at once, one thread each (None: num_threads);
+    # 1: one model after the other in this process. The same numbers to float rounding of the forwards
+    parallel_models: int | None = None
 
 
 @dataclass
@@ -415,6 +418,13 @@ def validate(cfg: StudyConfig) -> StudyConfig:
         raise ConfigError(
             f"sae.parallel_models: expected null (one process per thread of num_threads) or a number of "
             f"processes >= 1, got {cfg.sae.parallel_models!r}"
+        )
+    if cfg.explorer.parallel_models is not None and (
+        isinstance(cfg.explorer.parallel_models, bool) or cfg.explorer.parallel_models < 1
+    ):
+        raise ConfigError(
+            f"explorer.parallel_models: expected null (one process per thread of num_threads) or a number of "
+            f"processes >= 1, got {cfg.explorer.parallel_models!r}"
         )
     if cfg.sae.enabled and cfg.sae.n_eval_images < 2:
         raise ConfigError(

@@ -186,6 +186,7 @@ def explorer_data(
     max_latents: int | None = None,
     progress: bool = True,
     stats: Mapping[str, Any] | None = None,
+    workers: int = 1,
 ) -> tuple[dict, dict]:
     """The page's data and ``{sae name: FeatureStats}``. ``images`` [N, C, H, W] in [0, 1] (what is shown;
     ``transform`` maps them to model inputs), ``labels`` [N]; ``corrupted`` any [M, C, H, W] in [0, 1] with
@@ -194,7 +195,9 @@ def explorer_data(
     label, ``n_bins`` histogram bins (:func:`mechvit.analysis.features.feature_stats`). ``max_latents``: list
     only this many live latents per SAE, those firing on the most clean + corrupted patch tokens, whose effects
     alone are computed (``feature_stats(max_effect_latents=...)``); None: every live latent. ``stats`` reuses
-    already computed FeatureStats (the page lists the latents whose effects they hold)."""
+    already computed FeatureStats (the page lists the latents whose effects they hold). ``workers`` > 1 (CPU,
+    Linux): the models' statistics in that many forked one-thread processes, a model's SAEs together
+    (:func:`mechvit.runtime.forked_map`); the same numbers to the float rounding of one thread's forwards."""
     import torch
 
     from mechvit.analysis.features import decoder_directions, feature_stats, nearest_cosine
@@ -234,13 +237,17 @@ def explorer_data(
                 f"corrupted_groups must count the {0 if corrupted is None else len(corrupted)} corrupted "
                 f"images (non-negative counts), got {n_grouped}"
             )
+    if isinstance(workers, bool) or int(workers) < 1:
+        raise ValueError(f"workers must be a number of processes >= 1, got {workers!r}")
     loaded = {s.name: _load_sae(s) for s in saes}
     stats = dict(stats or {})
-    cache: dict = {}  # each model's own activations and probabilities, computed once for all its SAEs
-    for s in saes:
-        if s.name not in stats:
-            stats[s.name] = feature_stats(
-                models[s.model],
+    todo = [s for s in saes if s.name not in stats]
+
+    def model_stats(model: str) -> dict:
+        cache: dict = {}  # the model's own activations and probabilities, computed once for all its SAEs
+        return {
+            s.name: feature_stats(
+                models[model],
                 loaded[s.name],
                 images,
                 labels,
@@ -252,10 +259,22 @@ def explorer_data(
                 n_assoc=n_assoc,
                 n_bins=n_bins,
                 max_effect_latents=max_latents,
-                progress=progress,
+                progress=progress and workers == 1,
                 cache=cache,
             )
-    del cache
+            for s in todo
+            if s.model == model
+        }
+
+    groups = list(dict.fromkeys(s.model for s in todo))
+    if workers > 1 and len(groups) > 1:
+        from mechvit.runtime import forked_map
+
+        for _, part in forked_map(model_stats, groups, min(int(workers), len(groups))):
+            stats.update(part)
+    else:
+        for model in groups:
+            stats.update(model_stats(model))
     dirs = {n: decoder_directions(sae) for n, sae in loaded.items()}
 
     def counterparts(x: ExplorerSAE) -> list[ExplorerSAE]:
@@ -429,6 +448,7 @@ def write_explorer(
     cards: int = 0,
     progress: bool = True,
     stats: Mapping[str, Any] | None = None,
+    workers: int = 1,
 ) -> Path:
     """Write the explorer page: ``out`` is the ``.html`` path or a folder (then ``out/features.html``).
 
@@ -440,7 +460,8 @@ def write_explorer(
     often firing (None: every live latent; see :func:`explorer_data`).
     ``cards > 0`` also writes publication feature cards (PNG + SVG, :func:`mechvit.viz.feature_card`) of
     each SAE's ``cards`` densest latents under ``feature_cards/`` beside the page, linked from it.
-    Returns the page's path."""
+    ``workers`` > 1 (CPU, Linux): the models' statistics and the cards in that many forked one-thread
+    processes (see :func:`explorer_data`). Returns the page's path."""
     from mechvit._io import atomic_write_text
 
     out = Path(out)
@@ -463,27 +484,36 @@ def write_explorer(
         max_latents=max_latents,
         progress=progress,
         stats=stats,
+        workers=workers,
     )
     if cards > 0:
         from mechvit.viz.feature_card import feature_card
 
         imgs = np.asarray(images, dtype=np.float32)
-        for entry in data["saes"]:
+        jobs = []  # (SAE index, latent)
+        for i, entry in enumerate(data["saes"]):
             st = stats[entry["name"]]
             live = np.asarray(entry["live"], dtype=np.int64)
-            for f in live[np.argsort(-st.density[live], kind="stable")[:cards]]:
-                stem = path.parent / CARDS_DIR / _slug(entry["name"]) / f"latent_{int(f)}"
-                feature_card(
-                    st,
-                    int(f),
-                    imgs,
-                    class_names,
-                    path=stem.with_suffix(".png"),
-                    formats=("png", "svg"),
-                    title=f"{entry['name']} · latent #{int(f)}",
-                )
-                rel = stem.relative_to(path.parent).as_posix()
-                entry["cards"][int(f)] = {"png": rel + ".png", "svg": rel + ".svg"}
+            jobs += [(i, int(f)) for f in live[np.argsort(-st.density[live], kind="stable")[:cards]]]
+
+        def card(job: tuple[int, int]) -> str:
+            entry, f = data["saes"][job[0]], job[1]
+            stem = path.parent / CARDS_DIR / _slug(entry["name"]) / f"latent_{f}"
+            title = f"{entry['name']} · latent #{f}"
+            feature_card(
+                stats[entry["name"]], f, imgs, class_names, path=stem.with_suffix(".png"), formats=("png", "svg"),
+                title=title,
+            )  # fmt: skip
+            return stem.relative_to(path.parent).as_posix()
+
+        if workers > 1 and len(jobs) > 1:  # matplotlib is single-threaded: the cards in forked processes too
+            from mechvit.runtime import forked_map
+
+            done = dict(forked_map(card, jobs, min(int(workers), len(jobs))))
+        else:
+            done = {job: card(job) for job in jobs}
+        for i, f in jobs:  # in the order of the sequential loop
+            data["saes"][i]["cards"][f] = {"png": done[(i, f)] + ".png", "svg": done[(i, f)] + ".svg"}
     atomic_write_text(path, explorer_html(data))
     return path
 

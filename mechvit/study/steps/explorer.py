@@ -22,7 +22,7 @@ import torch
 
 from mechvit.study.context import StudyContext
 from mechvit.study.result import StepResult, StepWriter, Table
-from mechvit.study.steps.sae import sae_runs
+from mechvit.study.steps.sae import parallel_workers, sae_runs
 
 TITLE = "Feature explorer"
 SECTION = "explorer"
@@ -97,6 +97,7 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
         max_latents=e.max_latents,
         cards=e.cards,
         progress=ctx.progress,
+        workers=parallel_workers(ctx, len(models), e),
     )
     seconds = round(time.time() - t0, 2)
     size = path.stat().st_size

@@ -16,11 +16,12 @@ import functools
 import shutil
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from mechvit.analysis import collect_activations, mean_ci, paired_difference_ci
-from mechvit.runtime import rank0_runs, rank_and_world
+from mechvit.runtime import forked_map, rank0_runs, rank_and_world
 from mechvit.sae import (
     CorruptionMix,
     ablation_gap,
@@ -171,12 +172,13 @@ def _train_model(ctx: StudyContext, w: StepWriter, name: str, runs: list[SAERun]
     rank0_runs(evaluate_and_save, f"evaluating and saving the SAEs of {name!r}")
 
 
-def parallel_workers(ctx: StudyContext, n_models: int) -> int:
-    """How many processes train the models' SAE groups at once: ``sae.parallel_models`` (None: one per
-    thread of ``num_threads``), never more than the models left; 1 on CUDA and under torchrun."""
+def parallel_workers(ctx: StudyContext, n_models: int, section: Any = None) -> int:
+    """How many processes work on the models at once: ``<section>.parallel_models`` of the config section
+    (default ``sae``; None: one per thread of ``num_threads``), never more than the models left; 1 on CUDA and
+    under torchrun."""
     if n_models < 2 or ctx.device.type != "cpu" or rank_and_world()[1] > 1:
         return 1
-    want = ctx.cfg.sae.parallel_models or ctx.cfg.num_threads or torch.get_num_threads()
+    want = (section or ctx.cfg.sae).parallel_models or ctx.cfg.num_threads or torch.get_num_threads()
     return max(1, min(want, n_models))
 
 
@@ -186,25 +188,9 @@ def parallel_workers(ctx: StudyContext, n_models: int) -> int:
 # 1-thread processes side by side 21,500 + 22,100 = 43,600 (1.28x the 2-thread process). Each worker runs one
 # thread, so the SAEs are those of a one-thread sequential run, bit for bit (tests/test_study_sae_parallel.py).
 # Fork, not spawn: the workers inherit the study context (models, images) instead of pickling it.
-_FORKED: tuple | None = None  # (ctx, writer, {model: runs left}, train images), set for the forked workers
-
-
-def _worker_init() -> None:
-    torch.set_num_threads(1)
-
-
-def _train_in_worker(name: str) -> str:
-    ctx, w, todo, train_x = _FORKED
-    _train_model(ctx, w, name, todo[name], train_x)
-    return name
-
-
 def _train_in_processes(ctx: StudyContext, w: StepWriter, todo: dict, train_x, workers: int, bar) -> None:
     """Each model's SAE group in its own forked one-thread process, ``workers`` at a time; each SAE is saved
     by its worker when done (an interrupted step keeps them), a worker's error is raised here."""
-    import multiprocessing as mp
-
-    global _FORKED
     s = ctx.cfg.sae
     n = s.quality_images
     ctx.test_images(n)  # load once here so that every worker inherits them
@@ -212,13 +198,8 @@ def _train_in_processes(ctx: StudyContext, w: StepWriter, todo: dict, train_x, w
         ctx.corrupted(c, n)
     for name in todo:
         ctx.model(name)
-    _FORKED = (ctx, w, todo, train_x)
-    try:
-        with mp.get_context("fork").Pool(workers, initializer=_worker_init, maxtasksperchild=1) as pool:
-            for _ in pool.imap_unordered(_train_in_worker, list(todo)):
-                bar.update(1)
-    finally:
-        _FORKED = None
+    for _ in forked_map(lambda name: _train_model(ctx, w, name, todo[name], train_x), list(todo), workers):
+        bar.update(1)
 
 
 def _low_high(est: dict | None, scale: float = 1.0) -> list:
