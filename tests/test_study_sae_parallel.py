@@ -76,11 +76,28 @@ def test_worker_count_follows_the_config():
     assert sae_step.parallel_workers(ctx(None, 2, "meta"), 4) == 1  # not on an accelerator
 
 
-def test_parallel_models_is_checked(checkpoints):
+@pytest.mark.parametrize("section", ["sae", "explorer"])
+@pytest.mark.parametrize("bad", [0, True])
+def test_parallel_models_is_checked(checkpoints, section, bad):
     cfg = tiny_config(checkpoints)
-    cfg["sae"] = {**cfg["sae"], "parallel_models": 0}
-    with pytest.raises(ConfigError, match=r"sae.parallel_models: expected null .* got 0"):
+    cfg[section] = {**cfg.get(section, {}), "parallel_models": bad}
+    with pytest.raises(ConfigError, match=rf"{section}.parallel_models: expected (null|int).* got .*{bad}"):
         study_config_from_dict(cfg)
+    cfg[section]["parallel_models"] = 3
+    assert getattr(study_config_from_dict(cfg), section).parallel_models == 3
+
+
+def test_explorer_worker_count_follows_its_own_setting():
+    def ctx(sae, explorer, threads):
+        cfg = SimpleNamespace(
+            sae=SimpleNamespace(parallel_models=sae), explorer=SimpleNamespace(parallel_models=explorer),
+            num_threads=threads,
+        )  # fmt: skip
+        return SimpleNamespace(cfg=cfg, device=torch.device("cpu"))
+
+    assert sae_step.parallel_workers(ctx(1, None, 2), 4, ctx(1, None, 2).cfg.explorer) == 2
+    c = ctx(None, 1, 2)
+    assert sae_step.parallel_workers(c, 4, c.cfg.explorer) == 1 and sae_step.parallel_workers(c, 4) == 2
 
 
 def test_sae_sweep_script_prints_a_row_per_configuration(checkpoints, tmp_path):
