@@ -412,9 +412,8 @@ class _BatchTopKTrainingSAE(BatchTopKTrainingSAE):
         pre = sae_in @ self.W_enc.index_select(1, cols) + self.b_enc.index_select(0, cols)
         if k_aux < n_dead:
             rank = pre.detach() * norms.index_select(0, cols) if norms is not None else pre.detach()
-            top = rank.topk(
-                k_aux, sorted=False
-            ).indices  # x norm, then / norm: the raw pre-activation decodes
+            # ranked x norm (as sae-lens ranks), then / norm: the raw pre-activation decodes
+            top = rank.topk(k_aux, sorted=False).indices
             aux_acts = torch.zeros_like(pre).scatter(-1, top, pre.gather(-1, top))
         else:  # every dead latent is in its row's top k_aux (most steps of the default: <= 48 dead)
             aux_acts = pre
