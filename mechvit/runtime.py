@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
+import pickle
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -74,9 +75,12 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _forked_call(item: Any) -> tuple[Any, Any]:
+def _forked_call(item: Any) -> bytes:
     assert _FORKED is not None
-    return item, _FORKED(item)
+    # plain pickle, not multiprocessing's: torch registers reductions there that move a tensor into shared
+    # memory and pass its file descriptor from a thread of the sending process, which a worker that exits
+    # after its one item may no longer serve (the parent then waits for ever)
+    return pickle.dumps((item, _FORKED(item)), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def forked_map(fn: Callable[[Any], T], items: Iterable[Any], workers: int) -> Iterator[tuple[Any, T]]:
@@ -94,7 +98,8 @@ def forked_map(fn: Callable[[Any], T], items: Iterable[Any], workers: int) -> It
     _FORKED = fn
     try:
         with mp.get_context("fork").Pool(int(workers), initializer=_one_thread, maxtasksperchild=1) as pool:
-            yield from pool.imap_unordered(_forked_call, list(items))
+            for blob in pool.imap_unordered(_forked_call, list(items)):
+                yield pickle.loads(blob)
     finally:
         _FORKED = None
 

@@ -217,3 +217,34 @@ def test_cli_train_then_evaluate_checkpoints_updates_cards(tmp_path, capsys):
     assert card["corruption_top1"]["pixelate"]["3"] == pytest.approx(row["top1"], abs=1e-4)
     with pytest.raises(SystemExit, match=r"c\.yaml: epochz: unknown key; expected one of out, model"):
         main(["train", "--config", str(cfg), "--set", "epochz=2"])
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_robustness_matrix_in_forked_workers_equals_one_process(workers):
+    """``workers``: the models split into groups scored in forked one-thread processes; the same rows, in the
+    same order, and the same per-image results (also with the clean pass off and three groups of 1-2 models);
+    a bad worker count or an accelerator is refused."""
+    kw = dict(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=16, depth=1, num_heads=2)
+    torch.manual_seed(0)
+    models = {n: timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw).eval() for n in "abcde"}
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(20, 1, 8, 8, generator=g), torch.randint(0, 3, (20,), generator=g)
+    args = (x, y, ["saturate", "gaussian_noise", "gaussian_blur"], [1, 3])
+    for include_clean in (True, False):
+        kw2 = dict(batch_size=8, seed=5, progress=False, include_clean=include_clean, return_per_image=True)
+        one, per_one = robustness_matrix(models, *args, **kw2)
+        many, per_many = robustness_matrix(models, *args, workers=workers, **kw2)
+        assert many == one and list(per_many) == list(per_one)
+        for key, v in per_one.items():
+            assert v.keys() == per_many[key].keys()
+            for name in v:
+                assert torch.equal(v[name], per_many[key][name]), (key, name)
+    rows, correct = robustness_matrix(
+        models, *args, batch_size=8, progress=False, return_correct=True, workers=2
+    )
+    assert list(correct) == [(r["model"], r["corruption"], r["severity"]) for r in rows]
+    assert robustness_matrix(models, *args, batch_size=8, progress=False, workers=2) == rows
+    with pytest.raises(ValueError, match="workers must be a number of processes >= 1, got 0"):
+        robustness_matrix(models, *args, progress=False, workers=0)
+    with pytest.raises(ValueError, match="workers > 1 runs forked one-thread CPU processes; got device meta"):
+        robustness_matrix(models, *args, progress=False, workers=2, device="meta")

@@ -78,6 +78,12 @@ def test_forked_map_runs_a_closure_in_one_thread_processes_and_raises_their_erro
     def work(i):
         return float(table[i].sum()), os.getpid(), torch.get_num_threads()
 
+    # tensors come back whole (multiprocessing's pickler would pass them through shared memory, served by the
+    # worker, which exits after its item: a hang)
+    tensors = dict(forked_map(lambda i: {"t": table[i] * 2, "big": torch.ones(100_000) * i}, range(5), 2))
+    assert all(
+        torch.equal(v["t"], 2 * table[i]) and float(v["big"].sum()) == 1e5 * i for i, v in tensors.items()
+    )
     out = dict(forked_map(work, range(5), 2))
     assert sorted(out) == list(range(5)) and torch.get_num_threads() == threads
     assert all(v[0] == 3.0 * i and v[1] != parent and v[2] == 1 for i, v in out.items())

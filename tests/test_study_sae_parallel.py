@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from mechvit.study import run_study
 from mechvit.study.config import ConfigError, study_config_from_dict
+from mechvit.study.context import parallel_workers
 from mechvit.study.steps import sae as sae_step
 from tests.test_study import make_checkpoints, tiny_config
 
@@ -69,11 +70,13 @@ def test_worker_count_follows_the_config():
         cfg = SimpleNamespace(sae=SimpleNamespace(parallel_models=parallel), num_threads=threads)
         return SimpleNamespace(cfg=cfg, device=torch.device(device))
 
-    assert sae_step.parallel_workers(ctx(None, 2), 4) == 2
-    assert sae_step.parallel_workers(ctx(None, 8), 3) == 3  # never more than the models left
-    assert sae_step.parallel_workers(ctx(1, 2), 4) == 1
-    assert sae_step.parallel_workers(ctx(4, 1), 1) == 1
-    assert sae_step.parallel_workers(ctx(None, 2, "meta"), 4) == 1  # not on an accelerator
+    assert parallel_workers(ctx(None, 2), 4, ctx(None, 2).cfg.sae) == 2
+    assert parallel_workers(ctx(None, 8), 3, ctx(None, 8).cfg.sae) == 3  # never more than the models left
+    assert parallel_workers(ctx(1, 2), 4, ctx(1, 2).cfg.sae) == 1
+    assert parallel_workers(ctx(4, 1), 1, ctx(4, 1).cfg.sae) == 1
+    assert (
+        parallel_workers(ctx(None, 2, "meta"), 4, ctx(None, 2, "meta").cfg.sae) == 1
+    )  # not on an accelerator
 
 
 @pytest.mark.parametrize("section", ["sae", "explorer"])
@@ -95,9 +98,9 @@ def test_explorer_worker_count_follows_its_own_setting():
         )  # fmt: skip
         return SimpleNamespace(cfg=cfg, device=torch.device("cpu"))
 
-    assert sae_step.parallel_workers(ctx(1, None, 2), 4, ctx(1, None, 2).cfg.explorer) == 2
+    assert parallel_workers(ctx(1, None, 2), 4, ctx(1, None, 2).cfg.explorer) == 2
     c = ctx(None, 1, 2)
-    assert sae_step.parallel_workers(c, 4, c.cfg.explorer) == 1 and sae_step.parallel_workers(c, 4) == 2
+    assert parallel_workers(c, 4, c.cfg.explorer) == 1 and parallel_workers(c, 4, c.cfg.sae) == 2
 
 
 def test_sae_sweep_script_prints_a_row_per_configuration(checkpoints, tmp_path):

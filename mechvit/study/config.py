@@ -156,6 +156,9 @@ class RobustnessSection:
     severities: list[int] = field(default_factory=lambda: [1, 2, 4])
     n_images: int = 1000
     batch_size: int = 250
+    # CPU: processes scoring groups of the models at once, one thread each (None: num_threads); 1: every model
+    # in this process. The same numbers bit for bit (a HookedViT's logits do not depend on the thread count)
+    parallel_models: int | None = None
 
 
 @dataclass
@@ -412,20 +415,13 @@ def validate(cfg: StudyConfig) -> StudyConfig:
             f"sae.n_fidelity_images: expected null (n_eval_images) or >= 2 images for a CI, got "
             f"{cfg.sae.n_fidelity_images}"
         )
-    if cfg.sae.parallel_models is not None and (
-        isinstance(cfg.sae.parallel_models, bool) or cfg.sae.parallel_models < 1
-    ):
-        raise ConfigError(
-            f"sae.parallel_models: expected null (one process per thread of num_threads) or a number of "
-            f"processes >= 1, got {cfg.sae.parallel_models!r}"
-        )
-    if cfg.explorer.parallel_models is not None and (
-        isinstance(cfg.explorer.parallel_models, bool) or cfg.explorer.parallel_models < 1
-    ):
-        raise ConfigError(
-            f"explorer.parallel_models: expected null (one process per thread of num_threads) or a number of "
-            f"processes >= 1, got {cfg.explorer.parallel_models!r}"
-        )
+    for section in ("robustness", "sae", "explorer"):
+        workers = getattr(cfg, section).parallel_models
+        if workers is not None and (isinstance(workers, bool) or workers < 1):
+            raise ConfigError(
+                f"{section}.parallel_models: expected null (one process per thread of num_threads) or a number "
+                f"of processes >= 1, got {workers!r}"
+            )
     if cfg.sae.enabled and cfg.sae.n_eval_images < 2:
         raise ConfigError(
             f"sae.n_eval_images: the code cosine's mismatched-patch baseline needs at least 2 images, got "

@@ -244,6 +244,18 @@ class StudyContext:
         return tqdm(total=total, desc=desc, unit="run", leave=False, disable=not self.progress)
 
 
+def parallel_workers(ctx: Any, n_models: int, section: Any) -> int:
+    """How many forked one-thread processes work on the models at once in a step: ``section.parallel_models``
+    of its config section (None: one per thread of ``num_threads``), never more than the models; 1 on an
+    accelerator and under torchrun (:func:`mechvit.runtime.forked_map`)."""
+    from mechvit.runtime import rank_and_world
+
+    if n_models < 2 or ctx.device.type != "cpu" or rank_and_world()[1] > 1:
+        return 1
+    want = section.parallel_models or ctx.cfg.num_threads or torch.get_num_threads()
+    return max(1, min(want, n_models))
+
+
 def slug(label: str) -> str:
     """A condition label as a file-name part (``gaussian_blur/4`` -> ``gaussian_blur-4``)."""
     return label.replace("/", "-")

@@ -20,9 +20,9 @@ import time
 
 import torch
 
-from mechvit.study.context import StudyContext
+from mechvit.study.context import StudyContext, parallel_workers
 from mechvit.study.result import StepResult, StepWriter, Table
-from mechvit.study.steps.sae import parallel_workers, sae_runs
+from mechvit.study.steps.sae import sae_runs
 
 TITLE = "Feature explorer"
 SECTION = "explorer"

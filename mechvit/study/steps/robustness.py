@@ -19,7 +19,7 @@ from mechvit.analysis.robustness import (
     unchanged_corruptions,
 )
 from mechvit.analysis.statistics import bootstrap_weights, holm, mcnemar
-from mechvit.study.context import StudyContext
+from mechvit.study.context import StudyContext, parallel_workers
 from mechvit.study.result import StepResult, StepWriter, Table
 from mechvit.viz import figures
 
@@ -107,9 +107,10 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     names, base = ctx.model_names, ctx.base_name
     corrs = list(r.corruptions or CORRUPTIONS)
     models = {n: ctx.wrapped(n) for n in names}
+    workers = parallel_workers(ctx, len(models), r)
     rows, per_image = robustness_matrix(
         models, x, y, corrs, r.severities, seed=cfg.seed, batch_size=r.batch_size, device=ctx.device,
-        progress=ctx.progress, return_per_image=True,
+        progress=ctx.progress, return_per_image=True, workers=workers,
     )  # fmt: skip
     seen = {n: ctx.infos[n].seen for n in names}
     trained = trained_severities(ctx)
@@ -122,6 +123,7 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
             more, pi = robustness_matrix(
                 {n: models[n] for n in who}, x, y, [c], [sev], seed=cfg.seed, batch_size=r.batch_size,
                 device=ctx.device, include_clean=False, progress=ctx.progress, return_per_image=True,
+                workers=workers,
             )  # fmt: skip
             trained_rows += more
             per_image.update(pi)

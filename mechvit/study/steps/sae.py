@@ -16,7 +16,6 @@ import functools
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -35,7 +34,7 @@ from mechvit.sae import (
     train_saes,
 )
 from mechvit.sae.distributed import cache_activations_distributed
-from mechvit.study.context import StudyContext
+from mechvit.study.context import StudyContext, parallel_workers
 from mechvit.study.result import StepResult, StepWriter, Table
 
 TITLE = "Sparse autoencoders"
@@ -172,16 +171,6 @@ def _train_model(ctx: StudyContext, w: StepWriter, name: str, runs: list[SAERun]
     rank0_runs(evaluate_and_save, f"evaluating and saving the SAEs of {name!r}")
 
 
-def parallel_workers(ctx: StudyContext, n_models: int, section: Any = None) -> int:
-    """How many processes work on the models at once: ``<section>.parallel_models`` of the config section
-    (default ``sae``; None: one per thread of ``num_threads``), never more than the models left; 1 on CUDA and
-    under torchrun."""
-    if n_models < 2 or ctx.device.type != "cpu" or rank_and_world()[1] > 1:
-        return 1
-    want = (section or ctx.cfg.sae).parallel_models or ctx.cfg.num_threads or torch.get_num_threads()
-    return max(1, min(want, n_models))
-
-
 # Why processes: an SAE step on a 96-wide residual is small matrix products and sae-lens's Python around them,
 # which a second intra-op thread speeds up only in part. Measured on the 2-core machine, five x12 k12 SAEs in one
 # pass over in-memory rows: one process at 1 thread 23,500 SAE-tokens/s, at 2 threads 33,900 (1.44x); two
@@ -242,7 +231,7 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     todo = {name: left for name, left in todo.items() if left}
     with ctx.bar(len(sae_models(ctx)), "SAEs (per model)") as bar:
         bar.update(len(sae_models(ctx)) - len(todo))
-        workers = parallel_workers(ctx, len(todo))
+        workers = parallel_workers(ctx, len(todo), s)
         if workers > 1:
             _train_in_processes(ctx, w, todo, train_x, workers, bar)
         else:
