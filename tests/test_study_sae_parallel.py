@@ -136,24 +136,3 @@ def test_sae_sweep_script_prints_a_row_per_configuration(checkpoints, tmp_path):
     assert "384 held-out tokens" in done.stdout  # 8 images x 3 inputs (clean + 2 conditions) x 16 patches
     bad = subprocess.run([*cmd, "--grid", "8:4"], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "expected expansion:k[:lr[:aux]] like x8:14" in bad.stderr
-
-
-def test_robustness_and_patching_steps_in_forked_workers_equal_one_process(checkpoints, tmp_path):
-    """``robustness.parallel_models`` / ``patching.parallel_models`` = 2: the models' groups and the patching
-    sweeps in forked one-thread processes give the one-process step results exactly (metrics, notes, the
-    order of every table)."""
-    out = {}
-    for parallel in (1, 2):
-        cfg = tiny_config(checkpoints)
-        for section in ("robustness", "patching"):
-            cfg[section] = {**cfg.get(section, {}), "parallel_models": parallel}
-        run_study(study_config_from_dict(cfg), tmp_path / str(parallel), only=["robustness", "patching"])
-        out[parallel] = {
-            step: json.loads((tmp_path / str(parallel) / step / "result.json").read_text())
-            for step in ("robustness", "patching")
-        }
-    for step in ("robustness", "patching"):
-        a, b = out[1][step], out[2][step]
-        assert a["metrics"] == b["metrics"], step
-        assert a["notes"] == b["notes"] and a["tables"] == b["tables"], step
-    assert out[2]["patching"]["metrics"]["across_models"]  # the across-model sweeps ran (in the workers)

@@ -255,9 +255,6 @@ class PatchingSection:
     # the token positions the by-position sweeps patch (0 = the class token of a ViT with one, then the patch
     # grid row by row); None: every token (the sweep's cost grows with their number: 197 on ViT-B/16 at 224)
     positions: list[int] | None = None
-    # CPU: processes running the sweeps (one per condition within the base, one per fine-tune and condition
-    # across) at once, one thread each (None: num_threads); 1: all in this process. The same numbers bit for bit
-    parallel_models: int | None = None
 
 
 @dataclass
@@ -418,7 +415,7 @@ def validate(cfg: StudyConfig) -> StudyConfig:
             f"sae.n_fidelity_images: expected null (n_eval_images) or >= 2 images for a CI, got "
             f"{cfg.sae.n_fidelity_images}"
         )
-    for section in ("robustness", "sae", "explorer", "patching"):
+    for section in ("robustness", "sae", "explorer"):
         workers = getattr(cfg, section).parallel_models
         if workers is not None and (isinstance(workers, bool) or workers < 1):
             raise ConfigError(

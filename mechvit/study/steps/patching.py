@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from mechvit.analysis import activation_patching, attribution_patching
 from mechvit.analysis.patching import DENOM_NA_LOGITS, DENOM_UNSTABLE_LOGITS
-from mechvit.runtime import forked_map
-from mechvit.study.context import StudyContext, parallel_workers
+from mechvit.study.context import StudyContext
 from mechvit.study.result import StepResult, StepWriter, Table
 from mechvit.viz import figures
 
@@ -33,52 +32,30 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     jobs = [("within", c, None) for c in ctx.cfg.conditions]
     if s.across_models:
         jobs += [("across", c, n) for n in ctx.finetuned_names for c in ctx.cfg.conditions]
-    for c in ctx.cfg.conditions:  # loaded here, so that forked workers inherit them
-        ctx.corrupted(c, s.n_images)
-    for n in {n for _, _, n in jobs if n}:
-        ctx.model(n)
-
-    def compute(i: int) -> tuple[dict, str | None]:
-        kind, c, n = jobs[i]
-        xc = ctx.prep(ctx.corrupted(c, s.n_images))
-        try:
-            if kind == "within":
-                args = (base, ctx.prep(x), xc, y)
-                out = {
-                    "by_pos": patch(*args, component=s.component, **pos, **kw),
-                    "by_layer": patch(*args, component=s.component, by="layer", **kw),
-                }
-                if s.heads:
-                    out["by_head"] = patch(*args, component="z", by="head", **kw)
-                return out, None
-            across = patch(ctx.model(n), xc, xc, y, corrupted_model=base, component=s.component, **pos, **kw)
-            return {"across": across}, None
-        except ValueError as e:  # e.g. both runs give the same logit difference: the metric is undefined
-            return {}, f"patching {kind} {c.label} {n or ''}: skipped ({e})"
-
-    # the jobs in forked one-thread processes on CPU (the same numbers: a HookedViT's logits do not depend on
-    # the thread count), collected in the jobs' order
-    workers = parallel_workers(ctx, len(jobs), s)
-    done: dict[int, tuple[dict, str | None]] = {}
     with ctx.bar(len(jobs), "patching") as bar:
-        results = (
-            forked_map(compute, range(len(jobs)), workers)
-            if workers > 1
-            else ((i, compute(i)) for i in range(len(jobs)))
-        )
-        for i, out in results:
-            done[i] = out
+        for kind, c, n in jobs:
+            xc = ctx.prep(ctx.corrupted(c, s.n_images))
+            try:
+                if kind == "within":
+                    args = (base, ctx.prep(x), xc, y)
+                    by_pos[c.label] = patch(*args, component=s.component, **pos, **kw)
+                    by_layer[c.label] = patch(*args, component=s.component, by="layer", **kw)
+                    if s.heads:
+                        by_head[c.label] = patch(*args, component="z", by="head", **kw)
+                else:
+                    across[f"{n} → {ctx.base_name}, {c.label}"] = patch(
+                        ctx.model(n),
+                        xc,
+                        xc,
+                        y,
+                        corrupted_model=base,
+                        component=s.component,
+                        **pos,
+                        **kw,
+                    )
+            except ValueError as e:  # e.g. both runs give the same logit difference: the metric is undefined
+                res.notes.append(f"patching {kind} {c.label} {n or ''}: skipped ({e})")
             bar.update(1)
-    for i, (kind, c, n) in enumerate(jobs):
-        out, note = done[i]
-        if note:
-            res.notes.append(note)
-        elif kind == "within":
-            by_pos[c.label], by_layer[c.label] = out["by_pos"], out["by_layer"]
-            if "by_head" in out:
-                by_head[c.label] = out["by_head"]
-        else:
-            across[f"{n} → {ctx.base_name}, {c.label}"] = out["across"]
     res.metrics = {
         "within_by_position": {k: v.to_dict() for k, v in by_pos.items()},
         "within_by_layer": {k: v.to_dict() for k, v in by_layer.items()},
