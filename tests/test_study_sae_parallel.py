@@ -136,3 +136,16 @@ def test_sae_sweep_script_prints_a_row_per_configuration(checkpoints, tmp_path):
     assert "384 held-out tokens" in done.stdout  # 8 images x 3 inputs (clean + 2 conditions) x 16 patches
     bad = subprocess.run([*cmd, "--grid", "8:4"], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "expected expansion:k[:lr[:aux]] like x8:14" in bad.stderr
+
+
+def test_robustness_step_in_forked_workers_equals_one_process(checkpoints, tmp_path):
+    """``robustness.parallel_models`` = 2: the models' groups in forked one-thread processes give the
+    one-process step result exactly (metrics, notes, the order of every table)."""
+    out = {}
+    for parallel in (1, 2):
+        cfg = tiny_config(checkpoints)
+        cfg["robustness"] = {**cfg.get("robustness", {}), "parallel_models": parallel}
+        run_study(study_config_from_dict(cfg), tmp_path / str(parallel), only=["robustness"])
+        out[parallel] = json.loads((tmp_path / str(parallel) / "robustness" / "result.json").read_text())
+    assert out[1]["metrics"] == out[2]["metrics"] and len(out[2]["metrics"]["rows"]) > 3
+    assert out[1]["notes"] == out[2]["notes"] and out[1]["tables"] == out[2]["tables"]
