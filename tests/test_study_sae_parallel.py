@@ -74,9 +74,16 @@ def test_worker_count_follows_the_config():
     assert parallel_workers(ctx(None, 8), 3, ctx(None, 8).cfg.sae) == 3  # never more than the models left
     assert parallel_workers(ctx(1, 2), 4, ctx(1, 2).cfg.sae) == 1
     assert parallel_workers(ctx(4, 1), 1, ctx(4, 1).cfg.sae) == 1
-    assert (
-        parallel_workers(ctx(None, 2, "meta"), 4, ctx(None, 2, "meta").cfg.sae) == 1
-    )  # not on an accelerator
+    meta = ctx(None, 2, "meta")
+    assert parallel_workers(meta, 4, meta.cfg.sae) == 1  # not on an accelerator
+    import multiprocessing as mp
+
+    real = mp.get_all_start_methods
+    try:
+        mp.get_all_start_methods = lambda: ["spawn"]  # a platform that cannot fork (Windows)
+        assert parallel_workers(ctx(None, 2), 4, ctx(None, 2).cfg.sae) == 1
+    finally:
+        mp.get_all_start_methods = real
 
 
 @pytest.mark.parametrize("section", ["sae", "explorer"])

@@ -247,10 +247,14 @@ class StudyContext:
 def parallel_workers(ctx: Any, n_models: int, section: Any) -> int:
     """How many forked one-thread processes work on the models at once in a step: ``section.parallel_models``
     of its config section (None: one per thread of ``num_threads``), never more than the models; 1 on an
-    accelerator and under torchrun (:func:`mechvit.runtime.forked_map`)."""
+    accelerator, under torchrun and where processes cannot fork (:func:`mechvit.runtime.forked_map`)."""
+    import multiprocessing as mp
+
     from mechvit.runtime import rank_and_world
 
     if n_models < 2 or ctx.device.type != "cpu" or rank_and_world()[1] > 1:
+        return 1
+    if "fork" not in mp.get_all_start_methods():  # Windows
         return 1
     want = section.parallel_models or ctx.cfg.num_threads or torch.get_num_threads()
     return max(1, min(want, n_models))
