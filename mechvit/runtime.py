@@ -64,9 +64,8 @@ def progress_bars(enabled: bool = True) -> Iterator[None]:
 
 # ---- forked one-thread workers (CPU) ------------------------------------------------------------------------
 
-_FORKED: Callable[[Any], Any] | None = (
-    None  # the function of the running forked_map, inherited by its workers
-)
+# the function of the running forked_map, inherited by its workers
+_FORKED: Callable[[Any], Any] | None = None
 
 
 def _one_thread() -> None:
@@ -85,9 +84,9 @@ def _forked_call(item: Any) -> bytes:
 
 def forked_map(fn: Callable[[Any], T], items: Iterable[Any], workers: int) -> Iterator[tuple[Any, T]]:
     """``(item, fn(item))`` for every item, in the order they finish, computed in ``workers`` forked processes
-    of one torch thread each, a fresh process per item. ``fn`` may be any callable, a closure over models and
-    images included: the workers inherit it, with the rest of this process, by fork; only the items and the
-    results are pickled. A worker's exception is raised here. Linux (fork) and CPU work only: a process
+    (never more than the items) of one torch thread each, a fresh process per item. ``fn`` may be any
+    callable, a closure over models and images included: the workers inherit it, with the rest of this
+    process, by fork; only the items and the results are pickled. A worker's exception is raised here. Linux (fork) and CPU work only: a process
     holding a CUDA context cannot fork. Why processes (the SAE step's numbers): on 2 cores two one-thread
     processes of small matrix products and Python run 1.28x one two-thread process."""
     import multiprocessing as mp
@@ -95,10 +94,12 @@ def forked_map(fn: Callable[[Any], T], items: Iterable[Any], workers: int) -> It
     global _FORKED
     if _FORKED is not None:
         raise RuntimeError("forked_map does not nest: a forked_map is already running in this process")
+    items = list(items)
     _FORKED = fn
     try:
-        with mp.get_context("fork").Pool(int(workers), initializer=_one_thread, maxtasksperchild=1) as pool:
-            for blob in pool.imap_unordered(_forked_call, list(items)):
+        n = max(1, min(int(workers), len(items)))
+        with mp.get_context("fork").Pool(n, initializer=_one_thread, maxtasksperchild=1) as pool:
+            for blob in pool.imap_unordered(_forked_call, items):
                 yield pickle.loads(blob)
     finally:
         _FORKED = None

@@ -242,6 +242,8 @@ def explorer_data(
     loaded = {s.name: _load_sae(s) for s in saes}
     stats = dict(stats or {})
     todo = [s for s in saes if s.name not in stats]
+    groups = list(dict.fromkeys(s.model for s in todo))
+    forked = workers > 1 and len(groups) > 1
 
     def model_stats(model: str) -> dict:
         cache: dict = {}  # the model's own activations and probabilities, computed once for all its SAEs
@@ -259,18 +261,17 @@ def explorer_data(
                 n_assoc=n_assoc,
                 n_bins=n_bins,
                 max_effect_latents=max_latents,
-                progress=progress and workers == 1,
+                progress=progress and not forked,
                 cache=cache,
             )
             for s in todo
             if s.model == model
         }
 
-    groups = list(dict.fromkeys(s.model for s in todo))
-    if workers > 1 and len(groups) > 1:
+    if forked:
         from mechvit.runtime import forked_map
 
-        for _, part in forked_map(model_stats, groups, min(int(workers), len(groups))):
+        for _, part in forked_map(model_stats, groups, workers):
             stats.update(part)
     else:
         for model in groups:
@@ -509,7 +510,7 @@ def write_explorer(
         if workers > 1 and len(jobs) > 1:  # matplotlib is single-threaded: the cards in forked processes too
             from mechvit.runtime import forked_map
 
-            done = dict(forked_map(card, jobs, min(int(workers), len(jobs))))
+            done = dict(forked_map(card, jobs, workers))
         else:
             done = {job: card(job) for job in jobs}
         for i, f in jobs:  # in the order of the sequential loop
