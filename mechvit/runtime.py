@@ -66,12 +66,20 @@ def progress_bars(enabled: bool = True) -> Iterator[None]:
 
 # the function of the running forked_map, inherited by its workers
 _FORKED: Callable[[Any], Any] | None = None
+_IN_WORKER = False  # True in a forked_map worker
 
 
 def _one_thread() -> None:
     import torch
 
+    global _IN_WORKER
+    _IN_WORKER = True
     torch.set_num_threads(1)
+
+
+def in_forked_worker() -> bool:
+    """True inside a :func:`forked_map` worker (where another forked_map cannot start)."""
+    return _IN_WORKER
 
 
 def _forked_call(item: Any) -> bytes:

@@ -276,6 +276,64 @@ def test_interrupted_study_resumes(checkpoints, tmp_path, monkeypatch):
     assert (tmp_path / "report.html").is_file() and calls == ["attention"]
 
 
+def _without_timings(obj):
+    """A result with its wall-clock fields dropped (they differ from run to run)."""
+    if isinstance(obj, dict):
+        return {k: _without_timings(v) for k, v in obj.items() if k not in ("seconds", "train_seconds_group")}
+    if isinstance(obj, list):
+        return [_without_timings(v) for v in obj]
+    return obj
+
+
+def test_steps_side_by_side_give_the_results_of_one_after_the_other(finished, checkpoints, tmp_path):
+    """``parallel_steps`` 2: the steps that fork no workers of their own run after the others, two at a time in
+    forked one-thread processes; every step's result is the sequential run's (both at one thread), the
+    report lists them in its own order and files land in each step's folder."""
+    run = run_study(study_config_from_dict(tiny_config(checkpoints, parallel_steps=2)), tmp_path)
+    assert run.computed == ALL_STEPS and run.cached == []
+    assert list(run.results) == ALL_STEPS
+    for step in ALL_STEPS:
+        got = json.loads((tmp_path / step / "result.json").read_text())
+        want = json.loads((finished[1] / step / "result.json").read_text())
+        assert _without_timings(got) == _without_timings(want), step
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert list(metrics["steps"]) == ALL_STEPS
+    assert (tmp_path / "patching" / "patching_within.png").is_file() and not (tmp_path / ".staging").exists()
+    # a rerun finds every step up to date
+    assert (
+        run_study(study_config_from_dict(tiny_config(checkpoints, parallel_steps=2)), tmp_path).computed == []
+    )
+
+
+def test_a_step_failing_side_by_side_stops_the_study_and_resumes(checkpoints, tmp_path, monkeypatch):
+    cfg = study_config_from_dict(
+        tiny_config(
+            checkpoints, parallel_steps=2, sae={"enabled": False}, patching={"enabled": False},
+            cka={"enabled": False},
+        )
+    )  # fmt: skip
+
+    def crash(ctx, w, prev):
+        w.path("partial.txt").write_text("half written")
+        raise RuntimeError("killed in a worker")
+
+    monkeypatch.setattr(attention_step, "run", crash)
+    with pytest.raises(RuntimeError, match="killed in a worker"):
+        run_study(cfg, tmp_path)
+    assert (tmp_path / "robustness" / "done.json").is_file()  # ran before the held-back steps
+    assert not (tmp_path / "attention").exists() and not (tmp_path / "report.html").exists()
+    monkeypatch.undo()
+    run = run_study(cfg, tmp_path)
+    assert "robustness" in run.cached and "attention" in run.computed
+    assert (tmp_path / "report.html").is_file() and (tmp_path / "attention" / "done.json").is_file()
+
+
+def test_parallel_steps_is_checked(checkpoints):
+    for bad in (0, -1, True):
+        with pytest.raises(ConfigError, match=rf"parallel_steps: expected (null|int).* got .*{bad}"):
+            study_config_from_dict(tiny_config(checkpoints, parallel_steps=bad))
+
+
 def test_hook_beyond_the_model_fails_before_any_step(checkpoints, tmp_path):
     cfg = tiny_config(checkpoints)
     cfg["sae"]["store"]["hook"] = "blocks.5.hook_resid_post"

@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mechvit import runtime
+from mechvit.runtime import forked_map
 from mechvit.study import run_study
 from mechvit.study.config import ConfigError, study_config_from_dict
 from mechvit.study.context import parallel_workers
@@ -84,6 +86,17 @@ def test_worker_count_follows_the_config():
         assert parallel_workers(ctx(None, 2), 4, ctx(None, 2).cfg.sae) == 1
     finally:
         mp.get_all_start_methods = real
+
+
+def test_no_workers_inside_a_worker():
+    """Inside a forked_map worker (a step run side by side with another) a step's own fan-out is one process:
+    forked_map does not nest."""
+    cfg = SimpleNamespace(sae=SimpleNamespace(parallel_models=None), num_threads=2)
+    c = SimpleNamespace(cfg=cfg, device=torch.device("cpu"))
+    assert parallel_workers(c, 4, cfg.sae) == 2
+    got = dict(forked_map(lambda i: (runtime.in_forked_worker(), parallel_workers(c, 4, cfg.sae)), [0, 1], 2))
+    assert got == {0: (True, 1), 1: (True, 1)}
+    assert not runtime.in_forked_worker()
 
 
 @pytest.mark.parametrize("section", ["sae", "explorer"])

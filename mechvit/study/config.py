@@ -301,6 +301,10 @@ class StudyConfig:
     seed: int = 0
     device: str | None = None  # None: cuda when available, else cpu
     num_threads: int | None = None
+    # CPU: how many of the steps that do not fork workers of their own (logit lens, attention, SAE analysis,
+    # patching, CKA) run at once, each in a forked one-thread process, after the steps that do (None:
+    # num_threads); 1: every step in this process, one after the other, in the order of the report
+    parallel_steps: int | None = None
     progress: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     conditions: list[Condition] = field(
@@ -323,6 +327,9 @@ class StudyConfig:
 
 # ---------------------------------------------------------------------------------------------------------
 # semantic checks
+
+
+FORKING_SECTIONS = ("robustness", "sae", "explorer")  # the sections with parallel_models
 
 
 def validate(cfg: StudyConfig) -> StudyConfig:
@@ -415,12 +422,13 @@ def validate(cfg: StudyConfig) -> StudyConfig:
             f"sae.n_fidelity_images: expected null (n_eval_images) or >= 2 images for a CI, got "
             f"{cfg.sae.n_fidelity_images}"
         )
-    for section in ("robustness", "sae", "explorer"):
-        workers = getattr(cfg, section).parallel_models
+    for key, workers in [
+        (f"{s}.parallel_models", getattr(cfg, s).parallel_models) for s in FORKING_SECTIONS
+    ] + [("parallel_steps", cfg.parallel_steps)]:
         if workers is not None and (isinstance(workers, bool) or workers < 1):
             raise ConfigError(
-                f"{section}.parallel_models: expected null (one process per thread of num_threads) or a number "
-                f"of processes >= 1, got {workers!r}"
+                f"{key}: expected null (one process per thread of num_threads) or a number of processes >= 1, "
+                f"got {workers!r}"
             )
     if cfg.sae.enabled and cfg.sae.n_eval_images < 2:
         raise ConfigError(

@@ -237,6 +237,13 @@ class StudyContext:
         x, _ = self.test_images(n)
         return {"clean": x, **{c.label: self.corrupted(c, n) for c in self.cfg.conditions}}
 
+    def preload(self) -> None:
+        """Load every model, the test images and their corrupted versions now (before forking workers, so
+        that they inherit them instead of each loading its own)."""
+        for name in self.model_names:
+            self.model(name)
+        self.inputs(self._n_test_needed())
+
     def bar(self, total: int, desc: str):
         """A progress bar for a step's runs (silent with ``progress: false``)."""
         from tqdm.auto import tqdm
@@ -246,18 +253,25 @@ class StudyContext:
 
 def parallel_workers(ctx: Any, n_models: int, section: Any) -> int:
     """How many forked one-thread processes work on the models at once in a step: ``section.parallel_models``
-    of its config section (None: one per thread of ``num_threads``), never more than the models; 1 on an
-    accelerator, under torchrun and where processes cannot fork (:func:`mechvit.runtime.forked_map`)."""
+    of its config section (None: one per thread of ``num_threads``), never more than the models; 1 where
+    :func:`fork_workers` says so."""
+    return fork_workers(ctx, n_models, section.parallel_models)
+
+
+def fork_workers(ctx: Any, n_items: int, want: int | None) -> int:
+    """How many forked one-thread processes (:func:`mechvit.runtime.forked_map`) share ``n_items`` pieces of
+    work: ``want`` (None: one per thread of ``num_threads``), never more than the items; 1 on an accelerator,
+    under torchrun, where processes cannot fork (Windows) and inside a forked worker (no nesting)."""
     import multiprocessing as mp
 
-    from mechvit.runtime import rank_and_world
+    from mechvit.runtime import in_forked_worker, rank_and_world
 
-    if n_models < 2 or ctx.device.type != "cpu" or rank_and_world()[1] > 1:
+    if n_items < 2 or ctx.device.type != "cpu" or rank_and_world()[1] > 1 or in_forked_worker():
         return 1
     if "fork" not in mp.get_all_start_methods():  # Windows
         return 1
-    want = section.parallel_models or ctx.cfg.num_threads or torch.get_num_threads()
-    return max(1, min(want, n_models))
+    want = want or ctx.cfg.num_threads or torch.get_num_threads()
+    return max(1, min(want, n_items))
 
 
 def slug(label: str) -> str:

@@ -19,7 +19,7 @@ from mechvit.study.result import StepResult, StepWriter
 class Step:
     """A step: ``module`` (under ``mechvit.study.steps``) defines ``TITLE``, ``SECTION`` (the config section
     it reads, None for none), ``DEPS`` (steps whose results it reads), optionally ``DISTRIBUTED`` (runs on every rank under torchrun)
-    and ``run(ctx, writer, prev)``."""
+    and ``FORKS`` (forks workers of its own), and ``run(ctx, writer, prev)``."""
 
     name: str
     module: str
@@ -44,6 +44,12 @@ class Step:
     def distributed(self) -> bool:
         """Runs on every rank under torchrun (``DISTRIBUTED = True`` in its module); else on rank 0 only."""
         return bool(getattr(self._mod, "DISTRIBUTED", False))
+
+    @property
+    def forks(self) -> bool:
+        """Spreads its models over forked worker processes itself (``FORKS = True``: ``parallel_models``); such
+        a step runs alone, the others may run side by side (``parallel_steps``)."""
+        return bool(getattr(self._mod, "FORKS", False))
 
     @property
     def fn(self) -> Callable[[StudyContext, StepWriter, dict[str, StepResult]], StepResult]:

@@ -40,6 +40,7 @@ from mechvit.study.result import StepResult, StepWriter, Table
 TITLE = "Sparse autoencoders"
 SECTION = "sae"
 DISTRIBUTED = True
+FORKS = True  # parallel_models: the models in forked one-thread processes
 
 
 @dataclass(frozen=True)
