@@ -162,6 +162,35 @@ def test_model_code_similarity_and_collection():
         collect_activations(model, x, "blocks.9.hook_resid_post")
 
 
+def test_hook_batches_stop_the_forward_after_the_last_wanted_hook():
+    """Without logits, ``run_hook_batches`` stops each forward at its last wanted hook: the activations are
+    run_with_cache's bit for bit and the later blocks never run; with logits the whole forward runs."""
+    from mechvit.analysis._utils import run_hook_batches
+
+    torch.manual_seed(0)
+    m = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7, in_chans=1, num_classes=10,
+        embed_dim=32, depth=3, num_heads=2,
+    )  # fmt: skip
+    model = HookedViT.from_timm(m).eval()
+    x = torch.rand(5, 1, 28, 28)
+    names = ["blocks.1.hook_resid_post", "blocks.0.attn.hook_pattern"]
+    later: list[int] = []
+    runs = [model.run_with_cache(x[i : i + 2], names_filter=names) for i in range(0, 5, 2)]  # as before
+    logits = torch.cat(
+        [model.run_with_cache(x[i : i + 2], names_filter=names[:1])[0] for i in range(0, 5, 2)]
+    )
+    cache = {n: torch.cat([r[1][n] for r in runs]) for n in names}
+    model.blocks[2].hook_resid_pre.add_hook(lambda act, hook: later.append(1))
+    got = run_hook_batches(model, x, names, batch_size=2)
+    assert later == [] and list(got) == names
+    for n in names:
+        assert torch.equal(got[n], cache[n])
+    both = run_hook_batches(model, x, names[:1], batch_size=2, with_logits=True)  # logits: the whole forward
+    assert len(later) == 3 and torch.equal(both["logits"], logits)
+    model.reset_hooks()
+
+
 def test_dead_features_are_not_matched_or_counted_as_persistent():
     """Two SAEs from one seed keep their never-firing features at identical directions: those are dead."""
     a = standard_sae()

@@ -92,7 +92,7 @@ def reconstruction_metrics(
     sum_x = torch.zeros(d_in, dtype=torch.float64, device=device)
     sum_x2 = torch.zeros((), dtype=torch.float64, device=device)
     sum_err = torch.zeros((), dtype=torch.float64, device=device)
-    active = torch.zeros(int(sae.cfg.d_sae), dtype=torch.float64, device=device)
+    active = torch.zeros(int(sae.cfg.d_sae), dtype=torch.long, device=device)  # exact counts
     sae.eval()
     for x in chunks:
         if x.ndim != 2 or x.shape[1] != d_in:
@@ -105,10 +105,11 @@ def reconstruction_metrics(
         sum_x += x64.sum(0)
         sum_x2 += (x64**2).sum()
         sum_err += ((recon.double() - x64) ** 2).sum()
-        active += (codes != 0).double().sum(0)
+        active += torch.count_nonzero(codes, dim=0)
     if n == 0:
         raise ValueError("no activations given")
     total_var = sum_x2 - (sum_x**2).sum() / n
+    active = active.double()
     density = (active / n).float().cpu()
     return ReconstructionMetrics(
         explained_variance=float(1 - sum_err / total_var.clamp_min(1e-12)),

@@ -301,8 +301,8 @@ class StudyConfig:
     seed: int = 0
     device: str | None = None  # None: cuda when available, else cpu
     num_threads: int | None = None
-    # CPU: how many of the steps that do not fork workers of their own (logit lens, attention, SAE analysis,
-    # patching, CKA) run at once, each in a forked one-thread process, after the steps that do (None:
+    # CPU: how many of the steps that gain more from a process than from a second thread (SAE analysis,
+    # patching, CKA) run at once, each in a forked one-thread process, after the other steps (None:
     # num_threads); 1: every step in this process, one after the other, in the order of the report
     parallel_steps: int | None = None
     progress: bool = True

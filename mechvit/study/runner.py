@@ -232,11 +232,12 @@ def _run(cfg: StudyConfig, out: Path, *, force: bool, only: list[str] | None, re
             )
         bar.update(1)
 
-    # Steps side by side: a step that does not fork workers of its own (logit lens, attention, SAE analysis,
-    # patching, CKA) is held back and run after the others, ``parallel_steps`` at a time, each in a forked
-    # one-thread process. Measured on the 2-core machine: the patching and SAE analysis steps of the default
-    # study took 160 s one after the other at two threads (71 + 89 s, process start included) and 117 s side by
-    # side at one thread each: their small matrix products and Python gain little from a second thread.
+    # Steps side by side: a step marked SIDE_BY_SIDE (SAE analysis, patching, CKA: small products and Python,
+    # which a second thread speeds up little) is held back and run after the others, ``parallel_steps`` at a
+    # time, each in a forked one-thread process. Measured on the 2-core machine, back to back, the default
+    # study's logit lens, attention, SAE analysis, patching and CKA: 189.8 and 189.2 s one after the other at
+    # two threads, 175.5 and 153.5 s with the last three side by side. Logit lens and attention are not
+    # marked: at one thread beside another step they took 2.1-2.3x their two-thread time.
     lanes = fork_workers(ctx, len(steps), cfg.parallel_steps)
     held: list[tuple[Step, str]] = []
 
@@ -271,7 +272,7 @@ def _run(cfg: StudyConfig, out: Path, *, force: bool, only: list[str] | None, re
         h, fresh = rank0_runs(lambda: plan(step), f"preparing step {step.name!r}")  # noqa: B023
         if fresh:
             bar.update(1)
-        elif lanes > 1 and not step.forks and not step.distributed:
+        elif lanes > 1 and step.side_by_side and not step.forks and not step.distributed:
             held.append((step, h))
         else:
             bar.set_postfix_str(step.name)

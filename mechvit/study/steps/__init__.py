@@ -19,7 +19,8 @@ from mechvit.study.result import StepResult, StepWriter
 class Step:
     """A step: ``module`` (under ``mechvit.study.steps``) defines ``TITLE``, ``SECTION`` (the config section
     it reads, None for none), ``DEPS`` (steps whose results it reads), optionally ``DISTRIBUTED`` (runs on every rank under torchrun)
-    and ``FORKS`` (forks workers of its own), and ``run(ctx, writer, prev)``."""
+    ``FORKS`` (forks workers of its own) and ``SIDE_BY_SIDE`` (runs beside other such steps), and
+    ``run(ctx, writer, prev)``."""
 
     name: str
     module: str
@@ -47,9 +48,14 @@ class Step:
 
     @property
     def forks(self) -> bool:
-        """Spreads its models over forked worker processes itself (``FORKS = True``: ``parallel_models``); such
-        a step runs alone, the others may run side by side (``parallel_steps``)."""
+        """Spreads its models over forked worker processes itself (``FORKS = True``: ``parallel_models``)."""
         return bool(getattr(self._mod, "FORKS", False))
+
+    @property
+    def side_by_side(self) -> bool:
+        """Gains more from a process of its own than from a second thread (``SIDE_BY_SIDE = True``): held back
+        and run after the other steps, ``parallel_steps`` such steps at a time (:mod:`mechvit.study.runner`)."""
+        return bool(getattr(self._mod, "SIDE_BY_SIDE", False))
 
     @property
     def fn(self) -> Callable[[StudyContext, StepWriter, dict[str, StepResult]], StepResult]:

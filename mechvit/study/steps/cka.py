@@ -13,6 +13,7 @@ from mechvit.viz import figures
 
 TITLE = "Representation similarity (CKA)"
 SECTION = "cka"
+SIDE_BY_SIDE = True  # small products and Python: one thread each beside another step beats two threads
 N_RESAMPLES = 1000  # bootstrap resamples over images of the headline linear CKA (each pair x layer: ~10 ms)
 
 

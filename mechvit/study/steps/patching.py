@@ -18,6 +18,7 @@ from mechvit.viz import figures
 
 TITLE = "Activation patching"
 SECTION = "patching"
+SIDE_BY_SIDE = True  # small products and Python: one thread each beside another step beats two threads
 
 
 def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:

@@ -22,6 +22,7 @@ from mechvit.viz.features import feature_comparison_figure, feature_maps, top_fe
 TITLE = "SAE features: overlap and code similarity against seed controls"
 SECTION = "sae"
 DEPS = ("sae",)
+SIDE_BY_SIDE = True  # small products and Python: one thread each beside another step beats two threads
 
 _METRIC_LABELS = {
     "matched_cos": "matched decoder cosine",
