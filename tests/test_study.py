@@ -297,7 +297,10 @@ def test_steps_side_by_side_give_the_results_of_one_after_the_other(finished, ch
         want = json.loads((finished[1] / step / "result.json").read_text())
         assert _without_timings(got) == _without_timings(want), step
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert list(metrics["steps"]) == ALL_STEPS
+    assert list(metrics["steps"]) == ALL_STEPS and metrics["wall_seconds"] > 0
+    side = {"sae_analysis", "patching", "cka"}
+    assert run.side_by_side == [s for s in ALL_STEPS if s in side]
+    assert all(v["side_by_side"] == (k in side) for k, v in metrics["steps"].items())
     assert (tmp_path / "patching" / "patching_within.png").is_file() and not (tmp_path / ".staging").exists()
     # a rerun finds every step up to date
     assert (

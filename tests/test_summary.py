@@ -92,7 +92,15 @@ def test_render_known_metrics():
         },
     }
     md = summary.render(metrics)
-    assert "steps 3.0 min in all (robustness 60 s, sae 120 s)" in md
+    assert "steps 3.0 min in all (robustness 60 s, sae 120 s)" in md  # no wall clock recorded (older runs)
+    # with the run's wall clock, which side-by-side steps do not add up to
+    metrics["wall_seconds"] = 150.0
+    metrics["steps"]["sae"]["side_by_side"] = True
+    timed = summary.render(metrics)
+    assert (
+        "2.5 min wall clock (steps: robustness 60 s, sae 120 s; sae side by side, one thread each)" in timed
+    )
+    del metrics["wall_seconds"]
     assert "| Fine-tuning raises accuracy on the corruptions trained on | ft | top-1 | 12 [10, 14] |" in md
     assert "| ft | gaussian_blur | 80 [70, 90] | 60 [50, 70] |" in md
     # the corruption count comes from the metrics; the model's seen corruptions are not a second "seen" column

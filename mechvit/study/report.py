@@ -498,9 +498,10 @@ def write_report(ctx, run, steps) -> Path:
     written = time.strftime("%Y-%m-%dT%H:%M:%S")
     metrics = {
         "title": cfg.title, "name": cfg.name, "written": written, "key_numbers": numbers, "models": models,
-        "environment": env,
+        "environment": env, "wall_seconds": round(run.seconds, 2),
         "steps": {s.name: {"hash": run.hashes.get(s.name), "seconds": run.timings.get(s.name),
-                           "cached": s.name in run.cached, "metrics": results[s.name].metrics} for s in steps},
+                           "cached": s.name in run.cached, "side_by_side": s.name in run.side_by_side,
+                           "metrics": results[s.name].metrics} for s in steps},
         "config": dataclasses.asdict(cfg),
     }  # fmt: skip
     vs = verdicts({k: v.metrics for k, v in results.items()}, ctx.base_name)

@@ -135,6 +135,10 @@ class StudyRun:
     cached: list[str]
     timings: dict[str, float]
     report: Path | None = None
+    seconds: float = 0.0  # wall clock of the run, report excluded
+    side_by_side: list[str] = dataclasses.field(
+        default_factory=list
+    )  # steps run side by side (parallel_steps)
 
 
 def run_study(
@@ -164,6 +168,7 @@ def run_study(
 def _run(cfg: StudyConfig, out: Path, *, force: bool, only: list[str] | None, report: bool) -> StudyRun:
     import torch
 
+    started = time.time()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     known = [s.name for s in STEPS]
@@ -261,6 +266,7 @@ def _run(cfg: StudyConfig, out: Path, *, force: bool, only: list[str] | None, re
             return result, time.time() - t0
 
         bar.set_postfix_str(", ".join(by_name))
+        run.side_by_side += list(by_name)
         for name, (result, seconds) in forked_map(one, list(by_name), n):
             finish(*by_name[name], result, seconds)
             bar.update(1)
@@ -282,6 +288,8 @@ def _run(cfg: StudyConfig, out: Path, *, force: bool, only: list[str] | None, re
     order = {s.name: i for i, s in enumerate(STEPS)}  # the report's order, whatever order they finished in
     run.results = dict(sorted(run.results.items(), key=lambda kv: order[kv[0]]))
     run.computed.sort(key=order.__getitem__)
+    run.side_by_side.sort(key=order.__getitem__)
+    run.seconds = time.time() - started
 
     def close() -> Path | None:
         shutil.rmtree(out / ".staging", ignore_errors=True)

@@ -228,13 +228,18 @@ def overlap_md(steps: dict) -> list[str]:
 def timing_md(metrics: dict) -> list[str]:
     st = metrics.get("steps") or {}
     secs = {k: v.get("seconds") or 0.0 for k, v in st.items()}
-    total = sum(secs.values())
     env = metrics.get("environment") or {}
     parts = ", ".join(f"{k} {v:.0f} s" for k, v in secs.items())
+    side = [k for k, v in st.items() if v.get("side_by_side")]
+    wall = metrics.get("wall_seconds")
+    if wall:  # the run's own clock: side-by-side steps overlap, so their seconds do not add up to it
+        when = f"{wall / 60:.1f} min wall clock (steps: {parts}"
+        when += f"; {', '.join(side)} side by side, one thread each)" if side else ")"
+    else:
+        when = f"steps {sum(secs.values()) / 60:.1f} min in all ({parts})"
     return [
-        f"Run: config `{metrics.get('name')}`, {len(metrics.get('models') or {})} models, steps {total / 60:.1f} min "
-        f"in all ({parts}); torch {env.get('torch', '?')}, {env.get('threads', '?')} threads, device "
-        f"{env.get('device', '?')}.",
+        f"Run: config `{metrics.get('name')}`, {len(metrics.get('models') or {})} models, {when}; torch "
+        f"{env.get('torch', '?')}, {env.get('threads', '?')} threads, device {env.get('device', '?')}.",
         "",
     ]
 
