@@ -100,7 +100,9 @@ def test_render_known_metrics():
     assert (
         "2.5 min wall clock (steps: robustness 60 s, sae 120 s; sae side by side, one thread each)" in timed
     )
-    del metrics["wall_seconds"]
+    metrics["steps"]["robustness"]["cached"] = True  # a rerun's clock leaves out the cached steps: no wall
+    assert "steps 3.0 min in all" in summary.render(metrics)
+    del metrics["wall_seconds"], metrics["steps"]["robustness"]["cached"]
     assert "| Fine-tuning raises accuracy on the corruptions trained on | ft | top-1 | 12 [10, 14] |" in md
     assert "| ft | gaussian_blur | 80 [70, 90] | 60 [50, 70] |" in md
     # the corruption count comes from the metrics; the model's seen corruptions are not a second "seen" column

@@ -232,6 +232,8 @@ def timing_md(metrics: dict) -> list[str]:
     parts = ", ".join(f"{k} {v:.0f} s" for k, v in secs.items())
     side = [k for k, v in st.items() if v.get("side_by_side")]
     wall = metrics.get("wall_seconds")
+    if any(v.get("cached") for v in st.values()):
+        wall = None  # a rerun's clock leaves out the steps it found done
     if wall:  # the run's own clock: side-by-side steps overlap, so their seconds do not add up to it
         when = f"{wall / 60:.1f} min wall clock (steps: {parts}"
         when += f"; {', '.join(side)} side by side, one thread each)" if side else ")"
