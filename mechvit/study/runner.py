@@ -278,7 +278,7 @@ def _run(cfg: StudyConfig, out: Path, *, force: bool, only: list[str] | None, re
         h, fresh = rank0_runs(lambda: plan(step), f"preparing step {step.name!r}")  # noqa: B023
         if fresh:
             bar.update(1)
-        elif lanes > 1 and step.side_by_side and not step.forks and not step.distributed:
+        elif lanes > 1 and step.side_by_side:
             held.append((step, h))
         else:
             bar.set_postfix_str(step.name)

@@ -19,8 +19,7 @@ from mechvit.study.result import StepResult, StepWriter
 class Step:
     """A step: ``module`` (under ``mechvit.study.steps``) defines ``TITLE``, ``SECTION`` (the config section
     it reads, None for none), ``DEPS`` (steps whose results it reads), optionally ``DISTRIBUTED`` (runs on every rank under torchrun)
-    ``FORKS`` (forks workers of its own) and ``SIDE_BY_SIDE`` (runs beside other such steps), and
-    ``run(ctx, writer, prev)``."""
+    and ``SIDE_BY_SIDE`` (runs beside other such steps), and ``run(ctx, writer, prev)``."""
 
     name: str
     module: str
@@ -45,11 +44,6 @@ class Step:
     def distributed(self) -> bool:
         """Runs on every rank under torchrun (``DISTRIBUTED = True`` in its module); else on rank 0 only."""
         return bool(getattr(self._mod, "DISTRIBUTED", False))
-
-    @property
-    def forks(self) -> bool:
-        """Spreads its models over forked worker processes itself (``FORKS = True``: ``parallel_models``)."""
-        return bool(getattr(self._mod, "FORKS", False))
 
     @property
     def side_by_side(self) -> bool:

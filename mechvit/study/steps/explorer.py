@@ -27,7 +27,6 @@ from mechvit.study.steps.sae import sae_runs
 TITLE = "Feature explorer"
 SECTION = "explorer"
 DEPS = ("sae",)
-FORKS = True  # parallel_models: the models in forked one-thread processes
 PAGE = "features.html"
 
 

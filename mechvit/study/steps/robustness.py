@@ -27,7 +27,6 @@ N_RESAMPLES = 2000  # bootstrap resamples of the images for the CIs of top-5, EC
 
 TITLE = "Robustness: seen vs unseen corruptions"
 SECTION = "robustness"
-FORKS = True  # parallel_models: the models in forked one-thread processes
 
 GROUPS = {
     "clean": "clean",

@@ -40,7 +40,6 @@ from mechvit.study.result import StepResult, StepWriter, Table
 TITLE = "Sparse autoencoders"
 SECTION = "sae"
 DISTRIBUTED = True
-FORKS = True  # parallel_models: the models in forked one-thread processes
 
 
 @dataclass(frozen=True)
@@ -181,13 +180,7 @@ def _train_model(ctx: StudyContext, w: StepWriter, name: str, runs: list[SAERun]
 def _train_in_processes(ctx: StudyContext, w: StepWriter, todo: dict, train_x, workers: int, bar) -> None:
     """Each model's SAE group in its own forked one-thread process, ``workers`` at a time; each SAE is saved
     by its worker when done (an interrupted step keeps them), a worker's error is raised here."""
-    s = ctx.cfg.sae
-    n = s.quality_images
-    ctx.test_images(n)  # load once here so that every worker inherits them
-    for c in ctx.cfg.conditions:
-        ctx.corrupted(c, n)
-    for name in todo:
-        ctx.model(name)
+    ctx.preload()  # models and images once here: every worker inherits them
     for _ in forked_map(lambda name: _train_model(ctx, w, name, todo[name], train_x), list(todo), workers):
         bar.update(1)
 
