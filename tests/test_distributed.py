@@ -183,6 +183,8 @@ def cfg_for(architecture: str, seed: int = 0) -> SAETrainingConfig:
         seed=seed,
         log_every=10,
         dead_feature_window=5,  # short: dead-feature masks (TopK aux loss) take part
+        # BatchTopK's threshold re-estimated after training: the kept minimum over the global batch (all ranks)
+        threshold_batches=4 if architecture == "batchtopk" else 0,
     )
 
 

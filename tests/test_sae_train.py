@@ -348,6 +348,73 @@ def test_batchtopk_threshold_update_equals_sae_lens():
     assert ours.topk_threshold > 0
 
 
+def test_threshold_reestimation_is_the_mean_kept_minimum_with_the_final_weights():
+    """Known answer: per batch, the (k x rows)-th largest of relu(pre-activation x decoder norm) (the smallest
+    value the batch top-k keeps), averaged over the batches; fewer batches than asked when the data end;
+    none: the EMA stays. Architectures without a batch threshold are left alone."""
+    from mechvit.sae import reestimate_thresholds
+    from mechvit.sae.train import _ExactBatches, build_training_sae
+
+    cfg = SAETrainingConfig(architecture="batchtopk", expansion_factor=2, k=3)
+    sae = build_training_sae(D_IN, cfg)
+    sae.topk_threshold = torch.tensor(0.123, dtype=sae.topk_threshold.dtype)
+    xs = [b for b, _ in zip(sparse_batches(dictionary(), 64), range(5), strict=False)]
+
+    def kept_min(x):
+        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+        acts = (pre * sae.W_dec.norm(dim=-1)).relu().flatten()
+        return float(acts.topk(K * len(x)).values[-1])
+
+    with torch.no_grad():
+        want = sum(kept_min(x) for x in xs[:3]) / 3
+    got = reestimate_thresholds({"a": sae}, {"a": 3}, iter([{"a": x} for x in xs]))
+    assert got["a"]["ema"] == pytest.approx(0.123) and got["a"]["batches"] == 3
+    assert got["a"]["estimated"] == pytest.approx(want, rel=1e-6)
+    assert float(sae.topk_threshold) == pytest.approx(want, rel=1e-6)
+    # the data end after 2 batches (the trainer's iterator raises its "ran out" error): 2 are used
+    ended = ({"a": b} for b in _ExactBatches(iter(xs[:2]), 64, D_IN, "cpu"))
+    with torch.no_grad():
+        two = (kept_min(xs[0]) + kept_min(xs[1])) / 2
+    assert reestimate_thresholds({"a": sae}, {"a": 10}, ended)["a"]["batches"] == 2
+    assert float(sae.topk_threshold) == pytest.approx(two, rel=1e-6)
+    # no batch at all: the threshold is kept
+    none = ({"a": b} for b in _ExactBatches(iter([]), 64, D_IN, "cpu"))
+    assert reestimate_thresholds({"a": sae}, {"a": 4}, none)["a"] == {
+        "ema": pytest.approx(two),
+        "estimated": pytest.approx(two),
+        "batches": 0,
+    }
+    topk = build_training_sae(D_IN, SAETrainingConfig(architecture="topk", expansion_factor=2, k=3))
+    assert reestimate_thresholds({"t": topk, "a": sae}, {"t": 3, "a": 0}, iter([])) == {}
+    with pytest.raises(ValueError, match="threshold_batches must be >= 0"):
+        SAETrainingConfig(threshold_batches=-1)
+
+
+@pytest.mark.parametrize("lockstep", [False, True])
+def test_trained_batchtopk_saves_the_reestimated_threshold(lockstep, tmp_path):
+    """End to end: the saved JumpReLU threshold is the re-estimate (recorded in the manifest next to the
+    EMA it replaced), read back by sae-lens; without threshold_batches the EMA is saved and nothing recorded."""
+    from mechvit.sae import train_saes
+
+    cfg = _lockstep_cfgs([5], architecture="batchtopk")["sae5"]
+    again = SAETrainingConfig(**{**cfg.__dict__, "threshold_batches": 6})
+    if lockstep:
+        plain = train_saes(sparse_batches(dictionary(), 128), D_IN, {"a": cfg})["a"]
+        new = train_saes(sparse_batches(dictionary(), 128), D_IN, {"a": again}, out_dirs={"a": tmp_path})["a"]
+    else:
+        plain = train_sae(sparse_batches(dictionary(), 128), D_IN, cfg)
+        new = train_sae(sparse_batches(dictionary(), 128), D_IN, again, out_dir=tmp_path)
+    assert "inference_threshold" not in plain.manifest
+    rec = new.manifest["inference_threshold"]
+    assert rec["batches"] == 6 and rec["estimated"] != rec["ema"]
+    # the same training (the estimate comes after it): the EMA is the plain run's saved threshold
+    assert rec["ema"] == pytest.approx(float(plain.sae.threshold.detach()[0]), rel=1e-6)
+    assert torch.equal(new.sae.W_enc, plain.sae.W_enc)
+    loaded, manifest = load_sae(tmp_path)
+    assert torch.allclose(loaded.threshold, torch.full_like(loaded.threshold, rec["estimated"]))
+    assert manifest["inference_threshold"] == rec
+
+
 def _step(sae, x, dead):
     from sae_lens.saes.sae import TrainStepInput
 

@@ -78,6 +78,7 @@ __all__ = [
     "convergence",
     "derive_seed",
     "load_sae",
+    "reestimate_thresholds",
     "save_trained",
     "train_sae",
     "train_sae_for_hook",
@@ -143,6 +144,9 @@ class SAETrainingConfig:
     jumprelu_init_threshold: float = 0.01
     jumprelu_bandwidth: float = 0.05
     topk_threshold_lr: float | None = None  # batchtopk: EMA rate of the inference threshold; None = auto
+    # batchtopk: after training, the inference threshold is re-estimated with the final weights as the mean over
+    # this many training batches of the smallest kept activation (Bussmann et al. 2024); 0 keeps the EMA
+    threshold_batches: int = 0
     lr: float = 1e-3
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     lr_warmup_steps: int = 0
@@ -171,6 +175,8 @@ class SAETrainingConfig:
             )
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if int(self.threshold_batches) < 0:
+            raise ValueError(f"threshold_batches must be >= 0, got {self.threshold_batches!r}")
         if not 0 <= self.lr_warmup_steps < self.total_steps:
             raise ValueError(
                 f"lr_warmup_steps must be in [0, {self.total_steps}), got {self.lr_warmup_steps}"
@@ -430,6 +436,57 @@ class _BatchTopKTrainingSAE(BatchTopKTrainingSAE):
                 self.topk_threshold = (1 - lr) * self.topk_threshold + lr * low.to(self.topk_threshold.dtype)
 
 
+@torch.no_grad()
+def reestimate_thresholds(
+    saes: dict[str, TrainingSAE],
+    n_batches: dict[str, int],
+    batches: Iterator[dict[str, Tensor]],
+) -> dict[str, dict[str, Any]]:
+    """BatchTopK's inference threshold from the final weights: for each BatchTopK SAE ``name`` with
+    ``n_batches[name] > 0``, the mean over that many of its batches (``batches`` yields ``{name: [rows, d_in]}``,
+    raw activations, after the trainer folded its normalisation into the weights) of the smallest activation
+    the batch top-k keeps, i.e. Bussmann et al. (2024)'s estimator of the threshold, and the quantity whose
+    exponential moving average sae-lens keeps during training. The EMA mixes in thresholds of earlier weights
+    (the last ~fifth of the run at the default rate), so the saved JumpReLU fires a little more or less than
+    k per row on held-out data (here: noise-4's SAEs at L0 12.00-12.03 > k = 12; re-estimated 11.94-11.97).
+
+    Sets each SAE's ``topk_threshold`` and returns ``{name: {"ema", "estimated", "batches"}}`` (``batches``:
+    how many were used; fewer than asked when the iterator ends, none: the EMA is kept). Under torchrun each
+    rank holds a slice of the global batch: the kept minimum is the minimum over ranks, as in training."""
+    todo = {
+        n: sae for n, sae in saes.items() if isinstance(sae, BatchTopKTrainingSAE) and n_batches.get(n, 0) > 0
+    }
+    if not todo:
+        return {}
+    par = _data_parallel()
+    sums = dict.fromkeys(todo, 0.0)
+    counts = dict.fromkeys(todo, 0)
+    for i in range(max(n_batches[n] for n in todo)):
+        try:
+            multi = next(batches)
+        except _RanOut:
+            break
+        for name, sae in todo.items():
+            if i >= n_batches[name]:
+                continue
+            acts, _ = sae.encode_with_hidden_pre(multi[name])
+            low = min_positive(acts).to(torch.float64)
+            if par is not None:
+                import torch.distributed as dist
+
+                dist.all_reduce(low, op=dist.ReduceOp.MIN)
+            if math.isfinite(low.item()):
+                sums[name] += low.item()
+                counts[name] += 1
+    out = {}
+    for name, sae in todo.items():
+        ema = float(sae.topk_threshold)
+        if counts[name]:
+            sae.topk_threshold = torch.full_like(sae.topk_threshold, sums[name] / counts[name])
+        out[name] = {"ema": ema, "estimated": float(sae.topk_threshold), "batches": counts[name]}
+    return out
+
+
 def build_training_sae(d_in: int, cfg: SAETrainingConfig) -> TrainingSAE:
     """The sae-lens training SAE for ``cfg`` (weights initialised from the current torch RNG)."""
     if int(d_in) < 1:
@@ -488,6 +545,10 @@ def _trainer_config(cfg: SAETrainingConfig) -> SAETrainerConfig:
     )
 
 
+class _RanOut(ValueError):
+    """The activation iterator ended."""
+
+
 class _ExactBatches:
     """Wraps the activation iterator: float32 [batch_size, d_in] on the SAE's device, or a clear error."""
 
@@ -502,7 +563,7 @@ class _ExactBatches:
         try:
             batch = next(self._it)
         except StopIteration:
-            raise ValueError(
+            raise _RanOut(
                 "the activation iterator ran out before training finished; give an endless one "
                 "(e.g. CachedActivations.batches(epochs=None)) or lower total_samples"
             ) from None
@@ -584,6 +645,11 @@ def train_sae(
                 log=log,
             )
         sae = trainer.fit()
+        thresholds = reestimate_thresholds(
+            {"sae": sae}, {"sae": cfg.threshold_batches}, ({"sae": b} for b in trainer.data_provider)
+        )
+    if thresholds:
+        manifest = {**(manifest or {}), "inference_threshold": thresholds["sae"]}
     trained = _finish(sae, trainer, cfg, int(d_in), log, manifest)
     if out_dir is not None and (par is None or par.rank == 0):
         trained.path = save_trained(trained, out_dir)
@@ -785,11 +851,15 @@ def train_saes(
             global_batch=first.batch_size,
         )
         fitted = coordinator.fit()
+        thresholds = reestimate_thresholds(
+            fitted, {n: c.threshold_batches for n, c in cfgs.items()}, coordinator.data_provider
+        )
     out: dict[str, TrainedSAE] = {}
     for name, cfg in cfgs.items():
         meta = {
             **((manifests or {}).get(name) or {}),
             "lockstep": {"group": sorted(cfgs), "pool_batches": pool_batches},
+            **({"inference_threshold": thresholds[name]} if name in thresholds else {}),
         }
         out[name] = _finish(fitted[name], coordinator.trainers[name], cfg, int(d_in), logs[name], meta)
         if out_dirs and name in out_dirs and (par is None or par.rank == 0):
