@@ -348,10 +348,11 @@ def test_batchtopk_threshold_update_equals_sae_lens():
     assert ours.topk_threshold > 0
 
 
-def test_threshold_reestimation_is_the_mean_kept_minimum_with_the_final_weights():
-    """Known answer: per batch, the (k x rows)-th largest of relu(pre-activation x decoder norm) (the smallest
-    value the batch top-k keeps), averaged over the batches; fewer batches than asked when the data end;
-    none: the EMA stays. Architectures without a batch threshold are left alone."""
+def test_threshold_reestimation_is_the_pooled_quantile_with_the_final_weights():
+    """Known answer: the (k x rows)-th largest of relu(pre-activation x decoder norm) over every row of the
+    batches pooled (brute force); fewer batches than asked when the data end; none: the running mean stays;
+    a batch that fires far more than the others breaks the candidate bound: flagged, not silent.
+    Architectures without a batch threshold are left alone."""
     from mechvit.sae import reestimate_thresholds
     from mechvit.sae.train import _ExactBatches, build_training_sae
 
@@ -360,30 +361,42 @@ def test_threshold_reestimation_is_the_mean_kept_minimum_with_the_final_weights(
     sae.topk_threshold = torch.tensor(0.123, dtype=sae.topk_threshold.dtype)
     xs = [b for b, _ in zip(sparse_batches(dictionary(), 64), range(5), strict=False)]
 
-    def kept_min(x):
-        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
-        acts = (pre * sae.W_dec.norm(dim=-1)).relu().flatten()
-        return float(acts.topk(K * len(x)).values[-1])
+    def pooled(batches):
+        with torch.no_grad():
+            x = torch.cat(batches)
+            pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+            acts = (pre * sae.W_dec.norm(dim=-1)).relu().flatten()
+            return float(acts.topk(K * len(x)).values[-1])
 
-    with torch.no_grad():
-        want = sum(kept_min(x) for x in xs[:3]) / 3
-    got = reestimate_thresholds({"a": sae}, {"a": 3}, iter([{"a": x} for x in xs]))
-    assert got["a"]["ema"] == pytest.approx(0.123) and got["a"]["batches"] == 3
-    assert got["a"]["estimated"] == pytest.approx(want, rel=1e-6)
-    assert float(sae.topk_threshold) == pytest.approx(want, rel=1e-6)
+    want = pooled(xs[:3])
+    got = reestimate_thresholds({"a": sae}, {"a": 3}, iter([{"a": x} for x in xs]))["a"]
+    assert got["ema"] == pytest.approx(0.123) and (got["batches"], got["rows"], got["exact"]) == (
+        3,
+        192,
+        True,
+    )
+    assert got["estimated"] == pytest.approx(want, rel=1e-6) and float(sae.topk_threshold) == got["estimated"]
+    with torch.no_grad():  # k per row on average over the pooled rows (no ties in float data)
+        x = torch.cat(xs[:3])
+        pre = ((x - sae.b_dec) @ sae.W_enc + sae.b_enc) * sae.W_dec.norm(dim=-1)
+        assert int((pre >= got["estimated"]).sum()) == K * len(x)
     # the data end after 2 batches (the trainer's iterator raises its "ran out" error): 2 are used
     ended = ({"a": b} for b in _ExactBatches(iter(xs[:2]), 64, D_IN, "cpu"))
-    with torch.no_grad():
-        two = (kept_min(xs[0]) + kept_min(xs[1])) / 2
     assert reestimate_thresholds({"a": sae}, {"a": 10}, ended)["a"]["batches"] == 2
-    assert float(sae.topk_threshold) == pytest.approx(two, rel=1e-6)
+    assert float(sae.topk_threshold) == pytest.approx(pooled(xs[:2]), rel=1e-6)
     # no batch at all: the threshold is kept
     none = ({"a": b} for b in _ExactBatches(iter([]), 64, D_IN, "cpu"))
-    assert reestimate_thresholds({"a": sae}, {"a": 4}, none)["a"] == {
-        "ema": pytest.approx(two),
-        "estimated": pytest.approx(two),
-        "batches": 0,
-    }
+    kept = float(sae.topk_threshold)
+    rec = reestimate_thresholds({"a": sae}, {"a": 4}, none)["a"]
+    assert (rec["estimated"], rec["batches"]) == (pytest.approx(kept), 0)
+    # one batch scaled up fires above the others' values everywhere: with margin 1 its candidates cannot hold
+    # all k x 2 x rows values over the pooled threshold
+    loud = [xs[0] * 50, xs[1]]
+    with pytest.warns(UserWarning, match="lower bound"):
+        rec = reestimate_thresholds({"a": sae}, {"a": 2}, iter([{"a": x} for x in loud]), margin=1)["a"]
+    assert rec["exact"] is False and rec["estimated"] <= pooled(loud)
+    rec = reestimate_thresholds({"a": sae}, {"a": 2}, iter([{"a": x} for x in loud]), margin=3)["a"]
+    assert rec["exact"] is True and rec["estimated"] == pytest.approx(pooled(loud), rel=1e-6)
     topk = build_training_sae(D_IN, SAETrainingConfig(architecture="topk", expansion_factor=2, k=3))
     assert reestimate_thresholds({"t": topk, "a": sae}, {"t": 3, "a": 0}, iter([])) == {}
     with pytest.raises(ValueError, match="threshold_batches must be >= 0"):
