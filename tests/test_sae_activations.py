@@ -158,6 +158,27 @@ def test_cache_round_trip_and_mismatch(model, images, tmp_path):
         cache_activations(model, images, tmp_path, ActivationStoreConfig(hook=HOOK, tokens="all"))
 
 
+def test_cache_sample_is_distinct_rows_from_every_shard(model, images, tmp_path):
+    cached = cache_activations(
+        model, images, tmp_path, ActivationStoreConfig(hook=HOOK, tokens="patches", model_batch_size=8),
+        batches_per_shard=2,
+    )  # fmt: skip
+    every = cached.rows()
+    s = cached.sample(300, seed=4)
+    assert s.shape == (300, 32) and s.dtype == torch.float32
+    # each sampled row is one row of the cache, no row twice, and the three shards all contribute
+    match = (s[:, None, :] == every[None, :, :]).all(-1)
+    assert bool((match.sum(1) >= 1).all())
+    idx = match.float().argmax(1)
+    assert len(set(idx.tolist())) == 300 and {int(i) // 256 for i in idx} == {0, 1, 2}
+    assert not torch.equal(idx, idx.sort().values)  # in random order
+    assert torch.equal(cached.sample(300, seed=4), s) and not torch.equal(cached.sample(300, seed=5), s)
+    assert torch.equal(cached.sample(640, seed=0).sort(0).values, every.sort(0).values)  # the whole cache
+    for bad in (0, 641):
+        with pytest.raises(ValueError, match=r"sample size must be in \[1, 640\]"):
+            cached.sample(bad)
+
+
 def test_cache_resumes_after_interruption(model, images, tmp_path):
     cfg = ActivationStoreConfig(
         hook=HOOK,

@@ -428,6 +428,33 @@ def test_trained_batchtopk_saves_the_reestimated_threshold(lockstep, tmp_path):
     assert manifest["inference_threshold"] == rec
 
 
+def test_threshold_on_given_rows_fires_k_per_row_there():
+    """``threshold_rows``: the saved JumpReLU (sae-lens's inference SAE, read back) fires on exactly k x rows
+    of the given rows' activations (the pooled quantile); rows of the wrong width are refused."""
+    from mechvit.sae import train_saes
+
+    cfg = SAETrainingConfig(**{**_lockstep_cfgs([5], architecture="batchtopk")["sae5"].__dict__})
+    cfg.threshold_batches = 3
+    rows = torch.cat([b for b, _ in zip(sparse_batches(dictionary(), 128, seed=7), range(4), strict=False)])
+    for trained in (
+        train_sae(sparse_batches(dictionary(), 128), D_IN, cfg, threshold_rows=rows),
+        train_saes(sparse_batches(dictionary(), 128), D_IN, {"a": cfg}, threshold_rows=rows)["a"],
+    ):
+        rec = trained.manifest["inference_threshold"]
+        assert (rec["batches"], rec["rows"], rec["exact"]) == (3, 384, True)  # whole batches of 128
+        sae = trained.sae
+        with torch.no_grad():
+            pre = sae.process_sae_in(rows[:384]) @ sae.W_enc + sae.b_enc
+        # to float rounding (the inference SAE folds the decoder norms into the encoder): k x rows fire
+        above, near = (
+            int((pre > sae.threshold * (1 + 1e-5)).sum()),
+            int((pre >= sae.threshold * (1 - 1e-5)).sum()),
+        )
+        assert above <= K * 384 <= near and near - above <= 2
+    with pytest.raises(ValueError, match=r"threshold_rows must be \[n, 16\]"):
+        train_sae(sparse_batches(dictionary(), 128), D_IN, cfg, threshold_rows=rows[:, :8])
+
+
 def _step(sae, x, dead):
     from sae_lens.saes.sae import TrainStepInput
 

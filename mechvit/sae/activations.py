@@ -696,6 +696,23 @@ class CachedActivations:
             return torch.empty(0, self.d_in)
         return torch.from_numpy(np.concatenate(parts))
 
+    def sample(self, n: int, *, seed: int = 0) -> Float[Tensor, "n d"]:
+        """``n`` rows drawn uniformly without replacement, in random order, as float32: a sample of the whole
+        cache (``batches`` serves rows of nearby images together: its shuffle buffer mixes a few hundred
+        images at a time, so a few dozen of its batches are a sample of a few thousand images, not of every
+        one). Reads only those rows."""
+        if not 0 < int(n) <= len(self):
+            raise ValueError(f"sample size must be in [1, {len(self)}] (the cache's rows), got {n}")
+        g = np.random.default_rng(seed)
+        idx = np.sort(g.choice(len(self), int(n), replace=False))
+        parts = []
+        for i, shard in enumerate(self._shards):
+            lo, hi = np.searchsorted(idx, [self._starts[i], self._starts[i + 1]])
+            if lo < hi:
+                parts.append(np.asarray(shard[idx[lo:hi] - self._starts[i]], dtype=np.float32))
+        rows = np.concatenate(parts)
+        return torch.from_numpy(rows[g.permutation(len(rows))])
+
     def chunks(self, chunk_rows: int, *, seed: int = 0, shuffle: bool = True) -> Iterator[Tensor]:
         """[<= chunk_rows, d] pieces in the stored dtype, in random shard and piece order when ``shuffle``."""
         g = np.random.default_rng(seed)

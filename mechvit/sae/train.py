@@ -476,7 +476,7 @@ def reestimate_thresholds(
     for i in range(max(n_batches[n] for n in todo)):
         try:
             multi = next(batches)
-        except _RanOut:
+        except (StopIteration, _RanOut):
             break
         for name, sae in todo.items():
             if i >= n_batches[name]:
@@ -535,6 +535,21 @@ def reestimate_thresholds(
             "exact": exact,
         }
     return out
+
+
+def _threshold_batches(
+    rows: Tensor | None, cfg: SAETrainingConfig, d_in: int, names: list[str], par: Any
+) -> Iterator[dict[str, Tensor]] | None:
+    """``rows`` as whole ``[batch_size, d_in]`` float32 batches on the SAE's device for every SAE in ``names``
+    (this rank's slice of each under torchrun), ending with the rows; None without rows."""
+    if rows is None:
+        return None
+    if rows.ndim != 2 or rows.shape[1] != d_in:
+        raise ValueError(f"threshold_rows must be [n, {d_in}] (n, d_in), got shape {tuple(rows.shape)}")
+    rows = rows.to(device=cfg.device, dtype=torch.float32)
+    whole = [b for b in rows.split(cfg.batch_size) if len(b) == cfg.batch_size]
+    batches = ({n: b for n in names} for b in whole)
+    return par.slices(batches) if par is not None else batches
 
 
 def build_training_sae(d_in: int, cfg: SAETrainingConfig) -> TrainingSAE:
@@ -659,12 +674,16 @@ def train_sae(
     *,
     out_dir: str | os.PathLike | None = None,
     manifest: dict[str, Any] | None = None,
+    threshold_rows: Tensor | None = None,
 ) -> TrainedSAE:
     """Train an SAE with sae-lens's ``SAETrainer`` on ``batches`` (endless iterator of [batch_size, d_in]).
 
     ``manifest`` (hook, model hash, token selection, data mix, ...) is stored with the SAE. With
     ``out_dir`` the SAE is written atomically in sae-lens's format plus ``mechvit_sae.json`` and
     ``metrics.jsonl``. The returned ``sae`` is the inference SAE, read back the way sae-lens reads it.
+    ``threshold_rows``: where a BatchTopK SAE with ``cfg.threshold_batches`` re-estimates its inference
+    threshold (:func:`reestimate_thresholds`; ``[n, d_in]``, e.g. ``CachedActivations.sample``); None: the
+    next batches of ``batches``.
     """
     cfg = cfg or SAETrainingConfig()
     log: list[dict[str, float]] = []
@@ -695,8 +714,11 @@ def train_sae(
                 log=log,
             )
         sae = trainer.fit()
+        source = _threshold_batches(threshold_rows, cfg, int(d_in), ["sae"], par)
         thresholds = reestimate_thresholds(
-            {"sae": sae}, {"sae": cfg.threshold_batches}, ({"sae": b} for b in trainer.data_provider)
+            {"sae": sae},
+            {"sae": cfg.threshold_batches},
+            source or ({"sae": b} for b in trainer.data_provider),
         )
     if thresholds:
         manifest = {**(manifest or {}), "inference_threshold": thresholds["sae"]}
@@ -852,6 +874,7 @@ def train_saes(
     pool_batches: int = 8,
     manifests: dict[str, dict[str, Any]] | None = None,
     out_dirs: dict[str, str | os.PathLike] | None = None,
+    threshold_rows: Tensor | None = None,
 ) -> dict[str, TrainedSAE]:
     """Train several SAEs (replicates, architectures) from ONE pass over ``batches`` with sae-lens's
     ``MultiSAETrainer``: each SAE keeps its own sae-lens ``SAETrainer`` (optimizer, lr schedule, aux loss,
@@ -860,7 +883,8 @@ def train_saes(
 
     ``batches``: endless iterator of shuffled [batch_size, d_in] rows (e.g. ``CachedActivations.batches``).
     Configs must agree on ``batch_size``, ``total_samples``, ``n_batches_for_norm_estimate`` and ``device``;
-    seeds must differ (two SAEs with one seed would be one SAE twice).
+    seeds must differ (two SAEs with one seed would be one SAE twice). ``threshold_rows``: as in
+    :func:`train_sae` (the same rows for every SAE; None: each SAE's next draws of the stream).
     """
     if not cfgs:
         raise ValueError("train_saes needs at least one config")
@@ -901,8 +925,9 @@ def train_saes(
             global_batch=first.batch_size,
         )
         fitted = coordinator.fit()
+        source = _threshold_batches(threshold_rows, first, int(d_in), list(cfgs), par)
         thresholds = reestimate_thresholds(
-            fitted, {n: c.threshold_batches for n, c in cfgs.items()}, coordinator.data_provider
+            fitted, {n: c.threshold_batches for n, c in cfgs.items()}, source or coordinator.data_provider
         )
     out: dict[str, TrainedSAE] = {}
     for name, cfg in cfgs.items():

@@ -146,7 +146,11 @@ def _train_model(ctx: StudyContext, w: StepWriter, name: str, runs: list[SAERun]
         }
         for r in runs
     }  # fmt: skip
-    trained = train_saes(batches, cached.d_in, trains, manifests=manifests)
+    # BatchTopK's inference threshold is re-estimated on rows drawn from the whole cache: the stream's next
+    # batches hold a few thousand images, and the threshold (k per row on average) moved by 0.05 latents with them
+    n_thr = min(len(cached), s.train.threshold_batches * s.train.batch_size)
+    rows = cached.sample(n_thr, seed=derive_seed(ctx.cfg.seed, "threshold", name)) if n_thr else None
+    trained = train_saes(batches, cached.d_in, trains, manifests=manifests, threshold_rows=rows)
     seconds = round(time.time() - t0, 2)
 
     def evaluate_and_save() -> None:
