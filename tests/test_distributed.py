@@ -398,7 +398,7 @@ def test_torchrun_commands_equal_one_process(tmp_path, model_dir):
         and len(shard_bytes(tmp_path / "c1")) == 5
     )
     train = ["train-sae", "--architecture", "batchtopk", "topk", "--k", "4", "--expansion", "2", "--batch-size", "32",
-             "--samples", "640"]  # fmt: skip
+             "--samples", "640", "--threshold-batches", "3"]  # fmt: skip
     _torchrun([*train, "--activations", str(tmp_path / "c2"), "--out", str(tmp_path / "s2")], 2)
     _torchrun([*train, "--activations", str(tmp_path / "c1"), "--out", str(tmp_path / "s1")], 1)
     for name in ("batchtopk__s0", "topk__s0"):
@@ -408,6 +408,8 @@ def test_torchrun_commands_equal_one_process(tmp_path, model_dir):
             assert torch.allclose(one[key], two[key], rtol=1e-4, atol=1e-6), (name, key)
         manifest = json.loads((tmp_path / "s2" / name / "mechvit_sae.json").read_text())
         assert manifest["processes"] == 2 and manifest["trained_samples"] == 640
+        if name.startswith("batchtopk"):  # the threshold from rows of the whole cache, pooled over both ranks
+            assert manifest["inference_threshold"]["rows"] == 96 and manifest["inference_threshold"]["exact"]
 
 
 @pytest.mark.slow

@@ -194,12 +194,16 @@ def test_command_line_trains_and_reports(tmp_path):
             "0.5",
             "--corruption",
             "gaussian_blur:4",
+            "--threshold-batches",
+            "2",
         ]
     )
     assert summary["n_rows"] == 32 * 16 and summary["n_images"] == 32 and summary["d_sae"] == 64
     loaded, manifest = load_sae(tmp_path / "sae")
     assert manifest["corruption_mix"] == {"fraction": 0.5, "corruptions": [["gaussian_blur", 4]]}
     assert manifest["spliced_metrics"]["n_images"] == 32 and manifest["dataset"] == "fashion_mnist/train[:64]"
+    assert manifest["training"]["threshold_batches"] == 2 and manifest["inference_threshold"]["batches"] == 2
+    assert float(loaded.threshold[0]) == pytest.approx(manifest["inference_threshold"]["estimated"], rel=1e-6)
 
 
 # ---- seeds, lockstep training (several SAEs from one pass) -----------------------------------------

@@ -85,6 +85,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m mechvit.sae") -> 
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--expansion", type=int, default=16)
     ap.add_argument("--aux", type=float, default=1 / 32, help="TopK/BatchTopK auxiliary (dead-feature) loss")
+    ap.add_argument(
+        "--threshold-batches",
+        type=int,
+        default=0,
+        help="BatchTopK: re-estimate the inference threshold after training over this many batches (k per row "
+        "on average there; with --activations rows drawn from the whole cache); 0: sae-lens's running mean",
+    )
     ap.add_argument("--l1", type=float, default=5.0)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=1024)
@@ -154,6 +161,7 @@ def _training_config(
         aux_coefficient=args.aux,
         l1_coefficient=args.l1,
         lr=args.lr,
+        threshold_batches=args.threshold_batches,
         batch_size=args.batch_size,
         total_samples=args.samples,
         seed=seed,
@@ -191,10 +199,14 @@ def _train_from_cache(args: argparse.Namespace) -> dict:
     batches = cached.batches(
         args.batch_size, buffer_size=max(32_768, 2 * args.batch_size), seed=order_seed, device=device
     )
+    n_thr = min(len(cached), max(0, args.threshold_batches) * args.batch_size)
+    rows = cached.sample(n_thr, seed=derive_seed(args.seed, "threshold")) if n_thr else None
     t0 = time.perf_counter()
     if len(args.architecture) == 1 and len(seeds) == 1:
         cfg = _training_config(args, args.architecture[0], seeds[0], device)
-        trained = {"": train_sae(batches, cached.d_in, cfg, out_dir=args.out, manifest=manifest)}
+        trained = {
+            "": train_sae(batches, cached.d_in, cfg, out_dir=args.out, manifest=manifest, threshold_rows=rows)
+        }
     else:
         # one pass, each SAE its own init and draw seed (train_saes), derived from (seed, architecture)
         cfgs = {
@@ -208,6 +220,7 @@ def _train_from_cache(args: argparse.Namespace) -> dict:
             cfgs,
             manifests={n: manifest for n in cfgs},
             out_dirs={n: Path(args.out) / n for n in cfgs},
+            threshold_rows=rows,
         )
     seconds = round(time.perf_counter() - t0, 1)
     summary = {
