@@ -448,6 +448,11 @@ def test_report_sae_quality_table_known_answer():
     # without the config's k (an older caller), the L0 check of a k architecture is not made: '–'
     table, _ = sae_quality({"batchtopk|base|0": sae(0.97, 0.90, 10, 5, 0.85, 0.0, l0=99.0)})
     assert table.rows[0][4] == "–"
+    # a CI bound just under 0 keeps its sign and a digit: not "-0.0"
+    low = sae(0.97, 0.90, 10, 5, 0.843, 0.0)
+    low["spliced_clean"]["accuracy_drop"]["low"] = -0.0004
+    table, _ = sae_quality({"batchtopk|base|0": low}, k=12)
+    assert table.rows[0][7] == "no (1.2 pp [-0.04, 4.0] of 200 images)"
 
 
 def test_report_names_what_each_fine_tune_was_trained_on_and_flags_other_severities():

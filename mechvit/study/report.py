@@ -284,8 +284,14 @@ def _drop_text(drop: float | None, sp: dict) -> str:
     if drop is None:
         return ""
     ci = sp.get("accuracy_drop") or {}
-    band = f" [{100 * ci['low']:.1f}, {100 * ci['high']:.1f}]" if ci.get("low") is not None else ""
-    return f"{drop:.1f} pp{band} of {sp.get('n_images', '?')} images"
+    band = f" [{_pp(100 * ci['low'])}, {_pp(100 * ci['high'])}]" if ci.get("low") is not None else ""
+    return f"{_pp(drop)} pp{band} of {sp.get('n_images', '?')} images"
+
+
+def _pp(v: float) -> str:
+    """``1.2``; a small negative value keeps its sign and one significant digit (``-0.04``, never ``-0.0``)."""
+    text = f"{v:.1f}"
+    return f"{v:.1g}" if text == "-0.0" else text
 
 
 def trained_on(card: dict | None) -> str:
