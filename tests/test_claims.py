@@ -204,3 +204,13 @@ def test_feature_contradiction_needs_the_holm_adjusted_permutation_p():
     vs = verdicts(two(0.01, control=ci(0.985, 0.975, 0.995)), "base")
     assert by(vs, "features_stable") == ["inconclusive", "inconclusive"]
     assert "overlaps the clean control's ratio CI" in vs[0].rule
+    # a study rerunning only its SAE steps has no robustness metrics: the controls it passes decide the same
+    only_sae = two(0.01, control=ci(0.985, 0.975, 0.995))
+    del only_sae["robustness"]
+    assert [(v.model, v.verdict) for v in verdicts(only_sae, "base", controls=["clean"])] == [
+        ("blur4 (batchtopk)", "inconclusive"),
+        ("noise4 (batchtopk)", "inconclusive"),
+    ]
+    # without them the control would be judged as a third fine-tune (the bug this guards against)
+    assert len(verdicts(only_sae, "base")) == 3
+    assert verdicts(only_sae, "base", controls=[])[0].control == "no clean control"

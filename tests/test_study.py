@@ -480,3 +480,18 @@ def test_report_names_what_each_fine_tune_was_trained_on_and_flags_other_severit
     note = severity_note(infos, {"severities": [4]})
     assert "blur1 (trained at 1)" in note and "blur4" not in note
     assert severity_note({"blur4": infos["blur4"]}, {"severities": [4]}) is None
+
+
+def test_report_takes_the_clean_controls_from_the_study_not_from_the_robustness_step():
+    """A study rerun with ``--only sae sae_analysis`` has no robustness metrics in its run: the claims still
+    know the clean control (a fine-tune whose card names no corruption) from the study's model infos."""
+    from types import SimpleNamespace
+
+    from mechvit.study.report import study_controls
+
+    infos = {
+        n: SimpleNamespace(seen=s) for n, s in [("base", []), ("blur4", ["gaussian_blur"]), ("clean", [])]
+    }
+    ctx = SimpleNamespace(infos=infos, finetuned_names=["blur4", "clean"], base_name="base")
+    assert study_controls(ctx) == ["clean"]
+    assert study_controls(SimpleNamespace(base_name="base")) is None  # no infos: the robustness step's list

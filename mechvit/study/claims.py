@@ -120,14 +120,17 @@ def _below(d: dict | None, x: float = 0.0) -> bool:
     return bool(d) and d.get("high") is not None and d["high"] < x
 
 
-def verdicts(metrics: dict[str, dict], base: str) -> list[Verdict]:
-    """The per-model verdicts of the five claims from ``{step: metrics}`` (steps that did not run are skipped)."""
+def verdicts(metrics: dict[str, dict], base: str, controls: list[str] | None = None) -> list[Verdict]:
+    """The per-model verdicts of the five claims from ``{step: metrics}`` (steps that did not run are skipped).
+    ``controls``: the clean fine-tune controls (the study knows them from the checkpoint cards); None: the
+    robustness step's list, else none. Without them a control's SAE comparison would be judged as a fine-tune's
+    (and join the Holm family), so a study that reruns only its SAE steps passes them."""
     out: list[Verdict] = []
     rob = metrics.get("robustness")
     tuned: list[tuple[str, list[str]]] = []
-    ctrls: list[str] = []
+    ctrls: list[str] = list(controls) if controls is not None else list((rob or {}).get("controls", []))
     if rob:
-        est, ctrls = rob["estimates"], rob.get("controls", [])
+        est = rob["estimates"]
         tuned = [(m, e["seen"]) for m, e in est.items() if e["seen"]]
         tests = rob.get("mcnemar")
         for m, _ in tuned:
