@@ -164,6 +164,24 @@ def test_lockstep_saes_on_cuda_have_distinct_initialisations_and_train():
         assert t.log and all(torch.isfinite(torch.tensor(e["metrics/explained_variance"])) for e in t.log)
 
 
+def test_threshold_reestimate_on_cuda_equals_the_cpu():
+    """The pooled-quantile threshold of a CUDA SAE (no CPU prefilter there) equals the same SAE's on the CPU."""
+    from mechvit.sae import reestimate_thresholds
+    from mechvit.sae.train import build_training_sae
+
+    torch.manual_seed(0)
+    cpu = build_training_sae(D_IN, SAETrainingConfig(architecture="batchtopk", expansion_factor=2, k=K))
+    gpu = build_training_sae(
+        D_IN, SAETrainingConfig(architecture="batchtopk", expansion_factor=2, k=K, device="cuda")
+    )
+    gpu.load_state_dict(cpu.state_dict())
+    xs = [b for b, _ in zip(_sparse_batches(_dictionary(), 128), range(6), strict=False)]
+    a = reestimate_thresholds({"s": cpu}, {"s": 6}, iter([{"s": x} for x in xs]))["s"]
+    b = reestimate_thresholds({"s": gpu}, {"s": 6}, iter([{"s": x.cuda()} for x in xs]))["s"]
+    assert a["exact"] and b["exact"] and gpu.topk_threshold.is_cuda
+    assert b["estimated"] == pytest.approx(a["estimated"], rel=1e-5)
+
+
 def test_tiny_study_on_cuda_runs_every_step_and_agrees_with_the_cpu(tmp_path):
     from test_study import ALL_STEPS, make_checkpoints, tiny_config
 

@@ -493,10 +493,10 @@ def reestimate_thresholds(
                 pre = pre * sae.W_dec.norm(dim=-1)
             flat = pre.relu().flatten()
             keep = min(flat.numel(), int(margin * sae.cfg.k * len(x)))
-            # as in _FastBatchTopK: only the values >= 0.8 x the previous batch's cut go through the top-k when
-            # enough pass (the same set; 1.0 -> 0.3 s per SAE here), else the whole batch
+            # as in _FastBatchTopK on CPU: only the values >= 0.8 x the previous batch's cut go through the top-k
+            # when enough pass (the same set; 1.0 -> 0.3 s per SAE here), else the whole batch
             pool = flat
-            if prev_cut.get(name, 0.0) > 0:
+            if prev_cut.get(name, 0.0) > 0 and flat.device.type == "cpu":
                 passed = flat.index_select(0, _at_least(flat, 0.8 * prev_cut[name]))
                 if len(passed) >= keep:
                     pool = passed
