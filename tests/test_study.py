@@ -482,16 +482,17 @@ def test_report_names_what_each_fine_tune_was_trained_on_and_flags_other_severit
     assert severity_note({"blur4": infos["blur4"]}, {"severities": [4]}) is None
 
 
-def test_report_takes_the_clean_controls_from_the_study_not_from_the_robustness_step():
+def test_report_takes_the_clean_controls_from_the_study_not_from_the_robustness_step(tmp_path):
     """A study rerun with ``--only sae sae_analysis`` has no robustness metrics in its run: the claims still
-    know the clean control (a fine-tune whose card names no corruption) from the study's model infos."""
-    from types import SimpleNamespace
+    know the clean control (a fine-tune whose card names no corruption) from the study context, which every
+    step and the report share."""
+    from mechvit.study.config import study_config_from_dict
+    from mechvit.study.context import StudyContext
 
-    from mechvit.study.report import study_controls
-
-    infos = {
-        n: SimpleNamespace(seen=s) for n, s in [("base", []), ("blur4", ["gaussian_blur"]), ("clean", [])]
-    }
-    ctx = SimpleNamespace(infos=infos, finetuned_names=["blur4", "clean"], base_name="base")
-    assert study_controls(ctx) == ["clean"]
-    assert study_controls(SimpleNamespace(base_name="base")) is None  # no infos: the robustness step's list
+    ck = make_checkpoints(tmp_path / "ck")
+    cfg = tiny_config(ck)
+    cfg["models"]["finetuned"].append(
+        {"name": "clean", "checkpoint": str(ck["base"])}
+    )  # its card: no corruption
+    ctx = StudyContext(study_config_from_dict(cfg), tmp_path / "out")
+    assert ctx.control_names == ["clean"]

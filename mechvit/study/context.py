@@ -159,6 +159,11 @@ class StudyContext:
         return [m.name for m in self.cfg.models.finetuned]
 
     @property
+    def control_names(self) -> list[str]:
+        """The clean fine-tune controls: the fine-tunes whose checkpoint card names no corruption."""
+        return [n for n in self.finetuned_names if not self.infos[n].seen]
+
+    @property
     def model_names(self) -> list[str]:
         return list(self.infos)
 

@@ -330,18 +330,9 @@ def severity_note(infos: dict, robustness: dict | None) -> str | None:
     )
 
 
-def study_controls(ctx) -> list[str] | None:
-    """The study's clean fine-tune controls (fine-tunes whose card names no corruption), as the robustness
-    step lists them; None for a context without model infos (the claims then read the robustness step's)."""
-    infos = getattr(ctx, "infos", None)
-    if not infos:
-        return None
-    return [n for n in getattr(ctx, "finetuned_names", []) if n in infos and not infos[n].seen]
-
-
-def sections(ctx, run, steps, numbers: list[str], models: dict) -> list[Section]:
-    """The report's sections: claims, key numbers, models, then one per step in order."""
-    vs = verdicts({k: v.metrics for k, v in run.results.items()}, ctx.base_name, study_controls(ctx))
+def sections(ctx, run, steps, numbers: list[str], models: dict, vs: list) -> list[Section]:
+    """The report's sections: claims (``vs``: the claims' verdicts), key numbers, models, then one per step in
+    order."""
     infos = getattr(ctx, "infos", {}) or {}
     rob = run.results.get("robustness")
     sev_note = severity_note(infos, rob.metrics if rob is not None else None)
@@ -519,13 +510,14 @@ def write_report(ctx, run, steps) -> Path:
                            "metrics": results[s.name].metrics} for s in steps},
         "config": dataclasses.asdict(cfg),
     }  # fmt: skip
-    vs = verdicts({k: v.metrics for k, v in results.items()}, ctx.base_name, study_controls(ctx))
+    # the controls from the checkpoint cards: a rerun of only some steps has no robustness metrics to list them
+    vs = verdicts({k: v.metrics for k, v in results.items()}, ctx.base_name, ctx.control_names)
     metrics["claims"] = {
         "overall": overall(vs), "overall_text": overall_text(vs), "rules": {c: RULES[c] for c in CLAIMS},
         "per_model": [dataclasses.asdict(v) for v in vs],
     }  # fmt: skip
     atomic_write_json(out / "metrics.json", metrics, indent=1)
-    secs = sections(ctx, run, steps, numbers, models)
+    secs = sections(ctx, run, steps, numbers, models, vs)
     reproduce = f"mechvit study --config <this config> --out {out}"
     intro = f"Config `{cfg.name}`, written {written}; device {env['device']}."
     atomic_write_text(out / "report.md", render_markdown(cfg.title, intro, secs, reproduce))

@@ -54,7 +54,7 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     # how far each fine-tune's attention moved from the base's, per image (1 - cosine of the maps, mean over
     # layers, heads, queries), against how far the clean fine-tune control's moved on the same images
     change, rows = {}, []
-    ctrls = [m for m in ctx.finetuned_names if not ctx.infos[m].seen]
+    ctrls = ctx.control_names
     for n in ctx.finetuned_names:
         d_n = {lab: 1 - between[(n, lab)].cosine_per_image.double() for lab in inputs}
         for lab in inputs:

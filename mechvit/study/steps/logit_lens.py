@@ -62,7 +62,7 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
         )
     )
     paired, prow = {}, []
-    refs = [ctx.base_name, *[m for m in ctx.finetuned_names if not ctx.infos[m].seen]]
+    refs = [ctx.base_name, *ctx.control_names]
     for n in ctx.finetuned_names:
         for ref in refs:
             if ref == n:

@@ -42,11 +42,6 @@ def _ci(e) -> list:
     return [None, None, None] if e is None else [100 * e.estimate, 100 * e.low, 100 * e.high]
 
 
-def controls(ctx: StudyContext) -> list[str]:
-    """The fine-tuned models that saw no corruption: clean fine-tune controls."""
-    return [n for n in ctx.finetuned_names if not ctx.infos[n].seen]
-
-
 def trained_severities(ctx: StudyContext) -> dict[str, list[int]]:
     """``{model: severities it was fine-tuned at}`` from each checkpoint card (``config.corruption.severities``),
     for the models with seen corruptions whose card says."""
@@ -116,7 +111,7 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     trained = trained_severities(ctx)
     extra = extra_cells(seen, trained, r.severities, corrs)
     trained_rows = []
-    ctrl = controls(ctx)
+    ctrl = ctx.control_names
     for c, sevs in extra.items():  # the seen corruptions at their trained severities (the same images: the
         for sev in sevs:  # corruption seeds depend on corruption, severity and batch, not on the model)
             who = trained_cell_models(names, base, ctrl, seen, trained, c, sev)
