@@ -477,7 +477,8 @@ def reestimate_thresholds(
     cands: dict[str, list[Tensor]] = {n: [] for n in todo}
     floor = dict.fromkeys(todo, 0.0)  # the largest value below which a batch dropped positive activations
     rows = dict.fromkeys(todo, 0)
-    prev_cut: dict[str, float] = {}
+    # each batch's candidates: its margin x k x rows largest values, with the training step's pre-filter on CPU
+    pick = {n: _FastBatchTopK(min(margin * sae.cfg.k, sae.cfg.d_sae)) for n, sae in todo.items()}
     for i in range(max(n_batches[n] for n in todo)):
         try:
             multi = next(batches)
@@ -491,19 +492,11 @@ def reestimate_thresholds(
             pre = sae_in @ sae.W_enc + sae.b_enc
             if sae.cfg.rescale_acts_by_decoder_norm:
                 pre = pre * sae.W_dec.norm(dim=-1)
-            flat = pre.relu().flatten()
-            keep = min(flat.numel(), int(margin * sae.cfg.k * len(x)))
-            # as in _FastBatchTopK on CPU: only the values >= 0.8 x the previous batch's cut go through the top-k
-            # when enough pass (the same set; 1.0 -> 0.3 s per SAE here), else the whole batch
-            pool = flat
-            if prev_cut.get(name, 0.0) > 0 and flat.device.type == "cpu":
-                passed = flat.index_select(0, _at_least(flat, 0.8 * prev_cut[name]))
-                if len(passed) >= keep:
-                    pool = passed
-            top = torch.topk(pool, keep, sorted=False).values
-            if keep < flat.numel():
-                prev_cut[name] = float(top.min())
-                floor[name] = max(floor[name], prev_cut[name])
+            acts = pre.relu()
+            flat = acts.flatten()
+            top = flat.index_select(0, pick[name].select(acts))
+            if 0 < len(top) < len(flat):
+                floor[name] = max(floor[name], float(top.min()))
             if par is not None:
                 import torch.distributed as dist
 
