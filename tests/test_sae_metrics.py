@@ -68,6 +68,62 @@ def test_reconstruction_metrics_known_answers():
     assert "8 dead of 16" in fig.axes[0].get_title()
 
 
+def test_reconstruction_metrics_per_row_and_cis_over_groups():
+    from mechvit.analysis import reconstruction_cis
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 8, generator=g)  # both signs: the identity SAE's halves fire on them
+    sae = zero_sae(8)
+    with torch.no_grad():
+        sae.W_dec.mul_(0.0).add_(torch.cat([torch.eye(8), -torch.eye(8)]) * 0.5)  # half the input back
+    m = reconstruction_metrics(sae, x, batch_size=128, per_row=True)
+    per = m.per_row
+    assert torch.equal(per["active"], torch.count_nonzero(x, dim=1).to(torch.int32))  # every |x_i| > 0 fires
+    assert torch.allclose(per["sq_err"], (0.5 * x.double()).pow(2).sum(1))
+    assert "per_row" not in m.to_dict() and reconstruction_metrics(sae, x).per_row is None
+    # the CIs' estimates are the metrics' own numbers; tokens grouped by image
+    images = torch.arange(600) // 6
+    ci = reconstruction_cis(x.numpy(), per["sq_err"].numpy(), per["active"].numpy(), images.numpy())
+    assert ci["explained_variance"].estimate == pytest.approx(m.explained_variance, abs=1e-9)
+    assert ci["l0"].estimate == pytest.approx(m.l0, abs=1e-12)
+    assert ci["explained_variance"].low < m.explained_variance < ci["explained_variance"].high
+    assert ci["l0"].n == 100 and ci["l0"].method == "bootstrap-percentile"
+
+
+def test_reconstruction_cis_resample_groups_not_rows():
+    """Known answers: rows repeated within their group carry no more information than one row each, so the
+    CIs equal those of the distinct rows grouped one by one (the same draws); iid rows grouped one by one
+    give the normal-theory CI of a mean."""
+    import numpy as np
+
+    from mechvit.analysis import reconstruction_cis
+
+    rng = np.random.default_rng(0)
+    n, d = 400, 6
+    x = rng.normal(size=(n, d)) + 1.0
+    err = rng.random(n) * 2.0
+    act = rng.integers(0, 25, n).astype(float)
+    one = reconstruction_cis(x, err, act, np.arange(n), seed=3)
+    rep = reconstruction_cis(
+        np.repeat(x, 7, 0), np.repeat(err, 7), np.repeat(act, 7), np.repeat(np.arange(n), 7), seed=3
+    )
+    for key in ("explained_variance", "l0"):
+        assert rep[key].estimate == pytest.approx(one[key].estimate, rel=1e-12)
+        assert (rep[key].low, rep[key].high) == pytest.approx((one[key].low, one[key].high), rel=1e-12)
+    # the same repeated rows taken as independent (one group per row) give a CI ~sqrt(7) too narrow
+    naive = reconstruction_cis(
+        np.repeat(x, 7, 0), np.repeat(err, 7), np.repeat(act, 7), np.arange(7 * n), seed=3
+    )
+    ratio = (one["l0"].high - one["l0"].low) / (naive["l0"].high - naive["l0"].low)
+    assert ratio == pytest.approx(np.sqrt(7), rel=0.15)
+    half = 1.96 * act.std(ddof=1) / np.sqrt(n)
+    assert (one["l0"].high - one["l0"].low) / 2 == pytest.approx(half, rel=0.1)
+    with pytest.raises(ValueError, match="one sq_err, active count and group each"):
+        reconstruction_cis(x, err[:-1], act, np.arange(n))
+    with pytest.raises(ValueError, match="at least two groups"):
+        reconstruction_cis(x, err, act, np.zeros(n))
+
+
 @pytest.mark.parametrize("tokens", ["all", "patches", "cls", "prefix"])
 def test_identity_splice_gives_unmodified_logits(model, data, tokens):
     images, labels = data

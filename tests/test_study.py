@@ -451,8 +451,38 @@ def test_report_sae_quality_table_known_answer():
     # a CI bound just under 0 keeps its sign and a digit: not "-0.0"
     low = sae(0.97, 0.90, 10, 5, 0.843, 0.0)
     low["spliced_clean"]["accuracy_drop"]["low"] = -0.0004
-    table, _ = sae_quality({"batchtopk|base|0": low}, k=12)
-    assert table.rows[0][7] == "no (1.2 pp [-0.04, 4.0] of 200 images)"
+    table, notes = sae_quality({"batchtopk|base|0": low}, k=12)
+    assert table.rows[0][7] == "no (1.2 pp [-0.04, 4.0] of 200 images; its CI reaches the bar: within noise)"
+    # that SAE misses nothing else: counted apart, with the CI's half-width and what would decide it
+    assert notes[0].startswith("SAE quality: 0 of 1 SAEs meet every criterion")
+    assert notes[1].startswith("1 more SAE misses the bar only by less than the measurement can tell")
+    assert "the same 200 images, here with a CI of about +-2.0 pp" in notes[1]
+    assert "raise sae.n_fidelity_images" in notes[1]
+    # a CI wholly over 1 pp is a miss (base|1 above: [1.1, 4.0]), and a within-noise top-1 with another miss
+    # is not counted apart
+    also = sae(0.97, 0.90, 30, 5, 0.843, 0.0)  # 30% dead
+    also["spliced_clean"]["accuracy_drop"]["low"] = 0.0
+    _, notes = sae_quality({"batchtopk|base|0": also}, k=12)
+    assert len(notes) == 1
+    # L0 and EV with their CIs: over k with a CI reaching k is within noise; a CI wholly over k, or an EV CI
+    # under the bar, is a plain miss
+    near = sae(0.97, 0.90, 10, 5, 0.85, 0.0, l0=12.013)
+    near["heldout"]["l0_ci"] = {"low": 11.99, "high": 12.04}
+    near["heldout"]["explained_variance_ci"] = {"low": 0.965, "high": 0.975}
+    far = sae(0.955, 0.95, 10, 5, 0.85, 0.0, l0=12.2)
+    far["heldout"]["l0_ci"] = {"low": 12.1, "high": 12.3}
+    far["heldout"]["explained_variance_ci"] = {"low": 0.950, "high": 0.959}
+    edge = sae(0.955, 0.95, 10, 5, 0.85, 0.0, l0=11.0)
+    edge["heldout"]["explained_variance_ci"] = {"low": 0.950, "high": 0.961}
+    table, notes = sae_quality({"batchtopk|a|0": near, "batchtopk|b|0": far, "batchtopk|c|0": edge}, k=12)
+    assert table.rows[0][3:5] == [
+        "yes",
+        "no (12.013 > 12 [11.990, 12.040]; its CI reaches the bar: within noise)",
+    ]
+    assert table.rows[1][3:5] == ["no (0.955 < 0.960 [0.950, 0.959])", "no (12.200 > 12 [12.100, 12.300])"]
+    assert table.rows[2][3] == "no (0.955 < 0.960 [0.950, 0.961]; its CI reaches the bar: within noise)"
+    assert notes[0].startswith("SAE quality: 0 of 3 SAEs meet every criterion")
+    assert notes[1].startswith("2 more SAEs miss the bar only by less than the measurement can tell")
 
 
 def test_report_names_what_each_fine_tune_was_trained_on_and_flags_other_severities():

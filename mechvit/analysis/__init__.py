@@ -69,6 +69,7 @@ from mechvit.analysis.statistics import (
     permutation_test,
     proportion_ci,
     ratio_ci,
+    reconstruction_cis,
 )
 
 __all__ = [
@@ -125,6 +126,7 @@ __all__ = [
     "permutation_test",
     "proportion_ci",
     "ratio_ci",
+    "reconstruction_cis",
     "robustness_estimates",
     "robustness_matrix",
     "unchanged_corruptions",

@@ -37,7 +37,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-from scipy import stats
+from scipy import sparse, stats
 
 __all__ = [
     "Estimate",
@@ -52,6 +52,7 @@ __all__ = [
     "permutation_test",
     "proportion_ci",
     "ratio_ci",
+    "reconstruction_cis",
     "weighted_bootstrap_ci",
 ]
 
@@ -471,3 +472,49 @@ def weighted_bootstrap_ci(
         return Estimate(est, math.nan, math.nan, n, method, confidence)
     lo, hi = np.quantile(b, [(1 - confidence) / 2, (1 + confidence) / 2])
     return Estimate(est, float(lo), float(hi), n, method, confidence)
+
+
+def reconstruction_cis(
+    activations: Any,
+    sq_err: Any,
+    active: Any,
+    groups: Any,
+    *,
+    confidence: float = 0.95,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> dict[str, Estimate]:
+    """CIs of an SAE's explained variance and L0 on held-out rows, resampling ``groups`` of rows: the
+    tokens of one test image (and of its corrupted copies) are not independent draws, so ``groups[i]`` names
+    the image row i comes from. ``activations`` [N, d] are the rows, ``sq_err`` [N] each row's
+    ``||x - x_hat||^2`` and ``active`` [N] its number of active latents (``mechvit.sae.reconstruction_metrics(
+    ..., per_row=True).per_row``). EV = 1 - sum(sq_err) / sum ||x - mean(x)||^2 and L0 = mean(active), as
+    there; percentile bootstrap over groups, both on the same draws (:func:`weighted_bootstrap_ci`).
+    Returns ``{"explained_variance": Estimate, "l0": Estimate}``."""
+    x = np.asarray(activations, dtype=np.float64)
+    err, act = _as_1d(sq_err, "sq_err"), _as_1d(active, "active")
+    g = np.asarray(groups).reshape(-1)
+    if x.ndim != 2 or not len(x) == len(err) == len(act) == len(g):
+        raise ValueError(
+            f"expected rows [N, d] with one sq_err, active count and group each, got {x.shape}, {len(err)}, "
+            f"{len(act)} and {len(g)}"
+        )
+    ids, g = np.unique(g, return_inverse=True)
+    if len(ids) < 2:
+        raise ValueError(f"need at least two groups to resample, got {len(ids)}")
+    m = len(ids)
+    cnt = np.bincount(g, minlength=m).astype(np.float64)
+    act_g, err_g = np.bincount(g, act, minlength=m), np.bincount(g, err, minlength=m)
+    sq_g = np.bincount(g, np.einsum("ij,ij->i", x, x), minlength=m)
+    # per-group sums of the rows as one sparse product (np.add.at is ~50x slower on 147,000 x 96 rows)
+    sx_g = sparse.csr_matrix((np.ones(len(g)), (g, np.arange(len(g)))), shape=(m, len(g))) @ x
+
+    def ev(w: np.ndarray) -> np.ndarray:
+        return 1 - (w @ err_g) / (w @ sq_g - ((w @ sx_g) ** 2).sum(1) / (w @ cnt))
+
+    w = bootstrap_weights(m, n_resamples, seed=seed)
+    kw: dict[str, Any] = dict(weights=w, confidence=confidence, n_resamples=n_resamples, seed=seed)
+    return {
+        "explained_variance": weighted_bootstrap_ci(ev, m, **kw),
+        "l0": weighted_bootstrap_ci(lambda w: (w @ act_g) / (w @ cnt), m, **kw),
+    }

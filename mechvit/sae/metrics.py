@@ -51,11 +51,16 @@ class ReconstructionMetrics:
     n_rows: int
     d_sae: int
     feature_density: Tensor  # [d_sae] fraction of rows on which each feature is active
+    # with ``per_row=True``: "active" (latents active per row, int32) and "sq_err" (||x - x_hat||^2 per row,
+    # float64), for CIs over the images the rows come from (mechvit.analysis.reconstruction_cis); not in to_dict()
+    per_row: dict[str, Tensor] | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("feature_density")
-        return d
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in ("feature_density", "per_row")
+        }
 
 
 def _sae_width(sae: Any) -> int:
@@ -82,9 +87,11 @@ def reconstruction_metrics(
     *,
     batch_size: int = 4096,
     dense_threshold: float = 0.1,
+    per_row: bool = False,
 ) -> ReconstructionMetrics:
     """Metrics of ``sae`` (sae-lens inference SAE) on held-out rows: a [N, d_in] tensor or an iterable of
-    [n, d_in] chunks (e.g. ``CachedActivations.chunks`` / ``batches(epochs=1)``), streamed in one pass."""
+    [n, d_in] chunks (e.g. ``CachedActivations.chunks`` / ``batches(epochs=1)``), streamed in one pass.
+    ``per_row``: also keep each row's active count and squared error (``.per_row``, on the CPU)."""
     d_in = _sae_width(sae)
     chunks = activations.split(batch_size) if isinstance(activations, Tensor) else activations
     device = sae.W_dec.device
@@ -93,6 +100,8 @@ def reconstruction_metrics(
     sum_x2 = torch.zeros((), dtype=torch.float64, device=device)
     sum_err = torch.zeros((), dtype=torch.float64, device=device)
     active = torch.zeros(int(sae.cfg.d_sae), dtype=torch.long, device=device)  # exact counts
+    rows_active: list[Tensor] = []
+    rows_err: list[Tensor] = []
     sae.eval()
     for x in chunks:
         if x.ndim != 2 or x.shape[1] != d_in:
@@ -104,8 +113,12 @@ def reconstruction_metrics(
         x64 = x.double()
         sum_x += x64.sum(0)
         sum_x2 += (x64**2).sum()
-        sum_err += ((recon.double() - x64) ** 2).sum()
+        err = ((recon.double() - x64) ** 2).sum(1)
+        sum_err += err.sum()
         active += torch.count_nonzero(codes, dim=0)
+        if per_row:
+            rows_active.append(torch.count_nonzero(codes, dim=1).to(torch.int32).cpu())
+            rows_err.append(err.cpu())
     if n == 0:
         raise ValueError("no activations given")
     total_var = sum_x2 - (sum_x**2).sum() / n
@@ -120,6 +133,7 @@ def reconstruction_metrics(
         n_rows=n,
         d_sae=int(sae.cfg.d_sae),
         feature_density=density,
+        per_row={"active": torch.cat(rows_active), "sq_err": torch.cat(rows_err)} if per_row else None,
     )
 
 

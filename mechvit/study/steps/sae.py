@@ -17,9 +17,10 @@ import shutil
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from mechvit.analysis import collect_activations, mean_ci, paired_difference_ci
+from mechvit.analysis import collect_activations, mean_ci, paired_difference_ci, reconstruction_cis
 from mechvit.runtime import forked_map, rank0_runs, rank_and_world
 from mechvit.sae import (
     CorruptionMix,
@@ -122,6 +123,25 @@ def heldout(ctx: StudyContext, model) -> torch.Tensor:
     return torch.cat(acts).reshape(-1, acts[0].shape[-1])
 
 
+def heldout_images(ctx: StudyContext, model) -> np.ndarray:
+    """The test image each row of :func:`heldout` comes from (its clean and corrupted copies alike): the
+    groups its CIs resample, since the tokens of one image are not independent draws."""
+    n, parts = ctx.cfg.sae.quality_images, 1 + len(ctx.cfg.conditions)
+    return np.tile(np.repeat(np.arange(n), n_tokens(model, ctx.cfg.sae.tokens)), parts)
+
+
+def heldout_metrics(sae, held: torch.Tensor, images: np.ndarray, seed: int) -> dict:
+    """``reconstruction_metrics`` on the held-out rows with 95% CIs of EV and L0 over their images."""
+    rec = reconstruction_metrics(sae, held, per_row=True)
+    per = rec.per_row
+    cis = reconstruction_cis(held.numpy(), per["sq_err"].numpy(), per["active"].numpy(), images, seed=seed)
+    return {
+        **rec.to_dict(),
+        "explained_variance_ci": cis["explained_variance"].to_dict(),
+        "l0_ci": cis["l0"].to_dict(),
+    }
+
+
 def _train_model(ctx: StudyContext, w: StepWriter, name: str, runs: list[SAERun], train_x) -> None:
     """Cache ``name``'s activations once, then train its SAEs in one pass; each SAE saved when done."""
     s = ctx.cfg.sae
@@ -155,7 +175,7 @@ def _train_model(ctx: StudyContext, w: StepWriter, name: str, runs: list[SAERun]
 
     def evaluate_and_save() -> None:
         xe, ye = ctx.test_images(s.quality_images)
-        held = heldout(ctx, model)
+        held, images = heldout(ctx, model), heldout_images(ctx, model)
         train_rows = cached.rows(0, min(len(cached), 200_000))
         pca = pca_baseline(train_rows, held, s.train.k).explained_variance
         # the clean and zero-ablated forwards once for all the model's SAEs (the same numbers as one call each)
@@ -165,7 +185,7 @@ def _train_model(ctx: StudyContext, w: StepWriter, name: str, runs: list[SAERun]
         for r, sp in zip(runs, spliced, strict=True):
             t = trained[r.key]
             t.manifest.update(
-                heldout_metrics=reconstruction_metrics(t.sae, held).to_dict(),
+                heldout_metrics=heldout_metrics(t.sae, held, images, ctx.cfg.seed),
                 pca_k_explained_variance=pca,
                 spliced_clean=fidelity(sp, ctx.cfg.seed),
                 train_seconds_group=seconds,
@@ -268,8 +288,10 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
                 d_sae,
                 m.get("trained_samples"),
                 rec["explained_variance"],
+                *_low_high(rec.get("explained_variance_ci"))[1:],
                 m["pca_k_explained_variance"],
                 rec["l0"],
+                *_low_high(rec.get("l0_ci"))[1:],
                 rec["dead_features"] / d_sae,
                 rec["dense_features"] / d_sae,
                 spc["kl_sae"],
@@ -284,7 +306,8 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     res.tables.append(
         Table(
             f"SAEs on {s.hook} ({s.tokens} tokens), trained on one mix for every model ({1 - frac:.0%} clean, "
-            f"{frac:.0%} with one of the conditions); metrics on held-out clean + corrupted test images. "
+            f"{frac:.0%} with one of the conditions); metrics on held-out clean + corrupted test images, EV "
+            "and L0 with 95% CIs over those images (percentile bootstrap; an image's tokens and copies together). "
             f"PCA-k: EV of the top-{s.train.k} principal components of the same model's training activations "
             "(an SAE with L0 <= k should beat it). Spliced: the SAE's reconstruction in place of the hook on "
             f"{s.quality_images} clean test images; KL and top-1 drop (clean minus spliced) with "
@@ -298,8 +321,12 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
                 "d_sae",
                 "tokens",
                 "EV (held-out)",
+                "EV low",
+                "EV high",
                 "EV PCA-k",
                 "L0",
+                "L0 low",
+                "L0 high",
                 "dead (frac)",
                 "dense >10% (frac)",
                 "spliced KL (nats)",
