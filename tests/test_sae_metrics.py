@@ -118,6 +118,15 @@ def test_reconstruction_cis_resample_groups_not_rows():
     assert ratio == pytest.approx(np.sqrt(7), rel=0.15)
     half = 1.96 * act.std(ddof=1) / np.sqrt(n)
     assert (one["l0"].high - one["l0"].low) / 2 == pytest.approx(half, rel=0.1)
+    # several SAEs on the same rows at once: the numbers of one call each
+    from mechvit.analysis import reconstruction_cis_many
+
+    err2, act2 = err * 0.5, act + 1.0
+    many = reconstruction_cis_many(x, [(err, act), (err2, act2)], np.arange(n) // 4, seed=5)
+    assert many == [
+        reconstruction_cis(x, err, act, np.arange(n) // 4, seed=5),
+        reconstruction_cis(x, err2, act2, np.arange(n) // 4, seed=5),
+    ]
     with pytest.raises(ValueError, match="one sq_err, active count and group each"):
         reconstruction_cis(x, err[:-1], act, np.arange(n))
     with pytest.raises(ValueError, match="at least two groups"):

@@ -70,6 +70,7 @@ from mechvit.analysis.statistics import (
     proportion_ci,
     ratio_ci,
     reconstruction_cis,
+    reconstruction_cis_many,
 )
 
 __all__ = [
@@ -127,6 +128,7 @@ __all__ = [
     "proportion_ci",
     "ratio_ci",
     "reconstruction_cis",
+    "reconstruction_cis_many",
     "robustness_estimates",
     "robustness_matrix",
     "unchanged_corruptions",

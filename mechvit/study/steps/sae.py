@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mechvit.analysis import collect_activations, mean_ci, paired_difference_ci, reconstruction_cis
+from mechvit.analysis import collect_activations, mean_ci, paired_difference_ci, reconstruction_cis_many
 from mechvit.runtime import forked_map, rank0_runs, rank_and_world
 from mechvit.sae import (
     CorruptionMix,
@@ -130,16 +130,20 @@ def heldout_images(ctx: StudyContext, model) -> np.ndarray:
     return np.tile(np.repeat(np.arange(n), n_tokens(model, ctx.cfg.sae.tokens)), parts)
 
 
-def heldout_metrics(sae, held: torch.Tensor, images: np.ndarray, seed: int) -> dict:
-    """``reconstruction_metrics`` on the held-out rows with 95% CIs of EV and L0 over their images."""
-    rec = reconstruction_metrics(sae, held, per_row=True)
-    per = rec.per_row
-    cis = reconstruction_cis(held.numpy(), per["sq_err"].numpy(), per["active"].numpy(), images, seed=seed)
-    return {
-        **rec.to_dict(),
-        "explained_variance_ci": cis["explained_variance"].to_dict(),
-        "l0_ci": cis["l0"].to_dict(),
-    }
+def heldout_metrics(saes: list, held: torch.Tensor, images: np.ndarray, seed: int) -> list[dict]:
+    """``reconstruction_metrics`` of each SAE on the held-out rows, with 95% CIs of EV and L0 over their
+    images (the rows' per-image sums taken once for all the SAEs)."""
+    recs = [reconstruction_metrics(sae, held, per_row=True) for sae in saes]
+    per = [(r.per_row["sq_err"].numpy(), r.per_row["active"].numpy()) for r in recs]
+    cis = reconstruction_cis_many(held.numpy(), per, images, seed=seed)
+    return [
+        {
+            **r.to_dict(),
+            "explained_variance_ci": c["explained_variance"].to_dict(),
+            "l0_ci": c["l0"].to_dict(),
+        }
+        for r, c in zip(recs, cis, strict=True)
+    ]
 
 
 def _train_model(ctx: StudyContext, w: StepWriter, name: str, runs: list[SAERun], train_x) -> None:
@@ -182,10 +186,11 @@ def _train_model(ctx: StudyContext, w: StepWriter, name: str, runs: list[SAERun]
         spliced = spliced_metrics_many(
             model, [trained[r.key].sae for r in runs], ctx.prep(xe), ye, s.hook, tokens=s.tokens
         )
-        for r, sp in zip(runs, spliced, strict=True):
+        recs = heldout_metrics([trained[r.key].sae for r in runs], held, images, ctx.cfg.seed)
+        for r, sp, rec in zip(runs, spliced, recs, strict=True):
             t = trained[r.key]
             t.manifest.update(
-                heldout_metrics=heldout_metrics(t.sae, held, images, ctx.cfg.seed),
+                heldout_metrics=rec,
                 pca_k_explained_variance=pca,
                 spliced_clean=fidelity(sp, ctx.cfg.seed),
                 train_seconds_group=seconds,
