@@ -281,7 +281,7 @@ def sae_quality(
     if within_noise:
         notes.append(
             f"{within_noise} more SAE{'s miss' if within_noise > 1 else ' misses'} the bar only by less than "
-            "the measurement can tell: each of its misses has a 95% CI that reaches the bar (within noise). The "
+            "the measurement can tell: every miss has a 95% CI that reaches the bar (within noise). The "
             "spliced top-1 drop is a difference of two accuracies on the same "
             f"{_sizes(n_images)} images"
             + (f", here with a CI of about +-{statistics.median(widths):.1f} pp" if widths else "")
