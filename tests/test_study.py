@@ -134,6 +134,12 @@ def test_study_runs_every_step_and_writes_the_report(finished):
         for r in (0, 1)
     }
     assert len({sae_m[k]["seed"] for k in keys}) == len(keys)
+    for k in keys:  # held-out EV and L0 with CIs over the held-out images, around the step's own numbers
+        h = sae_m[k]["heldout"]
+        for name in ("explained_variance", "l0"):
+            ci = h[f"{name}_ci"]
+            assert ci["estimate"] == pytest.approx(h[name], rel=1e-9, abs=1e-12)
+            assert ci["low"] <= ci["estimate"] <= ci["high"] and ci["n"] == 8  # the 8 held-out test images
     assert sae_m["ablation_gap"]["kl"] >= 0
     saes = sorted(p.name for p in (out / "sae" / "saes").iterdir())
     assert "batchtopk__ft_blur__r1" in saes and "standard__base__r0" in saes
