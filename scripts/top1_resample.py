@@ -34,6 +34,7 @@ def main() -> None:
     p.add_argument("--draws", type=int, default=2000)
     p.add_argument("--bar", type=float, default=1.0, help="the bar, pp")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--models", nargs="+", default=None, help="only these models' SAEs (default: all)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     cfg = load_study_config(a.config, {"progress": False, "sae.n_fidelity_images": a.images})
@@ -44,7 +45,9 @@ def main() -> None:
     print(f"| SAE | top-1 drop on {a.images:,} images (pp) | 95% CI |\n|---|---|---|")
     by_model: dict[str, list[Path]] = {}  # one clean forward per model for all its SAEs
     for folder in sorted((Path(a.run) / "sae" / "saes").iterdir()):
-        by_model.setdefault(folder.name.split("__")[1], []).append(folder)
+        model = folder.name.split("__")[1]
+        if a.models is None or model in a.models:
+            by_model.setdefault(model, []).append(folder)
     for model, folders in by_model.items():
         saes = [load_sae(f)[0] for f in folders]
         sps = spliced_metrics_many(ctx.model(model), saes, ctx.prep(x), y, s.hook, tokens=s.tokens)
