@@ -248,13 +248,13 @@ def sae_quality(
         ev_ci, l0_ci = h.get("explained_variance_ci") or {}, h.get("l0_ci") or {}
         # (passes, what it measured, whether a miss is within noise: the CI reaches the bar)
         checks = [
-            (ev >= need, f"{ev:.3f} < {need:.3f}{_ci_text(ev_ci, '{:.3f}')}", _reaches(ev_ci, "high", need, 1)),
+            (ev >= need, f"{ev:.3f} < {need:.3f}{_ci_text(ev_ci, '{:.3f}')}", _reaches(ev_ci, "high", need)),
             (None if l0 is None or l0_max is None else l0 <= l0_max, f"{l0:.3f} > {l0_max}{_ci_text(l0_ci, '{:.3f}')}"
-             if l0 else "", _reaches(l0_ci, "low", l0_max, -1)),
+             if l0 else "", _reaches(l0_ci, "low", l0_max)),
             (h["dead_features"] <= 0.1 * d, f"{100 * h['dead_features'] / d:.0f}%", False),
             (h["dense_features"] <= 0.05 * d, f"{100 * h['dense_features'] / d:.1f}%", False),
             (None if drop is None else drop <= TOP1_BAR + 1e-9, _drop_text(drop, sp),
-             _reaches({"low": None if dci.get("low") is None else 100 * dci["low"]}, "low", TOP1_BAR, -1)),
+             _reaches({"low": None if dci.get("low") is None else 100 * dci["low"]}, "low", TOP1_BAR)),
             (None if change is None else abs(change) < 0.005, f"{change:+.4f}" if change is not None else "", False),
         ]  # fmt: skip
         cells = []
@@ -304,10 +304,11 @@ def sae_quality(
     return table, notes
 
 
-def _reaches(ci: dict, side: str, bar: float | None, sign: int) -> bool:
-    """Whether the CI's ``side`` bound reaches ``bar`` (``sign`` 1: high >= bar; -1: low <= bar)."""
+def _reaches(ci: dict, side: str, bar: float | None) -> bool:
+    """Whether the CI reaches ``bar`` from the failing side: its ``"high"`` bound >= bar (a minimum missed),
+    or its ``"low"`` bound <= bar (a maximum exceeded)."""
     b = ci.get(side)
-    return b is not None and bar is not None and (b >= bar if sign > 0 else b <= bar + 1e-9)
+    return b is not None and bar is not None and (b >= bar if side == "high" else b <= bar + 1e-9)
 
 
 def _ci_text(ci: dict, fmt: str) -> str:
