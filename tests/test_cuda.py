@@ -182,6 +182,26 @@ def test_threshold_reestimate_on_cuda_equals_the_cpu():
     assert b["estimated"] == pytest.approx(a["estimated"], rel=1e-5)
 
 
+def test_reconstruction_metrics_per_row_on_cuda_equal_the_cpu():
+    """A CUDA SAE's held-out metrics and per-row numbers (gathered on the CPU for the CIs) equal the CPU's."""
+    from mechvit.sae import reconstruction_metrics
+    from mechvit.sae.train import build_training_sae
+
+    torch.manual_seed(0)
+    cpu = build_training_sae(D_IN, SAETrainingConfig(architecture="standard", expansion_factor=2))
+    gpu = build_training_sae(
+        D_IN, SAETrainingConfig(architecture="standard", expansion_factor=2, device="cuda")
+    )
+    gpu.load_state_dict(cpu.state_dict())
+    x = next(iter(_sparse_batches(_dictionary(), 512)))
+    a = reconstruction_metrics(cpu, x, per_row=True)
+    b = reconstruction_metrics(gpu, x.cuda(), per_row=True)
+    assert not b.per_row["active"].is_cuda and not b.per_row["sq_err"].is_cuda
+    assert b.explained_variance == pytest.approx(a.explained_variance, rel=1e-5)
+    assert torch.allclose(b.per_row["sq_err"], a.per_row["sq_err"], rtol=1e-4, atol=1e-8)
+    assert (b.per_row["active"] != a.per_row["active"]).float().mean() < 0.01  # ties at 0 may round apart
+
+
 def test_tiny_study_on_cuda_runs_every_step_and_agrees_with_the_cpu(tmp_path):
     from test_study import ALL_STEPS, make_checkpoints, tiny_config
 
