@@ -310,6 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
             lambda p: __import__("mechvit.viz.explorer", fromlist=["run_cli"]).add_cli_arguments(p),
             lambda a: __import__("mechvit.viz.explorer", fromlist=["run_cli"]).run_cli(a),
         ),
+        (
+            "compare",
+            "compare two studies' metrics.json number by number: did a rerun reproduce? (exit 1 when not)",
+            lambda p: __import__("mechvit.study.compare", fromlist=["add_arguments"]).add_arguments(p),
+            lambda a: __import__("mechvit.study.compare", fromlist=["run"]).run(a),
+        ),
     ]
     for name, help_, add, run in specs:
         p = sub.add_parser(name, help=help_, description=help_)

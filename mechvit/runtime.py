@@ -151,3 +151,70 @@ def rank0_runs(fn: Callable[[], T], what: str) -> T:
     if status == "error":
         raise RuntimeError(f"rank 0 failed while {what}: {value}")
     return value
+
+
+# Environment variables that change which kernels torch, MKL and oneDNN run (and so the float rounding of every
+# matrix product): a metrics.json records the ones that are set.
+KERNEL_ENV = (
+    "ATEN_CPU_CAPABILITY",
+    "MKL_CBWR",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "DNNL_MAX_CPU_ISA",
+    "ONEDNN_MAX_CPU_ISA",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "CUBLAS_WORKSPACE_CONFIG",
+)
+# the CPU flags that pick a SIMD code path in torch / MKL / oneDNN
+SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def _cpuinfo(text: str | None = None) -> tuple[str | None, list[str]]:
+    """(CPU model name, its SIMD flags among :data:`SIMD_FLAGS`) from ``/proc/cpuinfo`` (or ``text``); None and
+    [] where there is no such file (macOS, Windows)."""
+    if text is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError:
+            return None, []
+    name, flags = None, set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and name is None:
+            name = value.strip()
+        elif key == "flags" and not flags:
+            flags = set(value.split())
+    return name, [f for f in SIMD_FLAGS if f in flags]
+
+
+def machine_fingerprint(device: str = "cpu") -> dict[str, Any]:
+    """What decides the float rounding of a run beyond the package versions: the CPU (model, SIMD flags), the
+    kernel level torch dispatches to (``torch.backends.cpu.get_cpu_capability()``: e.g. AVX512 or AVX2), MKL and
+    oneDNN, the kernel-selecting environment variables that are set, and on CUDA the GPU and its libraries.
+    Two runs of the same code agree bit for bit only where this agrees (README, "Reproducibility")."""
+    import os
+    import platform
+
+    import torch
+
+    name, flags = _cpuinfo()
+    out: dict[str, Any] = {
+        "cpu": name or platform.processor() or None,
+        "cpu_flags": flags,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkl": torch.backends.mkl.is_available(),
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "kernel_env": {k: os.environ[k] for k in KERNEL_ENV if k in os.environ},
+    }
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        dev = torch.device(device)
+        out.update(
+            gpu=torch.cuda.get_device_name(dev),
+            gpu_capability=".".join(map(str, torch.cuda.get_device_capability(dev))),
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+            tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+        )
+    return out

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mechvit._io import atomic_write_json, atomic_write_text
+from mechvit.runtime import machine_fingerprint
 from mechvit.study.claims import CLAIMS, RULES, claims_table, overall, overall_text, tally, verdicts
 from mechvit.study.result import Table
 
@@ -528,16 +529,21 @@ def render_html(title: str, intro_html: str, secs: list[Section], reproduce: str
 def environment(device: str) -> dict[str, Any]:
     env = {"python": platform.python_version(), "platform": platform.platform(), "device": device}
     try:
+        import numpy as np
         import sae_lens
+        import scipy
         import timm
         import torch
 
         env.update(
             torch=torch.__version__, timm=timm.__version__, sae_lens=sae_lens.__version__,
-            threads=torch.get_num_threads(),
+            threads=torch.get_num_threads(), numpy=np.__version__, scipy=scipy.__version__,
         )  # fmt: skip
     except ImportError:  # pragma: no cover
         pass
+    # the CPU and kernel path: runs on two machines differ in float rounding when these differ (README,
+    # "Reproducibility"); mechvit.study.compare names them next to the numbers that moved
+    env["machine"] = machine_fingerprint(device)
     return env
 
 
