@@ -532,3 +532,15 @@ def test_report_takes_the_clean_controls_from_the_study_not_from_the_robustness_
     )  # its card: no corruption
     ctx = StudyContext(study_config_from_dict(cfg), tmp_path / "out")
     assert ctx.control_names == ["clean"]
+
+
+def test_report_says_which_fine_tunes_the_feature_claim_leaves_out():
+    from mechvit.study.report import sae_coverage_note
+
+    names = ["base", "blur1", "blur4", "noise4", "clean"]
+    note = sae_coverage_note(names, "base", ["clean"], ["base", "blur4", "noise4", "clean"])
+    assert note.startswith("Features claim: tested on 2 of the 3 fine-tunes (blur4, noise4)")
+    assert "blur1 have no SAEs in this run" in note
+    assert sae_coverage_note(names, "base", ["clean"], names) is None  # every fine-tune has SAEs
+    assert sae_coverage_note(names, "base", ["clean"], []) is None  # no SAE step: nothing to say
+    assert "tested on 0 of the 3 fine-tunes (none)" in sae_coverage_note(names, "base", ["clean"], ["base"])

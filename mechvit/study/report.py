@@ -378,6 +378,21 @@ def severity_note(infos: dict, robustness: dict | None) -> str | None:
     )
 
 
+def sae_coverage_note(names: list[str], base: str, controls: list[str], with_saes: list[str]) -> str | None:
+    """A note when some fine-tunes have no SAEs (``sae.models``): the feature claim is not tested on them."""
+    tuned = [n for n in names if n != base and n not in controls]
+    missing = [n for n in tuned if n not in with_saes]
+    if not with_saes or not missing:
+        return None
+    have = [n for n in tuned if n in with_saes]
+    return (
+        f"Features claim: tested on {len(have)} of the {len(tuned)} fine-tunes ({', '.join(have) or 'none'}), the "
+        f"ones with SAEs (sae.models: {', '.join(with_saes)}); {', '.join(missing)} have no SAEs in this run, so "
+        "the claim says nothing about them. sae.models: null trains SAEs on every model (docs/sae.md, 'SAEs on "
+        "every fine-tune', measured that for the default study)."
+    )
+
+
 def sections(ctx, run, steps, numbers: list[str], models: dict, vs: list) -> list[Section]:
     """The report's sections: claims (``vs``: the claims' verdicts), key numbers, models, then one per step in
     order."""
@@ -392,6 +407,17 @@ def sections(ctx, run, steps, numbers: list[str], models: dict, vs: list) -> lis
     ]
     if sev_note:
         claim_notes.append(sev_note)
+    cfg = getattr(ctx, "cfg", None)
+    if cfg is not None and "sae" in run.results and getattr(ctx, "model_names", None):
+        chosen = cfg.sae.models or ctx.model_names
+        cover = sae_coverage_note(
+            list(ctx.model_names),
+            ctx.base_name,
+            list(ctx.control_names),
+            [n for n in ctx.model_names if n in chosen],
+        )
+        if cover:
+            claim_notes.append(cover)
     out = [
         Section(
             "claims",
