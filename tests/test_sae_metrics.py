@@ -359,3 +359,79 @@ def test_spliced_metrics_many_equals_one_call_per_sae(model, data):
         spliced_metrics_many(model, [], images, labels, HOOK)
     with pytest.raises(ValueError, match="d_in=16"):
         spliced_metrics_many(model, [saes[0], identity_sae(16)], images, labels, HOOK)
+
+
+def _random_sae(kind: str, d_in: int = 24, d_sae: int = 96, apply_b_dec: bool = True, seed: int = 0):
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+
+    g = torch.Generator().manual_seed(seed)
+    if kind == "jumprelu":
+        sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=apply_b_dec))
+    else:
+        sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=apply_b_dec))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        if kind == "jumprelu":  # thresholds below 0, at 0 and above: the ReLU and the jump both matter
+            sae.threshold.copy_(torch.linspace(-0.5, 1.0, d_sae))
+            sae.threshold[::7] = 0.0
+    return sae
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(torch.signbit(a), torch.signbit(b))  # +0.0 where sae-lens has +0.0
+
+
+@pytest.mark.parametrize("kind", ["jumprelu", "standard"])
+@pytest.mark.parametrize("apply_b_dec", [True, False])
+def test_fast_encode_is_bitwise_sae_lens_encode(kind, apply_b_dec):
+    from mechvit.sae import encode
+    from mechvit.sae.metrics import _plain_relu_sae
+
+    sae = _random_sae(kind, apply_b_dec=apply_b_dec)
+    assert _plain_relu_sae(sae) == kind  # the fast path runs
+    x = torch.randn(300, 24, generator=torch.Generator().manual_seed(1))
+    x[3, 5], x[4, :] = float("nan"), float("inf")
+    with torch.no_grad():
+        fast, ref = encode(sae, x), sae.encode(x)
+    _same(fast, ref)
+    assert (fast[:3] > 0).any() and (fast[:3] == 0).any()  # some latents fire, some do not
+    with torch.inference_mode():
+        _same(encode(sae, x), ref)
+    # and the reconstruction the SAE step and splices use
+    _same(sae.decode(encode(sae, x[5:])), sae.decode(sae.encode(x[5:])).detach())
+
+
+def test_fast_encode_falls_back_where_it_must():
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    from mechvit.sae import encode
+    from mechvit.sae.metrics import _plain_relu_sae
+
+    x = torch.randn(50, 24)
+    sae = _random_sae("jumprelu")
+    with torch.no_grad():
+        plain = sae.encode(x)
+        # a hook on the SAE's hook points is honoured: sae.encode runs
+        handle = sae.hook_sae_acts_post.register_forward_hook(lambda m, i, o: o * 2)
+        assert _plain_relu_sae(sae) is None
+        _same(encode(sae, x), plain * 2)
+        handle.remove()
+        assert _plain_relu_sae(sae) == "jumprelu"
+        # 3-d input: sae.encode
+        _same(encode(sae, x.view(5, 10, 24)), sae.encode(x.view(5, 10, 24)))
+        topk = TopKSAE(TopKSAEConfig(d_in=24, d_sae=96, k=4))
+        assert _plain_relu_sae(topk) is None
+        _same(encode(topk, x), topk.encode(x))
+
+
+def test_reconstruction_metrics_counts_equal_count_nonzero():
+    sae = _random_sae("jumprelu")
+    x = torch.randn(1000, 24, generator=torch.Generator().manual_seed(2))
+    m = reconstruction_metrics(sae, x, batch_size=128, per_row=True)
+    with torch.no_grad():
+        codes = sae.encode(x)
+    assert torch.equal(m.per_row["active"], torch.count_nonzero(codes, dim=1).to(torch.int32))
+    assert torch.equal(m.feature_density, (torch.count_nonzero(codes, dim=0).double() / 1000).float())
+    assert m.l0 == pytest.approx(float(torch.count_nonzero(codes)) / 1000, rel=1e-12)

@@ -41,6 +41,8 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechvit.sae.metrics import encode as sae_encode
+
 __all__ = [
     "FeatureStats",
     "automatic_label",
@@ -333,7 +335,7 @@ def feature_stats(
         def codes(acts: Tensor):
             for s in range(0, len(acts), batch_size):
                 chunk = acts[s : s + batch_size, rows]
-                z = sae.encode(chunk.reshape(-1, chunk.shape[-1]).to(sdev, sdt)).float().cpu()
+                z = sae_encode(sae, chunk.reshape(-1, chunk.shape[-1]).to(sdev, sdt)).float().cpu()
                 yield s, z.reshape(chunk.shape[0], P, F)
 
         n_top = max(k, n_assoc)

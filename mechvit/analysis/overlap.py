@@ -43,6 +43,7 @@ from torch import Tensor
 from mechvit.analysis._utils import check_images, run_hook_batches
 from mechvit.analysis.similarity import write_rows_csv
 from mechvit.sae.activations import TOKEN_SELECTIONS, token_slice
+from mechvit.sae.metrics import encode as sae_encode
 
 CLASSES = ("persistent", "shifted", "lost", "new", "dead")
 TOKEN_SETS = TOKEN_SELECTIONS
@@ -93,7 +94,9 @@ def encode(sae, acts: Tensor, batch_size: int = 4096) -> Tensor:
         raise ValueError(f"activations must end in d_in={d_in}, got shape {tuple(acts.shape)}")
     flat = acts.reshape(-1, d_in)
     dev = sae.W_dec.device
-    out = [sae.encode(flat[s : s + batch_size].to(dev)).cpu() for s in range(0, flat.shape[0], batch_size)]
+    out = [
+        sae_encode(sae, flat[s : s + batch_size].to(dev)).cpu() for s in range(0, flat.shape[0], batch_size)
+    ]
     return torch.cat(out).reshape(*acts.shape[:-1], -1)
 
 
@@ -125,7 +128,7 @@ class SparseCodes:
         dev = sae.W_dec.device
         counts, cols, vals = [], [], []
         for s in range(0, flat.shape[0], batch_size):
-            z = sae.encode(flat[s : s + batch_size].to(dev)).cpu()
+            z = sae_encode(sae, flat[s : s + batch_size].to(dev)).cpu()
             r, c = torch.nonzero(z, as_tuple=True)  # row-major: rows ascending, columns ascending within
             counts.append(torch.bincount(r, minlength=z.shape[0]))
             cols.append(c)
@@ -284,7 +287,7 @@ def sae_fit(sae, acts: Tensor, batch_size: int = 4096, codes: SparseCodes | None
         if reuse:
             z = codes.dense(s, s + batch_size).to(dev, sae.W_dec.dtype)
         else:
-            z = sae.encode(x.to(dev, sae.W_dec.dtype))
+            z = sae_encode(sae, x.to(dev, sae.W_dec.dtype))
         x_hat = sae.decode(z).double().cpu()
         sse += float((x - x_hat).pow(2).sum())
         sst += float((x - mean).pow(2).sum())

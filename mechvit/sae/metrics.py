@@ -31,6 +31,7 @@ __all__ = [
     "ablation_gap_sweep",
     "check_sae_hook",
     "choose_hook",
+    "encode",
     "mean_activation",
     "pca_baseline",
     "pca_components",
@@ -65,6 +66,37 @@ class ReconstructionMetrics:
 
 def _sae_width(sae: Any) -> int:
     return int(sae.cfg.d_in)
+
+
+def _plain_relu_sae(sae: Any) -> str | None:
+    """``"jumprelu"`` / ``"standard"`` for an sae-lens JumpReLU or standard (ReLU) SAE with a ReLU base
+    activation and nothing hooked on its hook points; None for anything else."""
+    from sae_lens import JumpReLUSAE, StandardSAE
+
+    kind = {JumpReLUSAE: "jumprelu", StandardSAE: "standard"}.get(type(sae))
+    if kind is None or not isinstance(getattr(sae, "activation_fn", None), torch.nn.ReLU):
+        return None
+    if any(m._forward_hooks or m._forward_pre_hooks for m in sae.modules()):
+        return None
+    return kind
+
+
+def encode(sae: Any, x: Float[Tensor, "n d_in"]) -> Float[Tensor, "n d_sae"]:
+    """``sae.encode(x)``: the same values (bit for bit; ``torch.equal``), faster for an sae-lens JumpReLU SAE
+    (what a BatchTopK SAE is at inference) or standard SAE on ``[n, d_in]`` rows. sae-lens computes
+    ``relu(pre) * (pre > threshold).to(dtype)``: four passes over the ``[n, d_sae]`` pre-activations and three
+    new tensors of that size; here the bias is added in place and the entries at or under
+    ``max(threshold, 0)`` are zeroed in place (the same kept entries: ``pre > threshold`` and ``pre > 0``;
+    the same +0.0 elsewhere, NaN where sae-lens gives NaN). Measured on one thread, 4,096 rows, d_in 96,
+    d_sae 1,152: 22 ms -> 12 ms. Anything else (other architectures, 3-d inputs, hooks on the SAE's hook
+    points, another base activation) runs ``sae.encode``."""
+    kind = _plain_relu_sae(sae) if x.ndim == 2 else None
+    if kind is None:
+        return sae.encode(x)
+    pre = torch.matmul(sae.process_sae_in(x), sae.W_enc).add_(sae.b_enc)  # = sae_in @ W_enc + b_enc
+    if kind == "standard":
+        return pre.relu_()
+    return pre.masked_fill_(pre <= sae.threshold.clamp(min=0), 0.0)
 
 
 def check_sae_hook(sae: Any, hook: str) -> None:
@@ -107,7 +139,7 @@ def reconstruction_metrics(
         if x.ndim != 2 or x.shape[1] != d_in:
             raise ValueError(f"activations must be [n, {d_in}] (the SAE's d_in), got {tuple(x.shape)}")
         x = x.to(device, torch.float32)
-        codes = sae.encode(x)
+        codes = encode(sae, x)
         recon = sae.decode(codes)
         n += len(x)
         x64 = x.double()
@@ -115,9 +147,12 @@ def reconstruction_metrics(
         sum_x2 += (x64**2).sum()
         err = ((recon.double() - x64) ** 2).sum(1)
         sum_err += err.sum()
-        active += torch.count_nonzero(codes, dim=0)
+        # counts from the non-zero entries (~k per row): count_nonzero(dim=...) over the dense [n, d_sae] codes
+        # took 15 + 11 ms per 4,096 x 1,152 chunk, the index list 5 ms; the same integers
+        rows, cols = torch.nonzero(codes, as_tuple=True)
+        active += torch.bincount(cols, minlength=active.numel())
         if per_row:
-            rows_active.append(torch.count_nonzero(codes, dim=1).to(torch.int32).cpu())
+            rows_active.append(torch.bincount(rows, minlength=len(x)).to(torch.int32).cpu())
             rows_err.append(err.cpu())
     if n == 0:
         raise ValueError("no activations given")
@@ -196,7 +231,7 @@ def splice_hook(sae: Any | None, model_cfg: Any, tokens: str, hook_name: str):
             out[:, sl] = 0
         else:
             rows = sel.reshape(-1, sel.shape[-1]).to(sae.W_dec.device, torch.float32)
-            out[:, sl] = sae.decode(sae.encode(rows)).reshape(sel.shape).to(out.device, out.dtype)
+            out[:, sl] = sae.decode(encode(sae, rows)).reshape(sel.shape).to(out.device, out.dtype)
         return out.reshape(shape)
 
     return fn

@@ -15,6 +15,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechvit.sae.metrics import encode as sae_encode
 from mechvit.viz.figures import styled as _styled
 
 
@@ -29,7 +30,7 @@ def _codes(sae, acts: Tensor, batch: int = 64):
     dev = sae.W_dec.device
     for s in range(0, acts.shape[0], batch):
         chunk = acts[s : s + batch]
-        z = sae.encode(chunk.reshape(-1, chunk.shape[-1]).to(dev, sae.W_dec.dtype))
+        z = sae_encode(sae, chunk.reshape(-1, chunk.shape[-1]).to(dev, sae.W_dec.dtype))
         yield s, z.reshape(*chunk.shape[:2], -1).float().cpu()
 
 
