@@ -83,7 +83,7 @@ def main() -> None:
         trained = train_saes(batches, cached.d_in, cfgs)
         held = heldout(ctx, model)
         train_rows = cached.rows(0, min(len(cached), 200_000))
-        xe, ye = ctx.test_images(s.quality_images)
+        xe, ye = ctx.test_images(s.fidelity_images)
         parts = ["clean", *(f"{c.corruption}-{c.severity}" for c in cfg.conditions)]
         n_part = len(held) // len(parts)  # heldout(): the clean images, then each condition, equal sizes
         print(

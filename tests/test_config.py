@@ -314,3 +314,19 @@ def test_sae_eval_images_must_allow_the_mismatched_baseline():
         "sae.n_eval_images: the code cosine's mismatched-patch baseline needs at least 2 images, got 1"
     )
     assert study_config_from_dict(_with(sae={"n_eval_images": 1, "enabled": False})).sae.n_eval_images == 1
+
+
+@pytest.mark.parametrize("key", ["n_fidelity_images", "n_heldout_images"])
+def test_sae_quality_image_counts_refuse_what_cannot_give_a_ci(key):
+    from mechvit.study.config import load_study_config
+
+    with pytest.raises(
+        ConfigError, match=rf"^sae.{key}: expected null \(n_\w+_images\) or >= 2 images for a CI, got 1$"
+    ):
+        load_study_config("configs/fashion_mnist.yaml", {f"sae.{key}": 1})
+    cfg = load_study_config(
+        "configs/fashion_mnist.yaml", {"sae.n_heldout_images": None, "sae.n_fidelity_images": 300}
+    )
+    assert (cfg.sae.fidelity_images, cfg.sae.heldout_images) == (300, 300)  # held-out falls back to fidelity
+    cfg = load_study_config("configs/fashion_mnist.yaml", {})
+    assert (cfg.sae.fidelity_images, cfg.sae.heldout_images) == (5000, 1000)

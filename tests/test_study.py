@@ -68,6 +68,8 @@ def tiny_config(ck: dict[str, Path], **sections) -> dict:
             "epochs": 1,
             "n_train_images": 32,
             "n_eval_images": 8,
+            "n_fidelity_images": 12,  # the splices: 12 clean test images
+            "n_heldout_images": 6,  # held-out EV / L0 / dead / dense: 6 images, clean and under each condition
             "top_features": 1,
             "top_images": 2,
             "store": {"hook": "blocks.1.hook_resid_post", "buffer_size": 256},
@@ -139,7 +141,9 @@ def test_study_runs_every_step_and_writes_the_report(finished):
         for name in ("explained_variance", "l0"):
             ci = h[f"{name}_ci"]
             assert ci["estimate"] == pytest.approx(h[name], rel=1e-9, abs=1e-12)
-            assert ci["low"] <= ci["estimate"] <= ci["high"] and ci["n"] == 8  # the 8 held-out test images
+            assert ci["low"] <= ci["estimate"] <= ci["high"] and ci["n"] == 6  # the 6 held-out test images
+        assert h["n_rows"] == 6 * 3 * 16  # x (clean + 2 conditions) x 16 patch tokens
+        assert sae_m[k]["spliced_clean"]["n_images"] == 12 == sae_m[k]["spliced_clean"]["accuracy_drop"]["n"]
     assert sae_m["ablation_gap"]["kl"] >= 0
     saes = sorted(p.name for p in (out / "sae" / "saes").iterdir())
     assert "batchtopk__ft_blur__r1" in saes and "standard__base__r0" in saes

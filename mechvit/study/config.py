@@ -208,10 +208,13 @@ class SAESection:
     epochs: float = 1.0
     n_train_images: int = 20_000
     n_eval_images: int = 200
-    # test images for the SAE quality numbers: held-out EV / L0 / dead / dense (these images clean and under
-    # each condition), the spliced top-1 drop and KL with CIs over the clean ones, the hook's ablation gap;
-    # None: n_eval_images. The overlap controls of sae_analysis use n_eval_images
+    # clean test images for the spliced top-1 drop and KL (CIs over them) and the hook's ablation gap; None:
+    # n_eval_images. The overlap controls of sae_analysis use n_eval_images
     n_fidelity_images: int | None = None
+    # test images for held-out EV / L0 / dead / dense (these images clean and under each condition); None:
+    # n_fidelity_images. Apart because their CIs are narrow at a few hundred images, while the top-1 drop, a
+    # difference of two accuracies, needs thousands
+    n_heldout_images: int | None = None
     # CPU: processes training the models' SAE groups at once, one thread each (None: num_threads); 1: one
     # after the other in this process. The SAEs equal a one-thread sequential run's
     parallel_models: int | None = None
@@ -225,9 +228,16 @@ class SAESection:
     controls: ControlsConfig = field(default_factory=ControlsConfig)
 
     @property
-    def quality_images(self) -> int:
-        """The test images of the SAE quality numbers: ``n_fidelity_images``, else ``n_eval_images``."""
+    def fidelity_images(self) -> int:
+        """The clean test images of the spliced numbers and the ablation gap: ``n_fidelity_images``, else
+        ``n_eval_images``."""
         return self.n_fidelity_images or self.n_eval_images
+
+    @property
+    def heldout_images(self) -> int:
+        """The test images of held-out EV / L0 / dead / dense: ``n_heldout_images``, else
+        :attr:`fidelity_images`."""
+        return self.n_heldout_images or self.fidelity_images
 
     @property
     def hook(self) -> str:
@@ -417,11 +427,10 @@ def validate(cfg: StudyConfig) -> StudyConfig:
             f">= 0, got {pos!r}"
         )
     _positive(cfg.cka, "cka.", ("batch_size",))
-    if cfg.sae.n_fidelity_images is not None and cfg.sae.n_fidelity_images < 2:
-        raise ConfigError(
-            f"sae.n_fidelity_images: expected null (n_eval_images) or >= 2 images for a CI, got "
-            f"{cfg.sae.n_fidelity_images}"
-        )
+    for key, default in (("n_fidelity_images", "n_eval_images"), ("n_heldout_images", "n_fidelity_images")):
+        n = getattr(cfg.sae, key)
+        if n is not None and (isinstance(n, bool) or n < 2):
+            raise ConfigError(f"sae.{key}: expected null ({default}) or >= 2 images for a CI, got {n!r}")
     for key, workers in [
         (f"{s}.parallel_models", getattr(cfg, s).parallel_models) for s in FORKING_SECTIONS
     ] + [("parallel_steps", cfg.parallel_steps)]:

@@ -191,6 +191,7 @@ class StudyContext:
             c.attention.n_images,
             c.sae.n_eval_images,
             c.sae.n_fidelity_images or 0,
+            c.sae.n_heldout_images or 0,
             c.patching.n_images,
             c.cka.n_images,
         ]

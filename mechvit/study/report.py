@@ -288,7 +288,7 @@ def sae_quality(
             + (f", here with a CI of about +-{statistics.median(widths):.1f} pp" if widths else "")
             + ", so a point estimate over 1 pp is common for an SAE whose true drop is well under it, and "
             "BatchTopK's held-out L0 is k up to its sampling error by construction (docs/sae.md, 'Noise in the "
-            "bar'); raise sae.n_fidelity_images to decide them."
+            "bar'); raise sae.n_fidelity_images (the top-1 drop) or sae.n_heldout_images (EV, L0) to decide them."
         )
     if architectures and "standard" not in architectures:
         notes.append(

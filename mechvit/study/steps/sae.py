@@ -112,12 +112,12 @@ def run_configs(ctx: StudyContext, runs: list[SAERun], rows_per_epoch: int):
 
 def heldout(ctx: StudyContext, model) -> torch.Tensor:
     """The model's hook activations on the held-out clean test images and every condition, ``[n, d]``: the
-    ``n_fidelity_images`` (else ``n_eval_images``) first test images, so that EV, L0, dead and dense are
-    measured on the images the spliced numbers use. Their size matters for "dead": at an average firing rate
-    of 1e-4 a latent fires ~3 times in 29,400 tokens (200 images x 3 inputs x 49 patches) and looks dead
-    there by chance; 1,000 images give 147,000 tokens."""
+    first ``sae.heldout_images`` test images (``n_heldout_images``, else ``n_fidelity_images``, else
+    ``n_eval_images``), the first of those the spliced numbers use. Their size matters for "dead": at an
+    average firing rate of 1e-4 a latent fires ~3 times in 29,400 tokens (200 images x 3 inputs x 49 patches)
+    and looks dead there by chance; 1,000 images give 147,000 tokens."""
     s = ctx.cfg.sae
-    n = s.quality_images
+    n = s.heldout_images
     parts = [ctx.test_images(n)[0]] + [ctx.corrupted(c, n) for c in ctx.cfg.conditions]
     acts = [collect_activations(model, ctx.prep(x), s.hook, tokens=s.tokens, progress=False) for x in parts]
     return torch.cat(acts).reshape(-1, acts[0].shape[-1])
@@ -126,7 +126,7 @@ def heldout(ctx: StudyContext, model) -> torch.Tensor:
 def heldout_images(ctx: StudyContext, model) -> np.ndarray:
     """The test image each row of :func:`heldout` comes from (its clean and corrupted copies alike): the
     groups its CIs resample, since the tokens of one image are not independent draws."""
-    n, parts = ctx.cfg.sae.quality_images, 1 + len(ctx.cfg.conditions)
+    n, parts = ctx.cfg.sae.heldout_images, 1 + len(ctx.cfg.conditions)
     return np.tile(np.repeat(np.arange(n), n_tokens(model, ctx.cfg.sae.tokens)), parts)
 
 
@@ -178,7 +178,7 @@ def _train_model(ctx: StudyContext, w: StepWriter, name: str, runs: list[SAERun]
     seconds = round(time.time() - t0, 2)
 
     def evaluate_and_save() -> None:
-        xe, ye = ctx.test_images(s.quality_images)
+        xe, ye = ctx.test_images(s.fidelity_images)
         held, images = heldout(ctx, model), heldout_images(ctx, model)
         train_rows = cached.rows(0, min(len(cached), 200_000))
         pca = pca_baseline(train_rows, held, s.train.k).explained_variance
@@ -264,7 +264,7 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     if rank_and_world()[0] != 0:
         return res  # rank 0 builds the result
     shutil.rmtree(w.dir / "_acts", ignore_errors=True)
-    xe, ye = ctx.test_images(s.quality_images)
+    xe, ye = ctx.test_images(s.fidelity_images)
     gap = ablation_gap(ctx.model(ctx.base_name), ctx.prep(xe), ye, s.hook, tokens=s.tokens)
     res.metrics["ablation_gap"] = gap.to_dict()
     if gap.kl < s.ablation_warn_nats:
@@ -315,7 +315,7 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
             "and L0 with 95% CIs over those images (percentile bootstrap; an image's tokens and copies together). "
             f"PCA-k: EV of the top-{s.train.k} principal components of the same model's training activations "
             "(an SAE with L0 <= k should beat it). Spliced: the SAE's reconstruction in place of the hook on "
-            f"{s.quality_images} clean test images; KL and top-1 drop (clean minus spliced) with "
+            f"{s.fidelity_images} clean test images; KL and top-1 drop (clean minus spliced) with "
             "95% CIs over those images (bootstrap; the drop paired by image). EV change: least-squares change of "
             "the training EV over the last 10% of steps",
             [
