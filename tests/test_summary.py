@@ -156,3 +156,15 @@ def test_docs_quote_the_kept_fine_tune_seed_run():
     assert summary.read_block(doc, "seeds") == summary.render(metrics), (
         "docs/study.md's seeds block is not what docs/seeds_study/metrics.json renders: run `make docs-numbers`"
     )
+
+
+def test_run_line_names_the_machine_when_recorded():
+    base = {"name": "toy", "models": {}, "steps": {}, "wall_seconds": 60}
+    env = {"torch": "x", "threads": 2, "device": "cpu"}
+    old = summary.timing_md({**base, "environment": env})[0]
+    assert old.endswith("torch x, 2 threads, device cpu.")  # runs from before the fingerprint: unchanged
+    machine = {"cpu": "Some Xeon", "cpu_capability": "AVX512", "cpu_flags": []}
+    new = summary.timing_md({**base, "environment": {**env, "machine": machine}})[0]
+    assert new.endswith("torch x, 2 threads, device cpu (CPU Some Xeon, kernels AVX512).")
+    gpu = summary.timing_md({**base, "environment": {**env, "machine": {**machine, "gpu": "H200"}}})[0]
+    assert gpu.endswith("(CPU Some Xeon, kernels AVX512, GPU H200).")

@@ -241,9 +241,24 @@ def timing_md(metrics: dict) -> list[str]:
         when = f"steps {sum(secs.values()) / 60:.1f} min in all ({parts})"
     return [
         f"Run: config `{metrics.get('name')}`, {len(metrics.get('models') or {})} models, {when}; torch "
-        f"{env.get('torch', '?')}, {env.get('threads', '?')} threads, device {env.get('device', '?')}.",
+        f"{env.get('torch', '?')}, {env.get('threads', '?')} threads, device {env.get('device', '?')}"
+        + _machine(env.get("machine"))
+        + ".",
         "",
     ]
+
+
+def _machine(m: dict | None) -> str:
+    """`` (CPU <model>, kernels <level>)`` from ``environment.machine``; "" for runs that did not record it."""
+    if not m:
+        return ""
+    parts = [
+        f"CPU {m['cpu']}" if m.get("cpu") else "",
+        f"kernels {m['cpu_capability']}" if m.get("cpu_capability") else "",
+    ]
+    parts += [f"GPU {m['gpu']}"] if m.get("gpu") else []
+    parts = [p for p in parts if p]
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def render(metrics: dict) -> str:
