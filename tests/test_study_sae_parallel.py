@@ -133,7 +133,7 @@ def test_sae_sweep_script_prints_a_row_per_configuration(checkpoints, tmp_path):
     import yaml
 
     cfg = tiny_config(checkpoints)
-    cfg["sae"] = {**cfg["sae"], "n_fidelity_images": 8}
+    cfg["sae"] = {**cfg["sae"], "n_fidelity_images": 8, "n_heldout_images": None}  # held-out: the 8 as well
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "scripts/sae_sweep.py", "--config", str(tmp_path / "tiny.yaml"), "--layer", "1"]
     grid = ["--grid", "x2:4", "x4:2:3e-3:0.5", "x2:4", "--mix", "0.25"]
