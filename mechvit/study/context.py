@@ -167,6 +167,12 @@ class StudyContext:
     def model_names(self) -> list[str]:
         return list(self.infos)
 
+    @property
+    def sae_model_names(self) -> list[str]:
+        """The models that get SAEs (``sae.models``, default all), in ``model_names``' order (base first)."""
+        chosen = self.cfg.sae.models or self.model_names
+        return [n for n in self.model_names if n in chosen]
+
     def model(self, name: str):
         if name not in self._models:
             self._models[name] = load_hooked(self.infos[name], self.device)

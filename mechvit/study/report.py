@@ -407,15 +407,8 @@ def sections(ctx, run, steps, numbers: list[str], models: dict, vs: list) -> lis
     ]
     if sev_note:
         claim_notes.append(sev_note)
-    cfg = getattr(ctx, "cfg", None)
-    if cfg is not None and "sae" in run.results and getattr(ctx, "model_names", None):
-        chosen = cfg.sae.models or ctx.model_names
-        cover = sae_coverage_note(
-            list(ctx.model_names),
-            ctx.base_name,
-            list(ctx.control_names),
-            [n for n in ctx.model_names if n in chosen],
-        )
+    if "sae" in run.results:
+        cover = sae_coverage_note(ctx.model_names, ctx.base_name, ctx.control_names, ctx.sae_model_names)
         if cover:
             claim_notes.append(cover)
     out = [

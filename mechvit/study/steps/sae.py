@@ -61,19 +61,13 @@ class SAERun:
         return f"saes/{self.architecture}__{self.model}__r{self.replicate}"
 
 
-def sae_models(ctx: StudyContext) -> list[str]:
-    """The models that get SAEs (``sae.models``, default all), base first."""
-    chosen = ctx.cfg.sae.models or ctx.model_names
-    return [n for n in ctx.model_names if n in chosen]
-
-
 def sae_runs(ctx: StudyContext) -> list[SAERun]:
     """Every SAE the config asks for, each with its seed ``derive_seed(seed, architecture, model, replicate)``."""
     s = ctx.cfg.sae
     return [
         SAERun(arch, n, r, derive_seed(ctx.cfg.seed, arch, n, r))
         for arch in s.architectures
-        for n in sae_models(ctx)
+        for n in ctx.sae_model_names
         for r in range(s.replicates)
     ]
 
@@ -249,11 +243,11 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
             functools.partial(_left_to_train, w, [r for r in runs if r.model == name]),
             f"listing the SAEs left to train for {name!r}",
         )
-        for name in sae_models(ctx)
+        for name in ctx.sae_model_names
     }
     todo = {name: left for name, left in todo.items() if left}
-    with ctx.bar(len(sae_models(ctx)), "SAEs (per model)") as bar:
-        bar.update(len(sae_models(ctx)) - len(todo))
+    with ctx.bar(len(ctx.sae_model_names), "SAEs (per model)") as bar:
+        bar.update(len(ctx.sae_model_names) - len(todo))
         workers = parallel_workers(ctx, len(todo), s)
         if workers > 1:
             _train_in_processes(ctx, w, todo, train_x, workers, bar)

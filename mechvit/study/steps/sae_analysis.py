@@ -15,7 +15,7 @@ from mechvit.analysis.overlap import SparseCodes
 from mechvit.sae import load_sae
 from mechvit.study.context import StudyContext, slug
 from mechvit.study.result import StepResult, StepWriter, Table
-from mechvit.study.steps.sae import sae_models, sae_runs
+from mechvit.study.steps.sae import sae_runs
 from mechvit.viz import figures
 from mechvit.viz.features import feature_comparison_figure, feature_maps, top_features
 
@@ -40,7 +40,7 @@ def _est(e) -> list:
 
 def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     s, base = ctx.cfg.sae, ctx.base_name
-    models = sae_models(ctx)
+    models = ctx.sae_model_names
     res = StepResult()
     saes: dict[tuple[str, str], list] = {}
     for r in sae_runs(ctx):
