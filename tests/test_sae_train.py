@@ -621,3 +621,60 @@ def test_sparse_codec_gradients_pass_gradcheck_with_and_without_input_gradient()
     w = W_dec.clone().requires_grad_()
     _SparseCodec.apply(values, x, W_enc, b_enc, w, rows, cols).sum().backward()
     assert x.grad is None and w.grad is not None
+
+
+@pytest.mark.parametrize("architecture", ["batchtopk", "standard"])
+def test_training_step_equals_sae_lens_train_step_bit_for_bit(architecture):
+    """Our trainer's ``_train_step`` (firings of a sparse step counted with bincount) against sae-lens's own
+    ``SAETrainer._train_step`` on the same SAE, batches and trainer config, step by step: firing counts,
+    steps since fired (so the dead-latent mask and the aux loss), weights and optimiser state equal bit for
+    bit, with latents dying during the run (a short dead-feature window). BatchTopK takes the sparse step,
+    ReLU + L1 the dense one (sae-lens's lines)."""
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    from mechvit.sae.train import _LoggingTrainer, _trainer_config, build_training_sae
+
+    cfg = SAETrainingConfig(
+        architecture=architecture, k=K, expansion_factor=8, batch_size=64, total_samples=64 * 30, seed=4,
+        dead_feature_window=3, decoder_init_norm=None,
+    )  # fmt: skip
+    torch.manual_seed(cfg.seed)
+    ours_sae = build_training_sae(D_IN, cfg)
+    ref_sae = build_training_sae(D_IN, cfg)
+    ref_sae.load_state_dict(ours_sae.state_dict())
+    ours = _LoggingTrainer(
+        cfg=_trainer_config(cfg), sae=ours_sae, data_provider=iter(()), log_every=10**6, log=[]
+    )
+    ref = SAETrainer(cfg=_trainer_config(cfg), sae=ref_sae, data_provider=iter(()))
+    batches = sparse_batches(dictionary(), 64)
+    sparse_steps = 0
+    for _ in range(30):
+        x = next(batches)
+        a = ours._train_step(ours.sae, x)
+        SAETrainer._train_step(ref, ref.sae, x)
+        sparse_steps += a.feature_acts.is_sparse
+        assert torch.equal(ours.act_freq_scores, ref.act_freq_scores)
+        assert torch.equal(ours.n_forward_passes_since_fired, ref.n_forward_passes_since_fired)
+        assert ours.n_frac_active_samples == ref.n_frac_active_samples
+        for (name, p), q in zip(ours.sae.named_parameters(), ref.sae.parameters(), strict=True):
+            assert torch.equal(p, q), name
+    assert sparse_steps == (30 if architecture == "batchtopk" else 0)
+    if architecture == "batchtopk":  # (every ReLU latent fires in every batch here)
+        assert ours.dead_neurons.any()  # the window saw latents die, so the aux loss was exercised
+    for s, t in zip(ours.optimizer.state.values(), ref.optimizer.state.values(), strict=True):
+        assert all(torch.equal(s[k], t[k]) for k in ("exp_avg", "exp_avg_sq"))
+
+
+def test_select_on_pre_activations_equals_select_on_their_relu():
+    """``select(pre, relu=True)`` keeps the entries ``select(pre.relu())`` keeps, on the filtered path and
+    on the full one, including fewer positive entries than kept (zeros among the kept)."""
+    from mechvit.sae.train import _FastBatchTopK
+
+    g = torch.Generator().manual_seed(7)
+    a, b = _FastBatchTopK(4), _FastBatchTopK(4)
+    for step, shift in enumerate((0.0, 0.0, 0.05, -3.0, 0.0)):  # -3: few positives, the full path
+        pre = torch.randn(32, 40, generator=g) + shift
+        ia, ib = a.select(pre, relu=True), b.select(pre.relu())
+        assert torch.equal(ia, ib), step
+        assert a.filtered_steps == b.filtered_steps and a._floor == b._floor
+    assert a.filtered_steps >= 2

@@ -250,15 +250,16 @@ class _FastBatchTopK(BatchTopK):
         self.filtered_steps = 0  # steps that took the pre-filtered path (for tests and benchmarks)
 
     @torch.no_grad()
-    def select(self, acts: Tensor) -> Tensor:
-        """The flat indices of the kept entries of ``acts`` (already ReLU'd), ascending: the batch's top
-        ``k x rows``."""
+    def select(self, acts: Tensor, *, relu: bool = False) -> Tensor:
+        """The flat indices of the kept entries of ``acts`` (already ReLU'd; or pre-activations with
+        ``relu=True``, the same indices as for ``acts.relu()`` without making it on the filtered path, whose
+        floor is positive), ascending: the batch's top ``k x rows``."""
         flat = acts.detach().flatten()
         keep = int(self.k * acts.shape[:-1].numel())
         if keep == 0:
             return torch.zeros(0, dtype=torch.long, device=flat.device)
         if self._floor > 0 and flat.device.type == "cpu":
-            candidates = _at_least(flat, self._floor)  # ascending
+            candidates = _at_least(flat, self._floor)  # ascending; all > 0, where ReLU changes nothing
             if len(candidates) >= keep:
                 self.filtered_steps += 1
                 values = flat.index_select(0, candidates)
@@ -269,6 +270,8 @@ class _FastBatchTopK(BatchTopK):
                 # at that value makes them more than keep: then torch.topk's pick, sorted
                 idx = candidates[_at_least(values, kth)]
                 return idx if len(idx) == keep else candidates.index_select(0, top.indices).sort().values
+        if relu:
+            flat = flat.relu()
         idx = torch.topk(flat, keep, sorted=False).indices.sort().values
         if flat.device.type == "cpu":
             self._floor = self.FILTER * float(flat.index_select(0, idx).min())
@@ -379,13 +382,18 @@ class _BatchTopKTrainingSAE(BatchTopKTrainingSAE):
         with torch.no_grad():
             raw = sae_in @ self.W_enc + self.b_enc
             hidden_pre = raw * norms if rescale else raw
-            acts = hidden_pre.relu()
-            kept = self.activation_fn.select(acts)  # ascending: a coalesced sparse tensor
+            # selected on the pre-activations: the ReLU of the whole [batch, d_sae] (0.6 ms a step) only
+            # where select needs it, then of the kept entries alone
+            kept = self.activation_fn.select(hidden_pre, relu=True)  # ascending: a coalesced sparse tensor
             rows, cols = kept // d_sae, kept % d_sae
-            kept_acts = acts.view(-1).index_select(0, kept)
+            kept_acts = hidden_pre.view(-1).index_select(0, kept).relu()
             # sparse COO, which sae-lens's trainer takes (its firing counts and L0 cost a third as much)
             feature_acts = torch.sparse_coo_tensor(
-                torch.stack([rows, cols]), kept_acts, acts.shape, is_coalesced=True, check_invariants=False
+                torch.stack([rows, cols]),
+                kept_acts,
+                hidden_pre.shape,
+                is_coalesced=True,
+                check_invariants=False,
             )
         # ReLU's gradient: 0 where a kept entry is 0. With decoder-norm rescaling (sae-lens's default) the
         # encoder multiplies a pre-activation by its decoder row's norm and the decoder divides by it again:
@@ -639,7 +647,8 @@ class _ExactBatches:
 
 
 class _LoggingTrainer(SAETrainer):
-    """sae-lens's trainer, unchanged, plus a metrics line every ``log_every`` steps (no wandb)."""
+    """sae-lens's trainer plus a metrics line every ``log_every`` steps (no wandb); its training step counts
+    a sparse step's firings faster (:meth:`_train_step`), with the same result."""
 
     def __init__(self, *args: Any, log_every: int, log: list[dict[str, float]], **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -654,6 +663,50 @@ class _LoggingTrainer(SAETrainer):
             self._log.append(
                 {"step": step + 1, **{k: float(v) for k, v in entry.items() if isinstance(v, (int, float))}}
             )
+        return out
+
+    def _train_step(self, sae: TrainingSAE, sae_in: torch.Tensor) -> TrainStepOutput:
+        """sae-lens's ``SAETrainer._train_step`` line for line (written here because it measurably beats it on
+        the sparse step), but for the firing statistics of a sparse COO ``feature_acts``: the fired latents
+        counted with one ``bincount`` over the kept entries' columns instead of sae-lens's ``.bool().float()``
+        and two sums over the sparse tensor, 1.4 ms of a 12.8 ms training step of the default study's SAEs
+        (one thread). The same integers, so the same state bit for bit (tests/test_sae_train.py runs both
+        trainers side by side); a dense ``feature_acts`` goes through sae-lens's own lines."""
+        sae.train()
+        with self.autocast_if_enabled:
+            out = self.sae.training_forward_pass(
+                step_input=TrainStepInput(
+                    sae_in=sae_in,
+                    dead_neuron_mask=self.dead_neurons,
+                    coefficients=self.get_coefficients(),
+                    n_training_steps=self.n_training_steps,
+                    is_logging_step=self._is_logging_step(),
+                ),
+            )
+            with torch.no_grad():
+                acts = out.feature_acts
+                if acts.is_sparse and acts.ndim == 2:
+                    acts = acts if acts.is_coalesced() else acts.coalesce()
+                    cols = acts._indices()[1][acts._values() != 0]  # .bool(): a stored 0 has not fired
+                    counts = torch.bincount(cols, minlength=acts.shape[1])
+                    did_fire, fired = counts > 0, counts.to(self.act_freq_scores.dtype)
+                else:  # sae-lens's lines
+                    firing_feats = acts.bool().float()
+                    did_fire = firing_feats.sum(-2).bool()
+                    if did_fire.is_sparse:
+                        did_fire = did_fire.to_dense()
+                    fired = firing_feats.sum(0)
+                self.n_forward_passes_since_fired += 1
+                self.n_forward_passes_since_fired[did_fire] = 0
+                self.act_freq_scores += fired
+                self.n_frac_active_samples += self.cfg.train_batch_size_samples
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.lr_scheduler.step()
+        for scheduler in self.coefficient_schedulers.values():
+            scheduler.step()
         return out
 
     def after_step(self) -> None:
