@@ -19,12 +19,16 @@ they enter block 0, i.e. through ``ln_pre`` with its cached scale (``(e - mean(e
 ``ln_pre``'s bias added to ``embed``), so that the terms still sum to the residual stream. This needs
 ``ln_pre.hook_scale`` in the cache.
 
+``logit_attrs`` divides an average-pooled model's logit directions by the cached run's token count (a
+``dynamic_img_size`` model run at another size than its configured one pools over other tokens).
+
 Every other method is TransformerLens's own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -77,6 +81,34 @@ class ViTActivationCache(ActivationCache):
         """As TransformerLens; a pre-norm model's embedding terms go through ``ln_pre`` (module doc)."""
         with self._embeddings_through_ln_pre():
             return super().get_full_resid_decomposition(*args, **kwargs)
+
+    def _run_tokens(self) -> int | None:
+        """The cached run's token count (prefix included), from a token-shaped hook in the cache; None if none."""
+        L = self.model.cfg.n_layers
+        for key in (
+            "ln_final.hook_scale",
+            f"blocks.{L - 1}.hook_resid_post",
+            "hook_embed",
+            "blocks.0.hook_resid_pre",
+        ):
+            if key in self.cache_dict:
+                return int(self.cache_dict[key].shape[1 if self.has_batch_dim else 0])
+        return None
+
+    def logit_attrs(self, residual_stack: Tensor, tokens: Any, *args: Any, **kwargs: Any) -> Tensor:
+        """As TransformerLens; an average-pooled model's logit directions divide by the token count of the
+        cached run (a ``dynamic_img_size`` model run at another size pools over other tokens than its
+        configured size has), so the attributions still add up to the logit minus its constant terms."""
+        model, n = self.model, self._run_tokens()
+        if model.cfg.global_pool != "avg" or n is None or n == model.cfg.n_tokens:
+            return super().logit_attrs(residual_stack, tokens, *args, **kwargs)
+        model.tokens_to_residual_directions = functools.partial(
+            type(model).tokens_to_residual_directions, model, n_tokens=n
+        )  # TransformerLens's logit_attrs calls it with the classes alone
+        try:
+            return super().logit_attrs(residual_stack, tokens, *args, **kwargs)
+        finally:
+            del model.tokens_to_residual_directions
 
     def _final(self, layer: int | None) -> bool:
         return layer is None or layer == -1 or layer == self.model.cfg.n_layers

@@ -349,8 +349,10 @@ class AttentionPool(nn.Module):
         q = (self.q(q) if self.q is not None else q).reshape(B, L, H, Dh).transpose(1, 2)
         k, v = self.kv(x).reshape(B, N, 2, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)
         if hooked(self.hook_pattern):
-            pattern = self.hook_pattern(((q * (Dh**-0.5)) @ k.transpose(-2, -1)).softmax(-1))
-            z = pattern @ v
+            pattern = ((q * (Dh**-0.5)) @ k.transpose(-2, -1)).softmax(-1)
+            if pattern.requires_grad:  # softmax saves its output for backward; a hook may edit it in place
+                pattern = pattern.clone()
+            z = self.hook_pattern(pattern) @ v
         else:
             z = F.scaled_dot_product_attention(q, k, v)
         out = self.proj(z.transpose(1, 2).reshape(B, L, D))

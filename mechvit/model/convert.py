@@ -417,6 +417,10 @@ def timm_kwargs(cfg: HookedViTConfig) -> dict[str, Any]:
         pool_include_prefix=cfg.pool_include_prefix,
         dynamic_img_size=cfg.dynamic_img_size,
         dynamic_img_pad=cfg.dynamic_img_pad,
+        drop_rate=cfg.head_drop,
+        pos_drop_rate=cfg.pos_drop,
+        attn_drop_rate=cfg.attn_drop,
+        proj_drop_rate=cfg.proj_drop,
         act_layer=get_act_layer(
             {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "quick_gelu": "quick_gelu"}[cfg.act_fn]
         ),
@@ -446,6 +450,21 @@ def to_timm_model(model: HookedViT) -> nn.Module:
     kw = timm_kwargs(cfg)
     cls = VisionTransformerDistilled if cfg.dist_token else VisionTransformer
     timm_model = cls(**kw)
+    from timm.layers import DropPath
+
+    # timm's constructor spaces the blocks' drop-path rates linearly from one rate: set each block's own
+    for blk, rate in zip(timm_model.blocks, cfg.drop_path, strict=True):
+        blk.drop_path1 = DropPath(rate) if rate > 0 else nn.Identity()
+        blk.drop_path2 = DropPath(rate) if rate > 0 else nn.Identity()
+    proj = (
+        timm_model.patch_embed.proj
+    )  # timm gives the patch embedding a bias exactly when there is no ln_pre
+    if not cfg.patch_bias:
+        proj.bias = None
+    elif proj.bias is None:
+        proj.bias = nn.Parameter(torch.zeros(proj.out_channels))
+    if cfg.dist_token:
+        timm_model.set_distilled_training(model.distilled_training)
     sd = to_timm_state_dict(model)
     if cfg.fold_ln:  # folding gave qkv / fc1 biases the original may not have had
         for i in range(cfg.n_layers):
@@ -547,6 +566,7 @@ def from_timm(
     model.to(dtype=param.dtype)
     load_into(model, sd, f"timm {type(timm_model).__name__}")
     model.train(timm_model.training)
+    model.distilled_training = bool(getattr(timm_model, "distilled_training", False))
     return model.to(device if device is not None else param.device)
 
 

@@ -22,6 +22,15 @@ from .config import HookedViTConfig
 RETURN_TYPES = ("logits", "loss", "both", None)
 
 
+def _autocast_on(device_type: str) -> bool:
+    """Autocast enabled for ``device_type`` (``torch.is_autocast_enabled()`` with no argument reports CUDA's
+    only; devices without autocast, such as meta, have none)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 class HookedViT(HookedRootModule):
     """A Vision Transformer with a hook point on every intermediate activation.
 
@@ -106,7 +115,7 @@ class HookedViT(HookedRootModule):
                 f"expected {cfg.in_chans} channels, got {images.shape[1]} (shape {tuple(images.shape)})"
             )
         want = self.embed.proj.weight.dtype
-        if not images.is_floating_point() or (images.dtype != want and not torch.is_autocast_enabled()):
+        if not images.is_floating_point() or (images.dtype != want and not _autocast_on(images.device.type)):
             raise ValueError(f"expected images of dtype {want} (float, model dtype), got {images.dtype}")
         H, W = images.shape[-2:]
         ph, pw = cfg.patch_size
@@ -192,18 +201,21 @@ class HookedViT(HookedRootModule):
         return slice(0, 1) if cfg.global_pool == "token" else None
 
     def head_logits(self, pooled: Tensor) -> Tensor:
-        """fc_norm, dropout and the classifier head(s) on pooled features."""
+        """fc_norm, dropout and the classifier head(s) on pooled features. A distilled model (timm's
+        ``VisionTransformerDistilled.forward_head``) drops out and reads the class and distillation tokens one
+        after the other and averages the two (features too when it has no head: ``num_classes=0``), or
+        returns both while training with ``distilled_training``."""
         if self.fc_norm is not None:
             pooled = self.fc_norm(pooled)
-        pooled = self.head_drop(pooled)
-        if self.head is None:
-            return pooled
         if self.cfg.dist_token:
-            cls_logits, dist_logits = self.head(pooled[..., 0, :]), self.head_dist(pooled[..., 1, :])
+            cls, dist = self.head_drop(pooled[..., 0, :]), self.head_drop(pooled[..., 1, :])
+            if self.head is not None:
+                cls, dist = self.head(cls), self.head_dist(dist)
             if self.distilled_training and self.training:
-                return cls_logits, dist_logits  # type: ignore[return-value]
-            return (cls_logits + dist_logits) / 2
-        return self.head(pooled)
+                return cls, dist  # type: ignore[return-value]
+            return (cls + dist) / 2
+        pooled = self.head_drop(pooled)
+        return pooled if self.head is None else self.head(pooled)
 
     def unembed(self, resid: Float[Tensor, "... pos d_model"]) -> Float[Tensor, "... num_classes"]:
         """The logit lens: final norm, pooling, fc_norm and head applied to any residual stream."""
@@ -418,14 +430,17 @@ class HookedViT(HookedRootModule):
         return names.index(label)
 
     def tokens_to_residual_directions(
-        self, classes: int | str | Int[Tensor, "..."]
+        self, classes: int | str | Int[Tensor, "..."], n_tokens: int | None = None
     ) -> Float[Tensor, "... d_model"]:
         """Residual-stream direction of each class's logit, for ``ActivationCache.logit_attrs``.
 
         ``logit_attrs`` centres and divides the residual stream by the final LayerNorm scale; the
         direction then carries the final norm's weight, so the attributions (at the CLS position for
         token pooling; summed over patch positions for average pooling) add up to the logit minus the
-        constant bias terms.
+        constant bias terms. Average pooling divides by the number of tokens pooled: ``n_tokens`` is the
+        run's token count, prefix tokens included (default: the configured image size's;
+        ``ViTActivationCache.logit_attrs`` passes the cached run's, which differs on a
+        ``dynamic_img_size`` model fed another size).
         """
         if isinstance(classes, str):
             classes = self.to_single_token(classes)
@@ -448,7 +463,10 @@ class HookedViT(HookedRootModule):
         if self.ln_final.weight is not None:
             W = W * self.ln_final.weight[:, None]
         if cfg.global_pool == "avg":
-            W = W / (cfg.n_tokens if cfg.pool_include_prefix else cfg.n_patches)
+            n = cfg.n_tokens if n_tokens is None else int(n_tokens)
+            if n <= cfg.n_prefix_tokens:
+                raise ValueError(f"n_tokens must exceed the {cfg.n_prefix_tokens} prefix tokens, got {n}")
+            W = W / (n if cfg.pool_include_prefix else n - cfg.n_prefix_tokens)
         idx = torch.as_tensor(classes, device=W.device)
         return W[:, idx].movedim(0, -1)
 
