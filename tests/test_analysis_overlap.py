@@ -210,7 +210,7 @@ def test_dead_features_are_not_matched_or_counted_as_persistent():
     assert decoder_only.counts()["persistent"] >= 6 and decoder_only.counts()["dead_a"] == 0
     masked = feature_overlap(a, b, alive_a=torch.arange(24) >= 6, alive_b=torch.arange(24) >= 6)
     assert masked.counts()["dead_a"] == 6 and masked.class_a[:6] == ["dead"] * 6
-    with pytest.raises(ValueError, match=r"alive_a/alive_b must be bool \[24\]"):
+    with pytest.raises(ValueError, match=r"alive_a must be a bool tensor \[24\]"):
         feature_overlap(a, b, alive_a=torch.ones(3, dtype=torch.bool))
 
 

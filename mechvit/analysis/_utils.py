@@ -21,12 +21,16 @@ def check_images(images, name: str = "images") -> None:
             else type(images).__name__
         )
         raise ValueError(f"{name} must be a float tensor [B, C, H, W], got {got}")
+    if images.shape[0] == 0:
+        raise ValueError(f"{name} holds no images (shape {tuple(images.shape)}): need at least one")
 
 
 def check_labels(labels, n: int, num_classes: int) -> Tensor:
     if not isinstance(labels, Tensor) or labels.ndim != 1 or labels.shape[0] != n:
         got = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
         raise ValueError(f"labels must be an integer tensor [{n}], got {got}")
+    if labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"labels must be an integer tensor [{n}] of class indices, got dtype {labels.dtype}")
     labels = labels.long()
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(

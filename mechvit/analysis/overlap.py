@@ -302,11 +302,18 @@ def _pearson(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _topk_jaccard(img_a: Tensor, img_b: Tensor, k: int) -> Tensor:
+    """Jaccard overlap of each matched pair's top-``k`` images (``img_* [n_images, M]``: a feature's largest
+    code per image), each set holding only images where the feature fires (> 0): a feature firing on fewer
+    than ``k`` images has a smaller set instead of one filled up with non-firing images, which ``topk``
+    picks by tie-breaking (two rare features would share those). NaN where neither fires."""
     k = min(k, img_a.shape[0])
-    top_a = img_a.topk(k, dim=0).indices.T  # [M, k]
-    top_b = img_b.topk(k, dim=0).indices.T
-    inter = (top_a[:, :, None] == top_b[:, None, :]).any(-1).sum(-1).double()
-    return inter / (2 * k - inter)
+    val_a, top_a = img_a.topk(k, dim=0)
+    val_b, top_b = img_b.topk(k, dim=0)
+    fires_a, fires_b = (val_a > 0).T, (val_b > 0).T  # [M, k]
+    same = (top_a.T[:, :, None] == top_b.T[:, None, :]) & fires_a[:, :, None] & fires_b[:, None, :]
+    inter = same.any(-1).sum(-1).double()
+    union = fires_a.sum(-1) + fires_b.sum(-1) - inter
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.full_like(inter, math.nan))
 
 
 @dataclass
@@ -462,6 +469,10 @@ def feature_overlap(
             f"{tuple(acts_a.shape)} and {tuple(acts_b.shape)}"
         )
     cos_all = decoder_cosine(sae_a, sae_b)
+    for name, alive, n in (("alive_a", alive_a, cos_all.shape[0]), ("alive_b", alive_b, cos_all.shape[1])):
+        if alive is not None and (not isinstance(alive, Tensor) or tuple(alive.shape) != (n,)):
+            got = tuple(alive.shape) if isinstance(alive, Tensor) else type(alive).__name__
+            raise ValueError(f"{name} must be a bool tensor [{n}] (one entry per SAE latent), got {got}")
     if acts_a is not None and (isinstance(codes_a, SparseCodes) or isinstance(codes_b, SparseCodes)):
         return _feature_overlap_sparse(
             sae_a, sae_b, acts_a, acts_b, cfg, cos_all, alive_a, alive_b, codes_a, codes_b, cross
@@ -515,8 +526,8 @@ def feature_overlap(
         for s in range(0, a3.shape[0], per):
             za = chunk(sae_a, a3, ca, s)[..., ia]
             zb = chunk(sae_b, b3, cb, s)[..., ib]
-            tok_a.append(za.reshape(-1, za.shape[-1]))
-            tok_b.append(zb.reshape(-1, zb.shape[-1]))
+            tok_a.append(za.flatten(0, -2))  # (reshape(-1, 0) fails when no feature is matched)
+            tok_b.append(zb.flatten(0, -2))
             img_a.append(za.amax(1))
             img_b.append(zb.amax(1))
         act_corr = _pearson(torch.cat(tok_a), torch.cat(tok_b)).float()

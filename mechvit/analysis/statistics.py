@@ -29,6 +29,7 @@ Every function takes a ``seed`` and is deterministic given it.
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -301,6 +302,28 @@ def _mean_diff(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
     return np.mean(x, axis=axis) - np.mean(y, axis=axis)
 
 
+def _exact_relabelling(
+    xa: np.ndarray, xb: np.ndarray, statistic: Callable[..., Any], alternative: str
+) -> tuple[float, float]:
+    """``scipy.stats.permutation_test``'s exact independent-samples test (every split of the pooled values
+    into groups of ``len(xa)`` and ``len(xb)``, the observed one among them; ties within 100 ulp of the
+    observed statistic count as extreme; two-sided = twice the smaller one-sided p, at most 1), for the
+    group sizes scipy refuses (one value)."""
+    pooled, n_a = np.concatenate([xa, xb]), len(xa)
+    observed = float(statistic(xa, xb))
+    null = []
+    for idx in itertools.combinations(range(len(pooled)), n_a):
+        mask = np.zeros(len(pooled), dtype=bool)
+        mask[list(idx)] = True
+        null.append(float(statistic(pooled[mask], pooled[~mask])))
+    null_arr = np.asarray(null)
+    gamma = abs(np.finfo(np.float64).eps * 100 * observed)
+    less = float(np.mean(null_arr <= observed + gamma))
+    greater = float(np.mean(null_arr >= observed - gamma))
+    p = {"less": less, "greater": greater, "two-sided": min(2 * min(less, greater), 1.0)}[alternative]
+    return observed, p
+
+
 def permutation_test(
     a: Any,
     b: Any,
@@ -321,6 +344,9 @@ def permutation_test(
         raise ValueError(f"alternative must be 'two-sided', 'greater' or 'less', got {alternative!r}")
     n_perm = math.comb(len(xa) + len(xb), len(xa))
     exact = n_perm <= max_exact
+    if min(len(xa), len(xb)) == 1:  # scipy refuses one-value samples: its exact test, written out
+        observed, p = _exact_relabelling(xa, xb, statistic or _mean_diff, alternative)
+        return TestResult(observed, p, len(xa) + len(xb), "exact permutation", alternative, n_perm, True)
     res = stats.permutation_test(
         (xa, xb),
         statistic or _mean_diff,
