@@ -96,3 +96,23 @@ def test_bad_input():
         logit_lens(model, torch.rand(2, 1, 28, 28), torch.tensor([0, 10]))
     with pytest.raises(ValueError, match="images"):
         logit_lens(model, torch.rand(1, 28, 28), torch.tensor([0]))
+
+
+def test_first_correct_block_leaves_the_embed_row_out():
+    """With ``include_embed`` the first-correct *layer* counts the embed row; the first-correct *block*
+    (the study's, and the figure legend's) is the same rule on the block rows alone: 0 = after block 0."""
+    from mechvit.analysis.logit_lens import LogitLensResult
+
+    top1 = torch.tensor(
+        [[1, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool
+    )  # rows: embed, block 0, 1, 2
+    z = torch.zeros(5, 4)
+    res = LogitLensResult(["embed", "0", "1", "2"], z, top1, z, z)
+    assert res.first_correct.tolist() == [0, 0, 3, 0, -1]
+    assert res.first_correct_block.tolist() == [1, 0, 2, -1, -1]  # image 3: correct only on the embed row
+    assert res.mean_first_correct_block == pytest.approx(1.0)
+    assert res.to_dict()["mean_first_correct_block"] == pytest.approx(1.0)
+    stable = LogitLensResult(["embed", "0", "1", "2"], z, top1, z, z, mode="stable")
+    assert stable.first_correct_block.tolist() == [1, 0, 2, -1, -1]
+    blocks_only = LogitLensResult(["0", "1", "2"], z[:, 1:], top1[:, 1:], z[:, 1:], z[:, 1:])
+    assert torch.equal(blocks_only.first_correct_block, blocks_only.first_correct)

@@ -12,7 +12,8 @@ Per image and layer: correct-class probability, whether the correct class is top
 class is top-1") is the first layer where the correct class is top-1, even if it is lost again later;
 ``"stable"`` is the first layer from which it stays top-1 through the last layer. Images for which no such
 layer exists get -1 and are left out of the average. Layer indices count the rows of ``layers``
-(block index ``l`` when ``include_embed`` is off).
+(block index ``l`` when ``include_embed`` is off); ``first_correct_block`` / ``mean_first_correct_block``
+leave the embed row out (0 = after block 0), as the study does.
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ def first_correct_layer(top1: Tensor, mode: str = "first") -> Tensor:
     return torch.where(first == n_layers, torch.full_like(first, -1), first)
 
 
+def _mean_found(first: Tensor) -> float:
+    f = first[first >= 0]
+    return float(f.double().mean()) if f.numel() else float("nan")
+
+
 @dataclass
 class LogitLensResult:
     """Per-image, per-layer logit-lens measures (tensors ``[N, n_layers]`` on CPU)."""
@@ -64,10 +70,22 @@ class LogitLensResult:
 
     @property
     def mean_first_correct(self) -> float:
-        """Mean first-correct layer over images correct at some layer (``nan`` if none is)."""
-        f = self.first_correct
-        f = f[f >= 0]
-        return float(f.double().mean()) if f.numel() else float("nan")
+        """Mean first-correct layer (an index into ``layers``, the embed row included when there is one) over
+        images correct at some layer (``nan`` if none is)."""
+        return _mean_found(self.first_correct)
+
+    @property
+    def first_correct_block(self) -> Tensor:
+        """First block after which the correct class is top-1 (``mode``; 0 = after block 0; -1: none): the
+        embed row left out, since before block 0 the class token does not depend on the image (its readout
+        is one class for every image, "correct" for that class's images by chance)."""
+        has_embed = bool(self.layers) and self.layers[0] == "embed"
+        return first_correct_layer(self.top1[:, 1:] if has_embed else self.top1, self.mode)
+
+    @property
+    def mean_first_correct_block(self) -> float:
+        """Mean of :attr:`first_correct_block` over images correct after some block (``nan`` if none is)."""
+        return _mean_found(self.first_correct_block)
 
     def summary(self) -> dict[str, Tensor]:
         return {
@@ -92,6 +110,7 @@ class LogitLensResult:
             **{k: v.tolist() for k, v in self.summary().items()},
             "first_correct_mode": self.mode,
             "mean_first_correct_layer": self.mean_first_correct,
+            "mean_first_correct_block": self.mean_first_correct_block,
             "n_correct_somewhere": int((f >= 0).sum()),
             "n_images": int(self.top1.shape[0]),
         }

@@ -275,13 +275,15 @@ def plot_logit_lens(results, path=None, *, title: str = "Logit lens") -> Figure:
                 marker="o",
                 ms=3,
                 color=c,
-                label=f"{label} (first {res.mean_first_correct:.2f})",
+                label=f"{label} (first {res.mean_first_correct_block:.2f})",
             )
             ax.set_xticks(list(x))
             ax.set_xticklabels(res.layers)
             ax.set_xlabel("layer (residual stream after block)")
             ax.set_ylabel(name)
-    axes[0, 0].legend(fontsize=7, title="run (mean first-correct layer)", title_fontsize=7)
+    axes[0, 0].legend(
+        fontsize=7, title="run (mean first-correct block, embed row left out)", title_fontsize=7
+    )
     fig.suptitle(title)
     fig.tight_layout()
     return _finish(fig, path)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from mechvit.analysis import LogitLensSweep, logit_lens
-from mechvit.analysis.logit_lens import first_correct_layer
 from mechvit.analysis.statistics import mean_ci, paired_difference_ci
 from mechvit.study.context import StudyContext
 from mechvit.study.result import StepResult, StepWriter, Table
@@ -29,12 +28,7 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     LogitLensSweep(results).save_csv(w.path("logit_lens.csv"))
     res = StepResult(metrics={f"{n}|{lab}": r.to_dict() for (n, lab), r in results.items()})
 
-    def first_block(
-        r,
-    ):  # first correct BLOCK: the embed row (class token before block 0) does not see the image
-        return first_correct_layer(r.top1[:, 1:] if s.include_embed else r.top1, s.mode)
-
-    firsts = {k: first_block(r) for k, r in results.items()}
+    firsts = {k: r.first_correct_block for k, r in results.items()}  # the embed row does not see the image
     rows = []
     for (n, lab), r in results.items():
         f = firsts[(n, lab)]
