@@ -136,9 +136,9 @@ def test_float_labels_and_empty_inputs_get_clear_errors():
     with pytest.raises(ValueError, match="integer tensor"):
         logit_lens(model, x, torch.tensor([0.0, 2.7, 1.0, 3.0]))
     empty = torch.rand(0, 3, 32, 32)
-    with pytest.raises(ValueError, match="holds no images"):
+    with pytest.raises(ValueError, match="expected at least one image, got 0 images"):
         collect_activations(model, empty, "blocks.0.hook_resid_post")
-    with pytest.raises(ValueError, match="holds no images"):
+    with pytest.raises(ValueError, match="expected at least one image, got 0 images"):
         layer_cka(model, empty, model, empty, progress=False)
     with pytest.raises(ValueError, match="at least one example"):
         linear_cka(torch.zeros(0, 3), torch.zeros(0, 3))

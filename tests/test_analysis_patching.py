@@ -229,7 +229,7 @@ def test_batched_without_start_at_layer(data, monkeypatch):
 def test_empty_input_is_a_clear_error(data):
     model = tiny()
     clean, y = data
-    with pytest.raises(ValueError, match="clean_images holds no images"):
+    with pytest.raises(ValueError, match="clean_images: expected at least one image, got 0 images"):
         activation_patching(model, clean[:0], clean[:0].flip(-1), y[:0], progress=False)
 
 

@@ -228,6 +228,12 @@ def test_unknown_hook_names_the_key():
     assert _error(_with(sae={"store": {"hook": "blocks.1.attn.hook_pattern"}})).startswith(
         "sae.store.hook: hook 'blocks.1.attn.hook_"
     )
+    # per head [batch, tokens, heads, d_head]: the study's held-out rows and splices read [batch, tokens, d]
+    msg = _error(_with(sae={"store": {"hook": "blocks.1.attn.hook_z"}}))
+    assert (
+        msg.startswith("sae.store.hook: hook 'blocks.1.attn.hook_z' does not give per-token")
+        and "per head" in msg
+    )
 
 
 def test_hook_layer_checked_against_the_model(tiny_hooked):

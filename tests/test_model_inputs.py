@@ -44,7 +44,7 @@ def test_an_empty_batch_gives_empty_outputs_as_timm():
     assert cache["blocks.1.hook_resid_post"].shape == (0, 17, 32)
     with pytest.raises(ValueError, match="at least one image, got an empty batch"):
         model(x, labels=torch.zeros(0, dtype=torch.long), return_type="loss")
-    with pytest.raises(ValueError, match="the logit lens needs at least one image, got 0"):
+    with pytest.raises(ValueError, match="images: expected at least one image, got 0 images"):
         logit_lens(model, x, torch.zeros(0, dtype=torch.long), progress=False)
 
 

@@ -22,7 +22,7 @@ def check_images(images, name: str = "images") -> None:
         )
         raise ValueError(f"{name} must be a float tensor [B, C, H, W], got {got}")
     if images.shape[0] == 0:
-        raise ValueError(f"{name} holds no images (shape {tuple(images.shape)}): need at least one")
+        raise ValueError(f"{name}: expected at least one image, got 0 images (shape {tuple(images.shape)})")
 
 
 def check_labels(labels, n: int, num_classes: int) -> Tensor:

@@ -133,8 +133,6 @@ def logit_lens(
 ) -> LogitLensResult:
     """Logit lens of ``model`` on ``images`` (see the module docstring for definitions)."""
     check_images(images)
-    if images.shape[0] == 0:
-        raise ValueError(f"the logit lens needs at least one image, got 0 (images {tuple(images.shape)})")
     labels = check_labels(labels, images.shape[0], model.cfg.num_classes)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

@@ -68,8 +68,8 @@ _TOKEN_HOOKS = (
     "ln2.hook_normalized",
     "mlp.hook_pre",
     "mlp.hook_post",
-    "attn.hook_z",
-)
+)  # not attn.hook_z ([batch, tokens, heads, d_head]): the study's held-out rows, splices and ablation gap
+# read [batch, tokens, d]; mechvit.sae trains SAEs on hook_z directly (its store flattens the heads)
 
 
 def check_hook_name(hook: str, key: str, token_hook: bool = False) -> None:
@@ -79,6 +79,11 @@ def check_hook_name(hook: str, key: str, token_hook: bool = False) -> None:
         raise ConfigError(
             f"{key}: hook {hook!r} does not give per-token activations; expected "
             f"blocks.<layer>.<one of {', '.join(_TOKEN_HOOKS)}>"
+            + (
+                " (attn.hook_z is per head: train its SAEs with mechvit.sae directly)"
+                if hook.endswith("attn.hook_z")
+                else ""
+            )
         )
     if not ok:
         raise ConfigError(
