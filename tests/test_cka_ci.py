@@ -78,3 +78,16 @@ def test_study_table_cells_show_the_ci_only_where_there_is_one():
     with_ci = CKAResult(linear=lin, debiased=deb, linear_ci=(lin - 0.01, lin + 0.02), n_resamples=10, **kw)
     assert cells(with_ci) == ["0.900 [0.890, 0.920] / 0.890", "0.500 [0.490, 0.520] / 0.490"]
     assert cells(CKAResult(linear=lin, debiased=deb, **kw)) == ["0.900 / 0.890", "0.500 / 0.490"]
+
+
+def test_study_cka_bias_check_counts_the_warning_condition():
+    """The CKA step's count of intervals that fail linear_cka_ci's bias check: outside the interval, or more
+    than half its width from the debiased value; results without a CI are not counted."""
+    from mechvit.study.steps.cka import _bias_check
+
+    results = [
+        {"cka_linear": [0.5, 0.9], "cka_debiased": [0.5, 0.7], "cka_linear_ci95": {"low": [0.4, 0.85], "high": [0.6, 0.95]}},
+        {"cka_linear": [0.5], "cka_debiased": [0.5], "cka_linear_ci95": {"low": [0.55], "high": [0.7]}},
+        {"cka_linear": [0.3], "cka_debiased": [0.3]},
+    ]  # fmt: skip
+    assert _bias_check(results) == (3, 2)  # layer 2 of the first (0.2 > 0.05), the second (outside)

@@ -232,6 +232,27 @@ def test_rerun_skips_finished_steps_and_recomputes_only_what_changed(finished, c
     assert run_study(study_config_from_dict(cfg), out).computed == ["sae", "sae_analysis", "explorer"]
 
 
+def test_only_keeps_the_other_finished_steps_and_refuses_a_stale_upstream(finished, checkpoints, tmp_path):
+    """--only reruns the steps named and keeps every other finished, up-to-date step in metrics.json and the
+    report; a step that reads an upstream step outside --only refuses when that step's finished result was
+    made under other settings (it would analyse SAEs of another config under this one's name), and a step
+    whose upstream has not run says to add it."""
+    import json
+    import shutil
+
+    out = shutil.copytree(finished[1], tmp_path / "study")
+    cfg = tiny_config(checkpoints)
+    again = run_study(study_config_from_dict(cfg), out, only=["cka"], force=True)
+    assert again.computed == ["cka"] and set(again.cached) == set(ALL_STEPS) - {"cka"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["steps"]) == set(ALL_STEPS) and metrics["claims"]
+    stale = {**cfg, "sae": {**cfg["sae"], "train": {**cfg["sae"]["train"], "k": 3}}}
+    with pytest.raises(ValueError, match="reads step 'sae', whose finished result .* is out of date"):
+        run_study(study_config_from_dict(stale), out, only=["sae_analysis"])
+    with pytest.raises(ValueError, match=r"needs \['sae'\], not run in .* add sae to --only"):
+        run_study(study_config_from_dict(cfg), tmp_path / "empty", only=["sae_analysis"])
+
+
 def test_patching_positions_and_explorer_max_latents_bound_the_work(finished, checkpoints, tmp_path):
     import shutil
 

@@ -186,13 +186,34 @@ def _run(cfg: StudyConfig, out: Path, *, force: bool, only: list[str] | None, re
     def staging(step: Step, h: str) -> Path:
         return out / ".staging" / f"{step.name}-{h}"
 
+    by_name = {s.name: s for s in STEPS}
+
+    @functools.cache
+    def current_hash(name: str) -> str:
+        """The hash ``name`` has under this config (its upstream steps' hashes included)."""
+        step = by_name[name]
+        return step_hash(step, ctx, {d: current_hash(d) for d in step.deps})
+
+    def up_to_date(name: str) -> bool:
+        done = read_done(out, name)
+        return done is not None and done.get("hash") == current_hash(name) and (out / name / RESULT).is_file()
+
     def plan(step: Step) -> tuple[str, bool]:
         """(hash, up to date) of ``step``; a step to run gets its staging folder. Rank 0 only."""
         missing = [d for d in step.deps if d not in run.hashes and read_done(out, d) is None]
         if missing:
-            raise ValueError(f"step {step.name!r} needs {missing} (enable them in the config)")
-        for d in step.deps:  # a dependency outside `only`: use its finished result
+            raise ValueError(
+                f"step {step.name!r} needs {missing}, not run in {out} yet: add {' '.join(missing)} to --only, "
+                "or run the study without --only"
+            )
+        for d in step.deps:  # a dependency outside `only`: its finished result, if this config would make it
             if d not in run.hashes:
+                if not up_to_date(d):
+                    raise ValueError(
+                        f"step {step.name!r} reads step {d!r}, whose finished result in {out} is out of date for "
+                        f"this config (its settings, code, data or models changed since it ran): add {d} to "
+                        "--only, or run the study without --only"
+                    )
                 run.hashes[d] = read_done(out, d)["hash"]
                 run.results[d] = read_result(out, d)
         h = step_hash(step, ctx, run.hashes)
@@ -285,6 +306,13 @@ def _run(cfg: StudyConfig, out: Path, *, force: bool, only: list[str] | None, re
             run_here(step, h)
     run_held()
     bar.close()
+    if only is not None:  # the report and metrics.json keep every other step that is finished and up to date
+        for step in STEPS:
+            if step.name not in run.results and step.enabled(cfg) and main and up_to_date(step.name):
+                run.results[step.name] = read_result(out, step.name)
+                run.hashes[step.name] = current_hash(step.name)
+                run.timings[step.name] = float(read_done(out, step.name).get("seconds", 0.0))
+                run.cached.append(step.name)
     order = {s.name: i for i, s in enumerate(STEPS)}  # the report's order, whatever order they finished in
     run.results = dict(sorted(run.results.items(), key=lambda kv: order[kv[0]]))
     run.computed.sort(key=order.__getitem__)

@@ -79,11 +79,23 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
             "metrics.json and the table: those are point estimates without a CI."
         )
     n_img = next(iter({**between, **within}.values())).n_examples if between or within else 0
+    n_ci, biased = _bias_check(
+        [*res.metrics["between_models"].values(), *res.metrics["clean_vs_corrupted"].values()]
+    )
+    res.metrics["ci_bias_check"] = {"intervals": n_ci, "failing": biased}
     res.notes.append(
         f"CKA CIs: 95% percentile bootstrap over the {n_img} images ({N_RESAMPLES} resamples, the same images "
         "for both sides of a pair) of the linear CKA; the debiased value has none. The plug-in CKA of a "
         "resample with repeated images is biased slightly upwards, so the interval can sit a little above the "
-        "estimate when CKA is far from 1."
+        "estimate when CKA is far from 1. Bias check (mechvit.analysis.linear_cka_ci): "
+        + (
+            f"{biased} of {n_ci} intervals exclude their estimate or lie more than half their width from the "
+            "debiased value; there the interval is the spread of plain CKA, not where the population CKA is: "
+            "read the debiased value."
+            if biased
+            else f"none of the {n_ci} intervals excludes its estimate or lies more than half its width from the "
+            "debiased value."
+        )
         if n_boot
         else f"CKA on {s.token_reduction} (every token an example): point estimates without a CI (the tokens of "
         "one image are not independent examples)"
@@ -116,3 +128,17 @@ def cells(r) -> list[str]:
         return [f"{a:.3f} / {b:.3f}" for a, b in zip(lin, deb, strict=True)]
     lo, hi = r.linear_ci[0].tolist(), r.linear_ci[1].tolist()
     return [f"{a:.3f} [{x:.3f}, {y:.3f}] / {b:.3f}" for a, x, y, b in zip(lin, lo, hi, deb, strict=True)]
+
+
+def _bias_check(results: list[dict]) -> tuple[int, int]:
+    """(intervals, failing): layers whose plain CKA lies outside its CI or more than half the CI's width from
+    the debiased value (the condition under which ``linear_cka_ci`` warns)."""
+    n = bad = 0
+    for r in results:
+        ci = r.get("cka_linear_ci95")
+        if not ci:
+            continue
+        for e, d, lo, hi in zip(r["cka_linear"], r["cka_debiased"], ci["low"], ci["high"], strict=True):
+            n += 1
+            bad += not (lo <= e <= hi) or abs(e - d) > (hi - lo) / 2
+    return n, bad
