@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import timm
 import torch
-from sae_lens import StandardSAE, StandardSAEConfig
 from scipy import stats
 
 from mechvit import HookedViT
@@ -18,15 +17,7 @@ from mechvit.analysis import collect_activations, layer_cka, logit_lens
 from mechvit.analysis.overlap import SparseCodes, _topk_jaccard, feature_overlap
 from mechvit.analysis.similarity import _hsic1, linear_cka, linear_cka_ci
 from mechvit.analysis.statistics import _exact_relabelling, pairwise_label_permutation_test, permutation_test
-
-
-def standard_sae(d_in=8, d_sae=24, seed=0):
-    torch.manual_seed(seed)
-    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae))
-    with torch.no_grad():
-        sae.W_enc.normal_(0, 1)
-        sae.b_enc.normal_(0, 0.1)
-    return sae
+from tests.test_analysis_overlap import standard_sae
 
 
 def _jaccard_by_sets(img_a, img_b, k):
