@@ -22,6 +22,7 @@ import io
 import json
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -528,9 +529,20 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
         "--sae",
         action="append",
         required=True,
-        metavar="[MODEL=]DIR",
-        help="an SAE folder (mechvit.sae / sae-lens format); repeat for several. Prefix MODEL= to say which "
-        "--model it reads; otherwise it is matched by the model hash its manifest records",
+        metavar="[[NAME@]MODEL=]DIR",
+        help="an SAE folder (mechvit.sae / sae-lens format); repeat for several. It reads the --model whose "
+        "sha256 its manifest (mechvit_sae.json) records; with one --model and no recorded hash, that model; a "
+        "recorded hash that no --model has is an error. Prefix MODEL= to name its model yourself (a model "
+        "other than the recorded one is then used on purpose, with a warning). The SAE is shown as the "
+        "shortest end of its path that tells it from the other --sae folders (a/sae, b/sae), or as NAME "
+        "given as NAME@MODEL=DIR or NAME@=DIR",
+    )
+    p.add_argument(
+        "--hook",
+        default=None,
+        metavar="HOOK",
+        help="the hook (e.g. blocks.3.hook_resid_post) of the SAEs that record none in their cfg.json "
+        "(cfg.metadata.hook_name) or manifest; an SAE that records another hook is an error",
     )
     p.add_argument(
         "--model",
@@ -583,13 +595,86 @@ def _load_model(path: Path, device):
     )
 
 
+def _split_sae(value: str) -> tuple[str | None, str | None, str]:
+    """``--sae [[NAME@]MODEL=]DIR`` -> (name, model, dir); ``NAME@=DIR`` names the SAE only."""
+    prefix, path = _split_named(value)
+    if prefix is None:
+        return None, None, value
+    name, at, model = prefix.rpartition("@")
+    if not at:
+        return None, prefix, path
+    if not name:
+        raise ValueError(f"--sae {value}: expected NAME@MODEL=DIR or NAME@=DIR, got an empty NAME before '@'")
+    return name, model or None, path
+
+
+def distinct_names(paths: Sequence[str | os.PathLike]) -> list[str | None]:
+    """Each path's shortest end (its folder name, then with as many parent folders as it takes) that no other
+    path ends with: ``runs/a/sae``, ``runs/b/sae`` -> ``a/sae``, ``b/sae``; ``x/sae``, ``y/other`` -> ``sae``,
+    ``other``. Paths are made absolute (not resolved: symlinks keep their names); None for a path given twice."""
+    parts = [Path(os.path.abspath(p)).parts for p in paths]
+    out: list[str | None] = []
+    for i, own in enumerate(parts):
+        name = None
+        for k in range(1, len(own) + 1):
+            if all(other[-k:] != own[-k:] for j, other in enumerate(parts) if j != i):
+                name = str(Path(*own[-k:]))
+                break
+        out.append(name)
+    return out
+
+
+def _recorded_hook(sae: Any, manifest: dict) -> str | None:
+    return getattr(getattr(sae.cfg, "metadata", None), "hook_name", None) or manifest.get("hook") or None
+
+
+def _sae_model(
+    spec: str, path: Path, given: str | None, manifest: dict, models: dict, hashes: dict, paths: dict
+):
+    """The name of the --model an SAE reads: ``given`` (MODEL=), else the one with the sha256 its manifest
+    records, else the only --model when the manifest records no hash."""
+    recorded = manifest.get("model_sha256")
+    listing = "; ".join(f"{n}={paths[n]} (sha256 {hashes[n]})" for n in models)
+    if given is not None:
+        if given not in models:
+            raise ValueError(f"--sae {spec}: unknown model {given!r}; models: {sorted(models)}")
+        if recorded and recorded != hashes[given]:
+            print(
+                f"warning: --sae {path}: its manifest records model sha256 {recorded}, but it is applied to "
+                f"--model {given}={paths[given]} (sha256 {hashes[given]}) as its {given}= prefix says",
+                file=sys.stderr,
+            )
+        return given
+    if recorded:
+        matches = [n for n in models if hashes[n] == recorded]
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            raise ValueError(
+                f"--sae {path}: its manifest's model sha256 {recorded} is that of several --model entries "
+                f"({', '.join(matches)}); say which with MODEL={path}"
+            )
+        raise ValueError(
+            f"--sae {path}: its manifest (mechvit_sae.json) says it was trained on the model with sha256 "
+            f"{recorded}, which is none of the --model entries: {listing}. Give that model with --model, or "
+            f"write MODEL={path} to apply the SAE to another model on purpose"
+        )
+    if len(models) == 1:
+        return next(iter(models))
+    raise ValueError(
+        f"--sae {path}: its manifest records no model hash (model_sha256), so it cannot be matched to one of "
+        f"the {len(models)} --model entries ({', '.join(models)}); write MODEL={path}"
+    )
+
+
 def run_cli(args: argparse.Namespace) -> int:
     import torch
 
     from mechvit.sae import load_sae, model_fingerprint
+    from mechvit.sae.activations import check_hook
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    models, hashes = {}, {}
+    models, hashes, model_paths = {}, {}, {}
     for spec in args.model:
         name, path = _split_named(spec)
         path = Path(path)
@@ -597,29 +682,45 @@ def run_cli(args: argparse.Namespace) -> int:
         if name in models:
             raise ValueError(f"two --model entries are named {name!r}; name them NAME=PATH")
         models[name] = _load_model(path, device)
-        hashes[model_fingerprint(models[name])] = name
+        hashes[name], model_paths[name] = model_fingerprint(models[name]), path
+    specs = [_split_sae(spec) for spec in args.sae]
+    unnamed = [i for i, (name, _, _) in enumerate(specs) if name is None]
+    derived = dict(zip(unnamed, distinct_names([specs[i][2] for i in unnamed]), strict=True))
     entries = []
-    for spec in args.sae:
-        mname, path = _split_named(spec)
+    for i, (spec, (sname, mname, path)) in enumerate(zip(args.sae, specs, strict=True)):
         path = Path(path)
+        if sname is None:
+            sname = derived[i]
+            if sname is None:
+                raise ValueError(f"--sae {path} is given twice; name each NAME@=DIR (or NAME@MODEL=DIR)")
         sae, manifest = load_sae(path, device=str(device))
-        if mname is None:
-            mname = hashes.get(manifest.get("model_sha256"))
-            if mname is None and len(models) == 1:
-                mname = next(iter(models))
-            if mname is None:
-                raise ValueError(
-                    f"--sae {path}: its manifest names no model among the --model entries; write MODEL={path}"
-                )
-        if mname not in models:
-            raise ValueError(f"--sae {spec}: unknown model {mname!r}; models: {sorted(models)}")
+        mname = _sae_model(spec, path, mname, manifest, models, hashes, model_paths)
+        recorded = _recorded_hook(sae, manifest)
+        if recorded and args.hook and recorded != args.hook:
+            raise ValueError(
+                f"--sae {path} was trained on hook {recorded!r} (recorded in its cfg.json or manifest), not "
+                f"--hook {args.hook!r}; --hook applies only to SAEs that record no hook"
+            )
+        hook = recorded or args.hook
+        if not hook:
+            raise ValueError(
+                f"--sae {path}: the SAE records no hook name (cfg.metadata.hook_name in its cfg.json, or "
+                "'hook' in its manifest); pass --hook blocks.L.hook_... (the hook it was trained on)"
+            )
+        check_hook(models[mname], hook)
         cond = (
             json.dumps(manifest.get("corruption_mix"), sort_keys=True)
             if manifest.get("corruption_mix")
             else ""
         )
         seed = manifest.get("training", {}).get("seed", 0)
-        entries.append(ExplorerSAE(name=path.name, sae=sae, model=mname, condition=cond, seed=seed))
+        entries.append(ExplorerSAE(name=sname, sae=sae, model=mname, condition=cond, seed=seed, hook=hook))
+    names = [e.name for e in entries]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(
+            f"SAE names must be unique, got {names}: {repeated} repeat; name the SAEs NAME@MODEL=DIR or NAME@=DIR"
+        )
     first = next(iter(models.values()))
     from mechvit.training.checkpoint import read_card
 

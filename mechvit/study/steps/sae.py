@@ -158,6 +158,8 @@ def _train_model(ctx: StudyContext, w: StepWriter, name: str, runs: list[SAERun]
     manifests = {
         r.key: {
             "hook": s.hook, "tokens": s.tokens, "model_name": name, "corruption_mix": store.mix.to_dict(),
+            # mechvit.sae.model_fingerprint(model), as train_sae records it (the cache checked it is this model's)
+            "model_sha256": cached.manifest["model_sha256"],
             "store": store.identity(), "n_activations": len(cached),
             "study": {"architecture": r.architecture, "model": name, "replicate": r.replicate, "seed": r.seed},
             "processes": world,
