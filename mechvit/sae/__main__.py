@@ -5,8 +5,10 @@
         [--mix 0.5 --corruption gaussian_blur:4 --corruption gaussian_noise:4] [--cache runs/acts/base]
 
 ``--checkpoint`` is a mechvit training checkpoint (``card.json`` + ``model.safetensors``) or a
-``HookedViT.save_pretrained`` folder. Data: Fashion-MNIST train images for training, test images held out.
-Prints (and stores in the SAE's ``mechvit_sae.json``) the held-out reconstruction and spliced metrics.
+``HookedViT.save_pretrained`` folder; a checkpoint's images are normalised as in its training
+(``config.data.mean/std`` of its card). Data: Fashion-MNIST train images for training, test images held out.
+The SAE is saved when trained; then the held-out reconstruction and spliced metrics are printed and stored in
+its ``mechvit_sae.json`` (``--heldout 0``: none).
 
 Or train on an activation cache written by ``mechvit cache-activations`` (no model, no held-out metrics),
 on one process or data-parallel under torchrun (docs/scaling.md); several architectures and seeds train in
@@ -21,11 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from mechvit._io import atomic_write_json
 
 from . import (
     ActivationStoreConfig,
@@ -37,6 +42,41 @@ from . import (
     spliced_metrics,
     train_sae_for_hook,
 )
+from .train import MANIFEST_NAME
+
+
+def card_normalisation(path: str) -> tuple[list[float] | None, list[float] | None]:
+    """``(mean, std)`` a mechvit checkpoint's images were normalised with in training (its card's
+    ``config.data``); ``(None, None)`` for a HookedViT folder or a card without them."""
+    p = Path(path)
+    if not (p / "card.json").is_file():
+        return None, None
+    from mechvit.training.checkpoint import read_card
+
+    data_cfg = read_card(p).get("config", {}).get("data", {}) or {}
+    mean, std = data_cfg.get("mean"), data_cfg.get("std")
+    if mean is None or std is None:
+        return None, None
+    return [float(v) for v in mean], [float(v) for v in std]
+
+
+def normaliser(mean: list[float] | None, std: list[float] | None):
+    """``(x - mean) / std`` per channel on the images' device (None without a mean): the transform the model
+    was trained with (as ``mechvit explore`` applies it)."""
+    if mean is None:
+        return None
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    sd = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def transform(x: torch.Tensor) -> torch.Tensor:
+        return (x - m.to(x.device)) / sd.to(x.device)
+
+    return transform
+
+
+def _normalised(name: str, mean: list[float] | None, std: list[float] | None) -> str:
+    """A dataset id that says how its images were normalised (a cache written without is not reused)."""
+    return name if mean is None else f"{name} normalised mean={mean} std={std}"
 
 
 def load_model(path: str, device: str):
@@ -107,48 +147,95 @@ def main(argv: list[str] | None = None, prog: str = "python -m mechvit.sae") -> 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.activations is not None:
+        if args.mix or args.corruption:
+            ap.error(
+                "--mix and --corruption apply when activations come from --checkpoint; a cache's corruption "
+                "mix was chosen when it was written (mechvit cache-activations --mix ... --corruption ...)"
+            )
         return _train_from_cache(args)
     if args.checkpoint is None or args.hook is None:
         ap.error("--checkpoint and --hook are required (or train on a cache with --activations)")
     if len(args.architecture) > 1 or args.seeds:
         ap.error("several --architecture values and --seeds need --activations (one pass over a cache)")
+    if args.images is not None and args.images < 1:
+        ap.error(f"--images must be >= 1 (or left out: all 60,000), got {args.images}")
+    if args.heldout < 0:
+        ap.error(f"--heldout must be >= 0 (0: no held-out metrics), got {args.heldout}")
+    _check_mix(ap, args)
     args.architecture = args.architecture[0]
-    from mechvit.data import load_fashion_mnist
-
-    model = load_model(args.checkpoint, args.device)
-    train_x, _ = load_fashion_mnist("train")
-    test_x, test_y = load_fashion_mnist("test")
-    train_x, test_x, test_y = train_x[: args.images], test_x[: args.heldout], test_y[: args.heldout]
+    # every value is checked before the model and the data are loaded, and the SAE is saved before the
+    # held-out metrics are computed: nothing trained is lost to a late error
+    cfg = _training_config(args, args.architecture, args.seed, args.device)
     store = ActivationStoreConfig(
         hook=args.hook,
         tokens=args.tokens,
         seed=args.seed,
         mix=CorruptionMix(args.mix, tuple(args.corruption)),
     )
-    cfg = _training_config(args, args.architecture, args.seed, args.device)
+    store.mix.validate()
+    from mechvit.data import load_fashion_mnist
+
+    from .activations import check_hook, hook_width
+
+    model = load_model(args.checkpoint, args.device)
+    check_hook(model, args.hook)
+    cfg.check_d_in(hook_width(model, args.hook, args.tokens))
+    mean, std = card_normalisation(args.checkpoint)
+    transform = normaliser(mean, std)
+    train_x, _ = load_fashion_mnist("train")
+    test_x, test_y = load_fashion_mnist("test")
+    train_x, test_x, test_y = train_x[: args.images], test_x[: args.heldout], test_y[: args.heldout]
     t0 = time.perf_counter()
     trained = train_sae_for_hook(
-        model, train_x, store, cfg, cache_dir=args.cache, dataset=f"fashion_mnist/train[:{len(train_x)}]"
+        model,
+        train_x,
+        store,
+        cfg,
+        cache_dir=args.cache,
+        dataset=_normalised(f"fashion_mnist/train[:{len(train_x)}]", mean, std),
+        transform=transform,
     )
     seconds = time.perf_counter() - t0
-    # held-out: clean test images (the store without corruption)
-    clean_store = ActivationStoreConfig(hook=args.hook, tokens=args.tokens)
-    with tempfile.TemporaryDirectory() as tmp:
-        heldout = cache_activations(
-            model, test_x, tmp, clean_store, dtype="float32", dataset=f"fashion_mnist/test[:{len(test_x)}]"
-        )
-        recon = reconstruction_metrics(trained.sae, heldout.chunks(8192, shuffle=False))
-    spliced = spliced_metrics(model, trained.sae, test_x, test_y, args.hook, tokens=args.tokens)
     trained.manifest.update(
-        heldout_metrics=recon.to_dict(),
-        spliced_metrics=spliced.to_dict(),
         train_seconds=round(seconds, 1),
         checkpoint=str(args.checkpoint),
+        input_normalisation=None if mean is None else {"mean": mean, "std": std},
     )
     save_trained(trained, args.out)
-    summary = {"out": args.out, "train_seconds": round(seconds, 1), **recon.to_dict(), **spliced.to_dict()}
+    summary = {"out": args.out, "train_seconds": round(seconds, 1)}
+    if len(test_x):
+        # held-out: clean test images (the store without corruption)
+        clean_store = ActivationStoreConfig(hook=args.hook, tokens=args.tokens)
+        with tempfile.TemporaryDirectory() as tmp:
+            heldout = cache_activations(
+                model,
+                test_x,
+                tmp,
+                clean_store,
+                dtype="float32",
+                dataset=_normalised(f"fashion_mnist/test[:{len(test_x)}]", mean, std),
+                transform=transform,
+            )
+            recon = reconstruction_metrics(trained.sae, heldout.chunks(8192, shuffle=False))
+        spliced = spliced_metrics(
+            model, trained.sae, test_x, test_y, args.hook, tokens=args.tokens, transform=transform
+        )
+        trained.manifest.update(heldout_metrics=recon.to_dict(), spliced_metrics=spliced.to_dict())
+        atomic_write_json(Path(args.out) / MANIFEST_NAME, trained.manifest)
+        summary.update(**recon.to_dict(), **spliced.to_dict())
     print(json.dumps(summary, indent=2))
     return summary
+
+
+def _check_mix(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse corruptions that would not be applied (``--mix 0``) and a mix with nothing to apply."""
+    if args.corruption and not args.mix:
+        ap.error(
+            f"--corruption {' '.join(f'{n}:{s}' for n, s in args.corruption)} needs --mix > 0 (the fraction "
+            "of images corrupted); with --mix 0 no image is corrupted"
+        )
+    if args.mix and not args.corruption:
+        ap.error(f"--mix {args.mix} needs at least one --corruption NAME:SEVERITY to corrupt the images with")
 
 
 def _training_config(
@@ -280,6 +367,7 @@ def cache_main(argv: list[str] | None = None, prog: str = "mechvit cache-activat
         torch.set_num_threads(args.threads)
     if (args.mean is None) != (args.std is None):
         ap.error("give both --mean and --std or neither")
+    _check_mix(ap, args)
     from mechvit.data.loading import DataConfig, load_split
 
     from .distributed import cache_activations_distributed, init_from_env, rank_and_world
@@ -299,14 +387,9 @@ def cache_main(argv: list[str] | None = None, prog: str = "mechvit cache-activat
         data_cfg.limit_test = args.images
     data = load_split(data_cfg, split)
     model = load_model(args.checkpoint, device)
-    transform = None
-    if args.mean is not None:
-        mean = torch.tensor(args.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        std = torch.tensor(args.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-
-        def transform(x: torch.Tensor) -> torch.Tensor:
-            return (x - mean) / std
-
+    if args.mean is None:  # the checkpoint's own (its card's config.data), as train-sae and explore use
+        args.mean, args.std = card_normalisation(args.checkpoint)
+    transform = normaliser(args.mean, args.std)
     store = ActivationStoreConfig(
         hook=args.hook,
         tokens=args.tokens,
@@ -316,8 +399,7 @@ def cache_main(argv: list[str] | None = None, prog: str = "mechvit cache-activat
     )
     name = f"{args.dataset}:{Path(args.root).name if args.root else ''}/{args.split}"
     name += f"[:{args.images}]" if args.images is not None else ""
-    if args.mean is not None:
-        name += f" normalised mean={args.mean} std={args.std}"
+    name = _normalised(name, args.mean, args.std)
     t0 = time.perf_counter()
     cached = cache_activations_distributed(
         model,
@@ -345,8 +427,26 @@ def cache_main(argv: list[str] | None = None, prog: str = "mechvit cache-activat
     return summary
 
 
-if __name__ == "__main__":
+def _command(argv: list[str] | None = None, prog: str = "python -m mechvit.sae") -> int:
+    """``python -m mechvit.sae``: :func:`main` with ``mechvit train-sae``'s error handling (mechvit.cli): a
+    user error (a bad value, a missing file, an unknown hook or device) is one line ``<prog>: error: ...`` on
+    stderr and exit status 2, without a traceback; a bug keeps its traceback."""
+    from mechvit.cli import _argv_devices, _fail, _is_user_error, check_device
+
     from .distributed import leave_process_group
 
-    main()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        for device in _argv_devices(argv):
+            check_device(device)
+        main(argv, prog=prog)
+    except Exception as e:
+        if not _is_user_error(e):
+            raise
+        return _fail(prog, e)
     leave_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_command())

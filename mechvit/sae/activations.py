@@ -148,6 +148,16 @@ def _model_device(model: Any) -> torch.device:
     return next(iter(model.parameters())).device
 
 
+def _input_weight(model: Any) -> Tensor:
+    """The weight whose dtype the model wants its images in: a HookedViT's patch embedding (what its forward
+    checks), else the first floating-point parameter."""
+    weight = getattr(getattr(getattr(model, "embed", None), "proj", None), "weight", None)
+    if isinstance(weight, Tensor):
+        return weight
+    params = list(model.parameters())
+    return next((p for p in params if p.is_floating_point()), params[0])
+
+
 def run_to_hooks(model: Any, images: Tensor, hooks: Iterable[str]) -> dict[str, Tensor]:
     """The activations at ``hooks`` (detached, as ``run_with_cache`` keeps them); the forward stops once the
     last of them has fired (later blocks never run: a hook at block 0 of 6 costs a sixth of a forward). The
@@ -252,9 +262,11 @@ def token_slice(model_cfg: Any, tokens: str, n_tokens: int) -> slice:
 
 
 def hook_width(model: Any, hook: str, tokens: str = "all") -> int:
-    """Width of the rows the store yields for ``hook`` (runs one blank image up to the hook)."""
+    """Width of the rows the store yields for ``hook`` (runs one blank image up to the hook, in the dtype and
+    on the device of the model's weights: a bfloat16 or float64 model refuses float32 images)."""
     cfg = model.cfg
-    blank = torch.zeros(1, cfg.in_chans, *cfg.img_size, device=_model_device(model))
+    weight = _input_weight(model)
+    blank = torch.zeros(1, cfg.in_chans, *cfg.img_size, dtype=weight.dtype, device=weight.device)
     return int(select_tokens(run_to_hook(model, blank, hook), cfg, tokens, hook).shape[-1])
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import os
 import tempfile
 import warnings
@@ -135,13 +136,42 @@ def convergence(
     }
 
 
+# the run length of a config that leaves total_samples unset (the study sets its own from sae.epochs)
+DEFAULT_TOTAL_SAMPLES = 300_000
+# what sae-lens's SAE configs accept for normalize_activations
+_NORMALIZE = (
+    "none",
+    "expected_average_only_in",
+    "constant_norm_rescale",
+    "layer_norm",
+    "covariance_whitening",
+)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclass
 class SAETrainingConfig:
-    """How to train one SAE. Defaults are CPU-sized; the paper's are BatchTopK, k=32, aux 1/32, x32, lr 1e-3."""
+    """How to train one SAE. Defaults are CPU-sized; the paper's are BatchTopK, k=32, aux 1/32, x32, lr 1e-3.
+
+    Every value is checked here (ValueError naming the field, what it expects and what it got). The checks
+    that need the run length (``total_samples`` at least one batch, ``lr_warmup_steps`` under the number of
+    steps) run here when ``total_samples`` is given, and otherwise when the run length is first read
+    (:attr:`total_steps`, before training starts): a caller that sets ``total_samples`` itself (the study, from
+    ``sae.epochs``, with ``dataclasses.replace``, which runs them again) is not checked against the default.
+    :meth:`check_run_length` and :meth:`check_d_in` check a config against a run length and an activation
+    width that are known before training (e.g. a study's ``--validate``)."""
 
     architecture: Architecture = "batchtopk"
     expansion_factor: int = 16  # d_sae = expansion_factor * d_in (paper: 32)
-    k: int = 32  # topk / batchtopk: active features per sample (batch mean for batchtopk)
+    # topk: active features per sample (an integer); batchtopk: their batch mean (a float works too)
+    k: int = 32
     aux_coefficient: float = 1 / 32  # topk / batchtopk: dead-feature auxiliary loss
     l1_coefficient: float = 5.0  # standard (ReLU + L1, the paper's "vanilla")
     l1_warmup_steps: int = 0
@@ -156,9 +186,10 @@ class SAETrainingConfig:
     lr: float = 1e-3
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     lr_warmup_steps: int = 0
-    lr_end: float | None = None  # cosine floor; None = lr / 10 (sae-lens's runner default)
+    lr_end: float | None = None  # cosine floor, in [0, lr]; None = lr / 10 (sae-lens's runner default)
     batch_size: int = 1024  # activations per step; every batch is exactly this size
-    total_samples: int = 300_000  # rounded down to whole batches
+    # rounded down to whole batches; None: set by the caller, else DEFAULT_TOTAL_SAMPLES (300,000)
+    total_samples: int | None = None
     normalize_activations: Literal["none", "expected_average_only_in"] = "expected_average_only_in"
     n_batches_for_norm_estimate: int = 20
     dead_feature_window: int | None = None  # steps; None = total_steps // 10 clipped to [10, 1000]
@@ -172,25 +203,109 @@ class SAETrainingConfig:
             raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
         if self.lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
-        for name in ("expansion_factor", "k", "batch_size", "log_every", "n_batches_for_norm_estimate"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.total_samples < self.batch_size:
+        if self.normalize_activations not in _NORMALIZE:
             raise ValueError(
-                f"total_samples ({self.total_samples}) must be at least one batch ({self.batch_size})"
+                f"normalize_activations must be one of {_NORMALIZE}, got {self.normalize_activations!r}"
             )
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if int(self.threshold_batches) < 0:
-            raise ValueError(f"threshold_batches must be >= 0, got {self.threshold_batches!r}")
-        if not 0 <= self.lr_warmup_steps < self.total_steps:
+        # integers (a float expansion factor or batch size breaks sae-lens or the batching)
+        minimum = {
+            "expansion_factor": 1, "batch_size": 1, "log_every": 1, "n_batches_for_norm_estimate": 1,
+            "threshold_batches": 0, "lr_warmup_steps": 0, "l1_warmup_steps": 0,
+        }  # fmt: skip
+        for name, low in minimum.items():
+            value = getattr(self, name)
+            if not _is_int(value) or value < low:
+                raise ValueError(f"{name} must be >= {low} and an integer, got {value!r}")
+        if not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.dead_feature_window is not None and (
+            not _is_int(self.dead_feature_window) or self.dead_feature_window < 1
+        ):
             raise ValueError(
-                f"lr_warmup_steps must be in [0, {self.total_steps}), got {self.lr_warmup_steps}"
+                "dead_feature_window must be an integer >= 1 (training steps) or None (auto), "
+                f"got {self.dead_feature_window!r}"
+            )
+        # k: torch.topk needs an integer (TopK); BatchTopK keeps k x rows per batch, so a mean k may be a float
+        if self.architecture == "topk" and not _is_int(self.k):
+            raise ValueError(f"k must be an integer for architecture 'topk', got {self.k!r}")
+        if not _is_real(self.k) or self.k < 1:
+            raise ValueError(f"k must be a number >= 1, got {self.k!r}")
+        if not _is_real(self.lr) or self.lr <= 0:
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if self.lr_end is not None and (not _is_real(self.lr_end) or not 0 <= self.lr_end <= self.lr):
+            raise ValueError(
+                f"lr_end must be a number in [0, lr] = [0, {self.lr}] (the cosine floor) or None (lr / 10), "
+                f"got {self.lr_end!r}"
+            )
+        for name in ("aux_coefficient", "l1_coefficient", "l0_coefficient", "jumprelu_init_threshold"):
+            value = getattr(self, name)
+            if not _is_real(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not _is_real(self.jumprelu_bandwidth) or self.jumprelu_bandwidth <= 0:
+            raise ValueError(
+                f"jumprelu_bandwidth must be a finite number > 0, got {self.jumprelu_bandwidth!r}"
+            )
+        if self.topk_threshold_lr is not None and (
+            not _is_real(self.topk_threshold_lr) or not 0 < self.topk_threshold_lr <= 1
+        ):
+            raise ValueError(
+                "topk_threshold_lr must be a number in (0, 1] (an EMA rate) or None (auto), "
+                f"got {self.topk_threshold_lr!r}"
+            )
+        if self.decoder_init_norm is not None and (
+            not _is_real(self.decoder_init_norm) or self.decoder_init_norm <= 0
+        ):
+            raise ValueError(
+                f"decoder_init_norm must be a finite number > 0 or None, got {self.decoder_init_norm!r}"
+            )
+        if not isinstance(self.device, (str, torch.device)):
+            raise ValueError(f"device must be a string such as 'cpu' or 'cuda:0', got {self.device!r}")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, ValueError):
+            raise ValueError(
+                f"device must name a torch device (cpu, cuda, cuda:<n>, mps), got {self.device!r}"
+            ) from None
+        if self.total_samples is not None:
+            self.check_run_length()
+
+    def check_run_length(self, total_samples: int | None = None) -> None:
+        """Raise ValueError unless a run of ``total_samples`` activations (None: this config's
+        :attr:`resolved_total_samples`) holds at least one batch and more steps than ``lr_warmup_steps``."""
+        n = total_samples if total_samples is not None else self.total_samples
+        n = DEFAULT_TOTAL_SAMPLES if n is None else n
+        if not _is_int(n):
+            raise ValueError(f"total_samples must be an integer, got {n!r}")
+        if n < self.batch_size:
+            raise ValueError(f"total_samples ({n}) must be at least one batch (batch_size {self.batch_size})")
+        steps = n // self.batch_size
+        if self.lr_warmup_steps >= steps:
+            raise ValueError(
+                f"lr_warmup_steps must be in [0, {steps}) (the run's steps: total_samples {n} // batch_size "
+                f"{self.batch_size}), got {self.lr_warmup_steps}"
+            )
+
+    def check_d_in(self, d_in: int) -> None:
+        """Raise ValueError unless an SAE of this config fits activations of width ``d_in``: a TopK / BatchTopK
+        ``k`` must not exceed ``d_sae = expansion_factor * d_in`` (what :func:`build_training_sae` refuses)."""
+        if not _is_int(d_in) or d_in < 1:
+            raise ValueError(f"d_in must be an integer >= 1, got {d_in!r}")
+        d_sae = int(d_in) * self.expansion_factor
+        if self.architecture in ("topk", "batchtopk") and self.k > d_sae:
+            raise ValueError(
+                f"k ({self.k}) must not exceed d_sae ({d_sae} = expansion_factor {self.expansion_factor} x "
+                f"d_in {d_in})"
             )
 
     @property
+    def resolved_total_samples(self) -> int:
+        return DEFAULT_TOTAL_SAMPLES if self.total_samples is None else int(self.total_samples)
+
+    @property
     def total_steps(self) -> int:
-        return self.total_samples // self.batch_size
+        """Training steps (checks the run length first: see the class docstring)."""
+        self.check_run_length()
+        return self.resolved_total_samples // self.batch_size
 
     @property
     def resolved_lr_end(self) -> float:
@@ -914,7 +1029,7 @@ class _LockstepTrainer(MultiSAETrainer):
             }
 
 
-_LOCKSTEP_SAME = ("batch_size", "total_samples", "n_batches_for_norm_estimate", "device")
+_LOCKSTEP_SAME = ("batch_size", "resolved_total_samples", "n_batches_for_norm_estimate", "device")
 
 
 def train_saes(
@@ -1077,6 +1192,7 @@ def train_sae_for_hook(
     ([n, d_in], e.g. ``CachedActivations.rows()`` of a test split) add reconstruction metrics to the manifest.
     """
     cfg = cfg or SAETrainingConfig()
+    cfg.check_run_length()  # before the activations are cached
     check_hook(model, store.hook)
     manifest: dict[str, Any] = {
         "hook": store.hook,
