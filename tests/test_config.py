@@ -336,3 +336,16 @@ def test_sae_quality_image_counts_refuse_what_cannot_give_a_ci(key):
     assert (cfg.sae.fidelity_images, cfg.sae.heldout_images) == (300, 300)  # held-out falls back to fidelity
     cfg = load_study_config("configs/fashion_mnist.yaml", {})
     assert (cfg.sae.fidelity_images, cfg.sae.heldout_images) == (5000, 1000)
+
+
+def test_sae_run_length_and_k_checked_against_the_model_before_any_step(tiny_hooked):
+    """The study knows the SAE step's run length and activation width once it has the model: a warmup as long
+    as the run, or a k wider than the dictionary, stops the study before any step (not after robustness)."""
+    hook = {"store": {"hook": "blocks.1.hook_resid_post"}}
+    check_hooks_against_model(study_config_from_dict(_with(sae=hook)), tiny_hooked)
+    long = study_config_from_dict(_with(sae={**hook, "train": {"lr_warmup_steps": 10**6}}))
+    with pytest.raises(ConfigError, match=r"^sae.train: lr_warmup_steps must be in \[0, \d+\)"):
+        check_hooks_against_model(long, tiny_hooked)
+    wide = study_config_from_dict(_with(sae={**hook, "train": {"k": 10**6}}))
+    with pytest.raises(ConfigError, match=r"^sae.train: k \(1000000\) must not exceed d_sae"):
+        check_hooks_against_model(wide, tiny_hooked)

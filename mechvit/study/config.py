@@ -469,6 +469,25 @@ def check_hooks_against_model(cfg: StudyConfig, model: Any) -> None:
             f"sae.store.hook: unknown hook {cfg.sae.hook!r}; this model has {model.cfg.n_layers} blocks "
             f"(blocks.0 .. blocks.{model.cfg.n_layers - 1})"
         )
+    if (
+        cfg.sae.enabled
+    ):  # the run length and width the SAE step will use (steps/sae.py:run_configs), before any step
+        s, c = cfg.sae, model.cfg
+        per_image = {"patches": c.n_patches, "all": c.n_tokens, "cls": 1, "prefix": c.n_prefix_tokens}[
+            s.tokens
+        ]
+        b = s.train.batch_size
+        total = max(b, int(s.epochs * s.n_train_images * per_image) // b * b)
+        from mechvit.sae.activations import hook_width
+
+        try:
+            s.train.check_run_length(total)
+            for arch in s.architectures:
+                dataclasses.replace(s.train, architecture=arch).check_d_in(
+                    hook_width(model, s.hook, s.tokens)
+                )
+        except ValueError as e:
+            raise ConfigError(f"sae.train: {e}") from None
     depth, layers = int(model.cfg.n_layers), cfg.attention.view_layers
     bad = [i for i in layers or [] if not -depth <= i < depth]
     if cfg.attention.enabled and bad:
