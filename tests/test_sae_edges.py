@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -368,3 +369,18 @@ def test_encode_matches_sae_lens_with_a_nan_threshold():
     with torch.no_grad():
         got, want = encode(sae, x), sae.encode(x)
     assert torch.equal(got, want) and not (got < 0).any()
+
+
+def test_store_config_refuses_what_it_cannot_use():
+    from mechvit.sae import ActivationStoreConfig
+    from mechvit.sae.activations import CorruptionMix
+
+    with pytest.raises(ValueError, match=r"severity must be an integer in 1\.\.5, got 9"):
+        CorruptionMix(0.5, (("gaussian_noise", 9),))
+    with pytest.raises(ValueError, match="severity must be an integer in 1..5, got 2.5"):
+        CorruptionMix(0.5, (("gaussian_noise", 2.5),))
+    assert CorruptionMix(0.5, (("gaussian_noise", np.int64(4)),)).corruptions == (("gaussian_noise", 4),)
+    with pytest.raises(ValueError, match="hook must be a hook name"):
+        ActivationStoreConfig(hook=None)
+    with pytest.raises(ValueError, match="seed must be an integer, got 1.5"):
+        ActivationStoreConfig(hook="blocks.0.hook_resid_post", seed=1.5)

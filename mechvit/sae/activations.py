@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -71,7 +72,10 @@ class CorruptionMix:
         for item in self.corruptions:
             if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
                 raise ValueError(f"each corruption must be a (name, severity) pair, got {item!r}")
-            pairs.append((item[0], int(item[1])))
+            sev = item[1]
+            if isinstance(sev, bool) or not isinstance(sev, numbers.Integral) or not 1 <= sev <= 5:
+                raise ValueError(f"corruption {item[0]!r}: severity must be an integer in 1..5, got {sev!r}")
+            pairs.append((item[0], int(sev)))
         self.corruptions = tuple(pairs)
 
     @property
@@ -111,6 +115,14 @@ class ActivationStoreConfig:
     def __post_init__(self) -> None:
         if isinstance(self.mix, dict):
             self.mix = CorruptionMix(**self.mix)
+        if not isinstance(self.hook, str) or not self.hook:
+            raise ValueError(
+                f"hook must be a hook name such as 'blocks.3.hook_resid_post', got {self.hook!r}"
+            )
+        for name in ("model_batch_size", "buffer_size", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
         if self.tokens not in TOKEN_SELECTIONS:
             raise ValueError(f"tokens must be one of {TOKEN_SELECTIONS}, got {self.tokens!r}")
         if self.model_batch_size < 1 or self.buffer_size < 1:
