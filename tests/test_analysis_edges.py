@@ -156,3 +156,20 @@ def test_cka_ci_warns_when_plain_cka_is_biased_and_its_gram_debiasing_is_linear_
         warnings.simplefilter("error")
         low, high = linear_cka_ci(x, y, n_resamples=200)
     assert low <= linear_cka(x, y) <= high
+
+
+def test_cka_ci_of_degenerate_inputs_returns_an_interval_without_a_bias_verdict():
+    """Inputs whose debiased CKA is undefined (identity rows, one image unlike the rest) still get their
+    interval, as before the bias check; the check says nothing where a value is undefined."""
+    from mechvit.analysis.similarity import cka_ci_biased
+
+    eye = torch.eye(5, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        linear_cka_ci(eye, eye, n_resamples=50)
+        one = torch.zeros(6, 3, dtype=torch.float64)
+        one[0] = 1.0
+        linear_cka_ci(one, one, n_resamples=50)
+    assert not cka_ci_biased(0.5, math.nan, 0.4, 0.6)
+    assert cka_ci_biased(0.5, 0.5, 0.55, 0.7) and cka_ci_biased(0.9, 0.7, 0.85, 0.95)
+    assert not cka_ci_biased(0.9, 0.88, 0.85, 0.95)

@@ -157,3 +157,19 @@ def test_bf16_images_under_cpu_autocast_run_as_timm():
     torch.testing.assert_close(out.float(), ref.float(), rtol=0.02, atol=0.02)
     with pytest.raises(ValueError, match="dtype"):  # outside autocast the model's dtype is still required
         h(x)
+
+
+def test_logit_attrs_with_a_pos_sliced_cache_keep_the_full_runs_pooling():
+    """A cache sliced to some positions still comes from a run pooling over every token: its attributions
+    are those of the full cache at those positions (the token count is the run's, not the slice's)."""
+    torch.manual_seed(0)
+    m = VisionTransformer(**SMALL, num_classes=5, global_pool="avg", fc_norm=False)
+    h = HookedViT.from_timm(m.eval()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        _, full = h.run_with_cache(x)
+        _, part = h.run_with_cache(x, pos_slice=(0, 5))
+        a = full.logit_attrs(full.decompose_resid(apply_ln=False), tokens=3)[:, :, :5]
+        b = part.logit_attrs(part.decompose_resid(apply_ln=False), tokens=3)
+    assert part.run_tokens == full.run_tokens == h.cfg.n_tokens
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)

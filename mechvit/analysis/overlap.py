@@ -469,10 +469,7 @@ def feature_overlap(
             f"{tuple(acts_a.shape)} and {tuple(acts_b.shape)}"
         )
     cos_all = decoder_cosine(sae_a, sae_b)
-    for name, alive, n in (("alive_a", alive_a, cos_all.shape[0]), ("alive_b", alive_b, cos_all.shape[1])):
-        if alive is not None and (not isinstance(alive, Tensor) or tuple(alive.shape) != (n,)):
-            got = tuple(alive.shape) if isinstance(alive, Tensor) else type(alive).__name__
-            raise ValueError(f"{name} must be a bool tensor [{n}] (one entry per SAE latent), got {got}")
+    _check_alive(alive_a, alive_b, cos_all)  # the caller's masks, before they are combined with anything
     if acts_a is not None and (isinstance(codes_a, SparseCodes) or isinstance(codes_b, SparseCodes)):
         return _feature_overlap_sparse(
             sae_a, sae_b, acts_a, acts_b, cfg, cos_all, alive_a, alive_b, codes_a, codes_b, cross
@@ -504,11 +501,6 @@ def feature_overlap(
         alive_b = fired_b if alive_b is None else alive_b.cpu().bool() & fired_b
     alive_a = torch.ones(cos_all.shape[0], dtype=torch.bool) if alive_a is None else alive_a.cpu().bool()
     alive_b = torch.ones(cos_all.shape[1], dtype=torch.bool) if alive_b is None else alive_b.cpu().bool()
-    if alive_a.shape != (cos_all.shape[0],) or alive_b.shape != (cos_all.shape[1],):
-        raise ValueError(
-            f"alive_a/alive_b must be bool [{cos_all.shape[0]}] / [{cos_all.shape[1]}], got "
-            f"{tuple(alive_a.shape)} / {tuple(alive_b.shape)}"
-        )
     live_a, live_b = alive_a.nonzero().flatten(), alive_b.nonzero().flatten()
     cos = cos_all[live_a][:, live_b]
     mm_ab, mm_ba = mean_max_cosine(cos) if cos.numel() else (float("nan"), float("nan"))
@@ -571,12 +563,12 @@ def _overlap(cos_all, mean_max, matching, alive, act_corr, jac, cross, cfg) -> F
     )
 
 
-def _check_alive(alive_a: Tensor, alive_b: Tensor, cos_all: Tensor) -> None:
-    if alive_a.shape != (cos_all.shape[0],) or alive_b.shape != (cos_all.shape[1],):
-        raise ValueError(
-            f"alive_a/alive_b must be bool [{cos_all.shape[0]}] / [{cos_all.shape[1]}], got "
-            f"{tuple(alive_a.shape)} / {tuple(alive_b.shape)}"
-        )
+def _check_alive(alive_a: Tensor | None, alive_b: Tensor | None, cos_all: Tensor) -> None:
+    """The caller's ``alive_a`` / ``alive_b``: None or a tensor of one entry per latent of that SAE."""
+    for name, alive, n in (("alive_a", alive_a, cos_all.shape[0]), ("alive_b", alive_b, cos_all.shape[1])):
+        if alive is not None and (not isinstance(alive, Tensor) or tuple(alive.shape) != (n,)):
+            got = tuple(alive.shape) if isinstance(alive, Tensor) else type(alive).__name__
+            raise ValueError(f"{name} must be a bool tensor [{n}] (one entry per SAE latent), got {got}")
 
 
 def _feature_overlap_sparse(
@@ -602,7 +594,6 @@ def _feature_overlap_sparse(
     fired_a, fired_b = ca.fired(), cb.fired()
     alive_a = fired_a if alive_a is None else alive_a.cpu().bool() & fired_a
     alive_b = fired_b if alive_b is None else alive_b.cpu().bool() & fired_b
-    _check_alive(alive_a, alive_b, cos_all)
     live_a, live_b = alive_a.nonzero().flatten(), alive_b.nonzero().flatten()
     cos = cos_all[live_a][:, live_b]
     mm_ab, mm_ba = mean_max_cosine(cos) if cos.numel() else (float("nan"), float("nan"))

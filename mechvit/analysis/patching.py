@@ -352,11 +352,6 @@ def _check_inputs(
             f"clean and corrupted images must be paired, got {tuple(clean_images.shape)} and "
             f"{tuple(corrupted_images.shape)}"
         )
-    if clean_images.shape[0] == 0:
-        raise ValueError(
-            "patching needs at least one clean/corrupted image pair, got 0 images "
-            f"(shape {tuple(clean_images.shape)})"
-        )
     if sae_hook is not None and sae_hook not in model.hook_dict:
         raise ValueError(f"unknown sae_hook {sae_hook!r}")
     return check_labels(labels, clean_images.shape[0], model.cfg.num_classes)

@@ -136,10 +136,11 @@ def linear_cka_ci(
     a = (1 - confidence) / 2
     q = torch.quantile(reps, torch.tensor([a, 1 - a], dtype=reps.dtype))
     low, high = float(q[0]), float(q[1])
-    plain = float((k * l_).sum() / torch.sqrt((k * k).sum() * (l_ * l_).sum()))
     if n >= 4:
-        debiased = _hsic1(k, l_, n) / math.sqrt(_hsic1(k, k, n) * _hsic1(l_, l_, n))
-        if not low <= plain <= high or abs(plain - debiased) > (high - low) / 2:
+        plain = float((k * l_).sum() / torch.sqrt((k * k).sum() * (l_ * l_).sum()))
+        hk, hl = _hsic1(k, k, n), _hsic1(l_, l_, n)
+        debiased = _hsic1(k, l_, n) / math.sqrt(hk * hl) if hk > 0 and hl > 0 else math.nan
+        if cka_ci_biased(plain, debiased, low, high):
             warnings.warn(
                 f"linear CKA on {n} examples of width {x.shape[1]} x {y.shape[1]} is biased: plain {plain:.4f}, "
                 f"debiased {debiased:.4f}, {confidence:.0%} bootstrap CI [{low:.4f}, {high:.4f}]. The CI is the "
@@ -151,9 +152,18 @@ def linear_cka_ci(
     return low, high
 
 
+def cka_ci_biased(plain: float, debiased: float, low: float, high: float) -> bool:
+    """The bias check of :func:`linear_cka_ci` (and of the study's CKA step): plain CKA outside its interval,
+    or more than half the interval's width from the debiased value. False where any of them is undefined."""
+    if not all(math.isfinite(v) for v in (plain, debiased, low, high)):
+        return False
+    return not low <= plain <= high or abs(plain - debiased) > (high - low) / 2
+
+
 def _hsic1(k: Tensor, l_: Tensor, n: int) -> float:
     """Song et al.'s unbiased HSIC_1 (times a constant) from the Grams ``k``, ``l_`` of centred features: the
-    Gram form of :func:`_debias` (the same debiased CKA as ``linear_cka(..., debiased=True)``)."""
+    Gram form of :func:`_debias` (the same debiased CKA as ``linear_cka(..., debiased=True)``), ``n x n``
+    products where ``linear_cka`` forms ``d x d`` ones: the Grams are already here, and rows are wide."""
     k, l_ = k - torch.diag(torch.diagonal(k)), l_ - torch.diag(torch.diagonal(l_))
     rk, rl = k.sum(0), l_.sum(0)
     return float((k * l_).sum() + rk.sum() * rl.sum() / ((n - 1) * (n - 2)) - 2 / (n - 2) * (rk @ rl))

@@ -39,6 +39,7 @@ from transformer_lens.utilities import Slice
 
 class ViTActivationCache(ActivationCache):
     _embeds_through_ln_pre = False
+    run_tokens: int | None = None  # the run's token count (prefix included), from its images' size
 
     @contextlib.contextmanager
     def _embeddings_through_ln_pre(self) -> Iterator[None]:
@@ -82,24 +83,11 @@ class ViTActivationCache(ActivationCache):
         with self._embeddings_through_ln_pre():
             return super().get_full_resid_decomposition(*args, **kwargs)
 
-    def _run_tokens(self) -> int | None:
-        """The cached run's token count (prefix included), from a token-shaped hook in the cache; None if none."""
-        L = self.model.cfg.n_layers
-        for key in (
-            "ln_final.hook_scale",
-            f"blocks.{L - 1}.hook_resid_post",
-            "hook_embed",
-            "blocks.0.hook_resid_pre",
-        ):
-            if key in self.cache_dict:
-                return int(self.cache_dict[key].shape[1 if self.has_batch_dim else 0])
-        return None
-
     def logit_attrs(self, residual_stack: Tensor, tokens: Any, *args: Any, **kwargs: Any) -> Tensor:
         """As TransformerLens; an average-pooled model's logit directions divide by the token count of the
         cached run (a ``dynamic_img_size`` model run at another size pools over other tokens than its
         configured size has), so the attributions still add up to the logit minus its constant terms."""
-        model, n = self.model, self._run_tokens()
+        model, n = self.model, getattr(self, "run_tokens", None)  # set by HookedViT.run_with_cache
         if model.cfg.global_pool != "avg" or n is None or n == model.cfg.n_tokens:
             return super().logit_attrs(residual_stack, tokens, *args, **kwargs)
         model.tokens_to_residual_directions = functools.partial(

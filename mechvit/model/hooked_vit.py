@@ -340,8 +340,20 @@ class HookedViT(HookedRootModule):
             if incl_bwd:
                 (out[1] if isinstance(out, tuple) else out).backward()
         if return_cache_object:
-            return out, ViTActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
+            cache = ViTActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
+            cache.run_tokens = self._run_tokens(model_args[0] if model_args else model_kwargs.get("images"))
+            return out, cache
         return out, cache_dict
+
+    def _run_tokens(self, images: Any) -> int | None:
+        """Tokens of a run on ``images`` (prefix included): the grid of their size, padded up with
+        ``dynamic_img_pad``; None when ``images`` is not an image batch."""
+        if not isinstance(images, Tensor) or images.ndim != 4:
+            return None
+        cfg = self.cfg
+        (ph, pw), (H, W) = cfg.patch_size, images.shape[-2:]
+        grid = (-(-H // ph)) * (-(-W // pw)) if cfg.dynamic_img_pad else (H // ph) * (W // pw)
+        return cfg.n_prefix_tokens + grid
 
     def position_dim(self, name: str) -> int | None:
         """The dimension of hook ``name``'s activation (batch first) that indexes token positions, or None."""

@@ -922,7 +922,7 @@ def _finish(
         "inference_architecture": sae.cfg.get_inference_config_class().architecture(),
         "d_in": int(d_in),
         "d_sae": int(sae.cfg.d_sae),
-        "training": asdict(cfg),
+        "training": {**asdict(cfg), "total_samples": cfg.resolved_total_samples},
         "trained_samples": int(trainer.samples_seen),
         "final_train_metrics": {
             k: final[k]
@@ -1059,7 +1059,8 @@ def train_saes(
         diff = [k for k in _LOCKSTEP_SAME if getattr(cfg, k) != getattr(first, k)]
         if diff:
             raise ValueError(
-                f"SAEs trained in one pass must share {_LOCKSTEP_SAME}; {name!r} differs in {diff}"
+                f"SAEs trained in one pass must share {[k.removeprefix('resolved_') for k in _LOCKSTEP_SAME]}; "
+                f"{name!r} differs in {[k.removeprefix('resolved_') for k in diff]}"
             )
     par = _data_parallel()
     if par is not None:

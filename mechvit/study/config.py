@@ -252,6 +252,17 @@ class SAESection:
     def tokens(self) -> str:
         return self.store.tokens
 
+    def rows_per_image(self, model_cfg: Any) -> int:
+        """Activations one image gives the SAEs: its tokens of ``sae.store.tokens`` in ``model_cfg``."""
+        c = model_cfg
+        return {"patches": c.n_patches, "all": c.n_tokens, "cls": 1, "prefix": c.n_prefix_tokens}[self.tokens]
+
+    def total_samples(self, rows_per_epoch: int) -> int:
+        """Activations each SAE trains on: ``epochs`` passes over ``rows_per_epoch``, in whole batches, at
+        least one."""
+        b = self.train.batch_size
+        return max(b, int(self.epochs * rows_per_epoch) // b * b)
+
 
 @dataclass
 class PatchingSection:
@@ -469,23 +480,15 @@ def check_hooks_against_model(cfg: StudyConfig, model: Any) -> None:
             f"sae.store.hook: unknown hook {cfg.sae.hook!r}; this model has {model.cfg.n_layers} blocks "
             f"(blocks.0 .. blocks.{model.cfg.n_layers - 1})"
         )
-    if (
-        cfg.sae.enabled
-    ):  # the run length and width the SAE step will use (steps/sae.py:run_configs), before any step
-        s, c = cfg.sae, model.cfg
-        per_image = {"patches": c.n_patches, "all": c.n_tokens, "cls": 1, "prefix": c.n_prefix_tokens}[
-            s.tokens
-        ]
-        b = s.train.batch_size
-        total = max(b, int(s.epochs * s.n_train_images * per_image) // b * b)
+    if cfg.sae.enabled:  # the run length and width the SAE step will use, before any step runs
         from mechvit.sae.activations import hook_width
 
-        try:
-            s.train.check_run_length(total)
+        s = cfg.sae
+        width = hook_width(model, s.hook, s.tokens)
+        try:  # at most n_train_images: a smaller training split makes fewer steps (checked again in training)
+            s.train.check_run_length(s.total_samples(s.n_train_images * s.rows_per_image(model.cfg)))
             for arch in s.architectures:
-                dataclasses.replace(s.train, architecture=arch).check_d_in(
-                    hook_width(model, s.hook, s.tokens)
-                )
+                dataclasses.replace(s.train, architecture=arch).check_d_in(width)
         except ValueError as e:
             raise ConfigError(f"sae.train: {e}") from None
     depth, layers = int(model.cfg.n_layers), cfg.attention.view_layers

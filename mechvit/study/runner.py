@@ -214,13 +214,13 @@ def _run(cfg: StudyConfig, out: Path, *, force: bool, only: list[str] | None, re
                         f"this config (its settings, code, data or models changed since it ran): add {d} to "
                         "--only, or run the study without --only"
                     )
-                run.hashes[d] = read_done(out, d)["hash"]
+                run.hashes[d] = current_hash(d)
                 run.results[d] = read_result(out, d)
-        h = step_hash(step, ctx, run.hashes)
-        done = read_done(out, step.name)
-        if not force and done is not None and done.get("hash") == h and (out / step.name / RESULT).is_file():
+        h = current_hash(step.name)  # its upstream steps' hashes are theirs under this config (checked above)
+        if not force and up_to_date(step.name):
             run.results[step.name] = read_result(out, step.name)
-            run.hashes[step.name], run.timings[step.name] = h, float(done.get("seconds", 0.0))
+            run.hashes[step.name] = h
+            run.timings[step.name] = float(read_done(out, step.name).get("seconds", 0.0))
             run.cached.append(step.name)
             if cfg.progress:
                 tqdm.write(f"[{step.name}] up to date ({h}), skipped")

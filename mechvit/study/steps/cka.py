@@ -6,7 +6,7 @@ token an example) is a point estimate without CI."""
 
 from __future__ import annotations
 
-from mechvit.analysis.similarity import cka_from_activations, layer_activations
+from mechvit.analysis.similarity import cka_ci_biased, cka_from_activations, layer_activations
 from mechvit.study.context import StudyContext
 from mechvit.study.result import StepResult, StepWriter, Table
 from mechvit.viz import figures
@@ -140,5 +140,5 @@ def _bias_check(results: list[dict]) -> tuple[int, int]:
             continue
         for e, d, lo, hi in zip(r["cka_linear"], r["cka_debiased"], ci["low"], ci["high"], strict=True):
             n += 1
-            bad += not (lo <= e <= hi) or abs(e - d) > (hi - lo) / 2
+            bad += cka_ci_biased(e, d, lo, hi)
     return n, bad

@@ -78,17 +78,12 @@ def mix(ctx: StudyContext) -> CorruptionMix:
     return CorruptionMix(ctx.cfg.sae.store.mix.fraction if conds else 0.0, conds)
 
 
-def n_tokens(model, tokens: str) -> int:
-    c = model.cfg
-    return {"patches": c.n_patches, "all": c.n_tokens, "cls": 1, "prefix": c.n_prefix_tokens}[tokens]
-
-
 def run_configs(ctx: StudyContext, runs: list[SAERun], rows_per_epoch: int):
     """The store config (shared by every model: same images, same corruptions) and one training config per
     run: the config's ``sae.train`` with what the study sets (architecture, samples, seed, device)."""
     s = ctx.cfg.sae
     b = s.train.batch_size
-    total = max(b, int(s.epochs * rows_per_epoch) // b * b)
+    total = s.total_samples(rows_per_epoch)
     store = dataclasses.replace(s.store, seed=ctx.cfg.seed, mix=mix(ctx))
     trains = {
         r.key: dataclasses.replace(
@@ -121,7 +116,7 @@ def heldout_images(ctx: StudyContext, model) -> np.ndarray:
     """The test image each row of :func:`heldout` comes from (its clean and corrupted copies alike): the
     groups its CIs resample, since the tokens of one image are not independent draws."""
     n, parts = ctx.cfg.sae.heldout_images, 1 + len(ctx.cfg.conditions)
-    return np.tile(np.repeat(np.arange(n), n_tokens(model, ctx.cfg.sae.tokens)), parts)
+    return np.tile(np.repeat(np.arange(n), ctx.cfg.sae.rows_per_image(model.cfg)), parts)
 
 
 def heldout_metrics(saes: list, held: torch.Tensor, images: np.ndarray, seed: int) -> list[dict]:
@@ -144,7 +139,7 @@ def _train_model(ctx: StudyContext, w: StepWriter, name: str, runs: list[SAERun]
     """Cache ``name``'s activations once, then train its SAEs in one pass; each SAE saved when done."""
     s = ctx.cfg.sae
     model = ctx.model(name)
-    store, trains = run_configs(ctx, runs, len(train_x) * n_tokens(model, s.tokens))
+    store, trains = run_configs(ctx, runs, len(train_x) * s.rows_per_image(model.cfg))
     world = rank_and_world()[1]
     t0 = time.time()
     cache = cache_activations_distributed if world > 1 else cache_activations  # the same cache (tested)
