@@ -22,6 +22,7 @@ derive_seed(seed, architecture)):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -45,33 +46,14 @@ from . import (
 from .train import MANIFEST_NAME
 
 
-def card_normalisation(path: str) -> tuple[list[float] | None, list[float] | None]:
-    """``(mean, std)`` a mechvit checkpoint's images were normalised with in training (its card's
-    ``config.data``); ``(None, None)`` for a HookedViT folder or a card without them."""
-    p = Path(path)
-    if not (p / "card.json").is_file():
-        return None, None
-    from mechvit.training.checkpoint import read_card
-
-    data_cfg = read_card(p).get("config", {}).get("data", {}) or {}
-    mean, std = data_cfg.get("mean"), data_cfg.get("std")
-    if mean is None or std is None:
-        return None, None
-    return [float(v) for v in mean], [float(v) for v in std]
-
-
 def normaliser(mean: list[float] | None, std: list[float] | None):
-    """``(x - mean) / std`` per channel on the images' device (None without a mean): the transform the model
-    was trained with (as ``mechvit explore`` applies it)."""
+    """``mechvit.data.normalize`` with the checkpoint's ``mean`` / ``std`` (None without a mean): the transform
+    the model was trained with (as ``mechvit explore`` applies it)."""
     if mean is None:
         return None
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    sd = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    from mechvit.data import normalize
 
-    def transform(x: torch.Tensor) -> torch.Tensor:
-        return (x - m.to(x.device)) / sd.to(x.device)
-
-    return transform
+    return functools.partial(normalize, mean=mean, std=std)
 
 
 def _normalised(name: str, mean: list[float] | None, std: list[float] | None) -> str:
@@ -180,6 +162,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m mechvit.sae") -> 
     model = load_model(args.checkpoint, args.device)
     check_hook(model, args.hook)
     cfg.check_d_in(hook_width(model, args.hook, args.tokens))
+    from mechvit.training.checkpoint import card_normalisation
+
     mean, std = card_normalisation(args.checkpoint)
     transform = normaliser(mean, std)
     train_x, _ = load_fashion_mnist("train")
@@ -388,6 +372,8 @@ def cache_main(argv: list[str] | None = None, prog: str = "mechvit cache-activat
     data = load_split(data_cfg, split)
     model = load_model(args.checkpoint, device)
     if args.mean is None:  # the checkpoint's own (its card's config.data), as train-sae and explore use
+        from mechvit.training.checkpoint import card_normalisation
+
         args.mean, args.std = card_normalisation(args.checkpoint)
     transform = normaliser(args.mean, args.std)
     store = ActivationStoreConfig(

@@ -61,6 +61,18 @@ def read_card(directory: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON ({e})") from e
 
 
+def card_normalisation(directory: str | Path) -> tuple[list[float] | None, list[float] | None]:
+    """``(mean, std)`` a checkpoint's images were normalised with in training (its card's ``config.data``);
+    ``(None, None)`` for a folder without a card (a HookedViT folder) or a card without them."""
+    if not (Path(directory) / CARD).is_file():
+        return None, None
+    data_cfg = read_card(directory).get("config", {}).get("data", {}) or {}
+    mean, std = data_cfg.get("mean"), data_cfg.get("std")
+    if mean is None or std is None:
+        return None, None
+    return [float(v) for v in mean], [float(v) for v in std]
+
+
 def update_card(directory: str | Path, **fields) -> dict[str, Any]:
     card = read_card(directory)
     card.update(fields)

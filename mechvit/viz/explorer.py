@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import html
 import io
 import json
@@ -722,14 +723,12 @@ def run_cli(args: argparse.Namespace) -> int:
             f"SAE names must be unique, got {names}: {repeated} repeat; name the SAEs NAME@MODEL=DIR or NAME@=DIR"
         )
     first = next(iter(models.values()))
-    from mechvit.training.checkpoint import read_card
+    from mechvit.training.checkpoint import card_normalisation
 
     mean = std = None
-    for spec in args.model:
-        p = Path(_split_named(spec)[1])
-        if (p / "card.json").is_file():
-            data_cfg = read_card(p).get("config", {}).get("data", {})
-            mean, std = data_cfg.get("mean"), data_cfg.get("std")
+    for spec in args.model:  # the first checkpoint that records one
+        mean, std = card_normalisation(_split_named(spec)[1])
+        if mean is not None:
             break
     from mechvit.data import FASHION_MNIST_CLASSES, load_fashion_mnist
 
@@ -745,11 +744,9 @@ def run_cli(args: argparse.Namespace) -> int:
         corrupted = corrupt(x, args.corruption, args.severity, seed=args.seed)
     transform = None
     if mean is not None:
-        m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        from mechvit.data import normalize
 
-        def transform(t):
-            return (t - m.to(t.device)) / s.to(t.device)
+        transform = functools.partial(normalize, mean=mean, std=std)
 
     path = write_explorer(
         args.out,
