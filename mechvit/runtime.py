@@ -82,35 +82,96 @@ def in_forked_worker() -> bool:
     return _IN_WORKER
 
 
-def _forked_call(item: Any) -> bytes:
-    assert _FORKED is not None
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in a :func:`forked_map` worker (the ``__cause__`` of the exception
+    re-raised in the parent), as multiprocessing's pool gives it."""
+
+    def __str__(self) -> str:
+        return "\n" + str(self.args[0]) if self.args else ""
+
+
+def _forked_child(conn: Any, item: Any) -> None:
+    """A worker: ``_FORKED(item)`` in one torch thread, its pickled ``(True, (item, result))`` or
+    ``(False, (exception, traceback))`` sent back as bytes."""
+    import traceback
+
+    _one_thread()
+    try:
+        out = (True, (item, _FORKED(item)))  # type: ignore[misc]
+    except BaseException as e:  # noqa: BLE001 (every error goes back to the parent)
+        out = (False, (e, traceback.format_exc()))
     # plain pickle, not multiprocessing's: torch registers reductions there that move a tensor into shared
     # memory and pass its file descriptor from a thread of the sending process, which a worker that exits
     # after its one item may no longer serve (the parent then waits for ever)
-    return pickle.dumps((item, _FORKED(item)), protocol=pickle.HIGHEST_PROTOCOL)
+    try:
+        blob = pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as e:  # noqa: BLE001
+        blob = pickle.dumps(
+            (
+                False,
+                (RuntimeError(f"forked_map: the worker's result for {item!r} cannot be pickled: {e}"), ""),
+            )
+        )
+    conn.send_bytes(blob)
+    conn.close()
 
 
 def forked_map(fn: Callable[[Any], T], items: Iterable[Any], workers: int) -> Iterator[tuple[Any, T]]:
     """``(item, fn(item))`` for every item, in the order they finish, computed in ``workers`` forked processes
     (never more than the items) of one torch thread each, a fresh process per item. ``fn`` may be any
     callable, a closure over models and images included: the workers inherit it, with the rest of this
-    process, by fork; only the items and the results are pickled. A worker's exception is raised here. Linux (fork) and CPU work only: a process
-    holding a CUDA context cannot fork. Why processes (the SAE step's numbers): on 2 cores two one-thread
-    processes of small matrix products and Python run 1.28x one two-thread process."""
+    process, by fork; only the items and the results are pickled. A worker's exception is raised here (its
+    traceback as the ``__cause__``), and the other workers are killed. Linux (fork) and CPU work only: a
+    process holding a CUDA context cannot fork. Why processes (the SAE step's numbers): on 2 cores two
+    one-thread processes of small matrix products and Python run 1.28x one two-thread process.
+
+    Written on ``multiprocessing.Process`` and a pipe per item rather than ``multiprocessing.Pool``: after a
+    worker raised, the pool's ``terminate()`` sometimes waited for ever joining its handler threads (1 in 6
+    runs of tests/test_study_sae_parallel.py's worker-error test); here no thread of ours is involved."""
     import multiprocessing as mp
+    from multiprocessing.connection import wait
 
     global _FORKED
     if _FORKED is not None:
         raise RuntimeError("forked_map does not nest: a forked_map is already running in this process")
-    items = list(items)
+    pending = list(items)
+    pending.reverse()  # pop() from the end: the items start in their order
+    n = max(1, min(int(workers), len(pending)))
+    ctx = mp.get_context("fork")
+    running: dict[Any, tuple[Any, Any]] = {}  # the parent's end of each pipe -> (process, item)
     _FORKED = fn
     try:
-        n = max(1, min(int(workers), len(items)))
-        with mp.get_context("fork").Pool(n, initializer=_one_thread, maxtasksperchild=1) as pool:
-            for blob in pool.imap_unordered(_forked_call, items):
-                yield pickle.loads(blob)
+        while pending or running:
+            while pending and len(running) < n:
+                item = pending.pop()
+                recv, send = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=_forked_child, args=(send, item), daemon=True)
+                proc.start()
+                send.close()  # the child holds its copy: EOF here when it dies
+                running[recv] = (proc, item)
+            for conn in wait(list(running)):
+                proc, item = running.pop(conn)
+                try:
+                    blob = conn.recv_bytes()
+                except EOFError:
+                    blob = None
+                conn.close()
+                proc.join()
+                if blob is None:
+                    raise RuntimeError(
+                        f"forked_map: the worker for {item!r} died without a result (exit code {proc.exitcode})"
+                    )
+                ok, payload = pickle.loads(blob)
+                if not ok:
+                    err, tb = payload
+                    raise err from RemoteTraceback(tb)
+                yield payload
     finally:
         _FORKED = None
+        for conn, (proc, _) in running.items():
+            proc.kill()
+            proc.join()
+            conn.close()
 
 
 # ---- several processes (torchrun) ---------------------------------------------------------------------------

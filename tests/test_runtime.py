@@ -94,8 +94,17 @@ def test_forked_map_runs_a_closure_in_one_thread_processes_and_raises_their_erro
             raise KeyError("item 3 is missing")
         return i
 
-    with pytest.raises(KeyError, match="item 3 is missing"):
+    with pytest.raises(KeyError, match="item 3 is missing") as err:
         list(forked_map(broken, range(5), 2))
+    assert "item 3 is missing" in str(err.value.__cause__) and "in broken" in str(err.value.__cause__)
+
+    def dies(i):
+        if i == 1:
+            os._exit(3)  # no result, no exception: the parent must not wait for ever
+        return i
+
+    with pytest.raises(RuntimeError, match=r"the worker for 1 died without a result \(exit code 3\)"):
+        list(forked_map(dies, range(4), 2))
     nested = forked_map(work, range(2), 1)
     next(nested)
     with pytest.raises(RuntimeError, match="forked_map does not nest"):
