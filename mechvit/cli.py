@@ -336,22 +336,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_delegated(command: str, argv: list[str], prog: str | None = None) -> int:
+    """Run ``command`` (``train-sae``, ``cache-activations``: their options belong to mechvit.sae's own parser)
+    with ``argv`` as the ``mechvit`` command runs it: devices checked first, a user error (a bad value, a missing
+    file, an unknown hook or device) one line ``<prog>: error: ...`` on stderr and exit status 2 without a
+    traceback, argparse's own exit status kept; a bug keeps its traceback. ``python -m mechvit.sae`` is
+    ``train-sae`` under its own ``prog``."""
+    prog = prog or f"mechvit {command}"
+    try:
+        for device in _argv_devices(argv):
+            check_device(device)
+        code = _DELEGATED[command](argv, prog)
+    except Exception as e:
+        if not _is_user_error(e):
+            raise
+        code = _fail(prog, e)
+    except SystemExit as e:  # argparse inside mechvit.sae
+        code = e.code if isinstance(e.code, int) else 2
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (the ``mechvit`` script exits with it)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _DELEGATED:  # its options belong to mechvit.sae's own parser
-        prog = f"mechvit {argv[0]}"
-        try:
-            for device in _argv_devices(argv[1:]):
-                check_device(device)
-            code = _DELEGATED[argv[0]](argv[1:], prog)
-        except Exception as e:
-            if not _is_user_error(e):
-                raise
-            code = _fail(prog, e)
-        except SystemExit as e:  # argparse inside mechvit.sae
-            code = e.code if isinstance(e.code, int) else 2
-        return code
+        return run_delegated(argv[0], argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:

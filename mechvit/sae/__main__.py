@@ -414,24 +414,16 @@ def cache_main(argv: list[str] | None = None, prog: str = "mechvit cache-activat
 
 
 def _command(argv: list[str] | None = None, prog: str = "python -m mechvit.sae") -> int:
-    """``python -m mechvit.sae``: :func:`main` with ``mechvit train-sae``'s error handling (mechvit.cli): a
-    user error (a bad value, a missing file, an unknown hook or device) is one line ``<prog>: error: ...`` on
-    stderr and exit status 2, without a traceback; a bug keeps its traceback."""
-    from mechvit.cli import _argv_devices, _fail, _is_user_error, check_device
+    """``python -m mechvit.sae``: ``mechvit train-sae`` under its own name (``mechvit.cli.run_delegated``: a
+    user error is one line on stderr and exit status 2, a bug keeps its traceback)."""
+    from mechvit.cli import run_delegated
 
     from .distributed import leave_process_group
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        for device in _argv_devices(argv):
-            check_device(device)
-        main(argv, prog=prog)
-    except Exception as e:
-        if not _is_user_error(e):
-            raise
-        return _fail(prog, e)
-    leave_process_group()
-    return 0
+    code = run_delegated("train-sae", list(sys.argv[1:] if argv is None else argv), prog)
+    if code == 0:
+        leave_process_group()  # under torchrun: the group the command joined, before the interpreter exits
+    return code
 
 
 if __name__ == "__main__":
