@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.mechvit-installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PYTEST_ARGS ?=
 
-.PHONY: install data browser study study-seeds docs-numbers test test-slow lint bench checkpoints clean
+.PHONY: install data browser study study-seeds study-all-saes docs-numbers test test-slow lint bench checkpoints clean
 
 install: $(STAMP)
 
@@ -46,10 +46,17 @@ docs-numbers: install
 	@if [ -f runs/fashion_mnist_seeds/metrics.json ]; then \
 	  $(PY) -m mechvit.study.summary runs/fashion_mnist_seeds/metrics.json --readme docs/study.md --block seeds \
 	    --keep docs/seeds_study; fi
+	@if [ -f runs/fashion_mnist_all_saes/metrics.json ]; then \
+	  $(PY) -m mechvit.study.summary runs/fashion_mnist_all_saes/metrics.json --readme docs/sae.md --block all_saes \
+	    --keep docs/all_saes_study; fi
 
 # Fine-tune seed variation: robustness and logit lens over three training seeds of blur-4, noise-4 and the control.
 study-seeds: install data
 	$(VENV)/bin/mechvit study --config configs/fashion_mnist_seeds.yaml --out runs/fashion_mnist_seeds
+
+# The default study with SAEs on every model (5 seeds x 8 models; about 16.5 minutes on 2 cores): docs/sae.md.
+study-all-saes: install data
+	$(VENV)/bin/mechvit study --config configs/fashion_mnist_all_saes.yaml --out runs/fashion_mnist_all_saes
 
 # Two stages: the fast tests first (a failure there stops before the long ones), then the tests marked slow (> ~20 s).
 test: install data browser

@@ -171,6 +171,51 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
         raise ConfigError(f"{prefix.removesuffix('.') or cls.__name__}: {e}") from e
 
 
+def merge_configs(parent: Any, child: Any) -> Any:
+    """``child`` laid over ``parent``: mappings merge key by key (recursively); anything else in ``child``
+    (a list, a scalar, null) replaces the parent's value whole."""
+    if not isinstance(parent, dict) or not isinstance(child, dict):
+        return copy.deepcopy(child)
+    out = copy.deepcopy(parent)
+    for k, v in child.items():
+        out[k] = merge_configs(out[k], v) if k in out else copy.deepcopy(v)
+    return out
+
+
+def read_yaml_extending(path: str | Path, key: str = "extends") -> Any:
+    """:func:`read_yaml`, where a top-level ``key: <file>`` (a path relative to this file's folder) names a
+    config this one extends: the result is this file's keys laid over that one's (:func:`merge_configs`), and
+    that file may extend another. A missing file or a cycle raises :class:`ConfigError`."""
+    chain: list[Path] = []
+    path = Path(path)
+    layers = []
+    while True:
+        here = path.resolve()
+        if here in chain:
+            raise ConfigError(
+                f"{key}: the configs extend each other in a cycle ({' -> '.join(str(p) for p in [*chain, here])})"
+            )
+        chain.append(here)
+        data = read_yaml(path)
+        parent = data.pop(key, None) if isinstance(data, dict) else None
+        layers.append(data)
+        if parent is None:
+            break
+        if not isinstance(parent, str) or not parent.strip():
+            raise ConfigError(
+                f"{path}: {key}: expected the path of the config this one extends (relative to {path.parent}), "
+                f"got {parent!r}"
+            )
+        parent_path = path.parent / parent
+        if not parent_path.is_file():
+            raise ConfigError(f"{path}: {key}: {parent!r} does not exist (looked for {parent_path})")
+        path = parent_path
+    out = layers.pop()
+    while layers:
+        out = merge_configs(out, layers.pop())
+    return out
+
+
 def apply_overrides(data: Any, overrides: dict[str, Any]) -> Any:
     """A copy of ``data`` with ``overrides`` (dotted keys, e.g. ``{"sae.epochs": 1}``) set in it."""
     if not overrides or not isinstance(data, dict):  # not a mapping: from_dict says so

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mechvit._dataclass_yaml import ConfigError, apply_overrides, from_dict, read_yaml
+from mechvit._dataclass_yaml import ConfigError, apply_overrides, from_dict, read_yaml_extending
 from mechvit.analysis.controls import ControlsConfig
 from mechvit.analysis.overlap import OverlapConfig
 from mechvit.data.loading import DataConfig
@@ -534,9 +534,11 @@ def load_study_config(path: str | Path | None = None, overrides: dict[str, Any] 
     """Load and validate a YAML study config (``None``: the embedded default, configs/fashion_mnist.yaml).
 
     Relative paths in ``models`` and ``data.root`` are taken as they are (relative to the working
-    directory), like every other mechvit command.
+    directory), like every other mechvit command. A top-level ``extends: <file>`` (relative to this file's
+    folder) starts from that config and lays this file's keys over it: sections merge key by key, lists and
+    values replace (configs/fashion_mnist_all_saes.yaml extends the default this way).
     """
-    return study_config_from_dict(read_yaml(path if path is not None else DEFAULT_CONFIG), overrides)
+    return study_config_from_dict(read_yaml_extending(path if path is not None else DEFAULT_CONFIG), overrides)
 
 
 __all__ = [
