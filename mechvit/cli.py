@@ -131,9 +131,14 @@ def _run_study(args: argparse.Namespace) -> int:
         overrides["progress"] = False
     cfg = load_study_config(args.config, overrides)
     if args.validate:
+        from mechvit.study.context import validate_models
+
+        skipped = validate_models(cfg)  # the model sources exist, the config fits the base model
         print(
             f"{args.config or 'configs/fashion_mnist.yaml'}: valid ({len(cfg.model_entries())} models, "
-            f"{len(cfg.conditions)} conditions)"
+            f"{len(cfg.conditions)} conditions; "
+            + ("checked against the base model" if skipped is None else f"not checked: {skipped}")
+            + ")"
         )
         return 0
     from mechvit.study import run_study

@@ -83,9 +83,33 @@ def test_study_config_errors_are_one_line(tmp_path, capsys):
 
 
 def test_validate_the_shipped_configs(capsys):
-    for name in ("fashion_mnist.yaml", "imagenet_paper.yaml"):
+    for name in ("fashion_mnist.yaml", "fashion_mnist_all_saes.yaml", "fashion_mnist_seeds.yaml"):
         code, out, _ = run(capsys, "study", "--config", str(ROOT / "configs" / name), "--validate")
-        assert code == 0 and "valid" in out
+        assert code == 0 and "valid" in out and "checked against the base model" in out, out
+    code, out, _ = run(
+        capsys, "study", "--config", str(ROOT / "configs" / "imagenet_paper.yaml"), "--validate"
+    )
+    assert code == 0 and "valid" in out
+    # nothing downloaded, nothing trained: what was not checked is said
+    assert "models.base's pretrained timm weights (vit_base_patch16_224) are not downloaded" in out
+    assert "no checkpoint yet at checkpoints/imagenet_vitb16_gaussian_blur_1," in out
+    assert "the checks against the base model run when the study starts" in out
+
+
+def test_validate_checks_the_config_against_the_base_model(capsys):
+    """The checks that need the model (the SAE hook, the SAE run length and k, ...) run at --validate, with
+    the study's one-line errors, not only when the study starts."""
+    cases = {
+        "sae.store.hook=blocks.9.hook_resid_post": "sae.store.hook: unknown hook 'blocks.9.hook_resid_post'; "
+        "this model has 6 blocks",
+        "sae.train.k=5000": "sae.train: k (5000) must not exceed d_sae (1152",
+        "sae.train.lr_warmup_steps=5000": "sae.train: lr_warmup_steps must be in [0, 980)",
+        "attention.view_layers=[7]": "attention.view_layers: [7] out of range",
+    }
+    for override, message in cases.items():
+        code, out, err = run(capsys, "study", "--validate", "--set", override)
+        assert out == "", override
+        _one_line_error(code, err, f"mechvit study: error: {message}")
 
 
 def test_usage_errors_are_one_line(capsys):

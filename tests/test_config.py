@@ -1,5 +1,6 @@
 """The study config schema: the shipped configs validate, every kind of mistake gives one error naming the key."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,50 @@ def test_seed_variation_config_has_three_seeds_of_each_severity4_recipe_and_the_
     assert not cfg.sae.enabled and cfg.robustness.n_images >= 2000
     for m in cfg.model_entries():
         assert (ROOT / m.checkpoint / "card.json").is_file(), m.checkpoint
+
+
+def test_all_saes_config_is_the_default_with_saes_on_every_model():
+    cfg = load_study_config(ROOT / "configs" / "fashion_mnist_all_saes.yaml")
+    default = load_study_config(None)
+    assert cfg.sae.models is None and cfg.name == "fashion_mnist_all_saes"
+    # everything else is the default's, merged through ``extends``
+    assert dataclasses.replace(cfg, name=default.name, title=default.title, sae=default.sae) == default
+    assert dataclasses.replace(cfg.sae, models=default.sae.models) == default.sae
+
+
+def test_extends_lays_a_config_over_another(tmp_path):
+    (tmp_path / "sub").mkdir()
+    parent = {
+        **MINIMAL,
+        "name": "parent",
+        "robustness": {"n_images": 300, "severities": [1, 2]},
+        "sae": {"replicates": 4, "store": {"hook": "blocks.1.hook_resid_post", "model_batch_size": 64}},
+    }
+    (tmp_path / "parent.yaml").write_text(yaml.safe_dump(parent))
+    grand = tmp_path / "sub" / "child.yaml"
+    (tmp_path / "sub" / "mid.yaml").write_text(
+        "extends: ../parent.yaml\nrobustness: {severities: [4]}\nsae: {store: {model_batch_size: 32}}\n"
+    )
+    grand.write_text("extends: mid.yaml\nname: child\nsae: {replicates: 6}\n")
+    cfg = load_study_config(grand)
+    assert cfg.name == "child"
+    assert cfg.robustness.n_images == 300 and cfg.robustness.severities == [4]  # a list replaces the parent's
+    assert cfg.sae.replicates == 6
+    # nested sections merge key by key: the child's batch size, the parent's hook
+    assert cfg.sae.store.model_batch_size == 32 and cfg.sae.store.hook == "blocks.1.hook_resid_post"
+    # --set still wins over every file
+    assert load_study_config(grand, {"sae.replicates": 3}).sae.replicates == 3
+
+    (tmp_path / "bad.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"extends: 'nowhere.yaml' does not exist"):
+        load_study_config(tmp_path / "bad.yaml")
+    (tmp_path / "num.yaml").write_text("extends: 3\n")
+    with pytest.raises(ConfigError, match="expected the path of the config this one extends.*got 3"):
+        load_study_config(tmp_path / "num.yaml")
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_study_config(tmp_path / "a.yaml")
 
 
 def test_imagenet_paper_config_expresses_the_seed_protocol():

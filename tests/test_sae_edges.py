@@ -196,6 +196,12 @@ def test_hook_width_and_splices_on_a_model_in_another_dtype(dtype):
         (dict(lr_warmup_steps=-1), "lr_warmup_steps must be >= 0 and an integer, got -1"),
         (dict(l1_warmup_steps=2.5), "l1_warmup_steps must be >= 0 and an integer, got 2.5"),
         (dict(threshold_batches=1.5), "threshold_batches must be >= 0 and an integer, got 1.5"),
+        (
+            dict(architecture="standard", threshold_batches=64),
+            "threshold_batches re-estimates a BatchTopK SAE's inference threshold; architecture 'standard' has "
+            "none to re-estimate: expected 0, got 64",
+        ),
+        (dict(architecture="topk", threshold_batches=1), "architecture 'topk' has none to re-estimate"),
         (dict(batch_size=64.0), "batch_size must be >= 1 and an integer, got 64.0"),
         (dict(seed=1.5), "seed must be an integer, got 1.5"),
         (dict(total_samples=100.5), "total_samples must be an integer, got 100.5"),
@@ -326,6 +332,29 @@ def test_cli_refuses_corruptions_that_would_not_be_applied(tmp_path, capsys):
     )
     assert "needs --mix > 0" in capsys.readouterr().err
     assert not (tmp_path / "sae").exists()
+
+
+def test_cli_threshold_batches_goes_to_batchtopk_alone(tmp_path, capsys):
+    import argparse
+
+    from mechvit.sae.__main__ import _training_config, main
+
+    with pytest.raises(SystemExit) as e:  # refused before the model (missing here) is read
+        main(cli_args(tmp_path / "missing", tmp_path / "sae", "--architecture", "standard",
+                      "--threshold-batches", "8"))  # fmt: skip
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--threshold-batches 8 re-estimates a BatchTopK SAE's inference threshold" in err
+    assert "--architecture standard has none" in err
+    with pytest.raises(SystemExit):  # on a cache too
+        main(["--activations", str(tmp_path / "cache"), "--out", str(tmp_path / "o"), "--architecture",
+              "standard", "topk", "--threshold-batches", "8"])  # fmt: skip
+    assert "--architecture standard topk has none" in capsys.readouterr().err
+    # one pass of batchtopk + standard: the BatchTopK SAE gets it, the other 0
+    args = argparse.Namespace(k=4, expansion=2, aux=0.5, l1=1.0, lr=1e-3, threshold_batches=8, batch_size=128,
+                              samples=512)  # fmt: skip
+    assert _training_config(args, "batchtopk", 0, "cpu").threshold_batches == 8
+    assert _training_config(args, "standard", 1, "cpu").threshold_batches == 0
 
 
 # ---- 7. python -m mechvit.sae: one line for a user error --------------------------------------------------

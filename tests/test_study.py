@@ -559,6 +559,24 @@ def test_report_takes_the_clean_controls_from_the_study_not_from_the_robustness_
     assert ctx.control_names == ["clean"]
 
 
+def test_sae_run_configs_give_threshold_batches_to_batchtopk_alone(tmp_path):
+    """``sae.train`` is shared by every architecture of ``sae.architectures``; ``threshold_batches`` (BatchTopK's
+    inference threshold) reaches the BatchTopK runs only: a ReLU + L1 config with it would be refused."""
+    from mechvit.study.config import study_config_from_dict
+    from mechvit.study.context import StudyContext
+    from mechvit.study.steps.sae import run_configs, sae_runs
+
+    ck = make_checkpoints(tmp_path / "ck")
+    cfg = tiny_config(ck)
+    cfg["sae"]["architectures"] = ["batchtopk", "standard"]
+    cfg["sae"].setdefault("train", {})["threshold_batches"] = 4
+    ctx = StudyContext(study_config_from_dict(cfg), tmp_path / "out")
+    runs = sae_runs(ctx)
+    _, trains = run_configs(ctx, runs, 64 * 1024)
+    got = {r.architecture: trains[r.key].threshold_batches for r in runs}
+    assert got == {"batchtopk": 4, "standard": 0}
+
+
 def test_report_says_which_fine_tunes_the_feature_claim_leaves_out():
     from mechvit.study.report import sae_coverage_note
 

@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m mechvit.sae") -> 
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    _check_threshold_batches(ap, args)
     if args.activations is not None:
         if args.mix or args.corruption:
             ap.error(
@@ -211,6 +212,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m mechvit.sae") -> 
     return summary
 
 
+def _check_threshold_batches(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse ``--threshold-batches`` when no SAE of the run is BatchTopK (nothing would use it)."""
+    archs = args.architecture if isinstance(args.architecture, list) else [args.architecture]
+    if args.threshold_batches and "batchtopk" not in archs:
+        ap.error(
+            f"--threshold-batches {args.threshold_batches} re-estimates a BatchTopK SAE's inference threshold; "
+            f"--architecture {' '.join(archs)} has none: drop it or add batchtopk"
+        )
+
+
 def _check_mix(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse corruptions that would not be applied (``--mix 0``) and a mix with nothing to apply."""
     if args.corruption and not args.mix:
@@ -232,7 +243,8 @@ def _training_config(
         aux_coefficient=args.aux,
         l1_coefficient=args.l1,
         lr=args.lr,
-        threshold_batches=args.threshold_batches,
+        # BatchTopK's alone (each architecture of one pass builds its config; another has no threshold)
+        threshold_batches=args.threshold_batches if architecture == "batchtopk" else 0,
         batch_size=args.batch_size,
         total_samples=args.samples,
         seed=seed,

@@ -179,9 +179,9 @@ class SAETrainingConfig:
     jumprelu_init_threshold: float = 0.01
     jumprelu_bandwidth: float = 0.05
     topk_threshold_lr: float | None = None  # batchtopk: EMA rate of the inference threshold; None = auto
-    # batchtopk: after training, the inference threshold is re-estimated with the final weights as the
-    # (k x rows)-th largest activation over this many training batches pooled (reestimate_thresholds); 0 keeps
-    # sae-lens's running mean
+    # batchtopk only (another architecture with a value > 0 is refused): after training, the inference
+    # threshold is re-estimated with the final weights as the (k x rows)-th largest activation over this many
+    # training batches pooled (reestimate_thresholds); 0 keeps sae-lens's running mean
     threshold_batches: int = 0
     lr: float = 1e-3
     lr_schedule: Literal["cosine", "constant"] = "cosine"
@@ -218,6 +218,11 @@ class SAETrainingConfig:
                 raise ValueError(f"{name} must be >= {low} and an integer, got {value!r}")
         if not _is_int(self.seed):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.threshold_batches and self.architecture != "batchtopk":
+            raise ValueError(
+                "threshold_batches re-estimates a BatchTopK SAE's inference threshold; architecture "
+                f"{self.architecture!r} has none to re-estimate: expected 0, got {self.threshold_batches}"
+            )
         if self.dead_feature_window is not None and (
             not _is_int(self.dead_feature_window) or self.dead_feature_window < 1
         ):

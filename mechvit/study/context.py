@@ -113,6 +113,41 @@ def load_hooked(info: ModelInfo, device: torch.device):
     return model.eval()
 
 
+def validate_models(cfg: StudyConfig) -> str | None:
+    """``mechvit study --validate``'s checks that need the models, without running the study: every model's
+    source exists (:func:`resolve_model`), and the config fits the base model (:func:`check_hooks_against_model`:
+    the SAE hook, the SAE step's run length and k, attention's view layers, patching's positions). Raises
+    ConfigError; returns None when everything was checked, else what was not: a checkpoint the study would
+    train first, pretrained timm weights (not downloaded here), a checkpoint folder not made yet (which the
+    study would refuse); without the base model its checks are left to the start of the study."""
+    from mechvit.study.config import check_hooks_against_model
+    from mechvit.training.checkpoint import CARD
+
+    notes, missing, base_ok = [], [], True
+    for i, entry in enumerate(cfg.model_entries()):
+        if entry.checkpoint is not None and not (Path(entry.checkpoint) / CARD).is_file():
+            if entry.train_config is not None:
+                notes.append(f"{_key(i)} is trained by the study first ({entry.train_config})")
+            else:
+                missing.append(entry.checkpoint)
+        elif entry.checkpoint is None and entry.hooked is None and entry.pretrained:
+            notes.append(f"{_key(i)}'s pretrained timm weights ({entry.timm}) are not downloaded to validate")
+        else:
+            info = resolve_model(entry, _key(i), progress=False)
+            if i == 0:
+                check_hooks_against_model(cfg, load_hooked(info, torch.device("cpu")))
+            continue
+        base_ok = base_ok and i > 0
+    if missing:
+        notes.append(
+            f"no checkpoint yet at {', '.join(missing)} (mechvit train {'it' if len(missing) == 1 else 'them'} "
+            "first: the study stops at a missing one)"
+        )
+    if not base_ok:
+        notes.append("the checks against the base model run when the study starts")
+    return "; ".join(notes) or None
+
+
 def resolve_device(device: str | None) -> torch.device:
     """The study's device: ``None`` is cuda when available, else cpu; a bad string is a :class:`ConfigError`."""
     if device is None:

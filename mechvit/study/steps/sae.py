@@ -86,9 +86,8 @@ def run_configs(ctx: StudyContext, runs: list[SAERun], rows_per_epoch: int):
     total = s.total_samples(rows_per_epoch)
     store = dataclasses.replace(s.store, seed=ctx.cfg.seed, mix=mix(ctx))
     trains = {
-        r.key: dataclasses.replace(
-            s.train,
-            architecture=r.architecture,
+        r.key: s.train_config(
+            r.architecture,
             total_samples=total,
             seed=r.seed,
             device=str(ctx.device),
@@ -163,7 +162,7 @@ def _train_model(ctx: StudyContext, w: StepWriter, name: str, runs: list[SAERun]
     }  # fmt: skip
     # BatchTopK's inference threshold is re-estimated on rows drawn from the whole cache: the stream's next
     # batches hold a few thousand images, and the threshold (k per row on average) moved by 0.05 latents with them
-    n_thr = min(len(cached), s.train.threshold_batches * s.train.batch_size)
+    n_thr = min(len(cached), max(t.threshold_batches for t in trains.values()) * s.train.batch_size)
     rows = cached.sample(n_thr, seed=derive_seed(ctx.cfg.seed, "threshold", name)) if n_thr else None
     trained = train_saes(batches, cached.d_in, trains, manifests=manifests, threshold_rows=rows)
     seconds = round(time.time() - t0, 2)
