@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.mechvit-installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PYTEST_ARGS ?=
 
-.PHONY: install data browser study study-seeds study-all-saes docs-numbers test test-slow lint bench checkpoints clean
+.PHONY: install data browser study study-seeds study-all-saes study-relu docs-numbers test test-slow lint bench checkpoints clean
 
 install: $(STAMP)
 
@@ -49,6 +49,9 @@ docs-numbers: install
 	@if [ -f runs/fashion_mnist_all_saes/metrics.json ]; then \
 	  $(PY) -m mechvit.study.summary runs/fashion_mnist_all_saes/metrics.json --readme docs/sae.md --block all_saes \
 	    --keep docs/all_saes_study; fi
+	@if [ -f runs/fashion_mnist_relu/metrics.json ]; then \
+	  $(PY) -m mechvit.study.summary runs/fashion_mnist_relu/metrics.json --readme docs/sae.md --block relu \
+	    --keep docs/relu_study; fi
 
 # Fine-tune seed variation: robustness and logit lens over three training seeds of blur-4, noise-4 and the control.
 study-seeds: install data
@@ -57,6 +60,10 @@ study-seeds: install data
 # The default study with SAEs on every model (5 seeds x 8 models; about 16.5 minutes on 2 cores): docs/sae.md.
 study-all-saes: install data
 	$(VENV)/bin/mechvit study --config configs/fashion_mnist_all_saes.yaml --out runs/fashion_mnist_all_saes
+
+# The default study with ReLU + L1 SAEs beside the BatchTopK ones (about 15 minutes on 2 cores): docs/sae.md.
+study-relu: install data
+	$(VENV)/bin/mechvit study --config configs/fashion_mnist_relu.yaml --out runs/fashion_mnist_relu
 
 # Two stages: the fast tests first (a failure there stops before the long ones), then the tests marked slow (> ~20 s).
 test: install data browser

@@ -83,7 +83,8 @@ def test_study_config_errors_are_one_line(tmp_path, capsys):
 
 
 def test_validate_the_shipped_configs(capsys):
-    for name in ("fashion_mnist.yaml", "fashion_mnist_all_saes.yaml", "fashion_mnist_seeds.yaml"):
+    for name in ("fashion_mnist.yaml", "fashion_mnist_all_saes.yaml", "fashion_mnist_relu.yaml",
+                 "fashion_mnist_seeds.yaml"):  # fmt: skip
         code, out, _ = run(capsys, "study", "--config", str(ROOT / "configs" / name), "--validate")
         assert code == 0 and "valid" in out and "checked against the base model" in out, out
     code, out, _ = run(

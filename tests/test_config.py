@@ -101,6 +101,16 @@ def test_all_saes_config_is_the_default_with_saes_on_every_model():
     assert dataclasses.replace(cfg.sae, models=default.sae.models) == default.sae
 
 
+def test_relu_config_is_the_default_with_relu_l1_saes_beside_batchtopk():
+    cfg = load_study_config(ROOT / "configs" / "fashion_mnist_relu.yaml")
+    default = load_study_config(None)
+    assert cfg.sae.architectures == ["batchtopk", "standard"] and cfg.name == "fashion_mnist_relu"
+    assert dataclasses.replace(cfg, name=default.name, title=default.title, sae=default.sae) == default
+    assert dataclasses.replace(cfg.sae, architectures=default.sae.architectures) == default.sae
+    # docs/sae.md's L1 sweep at block 0: L1 1 is the coefficient that meets the ReLU bar there
+    assert cfg.sae.train.l1_coefficient == 1.0
+
+
 def test_extends_lays_a_config_over_another(tmp_path):
     (tmp_path / "sub").mkdir()
     parent = {

@@ -118,6 +118,18 @@ def test_render_known_metrics():
     )
     assert "| 1 (1–1) |" in md
     assert "KL 0.25 nats" in md
+    # the report's quality verdict: replicate 0 misses EV (0.9 < max(0.95, PCA 0.8 + 0.01)) and L0 (8 > k 4);
+    # replicate 1 only L0. Without a config there is no k: L0 is not judged
+    assert "SAE quality: 0 of 2 SAEs meet every criterion" in md
+    assert "The misses: batchtopk base r0, EV >= max(0.95, PCA-k + 0.01)" in md
+    metrics["config"] = {"sae": {"train": {"k": 8}, "architectures": ["batchtopk"]}}
+    md = summary.render(metrics)
+    assert "SAE quality: 1 of 2 SAEs meet every criterion" in md
+    assert (
+        "The misses: batchtopk base r0, EV >= max(0.95, PCA-k + 0.01) (ReLU: >= 0.90): no (0.900 < 0.950)."
+        in md
+    )
+    assert "ReLU + L1 (sae-lens's standard SAE, the seed paper's 'vanilla' one) is not trained" in md
 
 
 def test_replace_block_round_trip_and_errors():
@@ -155,6 +167,16 @@ def test_docs_quote_the_kept_fine_tune_seed_run():
     doc = (ROOT / "docs" / "study.md").read_text()
     assert summary.read_block(doc, "seeds") == summary.render(metrics), (
         "docs/study.md's seeds block is not what docs/seeds_study/metrics.json renders: run `make docs-numbers`"
+    )
+
+
+def test_docs_quote_the_kept_all_saes_run():
+    kept = ROOT / "docs" / "all_saes_study" / "metrics.json"
+    metrics = json.loads(kept.read_text())
+    assert metrics["name"] == "fashion_mnist_all_saes"
+    doc = (ROOT / "docs" / "sae.md").read_text()
+    assert summary.read_block(doc, "all_saes") == summary.render(metrics), (
+        "docs/sae.md's all_saes block is not what docs/all_saes_study/metrics.json renders: run `make docs-numbers`"
     )
 
 

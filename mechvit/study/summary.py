@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mechvit._io import atomic_write_text
+from mechvit.study.report import sae_quality  # the report's field-quality verdict per SAE
 from mechvit.study.steps.robustness import GROUPS  # the group labels the robustness step uses
 
 BEGIN = (
@@ -147,7 +148,7 @@ def robustness_md(steps: dict) -> list[str]:
     return out
 
 
-def sae_md(steps: dict) -> list[str]:
+def sae_md(steps: dict, config: dict | None = None) -> list[str]:
     s = steps.get("sae")
     if not s:
         return []
@@ -164,6 +165,8 @@ def sae_md(steps: dict) -> list[str]:
             groups.setdefault((arch, model), []).append(v)
     if not groups:
         return out
+    sc = (config or {}).get("sae") or {}
+    quality = sae_quality(s, (sc.get("train") or {}).get("k"), sc.get("architectures") or ())
     rows = []
     for (arch, model), vs in groups.items():
         h = [v["heldout"] for v in vs]
@@ -190,6 +193,17 @@ def sae_md(steps: dict) -> list[str]:
          "spliced KL (nats)", "top-1 drop spliced (pp)", "|EV change| last 10%"],
         rows,
     )  # fmt: skip
+    if quality is not None:  # the report's verdict on each SAE against the field-quality bar, and its misses
+        table, notes = quality
+        misses = [
+            f"{r[0]} {r[1]} r{r[2]}, " + "; ".join(f"{c}: {cell}" for c, cell in zip(table.columns[3:], r[3:], strict=True)
+                                               if str(cell).startswith("no"))
+            for r in table.rows if any(str(cell).startswith("no") for cell in r[3:])
+        ]  # fmt: skip
+        for note in notes:
+            out += ["", note]
+        if misses:
+            out += ["", "The misses: " + " | ".join(misses) + "."]
     return out
 
 
@@ -265,7 +279,12 @@ def render(metrics: dict) -> str:
     """The README's study block for one ``metrics.json`` (a dict)."""
     steps = _steps(metrics)
     lines = timing_md(metrics)
-    for part in (claims_md(metrics), robustness_md(steps), sae_md(steps), overlap_md(steps)):
+    for part in (
+        claims_md(metrics),
+        robustness_md(steps),
+        sae_md(steps, metrics.get("config")),
+        overlap_md(steps),
+    ):
         lines += part
     return "\n".join(lines).rstrip() + "\n"
 
