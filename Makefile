@@ -61,7 +61,7 @@ study-seeds: install data
 study-all-saes: install data
 	$(VENV)/bin/mechvit study --config configs/fashion_mnist_all_saes.yaml --out runs/fashion_mnist_all_saes
 
-# The default study with ReLU + L1 SAEs beside the BatchTopK ones (about 15 minutes on 2 cores): docs/sae.md.
+# The default study with ReLU + L1 SAEs beside the BatchTopK ones (about 21 minutes on 2 cores): docs/sae.md.
 study-relu: install data
 	$(VENV)/bin/mechvit study --config configs/fashion_mnist_relu.yaml --out runs/fashion_mnist_relu
 

@@ -180,6 +180,16 @@ def test_docs_quote_the_kept_all_saes_run():
     )
 
 
+def test_docs_quote_the_kept_relu_run():
+    kept = ROOT / "docs" / "relu_study" / "metrics.json"
+    metrics = json.loads(kept.read_text())
+    assert metrics["name"] == "fashion_mnist_relu"
+    doc = (ROOT / "docs" / "sae.md").read_text()
+    assert summary.read_block(doc, "relu") == summary.render(metrics), (
+        "docs/sae.md's relu block is not what docs/relu_study/metrics.json renders: run `make docs-numbers`"
+    )
+
+
 def test_run_line_names_the_machine_when_recorded():
     base = {"name": "toy", "models": {}, "steps": {}, "wall_seconds": 60}
     env = {"torch": "x", "threads": 2, "device": "cpu"}
