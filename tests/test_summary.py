@@ -150,44 +150,25 @@ def test_replace_block_round_trip_and_errors():
         summary.markers("a b")
 
 
-def test_readme_quotes_the_kept_default_run():
-    kept = ROOT / "docs" / "default_study" / "metrics.json"
-    metrics = json.loads(kept.read_text())
-    assert metrics["name"] == "fashion_mnist"
-    readme = (ROOT / "README.md").read_text()
-    assert summary.read_block(readme) == summary.render(metrics), (
-        "README's study block is not what docs/default_study/metrics.json renders: run `make docs-numbers`"
+@pytest.mark.parametrize(
+    ("kept", "name", "doc", "block"),
+    [
+        ("default_study", "fashion_mnist", "README.md", None),  # the default run: the README's unnamed block
+        ("seeds_study", "fashion_mnist_seeds", "docs/study.md", "seeds"),
+        ("all_saes_study", "fashion_mnist_all_saes", "docs/sae.md", "all_saes"),
+        ("relu_study", "fashion_mnist_relu", "docs/sae.md", "relu"),
+    ],
+)
+def test_docs_quote_the_kept_runs(kept, name, doc, block):
+    """Each generated block is exactly what its kept metrics.json renders (the Makefile's docs-numbers)."""
+    metrics = json.loads((ROOT / "docs" / kept / "metrics.json").read_text())
+    assert metrics["name"] == name
+    text = (ROOT / doc).read_text()
+    assert summary.read_block(text, block) == summary.render(metrics), (
+        f"{doc}'s {block or 'study'} block is not what docs/{kept}/metrics.json renders: run `make docs-numbers`"
     )
-
-
-def test_docs_quote_the_kept_fine_tune_seed_run():
-    kept = ROOT / "docs" / "seeds_study" / "metrics.json"
-    metrics = json.loads(kept.read_text())
-    assert metrics["name"] == "fashion_mnist_seeds"
-    doc = (ROOT / "docs" / "study.md").read_text()
-    assert summary.read_block(doc, "seeds") == summary.render(metrics), (
-        "docs/study.md's seeds block is not what docs/seeds_study/metrics.json renders: run `make docs-numbers`"
-    )
-
-
-def test_docs_quote_the_kept_all_saes_run():
-    kept = ROOT / "docs" / "all_saes_study" / "metrics.json"
-    metrics = json.loads(kept.read_text())
-    assert metrics["name"] == "fashion_mnist_all_saes"
-    doc = (ROOT / "docs" / "sae.md").read_text()
-    assert summary.read_block(doc, "all_saes") == summary.render(metrics), (
-        "docs/sae.md's all_saes block is not what docs/all_saes_study/metrics.json renders: run `make docs-numbers`"
-    )
-
-
-def test_docs_quote_the_kept_relu_run():
-    kept = ROOT / "docs" / "relu_study" / "metrics.json"
-    metrics = json.loads(kept.read_text())
-    assert metrics["name"] == "fashion_mnist_relu"
-    doc = (ROOT / "docs" / "sae.md").read_text()
-    assert summary.read_block(doc, "relu") == summary.render(metrics), (
-        "docs/sae.md's relu block is not what docs/relu_study/metrics.json renders: run `make docs-numbers`"
-    )
+    makefile = (ROOT / "Makefile").read_text()
+    assert f"--keep docs/{kept}" in makefile and (block is None or f"--block {block}" in makefile)
 
 
 def test_run_line_names_the_machine_when_recorded():
