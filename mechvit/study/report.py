@@ -388,8 +388,9 @@ def sae_coverage_note(names: list[str], base: str, controls: list[str], with_sae
     return (
         f"Features claim: tested on {len(have)} of the {len(tuned)} fine-tunes ({', '.join(have) or 'none'}), the "
         f"ones with SAEs (sae.models: {', '.join(with_saes)}); {', '.join(missing)} have no SAEs in this run, so "
-        "the claim says nothing about them. sae.models: null trains SAEs on every model (docs/sae.md, 'SAEs on "
-        "every fine-tune', measured that for the default study)."
+        "the claim says nothing about them. sae.models: null trains SAEs on every model: for the default study "
+        "that is configs/fashion_mnist_all_saes.yaml (make study-all-saes), whose run docs/sae.md quotes ('SAEs on "
+        "every fine-tune')."
     )
 
 
