@@ -212,6 +212,16 @@ def test_training_config_refuses_nonsense(kw, match):
         SAETrainingConfig(**kw)
 
 
+def test_for_architecture_keeps_threshold_batches_for_batchtopk_alone():
+    cfg = SAETrainingConfig(k=4, threshold_batches=8, lr=3e-3)
+    assert cfg.for_architecture("batchtopk").threshold_batches == 8
+    for arch in ("standard", "topk", "jumprelu"):
+        other = cfg.for_architecture(arch, seed=3)
+        assert (other.architecture, other.threshold_batches, other.seed, other.lr) == (arch, 0, 3, 3e-3)
+    with pytest.raises(ValueError, match="k must be an integer for architecture 'topk'"):
+        SAETrainingConfig(k=2.5).for_architecture("topk")  # the architecture's own checks run again
+
+
 def test_training_config_accepts_what_sae_lens_accepts():
     SAETrainingConfig(architecture="batchtopk", k=2.5)  # a mean k per row: BatchTopK keeps k x rows per batch
     SAETrainingConfig(lr=1e-3, lr_end=0.0)

@@ -237,19 +237,18 @@ def _training_config(
     args: argparse.Namespace, architecture: str, seed: int, device: str
 ) -> SAETrainingConfig:
     return SAETrainingConfig(
-        architecture=architecture,
+        architecture="batchtopk",  # the options as given; for_architecture keeps what applies to architecture
         k=args.k,
         expansion_factor=args.expansion,
         aux_coefficient=args.aux,
         l1_coefficient=args.l1,
         lr=args.lr,
-        # BatchTopK's alone (each architecture of one pass builds its config; another has no threshold)
-        threshold_batches=args.threshold_batches if architecture == "batchtopk" else 0,
+        threshold_batches=args.threshold_batches,
         batch_size=args.batch_size,
         total_samples=args.samples,
         seed=seed,
         device=device,
-    )
+    ).for_architecture(architecture)
 
 
 def _train_from_cache(args: argparse.Namespace) -> dict:

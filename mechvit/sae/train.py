@@ -27,6 +27,7 @@ sae-lens traps handled here:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -273,6 +274,13 @@ class SAETrainingConfig:
             ) from None
         if self.total_samples is not None:
             self.check_run_length()
+
+    def for_architecture(self, architecture: str, **changes: Any) -> SAETrainingConfig:
+        """This config for ``architecture`` (plus ``changes``, e.g. ``seed``), as one pass over several
+        architectures needs it: ``threshold_batches`` (BatchTopK's inference threshold) is kept for BatchTopK and
+        is 0 for the others, which have no threshold and refuse it."""
+        thr = self.threshold_batches if architecture == "batchtopk" else 0
+        return dataclasses.replace(self, architecture=architecture, threshold_batches=thr, **changes)
 
     def check_run_length(self, total_samples: int | None = None) -> None:
         """Raise ValueError unless a run of ``total_samples`` activations (None: this config's

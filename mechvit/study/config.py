@@ -257,13 +257,6 @@ class SAESection:
         c = model_cfg
         return {"patches": c.n_patches, "all": c.n_tokens, "cls": 1, "prefix": c.n_prefix_tokens}[self.tokens]
 
-    def train_config(self, architecture: str, **study_sets: Any) -> SAETrainingConfig:
-        """``train`` for one architecture of ``architectures`` (plus what the study sets: ``total_samples``,
-        ``seed``, ...): ``threshold_batches`` (BatchTopK's inference threshold) goes to BatchTopK alone, 0 to
-        the other architectures, which have no threshold and refuse it."""
-        thr = self.train.threshold_batches if architecture == "batchtopk" else 0
-        return dataclasses.replace(self.train, architecture=architecture, threshold_batches=thr, **study_sets)
-
     def total_samples(self, rows_per_epoch: int) -> int:
         """Activations each SAE trains on: ``epochs`` passes over ``rows_per_epoch``, in whole batches, at
         least one."""
@@ -495,7 +488,7 @@ def check_hooks_against_model(cfg: StudyConfig, model: Any) -> None:
         try:  # at most n_train_images: a smaller training split makes fewer steps (checked again in training)
             s.train.check_run_length(s.total_samples(s.n_train_images * s.rows_per_image(model.cfg)))
             for arch in s.architectures:
-                s.train_config(arch).check_d_in(width)
+                s.train.for_architecture(arch).check_d_in(width)
         except ValueError as e:
             raise ConfigError(f"sae.train: {e}") from None
     depth, layers = int(model.cfg.n_layers), cfg.attention.view_layers

@@ -123,7 +123,7 @@ def validate_models(cfg: StudyConfig) -> str | None:
     from mechvit.study.config import check_hooks_against_model
     from mechvit.training.checkpoint import CARD
 
-    notes, missing, base_ok = [], [], True
+    notes, missing, base_checked = [], [], False
     for i, entry in enumerate(cfg.model_entries()):
         if entry.checkpoint is not None and not (Path(entry.checkpoint) / CARD).is_file():
             if entry.train_config is not None:
@@ -136,14 +136,13 @@ def validate_models(cfg: StudyConfig) -> str | None:
             info = resolve_model(entry, _key(i), progress=False)
             if i == 0:
                 check_hooks_against_model(cfg, load_hooked(info, torch.device("cpu")))
-            continue
-        base_ok = base_ok and i > 0
+                base_checked = True
     if missing:
         notes.append(
             f"no checkpoint yet at {', '.join(missing)} (mechvit train {'it' if len(missing) == 1 else 'them'} "
             "first: the study stops at a missing one)"
         )
-    if not base_ok:
+    if not base_checked:
         notes.append("the checks against the base model run when the study starts")
     return "; ".join(notes) or None
 

@@ -86,7 +86,7 @@ def run_configs(ctx: StudyContext, runs: list[SAERun], rows_per_epoch: int):
     total = s.total_samples(rows_per_epoch)
     store = dataclasses.replace(s.store, seed=ctx.cfg.seed, mix=mix(ctx))
     trains = {
-        r.key: s.train_config(
+        r.key: s.train.for_architecture(
             r.architecture,
             total_samples=total,
             seed=r.seed,
