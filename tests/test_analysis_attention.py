@@ -120,3 +120,41 @@ def test_model_level_metrics(tmp_path):
     torch.testing.assert_close(cls_maps[1], pat1[:, :, 0, 2:].reshape(5, 2, 4, 4))
     with pytest.raises(ValueError, match="paired"):
         compare_attention(model, x, images_b=x[:2])
+
+
+def test_per_image_values_average_to_the_per_layer_ones_and_match_each_image_alone():
+    """``per_image`` [N, L] (head mean) of attention_stats and compare_attention: the mean over images is
+    ``per_layer()``, and image i's row is what the analysis gives on image i alone (independent of batching)."""
+    model, other = tiny(reg_tokens=1), tiny(1, reg_tokens=1)
+    x = torch.rand(5, 1, 28, 28)
+    xb = x.flip(-1)
+    stats = attention_stats(model, x, batch_size=2, progress=False)
+    assert set(stats.per_image) == {"entropy", "distance_px"}
+    for k, v in stats.per_layer().items():
+        assert stats.per_image[k].shape == (5, 2)
+        torch.testing.assert_close(stats.per_image[k].mean(0), v, rtol=1e-5, atol=1e-6)
+    _, cache = model.run_with_cache(x[3:4], names_filter=lambda n: n.endswith("hook_pattern"))
+    pat = cache["blocks.1.attn.hook_pattern"]  # [1, H, T, T]
+    torch.testing.assert_close(stats.per_image["entropy"][3, 1], attention_entropy(pat).mean((1, 2))[0])
+    torch.testing.assert_close(
+        stats.per_image["distance_px"][3, 1], mean_attention_distance(pat, (4, 4), (7, 7), 2).mean(1)[0]
+    )
+    for kw in ({"images_b": xb}, {"model_b": other}):
+        pa = compare_attention(model, x, batch_size=3, progress=False, **kw)
+        assert set(pa.per_image) == set(pa.per_layer())
+        for k, v in pa.per_layer().items():
+            torch.testing.assert_close(pa.per_image[k].mean(0), v, rtol=1e-5, atol=1e-6)
+        for i in (0, 4):
+            one = compare_attention(
+                model,
+                x[i : i + 1],
+                progress=False,
+                **{k: v[i : i + 1] if k == "images_b" else v for k, v in kw.items()},
+            )
+            for k, v in one.per_layer().items():
+                torch.testing.assert_close(pa.per_image[k][i], v, rtol=1e-5, atol=1e-6)
+    # the cosine of image 4, layer 0, from the two patterns directly
+    pats = [model.run_with_cache(im)[1]["blocks.0.attn.hook_pattern"] for im in (x[4:5], xb[4:5])]
+    ref = torch.nn.functional.cosine_similarity(pats[0].flatten(2), pats[1].flatten(2), dim=-1).mean()
+    pa = compare_attention(model, x, images_b=xb, progress=False)
+    torch.testing.assert_close(pa.per_image["cosine"][4, 0], ref)

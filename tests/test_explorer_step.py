@@ -20,10 +20,25 @@ def test_table_drops_the_listed_column_unless_max_latents_bounds_the_page():
     assert [r[t.columns.index("listed (max_latents)")] for r in t.rows] == [719, 3]
 
 
-def test_image_sets_name_both_counts_image_sets():
-    ctx = SimpleNamespace(cfg=SimpleNamespace(sae=SimpleNamespace(n_eval_images=200), conditions=["a", "b"]))
-    txt = image_sets(ctx, 500)
+def _ctx(n_eval=200, n_fidelity=None, n_heldout=None):
+    from mechvit.study.config import SAESection
+
+    sae = SAESection(n_eval_images=n_eval, n_fidelity_images=n_fidelity, n_heldout_images=n_heldout)
+    return SimpleNamespace(cfg=SimpleNamespace(sae=sae, conditions=["a", "b"]))
+
+
+def test_image_sets_name_the_sae_steps_held_out_images_and_how_they_relate():
+    """The SAE step's dead counts are over sae.heldout_images (n_heldout_images, else n_fidelity_images, else
+    n_eval_images), not n_eval_images: the default study's 1,000 held-out images are a superset of the
+    explorer's 500."""
+    txt = image_sets(_ctx(n_eval=200, n_fidelity=5000, n_heldout=1000), 500)
     assert "500 clean test images" in txt and "(1500 images)" in txt
-    assert "held-out 200 clean test images" in txt and "600 images: a subset of the explorer's" in txt
-    assert "the same images" in image_sets(ctx, 200)
-    assert "superset" in image_sets(ctx, 100)
+    assert "held-out 1000 clean test images (sae.heldout_images)" in txt
+    assert "(3000 images: a superset of the explorer's" in txt and "at most d_sae minus" in txt
+    assert "200" not in txt and "subset" not in txt  # n_eval_images (the overlap controls') plays no part
+    # no n_heldout_images: n_fidelity_images; neither: n_eval_images
+    assert "held-out 300 clean" in image_sets(_ctx(n_eval=200, n_fidelity=300), 500)
+    sub = image_sets(_ctx(n_eval=200), 500)
+    assert "held-out 200 clean" in sub and "(600 images: a subset of the explorer's" in sub
+    assert "at least d_sae minus" in sub
+    assert "the same images" in image_sets(_ctx(n_eval=200, n_heldout=500), 500)

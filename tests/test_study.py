@@ -183,6 +183,85 @@ def test_report_html_has_every_section_and_every_image_embedded(finished):
         assert (out / link).is_file(), link
 
 
+def _t_interval(values: torch.Tensor) -> tuple[list, list]:
+    """Per column of ``values [N, L]``: mean -+ t(0.975, N-1) sd / sqrt(N) (``mean_ci`` under 20 values)."""
+    from scipy import stats
+
+    v = values.double()
+    n, m, sd = v.shape[0], v.mean(0), v.std(0)
+    half = stats.t.ppf(0.975, n - 1) * sd / n**0.5
+    return (m - half).tolist(), (m + half).tolist()
+
+
+def test_per_layer_curves_carry_cis_equal_to_an_independent_computation(finished, checkpoints):
+    """The logit-lens and attention bands: in metrics.json beside the means (``ci95``), equal to a t interval
+    over the images (16 and 8 here: under 20, ``mean_ci`` uses Student's t) of the per-image values recomputed
+    here from the same models and images; the captions state n and what the band is."""
+    from mechvit.analysis import compare_attention, logit_lens
+    from mechvit.study.context import StudyContext
+
+    run, out = finished
+    steps = json.loads((out / "metrics.json").read_text())["steps"]
+    ctx = StudyContext(study_config_from_dict(tiny_config(checkpoints)), out)
+    x, y = ctx.test_images(16)
+    blur = ctx.inputs(16)["gaussian_blur/4"]
+    lens = logit_lens(ctx.model("ft_blur"), ctx.prep(blur), y, include_embed=True, progress=False)
+    got = steps["logit_lens"]["metrics"]["ft_blur|gaussian_blur/4"]
+    assert got["ci95"]["correct_prob"]["n"] == 16 and len(got["ci95"]["top1_acc"]["low"]) == len(
+        got["layers"]
+    )
+    for key, per_image in (("correct_prob", lens.correct_prob), ("top1_acc", lens.top1)):
+        lo, hi = _t_interval(per_image)
+        np.testing.assert_allclose(got["ci95"][key]["low"], lo, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(got["ci95"][key]["high"], hi, rtol=1e-5, atol=1e-7)
+        assert all(a - 1e-6 <= m <= b + 1e-6 for a, m, b in zip(lo, got[key], hi, strict=True))
+    pa = compare_attention(
+        ctx.model("ft_noise"), ctx.prep(x[:8]), images_b=ctx.prep(blur[:8]), progress=False
+    )
+    att = steps["attention"]["metrics"]
+    for key in ("entropy_diff", "mse", "cosine"):
+        lo, hi = _t_interval(pa.per_image[key])
+        ci = att["clean_vs_corrupted"]["ft_noise|gaussian_blur/4"]["ci95"][key]
+        assert ci["n"] == 8
+        np.testing.assert_allclose(ci["low"], lo, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(ci["high"], hi, rtol=1e-5, atol=1e-7)
+    assert set(att["base_vs_finetuned"]["ft_blur|clean"]["ci95"]) == {"cosine", "entropy_diff"}
+    assert set(att["stats"]["base"]["ci95"]) == {"entropy", "distance_px"}
+    captions = {f["png"].split("/")[-1]: f["caption"] for r in run.results.values() for f in r.figures}
+    assert "bands: 95% CI over the 16 images of each layer's mean (Student's t)" in captions["logit_lens.png"]
+    for name in (
+        "attention_clean_vs_corrupted.png",
+        "attention_stats.png",
+        "attention_base_vs_finetuned.png",
+    ):
+        assert "bands: 95% CI over the 8 images" in captions[name], name
+    assert "bands: 95% percentile bootstrap CI over the 8 images" in captions["cka.png"]
+
+
+def test_report_links_the_overlap_csvs_and_words_tokens_and_image_sets_right(finished):
+    """The overlap controls' CSVs are linked (as logit_lens.csv is); "patch tokens", not "patches tokens"; the
+    feature pages say which mean activation ranks them; the explorer note names the SAE step's held-out set."""
+    run, out = finished
+    page = (out / "report.html").read_text()
+    hrefs = re.findall(r"href='([^'#]*)'", page)
+    for a in ("batchtopk", "standard"):
+        assert f"sae_analysis/overlap_controls_{a}.csv" in hrefs
+        assert (out / "sae_analysis" / f"overlap_controls_{a}.csv").is_file()
+    md = (out / "report.md").read_text()
+    assert "(sae_analysis/overlap_controls_batchtopk.csv)" in md and "logit_lens/logit_lens.csv" in md
+    assert "patches tokens" not in page and "(patch tokens)" in page
+    features = [
+        f["caption"]
+        for f in run.results["sae_analysis"].figures
+        if f["png"].split("/")[-1].startswith("features_")
+    ]
+    assert features and all(
+        "ranked by mean activation over all patch tokens of the 8 clean" in c for c in features
+    )
+    note = json.loads((out / "metrics.json").read_text())["steps"]["explorer"]["metrics"]["live_counted_on"]
+    assert "held-out 6 clean test images (sae.heldout_images)" in note and "(18 images: a subset of" in note
+
+
 def test_attention_views_are_offline_circuitsvis_pages(finished):
     _, out = finished
     page = (out / "attention" / "attention_views_ft_blur.html").read_text()

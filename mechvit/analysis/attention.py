@@ -14,6 +14,9 @@ Conventions (patterns are ``[B, H, T_q, T_k]``, rows sum to 1, token order ``[pr
 - paired maps (clean vs corrupted, or base vs fine-tuned): per layer and head, entropy difference
   (b minus a), mean squared difference of the two patterns (mean over query, key and images) and cosine
   similarity of the flattened ``T x T`` maps (mean over images).
+- per image: ``AttentionStats.per_image`` and ``PairedAttention.per_image`` keep each image's value per layer
+  (head mean) of every per-layer metric, ``[N, L]``; their mean over the images is ``per_layer()``, and they are
+  what a CI over images resamples.
 """
 
 from __future__ import annotations
@@ -152,6 +155,13 @@ class AttentionStats:
     entropy: Tensor  # [L, H] nats
     distance: Tensor  # [L, H] pixels
     n_images: int
+    # {"entropy": [N, L], "distance_px": [N, L]}: each image's value per layer, head mean (mean over images:
+    # per_layer())
+    per_image: dict[str, Tensor] | None = None
+
+    def per_layer(self) -> dict[str, Tensor]:
+        """Head-averaged statistics per layer."""
+        return {"entropy": self.entropy.mean(1), "distance_px": self.distance.mean(1)}
 
     def rows(self) -> list[dict]:
         n_layers, n_heads = self.entropy.shape
@@ -185,17 +195,23 @@ def attention_stats(model, images: Tensor, *, batch_size: int = 64, progress: bo
     cfg = model.cfg
     ent = torch.zeros(cfg.n_layers, cfg.n_heads, dtype=torch.float64)
     dist = torch.zeros_like(ent)
+    per_image: dict[str, list[Tensor]] = {"entropy": [], "distance_px": []}  # per batch: [b, L]
     for s in batches(images.shape[0], batch_size, progress, "attention stats"):
+        ent_img, dist_img = [], []
         for layer, p in enumerate(_patterns(model, images[s : s + batch_size])):
-            ent[layer] += attention_entropy(p).mean(-1).sum(0).double().cpu()
-            dist[layer] += (
-                mean_attention_distance(p, cfg.grid_size, cfg.patch_size, cfg.n_prefix_tokens)
-                .sum(0)
-                .double()
-                .cpu()
-            )
+            e = attention_entropy(p).mean(-1)  # [b, H]
+            d = mean_attention_distance(p, cfg.grid_size, cfg.patch_size, cfg.n_prefix_tokens)
+            ent[layer] += e.sum(0).double().cpu()
+            dist[layer] += d.sum(0).double().cpu()
+            ent_img.append(e.double().mean(1).cpu())
+            dist_img.append(d.double().mean(1).cpu())
+        per_image["entropy"].append(torch.stack(ent_img, 1))
+        per_image["distance_px"].append(torch.stack(dist_img, 1))
     n = images.shape[0]
-    return AttentionStats(entropy=(ent / n).float(), distance=(dist / n).float(), n_images=n)
+    return AttentionStats(
+        entropy=(ent / n).float(), distance=(dist / n).float(), n_images=n,
+        per_image={k: torch.cat(v).float() for k, v in per_image.items()},
+    )  # fmt: skip
 
 
 @dataclass
@@ -211,6 +227,8 @@ class PairedAttention:
     n_images: int
     labels: tuple[str, str] = ("a", "b")
     cosine_per_image: Tensor | None = None  # [N]: cosine of the two maps, mean over layers, heads and queries
+    # {key of per_layer(): [N, L]}: each image's value per layer, head mean (mean over images: per_layer())
+    per_image: dict[str, Tensor] | None = None
 
     @property
     def entropy_diff(self) -> Tensor:
@@ -294,34 +312,41 @@ def compare_attention(
         for k in ("entropy_a", "entropy_b", "distance_a", "distance_b", "mse", "cosine")
     }
     per_image = []
+    layer_img: dict[str, list[Tensor]] = {k: [] for k in sums}  # per batch: [b, L], head mean
     for s in batches(images_a.shape[0], batch_size, progress, "attention compare"):
         pats_a = _patterns(model_a, images_a[s : s + batch_size])
         pats_b = _patterns(model_b, images_b[s : s + batch_size])
         cos_img = torch.zeros(pats_a[0].shape[0], dtype=torch.float64)
+        batch_img: dict[str, list[Tensor]] = {k: [] for k in sums}
         for layer, (pa, pb) in enumerate(zip(pats_a, pats_b, strict=True)):
             pa, pb = pa.float(), pb.to(pa.device).float()
-            sums["entropy_a"][layer] += attention_entropy(pa).mean(-1).sum(0).double().cpu()
-            sums["entropy_b"][layer] += attention_entropy(pb).mean(-1).sum(0).double().cpu()
-            sums["distance_a"][layer] += (
-                mean_attention_distance(pa, ca.grid_size, ca.patch_size, ca.n_prefix_tokens)
-                .sum(0)
-                .double()
-                .cpu()
-            )
-            sums["distance_b"][layer] += (
-                mean_attention_distance(pb, cb.grid_size, cb.patch_size, cb.n_prefix_tokens)
-                .sum(0)
-                .double()
-                .cpu()
-            )
-            sums["mse"][layer] += (pa - pb).pow(2).mean((-1, -2)).sum(0).double().cpu()
-            cos = torch.nn.functional.cosine_similarity(pa.flatten(2), pb.flatten(2), dim=-1)  # [b, H]
-            sums["cosine"][layer] += cos.sum(0).double().cpu()
+            per_head = {  # [b, H] each
+                "entropy_a": attention_entropy(pa).mean(-1),
+                "entropy_b": attention_entropy(pb).mean(-1),
+                "distance_a": mean_attention_distance(pa, ca.grid_size, ca.patch_size, ca.n_prefix_tokens),
+                "distance_b": mean_attention_distance(pb, cb.grid_size, cb.patch_size, cb.n_prefix_tokens),
+                "mse": (pa - pb).pow(2).mean((-1, -2)),
+                "cosine": torch.nn.functional.cosine_similarity(pa.flatten(2), pb.flatten(2), dim=-1),
+            }
+            for k, v in per_head.items():
+                sums[k][layer] += v.sum(0).double().cpu()  # summed as before: the same per-layer numbers
+                batch_img[k].append(v.double().mean(1).cpu())
             # per image: cosine of each query row's attention distribution, mean over queries and heads
             cos_img += torch.nn.functional.cosine_similarity(pa, pb, dim=-1).mean((-1, -2)).double().cpu()
         per_image.append(cos_img / len(pats_a))
+        for k, v in batch_img.items():
+            layer_img[k].append(torch.stack(v, 1))
     n = images_a.shape[0]
+    img = {k: torch.cat(v) for k, v in layer_img.items()}  # [N, L] float64
+    by_layer = {
+        "entropy_a": img["entropy_a"],
+        "entropy_b": img["entropy_b"],
+        "entropy_diff": img["entropy_b"] - img["entropy_a"],
+        "distance_diff": img["distance_b"] - img["distance_a"],
+        "mse": img["mse"],
+        "cosine": img["cosine"],
+    }
     return PairedAttention(
         **{k: (v / n).float() for k, v in sums.items()}, n_images=n, labels=tuple(labels),
-        cosine_per_image=torch.cat(per_image).float(),
+        cosine_per_image=torch.cat(per_image).float(), per_image={k: v.float() for k, v in by_layer.items()},
     )  # fmt: skip

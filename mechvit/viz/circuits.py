@@ -118,7 +118,8 @@ def attention_views_page(
     for i, v in enumerate(views):
         pattern, names = _flatten(v["pattern"], tokens, v.get("head_names"))
         props = {
-            "attention": np.round(pattern.numpy(), decimals).tolist(),
+            # rounded in float64: a rounded float32 (0.009f) widens to 0.008999999612569809 in .tolist()
+            "attention": np.round(pattern.numpy().astype(np.float64), decimals).tolist(),
             "tokens": list(tokens),
             "attentionHeadNames": names,
             "maxValue": 1.0,

@@ -22,6 +22,7 @@ import matplotlib
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
 from mechvit._io import atomic_write
@@ -491,7 +492,14 @@ STYLE = {
     "ytick.labelsize": 8, "axes.spines.top": False, "axes.spines.right": False, "figure.dpi": 100,
     "svg.fonttype": "path", "axes.prop_cycle": matplotlib.cycler(color=PALETTE),
 }  # fmt: skip
-_LINES = ("-", "--", ":", "-.")
+# one line style per input of a figure (colour is the model): 8 distinct dash patterns
+_LINES = ("-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (8, 2, 2, 2)), (0, (2, 4)))
+BAND_ALPHA = 0.15  # the fill of a 95% CI band, in its line's colour
+
+
+def line_style(j: int):
+    """The ``j``-th of 8 distinct line styles (one per input of a figure), cycling."""
+    return _LINES[j % len(_LINES)]
 
 
 def styled(fn):
@@ -527,10 +535,46 @@ def _report_heatmap(ax, mat, xlabels, ylabels, *, cbar_label: str, fmt: str | No
     return im
 
 
+def _ci_values(ci, key: str, scale: float = 1.0) -> np.ndarray:
+    return scale * np.array([np.nan if v is None else v for v in ci[key]], dtype=float)
+
+
+def ci_band(ax, x, ci, col: str, scale: float = 1.0):
+    """A 95% CI band under a line: ``ci`` is ``{"low": [...], "high": [...]}`` with one value per ``x`` (a
+    ``None``/NaN bound leaves a gap), drawn in the line's colour ``col``, each bound times ``scale``; None
+    draws nothing. Returns the band (a ``PolyCollection``) or None."""
+    if not ci:
+        return None
+    lo, hi = _ci_values(ci, "low", scale), _ci_values(ci, "high", scale)
+    return ax.fill_between(x, lo, hi, color=col, alpha=BAND_ALPHA, lw=0, zorder=1)
+
+
+def _key_legends(fig, models, colours, inputs=(), styles=(), *, input_title: str = "input") -> None:
+    """The figure's keys, outside every axes and inside the figure (constrained layout makes room): colour =
+    model beside the axes (upper right), line style = input under them."""
+    kw = {"frameon": False, "fontsize": 7, "title_fontsize": 7}
+    fig.legend(
+        [Line2D([], [], color=c, marker="o", ms=3, lw=1.4) for c in colours], list(models), title="model",
+        loc="outside right upper", **kw,
+    )  # fmt: skip
+    if len(inputs):
+        fig.legend(
+            [Line2D([], [], color="0.3", ls=s, lw=1.2) for s in styles], list(inputs), title=input_title,
+            loc="outside lower center", ncols=min(len(inputs), 4), **kw,
+        )  # fmt: skip
+
+
+def _colour_of(models: Sequence[str]):
+    """``model -> colour``: the model's place in ``models`` (the study's order), the colours of every report
+    figure."""
+    order = list(models)
+    return lambda n: color(order.index(n))
+
+
 @styled
 def robustness_heatmap(rows: list[dict], models: Sequence[str], corruptions: Sequence[str], seen, severities):
-    """Top-1 (%) per model x corruption (mean over severities) from ``robustness_matrix`` rows; the cells of
-    the corruptions in ``seen[model]`` are outlined."""
+    """Top-1 (%) per model x corruption (mean over ``severities``; at the one severity when there is one) from
+    ``robustness_matrix`` rows; the cells of the corruptions in ``seen[model]`` are outlined."""
     cols = ["clean", *corruptions]
     mat = 100 * np.array(
         [
@@ -543,7 +587,12 @@ def robustness_heatmap(rows: list[dict], models: Sequence[str], corruptions: Seq
     _report_heatmap(
         ax[0, 0], mat, cols, list(models), cbar_label="top-1 accuracy (%)", vmin=0, vmax=100, marks=marks
     )
-    ax[0, 0].set_xlabel("corruption (mean over severities " + ", ".join(map(str, severities)) + ")")
+    sev = list(severities)
+    ax[0, 0].set_xlabel(
+        f"corruption (at severity {sev[0]})"
+        if len(sev) == 1
+        else "corruption (mean over severities " + ", ".join(map(str, sev)) + ")"
+    )
     ax[0, 0].set_ylabel("model")
     return fig
 
@@ -567,30 +616,42 @@ def seen_unseen_bars(summary: list[dict]):
 
 @styled
 def logit_lens_curves(
-    results: Mapping[tuple[str, str], object], models: Sequence[str], inputs: Sequence[str]
+    results: Mapping[tuple[str, str], object], models: Sequence[str], inputs: Sequence[str], bands=None
 ):
     """Mean correct-class probability and top-1 per layer; ``results[(model, input)]`` is a
-    ``LogitLensResult``; one column per input, one colour per model."""
-    layers = next(iter(results.values())).layers
+    ``LogitLensResult``; one column per input, one colour per model. ``bands[(model, input)]`` (optional):
+    ``{"correct_prob": ci, "top1_acc": ci}``, each ``{"low": [...], "high": [...]}`` per layer (top-1 as a
+    fraction), drawn as bands (the study's 95% CIs over images)."""
+    layers = list(next(iter(results.values())).layers)
+    x = np.arange(len(layers))
     fig, ax = new_figure(2, len(inputs), w=3.4, h=2.8, sharey="row")
     for j, lab in enumerate(inputs):
         for i, n in enumerate(models):
-            r = results[(n, lab)].summary()
+            r, b = results[(n, lab)].summary(), (bands or {}).get((n, lab)) or {}
             kw = {"color": color(i), "marker": "o", "ms": 3, "label": n}
-            ax[0, j].plot(layers, _np(r["correct_prob"]), **kw)
-            ax[1, j].plot(layers, 100 * _np(r["top1_acc"]), **kw)
+            ax[0, j].plot(x, _np(r["correct_prob"]), **kw)
+            ci_band(ax[0, j], x, b.get("correct_prob"), color(i))
+            ax[1, j].plot(x, 100 * _np(r["top1_acc"]), **kw)
+            ci_band(ax[1, j], x, b.get("top1_acc"), color(i), 100)
         ax[0, j].set_title(lab)
         ax[1, j].set_xlabel("layer (residual stream after block)")
+        for a in ax[:, j]:
+            a.set_xticks(x, layers)
     ax[0, 0].set_ylabel("mean correct-class prob.")
     ax[1, 0].set_ylabel("logit-lens top-1 (%)")
-    ax[0, -1].legend(frameon=False)
+    _key_legends(fig, models, [color(i) for i in range(len(models))])
     return fig
 
 
 @styled
-def attention_change_curves(paired: Mapping[tuple[str, str], object], models: Sequence[str], conditions):
+def attention_change_curves(
+    paired: Mapping[tuple[str, str], object], models: Sequence[str], conditions, bands=None
+):
     """Per layer: entropy change, mean squared difference and cosine of each model's attention maps, clean vs
-    corrupted (``paired[(model, condition)]`` is a ``PairedAttention``; colour: model, line style: condition)."""
+    corrupted (``paired[(model, condition)]`` is a ``PairedAttention``; colour: model, line style: condition).
+    ``bands[(model, condition)]`` (optional): ``{"entropy_diff" | "mse" | "cosine": {"low", "high"}}`` per
+    layer, drawn as bands."""
+    conditions = list(conditions)
     fig, ax = new_figure(1, 3, w=3.6, h=2.9)
     panels = (
         ("entropy_diff", "entropy change (nats)"),
@@ -601,53 +662,67 @@ def attention_change_curves(paired: Mapping[tuple[str, str], object], models: Se
         for i, n in enumerate(models):
             for j, lab in enumerate(conditions):
                 v = _np(paired[(n, lab)].per_layer()[key])
-                ax[0, k].plot(
-                    range(len(v)), v, color=color(i), ls=_LINES[j % 4], marker="o", ms=3, label=f"{n}, {lab}"
-                )
+                x = np.arange(len(v))
+                ax[0, k].plot(x, v, color=color(i), ls=line_style(j), marker="o", ms=3, label=f"{n}, {lab}")
+                ci_band(ax[0, k], x, ((bands or {}).get((n, lab)) or {}).get(key), color(i))
         ax[0, k].set_xlabel("layer")
         ax[0, k].set_ylabel(ylabel)
     ax[0, 0].axhline(0, color=PALETTE[6], lw=0.8, ls=":")
-    ax[0, 2].legend(frameon=False, fontsize=6)
     fig.suptitle("Attention maps, clean vs corrupted copy of each image (head mean)")
+    _key_legends(
+        fig, models, [color(i) for i in range(len(models))], conditions,
+        [line_style(j) for j in range(len(conditions))], input_title="corrupted copy",
+    )  # fmt: skip
     return fig
 
 
 @styled
-def attention_layer_stats(stats: Mapping[str, object]):
-    """Attention entropy and mean attention distance per layer (head mean) of each model's ``AttentionStats``."""
+def attention_layer_stats(stats: Mapping[str, object], bands=None):
+    """Attention entropy and mean attention distance per layer (head mean) of each model's ``AttentionStats``
+    (colour: model, in the order of ``stats``). ``bands[model]`` (optional): ``{"entropy" | "distance_px":
+    {"low", "high"}}`` per layer, drawn as bands."""
     fig, ax = new_figure(1, 2, w=3.8, h=2.9)
     for i, (n, s) in enumerate(stats.items()):
-        ent, dist = _np(s.entropy.mean(1)), _np(s.distance.mean(1))
-        ax[0, 0].plot(range(len(ent)), ent, color=color(i), marker="o", ms=3, label=n)
-        ax[0, 1].plot(range(len(dist)), dist, color=color(i), marker="o", ms=3, label=n)
+        b = (bands or {}).get(n) or {}
+        for a, (key, v) in zip(
+            ax[0],
+            (("entropy", _np(s.entropy.mean(1))), ("distance_px", _np(s.distance.mean(1)))),
+            strict=True,
+        ):
+            x = np.arange(len(v))
+            a.plot(x, v, color=color(i), marker="o", ms=3, label=n)
+            ci_band(a, x, b.get(key), color(i))
     ax[0, 0].set(xlabel="layer", ylabel="attention entropy (nats)")
     ax[0, 1].set(xlabel="layer", ylabel="mean attention distance (px)")
-    ax[0, 1].legend(frameon=False)
+    _key_legends(fig, list(stats), [color(i) for i in range(len(stats))])
     return fig
 
 
 @styled
 def attention_between_models(
-    between: Mapping[tuple[str, str], object], finetuned: Sequence[str], inputs, base: str
+    between: Mapping[tuple[str, str], object], models: Sequence[str], inputs, base: str, bands=None
 ):
     """Each fine-tuned model's attention maps against ``base``'s on the same images, per layer
-    (``between[(model, input)]`` is a ``PairedAttention``)."""
-    fig, ax = new_figure(1, 2, w=3.8, h=2.9)
+    (``between[(model, input)]`` is a ``PairedAttention``). Colour: model, its place in ``models`` (the
+    study's models, ``base`` first; a list without ``base`` is taken to follow it), the colours of every
+    report figure; line style: input. ``bands[(model, input)]`` (optional): ``{"cosine" | "entropy_diff":
+    {"low", "high"}}`` per layer, drawn as bands."""
+    order = list(models) if base in models else [base, *models]
+    colour = _colour_of(order)
     inputs = list(inputs)
+    fig, ax = new_figure(1, 2, w=3.8, h=2.9)
     for (n, lab), p in between.items():
-        kw = {
-            "color": color(list(finetuned).index(n) + 1),
-            "ls": _LINES[inputs.index(lab) % 4],
-            "marker": "o",
-            "ms": 3,
-        }
-        per = p.per_layer()
-        ax[0, 0].plot(range(len(per["cosine"])), _np(per["cosine"]), label=f"{n}, {lab}", **kw)
-        ax[0, 1].plot(range(len(per["entropy_diff"])), _np(per["entropy_diff"]), label=f"{n}, {lab}", **kw)
+        kw = {"color": colour(n), "ls": line_style(inputs.index(lab)), "marker": "o", "ms": 3}
+        per, b = p.per_layer(), (bands or {}).get((n, lab)) or {}
+        for a, key in zip(ax[0], ("cosine", "entropy_diff"), strict=True):
+            x = np.arange(len(per[key]))
+            a.plot(x, _np(per[key]), label=f"{n}, {lab}", **kw)
+            ci_band(a, x, b.get(key), colour(n))
     ax[0, 0].set(xlabel="layer", ylabel=f"cosine to {base}'s maps")
     ax[0, 1].set(xlabel="layer", ylabel=f"entropy minus {base}'s (nats)")
     ax[0, 1].axhline(0, color=PALETTE[6], lw=0.8, ls=":")
-    ax[0, 1].legend(frameon=False, fontsize=6)
+    shown = [n for n in order if any(m == n for m, _ in between)]
+    _key_legends(fig, shown, [colour(n) for n in shown], inputs, [line_style(j) for j in range(len(inputs))])
     return fig
 
 
@@ -763,15 +838,38 @@ def patching_head_maps(results: Mapping[str, object]):
 
 
 @styled
-def cka_curves(groups: Mapping[str, Mapping[str, object]], ylabel: str, xlabel: str = "layer"):
-    """Linear CKA per layer: one panel per group (title -> {pair label: ``CKAResult``})."""
+def cka_curves(
+    groups: Mapping[str, Mapping[object, object]],
+    ylabel: str,
+    xlabel: str = "layer",
+    *,
+    models: Sequence[str] | None = None,
+    inputs: Sequence[str] | None = None,
+):
+    """Linear CKA per layer with its 95% CI band (the result's ``linear_ci``, where it has one): one panel per
+    group (title -> {(model, input): ``CKAResult``}). Colour: model, its place in ``models`` (the study's
+    models: the colours of every report figure); line style: input, its place in ``inputs`` (the same style
+    for an input in every panel). A plain string key is a model of its own, drawn solid."""
+    keys = [k if isinstance(k, tuple) else (k, None) for g in groups.values() for k in g]
+    models = list(models) if models is not None else list(dict.fromkeys(m for m, _ in keys))
+    inputs = list(inputs) if inputs is not None else list(dict.fromkeys(i for _, i in keys if i is not None))
+    colour = _colour_of(models)
     fig, ax = new_figure(1, len(groups), w=3.9, h=3.0, sharey=True)
     for j, (title, group) in enumerate(groups.items()):
-        for i, (k, r) in enumerate(group.items()):
-            ax[0, j].plot(r.layers, _np(r.linear), color=color(i), marker="o", ms=3, label=k)
+        for key, r in group.items():
+            n, lab = key if isinstance(key, tuple) else (key, None)
+            x = np.arange(len(r.layers))
+            ls = line_style(inputs.index(lab)) if lab is not None else "-"
+            ax[0, j].plot(x, _np(r.linear), color=colour(n), ls=ls, marker="o", ms=3, label=f"{n}, {lab}")
+            if r.linear_ci is not None:
+                ci = {"low": _np(r.linear_ci[0]).tolist(), "high": _np(r.linear_ci[1]).tolist()}
+                ci_band(ax[0, j], x, ci, colour(n))
+            ax[0, j].set_xticks(x, list(r.layers))
         ax[0, j].set(title=title, xlabel=xlabel)
-        ax[0, j].legend(frameon=False, fontsize=6)
     ax[0, 0].set_ylabel(ylabel)
+    shown = [m for m in models if any(k[0] == m for k in keys)]
+    used = [i for i in inputs if any(k[1] == i for k in keys)]
+    _key_legends(fig, shown, [colour(m) for m in shown], used, [line_style(inputs.index(i)) for i in used])
     return fig
 
 
@@ -824,11 +922,19 @@ def overlap_controls_figure(
         a.set_xticks(range(len(comps)))
         a.set_xticklabels([c.split(" vs ")[-1] for c in comps], rotation=30, ha="right")
         a.set_title(labels[metric], fontsize=8)
-        if k == 0:
-            a.legend(frameon=False, fontsize=6, loc="lower left")
+        lo, hi = a.get_ylim()
+        a.set_ylim(lo, hi + 0.12 * (hi - lo))  # headroom: the p-values sit above the bars, not on them
     for k in range(len(metrics), nrows * ncols):
         ax[k // ncols, k % ncols].set_visible(False)
     fig.suptitle("base vs each model: SAE overlap against seed-noise ceiling and random floor", fontsize=9)
+    # one key for every panel, beside them (never over a bar)
+    handles, names = {}, []
+    for a in ax.ravel():
+        for h, lab in zip(*a.get_legend_handles_labels(), strict=True):
+            if lab not in handles:
+                handles[lab] = h
+                names.append(lab)
+    fig.legend([handles[n] for n in names], names, loc="outside right upper", frameon=False, fontsize=7)
     return fig
 
 

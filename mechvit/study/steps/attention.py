@@ -1,6 +1,10 @@
 """Attention: entropy and distance per layer, clean vs corrupted maps per model, fine-tuned vs base maps, CLS
 attention over the images and circuitsvis head views (one shared copy of the circuitsvis bundle,
-``attention/circuitsvis.js``, for every view page)."""
+``attention/circuitsvis.js``, for every view page).
+
+Every per-layer curve carries a 95% CI over the images (the logit-lens step's :func:`layer_cis` of the
+per-image, head-mean values the analyses keep), stored beside the means in metrics.json (``ci95`` of each
+entry of ``stats``, ``clean_vs_corrupted`` and ``base_vs_finetuned``)."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from mechvit.analysis import attention_stats, compare_attention, model_cls_atten
 from mechvit.analysis.statistics import mean_ci, paired_difference_ci
 from mechvit.study.context import StudyContext
 from mechvit.study.result import StepResult, StepWriter, Table
+from mechvit.study.steps.logit_lens import band_words, layer_cis
 from mechvit.viz import figures
 from mechvit.viz.circuits import BUNDLE_NAME, save_attention_views
 
@@ -17,8 +22,22 @@ TITLE = "Attention"
 SECTION = "attention"
 
 
-def _per_layer(pairs: dict) -> dict:
-    return {f"{n}|{lab}": {k: v.tolist() for k, v in p.per_layer().items()} for (n, lab), p in pairs.items()}
+# the per-layer metrics each figure draws, and so the ones with a CI band
+CHANGE_KEYS = ("entropy_diff", "mse", "cosine")  # clean vs corrupted
+BETWEEN_KEYS = ("cosine", "entropy_diff")  # fine-tuned vs base
+STATS_KEYS = ("entropy", "distance_px")
+
+
+def _cis(result, keys, seed: int) -> dict:
+    """``{key: layer_cis(...)}``: the 95% CI over images of each layer's mean of ``result.per_image[key]``."""
+    return {k: layer_cis(result.per_image[k], seed=seed) for k in keys}
+
+
+def _per_layer(pairs: dict, bands: dict) -> dict:
+    return {
+        f"{n}|{lab}": {**{k: v.tolist() for k, v in p.per_layer().items()}, "ci95": bands[(n, lab)]}
+        for (n, lab), p in pairs.items()
+    }
 
 
 def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
@@ -28,6 +47,7 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     names, base = ctx.model_names, ctx.base_name
     kw = {"batch_size": s.batch_size, "progress": False}
     stats, paired, between = {}, {}, {}
+    n_img = len(inputs["clean"])
     with ctx.bar(len(names) * (1 + len(conds)) + len(ctx.finetuned_names) * len(inputs), "attention") as bar:
         for n in names:
             m, clean = ctx.model(n), ctx.prep(inputs["clean"])
@@ -44,11 +64,24 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
                     ctx.model(base), ctx.prep(xi), ctx.model(n), labels=(base, n), **kw
                 )
                 bar.update(1)
+    seed = ctx.cfg.seed
+    bands = {
+        "stats": {n: _cis(v, STATS_KEYS, seed) for n, v in stats.items()},
+        "paired": {k: _cis(p, CHANGE_KEYS, seed) for k, p in paired.items()},
+        "between": {k: _cis(p, BETWEEN_KEYS, seed) for k, p in between.items()},
+    }
     res = StepResult(
         metrics={
-            "stats": {n: v.to_dict() for n, v in stats.items()},
-            "clean_vs_corrupted": _per_layer(paired),
-            "base_vs_finetuned": _per_layer(between),
+            "stats": {
+                n: {
+                    **v.to_dict(),
+                    "per_layer": {k: t.tolist() for k, t in v.per_layer().items()},
+                    "ci95": bands["stats"][n],
+                }
+                for n, v in stats.items()
+            },
+            "clean_vs_corrupted": _per_layer(paired, bands["paired"]),
+            "base_vs_finetuned": _per_layer(between, bands["between"]),
         }
     )
     # how far each fine-tune's attention moved from the base's, per image (1 - cosine of the maps, mean over
@@ -84,25 +117,29 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
         )
     res.figures.append(
         w.figure(
-            figures.attention_change_curves(paired, names, conds),
+            figures.attention_change_curves(paired, names, conds, bands["paired"]),
             "attention_clean_vs_corrupted",
             "Per layer: entropy of the corrupted minus the clean attention, mean squared difference and cosine "
-            "similarity of the maps (colour: model; line style: condition).",
+            f"similarity of the maps, head mean, mean over {n_img} images (colour: model; line style: "
+            f"condition); {band_words(n_img)}; in metrics.json: clean_vs_corrupted.<model>|<condition>.ci95.",
         )
     )
     res.figures.append(
         w.figure(
-            figures.attention_layer_stats(stats),
+            figures.attention_layer_stats(stats, bands["stats"]),
             "attention_stats",
-            "Attention entropy and mean attention distance per layer on clean images (head mean).",
+            f"Attention entropy and mean attention distance per layer on {n_img} clean images (head mean); "
+            f"{band_words(n_img)}; in metrics.json: stats.<model>.per_layer and .ci95.",
         )
     )
     if between:
         res.figures.append(
             w.figure(
-                figures.attention_between_models(between, ctx.finetuned_names, inputs, base),
+                figures.attention_between_models(between, names, inputs, base, bands["between"]),
                 "attention_base_vs_finetuned",
-                "Fine-tuned against base attention on the same images.",
+                f"Fine-tuned against base attention on the same {n_img} images, per layer (head mean): cosine "
+                f"of each fine-tune's maps to {base}'s and its entropy minus {base}'s (colour: model; line "
+                f"style: input); {band_words(n_img)}; in metrics.json: base_vs_finetuned.<model>|<input>.ci95.",
             )
         )
 

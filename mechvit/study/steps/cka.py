@@ -100,12 +100,35 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
         else f"CKA on {s.token_reduction} (every token an example): point estimates without a CI (the tokens of "
         "one image are not independent examples)"
     )
-    groups = {"base vs fine-tuned, same images": between, "clean vs corrupted, same model": within}
+    # the figure: colour = model, line style = input (the clean vs corrupted panel: the corrupted input)
+    base = ctx.base_name
+    groups = {
+        f"{base} vs fine-tuned, same images": {
+            (n, lab): between[f"{base} vs {n}, {lab}"] for n in ctx.model_names if n != base for lab in inputs
+        },
+        "clean vs corrupted input, same model": {
+            (n, lab): within[f"{n}: clean vs {lab}"] for n in ctx.model_names for lab in conds
+        },
+    }
+    band = (
+        f"bands: 95% percentile bootstrap CI over the {n_img} images ({N_RESAMPLES} resamples; in "
+        "metrics.json: between_models / clean_vs_corrupted .cka_linear_ci95)"
+        if n_boot
+        else f"no bands: CKA on {s.token_reduction} has no CI over images"
+    )
     res.figures.append(
         w.figure(
-            figures.cka_curves(groups, f"linear CKA ({s.token_reduction})", xlabel=f"layer ({s.hook})"),
+            figures.cka_curves(
+                groups,
+                f"linear CKA ({s.token_reduction})",
+                xlabel=f"layer ({s.hook})",
+                models=ctx.model_names,
+                inputs=list(inputs),
+            ),  # fmt: skip
             "cka",
-            "Linear CKA per layer (debiased values in metrics.json).",
+            f"Linear CKA per layer (token reduction {s.token_reduction}; colour: model; line style: input, in "
+            f"the right panel the corrupted copy compared with the clean image); {band}. Debiased values in "
+            "metrics.json.",
         )
     )
     rows = [[k, *cells(r)] for k, r in {**between, **within, **second}.items()]

@@ -173,21 +173,28 @@ def sae_table(rows: list[dict], folders: list[str], n_clean: int, n_corrupted: i
 
 
 def image_sets(ctx: StudyContext, n: int) -> str:
-    """Which images the explorer's live counts are over, next to the ones the SAE step's dead counts are over
-    (both the first test images of the split, clean and under every condition)."""
-    n_eval, n_cond = ctx.cfg.sae.n_eval_images, len(ctx.cfg.conditions)
-    rel = (
-        "a subset of the explorer's"
-        if n_eval < n
-        else "the same images"
-        if n_eval == n
-        else "a superset of the explorer's"
-    )
+    """Which images the explorer's live counts are over, next to the ones the SAE step's dead counts are over:
+    its held-out images, ``sae.heldout_images`` (``n_heldout_images``, else ``n_fidelity_images``, else
+    ``n_eval_images``; :func:`mechvit.study.steps.sae.heldout`). Both are the first test images of the split,
+    clean and under every condition, so the smaller set is a subset of the larger."""
+    n_held, n_cond = ctx.cfg.sae.heldout_images, len(ctx.cfg.conditions)
+    if n_held < n:
+        rel = (
+            "a subset of the explorer's: a latent dead there can fire on the explorer's other images, so the "
+            "SAE step's dead count is at least d_sae minus the explorer's live count"
+        )
+    elif n_held > n:
+        rel = (
+            "a superset of the explorer's: a latent live on the explorer's images is live there too, so the "
+            "SAE step's dead count is at most d_sae minus the explorer's live count"
+        )
+    else:
+        rel = "the same images, so the two counts agree"
     return (
         f"the explorer counts a latent live on its {n} clean test images and the same images under "
         f"{n_cond} condition(s) ({n * (1 + n_cond)} images); the SAE step's dead counts are over its held-out "
-        f"{n_eval} clean test images and the same under each condition ({n_eval * (1 + n_cond)} images: {rel}), "
-        "so its dead count and d_sae minus the explorer's live count differ when the image sets do"
+        f"{n_held} clean test images (sae.heldout_images) and the same under each condition "
+        f"({n_held * (1 + n_cond)} images: {rel})"
     )
 
 

@@ -61,6 +61,19 @@ class SAERun:
         return f"saes/{self.architecture}__{self.model}__r{self.replicate}"
 
 
+TOKEN_WORDS = {
+    "patches": "patch tokens",
+    "all": "all tokens",
+    "cls": "class token",
+    "prefix": "prefix tokens",
+}
+
+
+def token_words(tokens: str) -> str:
+    """``sae.store.tokens`` in words: "patches" -> "patch tokens", "cls" -> "class token", ..."""
+    return TOKEN_WORDS.get(tokens, f"{tokens} tokens")
+
+
 def sae_runs(ctx: StudyContext) -> list[SAERun]:
     """Every SAE the config asks for, each with its seed ``derive_seed(seed, architecture, model, replicate)``."""
     s = ctx.cfg.sae
@@ -259,7 +272,7 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     res.metrics["ablation_gap"] = gap.to_dict()
     if gap.kl < s.ablation_warn_nats:
         res.notes.append(
-            f"warning: mean-ablating the {s.tokens} tokens at {s.hook} changes the base model's prediction by "
+            f"warning: mean-ablating the {token_words(s.tokens)} at {s.hook} changes the base model's prediction by "
             f"only {gap.kl:.3f} nats (KL), under {s.ablation_warn_nats}: the prediction barely reads these "
             "tokens, so SAE fidelity numbers here say little (choose an earlier hook: "
             "mechvit.sae.ablation_gap_sweep / choose_hook)"
@@ -300,7 +313,7 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     frac = mix(ctx).fraction
     res.tables.append(
         Table(
-            f"SAEs on {s.hook} ({s.tokens} tokens), trained on one mix for every model ({1 - frac:.0%} clean, "
+            f"SAEs on {s.hook} ({token_words(s.tokens)}), trained on one mix for every model ({1 - frac:.0%} clean, "
             f"{frac:.0%} with one of the conditions); metrics on held-out clean + corrupted test images, EV "
             "and L0 with 95% CIs over those images (percentile bootstrap; an image's tokens and copies together). "
             f"PCA-k: EV of the top-{s.train.k} principal components of the same model's training activations "

@@ -73,6 +73,9 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
             )  # fmt: skip
         overlap_metrics[a] = oc.to_dict()
         oc.save_csv(w.path(f"overlap_controls_{a}.csv"))
+        res.links.append(
+            {"file": w.rel(f"overlap_controls_{a}.csv"), "title": f"SAE overlap against controls, {a} (CSV)"}
+        )
         for comp, per_metric in oc.summary.items():
             for metric, v in per_metric.items():
                 t = v.get("test")
@@ -209,9 +212,11 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
                 w.figure(
                     fig,
                     f"features_{a}_{slug(m)}",
-                    f"Feature page ({a}, seed replicate 0): the top features of {base}'s SAE (left, by mean "
-                    f"activation) and their matched features in {m}'s SAE (right); each shows its most "
-                    "activating images (clean and corrupted pool) with the feature's per-patch activation.",
+                    f"Feature page ({a}, seed replicate 0): the top features of {base}'s SAE (left), ranked by "
+                    f"mean activation over all patch tokens of the {n} clean and {len(pool) - n} corrupted images "
+                    "(firing rate x mean when firing; the explorer's 'mean activation' is the mean when firing), "
+                    f"and their matched features in {m}'s SAE (right); each shows its most activating images "
+                    "(clean and corrupted pool) with the feature's per-patch activation.",
                 )
             )
     return res
