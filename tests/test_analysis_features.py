@@ -78,8 +78,18 @@ def test_density_mean_top_images_and_maps_match_brute_force(setup):
     active = (z > 0).double()
     np.testing.assert_allclose(st.density, active.mean((0, 1)).numpy(), rtol=1e-6)
     np.testing.assert_allclose(st.density_corrupted, (zc > 0).double().mean((0, 1)).numpy(), rtol=1e-6)
-    mean_active = (z.double().sum((0, 1)) / active.sum((0, 1)).clamp_min(1)).numpy()
+    # mean over the tokens where the latent fires; NaN (not 0) where it never fires on that set
+    n_on, n_on_c = active.sum((0, 1)), (zc > 0).double().sum((0, 1))
+    mean_active = torch.where(n_on > 0, z.double().sum((0, 1)) / n_on, torch.nan).numpy()
+    mean_active_c = torch.where(n_on_c > 0, zc.double().sum((0, 1)) / n_on_c, torch.nan).numpy()
     np.testing.assert_allclose(st.mean_act, mean_active, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(st.mean_act_corrupted, mean_active_c, rtol=1e-5, atol=1e-7)
+    assert (
+        np.isnan(st.mean_act[n_on.numpy() == 0]).all() and (n_on.numpy() == 0).sum() > 4
+    )  # not only the dead
+    basis = np.where(n_on.numpy() > 0, "clean", np.where(n_on_c.numpy() > 0, "corrupted", "none"))
+    np.testing.assert_array_equal(st.effect_basis, basis)
+    np.testing.assert_array_equal(st.basis, basis)
     np.testing.assert_allclose(st.max_act, torch.maximum(z.amax((0, 1)), zc.amax((0, 1))).numpy(), rtol=1e-6)
     fires = (z > 0).any(0).any(0) | (zc > 0).any(0).any(0)
     np.testing.assert_array_equal(st.live, torch.nonzero(fires).flatten().numpy())
@@ -182,6 +192,52 @@ def test_direct_logit_effect_is_the_readout_of_resid_plus_direction(pool):
     assert np.abs(st.logit_effect[st.live]).max() > 1e-3
 
 
+def test_direct_logit_effect_of_a_latent_that_never_fires_on_clean_tokens(setup):
+    """A latent that fires only on corrupted tokens: its effect at its mean activation on the corrupted tokens
+    where it fires (not at 0, which gave an all-zero row that read as "no effect"), on the clean images' final
+    residual stream; a latent that never fires: NaN, basis "none"."""
+    model, sae, hook, images, labels, corrupted, st = setup
+    only_c = np.flatnonzero(st.effect_basis == "corrupted")
+    dead = np.flatnonzero(st.effect_basis == "none")
+    assert len(only_c) >= 2 and set(range(4)) <= set(dead.tolist())
+    assert (st.density[only_c] == 0).all() and (st.density_corrupted[only_c] > 0).all()
+    assert np.isnan(st.mean_act[only_c]).all() and (st.mean_act_corrupted[only_c] > 0).all()
+    zc = brute_codes(model, sae, corrupted, hook)
+    d = decoder_directions(sae)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(images, names_filter="blocks.1.hook_resid_post")
+        final = cache["blocks.1.hook_resid_post"]
+        for f in only_c:
+            on = zc[..., f][zc[..., f] > 0]
+            a = float(on.double().mean())  # brute force: the mean over the corrupted tokens where it fires
+            assert st.mean_act_corrupted[f] == pytest.approx(a, rel=1e-5)
+            moved = final.clone()
+            moved[:, :1] += a * d[f]  # token pooling: the class token
+            want = (model.unembed(moved) - model.unembed(final)).mean(0)
+            np.testing.assert_allclose(st.logit_effect[f], want.numpy(), atol=1e-5)
+    assert np.abs(st.logit_effect[only_c]).max() > 1e-3  # measured, not the old all-zero rows
+    assert np.isnan(st.logit_effect[dead]).all()
+    assert np.isfinite(st.logit_effect[st.live]).all()
+    # without corrupted images, a latent that never fires on a clean token is not measured
+    alone = feature_stats(model, sae, images, labels, CLASSES, k=4, n_assoc=6, progress=False)
+    assert alone.mean_act_corrupted is None
+    np.testing.assert_array_equal(alone.effect_basis == "none", alone.density == 0)
+    assert np.isnan(alone.logit_effect[alone.density == 0]).all()
+    np.testing.assert_allclose(
+        alone.logit_effect[alone.live], st.logit_effect[alone.live], rtol=1e-5, atol=1e-6
+    )
+
+
+def test_basis_of_stats_that_do_not_record_it(setup):
+    """FeatureStats made before effect_basis existed: "clean" where the latent fires on a clean token (their
+    effect was computed at the clean mean), else "none" (computed at 0: not measured)."""
+    import dataclasses
+
+    *_, st = setup
+    old = dataclasses.replace(st, effect_basis=None, mean_act_corrupted=None)
+    np.testing.assert_array_equal(old.basis, np.where(st.density > 0, "clean", "none"))
+
+
 def test_decoder_directions_are_the_decoder_rows_in_hook_units():
     sae = random_sae("blocks.0.hook_resid_post")
     np.testing.assert_allclose(decoder_directions(sae).numpy(), sae.W_dec.detach().numpy(), atol=1e-6)
@@ -249,9 +305,16 @@ def test_max_effect_latents_computes_the_effects_of_the_most_often_firing_latent
     assert np.array_equal(part.with_effects, part.effect_latents)
     sel = part.effect_latents
     rest = np.setdiff1d(np.arange(st.d_sae), sel)
+    rest_live = np.setdiff1d(part.live, sel)
     for key in ("logit_effect", "probs_ablate", "probs_double"):
         np.testing.assert_allclose(getattr(part, key)[sel], getattr(st, key)[sel], rtol=1e-5, atol=1e-6)
-        assert not getattr(part, key)[rest].any(), key
+        assert not getattr(part, key)[rest_live].any(), key  # not computed: 0
+    # a latent that never fires: its direct logit effect is NaN (not measured) with or without the limit
+    dead = np.setdiff1d(rest, part.live)
+    assert (
+        len(dead) >= 4 and np.isnan(part.logit_effect[dead]).all() and np.isnan(st.logit_effect[dead]).all()
+    )
+    assert not part.probs_ablate[dead].any()
     # everything else is the full computation's
     for key in ("density", "max_act", "top_idx", "top_maps", "class_counts", "probs"):
         np.testing.assert_array_equal(getattr(part, key), getattr(st, key))
@@ -274,6 +337,7 @@ def test_reused_codes_give_the_twice_encoded_stats(setup, monkeypatch):
     for f in dataclasses.fields(ref):
         a, b = getattr(fast, f.name), getattr(ref, f.name)
         if isinstance(b, np.ndarray):
-            assert a.dtype == b.dtype and np.array_equal(a, b), f.name
+            nan = b.dtype.kind == "f"  # NaN = never fires (mean_act, logit_effect)
+            assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=nan), f.name
         else:
             assert a == b, f.name

@@ -109,9 +109,20 @@ def test_page_data_matches_the_python_computation(built):
         np.testing.assert_allclose(
             logit, st.logit_effect[live], atol=np.abs(st.logit_effect[live]).max() / 65534
         )
+        # a latent that never fires on a clean token: mean activation None (shown "–"), its mean on the
+        # corrupted tokens, and the basis of its direct logit effect
+        assert entry["mean_act"] == [
+            None if np.isnan(v) else pytest.approx(v, rel=1e-3) for v in st.mean_act[live]
+        ]
+        np.testing.assert_allclose(
+            np.array(entry["mean_act_c"], dtype=float), st.mean_act_corrupted[live], rtol=1e-3
+        )  # None -> NaN where it never fires on a corrupted token
+        assert [data["effect_bases"][b] for b in entry["effect_basis"]] == st.effect_basis[live].tolist()
     probs = explorer_array(data, data["models"]["base"], "probs").reshape(-1, 10)
     np.testing.assert_allclose(probs, stats["base s0"].probs, atol=0.5 / 65535 + 1e-7)
     # counterparts (other model, same condition and seed) and seed replicates (same model and condition)
+    assert data["format"] == "mechvit-explorer/4" and data["effect_bases"] == ["clean", "corrupted", "none"]
+    assert any("corrupted" in st.effect_basis[st.live] for st in stats.values())  # the case is covered
     b0, b1, f0 = data["saes"]
     assert [m["sae"] for m in b0["matches"]] == ["ft s0"] and [m["sae"] for m in b0["replicates"]] == [
         "base s1"
@@ -282,7 +293,7 @@ def _expected_order(data_entry: dict, key: str, direction: int) -> list[int]:
     if key == "id":
         vals = live
     elif key.startswith("match:"):
-        vals = next(m["cos"] for m in data_entry["matches"] if m["sae"] == key[6:])
+        vals = next(m["cos"] for m in data_entry["matches"] if m["model"] == key[6:])  # keyed by model
     else:
         vals = data_entry[key]
     nulls = [f for f, v in zip(live, vals, strict=True) if v is None]
@@ -304,7 +315,7 @@ def test_sort_by_every_column(browser, built):
     entry = data["saes"][0]  # base s0: has replicates (stability) and a counterpart (ft s0)
     show(driver, 0, "")
     keys = [e.get_attribute("data-sort") for e in driver.find_elements("css selector", "#thead [data-sort]")]
-    assert keys == ["id", "density", "mean_act", "label", "stability", "match:ft s0"]
+    assert keys == ["id", "density", "mean_act", "label", "stability", "match:ft"]
     names = [e.text for e in driver.find_elements("css selector", "#thead [data-sort]")]
     assert names[-2:] == ["seed stab.", "cos ft"]
     for key in keys:
@@ -318,7 +329,7 @@ def test_sort_by_every_column(browser, built):
                 ordered = js(
                     driver,
                     "const l = arguments[0], d = arguments[1];"
-                    "return l.every((x, i) => i === 0 || d * l[i - 1].localeCompare(x) <= 0)",
+                    "return l.every((x, i) => i === 0 || d * l[i - 1].localeCompare(x, undefined, {numeric: true}) <= 0)",
                     labels,
                     direction,
                 )

@@ -97,3 +97,30 @@ def test_many_classes_show_the_leading_ones(stats, tmp_path):
     assert len(shown) <= 24 and "leading 12 of 1000 classes" in text and "largest 12 of 1000" in text
     with pytest.raises(ValueError, match="max_classes"):
         feature_card(st, f, images, CLASSES, max_classes=0)
+
+
+def test_card_says_which_activation_the_logit_effect_is_at(stats, tmp_path):
+    """A latent that never fires on a clean token: its mean activation reads "–" (not 0), the logit panel says
+    the effect is at the corrupted-image mean (and draws the measured bars); a latent that never fires: "not
+    measured", no bars."""
+    st, images, corrupted = stats
+    only_c = np.flatnonzero(st.effect_basis == "corrupted")
+    assert len(only_c) and np.isnan(st.mean_act[only_c]).all()
+    f = int(only_c[np.argmax(st.density_corrupted[only_c])])
+    feature_card(st, f, images, CLASSES, path=tmp_path / "c.png", dpi=72, corrupted=corrupted)
+    text = (tmp_path / "c.svg").read_text()
+    assert "mean act – (corrupted " + f"{float(st.mean_act_corrupted[f]):.3g})" in text
+    assert "direct logit effect (corrupted-image mean act × decoder dir.)" in text
+    assert "nan" not in text and "not measured" not in text
+    assert "classes of top images: none (never on clean)" in text
+    clean = int(st.live[np.argmax(st.density[st.live])])
+    feature_card(st, clean, images, CLASSES, path=tmp_path / "k.png", dpi=72)
+    text = (tmp_path / "k.svg").read_text()
+    assert "direct logit effect (mean act × decoder dir.)" in text and "corrupted-image" not in text
+    n_top = int(st.class_counts[clean].sum())
+    assert f"classes of top {n_top} images" in text and 0 < n_top <= st.n_assoc
+    dead = 0  # random_sae kills latents 0-3
+    assert st.effect_basis[dead] == "none" and np.isnan(st.logit_effect[dead]).all()
+    feature_card(st, dead, images, CLASSES, path=tmp_path / "d.png", dpi=72)
+    text = (tmp_path / "d.svg").read_text()
+    assert "not measured" in text and "(never fires on clean images)" in text and "nan" not in text

@@ -136,7 +136,18 @@ def test_explorer_numbers_are_the_study_models_own(study):
     live = st.live
     assert entry["live"] == live.tolist()
     np.testing.assert_allclose(entry["density"], st.density[live], rtol=1e-3)
-    np.testing.assert_allclose(entry["mean_act"], st.mean_act[live], rtol=1e-3)
+    # null (NaN here) where the latent never fires on a clean (corrupted) token
+    np.testing.assert_allclose(np.array(entry["mean_act"], dtype=float), st.mean_act[live], rtol=1e-3)
+    np.testing.assert_allclose(
+        np.array(entry["mean_act_c"], dtype=float), st.mean_act_corrupted[live], rtol=1e-3
+    )
+    data = page_data(out / "explorer" / "features.html")
+    basis = [data["effect_bases"][b] for b in entry["effect_basis"]]
+    assert (
+        basis == st.effect_basis[live].tolist() and "none" not in basis
+    )  # every listed latent fires somewhere
+    logit = explorer_array(data, entry, "logit").reshape(len(live), -1)
+    np.testing.assert_allclose(logit, st.logit_effect[live], atol=np.abs(st.logit_effect[live]).max() / 30000)
     assert entry["top"] == st.top_idx[live].tolist() and entry["top_c"] == st.top_idx_corrupted[live].tolist()
     assert entry["label"] == [st.label[f] for f in live] and entry["hist"] == st.hist[live].tolist()
 
@@ -352,6 +363,7 @@ def synthetic_stats(d_sae: int, n: int, n_c: int, k: int, n_assoc: int, bins: in
         probs_ablate=rng.dirichlet(np.full(C, 0.2), (F, k)),
         probs_double=rng.dirichlet(np.full(C, 0.2), (F, k)),
         n_assoc=n_assoc,
+        mean_act_corrupted=rng.gamma(2, 1, F),  # on the page too (mean_act_c), so its size counts it
     )
 
 

@@ -3,19 +3,24 @@
 :func:`feature_stats` runs a HookedViT over a set of images (and, optionally, corrupted versions of them),
 encodes the patch tokens at the SAE's hook and returns a :class:`FeatureStats` with, per latent:
 
-- **density** (fraction of patch tokens on which it fires), **mean activation** (mean over the tokens where
-  it fires), max activation, and a histogram of its non-zero activations;
+- **density** (fraction of patch tokens on which it fires), **mean activation** (mean over the clean tokens
+  where it fires; NaN when it never fires on a clean token) and the same over the corrupted tokens, max
+  activation, and a histogram of its non-zero activations;
 - its **top images** (by the strongest patch) with the per-patch activation map, from the clean images and,
   separately, from the corrupted ones;
 - the **classes** of its top ``n_assoc`` images and an **automatic label**: the class association
   (``"Sneaker 94%"``, ``"Shirt / T-shirt"``, or ``"mixed"``) plus where on the patch grid it fires
   (``"top-left"``, ``"centre"``, ``"everywhere"`` ...);
-- its **direct logit effect**: the mean change of each class logit when ``mean_act * d`` (``d`` = the
-  decoder direction in the hook's units, ``sae.decode(e_f) - sae.decode(0)``) is added to the tokens the
-  readout reads (the class token for token pooling, every pooled token otherwise) of the *final* residual
-  stream of real images, through the model's own non-linear readout (final LayerNorm, pooling, fc_norm,
-  head): ``unembed(resid + mean_act * d) - unembed(resid)`` averaged over ``n_readout`` images. It is the
-  direct path only: the blocks between the SAE's hook and the readout are skipped (as the logit lens does);
+- its **direct logit effect**: the mean change of each class logit when ``a * d`` (``d`` = the decoder
+  direction in the hook's units, ``sae.decode(e_f) - sae.decode(0)``) is added to the tokens the readout
+  reads (the class token for token pooling, every pooled token otherwise) of the *final* residual stream of
+  real (clean) images, through the model's own non-linear readout (final LayerNorm, pooling, fc_norm, head):
+  ``unembed(resid + a * d) - unembed(resid)`` averaged over ``n_readout`` images. ``a`` is the latent's
+  firing mean on the clean tokens (``mean_act``); for a latent that never fires on a clean token but does on
+  a corrupted one, its firing mean on the corrupted tokens (``mean_act_corrupted``); for a latent that never
+  fires at all the effect is NaN (not measured). :attr:`FeatureStats.effect_basis` says which, per latent
+  (``"clean"``, ``"corrupted"``, ``"none"``). It is the direct path only: the blocks between the SAE's hook
+  and the readout are skipped (as the logit lens does);
 - the **measured effect** of ablating it (activation x 0) and of doubling it (x 2) on its top clean images:
   the feature's decoded contribution ``c_f(token) * d`` is removed / added once more at every patch token of
   the hook, with the SAE's reconstruction error kept, so "before" is exactly the model's own prediction and
@@ -23,7 +28,8 @@ encodes the patch tokens at the SAE's hook and returns a :class:`FeatureStats` w
 
 Both effects cost one readout per latent, and the ablate/double effect a forward from the hook per latent
 and top image: ``max_effect_latents`` bounds them to the live latents that fire on the most patch tokens
-(:attr:`FeatureStats.effect_latents` lists those; the others' effects stay 0).
+(:attr:`FeatureStats.effect_latents` lists those; the other live latents' effects stay 0, the direct logit
+effect of a latent that never fires is NaN).
 
 :func:`nearest_cosine` gives, for each latent of one SAE, the most similar decoder direction of another
 (used for seed stability across replicates and for change under fine-tuning).
@@ -67,7 +73,7 @@ class FeatureStats:
     n_corrupted: int
     density: np.ndarray  # [F] fraction of clean patch tokens where the code is > 0
     density_corrupted: np.ndarray | None  # [F] the same on the corrupted images
-    mean_act: np.ndarray  # [F] mean code over the clean tokens where it is > 0 (0 if never)
+    mean_act: np.ndarray  # [F] mean code over the clean tokens where it is > 0 (NaN if never)
     max_act: np.ndarray  # [F] largest code over clean and corrupted tokens
     hist: np.ndarray  # [F, n_bins] counts of clean non-zero codes in n_bins equal bins over (0, max_act]
     top_idx: np.ndarray  # [F, k] clean image indices by the strongest patch, best first (-1 = none)
@@ -81,7 +87,9 @@ class FeatureStats:
     label: list[str]  # automatic label: class association and location
     label_class: list[str]
     label_where: list[str]
-    logit_effect: np.ndarray  # [F, C] direct effect of mean_act * decoder direction on each class logit
+    # [F, C] direct effect of a * decoder direction on each class logit, a = the firing mean effect_basis names
+    # (NaN where the latent never fires)
+    logit_effect: np.ndarray
     probs: np.ndarray  # [N, C] the model's class probabilities on each clean image ("before")
     probs_ablate: np.ndarray  # [F, k, C] on top image j with the latent's contribution removed
     probs_double: np.ndarray  # [F, k, C] with it doubled
@@ -89,10 +97,24 @@ class FeatureStats:
     # the latents whose logit_effect / probs_ablate / probs_double were computed (sorted); None: every latent
     effect_latents: np.ndarray | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # [F] mean code over the corrupted tokens where it is > 0 (NaN if never); None without corrupted images
+    mean_act_corrupted: np.ndarray | None = None
+    # [F] the activation logit_effect is computed at: "clean" (mean_act), "corrupted" (mean_act_corrupted: the
+    # latent never fires on a clean token) or "none" (it never fires: logit_effect is NaN). None (stats made
+    # before it existed): "clean" wherever the latent fires on a clean token, else "none"
+    effect_basis: np.ndarray | None = None
 
     @property
     def d_sae(self) -> int:
         return int(self.density.shape[0])
+
+    @property
+    def basis(self) -> np.ndarray:
+        """:attr:`effect_basis`, or for stats that do not record it (older ones): ``"clean"`` where the latent
+        fires on a clean token, else ``"none"`` (their effect was computed at a mean activation of 0)."""
+        if self.effect_basis is not None:
+            return np.asarray(self.effect_basis)
+        return np.where(np.asarray(self.density) > 0, "clean", "none")
 
     @property
     def live(self) -> np.ndarray:
@@ -360,6 +382,11 @@ def feature_stats(
                 total += z.sum((0, 1)).double()
             return img_max, active, total
 
+        def firing_mean(total: Tensor, active: Tensor) -> Tensor:
+            """Mean code over the tokens where the latent fires; NaN where it never does (not 0: that would
+            read as a measured, weakest activation)."""
+            return torch.where(active > 0, total / active.clamp_min(1), torch.nan).float()
+
         def codes_again(acts: Tensor):
             """The codes of pass_one again: rebuilt from the kept non-zero codes (the same numbers up to the
             sign of zero) instead of a second encode."""
@@ -396,11 +423,13 @@ def feature_stats(
 
         img_max, active, total = pass_one(resid, "encode clean")
         max_act = img_max.amax(0)
-        dens_c = img_max_c = None
+        dens_c = img_max_c = mean_act_c = None
+        active_c = torch.zeros(F, dtype=torch.float64)
         if resid_c is not None:
-            img_max_c, active_c, _ = pass_one(resid_c, "encode corrupted")
+            img_max_c, active_c, total_c = pass_one(resid_c, "encode corrupted")
             max_act = torch.maximum(max_act, img_max_c.amax(0))
             dens_c = (active_c / (len(resid_c) * P)).float().numpy()
+            mean_act_c = firing_mean(total_c, active_c)
         density = (active / (len(images) * P)).float().numpy()
         effect_latents = None
         if max_effect_latents is not None:
@@ -428,7 +457,13 @@ def feature_stats(
             for m, v in zip(location.numpy(), valid.numpy(), strict=True)
         ]
         label = [c if c == "-" else f"{c} · {w}" for c, w in zip(label_class, label_where, strict=True)]
-        mean_act = (total / active.clamp_min(1)).float()
+        mean_act = firing_mean(total, active)
+        # the activation of the direct logit effect: the clean firing mean, else the corrupted one, else none
+        basis = np.where(active.numpy() > 0, "clean", np.where(active_c.numpy() > 0, "corrupted", "none"))
+        amplitude = mean_act.clone()
+        if mean_act_c is not None:
+            amplitude = torch.where(active > 0, mean_act, mean_act_c)
+        measured = torch.from_numpy(basis != "none")
 
         directions = decoder_directions(sae)  # [F, D]
         # direct logit effect through the model's own readout on the final residual stream
@@ -449,13 +484,15 @@ def feature_stats(
             final = final[:, : read.stop]  # the rows the pooling reads are the first ones
         base_logits = model.unembed(final.to(dev)).float().cpu()  # [M, C]
         logit_effect = torch.zeros(F, C)
+        logit_effect[~measured] = torch.nan  # never fires: nothing to measure it at
         which = torch.arange(F) if effect_latents is None else effect_latents
+        which = which[measured[which]]
         step = max(1, effect_batch // max(1, len(final)))
         for s in tqdm(
             range(0, len(which), step), desc="direct logit effect", disable=not progress, leave=False
         ):
             fs = which[s : s + step]
-            d = (directions[fs] * mean_act[fs, None]).to(dev)  # [f, D]
+            d = (directions[fs] * amplitude[fs, None]).to(dev)  # [f, D]
             x = final.to(dev)[None].repeat(len(d), 1, 1, 1)  # [f, M, T', D]
             x[:, :, read] += d[:, None, None, :]
             lg = model.unembed(x.reshape(-1, *x.shape[2:])).float().cpu().reshape(len(d), len(final), C)
@@ -521,4 +558,6 @@ def feature_stats(
         probs_double=p_dbl.numpy(),
         n_assoc=n_assoc,
         effect_latents=None if effect_latents is None else effect_latents.numpy(),
+        mean_act_corrupted=np_(mean_act_c),
+        effect_basis=basis,
     )

@@ -79,6 +79,10 @@ PROB_MAX = 65535  # probabilities are stored as uint16 (little-endian) of [0, 1]
 
 ARRAY_KEYS = {"maps": "u1", "maps_c": "u1", "p_abl": "<u2", "p_dbl": "<u2", "probs": "<u2", "logit": "<i2"}
 LOGIT_MAX = 32767  # direct logit effects: int16 steps of the SAE's largest |effect| / LOGIT_MAX
+LOGIT_NAN = -32768  # the one int16 the scaled effects never take: an effect that was not measured (NaN)
+# what the direct logit effect of a listed latent is computed at (FeatureStats.effect_basis): data["effect_bases"]
+# names them, each SAE entry's "effect_basis" holds one index per listed latent (absent in older pages)
+EFFECT_BASES = ("clean", "corrupted", "none")
 
 
 def _b64(a: np.ndarray) -> str:
@@ -89,11 +93,13 @@ def _b64(a: np.ndarray) -> str:
 def _b64_logits(effect: np.ndarray) -> tuple[str, float]:
     """Direct logit effects [F, C] as little-endian int16 times a scale (the SAE's largest |effect| / 32767):
     a resolution of 1/65534 of that largest effect, ~6x smaller than JSON numbers at 3 decimals and finer for
-    effects under ~16 logits (the page shows 2 decimals)."""
+    effects under ~16 logits (the page shows 2 decimals). A NaN effect (not measured) is stored as -32768."""
     e = np.asarray(effect, np.float64)
-    scale = float(np.abs(e).max()) / LOGIT_MAX if e.size else 0.0
+    finite = np.isfinite(e)
+    scale = float(np.abs(e[finite]).max()) / LOGIT_MAX if finite.any() else 0.0
     scale = scale if scale > 0 and np.isfinite(scale) else 1.0
-    q = np.rint(np.clip(e / scale, -LOGIT_MAX, LOGIT_MAX)).astype("<i2")
+    q = np.rint(np.clip(np.where(finite, e, 0.0) / scale, -LOGIT_MAX, LOGIT_MAX)).astype("<i2")
+    q[~finite] = LOGIT_NAN
     return _b64(np.ascontiguousarray(q).view(np.uint8)), scale
 
 
@@ -110,12 +116,12 @@ def explorer_array(data: dict, obj: dict, key: str) -> np.ndarray:
     """A binary array of the page's data, flat: ``obj`` is an SAE entry (``maps``, ``maps_c``: per-patch levels
     0-255 of the latent's max, as the page draws them; ``p_abl``, ``p_dbl``: probabilities; ``logit``: direct
     logit effects, row-major [live latents, classes]) or a ``data["models"]`` entry (``probs``); probabilities
-    and logit effects come back as floats."""
+    and logit effects come back as floats (an effect that was not measured as NaN)."""
     if key == "logit" and isinstance(obj[key], list):  # pages before the int16 encoding: rounded numbers
         return np.asarray(obj[key], np.float64).reshape(-1)
     a = np.frombuffer(base64.b64decode(obj[key]), ARRAY_KEYS[key])
     if key == "logit":
-        return a * obj["logit_scale"]
+        return np.where(a == LOGIT_NAN, np.nan, a * obj["logit_scale"])
     if key in ("p_abl", "p_dbl", "probs"):
         return a / data["prob_max"]
     if data.get("map_bits") == 4:  # high nibble first; the page scales 0-15 to 0-255
@@ -315,6 +321,8 @@ def explorer_data(
             stability = _num(np.mean(coss, axis=0))
         scale = st.max_act[live][:, None, None, None]
         logit_b64, logit_scale = _b64_logits(st.logit_effect[live])
+        mean_c = getattr(st, "mean_act_corrupted", None)
+        basis = np.asarray(st.basis)[live]
         entry = {
             "name": x.name,
             "model": x.model,
@@ -329,7 +337,9 @@ def explorer_data(
             "n_live": len(st.live),  # more than len(live) when max_latents left some out
             "density": _num(st.density[live]),
             "density_c": None if st.density_corrupted is None else _num(st.density_corrupted[live]),
-            "mean_act": _num(st.mean_act[live]),
+            "mean_act": _num(st.mean_act[live]),  # None: never fires on a clean token
+            "mean_act_c": None if mean_c is None else _num(mean_c[live]),
+            "effect_basis": [EFFECT_BASES.index(str(b)) for b in basis],
             "max_act": _num(st.max_act[live]),
             "label": [st.label[f] for f in live],
             "stability": stability,
@@ -380,9 +390,10 @@ def explorer_data(
             corrupted_groups=None if corrupted_groups is None else [list(g) for g in corrupted_groups],
         )
     data = {
-        "format": "mechvit-explorer/3",
+        "format": "mechvit-explorer/4",  # 4: mean_act None where it never fires on clean, mean_act_c, effect_basis
         "prob_max": PROB_MAX,
         "map_bits": 4,
+        "effect_bases": list(EFFECT_BASES),
         "title": title,
         "class_names": list(class_names),
         "images": img,
@@ -422,7 +433,7 @@ def explorer_html(data: dict) -> str:
 <header><h1 id="title">{t}</h1><span class="meta" id="meta"></span><span id="saes"></span>
 <input id="search" type="search" placeholder="search: #id or label (e.g. sneaker, top-left)" aria-label="search"></header>
 <main><section id="left"><div id="count"></div><div class="thead" id="thead"></div>
-<div id="list"><div id="spacer"></div></div></section>
+<div id="list" tabindex="0" role="listbox" aria-label="latents (arrow keys, Home, End, Enter)"><div id="spacer" role="presentation"></div></div></section>
 <section id="detail"></section></main>
 <script id="explorer-data" type="application/json">{payload}</script>
 <script>{js}</script>

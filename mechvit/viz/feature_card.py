@@ -5,7 +5,10 @@ One call: ``feature_card(stats, feature, images, class_names, path="card.png")``
 dpi) and ``card.svg`` (text kept as text) and returns the matplotlib ``Figure``. ``stats`` is the
 :class:`~mechvit.analysis.features.FeatureStats` the explorer shows, so the card and the page agree. With more
 than ``max_classes`` classes (ImageNet's 1,000) the two bar charts show the ``max_classes`` leading ones: the
-most frequent classes among the top images, and the largest logit effects by magnitude.
+most frequent classes among the top images, and the largest logit effects by magnitude. The direct logit effect
+is computed at the latent's mean activation on the clean tokens where it fires; for a latent that never fires on
+a clean token, at its mean on the corrupted ones, and the card says so; for one that never fires, the card says
+it was not measured (``FeatureStats.effect_basis``).
 """
 
 from __future__ import annotations
@@ -112,7 +115,10 @@ def feature_card(
             cb.ax.tick_params(labelsize=5)
     # bottom row: classes of the top images | direct logit effect (the leading max_classes of many classes)
     counts = stats.class_counts[f]
-    eff = stats.logit_effect[f]
+    eff = np.asarray(stats.logit_effect[f], dtype=np.float64)
+    basis = str(stats.basis[f])
+    if not np.isfinite(eff).all():
+        basis = "none"
     show_c = show_e = np.arange(C)
     if C > max_classes:
         show_c = np.argsort(-counts, kind="stable")[:max_classes]
@@ -124,24 +130,44 @@ def feature_card(
     ax1.invert_yaxis()
     ax1.tick_params(axis="x", labelsize=6)
     lead = "" if C <= max_classes else f" (leading {len(show_c)} of {C} classes)"
-    ax1.set_title(f"classes of top {int(counts.sum())} images{lead}", fontsize=7)
-    ax2 = fig.add_subplot(gs[-1, k // 2 : k])
-    ax2.barh(
-        np.arange(len(show_e)), eff[show_e], color=["#d0674f" if v >= 0 else "#6d8fc7" for v in eff[show_e]]
+    n_top = int(counts.sum())
+    ax1.set_title(
+        f"classes of top {n_top} images{lead}" if n_top else "classes of top images: none (never on clean)",
+        fontsize=7,
     )
-    ax2.axvline(0, color="#888", lw=0.6)
-    ax2.set_yticks(np.arange(len(show_e)), [names[c] for c in show_e], fontsize=6)
-    ax2.invert_yaxis()
-    ax2.tick_params(axis="x", labelsize=6)
-    lead = "" if C <= max_classes else f" (largest {len(show_e)} of {C})"
-    ax2.set_title(f"direct logit effect (mean act × decoder dir.){lead}", fontsize=7)
+    ax2 = fig.add_subplot(gs[-1, k // 2 : k])
+    if basis == "none":  # never fires: its effect was not measured (not a measured 0)
+        ax2.set_xticks([])
+        ax2.set_yticks([])
+        ax2.text(
+            0.5, 0.5, "not measured\n(never fires on clean images)", ha="center", va="center", fontsize=7
+        )
+        ax2.set_title("direct logit effect", fontsize=7)
+    else:
+        ax2.barh(
+            np.arange(len(show_e)),
+            eff[show_e],
+            color=["#d0674f" if v >= 0 else "#6d8fc7" for v in eff[show_e]],
+        )
+        ax2.axvline(0, color="#888", lw=0.6)
+        ax2.set_yticks(np.arange(len(show_e)), [names[c] for c in show_e], fontsize=6)
+        ax2.invert_yaxis()
+        ax2.tick_params(axis="x", labelsize=6)
+        lead = "" if C <= max_classes else f" (largest {len(show_e)} of {C})"
+        # never fires on a clean token: the effect is at its mean activation on the corrupted tokens
+        at = "corrupted-image mean act" if basis == "corrupted" else "mean act"
+        ax2.set_title(f"direct logit effect ({at} × decoder dir.){lead}", fontsize=7)
     for ax in (ax1, ax2):
         for s in ("top", "right"):
             ax.spines[s].set_visible(False)
     head = title or f"latent #{f}"
+    mean = _g(stats.mean_act[f])
+    mean_c = getattr(stats, "mean_act_corrupted", None)
+    if basis == "corrupted" and mean_c is not None:
+        mean += f" (corrupted {_g(mean_c[f])})"
     fig.suptitle(
         f"{head} — {stats.label[f]}\ndensity {100 * float(stats.density[f]):.3g}% · mean act "
-        f"{float(stats.mean_act[f]):.3g} · max {vmax:.3g} · hook {stats.hook}",
+        f"{mean} · max {vmax:.3g} · hook {stats.hook}",
         fontsize=8,
     )
     if path is not None:
@@ -153,6 +179,12 @@ def feature_card(
             with _svg_text():
                 atomic_write(target, lambda fh, fmt=fmt: fig.savefig(fh, format=fmt, dpi=dpi))
     return fig
+
+
+def _g(v) -> str:
+    """A number to 3 significant digits; "–" for NaN (e.g. the mean activation of a latent that never fires)."""
+    v = float(v)
+    return f"{v:.3g}" if np.isfinite(v) else "–"
 
 
 class _svg_text:

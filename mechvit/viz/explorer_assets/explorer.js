@@ -10,7 +10,26 @@
   const $ = (s, el) => (el || document).querySelector(s);
   const esc = (s) => String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
   const fmt = (v, d) => (v === null || v === undefined || Number.isNaN(v) ? "–" : Number(v).toFixed(d));
-  const fmtDensity = (v) => (v === null || v === undefined ? "–" : v >= 0.001 ? (100 * v).toFixed(2) + "%" : v > 0 ? v.toExponential(1) : "0");
+  const fmtDensity = (v) => {
+    // always a percentage: two decimals from 0.1% up ("0.10%", "60.80%"), two significant digits below ("0.0041%")
+    if (v === null || v === undefined || Number.isNaN(v)) return "–";
+    if (v <= 0) return "0%";
+    const p = 100 * v;
+    return (p >= 0.1 ? p.toFixed(2) : p.toPrecision(2)) + "%";
+  };
+  const CORR = D.images.corrupted_name || "corrupted";
+  const BASES = D.effect_bases || ["clean", "corrupted", "none"];
+  function basisOf(s, i) {
+    // what the direct logit effect of the i-th listed latent is computed at: "clean" (its mean activation on the
+    // clean tokens where it fires), "corrupted" (never fires on a clean token: its mean on the corrupted ones) or
+    // "none" (not measured). Older pages computed every effect at the clean mean, which was 0 for a latent that
+    // never fires on a clean token: not measured either.
+    if (s.effect_basis) return BASES[s.effect_basis[i]];
+    return s.density[i] > 0 ? "clean" : "none";
+  }
+  const sum = (a) => a.reduce((x, y) => x + y, 0);
+  // mean activation on the clean tokens where the latent fires: null when it never does (older pages stored 0)
+  const meanAct = (s, i) => (s.density[i] > 0 ? s.mean_act[i] : null);
 
   function argmax(a) {
     // index of the largest value (no spread: safe for any number of latents); nulls never win
@@ -45,7 +64,7 @@
 
   function logitRow(s, i) {
     // direct logit effects of the i-th listed latent: base64 of little-endian int16 [live, classes] times
-    // s.logit_scale (a list of rows in older pages)
+    // s.logit_scale, -32768 = not measured (NaN); a list of rows in older pages
     if (Array.isArray(s.logit)) return s.logit[i];
     let m = decoded.get(s);
     if (!m) decoded.set(s, (m = {}));
@@ -53,7 +72,7 @@
       const u8 = arr(s, "logit"), out = new Float32Array(u8.length / 2);
       for (let j = 0; j < out.length; j++) {
         const q = u8[2 * j] | (u8[2 * j + 1] << 8);
-        out[j] = (q >= 32768 ? q - 65536 : q) * s.logit_scale;
+        out[j] = q === 32768 ? NaN : (q > 32768 ? q - 65536 : q) * s.logit_scale;
       }
       m["logit/f"] = out;
     }
@@ -141,11 +160,12 @@
     const cols = [
       { key: "id", name: "id", w: "52px", get: (i) => s.live[i], show: (v) => "#" + v },
       { key: "density", name: "density", w: "100px", get: (i) => s.density[i], show: fmtDensity },
-      { key: "mean_act", name: "mean act", w: "72px", get: (i) => s.mean_act[i], show: (v) => fmt(v, 3) },
+      { key: "mean_act", name: "mean act", w: "72px", get: (i) => meanAct(s, i), show: (v) => fmt(v, 3), title: "mean activation over the clean patch tokens where it fires (– : never fires on a clean token)" },
       { key: "label", name: "label", w: "minmax(100px, 1fr)", get: (i) => s.label[i], show: esc, text: true },
     ];
     if (s.stability) cols.push({ key: "stability", name: "seed stab.", w: "76px", get: (i) => s.stability[i], show: (v) => fmt(v, 2), title: "seed stability: mean decoder cosine to the nearest latent of each other seed replicate" });
-    for (const m of s.matches) cols.push({ key: "match:" + m.sae, name: "cos " + m.model, w: "76px", get: (i) => m.cos[i], show: (v) => fmt(v, 2), title: `change under fine-tuning: decoder cosine to the nearest latent of ${m.sae} (model ${m.model})` });
+    // keyed by the counterpart's model, not its SAE: a sort by "cos <model>" survives a change of replicate
+    for (const m of s.matches) cols.push({ key: "match:" + m.model, name: "cos " + m.model, w: "76px", get: (i) => m.cos[i], show: (v) => fmt(v, 2), title: `change under fine-tuning: decoder cosine to the nearest latent of ${m.sae} (model ${m.model})` });
     return cols;
   }
 
@@ -165,7 +185,7 @@
       if (va === vb) return s.live[a] - s.live[b];
       if (va === null) return 1;
       if (vb === null) return -1;
-      return (col.text ? String(va).localeCompare(String(vb)) : va - vb) * dir;
+      return (col.text ? String(va).localeCompare(String(vb), undefined, { numeric: true }) : va - vb) * dir;
     });
     state.rows = rows;
     renderIndex();
@@ -208,9 +228,13 @@
         if (c.key === "density") return `<div><span class="bar" style="width:${Math.max(1, (30 * Math.sqrt(v / maxDen))).toFixed(1)}px"></span>${c.show(v)}</div>`;
         return c.text ? `<div title="${c.show(v)}">${c.show(v)}</div>` : `<div>${c.show(v)}</div>`;
       });
-      html += `<div class="row${f === state.feature ? " sel" : ""}" data-feature="${f}" style="top:${r * ROW}px">${cells.join("")}</div>`;
+      const sel = f === state.feature;
+      html += `<div class="row${sel ? " sel" : ""}" id="opt-${f}" role="option" aria-selected="${sel}" data-feature="${f}" style="top:${r * ROW}px">${cells.join("")}</div>`;
     }
     $("#spacer").innerHTML = html;
+    // the listbox's active option, for assistive technology (when its row is rendered)
+    if (state.feature !== null && $("#opt-" + state.feature)) list.setAttribute("aria-activedescendant", "opt-" + state.feature);
+    else list.removeAttribute("aria-activedescendant");
   }
 
   // ---- detail panel --------------------------------------------------------------------------------------------
@@ -286,6 +310,35 @@
     return `<svg width="${w}" height="${hh + 16}" id="hist">${g}</svg><div class="muted">non-zero activations on clean patch tokens (log count)</div>`;
   }
 
+  function noImages(s, i, set) {
+    // why a latent has no top images in the set shown
+    if (set === "clean" && s.top_c && s.top_c[i].some((t) => t >= 0)) return `never active on the clean images (see the ${esc(CORR)} toggle)`;
+    if (set === "clean") return "never active on the clean images";
+    return `never active on the ${esc(CORR)} images`;
+  }
+
+  function logitPanel(s, i) {
+    // the direct logit effect, saying which mean activation it is computed at when not the clean one
+    const basis = basisOf(s, i);
+    const row = basis === "none" ? null : logitRow(s, i);
+    if (!row || row.some((v) => Number.isNaN(v))) {
+      return `<div id="logit-effect" data-basis="none"><h3>Direct logit effect</h3><div class="muted" id="logit-note">not measured (never fires on clean images)</div></div>`;
+    }
+    const at = basis === "corrupted"
+      ? `its mean activation on the ${esc(CORR)} tokens where it fires (${fmt(s.mean_act_c ? s.mean_act_c[i] : null, 3)}; it never fires on the clean images)`
+      : "mean act";
+    return `<div id="logit-effect" data-basis="${basis}"><h3>Direct logit effect${basis === "corrupted" ? ` <span class="basis">at the ${esc(CORR)} mean activation</span>` : ""}</h3>` +
+      `${bars(row, { show: (v) => (v >= 0 ? "+" : "") + v.toFixed(2), cls: "logits" })}` +
+      `<div class="muted" id="logit-note" style="max-width:300px">Δ logit when ${at} × decoder direction is added to the readout token(s) of the final residual stream (model's own final norm, pooling, head; blocks after the hook skipped).</div></div>`;
+  }
+
+  function classesPanel(s, i) {
+    // the classes of the top images the latent fires on: min(n_assoc, the clean images it fires on)
+    const n = sum(s.class_counts[i]);
+    if (n === 0) return `<div id="classes"><h3>Classes of top images</h3><div class="muted">none: never active on the clean images</div></div>`;
+    return `<div id="classes" data-n="${n}"><h3>Classes of top ${n} image${n === 1 ? "" : "s"}</h3>${bars(s.class_counts[i], { show: (v) => String(v), color: () => "#7a9c5a", cls: "classes" })}</div>`;
+  }
+
   function ablationTable(s, i) {
     const k = s.k, P = C;
     const pa = probs(s, "p_abl"), pd = probs(s, "p_dbl");
@@ -309,6 +362,7 @@
       rows += `<tr data-image="${img}" data-j="${j}"><td><canvas width="${IW * 2}" height="${IH * 2}" data-thumb="${img}"></canvas></td><td>${esc(D.class_names[D.images.labels[img]])}</td>` +
         `<td data-pred="${pred}" data-p="${b[pred].toFixed(5)}">${esc(D.class_names[pred])} ${(100 * b[pred]).toFixed(1)}%</td>${cell(a)}${cell(d)}</tr>`;
     }
+    if (!rows) return `<p class="muted" id="ablation">no clean top images to ablate (never active on the clean images)</p>`;
     return `<table class="abl" id="ablation"><tr><th>image</th><th>true</th><th>before</th><th>ablated (×0)</th><th>doubled (×2)</th></tr>${rows}</table>`;
   }
 
@@ -359,10 +413,13 @@
     const setBtns = D.images.corrupted
       ? `<span class="toggle" id="settoggle"><button data-set="clean" class="${state.set === "clean" ? "on" : ""}">clean</button><button data-set="corrupted" class="${state.set === "corrupted" ? "on" : ""}">${esc(D.images.corrupted_name)}</button></span>`
       : "";
-    const stat = (key, name, v, shown) => `<div class="stat" data-key="${key}" data-value="${v}"><b>${name}</b><span>${shown}</span></div>`;
+    // data-value: the number (NaN where there is none, e.g. the mean activation of a latent that never fires)
+    const stat = (key, name, v, shown) => `<div class="stat" data-key="${key}" data-value="${v === null || v === undefined ? NaN : v}"><b>${name}</b><span>${shown}</span></div>`;
     let statsHtml = stat("density", "density (clean)", s.density[i], fmtDensity(s.density[i]));
-    if (s.density_c) statsHtml += stat("density_corrupted", `density (${esc(D.images.corrupted_name)})`, s.density_c[i], fmtDensity(s.density_c[i]));
-    statsHtml += stat("mean_act", "mean activation", s.mean_act[i], fmt(s.mean_act[i], 3)) + stat("max_act", "max activation", s.max_act[i], fmt(s.max_act[i], 3));
+    if (s.density_c) statsHtml += stat("density_corrupted", `density (${esc(CORR)})`, s.density_c[i], fmtDensity(s.density_c[i]));
+    statsHtml += stat("mean_act", s.mean_act_c ? "mean activation (clean)" : "mean activation", meanAct(s, i), fmt(meanAct(s, i), 3));
+    if (s.mean_act_c) statsHtml += stat("mean_act_corrupted", `mean activation (${esc(CORR)})`, s.mean_act_c[i], fmt(s.mean_act_c[i], 3));
+    statsHtml += stat("max_act", "max activation", s.max_act[i], fmt(s.max_act[i], 3));
     if (s.stability) statsHtml += stat("stability", "seed stability", s.stability[i], fmt(s.stability[i], 3));
     const card = s.cards && s.cards[f];
     // every latent: a card drawn here from the page's data (SVG, or PNG at print resolution); the study's
@@ -378,8 +435,7 @@
       `<div class="muted">heatmap: the latent's activation on each patch (scale 0 – ${fmt(s.max_act[i], 3)}, the latent's max) ` +
       `<canvas class="cbar" width="120" height="8" id="cbar"></canvas></div>` +
       `<div class="panel"><div><h3>Activation histogram</h3>${histogram(s, i)}</div>` +
-      `<div><h3>Classes of top ${s.n_assoc} images</h3>${bars(s.class_counts[i], { show: (v) => String(v), color: () => "#7a9c5a", cls: "classes" })}</div>` +
-      `<div><h3>Direct logit effect</h3>${bars(logitRow(s, i), { show: (v) => (v >= 0 ? "+" : "") + v.toFixed(2), cls: "logits" })}<div class="muted" style="max-width:300px">Δ logit when mean act × decoder direction is added to the readout token(s) of the final residual stream (model's own final norm, pooling, head; blocks after the hook skipped).</div></div></div>` +
+      classesPanel(s, i) + logitPanel(s, i) + `</div>` +
       `<h3>Ablate / double on the top images</h3><div class="muted">the latent's decoded contribution at every patch token of ${esc(s.hook)} removed (×0) or added again (×2), SAE error kept: "before" is the model's own prediction.</div>${ablationTable(s, i)}` +
       `<div id="matches"></div>`;
     const cb = $("#cbar").getContext("2d");
@@ -387,7 +443,7 @@
     const box = $("#topimgs");
     const set = D.images.corrupted ? state.set : "clean";
     topFigures(s, i, set, 3, true).forEach((fig) => box.appendChild(fig));
-    if (!box.children.length) box.innerHTML = `<span class="muted">never active on these images</span>`;
+    if (!box.children.length) box.innerHTML = `<span class="muted" id="noimgs">${noImages(s, i, set)}</span>`;
     el.querySelectorAll("canvas[data-thumb]").forEach((cv) => drawImage(cv, "clean", +cv.dataset.thumb, null, 2));
     const mbox = $("#matches");
     if (s.matches.length || (s.replicates && s.replicates.length)) mbox.innerHTML = `<h3>Matched latents in other SAEs</h3>`;
@@ -405,7 +461,9 @@
     const i = s ? pos(s, f) : -1;
     if (i < 0) throw new Error(`no live latent #${f} in ${saeName}`);
     if (spriteReady.clean) await spriteReady.clean;
-    const n = Math.min(6, s.k), cell = 112, gap = 8;
+    // up to 6 images, their cells sized from the card's width so the row always fits inside its margins
+    const x0 = 16, n = Math.min(6, s.k), gap = 8;
+    const cell = Math.min(112, Math.floor((CARD_W - 2 * x0 - (n - 1) * gap) / n));
     const figs = [];
     const k = s.k, P = s.grid[0] * s.grid[1];
     const maps = arr(s, "maps");
@@ -417,24 +475,34 @@
       drawImageOf(s, cv, "clean", img, slice(maps, (i * k + j) * P, P), 4);
       figs.push({ uri: cv.toDataURL("image/png"), img, v: s.top_val[i][j] });
     }
-    const x0 = 16;
     let g = `<text x="${x0}" y="24" class="t">${esc(s.name)} · latent #${f}</text>` +
       `<text x="${x0}" y="44" class="l">${esc(s.label[i])}</text>` +
-      `<text x="${x0}" y="62">density ${fmtDensity(s.density[i])} · mean act ${fmt(s.mean_act[i], 3)} · max ${fmt(s.max_act[i], 3)}` +
+      `<text x="${x0}" y="62">density ${fmtDensity(s.density[i])} · mean act ${fmt(meanAct(s, i), 3)}` +
+      (s.mean_act_c && basisOf(s, i) === "corrupted" ? ` (${esc(CORR)}: ${fmt(s.mean_act_c[i], 3)})` : "") + ` · max ${fmt(s.max_act[i], 3)}` +
       (s.stability ? ` · seed stability ${fmt(s.stability[i], 2)}` : "") + ` · hook ${esc(s.hook)}</text>`;
     figs.forEach((fg, j) => {
       const x = x0 + j * (cell + gap);
       g += `<image x="${x}" y="74" width="${cell}" height="${cell}" href="${fg.uri}" style="image-rendering:pixelated"></image>` +
         `<text x="${x + cell / 2}" y="${74 + cell + 12}" text-anchor="middle">${esc(D.class_names[D.images.labels[fg.img]])} · ${fmt(fg.v, 2)}</text>`;
     });
+    if (!figs.length) g += `<text x="${x0}" y="${74 + 20}">never active on the clean images</text>`;
     const y1 = 74 + cell + 30;
-    g += `<text x="${x0}" y="${y1}" class="h">classes of the top ${s.n_assoc} images</text>` +
-      `<g transform="translate(${x0},${y1 + 6})">${bars(s.class_counts[i], { width: 320, show: (v) => String(v), color: () => "#7a9c5a" })}</g>` +
-      `<text x="${x0 + 350}" y="${y1}" class="h">direct logit effect</text>` +
-      `<g transform="translate(${x0 + 350},${y1 + 6})">${bars(logitRow(s, i), { width: 340, show: (v) => (v >= 0 ? "+" : "") + v.toFixed(2) })}</g>`;
-    const h = y1 + 6 + C * 14 + 16;
+    const nCls = sum(s.class_counts[i]), basis = basisOf(s, i);
+    const row = basis === "none" ? null : logitRow(s, i);
+    const measured = row && !row.some((v) => Number.isNaN(v));
+    g += `<text x="${x0}" y="${y1}" class="h">${nCls ? `classes of the top ${nCls} image${nCls === 1 ? "" : "s"}` : "classes of the top images"}</text>` +
+      (nCls ? `<g transform="translate(${x0},${y1 + 6})">${bars(s.class_counts[i], { width: 320, show: (v) => String(v), color: () => "#7a9c5a" })}</g>` : `<text x="${x0}" y="${y1 + 18}">none: never active on the clean images</text>`) +
+      `<text x="${x0 + 350}" y="${y1}" class="h">direct logit effect${measured && basis === "corrupted" ? " (at the corrupted mean act*)" : ""}</text>` +
+      (measured
+        ? `<g transform="translate(${x0 + 350},${y1 + 6})">${bars(row, { width: 340, show: (v) => (v >= 0 ? "+" : "") + v.toFixed(2) })}</g>`
+        : `<text x="${x0 + 350}" y="${y1 + 18}" class="basis">not measured (never fires on clean images)</text>`);
+    let h = y1 + 6 + C * 14 + 16;
+    if (measured && basis === "corrupted") {
+      g += `<text x="${x0}" y="${h}" class="basis">* at its mean activation on the ${esc(CORR)} images (${fmt(s.mean_act_c ? s.mean_act_c[i] : null, 3)}); it never fires on clean images</text>`;
+      h += 14;
+    }
     return `<svg xmlns="http://www.w3.org/2000/svg" width="${CARD_W}" height="${h}" viewBox="0 0 ${CARD_W} ${h}">` +
-      `<style>text{font:10px sans-serif;fill:#3b4558}.t{font-size:15px;font-weight:600;fill:#1d2430}.l{font-size:13px}.h{font-size:11px;font-weight:600}</style>` +
+      `<style>text{font:10px sans-serif;fill:#3b4558}.t{font-size:15px;font-weight:600;fill:#1d2430}.l{font-size:13px}.h{font-size:11px;font-weight:600}.basis{font-style:italic}</style>` +
       `<rect width="100%" height="100%" fill="#fff"></rect>${g}</svg>`;
   }
 
@@ -483,16 +551,79 @@
     refilter();
     renderDetail();
   }
-  function open(saeName, f) {
+  function scrollToRow(r, nearest) {
+    // bring row r of the (virtualised) index into view: just enough (nearest, keyboard), or to a third from the top
+    const list = $("#list");
+    const top = r * ROW, bottom = top + ROW;
+    if (r < 0 || (top >= list.scrollTop && bottom <= list.scrollTop + list.clientHeight)) return;
+    list.scrollTop = !nearest ? top - list.clientHeight / 3 : top < list.scrollTop ? top : bottom - list.clientHeight;
+    renderRows();
+  }
+
+  function open(saeName, f, nearest) {
     const idx = D.saes.findIndex((x) => x.name === saeName);
     if (idx < 0) return;
     state.feature = f;
     if (idx !== state.sae) selectSae(idx, true);
     else { renderRows(); renderDetail(); }
     history.replaceState(null, "", "#" + new URLSearchParams({ sae: saeName, f: String(f) }).toString());
-    const r = state.rows.findIndex((i) => S().live[i] === f);
-    const list = $("#list");
-    if (r >= 0 && (r * ROW < list.scrollTop || (r + 1) * ROW > list.scrollTop + list.clientHeight)) { list.scrollTop = r * ROW - list.clientHeight / 3; renderRows(); }
+    scrollToRow(state.rows.findIndex((i) => S().live[i] === f), nearest);
+  }
+
+  function openDensest() {
+    // the densest listed latent of the current SAE, so the panel never starts empty
+    if (S().live.length) open(S().name, S().live[argmax(S().density)]);
+  }
+
+  function notice(msg) {
+    // a message above the panel (e.g. a link that cannot be followed), until the next latent is opened
+    const old = $("#notice");
+    if (old) old.remove();
+    const p = document.createElement("p");
+    p.id = "notice";
+    p.className = "notice";
+    p.setAttribute("role", "alert");
+    p.textContent = msg;
+    $("#detail").prepend(p);
+  }
+
+  function fromHash(initial) {
+    // open what a link's #sae=NAME&f=LATENT names: on load, and whenever the hash changes in an open page
+    const h = new URLSearchParams(location.hash.slice(1));
+    const name = h.get("sae"), fs = h.get("f");
+    let idx = name === null ? state.sae : D.saes.findIndex((x) => x.name === name);
+    const problems = [];
+    if (idx < 0) { problems.push(`this page has no SAE named “${name}”`); idx = state.sae; }
+    const f = fs !== null && /^\s*\d+\s*$/.test(fs) ? parseInt(fs, 10) : null;
+    if (fs !== null && f === null) problems.push(`“${fs}” is not a latent number`);
+    if (initial) {
+      // a page opened from a link always shows something: the SAE it names (else the first) and its latent
+      selectSae(idx);
+      if (f !== null) open(S().name, f);
+      else openDensest();
+    } else if (!problems.length) {
+      if (f !== null) open(D.saes[idx].name, f);
+      else if (idx !== state.sae) { selectSae(idx); openDensest(); }
+    }
+    if (problems.length) {
+      const at = state.feature === null ? S().name : `${S().name} · latent #${state.feature}`;
+      notice(`Could not follow the link: ${problems.join("; ")} (links read #sae=NAME&f=LATENT, LATENT a whole number); ${initial ? "showing" : "still showing"} ${at}.`);
+    }
+  }
+
+  function moveSelection(key) {
+    // keyboard navigation of the index (a listbox): the selection moves and its latent opens
+    const n = state.rows.length;
+    if (!n) return false;
+    const cur = state.rows.findIndex((i) => S().live[i] === state.feature);
+    const page = Math.max(1, Math.floor($("#list").clientHeight / ROW) - 1);
+    const moves = {
+      ArrowDown: cur + 1, ArrowUp: cur - 1, PageDown: cur + page, PageUp: cur - page, Home: 0, End: n - 1, Enter: cur, " ": cur,
+    };
+    if (!(key in moves)) return false;
+    const r = cur < 0 && key !== "End" ? 0 : Math.min(n - 1, Math.max(0, moves[key]));
+    open(S().name, S().live[state.rows[r]], true);
+    return true;
   }
 
   function init() {
@@ -501,6 +632,17 @@
     $("#saes").innerHTML = D.saes.map((s, j) => `<button data-i="${j}" title="model ${esc(s.model)} · ${esc(s.hook)}">${esc(s.name)}</button>`).join("");
     $("#saes").addEventListener("click", (e) => { const b = e.target.closest("button"); if (b) selectSae(+b.dataset.i); });
     $("#search").addEventListener("input", (e) => { state.q = e.target.value; $("#list").scrollTop = 0; refilter(); });
+    $("#search").addEventListener("keydown", (e) => {
+      // ArrowDown / Enter: on to the index (Enter also opens the first match when the open latent is not listed)
+      if (e.key !== "ArrowDown" && e.key !== "Enter") return;
+      e.preventDefault();
+      $("#list").focus();
+      if (!state.rows.some((i) => S().live[i] === state.feature)) moveSelection("Home");
+    });
+    $("#list").addEventListener("keydown", (e) => {
+      if (e.altKey || e.ctrlKey || e.metaKey) return;
+      if (moveSelection(e.key)) e.preventDefault();
+    });
     $("#thead").addEventListener("click", (e) => {
       const h = e.target.closest("[data-sort]");
       if (!h) return;
@@ -520,15 +662,8 @@
       if (c) exportCard(c.dataset.card).catch((err) => console.error(err));
     });
     window.addEventListener("resize", renderRows);
-    const h = new URLSearchParams(location.hash.slice(1));
-    const start = Math.max(0, D.saes.findIndex((x) => x.name === h.get("sae")));
-    selectSae(start);
-    if (h.has("f")) open(D.saes[start].name, +h.get("f"));
-    else if (S().live.length) {
-      // open the densest live latent first so the page never starts empty
-      const i = argmax(S().density);
-      open(S().name, S().live[i]);
-    }
+    window.addEventListener("hashchange", () => fromHash(false));
+    fromHash(true);
     document.body.dataset.ready = "1";
     // load time, as the browser measures it: index and first latent rendered (readyMs), images painted (paintedMs)
     Object.assign(window.explorer, { scriptMs: T0, parsedMs: T1, readyMs: performance.now() });
@@ -539,7 +674,7 @@
 
   // for tests and the console: the current filtered, sorted feature ids and a way to open one
   window.explorer = {
-    data: D, state, open, cardSvg, cardPng,
+    data: D, state, open, cardSvg, cardPng, fmtDensity,
     visibleIds: () => state.rows.map((i) => S().live[i]),
     renderedRows: () => document.querySelectorAll("#spacer .row").length,
   };

@@ -1,0 +1,459 @@
+"""The explorer page's texts and controls in headless Chromium (tests/browser.py), with known answers:
+
+- a latent that never fires on the clean images: mean activation "–", its mean on the corrupted images, the
+  direct logit effect at that mean (and said so, on the page and the page's card), the texts that point to the
+  corrupted toggle; an older page's effect at a clean mean of 0: "not measured";
+- density always a percentage; the page's card at k = 8 keeps its 6 images inside its width;
+- a sort by "cos <model>" survives a change of replicate and a followed match link; labels sort numerically;
+- the index is a keyboard listbox (arrows, Page Up/Down, Home, End, Enter), links (#sae=...&f=...) are followed
+  when the hash changes in an open page, and a link whose latent is not a number is refused with a message.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+import pytest
+import torch
+
+from mechvit.analysis.features import FeatureStats
+from mechvit.viz.explorer import ExplorerSAE, explorer_array, explorer_data, explorer_html
+from tests.browser import chromium, collect, skip_without_chromium
+from tests.test_analysis_features import CLASSES, random_sae, tiny_model
+
+HOOK = "blocks.0.hook_resid_post"
+CORR = "noise 2"
+
+
+def js(driver, script, *args):
+    return driver.execute_script(script, *args)
+
+
+def wait_for(driver, script, *args, timeout=10):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout).until(lambda d: d.execute_script(script, *args))
+
+
+def fresh(driver, path: Path, fragment: str = ""):
+    """Load the page anew (a navigation to the same page that changes only the hash would not reload it)."""
+    driver.get("about:blank")
+    driver.get(path.resolve().as_uri() + fragment)
+    wait_for(driver, "return document.body && document.body.dataset.ready === '1'")
+
+
+def stat_values(driver) -> dict:
+    return {
+        e.get_attribute("data-key"): (
+            float(e.get_attribute("data-value")),
+            e.find_element("css selector", "span").text,
+        )
+        for e in driver.find_elements("css selector", "#detail .stat")
+    }
+
+
+# ---- a page of real statistics (tiny model, random SAE, noisy copies), the default k = 8 ---------------------
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    model = tiny_model(0)
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(40, 1, 28, 28, generator=g)
+    labels = torch.arange(40) % 10
+    corrupted = (images + 0.3 * torch.randn(images.shape, generator=g)).clamp(0, 1)
+    data, stats = explorer_data(
+        [ExplorerSAE("base s0", random_sae(HOOK, seed=0), "base")], {"base": model}, images, labels, CLASSES,
+        corrupted=corrupted, corrupted_name=CORR, progress=False,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("explorer_real") / "features.html"
+    path.write_text(explorer_html(data), encoding="utf-8")
+    return path, data, stats["base s0"]
+
+
+@pytest.fixture(scope="module")
+def driver():
+    with chromium() as d:
+        yield d
+
+
+def _corrupted_only(st: FeatureStats) -> int:
+    """The listed latent that never fires on a clean token and fires most often on the corrupted ones."""
+    only = np.flatnonzero(st.effect_basis == "corrupted")
+    assert len(only), "the fixture has no latent that fires only on the corrupted images"
+    return int(only[np.argmax(st.density_corrupted[only])])
+
+
+@skip_without_chromium
+def test_a_latent_that_never_fires_on_clean_images(real, driver):
+    path, data, st = real
+    f = _corrupted_only(st)
+    entry = data["saes"][0]
+    i = entry["live"].index(f)
+    assert entry["mean_act"][i] is None and data["effect_bases"][entry["effect_basis"][i]] == "corrupted"
+    fresh(driver, path, f"#sae=base+s0&f={f}")
+    assert driver.find_element("css selector", "#detail").get_attribute("data-feature") == str(f)
+    stats = stat_values(driver)
+    assert np.isnan(stats["mean_act"][0]) and stats["mean_act"][1] == "–"  # not "0.000"
+    assert stats["mean_act_corrupted"][0] == pytest.approx(float(st.mean_act_corrupted[f]), rel=1e-3)
+    assert stats["density"][1] == "0%"
+    # the direct logit effect: measured at the corrupted mean, and the panel says so
+    panel = driver.find_element("css selector", "#logit-effect")
+    assert panel.get_attribute("data-basis") == "corrupted"
+    assert (
+        panel.find_element("css selector", "h3").text.lower()
+        == f"direct logit effect at the {CORR} mean activation"
+    )
+    note = driver.find_element("css selector", "#logit-note").text
+    mean_c = js(driver, "return arguments[0].toFixed(3)", entry["mean_act_c"][i])  # as the page prints it
+    assert f"mean activation on the {CORR} tokens where it fires ({mean_c}" in note
+    printed = [
+        float(t.text)
+        for t in driver.find_elements("css selector", "#detail svg.logits text")
+        if t.text not in CLASSES
+    ]
+    want = explorer_array(data, entry, "logit").reshape(len(entry["live"]), -1)[i]
+    assert printed == [float(f"{v:+.2f}") for v in want] and np.abs(st.logit_effect[f]).max() > 0.005
+    np.testing.assert_allclose(want, st.logit_effect[f], atol=np.nanmax(np.abs(st.logit_effect)) / 65534)
+    # what it shows in the clean view, and where its images are
+    assert (
+        driver.find_element("css selector", "#noimgs").text
+        == f"never active on the clean images (see the {CORR} toggle)"
+    )
+    assert driver.find_element("css selector", "#classes").text.endswith(
+        "none: never active on the clean images"
+    )
+    assert "never active on the clean images" in driver.find_element("css selector", "#ablation").text
+    driver.find_element("css selector", '#settoggle button[data-set="corrupted"]').click()
+    shown = [
+        int(e.get_attribute("data-image")) for e in driver.find_elements("css selector", "#topimgs figure")
+    ]
+    assert shown == [int(t) for t in st.top_idx_corrupted[f] if t >= 0] and shown
+    driver.find_element("css selector", '#settoggle button[data-set="clean"]').click()
+    # the index: "–", and last when sorted by mean activation (either direction: no value)
+    row = driver.find_element("css selector", f'#spacer .row[data-feature="{f}"]')
+    assert row.find_elements("css selector", "div")[2].text == "–"
+    for _ in range(2):
+        driver.find_element("css selector", '#thead [data-sort="mean_act"]').click()
+        ids = js(driver, "return explorer.visibleIds()")
+        nulls = [g for g, v in zip(entry["live"], entry["mean_act"], strict=True) if v is None]
+        assert sorted(ids[-len(nulls) :]) == sorted(nulls) and f in nulls
+    # the page's card says it too
+    svg = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "explorer.cardSvg('base s0', arguments[0]).then(done, (e) => done('ERROR ' + e));",
+        f,
+    )
+    assert "direct logit effect (at the corrupted mean act*)" in svg
+    assert f"* at its mean activation on the {CORR} images ({mean_c}); it never fires on clean images" in svg
+    assert "mean act – (" + CORR + ": " in svg and "never active on the clean images" in svg
+    assert ">classes of the top images<" in svg and "top 0" not in svg
+    assert collect(driver).console_errors == []
+
+
+@skip_without_chromium
+def test_classes_of_top_images_count_the_images_the_latent_fired_on(real, driver):
+    path, data, st = real
+    entry = data["saes"][0]
+    n_top = st.class_counts.sum(1)
+    fewer = [f for f in entry["live"] if 0 < n_top[f] < st.n_assoc]
+    full = [f for f in entry["live"] if n_top[f] == st.n_assoc]
+    assert fewer and full and st.n_assoc == 32
+    fresh(driver, path)
+    for f in (fewer[0], full[0]):
+        js(driver, "explorer.open('base s0', arguments[0])", f)
+        n = int(n_top[f])
+        want = f"Classes of top {n} image{'s' if n > 1 else ''}"
+        assert driver.find_element("css selector", "#classes h3").text.lower() == want.lower()
+        svg = driver.execute_async_script(
+            "const done = arguments[arguments.length - 1]; explorer.cardSvg('base s0', arguments[0]).then(done);",
+            f,
+        )
+        assert f">classes of the top {n} image" in svg
+
+
+@skip_without_chromium
+def test_card_images_fit_the_card_at_k_8(real, driver):
+    """k = 8 (write_explorer's and `mechvit explore`'s default): the page's card shows 6 images, all inside its
+    720 px width with its 16 px margins."""
+    path, data, st = real
+    assert data["saes"][0]["k"] == 8
+    f = int(
+        next(
+            g
+            for g in st.live[np.argsort(-st.density[st.live], kind="stable")]
+            if (st.top_idx[g] >= 0).sum() >= 6
+        )
+    )
+    fresh(driver, path)
+    svg = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1]; explorer.cardSvg('base s0', arguments[0]).then(done);",
+        f,
+    )
+    width = int(re.search(r'<svg[^>]* width="(\d+)"', svg).group(1))
+    boxes = [(float(x), float(w)) for x, w in re.findall(r'<image x="([\d.]+)" y="74" width="([\d.]+)"', svg)]
+    assert width == 720 and len(boxes) == 6
+    assert boxes[0][0] == 16 and all(x + w <= width - 16 for x, w in boxes), boxes
+    assert all(b[0] - (a[0] + a[1]) >= 8 for a, b in zip(boxes, boxes[1:], strict=False))  # no overlap
+    # rasterised, the last image's heatmap/picture ends inside the card: the right margin stays white
+    png = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1]; explorer.cardPng(arguments[0], 96).then(done);", svg
+    )
+    import base64
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(base64.b64decode(png.split(",", 1)[1]))) as im:
+        px = np.asarray(im.convert("RGB"), dtype=int)
+    top, bottom = 74, 74 + int(boxes[0][1])
+    assert (px[top:bottom, width - 12 :] == 255).all()  # nothing drawn in the last 12 px
+    assert (px[top:bottom, int(boxes[-1][0]) : int(boxes[-1][0] + boxes[-1][1])] != 255).any()
+
+
+@skip_without_chromium
+def test_an_older_page_shows_an_effect_at_a_clean_mean_of_zero_as_not_measured(real, driver, tmp_path):
+    """Pages written before effect_basis computed every effect at the clean mean activation, 0 for a latent
+    that never fires on a clean token: the page shows "not measured" instead of its all-zero bars."""
+    path, data, st = real
+    f = _corrupted_only(st)
+    old = {**data, "saes": [dict(data["saes"][0])]}
+    del old["effect_bases"], old["saes"][0]["effect_basis"], old["saes"][0]["mean_act_c"]
+    old_path = tmp_path / "old.html"
+    old_path.write_text(explorer_html(old), encoding="utf-8")
+    fresh(driver, old_path, f"#sae=base+s0&f={f}")
+    panel = driver.find_element("css selector", "#logit-effect")
+    assert panel.get_attribute("data-basis") == "none" and not panel.find_elements("css selector", "svg")
+    assert (
+        driver.find_element("css selector", "#logit-note").text
+        == "not measured (never fires on clean images)"
+    )
+    clean = int(st.live[np.argmax(st.density[st.live])])
+    js(driver, "explorer.open('base s0', arguments[0])", clean)
+    assert driver.find_element("css selector", "#logit-effect").get_attribute("data-basis") == "clean"
+    assert collect(driver).console_errors == []
+
+
+# ---- a synthetic page (controlled numbers): 2 models x 2 replicates -----------------------------------------
+
+D_SAE = 300
+# density -> what the page shows: always a percentage (two decimals from 0.1%, two significant digits below)
+DENSITIES = {0: (4.1e-5, "0.0041%"), 1: (0.00123, "0.12%"), 2: (0.608, "60.80%"), 3: (9.0e-4, "0.090%"),
+             4: (0.000999, "0.10%"), 5: (2.04e-6, "0.00020%"), 6: (1.0, "100.00%")}  # fmt: skip
+BAGS = {10: "Bag 100% · centre", 11: "Bag 62% · centre", 12: "Bag 9% · centre"}
+SAES = [
+    ("base · r0", "base", 0),
+    ("base · r1", "base", 1),
+    ("blur4 · r0", "blur4", 0),
+    ("blur4 · r1", "blur4", 1),
+]
+
+
+def synthetic(seed: int, n: int = 20, k: int = 3, grid: int = 4) -> FeatureStats:
+    rng = np.random.default_rng(seed)
+    F, C = D_SAE, len(CLASSES)
+    density = rng.uniform(0.002, 0.3, F)
+    for f, (d, _) in DENSITIES.items():
+        density[f] = d
+    label = [f"{CLASSES[f % C]} {50 + f % 50}% · top-left" for f in range(F)]
+    for f, text in BAGS.items():
+        label[f] = text
+    maps = rng.random((F, k, grid, grid))
+    return FeatureStats(
+        hook=HOOK, grid=(grid, grid), n_images=n, n_corrupted=0, density=density, density_corrupted=None,
+        mean_act=rng.gamma(2, 1, F), max_act=maps.max((1, 2, 3)), hist=rng.integers(0, 5, (F, 6)),
+        top_idx=rng.integers(0, n, (F, k)), top_val=rng.random((F, k)), top_maps=maps, top_idx_corrupted=None,
+        top_val_corrupted=None, top_maps_corrupted=None, class_counts=rng.multinomial(8, np.full(C, 0.1), F),
+        location=rng.random((F, grid, grid)), label=label, label_class=label, label_where=label,
+        logit_effect=rng.normal(0, 1, (F, C)), probs=rng.dirichlet(np.ones(C), n),
+        probs_ablate=rng.dirichlet(np.ones(C), (F, k)), probs_double=rng.dirichlet(np.ones(C), (F, k)), n_assoc=8,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    saes = [ExplorerSAE(name, random_sae(HOOK, d_sae=D_SAE, seed=s), m, condition="mix", seed=r)
+            for s, (name, m, r) in enumerate(SAES)]  # fmt: skip
+    stats = {name: synthetic(s) for s, (name, _, _) in enumerate(SAES)}
+    g = torch.Generator().manual_seed(0)
+    data, _ = explorer_data(
+        saes, {"base": None, "blur4": None}, torch.rand(20, 1, 28, 28, generator=g), torch.arange(20) % 10,
+        CLASSES, stats=stats, progress=False,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("explorer_synth") / "features.html"
+    path.write_text(explorer_html(data), encoding="utf-8")
+    return path, data
+
+
+def sae_button(driver, name):
+    return next(b for b in driver.find_elements("css selector", "#saes button") if b.text == name)
+
+
+@skip_without_chromium
+def test_density_is_always_a_percentage(synth, driver):
+    path, data = synth
+    fresh(driver, path)
+    assert js(driver, "return [0, null].map(explorer.fmtDensity)") == ["0%", "–"]
+    for d, text in DENSITIES.values():
+        assert js(driver, "return explorer.fmtDensity(arguments[0])", d) == text, (d, text)
+    # in the index (sorted by density, ascending: the smallest come first), the panel and the card
+    driver.find_element("css selector", '#thead [data-sort="density"]').click()
+    driver.find_element("css selector", '#thead [data-sort="density"]').click()
+    cells = {
+        int(r.get_attribute("data-feature")): r.find_elements("css selector", "div")[1].text
+        for r in driver.find_elements("css selector", "#spacer .row")
+    }
+    for f in (5, 0, 3, 4):
+        assert cells[f] == DENSITIES[f][1]
+    assert all(re.fullmatch(r"\d+(\.\d+)?%", t) for t in cells.values()), cells
+    js(driver, "explorer.open('base · r0', 0)")
+    assert stat_values(driver)["density"][1] == "0.0041%"
+    svg = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1]; explorer.cardSvg('base · r0', 0).then(done);"
+    )
+    assert "density 0.0041% ·" in svg
+    driver.find_element("css selector", '#thead [data-sort="id"]').click()
+
+
+@skip_without_chromium
+def test_labels_sort_numerically(synth, driver):
+    path, _ = synth
+    fresh(driver, path)
+    driver.find_element("css selector", "#search").send_keys("bag ")
+    driver.find_element("css selector", '#thead [data-sort="label"]').click()
+    assert js(driver, "return explorer.visibleIds()") == [12, 11, 10]  # 9% < 62% < 100%
+    driver.find_element("css selector", '#thead [data-sort="label"]').click()
+    assert js(driver, "return explorer.visibleIds()") == [10, 11, 12]
+
+
+def _order(entry: dict, model: str, direction: int) -> list[int]:
+    cos = next(m["cos"] for m in entry["matches"] if m["model"] == model)
+    return [
+        f for _, f in sorted(zip(cos, entry["live"], strict=True), key=lambda t: (direction * t[0], t[1]))
+    ]
+
+
+@skip_without_chromium
+def test_a_sort_by_a_match_column_survives_a_change_of_sae(synth, driver):
+    path, data = synth
+    entries = {e["name"]: e for e in data["saes"]}
+    fresh(driver, path, "#sae=base+%C2%B7+r0&f=7")
+    driver.find_element("css selector", '#thead [data-sort="match:blur4"]').click()  # descending
+    assert js(driver, "return explorer.visibleIds()") == _order(entries["base · r0"], "blur4", -1)
+    # another replicate: its counterpart is blur4 · r1, its column "cos blur4" too; the sort stays
+    sae_button(driver, "base · r1").click()
+    assert js(driver, "return [explorer.state.sort, explorer.state.dir]") == ["match:blur4", -1]
+    assert js(driver, "return explorer.visibleIds()") == _order(entries["base · r1"], "blur4", -1)
+    head = driver.find_element("css selector", '#thead [data-sort="match:blur4"]')
+    assert head.text == "cos blur4" and head.get_attribute("class") == "sorted"
+    # following the replicate link (base · r1 -> base · r0) keeps it as well
+    js(driver, "explorer.open('base · r1', 7)")
+    driver.find_element("css selector", '.match[data-sae="base · r0"] a.open').click()
+    assert driver.find_element("css selector", "#detail").get_attribute("data-sae") == "base · r0"
+    assert js(driver, "return explorer.visibleIds()") == _order(entries["base · r0"], "blur4", -1)
+    # an SAE of blur4 has no "cos blur4" column: back to the id order
+    driver.find_element("css selector", '.match[data-sae="blur4 · r0"] a.open').click()
+    assert js(driver, "return [explorer.state.sort, explorer.state.dir]") == ["id", 1]
+    assert js(driver, "return explorer.visibleIds()") == entries["blur4 · r0"]["live"]
+
+
+@skip_without_chromium
+def test_keyboard_navigation_of_the_index(synth, driver):
+    from selenium.webdriver.common.keys import Keys
+
+    path, _ = synth
+    fresh(driver, path, "#sae=base+%C2%B7+r0&f=0")
+    lst = driver.find_element("css selector", "#list")
+    assert (
+        lst.get_attribute("role") == "listbox"
+        and js(driver, "return document.getElementById('list').tabIndex") == 0
+    )
+    rows = driver.find_elements("css selector", "#spacer .row")
+    assert rows and all(r.get_attribute("role") == "option" for r in rows)
+    assert [r.get_attribute("data-feature") for r in rows if r.get_attribute("aria-selected") == "true"] == [
+        "0"
+    ]
+    # Tab from the search box reaches the index
+    box = driver.find_element("css selector", "#search")
+    box.click()
+    box.send_keys(Keys.TAB)
+    assert js(driver, "return document.activeElement.id") == "list"
+
+    def at():
+        return js(
+            driver,
+            "return [explorer.state.feature, document.getElementById('detail').dataset.feature, location.hash]",
+        )
+
+    def visible(f):
+        return js(
+            driver,
+            "const r = document.querySelector(`#spacer .row[data-feature='${arguments[0]}']`);"
+            "if (!r) return false; const a = r.getBoundingClientRect(), b = document.getElementById('list').getBoundingClientRect();"
+            "return a.top >= b.top - 0.5 && a.bottom <= b.bottom + 0.5 && r.classList.contains('sel') && r.getAttribute('aria-selected') === 'true'",
+            f,
+        )
+
+    lst.send_keys(Keys.ARROW_DOWN, Keys.ARROW_DOWN, Keys.ARROW_DOWN)
+    assert at() == [3, "3", "#sae=base+%C2%B7+r0&f=3"] and visible(3)
+    assert lst.get_attribute("aria-activedescendant") == "opt-3"
+    lst.send_keys(Keys.ARROW_UP)
+    assert at()[:2] == [2, "2"]
+    lst.send_keys(Keys.END)  # the last row: rendered (virtualised list) and scrolled into view
+    assert at()[:2] == [D_SAE - 1, str(D_SAE - 1)] and visible(D_SAE - 1)
+    assert js(driver, "return explorer.renderedRows()") < 80
+    lst.send_keys(Keys.ARROW_DOWN)  # stays on the last
+    assert at()[0] == D_SAE - 1
+    lst.send_keys(Keys.PAGE_UP)
+    page = js(driver, "return Math.max(1, Math.floor(document.getElementById('list').clientHeight / 24) - 1)")
+    assert at()[0] == D_SAE - 1 - page and visible(D_SAE - 1 - page)
+    lst.send_keys(Keys.HOME)
+    assert at()[0] == 0 and visible(0) and js(driver, "return document.getElementById('list').scrollTop") == 0
+    # a search, then Enter: the first match opens (the open latent is not among them)
+    box.send_keys("bag", Keys.ENTER)
+    assert js(driver, "return document.activeElement.id") == "list"
+    assert at()[0] == 10 and js(driver, "return explorer.visibleIds()") == [10, 11, 12]
+    lst.send_keys(Keys.ARROW_DOWN, Keys.ENTER)
+    assert at()[0] == 11
+    js(driver, "arguments[0].value = ''; arguments[0].dispatchEvent(new Event('input'))", box)
+    assert collect(driver).console_errors == []
+
+
+@skip_without_chromium
+def test_links_open_in_an_open_page_and_bad_ones_are_refused(synth, driver):
+    path, _ = synth
+    fresh(driver, path, "#sae=base+%C2%B7+r0&f=5")
+    assert js(driver, "return [explorer.state.sae, explorer.state.feature]") == [0, 5]
+    # the hash changes in the open page (a pasted link, or a link from elsewhere in the page)
+    js(driver, "location.hash = arguments[0]", "sae=" + quote("blur4 · r1") + "&f=37")
+    wait_for(driver, "return explorer.state.feature === 37")
+    detail = driver.find_element("css selector", "#detail")
+    assert detail.get_attribute("data-sae") == "blur4 · r1" and detail.get_attribute("data-feature") == "37"
+    assert driver.find_element("css selector", "#saes button.on").text == "blur4 · r1"
+    assert driver.find_elements("css selector", '#spacer .row.sel[data-feature="37"]')
+    js(driver, "location.hash = 'f=12'")  # no SAE: the one shown
+    wait_for(driver, "return explorer.state.feature === 12")
+    assert detail.get_attribute("data-sae") == "blur4 · r1"
+    # a latent that is not a whole number: refused, with a message; the page stays where it was
+    for bad in ("abc", "1.5", "-3", ""):
+        js(driver, "location.hash = arguments[0]", "sae=" + quote("base · r0") + "&f=" + bad)
+        wait_for(driver, "return !!document.getElementById('notice')")
+        msg = driver.find_element("css selector", "#notice").text
+        assert f"“{bad}” is not a latent number" in msg and "still showing blur4 · r1 · latent #12" in msg
+        assert js(driver, "return [explorer.state.sae, explorer.state.feature]") == [3, 12]
+        assert "NaN" not in detail.text
+        js(driver, "explorer.open('blur4 · r1', 12)")  # clears the message
+        assert not driver.find_elements("css selector", "#notice")
+    js(driver, "location.hash = 'sae=nope&f=3'")
+    wait_for(driver, "return !!document.getElementById('notice')")
+    assert "this page has no SAE named “nope”" in driver.find_element("css selector", "#notice").text
+    # on a fresh load: the SAE it names, its densest latent, and the message
+    fresh(driver, path, "#sae=blur4+%C2%B7+r0&f=abc")
+    assert js(driver, "return [explorer.state.sae, explorer.state.feature]") == [2, 6]  # density 1.0
+    msg = driver.find_element("css selector", "#notice").text
+    assert "“abc” is not a latent number" in msg and "showing blur4 · r0 · latent #6" in msg
+    assert "NaN" not in driver.find_element("css selector", "#detail").text
+    assert collect(driver).console_errors == []
