@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+import warnings
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -267,16 +270,74 @@ def test_frequency_groups_noise_and_blur_rederived():
     assert np.mean(table["gaussian_blur"]) < THRESHOLD < np.mean(table["gaussian_noise"])
 
 
-@pytest.mark.slow
-def test_frequency_groups_all_rederived():
-    """The module constants, re-derived exactly as documented (256 Fashion-MNIST images; saturate, which does
-    not change grey images, from colour photographs)."""
+REPO = Path(__file__).resolve().parents[1]
+TABLE_DOC = REPO / "docs" / "corruptions.md"
+TABLE_BEGIN = "<!-- mechvit:frequency-table:begin"
+TABLE_END = "<!-- mechvit:frequency-table:end -->"
+# The photographs of the table's second column: scikit-image's samples, top-left square crop, resized to 96 px
+# (anti-aliased, float). ``cat`` is the same photograph as ``chelsea``; the set is kept as first measured.
+FREQUENCY_PHOTOS = ("astronaut", "coffee", "chelsea", "cat", "rocket")
+
+
+@cache
+def frequency_photos() -> torch.Tensor:
+    skdata = pytest.importorskip("skimage.data")
+    sktransform = pytest.importorskip("skimage.transform")
+    out = []
+    for name in FREQUENCY_PHOTOS:
+        p = getattr(skdata, name)()
+        s = min(p.shape[:2])
+        out.append(sktransform.resize(p[:s, :s], (96, 96), anti_aliasing=True))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float().clamp(0, 1)
+
+
+@cache
+def documented_frequency_tables() -> dict[str, dict[str, list[float]]]:
+    """The two ``frequency_table`` results of docs/corruptions.md, computed as documented (default size rule)."""
+    return {
+        "Fashion-MNIST 28px": frequency_table(_fmnist28(256)),
+        "photos 96px": frequency_table(frequency_photos()),
+    }
+
+
+def frequency_block() -> str:
+    from mechvit.corruptions.frequency import format_table
+
+    return format_table(documented_frequency_tables())
+
+
+def _doc_block(text: str) -> tuple[int, int]:
+    """(start, end) of the generated table between the markers of docs/corruptions.md."""
+    begin = text.index(TABLE_BEGIN)
+    start = text.index("\n", begin) + 1
+    return start, text.index(TABLE_END, start)
+
+
+def test_frequency_table_in_docs_is_what_the_code_measures():
+    """docs/corruptions.md's frequency table equals ``frequency_table`` at its documented settings (default size
+    rule, 256 Fashion-MNIST test images at 28 px, the five photographs at 96 px, seed 0), and the module's
+    groups are the ones it gives (saturate, which does not change grey images, from the photographs). To
+    regenerate the table: ``.venv/bin/python tests/test_corruptions.py --write-frequency-table``."""
     if any(_missing(n) for n in CORRUPTIONS):
         pytest.skip("not all corruption modules are written yet")
-    low, high = split_by_frequency(frequency_table(_fmnist28(256)))
-    photo_low, photo_high = split_by_frequency(frequency_table(real_images("photos"), ["saturate"]))
+    text = TABLE_DOC.read_text()
+    start, end = _doc_block(text)
+    block = frequency_block()
+    assert text[start:end].strip() == block, (
+        "docs/corruptions.md frequency table is stale; measured:\n" + block
+    )
+    tables = documented_frequency_tables()
+    low, high = split_by_frequency(tables["Fashion-MNIST 28px"])
+    photo_low, _ = split_by_frequency({"saturate": tables["photos 96px"]["saturate"]})
     assert set(low) | set(photo_low) == set(C.LOW_FREQUENCY)
-    assert set(high) | set(photo_high) == set(C.HIGH_FREQUENCY)
+    assert set(high) == set(C.HIGH_FREQUENCY)
+    # the docs' closest calls on Fashion-MNIST: gaussian_blur below the threshold, pixelate above it
+    means = {n: float(np.mean(v)) for n, v in tables["Fashion-MNIST 28px"].items() if n != "saturate"}
+    assert max(low, key=means.get) == "gaussian_blur" and min(high, key=means.get) == "pixelate"
+    assert (
+        f"gaussian_blur ({means['gaussian_blur']:.2f}" in text
+        and f"pixelate ({means['pixelate']:.2f}" in text
+    )
 
 
 def test_reference_size_is_per_call_and_validated():
@@ -287,8 +348,18 @@ def test_reference_size_is_per_call_and_validated():
     plain = corrupt(x, "gaussian_blur", 3, seed=0)
     assert _kernels.reference_size() is None  # nothing leaks out of the call
     assert (scaled - x).abs().mean() < 0.5 * (plain - x).abs().mean()
-    with pytest.raises(ValueError, match="reference_size must be a positive int or None, got 0"):
-        corrupt(x, "gaussian_blur", 3, reference_size=0)
+    # True was taken as 1 px (and 1..7 too), which silently removed the blur: bools, non-integers and sides
+    # below the smallest image corrupt accepts (8 px) are refused, saying what is accepted
+    for bad in (0, 1, 7, -224, True, False, 224.0, "224"):
+        with pytest.raises(
+            ValueError,
+            match=rf"reference_size must be None \(the reference's pixel parameters at every size\) or an "
+            rf"integer >= 8 \(the short side, in pixels, at which they apply, e.g. 224\), got {bad!r}",
+        ):
+            corrupt(x, "gaussian_blur", 3, reference_size=bad)
+    assert torch.equal(corrupt(x, "gaussian_blur", 3, reference_size=np.int64(224)), scaled)
+    at8 = corrupt(x, "gaussian_blur", 5, reference_size=8)  # the smallest accepted: a smaller, weaker blur
+    assert 0 < float((at8 - x).abs().mean()) < float((corrupt(x, "gaussian_blur", 5) - x).abs().mean())
 
 
 def test_random_bits_uniform_reproducible_and_advancing():
@@ -314,3 +385,69 @@ def test_random_bits_uniform_reproducible_and_advancing():
         random_bits(1000, torch.Generator().manual_seed(9)),
     )
     assert torch.equal(s1, s2) and bool((s1 < 0).any()) and bool((s1 > 0).any())
+
+
+def test_seed_outside_the_64_bit_range_names_the_argument():
+    x = smooth_images(1, 1, 16, 16, 0)
+    for bad in (2**64, -(2**63) - 1, 10**30):
+        with pytest.raises(
+            ValueError, match=rf"seed must be an integer in \[-2\*\*63, 2\*\*64\) .*, got {bad}$"
+        ):
+            corrupt(x, "gaussian_noise", 1, seed=bad)
+    for ok in (2**64 - 1, -(2**63), np.uint64(2**64 - 1)):  # the ends of the range work
+        assert corrupt(x, "gaussian_noise", 1, seed=ok).shape == x.shape
+    with pytest.raises(ValueError, match="seed must be an integer, got 1.5"):
+        corrupt(x, "gaussian_noise", 1, seed=1.5)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_images_that_require_grad_are_detached(name):
+    """A corruption is a data transform: every one of the 19 accepts images that require gradients (four used
+    to fail with an autograd ``out=`` error, the others warned) and returns the same values as for the
+    detached images, without a graph."""
+    x = smooth_images(2, 3, 24, 24, 3)
+    expected = corrupt(x, name, 3, seed=0)
+    leaf = x.clone().requires_grad_(True)
+    for images in (leaf, leaf * 1.0):  # a leaf, and a non-leaf inside a graph
+        with warnings.catch_warnings():
+            # no "Converting a tensor with requires_grad=True to a scalar" warning
+            warnings.filterwarnings("error", message=".*requires_grad")
+            y = corrupt(images, name, 3, seed=0)
+        assert not y.requires_grad and y.grad_fn is None
+        assert torch.equal(y, expected)
+    assert leaf.grad is None
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_float64_gets_the_same_draws_as_float32(name):
+    """A seed gives a float64 batch the same corruption as its float32 copy: the random draws are made in
+    float32 for both, so the outputs differ only by arithmetic rounding (the noises, snow, spatter, fog and
+    elastic_transform used to draw in the input's dtype: unrelated noise, max difference 0.3 to 1)."""
+    # 8-bit images, as stored ones are: off the 8-bit grid, JPEG's and pixelate's rounding to 8 bits can fall
+    # either way in float32 and float64 (a deterministic difference, not a draw)
+    photos = torch.round(smooth_images(3, 3, 40, 36, 2) * 255) / 255
+    for x in (photos, _fmnist28(256)[:4]):
+        for severity in (1, 4):
+            y32 = corrupt(x, name, severity, seed=11)
+            y64 = corrupt(x.double(), name, severity, seed=11)
+            assert y64.dtype == torch.float64
+            d = (y64 - y32.double()).abs()
+            # measured: max 2.3e-6 (elastic_transform); a quantising corruption (glass blur, snow) may round a
+            # rare value the other way, hence the fraction
+            assert float(d.mean()) < 1e-5 and float((d > 1e-4).double().mean()) < 1e-3, (
+                severity,
+                float(d.mean()),
+                float(d.max()),
+            )
+
+
+def _write_frequency_table() -> None:
+    text = TABLE_DOC.read_text()
+    start, end = _doc_block(text)
+    TABLE_DOC.write_text(text[:start] + frequency_block() + "\n" + text[end:])
+    print(f"wrote the frequency table into {TABLE_DOC}")
+
+
+if __name__ == "__main__" and "--write-frequency-table" in sys.argv:
+    torch.set_num_threads(1)
+    _write_frequency_table()

@@ -292,6 +292,26 @@ def test_layer_size_rule():
     assert weather.layer_size(28, 30) == (28, 30)
 
 
+def test_frost_does_not_depend_on_earlier_calls():
+    """The scaled frost photo is cached per layer size, i.e. per size rule: a call with one rule never hands its
+    photo scale to a later call with the other (the cache used to be keyed on the image size alone, so the
+    first frost call at a size decided the scale of every later one)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.interpolate(torch.rand(3, 3, 6, 6, generator=g), size=(32, 32), mode="bilinear")
+    fresh = {}
+    for rule in (None, 224):  # as in a fresh process
+        weather._frost_scaled.cache_clear()
+        fresh[rule] = corrupt(x, "frost", 3, seed=0, reference_size=rule)
+    assert float((fresh[None] - fresh[224]).abs().mean()) > 1e-3  # the two rules scale the photos differently
+    for order in ((None, 224, None), (224, None, 224)):
+        weather._frost_scaled.cache_clear()
+        for rule in order:
+            assert torch.equal(corrupt(x, "frost", 3, seed=0, reference_size=rule), fresh[rule]), (
+                order,
+                rule,
+            )
+
+
 @pytest.mark.parametrize("name", ["snow", "frost", "spatter"])
 def test_small_image_gets_the_224px_corruption_seen_smaller(name):
     """reference_size=224: the mean change at 32 px matches the mean change at 224 px of the same images."""

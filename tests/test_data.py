@@ -236,3 +236,95 @@ def test_study_config_reports_bad_normalisation_at_its_key():
 
     with pytest.raises(ValueError, match=r"^data: data.std must be > 0"):
         load_study_config(None, {"data.mean": [0.5], "data.std": [-1.0]})
+
+
+# ---------------------------------------------------------------------------------- limits and class indices
+
+
+def _write_split(root: Path, classes_and_counts: dict[str, int]) -> None:
+    """``root/<class>/<i>.png``: small grey images, one grey level per image of a class."""
+    for c, n in classes_and_counts.items():
+        for i in range(n):
+            _write_image(root / c / f"{i:02d}.png", (40 * (ord(c[0]) % 5) + i,) * 3, size=(12, 12))
+
+
+def test_data_limits_must_be_null_or_positive():
+    from mechvit.data.loading import DataConfig
+    from mechvit.training.config import load_config
+
+    for key in ("limit_train", "limit_test"):
+        for bad in (-100, 0, True):
+            with pytest.raises(
+                ValueError,
+                match=rf"data\.{key} must be null \(every image\) or an integer >= 1, got {bad!r}$",
+            ):
+                DataConfig(**{key: bad})
+    assert DataConfig(limit_train=1, limit_test=np.int64(5)).limit_train == 1
+    cfg = Path(__file__).resolve().parents[1] / "configs" / "train_base.yaml"
+    # through a training config: the file and the key (was: -100 silently dropped the last 100 images)
+    with pytest.raises(
+        ValueError, match=r"train_base\.yaml: data: data\.limit_train must be null .* got -100$"
+    ):
+        load_config(cfg, overrides={"data.limit_train": -100})
+
+
+def test_imagefolder_test_labels_index_the_train_classes(tmp_path):
+    """The test split's labels are the train split's class indices: a test split without 'dog' used to label
+    its 'fox' images 1, which is 'dog' for the model. A test class the train split lacks is an error."""
+    from mechvit.data.loading import DataConfig, load_split
+
+    _write_split(tmp_path / "train", {"cat": 2, "dog": 2, "fox": 2})
+    _write_split(tmp_path / "val", {"cat": 1, "fox": 3})
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), test_split="val", img_size=8)
+    train, test = load_split(cfg, "train"), load_split(cfg, "test")
+    assert train.classes == test.classes == ["cat", "dog", "fox"]
+    assert [t for _, t in train.samples] == [0, 0, 1, 1, 2, 2]
+    assert [(Path(p).parent.name, t) for p, t in test.samples] == [("cat", 0)] + [("fox", 2)] * 3
+    assert [int(test[i][1]) for i in range(len(test))] == [0, 2, 2, 2]
+    _write_split(tmp_path / "val", {"wolf": 1})
+    with pytest.raises(ValueError, match=r"val has class folder\(s\) wolf that the training classes lack"):
+        load_split(cfg, "test")
+    with pytest.raises(ValueError, match=r"train split folder .*nope does not exist"):
+        load_split(DataConfig(dataset="imagefolder", root=str(tmp_path), train_split="nope", test_split="val",
+                              img_size=8), "test")  # fmt: skip
+
+
+def test_imagefolder_limits_take_a_seeded_stratified_subset(tmp_path):
+    """ImageFolder files are in class order: limit_train=12 of 3 x 10 images used to be classes 0 and 1 only
+    (10 + 2). Now every class in proportion, the same subset on every call, a smaller limit a prefix of a
+    larger one; Fashion-MNIST keeps its first n images."""
+    from mechvit.data.loading import DataConfig, load_split
+
+    _write_split(tmp_path / "train", {"a": 10, "b": 10, "c": 10})
+    _write_split(tmp_path / "test", {"a": 6, "b": 3, "c": 3})
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), img_size=8, limit_train=12, limit_test=4)
+    train = load_split(cfg, "train")
+    labels = [int(train[i][1]) for i in range(len(train))]
+    assert len(train) == 12 and np.bincount(labels).tolist() == [4, 4, 4]
+    assert list(load_split(cfg, "train").indices) == list(train.indices)  # seeded: the same every time
+    assert sorted(train.indices) != list(range(12))
+    small = load_split(
+        DataConfig(dataset="imagefolder", root=str(tmp_path), img_size=8, limit_train=5), "train"
+    )
+    assert list(small.indices) == list(train.indices)[:5]
+    test_labels = [int(y) for _, y in load_split(cfg, "test")]
+    assert np.bincount(test_labels).tolist() == [2, 1, 1]  # in proportion to the split's 6 / 3 / 3
+    # the order itself: a known answer for unequal classes, and every index exactly once
+    from mechvit.data.loading import stratified_order
+
+    targets = np.array([0] * 6 + [1] * 3 + [2] * 3)
+    order = stratified_order(targets)
+    assert sorted(order) == list(range(12))
+    # class 0's r-th image sits at (r + 1/2) / 6 of the order, classes 1 and 2's at (r + 1/2) / 3 (ties by class)
+    assert targets[order].tolist() == [0, 1, 2, 0, 0, 1, 2, 0, 0, 1, 2, 0]
+    assert np.bincount(targets[order[:8]]).tolist() == [4, 2, 2]
+    assert stratified_order([]) == []
+
+
+@needs_fmnist
+def test_fashion_mnist_limits_keep_the_first_images():
+    from mechvit.data.loading import DataConfig, load_split
+
+    x, y = load_split(DataConfig(limit_train=7, limit_test=10), "test")
+    full_x, _ = load_fashion_mnist("test")
+    assert y.tolist() == [9, 2, 1, 1, 6, 1, 4, 6, 5, 7] and torch.equal(x, full_x[:10])

@@ -248,3 +248,102 @@ def test_robustness_matrix_in_forked_workers_equals_one_process(workers):
         robustness_matrix(models, *args, progress=False, workers=0)
     with pytest.raises(ValueError, match="workers > 1 runs forked one-thread CPU processes; got device meta"):
         robustness_matrix(models, *args, progress=False, workers=2, device="meta")
+
+
+# ------------------------------------------------------------------------- evaluate_checkpoints and the cards
+
+
+def _checkpoint(folder, seed: int, data: dict, evaluation: dict | None = None):
+    """A random-init 16 px RGB checkpoint whose card names ``data`` (and ``evaluation``)."""
+    from mechvit.training.checkpoint import save_checkpoint
+
+    kw = dict(img_size=16, patch_size=8, in_chans=3, num_classes=2, embed_dim=16, depth=1, num_heads=2)
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(30)  # confident logits: an input change moves the metrics clearly
+    card = {"model": {"name": "vit_tiny_patch16_224", "kwargs": kw}, "config": {"data": data}}
+    if evaluation is not None:
+        card["evaluation"] = evaluation
+    save_checkpoint(folder, model, card)
+    return model
+
+
+def test_evaluate_checkpoints_normalises_each_model_with_its_own_card(tmp_path):
+    """A's card trained it on (x - 0.5) / 0.05, B's on raw images. Every model used to get the first card's
+    normalisation, so A's and B's numbers depended on the argument order."""
+    from test_training import write_image_folder
+
+    from mechvit.data.loading import Normalized, as_tensors, load_split
+    from mechvit.training.config import DataConfig
+    from mechvit.training.evaluate import evaluate_checkpoints
+
+    write_image_folder(tmp_path / "imgs", n_per_class=4, size=16)
+    data = {"dataset": "imagefolder", "root": str(tmp_path / "imgs"), "test_split": "val", "img_size": 16}
+    models = {
+        "A": _checkpoint(tmp_path / "A", 0, {**data, "mean": [0.5] * 3, "std": [0.05] * 3}),
+        "B": _checkpoint(tmp_path / "B", 1, data),
+    }
+    x, y = as_tensors(load_split(DataConfig(**data), "test"))
+    expected = {
+        "A": classification_metrics(Normalized(models["A"], [0.5] * 3, [0.05] * 3)(x), y),
+        "B": classification_metrics(models["B"](x), y),
+    }
+    wrong = classification_metrics(models["A"](x), y)  # A without its normalisation: other numbers
+    assert abs(wrong["nll"] - expected["A"]["nll"]) > 0.1
+    for order in (["A", "B"], ["B", "A"]):
+        res = evaluate_checkpoints([tmp_path / n for n in order], corruptions=[], progress=False)
+        for r in res.rows:
+            for k in ("top1", "nll", "confidence"):
+                assert r[k] == pytest.approx(expected[r["model"]][k], rel=1e-5, abs=1e-6), (
+                    order,
+                    r["model"],
+                    k,
+                )
+
+
+def test_evaluate_checkpoints_refuses_cards_of_different_datasets(tmp_path):
+    from mechvit.training.evaluate import evaluate_checkpoints
+
+    _checkpoint(tmp_path / "fm", 0, {"dataset": "fashion_mnist"})
+    _checkpoint(tmp_path / "folder", 1, {"dataset": "imagefolder", "root": "x", "img_size": 16})
+    _checkpoint(tmp_path / "fm32", 2, {"dataset": "fashion_mnist", "img_size": 32})
+    with pytest.raises(
+        ValueError,
+        match=r"different data: fm's card has data\.dataset='fashion_mnist' but folder's has "
+        r"data\.dataset='imagefolder' \(one test set is shared",
+    ):
+        evaluate_checkpoints([tmp_path / "fm", tmp_path / "folder"], progress=False)
+    with pytest.raises(
+        ValueError, match=r"fm's card has data\.img_size=None but fm32's has data\.img_size=32"
+    ):
+        evaluate_checkpoints([tmp_path / "fm", tmp_path / "fm32"], progress=False)
+    with pytest.raises(
+        ValueError, match=r"n_test must be None \(every test image\) or an integer >= 1, got 0"
+    ):
+        evaluate_checkpoints([tmp_path / "fm"], n_test=0, progress=False)
+
+
+def test_update_cards_merges_into_the_evaluation_section(tmp_path):
+    """--update-cards used to replace the card's ``evaluation`` whole, dropping the training run's
+    ``n_test_clean`` (the size of the test set behind the card's ``clean``, which the update keeps)."""
+    from test_training import write_image_folder
+
+    from mechvit.training import read_card
+    from mechvit.training.evaluate import evaluate_checkpoints
+
+    write_image_folder(tmp_path / "imgs", n_per_class=4, size=16)
+    data = {"dataset": "imagefolder", "root": str(tmp_path / "imgs"), "test_split": "val", "img_size": 16}
+    old = {"n_test": 2000, "corruption_seed": 1, "n_test_clean": 10000}
+    _checkpoint(tmp_path / "m", 0, data, evaluation=old)
+    before = read_card(tmp_path / "m")
+    evaluate_checkpoints([tmp_path / "m"], corruptions=["pixelate"], severities=[2], n_test=6, seed=7,
+                         update_cards=True, progress=False)  # fmt: skip
+    card = read_card(tmp_path / "m")
+    ev = card["evaluation"]
+    assert ev["n_test_clean"] == 10000  # kept
+    assert ev["n_test"] == 6 and ev["corruption_seed"] == 7 and 0 <= ev["clean_top1_same_images"] <= 1
+    assert set(card["corruption_top1"]) == {"pixelate"} and set(card["corruption_top1"]["pixelate"]) == {"2"}
+    assert {k: v for k, v in card.items() if k not in ("evaluation", "corruption_top1")} == {
+        k: v for k, v in before.items() if k != "evaluation"
+    }

@@ -1,6 +1,7 @@
 """Training, fine-tuning, checkpoints and configs (tiny models, tiny data)."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,62 @@ def test_config_values_and_overrides(tmp_path):
         TrainConfig(out="x", init_from="y", adversarial=PGDConfig(steps=0))
 
 
+def _config_error(tmp_path, body: str) -> str:
+    p = tmp_path / "c.yaml"
+    p.write_text("out: x\nmodel: {name: vit_tiny_patch16_224}\n" + body)
+    with pytest.raises(ValueError) as e:
+        load_config(p)
+    return str(e.value)
+
+
+def test_config_rejects_settings_that_break_optimisation(tmp_path):
+    """Each was accepted: grad_clip -1 made clip_grad_norm_ flip the gradients (ascent), min_lr < 0 or > lr
+    made the cosine schedule end negative or rise, and the others silently did something else."""
+    cases = {
+        "grad_clip: -1": r"grad_clip must be a finite number > 0 \(the largest gradient norm\) or null "
+        r"\(no clipping\), got -1\.0$",
+        "grad_clip: 0": r"grad_clip must be .* or null \(no clipping\), got 0\.0$",
+        "min_lr: -1.0e-3": r"min_lr must be in \[0, lr=0\.001\] \(the cosine schedule decays from lr to "
+        r"min_lr\), got -0\.001$",
+        "lr: 3.0e-4\nmin_lr: 1.0e-2": r"min_lr must be in \[0, lr=0\.0003\] .*got 0\.01$",
+        "weight_decay: -0.05": r"weight_decay must be a finite number >= 0, got -0\.05$",
+        "lr: .inf": r"lr must be a finite number > 0, got inf$",
+        "lr: .nan": r"lr must be > 0, got nan$",
+        "augment: {crop_padding: -1}": r"augment\.crop_padding must be >= 0 pixels \(0: no random crop\), got -1$",
+    }
+    for body, message in cases.items():
+        assert re.search(rf"c\.yaml: TrainConfig: {message}", _config_error(tmp_path, body + "\n")), body
+    ok = TrainConfig(out="x", init_from="y", grad_clip=None, lr=1e-3, min_lr=1e-3, weight_decay=0.0)
+    assert ok.grad_clip is None and TrainConfig(out="x", init_from="y", min_lr=0.0).min_lr == 0.0
+
+
+def test_config_validates_corruption_and_eval_names_and_severities_on_load(tmp_path):
+    """docs/training.md: configs are validated on load. A misspelt corruption or a severity outside 1..5 used to
+    fail at the first corrupted batch (never with p = 0), and in ``eval`` only after every epoch."""
+    names = "expected one of gaussian_noise, shot_noise, .*, saturate$"
+    cases = {
+        "corruption: {seen: [gaussian_blur, gausian_blur], severities: [3], p: 0.0}": (
+            rf"corruption\.seen\[1\]: unknown corruption 'gausian_blur'; {names}"
+        ),
+        "corruption: {seen: [gaussian_blur], severities: [0]}": (
+            r"corruption\.severities\[0\]: severity must be an integer in 1\.\.5, got 0$"
+        ),
+        "corruption: {seen: [gaussian_blur], severities: [3, 7]}": r"corruption\.severities\[1\]: .* got 7$",
+        "eval: {corruptions: [fogg]}": rf"eval\.corruptions\[0\]: unknown corruption 'fogg'; {names}",
+        "eval: {severities: [1, 9]}": r"eval\.severities\[1\]: severity must be an integer in 1\.\.5, got 9$",
+        "eval: {n_test: 0}": r"eval\.n_test must be null \(every test image\) or an integer >= 1, got 0$",
+        "eval: {n_test: -5}": r"eval\.n_test must be null .* got -5$",
+        "eval: {batch_size: 0}": r"eval\.batch_size must be >= 1, got 0$",
+    }
+    for body, message in cases.items():
+        assert re.search(rf"c\.yaml: TrainConfig: {message}", _config_error(tmp_path, body + "\n")), body
+    p = tmp_path / "ok.yaml"
+    p.write_text("out: x\nmodel: {name: m}\neval: {corruptions: null, n_test: null, severities: [5]}\n")
+    assert load_config(p).eval.n_test is None  # null: every test image
+    p.write_text("out: x\nmodel: {name: m}\neval: {corruptions: [], n_test: 1}\n")
+    assert load_config(p).eval.corruptions == []
+
+
 def test_shipped_configs_load_and_express_the_seed_paper_protocol():
     base = load_config(REPO / "configs/train_base.yaml")
     assert base.model.kwargs["img_size"] == 28 and base.model.kwargs["patch_size"] in (4, 7)
@@ -132,6 +189,17 @@ def test_training_lowers_the_loss_and_learns(tmp_path):
     assert losses[-1] < losses[0] - 0.2, losses
     assert card["clean"]["top1"] > 0.8  # chance is 1/3
     assert not (out / TRAIN_STATE).exists()  # keep_state=False removes the resumable state at the end
+
+
+def test_empty_split_is_a_clear_error_before_training(tmp_path):
+    """An empty training set used to raise ZeroDivisionError after epoch 1, an empty test set AttributeError
+    after a full epoch: both now stop before training, naming the split, and leave nothing in ``out``."""
+    x, y = toy_data(32)
+    for train_data, test_data, split in (((x[:0], y[:0]), (x, y), "train"), ((x, y), (x[:0], y[:0]), "test")):
+        cfg = tiny_cfg(tmp_path / split)
+        with pytest.raises(ValueError, match=rf"^the {split} split is empty \(0 images\) in the data passed"):
+            train(cfg, data=(train_data, test_data), progress=False)
+        assert not Path(cfg.out).exists() or not any(Path(cfg.out).iterdir())
 
 
 def test_resumed_run_matches_uninterrupted_run(tmp_path):
@@ -330,6 +398,32 @@ def test_imagefolder_pretrained_style_model_with_normalization(tmp_path):
     ft = tiny_cfg(tmp_path / "ft", model=None, init_from=str(out), data=data, epochs=1, batch_size=4,
                   corruption=CorruptionFinetune(seen=["gaussian_blur"], severities=[2], p=1.0))  # fmt: skip
     assert read_card(train(ft, progress=False))["history"][0]["corrupted_batches"] == 3
+
+
+def test_imagefolder_eval_n_test_takes_every_class(tmp_path, monkeypatch):
+    """eval.n_test of an ImageFolder test set (in class order) takes the stratified subset, as data.limit_test
+    does: the first 4 of 2 x 6 images used to be class 0 only, so the card's corruption top-1 saw one class."""
+    import importlib
+
+    train_module = importlib.import_module("mechvit.training.train")  # the package's `train` is the function
+
+    write_image_folder(tmp_path / "imgs")
+    kw = dict(img_size=16, patch_size=8, in_chans=3, num_classes=2, embed_dim=16, depth=1, num_heads=2)
+    data = DataConfig(dataset="imagefolder", root=str(tmp_path / "imgs"), test_split="val", img_size=16)
+    seen_labels = []
+    real = train_module.robustness_matrix
+
+    def spy(models, x, y, *args, **kwargs):
+        if kwargs.get("include_clean", True) is False:
+            seen_labels.append(y.tolist())
+        return real(models, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "robustness_matrix", spy)
+    cfg = tiny_cfg(tmp_path, model=ModelSpec(kwargs=kw), data=data, epochs=1, batch_size=4,
+                   eval=EvalConfig(corruptions=["gaussian_blur"], severities=[2], n_test=4))  # fmt: skip
+    card = read_card(train(cfg, progress=False))
+    assert card["evaluation"]["n_test"] == 4 and card["evaluation"]["n_test_clean"] == 12
+    assert len(seen_labels) == 1 and sorted(seen_labels[0]) == [0, 0, 1, 1]
 
 
 def test_config_from_dict_matches_dataclass_defaults():

@@ -39,6 +39,7 @@ CORRUPTIONS: tuple[str, ...] = (
 FAMILY_OF: dict[str, str] = {name: fam for fam, names in FAMILIES.items() for name in names}
 SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 MIN_SIZE = 8  # smallest accepted image side in pixels
+SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts
 
 assert set(CORRUPTIONS) == set(FAMILY_OF) and len(CORRUPTIONS) == 19
 
@@ -113,10 +114,23 @@ def corrupt(
     reference; with ``reference_size=224`` they apply at 224 px on the short side and a smaller image gets
     that corruption seen smaller (docs/corruptions.md has the measured effect at 28 px).
 
-    Randomness comes from ``generator`` if given, else from a fresh generator seeded with ``seed``, else from
-    one seeded from torch's global RNG (so ``torch.manual_seed`` makes it reproducible). Every image of the
-    batch gets its own random draws. Half-precision inputs are processed in float32 and cast back.
+    ``reference_size`` is ``None`` or an integer >= ``MIN_SIZE`` (8 px, the smallest image ``corrupt`` accepts:
+    the rule computes the corruption on an image of that short side).
+
+    Randomness comes from ``generator`` if given, else from a fresh generator seeded with ``seed`` (an integer
+    in ``[-2**63, 2**64)``, the range of torch's 64-bit generator seed), else from one seeded from torch's
+    global RNG (so ``torch.manual_seed`` makes it reproducible). Every image of the batch gets its own random
+    draws. Half-precision inputs are processed in float32 and cast back. The random draws do not depend on
+    the dtype: they are made in float32 (cast to float64 for float64 input), so a seed gives a float64 batch
+    the same noise, snow, spatter, fog and elastic fields as its float32 copy; the outputs then differ only
+    by the rounding of the arithmetic after the draws.
+
+    A corruption is a data transform, not a differentiable layer (most are piecewise constant: quantisation,
+    JPEG, pixelation, thresholds): the images are detached first, so inputs that require gradients are
+    accepted and the output never requires a gradient.
     """
+    if isinstance(images, Tensor):
+        images = images.detach()  # a data transform: no gradient flows through it (see the docstring)
     _validate(images, name, severity)
     if seed is not None and generator is not None:
         raise ValueError("pass either seed or generator, not both")
@@ -125,6 +139,10 @@ def corrupt(
             seed = int(torch.randint(0, 2**62, (1,)).item())
         if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
             raise ValueError(f"seed must be an integer, got {seed!r}")
+        if not SEED_RANGE[0] <= int(seed) < SEED_RANGE[1]:
+            raise ValueError(
+                f"seed must be an integer in [-2**63, 2**64) (a 64-bit torch.Generator seed), got {seed!r}"
+            )
         generator = torch.Generator(device=images.device)
         generator.manual_seed(int(seed))
     elif not isinstance(generator, torch.Generator):
@@ -132,9 +150,14 @@ def corrupt(
     elif torch.device(generator.device).type != images.device.type:
         raise ValueError(f"generator is on {generator.device} but images are on {images.device}")
     if reference_size is not None and (
-        not isinstance(reference_size, numbers.Integral) or reference_size < 1
+        isinstance(reference_size, bool)
+        or not isinstance(reference_size, numbers.Integral)
+        or reference_size < MIN_SIZE
     ):
-        raise ValueError(f"reference_size must be a positive int or None, got {reference_size!r}")
+        raise ValueError(
+            f"reference_size must be None (the reference's pixel parameters at every size) or an integer >= "
+            f"{MIN_SIZE} (the short side, in pixels, at which they apply, e.g. 224), got {reference_size!r}"
+        )
     fn = get_corruption(name)
     if images.shape[0] == 0:
         return images.clone()

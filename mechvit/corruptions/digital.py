@@ -474,7 +474,8 @@ def elastic_transform(x: Tensor, severity: int, generator: torch.Generator) -> T
     alpha = ELASTIC_ALPHA[severity - 1]
     n, c, h, w = x.shape
     max_d = h * ELASTIC_MAX
-    u = uniform((n, 2, h, w), generator, x.dtype, x.device).mul_(2 * max_d).sub_(max_d)
+    # drawn in float32 whatever x's dtype (float64 input gets float32 input's field; float32 unchanged)
+    u = uniform((n, 2, h, w), generator, torch.float32, x.device).to(x.dtype).mul_(2 * max_d).sub_(max_d)
     ky = gaussian_kernel1d(h * ELASTIC_SIGMA, truncate=3.0, dtype=x.dtype, device=x.device)
     kx = gaussian_kernel1d(w * ELASTIC_SIGMA, truncate=3.0, dtype=x.dtype, device=x.device)
     dx, dy = separable_filter(u, ky, kx, mode="symmetric").unbind(1)  # reference draws dx first

@@ -20,7 +20,9 @@ SPECKLE_NOISE = (0.15, 0.2, 0.35, 0.45, 0.6)  # std of multiplicative noise: x +
 
 
 def _normal(x: Tensor, generator: torch.Generator) -> Tensor:
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    """Standard normal draws of ``x``'s shape, made in float32 whatever ``x``'s dtype and cast to it: a seed
+    gives float64 input the same noise as float32 input (a fresh tensor either way, so ``out=`` may reuse it)."""
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
 
 
 def gaussian_noise(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:

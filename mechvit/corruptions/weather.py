@@ -99,6 +99,12 @@ def _uniform(n: int, lo: float, hi: float, generator: torch.Generator, device) -
     return lo + (hi - lo) * torch.rand(n, generator=generator, device=device, dtype=torch.float64)
 
 
+def _randn(shape, generator: torch.Generator, x: Tensor) -> Tensor:
+    """Standard normal draws made in float32 whatever ``x``'s dtype, then cast to it: a seed gives float64
+    input the same layer as float32 input (float32: the same draws as before, bit for bit)."""
+    return torch.randn(shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
+
+
 # ---------------------------------------------------------------- snow
 
 
@@ -108,7 +114,7 @@ def snow(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
     loc, scale, zoom, threshold, radius, sigma, keep = SNOW[severity - 1]
     n, c, h, w = x.shape
     lh, lw = layer_size(h, w)
-    layer = loc + scale * torch.randn((n, 1, lh, lw), generator=generator, device=x.device, dtype=x.dtype)
+    layer = loc + scale * _randn((n, 1, lh, lw), generator, x)
     layer = clipped_zoom(layer, zoom)
     layer = clamp01(torch.where(layer < threshold, torch.zeros_like(layer), layer))
     layer = motion_blur(layer, radius, sigma, _uniform(n, *SNOW_ANGLE, generator, x.device))
@@ -134,12 +140,12 @@ def _frost_photo(file: str) -> Tensor:
 
 
 @lru_cache(maxsize=64)
-def _frost_scaled(file: str, h: int, w: int, device: str) -> Tensor:
-    """The frost photo resized as the reference does for an image of the layer size (enlarged to cover it if
-    needed, then x1.1, cv2 INTER_CUBIC), then by image / layer size. float [3, H', W'] in [0, 255]."""
+def _frost_scaled(file: str, h: int, w: int, lh: int, lw: int, device: str) -> Tensor:
+    """The frost photo resized as the reference does for an image of the layer size ``[lh, lw]`` (enlarged to
+    cover it if needed, then x1.1, cv2 INTER_CUBIC), then by image / layer size. float [3, H', W'] in [0, 255].
+    The layer size (which the size rule in force decides) is an argument, so it is part of the cache key."""
     photo = _frost_photo(file)
     fh, fw = photo.shape[-2:]
-    lh, lw = layer_size(h, w)
     factor = 1.0
     if fh < lh and fw >= lw:
         factor = lh / fh
@@ -161,8 +167,9 @@ def frost(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
     idx = torch.randint(len(FROST_FILES), (n,), generator=generator, device=x.device)
     u = torch.rand((2, n), generator=generator, device=x.device, dtype=torch.float64)
     layer = torch.empty((n, 3, h, w), dtype=x.dtype, device=x.device)
+    lh, lw = layer_size(h, w)
     for i in idx.unique().tolist():
-        photo = _frost_scaled(FROST_FILES[i], h, w, str(x.device)).to(x.dtype)
+        photo = _frost_scaled(FROST_FILES[i], h, w, lh, lw, str(x.device)).to(x.dtype)
         sel = (idx == i).nonzero().squeeze(1)
         top = (u[0, sel] * (photo.shape[1] - h)).long()  # randint(0, H' - h)
         left = (u[1, sel] * (photo.shape[2] - w)).long()
@@ -199,7 +206,8 @@ def plasma_fractal(
     step, wibble = mapsize, 100.0
 
     def wibbled_mean(total: Tensor) -> Tensor:
-        noise = uniform(total.shape, generator, dtype, device).mul_(2 * wibble).sub_(wibble)
+        # drawn in float32 whatever ``dtype`` (float64 maps get the float32 maps' draws; float32 unchanged)
+        noise = uniform(total.shape, generator, torch.float32, device).to(dtype).mul_(2 * wibble).sub_(wibble)
         return noise.mul_(wibble).add_(total.div_(4))
 
     while step >= 2:
@@ -394,7 +402,7 @@ def spatter(x: Tensor, severity: int, generator: torch.Generator) -> Tensor:
     loc, scale, sigma, threshold, strength, mud = SPATTER[severity - 1]
     n, c, h, w = x.shape
     lh, lw = layer_size(h, w)
-    liquid = loc + scale * torch.randn((n, 1, lh, lw), generator=generator, device=x.device, dtype=x.dtype)
+    liquid = loc + scale * _randn((n, 1, lh, lw), generator, x)
     liquid = gaussian_blur(liquid, sigma, mode="replicate")
     liquid = _zero_below_(liquid, threshold)
     colour = _weights(MUD_RGB if mud else WATER_RGB, x)

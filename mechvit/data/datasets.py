@@ -8,6 +8,7 @@ model's mean/std normalisation is *not* applied by default; apply it after corru
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +76,15 @@ def normalize(images: Float[Tensor, "n c h w"], mean, std) -> Float[Tensor, "n c
     return (images - m) / s
 
 
-def image_folder(root: str | os.PathLike, model: Any = None, *, transform=None, normalize: bool = False):
+def image_folder(
+    root: str | os.PathLike, model: Any = None, *, transform=None, normalize: bool = False,
+    classes: Sequence[str] | None = None,
+):  # fmt: skip
     """A torchvision ``ImageFolder`` (``root/<class>/<image>``) with ``model``'s timm transform (or
-    ``transform``). Classes are the sorted sub-folder names (``dataset.classes``)."""
+    ``transform``). Classes are the sorted sub-folder names (``dataset.classes``), or ``classes`` when given
+    (e.g. a training split's, so that a test split's labels index the same classes): then label ``i`` is
+    ``classes[i]``, a class folder not in ``classes`` is a ``ValueError`` and a class of ``classes`` without a
+    folder here is fine (it has no images)."""
     from torchvision import datasets
 
     root = Path(root)
@@ -89,7 +96,24 @@ def image_folder(root: str | os.PathLike, model: Any = None, *, transform=None, 
         if model is None:
             raise ValueError("pass a timm model (or model name) for its transform, or an explicit transform")
         transform = timm_transform(model, normalize=normalize)
-    return datasets.ImageFolder(str(root), transform=transform)
+    ds = datasets.ImageFolder(str(root), transform=transform)
+    if classes is None:
+        return ds
+    classes = list(classes)
+    extra = [c for c in ds.classes if c not in classes]
+    if extra:
+        raise ValueError(
+            f"{root} has class folder(s) {', '.join(extra)} that the training classes lack; labels index the "
+            f"training classes ({len(classes)}: {', '.join(classes[:20])}{', ...' if len(classes) > 20 else ''}), "
+            "so every class folder here must be one of them"
+        )
+    to_idx = {c: i for i, c in enumerate(classes)}
+    remap = [to_idx[c] for c in ds.classes]  # this folder's own index -> the given classes' index
+    ds.samples = [(path, remap[t]) for path, t in ds.samples]
+    ds.imgs = ds.samples
+    ds.targets = [t for _, t in ds.samples]
+    ds.classes, ds.class_to_idx = classes, to_idx
+    return ds
 
 
 def _cifar_c_names(root: Path) -> list[str]:

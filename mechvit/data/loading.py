@@ -6,11 +6,13 @@ normalisation. ``load_split(DataConfig(...), "test")`` gives Fashion-MNIST as te
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
@@ -23,9 +25,17 @@ class DataConfig:
     """Where the images come from. ``dataset`` is ``fashion_mnist`` or ``imagefolder``.
 
     ``imagefolder`` reads ``root/train/<class>/*`` and ``root/val/<class>/*`` (``train_split``/``test_split``
-    name the subfolders), resized to ``img_size``. Images reach the model as ``(x - mean) / std`` when
-    ``mean``/``std`` are given (pretrained timm models), else as they are in [0, 1]; corruptions and
-    attacks always act on the [0, 1] images.
+    name the subfolders), resized to ``img_size``. Class indices come from the train split's class folders
+    (sorted), for the test split too: a test class folder the train split lacks is an error, a train class
+    without test images is fine. Images reach the model as ``(x - mean) / std`` when ``mean``/``std`` are
+    given (pretrained timm models), else as they are in [0, 1]; corruptions and attacks always act on the
+    [0, 1] images.
+
+    ``limit_train``/``limit_test`` (None: every image; else an integer >= 1) keep that many images of the
+    split. Fashion-MNIST: the first n (its files are already in mixed class order). ImageFolder (whose images
+    are in class order, so the first n would be one or two whole classes): a seeded, stratified subset
+    (:func:`stratified_order`): every class in proportion to its size, in a fixed mixed order whose first n
+    images are the subset for ``limit = n`` (a smaller limit keeps a prefix of a larger one's subset).
     """
 
     dataset: Literal["fashion_mnist", "imagefolder"] = "fashion_mnist"
@@ -35,11 +45,53 @@ class DataConfig:
     img_size: int | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
-    limit_train: int | None = None  # the first n images of the split (None: all)
+    limit_train: int | None = None  # n images of the split (None: all); see the class docstring
     limit_test: int | None = None
 
     def __post_init__(self) -> None:
         check_mean_std(self.mean, self.std)
+        for key in ("limit_train", "limit_test"):
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):
+                raise ValueError(f"data.{key} must be null (every image) or an integer >= 1, got {v!r}")
+
+
+SUBSET_SEED = 0  # seeds the ImageFolder subsets of limit_train / limit_test (stratified_order)
+
+
+def stratified_order(targets, seed: int = SUBSET_SEED) -> list[int]:
+    """A seeded order of the indices ``0..len(targets)-1`` that mixes the classes in proportion: each class's
+    indices are shuffled (one ``torch.randperm`` per class, in sorted class order, from a generator seeded
+    with ``seed``), and its ``r``-th index (of ``n_c``) is placed at the fraction ``(r + 1/2) / n_c`` of the
+    order (ties by class). So the first ``n`` indices hold every class in proportion to its size (within
+    one image), and the first ``n`` of the order are always the first ``n`` of any longer prefix."""
+    targets = np.asarray(targets)
+    g = torch.Generator().manual_seed(seed)
+    idx, frac, cls = [], [], []
+    for c in np.unique(targets):
+        members = np.flatnonzero(targets == c)
+        perm = torch.randperm(len(members), generator=g).numpy()
+        idx.append(members[perm])
+        frac.append((np.arange(len(members)) + 0.5) / len(members))
+        cls.append(np.full(len(members), c))
+    if not idx:
+        return []
+    idx, frac, cls = np.concatenate(idx), np.concatenate(frac), np.concatenate(cls)
+    return idx[np.lexsort((cls, frac))].tolist()
+
+
+def split_classes(cfg: DataConfig) -> list[str]:
+    """The classes of an ImageFolder config: the train split's class folders, sorted (their indices are the
+    labels of both splits)."""
+    from torchvision.datasets.folder import find_classes
+
+    folder = Path(cfg.root) / cfg.train_split
+    if not folder.is_dir():
+        raise ValueError(
+            f"ImageFolder train split folder {folder} does not exist: the class indices of every split are "
+            f"the train split's sorted class folders (data.train_split names it)"
+        )
+    return find_classes(str(folder))[0]
 
 
 def check_mean_std(mean, std, channels: int | None = None) -> None:
@@ -64,7 +116,8 @@ def check_mean_std(mean, std, channels: int | None = None) -> None:
 def load_split(cfg: DataConfig, split: str, model: nn.Module | None = None) -> TensorData | Dataset:
     """``(images, labels)`` tensors for Fashion-MNIST, a ``Dataset`` of ``(image [C,H,W] in [0,1], label)``
     for an ImageFolder (``mechvit.data.datasets.image_folder``: resized and centre-cropped to ``img_size``,
-    or with ``model``'s timm evaluation transform when ``img_size`` is unset). ``split``: "train" or "test"."""
+    or with ``model``'s timm evaluation transform when ``img_size`` is unset; labels index the train split's
+    classes, :func:`split_classes`). ``split``: "train" or "test". Limits: see :class:`DataConfig`."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     limit = cfg.limit_train if split == "train" else cfg.limit_test
@@ -92,9 +145,9 @@ def load_split(cfg: DataConfig, split: str, model: nn.Module | None = None) -> T
             tf = transforms.Compose([
                 transforms.Resize(cfg.img_size), transforms.CenterCrop(cfg.img_size), transforms.ToTensor(),
             ])  # fmt: skip
-        ds = image_folder(folder, model, transform=tf)
+        ds = image_folder(folder, model, transform=tf, classes=split_classes(cfg))
         if limit is not None:
-            ds = torch.utils.data.Subset(ds, range(min(limit, len(ds))))
+            ds = torch.utils.data.Subset(ds, stratified_order(ds.targets)[:limit])
         return ds
     raise ValueError(f"data.dataset must be 'fashion_mnist' or 'imagefolder', got {cfg.dataset!r}")
 
@@ -156,7 +209,10 @@ def as_tensors(data: TensorData | Dataset) -> TensorData:
 __all__ = [
     "DataConfig",
     "Normalized",
+    "SUBSET_SEED",
     "check_mean_std",
+    "split_classes",
+    "stratified_order",
     "TensorData",
     "as_tensors",
     "batches",

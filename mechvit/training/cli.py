@@ -31,7 +31,13 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="folder for robustness.csv/.json/.png and summary.md")
     p.add_argument("--corruptions", nargs="*", default=None, help="default: all of mechvit.corruptions")
     p.add_argument("--severities", nargs="*", type=int, default=[1, 2, 3, 4, 5])
-    p.add_argument("--n-test", type=int, default=None, help="first N test images (default: all)")
+    p.add_argument(
+        "--n-test",
+        type=int,
+        default=None,
+        help="N test images (default: all): the first N of Fashion-MNIST, a seeded stratified subset of an "
+        "ImageFolder",
+    )
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--seed", type=int, default=1234, help="seed of the corruptions")
     p.add_argument("--base", default=None, help="folder name of the mCE reference model")

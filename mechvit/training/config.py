@@ -8,6 +8,7 @@ to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ class ModelSpec:
 
 @dataclass
 class AugmentConfig:
-    crop_padding: int = 2  # random crop after zero padding by this many pixels (0 = off)
+    crop_padding: int = 2  # random crop after zero padding by this many pixels (0 = off; >= 0)
     hflip: bool = True
 
 
@@ -65,7 +66,7 @@ class EvalConfig:
 
     corruptions: list[str] | None = None  # None = every corruption in mechvit.corruptions.CORRUPTIONS
     severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
-    n_test: int | None = None
+    n_test: int | None = None  # None = every test image; else >= 1
     batch_size: int = 500
     seed: int = 1234  # seeds the corruptions: every model sees identical corrupted images
 
@@ -92,7 +93,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
-    grad_clip: float | None = 1.0
+    grad_clip: float | None = 1.0  # the largest gradient norm (> 0); None = no clipping
     seed: int = 0
     device: str | None = None
     num_threads: int | None = None
@@ -101,6 +102,24 @@ class TrainConfig:
 
     def __post_init__(self):
         check_positive(self, ("epochs", "batch_size", "lr"))
+        if not math.isfinite(self.lr):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(
+                f"min_lr must be in [0, lr={self.lr}] (the cosine schedule decays from lr to min_lr), "
+                f"got {self.min_lr!r}"
+            )
+        if not (0 <= self.weight_decay and math.isfinite(self.weight_decay)):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if self.grad_clip is not None and not (self.grad_clip > 0 and math.isfinite(self.grad_clip)):
+            raise ValueError(
+                f"grad_clip must be a finite number > 0 (the largest gradient norm) or null (no clipping), "
+                f"got {self.grad_clip!r}"
+            )
+        if self.augment.crop_padding < 0:
+            raise ValueError(
+                f"augment.crop_padding must be >= 0 pixels (0: no random crop), got {self.augment.crop_padding!r}"
+            )
         if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
             raise ValueError(f"warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}")
         if not 0 <= self.label_smoothing < 1:
@@ -116,8 +135,41 @@ class TrainConfig:
                 raise ValueError(f"corruption.p must be in [0, 1], got {self.corruption.p}")
             if not self.corruption.severities:
                 raise ValueError("corruption.severities must list at least one severity, got []")
+            check_corruptions(self.corruption.seen, "corruption.seen")
+            check_severities(self.corruption.severities, "corruption.severities")
         if self.adversarial is not None:
             check_pgd(self.adversarial)
+        if self.eval is not None:
+            e = self.eval
+            if e.corruptions is not None:
+                check_corruptions(e.corruptions, "eval.corruptions")
+            check_severities(e.severities, "eval.severities")
+            if e.n_test is not None and not e.n_test >= 1:
+                raise ValueError(
+                    f"eval.n_test must be null (every test image) or an integer >= 1, got {e.n_test!r}"
+                )
+            if not e.batch_size >= 1:
+                raise ValueError(f"eval.batch_size must be >= 1, got {e.batch_size!r}")
+
+
+def check_corruptions(names, key: str) -> None:
+    """Every name one of ``mechvit.corruptions.CORRUPTIONS``; the error names the key and the entry."""
+    from mechvit.corruptions import CORRUPTIONS
+
+    for i, n in enumerate(names):
+        if n not in CORRUPTIONS:
+            raise ValueError(
+                f"{key}[{i}]: unknown corruption {n!r}; expected one of {', '.join(CORRUPTIONS)}"
+            )
+
+
+def check_severities(severities, key: str) -> None:
+    """Every severity an integer in 1..5; the error names the key and the entry."""
+    from mechvit.corruptions import SEVERITIES
+
+    for i, s in enumerate(severities):
+        if isinstance(s, bool) or s not in SEVERITIES:
+            raise ValueError(f"{key}[{i}]: severity must be an integer in 1..5, got {s!r}")
 
 
 def check_positive(obj, names) -> None:

@@ -8,6 +8,7 @@ functions in :mod:`mechvit.analysis.robustness`; they are re-exported here for e
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -133,24 +134,32 @@ def evaluate_checkpoints(
     update_cards: bool = False,
     progress: bool = True,
 ) -> CheckpointEval:
-    """Evaluate checkpoint folders on their test set (from the first card's data config); the model names
-    are the folder names, ``base`` (default: the first) is the mCE reference, seen corruptions come from
-    each card. ``update_cards`` writes each model's clean and per-corruption top-1 into its card."""
+    """Evaluate checkpoint folders on their test set (from the first card's data config; every card must name
+    the same dataset and image size, else a ``ValueError`` names both); the model names are the folder names,
+    ``base`` (default: the first) is the mCE reference, seen corruptions come from each card. Each model sees
+    its images normalised with its own card's ``data.mean``/``std`` (``card_normalisation``).
+    ``update_cards`` writes each model's per-corruption top-1 into its card and merges the evaluation's
+    settings into the card's ``evaluation`` (keys it does not set, e.g. ``n_test_clean``, are kept)."""
     from mechvit.corruptions import CORRUPTIONS
-    from mechvit.training.checkpoint import load_checkpoint, read_card, update_card
+    from mechvit.training.checkpoint import card_normalisation, load_checkpoint, read_card, update_card
     from mechvit.training.config import DataConfig, from_dict
     from mechvit.training.data import Normalized, load_split
 
     if not checkpoints:
         raise ValueError("give at least one checkpoint folder")
+    if n_test is not None and (isinstance(n_test, bool) or not n_test >= 1):
+        raise ValueError(f"n_test must be None (every test image) or an integer >= 1, got {n_test!r}")
     cards = {Path(c).name: read_card(c) for c in checkpoints}
     if len(cards) != len(checkpoints):
         raise ValueError(f"checkpoint folder names must be distinct, got {[str(c) for c in checkpoints]}")
-    first = next(iter(cards.values()))
-    data_cfg = from_dict(DataConfig, first.get("config", {}).get("data", {}))
-    data_cfg.limit_test = n_test
+    data_cfgs = {
+        name: from_dict(DataConfig, card.get("config", {}).get("data", {}) or {})
+        for name, card in cards.items()
+    }
+    check_same_test_set(data_cfgs)
+    data_cfg = dataclasses.replace(next(iter(data_cfgs.values())), limit_test=n_test)
     models = {
-        name: Normalized(load_checkpoint(c), data_cfg.mean, data_cfg.std)
+        name: Normalized(load_checkpoint(c), *card_normalisation(c))
         for name, c in zip(cards, checkpoints, strict=True)
     }
     test = load_split(data_cfg, "test", next(iter(models.values())).model)
@@ -173,8 +182,26 @@ def evaluate_checkpoints(
             fields = card_accuracy([r for r in rows if r["corruption"] != "clean"], name, len(test[1]), seed)
             clean = next(r for r in rows if r["model"] == name and r["corruption"] == "clean")
             fields["evaluation"]["clean_top1_same_images"] = round(clean["top1"], 4)
+            # merged, not replaced: the training run's keys (n_test_clean, the size of ``clean``'s test set)
+            # still describe the card's ``clean`` metrics, which this update keeps
+            fields["evaluation"] = {**(cards[name].get("evaluation") or {}), **fields["evaluation"]}
             update_card(c, **fields)
     return CheckpointEval(rows, ce, summary)
+
+
+def check_same_test_set(data_cfgs: dict) -> None:
+    """All checkpoints must have been trained on one dataset at one image size (their cards' ``config.data``):
+    they are scored on one shared test set. A ``ValueError`` names the first two that differ."""
+    items = list(data_cfgs.items())
+    first, d0 = items[0]
+    for name, d in items[1:]:
+        for key in ("dataset", "img_size"):
+            if getattr(d, key) != getattr(d0, key):
+                raise ValueError(
+                    f"cannot compare checkpoints trained on different data: {first}'s card has data.{key}="
+                    f"{getattr(d0, key)!r} but {name}'s has data.{key}={getattr(d, key)!r} (one test set is "
+                    "shared by every model; evaluate them separately)"
+                )
 
 
 def card_accuracy(rows: list[dict], model: str, n_test: int, seed: int) -> dict:

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mechvit.analysis.robustness import MetricAccumulator, robustness_matrix
+from mechvit.data.loading import stratified_order
 from mechvit.training.attacks import pgd
 from mechvit.training.checkpoint import (
     TRAIN_STATE,
@@ -132,6 +133,7 @@ def train(
         train_data, test_data = data
     else:
         train_data, test_data = load_split(cfg.data, "train", model), load_split(cfg.data, "test", model)
+    check_not_empty(train_data, test_data, cfg if data is None else None)
     steps_per_epoch = math.ceil(n_items(train_data) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -183,7 +185,7 @@ def train(
             loss = loss_fn(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg.grad_clip:
+            if cfg.grad_clip is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             sched.step()
@@ -245,14 +247,36 @@ def train(
     return out
 
 
+def check_not_empty(train_data, test_data, cfg: TrainConfig | None = None) -> None:
+    """A ``ValueError`` naming the split when the training or test data holds no image (before any training:
+    an empty training set used to fail with a ZeroDivisionError after the first epoch, an empty test set with
+    an AttributeError)."""
+    for split, d in (("train", train_data), ("test", test_data)):
+        if n_items(d) == 0:
+            where = (
+                "the data passed to train(data=...)"
+                if cfg is None
+                else f"data.dataset={cfg.data.dataset!r} (root {cfg.data.root or 'default'})"
+            )
+            raise ValueError(f"the {split} split is empty (0 images) in {where}: nothing to train or test on")
+
+
 def _card_ref(directory: str) -> dict:
     card = read_card(directory)
     return {"path": str(directory), "sha256": card.get("weights", {}).get("sha256")}
 
 
 def evaluate_for_card(net: nn.Module, cfg: TrainConfig, test_data, device, progress: bool) -> dict:
-    """Clean metrics on the whole test set and, with ``cfg.eval``, top-1 per corruption x severity."""
+    """Clean metrics on the whole test set and, with ``cfg.eval``, top-1 per corruption x severity on the first
+    ``eval.n_test`` test images (of an ImageFolder in class order: its seeded stratified subset, as
+    ``data.limit_test`` takes; :func:`mechvit.data.loading.stratified_order`)."""
+    order = None
     if not isinstance(test_data, tuple):
+        targets = getattr(
+            test_data, "targets", None
+        )  # an ImageFolder (a limited one is a Subset, mixed already)
+        if targets is not None:
+            order = torch.tensor(stratified_order(targets), dtype=torch.long)
         xs, ys = zip(*[(x, y) for x, y in test_data], strict=True)
         test_data = (torch.stack(xs), torch.tensor(ys))
     e = cfg.eval
@@ -263,7 +287,12 @@ def evaluate_for_card(net: nn.Module, cfg: TrainConfig, test_data, device, progr
 
     names = list(e.corruptions) if e.corruptions is not None else list(CORRUPTIONS)
     clean = robustness_matrix({"m": net}, *test_data, [], seed=e.seed, device=device, progress=False)
-    x, y = (t[: e.n_test] for t in test_data) if e.n_test else test_data
+    if e.n_test is None:
+        x, y = test_data
+    elif order is None:
+        x, y = (t[: e.n_test] for t in test_data)
+    else:
+        x, y = (t[order[: e.n_test]] for t in test_data)
     rows = robustness_matrix(
         {"m": net}, x, y, names, e.severities, seed=e.seed, batch_size=e.batch_size, device=device,
         include_clean=False, progress=progress,
