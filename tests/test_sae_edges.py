@@ -423,3 +423,31 @@ def test_store_config_refuses_what_it_cannot_use():
         ActivationStoreConfig(hook=None)
     with pytest.raises(ValueError, match="seed must be an integer, got 1.5"):
         ActivationStoreConfig(hook="blocks.0.hook_resid_post", seed=1.5)
+
+
+def test_cache_activations_cli_checks_images_and_limits_the_test_split(tmp_path, monkeypatch, capsys):
+    """``--images`` is checked with its own name, and with ``--split test`` it limits the test split (a config
+    field assigned after construction would skip DataConfig's checks)."""
+    import mechvit.data.loading as loading
+    import mechvit.sae.__main__ as cli
+
+    with pytest.raises(SystemExit):
+        cli.cache_main(["--checkpoint", "x", "--hook", HOOK, "--out", str(tmp_path / "c"), "--images", "0"])
+    assert "--images must be >= 1" in capsys.readouterr().err
+
+    seen = {}
+
+    def fake_load_split(cfg, split):
+        seen["cfg"], seen["split"] = cfg, split
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(loading, "load_split", fake_load_split)
+    args = ["--checkpoint", "x", "--hook", HOOK, "--out", str(tmp_path / "c"), "--device", "cpu"]
+    with pytest.raises(RuntimeError, match="stop here"):
+        cli.cache_main([*args, "--split", "test", "--images", "5"])
+    assert seen["split"] == "test" and seen["cfg"].limit_test == 5
+    with pytest.raises(RuntimeError, match="stop here"):
+        cli.cache_main(
+            [*args, "--dataset", "imagefolder", "--root", str(tmp_path), "--split", "val", "--images", "3"]
+        )
+    assert seen["split"] == "train" and seen["cfg"].train_split == "val" and seen["cfg"].limit_train == 3

@@ -338,7 +338,12 @@ def cache_main(argv: list[str] | None = None, prog: str = "mechvit cache-activat
         "--root", default=None, help="ImageFolder root (<root>/<split>/<class>/*) or Fashion-MNIST folder"
     )
     ap.add_argument("--split", default="train", help="train, test, or the ImageFolder subfolder name")
-    ap.add_argument("--images", type=int, default=None, help="the first N images of the split (default: all)")
+    ap.add_argument(
+        "--images",
+        type=int,
+        default=None,
+        help="N images of the split (default: all): Fashion-MNIST's first N, an ImageFolder's seeded stratified subset",
+    )
     ap.add_argument("--img-size", type=int, default=None)
     ap.add_argument("--mean", type=float, nargs="+", default=None, help="normalisation the model expects")
     ap.add_argument("--std", type=float, nargs="+", default=None)
@@ -363,23 +368,34 @@ def cache_main(argv: list[str] | None = None, prog: str = "mechvit cache-activat
     if (args.mean is None) != (args.std is None):
         ap.error("give both --mean and --std or neither")
     _check_mix(ap, args)
+    if args.images is not None and args.images < 1:
+        ap.error(f"--images must be >= 1 (or left out: every image of the split), got {args.images}")
     from mechvit.data.loading import DataConfig, load_split
 
     from .distributed import cache_activations_distributed, init_from_env, rank_and_world
 
     device = init_from_env(args.device)
     rank, world = rank_and_world()
-    data_cfg = DataConfig(
-        dataset=args.dataset, root=args.root, img_size=args.img_size, limit_train=args.images
-    )
     split = "train"
     if args.dataset == "imagefolder":
-        data_cfg.train_split = args.split
+        data_cfg = DataConfig(
+            dataset=args.dataset,
+            root=args.root,
+            img_size=args.img_size,
+            limit_train=args.images,
+            train_split=args.split,
+        )
     elif args.split not in ("train", "test"):
         ap.error(f"--split for fashion_mnist is train or test, got {args.split!r}")
     else:
         split = args.split
-        data_cfg.limit_test = args.images
+        data_cfg = DataConfig(
+            dataset=args.dataset,
+            root=args.root,
+            img_size=args.img_size,
+            limit_train=args.images,
+            limit_test=args.images,
+        )
     data = load_split(data_cfg, split)
     model = load_model(args.checkpoint, device)
     if args.mean is None:  # the checkpoint's own (its card's config.data), as train-sae and explore use
