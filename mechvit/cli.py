@@ -115,7 +115,8 @@ def _add_study(p: argparse.ArgumentParser) -> None:
         nargs="*",
         default=None,
         metavar="STEP",
-        help="run only these steps (robustness logit_lens attention sae sae_analysis patching cka)",
+        help="run only these steps, each enabled in the config (robustness logit_lens attention sae sae_analysis "
+        "explorer patching cka)",
     )
     p.add_argument("--validate", action="store_true", help="only validate the config and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -96,9 +96,15 @@ def test_lens_and_attention_rules():
         "attention": {"change_from_base": {"blur4|gaussian_blur/4": {"change": ci(0.1, 0.09, 0.11), "minus_clean": ci(0.0, -0.01, 0.01)}}},
     }  # fmt: skip
     vs = verdicts(m, "base")
-    assert by(vs, "lens_changes") == [
+    # earlier, CI excludes 0, but no lens row for the clean control: as for the seen gain, a control without its
+    # comparison leaves the claim open
+    assert by(vs, "lens_changes") == ["inconclusive"]
+    assert "no paired difference against the clean control" in next(
+        v.rule for v in vs if v.claim == "lens_changes"
+    )
+    assert by(verdicts(m, "base", controls=[]), "lens_changes") == [
         "supported"
-    ]  # earlier, CI excludes 0 (no lens row for the clean control yet)
+    ]  # no control at all: base decides
     assert by(vs, "attention_changes") == ["inconclusive"]  # no more change than the clean control
     # with a clean control: earlier than the control too -> supported; the control moves as much -> inconclusive
     lens = m["logit_lens"]["paired_first_correct"]
@@ -214,3 +220,106 @@ def test_feature_contradiction_needs_the_holm_adjusted_permutation_p():
     # without them the control would be judged as a third fine-tune (the bug this guards against)
     assert len(verdicts(only_sae, "base")) == 3
     assert verdicts(only_sae, "base", controls=[])[0].control == "no clean control"
+
+
+# ---- finding 7: claims 3 and 4 on the condition at the trained severity, against every control -------------
+
+
+def _two_conditions(trained: list[int] | None) -> dict:
+    """blur4, trained at ``trained`` (None: the card does not say), on conditions blur/2 and blur/4 (in that order):
+    attention and the lens move only on blur/4."""
+    rob = robustness(ci(0.3, 0.2, 0.4), ci(0.3, 0.2, 0.4), ci(0, -0.01, 0.01))
+    rob["severities"] = [4]
+    rob["trained_severities"] = {} if trained is None else {"blur4": trained}
+    moved, still = ci(0.05, 0.03, 0.07), ci(0.0, -0.01, 0.01)
+    return {
+        "robustness": rob,
+        "attention": {"change_from_base": {
+            "blur4|gaussian_blur/2": {"change": ci(0.1, 0.09, 0.11), "minus_clean": still},
+            "blur4|gaussian_blur/4": {"change": ci(0.2, 0.19, 0.21), "minus_clean": moved}}},
+        "logit_lens": {"paired_first_correct": {
+            f"blur4|{ref}|gaussian_blur/{sev}": {"n_common": 50, "difference": d}
+            for ref in ("base", "clean") for sev, d in ((2, ci(0.0, -0.2, 0.2)), (4, ci(-0.8, -1.1, -0.5)))}},
+    }  # fmt: skip
+
+
+def test_attention_and_lens_claims_use_the_condition_at_the_trained_severity():
+    """The audit's case: with conditions [gaussian_blur/2, gaussian_blur/4], blur4 was judged on blur/2 (the first
+    seen condition in the metrics), while its seen gain uses severity 4."""
+    from mechvit.study.claims import seen_conditions
+
+    for trained in ([4], None):  # trained at 4; or unknown, then the study's robustness severity (4)
+        vs = verdicts(_two_conditions(trained), "base")
+        att = next(v for v in vs if v.claim == "attention_changes")
+        lens = next(v for v in vs if v.claim == "lens_changes")
+        assert "on gaussian_blur/4" in att.effect and att.verdict == "supported", trained
+        assert "on gaussian_blur/4" in lens.effect and lens.verdict == "supported", trained
+    vs = verdicts(_two_conditions([2]), "base")  # trained at 2: judged on blur/2, where nothing moved
+    assert [(v.claim, v.verdict) for v in vs if "blur/2" in v.effect] == [
+        ("attention_changes", "inconclusive"),
+        ("lens_changes", "inconclusive"),
+    ]
+    labels = ["gaussian_blur/2", "gaussian_noise/4", "gaussian_blur/4", "gaussian_blur/5"]
+    assert seen_conditions(["gaussian_blur"], labels, [2], [4]) == ["gaussian_blur/2"]
+    assert seen_conditions(["gaussian_blur"], labels, [3], [4]) == ["gaussian_blur/4"]  # the study's severity
+    assert seen_conditions(["gaussian_blur"], labels, [3], [1]) == ["gaussian_blur/5"]  # else the highest
+    # one condition per seen corruption; a corruption with no condition gives none
+    assert seen_conditions(["gaussian_noise", "gaussian_blur", "fog"], labels, [4], [4]) == [
+        "gaussian_noise/4",
+        "gaussian_blur/4",
+    ]
+
+
+def test_attention_and_lens_claims_need_every_control():
+    """Three clean controls, as in the seeds study: a verdict needs each of them (as the seen gain does)."""
+    m = _two_conditions([4])
+    m["robustness"]["controls"] = ["clean", "clean_s1", "clean_s2"]
+    att = m["attention"]["change_from_base"]["blur4|gaussian_blur/4"]
+    lens = m["logit_lens"]["paired_first_correct"]
+    for c in ("clean_s1", "clean_s2"):
+        att[f"minus_{c}"] = ci(0.04, 0.02, 0.06)
+        lens[f"blur4|{c}|gaussian_blur/4"] = {"n_common": 50, "difference": ci(-0.3, -0.5, -0.1)}
+    vs = {v.claim: v for v in verdicts(m, "base") if "blur/4" in v.effect}
+    assert vs["attention_changes"].verdict == "supported" and vs["lens_changes"].verdict == "supported"
+    assert "against every clean control: clean, clean_s1, clean_s2" in vs["lens_changes"].rule
+    assert "minus clean_s1: 0.04 [0.02, 0.06]" in vs["attention_changes"].control
+    # one control (the audit's clean_s2 of blur4_s1: [-0.223, +0.015]) includes 0: no longer supported
+    lens["blur4|clean_s2|gaussian_blur/4"]["difference"] = ci(-0.1, -0.223, 0.015)
+    att["minus_clean_s2"] = ci(0.01, -0.01, 0.03)
+    vs = {v.claim: v for v in verdicts(m, "base") if "blur/4" in v.effect}
+    assert vs["lens_changes"].verdict == "inconclusive"
+    assert (
+        "the CI vs the clean_s2 control -0.1 [-0.223, 0.015] does not lie on the same side"
+        in vs["lens_changes"].rule
+    )
+    assert vs["attention_changes"].verdict == "inconclusive"
+    assert "the controls do not all agree" in vs["attention_changes"].rule
+    for c in ("clean", "clean_s1", "clean_s2"):  # below 0 against every control: contradicted
+        att[f"minus_{c}"] = ci(-0.04, -0.06, -0.02)
+    (v,) = [v for v in verdicts(m, "base") if v.claim == "attention_changes" and "blur/4" in v.effect]
+    assert v.verdict == "contradicted" and "CI below 0 against every control" in v.rule
+
+
+def test_a_base_with_seen_corruptions_is_never_judged_against_itself():
+    """Old metrics (or a base whose card lists corruptions) must not crash the claims with KeyError 'base'."""
+    rob = robustness(ci(0.3, 0.2, 0.4), ci(0.3, 0.2, 0.4), ci(0, -0.01, 0.01))
+    rob["estimates"]["base"]["seen"] = ["gaussian_blur"]
+    assert {v.model for v in verdicts({"robustness": rob}, "base")} == {"blur4"}
+
+
+def test_the_docstring_states_the_rules_the_report_prints():
+    """Finding 8: the module docstring is generated from RULES (which the report and metrics.json carry), so the
+    two cannot disagree; the rules that decided the audit's blur4 verdict are in it."""
+    import mechvit.study.claims as claims
+
+    for c, rule in claims.RULES.items():
+        assert rule in claims.__doc__, c
+    assert "below every clean control's ratio CI (no overlap)" in claims.RULES["features_stable"]
+    assert "lies on the same side of 0" in claims.RULES["lens_changes"]
+    # the report's "blur4: inconclusive" (Holm p 0.0159, ratio CI [0.983, 0.997] overlapping the control's
+    # [0.996, 1.01]) follows from the rule as written
+    comp = {"matched_cos": {"ratio": ci(0.99, 0.983, 0.997), "test": {"p_value": 0.0079}}}
+    ctrl = {"matched_cos": {"ratio": ci(1.0, 0.996, 1.01), "test": {"p_value": 0.7}}}
+    m = {"robustness": {"controls": ["clean"], "estimates": {}}, "sae_analysis": {"overlap_controls": {
+        "batchtopk": {"summary": {"base vs blur4": comp, "base vs noise4": comp, "base vs clean": ctrl}}}}}  # fmt: skip
+    assert by(verdicts(m, "base"), "features_stable") == ["inconclusive", "inconclusive"]

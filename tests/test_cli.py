@@ -317,3 +317,34 @@ def test_study_quiet_turns_every_bar_off(monkeypatch, capfd):
     with progress_bars(False):
         err = train()
     assert "Training SAE" not in err and "Estimating norm" not in err and "it/s" not in err, err
+
+
+def test_study_help_lists_every_step_for_only(capsys):
+    from mechvit.study.steps import STEPS
+
+    with pytest.raises(SystemExit):
+        main(["study", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for step in STEPS:
+        words = (
+            out[out.rindex("--only") : out.rindex("--validate")].replace("(", " ").replace(")", " ").split()
+        )
+        assert step.name in words, step.name
+
+
+def test_a_timm_typo_and_a_disabled_only_step_are_one_line(capsys, tmp_path):
+    """Finding 10: a typo in a ``timm:`` name gave a RuntimeError traceback (base: at --validate; fine-tune: in a
+    step); finding 11: --only on a disabled step ran nothing and exited 0."""
+    _one_line_error(
+        *run(capsys, "study", "--validate", "--set", "models.base={name: b, timm: vit_tiny_patch16_2244}")[
+            ::2
+        ],
+        "mechvit study: error: models.base.timm: unknown timm model 'vit_tiny_patch16_2244'",
+    )
+    _one_line_error(
+        *run(capsys, "study", "--only", "cka", "--set", "cka.enabled=false", "--out", str(tmp_path / "x"))[
+            ::2
+        ],
+        "mechvit study: error: --only cka: cka is disabled in this config (cka.enabled: false)",
+    )
+    assert not (tmp_path / "x").exists()

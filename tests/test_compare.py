@@ -185,3 +185,42 @@ def test_study_environment_carries_the_fingerprint():
     a, b = metrics(), metrics()
     a["environment"], b["environment"] = env, e2
     assert list(compare_metrics(a, b).environment) == ["machine.cpu_capability"]
+
+
+def test_strings_booleans_and_nulls_are_compared_as_values():
+    """Finding 13: a changed category (``excluded_unchanged``, the controls) or a flipped boolean failed nothing
+    ("reproduced", exit 0), and a flipped boolean or a number that became null read as a change of structure."""
+    a = metrics()
+    a["steps"]["robustness"]["metrics"].update(excluded_unchanged=["saturate"], controls=["clean"])
+    a["steps"]["sae"]["metrics"]["rule"] = "p = 0.3 > 0.05"  # free text quoting a number
+    b = copy.deepcopy(a)
+    b["steps"]["robustness"]["metrics"]["excluded_unchanged"] = ["gaussian_noise"]
+    b["steps"]["sae"]["metrics"]["ok"] = False
+    b["steps"]["sae"]["metrics"]["ev"] = None
+    c = compare_metrics(a, b, atol=1.0)
+    rob, sae = c.parts[0], c.parts[1]
+    assert rob.values == ["`robustness/excluded_unchanged[0]`: saturate -> gaussian_noise"]
+    assert sae.values == ["`sae/ev`: 0.96 -> null", "`sae/ok`: true -> false"]
+    assert rob.structure == [] and sae.structure == []
+    assert not c.reproduced and not c.identical  # whatever the tolerance
+    md = c.to_markdown()
+    assert "**NOT reproduced**" in md
+    assert "Values that differ (text, true/false, null; compared exactly):" in md
+    assert "- sae: `sae/ok`: true -> false" in md and "Only in one run" not in md
+    assert "| robustness | 5 | 0 | 0 | 1 | 0 |" in md  # numbers, differ, beyond, other values, texts
+    # free text that quotes numbers is counted apart and does not fail the gate
+    d = copy.deepcopy(a)
+    d["steps"]["sae"]["metrics"]["rule"] = "p = 0.31 > 0.05"
+    c = compare_metrics(a, d)
+    assert c.reproduced and not c.identical and c.parts[1].texts_differ == 1 and c.parts[1].values == []
+
+
+def test_changed_strings_fail_the_command(tmp_path, capsys):
+    a = metrics()
+    a["steps"]["robustness"]["metrics"]["controls"] = ["clean"]
+    b = copy.deepcopy(a)
+    b["steps"]["robustness"]["metrics"]["controls"] = ["other_ft"]
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    assert main([str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 1
+    assert "`robustness/controls[0]`: clean -> other_ft" in capsys.readouterr().out

@@ -404,3 +404,96 @@ def test_sae_run_length_and_k_checked_against_the_model_before_any_step(tiny_hoo
     wide = study_config_from_dict(_with(sae={**hook, "train": {"k": 10**6}}))
     with pytest.raises(ConfigError, match=r"^sae.train: k \(1000000\) must not exceed d_sae"):
         check_hooks_against_model(wide, tiny_hooked)
+
+
+# ---- the audit of the study layer (findings 1, 4, 9, 10, 11, 15): one line naming the key ----------------------
+
+
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        # 1: a repeated entry would be run (and counted) twice: duplicate SAEs read as independent replicates
+        ({"sae": {"architectures": ["batchtopk", "batchtopk"]}},
+         "sae.architectures[1]: 'batchtopk' is listed twice (also sae.architectures[0]); give each entry once"),
+        ({"sae": {"models": ["base", "base"]}}, "sae.models[1]: 'base' is listed twice"),
+        ({"robustness": {"severities": [4, 2, 4]}}, "robustness.severities[2]: 4 is listed twice (also "
+         "robustness.severities[0])"),
+        ({"robustness": {"corruptions": ["fog", "snow", "fog"]}}, "robustness.corruptions[2]: 'fog' is listed twice"),
+        ({"conditions": [{"corruption": "fog"}, {"corruption": "fog", "severity": 4}]},
+         "conditions[1]: 'fog/4' is listed twice (also conditions[0])"),
+        # 10: seed, threads, device
+        ({"seed": -1}, "seed: expected an integer >= 0, got -1"),
+        ({"num_threads": 0}, "num_threads: expected null (torch's default thread count) or an integer >= 1, got 0"),
+        ({"num_threads": -1}, "num_threads: expected null"),
+        ({"device": "meta"}, "device: expected cpu, cuda, cuda:<n>, mps or null (auto), got 'meta'"),
+        ({"device": "xpu"}, "device: expected cpu, cuda, cuda:<n>, mps or null (auto), got 'xpu'"),
+        # 11: an empty list where null means "all" is refused, not read as "all"
+        ({"robustness": {"corruptions": []}},
+         "robustness.corruptions: expected null (all 19 corruptions of mechvit.corruptions) or a non-empty list, got []"),
+        ({"attention": {"view_layers": []}}, "attention.view_layers: expected null (every layer) or a non-empty list"),
+        # 15: the study name is the default out folder runs/<name>
+        ({"name": "../../x"}, "name: use letters, digits, '_', '.', '-' only, not starting with '.' (it names the "
+         "default out folder runs/<name>), got '../../x'"),
+        ({"name": ".."}, "name: use letters"),
+    ],
+)  # fmt: skip
+def test_values_that_failed_late_or_silently_are_refused_up_front(sections, message):
+    assert _error(_with(**sections)).startswith(message)
+
+
+def test_accepted_values_around_the_new_checks():
+    for device in ("cpu", "cuda", "cuda:1", "mps", None):
+        assert study_config_from_dict(_with(device=device)).device == device
+    assert study_config_from_dict(_with(num_threads=None, seed=0)).num_threads is None
+    assert study_config_from_dict(_with(robustness={"corruptions": None})).robustness.corruptions is None
+    assert study_config_from_dict(_with(name="fashion_mnist.v2")).name == "fashion_mnist.v2"
+
+
+def _models(base: dict, *finetuned: dict) -> dict:
+    return {"models": {"base": {"name": "base", **base}, "finetuned": list(finetuned)}}
+
+
+def test_model_entries_say_what_a_source_cannot():
+    ck = {"checkpoint": "ck/base"}
+    # 9: the base is the reference: it has seen nothing and is no control
+    assert _error(_models({**ck, "seen": ["gaussian_blur"]})).startswith(
+        "models.base.seen: expected null or [] (the base is the reference every fine-tune is compared with"
+    )
+    assert _error(_models({**ck, "control": True})).startswith("models.base.control: expected no value")
+    assert study_config_from_dict(_models({**ck, "seen": []})).models.base.seen == []
+    # 4: a timm / hooked fine-tune has no card: it must say what it has seen, or that it is a control
+    timm_ft = {"name": "other_ft", "timm": "vit_tiny_patch16_224"}
+    assert _error(_models(ck, timm_ft)) == (
+        "models.finetuned[0]: a timm fine-tune has no checkpoint card to say what it was fine-tuned on; give "
+        "`seen: [<corruptions>]` ([] for none) or `control: true` (a clean fine-tune control)"
+    )
+    assert _error(_models(ck, {"name": "h", "hooked": "some/folder"})).startswith(
+        "models.finetuned[0]: a hooked fine-tune has no checkpoint card"
+    )
+    for ok in ({"seen": ["gaussian_blur"]}, {"seen": []}, {"control": True}):
+        assert study_config_from_dict(_models(ck, {**timm_ft, **ok})).models.finetuned[0].name == "other_ft"
+    assert _error(_models(ck, {**timm_ft, "control": True, "seen": ["fog"]})).startswith(
+        "models.finetuned[0].control: a clean control has seen no corruption, but models.finetuned[0].seen is"
+    )
+    # 10: a timm name that timm does not know fails here, not in a step's traceback
+    assert _error(_models(ck, {**timm_ft, "timm": "vit_tiny_patch16_2244", "seen": []})).startswith(
+        "models.finetuned[0].timm: unknown timm model 'vit_tiny_patch16_2244'; expected a name of timm.list_models()"
+    )
+    assert _error(_models({"timm": "vit_tiny_patch16_2244"})).startswith(
+        "models.base.timm: unknown timm model"
+    )
+    pretrained_tag = {"timm": "vit_tiny_patch16_224.augreg_in21k"}
+    assert study_config_from_dict(_models(pretrained_tag)).models.base.timm == pretrained_tag["timm"]
+    # 11: timm-only keys on another source are refused, not ignored
+    assert _error(_models({**ck, "pretrained": True})) == (
+        "models.base.pretrained: applies to a timm source only; this entry's source is checkpoint (got True)"
+    )
+    assert _error(_models(ck, {"name": "f", "checkpoint": "x", "timm_kwargs": {"img_size": 28}})).startswith(
+        "models.finetuned[0].timm_kwargs: applies to a timm source only; this entry's source is checkpoint"
+    )
+
+
+def test_histogram_bins_of_the_sae_section_is_gone():
+    """It was read nowhere (the explorer has its own ``explorer.histogram_bins``) and retrained every SAE."""
+    assert _error(_with(sae={"histogram_bins": 50})).startswith("sae.histogram_bins: unknown key")
+    assert load_study_config(ROOT / "configs" / "imagenet_paper.yaml").explorer.histogram_bins == 24

@@ -666,3 +666,26 @@ def test_report_says_which_fine_tunes_the_feature_claim_leaves_out():
     assert sae_coverage_note(names, "base", ["clean"], names) is None  # every fine-tune has SAEs
     assert sae_coverage_note(names, "base", ["clean"], []) is None  # no SAE step: nothing to say
     assert "tested on 0 of the 3 fine-tunes (none)" in sae_coverage_note(names, "base", ["clean"], ["base"])
+
+
+def test_report_states_roles_ablation_gap_ci_and_final_top1_ci(finished, checkpoints):
+    """The Models table says each model's role; the ablation gap and the SAE key numbers carry their CIs; the
+    logit-lens table gives the final top-1 its CI; the under-the-bar warning is the report's, from the config."""
+    from mechvit.study.report import ablation_warning, cell
+
+    run, out = finished
+    md = (out / "report.md").read_text()
+    assert "| model | role | source |" in md
+    assert re.search(r"\| base \| base \|", md) and re.search(r"\| ft_blur \| fine-tune \|", md)
+    metrics = json.loads((out / "metrics.json").read_text())["steps"]
+    gap = metrics["sae"]["metrics"]["ablation_gap"]
+    assert gap["kl_ci"]["low"] <= gap["kl"] <= gap["kl_ci"]["high"] and gap["kl_ci"]["n"] == 12
+    assert re.search(r"mean-ablation gap of the SAE hook's tokens \(base model\): KL \S+ \[95% CI", md)
+    sae_lines = [line for line in md.splitlines() if line.startswith("- SAE batchtopk")]
+    assert sae_lines and all(line.count("[95% CI") == 3 for line in sae_lines)  # EV, L0, spliced KL
+    assert "| model | input | final top-1 | final top-1 low | final top-1 high | mean first correct block |" in md
+    # the warning follows sae.ablation_warn_nats, read at report time (changing it retrains nothing)
+    sae_cfg = study_config_from_dict(tiny_config(checkpoints)).sae
+    text = ablation_warning({"kl": 0.05}, sae_cfg)
+    assert "patch tokens at blocks.1.hook_resid_post" in text and "under 0.1" in text
+    assert cell(-0.0001, 3) == "0.000" and cell(-0.01, 3) == "-0.010"

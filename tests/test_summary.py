@@ -181,3 +181,29 @@ def test_run_line_names_the_machine_when_recorded():
     assert new.endswith("torch x, 2 threads, device cpu (CPU Some Xeon, kernels AVX512).")
     gpu = summary.timing_md({**base, "environment": {**env, "machine": {**machine, "gpu": "H200"}}})[0]
     assert gpu.endswith("(CPU Some Xeon, kernels AVX512, GPU H200).")
+
+
+def test_each_part_is_its_own_paragraph_and_the_ablation_bar_is_the_configs():
+    """Finding 14: the overlap line followed the last SAE note with no blank line (in the README it ran into the
+    ReLU paragraph), and the ablation bar was a hard-coded 0.1 whatever sae.ablation_warn_nats said."""
+    one = {
+        "heldout": {"explained_variance": 0.96, "l0": 8.0, "dead_features": 4, "dense_features": 0, "d_sae": 40},
+        "pca_k_explained_variance": 0.8, "trained_samples": 1000,
+        "spliced_clean": {"kl_sae": 0.01, "accuracy_clean": 0.9, "accuracy_sae": 0.89},
+        "convergence": {"change": -0.001},
+    }  # fmt: skip
+    sae = {"ablation_gap": {"kl": 0.25}, "batchtopk|base|0": one, "batchtopk|base|1": one}
+    overlap = {"overlap_controls": {"batchtopk": {"summary": {"base vs ft": {"matched_cos": {
+        k: _est(0.5, 0.4, 0.6) for k in ("within_reference", "within_other", "between", "floor", "ratio")}}}}}}  # fmt: skip
+    config = {"sae": {"ablation_warn_nats": 0.3, "train": {"k": 8}, "architectures": ["batchtopk"]}}
+    metrics = {"name": "toy", "models": {}, "config": config,
+               "steps": {"sae": {"metrics": sae}, "sae_analysis": {"metrics": overlap}}}  # fmt: skip
+    md = summary.render(metrics)
+    assert "when this is >= 0.3, sae.ablation_warn_nats)." in md
+    lines = md.splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith("**Feature overlap against controls**"))
+    assert lines[i - 2].startswith("ReLU + L1") and lines[i - 1] == ""  # the SAE part ends with a note
+    del metrics["config"]  # older metrics without a config: the default bar
+    assert "when this is >= 0.1, sae.ablation_warn_nats)." in summary.render(metrics)
+    sae["ablation_gap"]["kl_ci"] = _est(0.25, 0.2, 0.3)  # with the CI over images, where the step stores one
+    assert "costs the base model KL 0.25 [0.2, 0.3] nats" in summary.render(metrics)

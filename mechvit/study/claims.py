@@ -1,44 +1,9 @@
 """The seed paper's five claims, each with the measured effect, its 95% CI, its control and a verdict computed
-by a stated rule from the step results (whatever the data say):
+by a stated rule from the step results (whatever the data say).
 
-1. **seen gain**: a fine-tune is more accurate than the base on the corruptions it was tuned on.
-   Effect: paired top-1 difference (fine-tune - base) on its seen corruptions at the severities it was trained
-   at (group ``seen_trained``; the study's severities, group ``seen``, when the card does not say); control:
-   the same difference against the clean fine-tune. *Supported* when both CIs lie above 0 and the exact
-   McNemar test of every one of those cells, against the base and against each control, has a Holm-adjusted
-   p < 0.05 (the family: every McNemar test of the robustness step); *contradicted* when the CI against the
-   base lies below 0 and a McNemar test against the base on those cells has Holm p < 0.05; else
-   *inconclusive*. Without McNemar tests in the metrics the CIs alone decide (stated in the rule).
-2. **no transfer to unseen corruptions**: effect: paired difference (fine-tune - base) on the unseen
-   corruptions of other families. *Contradicted* when its CI lies above 0 (accuracy rises there);
-   *supported* when the CI's upper end is below half the seen gain's lower end (no gain of the seen size);
-   else *inconclusive*.
-3. **attention changes**: effect: per image, 1 - cosine of the fine-tune's and the base's attention maps on
-   the fine-tune's seen condition, minus the clean control's (same images). *Supported* when the CI lies
-   above 0 (attention moved more than fine-tuning alone moves it); *contradicted* when below 0; else
-   *inconclusive*.
-4. **layer-wise knowledge evolution changes**: effect: paired difference in the first block after which the
-   correct class is top-1 (fine-tune - base) on the fine-tune's seen condition. *Supported* when the CI
-   excludes 0 (either sign; the sign is reported); else *inconclusive* (never contradicted: an interval around
-   0 cannot show that nothing changed without an equivalence margin).
-5. **sparse features stay stable**: effect: matched decoder cosine between the base's and the fine-tune's
-   SAEs relative to within-model seed pairs (ratio between / within, CI) with the permutation test over model
-   labels. *Contradicted* when the Holm-adjusted p <= 0.05 (the family: the permutation tests of every
-   fine-tune's comparison with the base, all architectures; the clean controls' comparisons are not in it) and
-   the ratio's CI lies below 1 (features differ beyond seed noise); *supported* when the raw p > 0.05 and the
-   ratio's CI lies above 0.95 (the adjustment only makes a difference harder to declare: it never makes "no
-   difference" easier), and the exact test could have given p <= 0.05 at all with this many SAEs (with 3 + 3
-   seeds its smallest p is 0.1, so "p > 0.05" holds whatever the data: no evidence); else *inconclusive*.
-   The clean control's comparison is reported beside it.
-
-Multiplicity: where a verdict uses a p-value it uses the Holm-adjusted one (claims 1 and 5); the CIs are
-per-comparison 95% intervals, not adjusted.
-
-A claim's overall verdict: *supported* when every fine-tune supports it, *contradicted* when any contradicts
-it, else *inconclusive*; :func:`tally` says how many fine-tunes gave each verdict. Every :class:`Verdict`
-carries ``rule``: the condition that decided it, with its numbers, so the report states why, not only what.
-The CIs are over test images (SAE seed pairs for claim 5) for ONE fine-tuning run per model: they do not
-include the variation between fine-tuning seeds (docs/study.md, fine-tune seed variation).
+The rules below are generated from :data:`EFFECTS` and :data:`RULES`, the text the report prints beside the
+verdicts and ``metrics.json`` keeps under ``claims.rules``, so this docstring, the report and the code's rule
+text cannot drift apart (tests/test_claims.py checks each rule against the code on known answers).
 """
 
 from __future__ import annotations
@@ -58,25 +23,77 @@ CLAIMS = {
     "features_stable": "Sparse features stay much the same",
 }
 
-# The rule of each claim in one line (the report prints these beside the verdicts; details above).
+# The condition claims 3 and 4 are judged on, as the seen gain picks its cells (the report states it per verdict).
+CONDITION_RULE = (
+    "on the study condition of each seen corruption at the severity the fine-tune was trained at (its checkpoint "
+    "card, the robustness step's trained_severities), else at the study's robustness severity, else the highest "
+    "one: one verdict per seen corruption with a condition"
+)
+
+# What each claim measures (the docstring's effect paragraphs; details of the estimates in docs/study.md).
+EFFECTS = {
+    "seen_gain": "paired top-1 difference (fine-tune - base) on its seen corruptions at the severities it was "
+    "trained at (group seen_trained; the study's severities, group seen, when the card does not say); control: "
+    "the same difference against each clean fine-tune control",
+    "no_unseen_transfer": "paired top-1 difference (fine-tune - base) on the unseen corruptions of other families",
+    "attention_changes": "per image, 1 - cosine of the fine-tune's and the base's attention maps, minus the same "
+    "for each clean control (same images), " + CONDITION_RULE,
+    "lens_changes": "paired difference in the first block after which the correct class is top-1 (fine-tune - "
+    "base; and fine-tune - each clean control), " + CONDITION_RULE,
+    "features_stable": "matched decoder cosine between the base's and the fine-tune's SAEs relative to "
+    "within-model seed pairs (ratio between / within, CI) with the exact permutation test over model labels; each "
+    "clean control's comparison with the base is reported beside it",
+}
+
+# The rule of each claim in one line (the report prints these beside the verdicts; this module's docstring too).
 RULES = {
     "seen_gain": "on the seen corruption at the severity the fine-tune was trained at: supported when the paired "
-    "CI (fine-tune - base) and the CI against the clean control both lie above 0 and every McNemar test of those "
-    "cells (vs base, vs control) has Holm-adjusted p < 0.05 (family: all McNemar tests of the robustness step); "
-    "contradicted when the CI against the base lies below 0 with Holm p < 0.05; else inconclusive",
+    "CI (fine-tune - base) and the CI against every clean control lie above 0 and every McNemar test of those "
+    "cells (vs base, vs each control) has Holm-adjusted p < 0.05 (family: all McNemar tests of the robustness "
+    "step); contradicted when the CI against the base lies below 0 with Holm p < 0.05; else inconclusive "
+    "(without McNemar tests in the metrics the CIs alone decide)",
     "no_unseen_transfer": "contradicted when the CI (fine-tune - base) on unseen other-family cells lies above 0 "
     "(checked first); supported when its upper end is below half the lower end of the seen gain at the same "
     "(study) severity; else inconclusive",
-    "attention_changes": "supported when the CI of (change from base) - (the clean control's change) lies above "
-    "0; contradicted when below 0; else inconclusive",
-    "lens_changes": "supported when the paired CI of the first-correct-block difference (fine-tune - base) "
-    "excludes 0, either sign, and the CI against the clean control (fine-tune - control) lies on the same side of "
+    "attention_changes": "on the seen condition at the trained severity (else the study's, else the highest): "
+    "supported when the CI of (change from base) - (a clean control's change) lies above 0 "
+    "for every clean control; contradicted when it lies below 0 for every one; else inconclusive (and without a "
+    "control)",
+    "lens_changes": "on the same condition as attention: supported when the paired CI of the first-correct-block "
+    "difference (fine-tune - base) "
+    "excludes 0, either sign, and the CI against every clean control (fine-tune - control) lies on the same side of "
     "0; else inconclusive (never contradicted: no equivalence margin)",
     "features_stable": "contradicted when the Holm-adjusted permutation p <= 0.05 (family: every fine-tune's "
-    "comparison with the base) and the CI of matched cosine between / within lies below 1 and below the clean "
-    "control's ratio CI (no overlap); supported when the raw p > 0.05 and that CI lies above 0.95, and the "
-    "test could have given p <= 0.05 with this many SAEs (3 + 3 seeds cannot: smallest p 0.1); else inconclusive",
+    "comparison with the base, all architectures; the clean controls' are not in it) and the CI of matched cosine "
+    "between / within lies below 1 and below every clean control's ratio CI (no overlap); supported when the raw "
+    "p > 0.05 and that CI lies above 0.95, and the test could have given p <= 0.05 with this many SAEs (3 + 3 seeds "
+    "cannot: smallest p 0.1); else inconclusive",
 }
+
+NOTES = """Multiplicity: where a verdict uses a p-value it uses the Holm-adjusted one (claims 1 and 5); the CIs are
+per-comparison 95% intervals, not adjusted. The clean controls are the fine-tunes the study marks as controls
+(``control: true``, or a checkpoint card that says no corruption); with several, a verdict that needs a control
+needs every one of them.
+
+A claim's overall verdict: *supported* when every verdict of it supports it, *contradicted* when any contradicts
+it, else *inconclusive*; :func:`tally` says how many fine-tunes gave each verdict. Every :class:`Verdict` carries
+``rule``: the condition that decided it, with its numbers, so the report states why, not only what. The CIs are
+over test images (SAE seed pairs for claim 5) for ONE fine-tuning run per model: they do not include the
+variation between fine-tuning seeds (docs/study.md, fine-tune seed variation).
+"""
+
+
+def rules_text() -> str:
+    """The rules of the five claims as this module's docstring states them (from :data:`EFFECTS` and
+    :data:`RULES`)."""
+    items = [
+        f"{i}. **{c.replace('_', ' ')}** ({CLAIMS[c]}): effect: {EFFECTS[c]}. *Rule*: {RULES[c]}."
+        for i, c in enumerate(CLAIMS, 1)
+    ]
+    return "\n\n".join(["The rules:", *items, NOTES])
+
+
+__doc__ = f"{__doc__ or ''}\n{rules_text()}"
 
 
 @dataclass
@@ -131,7 +148,7 @@ def verdicts(metrics: dict[str, dict], base: str, controls: list[str] | None = N
     ctrls: list[str] = list(controls) if controls is not None else list((rob or {}).get("controls", []))
     if rob:
         est = rob["estimates"]
-        tuned = [(m, e["seen"]) for m, e in est.items() if e["seen"]]
+        tuned = [(m, e["seen"]) for m, e in est.items() if e["seen"] and m != base]  # the base: the reference
         tests = rob.get("mcnemar")
         for m, _ in tuned:
             groups = est[m].get("groups") or {}
@@ -139,7 +156,7 @@ def verdicts(metrics: dict[str, dict], base: str, controls: list[str] | None = N
             what = "at its trained severity" if g == "seen_trained" else "at the study's severity"
             cells = groups.get(g) or []
             vs_b = est[m]["vs"][base].get(g)
-            vs_c = {c: est[m]["vs"][c].get(g) for c in ctrls}
+            vs_c = {c: (est[m]["vs"].get(c) or {}).get(g) for c in ctrls}
             v, why = _seen_verdict(m, base, vs_b, vs_c, cells, tests)
             sev4 = est[m]["vs"][base].get("seen")
             if g == "seen_trained" and cells != groups.get("seen"):
@@ -171,52 +188,23 @@ def verdicts(metrics: dict[str, dict], base: str, controls: list[str] | None = N
                     "inconclusive",
                     "neither: CI not above 0 and not below half the seen gain's lower end",
                 )
-            vs_c = {c: est[m]["vs"][c].get("unseen_other") for c in ctrls}
+            vs_c = {c: (est[m]["vs"].get(c) or {}).get("unseen_other") for c in ctrls}
             ctl = "; ".join(f"vs {c}: {_fmt_ci(d, 100)} pp" for c, d in vs_c.items()) or "no clean control"
             out.append(Verdict("no_unseen_transfer", m, "top-1 on unseen other families, minus base (pp)",
                                *_pp(other), ctl, v, rule=why))  # fmt: skip
     att = metrics.get("attention", {}).get("change_from_base", {})
     lens = metrics.get("logit_lens", {}).get("paired_first_correct", {})
+    labels = list(dict.fromkeys(k.split("|")[-1] for k in [*att, *lens]))
+    trained = (rob or {}).get("trained_severities") or {}
     for m, seen in tuned:
-        cond = _condition_of(seen, att) or _condition_of(seen, lens)
-        if cond is None:
-            continue
-        a = att.get(f"{m}|{cond}", {})
-        key, diff = next(((k, v) for k, v in a.items() if k.startswith("minus_")), ("", None))
-        if a:
-            ctrl = key.removeprefix("minus_") or "control"
-            if diff is None:
-                v, why = "inconclusive", "no control to subtract"
-            elif _above(diff):
-                v, why = "supported", f"CI above 0: attention moved more than {ctrl}'s fine-tune moves it"
-            elif _below(diff):
-                v, why = "contradicted", f"CI below 0: attention moved less than {ctrl}'s fine-tune moves it"
-            else:
-                v, why = "inconclusive", "CI includes 0"
-            out.append(Verdict("attention_changes", m,
-                               f"attention change (1 - cosine) on {cond}, minus the {ctrl} control's",
-                               *_get(diff), f"change itself {_fmt_ci(a.get('change'))}", v, rule=why))  # fmt: skip
-        d = (lens.get(f"{m}|{base}|{cond}") or {}).get("difference")
-        if d:
-            c = next(((k, x["difference"]) for k, x in lens.items() if k.startswith(f"{m}|") and k.endswith(f"|{cond}")
-                      and k.split("|")[1] in ctrls), None)  # fmt: skip
-            ctl = f"vs {c[0].split('|')[1]}: {_fmt_ci(c[1])} blocks" if c else "no clean control"
-            same_side = _below if d["estimate"] < 0 else _above
-            if not (_above(d) or _below(d)):
-                v, why = "inconclusive", "CI includes 0"
-            elif c is not None and not same_side(c[1]):
-                v = "inconclusive"
-                why = (f"CI vs base excludes 0 but the CI vs the {c[0].split('|')[1]} control {_fmt_ci(c[1])} does "
-                       "not lie on the same side of 0: fine-tuning itself may move it as much")  # fmt: skip
-            else:
-                v = "supported"
-                why = f"CI excludes 0: the answer forms {abs(d['estimate']):.2g} blocks " + (
-                    "earlier" if d["estimate"] < 0 else "later"
-                )
-                why += " (and so it does against the clean control)" if c is not None else ""
-            out.append(Verdict("lens_changes", m,
-                               f"first correct block on {cond}, minus base (blocks; negative = earlier)",
-                               *_get(d), ctl, v, rule=why))  # fmt: skip
+        for cond in seen_conditions(seen, labels, trained.get(m) or [], (rob or {}).get("severities") or []):
+            a = att.get(f"{m}|{cond}", {})
+            if a:
+                out.append(_attention_verdict(m, cond, a, ctrls))
+            d = (lens.get(f"{m}|{base}|{cond}") or {}).get("difference")
+            if d:
+                out.append(_lens_verdict(m, cond, d, {c: (lens.get(f"{m}|{c}|{cond}") or {}).get("difference")
+                                                      for c in ctrls}))  # fmt: skip
     sae = metrics.get("sae_analysis", {}).get("overlap_controls", {})
     family = [(arch, comp, ((per.get("matched_cos") or {}).get("test") or {}).get("p_value"))
               for arch, oc in sae.items() for comp, per in oc["summary"].items()
@@ -273,6 +261,79 @@ def verdicts(metrics: dict[str, dict], base: str, controls: list[str] | None = N
                                f"matched decoder cosine between / within (p = {p:.3g}, Holm {q:.3g})" if p is not None else
                                "matched decoder cosine between / within", *_get(ratio), ctl, v, rule=why))  # fmt: skip
     return out
+
+
+def seen_conditions(seen: list[str], labels: list[str], trained: list[int], study: list[int]) -> list[str]:
+    """The conditions (``corruption/severity`` among ``labels``) claims 3 and 4 judge a fine-tune on, one per seen
+    corruption that has one: at a severity it was ``trained`` at, else at a ``study`` (robustness) severity,
+    else any; the highest severity of the first of those that has one (:data:`CONDITION_RULE`)."""
+    out = []
+    for c in seen:
+        sev = {lab: int(lab.rsplit("/", 1)[1]) for lab in labels if "/" in lab and lab.rsplit("/", 1)[0] == c}
+        for pick in ([x for x in sev if sev[x] in trained], [x for x in sev if sev[x] in study], list(sev)):
+            if pick:
+                out.append(max(pick, key=sev.__getitem__))
+                break
+    return out
+
+
+def _attention_verdict(m: str, cond: str, a: dict, ctrls: list[str]) -> Verdict:
+    """Claim 3 on ``cond``: the change from the base minus each clean control's change (``minus_<control>``);
+    every control must agree (a control without its difference leaves it inconclusive)."""
+    diffs = {c: a.get(f"minus_{c}") for c in ctrls}
+    first = next(iter(diffs), "control")
+    if not diffs:
+        v, why = "inconclusive", "no control to subtract"
+    elif len(diffs) == 1 and diffs[first] is not None:  # the one-control wording
+        d = diffs[first]
+        if _above(d):
+            v, why = "supported", f"CI above 0: attention moved more than {first}'s fine-tune moves it"
+        elif _below(d):
+            v, why = "contradicted", f"CI below 0: attention moved less than {first}'s fine-tune moves it"
+        else:
+            v, why = "inconclusive", "CI includes 0"
+    elif all(_above(d) for d in diffs.values()):
+        v = "supported"
+        why = f"CI above 0 against every control ({', '.join(diffs)}): attention moved more than their fine-tunes move it"
+    elif all(_below(d) for d in diffs.values()):
+        v = "contradicted"
+        why = f"CI below 0 against every control ({', '.join(diffs)}): attention moved less than their fine-tunes move it"
+    else:
+        v = "inconclusive"
+        why = "; ".join(f"minus {c}: " + ("no difference in these metrics" if d is None else f"CI {_fmt_ci(d)}")
+                        for c, d in diffs.items())  # fmt: skip
+        why = f"the controls do not all agree ({why})" if len(diffs) > 1 else why
+    ctl = "; ".join([f"change itself {_fmt_ci(a.get('change'))}"]
+                    + [f"minus {c}: {_fmt_ci(d)}" for c, d in list(diffs.items())[1:]])  # fmt: skip
+    return Verdict("attention_changes", m, f"attention change (1 - cosine) on {cond}, minus the {first} control's",
+                   *_get(diffs.get(first)), ctl, v, rule=why)  # fmt: skip
+
+
+def _lens_verdict(m: str, cond: str, d: dict, vs_c: dict) -> Verdict:
+    """Claim 4 on ``cond``: the paired first-correct-block difference against the base, and against each clean
+    control (``vs_c``), which must all lie on the same side of 0."""
+    ctl = "; ".join(f"vs {c}: {_fmt_ci(x)} blocks" for c, x in vs_c.items()) or "no clean control"
+    same_side = _below if d["estimate"] < 0 else _above
+    off = [c for c, x in vs_c.items() if not same_side(x)]
+    if not (_above(d) or _below(d)):
+        v, why = "inconclusive", "CI includes 0"
+    elif off:
+        v = "inconclusive"
+        why = "CI vs base excludes 0 but " + "; ".join(
+            f"the CI vs the {c} control {_fmt_ci(vs_c[c])} does not lie on the same side of 0" if vs_c[c]
+            else f"there is no paired difference against the {c} control" for c in off
+        ) + ": fine-tuning itself may move it as much"  # fmt: skip
+    else:
+        v = "supported"
+        why = f"CI excludes 0: the answer forms {abs(d['estimate']):.2g} blocks " + (
+            "earlier" if d["estimate"] < 0 else "later"
+        )
+        if len(vs_c) == 1:
+            why += " (and so it does against the clean control)"
+        elif vs_c:
+            why += f" (and so it does against every clean control: {', '.join(vs_c)})"
+    return Verdict("lens_changes", m, f"first correct block on {cond}, minus base (blocks; negative = earlier)",
+                   *_get(d), ctl, v, rule=why)  # fmt: skip
 
 
 def _seen_verdict(m: str, base: str, vs_b, vs_c: dict, cells: list[str], tests: list[dict] | None):
@@ -347,15 +408,6 @@ def _overlap_caveats(mc: dict, test: dict, persistent: dict | None) -> list[str]
     if w is not None:
         out.append(f"only {100 * w:.1f}% of live features persist even between two seeds of the base model")
     return out
-
-
-def _condition_of(seen: list[str], d: dict) -> str | None:
-    """The study condition (``corruption/severity``) of a seen corruption present in ``d``'s keys."""
-    for k in d:
-        lab = k.split("|")[-1]
-        if lab.split("/")[0] in seen:
-            return lab
-    return None
 
 
 def _pp(d: dict | None) -> tuple:

@@ -10,8 +10,13 @@ differences in the last digits: the same code on another CPU kernel path rounds 
 differently, and SAE training amplifies those roundings into differences the size of its seed noise (README,
 "Reproducibility"). Timings and bookkeeping (seconds, dates, cache flags, step hashes) are left out.
 
-Exit status: 0 when every number agrees within ``atol + rtol * max(|a|, |b|)`` (default 0: bit for bit), no
-verdict changed and the models are the same weights; 1 otherwise; 2 on bad input.
+Every other value is compared exactly: a string (a label, a corruption name, a list of controls), a true/false
+or a null that differs is a difference, listed with both values, whatever the tolerance (a number that became
+null too). Only the free text that quotes numbers (:data:`FREE_TEXT`: a claim's rule, effect and control, notes)
+is counted apart ("texts differ") without failing.
+
+Exit status: 0 when every number agrees within ``atol + rtol * max(|a|, |b|)`` (default 0: bit for bit), every
+other value is equal, no verdict changed and the models are the same weights; 1 otherwise; 2 on bad input.
 """
 
 from __future__ import annotations
@@ -27,6 +32,13 @@ from typing import Any
 # timings and bookkeeping, not results: left out of the comparison wherever they sit
 SKIP_KEYS = frozenset(
     {"seconds", "wall_seconds", "train_seconds_group", "written", "cached", "side_by_side", "hash"}
+)
+
+
+# keys whose strings are prose that quotes numbers (the numbers are compared where they are stored): counted
+# under "texts differ", not a difference
+FREE_TEXT = frozenset(
+    {"rule", "effect", "control", "note", "notes", "denominator_reason", "live_counted_on", "mcnemar_family"}
 )
 
 
@@ -46,10 +58,11 @@ class PartDiff:
     numbers: int = 0  # numeric leaves present on both sides
     differ: int = 0  # of them, how many are not equal (NaN equals NaN)
     beyond: int = 0  # of them, how many differ by more than the tolerance
-    texts_differ: int = 0  # string leaves that differ (e.g. a note quoting a number)
+    texts_differ: int = 0  # free-text leaves (FREE_TEXT) that differ (e.g. a note quoting a number)
     largest_abs: Largest = field(default_factory=Largest)
     largest_rel: Largest = field(default_factory=Largest)
     structure: list[str] = field(default_factory=list)  # keys or lengths on one side only
+    values: list[str] = field(default_factory=list)  # other values (strings, booleans, nulls) that differ
 
 
 @dataclass
@@ -66,15 +79,15 @@ class Comparison:
     def identical(self) -> bool:
         """Every number, text and verdict equal (environment and config aside)."""
         return not (self.verdicts or self.models) and all(
-            p.differ == 0 and p.texts_differ == 0 and not p.structure for p in self.parts
+            p.differ == 0 and p.texts_differ == 0 and not p.structure and not p.values for p in self.parts
         )
 
     @property
     def reproduced(self) -> bool:
-        """Every number within the tolerance, every verdict the same, the same weights and the same
-        structure (texts that quote a number may differ)."""
+        """Every number within the tolerance, every other value equal, every verdict the same, the same
+        weights and the same structure (free texts that quote a number may differ)."""
         return not (self.verdicts or self.models) and all(
-            p.beyond == 0 and not p.structure for p in self.parts
+            p.beyond == 0 and not p.structure and not p.values for p in self.parts
         )
 
     def to_markdown(self, a: str = "A", b: str = "B") -> str:
@@ -87,21 +100,25 @@ class Comparison:
             f"**{'reproduced' if self.reproduced else 'NOT reproduced'}** ({tol}): "
             + ("every number identical." if self.identical else "see below."),
             "",
-            "| part | numbers | differ | beyond tolerance | texts differ | largest abs. difference | where "
-            "| largest rel. difference | where |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| part | numbers | differ | beyond tolerance | other values differ | texts differ "
+            "| largest abs. difference | where | largest rel. difference | where |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for p in self.parts:
             lines.append(
-                f"| {p.name} | {p.numbers} | {p.differ} | {p.beyond} | {p.texts_differ} | "
+                f"| {p.name} | {p.numbers} | {p.differ} | {p.beyond} | {len(p.values)} | {p.texts_differ} | "
                 f"{_g(p.largest_abs.value)} | {_at(p.largest_abs)} | {_g(p.largest_rel.value)} | "
                 f"{_at(p.largest_rel)} |"
             )
-        structure = [f"{p.name}: {s}" for p in self.parts for s in p.structure]
-        if structure:
-            lines += ["", "Only in one run:", *[f"- {s}" for s in structure[:20]]]
-            if len(structure) > 20:
-                lines.append(f"- ... and {len(structure) - 20} more")
+        for title, items in (
+            ("Values that differ (text, true/false, null; compared exactly):", [
+                f"{p.name}: {v}" for p in self.parts for v in p.values]),
+            ("Only in one run (keys, lengths, types):", [f"{p.name}: {s}" for p in self.parts for s in p.structure]),
+        ):  # fmt: skip
+            if items:
+                lines += ["", title, *[f"- {s}" for s in items[:20]]]
+                if len(items) > 20:
+                    lines.append(f"- ... and {len(items) - 20} more")
         lines += ["", "Verdicts that changed:" if self.verdicts else "Every claim verdict is the same."]
         lines += [f"- {v['claim']} / {v['model']}: {v['a']} -> {v['b']}" for v in self.verdicts]
         if self.models:
@@ -133,7 +150,8 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _walk(x: Any, y: Any, where: str, part: PartDiff, atol: float, rtol: float) -> None:
+def _walk(x: Any, y: Any, where: str, part: PartDiff, atol: float, rtol: float, key: str = "") -> None:
+    """Compare ``x`` and ``y`` at ``where``; ``key``: the dict key they (or the list holding them) sit under."""
     if isinstance(x, dict) and isinstance(y, dict):
         for k in sorted(x.keys() | y.keys(), key=str):  # a stable order: the same report twice
             if k in SKIP_KEYS:
@@ -141,13 +159,13 @@ def _walk(x: Any, y: Any, where: str, part: PartDiff, atol: float, rtol: float) 
             if k not in x or k not in y:
                 part.structure.append(f"{where}/{k} only in {'A' if k in x else 'B'}")
             else:
-                _walk(x[k], y[k], f"{where}/{k}", part, atol, rtol)
+                _walk(x[k], y[k], f"{where}/{k}", part, atol, rtol, str(k))
     elif isinstance(x, list) and isinstance(y, list):
         if len(x) != len(y):
             part.structure.append(f"{where}: {len(x)} items in A, {len(y)} in B")
             return
         for i, (u, v) in enumerate(zip(x, y, strict=True)):
-            _walk(u, v, f"{where}[{i}]", part, atol, rtol)
+            _walk(u, v, f"{where}[{i}]", part, atol, rtol, key)
     elif _is_number(x) and _is_number(y):
         part.numbers += 1
         fx, fy = float(x), float(y)
@@ -165,11 +183,23 @@ def _walk(x: Any, y: Any, where: str, part: PartDiff, atol: float, rtol: float) 
             part.largest_abs = Largest(d, where, x, y)
         if r > part.largest_rel.value:
             part.largest_rel = Largest(r, where, x, y)
-    elif isinstance(x, str) and isinstance(y, str):
+    elif isinstance(x, str) and isinstance(y, str) and key in FREE_TEXT:
         if x != y:
             part.texts_differ += 1
-    elif x != y and not (x is None and y is None):
+    elif (
+        _is_value(x)
+        and _is_value(y)
+        and not (_is_number(x) and isinstance(y, str))
+        and not (isinstance(x, str) and _is_number(y))
+    ):  # strings, booleans, nulls (and a number against a bool or null): exactly equal or a difference
+        if type(x) is not type(y) or x != y:
+            part.values.append(f"`{where}`: {_short(x)} -> {_short(y)}")
+    else:
         part.structure.append(f"{where}: {type(x).__name__} in A, {type(y).__name__} in B")
+
+
+def _is_value(x: Any) -> bool:
+    return x is None or isinstance(x, (str, bool, int, float))
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -120,7 +120,11 @@ class ModelEntry:
     """One model. Exactly one source: ``checkpoint`` (a mechvit checkpoint folder: model.safetensors +
     card.json), ``hooked`` (a HookedViT folder from ``save_pretrained``/``mechvit convert``) or ``timm`` (a timm
     model name, ``pretrained`` weights from the hub, ``timm_kwargs`` to ``timm.create_model``).
-    ``seen``: the corruptions it was fine-tuned on (None: read from the checkpoint card).
+    ``seen``: the corruptions it was fine-tuned on (None: read from the checkpoint card; ``[]``: none).
+    ``control``: a clean fine-tune control (fine-tuned like the others, without corruptions): the reference every
+    claim sets a fine-tune's change against (None: a checkpoint whose card says it was fine-tuned without
+    corruptions, ``config.corruption`` null or ``p: 0``, and without adversarial training, is one; nothing else
+    is). A ``hooked``/``timm`` fine-tune has no card: it needs ``seen`` or ``control: true``.
     ``train_config``: a ``mechvit train`` YAML that writes ``checkpoint`` when it does not exist yet."""
 
     name: str
@@ -130,6 +134,7 @@ class ModelEntry:
     pretrained: bool = False
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     seen: list[str] | None = None
+    control: bool | None = None
     train_config: str | None = None
 
 
@@ -223,10 +228,9 @@ class SAESection:
     # CPU: processes training the models' SAE groups at once, one thread each (None: num_threads); 1: one
     # after the other in this process. The SAEs equal a one-thread sequential run's
     parallel_models: int | None = None
-    histogram_bins: int = 50
     ablation_warn_nats: float = 0.1  # the report warns when the hook's mean-ablation KL is below this
-    top_features: int = 6  # features with a feature page, per SAE pair
-    top_images: int = 6  # images per feature
+    top_features: int = 6  # features with a feature page, per SAE pair (sae_analysis)
+    top_images: int = 6  # images per feature (sae_analysis)
     store: ActivationStoreConfig = field(default_factory=_default_store)
     train: SAETrainingConfig = field(default_factory=lambda: SAETrainingConfig(expansion_factor=32))
     overlap: OverlapConfig = field(default_factory=OverlapConfig)
@@ -358,45 +362,136 @@ class StudyConfig:
 FORKING_SECTIONS = ("robustness", "sae", "explorer")  # the sections with parallel_models
 
 
+DEVICES = "cpu, cuda, cuda:<n>, mps"  # the devices the study runs on (validate's device check)
+_DEVICE_RE = re.compile(r"cpu|cuda(:\d+)?|mps")
+_FILE_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # no separators, no leading '.' ('..' included)
+
+
+def check_file_name(name: str, key: str, what: str) -> None:
+    """``name`` is used as a file or folder name (``what``): letters, digits, '_', '.', '-', not starting
+    with '.'."""
+    if not _FILE_NAME_RE.fullmatch(name):
+        raise ConfigError(
+            f"{key}: use letters, digits, '_', '.', '-' only, not starting with '.' (it names {what}), "
+            f"got {name!r}"
+        )
+
+
+def check_distinct(values: list, key: str) -> None:
+    """Each entry of the list ``key`` once: a repeat would be run (and counted) twice."""
+    for i, v in enumerate(values):
+        if v in values[:i]:
+            raise ConfigError(
+                f"{key}[{i}]: {v!r} is listed twice (also {key}[{values.index(v)}]); give each entry once"
+            )
+
+
+def check_timm_name(name: str, key: str) -> None:
+    """A ``timm:`` source must name a timm model (``timm.is_model``, pretrained tags such as ``.augreg_in21k``
+    included); ``hf-hub:`` / ``local-dir:`` names are left to timm."""
+    import timm
+    from timm.models import parse_model_name
+
+    source, model = parse_model_name(name)
+    if source is None and not timm.is_model(model):
+        close = sorted(timm.list_models(f"{model.split('.')[0][:8]}*"))[:3]
+        raise ConfigError(
+            f"{key}: unknown timm model {name!r}; expected a name of timm.list_models() (an hf-hub:/local-dir: "
+            "name, or a checkpoint/hooked folder for local weights)"
+            + (f", e.g. {', '.join(close)}" if close else "")
+        )
+
+
+def _check_model_entry(m: ModelEntry, key: str, is_base: bool) -> None:
+    check_file_name(m.name, f"{key}.name", "files")
+    sources = [s for s in ("checkpoint", "hooked", "timm") if getattr(m, s) is not None]
+    if len(sources) != 1:
+        raise ConfigError(f"{key}: give exactly one of checkpoint, hooked, timm; got {sources or 'none'}")
+    if m.timm is None:
+        for k, default in (("pretrained", False), ("timm_kwargs", {})):
+            if getattr(m, k) != default:
+                raise ConfigError(
+                    f"{key}.{k}: applies to a timm source only; this entry's source is {sources[0]} "
+                    f"(got {getattr(m, k)!r})"
+                )
+    else:
+        check_timm_name(m.timm, f"{key}.timm")
+    if m.train_config is not None and m.checkpoint is None:
+        raise ConfigError(f"{key}.train_config: needs `checkpoint` (the folder the training writes)")
+    for j, c in enumerate(m.seen or []):
+        check_corruption(c, f"{key}.seen[{j}]")
+    if is_base:
+        if m.seen:
+            raise ConfigError(
+                f"{key}.seen: expected null or [] (the base is the reference every fine-tune is compared with; "
+                f"it has seen no corruption), got {m.seen!r}"
+            )
+        if m.control is not None:
+            raise ConfigError(
+                f"{key}.control: expected no value (the base is the reference, not a fine-tune control), "
+                f"got {m.control!r}"
+            )
+        return
+    if m.control and m.seen:
+        raise ConfigError(
+            f"{key}.control: a clean control has seen no corruption, but {key}.seen is {m.seen!r}; "
+            "give one of them"
+        )
+    if m.checkpoint is None and m.seen is None and not m.control:
+        raise ConfigError(
+            f"{key}: a {sources[0]} fine-tune has no checkpoint card to say what it was fine-tuned on; give "
+            "`seen: [<corruptions>]` ([] for none) or `control: true` (a clean fine-tune control)"
+        )
+
+
 def validate(cfg: StudyConfig) -> StudyConfig:
     """Check values that types cannot: corruption names, severities, hooks, sources, sizes, the device string
     (its form only: a config for a GPU still validates on a laptop; availability is checked at run time)."""
-    if cfg.device is not None and not re.fullmatch(r"(cpu|cuda|mps|xpu|meta)(:\d+)?", cfg.device):
-        raise ConfigError(f"device: expected cpu, cuda, cuda:<n>, mps or null (auto), got {cfg.device!r}")
+    check_file_name(cfg.name, "name", "the default out folder runs/<name>")
+    if cfg.seed < 0:
+        raise ConfigError(f"seed: expected an integer >= 0, got {cfg.seed}")
+    if cfg.num_threads is not None and cfg.num_threads < 1:
+        raise ConfigError(
+            f"num_threads: expected null (torch's default thread count) or an integer >= 1, got {cfg.num_threads}"
+        )
+    if cfg.device is not None and not _DEVICE_RE.fullmatch(cfg.device):
+        raise ConfigError(f"device: expected {DEVICES} or null (auto), got {cfg.device!r}")
     names = [m.name for m in cfg.model_entries()]
     for i, m in enumerate(cfg.model_entries()):
         key = "models.base" if i == 0 else f"models.finetuned[{i - 1}]"
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", m.name):
-            raise ConfigError(
-                f"{key}.name: use letters, digits, '_', '.', '-' only (it names files), got {m.name!r}"
-            )
         if m.name in names[:i]:
             raise ConfigError(f"{key}.name: model name {m.name!r} is used twice")
-        sources = [s for s in ("checkpoint", "hooked", "timm") if getattr(m, s) is not None]
-        if len(sources) != 1:
-            raise ConfigError(f"{key}: give exactly one of checkpoint, hooked, timm; got {sources or 'none'}")
-        if m.train_config is not None and m.checkpoint is None:
-            raise ConfigError(f"{key}.train_config: needs `checkpoint` (the folder the training writes)")
-        for j, c in enumerate(m.seen or []):
-            check_corruption(c, f"{key}.seen[{j}]")
+        _check_model_entry(m, key, is_base=i == 0)
     if not cfg.conditions:
         raise ConfigError("conditions: give at least one {corruption, severity} condition")
-    labels = [c.label for c in cfg.conditions]
     for i, c in enumerate(cfg.conditions):
         check_corruption(c.corruption, f"conditions[{i}].corruption")
         check_severity(c.severity, f"conditions[{i}].severity")
-        if labels.count(c.label) > 1:
-            raise ConfigError(f"conditions[{i}]: condition {c.label} is listed twice")
+    check_distinct([c.label for c in cfg.conditions], "conditions")
     r = cfg.robustness
+    if r.corruptions is not None and not r.corruptions:
+        raise ConfigError(
+            "robustness.corruptions: expected null (all 19 corruptions of mechvit.corruptions) or a non-empty "
+            "list, got []"
+        )
     for i, c in enumerate(r.corruptions or []):
         check_corruption(c, f"robustness.corruptions[{i}]")
+    check_distinct(r.corruptions or [], "robustness.corruptions")
     for i, s in enumerate(r.severities):
         check_severity(s, f"robustness.severities[{i}]")
     if not r.severities:
         raise ConfigError("robustness.severities: give at least one severity")
+    check_distinct(r.severities, "robustness.severities")
+    if cfg.attention.view_layers is not None and not cfg.attention.view_layers:
+        raise ConfigError(
+            "attention.view_layers: expected null (every layer) or a non-empty list of block indices, got [] "
+            "(attention.n_views: 0 leaves the views out)"
+        )
     check_hook_name(cfg.sae.store.hook, "sae.store.hook", token_hook=True)
     if not cfg.sae.architectures:
         raise ConfigError("sae.architectures: give at least one architecture")
+    check_distinct(cfg.sae.architectures, "sae.architectures")
+    check_distinct(cfg.sae.models or [], "sae.models")
     if cfg.sae.replicates < 2:
         raise ConfigError(
             f"sae.replicates: expected at least 2 (two seeds per model are the seed-noise control of every "
@@ -426,14 +521,7 @@ def validate(cfg: StudyConfig) -> StudyConfig:
     _positive(
         cfg.sae,
         "sae.",
-        (
-            "epochs",
-            "n_train_images",
-            "n_eval_images",
-            "histogram_bins",
-            "top_features",
-            "top_images",
-        ),
+        ("epochs", "n_train_images", "n_eval_images", "top_features", "top_images"),
     )
     _positive(cfg.patching, "patching.", ("n_images", "batch_size", "max_rows"))
     pos = cfg.patching.positions

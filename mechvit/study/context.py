@@ -24,7 +24,8 @@ from mechvit.study.config import Condition, ConfigError, ModelEntry, StudyConfig
 
 @dataclass
 class ModelInfo:
-    """A resolved model entry: where it comes from, its content hash and the corruptions it has seen."""
+    """A resolved model entry: where it comes from, its content hash, the corruptions it has seen and whether
+    it is a clean fine-tune control (:func:`resolve_model`)."""
 
     name: str
     entry: ModelEntry
@@ -32,6 +33,7 @@ class ModelInfo:
     seen: list[str]
     source: str
     card: dict = field(default_factory=dict)
+    control: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         clean = (self.card.get("clean") or {}) if self.card else {}
@@ -40,16 +42,70 @@ class ModelInfo:
             "source": self.source,
             "sha256": self.sha256,
             "seen": self.seen,
+            "control": self.control,
             "card_clean_top1": clean.get("top1"),
         }
+
+    def card_training(self) -> dict[str, Any]:
+        """What the card says about the fine-tuning (``config.corruption``, ``config.adversarial``): it decides
+        the seen corruptions, the trained severities and the control, so it is part of the model's hash."""
+        c = (self.card or {}).get("config") or {}
+        return {k: c.get(k) for k in ("corruption", "adversarial") if k in c}
 
 
 def _key(i: int) -> str:
     return "models.base" if i == 0 else f"models.finetuned[{i - 1}]"
 
 
-def resolve_model(entry: ModelEntry, key: str, progress: bool = True) -> ModelInfo:
-    """Check the entry's source exists (training it first when ``train_config`` says how) and hash it."""
+def card_says_clean(card: dict) -> bool | None:
+    """From a checkpoint card: True when it says the model was trained without corruptions
+    (``config.corruption`` null, ``p: 0`` or no ``seen``) and without adversarial training; False when it says
+    otherwise; None when it does not say (no ``config.corruption`` key)."""
+    cfg = card.get("config")
+    if not isinstance(cfg, dict) or "corruption" not in cfg:
+        return None
+    c = cfg["corruption"] or {}
+    return (not c.get("seen") or c.get("p") == 0) and not cfg.get("adversarial")
+
+
+def _seen_and_control(
+    entry: ModelEntry, key: str, card: dict | None, is_base: bool
+) -> tuple[list[str], bool]:
+    """The corruptions a model has seen and whether it is a clean fine-tune control: ``seen``/``control`` of
+    the config where given, else what the checkpoint card says (a card with ``p: 0`` has seen nothing)."""
+    says_clean = None if card is None else card_says_clean(card)
+    c = ((card or {}).get("config") or {}).get("corruption") or {}
+    card_seen = [] if c.get("p") == 0 else list(c.get("seen") or [])
+    seen = list(entry.seen) if entry.seen is not None else card_seen
+    if is_base:
+        if seen:
+            raise ConfigError(
+                f"{key}: the checkpoint card says the base was fine-tuned on {seen}; the base is the reference "
+                f"of every comparison and has seen no corruption (set {key}.seen: [] to use it as one anyway)"
+            )
+        return [], False
+    if entry.control is not None:
+        if entry.control and seen:
+            raise ConfigError(
+                f"{key}.control: a clean control has seen no corruption, but its checkpoint card says it was "
+                f"fine-tuned on {seen} (set {key}.seen: [] to override the card)"
+            )
+        return seen, entry.control
+    if entry.seen is None and says_clean is None:
+        raise ConfigError(
+            f"{key}: the checkpoint card of {entry.checkpoint} does not say what it was fine-tuned on (no "
+            f"config.corruption); give `seen: [<corruptions>]` ([] for none) or `control: true`"
+        )
+    return seen, bool(says_clean) and not seen
+
+
+def resolve_model(
+    entry: ModelEntry, key: str, progress: bool = True, is_base: bool | None = None
+) -> ModelInfo:
+    """Check the entry's source exists (training it first when ``train_config`` says how) and hash it; what it
+    has seen and whether it is a clean control come from the config or its card (:func:`_seen_and_control`).
+    ``is_base`` (default: ``key`` is ``models.base``): the base may have seen nothing and is no control."""
+    is_base = key == "models.base" if is_base is None else is_base
     if entry.checkpoint is not None:
         from mechvit.training.checkpoint import CARD, WEIGHTS, read_card
 
@@ -73,12 +129,11 @@ def resolve_model(entry: ModelEntry, key: str, progress: bool = True) -> ModelIn
         weights = folder / card.get("weights", {}).get("file", WEIGHTS)
         if not weights.is_file():
             raise ConfigError(f"{key}.checkpoint: weights file {weights} is missing")
-        seen = (
-            entry.seen
-            if entry.seen is not None
-            else list(((card.get("config") or {}).get("corruption") or {}).get("seen") or [])
+        seen, control = _seen_and_control(entry, key, card, is_base)
+        return ModelInfo(
+            entry.name, entry, sha256_file(weights), seen, f"checkpoint {folder}", card, control=control
         )
-        return ModelInfo(entry.name, entry, sha256_file(weights), seen, f"checkpoint {folder}", card)
+    seen, control = _seen_and_control(entry, key, None, is_base)
     if entry.hooked is not None:
         folder = Path(entry.hooked)
         files = [folder / "config.json", folder / "model.safetensors"]
@@ -86,14 +141,15 @@ def resolve_model(entry: ModelEntry, key: str, progress: bool = True) -> ModelIn
         if missing:
             raise ConfigError(f"{key}.hooked: {folder} is not a HookedViT folder (missing {missing})")
         digest = hashlib.sha256("".join(sha256_file(f) for f in files).encode()).hexdigest()
-        return ModelInfo(entry.name, entry, digest, list(entry.seen or []), f"HookedViT folder {folder}")
+        return ModelInfo(entry.name, entry, digest, seen, f"HookedViT folder {folder}", control=control)
     spec = f"timm:{entry.timm}:pretrained={entry.pretrained}:{sorted(entry.timm_kwargs.items())}"
     return ModelInfo(
         entry.name,
         entry,
         hashlib.sha256(spec.encode()).hexdigest(),
-        list(entry.seen or []),
+        seen,
         f"timm {entry.timm}" + (" (pretrained)" if entry.pretrained else ""),
+        control=control,
     )
 
 
@@ -160,6 +216,28 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
+def needed_test_images(cfg: StudyConfig) -> dict[str, int]:
+    """``{config key: test images it asks for}`` over the enabled sections (a disabled section's size plays no
+    part: it neither loads images nor changes the corrupted ones)."""
+    c, out = cfg, {}
+    if c.robustness.enabled:
+        out["robustness.n_images"] = c.robustness.n_images
+    if c.logit_lens.enabled:
+        out["logit_lens.n_images"] = c.logit_lens.n_images
+    if c.attention.enabled:
+        out["attention.n_images"] = c.attention.n_images
+    if c.sae.enabled:
+        out["sae.n_eval_images"] = c.sae.n_eval_images
+        for k in ("n_fidelity_images", "n_heldout_images"):
+            if getattr(c.sae, k):
+                out[f"sae.{k}"] = getattr(c.sae, k)
+    if c.patching.enabled:
+        out["patching.n_images"] = c.patching.n_images
+    if c.cka.enabled:
+        out["cka.n_images"] = c.cka.n_images
+    return out
+
+
 def _condition_seed(seed: int, cond: Condition, tag: str) -> int:
     return zlib.crc32(f"{seed}/{tag}/{cond.corruption}/{cond.severity}".encode()) & 0x7FFFFFFF
 
@@ -194,8 +272,9 @@ class StudyContext:
 
     @property
     def control_names(self) -> list[str]:
-        """The clean fine-tune controls: the fine-tunes whose checkpoint card names no corruption."""
-        return [n for n in self.finetuned_names if not self.infos[n].seen]
+        """The clean fine-tune controls: the fine-tunes with ``control: true``, or whose checkpoint card says
+        they were fine-tuned without corruptions (:func:`resolve_model`)."""
+        return [n for n in self.finetuned_names if self.infos[n].control]
 
     @property
     def model_names(self) -> list[str]:
@@ -213,7 +292,12 @@ class StudyContext:
         return self._models[name]
 
     def model_hashes(self) -> dict[str, dict]:
-        return {n: {"sha256": i.sha256, "seen": i.seen} for n, i in self.infos.items()}
+        """Per model what every step's hash holds: the weights' sha256, the seen corruptions, whether it is a
+        control, and the card's training block (its trained severities decide the robustness step's cells)."""
+        return {
+            n: {"sha256": i.sha256, "seen": i.seen, "control": i.control, "card": i.card_training()}
+            for n, i in self.infos.items()
+        }
 
     def seen_conditions(self, name: str) -> list[Condition]:
         """The study conditions of the corruptions model ``name`` was fine-tuned on."""
@@ -223,24 +307,30 @@ class StudyContext:
     def _data_cfg(self, limit_test: int | None = None, limit_train: int | None = None):
         return dataclasses.replace(self.cfg.data, limit_train=limit_train, limit_test=limit_test)
 
+    def needed_test_images(self) -> dict[str, int]:
+        """``{config key: test images}`` of the enabled sections: the study loads the largest (and corrupts that
+        many images per condition, :meth:`corrupted`)."""
+        return needed_test_images(self.cfg)
+
     def _n_test_needed(self) -> int:
-        c = self.cfg
-        sizes = [
-            c.robustness.n_images,
-            c.logit_lens.n_images,
-            c.attention.n_images,
-            c.sae.n_eval_images,
-            c.sae.n_fidelity_images or 0,
-            c.sae.n_heldout_images or 0,
-            c.patching.n_images,
-            c.cka.n_images,
-        ]
-        return max(sizes)
+        """The test images the study loads and corrupts: the largest of :meth:`needed_test_images`. Some corruptions
+        (fog, frost, snow, glass_blur, shot_noise) draw differently for a larger batch, so this number decides
+        the corrupted images every step sees: it is in the hash of every step that reads them
+        (:func:`mechvit.study.runner.step_hash`)."""
+        return max(self.needed_test_images().values(), default=1)
 
     def test_images(self, n: int) -> tuple[Tensor, Tensor]:
         """The first ``n`` test images in [0, 1] (CPU) and their labels."""
         if self._test is None:
-            self._test = as_tensors(load_split(self._data_cfg(limit_test=self._n_test_needed()), "test"))
+            test = as_tensors(load_split(self._data_cfg(limit_test=self._n_test_needed()), "test"))
+            held = len(test[1])
+            over = {k: v for k, v in self.needed_test_images().items() if v > held}
+            if over:
+                raise ConfigError(
+                    f"{', '.join(over)}: the test split holds {held} images, the config asks for "
+                    f"{max(over.values())} ({'; '.join(f'{k}: {v}' for k, v in over.items())})"
+                )
+            self._test = test
         x, y = self._test
         if n > len(y):
             raise ConfigError(f"data: the test split holds {len(y)} images, the config asks for {n}")

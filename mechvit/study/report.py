@@ -48,7 +48,8 @@ def cell(v: Any, digits: int = 3) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "–"
     if isinstance(v, float):
-        return f"{v:.{digits}f}"
+        text = f"{v:.{digits}f}"
+        return text[1:] if text.startswith("-") and float(text) == 0 else text  # never "-0.000"
     return str(v)
 
 
@@ -129,14 +130,23 @@ def _ci(d: dict | None, scale: float = 1.0, unit: str = "") -> str:
     return f"{e:.3g}{unit} [95% CI {lo:.3g}, {hi:.3g}]"
 
 
+def _ci_or(ci: dict | None, value: float) -> str:
+    """The stored CI (``estimate [95% CI low, high]``), else the bare value (metrics from before the CI)."""
+    return _ci(ci) if ci and ci.get("estimate") is not None else _fmt(value)
+
+
 def key_numbers(results: dict, base: str) -> list[str]:
     """One line per headline number of the study (what a reader checks first), each with its 95% CI."""
     out = []
     r = results.get("robustness")
     if r is not None and "estimates" in r.metrics:
         n = r.metrics["n_images"]
+        sev = ", ".join(str(s) for s in r.metrics.get("severities") or [])
+        label = {"seen_trained": "seen, trained severity", "seen": f"seen, severity {sev}"}  # as the tables
         for m, e in r.metrics["estimates"].items():
-            parts = [f"{g.replace('_', ' ')} {_ci(v, 100, '%')}" for g, v in e["accuracy"].items()]
+            parts = [
+                f"{label.get(g, g.replace('_', ' '))} {_ci(v, 100, '%')}" for g, v in e["accuracy"].items()
+            ]
             out.append(f"{m} top-1 on {n} images: " + "; ".join(parts))
     r = results.get("logit_lens")
     if r is not None:
@@ -150,15 +160,18 @@ def key_numbers(results: dict, base: str) -> list[str]:
     if r is not None and r.metrics:
         g = r.metrics.get("ablation_gap")
         if g:
-            out.append(f"mean-ablation gap of the SAE hook's tokens (base model): KL {g['kl']:.3f} nats")
+            kl = _ci(g["kl_ci"]) if g.get("kl_ci") else f"{g['kl']:.3f}"
+            out.append(f"mean-ablation gap of the SAE hook's tokens (base model): KL {kl} nats")
         for k, v in r.metrics.items():
             if k.count("|") != 2:
                 continue
             h = v["heldout"]
+            sp = v["spliced_clean"]
             out.append(
-                f"SAE {k.replace('|', ' ')} (seed {v['seed']}): held-out EV {_fmt(h['explained_variance'])} (PCA-k "
-                f"{_fmt(v['pca_k_explained_variance'])}), L0 {h['l0']:.1f}, dead {h['dead_features']}/{h['d_sae']}, "
-                f"spliced KL {_fmt(v['spliced_clean']['kl_sae'])} nats"
+                f"SAE {k.replace('|', ' ')} (seed {v['seed']}): held-out EV "
+                f"{_ci_or(h.get('explained_variance_ci'), h['explained_variance'])} (PCA-k "
+                f"{_fmt(v['pca_k_explained_variance'])}), L0 {_ci_or(h.get('l0_ci'), h['l0'])}, dead "
+                f"{h['dead_features']}/{h['d_sae']}, spliced KL {_ci_or(sp.get('kl_sae_ci'), sp['kl_sae'])} nats"
             )
     r = results.get("sae_analysis")
     if r is not None:
@@ -342,10 +355,23 @@ def _pp(v: float) -> str:
     return f"{v:.1g}" if text == "-0.0" else text
 
 
+def ablation_warning(gap: dict, sae_cfg) -> str:
+    """The note under ``sae.ablation_warn_nats`` (it was the sae step's; here it costs no SAE retraining). The
+    report may not import the steps (the import contract): the token words are steps.sae.TOKEN_WORDS'."""
+    words = {"patches": "patch tokens", "all": "all tokens", "cls": "class token", "prefix": "prefix tokens"}
+    return (
+        f"warning: mean-ablating the {words.get(sae_cfg.tokens, f'{sae_cfg.tokens} tokens')} at {sae_cfg.hook} "
+        "changes the base model's "
+        f"prediction by only {gap['kl']:.3f} nats (KL), under {sae_cfg.ablation_warn_nats}: the prediction barely "
+        "reads these tokens, so SAE fidelity numbers here say little (choose an earlier hook: "
+        "mechvit.sae.ablation_gap_sweep / choose_hook)"
+    )
+
+
 def trained_on(card: dict | None) -> str:
     """What a checkpoint was fine-tuned on, from its card: corruptions, severities and probability."""
     c = ((card or {}).get("config") or {}).get("corruption")
-    if not c or not c.get("seen"):
+    if not c or not c.get("seen") or c.get("p") == 0:
         return "–" if not card or not card.get("init_from") else "clean images (no corruption)"
     sev = ", ".join(str(x) for x in c.get("severities") or [])
     p = c.get("p")
@@ -427,10 +453,15 @@ def sections(ctx, run, steps, numbers: list[str], models: dict, vs: list) -> lis
             tables=[
                 Table(
                     "",
-                    ["model", "source", "seen corruptions", "fine-tuned on", "sha256"],
+                    ["model", "role", "source", "seen corruptions", "fine-tuned on", "sha256"],
                     [
                         [
                             n,
+                            "base"
+                            if n == ctx.base_name
+                            else "clean control"
+                            if i.get("control")
+                            else "fine-tune",
                             i["source"],
                             ", ".join(i["seen"]) or "–",
                             trained_on(getattr(infos.get(n), "card", None)),
@@ -458,6 +489,9 @@ def sections(ctx, run, steps, numbers: list[str], models: dict, vs: list) -> lis
             if q is not None:
                 tables.append(q[0])
                 notes += q[1]
+            gap = r.metrics.get("ablation_gap")
+            if sae_cfg is not None and gap and gap["kl"] < sae_cfg.ablation_warn_nats:
+                notes.append(ablation_warning(gap, sae_cfg))
         out.append(
             Section(
                 s.name,

@@ -155,8 +155,12 @@ def sae_md(steps: dict, config: dict | None = None) -> list[str]:
     out = []
     g = s.get("ablation_gap")
     if g:
-        out += [f"**SAEs**: mean-ablating the hook's tokens costs the base model KL {_num(g.get('kl'))} nats "
-                "(the hook matters for the prediction when this is >= 0.1)."]  # fmt: skip
+        warn = ((config or {}).get("sae") or {}).get(
+            "ablation_warn_nats", 0.1
+        )  # the config's bar (default 0.1)
+        kl = ci(g["kl_ci"]) if g.get("kl_ci") else _num(g.get("kl"))  # the CI where the step stored one
+        out += [f"**SAEs**: mean-ablating the hook's tokens costs the base model KL {kl} nats "
+                f"(the hook matters for the prediction when this is >= {_num(warn)}, sae.ablation_warn_nats)."]  # fmt: skip
         out.append("")
     groups: dict[tuple[str, str], list[dict]] = {}
     for k, v in s.items():
@@ -285,6 +289,8 @@ def render(metrics: dict) -> str:
         sae_md(steps, metrics.get("config")),
         overlap_md(steps),
     ):
+        if part and lines and lines[-1] != "":
+            lines.append("")  # a paragraph of its own: Markdown would run it into the one before
         lines += part
     return "\n".join(lines).rstrip() + "\n"
 

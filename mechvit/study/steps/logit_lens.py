@@ -75,8 +75,10 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
         f = firsts[(n, lab)]
         ok = f >= 0
         e = mean_ci(f[ok].double().numpy(), seed=ctx.cfg.seed) if ok.any() else None
+        top = bands[(n, lab)]["top1_acc"]  # the last layer's 95% CI over the images: the final top-1's
         rows.append(
-            [n, lab, float(r.top1[:, -1].double().mean()), *([e.estimate, e.low, e.high] if e else [None] * 3),
+            [n, lab, float(r.top1[:, -1].double().mean()), top["low"][-1], top["high"][-1],
+             *([e.estimate, e.low, e.high] if e else [None] * 3),
              f"{int(ok.sum())}/{r.top1.shape[0]}"]
         )  # fmt: skip
     res.tables.append(
@@ -88,6 +90,8 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
                 "model",
                 "input",
                 "final top-1",
+                "final top-1 low",
+                "final top-1 high",
                 "mean first correct block",
                 "low",
                 "high",
