@@ -348,3 +348,19 @@ def test_a_timm_typo_and_a_disabled_only_step_are_one_line(capsys, tmp_path):
         "mechvit study: error: --only cka: cka is disabled in this config (cka.enabled: false)",
     )
     assert not (tmp_path / "x").exists()
+
+
+def test_validate_checks_every_image_count_against_its_split(capsys):
+    """An image count larger than its split is refused by --validate (naming the keys), not when the study
+    first loads the images."""
+    code, out, err = run(capsys, "study", "--validate", "--set", "robustness.n_images=20000")
+    assert out == ""
+    _one_line_error(
+        code,
+        err,
+        "mechvit study: error: robustness.n_images: the test split holds 10000 images, the config asks for "
+        "20000 (robustness.n_images: 20000)",
+    )
+    code, out, err = run(capsys, "study", "--validate", "--set", "sae.n_train_images=70000")
+    assert out == ""
+    _one_line_error(code, err, "mechvit study: error: sae.n_train_images: the train split holds 60000 images")

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from mechvit._io import sha256_file
 from mechvit.data.loading import as_tensors, load_split
+from mechvit.data.loading import n_items as split_size
 from mechvit.study.config import Condition, ConfigError, ModelEntry, StudyConfig
 
 
@@ -191,7 +192,9 @@ def validate_models(cfg: StudyConfig) -> str | None:
         else:
             info = resolve_model(entry, _key(i), progress=False)
             if i == 0:
-                check_hooks_against_model(cfg, load_hooked(info, torch.device("cpu")))
+                base = load_hooked(info, torch.device("cpu"))
+                check_hooks_against_model(cfg, base)
+                check_split_sizes(cfg, base)
                 base_checked = True
     if missing:
         notes.append(
@@ -236,6 +239,31 @@ def needed_test_images(cfg: StudyConfig) -> dict[str, int]:
     if c.cka.enabled:
         out["cka.n_images"] = c.cka.n_images
     return out
+
+
+def needed_train_images(cfg: StudyConfig) -> dict[str, int]:
+    """``{config key: train images it asks for}`` over the enabled sections (the SAEs' training images)."""
+    return {"sae.n_train_images": cfg.sae.n_train_images} if cfg.sae.enabled else {}
+
+
+def _too_many(split: str, held: int, asked: dict[str, int]) -> None:
+    over = {k: v for k, v in asked.items() if v > held}
+    if over:
+        raise ConfigError(
+            f"{', '.join(over)}: the {split} split holds {held} images, the config asks for "
+            f"{max(over.values())} ({'; '.join(f'{k}: {v}' for k, v in over.items())})"
+        )
+
+
+def check_split_sizes(cfg: StudyConfig, model: torch.nn.Module | None = None) -> None:
+    """Each image count of the config fits its split (a :class:`ConfigError` naming the keys otherwise):
+    ``mechvit study --validate`` checks it up front, where the study would find out when it first loads the
+    images. An ImageFolder without ``data.img_size`` takes ``model``'s timm transform; its files are listed,
+    not decoded."""
+    for split, asked in (("test", needed_test_images(cfg)), ("train", needed_train_images(cfg))):
+        if asked:
+            data = dataclasses.replace(cfg.data, limit_train=None, limit_test=None)  # as the study loads them
+            _too_many(split, split_size(load_split(data, split, model)), asked)
 
 
 def _condition_seed(seed: int, cond: Condition, tag: str) -> int:
@@ -323,13 +351,7 @@ class StudyContext:
         """The first ``n`` test images in [0, 1] (CPU) and their labels."""
         if self._test is None:
             test = as_tensors(load_split(self._data_cfg(limit_test=self._n_test_needed()), "test"))
-            held = len(test[1])
-            over = {k: v for k, v in self.needed_test_images().items() if v > held}
-            if over:
-                raise ConfigError(
-                    f"{', '.join(over)}: the test split holds {held} images, the config asks for "
-                    f"{max(over.values())} ({'; '.join(f'{k}: {v}' for k, v in over.items())})"
-                )
+            _too_many("test", len(test[1]), self.needed_test_images())
             self._test = test
         x, y = self._test
         if n > len(y):
@@ -339,6 +361,7 @@ class StudyContext:
     def train_images(self, n: int) -> Tensor:
         if self._train is None or len(self._train) < n:
             self._train = as_tensors(load_split(self._data_cfg(limit_train=n), "train"))[0]
+        _too_many("train", len(self._train), {"sae.n_train_images": n})
         return self._train[:n]
 
     def corrupted(self, cond: Condition, n: int) -> Tensor:
