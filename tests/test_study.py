@@ -683,7 +683,10 @@ def test_report_states_roles_ablation_gap_ci_and_final_top1_ci(finished, checkpo
     assert re.search(r"mean-ablation gap of the SAE hook's tokens \(base model\): KL \S+ \[95% CI", md)
     sae_lines = [line for line in md.splitlines() if line.startswith("- SAE batchtopk")]
     assert sae_lines and all(line.count("[95% CI") == 3 for line in sae_lines)  # EV, L0, spliced KL
-    assert "| model | input | final top-1 | final top-1 low | final top-1 high | mean first correct block |" in md
+    assert (
+        "| model | input | final top-1 | final top-1 low | final top-1 high | mean first correct block |"
+        in md
+    )
     # the warning follows sae.ablation_warn_nats, read at report time (changing it retrains nothing)
     sae_cfg = study_config_from_dict(tiny_config(checkpoints)).sae
     text = ablation_warning({"kl": 0.05}, sae_cfg)
