@@ -5,6 +5,7 @@ average, or the GPU), so every printed table says where it ran."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import time
@@ -73,3 +74,59 @@ def machine(device: torch.device, dtype: torch.dtype) -> str:
     else:
         where = f"CPU {cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
     return f"{where}; {str(dtype).replace('torch.', '')}; torch {torch.__version__}; {load()}"
+
+
+class _Tee:
+    """Writes to the terminal and keeps a copy (what the benchmark printed)."""
+
+    def __init__(self, stream):
+        self.stream, self.parts = stream, []
+
+    def write(self, s: str) -> int:
+        self.parts.append(s)
+        return self.stream.write(s)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def _git(*args: str) -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=10)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+@contextlib.contextmanager
+def kept_output(name: str, folder: str | os.PathLike | None = None):
+    """Run a benchmark's ``main()`` inside this: what it prints goes to the terminal and, when it finishes, to
+    ``benchmarks/results/<name>-<UTC date>-<commit>.md`` with a header naming the commit (``+dirty`` when the
+    tree has changes), the command line, the date and the CPU, so a figure the docs quote can name its file.
+    ``MECHVIT_BENCH_RESULTS`` (or ``folder``) moves the folder; an interrupted run writes nothing."""
+    import datetime
+    import sys
+    from pathlib import Path
+
+    folder = Path(folder or os.environ.get("MECHVIT_BENCH_RESULTS") or Path(__file__).parent / "results")
+    tee = _Tee(sys.stdout)
+    sys.stdout = tee
+    try:
+        yield
+    finally:
+        sys.stdout = tee.stream
+    commit = _git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = "+dirty" if _git("status", "--porcelain", "--untracked-files=no") else ""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    header = (
+        f"# {name}\n\n`{' '.join(['python', *sys.argv])}` at commit {commit}{dirty}, "
+        f"{now:%Y-%m-%d %H:%M} UTC; CPU {cpu_name()}, {os.cpu_count()} cores\n\n"
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}-{now:%Y%m%d-%H%M}-{commit}{dirty}.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(header + "".join(tee.parts))
+    os.replace(tmp, path)  # atomic: a reader never sees half a file
+    print(f"kept: {path}", file=sys.stderr)

@@ -34,7 +34,7 @@ import warnings
 
 import numpy as np
 import torch
-from _common import add_device_args, load, machine, resolve, sync
+from _common import add_device_args, kept_output, load, machine, resolve, sync
 from tqdm import tqdm
 
 from mechvit._io import atomic_write_json
@@ -214,4 +214,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with kept_output("bench_corruptions"):
+        main()

@@ -24,7 +24,7 @@ import sys
 
 import timm
 import torch
-from _common import add_device_args, machine, resolve, timed
+from _common import add_device_args, kept_output, machine, resolve, timed
 
 from mechvit import HookedViT
 
@@ -92,4 +92,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with kept_output("bench_forward"):
+        main()

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import timm
 import torch
-from _common import add_device_args, machine, resolve, timed
+from _common import add_device_args, kept_output, machine, resolve, timed
 
 import mechvit.analysis.patching as patching
 from mechvit import HookedViT
@@ -172,4 +172,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with kept_output("bench_patching"):
+        main()

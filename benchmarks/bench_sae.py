@@ -61,7 +61,7 @@ from mechvit.sae.distributed import cache_activations_distributed
 from mechvit.sae.train import _BatchTopKTrainingSAE, train_sae
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_device_args, load, machine, resolve, sync  # noqa: E402
+from _common import add_device_args, kept_output, load, machine, resolve, sync  # noqa: E402
 
 
 def images_for(n: int) -> torch.Tensor:
@@ -367,4 +367,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with kept_output("bench_sae"):
+        main()
