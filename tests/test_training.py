@@ -245,6 +245,9 @@ def test_card_contents_and_checkpoint_round_trip(tmp_path):
     assert card["weights"]["sha256"] == sha256_file(out / "model.safetensors")
     assert card["seed"] == 0 and card["epochs"] == 1 and len(card["history"]) == 1
     assert card["wall_time_s"] > 0 and card["config"]["lr"] == cfg.lr
+    from mechvit.runtime import machine_fingerprint  # the machine the wall time was measured on
+
+    assert card["environment"]["machine"] == json.loads(json.dumps(machine_fingerprint("cpu")))
     assert card["data"]["n_train"] == 64 and card["data"]["n_test"] == 48
     assert set(card["corruption_top1"]) == {"gaussian_noise"}
     assert set(card["corruption_top1"]["gaussian_noise"]) == {"1", "5"}

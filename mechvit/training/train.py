@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from mechvit.analysis.robustness import MetricAccumulator, robustness_matrix
 from mechvit.data.loading import stratified_order
+from mechvit.runtime import machine_fingerprint
 from mechvit.training.attacks import pgd
 from mechvit.training.checkpoint import (
     TRAIN_STATE,
@@ -238,6 +239,8 @@ def train(
             "python": platform.python_version(),
             "device": str(device),
             "threads": torch.get_num_threads(),
+            # the CPU/GPU and kernel level: what the wall time and the float rounding depend on
+            "machine": machine_fingerprint(str(device)),
         },  # fmt: skip
     }
     card.update(evaluate_for_card(net, cfg, test_data, device, progress))
