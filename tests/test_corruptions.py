@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mechvit.corruptions as C
-from mechvit.corruptions import CORRUPTIONS, FAMILIES, corrupt, get_corruption
+from mechvit.corruptions import CORRUPTIONS, FAMILIES, SEVERITIES, corrupt, get_corruption
 
 DETERMINISTIC = {"defocus_blur", "zoom_blur", "gaussian_blur", "brightness", "contrast", "pixelate",
                  "jpeg_compression", "saturate"}  # fmt: skip
@@ -451,3 +451,19 @@ def _write_frequency_table() -> None:
 if __name__ == "__main__" and "--write-frequency-table" in sys.argv:
     torch.set_num_threads(1)
     _write_frequency_table()
+
+
+@pytest.mark.parametrize("name", CORRUPTIONS)
+def test_batch_dependent_lists_exactly_the_corruptions_whose_draws_depend_on_the_batch(name):
+    """``BATCH_DEPENDENT`` (what the study hashes the corrupted-set size for) is exactly the corruptions for
+    which, under one seed, the first k images of a larger batch differ from the same k images alone."""
+    from mechvit.corruptions import BATCH_DEPENDENT
+
+    g = torch.Generator().manual_seed(0)
+    grey, rgb = torch.rand(12, 1, 28, 28, generator=g), torch.rand(12, 3, 32, 32, generator=g)
+    differs = any(
+        not torch.equal(corrupt(x, name, sev, seed=7)[:4], corrupt(x[:4], name, sev, seed=7))
+        for x in (grey, rgb)
+        for sev in SEVERITIES
+    )
+    assert differs == (name in BATCH_DEPENDENT)

@@ -77,6 +77,7 @@ def tiny_config(ck: dict[str, Path], **sections) -> dict:
         },
         "patching": {"n_images": 4},
         "cka": {"n_images": 8},
+        "explorer": {"n_images": 32},  # counted in the test images the study loads (not capped by the others)
     }
     cfg.update(sections)
     return cfg

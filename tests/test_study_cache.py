@@ -120,12 +120,26 @@ def test_only_sae_analysis_with_an_analysis_setting_reuses_the_saes(ck, tmp_path
 def test_the_corrupted_set_size_is_in_the_hash_of_every_step_that_reads_corrupted_images(ck, tmp_path):
     readers = [n for n in STEP_NAMES if runner_mod.reads_corrupted(f"mechvit.study.steps.{n}")]
     assert readers == ["logit_lens", "attention", "sae", "sae_analysis", "explorer", "patching", "cka"]
-    # cka.n_images above every other size: more images corrupted at once, so (for fog, frost, snow, glass_blur,
-    # shot_noise) other corrupted images: every reader reruns, the robustness step (its own images) does not
-    assert _rerun(ck, tmp_path, {"cka.n_images": 64}) == readers
+    # a condition whose draws depend on the batch (fog): cka.n_images above every other size corrupts more
+    # images at once, so other corrupted images: every reader reruns, the robustness step (its own images) not
+    fog = tiny_config(ck, conditions=[{"corruption": "fog", "severity": 4}])
+    assert _rerun(ck, tmp_path, {"cka.n_images": 64}, cfg=fog) == readers
     # a disabled section loads no images: its size plays no part, and the other steps keep their hashes
-    off = tiny_config(ck, cka={"enabled": False})
+    off = tiny_config(ck, cka={"enabled": False}, conditions=[{"corruption": "fog", "severity": 4}])
     assert _rerun(ck, tmp_path, {"cka.n_images": 64}, cfg=off) == ["cka"]  # its own section only
+    # gaussian blur and noise give the first n images the same output whatever the count: a larger count, or
+    # a section switched off, moves no other step's hash (the SAEs are not retrained for it)
+    assert _rerun(ck, tmp_path, {"cka.n_images": 64}) == ["cka"]
+    assert _rerun(ck, tmp_path, {"robustness.enabled": False}) == []
+
+
+def test_the_explorer_gets_its_n_images_whatever_the_other_sections_ask(ck, tmp_path):
+    """The explorer's images are counted in the study's test images: with the other image-reading sections off
+    it is not capped at the SAE step's count (and --validate checks it against the split)."""
+    off = {k: {"enabled": False} for k in ("robustness", "logit_lens", "attention", "patching", "cka")}
+    cfg = study_config_from_dict(tiny_config(ck, **off), {"explorer.n_images": 30})
+    assert context.needed_test_images(cfg)["explorer.n_images"] == 30
+    assert max(context.needed_test_images(cfg).values()) == 30
 
 
 def test_the_default_study_corrupts_as_many_images_as_before():

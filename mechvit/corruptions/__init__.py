@@ -37,6 +37,13 @@ CORRUPTIONS: tuple[str, ...] = (
 )  # fmt: skip
 
 FAMILY_OF: dict[str, str] = {name: fam for fam, names in FAMILIES.items() for name in names}
+
+# The corruptions whose draws for an image depend on how many images are corrupted at once (with the same
+# seed, corrupt(x)[:k] != corrupt(x[:k])): their random layers or per-image streams are drawn for the whole
+# batch. Every other corruption gives the first k images the same output whatever follows them
+# (tests/test_corruptions.py checks this split at every severity). The study hashes the corrupted-set size
+# only for these (mechvit.study.runner.step_hash).
+BATCH_DEPENDENT: frozenset[str] = frozenset({"shot_noise", "glass_blur", "snow", "frost", "fog"})
 SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 MIN_SIZE = 8  # smallest accepted image side in pixels
 SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts
@@ -173,6 +180,7 @@ def corrupt(
 
 
 __all__ = [
+    "BATCH_DEPENDENT",
     "CORRUPTIONS",
     "FAMILIES",
     "FAMILY_OF",

@@ -234,6 +234,8 @@ def needed_test_images(cfg: StudyConfig) -> dict[str, int]:
         for k in ("n_fidelity_images", "n_heldout_images"):
             if getattr(c.sae, k):
                 out[f"sae.{k}"] = getattr(c.sae, k)
+    if c.sae.enabled and c.explorer.enabled:  # the explorer's clean images and the same under each condition
+        out["explorer.n_images"] = c.explorer.n_images
     if c.patching.enabled:
         out["patching.n_images"] = c.patching.n_images
     if c.cka.enabled:

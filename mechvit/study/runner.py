@@ -44,6 +44,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from mechvit._io import FolderLock, atomic_write_json, replace_dir, sha256_bytes
+from mechvit.corruptions import BATCH_DEPENDENT
 from mechvit.runtime import forked_map, progress_bars, rank0_runs, rank_and_world
 from mechvit.study.config import StudyConfig, check_hooks_against_model
 from mechvit.study.context import StudyContext, fork_workers
@@ -324,7 +325,9 @@ def step_hash(step: Step, ctx: StudyContext, upstream: dict[str, str]) -> str:
         "conditions": [dataclasses.asdict(c) for c in cfg.conditions],
         "models": ctx.model_hashes(), "upstream": {d: upstream[d] for d in step.deps},
     }  # fmt: skip
-    if reads_corrupted(step.module):
+    if reads_corrupted(step.module) and any(c.corruption in BATCH_DEPENDENT for c in cfg.conditions):
+        # these corruptions draw an image's noise for the whole batch: how many are corrupted at once decides
+        # the images (the others give the first n images the same output whatever the count)
         payload["corrupted_images"] = ctx._n_test_needed()
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]

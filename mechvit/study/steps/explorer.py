@@ -73,8 +73,7 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
             )
         )
     models = {n: ctx.model(n) for n in dict.fromkeys(r.model for r in runs)}
-    # the context loads as many test images as the largest step asks for; never more than that here
-    n = min(e.n_images, ctx._n_test_needed())
+    n = e.n_images  # counted in the context's test images (needed_test_images): never capped by other steps
     x, y = ctx.test_images(n)
     conds = ctx.cfg.conditions
     corrupted = torch.cat([ctx.corrupted(c, n) for c in conds])
