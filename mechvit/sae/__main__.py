@@ -376,26 +376,14 @@ def cache_main(argv: list[str] | None = None, prog: str = "mechvit cache-activat
 
     device = init_from_env(args.device)
     rank, world = rank_and_world()
-    split = "train"
-    if args.dataset == "imagefolder":
-        data_cfg = DataConfig(
-            dataset=args.dataset,
-            root=args.root,
-            img_size=args.img_size,
-            limit_train=args.images,
-            train_split=args.split,
-        )
+    split, common = "train", dict(dataset=args.dataset, root=args.root, img_size=args.img_size)
+    if args.dataset == "imagefolder":  # --split names the folder read as the "train" split
+        data_cfg = DataConfig(**common, limit_train=args.images, train_split=args.split)
     elif args.split not in ("train", "test"):
         ap.error(f"--split for fashion_mnist is train or test, got {args.split!r}")
     else:
         split = args.split
-        data_cfg = DataConfig(
-            dataset=args.dataset,
-            root=args.root,
-            img_size=args.img_size,
-            limit_train=args.images,
-            limit_test=args.images,
-        )
+        data_cfg = DataConfig(**common, limit_train=args.images, limit_test=args.images)
     data = load_split(data_cfg, split)
     model = load_model(args.checkpoint, device)
     if args.mean is None:  # the checkpoint's own (its card's config.data), as train-sae and explore use

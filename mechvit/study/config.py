@@ -115,6 +115,20 @@ def _positive(obj: Any, prefix: str, names: tuple[str, ...]) -> None:
 # schema
 
 
+TOKEN_WORDS = {
+    "patches": "patch tokens",
+    "all": "all tokens",
+    "cls": "class token",
+    "prefix": "prefix tokens",
+}
+
+
+def token_words(tokens: str) -> str:
+    """``sae.store.tokens`` in words: "patches" -> "patch tokens", "cls" -> "class token", ... (the SAE step's
+    captions and the report's notes)."""
+    return TOKEN_WORDS.get(tokens, f"{tokens} tokens")
+
+
 @dataclass
 class ModelEntry:
     """One model. Exactly one source: ``checkpoint`` (a mechvit checkpoint folder: model.safetensors +

@@ -25,6 +25,7 @@ from typing import Any
 from mechvit._io import atomic_write_json, atomic_write_text
 from mechvit.runtime import machine_fingerprint
 from mechvit.study.claims import CLAIMS, RULES, claims_table, overall, overall_text, tally, verdicts
+from mechvit.study.config import token_words
 from mechvit.study.result import Table
 
 SUMMARY_TITLE = "Key numbers"
@@ -356,11 +357,9 @@ def _pp(v: float) -> str:
 
 
 def ablation_warning(gap: dict, sae_cfg) -> str:
-    """The note under ``sae.ablation_warn_nats`` (it was the sae step's; here it costs no SAE retraining). The
-    report may not import the steps (the import contract): the token words are steps.sae.TOKEN_WORDS'."""
-    words = {"patches": "patch tokens", "all": "all tokens", "cls": "class token", "prefix": "prefix tokens"}
+    """The note under ``sae.ablation_warn_nats`` (it was the sae step's; here it costs no SAE retraining)."""
     return (
-        f"warning: mean-ablating the {words.get(sae_cfg.tokens, f'{sae_cfg.tokens} tokens')} at {sae_cfg.hook} "
+        f"warning: mean-ablating the {token_words(sae_cfg.tokens)} at {sae_cfg.hook} "
         "changes the base model's "
         f"prediction by only {gap['kl']:.3f} nats (KL), under {sae_cfg.ablation_warn_nats}: the prediction barely "
         "reads these tokens, so SAE fidelity numbers here say little (choose an earlier hook: "

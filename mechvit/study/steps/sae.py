@@ -35,6 +35,7 @@ from mechvit.sae import (
     train_saes,
 )
 from mechvit.sae.distributed import cache_activations_distributed
+from mechvit.study.config import token_words
 from mechvit.study.context import StudyContext, parallel_workers
 from mechvit.study.result import StepResult, StepWriter, Table
 
@@ -59,19 +60,6 @@ class SAERun:
     @property
     def dirname(self) -> str:
         return f"saes/{self.architecture}__{self.model}__r{self.replicate}"
-
-
-TOKEN_WORDS = {
-    "patches": "patch tokens",
-    "all": "all tokens",
-    "cls": "class token",
-    "prefix": "prefix tokens",
-}
-
-
-def token_words(tokens: str) -> str:
-    """``sae.store.tokens`` in words: "patches" -> "patch tokens", "cls" -> "class token", ..."""
-    return TOKEN_WORDS.get(tokens, f"{tokens} tokens")
 
 
 def sae_runs(ctx: StudyContext) -> list[SAERun]:
