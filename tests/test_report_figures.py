@@ -295,3 +295,19 @@ def test_layer_cis_under_20_images_are_student_t_and_constant_layers_collapse():
     assert "5 images" in band_words(5) and "Student's t" in band_words(5) and "BCa" in band_words(20)
     with pytest.raises(ValueError, match="images, layers"):
         layer_cis(x[:, 0], seed=0)
+
+
+def test_code_cosine_key_sits_beside_the_bars(tmp_path):
+    """The code-cosine figure's one key (own SAEs, raw activations, mismatched patch) is beside the panels: inside
+    the first panel it covered the first model's bars."""
+    est = lambda v: {"estimate": v, "low": v - 0.01, "high": v + 0.01}  # noqa: E731
+    code = {
+        f"batchtopk|{m}|{m}|{c}": {"code": {"over_images": est(0.74)}, "raw": {"over_images": est(0.75)},
+                                   "mismatched": {"over_images": est(0.55)}}
+        for m in ("base", "blur4", "noise4", "clean") for c in ("gaussian_blur/4", "gaussian_noise/4")
+    }  # fmt: skip
+    fig = F.code_cosine_controls_figure(code, ["batchtopk"], ["gaussian_blur/4", "gaussian_noise/4"])
+    assert_keys_beside_the_data(fig, tmp_path, 1)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+        "code cosine (own SAEs)", "raw activation cosine", "mismatched patch",
+    ]  # fmt: skip

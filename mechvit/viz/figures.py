@@ -967,8 +967,8 @@ def code_cosine_controls_figure(
             ax[i, j].set_xticks(range(len(models)))
             ax[i, j].set_xticklabels(models, rotation=30, ha="right")
             ax[i, j].set(title=f"{a}, {cond}", ylabel="cosine")
-            if i == 0 and j == 0:
-                ax[i, j].legend(frameon=False, fontsize=6, loc="lower left")
+    # one key for every panel, beside them (inside the axes it covered the first model's bars)
+    fig.legend(*ax[0, 0].get_legend_handles_labels(), loc="outside right upper", frameon=False, fontsize=7)
     return fig
 
 
