@@ -311,3 +311,27 @@ def test_code_cosine_key_sits_beside_the_bars(tmp_path):
     assert [t.get_text() for t in fig.legends[0].get_texts()] == [
         "code cosine (own SAEs)", "raw activation cosine", "mismatched patch",
     ]  # fmt: skip
+
+
+def test_cka_panels_fill_rows_of_ncols_and_the_spare_slots_stay_empty(tmp_path):
+    """The study's CKA figure: one panel per input (3) on the first row, one per condition (2) on the second;
+    each panel's curves are its group's, the sixth slot is hidden, and the keys stay beside the data."""
+    g = _g(3)
+    groups = {
+        **{f"base vs fine-tuned, {lab}": {(n, lab): cka(g) for n in MODELS[1:]} for lab in INPUTS},
+        **{f"clean vs {lab}": {(n, lab): cka(g) for n in MODELS} for lab in INPUTS[1:]},
+    }
+    fig = F.cka_curves(groups, "linear CKA (cls)", models=MODELS, inputs=INPUTS, ncols=3)
+    shown = [a for a in fig.axes if a.get_visible()]
+    assert len(fig.axes) == 6 and len(shown) == 5 and not fig.axes[5].get_visible()
+    rows = sorted({round(a.get_position().y0, 3) for a in shown}, reverse=True)
+    assert len(rows) == 2  # two rows of panels
+    for ax, (title, group) in zip(shown, groups.items(), strict=True):
+        assert ax.get_title() == title
+        lines = series(ax)
+        assert [ln.get_label() for ln in lines] == [f"{n}, {lab}" for n, lab in group]
+        assert {ln.get_linestyle() for ln in lines} == {F.line_style(INPUTS.index(next(iter(group))[1]))}
+    assert [a.get_ylabel() for a in fig.axes[::3]] == ["linear CKA (cls)"] * 2
+    assert_keys_beside_the_data(fig, tmp_path, 2)
+    with pytest.raises(ValueError, match="ncols must be in 1..5"):
+        F.cka_curves(groups, "CKA", models=MODELS, inputs=INPUTS, ncols=6)

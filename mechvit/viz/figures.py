@@ -749,58 +749,6 @@ def cls_attention_grid(
 
 
 @styled
-def code_cosine_histograms(code_sim: Mapping[tuple[str, str, str], object], panels, models: Sequence[str]):
-    """The seed paper's code-cosine histograms: one panel per ``(architecture, condition)`` in ``panels``,
-    one line per model (``code_sim[(architecture, model, condition)]`` is a ``CodeSimilarity``)."""
-    fig, ax = new_figure(1, len(panels), w=3.5, h=2.8)
-    for p, (a, lab) in enumerate(panels):
-        for i, n in enumerate(models):
-            cs = code_sim.get((a, n, lab))
-            if cs is None:
-                continue
-            edges = _np(cs.edges)
-            dens = _np(cs.counts) / max(1, cs.counts.sum().item()) / np.diff(edges)
-            ax[0, p].stairs(dens, edges, color=color(i), lw=1.4, label=f"{n} (mean {cs.mean:.2f})")
-        ax[0, p].set(title=f"{a}, {lab}", xlabel="cosine(code clean, code corrupted)", ylabel="density")
-        ax[0, p].legend(frameon=False, fontsize=6, loc="upper left")
-    return fig
-
-
-@styled
-def feature_overlap_summary(overlaps: Mapping[tuple, object], persistent_cos: float, shifted_cos: float):
-    """Matched decoder cosines (histogram) and feature classes (bars) of each ``FeatureOverlap``."""
-    fig, ax = new_figure(1, 2, w=3.8, h=2.9)
-    keys = list(overlaps)
-    classes = ("persistent", "shifted", "lost", "new", "dead_a", "dead_b")
-    for i, k in enumerate(keys):
-        o = overlaps[k]
-        label = "/".join(k) if isinstance(k, tuple) else str(k)
-        ax[0, 0].hist(
-            _np(o.matched_cos),
-            bins=40,
-            range=(-1, 1),
-            histtype="step",
-            lw=1.4,
-            color=color(i + 1),
-            label=label,
-        )
-        cnt = o.counts()
-        ax[0, 1].bar(
-            np.arange(6) + (i - (len(keys) - 1) / 2) * 0.8 / len(keys), [cnt[c] for c in classes],
-            0.8 / len(keys), color=color(i + 1), label=label,
-        )  # fmt: skip
-    for x in (persistent_cos, shifted_cos):
-        ax[0, 0].axvline(x, color=PALETTE[6], ls=":", lw=0.8)
-    ax[0, 0].set(xlabel="decoder cosine of matched pair", ylabel="feature pairs")
-    ax[0, 1].set_xticks(
-        range(6), ["persistent", "shifted", "lost", "new", "dead\n(base)", "dead\n(ft)"], fontsize=6
-    )
-    ax[0, 1].set(ylabel="features")
-    ax[0, 1].legend(frameon=False, fontsize=6)
-    return fig
-
-
-@styled
 def patching_grids(results: Mapping[str, object], title: str):
     """Position-patching scores on the patch grid, one row per ``PatchingResult`` (by layer x position), one
     column per layer; the prefix tokens' scores are in the titles."""
@@ -845,16 +793,25 @@ def cka_curves(
     *,
     models: Sequence[str] | None = None,
     inputs: Sequence[str] | None = None,
+    ncols: int | None = None,
 ):
     """Linear CKA per layer with its 95% CI band (the result's ``linear_ci``, where it has one): one panel per
-    group (title -> {(model, input): ``CKAResult``}). Colour: model, its place in ``models`` (the study's
-    models: the colours of every report figure); line style: input, its place in ``inputs`` (the same style
-    for an input in every panel). A plain string key is a model of its own, drawn solid."""
+    group (title -> {(model, input): ``CKAResult``}), ``ncols`` panels a row (default: all in one row; the
+    panels fill the rows in order and the slots left over stay empty). Colour: model, its place in ``models``
+    (the study's models: the colours of every report figure); line style: input, its place in ``inputs`` (the
+    same style for an input in every panel). A plain string key is a model of its own, drawn solid."""
     keys = [k if isinstance(k, tuple) else (k, None) for g in groups.values() for k in g]
     models = list(models) if models is not None else list(dict.fromkeys(m for m, _ in keys))
     inputs = list(inputs) if inputs is not None else list(dict.fromkeys(i for _, i in keys if i is not None))
     colour = _colour_of(models)
-    fig, ax = new_figure(1, len(groups), w=3.9, h=3.0, sharey=True)
+    ncols = len(groups) if ncols is None else int(ncols)
+    if not 1 <= ncols <= max(1, len(groups)):
+        raise ValueError(f"ncols must be in 1..{len(groups)} (the number of panels), got {ncols}")
+    nrows = -(-len(groups) // ncols)
+    fig, axes = new_figure(nrows, ncols, w=3.9, h=3.0, sharey=True)
+    for k in range(len(groups), nrows * ncols):
+        axes[k // ncols, k % ncols].set_visible(False)
+    ax = axes.reshape(1, -1)  # panel j is ax[0, j], row by row
     for j, (title, group) in enumerate(groups.items()):
         for key, r in group.items():
             n, lab = key if isinstance(key, tuple) else (key, None)
@@ -866,7 +823,8 @@ def cka_curves(
                 ci_band(ax[0, j], x, ci, colour(n))
             ax[0, j].set_xticks(x, list(r.layers))
         ax[0, j].set(title=title, xlabel=xlabel)
-    ax[0, 0].set_ylabel(ylabel)
+    for row in axes:
+        row[0].set_ylabel(ylabel)
     shown = [m for m in models if any(k[0] == m for k in keys)]
     used = [i for i in inputs if any(k[1] == i for k in keys)]
     _key_legends(fig, shown, [colour(m) for m in shown], used, [line_style(inputs.index(i)) for i in used])

@@ -100,16 +100,23 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
         else f"CKA on {s.token_reduction} (every token an example): point estimates without a CI (the tokens of "
         "one image are not independent examples)"
     )
-    # the figure: colour = model, line style = input (the clean vs corrupted panel: the corrupted input)
+    # the figure: one panel per input (a panel of every curve was 21 banded lines), the comparisons of the
+    # base with each fine-tune on the first row and each model's clean vs corrupted on the second; colour =
+    # model, line style = input (in a clean vs corrupted panel: the corrupted input)
     base = ctx.base_name
     groups = {
-        f"{base} vs fine-tuned, same images": {
-            (n, lab): between[f"{base} vs {n}, {lab}"] for n in ctx.model_names if n != base for lab in inputs
+        **{
+            f"{base} vs fine-tuned, {lab} images": {
+                (n, lab): between[f"{base} vs {n}, {lab}"] for n in ctx.model_names if n != base
+            }
+            for lab in inputs
         },
-        "clean vs corrupted input, same model": {
-            (n, lab): within[f"{n}: clean vs {lab}"] for n in ctx.model_names for lab in conds
+        **{
+            f"clean vs {lab}, same model": {(n, lab): within[f"{n}: clean vs {lab}"] for n in ctx.model_names}
+            for lab in conds
         },
     }
+    groups = {t: g for t, g in groups.items() if g}
     band = (
         f"bands: 95% percentile bootstrap CI over the {n_img} images ({N_RESAMPLES} resamples; in "
         "metrics.json: between_models / clean_vs_corrupted .cka_linear_ci95)"
@@ -124,10 +131,12 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
                 xlabel=f"layer ({s.hook})",
                 models=ctx.model_names,
                 inputs=list(inputs),
+                ncols=min(len(groups), max(len(inputs), len(conds))),
             ),  # fmt: skip
             "cka",
-            f"Linear CKA per layer (token reduction {s.token_reduction}; colour: model; line style: input, in "
-            f"the right panel the corrupted copy compared with the clean image); {band}. Debiased values in "
+            f"Linear CKA per layer (token reduction {s.token_reduction}; first row: the base against each "
+            f"fine-tune on the same images, one panel per input; second row: each model's clean image against its "
+            f"corrupted copy, one panel per condition; colour: model; line style: input); {band}. Debiased values in "
             "metrics.json.",
         )
     )
