@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -94,39 +97,82 @@ def _git(*args: str) -> str:
     import subprocess
 
     try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=10)
+        out = subprocess.run(  # in this checkout, wherever the command runs from
+            ["git", "-C", str(Path(__file__).parent), *args],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        )
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
 
+@dataclasses.dataclass
+class Kept:
+    """What :func:`kept_output` yields. Set ``data`` (anything ``json.dumps`` takes) inside the block to keep it
+    beside the markdown, in ``<same name>.json`` with the run's provenance; after a finished block ``path`` and
+    ``data_path`` name the files written (both stay None for an interrupted run)."""
+
+    data: Any = None
+    path: Path | None = None
+    data_path: Path | None = None
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # atomic: a reader never sees half a file
+
+
 @contextlib.contextmanager
-def kept_output(name: str, folder: str | os.PathLike | None = None):
+def kept_output(
+    name: str, folder: str | os.PathLike | None = None, command: Sequence[str] | None = None
+) -> Iterator[Kept]:
     """Run a benchmark's ``main()`` inside this: what it prints goes to the terminal and, when it finishes, to
     ``benchmarks/results/<name>-<UTC date>-<commit>.md`` with a header naming the commit (``+dirty`` when the
     tree has changes), the command line, the date and the CPU, so a figure the docs quote can name its file.
-    ``MECHVIT_BENCH_RESULTS`` (or ``folder``) moves the folder; an interrupted run writes nothing."""
+    ``MECHVIT_BENCH_RESULTS`` (or ``folder``) moves the folder; an interrupted run writes nothing. ``command``
+    (default ``python`` and ``sys.argv``) is the command line recorded. The :class:`Kept` it yields takes a
+    machine-readable copy of the results (``data``), written to ``<same name>.json`` with the same provenance
+    (scripts/sae_sweep.py keeps its table that way)."""
     import datetime
+    import json
     import sys
-    from pathlib import Path
 
     folder = Path(folder or os.environ.get("MECHVIT_BENCH_RESULTS") or Path(__file__).parent / "results")
+    kept = Kept()
     tee = _Tee(sys.stdout)
     sys.stdout = tee
     try:
-        yield
+        yield kept
     finally:
         sys.stdout = tee.stream
+    command = " ".join(["python", *sys.argv] if command is None else command)
     commit = _git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = "+dirty" if _git("status", "--porcelain", "--untracked-files=no") else ""
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
     now = datetime.datetime.now(datetime.timezone.utc)
     header = (
-        f"# {name}\n\n`{' '.join(['python', *sys.argv])}` at commit {commit}{dirty}, "
+        f"# {name}\n\n`{command}` at commit {commit}{'+dirty' * dirty}, "
         f"{now:%Y-%m-%d %H:%M} UTC; CPU {cpu_name()}, {os.cpu_count()} cores\n\n"
     )
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}-{now:%Y%m%d-%H%M}-{commit}{dirty}.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(header + "".join(tee.parts))
-    os.replace(tmp, path)  # atomic: a reader never sees half a file
+    path = folder / f"{name}-{now:%Y%m%d-%H%M}-{commit}{'+dirty' * dirty}.md"
+    if kept.data is not None:
+        provenance = {
+            "name": name,
+            "command": command,
+            "commit": commit,
+            "dirty": dirty,
+            "utc": f"{now:%Y-%m-%dT%H:%M:%SZ}",
+            "cpu": cpu_name(),
+            "cores": os.cpu_count(),
+            "markdown": path.name,
+        }
+        data_path = path.with_suffix(".json")
+        _write_atomically(data_path, json.dumps({**provenance, "data": kept.data}, indent=1) + "\n")
+        kept.data_path = data_path
+    _write_atomically(path, header + "".join(tee.parts))  # last: a kept .md means its .json is there too
+    kept.path = path
     print(f"kept: {path}", file=sys.stderr)

@@ -19,13 +19,20 @@ each condition) is printed: BatchTopK's inference threshold is learnt on the tra
 L0 depends on how the two compare.
 
 Each row takes ~40 s of one thread per x8 SAE (1M tokens); run two sweeps side by side at one thread each.
+
+A finished sweep keeps what it printed in ``scripts/results/sae_sweep-<UTC date>-<commit>.md`` (the command
+line, the commit, ``+dirty`` when the tree had changes, the CPU; benchmarks/_common.py: kept_output, as the
+benchmarks keep theirs) and the same numbers, unrounded, in the ``.json`` of that name; ``--results`` moves
+the folder. An interrupted sweep keeps nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -34,6 +41,12 @@ from mechvit.sae import cache_activations, pca_baseline, reconstruction_metrics,
 from mechvit.study.config import load_study_config
 from mechvit.study.context import StudyContext
 from mechvit.study.steps.sae import heldout, mix
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _common import kept_output, machine  # noqa: E402  (the benchmarks' kept results)
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _grid_entry(text: str) -> tuple[str, dict]:
@@ -50,7 +63,7 @@ def _grid_entry(text: str) -> tuple[str, dict]:
     return text, kw
 
 
-def main() -> None:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="configs/fashion_mnist.yaml")
     p.add_argument("--model", default="base", help="a model name of the config")
@@ -58,7 +71,24 @@ def main() -> None:
     p.add_argument("--grid", type=_grid_entry, nargs="+", required=True, help="expansion:k[:lr] ...")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--mix", type=float, default=None, help="training mix fraction (default: the config's)")
-    a = p.parse_args()
+    p.add_argument(
+        "--results", default=str(RESULTS), help="folder of the kept .md and .json (default: scripts/results)"
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None):
+    """Run the sweep (``argv``: its arguments, default the command line's); returns the ``Kept`` record of
+    kept_output: ``.data`` the numbers of the table, ``.path`` and ``.data_path`` the files written."""
+    a = parse_args(argv)
+    command = ["python", *(sys.argv if argv is None else ["scripts/sae_sweep.py", *argv])]
+    with kept_output("sae_sweep", a.results, command=command) as kept:
+        kept.data = sweep(a)
+    return kept
+
+
+def sweep(a: argparse.Namespace) -> dict:
+    """Train the grid and print its table; returns what the table shows, unrounded (the kept .json)."""
     torch.set_num_threads(a.threads)
     cfg = load_study_config(a.config, {"progress": False})
     cfg.sae.store = dataclasses.replace(cfg.sae.store, hook=f"blocks.{a.layer}.hook_resid_post")
@@ -86,6 +116,19 @@ def main() -> None:
         xe, ye = ctx.test_images(s.fidelity_images)
         parts = ["clean", *(f"{c.corruption}-{c.severity}" for c in cfg.conditions)]
         n_part = len(held) // len(parts)  # heldout(): the clean images, then each condition, equal sizes
+        result = {
+            "config": str(a.config),
+            "model": a.model,
+            "layer": a.layer,
+            "hook": s.hook,
+            "training_tokens": total,
+            "mix_fraction": float(s.store.mix.fraction),
+            "heldout_tokens": len(held),
+            "splice_images": len(xe),
+            "parts": parts,
+            "rows": [],
+        }
+        print(f"{machine(torch.device('cpu'), torch.float32)}\n")
         print(
             f"{a.model}, {s.hook}, {total:,} training tokens (mix fraction {s.store.mix.fraction:g}), "
             f"{len(held):,} held-out tokens"
@@ -98,20 +141,40 @@ def main() -> None:
         for name, t in trained.items():
             c = cfgs[name]
             m = reconstruction_metrics(t.sae, held)
-            pca = pca_baseline(train_rows, held, c.k).explained_variance
             sp = spliced_metrics(model, t.sae, ctx.prep(xe), ye, s.hook, tokens=s.tokens)
-            by_part = [
-                reconstruction_metrics(t.sae, held[i * n_part : (i + 1) * n_part]).l0
-                for i in range(len(parts))
-            ]
-            print(
-                f"| {a.model} | {a.layer} | x{c.expansion_factor} | {c.k} | {c.lr:g} | {c.aux_coefficient:g} | "
-                f"{c.seed} | {m.explained_variance:.3f} | {pca:.3f} | {m.l0:.2f} | "
-                f"{', '.join(f'{v:.2f}' for v in by_part)} | {m.dead_features} / {m.d_sae} | "
-                f"{m.dense_features} / {m.d_sae} | "
-                f"{100 * (sp.accuracy_clean - sp.accuracy_sae):.1f} | {sp.kl_sae:.4f} |",
-                flush=True,
-            )
+            row = {
+                "grid": name.split(":", 1)[1],
+                "expansion_factor": c.expansion_factor,
+                "k": c.k,
+                "lr": float(c.lr),
+                "aux_coefficient": float(c.aux_coefficient),
+                "seed": c.seed,
+                "explained_variance": float(m.explained_variance),
+                "pca_explained_variance": float(pca_baseline(train_rows, held, c.k).explained_variance),
+                "l0": float(m.l0),
+                "l0_by_part": [
+                    float(reconstruction_metrics(t.sae, held[i * n_part : (i + 1) * n_part]).l0)
+                    for i in range(len(parts))
+                ],
+                "dead_features": int(m.dead_features),
+                "dense_features": int(m.dense_features),
+                "d_sae": int(m.d_sae),
+                "top1_drop_pp": 100 * float(sp.accuracy_clean - sp.accuracy_sae),
+                "kl": float(sp.kl_sae),
+            }
+            result["rows"].append(row)
+            print(table_row(a.model, a.layer, row), flush=True)
+    return result
+
+
+def table_row(model: str, layer: int, r: dict) -> str:
+    """One markdown row of the printed table (the kept .md), from one row of the kept .json."""
+    return (
+        f"| {model} | {layer} | x{r['expansion_factor']} | {r['k']} | {r['lr']:g} | {r['aux_coefficient']:g} | "
+        f"{r['seed']} | {r['explained_variance']:.3f} | {r['pca_explained_variance']:.3f} | {r['l0']:.2f} | "
+        f"{', '.join(f'{v:.2f}' for v in r['l0_by_part'])} | {r['dead_features']} / {r['d_sae']} | "
+        f"{r['dense_features']} / {r['d_sae']} | {r['top1_drop_pp']:.1f} | {r['kl']:.4f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """The benchmarks keep what they print (benchmarks/_common.py: kept_output): a file per run naming the commit,
-the command line and the CPU, written atomically, and nothing for an interrupted run."""
+the command line and the CPU, written atomically, a JSON copy of the numbers when the run gives one
+(scripts/sae_sweep.py), and nothing for an interrupted run."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -25,9 +27,26 @@ def test_a_finished_benchmark_keeps_what_it_printed(tmp_path, capsys):
     assert "| tiny | 0.5 |" in out.out and f"kept: {files[0]}" in out.err  # the terminal still sees it
 
 
+def test_a_finished_run_keeps_its_data_as_json_beside_the_markdown(tmp_path, capsys):
+    """``kept.data`` goes to ``<same name>.json`` with the provenance of the .md (scripts/sae_sweep.py)."""
+    with kept_output("sweep_x", tmp_path, command=["python", "s.py", "--k", "4"]) as kept:
+        print("| k | EV |")
+        kept.data = {"rows": [{"k": 4, "ev": 0.1 + 0.2}]}
+    assert kept.path.parent == tmp_path and kept.data_path == kept.path.with_suffix(".json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([kept.path.name, kept.data_path.name])
+    stored = json.loads(kept.data_path.read_text())
+    assert stored["data"] == {"rows": [{"k": 4, "ev": 0.1 + 0.2}]}  # every bit of the float
+    assert stored["name"] == "sweep_x" and stored["command"] == "python s.py --k 4"
+    assert stored["markdown"] == kept.path.name and isinstance(stored["dirty"], bool)
+    assert kept.path.name.endswith(f"-{stored['commit']}{'+dirty' * stored['dirty']}.md")
+    assert kept.path.read_text().startswith(f"# sweep_x\n\n`python s.py --k 4` at commit {stored['commit']}")
+
+
 def test_an_interrupted_benchmark_keeps_nothing(tmp_path):
-    with pytest.raises(KeyboardInterrupt), kept_output("bench_y", tmp_path):
+    with pytest.raises(KeyboardInterrupt), kept_output("bench_y", tmp_path) as kept:
         print("half a table")
+        kept.data = {"rows": []}
         raise KeyboardInterrupt
+    assert kept.path is None and kept.data_path is None
     assert not list(tmp_path.iterdir())
     assert sys.stdout is sys.__stdout__ or not hasattr(sys.stdout, "parts")  # stdout restored

@@ -136,6 +136,7 @@ def test_sae_sweep_script_prints_a_row_per_configuration(checkpoints, tmp_path):
     cfg["sae"] = {**cfg["sae"], "n_fidelity_images": 8, "n_heldout_images": None}  # held-out: the 8 as well
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "scripts/sae_sweep.py", "--config", str(tmp_path / "tiny.yaml"), "--layer", "1"]
+    cmd += ["--results", str(tmp_path / "results")]  # its kept output, not in the repo
     grid = ["--grid", "x2:4", "x4:2:3e-3:0.5", "x2:4", "--mix", "0.25"]
     done = subprocess.run([*cmd, *grid], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
