@@ -4,6 +4,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from mechvit.study.config import (
@@ -269,9 +270,52 @@ def test_unknown_corruption_and_bad_severity():
             }
         }
     ).startswith("models.finetuned[0].seen[0]: unknown corruption")
-    assert _error(_with(conditions=[{"corruption": "fog", "severity": 6}])).startswith(
-        "conditions[0].severity: severity must be in 1..5"
+    assert _error(_with(conditions=[{"corruption": "fog", "severity": 6}])) == (
+        "conditions[0].severity: severity must be an integer in 1..5, got 6"
     )
+
+
+@pytest.mark.parametrize(
+    "name, severity",
+    [("gausian_blur", 4), ("smog", 4), ("fog", 0), ("fog", 7)],
+)
+def test_study_and_training_configs_word_a_bad_corruption_or_severity_alike(tmp_path, name, severity):
+    """One check (mechvit.corruptions.corruption_problem / severity_problem), two error types: the study
+    raises ConfigError, TrainConfig a ValueError that its loader prefixes with "TrainConfig:"; after the key
+    the two messages are the same, and that of ``corrupt`` itself."""
+    from mechvit.corruptions import corrupt, corruption_problem, severity_problem
+    from mechvit.training import load_config
+
+    study = _error(_with(conditions=[{"corruption": name, "severity": severity}]))
+    p = tmp_path / "c.yaml"
+    p.write_text(f"out: x\nmodel: {{name: m}}\ncorruption: {{seen: [{name}], severities: [{severity}]}}\n")
+    with pytest.raises(ValueError) as e:
+        load_config(p)
+    training = str(e.value)
+    field = "corruption" if corruption_problem(name) else "severity"
+    body = corruption_problem(name) or severity_problem(severity)
+    assert study == f"conditions[0].{field}: {body}"
+    key = "seen" if field == "corruption" else "severities"
+    assert training == f"{p}: TrainConfig: corruption.{key}[0]: {body}"
+    with pytest.raises(ValueError) as e:
+        corrupt(torch.zeros(1, 1, 8, 8), name, severity)
+    assert str(e.value) == body
+
+
+def test_severity_message_says_what_was_expected_and_what_was_given():
+    """Non-integers name their type (a YAML loader refuses them first; a config built in Python meets this)."""
+    from mechvit.corruptions import severity_problem
+    from mechvit.training.config import CorruptionFinetune, TrainConfig
+
+    assert [severity_problem(s) for s in (1, 5)] == [None, None]
+    for bad, given in [(0, "0"), (6, "6"), (2.5, "float 2.5"), (2.0, "float 2.0"), (True, "bool True"),
+                       ("3", "str '3'"), (None, "None")]:  # fmt: skip
+        assert severity_problem(bad) == f"severity must be an integer in 1..5, got {given}"
+    with pytest.raises(ValueError, match=r"^corruption\.severities\[1\]: .* got float 2\.5$"):
+        TrainConfig(out="x", init_from="y", corruption=CorruptionFinetune(seen=["fog"], severities=[1, 2.5]))
+    cond = dataclasses.replace(study_config_from_dict(MINIMAL).conditions[0], severity=True)
+    with pytest.raises(ConfigError, match=r"^conditions\[0\]\.severity: .* got bool True$"):
+        study_config_from_dict({**MINIMAL, "conditions": [cond]})
 
 
 def test_unknown_hook_names_the_key():

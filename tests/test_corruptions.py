@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 from functools import cache
@@ -174,12 +175,17 @@ def test_half_precision_and_empty_batch(name):
 def test_bad_arguments_raise_value_error_listing_choices():
     x = smooth_images(1, 3, 16, 16, 0)
     with pytest.raises(
-        ValueError, match="unknown corruption 'gaussian'; expected one of gaussian_noise, shot_noise"
+        ValueError,
+        match=r"^unknown corruption 'gaussian'; expected one of gaussian_noise, shot_noise, .*, saturate; "
+        r"did you mean 'gaussian_blur' or 'gaussian_noise'\?$",
     ):
         corrupt(x, "gaussian", 1)
-    for bad in (0, 6, 2.0, True, "3", None):
+    with pytest.raises(ValueError, match=r"^unknown corruption 'smog'; expected one of .*, saturate$"):
+        get_corruption("smog")  # no close name, no suggestion
+    for bad, shown in [(0, "0"), (6, "6"), (2.0, "float 2.0"), (True, "bool True"), ("3", "str '3'"),
+                       (None, "None")]:  # fmt: skip
         with pytest.raises(
-            ValueError, match=r"severity must be an integer in 1..5 \(one of \(1, 2, 3, 4, 5\)\)"
+            ValueError, match=rf"^severity must be an integer in 1\.\.5, got {re.escape(shown)}$"
         ):
             corrupt(x, "gaussian_noise", bad)
     with pytest.raises(ValueError, match=r"\[N, C, H, W\] \(4 dimensions\), got shape \(3, 16, 16\)"):

@@ -101,8 +101,12 @@ def test_corruption_mix_validation():
         CorruptionMix(fraction=1.5, corruptions=(("gaussian_noise", 1),))
     with pytest.raises(ValueError, match="no \\(name, severity\\)"):
         CorruptionMix(fraction=0.5).validate()
-    with pytest.raises(ValueError, match="unknown corruption"):
+    with pytest.raises(
+        ValueError, match="unknown corruption 'no_such_thing'; expected one of gaussian_noise"
+    ):
         CorruptionMix(fraction=0.5, corruptions=(("no_such_thing", 1),)).validate()
+    with pytest.raises(ValueError, match="did you mean 'gaussian_noise'"):  # the configs' wording
+        CorruptionMix(fraction=0.5, corruptions=(("gausian_noise", 1),)).validate()
 
 
 def test_shuffle_batches_exact_sizes_keeps_every_row():

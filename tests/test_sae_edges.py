@@ -416,7 +416,9 @@ def test_store_config_refuses_what_it_cannot_use():
 
     with pytest.raises(ValueError, match=r"severity must be an integer in 1\.\.5, got 9"):
         CorruptionMix(0.5, (("gaussian_noise", 9),))
-    with pytest.raises(ValueError, match="severity must be an integer in 1..5, got 2.5"):
+    with pytest.raises(
+        ValueError, match=r"'gaussian_noise': severity must be an integer in 1\.\.5, got float 2\.5"
+    ):
         CorruptionMix(0.5, (("gaussian_noise", 2.5),))
     assert CorruptionMix(0.5, (("gaussian_noise", np.int64(4)),)).corruptions == (("gaussian_noise", 4),)
     with pytest.raises(ValueError, match="hook must be a hook name"):

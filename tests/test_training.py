@@ -143,16 +143,20 @@ def test_config_rejects_settings_that_break_optimisation(tmp_path):
 def test_config_validates_corruption_and_eval_names_and_severities_on_load(tmp_path):
     """docs/training.md: configs are validated on load. A misspelt corruption or a severity outside 1..5 used to
     fail at the first corrupted batch (never with p = 0), and in ``eval`` only after every epoch."""
-    names = "expected one of gaussian_noise, shot_noise, .*, saturate$"
+    names = "expected one of gaussian_noise, shot_noise, .*, saturate"
     cases = {
         "corruption: {seen: [gaussian_blur, gausian_blur], severities: [3], p: 0.0}": (
-            rf"corruption\.seen\[1\]: unknown corruption 'gausian_blur'; {names}"
+            rf"corruption\.seen\[1\]: unknown corruption 'gausian_blur'; {names}; "
+            r"did you mean 'gaussian_blur' or 'glass_blur'\?$"
         ),
         "corruption: {seen: [gaussian_blur], severities: [0]}": (
             r"corruption\.severities\[0\]: severity must be an integer in 1\.\.5, got 0$"
         ),
         "corruption: {seen: [gaussian_blur], severities: [3, 7]}": r"corruption\.severities\[1\]: .* got 7$",
-        "eval: {corruptions: [fogg]}": rf"eval\.corruptions\[0\]: unknown corruption 'fogg'; {names}",
+        "eval: {corruptions: [fogg]}": (
+            rf"eval\.corruptions\[0\]: unknown corruption 'fogg'; {names}; did you mean 'fog'\?$"
+        ),
+        "eval: {corruptions: [smog]}": rf"eval\.corruptions\[0\]: unknown corruption 'smog'; {names}$",
         "eval: {severities: [1, 9]}": r"eval\.severities\[1\]: severity must be an integer in 1\.\.5, got 9$",
         "eval: {n_test: 0}": r"eval\.n_test must be null \(every test image\) or an integer >= 1, got 0$",
         "eval: {n_test: -5}": r"eval\.n_test must be null .* got -5$",

@@ -13,6 +13,7 @@ a tensor of the same shape, dtype and device, clamped to [0, 1], drawing every r
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import numbers
 from collections.abc import Callable
@@ -53,10 +54,44 @@ assert set(CORRUPTIONS) == set(FAMILY_OF) and len(CORRUPTIONS) == 19
 from mechvit.corruptions.frequency import HIGH_FREQUENCY, LOW_FREQUENCY  # noqa: E402
 
 
+def corruption_problem(name: object) -> str | None:
+    """What is wrong with ``name`` as a corruption name, or ``None`` when it is one of :data:`CORRUPTIONS`.
+
+    The one wording of this check: :func:`corrupt` raises it as it is; the study and training configs prefix
+    it with the key and raise it as their own error type. A misspelt name gets the closest names::
+
+        unknown corruption 'gausian_blur'; expected one of gaussian_noise, ..., saturate; did you mean
+        'gaussian_blur' or 'glass_blur'?
+    """
+    if isinstance(name, str) and name in FAMILY_OF:
+        return None
+    message = f"unknown corruption {name!r}; expected one of {', '.join(CORRUPTIONS)}"
+    close = difflib.get_close_matches(name, CORRUPTIONS, n=2) if isinstance(name, str) else []
+    return message + (f"; did you mean {' or '.join(map(repr, close))}?" if close else "")
+
+
+def severity_problem(severity: object) -> str | None:
+    """What is wrong with ``severity``, or ``None`` when it is an integer in 1..5 (bool, 2.0 and '3' are not).
+
+    The one wording of this check (see :func:`corruption_problem`): what was expected and what was given,
+    with its type when it is not an integer: ``severity must be an integer in 1..5, got 7``, ``... got float
+    2.5``, ``... got bool True``."""
+    integral = isinstance(severity, numbers.Integral) and not isinstance(severity, bool)
+    if integral and int(severity) in SEVERITIES:
+        return None
+    if integral:
+        given = str(int(severity))
+    elif severity is None:
+        given = "None"
+    else:
+        given = f"{type(severity).__name__} {severity!r}"
+    return f"severity must be an integer in 1..5, got {given}"
+
+
 def get_corruption(name: str) -> Callable[[Tensor, int, torch.Generator], Tensor]:
     """The function implementing ``name`` (imported lazily from its family module)."""
-    if name not in FAMILY_OF:
-        raise ValueError(f"unknown corruption {name!r}; expected one of {', '.join(CORRUPTIONS)}")
+    if (problem := corruption_problem(name)) is not None:
+        raise ValueError(problem)
     module_name = f"mechvit.corruptions.{FAMILY_OF[name]}"
     try:
         module = importlib.import_module(module_name)
@@ -73,14 +108,9 @@ def get_corruption(name: str) -> Callable[[Tensor, int, torch.Generator], Tensor
 
 
 def _validate(images, name, severity) -> None:
-    if not isinstance(name, str) or name not in FAMILY_OF:
-        raise ValueError(f"unknown corruption {name!r}; expected one of {', '.join(CORRUPTIONS)}")
-    if (
-        isinstance(severity, bool)
-        or not isinstance(severity, numbers.Integral)
-        or int(severity) not in SEVERITIES
-    ):
-        raise ValueError(f"severity must be an integer in 1..5 (one of {SEVERITIES}), got {severity!r}")
+    for problem in (corruption_problem(name), severity_problem(severity)):
+        if problem is not None:
+            raise ValueError(problem)
     if not isinstance(images, Tensor):
         raise ValueError(f"images must be a torch.Tensor [N, C, H, W], got {type(images).__name__}")
     if images.ndim != 4:
@@ -188,5 +218,7 @@ __all__ = [
     "LOW_FREQUENCY",
     "SEVERITIES",
     "corrupt",
+    "corruption_problem",
     "get_corruption",
+    "severity_problem",
 ]

@@ -138,7 +138,8 @@ def load_cifar10_c(
             f"no {corruption}.npy in {root}; available: {', '.join(_cifar_c_names(root)) or 'none'}"
         )
     if isinstance(severity, bool) or severity not in (1, 2, 3, 4, 5):
-        raise ValueError(f"severity must be one of (1, 2, 3, 4, 5), got {severity!r}")
+        # the wording of mechvit.corruptions.severity_problem (a sibling layer: not importable from here)
+        raise ValueError(f"severity must be an integer in 1..5, got {severity!r}")
     images = np.load(path, mmap_mode="r")
     labels = np.load(root / "labels.npy", mmap_mode="r")
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:

@@ -32,6 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechvit._io import atomic_write_text
+from mechvit.corruptions import corruption_problem, severity_problem
 
 __all__ = [
     "TOKEN_SELECTIONS",
@@ -73,8 +74,8 @@ class CorruptionMix:
             if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
                 raise ValueError(f"each corruption must be a (name, severity) pair, got {item!r}")
             sev = item[1]
-            if isinstance(sev, bool) or not isinstance(sev, numbers.Integral) or not 1 <= sev <= 5:
-                raise ValueError(f"corruption {item[0]!r}: severity must be an integer in 1..5, got {sev!r}")
+            if (problem := severity_problem(sev)) is not None:
+                raise ValueError(f"corruption {item[0]!r}: {problem}")
             pairs.append((item[0], int(sev)))
         self.corruptions = tuple(pairs)
 
@@ -90,11 +91,9 @@ class CorruptionMix:
             return
         if not self.corruptions:
             raise ValueError(f"fraction={self.fraction} corrupts images but no (name, severity) was given")
-        from mechvit.corruptions import CORRUPTIONS
-
-        unknown = [name for name, _ in self.corruptions if name not in CORRUPTIONS]
-        if unknown:
-            raise ValueError(f"unknown corruption(s) {unknown}; expected names from {tuple(CORRUPTIONS)}")
+        for name, _ in self.corruptions:
+            if (problem := corruption_problem(name)) is not None:
+                raise ValueError(problem)
 
     def to_dict(self) -> dict[str, Any]:
         return {"fraction": float(self.fraction), "corruptions": [list(c) for c in self.corruptions]}

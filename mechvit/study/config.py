@@ -93,15 +93,19 @@ def check_hook_name(hook: str, key: str, token_hook: bool = False) -> None:
 
 
 def check_corruption(name: str, key: str) -> None:
-    from mechvit.corruptions import CORRUPTIONS
+    """``name`` one of ``mechvit.corruptions.CORRUPTIONS``: its message, prefixed with the key."""
+    from mechvit.corruptions import corruption_problem
 
-    if name not in CORRUPTIONS:
-        raise ConfigError(f"{key}: unknown corruption {name!r}; expected one of {', '.join(CORRUPTIONS)}")
+    if (problem := corruption_problem(name)) is not None:
+        raise ConfigError(f"{key}: {problem}")
 
 
 def check_severity(sev: int, key: str) -> None:
-    if not 1 <= sev <= 5:
-        raise ConfigError(f"{key}: severity must be in 1..5, got {sev}")
+    """``sev`` an integer in 1..5: ``mechvit.corruptions.severity_problem``'s message, prefixed with the key."""
+    from mechvit.corruptions import severity_problem
+
+    if (problem := severity_problem(sev)) is not None:
+        raise ConfigError(f"{key}: {problem}")
 
 
 def _positive(obj: Any, prefix: str, names: tuple[str, ...]) -> None:

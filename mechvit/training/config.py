@@ -153,23 +153,25 @@ class TrainConfig:
 
 
 def check_corruptions(names, key: str) -> None:
-    """Every name one of ``mechvit.corruptions.CORRUPTIONS``; the error names the key and the entry."""
-    from mechvit.corruptions import CORRUPTIONS
+    """Every name one of ``mechvit.corruptions.CORRUPTIONS``; the error names the key and the entry and says
+    what is wrong in the words of ``mechvit.corruptions.corruption_problem`` (as the study config does). A
+    ``ValueError``, not a ``ConfigError``: the loader prefixes it with ``TrainConfig:``."""
+    from mechvit.corruptions import corruption_problem
 
-    for i, n in enumerate(names):
-        if n not in CORRUPTIONS:
-            raise ValueError(
-                f"{key}[{i}]: unknown corruption {n!r}; expected one of {', '.join(CORRUPTIONS)}"
-            )
+    _first_problem(names, key, corruption_problem)
 
 
 def check_severities(severities, key: str) -> None:
-    """Every severity an integer in 1..5; the error names the key and the entry."""
-    from mechvit.corruptions import SEVERITIES
+    """Every severity an integer in 1..5, in the words of ``mechvit.corruptions.severity_problem``."""
+    from mechvit.corruptions import severity_problem
 
-    for i, s in enumerate(severities):
-        if isinstance(s, bool) or s not in SEVERITIES:
-            raise ValueError(f"{key}[{i}]: severity must be an integer in 1..5, got {s!r}")
+    _first_problem(severities, key, severity_problem)
+
+
+def _first_problem(values, key: str, problem_of) -> None:
+    for i, v in enumerate(values):
+        if (problem := problem_of(v)) is not None:
+            raise ValueError(f"{key}[{i}]: {problem}")
 
 
 def check_positive(obj, names) -> None:
