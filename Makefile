@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.mechvit-installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PYTEST_ARGS ?=
 
-.PHONY: install data browser study study-seeds study-all-saes study-relu docs-numbers test test-slow lint bench checkpoints clean
+.PHONY: install data browser study study-seeds study-all-saes study-relu docs-numbers docs-cards test test-slow lint bench checkpoints clean
 
 install: $(STAMP)
 
@@ -40,8 +40,13 @@ browser:
 study: install data
 	$(VENV)/bin/mechvit study --config configs/fashion_mnist.yaml --out runs/default
 
+# The README's and docs/training.md's checkpoint tables come from the cards in checkpoints/ (every accuracy with its
+# count and Wilson CI, mechvit/training/cards.py; tests/test_cards.py checks they agree).
+docs-cards: install
+	$(PY) tests/test_cards.py --write-docs
+
 # The README's study block and docs/default_study/metrics.json come from the last `make study` (tests check they agree).
-docs-numbers: install
+docs-numbers: install docs-cards
 	$(PY) -m mechvit.study.summary runs/default/metrics.json --readme README.md --keep docs/default_study
 	@if [ -f runs/fashion_mnist_seeds/metrics.json ]; then \
 	  $(PY) -m mechvit.study.summary runs/fashion_mnist_seeds/metrics.json --readme docs/study.md --block seeds \
@@ -98,6 +103,7 @@ checkpoints: install data
 	  $(VENV)/bin/mechvit train --config configs/finetune_$$f.yaml --set seed=$$s out=checkpoints/fmnist_vit_$${f}_seed$$s || exit 1; done; done
 	for s in 1 2; do $(VENV)/bin/mechvit train --config configs/finetune_clean.yaml --set seed=$$s out=checkpoints/fmnist_vit_clean_ft_seed$$s || exit 1; done
 	$(VENV)/bin/mechvit evaluate $(CKPTS) --n-test 2000 --out runs/robustness --update-cards
+	$(MAKE) docs-cards
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache runs

@@ -215,6 +215,17 @@ def test_cli_train_then_evaluate_checkpoints_updates_cards(tmp_path, capsys):
         if r["model"] == "ft" and r["corruption"] == "pixelate" and r["severity"] == 3
     )
     assert card["corruption_top1"]["pixelate"]["3"] == pytest.approx(row["top1"], abs=1e-4)
+    # the counts, Wilson CIs and per-image correctness behind every accuracy (mechvit.training.cards)
+    from mechvit.training import cards
+
+    rec = card["accuracy"]["corruption_top1"]["pixelate"]["3"]
+    assert rec["n"] == row["n"] == 8 and rec["correct"] == round(row["top1"] * 8)
+    assert rec == cards.accuracy_record(rec["correct"], 8, cards.unpack_correct(rec["correct_bits"], 8))
+    assert cards.accuracy_problems(card) == []
+    assert "derived" not in card["accuracy"]  # every record counted by an evaluation
+    base = read_card(tmp_path / "base")
+    test = cards.paired_test(base, card, "corruption_top1", "gaussian_noise", 1)
+    assert test.n == 8 and 0 <= test.p_value <= 1
     with pytest.raises(SystemExit, match=r"c\.yaml: epochz: unknown key; expected one of out, model"):
         main(["train", "--config", str(cfg), "--set", "epochz=2"])
 
@@ -344,6 +355,41 @@ def test_update_cards_merges_into_the_evaluation_section(tmp_path):
     assert ev["n_test_clean"] == 10000  # kept
     assert ev["n_test"] == 6 and ev["corruption_seed"] == 7 and 0 <= ev["clean_top1_same_images"] <= 1
     assert set(card["corruption_top1"]) == {"pixelate"} and set(card["corruption_top1"]["pixelate"]) == {"2"}
-    assert {k: v for k, v in card.items() if k not in ("evaluation", "corruption_top1")} == {
+    assert {k: v for k, v in card.items() if k not in ("evaluation", "corruption_top1", "accuracy")} == {
         k: v for k, v in before.items() if k != "evaluation"
     }
+    # the accuracy block: the evaluation's records (with which images were right), the card's others kept
+    acc = card["accuracy"]
+    assert set(acc) == {"interval", "confidence", "clean_same_images", "corruption_top1"}
+    assert (
+        acc["corruption_top1"]["pixelate"]["2"]["n"] == 6
+        and "correct_bits" in acc["clean_same_images"]["top1"]
+    )
+    assert acc["clean_same_images"]["top1"]["correct"] == round(ev["clean_top1_same_images"] * 6)
+
+
+def test_update_cards_keeps_the_cards_clean_record(tmp_path):
+    """A card whose ``accuracy`` block was recovered from its stored accuracies (the shipped ones): an
+    evaluation replaces the sections it measures (no longer ``derived``) and keeps ``clean``, whose metrics
+    it keeps too."""
+    from test_training import write_image_folder
+
+    from mechvit.training import cards, read_card
+    from mechvit.training.checkpoint import update_card
+    from mechvit.training.evaluate import evaluate_checkpoints
+
+    write_image_folder(tmp_path / "imgs", n_per_class=4, size=16)
+    data = {"dataset": "imagefolder", "root": str(tmp_path / "imgs"), "test_split": "val", "img_size": 16}
+    _checkpoint(
+        tmp_path / "m", 0, data, evaluation={"n_test": 4, "corruption_seed": 1, "n_test_clean": 10000}
+    )
+    update_card(tmp_path / "m", clean={"top1": 0.9018, "top5": 0.9963}, corruption_top1={"fog": {"1": 0.25}})
+    update_card(tmp_path / "m", accuracy=cards.backfill_accuracy(read_card(tmp_path / "m")))
+    before = read_card(tmp_path / "m")["accuracy"]
+    assert before["derived"] == ["clean", "corruption_top1"]
+    evaluate_checkpoints([tmp_path / "m"], corruptions=["pixelate"], severities=[2], n_test=6, seed=7,
+                         update_cards=True, progress=False)  # fmt: skip
+    card = read_card(tmp_path / "m")
+    assert card["accuracy"]["clean"] == before["clean"] and card["accuracy"]["derived"] == ["clean"]
+    assert set(card["accuracy"]["corruption_top1"]) == {"pixelate"}
+    assert cards.accuracy_problems(card) == []

@@ -296,10 +296,17 @@ def render(metrics: dict) -> str:
 
 
 def _span(text: str, name: str | None) -> tuple[int, int, str]:
+    """Where block ``name`` is: the begin marker's start, the end marker's start and the begin marker line as
+    the text has it. A named block's begin line is matched up to its name, so a block another generator
+    writes can say where it comes from (the checkpoint tables: ``make docs-cards`` from the cards)."""
     begin, end = markers(name)
-    i, j = text.find(begin), text.find(end)
-    if i < 0 or j < 0 or j < i:
-        raise ValueError(f"the markers {begin!r} ... {end!r} are missing or out of order")
+    key = begin if not name else begin[: begin.index(f" {name} ") + len(name) + 2]
+    i, j = text.find(key), text.find(end)
+    if i >= 0:
+        stop = text.find("\n", i)
+        begin = text[i : len(text) if stop < 0 else stop]
+    if i < 0 or j < 0 or j < i or not begin.endswith("-->"):
+        raise ValueError(f"the markers {markers(name)[0]!r} ... {end!r} are missing or out of order")
     return i, j, begin
 
 

@@ -1,4 +1,5 @@
-"""``python -m mechvit.training train|evaluate ...`` (also what ``mechvit train`` / ``mechvit evaluate`` call)."""
+"""``python -m mechvit.training train|evaluate|cards ...`` (``mechvit train`` / ``mechvit evaluate`` call the first
+two; ``cards`` is here only)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,21 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
+def add_cards_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoints", nargs="+", help="checkpoint folders (card.json each)")
+    p.add_argument(
+        "--write",
+        action="store_true",
+        help="write the completed accuracy blocks into the cards (default: say what would change)",
+    )
+    p.add_argument(
+        "--table",
+        choices=["checkpoints", "checkpoint_robustness", "checkpoint_corruptions"],
+        default=None,
+        help="print this docs table of the cards (the Markdown `make docs-cards` puts into the docs)",
+    )
+
+
 def run_train(args: argparse.Namespace) -> None:
     from mechvit.training.config import load_config
     from mechvit.training.train import train
@@ -68,14 +84,32 @@ def run_evaluate(args: argparse.Namespace) -> None:
         print(json.dumps(res.corruption_errors, indent=1))
 
 
+def run_cards(args: argparse.Namespace) -> None:
+    """Every accuracy of the cards with its count and Wilson 95% CI (``accuracy`` block): the records a card
+    lacks are recovered from its stored accuracies and image counts, exactly or not at all
+    (:func:`mechvit.training.cards.backfill_cards`); ``--table`` prints a docs table of the cards."""
+    from mechvit.training.cards import BLOCKS, backfill_cards, read_cards
+
+    if args.table:
+        sys.stdout.write(BLOCKS[args.table](read_cards(args.checkpoints)))
+        return
+    print("\n".join(backfill_cards(args.checkpoints, write=args.write)))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mechvit.training")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_args(sub.add_parser("train", help="train or fine-tune a ViT from a YAML config"))
     add_evaluate_args(sub.add_parser("evaluate", help="robustness matrix of checkpoint folders"))
+    add_cards_args(
+        sub.add_parser(
+            "cards",
+            help="complete the cards' accuracy blocks (counts, Wilson 95% CIs) from their stored accuracies",
+        )
+    )
     args = parser.parse_args(argv)
     try:
-        {"train": run_train, "evaluate": run_evaluate}[args.command](args)
+        {"train": run_train, "evaluate": run_evaluate, "cards": run_cards}[args.command](args)
     except ValueError as e:
         sys.exit(f"error: {e}")
 

@@ -28,6 +28,7 @@ from mechvit.analysis.robustness import (  # noqa: F401  (re-exported: the evalu
     robustness_matrix,
     seen_unseen_summary,
 )
+from mechvit.training.cards import block_from_rows, merge_block, record_from_accuracy
 
 
 def markdown_table(rows: list[dict], columns: Sequence[str] | None = None, severities=None) -> str:
@@ -139,7 +140,9 @@ def evaluate_checkpoints(
     ``base`` (default: the first) is the mCE reference, seen corruptions come from each card. Each model sees
     its images normalised with its own card's ``data.mean``/``std`` (``card_normalisation``).
     ``update_cards`` writes each model's per-corruption top-1 into its card and merges the evaluation's
-    settings into the card's ``evaluation`` (keys it does not set, e.g. ``n_test_clean``, are kept)."""
+    settings into the card's ``evaluation`` (keys it does not set, e.g. ``n_test_clean``, are kept), and the
+    counts behind them, their Wilson 95% CIs and which images were right into the card's ``accuracy`` block
+    (:mod:`mechvit.training.cards`; its ``clean`` record, like the card's ``clean``, is kept)."""
     from mechvit.corruptions import CORRUPTIONS
     from mechvit.training.checkpoint import card_normalisation, load_checkpoint, read_card, update_card
     from mechvit.training.config import DataConfig, from_dict
@@ -167,10 +170,12 @@ def evaluate_checkpoints(
         xs, ys = zip(*[(x, y) for x, y in test], strict=True)
         test = (torch.stack(xs), torch.tensor(ys))
     corruptions = list(corruptions) if corruptions is not None else list(CORRUPTIONS)
+    # with update_cards also which images each model gets right: the cards keep them (packed bits) for paired tests
     rows = robustness_matrix(
         models, *test, corruptions, severities, seed=seed, batch_size=batch_size, device=device,
-        progress=progress,
+        progress=progress, return_correct=update_cards,
     )  # fmt: skip
+    rows, correct = rows if update_cards else (rows, None)
     base = base or next(iter(cards))
     ce = corruption_errors(rows, base) if corruptions else None
     seen = {n: (c.get("config", {}).get("corruption") or {}).get("seen", []) for n, c in cards.items()}
@@ -179,12 +184,19 @@ def evaluate_checkpoints(
         write_results(out, rows, summary, ce)
     if update_cards:  # per-corruption top-1 on these images; the card's ``clean`` (whole test set) is kept
         for name, c in zip(cards, checkpoints, strict=True):
-            fields = card_accuracy([r for r in rows if r["corruption"] != "clean"], name, len(test[1]), seed)
+            corrupted = [r for r in rows if r["corruption"] != "clean"]
+            fields = card_accuracy(corrupted, name, len(test[1]), seed, correct=correct)
             clean = next(r for r in rows if r["model"] == name and r["corruption"] == "clean")
             fields["evaluation"]["clean_top1_same_images"] = round(clean["top1"], 4)
+            fields["accuracy"]["clean_same_images"] = {
+                "top1": record_from_accuracy(
+                    clean["top1"], clean["n"], f"{name} clean top1", correct[(name, "clean", 0)]
+                )
+            }
             # merged, not replaced: the training run's keys (n_test_clean, the size of ``clean``'s test set)
-            # still describe the card's ``clean`` metrics, which this update keeps
+            # still describe the card's ``clean`` metrics, which this update keeps, and so does its record
             fields["evaluation"] = {**(cards[name].get("evaluation") or {}), **fields["evaluation"]}
+            fields["accuracy"] = merge_block(cards[name].get("accuracy"), fields["accuracy"])
             update_card(c, **fields)
     return CheckpointEval(rows, ce, summary)
 
@@ -204,9 +216,12 @@ def check_same_test_set(data_cfgs: dict) -> None:
                 )
 
 
-def card_accuracy(rows: list[dict], model: str, n_test: int, seed: int) -> dict:
+def card_accuracy(rows: list[dict], model: str, n_test: int, seed: int, correct: dict | None = None) -> dict:
     """The card fields of one model's evaluation: ``clean`` metrics (when the rows hold the clean images),
-    ``corruption_top1`` ({corruption: {severity: top-1}}) and ``evaluation`` (images, seed, severities)."""
+    ``corruption_top1`` ({corruption: {severity: top-1}}), ``evaluation`` (images, seed, severities) and
+    ``accuracy``: every top-1 (and the clean top-5) as its count of ``n`` images with its Wilson 95% CI, plus
+    which images were right where ``correct`` (``robustness_matrix(..., return_correct=True)``) says
+    (:func:`mechvit.training.cards.block_from_rows`)."""
     mine = [r for r in rows if r["model"] == model]
     clean = next((r for r in mine if r["corruption"] == "clean"), None)
     per = {}
@@ -216,4 +231,5 @@ def card_accuracy(rows: list[dict], model: str, n_test: int, seed: int) -> dict:
     out = {"corruption_top1": per, "evaluation": {"n_test": n_test, "corruption_seed": seed}}
     if clean is not None:
         out["clean"] = {k: round(clean[k], 4) for k in METRICS}
+    out["accuracy"] = block_from_rows(mine, model, correct)
     return out
