@@ -1,7 +1,8 @@
-"""The ``mechvit`` command: ``study``, ``convert``, ``train``, ``evaluate``, ``train-sae``, ``cache-activations``.
+"""The ``mechvit`` command: ``study``, ``convert``, ``train``, ``evaluate``, ``cards``, ``explore``, ``compare``,
+``train-sae``, ``cache-activations``.
 
 User errors (a bad config, a missing file, a wrong argument) print one line ``mechvit <cmd>: error: ...``
-on stderr and exit with status 2, without a traceback. ``train``/``evaluate`` are
+on stderr and exit with status 2, without a traceback. ``train``/``evaluate``/``cards`` are
 ``python -m mechvit.training`` and ``train-sae`` is ``python -m mechvit.sae`` under one name;
 ``python -m mechvit`` (and so ``torchrun -m mechvit``) is the ``mechvit`` command.
 """
@@ -260,6 +261,13 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_cards(args: argparse.Namespace) -> int:
+    from mechvit.training.cli import run_cards
+
+    run_cards(args)
+    return 0
+
+
 def _run_train_sae(argv: list[str], prog: str) -> int:
     from mechvit.sae.__main__ import main as sae_main
 
@@ -279,7 +287,7 @@ _DELEGATED = {"train-sae": _run_train_sae, "cache-activations": _run_cache_activ
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mechvit.training.cli import add_evaluate_args, add_train_args
+    from mechvit.training.cli import add_cards_args, add_evaluate_args, add_train_args
 
     parser = _Parser(prog="mechvit", description="Mechanistic interpretability for Vision Transformers.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -311,6 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
             _run_evaluate,
         ),
         (
+            "cards",
+            "complete checkpoint cards' accuracy blocks (counts, Wilson 95%% CIs) or print a docs table of them "
+            "(python -m mechvit.training cards)",
+            add_cards_args,
+            _run_cards,
+        ),
+        (
             "explore",
             "write the offline feature explorer (features.html) for SAE folders on their models",
             lambda p: __import__("mechvit.viz.explorer", fromlist=["run_cli"]).add_cli_arguments(p),
@@ -324,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     ]
     for name, help_, add, run in specs:
-        p = sub.add_parser(name, help=help_, description=help_)
+        p = sub.add_parser(name, help=help_, description=help_.replace("%%", "%"))  # help is %-formatted
         add(p)
         p.set_defaults(run=run)
     sub.add_parser(

@@ -22,7 +22,7 @@ def run(capsys, *argv):
     return code, out.out, out.err
 
 
-@pytest.mark.parametrize("cmd", ["study", "convert", "train", "evaluate", "train-sae"])
+@pytest.mark.parametrize("cmd", ["study", "convert", "train", "evaluate", "cards", "train-sae"])
 def test_every_subcommand_has_help(cmd, capsys):
     try:
         code = main([cmd, "--help"])
@@ -42,8 +42,18 @@ def test_top_level_help_lists_the_commands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for cmd in ("study", "convert", "train", "evaluate", "train-sae"):
+    for cmd in ("study", "convert", "train", "evaluate", "cards", "train-sae"):
         assert cmd in out
+
+
+def test_cards_is_a_mechvit_command(capsys):
+    """``mechvit cards`` is ``python -m mechvit.training cards``: the same report, and a card whose accuracy
+    hides its count is one error line (exit 2), not a traceback."""
+    code, out, _ = run(capsys, "cards", str(ROOT / "checkpoints" / "fmnist_vit_clean_ft"))
+    assert code == 0 and out == "fmnist_vit_clean_ft: 12 accuracy records, up to date\n"
+    with pytest.raises(SystemExit):
+        main(["cards", "--help"])
+    assert "(counts, Wilson 95% CIs)" in " ".join(capsys.readouterr().out.split())  # not 95%%
 
 
 def _one_line_error(code, err, prefix):

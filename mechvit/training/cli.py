@@ -1,5 +1,5 @@
-"""``python -m mechvit.training train|evaluate|cards ...`` (``mechvit train`` / ``mechvit evaluate`` call the first
-two; ``cards`` is here only)."""
+"""``python -m mechvit.training train|evaluate|cards ...`` (also what ``mechvit train`` / ``evaluate`` / ``cards``
+call)."""
 
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     add_cards_args(
         sub.add_parser(
             "cards",
-            help="complete the cards' accuracy blocks (counts, Wilson 95% CIs) from their stored accuracies",
+            help="complete the cards' accuracy blocks (counts, Wilson 95%% CIs) from their stored accuracies",
         )
     )
     args = parser.parse_args(argv)
