@@ -237,6 +237,7 @@ def test_per_layer_curves_carry_cis_equal_to_an_independent_computation(finished
     ):
         assert "bands: 95% CI over the 8 images" in captions[name], name
     assert "bands: 95% percentile bootstrap CI over the 8 images" in captions["cka.png"]
+    assert "first row: the base against each fine-tune on the same images" in captions["cka.png"]
 
 
 def test_report_links_the_overlap_csvs_and_words_tokens_and_image_sets_right(finished):

@@ -117,6 +117,16 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
         },
     }
     groups = {t: g for t, g in groups.items() if g}
+    n_between = sum(t.startswith(f"{base} vs fine-tuned") for t in groups)
+    rows_said = [
+        *(["the base against each fine-tune on the same images, one panel per input"] if n_between else []),
+        *(["each model's clean image against its corrupted copy, one panel per condition"] if conds else []),
+    ]
+    layout = (
+        f"first row: {rows_said[0]}; second row: {rows_said[1]}"
+        if len(rows_said) == 2
+        else "; ".join(rows_said)
+    )
     band = (
         f"bands: 95% percentile bootstrap CI over the {n_img} images ({N_RESAMPLES} resamples; in "
         "metrics.json: between_models / clean_vs_corrupted .cka_linear_ci95)"
@@ -131,13 +141,11 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
                 xlabel=f"layer ({s.hook})",
                 models=ctx.model_names,
                 inputs=list(inputs),
-                ncols=min(len(groups), max(len(inputs), len(conds))),
+                ncols=n_between or len(groups),  # the comparisons with the base on a row of their own
             ),  # fmt: skip
             "cka",
-            f"Linear CKA per layer (token reduction {s.token_reduction}; first row: the base against each "
-            f"fine-tune on the same images, one panel per input; second row: each model's clean image against its "
-            f"corrupted copy, one panel per condition; colour: model; line style: input); {band}. Debiased values in "
-            "metrics.json.",
+            f"Linear CKA per layer (token reduction {s.token_reduction}; {layout}; colour: model; line style: "
+            f"input); {band}. Debiased values in metrics.json.",
         )
     )
     rows = [[k, *cells(r)] for k, r in {**between, **within, **second}.items()]
