@@ -179,6 +179,18 @@ def test_cifar10_c_blocks(tmp_path):
         load_cifar10_c(tmp_path, "snow", 1)
     with pytest.raises(ValueError, match=r"severity must be an integer in 1\.\.5, got 6"):
         load_cifar10_c(tmp_path, "fog", 6)
+    # mechvit.corruptions.severity_problem's check and words: 2.0 is refused, a string shows its type
+    with pytest.raises(ValueError, match=r"severity must be an integer in 1\.\.5, got float 2\.0"):
+        load_cifar10_c(tmp_path, "fog", 2.0)
+    with pytest.raises(ValueError, match=r"got str '3'"):
+        load_cifar10_c(tmp_path, "fog", "3")
+    assert len(load_cifar10_c(tmp_path, "fog", np.int64(2))[0]) == 3
+    from mechvit.corruptions import severity_problem
+
+    for bad in (0, 6, 2.0, 2.5, True, "3", None):  # the twin of the shared check says the same
+        with pytest.raises(ValueError) as err:
+            load_cifar10_c(tmp_path, "fog", bad)
+        assert str(err.value) == severity_problem(bad)
     np.save(tmp_path / "labels.npy", np.zeros(7, dtype=np.uint8))
     with pytest.raises(ValueError, match="5 equal severity blocks and as many labels, got 15 images and 7"):
         load_cifar10_c(tmp_path, "fog", 1)

@@ -107,6 +107,10 @@ def test_corruption_mix_validation():
         CorruptionMix(fraction=0.5, corruptions=(("no_such_thing", 1),)).validate()
     with pytest.raises(ValueError, match="did you mean 'gaussian_noise'"):  # the configs' wording
         CorruptionMix(fraction=0.5, corruptions=(("gausian_noise", 1),)).validate()
+    with pytest.raises(ValueError) as err:  # every bad pair named, with its severity
+        CorruptionMix(fraction=0.5, corruptions=(("fog", 2), ("smog", 3), ("gausian_noise", 1))).validate()
+    assert str(err.value).startswith("corruption mix: ('smog', 3): unknown corruption 'smog';")
+    assert "; ('gausian_noise', 1): unknown corruption 'gausian_noise'" in str(err.value)
 
 
 def test_shuffle_batches_exact_sizes_keeps_every_row():

@@ -7,6 +7,7 @@ model's mean/std normalisation is *not* applied by default; apply it after corru
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -137,9 +138,18 @@ def load_cifar10_c(
         raise ValueError(
             f"no {corruption}.npy in {root}; available: {', '.join(_cifar_c_names(root)) or 'none'}"
         )
-    if isinstance(severity, bool) or severity not in (1, 2, 3, 4, 5):
-        # the wording of mechvit.corruptions.severity_problem (a sibling layer: not importable from here)
-        raise ValueError(f"severity must be an integer in 1..5, got {severity!r}")
+    integral = isinstance(severity, numbers.Integral) and not isinstance(severity, bool)
+    if not (integral and 1 <= int(severity) <= 5):
+        # the check and wording of mechvit.corruptions.severity_problem (a sibling layer: not importable here)
+        given = (
+            str(int(severity))
+            if integral
+            else "None"
+            if severity is None
+            else f"{type(severity).__name__} {severity!r}"
+        )
+        raise ValueError(f"severity must be an integer in 1..5, got {given}")
+    severity = int(severity)
     images = np.load(path, mmap_mode="r")
     labels = np.load(root / "labels.npy", mmap_mode="r")
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:

@@ -91,9 +91,11 @@ class CorruptionMix:
             return
         if not self.corruptions:
             raise ValueError(f"fraction={self.fraction} corrupts images but no (name, severity) was given")
-        for name, _ in self.corruptions:
-            if (problem := corruption_problem(name)) is not None:
-                raise ValueError(problem)
+        problems = [
+            f"({name!r}, {sev}): {p}" for name, sev in self.corruptions if (p := corruption_problem(name))
+        ]
+        if problems:
+            raise ValueError("corruption mix: " + "; ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
         return {"fraction": float(self.fraction), "corruptions": [list(c) for c in self.corruptions]}
