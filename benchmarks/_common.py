@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from mechvit._io import strict_json
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -133,7 +135,7 @@ def kept_output(
     """Run a benchmark's ``main()`` inside this: what it prints goes to the terminal and, when it finishes, to
     ``benchmarks/results/<name>-<UTC date>-<commit>.md`` with a header naming the commit (``+dirty`` when the
     tree has changes), the command line, the date and the CPU, so a figure the docs quote can name its file.
-    ``MECHVIT_BENCH_RESULTS`` (or ``folder``) moves the folder; an interrupted run writes nothing. ``command``
+    ``folder`` (else ``MECHVIT_BENCH_RESULTS``) moves the folder; an interrupted run writes nothing. ``command``
     (default ``python`` and ``sys.argv``) is the command line recorded. The :class:`Kept` it yields takes a
     machine-readable copy of the results (``data``), written to ``<same name>.json`` with the same provenance
     (scripts/sae_sweep.py keeps its table that way)."""
@@ -159,6 +161,7 @@ def kept_output(
     )
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}-{now:%Y%m%d-%H%M}-{commit}{'+dirty' * dirty}.md"
+    data_text, data_error = None, None
     if kept.data is not None:
         provenance = {
             "name": name,
@@ -170,9 +173,16 @@ def kept_output(
             "cores": os.cpu_count(),
             "markdown": path.name,
         }
+        try:  # strict JSON (NaN and inf -> null; numpy and torch numbers -> Python), made before any write
+            data_text = json.dumps({**provenance, "data": strict_json(kept.data)}, indent=1, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            data_error = e
+    if data_text is not None:
         data_path = path.with_suffix(".json")
-        _write_atomically(data_path, json.dumps({**provenance, "data": kept.data}, indent=1) + "\n")
+        _write_atomically(data_path, data_text + "\n")
         kept.data_path = data_path
     _write_atomically(path, header + "".join(tee.parts))  # last: a kept .md means its .json is there too
     kept.path = path
     print(f"kept: {path}", file=sys.stderr)
+    if data_error is not None:  # the printed results are kept; the machine-readable copy could not be
+        raise ValueError(f"kept {path}, but not its data: it is not JSON ({data_error})") from data_error

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -72,7 +73,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--mix", type=float, default=None, help="training mix fraction (default: the config's)")
     p.add_argument(
-        "--results", default=str(RESULTS), help="folder of the kept .md and .json (default: scripts/results)"
+        "--results",
+        default=None,
+        help="folder of the kept .md and .json (default: $MECHVIT_BENCH_RESULTS, else scripts/results)",
     )
     return p.parse_args(argv)
 
@@ -82,7 +85,8 @@ def main(argv: Sequence[str] | None = None):
     kept_output: ``.data`` the numbers of the table, ``.path`` and ``.data_path`` the files written."""
     a = parse_args(argv)
     command = ["python", *(sys.argv if argv is None else ["scripts/sae_sweep.py", *argv])]
-    with kept_output("sae_sweep", a.results, command=command) as kept:
+    folder = a.results or os.environ.get("MECHVIT_BENCH_RESULTS") or RESULTS
+    with kept_output("sae_sweep", folder, command=command) as kept:
         kept.data = sweep(a)
     return kept
 

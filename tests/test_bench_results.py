@@ -50,3 +50,47 @@ def test_an_interrupted_benchmark_keeps_nothing(tmp_path):
     assert kept.path is None and kept.data_path is None
     assert not list(tmp_path.iterdir())
     assert sys.stdout is sys.__stdout__ or not hasattr(sys.stdout, "parts")  # stdout restored
+
+
+def test_data_is_strict_json_and_data_that_is_not_json_keeps_the_markdown(tmp_path, capsys):
+    """NaN becomes null and numpy numbers Python ones; data JSON cannot hold loses neither the printed table
+    nor its explanation."""
+    import numpy as np
+
+    with kept_output("sweep_nan", tmp_path) as kept:
+        print("| k | EV |")
+        kept.data = {"ev": float("nan"), "k": np.int64(4), "l0": np.float32(0.5)}
+    assert json.loads(kept.data_path.read_text())["data"] == {"ev": None, "k": 4, "l0": 0.5}
+    with pytest.raises(ValueError, match=r"kept .*sweep_bad-.*\.md, but not its data: it is not JSON"):
+        with kept_output("sweep_bad", tmp_path) as kept:
+            print("| k | EV |")
+            kept.data = {"path": object()}
+    (md,) = tmp_path.glob("sweep_bad-*.md")
+    assert md.read_text().endswith("| k | EV |\n") and not list(tmp_path.glob("sweep_bad-*.json"))
+
+
+def test_the_sweep_follows_the_benchmarks_results_folder(tmp_path, monkeypatch):
+    """``MECHVIT_BENCH_RESULTS`` moves scripts/sae_sweep.py's kept output as it moves the benchmarks'; its
+    ``--results`` wins over it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "sae_sweep", Path(__file__).resolve().parents[1] / "scripts" / "sae_sweep.py"
+    )
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    seen = []
+    monkeypatch.setattr(sweep, "kept_output", lambda name, folder, command: seen.append(folder) or _stop())
+    monkeypatch.setenv("MECHVIT_BENCH_RESULTS", str(tmp_path / "env"))
+    for argv, want in (([], tmp_path / "env"), (["--results", str(tmp_path / "cli")], tmp_path / "cli")):
+        with pytest.raises(_Stop):
+            sweep.main(["--config", "configs/fashion_mnist.yaml", "--layer", "0", "--grid", "x2:4", *argv])
+        assert Path(seen[-1]) == want
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop():
+    raise _Stop
