@@ -264,8 +264,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 def _run_cards(args: argparse.Namespace) -> int:
     from mechvit.training.cli import run_cards
 
-    run_cards(args)
-    return 0
+    return run_cards(args)  # 1: a card's accuracy block is missing or incomplete (a check, without --write)
 
 
 def _run_train_sae(argv: list[str], prog: str) -> int:

@@ -8,15 +8,20 @@ mechanism); :func:`test_docs_tables_are_the_cards` fails when a doc and the card
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
+if __name__ == "__main__":  # make docs-cards: this checkout's mechvit, not whichever one is installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mechvit.analysis.statistics import mcnemar
-from mechvit.study import summary
-from mechvit.training import cards as C
+import numpy as np  # noqa: E402 (after the checkout's path)
+import pytest  # noqa: E402
+
+from mechvit._io import atomic_write_text  # noqa: E402
+from mechvit.analysis.statistics import mcnemar  # noqa: E402
+from mechvit.study import summary  # noqa: E402
+from mechvit.training import cards as C  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # the generated blocks every doc must hold (a deleted marker pair fails the test rather than going unchecked)
@@ -40,7 +45,7 @@ def write_docs() -> list[str]:
         for name in names:
             text = summary.replace_block(text, blocks[name], name)
         if text != old:
-            path.write_text(text)
+            atomic_write_text(path, text)
             changed.append(doc)
     return changed
 
@@ -90,6 +95,37 @@ def test_count_from_accuracy_is_exact_or_refused():
         C.count_from_accuracy(0.5, 2.5)
     with pytest.raises(ValueError, match=r"expected an accuracy in \[0, 1\], got 1\.2"):
         C.count_from_accuracy(1.2, 10)
+
+
+def test_a_rounded_accuracy_that_several_counts_share_is_refused():
+    """A card stores accuracies to 4 decimals. From 20,000 images on several counts round to one stored value,
+    and at n = 50,000 (ImageNet's validation set) every 4-decimal accuracy x n is an integer: 45,123 right
+    was stored as 0.9025 and came back as 45,125."""
+    k, n = 45123, 50000
+    stored = round(k / n, 4)
+    assert stored == 0.9025 and stored * n == 45125  # the integer test alone passes, with the wrong count
+    with pytest.raises(
+        ValueError,
+        match=r"clean\.top1: accuracy 0\.9025 is rounded to 4 decimals, and 5 counts of n 50000 images round "
+        r"to it \(45123 to 45127\), so the count .* re-evaluate the checkpoint",
+    ):
+        C.count_from_accuracy(stored, n, "clean.top1")
+    for acc in (0.0, 1.0, 0.5):  # 0 and 1 too: 0, 1 and 2 right all round to 0.0
+        with pytest.raises(ValueError, match="counts of n 50000 images round to it"):
+            C.count_from_accuracy(acc, n)
+    card = _card(data={"n_test": n}, clean={"top1": stored, "top5": round(49321 / n, 4)})
+    with pytest.raises(ValueError, match=r"clean\.top1: accuracy 0\.9025 is rounded to 4 decimals"):
+        C.backfill_accuracy(card)
+    # below 20,000 images one count rounds to each stored value: every count is recovered exactly
+    for m in range(0, 2001):
+        assert C.count_from_accuracy(round(m / 2000, 4), 2000) == m
+    for m in range(0, 10001, 7):
+        assert C.count_from_accuracy(round(m / 10000, 4), 10000) == m
+    # an unrounded k / n (an evaluation's): exact, at any n
+    assert C.count_from_accuracy(k / n, n) == k  # 0.90246: more than 4 decimals, so not a rounded value
+    assert C.count_from_accuracy(45000 / n, n, decimals=None) == 45000
+    row = {"model": "m", "corruption": "fog", "severity": 1, "n": n, "top1": 45000 / n}
+    assert C.block_from_rows([row], "m")["corruption_top1"]["fog"]["1"]["correct"] == 45000
 
 
 def _card(**over) -> dict:
@@ -185,8 +221,15 @@ def test_packed_correctness_round_trip_and_size():
     assert len(C.pack_correct(np.ones(10000, dtype=bool))) == 1668  # ~1.6 KB per 10,000 images
     with pytest.raises(ValueError, match="correct_bits hold 250 bytes, 2001 images need 251"):
         C.unpack_correct(C.pack_correct(np.ones(2000, dtype=bool)), 2001)
-    with pytest.raises(ValueError, match="1-D sequence of booleans"):
-        C.pack_correct(np.array([0, 1, 2]))
+    with pytest.raises(
+        ValueError,
+        match=r"must be booleans \(or 0/1\), got 2 at index 2 \(1 of 3 values are neither 0 nor 1\)",
+    ):
+        C.pack_correct([0, 1, 2])
+    with pytest.raises(ValueError, match=r"got 0\.5 at index 1 \(2 of 4"):
+        C.pack_correct(np.array([1.0, 0.5, 0.0, -1.0]))
+    with pytest.raises(ValueError, match=r"must be a 1-D sequence of booleans, got shape \(2, 2\)"):
+        C.pack_correct(np.ones((2, 2), dtype=bool))
     with pytest.raises(ValueError, match=r"shape \(3,\) with 2 right does not match 3 right of 3"):
         C.accuracy_record(3, 3, [True, True, False])
 
@@ -310,6 +353,53 @@ def test_tables_round_half_up_and_show_every_ci():
         C.checkpoints_table(cards)
 
 
+def test_tables_say_which_cards_differ_and_how():
+    """Cards evaluated on other images, or on other cells, cannot share a table: the error shows each card's
+    values, and the cells that differ (a few of them, and how many)."""
+    a, b = _card(), _card(evaluation={"n_test": 1000, "corruption_seed": 1234, "clean_top1_same_images": 0.9})
+    with pytest.raises(
+        ValueError,
+        match=r"b and a were evaluated on different images \(b: \{'n_test': 1000, 'corruption_seed': 1234\}, "
+        r"a: \{'n_test': 2000, 'corruption_seed': 1234\}\)",
+    ):
+        C._evaluated({"a": a, "b": b})
+    b = _card(
+        corruption_top1={"fog": {"1": 0.1, "3": 0.1}, "snow": {"1": 0.5}, "frost": {"1": 0.5, "2": 0.5}}
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"b and a hold different corruption cells: 5 differ, e\.g\. fog-2 \(only in a\), fog-3 \(only "
+        r"in b\), frost-1 \(only in b\), frost-2 \(only in b\)$",
+    ):
+        C._evaluated({"a": a, "b": b})
+    b = _card(corruption_top1={"fog": {"1": 0.1, "2": 0.1}, "snow": {"1": 0.5}})
+    with pytest.raises(ValueError, match=r"cells: 1 differ, snow-2 \(only in a\)$"):
+        C._evaluated({"a": a, "b": b})
+
+
+def test_recipe_and_caption_say_what_the_card_holds():
+    adv = {"config": {"epochs": 1, "adversarial": {"eps": 0.03125, "steps": 10, "p": 0.5}}}
+    assert C.recipe(adv) == "1 epoch from scratch, PGD eps 0.03125, 10 steps (p = 0.5)"
+    assert (
+        C.recipe({"config": {"epochs": 1, "adversarial": {"steps": 3}}})
+        == "1 epoch from scratch, PGD 3 steps (p = 1)"
+    )
+    assert (
+        C.recipe({"config": {"epochs": 2, "adversarial": {"p": 1}}}) == "2 epochs from scratch, PGD (p = 1)"
+    )
+    # the images an evaluation scored: Fashion-MNIST's first n, an ImageFolder's seeded stratified subset
+    fmnist = _card(config={"data": {"dataset": "fashion_mnist"}})
+    assert C._evaluation_caption(fmnist, "T.").startswith("T. On the first 2,000 test images, 2 corruptions")
+    folder = _card(config={"data": {"dataset": "imagefolder", "root": "x"}}, data={"n_test": 50000})
+    assert C._evaluation_caption(folder, "T.").startswith(
+        "T. On a seeded stratified subset of 2,000 test images (`mechvit.data.loading.stratified_order`), 2 "
+    )
+    whole = _card(data={"n_test": 2000})
+    assert C._evaluation_caption(whole, "T.").startswith("T. On all 2,000 test images, ")
+    limited = _card(config={"data": {"dataset": "imagefolder", "limit_test": 2000}}, data={"n_test": 2000})
+    assert C.evaluated_images(limited).startswith("a seeded stratified subset of 2,000 test images")
+
+
 def test_shipped_cards_carry_a_sound_accuracy_block():
     folders = shipped_folders()
     assert len(folders) == 14
@@ -345,8 +435,83 @@ def test_cards_cli(tmp_path, capsys):
         assert capsys.readouterr().out == blocks[name]
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "card.json").write_text(json.dumps(_card(clean={"top1": 0.12345})))
-    with pytest.raises(SystemExit, match=r"error: .*x: clean\.top1: accuracy 0\.12345 x n 10000"):
+    with pytest.raises(SystemExit) as e:
         main(["cards", str(tmp_path / "x"), "--write"])
+    assert e.value.code == 2
+    assert re.fullmatch(r"error: .*x: clean\.top1: accuracy 0\.12345 x n 10000 .*\n", capsys.readouterr().err)
+
+
+def test_cards_cli_is_a_check_without_write(tmp_path, capsys):
+    """Without --write, ``cards`` exits with status 1 when a card's block is missing or incomplete (as
+    ``mechvit compare`` does when runs differ), so it can be a check; --write and --table exclude each other."""
+    import subprocess
+
+    from mechvit.training.cli import main
+
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "card.json").write_text(json.dumps(_card()))
+    with pytest.raises(SystemExit) as e:
+        main(["cards", str(tmp_path / "x")])
+    assert e.value.code == 1
+    assert capsys.readouterr().out.splitlines() == [
+        "x: 7 accuracy records (7 new) to write (--write)",
+        "cards to write: 1 of 1; rerun with --write to complete their accuracy blocks",
+    ]
+    main(["cards", str(tmp_path / "x"), "--write"])  # status 0
+    assert capsys.readouterr().out == "x: 7 accuracy records (7 new) written\n"
+    main(["cards", str(tmp_path / "x")])
+    assert capsys.readouterr().out == "x: 7 accuracy records, up to date\n"
+    with pytest.raises(SystemExit) as e:
+        main(["cards", str(tmp_path / "x"), "--table", "checkpoints", "--write"])
+    assert e.value.code == 2
+    assert "argument --write: not allowed with argument --table" in capsys.readouterr().err
+    # the module's own entry point, as a make target or CI would run it
+    (tmp_path / "y").mkdir()
+    (tmp_path / "y" / "card.json").write_text(json.dumps(_card()))
+    cmd = [sys.executable, "-m", "mechvit.training", "cards"]
+    done = subprocess.run(
+        [*cmd, str(tmp_path / "x"), str(tmp_path / "y")], capture_output=True, text=True, cwd=ROOT
+    )
+    assert done.returncode == 1, done.stderr
+    assert (
+        done.stdout.splitlines()[-1]
+        == "cards to write: 1 of 2; rerun with --write to complete their accuracy blocks"
+    )
+    done = subprocess.run([*cmd, str(tmp_path / "none")], capture_output=True, text=True, cwd=ROOT)
+    assert (done.returncode, done.stderr) == (
+        2,
+        f"error: no card.json in {tmp_path / 'none'} (expected a mechvit checkpoint folder)\n",
+    )
+
+
+def test_write_docs_uses_this_checkouts_mechvit(tmp_path):
+    """``make docs-cards`` (``python tests/test_cards.py --write-docs``) renders with the mechvit of the
+    checkout it runs in, not an installed one (an editable install of another worktree): a copy of the
+    checkout whose ``cards.py`` renders differently rewrites its own docs."""
+    import shutil
+    import subprocess
+
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT / "mechvit", tree / "mechvit", ignore=shutil.ignore_patterns("__pycache__"))
+    (tree / "tests").mkdir()
+    shutil.copy(ROOT / "tests" / "test_cards.py", tree / "tests")
+    for doc in DOCS:
+        (tree / doc).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / doc, tree / doc)
+    for f in shipped_folders():
+        (tree / "checkpoints" / f.name).mkdir(parents=True)
+        shutil.copy(f / "card.json", tree / "checkpoints" / f.name)
+    cards_py = tree / "mechvit" / "training" / "cards.py"
+    text = cards_py.read_text()
+    assert text.count("| checkpoint | recipe") == 1
+    cards_py.write_text(text.replace("| checkpoint | recipe", "| checkpoint (copy) | recipe"))
+    done = subprocess.run(
+        [sys.executable, "tests/test_cards.py", "--write-docs"], cwd=tree, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "rewrote: README.md, docs/training.md\n"
+    assert "| checkpoint (copy) | recipe" in (tree / "README.md").read_text()
+    assert (ROOT / "README.md").read_text() != (tree / "README.md").read_text()
 
 
 if __name__ == "__main__" and "--write-docs" in sys.argv:

@@ -56,6 +56,42 @@ def test_cards_is_a_mechvit_command(capsys):
     assert "(counts, Wilson 95% CIs)" in " ".join(capsys.readouterr().out.split())  # not 95%%
 
 
+def test_cards_exits_1_when_a_block_is_missing_without_write(tmp_path, capsys):
+    """``mechvit cards DIR`` is a check (README): status 1, and a line saying to rerun with --write, when a
+    card's accuracy block is missing or incomplete; 0 once written. --table with --write is a usage error."""
+    card = json.loads((ROOT / "checkpoints" / "fmnist_vit_clean_ft" / "card.json").read_text())
+    card.pop("accuracy")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "card.json").write_text(json.dumps(card))
+    code, out, _ = run(capsys, "cards", str(tmp_path / "m"))
+    assert code == 1 and out.splitlines() == [
+        "m: 12 accuracy records (12 new) to write (--write)",
+        "cards to write: 1 of 1; rerun with --write to complete their accuracy blocks",
+    ]
+    code, out, _ = run(capsys, "cards", str(tmp_path / "m"), "--write")
+    assert code == 0 and out == "m: 12 accuracy records (12 new) written\n"
+    code, out, _ = run(capsys, "cards", str(tmp_path / "m"))
+    assert code == 0 and out == "m: 12 accuracy records, up to date\n"
+    with pytest.raises(SystemExit) as e:
+        main(["cards", str(tmp_path / "m"), "--write", "--table", "checkpoints"])
+    assert e.value.code == 2
+    assert "argument --table: not allowed with argument --write" in capsys.readouterr().err
+    code, _, err = run(capsys, "cards", str(tmp_path / "none"))
+    _one_line_error(code, err, "mechvit cards: error: no card.json in")
+
+
+def test_readme_cli_overview_lists_every_command():
+    parser = __import__("mechvit.cli", fromlist=["build_parser"]).build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    line = next(x for x in (ROOT / "README.md").read_text().splitlines() if x.startswith("- **CLI**"))
+    listed = line.split("`mechvit ", 1)[1].split("`", 1)[0].split(" | ")
+    assert sorted(listed) == sorted(commands), line
+    assert (
+        "mechvit cards"
+        in (ROOT / "docs" / "training.md").read_text().split("## Commands", 1)[1].split("\n## ")[0]
+    )
+
+
 def _one_line_error(code, err, prefix):
     assert code == 2
     lines = err.strip().splitlines()

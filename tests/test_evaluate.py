@@ -226,8 +226,11 @@ def test_cli_train_then_evaluate_checkpoints_updates_cards(tmp_path, capsys):
     base = read_card(tmp_path / "base")
     test = cards.paired_test(base, card, "corruption_top1", "gaussian_noise", 1)
     assert test.n == 8 and 0 <= test.p_value <= 1
-    with pytest.raises(SystemExit, match=r"c\.yaml: epochz: unknown key; expected one of out, model"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # status 2, a line on stderr (1 is `cards`'s "blocks to write")
         main(["train", "--config", str(cfg), "--set", "epochz=2"])
+    assert e.value.code == 2
+    assert "c.yaml: epochz: unknown key; expected one of out, model" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("workers", [2, 3])
@@ -393,3 +396,41 @@ def test_update_cards_keeps_the_cards_clean_record(tmp_path):
     assert card["accuracy"]["clean"] == before["clean"] and card["accuracy"]["derived"] == ["clean"]
     assert set(card["accuracy"]["corruption_top1"]) == {"pixelate"}
     assert cards.accuracy_problems(card) == []
+
+
+def test_update_cards_completes_the_block_of_a_card_written_before_blocks(tmp_path):
+    """A card with ``clean`` metrics and no ``accuracy`` block (any card written before blocks): the
+    evaluation's records used to be all the block held, so ``clean`` had no record and the docs tables
+    refused the card. Its ``clean`` records are recovered from the stored accuracies and named ``derived``."""
+    from test_training import write_image_folder
+
+    from mechvit.training import cards, read_card
+    from mechvit.training.checkpoint import update_card
+    from mechvit.training.evaluate import evaluate_checkpoints
+
+    write_image_folder(tmp_path / "imgs", n_per_class=4, size=16)
+    data = {"dataset": "imagefolder", "root": str(tmp_path / "imgs"), "test_split": "val", "img_size": 16}
+    _checkpoint(tmp_path / "m", 0, data, evaluation={"n_test": 4, "corruption_seed": 1, "n_test_clean": 8})
+    update_card(tmp_path / "m", clean={"top1": 0.5, "top5": 1.0})
+    assert "accuracy" not in read_card(tmp_path / "m")
+    evaluate_checkpoints([tmp_path / "m"], corruptions=["pixelate"], severities=[2], n_test=6, seed=7,
+                         update_cards=True, progress=False)  # fmt: skip
+    card = read_card(tmp_path / "m")
+    acc = card["accuracy"]
+    assert cards.accuracy_problems(card) == []
+    assert acc["clean"] == {"top1": cards.accuracy_record(4, 8), "top5": cards.accuracy_record(8, 8)}
+    assert acc["derived"] == ["clean"]  # recovered, not counted; the evaluation's sections are counted
+    assert "correct_bits" in acc["corruption_top1"]["pixelate"]["2"]
+    assert cards.backfill_accuracy(card) == acc  # what `mechvit cards` would write: nothing more
+    # a clean accuracy whose count cannot be recovered: the evaluation's records are written, with a warning
+    update_card(tmp_path / "m", clean={"top1": 0.123, "top5": 1.0}, accuracy=None)
+    with pytest.warns(
+        UserWarning,
+        match=r"m: the card's accuracy block holds this evaluation's records but not "
+        r"every stored accuracy's \(clean\.top1: accuracy 0\.123 x n 8 = .* not an integer",
+    ):
+        evaluate_checkpoints([tmp_path / "m"], corruptions=["pixelate"], severities=[2], n_test=6, seed=7,
+                             update_cards=True, progress=False)  # fmt: skip
+    card = read_card(tmp_path / "m")
+    assert set(card["accuracy"]) == {"interval", "confidence", "clean_same_images", "corruption_top1"}
+    assert cards.accuracy_problems(card) == ["clean.top1: no record", "clean.top5: no record"]

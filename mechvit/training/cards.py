@@ -16,7 +16,9 @@ scipy's ``binomtest(...).proportion_ci``)::
 ``evaluation.clean_top1_same_images`` and ``corruption_top1`` its ``corruption_top1`` (the evaluation's
 ``n_test`` images). The older keys stay as they were (other code reads them). ``derived`` names the sections
 whose counts were recovered from the stored accuracy and ``n`` (:func:`backfill_accuracy`; exact, since the
-accuracy x n must be an integer to 1e-9, else it is refused) rather than counted by an evaluation.
+accuracy x n must be an integer to 1e-9 and, the accuracy being rounded to 4 decimals, the only count that
+rounds to it, else it is refused: in practice on n >= 20,000 images, where several counts round to each
+accuracy) rather than counted by an evaluation.
 
 An evaluation that kept which images it got right (``mechvit evaluate --update-cards``) also stores them per
 record as ``correct_bits``: ``base64(numpy.packbits(correct, bitorder="little"))``, 336 characters per 2,000
@@ -48,21 +50,30 @@ ACCURACY = "accuracy"  # the card's key of the block
 INTERVAL, CONFIDENCE = "wilson", 0.95
 SECTIONS = ("clean", "clean_same_images", "corruption_top1")
 INTEGER_TOLERANCE = 1e-9  # |accuracy x n - round(accuracy x n)| allowed when recovering a count
+CARD_DECIMALS = 4  # a card's accuracies are rounded to 4 decimals
 CI_TOLERANCE = 1e-9  # how far a stored interval bound may be from scipy's on another machine
 
 
 # ---- records ---------------------------------------------------------------------------------------------
 
 
-def count_from_accuracy(accuracy: float, n: int, what: str = "accuracy") -> int:
+def count_from_accuracy(
+    accuracy: float, n: int, what: str = "accuracy", decimals: int | None = CARD_DECIMALS
+) -> int:
     """The number of correct images behind ``accuracy`` on ``n`` images: ``accuracy x n`` when that is an
-    integer to :data:`INTEGER_TOLERANCE`; a ``ValueError`` otherwise (a rounded accuracy whose count cannot be
-    recovered: re-evaluate rather than guess)."""
+    integer to :data:`INTEGER_TOLERANCE` and, for an accuracy a card stored rounded to ``decimals`` (one with
+    at most that many decimals), the only count ``m`` in ``0..n`` with ``round(m / n, decimals) == accuracy``;
+    a ``ValueError`` otherwise (a rounded accuracy whose count cannot be recovered: re-evaluate rather than
+    guess). From ``n = 20,000`` images on, several counts round to one 4-decimal accuracy, and where its
+    accuracy x n is an integer (always, for n a multiple of 10,000) the first test alone would return one of
+    them. ``decimals=None``: ``accuracy`` is an unrounded ``k / n`` (an evaluation's, :func:`block_from_rows`),
+    whose count the first test recovers exactly."""
     if isinstance(n, bool) or not isinstance(n, (int, float, np.integer)) or int(n) != n or n < 1:
         raise ValueError(f"{what}: n must be an integer >= 1, got {n!r}")
     if isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)) or not 0 <= accuracy <= 1:
         raise ValueError(f"{what}: expected an accuracy in [0, 1], got {accuracy!r}")
-    x = float(accuracy) * int(n)
+    n = int(n)
+    x = float(accuracy) * n
     k = round(x)
     if abs(x - k) > INTEGER_TOLERANCE:
         raise ValueError(
@@ -70,14 +81,31 @@ def count_from_accuracy(accuracy: float, n: int, what: str = "accuracy") -> int:
             "count of correct images cannot be recovered from the card; re-evaluate the checkpoint "
             "(mechvit evaluate --update-cards) instead of rounding"
         )
+    if decimals is not None and round(accuracy, decimals) == accuracy:
+        half = 0.5 * 10.0**-decimals  # the counts within half a unit of the last decimal, and one either side
+        lo, hi = max(0, math.floor((accuracy - half) * n) - 1), min(n, math.ceil((accuracy + half) * n) + 1)
+        counts = [m for m in range(lo, hi + 1) if round(m / n, decimals) == accuracy]
+        if len(counts) > 1:
+            raise ValueError(
+                f"{what}: accuracy {accuracy!r} is rounded to {decimals} decimals, and {len(counts)} counts of "
+                f"n {n} images round to it ({counts[0]} to {counts[-1]}), so the count of correct images cannot "
+                "be recovered from the card; re-evaluate the checkpoint (mechvit evaluate --update-cards) "
+                "instead of guessing"
+            )
     return int(k)
 
 
 def pack_correct(correct: Any) -> str:
     """Per-image correctness (booleans, 1 = right) as base64 of its bits, packed little-endian."""
     arr = np.asarray(correct.detach().cpu().numpy() if hasattr(correct, "detach") else correct)
-    if arr.ndim != 1 or not np.isin(arr, (0, 1)).all():
+    if arr.ndim != 1:
         raise ValueError(f"per-image correctness must be a 1-D sequence of booleans, got shape {arr.shape}")
+    bad = np.flatnonzero(~np.isin(arr, (0, 1)))
+    if len(bad):
+        raise ValueError(
+            f"per-image correctness must be booleans (or 0/1), got {arr[bad[0]].item()!r} at index {bad[0]} "
+            f"({len(bad)} of {len(arr)} values are neither 0 nor 1)"
+        )
     return base64.b64encode(np.packbits(arr.astype(bool), bitorder="little").tobytes()).decode("ascii")
 
 
@@ -109,9 +137,16 @@ def accuracy_record(correct: int, n: int, per_image: Any = None) -> dict[str, An
     return rec
 
 
-def record_from_accuracy(accuracy: float, n: int, what: str = "accuracy", per_image: Any = None) -> dict:
-    """:func:`accuracy_record` of an accuracy on ``n`` images (its count by :func:`count_from_accuracy`)."""
-    return accuracy_record(count_from_accuracy(accuracy, n, what), n, per_image)
+def record_from_accuracy(
+    accuracy: float,
+    n: int,
+    what: str = "accuracy",
+    per_image: Any = None,
+    decimals: int | None = CARD_DECIMALS,
+) -> dict:
+    """:func:`accuracy_record` of an accuracy on ``n`` images (its count by :func:`count_from_accuracy`: a
+    card's accuracy rounded to ``decimals``, or ``decimals=None`` for an evaluation's unrounded one)."""
+    return accuracy_record(count_from_accuracy(accuracy, n, what, decimals), n, per_image)
 
 
 def record_accuracy(rec: Mapping[str, Any]) -> float:
@@ -137,9 +172,9 @@ def block_from_rows(rows: Sequence[Mapping], model: str, correct: Mapping | None
             continue
         c, s = r["corruption"], r["severity"]
         hits = correct.get((model, c, s))
-        rec = record_from_accuracy(r["top1"], r["n"], f"{model} {c}-{s} top1", hits)
+        rec = record_from_accuracy(r["top1"], r["n"], f"{model} {c}-{s} top1", hits, decimals=None)
         if c == "clean":
-            top5 = record_from_accuracy(r["top5"], r["n"], f"{model} clean top5")
+            top5 = record_from_accuracy(r["top5"], r["n"], f"{model} clean top5", decimals=None)
             block["clean"] = {"top1": rec, "top5": top5}
         else:
             block.setdefault("corruption_top1", {}).setdefault(c, {})[str(s)] = rec
@@ -394,8 +429,15 @@ def recipe(card: Mapping) -> str:
     c = cfg.get("corruption") or {}
     if seen:
         text += f" on {' / '.join(seen)} severity {', '.join(map(str, sevs))} (p = {c.get('p', 1):g})"
-    if adv:
-        text += f", PGD eps {adv.get('eps'):g}, {adv.get('steps')} steps (p = {adv.get('p', 1):g})"
+    if adv:  # what the card's config names (an older or hand-written card may leave some out)
+        eps, steps, prob = adv.get("eps"), adv.get("steps"), adv.get("p", 1)
+        named = [f"eps {eps:g}" if eps is not None else "", f"{steps} steps" if steps is not None else ""]
+        named_text = ", ".join(x for x in named if x)
+        text += (
+            ", PGD"
+            + (f" {named_text}" if named_text else "")
+            + (f" (p = {prob:g})" if prob is not None else "")
+        )
     if parent and not seen and not adv:
         text += ", clean images (the control)"
     details = []
@@ -422,8 +464,9 @@ def fmt(rec: Mapping, percent_sign: bool = False) -> str:
 def mean_of(recs: Sequence[Mapping]) -> dict[str, Any]:
     """The mean accuracy of several records (``accuracy``, an exact Fraction) with the mean of their Wilson
     bounds as its interval (``ci``): for cells scored on the same images that is conservative to the normal
-    approximation (the SD of a mean is at most the mean of the SDs, equal when the cells err on the same
-    images); the exact interval needs per-image correctness, which not every card holds."""
+    approximation (the SD of a mean is at most the mean of the SDs, for any correlation between the cells,
+    and close to it when the cells err on nearly the same images); the exact interval needs per-image
+    correctness, which not every card holds."""
     if not recs:
         raise ValueError("mean_of needs at least one record")
     return {
@@ -480,10 +523,22 @@ def _evaluated(cards: Mapping[str, Mapping]) -> list[str]:
     cells = lambda c: {(k, s) for k, sevs in (c.get("corruption_top1") or {}).items() for s in sevs}  # noqa: E731
     for n in names[1:]:
         c = cards[n]
-        if {k: c["evaluation"].get(k) for k in keys} != {k: first["evaluation"].get(k) for k in keys}:
-            raise ValueError(f"{n} and {names[0]} were evaluated on different images ({keys})")
+        mine, theirs = ({k: x["evaluation"].get(k) for k in keys} for x in (c, first))
+        if mine != theirs:
+            raise ValueError(
+                f"{n} and {names[0]} were evaluated on different images ({n}: {mine}, {names[0]}: {theirs})"
+            )
         if cells(c) != cells(first):
-            raise ValueError(f"{n} and {names[0]} hold different corruption cells")
+            differ = sorted(
+                [(k, s, n) for k, s in cells(c) - cells(first)]
+                + [(k, s, names[0]) for k, s in cells(first) - cells(c)]
+            )
+            shown = ", ".join(f"{k}-{s} (only in {who})" for k, s, who in differ[:4])
+            raise ValueError(
+                f"{n} and {names[0]} hold different corruption cells: {len(differ)} differ, "
+                + ("" if len(differ) <= 4 else "e.g. ")
+                + shown
+            )
     return names
 
 
@@ -495,16 +550,33 @@ def _common_prefix(names: Sequence[str]) -> str:
     return prefix[: prefix.rfind("_") + 1]
 
 
+def evaluated_images(card: Mapping) -> str:
+    """Which test images a card's evaluation (``evaluation.n_test``) scored, in words: every image of the test
+    split (when the card's ``data.n_test`` is that many and its ``config.data`` set no ``limit_test``), else
+    the first ``n_test`` (Fashion-MNIST, whose test files are in mixed class order) or, for an ImageFolder (in
+    class order), the seeded stratified subset of ``n_test`` images that ``mechvit evaluate --n-test`` and
+    ``data.limit_test`` take (:func:`mechvit.data.loading.stratified_order`)."""
+    n = card["evaluation"]["n_test"]
+    data, cfg_data = card.get("data") or {}, (card.get("config") or {}).get("data") or {}
+    if data.get("n_test") == n and cfg_data.get("limit_test") is None:
+        return f"all {n:,} test images"
+    if (cfg_data.get("dataset") or data.get("dataset")) == "imagefolder":
+        return f"a seeded stratified subset of {n:,} test images (`mechvit.data.loading.stratified_order`)"
+    return f"the first {n:,} test images"
+
+
 def _evaluation_caption(card: Mapping, what: str) -> str:
     ev = card["evaluation"]
     per = card["corruption_top1"]
     sevs = sorted({int(s) for v in per.values() for s in v})
     sev = f"{sevs[0]}-{sevs[-1]}" if sevs == list(range(sevs[0], sevs[-1] + 1)) else ", ".join(map(str, sevs))
     return (
-        f"{what} On the first {ev['n_test']:,} test images, {len(per)} corruptions x severities {sev}, corruption "
+        f"{what} On {evaluated_images(card)}, {len(per)} corruptions x severities {sev}, corruption "
         f"seed {ev['corruption_seed']} (the cards' `evaluation`); top-1 in %. A single cell's interval is its "
         "Wilson 95% CI; a mean over cells shows the mean of the cells' Wilson bounds, conservative for cells "
-        "scored on the same images (`mechvit.training.cards.mean_of`)."
+        "scored on the same images (`mechvit.training.cards.mean_of`). Percentages round half up on the exact "
+        "count (1813 of 2,000 = 90.65% reads 90.7); the study's tables round the stored float, which can read "
+        "such a tie one lower (90.6), and give bootstrap CIs over the images, not Wilson intervals."
     )
 
 
@@ -595,9 +667,13 @@ def doc_blocks(folders: Iterable[str | Path] | None = None) -> dict[str, str]:
     return {name: render(cards) for name, render in BLOCKS.items()}
 
 
+TO_WRITE = "to write (--write)"  # how backfill_cards's line of a card to complete ends without ``write``
+
+
 def backfill_cards(folders: Iterable[str | Path], write: bool = False) -> list[str]:
     """For each checkpoint folder, its card's ``accuracy`` block completed by :func:`backfill_accuracy`
-    (written into the card with ``write``); returns a line per folder saying what changed."""
+    (written into the card with ``write``); returns a line per folder saying what changed (ending in
+    :data:`TO_WRITE` for a card whose block is missing or incomplete when not ``write``)."""
     from mechvit.training.checkpoint import read_card, update_card
 
     lines = []
@@ -612,7 +688,7 @@ def backfill_cards(folders: Iterable[str | Path], write: bool = False) -> list[s
             lines.append(f"{Path(f).name}: {n_rec} accuracy records, up to date")
             continue
         before = sum(1 for _ in records(card.get(ACCURACY) or {}))
-        verb = "written" if write else "to write (--write)"
+        verb = "written" if write else TO_WRITE
         lines.append(f"{Path(f).name}: {n_rec} accuracy records ({n_rec - before} new) {verb}")
         if write:
             update_card(f, **{ACCURACY: copy.deepcopy(block)})

@@ -49,12 +49,14 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
 
 def add_cards_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoints", nargs="+", help="checkpoint folders (card.json each)")
-    p.add_argument(
+    what = p.add_mutually_exclusive_group()
+    what.add_argument(
         "--write",
         action="store_true",
-        help="write the completed accuracy blocks into the cards (default: say what would change)",
+        help="write the completed accuracy blocks into the cards (default: a check, saying what would change "
+        "and exiting with status 1 when a card's block is missing or incomplete)",
     )
-    p.add_argument(
+    what.add_argument(
         "--table",
         choices=["checkpoints", "checkpoint_robustness", "checkpoint_corruptions"],
         default=None,
@@ -84,16 +86,26 @@ def run_evaluate(args: argparse.Namespace) -> None:
         print(json.dumps(res.corruption_errors, indent=1))
 
 
-def run_cards(args: argparse.Namespace) -> None:
+def run_cards(args: argparse.Namespace) -> int:
     """Every accuracy of the cards with its count and Wilson 95% CI (``accuracy`` block): the records a card
     lacks are recovered from its stored accuracies and image counts, exactly or not at all
-    (:func:`mechvit.training.cards.backfill_cards`); ``--table`` prints a docs table of the cards."""
-    from mechvit.training.cards import BLOCKS, backfill_cards, read_cards
+    (:func:`mechvit.training.cards.backfill_cards`), and written with ``--write``; without it this is a check,
+    returning 1 (the exit status) when a card's block is missing or incomplete. ``--table`` prints a docs
+    table of the cards."""
+    from mechvit.training.cards import BLOCKS, TO_WRITE, backfill_cards, read_cards
 
     if args.table:
         sys.stdout.write(BLOCKS[args.table](read_cards(args.checkpoints)))
-        return
-    print("\n".join(backfill_cards(args.checkpoints, write=args.write)))
+        return 0
+    lines = backfill_cards(args.checkpoints, write=args.write)
+    print("\n".join(lines))
+    pending = sum(line.endswith(TO_WRITE) for line in lines)
+    if pending:
+        print(
+            f"cards to write: {pending} of {len(lines)}; rerun with --write to complete their accuracy blocks"
+        )
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -109,9 +121,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     try:
-        {"train": run_train, "evaluate": run_evaluate, "cards": run_cards}[args.command](args)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+        code = {"train": run_train, "evaluate": run_evaluate, "cards": run_cards}[args.command](args)
+    except (ValueError, FileNotFoundError) as e:  # status 2, as `mechvit`: 1 is `cards`'s "blocks to write"
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

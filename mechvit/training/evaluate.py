@@ -142,7 +142,9 @@ def evaluate_checkpoints(
     ``update_cards`` writes each model's per-corruption top-1 into its card and merges the evaluation's
     settings into the card's ``evaluation`` (keys it does not set, e.g. ``n_test_clean``, are kept), and the
     counts behind them, their Wilson 95% CIs and which images were right into the card's ``accuracy`` block
-    (:mod:`mechvit.training.cards`; its ``clean`` record, like the card's ``clean``, is kept)."""
+    (:mod:`mechvit.training.cards`; its ``clean`` record, like the card's ``clean``, is kept, and a section
+    the block lacks, e.g. the ``clean`` of a card written before cards had blocks, is recovered from the
+    card's stored accuracies and named in ``derived``: :func:`complete_block`)."""
     from mechvit.corruptions import CORRUPTIONS
     from mechvit.training.checkpoint import card_normalisation, load_checkpoint, read_card, update_card
     from mechvit.training.config import DataConfig, from_dict
@@ -190,15 +192,43 @@ def evaluate_checkpoints(
             fields["evaluation"]["clean_top1_same_images"] = round(clean["top1"], 4)
             fields["accuracy"]["clean_same_images"] = {
                 "top1": record_from_accuracy(
-                    clean["top1"], clean["n"], f"{name} clean top1", correct[(name, "clean", 0)]
+                    clean["top1"],
+                    clean["n"],
+                    f"{name} clean top1",
+                    correct[(name, "clean", 0)],
+                    decimals=None,
                 )
             }
             # merged, not replaced: the training run's keys (n_test_clean, the size of ``clean``'s test set)
             # still describe the card's ``clean`` metrics, which this update keeps, and so does its record
             fields["evaluation"] = {**(cards[name].get("evaluation") or {}), **fields["evaluation"]}
-            fields["accuracy"] = merge_block(cards[name].get("accuracy"), fields["accuracy"])
+            fields["accuracy"] = complete_block(
+                {**cards[name], **fields}, merge_block(cards[name].get("accuracy"), fields["accuracy"]), name
+            )
             update_card(c, **fields)
     return CheckpointEval(rows, ce, summary)
+
+
+def complete_block(card: dict, block: dict, name: str) -> dict:
+    """``block`` (an evaluation's records merged into the card's ``accuracy`` block) with the sections it still
+    lacks, e.g. the ``clean`` of a card written before cards had blocks, recovered from the card's own stored
+    accuracies and named in ``derived`` (:func:`mechvit.training.cards.backfill_accuracy`). Where that fails
+    (a count that cannot be recovered exactly, a stale kept section) ``block`` is returned as it is, with a
+    warning naming the card, the problem and what to run."""
+    import warnings
+
+    from mechvit.training.cards import ACCURACY, backfill_accuracy
+
+    try:
+        return backfill_accuracy({**card, ACCURACY: block})
+    except ValueError as e:
+        warnings.warn(
+            f"{name}: the card's {ACCURACY} block holds this evaluation's records but not every stored "
+            f"accuracy's ({e}); the docs tables refuse it until `mechvit cards` reports it complete "
+            "(re-evaluate the checkpoint where a count cannot be recovered)",
+            stacklevel=3,
+        )
+        return block
 
 
 def check_same_test_set(data_cfgs: dict) -> None:
