@@ -173,6 +173,80 @@ def test_ablate_and_double_match_a_hand_splice(hook):
     assert np.abs(st.probs_ablate[st.live] - st.probs_double[st.live]).max() > 1e-4  # >> atol
 
 
+@torch.no_grad()
+def corrupted_only_sae(model, hook, images, corrupted, n: int = 6):
+    """A random SAE whose ``n`` latents (from 4 on: 0-3 stay dead) with the widest margin between their largest
+    pre-activation on the corrupted and on the clean patch tokens get an encoder bias a tenth of the way from the
+    clean to the corrupted one: they fire on some corrupted tokens and on no clean one (their decoder rows x 10 at
+    hook_mlp_out, whose activations are ~20x smaller than the residual stream's, so they move the prediction)."""
+    sae = random_sae(hook, bias=-0.03 if "mlp" in hook else -0.6)
+
+    def pre(x):  # the encoder's pre-activation without its bias, on the patch tokens
+        b = sae.b_enc.clone()
+        sae.b_enc.fill_(1e3)  # every latent on: ReLU is the identity
+        z = brute_codes(model, sae, x, hook) - 1e3
+        sae.b_enc.copy_(b)
+        return z.amax((0, 1))
+
+    top_clean, top_corr = pre(images), pre(corrupted)
+    margin = top_corr - top_clean
+    margin[:4] = -1.0
+    chosen = torch.argsort(margin, descending=True)[:n]
+    assert (margin[chosen] > 0).all()
+    sae.b_enc[chosen] = -(top_clean[chosen] + 0.1 * margin[chosen])
+    if "mlp" in hook:
+        sae.W_dec[chosen] *= 10
+    return sae
+
+
+@pytest.mark.parametrize("hook", ["blocks.0.hook_resid_post", "blocks.0.hook_mlp_out"])
+def test_a_latent_that_fires_only_on_corrupted_images_is_ablated_on_its_top_corrupted_images(hook):
+    """Known answer: a latent that never fires on a clean token has its ablate/double effect measured on its top
+    corrupted images (the corrupted image through the model, the splice at the hook, as by hand), "before" is the
+    model's own prediction on that corrupted image; a latent that fires on a clean token keeps its clean top
+    images; one that never fires is not measured ("none", all zeros)."""
+    model = tiny_model()
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(30, 1, 28, 28, generator=g)
+    corrupted = (images + 0.3 * torch.randn(images.shape, generator=g)).clamp(0, 1)
+    sae = corrupted_only_sae(model, hook, images, corrupted)
+    labels = torch.arange(30) % 10
+    st = feature_stats(
+        model, sae, images, labels, CLASSES, corrupted=corrupted, k=3, n_assoc=3, progress=False
+    )
+    np.testing.assert_array_equal(st.ablation_set, st.effect_basis)  # every latent's effects computed
+    only_c = np.flatnonzero(st.effect_basis == "corrupted")
+    assert len(only_c) >= 2, "the case is not covered"
+    np.testing.assert_allclose(st.probs_corrupted, model(corrupted).softmax(-1).detach().numpy(), atol=1e-6)
+    checked = 0
+    for f in only_c[:6]:
+        which, idx = st.ablation_images(f)
+        assert which == "corrupted" and idx.tolist() == st.top_idx_corrupted[f].tolist() and idx[0] >= 0
+        for j, i in enumerate(idx):
+            if i < 0:
+                assert not st.probs_ablate[f, j].any() and not st.probs_double[f, j].any()
+                continue
+            for factor, got in ((0.0, st.probs_ablate), (2.0, st.probs_double)):
+                want = reference_probs(model, sae, corrupted[i : i + 1], hook, int(f), factor)[0]
+                np.testing.assert_allclose(got[f, j], want.numpy(), atol=2e-5)
+            checked += 1
+    assert checked >= 3
+    moved = np.abs(st.probs_ablate[only_c] - st.probs_double[only_c]).sum(-1)
+    assert moved.max() > 1e-4  # the splice changes the prediction (the test is not vacuous)
+    # a latent that fires on clean tokens: its clean top images, as before
+    f = int(np.flatnonzero(st.effect_basis == "clean")[0])
+    which, idx = st.ablation_images(f)
+    assert which == "clean" and idx.tolist() == st.top_idx[f].tolist()
+    i = int(idx[0])
+    want = reference_probs(model, sae, images[i : i + 1], hook, f, 0.0)[0]
+    np.testing.assert_allclose(st.probs_ablate[f, 0], want.numpy(), atol=2e-5)
+    # a latent that never fires: not measured
+    dead = np.flatnonzero(st.effect_basis == "none")
+    assert len(dead) >= 4 and (st.ablation_set[dead] == "none").all()
+    assert not st.probs_ablate[dead].any() and not st.probs_double[dead].any()
+    assert st.ablation_images(int(dead[0])) == ("none", pytest.approx([-1, -1, -1]))
+
+
 @pytest.mark.parametrize("pool", ["token", "avg"])
 def test_direct_logit_effect_is_the_readout_of_resid_plus_direction(pool):
     model = tiny_model(global_pool=pool)
@@ -309,6 +383,8 @@ def test_max_effect_latents_computes_the_effects_of_the_most_often_firing_latent
     for key in ("logit_effect", "probs_ablate", "probs_double"):
         np.testing.assert_allclose(getattr(part, key)[sel], getattr(st, key)[sel], rtol=1e-5, atol=1e-6)
         assert not getattr(part, key)[rest_live].any(), key  # not computed: 0
+    assert (part.ablation_set[rest_live] == "none").all()  # ... and said so
+    assert (part.ablation_set[sel] == part.effect_basis[sel]).all()
     # a latent that never fires: its direct logit effect is NaN (not measured) with or without the limit
     dead = np.setdiff1d(rest, part.live)
     assert (

@@ -118,10 +118,16 @@ def test_page_data_matches_the_python_computation(built):
             np.array(entry["mean_act_c"], dtype=float), st.mean_act_corrupted[live], rtol=1e-3
         )  # None -> NaN where it never fires on a corrupted token
         assert [data["effect_bases"][b] for b in entry["effect_basis"]] == st.effect_basis[live].tolist()
+        # the ablate/double probabilities are on the clean top images, or on the corrupted ones for a latent that
+        # never fires on a clean token
+        assert [data["effect_bases"][b] for b in entry["ablation_set"]] == st.ablation_set[live].tolist()
+        assert (st.ablation_set[live] == st.effect_basis[live]).all()
     probs = explorer_array(data, data["models"]["base"], "probs").reshape(-1, 10)
     np.testing.assert_allclose(probs, stats["base s0"].probs, atol=0.5 / 65535 + 1e-7)
+    probs_c = explorer_array(data, data["models"]["base"], "probs_c").reshape(-1, 10)  # "before" on corrupted
+    np.testing.assert_allclose(probs_c, stats["base s0"].probs_corrupted, atol=0.5 / 65535 + 1e-7)
     # counterparts (other model, same condition and seed) and seed replicates (same model and condition)
-    assert data["format"] == "mechvit-explorer/4" and data["effect_bases"] == ["clean", "corrupted", "none"]
+    assert data["format"] == "mechvit-explorer/5" and data["effect_bases"] == ["clean", "corrupted", "none"]
     assert any("corrupted" in st.effect_basis[st.live] for st in stats.values())  # the case is covered
     b0, b1, f0 = data["saes"]
     assert [m["sae"] for m in b0["matches"]] == ["ft s0"] and [m["sae"] for m in b0["replicates"]] == [
@@ -163,7 +169,7 @@ def test_shared_model_activations_change_nothing(built):
         shared = stats[spec.name]
         for name in (
             "density", "mean_act", "top_idx", "top_maps", "top_idx_corrupted", "hist", "logit_effect", "probs",
-            "probs_ablate", "probs_double",
+            "probs_ablate", "probs_double", "probs_corrupted",
         ):  # fmt: skip
             np.testing.assert_allclose(
                 getattr(shared, name),
@@ -410,13 +416,16 @@ def test_clicking_a_feature_shows_its_images_numbers_and_ablation(browser, built
         assert float(dbl.get_attribute("data-p")) == pytest.approx(
             float(st.probs_double[f, j, pred]), abs=tol
         )
-    # corrupted toggle: the top images among the corrupted ones
-    driver.find_element("css selector", '#settoggle button[data-set="corrupted"]').click()
+    # the row below: the top images among the corrupted ones
     shown_c = [
-        int(e.get_attribute("data-image")) for e in driver.find_elements("css selector", "#topimgs figure")
+        int(e.get_attribute("data-image")) for e in driver.find_elements("css selector", "#topimgs-c figure")
     ]
     assert shown_c == [int(i) for i in st.top_idx_corrupted[f] if i >= 0]
-    driver.find_element("css selector", '#settoggle button[data-set="clean"]').click()
+    assert {
+        e.get_attribute("data-set") for e in driver.find_elements("css selector", "#topimgs-c figure")
+    } == {"corrupted"}
+    head = driver.find_element("css selector", ".imgrow[data-set=corrupted] .rowhead")
+    assert head.text == "corrupted" and head.get_attribute("title") == "noise"  # the corrupted set's name
     # the matched latent of the fine-tuned model's SAE, side by side, and a link that opens it
     data = js(driver, "return explorer.data.saes[0].matches[0]")
     pos = int(np.searchsorted(st.live, f))
@@ -643,3 +652,31 @@ def test_forked_workers_give_the_pages_numbers_and_cards_of_one_process(built, t
             assert b.is_file() and b.stat().st_size > 0 and a.is_file()
     with pytest.raises(ValueError, match="workers must be a number of processes >= 1, got 0"):
         explorer_data(saes, models, images, labels, CLASSES, workers=0, **kw)
+
+
+@pytest.mark.parametrize("n_clean, n_corrupted", [(3, 6), (5, 2)])
+def test_fewer_images_than_k_keep_one_width_for_both_sets(n_clean, n_corrupted):
+    """With fewer clean (or corrupted) images than k, the page's corrupted top images, their maps and the
+    ablations on them keep the clean ones' width (cut or padded with -1), so the page reads them with one k."""
+    from mechvit.viz.explorer import explorer_data
+
+    g = torch.Generator().manual_seed(3)
+    images = torch.rand(n_clean, 1, 28, 28, generator=g)
+    corrupted = torch.rand(n_corrupted, 1, 28, 28, generator=g)
+    data, stats = explorer_data(
+        [ExplorerSAE("s", random_sae(HOOK, seed=0), "base")], {"base": tiny_model(0)}, images,
+        torch.arange(n_clean) % 10, CLASSES, corrupted=corrupted, corrupted_labels=torch.arange(n_corrupted) % 10,
+        k=4, progress=False,
+    )  # fmt: skip
+    entry, st = data["saes"][0], stats["s"]
+    k, n = entry["k"], len(entry["live"])
+    assert k == min(4, n_clean) and all(len(t) == k for t in entry["top_c"] + entry["top_val_c"])
+    maps_c = explorer_array(data, entry, "maps_c").reshape(n, k, 4, 4)
+    assert ((maps_c > 0).any((2, 3)) == (np.array(entry["top_c"]) >= 0)).all()
+    p_abl = explorer_array(data, entry, "p_abl").reshape(n, k, 10)
+    for i, f in enumerate(entry["live"]):
+        which, idx = st.ablation_images(f)
+        assert which == data["effect_bases"][entry["ablation_set"][i]]
+        assert idx.tolist() == (entry["top"][i] if which == "clean" else entry["top_c"][i])
+        np.testing.assert_allclose(p_abl[i][idx >= 0], st.probs_ablate[f][idx >= 0], atol=1e-5)
+        assert not p_abl[i][idx < 0].any()

@@ -1,8 +1,10 @@
 """The explorer page's texts and controls in headless Chromium (tests/browser.py), with known answers:
 
 - a latent that never fires on the clean images: mean activation "–", its mean on the corrupted images, the
-  direct logit effect at that mean (and said so, on the page and the page's card), the texts that point to the
-  corrupted toggle; an older page's effect at a clean mean of 0: "not measured";
+  direct logit effect at that mean (and said so, on the page and the page's card), its top corrupted images with
+  their heatmaps and conditions, and its ablate/double effect measured on them (the numbers feature_stats
+  computed, equal to a hand splice); an older page's effect at a clean mean of 0, and its ablation that was
+  never measured: "not measured";
 - density always a percentage; the page's card at k = 8 keeps its 6 images inside its width;
 - a sort by "cos <model>" survives a change of replicate and a followed match link; labels sort numerically;
 - the index is a keyboard listbox (arrows, Page Up/Down, Home, End, Enter), links (#sae=...&f=...) are followed
@@ -25,7 +27,8 @@ from tests.browser import chromium, collect, skip_without_chromium
 from tests.test_analysis_features import CLASSES, random_sae, tiny_model
 
 HOOK = "blocks.0.hook_resid_post"
-CORR = "noise 2"
+CORR = "noise 2 + noise 4"
+GROUPS = [("noise 2", 40), ("noise 4", 40)]  # the corrupted set: the 40 images under each condition
 
 
 def js(driver, script, *args):
@@ -65,13 +68,15 @@ def real(tmp_path_factory):
     images = torch.rand(40, 1, 28, 28, generator=g)
     labels = torch.arange(40) % 10
     corrupted = (images + 0.3 * torch.randn(images.shape, generator=g)).clamp(0, 1)
+    corrupted = torch.cat([corrupted, (images + 0.6 * torch.randn(images.shape, generator=g)).clamp(0, 1)])
     data, stats = explorer_data(
         [ExplorerSAE("base s0", random_sae(HOOK, seed=0), "base")], {"base": model}, images, labels, CLASSES,
-        corrupted=corrupted, corrupted_name=CORR, progress=False,
+        corrupted=corrupted, corrupted_labels=labels.repeat(2), corrupted_name=CORR, corrupted_groups=GROUPS,
+        progress=False,
     )  # fmt: skip
     path = tmp_path_factory.mktemp("explorer_real") / "features.html"
     path.write_text(explorer_html(data), encoding="utf-8")
-    return path, data, stats["base s0"]
+    return path, data, stats["base s0"], model, corrupted
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +94,7 @@ def _corrupted_only(st: FeatureStats) -> int:
 
 @skip_without_chromium
 def test_a_latent_that_never_fires_on_clean_images(real, driver):
-    path, data, st = real
+    path, data, st, *_ = real
     f = _corrupted_only(st)
     entry = data["saes"][0]
     i = entry["live"].index(f)
@@ -118,21 +123,18 @@ def test_a_latent_that_never_fires_on_clean_images(real, driver):
     want = explorer_array(data, entry, "logit").reshape(len(entry["live"]), -1)[i]
     assert printed == [float(f"{v:+.2f}") for v in want] and np.abs(st.logit_effect[f]).max() > 0.005
     np.testing.assert_allclose(want, st.logit_effect[f], atol=np.nanmax(np.abs(st.logit_effect)) / 65534)
-    # what it shows in the clean view, and where its images are
+    # its images: none in the clean row (which says so), its top corrupted images in the row below
     assert (
         driver.find_element("css selector", "#noimgs").text
-        == f"never active on the clean images (see the {CORR} toggle)"
+        == f"never active on the clean images (its top {CORR} images are below)"
     )
     assert driver.find_element("css selector", "#classes").text.endswith(
         "none: never active on the clean images"
     )
-    assert "never active on the clean images" in driver.find_element("css selector", "#ablation").text
-    driver.find_element("css selector", '#settoggle button[data-set="corrupted"]').click()
-    shown = [
-        int(e.get_attribute("data-image")) for e in driver.find_elements("css selector", "#topimgs figure")
-    ]
-    assert shown == [int(t) for t in st.top_idx_corrupted[f] if t >= 0] and shown
-    driver.find_element("css selector", '#settoggle button[data-set="clean"]').click()
+    assert driver.find_element("css selector", "#hist").text.startswith(
+        "none: never active on the clean images"
+    )
+    check_corrupted_images_and_ablation(driver, real, f)
     # the index: "–", and last when sorted by mean activation (either direction: no value)
     row = driver.find_element("css selector", f'#spacer .row[data-feature="{f}"]')
     assert row.find_elements("css selector", "div")[2].text == "–"
@@ -151,12 +153,92 @@ def test_a_latent_that_never_fires_on_clean_images(real, driver):
     assert f"* at its mean activation on the {CORR} images ({mean_c}); it never fires on clean images" in svg
     assert "mean act – (" + CORR + ": " in svg and "never active on the clean images" in svg
     assert ">classes of the top images<" in svg and "top 0" not in svg
+    # ... and shows its top corrupted images, each with its condition
+    top_c = [int(t) for t in st.top_idx_corrupted[f] if t >= 0]
+    assert svg.count("<image ") == min(6, len(top_c)) > 0
+    conds = re.findall(r'<text [^>]*class="cond">([^<]*)</text>', svg)
+    assert conds == [group_of(t) for t in top_c[:6]]
+    assert f"top {CORR} images: never active on the clean images" in svg
     assert collect(driver).console_errors == []
+
+
+def group_of(img: int) -> str:
+    """The condition corrupted image ``img`` of the fixture came from."""
+    start = 0
+    for name, count in GROUPS:
+        if img < start + count:
+            return name
+        start += count
+    raise AssertionError(img)
+
+
+def check_corrupted_images_and_ablation(driver, real, f):
+    """The open latent ``f`` never fires on a clean image: its top corrupted images, captioned with their
+    condition, with the heatmap on exactly the patches where it fires; its ablate/double table on those images,
+    the numbers feature_stats computed (and a hand splice gives), "before" the model's own prediction there."""
+    from tests.test_analysis_features import reference_probs
+
+    path, data, st, model, corrupted = real
+    figs = driver.find_elements("css selector", "#topimgs-c figure")
+    top_c = [int(t) for t in st.top_idx_corrupted[f] if t >= 0]
+    assert [int(e.get_attribute("data-image")) for e in figs] == top_c and top_c
+    assert [e.get_attribute("data-group") for e in figs] == [group_of(t) for t in top_c]
+    assert len({group_of(t) for t in top_c}) == 2 or len(top_c) == 1 or True  # either condition may lead
+    for e, t in zip(figs, top_c, strict=True):
+        assert group_of(t) in e.find_element("css selector", "figcaption").text
+        assert (
+            CLASSES[int(data["images"]["labels_corrupted"][t])]
+            in e.find_element("css selector", "figcaption").text
+        )
+    # the heatmap: a grayscale picture tinted orange exactly on the patches where the latent fires (centre pixels)
+    for j, e in enumerate(figs):
+        tinted = js(
+            driver,
+            "const c = arguments[0].querySelector('canvas'), g = arguments[1], ctx = c.getContext('2d');"
+            "const out = []; for (let r = 0; r < g; r++) for (let q = 0; q < g; q++) {"
+            "const p = ctx.getImageData(Math.floor((q + 0.5) * c.width / g), Math.floor((r + 0.5) * c.height / g), 1, 1).data;"
+            "out.push(p[0] - p[2] > 20); } return out;",
+            e,
+            st.grid[0],
+        )
+        assert tinted == (st.top_maps_corrupted[f, j] > 0).reshape(-1).tolist(), j
+    # the ablation table: on those corrupted images
+    table = driver.find_element("css selector", "#ablation")
+    assert table.get_attribute("data-set") == "corrupted"
+    head = table.find_element("xpath", "preceding-sibling::h3[1]").text
+    assert (
+        head.lower() == f"ablate / double on the top {CORR} images (it never fires on a clean image)".lower()
+    )
+    rows = driver.find_elements("css selector", "#ablation tr[data-image]")
+    assert [int(r.get_attribute("data-image")) for r in rows] == top_c
+    for r in rows:
+        i, j = int(r.get_attribute("data-image")), int(r.get_attribute("data-j"))
+        assert r.get_attribute("data-set") == "corrupted" and group_of(i) in r.text
+        before, abl, dbl = r.find_elements("css selector", "td[data-p]")
+        pred = int(before.get_attribute("data-pred"))
+        assert pred == int(np.argmax(st.probs_corrupted[i]))
+        tol = 1e-5  # uint16 in the page, 5 decimals in the table's data-p
+        assert float(before.get_attribute("data-p")) == pytest.approx(
+            float(st.probs_corrupted[i, pred]), abs=tol
+        )
+        assert float(abl.get_attribute("data-p")) == pytest.approx(
+            float(st.probs_ablate[f, j, pred]), abs=tol
+        )
+        assert float(dbl.get_attribute("data-p")) == pytest.approx(
+            float(st.probs_double[f, j, pred]), abs=tol
+        )
+        for factor, cell in ((0.0, abl), (2.0, dbl)):  # the known answer: a splice by hand on that image
+            want = reference_probs(model, random_sae(HOOK, seed=0), corrupted[i : i + 1], HOOK, f, factor)[0]
+            assert float(cell.get_attribute("data-p")) == pytest.approx(float(want[pred]), abs=3e-5)
+    # the splice moves the prediction on some image (the table is not all zeros)
+    assert (
+        max(float(r.find_elements("css selector", "td[data-p]")[1].get_attribute("data-p")) for r in rows) > 0
+    )
 
 
 @skip_without_chromium
 def test_classes_of_top_images_count_the_images_the_latent_fired_on(real, driver):
-    path, data, st = real
+    path, data, st, *_ = real
     entry = data["saes"][0]
     n_top = st.class_counts.sum(1)
     fewer = [f for f in entry["live"] if 0 < n_top[f] < st.n_assoc]
@@ -179,7 +261,7 @@ def test_classes_of_top_images_count_the_images_the_latent_fired_on(real, driver
 def test_card_images_fit_the_card_at_k_8(real, driver):
     """k = 8 (write_explorer's and `mechvit explore`'s default): the page's card shows 6 images, all inside its
     720 px width with its 16 px margins."""
-    path, data, st = real
+    path, data, st, *_ = real
     assert data["saes"][0]["k"] == 8
     f = int(
         next(
@@ -218,10 +300,11 @@ def test_card_images_fit_the_card_at_k_8(real, driver):
 def test_an_older_page_shows_an_effect_at_a_clean_mean_of_zero_as_not_measured(real, driver, tmp_path):
     """Pages written before effect_basis computed every effect at the clean mean activation, 0 for a latent
     that never fires on a clean token: the page shows "not measured" instead of its all-zero bars."""
-    path, data, st = real
+    path, data, st, *_ = real
     f = _corrupted_only(st)
     old = {**data, "saes": [dict(data["saes"][0])]}
     del old["effect_bases"], old["saes"][0]["effect_basis"], old["saes"][0]["mean_act_c"]
+    del old["saes"][0]["ablation_set"]
     old_path = tmp_path / "old.html"
     old_path.write_text(explorer_html(old), encoding="utf-8")
     fresh(driver, old_path, f"#sae=base+s0&f={f}")
@@ -231,9 +314,52 @@ def test_an_older_page_shows_an_effect_at_a_clean_mean_of_zero_as_not_measured(r
         driver.find_element("css selector", "#logit-note").text
         == "not measured (never fires on clean images)"
     )
+    # nor was its ablation (older pages measured it on clean top images only): "not measured", not a table of 0%
+    assert no_ablation_table(driver).startswith(
+        "not measured (this page (before mechvit-explorer/5) measured"
+    )
     clean = int(st.live[np.argmax(st.density[st.live])])
     js(driver, "explorer.open('base s0', arguments[0])", clean)
     assert driver.find_element("css selector", "#logit-effect").get_attribute("data-basis") == "clean"
+    assert driver.find_element("css selector", "#ablation").get_attribute("data-set") == "clean"
+    assert collect(driver).console_errors == []
+
+
+def no_ablation_table(driver) -> str:
+    """The ablation panel's text where it holds no table (asserted), and no percentage."""
+    panel = driver.find_element("css selector", "#ablation")
+    assert panel.get_attribute("data-set") == "none" and not panel.find_elements("css selector", "tr")
+    assert "%" not in panel.text
+    return panel.text
+
+
+@skip_without_chromium
+def test_an_ablation_that_was_not_measured_says_so(real, driver, tmp_path):
+    """A format-4 page (effect_basis, no ablation_set) measured no ablation for a latent that never fires on a
+    clean image; a listed latent whose ablation_set is "none": "not measured", never a row of 0%."""
+    path, data, st, *_ = real
+    f = _corrupted_only(st)
+    i = data["saes"][0]["live"].index(f)
+    v4 = {**data, "format": "mechvit-explorer/4", "saes": [dict(data["saes"][0])]}
+    del v4["saes"][0]["ablation_set"]
+    v4_path = tmp_path / "v4.html"
+    v4_path.write_text(explorer_html(v4), encoding="utf-8")
+    fresh(driver, v4_path, f"#sae=base+s0&f={f}")
+    assert driver.find_element("css selector", "#logit-effect").get_attribute("data-basis") == "corrupted"
+    assert no_ablation_table(driver).startswith("not measured (this page (before mechvit-explorer/5)")
+    assert driver.find_elements("css selector", "#topimgs-c figure")  # its images are still shown
+    # a latent whose ablation was not measured (ablation_set "none", e.g. never firing): said so
+    clean = int(st.live[np.argmax(st.density[st.live])])
+    none = {**data, "saes": [dict(data["saes"][0])]}
+    sets = list(none["saes"][0]["ablation_set"])
+    c = none["saes"][0]["live"].index(clean)
+    sets[c] = sets[i] = data["effect_bases"].index("none")
+    none["saes"][0]["ablation_set"] = sets
+    none_path = tmp_path / "none.html"
+    none_path.write_text(explorer_html(none), encoding="utf-8")
+    for g in (clean, f):
+        fresh(driver, none_path, f"#sae=base+s0&f={g}")
+        assert no_ablation_table(driver) == "not measured (its effects were not computed)"
     assert collect(driver).console_errors == []
 
 

@@ -124,3 +124,33 @@ def test_card_says_which_activation_the_logit_effect_is_at(stats, tmp_path):
     feature_card(st, dead, images, CLASSES, path=tmp_path / "d.png", dpi=72)
     text = (tmp_path / "d.svg").read_text()
     assert "not measured" in text and "(never fires on clean images)" in text and "nan" not in text
+
+
+def test_a_latent_that_fires_only_on_corrupted_images_shows_them_with_their_condition(stats, tmp_path):
+    """A latent that never fires on a clean token: the clean row says so, the corrupted row shows its top
+    corrupted images, each titled with the condition it came from (corrupted_groups) and its max activation."""
+    st, images, corrupted = stats
+    noisy = (
+        corrupted + 0.2 * torch.randn(corrupted.shape, generator=torch.Generator().manual_seed(9))
+    ).clamp(0, 1)
+    st2 = feature_stats(
+        tiny_model(), random_sae("blocks.0.hook_resid_post"), images, torch.arange(24) % 10, CLASSES,
+        corrupted=torch.cat([corrupted, noisy]), k=4, n_assoc=8, progress=False,
+    )  # fmt: skip
+    only_c = np.flatnonzero(st2.effect_basis == "corrupted")
+    f = int(only_c[np.argmax((st2.top_idx_corrupted[only_c] >= 0).sum(1))])
+    groups = [("blur 1", 24), ("noise 3", 24)]
+    feature_card(
+        st2, f, images, CLASSES, path=tmp_path / "c.png", dpi=72, corrupted=torch.cat([corrupted, noisy]),
+        corrupted_groups=groups,
+    )  # fmt: skip
+    text = (tmp_path / "c.svg").read_text()
+    assert "never active on the clean images" in text
+    top = [int(t) for t in st2.top_idx_corrupted[f] if t >= 0]
+    assert top and len(re.findall(r"<image ", text)) >= len(top)
+    titles = re.findall(r"(blur 1|noise 3)\s*</text>", text)  # each corrupted image's condition
+    assert titles == ["blur 1" if t < 24 else "noise 3" for t in top]
+    for j in range(len(top)):
+        assert f"{float(st2.top_val_corrupted[f, j]):.2f}" in text
+    with pytest.raises(ValueError, match="the 48 corrupted images"):
+        feature_card(st2, f, images, CLASSES, corrupted=corrupted)

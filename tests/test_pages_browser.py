@@ -259,13 +259,11 @@ def test_explorer_of_the_study(study):
             assert float(b.get_attribute("data-p")) == pytest.approx(before[img, pred], abs=1e-5)
             assert float(a.get_attribute("data-p")) == pytest.approx(p_abl[i, j, pred], abs=1e-5)
             assert float(d.get_attribute("data-p")) == pytest.approx(p_dbl[i, j, pred], abs=1e-5)
-        # corrupted images: captions name the condition each came from
-        driver.find_element("css selector", '#settoggle button[data-set="corrupted"]').click()
+        # corrupted images, in the row below the clean ones: captions name the condition each came from
         groups = {
-            e.get_attribute("data-group") for e in driver.find_elements("css selector", "#topimgs figure")
+            e.get_attribute("data-group") for e in driver.find_elements("css selector", "#topimgs-c figure")
         }
         assert groups and groups <= {"gaussian_blur/4", "gaussian_noise/4"}
-        driver.find_element("css selector", '#settoggle button[data-set="clean"]').click()
         # matched latents of the other models' SAEs (change under fine-tuning) and of the other replicate
         blocks = driver.find_elements("css selector", "#matches .match")
         assert [b.get_attribute("data-sae") for b in blocks] == ["base · r0", "ft_blur · r0", "ft_noise · r1"]

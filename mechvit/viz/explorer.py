@@ -1,6 +1,10 @@
 """The feature explorer: one self-contained, offline HTML page (``features.html``) to browse every live latent
 of one or more SAEs.
 
+Each latent's panel shows its top clean images and, in a second row, its top corrupted images (captioned with
+the condition each came from), with their per-patch heatmaps, and the ablate/double effect on the top images of
+the set its effects are measured on (clean, or corrupted for a latent that never fires on a clean image).
+
 The page embeds its data (JSON; images as PNG sprite sheets, per-patch maps quantised to 4 bits and
 probabilities to uint16, base64-encoded and decoded lazily per SAE; zlib-compressing them saved a third of
 the size but inflating every SAE's arrays at load doubled the opening time) and its script and style (``explorer_assets/``), and forbids every network request
@@ -77,7 +81,9 @@ def _load_sae(spec: ExplorerSAE, device: str | None = None):
 PROB_MAX = 65535  # probabilities are stored as uint16 (little-endian) of [0, 1]: steps of 1.5e-5
 
 
-ARRAY_KEYS = {"maps": "u1", "maps_c": "u1", "p_abl": "<u2", "p_dbl": "<u2", "probs": "<u2", "logit": "<i2"}
+ARRAY_KEYS = {
+    "maps": "u1", "maps_c": "u1", "p_abl": "<u2", "p_dbl": "<u2", "probs": "<u2", "probs_c": "<u2", "logit": "<i2",
+}  # fmt: skip
 LOGIT_MAX = 32767  # direct logit effects: int16 steps of the SAE's largest |effect| / LOGIT_MAX
 LOGIT_NAN = -32768  # the one int16 the scaled effects never take: an effect that was not measured (NaN)
 # what the direct logit effect of a listed latent is computed at (FeatureStats.effect_basis): data["effect_bases"]
@@ -114,15 +120,17 @@ MAP_LEVELS = 15  # per-patch maps: 4 bits per patch (0 = not firing, 15 = the la
 
 def explorer_array(data: dict, obj: dict, key: str) -> np.ndarray:
     """A binary array of the page's data, flat: ``obj`` is an SAE entry (``maps``, ``maps_c``: per-patch levels
-    0-255 of the latent's max, as the page draws them; ``p_abl``, ``p_dbl``: probabilities; ``logit``: direct
-    logit effects, row-major [live latents, classes]) or a ``data["models"]`` entry (``probs``); probabilities
-    and logit effects come back as floats (an effect that was not measured as NaN)."""
+    0-255 of the latent's max, as the page draws them; ``p_abl``, ``p_dbl``: probabilities [listed latents, k,
+    classes] on the top images of the set ``ablation_set`` names; ``logit``: direct logit effects, row-major
+    [listed latents, classes]) or a ``data["models"]`` entry (``probs``: on the clean images, ``probs_c``: on the
+    corrupted ones); probabilities and logit effects come back as floats (an effect that was not measured as
+    NaN)."""
     if key == "logit" and isinstance(obj[key], list):  # pages before the int16 encoding: rounded numbers
         return np.asarray(obj[key], np.float64).reshape(-1)
     a = np.frombuffer(base64.b64decode(obj[key]), ARRAY_KEYS[key])
     if key == "logit":
         return np.where(a == LOGIT_NAN, np.nan, a * obj["logit_scale"])
-    if key in ("p_abl", "p_dbl", "probs"):
+    if key in ("p_abl", "p_dbl", "probs", "probs_c"):
         return a / data["prob_max"]
     if data.get("map_bits") == 4:  # high nibble first; the page scales 0-15 to 0-255
         a = np.stack([a >> 4, a & 15], axis=1).reshape(-1)[: obj["n_map_values"]] * 17
@@ -171,6 +179,15 @@ def _sprite(images: np.ndarray, cols: int = 64) -> tuple[str, int]:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), cols
 
 
+def _cols(a: np.ndarray, k: int, fill) -> np.ndarray:
+    """``a`` [F, j, ...] with exactly ``k`` columns: cut, or padded with ``fill``."""
+    a = np.asarray(a)
+    if a.shape[1] >= k:
+        return a[:, :k]
+    pad = np.full((a.shape[0], k - a.shape[1], *a.shape[2:]), fill, dtype=a.dtype)
+    return np.concatenate([a, pad], axis=1)
+
+
 def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("_") or "sae"
 
@@ -199,7 +216,10 @@ def explorer_data(
     """The page's data and ``{sae name: FeatureStats}``. ``images`` [N, C, H, W] in [0, 1] (what is shown;
     ``transform`` maps them to model inputs), ``labels`` [N]; ``corrupted`` any [M, C, H, W] in [0, 1] with
     ``corrupted_labels`` (default: ``labels`` when M == N); ``corrupted_groups`` ``[(name, count), ...]``
-    says which consecutive corrupted images came from which corruption (shown under each image); ``k`` top images per latent, ``n_assoc`` for the
+    says which consecutive corrupted images came from which corruption (shown under each image); ``k`` top
+    images per latent in each set (the page shows the clean and the corrupted ones in two rows; the ablate/double
+    effect is measured on the clean ones, or on the corrupted ones for a latent that never fires on a clean
+    image: ``FeatureStats.ablation_set``), ``n_assoc`` for the
     label, ``n_bins`` histogram bins (:func:`mechvit.analysis.features.feature_stats`). ``max_latents``: list
     only this many live latents per SAE, those firing on the most clean + corrupted patch tokens, whose effects
     alone are computed (``feature_stats(max_effect_latents=...)``); None: every live latent. ``stats`` reuses
@@ -350,16 +370,23 @@ def explorer_data(
             "top_val": [_num(v) for v in st.top_val[live]],
             "maps": _b64(_q4(st.top_maps[live], scale)[0]),
             "n_map_values": int(st.top_maps[live].size),
-            "top_c": None if st.top_idx_corrupted is None else st.top_idx_corrupted[live].tolist(),
+            # the corrupted top images, k_ per latent like the clean ones (the page reads both, and their maps, with
+            # one k; padded with -1 / 0 when there are fewer corrupted images than k_)
+            "top_c": None
+            if st.top_idx_corrupted is None
+            else _cols(st.top_idx_corrupted[live], k_, -1).tolist(),
             "top_val_c": None
             if st.top_val_corrupted is None
-            else [_num(v) for v in st.top_val_corrupted[live]],
+            else [_num(v) for v in _cols(st.top_val_corrupted[live], k_, 0)],
             "maps_c": None
             if st.top_maps_corrupted is None
-            else _b64(_q4(st.top_maps_corrupted[live], scale)[0]),
+            else _b64(_q4(_cols(st.top_maps_corrupted[live], k_, 0), scale)[0]),
             "class_counts": st.class_counts[live].tolist(),
             "logit": logit_b64,
             "logit_scale": logit_scale,
+            # the ablate/double probabilities: on top image j of the set ablation_set names (clean: "top", corrupted:
+            # "top_c"; "none": not measured), one index into effect_bases per listed latent
+            "ablation_set": [EFFECT_BASES.index(str(a)) for a in st.ablated_on[live]],
             "p_abl": _b64_probs(st.probs_ablate[live]),
             "p_dbl": _b64_probs(st.probs_double[live]),
             "cards": {},
@@ -367,7 +394,10 @@ def explorer_data(
         entries.append(entry)
     model_probs = {}
     for x in saes:
-        model_probs.setdefault(x.model, {"probs": _b64_probs(stats[x.name].probs)})
+        model_probs.setdefault(x.model, {"probs": _b64_probs(stats[x.name].probs), "probs_c": None})
+        p_c = getattr(stats[x.name], "probs_corrupted", None)  # "before" of the ablations on corrupted images
+        if p_c is not None and corrupted is not None and len(p_c) == len(corrupted):
+            model_probs[x.model]["probs_c"] = model_probs[x.model]["probs_c"] or _b64_probs(p_c)
     sprite, cols = _sprite(images.numpy())
     img = {
         "n": len(images),
@@ -390,7 +420,10 @@ def explorer_data(
             corrupted_groups=None if corrupted_groups is None else [list(g) for g in corrupted_groups],
         )
     data = {
-        "format": "mechvit-explorer/4",  # 4: mean_act None where it never fires on clean, mean_act_c, effect_basis
+        # 4: mean_act None where it never fires on clean, mean_act_c, effect_basis; 5: p_abl / p_dbl of a latent
+        # that fires only on corrupted images are measured on its top corrupted images (ablation_set per listed
+        # latent; models[m].probs_c: the model's probabilities on the corrupted images, "before" there)
+        "format": "mechvit-explorer/5",
         "prob_max": PROB_MAX,
         "map_bits": 4,
         "effect_bases": list(EFFECT_BASES),
@@ -468,12 +501,15 @@ def write_explorer(
 
     ``saes``: :class:`ExplorerSAE` entries; ``models``: ``{name: HookedViT}``; ``images`` [N, C, H, W] in
     [0, 1] with ``labels`` [N] and ``class_names``; ``corrupted``: optional images in [0, 1] (e.g. the same
-    images corrupted) shown with the clean/corrupted toggle (``corrupted_groups``: which corruption each
-    consecutive run of them came from, see :func:`explorer_data`); ``transform``: [0, 1] images -> model inputs.
+    images corrupted): each latent's top corrupted images are shown in a row below its top clean ones, and a latent
+    that never fires on a clean image has its ablate/double effect measured on them (``corrupted_groups``: which
+    corruption each consecutive run of them came from, written under each image, see :func:`explorer_data`);
+    ``transform``: [0, 1] images -> model inputs.
     ``max_latents``: list (and measure the effects of) at most this many live latents per SAE, the most
     often firing (None: every live latent; see :func:`explorer_data`).
     ``cards > 0`` also writes publication feature cards (PNG + SVG, :func:`mechvit.viz.feature_card`) of
-    each SAE's ``cards`` densest latents under ``feature_cards/`` beside the page, linked from it.
+    each SAE's ``cards`` densest latents under ``feature_cards/`` beside the page, linked from it (a latent that
+    never fires on a clean image gets the row of its top corrupted images).
     ``workers`` > 1 (CPU, Linux): the models' statistics and the cards in that many forked one-thread
     processes (see :func:`explorer_data`). Returns the page's path."""
     from mechvit._io import atomic_write_text
@@ -514,9 +550,14 @@ def write_explorer(
             entry, f = data["saes"][job[0]], job[1]
             stem = path.parent / CARDS_DIR / _slug(entry["name"]) / f"latent_{f}"
             title = f"{entry['name']} · latent #{f}"
+            st = stats[entry["name"]]
+            # a latent that never fires on a clean token: its card shows its top corrupted images instead
+            extra = {}
+            if corrupted is not None and str(st.basis[f]) == "corrupted":
+                extra = {"corrupted": np.asarray(corrupted, np.float32), "corrupted_groups": corrupted_groups}
             feature_card(
-                stats[entry["name"]], f, imgs, class_names, path=stem.with_suffix(".png"), formats=("png", "svg"),
-                title=title,
+                st, f, imgs, class_names, path=stem.with_suffix(".png"), formats=("png", "svg"), title=title,
+                **extra,
             )  # fmt: skip
             return stem.relative_to(path.parent).as_posix()
 

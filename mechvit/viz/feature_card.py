@@ -1,5 +1,6 @@
-"""Publication "feature card" of one SAE latent: its top images with the per-patch activation as a heatmap,
-the automatic label, density and mean activation, the classes of its top images and its direct logit effect.
+"""Publication "feature card" of one SAE latent: its top images with the per-patch activation as a heatmap
+(and, given the corrupted images, a row of its top corrupted images, each titled with its condition), the
+automatic label, density and mean activation, the classes of its top images and its direct logit effect.
 
 One call: ``feature_card(stats, feature, images, class_names, path="card.png")`` writes ``card.png`` (300
 dpi) and ``card.svg`` (text kept as text) and returns the matplotlib ``Figure``. ``stats`` is the
@@ -44,14 +45,18 @@ def feature_card(
     dpi: int = 300,
     n_images: int = 6,
     corrupted=None,
+    corrupted_groups: Sequence[tuple[str, int]] | None = None,
     title: str | None = None,
     max_classes: int = 12,
 ):
     """Draw latent ``feature`` of ``stats`` (a ``FeatureStats``); ``images`` are the clean images [N, C, H, W]
-    in [0, 1] the stats were computed on (and ``corrupted`` the corrupted ones, adding a second row).
-    With ``path``, the card is saved once per format in ``formats`` (``path`` with that suffix). Up to
-    ``max_classes`` classes every class is drawn in class order; beyond, each bar chart draws its
-    ``max_classes`` leading classes (by count, by absolute logit effect; ties: class order), largest first."""
+    in [0, 1] the stats were computed on (and ``corrupted`` the corrupted ones, adding a second row of the
+    latent's top corrupted images; ``corrupted_groups`` ``[(condition, count), ...]`` says which consecutive
+    corrupted images came from which condition, written above each image). A latent that never fires on a
+    clean image says so in the clean row. With ``path``, the card is saved once per format in ``formats``
+    (``path`` with that suffix). Up to ``max_classes`` classes every class is drawn in class order; beyond,
+    each bar chart draws its ``max_classes`` leading classes (by count, by absolute logit effect; ties: class
+    order), largest first."""
     from matplotlib.figure import Figure
 
     f = int(feature)
@@ -66,14 +71,17 @@ def feature_card(
         )
     sets = [("clean", images, stats.top_idx[f], stats.top_maps[f])]
     if corrupted is not None and stats.top_idx_corrupted is not None:
-        sets.append(
-            (
-                "corrupted",
-                np.asarray(corrupted, np.float32),
-                stats.top_idx_corrupted[f],
-                stats.top_maps_corrupted[f],
+        corrupted = np.asarray(corrupted, np.float32)
+        if corrupted.ndim != 4 or len(corrupted) != stats.n_corrupted:
+            raise ValueError(
+                f"expected the {stats.n_corrupted} corrupted images [M, C, H, W] the stats were computed on, got "
+                f"{corrupted.shape}"
             )
-        )
+        sets.append(("corrupted", corrupted, stats.top_idx_corrupted[f], stats.top_maps_corrupted[f]))
+    starts, group_names = np.zeros(0, np.int64), []
+    if corrupted_groups is not None:
+        group_names = [str(g) for g, _ in corrupted_groups]
+        starts = np.cumsum([0] + [int(c) for _, c in corrupted_groups])[:-1]
     k = max(1, min(n_images, stats.top_idx.shape[1]))
     C = len(class_names)
     vmax = float(stats.max_act[f]) or 1.0
@@ -89,6 +97,15 @@ def feature_card(
             ax.set_xticks([])
             ax.set_yticks([])
             if j >= len(idx) or idx[j] < 0:
+                if j == 0:  # no image at all in this row: say why instead of an empty row
+                    ax.text(
+                        0,
+                        0.5,
+                        f"never active on the {name} images",
+                        fontsize=7,
+                        va="center",
+                        transform=ax.transAxes,
+                    )
                 ax.axis("off")
                 continue
             img = imgs[idx[j]]
@@ -102,11 +119,10 @@ def feature_card(
                 extent=(-0.5, w - 0.5, h - 0.5, -0.5),
                 interpolation="nearest",
             )
-            ax.set_title(
-                f"{float(stats.top_val[f, j] if name == 'clean' else stats.top_val_corrupted[f, j]):.2f}",
-                fontsize=6,
-                pad=1.5,
-            )
+            value = f"{float(stats.top_val[f, j] if name == 'clean' else stats.top_val_corrupted[f, j]):.2f}"
+            if name == "corrupted" and group_names:  # the condition this corrupted image came from
+                value = f"{group_names[int(np.searchsorted(starts, idx[j], side='right')) - 1]}\n{value}"
+            ax.set_title(value, fontsize=6, pad=1.5)
             if j == 0:
                 ax.set_ylabel(name, fontsize=7)
         if im is not None:

@@ -11,8 +11,8 @@ fine-tuning), so an SAE's ``seed`` on the page is its replicate index, not its t
 
 ``explorer.max_latents`` (None: every live latent) lists only that many live latents per SAE, those firing on
 the most patch tokens, and measures only their effects: the ablate/double effect costs a forward from the hook
-per latent and top image, which dominates at ViT-B width (24,576 latents x 8 top images per SAE in the paper
-config)."""
+per latent and top image (its top clean images; its top corrupted images for a latent that fires only on those),
+which dominates at ViT-B width (24,576 latents x 8 top images per SAE in the paper config)."""
 
 from __future__ import annotations
 
@@ -136,9 +136,11 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
         )
     res.notes.append(
         f"features.html browses {shown} of every SAE on {len(x)} clean test images and the same "
-        f"images under {', '.join(c.label for c in conds)} (pooled into its one corrupted set): top images with "
-        "per-patch heatmaps, activation histogram, class association and automatic label, direct logit effect, "
-        "the measured effect of ablating and doubling the latent on its top images, and the nearest latent of "
+        f"images under {', '.join(c.label for c in conds)} (pooled into its one corrupted set): top clean and top "
+        "corrupted images (captioned with their condition) with per-patch heatmaps, activation histogram, class "
+        "association and automatic label, direct logit effect, the measured effect of ablating and doubling the "
+        "latent on its top images (the clean ones; the corrupted ones for a latent that never fires on a clean "
+        "image), and the nearest latent of "
         "the other seed replicates (seed stability) and of the same replicate of every other model (change "
         "under fine-tuning). See docs/explorer.md."
     )

@@ -27,6 +27,17 @@
     if (s.effect_basis) return BASES[s.effect_basis[i]];
     return s.density[i] > 0 ? "clean" : "none";
   }
+  function ablationSetOf(s, i) {
+    // the images the ablate/double probabilities (p_abl, p_dbl) of the i-th listed latent were measured on: "clean"
+    // (its top clean images), "corrupted" (its top corrupted images: it never fires on a clean token) or "none"
+    // (not measured). Pages before mechvit-explorer/5 measured them on the clean top images only: a latent with no
+    // clean image had none measured.
+    if (s.ablation_set) return BASES[s.ablation_set[i]];
+    return basisOf(s, i) === "clean" ? "clean" : "none";
+  }
+  // the images a set's top images index: their labels and the condition a corrupted one came from
+  const setLabels = (set) => (set === "clean" ? D.images.labels : D.images.labels_corrupted);
+  const hasImages = (s, i, set) => { const t = set === "clean" ? s.top : s.top_c; return !!(t && t[i].some((v) => v >= 0)); };
   const sum = (a) => a.reduce((x, y) => x + y, 0);
   // mean activation on the clean tokens where the latent fires: null when it never does (older pages stored 0)
   const meanAct = (s, i) => (s.density[i] > 0 ? s.mean_act[i] : null);
@@ -149,7 +160,7 @@
   }
 
   // ---- state ---------------------------------------------------------------------------------------------------
-  const state = { sae: 0, q: "", sort: "id", dir: 1, feature: null, set: "clean", rows: [] };
+  const state = { sae: 0, q: "", sort: "id", dir: 1, feature: null, rows: [] };
   const S = () => D.saes[state.sae];
   const pos = (s, f) => {
     if (!s._pos) { s._pos = new Map(); s.live.forEach((id, i) => s._pos.set(id, i)); }
@@ -250,17 +261,20 @@
     return "";
   }
 
-  function topFigures(s, i, set, scale, withAbl) {
+  function topFigures(s, i, set, scale) {
+    // figures of the i-th listed latent's top images of one set (clean, corrupted), each with its heatmap; a
+    // corrupted image's caption names the condition it came from
     const k = s.k, P = s.grid[0] * s.grid[1];
     const top = set === "clean" ? s.top[i] : s.top_c[i];
     const vals = set === "clean" ? s.top_val[i] : s.top_val_c[i];
     const maps = arr(s, set === "clean" ? "maps" : "maps_c");
-    const labels = set === "clean" ? D.images.labels : D.images.labels_corrupted;
+    const labels = setLabels(set);
     const out = [];
     for (let j = 0; j < k; j++) {
       if (top[j] < 0) continue;
       const fig = document.createElement("figure");
       fig.className = "topimg";
+      fig.dataset.set = set;
       fig.dataset.image = top[j];
       fig.dataset.value = vals[j];
       const cv = document.createElement("canvas");
@@ -269,7 +283,7 @@
       const cap = document.createElement("figcaption");
       const grp = set === "clean" ? "" : groupOf(top[j]);
       if (grp) fig.dataset.group = grp;
-      cap.innerHTML = `${esc(D.class_names[labels[top[j]]])}${grp ? "<br>" + esc(grp) : ""}<br>max ${fmt(vals[j], 2)}`;
+      cap.innerHTML = `${esc(D.class_names[labels[top[j]]])}${grp ? `<br><span class="cond">${esc(grp)}</span>` : ""}<br>max ${fmt(vals[j], 2)}`;
       fig.appendChild(cap);
       drawImageOf(s, cv, set, top[j], slice(maps, (i * k + j) * P, P), scale);
       out.push(fig);
@@ -307,14 +321,22 @@
       g += `<rect x="${(5 + b * bw).toFixed(1)}" y="${(hh - y).toFixed(1)}" width="${(bw - 1).toFixed(1)}" height="${y.toFixed(1)}" fill="#6d8fc7"><title>${fmt((b * s.max_act[i]) / n, 3)}–${fmt(((b + 1) * s.max_act[i]) / n, 3)}: ${c} tokens</title></rect>`;
     });
     g += `<text x="5" y="${hh + 12}">0</text><text x="${w - 5}" y="${hh + 12}" text-anchor="end">${fmt(s.max_act[i], 3)}</text>`;
+    if (!sum(h)) return `<div class="muted" id="hist">none: never active on the clean images (the histogram counts clean patch tokens)</div>`;
     return `<svg width="${w}" height="${hh + 16}" id="hist">${g}</svg><div class="muted">non-zero activations on clean patch tokens (log count)</div>`;
   }
 
   function noImages(s, i, set) {
-    // why a latent has no top images in the set shown
-    if (set === "clean" && s.top_c && s.top_c[i].some((t) => t >= 0)) return `never active on the clean images (see the ${esc(CORR)} toggle)`;
+    // why a latent has no top images in a set
+    if (set === "clean" && hasImages(s, i, "corrupted")) return `never active on the clean images (its top ${esc(CORR)} images are below)`;
     if (set === "clean") return "never active on the clean images";
     return `never active on the ${esc(CORR)} images`;
+  }
+
+  function imageRows(s, i) {
+    // the latent's top clean images and, below, its top corrupted images (each captioned with its condition)
+    const sets = D.images.corrupted && s.top_c ? ["clean", "corrupted"] : ["clean"];
+    return sets.map((set) => `<div class="imgrow" data-set="${set}"><div class="rowhead"${set === "clean" ? "" : ` title="${esc(CORR)}"`}>${set}</div>` +
+      `<div class="imgs" id="${set === "clean" ? "topimgs" : "topimgs-c"}"></div></div>`).join("");
   }
 
   function logitPanel(s, i) {
@@ -340,30 +362,59 @@
   }
 
   function ablationTable(s, i) {
-    const k = s.k, P = C;
+    // before / ablated / doubled on the top images of the set the effect was measured on (ablationSetOf)
+    const set = ablationSetOf(s, i);
+    if (set === "none") {
+      const fires = hasImages(s, i, "clean") || hasImages(s, i, "corrupted");
+      const why = !s.ablation_set && fires
+        ? "this page (before mechvit-explorer/5) measured it on clean top images only, and the latent never fires on a clean image"
+        : fires ? "its effects were not computed" : "the latent never fires on these images";
+      return `<p class="muted" id="ablation" data-set="none">not measured (${why})</p>`;
+    }
+    const k = s.k;
     const pa = probs(s, "p_abl"), pd = probs(s, "p_dbl");
-    const before = probs(D.models[s.model], "probs");
-    const top = s.top[i];
+    const model = D.models[s.model];
+    const before = set === "clean" ? probs(model, "probs") : model.probs_c ? probs(model, "probs_c") : null;
+    const top = set === "clean" ? s.top[i] : s.top_c[i];
+    const labels = setLabels(set);
+    const pct = (p) => `${(100 * p).toFixed(1)}%`;
     let rows = "";
     for (let j = 0; j < k; j++) {
       const img = top[j];
       if (img < 0) continue;
-      const b = Array.from(before.subarray(img * C, img * C + C));
-      const a = Array.from(pa.subarray((i * k + j) * P, (i * k + j) * P + C));
-      const d = Array.from(pd.subarray((i * k + j) * P, (i * k + j) * P + C));
-      const pred = b.indexOf(Math.max(...b));
+      const a = Array.from(pa.subarray((i * k + j) * C, (i * k + j) * C + C));
+      const d = Array.from(pd.subarray((i * k + j) * C, (i * k + j) * C + C));
+      const grp = set === "clean" ? "" : groupOf(img);
+      const b = before ? Array.from(before.subarray(img * C, img * C + C)) : null;
+      // the class the model predicts before (else, without "before" probabilities, the top class ablated)
+      const pred = b ? b.indexOf(Math.max(...b)) : a.indexOf(Math.max(...a));
       const cell = (p) => {
         const top1 = p.indexOf(Math.max(...p));
+        if (!b) return `<td data-pred="${top1}" data-p="${p[pred].toFixed(5)}">${esc(D.class_names[top1])} ${pct(p[top1])}<br><span>p(${esc(D.class_names[pred])}) ${pct(p[pred])}</span></td>`;
         const dp = p[pred] - b[pred];
         const cls = Math.abs(dp) < 0.005 ? "" : dp > 0 ? "up" : "down";
         const delta = `${dp >= 0 ? "+" : "−"}${(100 * Math.abs(dp)).toFixed(Math.abs(dp) < 0.01 ? 2 : 1)}`;
-        return `<td data-pred="${top1}" data-p="${p[pred].toFixed(5)}">${esc(D.class_names[top1])} ${(100 * p[top1]).toFixed(1)}%<br><span class="${cls}" title="change of p(${esc(D.class_names[pred])}) in percentage points">p(${esc(D.class_names[pred])}) ${(100 * p[pred]).toFixed(1)}% (${delta})</span></td>`;
+        return `<td data-pred="${top1}" data-p="${p[pred].toFixed(5)}">${esc(D.class_names[top1])} ${pct(p[top1])}<br><span class="${cls}" title="change of p(${esc(D.class_names[pred])}) in percentage points">p(${esc(D.class_names[pred])}) ${pct(p[pred])} (${delta})</span></td>`;
       };
-      rows += `<tr data-image="${img}" data-j="${j}"><td><canvas width="${IW * 2}" height="${IH * 2}" data-thumb="${img}"></canvas></td><td>${esc(D.class_names[D.images.labels[img]])}</td>` +
-        `<td data-pred="${pred}" data-p="${b[pred].toFixed(5)}">${esc(D.class_names[pred])} ${(100 * b[pred]).toFixed(1)}%</td>${cell(a)}${cell(d)}</tr>`;
+      const beforeCell = b
+        ? `<td data-pred="${pred}" data-p="${b[pred].toFixed(5)}">${esc(D.class_names[pred])} ${pct(b[pred])}</td>`
+        : `<td class="muted" data-pred="" data-p="">not measured</td>`;
+      rows += `<tr data-image="${img}" data-j="${j}" data-set="${set}"><td><canvas width="${IW * 2}" height="${IH * 2}" data-thumb="${img}" data-set="${set}"></canvas>${grp ? `<div class="cond">${esc(grp)}</div>` : ""}</td><td>${esc(D.class_names[labels[img]])}</td>` +
+        `${beforeCell}${cell(a)}${cell(d)}</tr>`;
     }
-    if (!rows) return `<p class="muted" id="ablation">no clean top images to ablate (never active on the clean images)</p>`;
-    return `<table class="abl" id="ablation"><tr><th>image</th><th>true</th><th>before</th><th>ablated (×0)</th><th>doubled (×2)</th></tr>${rows}</table>`;
+    return `<table class="abl" id="ablation" data-set="${set}"><tr><th>image</th><th>true</th><th>before</th><th>ablated (×0)</th><th>doubled (×2)</th></tr>${rows}</table>`;
+  }
+
+  function ablationHead(s, i) {
+    // the heading and note of the ablation panel: which images the effect was measured on
+    const set = ablationSetOf(s, i);
+    const what = `the latent's decoded contribution at every patch token of ${esc(s.hook)} removed (×0) or added again (×2), SAE error kept: "before" is the model's own prediction`;
+    if (set === "corrupted") {
+      return `<h3>Ablate / double on the top ${esc(CORR)} images <span class="basis">(it never fires on a clean image)</span></h3>` +
+        `<div class="muted" id="ablation-note">each corrupted image through the model, ${what} on that corrupted image.</div>`;
+    }
+    if (set === "clean") return `<h3>Ablate / double on the top clean images</h3><div class="muted" id="ablation-note">${what}.</div>`;
+    return `<h3>Ablate / double</h3>`;
   }
 
   function notListed(s) {
@@ -387,7 +438,10 @@
     if (live) {
       const imgs = document.createElement("div");
       imgs.className = "imgs";
-      topFigures(other, gi, "clean", 2, false).forEach((f) => imgs.appendChild(f));
+      // its top clean images; its top corrupted images (captioned with their condition) when it has no clean one
+      const set = !hasImages(other, gi, "clean") && hasImages(other, gi, "corrupted") ? "corrupted" : "clean";
+      imgs.dataset.set = set;
+      topFigures(other, gi, set, 2).forEach((f) => imgs.appendChild(f));
       div.appendChild(imgs);
     }
     return div;
@@ -410,9 +464,6 @@
     }
     el.dataset.sae = s.name;
     el.dataset.feature = f;
-    const setBtns = D.images.corrupted
-      ? `<span class="toggle" id="settoggle"><button data-set="clean" class="${state.set === "clean" ? "on" : ""}">clean</button><button data-set="corrupted" class="${state.set === "corrupted" ? "on" : ""}">${esc(D.images.corrupted_name)}</button></span>`
-      : "";
     // data-value: the number (NaN where there is none, e.g. the mean activation of a latent that never fires)
     const stat = (key, name, v, shown) => `<div class="stat" data-key="${key}" data-value="${v === null || v === undefined ? NaN : v}"><b>${name}</b><span>${shown}</span></div>`;
     let statsHtml = stat("density", "density (clean)", s.density[i], fmtDensity(s.density[i]));
@@ -431,20 +482,21 @@
         : ` <span class="muted">(or <code>mechvit.viz.feature_card(stats, ${f}, images, class_names, path="card.png")</code>)</span>`);
     el.innerHTML = `<h2>${esc(s.name)} · latent #${f}</h2><div class="label" id="label">${esc(s.label[i])}</div>` +
       `<div class="stats">${statsHtml}</div><div>${cardHtml}</div>` +
-      `<h3>Top images ${setBtns}</h3><div class="imgs" id="topimgs"></div>` +
+      `<h3>Top images</h3>${imageRows(s, i)}` +
       `<div class="muted">heatmap: the latent's activation on each patch (scale 0 – ${fmt(s.max_act[i], 3)}, the latent's max) ` +
       `<canvas class="cbar" width="120" height="8" id="cbar"></canvas></div>` +
       `<div class="panel"><div><h3>Activation histogram</h3>${histogram(s, i)}</div>` +
       classesPanel(s, i) + logitPanel(s, i) + `</div>` +
-      `<h3>Ablate / double on the top images</h3><div class="muted">the latent's decoded contribution at every patch token of ${esc(s.hook)} removed (×0) or added again (×2), SAE error kept: "before" is the model's own prediction.</div>${ablationTable(s, i)}` +
+      ablationHead(s, i) + ablationTable(s, i) +
       `<div id="matches"></div>`;
     const cb = $("#cbar").getContext("2d");
     for (let x = 0; x < 120; x++) { cb.fillStyle = "#ddd"; cb.fillRect(x, 0, 1, 8); cb.fillStyle = heat(Math.round((x / 119) * 255)); cb.fillRect(x, 0, 1, 8); }
-    const box = $("#topimgs");
-    const set = D.images.corrupted ? state.set : "clean";
-    topFigures(s, i, set, 3, true).forEach((fig) => box.appendChild(fig));
-    if (!box.children.length) box.innerHTML = `<span class="muted" id="noimgs">${noImages(s, i, set)}</span>`;
-    el.querySelectorAll("canvas[data-thumb]").forEach((cv) => drawImage(cv, "clean", +cv.dataset.thumb, null, 2));
+    for (const row of el.querySelectorAll(".imgrow")) {
+      const set = row.dataset.set, box = row.querySelector(".imgs");
+      topFigures(s, i, set, 3).forEach((fig) => box.appendChild(fig));
+      if (!box.children.length) box.innerHTML = `<span class="muted noimgs" id="${set === "clean" ? "noimgs" : "noimgs-c"}">${noImages(s, i, set)}</span>`;
+    }
+    el.querySelectorAll("canvas[data-thumb]").forEach((cv) => drawImage(cv, cv.dataset.set, +cv.dataset.thumb, null, 2));
     const mbox = $("#matches");
     if (s.matches.length || (s.replicates && s.replicates.length)) mbox.innerHTML = `<h3>Matched latents in other SAEs</h3>`;
     for (const m of s.matches) mbox.appendChild(matchBlock(s, i, m));
@@ -456,37 +508,47 @@
   const CARD_DPI = 300;
 
   async function cardSvg(saeName, f) {
-    // a standalone SVG card of latent f: title, label, numbers, top clean images with heatmaps, classes, logits
+    // a standalone SVG card of latent f: title, label, numbers, its top clean images with heatmaps (its top
+    // corrupted images, captioned with their condition, when it never fires on a clean image), classes, logits
     const s = D.saes.find((x) => x.name === saeName);
     const i = s ? pos(s, f) : -1;
     if (i < 0) throw new Error(`no live latent #${f} in ${saeName}`);
-    if (spriteReady.clean) await spriteReady.clean;
+    const set = !hasImages(s, i, "clean") && hasImages(s, i, "corrupted") ? "corrupted" : "clean";
+    if (spriteReady[set]) await spriteReady[set];
     // up to 6 images, their cells sized from the card's width so the row always fits inside its margins
     const x0 = 16, n = Math.min(6, s.k), gap = 8;
     const cell = Math.min(112, Math.floor((CARD_W - 2 * x0 - (n - 1) * gap) / n));
     const figs = [];
     const k = s.k, P = s.grid[0] * s.grid[1];
-    const maps = arr(s, "maps");
+    const maps = arr(s, set === "clean" ? "maps" : "maps_c");
+    const top = set === "clean" ? s.top[i] : s.top_c[i], vals = set === "clean" ? s.top_val[i] : s.top_val_c[i];
     for (let j = 0; j < n; j++) {
-      const img = s.top[i][j];
+      const img = top[j];
       if (img < 0) continue;
       const cv = document.createElement("canvas");
       cv.width = IW * 4; cv.height = IH * 4;
-      drawImageOf(s, cv, "clean", img, slice(maps, (i * k + j) * P, P), 4);
-      figs.push({ uri: cv.toDataURL("image/png"), img, v: s.top_val[i][j] });
+      drawImageOf(s, cv, set, img, slice(maps, (i * k + j) * P, P), 4);
+      figs.push({ uri: cv.toDataURL("image/png"), img, v: vals[j], grp: set === "clean" ? "" : groupOf(img) });
     }
     let g = `<text x="${x0}" y="24" class="t">${esc(s.name)} · latent #${f}</text>` +
       `<text x="${x0}" y="44" class="l">${esc(s.label[i])}</text>` +
       `<text x="${x0}" y="62">density ${fmtDensity(s.density[i])} · mean act ${fmt(meanAct(s, i), 3)}` +
       (s.mean_act_c && basisOf(s, i) === "corrupted" ? ` (${esc(CORR)}: ${fmt(s.mean_act_c[i], 3)})` : "") + ` · max ${fmt(s.max_act[i], 3)}` +
       (s.stability ? ` · seed stability ${fmt(s.stability[i], 2)}` : "") + ` · hook ${esc(s.hook)}</text>`;
+    const labels = setLabels(set);
     figs.forEach((fg, j) => {
       const x = x0 + j * (cell + gap);
       g += `<image x="${x}" y="74" width="${cell}" height="${cell}" href="${fg.uri}" style="image-rendering:pixelated"></image>` +
-        `<text x="${x + cell / 2}" y="${74 + cell + 12}" text-anchor="middle">${esc(D.class_names[D.images.labels[fg.img]])} · ${fmt(fg.v, 2)}</text>`;
+        `<text x="${x + cell / 2}" y="${74 + cell + 12}" text-anchor="middle">${esc(D.class_names[labels[fg.img]])} · ${fmt(fg.v, 2)}</text>` +
+        (fg.grp ? `<text x="${x + cell / 2}" y="${74 + cell + 24}" text-anchor="middle" class="cond">${esc(fg.grp)}</text>` : "");
     });
-    if (!figs.length) g += `<text x="${x0}" y="${74 + 20}">never active on the clean images</text>`;
-    const y1 = 74 + cell + 30;
+    if (!figs.length) g += `<text x="${x0}" y="${74 + 20}">never active on these images</text>`;
+    let y1 = 74 + cell + 30;
+    if (set === "corrupted" && figs.length) {
+      // which images these are: the corrupted ones, as it never fires on a clean image
+      g += `<text x="${x0}" y="${74 + cell + 40}" class="basis">top ${esc(CORR)} images: never active on the clean images</text>`;
+      y1 += 26;
+    }
     const nCls = sum(s.class_counts[i]), basis = basisOf(s, i);
     const row = basis === "none" ? null : logitRow(s, i);
     const measured = row && !row.some((v) => Number.isNaN(v));
@@ -502,7 +564,7 @@
       h += 14;
     }
     return `<svg xmlns="http://www.w3.org/2000/svg" width="${CARD_W}" height="${h}" viewBox="0 0 ${CARD_W} ${h}">` +
-      `<style>text{font:10px sans-serif;fill:#3b4558}.t{font-size:15px;font-weight:600;fill:#1d2430}.l{font-size:13px}.h{font-size:11px;font-weight:600}.basis{font-style:italic}</style>` +
+      `<style>text{font:10px sans-serif;fill:#3b4558}.t{font-size:15px;font-weight:600;fill:#1d2430}.l{font-size:13px}.h{font-size:11px;font-weight:600}.basis{font-style:italic}.cond{font-size:9px;fill:#6a7588}</style>` +
       `<rect width="100%" height="100%" fill="#fff"></rect>${g}</svg>`;
   }
 
@@ -656,8 +718,6 @@
     $("#detail").addEventListener("click", (e) => {
       const a = e.target.closest("[data-open-sae]");
       if (a) { open(a.dataset.openSae, +a.dataset.openFeature); return; }
-      const b = e.target.closest("#settoggle button");
-      if (b) { state.set = b.dataset.set; renderDetail(); return; }
       const c = e.target.closest("button[data-card]");
       if (c) exportCard(c.dataset.card).catch((err) => console.error(err));
     });
