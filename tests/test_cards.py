@@ -262,7 +262,9 @@ def test_card_round_trip_through_a_checkpoint_folder(tmp_path):
 
 
 def test_training_writes_the_counts_and_cis(tmp_path):
-    """A card written by training: every accuracy has its counted record (no ``derived``, no bits)."""
+    """A card written by training: every accuracy has its counted record (no ``derived``) and every top-1
+    which images were right (the bits count the record's hits; a paired test of the card with itself finds no
+    discordant image)."""
     from test_training import tiny_cfg, toy_data
 
     from mechvit.training import train
@@ -278,7 +280,13 @@ def test_training_writes_the_counts_and_cis(tmp_path):
     assert C.accuracy_problems(card) == [] and "derived" not in acc
     assert acc["clean"]["top1"]["n"] == 48 and acc["corruption_top1"]["gaussian_noise"]["5"]["n"] == 32
     assert acc["clean"]["top1"]["correct"] / 48 == pytest.approx(card["clean"]["top1"], abs=5e-5)
-    assert not any("correct_bits" in rec for _, rec in C.records(acc))
+    top1 = [(where, rec) for where, rec in C.records(acc) if where[-1] != "top5"]
+    assert len(top1) == 3
+    for where, rec in top1:
+        assert "correct_bits" in rec, where
+        assert int(C.unpack_correct(rec["correct_bits"], rec["n"]).sum()) == rec["correct"], where
+    res = C.paired_test(card, card, "corruption_top1", "gaussian_noise", 5)
+    assert res.a_only == res.b_only == 0
     assert C.backfill_accuracy(card) == acc  # nothing to recover
 
 

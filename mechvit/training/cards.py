@@ -20,8 +20,8 @@ accuracy x n must be an integer to 1e-9 and, the accuracy being rounded to 4 dec
 rounds to it, else it is refused: in practice on n >= 20,000 images, where several counts round to each
 accuracy) rather than counted by an evaluation.
 
-An evaluation that kept which images it got right (``mechvit evaluate --update-cards``) also stores them per
-record as ``correct_bits``: ``base64(numpy.packbits(correct, bitorder="little"))``, 336 characters per 2,000
+An evaluation that kept which images it got right (training's, ``mechvit evaluate --update-cards``) also stores
+them per top-1 record as ``correct_bits``: ``base64(numpy.packbits(correct, bitorder="little"))``, 336 characters per 2,000
 images, so two checkpoints scored on the same images can be compared with a paired McNemar test without
 re-evaluating (:func:`paired_test`). Records derived from a stored accuracy have no ``correct_bits``.
 

@@ -283,24 +283,29 @@ def evaluate_for_card(net: nn.Module, cfg: TrainConfig, test_data, device, progr
         xs, ys = zip(*[(x, y) for x, y in test_data], strict=True)
         test_data = (torch.stack(xs), torch.tensor(ys))
     e = cfg.eval
+    # with which images were right: the card keeps them (packed bits) for paired tests between checkpoints
     if e is None:
-        rows = robustness_matrix({"m": net}, *test_data, [], seed=0, device=device, progress=False)
-        return card_accuracy(rows, "m", n_test=len(test_data[1]), seed=0)
+        rows, hits = robustness_matrix(
+            {"m": net}, *test_data, [], seed=0, device=device, progress=False, return_correct=True
+        )
+        return card_accuracy(rows, "m", n_test=len(test_data[1]), seed=0, correct=hits)
     from mechvit.corruptions import CORRUPTIONS
 
     names = list(e.corruptions) if e.corruptions is not None else list(CORRUPTIONS)
-    clean = robustness_matrix({"m": net}, *test_data, [], seed=e.seed, device=device, progress=False)
+    clean, hits = robustness_matrix(
+        {"m": net}, *test_data, [], seed=e.seed, device=device, progress=False, return_correct=True
+    )
     if e.n_test is None:
         x, y = test_data
     elif order is None:
         x, y = (t[: e.n_test] for t in test_data)
     else:
         x, y = (t[order[: e.n_test]] for t in test_data)
-    rows = robustness_matrix(
+    rows, more = robustness_matrix(
         {"m": net}, x, y, names, e.severities, seed=e.seed, batch_size=e.batch_size, device=device,
-        include_clean=False, progress=progress,
+        include_clean=False, progress=progress, return_correct=True,
     )  # fmt: skip
-    fields = card_accuracy(clean + rows, "m", n_test=len(y), seed=e.seed)
+    fields = card_accuracy(clean + rows, "m", n_test=len(y), seed=e.seed, correct={**hits, **more})
     fields["evaluation"]["n_test_clean"] = len(test_data[1])
     return fields
 
