@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from mechvit._checks import SEVERITIES, severity_problem  # one rule with mechvit.data (a sibling layer)
 from mechvit.corruptions._kernels import _REFERENCE_SIZE
 
 FAMILIES: dict[str, tuple[str, ...]] = {
@@ -45,7 +46,6 @@ FAMILY_OF: dict[str, str] = {name: fam for fam, names in FAMILIES.items() for na
 # (tests/test_corruptions.py checks this split at every severity). The study hashes the corrupted-set size
 # only for these (mechvit.study.runner.step_hash).
 BATCH_DEPENDENT: frozenset[str] = frozenset({"shot_noise", "glass_blur", "snow", "frost", "fog"})
-SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 MIN_SIZE = 8  # smallest accepted image side in pixels
 SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts
 
@@ -68,24 +68,6 @@ def corruption_problem(name: object) -> str | None:
     message = f"unknown corruption {name!r}; expected one of {', '.join(CORRUPTIONS)}"
     close = difflib.get_close_matches(name, CORRUPTIONS, n=2) if isinstance(name, str) else []
     return message + (f"; did you mean {' or '.join(map(repr, close))}?" if close else "")
-
-
-def severity_problem(severity: object) -> str | None:
-    """What is wrong with ``severity``, or ``None`` when it is an integer in 1..5 (bool, 2.0 and '3' are not).
-
-    The one wording of this check (see :func:`corruption_problem`): what was expected and what was given,
-    with its type when it is not an integer: ``severity must be an integer in 1..5, got 7``, ``... got float
-    2.5``, ``... got bool True``."""
-    integral = isinstance(severity, numbers.Integral) and not isinstance(severity, bool)
-    if integral and int(severity) in SEVERITIES:
-        return None
-    if integral:
-        given = str(int(severity))
-    elif severity is None:
-        given = "None"
-    else:
-        given = f"{type(severity).__name__} {severity!r}"
-    return f"severity must be an integer in 1..5, got {given}"
 
 
 def get_corruption(name: str) -> Callable[[Tensor, int, torch.Generator], Tensor]:

@@ -7,7 +7,6 @@ model's mean/std normalisation is *not* applied by default; apply it after corru
 
 from __future__ import annotations
 
-import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +17,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from mechvit._checks import severity_problem  # the rule mechvit.corruptions checks too
 
 CIFAR10_CLASSES: tuple[str, ...] = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -138,17 +139,8 @@ def load_cifar10_c(
         raise ValueError(
             f"no {corruption}.npy in {root}; available: {', '.join(_cifar_c_names(root)) or 'none'}"
         )
-    integral = isinstance(severity, numbers.Integral) and not isinstance(severity, bool)
-    if not (integral and 1 <= int(severity) <= 5):
-        # the check and wording of mechvit.corruptions.severity_problem (a sibling layer: not importable here)
-        given = (
-            str(int(severity))
-            if integral
-            else "None"
-            if severity is None
-            else f"{type(severity).__name__} {severity!r}"
-        )
-        raise ValueError(f"severity must be an integer in 1..5, got {given}")
+    if (problem := severity_problem(severity)) is not None:
+        raise ValueError(problem)
     severity = int(severity)
     images = np.load(path, mmap_mode="r")
     labels = np.load(root / "labels.npy", mmap_mode="r")
