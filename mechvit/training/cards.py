@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from mechvit.analysis.statistics import McNemarResult, mcnemar, proportion_ci
+from mechvit.training.checkpoint import read_card, update_card
 
 ACCURACY = "accuracy"  # the card's key of the block
 INTERVAL, CONFIDENCE = "wilson", 0.95
@@ -95,9 +96,14 @@ def count_from_accuracy(
     return int(k)
 
 
+def _array(x: Any) -> np.ndarray:
+    """A tensor (any device) or array-like as a numpy array."""
+    return np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x)
+
+
 def pack_correct(correct: Any) -> str:
     """Per-image correctness (booleans, 1 = right) as base64 of its bits, packed little-endian."""
-    arr = np.asarray(correct.detach().cpu().numpy() if hasattr(correct, "detach") else correct)
+    arr = _array(correct)
     if arr.ndim != 1:
         raise ValueError(f"per-image correctness must be a 1-D sequence of booleans, got shape {arr.shape}")
     bad = np.flatnonzero(~np.isin(arr, (0, 1)))
@@ -127,7 +133,7 @@ def accuracy_record(correct: int, n: int, per_image: Any = None) -> dict[str, An
         "ci": [est.low, est.high],  # unrounded: a docs table rounds them once, to 0.1 pp
     }
     if per_image is not None:
-        arr = np.asarray(per_image.detach().cpu().numpy() if hasattr(per_image, "detach") else per_image)
+        arr = _array(per_image)
         if arr.shape != (n,) or int(arr.astype(bool).sum()) != correct:
             raise ValueError(
                 f"per-image correctness of shape {arr.shape} with {int(arr.astype(bool).sum())} right does not "
@@ -293,7 +299,7 @@ def accuracy_problems(card: Mapping[str, Any]) -> list[str]:
         if rec is None:
             out.append(f"{what}: no record")
             continue
-        if round(record_accuracy(rec), 4) != round(value, 4):
+        if round(record_accuracy(rec), CARD_DECIMALS) != round(value, CARD_DECIMALS):
             out.append(f"{what}: the card says {value}, its record {rec['correct']}/{rec['n']}")
         expected = accuracy_record(rec["correct"], rec["n"])["ci"]
         ci = rec.get("ci")
@@ -347,7 +353,7 @@ def paired_test(card_a: Mapping, card_b: Mapping, *path: str | int) -> McNemarRe
         if "correct_bits" not in node:
             raise ValueError(
                 f"card {label}'s record at {'.'.join(map(str, path))} has no per-image correctness (counts recovered "
-                "from a stored accuracy, or written by training); re-evaluate with mechvit evaluate --update-cards"
+                "from a stored accuracy, or a top-5 record); re-evaluate with mechvit evaluate --update-cards"
             )
         recs.append(node)
     if recs[0]["n"] != recs[1]["n"]:
@@ -366,13 +372,7 @@ def paired_test(card_a: Mapping, card_b: Mapping, *path: str | int) -> McNemarRe
 
 def read_cards(folders: Iterable[str | Path]) -> dict[str, dict]:
     """``{folder name: card}`` of checkpoint folders (``card.json`` each)."""
-    out = {}
-    for f in folders:
-        path = Path(f) / "card.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"no card.json in {f} (expected a mechvit checkpoint folder)")
-        out[Path(f).name] = json.loads(path.read_text())
-    return out
+    return {Path(f).name: read_card(f) for f in folders}
 
 
 def checkpoint_folders(root: str | Path = "checkpoints") -> list[Path]:
@@ -455,10 +455,13 @@ def _pct(x: float | Fraction) -> str:
     return f"{q // 10}.{q % 10}"
 
 
+def _fmt_ci(accuracy: float | Fraction, ci: Sequence[float], percent_sign: bool = False) -> str:
+    return f"{_pct(accuracy)}{'%' if percent_sign else ''} [{_pct(ci[0])}, {_pct(ci[1])}]"
+
+
 def fmt(rec: Mapping, percent_sign: bool = False) -> str:
     """``90.2% [89.6, 90.7]`` (or without the ``%``) of a record."""
-    lo, hi = rec["ci"]
-    return f"{_pct(Fraction(rec['correct'], rec['n']))}{'%' if percent_sign else ''} [{_pct(lo)}, {_pct(hi)}]"
+    return _fmt_ci(Fraction(rec["correct"], rec["n"]), rec["ci"], percent_sign)
 
 
 def mean_of(recs: Sequence[Mapping]) -> dict[str, Any]:
@@ -476,7 +479,7 @@ def mean_of(recs: Sequence[Mapping]) -> dict[str, Any]:
 
 
 def _fmt_mean(m: Mapping) -> str:
-    return f"{_pct(m['accuracy'])} [{_pct(m['ci'][0])}, {_pct(m['ci'][1])}]"
+    return _fmt_ci(m["accuracy"], m["ci"])
 
 
 def _block(card: Mapping, name: str) -> dict:
@@ -674,8 +677,6 @@ def backfill_cards(folders: Iterable[str | Path], write: bool = False) -> list[s
     """For each checkpoint folder, its card's ``accuracy`` block completed by :func:`backfill_accuracy`
     (written into the card with ``write``); returns a line per folder saying what changed (ending in
     :data:`TO_WRITE` for a card whose block is missing or incomplete when not ``write``)."""
-    from mechvit.training.checkpoint import read_card, update_card
-
     lines = []
     for f in folders:
         card = read_card(f)

@@ -28,7 +28,13 @@ from mechvit.analysis.robustness import (  # noqa: F401  (re-exported: the evalu
     robustness_matrix,
     seen_unseen_summary,
 )
-from mechvit.training.cards import block_from_rows, merge_block, record_from_accuracy
+from mechvit.training.cards import (
+    ACCURACY,
+    backfill_accuracy,
+    block_from_rows,
+    merge_block,
+    record_from_accuracy,
+)
 
 
 def markdown_table(rows: list[dict], columns: Sequence[str] | None = None, severities=None) -> str:
@@ -185,8 +191,8 @@ def evaluate_checkpoints(
     if out is not None:
         write_results(out, rows, summary, ce)
     if update_cards:  # per-corruption top-1 on these images; the card's ``clean`` (whole test set) is kept
+        corrupted = [r for r in rows if r["corruption"] != "clean"]
         for name, c in zip(cards, checkpoints, strict=True):
-            corrupted = [r for r in rows if r["corruption"] != "clean"]
             fields = card_accuracy(corrupted, name, len(test[1]), seed, correct=correct)
             clean = next(r for r in rows if r["model"] == name and r["corruption"] == "clean")
             fields["evaluation"]["clean_top1_same_images"] = round(clean["top1"], 4)
@@ -216,8 +222,6 @@ def complete_block(card: dict, block: dict, name: str) -> dict:
     (a count that cannot be recovered exactly, a stale kept section) ``block`` is returned as it is, with a
     warning naming the card, the problem and what to run."""
     import warnings
-
-    from mechvit.training.cards import ACCURACY, backfill_accuracy
 
     try:
         return backfill_accuracy({**card, ACCURACY: block})
