@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from mechvit._io import strict_json
+from mechvit._io import atomic_write_text, strict_json  # a reader never sees half a file
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -122,12 +122,6 @@ class Kept:
     data_path: Path | None = None
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # atomic: a reader never sees half a file
-
-
 @contextlib.contextmanager
 def kept_output(
     name: str, folder: str | os.PathLike | None = None, command: Sequence[str] | None = None
@@ -179,9 +173,9 @@ def kept_output(
             data_error = e
     if data_text is not None:
         data_path = path.with_suffix(".json")
-        _write_atomically(data_path, data_text + "\n")
+        atomic_write_text(data_path, data_text + "\n")
         kept.data_path = data_path
-    _write_atomically(path, header + "".join(tee.parts))  # last: a kept .md means its .json is there too
+    atomic_write_text(path, header + "".join(tee.parts))  # last: a kept .md means its .json is there too
     kept.path = path
     print(f"kept: {path}", file=sys.stderr)
     if data_error is not None:  # the printed results are kept; the machine-readable copy could not be
