@@ -148,6 +148,14 @@ def reference_probs(model, sae, images, hook, f, factor):
     return model.run_with_hooks(images, fwd_hooks=[(hook, edit)]).softmax(-1)
 
 
+def assert_spliced(st, model, sae, hook, source, f: int, j: int, i: int) -> None:
+    """Latent ``f``'s ablated (x0) and doubled (x2) probabilities at its top-image column ``j`` equal a hand
+    splice on image ``i`` of ``source`` (the images they were measured on)."""
+    for factor, got in ((0.0, st.probs_ablate), (2.0, st.probs_double)):
+        want = reference_probs(model, sae, source[i : i + 1], hook, f, factor)[0]
+        np.testing.assert_allclose(got[f, j], want.numpy(), atol=2e-5)
+
+
 @pytest.mark.parametrize(
     "hook", ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre", "blocks.0.hook_mlp_out"]
 )
@@ -164,9 +172,7 @@ def test_ablate_and_double_match_a_hand_splice(hook):
             i = int(st.top_idx[f, j])
             if i < 0:
                 continue
-            for factor, got in ((0.0, st.probs_ablate), (2.0, st.probs_double)):
-                want = reference_probs(model, sae, images[i : i + 1], hook, int(f), factor)[0]
-                np.testing.assert_allclose(got[f, j], want.numpy(), atol=2e-5)
+            assert_spliced(st, model, sae, hook, images, int(f), j, i)
             checked += 1
     assert checked >= 6
     # the edit changes the prediction somewhere (the test is not vacuous)
@@ -226,9 +232,7 @@ def test_a_latent_that_fires_only_on_corrupted_images_is_ablated_on_its_top_corr
             if i < 0:
                 assert not st.probs_ablate[f, j].any() and not st.probs_double[f, j].any()
                 continue
-            for factor, got in ((0.0, st.probs_ablate), (2.0, st.probs_double)):
-                want = reference_probs(model, sae, corrupted[i : i + 1], hook, int(f), factor)[0]
-                np.testing.assert_allclose(got[f, j], want.numpy(), atol=2e-5)
+            assert_spliced(st, model, sae, hook, corrupted, int(f), j, int(i))
             checked += 1
     assert checked >= 3
     moved = np.abs(st.probs_ablate[only_c] - st.probs_double[only_c]).sum(-1)
