@@ -395,6 +395,12 @@ def test_recipe_and_caption_say_what_the_card_holds():
     assert (
         C.recipe({"config": {"epochs": 2, "adversarial": {"p": 1}}}) == "2 epochs from scratch, PGD (p = 1)"
     )
+    blur = {"config": {"epochs": 1, "corruption": {"seen": ["gaussian_blur"], "severities": [4]}}}
+    assert C.recipe(blur) == "1 epoch from scratch on gaussian_blur severity 4 (p = 1)"
+    blur["config"]["corruption"]["p"] = 0.125
+    assert C.recipe(blur) == "1 epoch from scratch on gaussian_blur severity 4 (p = 0.125)"
+    blur["config"]["corruption"]["p"] = None  # an explicit null names no probability: left out, no error
+    assert C.recipe(blur) == "1 epoch from scratch on gaussian_blur severity 4"
     # the images an evaluation scored: Fashion-MNIST's first n, an ImageFolder's seeded stratified subset
     fmnist = _card(config={"data": {"dataset": "fashion_mnist"}})
     assert C._evaluation_caption(fmnist, "T.").startswith("T. On the first 2,000 test images, 2 corruptions")

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from mechvit._numbers import fmt_fixed, fmt_sig
 from mechvit.analysis.statistics import holm
 from mechvit.study.result import Table
 
@@ -171,7 +172,7 @@ def verdicts(metrics: dict[str, dict], base: str, controls: list[str] | None = N
             if other is None:
                 continue
             share = (
-                f" = {100 * other['estimate'] / seen_est:.0f}% of the seen gain at the same severity"
+                f" = {fmt_fixed(other['estimate'] / seen_est, 0, 100)}% of the seen gain at the same severity"
                 if seen_est and seen_est > 0 and other.get("estimate") is not None
                 else ""
             )
@@ -182,7 +183,7 @@ def verdicts(metrics: dict[str, dict], base: str, controls: list[str] | None = N
                     why += " (its upper end is also below half the seen gain's lower end: a partial transfer)"
             elif partial:
                 v = "supported"
-                why = f"CI's upper end {100 * other['high']:.3g} pp < half the seen gain's lower end at the same severity ({50 * seen_low:.3g} pp)"
+                why = f"CI's upper end {fmt_sig(other['high'], 3, 100)} pp < half the seen gain's lower end at the same severity ({fmt_sig(seen_low, 3, 50)} pp)"
             else:
                 v, why = (
                     "inconclusive",
@@ -230,35 +231,35 @@ def verdicts(metrics: dict[str, dict], base: str, controls: list[str] | None = N
             if q is not None and q <= 0.05 and _below(ratio, 1.0) and beyond_ctrl:
                 v, why = (
                     "contradicted",
-                    f"Holm p = {q:.3g} <= 0.05 ({fam}) and the ratio's CI below 1"
+                    f"Holm p = {fmt_sig(q)} <= 0.05 ({fam}) and the ratio's CI below 1"
                     + (" and below the clean control's ratio CI" if cc else ""),
                 )
             elif q is not None and q <= 0.05 and _below(ratio, 1.0):
                 v = "inconclusive"
-                why = (f"Holm p = {q:.3g} <= 0.05 and the ratio's CI below 1, but it overlaps the clean control's "
+                why = (f"Holm p = {fmt_sig(q)} <= 0.05 and the ratio's CI below 1, but it overlaps the clean control's "
                        "ratio CI: fine-tuning itself moves the dictionary as much")  # fmt: skip
             elif p is not None and p > 0.05 and _above(ratio, 0.95):
-                v, why = "supported", f"p = {p:.3g} > 0.05 and the ratio's CI above 0.95"
+                v, why = "supported", f"p = {fmt_sig(p)} > 0.05 and the ratio's CI above 0.95"
                 if powerless(test):
                     v = "inconclusive"
                     why += (f", but with {test.get('n')} SAEs the exact test's smallest p is "
-                            f"{min_permutation_p(test):.3g}: it could not have found a difference, so its p says "
+                            f"{fmt_sig(min_permutation_p(test))}: it could not have found a difference, so its p says "
                             "nothing (more seeds per model: sae.replicates)")  # fmt: skip
             else:
                 v = "inconclusive"
                 why = "neither rule's condition holds" + (
-                    "" if q is None else f" (p = {p:.3g}, Holm p = {q:.3g}, {fam})"
+                    "" if q is None else f" (p = {fmt_sig(p)}, Holm p = {fmt_sig(q)}, {fam})"
                 )
             why += "".join(f"; {x}" for x in _overlap_caveats(mc, test, per.get("persistent_fraction")))
             ctl = (
                 "; ".join(
-                    f"clean control ratio {_fmt_ci(x.get('ratio'))}, p {(x.get('test') or {}).get('p_value', float('nan')):.3g}"
+                    f"clean control ratio {_fmt_ci(x.get('ratio'))}, p {fmt_sig((x.get('test') or {}).get('p_value', float('nan')))}"
                     for x in cc
                 )
                 or "no clean control"
             )
             out.append(Verdict("features_stable", f"{m} ({arch})",
-                               f"matched decoder cosine between / within (p = {p:.3g}, Holm {q:.3g})" if p is not None else
+                               f"matched decoder cosine between / within (p = {fmt_sig(p)}, Holm {fmt_sig(q)})" if p is not None else
                                "matched decoder cosine between / within", *_get(ratio), ctl, v, rule=why))  # fmt: skip
     return out
 
@@ -325,7 +326,7 @@ def _lens_verdict(m: str, cond: str, d: dict, vs_c: dict) -> Verdict:
         ) + ": fine-tuning itself may move it as much"  # fmt: skip
     else:
         v = "supported"
-        why = f"CI excludes 0: the answer forms {abs(d['estimate']):.2g} blocks " + (
+        why = f"CI excludes 0: the answer forms {fmt_sig(abs(d['estimate']), 2)} blocks " + (
             "earlier" if d["estimate"] < 0 else "later"
         )
         if len(vs_c) == 1:
@@ -351,12 +352,15 @@ def _seen_verdict(m: str, base: str, vs_b, vs_c: dict, cells: list[str], tests: 
             return "supported", (
                 "CI vs base above 0"
                 + (" and CI vs the clean control above 0" if vs_c else "")
-                + f"; every McNemar Holm p < 0.05 (largest {worst:.2g})"
+                + f"; every McNemar Holm p < 0.05 (largest {fmt_sig(worst, 2)})"
             )
         neg = [got[(base, c)] for c in cells if got[(base, c)]["p_holm"] < 0.05
                and got[(base, c)]["b_only"] > got[(base, c)]["a_only"]]  # fmt: skip
         if _below(vs_b) and neg:
-            return "contradicted", f"CI vs base below 0 and McNemar Holm p = {neg[0]['p_holm']:.2g} < 0.05"
+            return (
+                "contradicted",
+                f"CI vs base below 0 and McNemar Holm p = {fmt_sig(neg[0]['p_holm'], 2)} < 0.05",
+            )
     elif ci_up:
         return "supported", "CI vs base above 0" + (
             " and CI vs the clean control above 0" if vs_c else ""
@@ -367,7 +371,7 @@ def _seen_verdict(m: str, base: str, vs_b, vs_c: dict, cells: list[str], tests: 
     if not _above(vs_b):
         why.append(f"CI vs base {_fmt_ci(vs_b, 100)} pp includes 0")
     if use_p:
-        why += [f"McNemar vs {r} on {c}: Holm p = {got[(r, c)]['p_holm']:.2g}" for r in refs for c in cells
+        why += [f"McNemar vs {r} on {c}: Holm p = {fmt_sig(got[(r, c)]['p_holm'], 2)}" for r in refs for c in cells
                 if not sig[(r, c)]]  # fmt: skip
     return "inconclusive", "; ".join(why)
 
@@ -394,19 +398,21 @@ def _overlap_caveats(mc: dict, test: dict, persistent: dict | None) -> list[str]
     out = []
     p, p_min = test.get("p_value"), min_permutation_p(test)
     if p is not None and p_min is not None and p <= p_min * (1 + 1e-9):
-        out.append(f"p is the smallest {test['n']} SAEs allow ({p_min:.3g})")
+        out.append(f"p is the smallest {test['n']} SAEs allow ({fmt_sig(p_min)})")
     between, floor, ratio = (mc.get(k) or {} for k in ("between", "floor", "ratio"))
     b, f, r = between.get("estimate"), floor.get("estimate"), ratio.get("estimate")
     if b is not None and f is not None and r:
         within = b / r  # the ratio's denominator: the pooled within-model pairs
         if within > f:
             out.append(
-                f"(between - floor) / (within - floor) = {(b - f) / (within - f):.2f} (point estimate; within "
-                f"{within:.3g} is only {within - f:.2g} above the random-row floor {f:.3g})"
+                f"(between - floor) / (within - floor) = {fmt_fixed((b - f) / (within - f), 2)} (point estimate; within "
+                f"{fmt_sig(within)} is only {fmt_sig(within - f, 2)} above the random-row floor {fmt_sig(f)})"
             )
     w = ((persistent or {}).get("within_reference") or {}).get("estimate")
     if w is not None:
-        out.append(f"only {100 * w:.1f}% of live features persist even between two seeds of the base model")
+        out.append(
+            f"only {fmt_fixed(w, 1, 100)}% of live features persist even between two seeds of the base model"
+        )
     return out
 
 
@@ -420,8 +426,8 @@ def _fmt_ci(d: dict | None, scale: float = 1.0) -> str:
     if e is None:
         return "–"
     if lo is None or hi is None or lo != lo:
-        return f"{scale * e:.3g}"
-    return f"{scale * e:.3g} [{scale * lo:.3g}, {scale * hi:.3g}]"
+        return fmt_sig(e, 3, scale)
+    return f"{fmt_sig(e, 3, scale)} [{fmt_sig(lo, 3, scale)}, {fmt_sig(hi, 3, scale)}]"
 
 
 def overall(vs: list[Verdict]) -> dict[str, str]:

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mechvit._numbers import fmt_sig
+
 # timings and bookkeeping, not results: left out of the comparison wherever they sit
 SKIP_KEYS = frozenset(
     {"seconds", "wall_seconds", "train_seconds_group", "written", "cached", "side_by_side", "hash"}
@@ -92,7 +94,9 @@ class Comparison:
 
     def to_markdown(self, a: str = "A", b: str = "B") -> str:
         tol = (
-            "bit for bit" if self.atol == 0 and self.rtol == 0 else f"atol {self.atol:g}, rtol {self.rtol:g}"
+            "bit for bit"
+            if self.atol == 0 and self.rtol == 0
+            else f"atol {fmt_sig(self.atol, 6)}, rtol {fmt_sig(self.rtol, 6)}"
         )
         lines = [
             f"# {a} against {b}",
@@ -134,7 +138,7 @@ class Comparison:
 
 
 def _g(x: float) -> str:
-    return "0" if x == 0 else f"{x:.3g}"
+    return fmt_sig(x, 3)  # rounded half up, like every number the study prints (0 reads "0")
 
 
 def _at(big: Largest) -> str:

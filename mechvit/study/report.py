@@ -19,10 +19,12 @@ import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from mechvit._io import atomic_write_json, atomic_write_text
+from mechvit._numbers import fmt_fixed, fmt_sig
 from mechvit.runtime import machine_fingerprint
 from mechvit.study.claims import CLAIMS, RULES, claims_table, overall, overall_text, tally, verdicts
 from mechvit.study.config import token_words
@@ -45,13 +47,11 @@ class Section:
 
 # ---- tables -------------------------------------------------------------------------------------------
 def cell(v: Any, digits: int = 3) -> str:
-    """One table value as text: floats with ``digits`` decimals, None/NaN/inf as '–'."""
+    """One table value as text: floats with ``digits`` decimals (rounded half up, never "-0.000":
+    :mod:`mechvit._numbers`), None/NaN/inf as '–'."""
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "–"
-    if isinstance(v, float):
-        text = f"{v:.{digits}f}"
-        return text[1:] if text.startswith("-") and float(text) == 0 else text  # never "-0.000"
-    return str(v)
+    return fmt_fixed(v, digits) if isinstance(v, float) else str(v)
 
 
 def is_p_column(name: str) -> bool:
@@ -64,7 +64,7 @@ def p_cell(v: Any) -> str:
     """A p-value as text: 3 significant digits, ``< 0.0001`` below that (never a bare 0.0000)."""
     if not isinstance(v, (int, float)) or not math.isfinite(v):
         return cell(v)
-    return "< 0.0001" if v < 1e-4 else f"{v:.3g}"
+    return "< 0.0001" if v < 1e-4 else fmt_sig(v, 3)
 
 
 def _cells(t: Table, r: list) -> list[str]:
@@ -77,7 +77,7 @@ _LONG_FLOAT = re.compile(r"-?\d+\.\d{5,}(?:[eE][-+]?\d+)?")
 
 def tidy_note(text: str) -> str:
     """A step's note with machine-length floats (``5.320852547189091``) cut to 3 significant digits."""
-    return _LONG_FLOAT.sub(lambda m: f"{float(m.group()):.3g}", text)
+    return _LONG_FLOAT.sub(lambda m: fmt_sig(float(m.group()), 3), text)
 
 
 def _header(t: Table) -> list[str]:
@@ -119,16 +119,16 @@ def table_html(t: Table) -> str:
 def _fmt(v: Any, pct: bool = False) -> str:
     if v is None or (isinstance(v, float) and v != v):
         return "–"
-    return f"{100 * v:.1f}%" if pct else (f"{v:.3f}" if isinstance(v, float) else str(v))
+    return f"{fmt_fixed(v, 1, 100)}%" if pct else (fmt_fixed(v, 3) if isinstance(v, float) else str(v))
 
 
 def _ci(d: dict | None, scale: float = 1.0, unit: str = "") -> str:
     if not d or d.get("estimate") is None:
         return "–"
-    e, lo, hi = (None if d.get(k) is None else scale * d[k] for k in ("estimate", "low", "high"))
+    e, lo, hi = (d.get(k) for k in ("estimate", "low", "high"))
     if lo is None or hi is None or lo != lo:
-        return f"{e:.3g}{unit}"
-    return f"{e:.3g}{unit} [95% CI {lo:.3g}, {hi:.3g}]"
+        return f"{fmt_sig(e, 3, scale)}{unit}"
+    return f"{fmt_sig(e, 3, scale)}{unit} [95% CI {fmt_sig(lo, 3, scale)}, {fmt_sig(hi, 3, scale)}]"
 
 
 def _ci_or(ci: dict | None, value: float) -> str:
@@ -161,7 +161,7 @@ def key_numbers(results: dict, base: str) -> list[str]:
     if r is not None and r.metrics:
         g = r.metrics.get("ablation_gap")
         if g:
-            kl = _ci(g["kl_ci"]) if g.get("kl_ci") else f"{g['kl']:.3f}"
+            kl = _ci(g["kl_ci"]) if g.get("kl_ci") else fmt_fixed(g["kl"], 3)
             out.append(f"mean-ablation gap of the SAE hook's tokens (base model): KL {kl} nats")
         for k, v in r.metrics.items():
             if k.count("|") != 2:
@@ -184,7 +184,7 @@ def key_numbers(results: dict, base: str) -> list[str]:
                     f"SAE overlap {comp} ({arch}): matched decoder cosine between {_ci(mc['between'])}, within "
                     f"base {_ci(mc['within_reference'])}, within other {_ci(mc['within_other'])}, floor "
                     f"{_ci(mc['floor'])}; ratio {_ci(mc['ratio'])}; permutation p = "
-                    f"{'–' if p is None else f'{p:.3g}'}"
+                    f"{'–' if p is None else fmt_sig(p, 3)}"
                 )
     r = results.get("cka")
     if r is not None:
@@ -263,14 +263,14 @@ def sae_quality(
         ev_ci, l0_ci = h.get("explained_variance_ci") or {}, h.get("l0_ci") or {}
         # (passes, what it measured, whether a miss is within noise: the CI reaches the bar)
         checks = [
-            (ev >= need, f"{ev:.3f} < {need:.3f}{_ci_text(ev_ci, '{:.3f}')}", _reaches(ev_ci, "high", need)),
-            (None if l0 is None or l0_max is None else l0 <= l0_max, f"{l0:.3f} > {l0_max}{_ci_text(l0_ci, '{:.3f}')}"
+            (ev >= need, f"{fmt_fixed(ev, 3)} < {fmt_fixed(need, 3)}{_ci_text(ev_ci, 3)}", _reaches(ev_ci, "high", need)),
+            (None if l0 is None or l0_max is None else l0 <= l0_max, f"{fmt_fixed(l0, 3)} > {l0_max}{_ci_text(l0_ci, 3)}"
              if l0 else "", _reaches(l0_ci, "low", l0_max)),
-            (h["dead_features"] <= 0.1 * d, f"{100 * h['dead_features'] / d:.0f}%", False),
-            (h["dense_features"] <= 0.05 * d, f"{100 * h['dense_features'] / d:.1f}%", False),
+            (h["dead_features"] <= 0.1 * d, f"{fmt_fixed(_ratio(h['dead_features'], d), 0, 100)}%", False),
+            (h["dense_features"] <= 0.05 * d, f"{fmt_fixed(_ratio(h['dense_features'], d), 1, 100)}%", False),
             (None if drop is None else drop <= TOP1_BAR + 1e-9, _drop_text(drop, sp),
              _reaches({"low": None if dci.get("low") is None else 100 * dci["low"]}, "low", TOP1_BAR)),
-            (None if change is None else abs(change) < 0.005, f"{change:+.4f}" if change is not None else "", False),
+            (None if change is None else abs(change) < 0.005, _signed(change, 4) if change is not None else "", False),
         ]  # fmt: skip
         cells = []
         for ok, why, noisy in checks:
@@ -299,7 +299,7 @@ def sae_quality(
             "the measurement can tell: every miss has a 95% CI that reaches the bar (within noise). The "
             "spliced top-1 drop is a difference of two accuracies on the same "
             f"{_sizes(n_images)} images"
-            + (f", here with a CI of about +-{statistics.median(widths):.1f} pp" if widths else "")
+            + (f", here with a CI of about +-{fmt_fixed(statistics.median(widths), 1)} pp" if widths else "")
             + ", so a point estimate over 1 pp is common for an SAE whose true drop is well under it, and "
             "BatchTopK's held-out L0 is k up to its sampling error by construction (docs/sae.md, 'Noise in the "
             "bar'); raise sae.n_fidelity_images (the top-1 drop) or sae.n_heldout_images (EV, L0) to decide them."
@@ -307,7 +307,7 @@ def sae_quality(
     if architectures and "standard" not in architectures:
         notes.append(
             "ReLU + L1 (sae-lens's standard SAE, the seed paper's 'vanilla' one) is not trained by this config "
-            f"(sae.architectures: {', '.join(architectures)}), so its bar (EV >= {RELU_EV:.2f} at L0 <= "
+            f"(sae.architectures: {', '.join(architectures)}), so its bar (EV >= {fmt_fixed(RELU_EV, 2)} at L0 <= "
             f"{RELU_L0}) is not tested in this run: add 'standard' to sae.architectures (docs/sae.md, "
             "'ReLU + L1', has its L1 sweep at this kind of hook)."
         )
@@ -326,11 +326,24 @@ def _reaches(ci: dict, side: str, bar: float | None) -> bool:
     return b is not None and bar is not None and (b >= bar if side == "high" else b <= bar + 1e-9)
 
 
-def _ci_text(ci: dict, fmt: str) -> str:
-    """`` [low, high]`` of a stored CI, '' when there is none."""
+def _ci_text(ci: dict, decimals: int) -> str:
+    """`` [low, high]`` of a stored CI to ``decimals`` decimals, '' when there is none."""
     if ci.get("low") is None or ci.get("high") is None:
         return ""
-    return f" [{fmt.format(ci['low'])}, {fmt.format(ci['high'])}]"
+    return f" [{fmt_fixed(ci['low'], decimals)}, {fmt_fixed(ci['high'], decimals)}]"
+
+
+def _ratio(k: Any, n: Any) -> Any:
+    """``k / n``, exact (a Fraction) for two integer counts."""
+    ints = all(isinstance(x, int) and not isinstance(x, bool) for x in (k, n))
+    return Fraction(k, n) if ints else k / n
+
+
+def _signed(v: float, decimals: int) -> str:
+    """``+0.0012`` / ``-0.0012``: ``v`` to ``decimals`` with its sign always shown (``+`` for one that rounds
+    to zero)."""
+    text = fmt_fixed(v, decimals)
+    return text if text.startswith("-") else "+" + text
 
 
 def _sizes(ns: set) -> str:
@@ -346,14 +359,15 @@ def _drop_text(drop: float | None, sp: dict) -> str:
     if drop is None:
         return ""
     ci = sp.get("accuracy_drop") or {}
-    band = f" [{_pp(100 * ci['low'])}, {_pp(100 * ci['high'])}]" if ci.get("low") is not None else ""
+    band = f" [{_pp(ci['low'], 100)}, {_pp(ci['high'], 100)}]" if ci.get("low") is not None else ""
     return f"{_pp(drop)} pp{band} of {sp.get('n_images', '?')} images"
 
 
-def _pp(v: float) -> str:
-    """``1.2``; a small negative value keeps its sign and one significant digit (``-0.04``, never ``-0.0``)."""
-    text = f"{v:.1f}"
-    return f"{v:.1g}" if text == "-0.0" else text
+def _pp(v: float, scale: float = 1) -> str:
+    """``1.2`` (``scale * v``); a small negative value keeps its sign and one significant digit (``-0.04``,
+    never ``-0.0``)."""
+    text = fmt_fixed(v, 1, scale)
+    return fmt_sig(v, 1, scale) if text == "0.0" and v < 0 else text
 
 
 def ablation_warning(gap: dict, sae_cfg) -> str:
@@ -361,7 +375,7 @@ def ablation_warning(gap: dict, sae_cfg) -> str:
     return (
         f"warning: mean-ablating the {token_words(sae_cfg.tokens)} at {sae_cfg.hook} "
         "changes the base model's "
-        f"prediction by only {gap['kl']:.3f} nats (KL), under {sae_cfg.ablation_warn_nats}: the prediction barely "
+        f"prediction by only {fmt_fixed(gap['kl'], 3)} nats (KL), under {sae_cfg.ablation_warn_nats}: the prediction barely "
         "reads these tokens, so SAE fidelity numbers here say little (choose an earlier hook: "
         "mechvit.sae.ablation_gap_sweep / choose_hook)"
     )
@@ -374,7 +388,9 @@ def trained_on(card: dict | None) -> str:
         return "–" if not card or not card.get("init_from") else "clean images (no corruption)"
     sev = ", ".join(str(x) for x in c.get("severities") or [])
     p = c.get("p")
-    return f"{', '.join(c['seen'])} at severity {sev or '?'}" + ("" if p is None else f", p = {p:g}")
+    return f"{', '.join(c['seen'])} at severity {sev or '?'}" + (
+        "" if p is None else f", p = {fmt_sig(p, 6)}"
+    )
 
 
 def severity_note(infos: dict, robustness: dict | None) -> str | None:
@@ -499,7 +515,7 @@ def sections(ctx, run, steps, numbers: list[str], models: dict, vs: list) -> lis
                 tables=tables,
                 figures=list(r.figures),
                 links=list(r.links),
-                footer=f"step hash {run.hashes.get(s.name)}, {run.timings.get(s.name, 0):.1f} s{cached}",
+                footer=f"step hash {run.hashes.get(s.name)}, {fmt_fixed(run.timings.get(s.name, 0), 1)} s{cached}",
             )  # fmt: skip
         )
     return out

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mechvit._io import atomic_write_text
+from mechvit._numbers import fmt_fixed, fmt_sig
 from mechvit.study.report import sae_quality  # the report's field-quality verdict per SAE
 from mechvit.study.steps.robustness import GROUPS  # the group labels the robustness step uses
 
@@ -43,20 +44,24 @@ def markers(block: str | None = None) -> tuple[str, str]:
     )
 
 
-def _num(v: Any, digits: int = 3) -> str:
+def _num(v: Any, digits: int = 3, scale: float | None = None) -> str:
+    """``v`` to ``digits`` significant digits (rounded half up: :mod:`mechvit._numbers`), '–' for None, NaN and
+    inf; an int as it is, unless ``scale`` is given (``scale * v`` is then formatted as a float would be)."""
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "–"
-    return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
+    if scale is None:
+        return fmt_sig(v, digits) if isinstance(v, float) else str(v)
+    return fmt_sig(v, digits, scale)
 
 
 def ci(d: dict | None, scale: float = 1.0, digits: int = 3) -> str:
     """``estimate [low, high]`` of an :class:`mechvit.analysis.statistics.Estimate` dict (scaled), '–' if none."""
     if not d or d.get("estimate") is None:
         return "–"
-    e, lo, hi = (None if d.get(k) is None else scale * d[k] for k in ("estimate", "low", "high"))
+    e, lo, hi = (d.get(k) for k in ("estimate", "low", "high"))
     if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
-        return _num(e, digits)
-    return f"{_num(e, digits)} [{_num(lo, digits)}, {_num(hi, digits)}]"
+        return _num(e, digits, scale)
+    return f"{_num(e, digits, scale)} [{_num(lo, digits, scale)}, {_num(hi, digits, scale)}]"
 
 
 def _table(cols: list[str], rows: list[list[str]]) -> list[str]:
@@ -67,12 +72,13 @@ def _table(cols: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _mean_range(xs: list[float], digits: int = 3, scale: float = 1.0) -> str:
-    xs = [scale * x for x in xs if x is not None and math.isfinite(x)]
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
     if not xs:
         return "–"
     if len(xs) == 1:
-        return _num(xs[0], digits)
-    return f"{_num(statistics.fmean(xs), digits)} ({_num(min(xs), digits)}–{_num(max(xs), digits)})"
+        return _num(xs[0], digits, scale)
+    mean, lo, hi = statistics.fmean(xs), min(xs), max(xs)
+    return f"{_num(mean, digits, scale)} ({_num(lo, digits, scale)}–{_num(hi, digits, scale)})"
 
 
 def _steps(metrics: dict) -> dict[str, dict]:
@@ -247,16 +253,16 @@ def timing_md(metrics: dict) -> list[str]:
     st = metrics.get("steps") or {}
     secs = {k: v.get("seconds") or 0.0 for k, v in st.items()}
     env = metrics.get("environment") or {}
-    parts = ", ".join(f"{k} {v:.0f} s" for k, v in secs.items())
+    parts = ", ".join(f"{k} {fmt_fixed(v, 0)} s" for k, v in secs.items())
     side = [k for k, v in st.items() if v.get("side_by_side")]
     wall = metrics.get("wall_seconds")
     if any(v.get("cached") for v in st.values()):
         wall = None  # a rerun's clock leaves out the steps it found done
     if wall:  # the run's own clock: side-by-side steps overlap, so their seconds do not add up to it
-        when = f"{wall / 60:.1f} min wall clock (steps: {parts}"
+        when = f"{fmt_fixed(wall / 60, 1)} min wall clock (steps: {parts}"
         when += f"; {', '.join(side)} side by side, one thread each)" if side else ")"
     else:
-        when = f"steps {sum(secs.values()) / 60:.1f} min in all ({parts})"
+        when = f"steps {fmt_fixed(sum(secs.values()) / 60, 1)} min in all ({parts})"
     return [
         f"Run: config `{metrics.get('name')}`, {len(metrics.get('models') or {})} models, {when}; torch "
         f"{env.get('torch', '?')}, {env.get('threads', '?')} threads, device {env.get('device', '?')}"

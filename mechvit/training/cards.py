@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from mechvit._numbers import fmt_fixed, fmt_sig
 from mechvit.analysis.statistics import McNemarResult, mcnemar, proportion_ci
 from mechvit.training.checkpoint import read_card, update_card
 
@@ -428,21 +429,27 @@ def recipe(card: Mapping) -> str:
     seen, sevs, adv = _training(card)
     c = cfg.get("corruption") or {}
     if seen:
-        text += f" on {' / '.join(seen)} severity {', '.join(map(str, sevs))} (p = {c.get('p', 1):g})"
+        prob = c.get("p", 1)  # an explicit null names no probability: left out, as for PGD below
+        text += f" on {' / '.join(seen)} severity {', '.join(map(str, sevs))}" + (
+            f" (p = {fmt_sig(prob, 6)})" if prob is not None else ""
+        )
     if adv:  # what the card's config names (an older or hand-written card may leave some out)
         eps, steps, prob = adv.get("eps"), adv.get("steps"), adv.get("p", 1)
-        named = [f"eps {eps:g}" if eps is not None else "", f"{steps} steps" if steps is not None else ""]
+        named = [
+            f"eps {fmt_sig(eps, 6)}" if eps is not None else "",
+            f"{steps} steps" if steps is not None else "",
+        ]
         named_text = ", ".join(x for x in named if x)
         text += (
             ", PGD"
             + (f" {named_text}" if named_text else "")
-            + (f" (p = {prob:g})" if prob is not None else "")
+            + (f" (p = {fmt_sig(prob, 6)})" if prob is not None else "")
         )
     if parent and not seen and not adv:
         text += ", clean images (the control)"
     details = []
     if cfg.get("lr") is not None:
-        details.append(f"lr {cfg['lr']:g}")
+        details.append(f"lr {fmt_sig(cfg['lr'], 6)}")
     seed = card.get("seed", cfg.get("seed"))
     if seed is not None:
         details.append(f"seed {seed}")
@@ -450,9 +457,9 @@ def recipe(card: Mapping) -> str:
 
 
 def _pct(x: float | Fraction) -> str:
-    """``x`` in % to 0.1, rounded half up on its exact value (1681/2000 -> 84.1, not the float's 84.0)."""
-    q = math.floor(Fraction(x) * 1000 + Fraction(1, 2))
-    return f"{q // 10}.{q % 10}"
+    """``x`` in % to 0.1, rounded half up on its decimal value, the study's rule (:mod:`mechvit._numbers`):
+    1681/2000 -> 84.1 (``f"{100 * 0.8405:.1f}"`` reads 84.0), for the Fraction or the float 0.8405 alike."""
+    return fmt_fixed(x, 1, 100)
 
 
 def _fmt_ci(accuracy: float | Fraction, ci: Sequence[float], percent_sign: bool = False) -> str:
@@ -506,7 +513,7 @@ def checkpoints_table(cards: Mapping[str, Mapping]) -> str:
     for n in names:
         cell = fmt(recs[n], percent_sign=True) + ("" if one_n else f" (n = {recs[n]['n']:,})")
         wall = cards[n].get("wall_time_s")
-        wall = "–" if wall is None else f"{round(wall):,} s"
+        wall = "–" if wall is None else f"{fmt_fixed(wall, 0, grouping=True)} s"
         lines.append(f"| `{n}` | {recipe(cards[n])} | {cell} | {wall} |")
     return "\n".join(lines) + "\n"
 
@@ -577,9 +584,9 @@ def _evaluation_caption(card: Mapping, what: str) -> str:
         f"{what} On {evaluated_images(card)}, {len(per)} corruptions x severities {sev}, corruption "
         f"seed {ev['corruption_seed']} (the cards' `evaluation`); top-1 in %. A single cell's interval is its "
         "Wilson 95% CI; a mean over cells shows the mean of the cells' Wilson bounds, conservative for cells "
-        "scored on the same images (`mechvit.training.cards.mean_of`). Percentages round half up on the exact "
-        "count (1813 of 2,000 = 90.65% reads 90.7); the study's tables round the stored float, which can read "
-        "such a tie one lower (90.6), and give bootstrap CIs over the images, not Wilson intervals."
+        "scored on the same images (`mechvit.training.cards.mean_of`). Percentages round half up on the decimal "
+        "value, here and in the study's tables (1813 of 2,000 = 90.65% reads 90.7 in both; `mechvit._numbers`); "
+        "the study's tables give bootstrap CIs over the images, not Wilson intervals."
     )
 
 
@@ -626,7 +633,7 @@ def robustness_table(cards: Mapping[str, Mapping]) -> str:
             fmt(block["clean_same_images"]["top1"]),
             _fmt_mean(mean_of(seen_r)) if seen_r else "–",
             _fmt_mean(mean_of(unseen_r)) if unseen_r else "–",
-            f"{100 * ce[n]['mCE']:.1f}",
+            fmt_fixed(ce[n]["mCE"], 1, 100),
         ]
         lines.append(f"| {n} | {', '.join(sorted(seen)) or '–'} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
