@@ -421,3 +421,129 @@ def test_reused_codes_give_the_twice_encoded_stats(setup, monkeypatch):
             assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=nan), f.name
         else:
             assert a == b, f.name
+
+
+def test_a_latent_that_fires_only_on_corrupted_images_is_labelled_from_them():
+    """Known answer: a latent that never fires on a clean token but does on corrupted ones gets its class association
+    and location from its top n_assoc corrupted images where it fires, with the corrupted images' labels (here every
+    corrupted image it fires on is labelled c7: "c7 ..."), label_set "corrupted"; a latent that fires on clean tokens
+    keeps the label of its clean images, bit for bit the one computed without corrupted images; one that never fires
+    is "none" and "-"."""
+    hook = "blocks.0.hook_resid_post"
+    model = tiny_model()
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(30, 1, 28, 28, generator=g)
+    corrupted = (images + 0.3 * torch.randn(images.shape, generator=g)).clamp(0, 1)
+    sae = corrupted_only_sae(model, hook, images, corrupted)
+    labels = torch.arange(30) % 10
+    n_assoc = 8
+    zc = brute_codes(model, sae, corrupted, hook)  # [M, P, F]
+    z = brute_codes(model, sae, images, hook)
+    only_c = np.flatnonzero(((z > 0).sum((0, 1)) == 0).numpy() & ((zc > 0).sum((0, 1)) > 0).numpy())
+    assert len(only_c) >= 2, "the case is not covered"
+    f = int(only_c[np.argmax((zc[..., only_c] > 0).any(1).sum(0).numpy())])  # on the most corrupted images
+    fires_c = (zc[..., f] > 0).any(1).numpy()  # [M] the corrupted images it fires on
+    corrupted_labels = np.where(fires_c, 7, np.arange(30) % 7)  # c7 exactly where f fires
+    st = feature_stats(
+        model, sae, images, labels, CLASSES, corrupted=corrupted, corrupted_labels=corrupted_labels, k=3,
+        n_assoc=n_assoc, progress=False,
+    )  # fmt: skip
+    np.testing.assert_array_equal(st.label_set, st.effect_basis)
+    assert st.label_set[f] == "corrupted" and set(only_c) == set(np.flatnonzero(st.label_set == "corrupted"))
+    # brute force: its top n_assoc corrupted images by their strongest patch, their labels and mean normalised map
+    img_max = zc[..., f].amax(1)
+    top = [int(i) for i in torch.argsort(img_max, descending=True, stable=True)[:n_assoc] if img_max[i] > 0]
+    n = len(top)
+    assert n == min(n_assoc, int(fires_c.sum())) and n >= 1
+    want_counts = np.bincount(corrupted_labels[top], minlength=10)
+    assert want_counts[7] == n
+    np.testing.assert_array_equal(st.class_counts[f], want_counts)
+    maps = np.stack([(zc[i, :, f] / img_max[i]).reshape(4, 4).numpy() for i in top])
+    np.testing.assert_allclose(st.location[f], maps.mean(0), rtol=1e-5, atol=1e-7)
+    want_class = f"c7 ({n} of {n})" if n < 5 else "c7 100%"
+    where = location_label(maps.mean(0))
+    assert st.label_class[f] == want_class and st.label_where[f] == where
+    assert st.label[f] == f"{want_class} · {where}"
+    assert st.shown_label(f) == f"{want_class} · {where} (corrupted images)"
+    # a latent that fires on clean tokens: its clean label, bit for bit the one computed without corrupted images
+    alone = feature_stats(model, sae, images, labels, CLASSES, k=3, n_assoc=n_assoc, progress=False)
+    clean = np.flatnonzero(st.label_set == "clean")
+    assert len(clean) > 5 and (alone.label_set[clean] == "clean").all()
+    np.testing.assert_array_equal(st.class_counts[clean], alone.class_counts[clean])
+    np.testing.assert_array_equal(st.location[clean], alone.location[clean])
+    for key in ("label", "label_class", "label_where"):
+        assert [getattr(st, key)[c] for c in clean] == [getattr(alone, key)[c] for c in clean], key
+    assert all(st.shown_label(c) == st.label[c] for c in clean)
+    # without corrupted images the corrupted-only latent is unlabelled ("none", "-", as before)
+    assert alone.label_set[f] == "none" and alone.label[f] == "-" and not alone.class_counts[f].any()
+    # a latent that never fires: "none", "-"
+    dead = np.flatnonzero(st.label_set == "none")
+    assert set(range(4)) <= set(dead.tolist())
+    assert all(st.label[d] == "-" == st.shown_label(d) for d in dead) and not st.class_counts[dead].any()
+    # stats made before label_set: every label from the clean images ("clean" where it has one, else "none")
+    import dataclasses
+
+    old = dataclasses.replace(alone, label_set=None)
+    np.testing.assert_array_equal(old.labelled_on, alone.label_set)
+    assert old.shown_label(f) == "-"
+
+
+def test_the_top_corrupted_images_shown_are_those_of_a_ranking_of_k(setup):
+    """The label of a latent that fires only on corrupted images needs its top n_assoc corrupted images: the top k
+    shown (indices, values, maps) and the ablations on them are the first k of that larger ranking, exactly those of
+    a ranking of k alone (n_assoc <= k: the ranking of k)."""
+    model, sae, hook, images, labels, corrupted, st = setup  # k = 4, n_assoc = 6
+    assert (st.label_set == "corrupted").sum() >= 2  # the larger ranking is used
+    wide = feature_stats(
+        model, sae, images, labels, CLASSES, corrupted=corrupted, k=4, n_assoc=16, n_bins=8, progress=False
+    )
+    narrow = feature_stats(
+        model, sae, images, labels, CLASSES, corrupted=corrupted, k=4, n_assoc=4, n_bins=8, progress=False
+    )
+    for other in (st, wide):
+        for key in ("top_idx_corrupted", "top_val_corrupted", "top_maps_corrupted", "top_idx", "top_maps"):
+            np.testing.assert_array_equal(getattr(other, key), getattr(narrow, key), err_msg=key)
+        for key in ("probs_ablate", "probs_double"):
+            np.testing.assert_array_equal(getattr(other, key), getattr(narrow, key), err_msg=key)
+    # ... and they are the brute-force ranking of the corrupted images by their strongest patch
+    zc = brute_codes(model, sae, corrupted, hook)
+    img_max = zc.amax(1)
+    for f in np.flatnonzero(st.label_set == "corrupted"):
+        order = [int(i) for i in torch.argsort(img_max[:, f], descending=True, stable=True)[:4]]
+        got = [int(i) for i in wide.top_idx_corrupted[f]]
+        assert got == [i if img_max[i, f] > 0 else -1 for i in order]
+    # a wider ranking labels from more images: as many as the latent fires on, up to n_assoc
+    fired = (img_max > 0).sum(0).numpy()
+    only_c = np.flatnonzero(st.label_set == "corrupted")
+    np.testing.assert_array_equal(wide.class_counts[only_c].sum(1), np.minimum(fired[only_c], 16))
+    np.testing.assert_array_equal(st.class_counts[only_c].sum(1), np.minimum(fired[only_c], 6))
+
+
+def test_corrupted_labels_are_checked(setup):
+    model, sae, hook, images, labels, corrupted, st = setup
+    both = torch.cat([corrupted, corrupted])
+    with pytest.raises(ValueError, match="give corrupted_labels: 60 corrupted images but 30 labels"):
+        feature_stats(model, sae, images, labels, CLASSES, corrupted=both, progress=False)
+    with pytest.raises(ValueError, match="60 corrupted images but 30 corrupted labels"):
+        feature_stats(
+            model, sae, images, labels, CLASSES, corrupted=both, corrupted_labels=labels, progress=False
+        )
+    with pytest.raises(ValueError, match="corrupted_labels must index the 10 classes"):
+        feature_stats(
+            model,
+            sae,
+            images,
+            labels,
+            CLASSES,
+            corrupted=corrupted,
+            corrupted_labels=labels + 1,
+            progress=False,
+        )
+    with pytest.raises(ValueError, match="without corrupted images"):
+        feature_stats(model, sae, images, labels, CLASSES, corrupted_labels=labels, progress=False)
+    # given as the default would give them: the same stats
+    same = feature_stats(
+        model, sae, images, labels, CLASSES, corrupted=corrupted, corrupted_labels=labels.tolist(), k=4,
+        n_assoc=6, n_bins=8, progress=False,
+    )  # fmt: skip
+    assert same.label == st.label and np.array_equal(same.class_counts, st.class_counts)

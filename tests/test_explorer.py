@@ -122,12 +122,15 @@ def test_page_data_matches_the_python_computation(built):
         # never fires on a clean token
         assert [data["effect_bases"][b] for b in entry["ablation_set"]] == st.ablation_set[live].tolist()
         assert (st.ablation_set[live] == st.effect_basis[live]).all()
+        # the images each label comes from (its top corrupted ones for a latent that never fires on a clean token)
+        assert [data["effect_bases"][b] for b in entry["label_set"]] == st.label_set[live].tolist()
+        assert entry["class_counts"] == st.class_counts[live].tolist()
     probs = explorer_array(data, data["models"]["base"], "probs").reshape(-1, 10)
     np.testing.assert_allclose(probs, stats["base s0"].probs, atol=0.5 / 65535 + 1e-7)
     probs_c = explorer_array(data, data["models"]["base"], "probs_c").reshape(-1, 10)  # "before" on corrupted
     np.testing.assert_allclose(probs_c, stats["base s0"].probs_corrupted, atol=0.5 / 65535 + 1e-7)
     # counterparts (other model, same condition and seed) and seed replicates (same model and condition)
-    assert data["format"] == "mechvit-explorer/5" and data["effect_bases"] == ["clean", "corrupted", "none"]
+    assert data["format"] == "mechvit-explorer/6" and data["effect_bases"] == ["clean", "corrupted", "none"]
     assert any("corrupted" in st.effect_basis[st.live] for st in stats.values())  # the case is covered
     b0, b1, f0 = data["saes"]
     assert [m["sae"] for m in b0["matches"]] == ["ft s0"] and [m["sae"] for m in b0["replicates"]] == [

@@ -3,8 +3,9 @@
 - a latent that never fires on the clean images: mean activation "–", its mean on the corrupted images, the
   direct logit effect at that mean (and said so, on the page and the page's card), its top corrupted images with
   their heatmaps and conditions, and its ablate/double effect measured on them (the numbers feature_stats
-  computed, equal to a hand splice); an older page's effect at a clean mean of 0, and its ablation that was
-  never measured: "not measured";
+  computed, equal to a hand splice), its label from its top corrupted images, marked "(corrupted images)" and
+  searchable; an older page's effect at a clean mean of 0, and its ablation that was never measured: "not
+  measured"; an older page's unlabelled latent: "-";
 - density always a percentage; the page's card at k = 8 keeps its 6 images inside its width;
 - a sort by "cos <model>" survives a change of replicate and a followed match link; labels sort numerically;
 - the index is a keyboard listbox (arrows, Page Up/Down, Home, End, Enter), links (#sae=...&f=...) are followed
@@ -128,8 +129,14 @@ def test_a_latent_that_never_fires_on_clean_images(real, driver):
         driver.find_element("css selector", "#noimgs").text
         == f"never active on the clean images (its top {CORR} images are below)"
     )
-    assert driver.find_element("css selector", "#classes").text.endswith(
-        "none: never active on the clean images"
+    # its classes: those of its top corrupted images, the images its label comes from
+    n_c = int(st.class_counts[f].sum())
+    assert st.label_set[f] == "corrupted" and n_c >= int((st.top_idx_corrupted[f] >= 0).sum()) > 0
+    assert driver.find_element("css selector", "#classes h3").text.lower() == (
+        f"classes of top {n_c} corrupted image{'s' if n_c > 1 else ''}"
+    )
+    assert driver.find_element("css selector", "#classes-note").text == (
+        f"its top {CORR} images: it never fires on a clean image"
     )
     assert driver.find_element("css selector", "#hist").text.startswith(
         "none: never active on the clean images"
@@ -152,7 +159,10 @@ def test_a_latent_that_never_fires_on_clean_images(real, driver):
     assert "direct logit effect (at the corrupted mean act*)" in svg
     assert f"* at its mean activation on the {CORR} images ({mean_c}); it never fires on clean images" in svg
     assert "mean act – (" + CORR + ": " in svg and "never active on the clean images" in svg
-    assert ">classes of the top images<" in svg and "top 0" not in svg
+    assert f">classes of the top {n_c} corrupted image" in svg and "top 0" not in svg
+    assert f'class="l">{st.shown_label(f)}</text>' in svg and st.shown_label(f).endswith(
+        " (corrupted images)"
+    )
     # ... and shows its top corrupted images, each with its condition
     top_c = [int(t) for t in st.top_idx_corrupted[f] if t >= 0]
     assert svg.count("<image ") == min(6, len(top_c)) > 0
@@ -255,6 +265,91 @@ def test_classes_of_top_images_count_the_images_the_latent_fired_on(real, driver
             f,
         )
         assert f">classes of the top {n} image" in svg
+
+
+def search(driver, query: str) -> list[int]:
+    box = driver.find_element("css selector", "#search")
+    box.clear()
+    box.send_keys(query)
+    return js(driver, "return explorer.visibleIds()")
+
+
+@skip_without_chromium
+def test_a_label_from_corrupted_images_is_marked_and_searchable(real, driver):
+    """A latent that fires only on the corrupted images is labelled from its top corrupted images: the label is
+    marked "(corrupted images)" in the index, the panel, a matched latent's line and the card, and a search finds
+    it by its label (and "corrupted images" finds exactly the latents labelled so); a clean label has no mark."""
+    path, data, st, *_ = real
+    entry = data["saes"][0]
+    live = np.asarray(entry["live"])
+    assert [data["effect_bases"][b] for b in entry["label_set"]] == st.label_set[live].tolist()
+    assert entry["label"] == [st.label[g] for g in live]  # the plain label; the page adds the mark
+    f = _corrupted_only(st)
+    assert st.label_set[f] == "corrupted" and st.label[f] != "-"
+    shown = f"{st.label[f]} (corrupted images)"
+    assert st.shown_label(f) == shown
+    marked = sorted(live[st.label_set[live] == "corrupted"].tolist())
+    assert len(marked) >= 2
+    fresh(driver, path, f"#sae=base+s0&f={f}")
+    label = driver.find_element("css selector", "#label")
+    assert label.text == shown and label.get_attribute("data-set") == "corrupted"
+    tag = label.find_element("css selector", ".lset")
+    assert tag.text == "(corrupted images)" and "never fires on a clean image" in tag.get_attribute("title")
+    # the index row: the same text, the mark as a tag
+    cell = driver.find_element("css selector", f'#spacer .row[data-feature="{f}"]').find_elements(
+        "css selector", "div"
+    )[3]
+    assert cell.get_attribute("textContent") == shown and cell.get_attribute("title") == shown
+    assert cell.find_elements("css selector", ".lset")
+    # search: by its label's class association, by the whole shown label, and by the mark
+    assert f in search(driver, st.label_class[f].lower())
+    assert f in search(driver, shown.upper())
+    assert sorted(search(driver, "corrupted images")) == marked
+    assert search(driver, "(corrupted images)") and f in search(driver, "(corrupted images)")
+    # a clean label: no mark, not found by the mark
+    clean = int(live[np.argmax(st.density[live])])
+    assert st.label_set[clean] == "clean" and clean not in marked
+    search(driver, "")
+    js(driver, "explorer.open('base s0', arguments[0])", clean)
+    label = driver.find_element("css selector", "#label")
+    assert label.text == st.label[clean] and label.get_attribute("data-set") == "clean"
+    assert not label.find_elements("css selector", ".lset")
+    assert collect(driver).console_errors == []
+
+
+@skip_without_chromium
+def test_an_older_page_keeps_the_unlabelled_corrupted_only_latents(real, driver, tmp_path):
+    """A mechvit-explorer/5 page (no label_set; a latent that fires only on corrupted images was labelled "-" with
+    no class counts) still opens: such a latent reads "-", with no mark and no classes; clean labels unchanged."""
+    path, data, st, *_ = real
+    f = _corrupted_only(st)
+    entry = dict(data["saes"][0])
+    only = [i for i, g in enumerate(entry["live"]) if st.label_set[g] == "corrupted"]
+    del entry["label_set"]
+    entry["label"] = ["-" if i in only else v for i, v in enumerate(entry["label"])]
+    entry["class_counts"] = [[0] * 10 if i in only else v for i, v in enumerate(entry["class_counts"])]
+    v5 = {**data, "format": "mechvit-explorer/5", "saes": [entry]}
+    v5_path = tmp_path / "v5.html"
+    v5_path.write_text(explorer_html(v5), encoding="utf-8")
+    fresh(driver, v5_path, f"#sae=base+s0&f={f}")
+    label = driver.find_element("css selector", "#label")
+    assert label.text == "-" and label.get_attribute("data-set") == "none"
+    assert driver.find_element("css selector", "#classes").text.endswith(
+        "none: never active on the clean images"
+    )
+    assert search(driver, "corrupted images") == []
+    assert search(driver, "-") and f in search(driver, "-")
+    clean = int(st.live[np.argmax(st.density[st.live])])
+    search(driver, "")
+    js(driver, "explorer.open('base s0', arguments[0])", clean)
+    label = driver.find_element("css selector", "#label")
+    assert label.text == st.label[clean] and label.get_attribute("data-set") == "clean"
+    svg = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1]; explorer.cardSvg('base s0', arguments[0]).then(done);",
+        f,
+    )
+    assert 'class="l">-</text>' in svg and ">classes of the top images<" in svg
+    assert collect(driver).console_errors == []
 
 
 @skip_without_chromium

@@ -112,18 +112,25 @@ def test_card_says_which_activation_the_logit_effect_is_at(stats, tmp_path):
     assert "mean act – (corrupted " + f"{float(st.mean_act_corrupted[f]):.3g})" in text
     assert "direct logit effect (corrupted-image mean act × decoder dir.)" in text
     assert "nan" not in text and "not measured" not in text
-    assert "classes of top images: none (never on clean)" in text
+    # its label and classes: from its top corrupted images, and marked so
+    n_c = int(st.class_counts[f].sum())
+    assert st.label_set[f] == "corrupted" and st.label[f] != "-" and n_c > 0
+    assert f"classes of top {n_c} corrupted images" in text
+    assert f"— {st.label[f]} (corrupted images)</text>" in text
     clean = int(st.live[np.argmax(st.density[st.live])])
     feature_card(st, clean, images, CLASSES, path=tmp_path / "k.png", dpi=72)
     text = (tmp_path / "k.svg").read_text()
     assert "direct logit effect (mean act × decoder dir.)" in text and "corrupted-image" not in text
     n_top = int(st.class_counts[clean].sum())
     assert f"classes of top {n_top} images" in text and 0 < n_top <= st.n_assoc
+    assert f"— {st.label[clean]}</text>" in text
+    assert "(corrupted images)" not in text
     dead = 0  # random_sae kills latents 0-3
     assert st.effect_basis[dead] == "none" and np.isnan(st.logit_effect[dead]).all()
     feature_card(st, dead, images, CLASSES, path=tmp_path / "d.png", dpi=72)
     text = (tmp_path / "d.svg").read_text()
     assert "not measured" in text and "(never fires on clean images)" in text and "nan" not in text
+    assert "classes of top images: none (never on clean)" in text and st.label_set[dead] == "none"
 
 
 def test_a_latent_that_fires_only_on_corrupted_images_shows_them_with_their_condition(stats, tmp_path):
@@ -135,7 +142,8 @@ def test_a_latent_that_fires_only_on_corrupted_images_shows_them_with_their_cond
     ).clamp(0, 1)
     st2 = feature_stats(
         tiny_model(), random_sae("blocks.0.hook_resid_post"), images, torch.arange(24) % 10, CLASSES,
-        corrupted=torch.cat([corrupted, noisy]), k=4, n_assoc=8, progress=False,
+        corrupted=torch.cat([corrupted, noisy]), corrupted_labels=torch.arange(48) % 24 % 10, k=4, n_assoc=8,
+        progress=False,
     )  # fmt: skip
     only_c = np.flatnonzero(st2.effect_basis == "corrupted")
     f = int(only_c[np.argmax((st2.top_idx_corrupted[only_c] >= 0).sum(1))])

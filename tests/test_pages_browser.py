@@ -127,8 +127,9 @@ def test_explorer_numbers_are_the_study_models_own(study):
     corrupted = torch.cat([ctx.corrupted(c, N_EXPLORER) for c in cfg.conditions])
     sae, _ = load_sae(out / metrics["steps"]["explorer"]["metrics"]["saes"]["ft_blur · r1"]["dir"])
     st = feature_stats(
-        ctx.model("ft_blur"), sae, x, y, class_names(ctx), corrupted=corrupted, transform=ctx.prep,
-        k=3, n_assoc=8, n_bins=12, progress=False,
+        ctx.model("ft_blur"), sae, x, y, class_names(ctx), corrupted=corrupted,
+        corrupted_labels=y.repeat(len(cfg.conditions)), transform=ctx.prep, k=3, n_assoc=8, n_bins=12,
+        progress=False,
     )  # fmt: skip
     entry = next(
         s for s in page_data(out / "explorer" / "features.html")["saes"] if s["name"] == "ft_blur · r1"
@@ -150,6 +151,9 @@ def test_explorer_numbers_are_the_study_models_own(study):
     np.testing.assert_allclose(logit, st.logit_effect[live], atol=np.abs(st.logit_effect[live]).max() / 30000)
     assert entry["top"] == st.top_idx[live].tolist() and entry["top_c"] == st.top_idx_corrupted[live].tolist()
     assert entry["label"] == [st.label[f] for f in live] and entry["hist"] == st.hist[live].tolist()
+    # a latent that fires only on corrupted images is labelled from its top corrupted images (their labels)
+    assert [data["effect_bases"][b] for b in entry["label_set"]] == st.label_set[live].tolist()
+    assert entry["class_counts"] == st.class_counts[live].tolist()
 
 
 # ---- in the browser: report.html and every page it links ------------------------------------------------------
@@ -278,6 +282,22 @@ def test_explorer_of_the_study(study):
         driver.find_element("css selector", '#thead [data-sort="density"]').click()
         assert len(driver.execute_script("return explorer.visibleIds()")) == len(s["live"])
         assert detail.get_attribute("data-feature") == str(f)
+        # the latents labelled from their top corrupted images (they never fire on a clean one): found by the mark
+        marked = [
+            g
+            for g, b in zip(s["live"], s["label_set"], strict=True)
+            if data["effect_bases"][b] == "corrupted"
+        ]
+        box.send_keys("(corrupted images)")
+        assert sorted(driver.execute_script("return explorer.visibleIds()")) == marked
+        for g in marked[:3]:
+            driver.find_element("css selector", f'#spacer .row[data-feature="{g}"]').click()
+            j = s["live"].index(g)
+            assert driver.find_element("css selector", "#label").text == f"{s['label'][j]} (corrupted images)"
+            assert s["label"][j] != "-"
+        driver.execute_script(js, driver.find_element("css selector", "#search"))
+        open_latent = marked[-1] if marked else f
+        assert detail.get_attribute("data-feature") == str(open_latent)
         shot = os.environ.get("MECHVIT_SCREENSHOT")
         pixels = screenshot(driver, (ROOT / shot) if shot else None)
         assert pixels.std() > 20 and (np.abs(pixels[..., 0].astype(int) - pixels[..., 2]) > 60).mean() > 0.002

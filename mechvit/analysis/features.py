@@ -10,7 +10,10 @@ encodes the patch tokens at the SAE's hook and returns a :class:`FeatureStats` w
   separately, from the corrupted ones;
 - the **classes** of its top ``n_assoc`` images and an **automatic label**: the class association
   (``"Sneaker 94%"``, ``"Shirt / T-shirt"``, or ``"mixed"``) plus where on the patch grid it fires
-  (``"top-left"``, ``"centre"``, ``"everywhere"`` ...);
+  (``"top-left"``, ``"centre"``, ``"everywhere"`` ...). The images are its top clean ones when it fires on a
+  clean token; its top corrupted ones (with the corrupted images' labels) when it fires only on corrupted ones;
+  none (``"-"``) when it never fires. :attr:`FeatureStats.label_set` says which (``"clean"``, ``"corrupted"``,
+  ``"none"``), and :meth:`FeatureStats.shown_label` marks a label from corrupted images as such;
 - its **direct logit effect**: the mean change of each class logit when ``a * d`` (``d`` = the decoder
   direction in the hook's units, ``sae.decode(e_f) - sae.decode(0)``) is added to the tokens the readout
   reads (the class token for token pooling, every pooled token otherwise) of the *final* residual stream of
@@ -55,11 +58,13 @@ from tqdm.auto import tqdm
 from mechvit.sae.metrics import encode as sae_encode
 
 __all__ = [
+    "CORRUPTED_MARK",
     "FeatureStats",
     "automatic_label",
     "decoder_directions",
     "feature_stats",
     "location_label",
+    "mark_label",
     "most_active_latents",
     "nearest_cosine",
 ]
@@ -87,9 +92,10 @@ class FeatureStats:
     top_idx_corrupted: np.ndarray | None  # [F, k] the same among the corrupted images
     top_val_corrupted: np.ndarray | None
     top_maps_corrupted: np.ndarray | None
-    class_counts: np.ndarray  # [F, C] classes of the top n_assoc clean images where it fires
+    # [F, C] classes of the top n_assoc images where it fires, of the set label_set names (clean, else corrupted)
+    class_counts: np.ndarray
     location: np.ndarray  # [F, gh, gw] mean of the (max-normalised) maps of those images
-    label: list[str]  # automatic label: class association and location
+    label: list[str]  # automatic label: class association and location (shown_label adds where it comes from)
     label_class: list[str]
     label_where: list[str]
     # [F, C] direct effect of a * decoder direction on each class logit, a = the firing mean effect_basis names
@@ -118,6 +124,10 @@ class FeatureStats:
     # measured: it never fires, or its effects were not computed). None (stats made before it existed): see
     # ablated_on
     ablation_set: np.ndarray | None = None
+    # [F] the images class_counts, location and label come from: "clean" (its top n_assoc clean images: it fires
+    # on a clean token), "corrupted" (its top n_assoc corrupted images, with their labels: it fires only on
+    # corrupted ones) or "none" (it never fires: label "-"). None (stats made before it existed): see labelled_on
+    label_set: np.ndarray | None = None
 
     @property
     def d_sae(self) -> int:
@@ -142,6 +152,20 @@ class FeatureStats:
         if self.effect_latents is not None:
             on &= np.isin(np.arange(len(on)), self.effect_latents)
         return np.where(on, "clean", "none")
+
+    @property
+    def labelled_on(self) -> np.ndarray:
+        """:attr:`label_set`, or for stats that do not record it (older ones, which labelled every latent from its
+        clean top images): ``"clean"`` where those images hold a class count, else ``"none"``."""
+        if self.label_set is not None:
+            return np.asarray(self.label_set)
+        return np.where(np.asarray(self.class_counts).sum(1) > 0, "clean", "none")
+
+    def shown_label(self, feature: int) -> str:
+        """Latent ``feature``'s automatic label as the explorer and the feature card show it: :attr:`label`, marked
+        ``" (corrupted images)"`` when it comes from its top corrupted images (:attr:`labelled_on`)."""
+        f = int(feature)
+        return mark_label(self.label[f], str(self.labelled_on[f]))
 
     def ablation_images(self, feature: int) -> tuple[str, np.ndarray]:
         """The set latent ``feature``'s ablate/double effect was measured on and the image indices of that set,
@@ -172,6 +196,14 @@ class FeatureStats:
         """The live latents whose effects were computed (every live latent unless ``max_effect_latents``)."""
         live = self.live
         return live if self.effect_latents is None else np.intersect1d(live, self.effect_latents)
+
+
+CORRUPTED_MARK = "corrupted images"  # what marks a label that comes from the top corrupted images
+
+
+def mark_label(label: str, label_set: str) -> str:
+    """``label`` as shown: followed by ``" (corrupted images)"`` when it comes from the top corrupted images."""
+    return f"{label} ({CORRUPTED_MARK})" if label_set == "corrupted" else label
 
 
 def most_active_latents(
@@ -311,6 +343,7 @@ def feature_stats(
     class_names: Sequence[str],
     *,
     corrupted: Float[Tensor, "n c h w"] | None = None,
+    corrupted_labels: Tensor | Sequence[int] | None = None,
     hook: str | None = None,
     transform: Callable[[Tensor], Tensor] | None = None,
     k: int = 8,
@@ -327,8 +360,10 @@ def feature_stats(
     """Compute :class:`FeatureStats` for every latent of ``sae`` on ``model`` (a HookedViT).
 
     ``images`` (and ``corrupted``, any number of images) are what the model takes after ``transform``
-    (e.g. the study's normalisation; None = as given). ``hook`` defaults to the SAE's recorded
-    ``cfg.metadata.hook_name``. Only patch tokens are encoded (the maps live on the patch grid).
+    (e.g. the study's normalisation; None = as given). ``corrupted_labels``: the class of each corrupted image,
+    for the automatic label of a latent that fires only on corrupted images (None: ``labels``, when there are as
+    many corrupted images as clean ones, e.g. the same images corrupted; otherwise they must be given). ``hook``
+    defaults to the SAE's recorded ``cfg.metadata.hook_name``. Only patch tokens are encoded (the maps live on the patch grid).
 
     ``cache``: a dict shared by calls on the same ``model``, ``images``, ``corrupted`` and ``transform`` (e.g.
     the seed replicates of one model's SAE) keeps the model's own activations and probabilities, computed
@@ -366,6 +401,25 @@ def feature_stats(
         raise ValueError(
             f"labels must index the {len(class_names)} classes, got range [{labels.min()}, {labels.max()}]"
         )
+    labels_c = None
+    if corrupted is not None:
+        if corrupted_labels is None and len(corrupted) != len(labels):
+            raise ValueError(
+                f"give corrupted_labels: {len(corrupted)} corrupted images but {len(labels)} labels (the default, "
+                "labels, fits only as many corrupted images as clean ones)"
+            )
+        labels_c = labels if corrupted_labels is None else torch.as_tensor(corrupted_labels).long().cpu()
+        if labels_c.ndim != 1 or len(labels_c) != len(corrupted):
+            raise ValueError(
+                f"{len(corrupted)} corrupted images but {len(labels_c)} corrupted labels: give one label each"
+            )
+        if len(labels_c) and (labels_c.min() < 0 or labels_c.max() >= len(class_names)):
+            raise ValueError(
+                f"corrupted_labels must index the {len(class_names)} classes, got range "
+                f"[{labels_c.min()}, {labels_c.max()}]"
+            )
+    elif corrupted_labels is not None:
+        raise ValueError("corrupted_labels given without corrupted images")
     if max_effect_latents is not None and max_effect_latents < 1:
         raise ValueError(f"max_effect_latents must be >= 1 or None, got {max_effect_latents}")
     gh, gw = model.cfg.grid_size
@@ -487,26 +541,45 @@ def feature_stats(
             )
         idx_all, val_all = top_of(img_max, n_top)
         maps_all, hist = gather_maps(resid, idx_all, max_act.clamp_min(1e-12))
+        # which images label a latent (and which the activation of its direct logit effect is): the clean ones where
+        # it fires on a clean token, else the corrupted ones where it fires on a corrupted token, else none
+        basis = np.where(active.numpy() > 0, "clean", np.where(active_c.numpy() > 0, "corrupted", "none"))
+        only_c = torch.from_numpy(basis == "corrupted")
         top_idx_c = top_val_c = maps_c = None
         if resid_c is not None:
-            top_idx_c, top_val_c = top_of(img_max_c, k)
-            maps_c, _ = gather_maps(resid_c, top_idx_c, None)
-        # class association and location over the top n_assoc clean images where the latent fires
-        na = idx_all[:, :n_assoc]
-        valid = na >= 0
-        class_counts = torch.zeros(F, C, dtype=torch.long)
-        class_counts.scatter_add_(1, labels[na.clamp_min(0)], valid.long())
-        norm = maps_all[:, :n_assoc] / val_all[:, :n_assoc, None, None].clamp_min(1e-12)
-        location = (norm * valid[..., None, None]).sum(1) / valid.sum(1).clamp_min(1)[:, None, None]
+            # one ranking of n_top: its first k are the top images shown; a latent that fires only on corrupted
+            # images keeps its first n_assoc for its label, the others' ranks beyond k are not needed (no map)
+            idx_c_all, val_c_all = top_of(img_max_c, n_top)
+            idx_c_all[~only_c, k:] = -1
+            maps_c_all, _ = gather_maps(resid_c, idx_c_all, None)
+            top_idx_c, top_val_c, maps_c = idx_c_all[:, :k], val_c_all[:, :k], maps_c_all[:, :k]
+
+        def association(
+            idx: Tensor, val: Tensor, maps: Tensor, classes: Tensor
+        ) -> tuple[Tensor, Tensor, Tensor]:
+            """Class counts [F, C] and mean normalised map [F, gh, gw] over the top n_assoc images where the latent
+            fires, and whether it has such an image [F]."""
+            na = idx[:, :n_assoc]
+            valid = na >= 0
+            counts = torch.zeros(F, C, dtype=torch.long)
+            counts.scatter_add_(1, classes[na.clamp_min(0)], valid.long())
+            norm = maps[:, :n_assoc] / val[:, :n_assoc, None, None].clamp_min(1e-12)
+            loc = (norm * valid[..., None, None]).sum(1) / valid.sum(1).clamp_min(1)[:, None, None]
+            return counts, loc, valid.any(1)
+
+        class_counts, location, has_images = association(idx_all, val_all, maps_all, labels)
+        if resid_c is not None and bool(only_c.any()):  # from the top corrupted images, with their labels
+            counts_c, location_c, has_c = association(idx_c_all, val_c_all, maps_c_all, labels_c)
+            class_counts[only_c] = counts_c[only_c]
+            location[only_c] = location_c[only_c]
+            has_images[only_c] = has_c[only_c]
+        label_set = basis.copy()
         label_class = [automatic_label(c, class_names) for c in class_counts.numpy()]
         label_where = [
-            location_label(m) if v.any() else "-"
-            for m, v in zip(location.numpy(), valid.numpy(), strict=True)
+            location_label(m) if v else "-" for m, v in zip(location.numpy(), has_images.numpy(), strict=True)
         ]
         label = [c if c == "-" else f"{c} · {w}" for c, w in zip(label_class, label_where, strict=True)]
         mean_act = firing_mean(total, active)
-        # the activation of the direct logit effect: the clean firing mean, else the corrupted one, else none
-        basis = np.where(active.numpy() > 0, "clean", np.where(active_c.numpy() > 0, "corrupted", "none"))
         amplitude = mean_act.clone()
         if mean_act_c is not None:
             amplitude = torch.where(active > 0, mean_act, mean_act_c)
@@ -641,4 +714,5 @@ def feature_stats(
         effect_basis=basis,
         probs_corrupted=np_(probs_c),
         ablation_set=ablation_set,
+        label_set=label_set,
     )

@@ -87,7 +87,9 @@ ARRAY_KEYS = {
 LOGIT_MAX = 32767  # direct logit effects: int16 steps of the SAE's largest |effect| / LOGIT_MAX
 LOGIT_NAN = -32768  # the one int16 the scaled effects never take: an effect that was not measured (NaN)
 # what the direct logit effect of a listed latent is computed at (FeatureStats.effect_basis): data["effect_bases"]
-# names them, each SAE entry's "effect_basis" holds one index per listed latent (absent in older pages)
+# names them, each SAE entry's "effect_basis" holds one index per listed latent (absent in older pages); the same
+# names index "ablation_set" (the images its ablate/double effect is measured on) and "label_set" (the images its
+# label comes from)
 EFFECT_BASES = ("clean", "corrupted", "none")
 
 
@@ -219,10 +221,12 @@ def explorer_data(
     says which consecutive corrupted images came from which corruption (shown under each image); ``k`` top
     images per latent in each set (the page shows the clean and the corrupted ones in two rows; the ablate/double
     effect is measured on the clean ones, or on the corrupted ones for a latent that never fires on a clean
-    image: ``FeatureStats.ablation_set``), ``n_assoc`` for the
-    label, ``n_bins`` histogram bins (:func:`mechvit.analysis.features.feature_stats`). ``max_latents``: list
-    only this many live latents per SAE, those firing on the most clean + corrupted patch tokens, whose effects
-    alone are computed (``feature_stats(max_effect_latents=...)``); None: every live latent. ``stats`` reuses
+    image: ``FeatureStats.ablation_set``), ``n_assoc`` for the label (from the top clean images, or the top
+    corrupted ones with ``corrupted_labels`` for a latent that never fires on a clean image:
+    ``FeatureStats.label_set``; the page marks such a label "(corrupted images)"), ``n_bins`` histogram bins
+    (:func:`mechvit.analysis.features.feature_stats`). ``max_latents``: list only this many live latents per SAE,
+    those firing on the most clean + corrupted patch tokens, whose effects alone are computed
+    (``feature_stats(max_effect_latents=...)``); None: every live latent. ``stats`` reuses
     already computed FeatureStats (the page lists the latents whose effects they hold). ``workers`` > 1 (CPU,
     Linux): the models' statistics in that many forked one-thread processes, a model's SAEs together
     (:func:`mechvit.runtime.forked_map`); the same numbers to the float rounding of one thread's forwards."""
@@ -283,6 +287,7 @@ def explorer_data(
                 labels,
                 class_names,
                 corrupted=corrupted,
+                corrupted_labels=corrupted_labels,
                 hook=s.hook,
                 transform=transform,
                 k=k,
@@ -362,6 +367,9 @@ def explorer_data(
             "effect_basis": [EFFECT_BASES.index(str(b)) for b in basis],
             "max_act": _num(st.max_act[live]),
             "label": [st.label[f] for f in live],
+            # the images each label comes from: "clean", "corrupted" (it fires only on corrupted images: the page marks
+            # the label so) or "none" (label "-"), one index into effect_bases per listed latent (absent before /6)
+            "label_set": [EFFECT_BASES.index(str(a)) for a in st.labelled_on[live]],
             "stability": stability,
             "matches": matches,
             "replicates": replicates,
@@ -422,8 +430,10 @@ def explorer_data(
     data = {
         # 4: mean_act None where it never fires on clean, mean_act_c, effect_basis; 5: p_abl / p_dbl of a latent
         # that fires only on corrupted images are measured on its top corrupted images (ablation_set per listed
-        # latent; models[m].probs_c: the model's probabilities on the corrupted images, "before" there)
-        "format": "mechvit-explorer/5",
+        # latent; models[m].probs_c: the model's probabilities on the corrupted images, "before" there); 6: a latent
+        # that fires only on corrupted images is labelled from its top corrupted images (label_set per listed latent;
+        # its class_counts are those images' classes)
+        "format": "mechvit-explorer/6",
         "prob_max": PROB_MAX,
         "map_bits": 4,
         "effect_bases": list(EFFECT_BASES),

@@ -1,6 +1,8 @@
 """Publication "feature card" of one SAE latent: its top images with the per-patch activation as a heatmap
 (and, given the corrupted images, a row of its top corrupted images, each titled with its condition), the
 automatic label, density and mean activation, the classes of its top images and its direct logit effect.
+A latent that fires only on corrupted images has its label and classes from its top corrupted images, marked
+"(corrupted images)" (``FeatureStats.label_set``).
 
 One call: ``feature_card(stats, feature, images, class_names, path="card.png")`` writes ``card.png`` (300
 dpi) and ``card.svg`` (text kept as text) and returns the matplotlib ``Figure``. ``stats`` is the
@@ -147,8 +149,12 @@ def feature_card(
     ax1.tick_params(axis="x", labelsize=6)
     lead = "" if C <= max_classes else f" (leading {len(show_c)} of {C} classes)"
     n_top = int(counts.sum())
+    # a latent that fires only on corrupted images: the classes (and label) of its top corrupted images
+    which = " corrupted" if str(stats.labelled_on[f]) == "corrupted" else ""
     ax1.set_title(
-        f"classes of top {n_top} images{lead}" if n_top else "classes of top images: none (never on clean)",
+        f"classes of top {n_top}{which} images{lead}"
+        if n_top
+        else "classes of top images: none (never on clean)",
         fontsize=7,
     )
     ax2 = fig.add_subplot(gs[-1, k // 2 : k])
@@ -182,7 +188,7 @@ def feature_card(
     if basis == "corrupted" and mean_c is not None:
         mean += f" (corrupted {_g(mean_c[f])})"
     fig.suptitle(
-        f"{head} — {stats.label[f]}\ndensity {100 * float(stats.density[f]):.3g}% · mean act "
+        f"{head} — {stats.shown_label(f)}\ndensity {100 * float(stats.density[f]):.3g}% · mean act "
         f"{mean} · max {vmax:.3g} · hook {stats.hook}",
         fontsize=8,
     )

@@ -35,6 +35,23 @@
     if (s.ablation_set) return BASES[s.ablation_set[i]];
     return basisOf(s, i) === "clean" ? "clean" : "none";
   }
+  function labelSetOf(s, i) {
+    // the images the label (and class counts) of the i-th listed latent come from: "clean" (its top clean images),
+    // "corrupted" (its top corrupted images: it never fires on a clean token) or "none" (it never fires: "-").
+    // Pages before mechvit-explorer/6 labelled every latent from its clean top images: "-" without one.
+    if (s.label_set) return BASES[s.label_set[i]];
+    return sum(s.class_counts[i]) > 0 ? "clean" : "none";
+  }
+  const LABEL_MARK = "corrupted images"; // marks a label from the top corrupted images (FeatureStats.shown_label)
+  // the label as text (searched, sorted, on the card): marked when it comes from the top corrupted images
+  const labelText = (s, i) => s.label[i] + (labelSetOf(s, i) === "corrupted" ? ` (${LABEL_MARK})` : "");
+  function labelHtml(s, i) {
+    // the label with its mark as a tag saying where it comes from (the same text as labelText)
+    if (labelSetOf(s, i) !== "corrupted") return esc(s.label[i]);
+    const n = sum(s.class_counts[i]);
+    const why = `from its top ${n} ${CORR} image${n === 1 ? "" : "s"}: it never fires on a clean image`;
+    return `${esc(s.label[i])} <span class="lset" title="${esc(why)}">(${LABEL_MARK})</span>`;
+  }
   // the images a set's top images index: their labels and the condition a corrupted one came from
   const setLabels = (set) => (set === "clean" ? D.images.labels : D.images.labels_corrupted);
   const hasImages = (s, i, set) => { const t = set === "clean" ? s.top : s.top_c; return !!(t && t[i].some((v) => v >= 0)); };
@@ -172,7 +189,7 @@
       { key: "id", name: "id", w: "52px", get: (i) => s.live[i], show: (v) => "#" + v },
       { key: "density", name: "density", w: "100px", get: (i) => s.density[i], show: fmtDensity },
       { key: "mean_act", name: "mean act", w: "72px", get: (i) => meanAct(s, i), show: (v) => fmt(v, 3), title: "mean activation over the clean patch tokens where it fires (– : never fires on a clean token)" },
-      { key: "label", name: "label", w: "minmax(100px, 1fr)", get: (i) => s.label[i], show: esc, text: true },
+      { key: "label", name: "label", w: "minmax(100px, 1fr)", get: (i) => labelText(s, i), show: esc, html: (i) => labelHtml(s, i), text: true },
     ];
     if (s.stability) cols.push({ key: "stability", name: "seed stab.", w: "76px", get: (i) => s.stability[i], show: (v) => fmt(v, 2), title: "seed stability: mean decoder cosine to the nearest latent of each other seed replicate" });
     // keyed by the counterpart's model, not its SAE: a sort by "cos <model>" survives a change of replicate
@@ -188,7 +205,7 @@
     if (q) {
       const idq = q.replace(/^#/, "");
       const num = /^\d+$/.test(idq);
-      rows = rows.filter((i) => (num && String(s.live[i]) === idq) || s.label[i].toLowerCase().includes(q) || ("#" + s.live[i]) === q);
+      rows = rows.filter((i) => (num && String(s.live[i]) === idq) || labelText(s, i).toLowerCase().includes(q) || ("#" + s.live[i]) === q);
     }
     const dir = state.dir;
     rows.sort((a, b) => {
@@ -237,7 +254,8 @@
       const cells = cols.map((c) => {
         const v = c.get(i);
         if (c.key === "density") return `<div><span class="bar" style="width:${Math.max(1, (30 * Math.sqrt(v / maxDen))).toFixed(1)}px"></span>${c.show(v)}</div>`;
-        return c.text ? `<div title="${c.show(v)}">${c.show(v)}</div>` : `<div>${c.show(v)}</div>`;
+        if (c.text) return `<div title="${esc(v)}">${c.html ? c.html(i) : c.show(v)}</div>`;
+        return `<div>${c.show(v)}</div>`;
       });
       const sel = f === state.feature;
       html += `<div class="row${sel ? " sel" : ""}" id="opt-${f}" role="option" aria-selected="${sel}" data-feature="${f}" style="top:${r * ROW}px">${cells.join("")}</div>`;
@@ -355,10 +373,14 @@
   }
 
   function classesPanel(s, i) {
-    // the classes of the top images the latent fires on: min(n_assoc, the clean images it fires on)
+    // the classes of the top images the latent fires on: min(n_assoc, the clean images it fires on); for a latent
+    // that fires only on corrupted images, of its top corrupted images (labelSetOf), the images its label comes from
     const n = sum(s.class_counts[i]);
     if (n === 0) return `<div id="classes"><h3>Classes of top images</h3><div class="muted">none: never active on the clean images</div></div>`;
-    return `<div id="classes" data-n="${n}"><h3>Classes of top ${n} image${n === 1 ? "" : "s"}</h3>${bars(s.class_counts[i], { show: (v) => String(v), color: () => "#7a9c5a", cls: "classes" })}</div>`;
+    const corr = labelSetOf(s, i) === "corrupted";
+    const head = `Classes of top ${n}${corr ? " corrupted" : ""} image${n === 1 ? "" : "s"}`;
+    const note = corr ? `<div class="muted" id="classes-note">its top ${esc(CORR)} images: it never fires on a clean image</div>` : "";
+    return `<div id="classes" data-n="${n}" data-set="${corr ? "corrupted" : "clean"}"><h3>${head}</h3>${bars(s.class_counts[i], { show: (v) => String(v), color: () => "#7a9c5a", cls: "classes" })}${note}</div>`;
   }
 
   function ablationTable(s, i) {
@@ -434,7 +456,7 @@
     div.dataset.cos = m.cos[i];
     const live = gi >= 0;
     div.innerHTML = `<div class="head"><b>${esc(other.name)}</b> (model ${esc(other.model)}) · nearest latent <a class="open" data-open-sae="${esc(other.name)}" data-open-feature="${g}">#${g}</a> · decoder cosine <b>${fmt(m.cos[i], 3)}</b>` +
-      (live ? ` · ${esc(other.label[gi])} · density ${fmtDensity(other.density[gi])}` : ` · <span class="muted">${notListed(other)}</span>`) + `</div>`;
+      (live ? ` · ${labelHtml(other, gi)} · density ${fmtDensity(other.density[gi])}` : ` · <span class="muted">${notListed(other)}</span>`) + `</div>`;
     if (live) {
       const imgs = document.createElement("div");
       imgs.className = "imgs";
@@ -480,7 +502,7 @@
       (card
         ? ` · written by <code>mechvit.viz.feature_card</code>: <a href="${esc(card.png)}" id="card-png">PNG</a> · <a href="${esc(card.svg)}" id="card-svg">SVG</a>`
         : ` <span class="muted">(or <code>mechvit.viz.feature_card(stats, ${f}, images, class_names, path="card.png")</code>)</span>`);
-    el.innerHTML = `<h2>${esc(s.name)} · latent #${f}</h2><div class="label" id="label">${esc(s.label[i])}</div>` +
+    el.innerHTML = `<h2>${esc(s.name)} · latent #${f}</h2><div class="label" id="label" data-set="${labelSetOf(s, i)}">${labelHtml(s, i)}</div>` +
       `<div class="stats">${statsHtml}</div><div>${cardHtml}</div>` +
       `<h3>Top images</h3>${imageRows(s, i)}` +
       `<div class="muted">heatmap: the latent's activation on each patch (scale 0 – ${fmt(s.max_act[i], 3)}, the latent's max) ` +
@@ -531,7 +553,7 @@
       figs.push({ uri: cv.toDataURL("image/png"), img, v: vals[j], grp: set === "clean" ? "" : groupOf(img) });
     }
     let g = `<text x="${x0}" y="24" class="t">${esc(s.name)} · latent #${f}</text>` +
-      `<text x="${x0}" y="44" class="l">${esc(s.label[i])}</text>` +
+      `<text x="${x0}" y="44" class="l">${esc(labelText(s, i))}</text>` +
       `<text x="${x0}" y="62">density ${fmtDensity(s.density[i])} · mean act ${fmt(meanAct(s, i), 3)}` +
       (s.mean_act_c && basisOf(s, i) === "corrupted" ? ` (${esc(CORR)}: ${fmt(s.mean_act_c[i], 3)})` : "") + ` · max ${fmt(s.max_act[i], 3)}` +
       (s.stability ? ` · seed stability ${fmt(s.stability[i], 2)}` : "") + ` · hook ${esc(s.hook)}</text>`;
@@ -550,9 +572,10 @@
       y1 += 26;
     }
     const nCls = sum(s.class_counts[i]), basis = basisOf(s, i);
+    const clsOf = labelSetOf(s, i) === "corrupted" ? " corrupted" : "";
     const row = basis === "none" ? null : logitRow(s, i);
     const measured = row && !row.some((v) => Number.isNaN(v));
-    g += `<text x="${x0}" y="${y1}" class="h">${nCls ? `classes of the top ${nCls} image${nCls === 1 ? "" : "s"}` : "classes of the top images"}</text>` +
+    g += `<text x="${x0}" y="${y1}" class="h">${nCls ? `classes of the top ${nCls}${clsOf} image${nCls === 1 ? "" : "s"}` : "classes of the top images"}</text>` +
       (nCls ? `<g transform="translate(${x0},${y1 + 6})">${bars(s.class_counts[i], { width: 320, show: (v) => String(v), color: () => "#7a9c5a" })}</g>` : `<text x="${x0}" y="${y1 + 18}">none: never active on the clean images</text>`) +
       `<text x="${x0 + 350}" y="${y1}" class="h">direct logit effect${measured && basis === "corrupted" ? " (at the corrupted mean act*)" : ""}</text>` +
       (measured
