@@ -243,16 +243,20 @@ def test_card_round_trip_through_a_checkpoint_folder(tmp_path):
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw)
     card = _card(model={"name": "vit_tiny_patch16_224", "kwargs": kw})
     save_checkpoint(tmp_path / "m", model, card)
-    assert C.backfill_cards([tmp_path / "m"]) == ["m: 7 accuracy records (7 new) to write (--write)"]
+    (pending,) = C.backfill_cards([tmp_path / "m"])
+    assert (pending.state, pending.records, pending.new) == ("to write", 7, 7)
+    assert str(pending) == "m: 7 accuracy records (7 new) to write (--write)"
     assert "accuracy" not in read_card(tmp_path / "m")
-    assert C.backfill_cards([tmp_path / "m"], write=True) == ["m: 7 accuracy records (7 new) written"]
+    (written,) = C.backfill_cards([tmp_path / "m"], write=True)
+    assert written.state == "written" and str(written) == "m: 7 accuracy records (7 new) written"
     back = read_card(tmp_path / "m")
     assert back["accuracy"] == json.loads(
         json.dumps(C.backfill_accuracy(card))
     )  # floats survive JSON exactly
     assert {k: v for k, v in back.items() if k not in ("accuracy", "format", "weights")} == card
     assert C.accuracy_problems(back) == []
-    assert C.backfill_cards([tmp_path / "m"]) == ["m: 7 accuracy records, up to date"]
+    assert [str(b) for b in C.backfill_cards([tmp_path / "m"])] == ["m: 7 accuracy records, up to date"]
+    assert C.backfill_cards([tmp_path / "m"])[0].state == "up to date"
     update_card(tmp_path / "m", corruption_top1={"fog": {"1": 0.5}})  # a stale block after a hand edit
     with pytest.raises(
         ValueError,

@@ -38,9 +38,10 @@ import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -677,14 +678,29 @@ def doc_blocks(folders: Iterable[str | Path] | None = None) -> dict[str, str]:
     return {name: render(cards) for name, render in BLOCKS.items()}
 
 
-TO_WRITE = "to write (--write)"  # how backfill_cards's line of a card to complete ends without ``write``
+@dataclass(frozen=True)
+class Backfill:
+    """What :func:`backfill_cards` did to one checkpoint's card: its ``accuracy`` block holds ``records``
+    records, ``new`` of them missing from the card before; ``state`` is ``"up to date"``, ``"to write"`` (the
+    block is missing or incomplete and ``write`` was not asked) or ``"written"``. ``str()`` is its line."""
+
+    name: str
+    records: int
+    new: int
+    state: Literal["up to date", "to write", "written"]
+
+    def __str__(self) -> str:
+        if self.state == "up to date":
+            return f"{self.name}: {self.records} accuracy records, up to date"
+        verb = "written" if self.state == "written" else "to write (--write)"
+        return f"{self.name}: {self.records} accuracy records ({self.new} new) {verb}"
 
 
-def backfill_cards(folders: Iterable[str | Path], write: bool = False) -> list[str]:
+def backfill_cards(folders: Iterable[str | Path], write: bool = False) -> list[Backfill]:
     """For each checkpoint folder, its card's ``accuracy`` block completed by :func:`backfill_accuracy`
-    (written into the card with ``write``); returns a line per folder saying what changed (ending in
-    :data:`TO_WRITE` for a card whose block is missing or incomplete when not ``write``)."""
-    lines = []
+    (written into the card with ``write``); returns a :class:`Backfill` per folder (``str()``: a line saying
+    what changed)."""
+    out = []
     for f in folders:
         card = read_card(f)
         try:
@@ -693,11 +709,10 @@ def backfill_cards(folders: Iterable[str | Path], write: bool = False) -> list[s
             raise ValueError(f"{f}: {e}") from e
         n_rec = sum(1 for _ in records(block))
         if block == card.get(ACCURACY):
-            lines.append(f"{Path(f).name}: {n_rec} accuracy records, up to date")
+            out.append(Backfill(Path(f).name, n_rec, 0, "up to date"))
             continue
         before = sum(1 for _ in records(card.get(ACCURACY) or {}))
-        verb = "written" if write else TO_WRITE
-        lines.append(f"{Path(f).name}: {n_rec} accuracy records ({n_rec - before} new) {verb}")
+        out.append(Backfill(Path(f).name, n_rec, n_rec - before, "written" if write else "to write"))
         if write:
             update_card(f, **{ACCURACY: copy.deepcopy(block)})
-    return lines
+    return out

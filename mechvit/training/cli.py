@@ -92,17 +92,17 @@ def run_cards(args: argparse.Namespace) -> int:
     (:func:`mechvit.training.cards.backfill_cards`), and written with ``--write``; without it this is a check,
     returning 1 (the exit status) when a card's block is missing or incomplete. ``--table`` prints a docs
     table of the cards."""
-    from mechvit.training.cards import BLOCKS, TO_WRITE, backfill_cards, read_cards
+    from mechvit.training.cards import BLOCKS, backfill_cards, read_cards
 
     if args.table:
         sys.stdout.write(BLOCKS[args.table](read_cards(args.checkpoints)))
         return 0
-    lines = backfill_cards(args.checkpoints, write=args.write)
-    print("\n".join(lines))
-    pending = sum(line.endswith(TO_WRITE) for line in lines)
+    done = backfill_cards(args.checkpoints, write=args.write)
+    print("\n".join(map(str, done)))
+    pending = sum(d.state == "to write" for d in done)
     if pending:
         print(
-            f"cards to write: {pending} of {len(lines)}; rerun with --write to complete their accuracy blocks"
+            f"cards to write: {pending} of {len(done)}; rerun with --write to complete their accuracy blocks"
         )
         return 1
     return 0
