@@ -1,13 +1,19 @@
-"""Numbers as text, with one rounding rule for every human-facing text (the study's report, claims and summary,
-the checkpoint cards' docs tables): round half up (away from zero at an exact tie) on the number's decimal
-value. Python's float formatting rounds the binary float instead, so a tie can read one lower: 1813 of 2,000
-is stored as the float 0.9065, whose x 100 is 90.64999999999999, and ``f"{100 * 0.9065:.3g}"`` reads 90.6
-while the card's exact count reads 90.7. The cards' exact counts and the study's tables must agree, so here
-1813 of 2,000 reads 90.7 everywhere. A float's decimal value is its shortest repr (``0.9065``), first rounded
-to :data:`NOISE_DIGITS` significant digits (half even) to remove the noise of float arithmetic
-(``0.9065 - 0.851`` is 0.05549999999999999 and counts as 0.0555); scaling (x 100 for a percentage) is exact, on
-that value; ints, Fractions and Decimals are exact as they are. A value that rounds to zero prints unsigned
-(never ``-0.000``); NaN and the infinities print as Python prints them (``nan``, ``inf``, ``-inf``)."""
+"""Numbers as text, with one rounding rule for the study's human-facing texts (the report's tables, claims and
+key numbers, the README/docs blocks of ``mechvit.study.summary``, ``mechvit compare``) and the checkpoint cards'
+docs tables and ``mechvit evaluate``'s summary: round half up (away from zero at an exact tie) on the number's
+decimal value. Python's float formatting rounds the binary float instead, so a tie can read one lower: 1813 of
+2,000 is stored as the float 0.9065, whose x 100 is 90.64999999999999, and ``f"{100 * 0.9065:.3g}"`` reads 90.6
+while the card's exact count reads 90.7. Here 1813 of 2,000 reads 90.7 in both.
+
+A float's decimal value is its shortest repr (``0.9065``), first rounded to :data:`NOISE_DIGITS` significant
+digits (half even) to remove the noise of float arithmetic (``0.9065 - 0.851`` is 0.05549999999999999 and
+counts as 0.0555); scaling (x 100 for a percentage) is exact, on that value; ints, Fractions and Decimals are
+exact as they are. The cleaning is a tolerance: a float within half a unit of its 12th significant digit of a
+tie counts as the tie (``0.12449999999996`` reads 0.125 at 3 digits, its exact value 0.124), a difference below
+what float arithmetic on the study's numbers can resolve; asked for 12 or more digits, a float is used as its
+repr is. A value that rounds to zero prints unsigned (never ``-0.000``); NaN and the infinities print as Python
+prints them (``nan``, ``inf``, ``-inf``). The text is built from integers, so the caller's ``decimal`` context
+(precision, traps) plays no part."""
 
 from __future__ import annotations
 
@@ -73,12 +79,23 @@ def _half_up(v: Fraction) -> int:
 def _exponent(v: Fraction) -> int:
     """``floor(log10(|v|))`` of a nonzero ``v``, exactly."""
     a = abs(v)
-    e = len(str(a.numerator)) - len(str(a.denominator))
+    # from the bit lengths (within 1 of the answer; str() of a huge int would hit Python's 4,300-digit limit)
+    e = math.floor((a.numerator.bit_length() - a.denominator.bit_length()) * math.log10(2))
     while Fraction(10) ** e > a:
         e -= 1
     while Fraction(10) ** (e + 1) <= a:
         e += 1
     return e
+
+
+def _fixed_text(q: int, decimals: int, grouping: bool = False) -> str:
+    """``q x 10**-decimals`` (``q >= 0``) with exactly ``decimals`` decimals, built from the integer's digits: no
+    decimal context (whose precision and traps are the caller's) takes part."""
+    s = str(q).rjust(decimals + 1, "0")
+    whole, frac = (s[:-decimals], s[-decimals:]) if decimals else (s, "")
+    if grouping:
+        whole = f"{int(whole):,}"
+    return whole + ("." + frac if decimals else "")
 
 
 def _check_count(n: object, what: str) -> int:
@@ -104,7 +121,7 @@ def fmt_sig(x: object, digits: int = 3, scale: object = 1) -> str:
         q, e = q // 10, e + 1
     sign = "-" if v < 0 else ""
     if -4 <= e < p:  # fixed notation, p significant digits, trailing zeros stripped
-        text = format(Decimal(q).scaleb(e - p + 1), f".{max(p - 1 - e, 0)}f")
+        text = _fixed_text(q, p - 1 - e)  # e < p: q x 10**(e - p + 1) has p - 1 - e >= 0 decimals
         if "." in text:
             text = text.rstrip("0").rstrip(".")
         return sign + text
@@ -122,5 +139,5 @@ def fmt_fixed(x: object, decimals: int, scale: object = 1, grouping: bool = Fals
     if isinstance(v, float):
         return format(v, f"{',' if grouping else ''}.{d}f")
     q = _half_up(v * 10**d)
-    text = format(Decimal(q).scaleb(-d), f"{',' if grouping else ''}.{d}f")
+    text = _fixed_text(q, d, grouping)
     return ("-" if v < 0 and q else "") + text

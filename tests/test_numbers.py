@@ -189,3 +189,42 @@ def test_cards_and_study_agree_on_every_count_of_2000():
         if k >= n // 10:  # from 10%: three significant digits are one decimal (trailing zeros stripped)
             assert fmt_sig(k / n, 3, 100) == want.rstrip("0").rstrip("."), k
             assert ci({"estimate": k / n}, 100) == want.rstrip("0").rstrip("."), k
+
+
+def test_exact_inputs_keep_every_digit_whatever_the_decimal_context():
+    import decimal
+
+    want = (
+        "1000000000000000000000000000001",  # 31 digits: past decimal's default precision of 28
+        "0." + "3" * 40,
+        "123,456,789,012,345,678,901,234,567,891.00",
+        "123456",
+        "12345.68",
+        "90.7",
+    )
+    for prec, inexact in ((28, False), (3, True)):  # the default context, and a caller's narrow trapping one
+        with decimal.localcontext() as ctx:
+            ctx.prec, ctx.traps[decimal.Inexact] = prec, inexact
+            got = (
+                fmt_fixed(10**30 + 1, 0),
+                fmt_fixed(Fraction(1, 3), 40),
+                fmt_fixed(123456789012345678901234567891, 2, grouping=True),
+                fmt_sig(123456, 6),
+                fmt_fixed(12345.678, 2),
+                fmt_sig(0.9065, 3, 100),
+            )
+        assert got == want, (prec, inexact)
+
+
+def test_huge_and_tiny_exact_numbers():
+    # past Python's 4,300-digit limit on int -> str: the exponent comes from bit lengths
+    assert fmt_sig(Fraction(10**5000, 3), 3) == "3.33e+4999"
+    assert fmt_sig(Fraction(1, 10**5000), 3) == "1e-5000"
+    assert fmt_sig(-(10**5000) * 5 // 2, 2) == "-2.5e+5000"
+    assert fmt_sig(Fraction(10**400 - 1, 10**400), 3) == "1"  # 0.999... rounds up to a new power of ten
+
+
+def test_the_noise_tolerance_is_what_the_docstring_says():
+    assert fmt_sig(0.12449999999996, 3) == "0.125"  # within the 12-digit tolerance of a tie: the tie
+    assert fmt_sig(0.1244999999, 3) == "0.124"  # outside it: the value
+    assert fmt_sig(0.12449999999996, 14) == "0.12449999999996"  # 12+ digits: the repr as it is

@@ -62,7 +62,7 @@ def is_p_column(name: str) -> bool:
 
 def p_cell(v: Any) -> str:
     """A p-value as text: 3 significant digits, ``< 0.0001`` below that (never a bare 0.0000)."""
-    if not isinstance(v, (int, float)) or not math.isfinite(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         return cell(v)
     return "< 0.0001" if v < 1e-4 else fmt_sig(v, 3)
 

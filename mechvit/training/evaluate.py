@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from mechvit._io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from mechvit._numbers import fmt_fixed
 from mechvit.analysis.robustness import (  # noqa: F401  (re-exported: the evaluate command's API)
     METRICS,
     MetricAccumulator,
@@ -45,12 +46,13 @@ def markdown_table(rows: list[dict], columns: Sequence[str] | None = None, sever
         corrs, mat = [corrs[j] for j in keep], mat[:, keep]
     lines = ["| model | " + " | ".join(corrs) + " |", "|---" * (len(corrs) + 1) + "|"]
     for m, row in zip(models, mat, strict=True):
-        lines.append(f"| {m} | " + " | ".join(f"{100 * v:.1f}" for v in row) + " |")
+        lines.append(f"| {m} | " + " | ".join(_pct(float(v)) for v in row) + " |")
     return "\n".join(lines)
 
 
 def _pct(v: float) -> str:
-    return "–" if v != v else f"{100 * v:.1f}"
+    """``v`` in % to 0.1, half up on its decimal value, as the cards' tables (:mod:`mechvit._numbers`)."""
+    return "–" if v != v else fmt_fixed(v, 1, 100)
 
 
 def summary_markdown(summary: list[dict]) -> str:
