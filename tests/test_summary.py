@@ -1,6 +1,7 @@
 """The README's study numbers are rendered from the kept metrics.json of the run they describe."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -177,6 +178,52 @@ def test_docs_quote_the_kept_runs(kept, name, doc, block):
     )
     makefile = (ROOT / "Makefile").read_text()
     assert f"--keep docs/{kept}" in makefile and (block is None or f"--block {block}" in makefile)
+
+
+@pytest.mark.parametrize("kept", ["default_study", "seeds_study", "all_saes_study", "relu_study"])
+def test_claims_quote_the_paired_tables_numbers(kept):
+    """In a rendered block, a robustness claim's estimate and each of its "vs <control>" numbers read exactly as
+    the paired-differences table's cell for the same model, reference and group: one rounding for both, also in
+    runs kept before the rounding changed (their claim texts are rendered again: summary.claims_of)."""
+    metrics = json.loads((ROOT / "docs" / kept / "metrics.json").read_text())
+    lines = summary.render(metrics).splitlines()
+
+    def cells(line: str) -> list[str]:
+        return [c.strip() for c in line.strip().strip("|").split("|")]
+
+    head = "| model | reference | clean | seen, trained severity |"
+    start = next(i for i, line in enumerate(lines) if line.startswith(head))
+    columns = cells(lines[start])
+    paired = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        row = dict(zip(columns, cells(line), strict=True))
+        paired[row["model"], row["reference"]] = row
+    compared = 0
+    for line in lines:
+        row = cells(line)
+        if len(row) != 6 or not row[0].startswith(("Fine-tuning raises", "... but not")):
+            continue
+        group = "seen, trained severity" if row[0].startswith("Fine-tuning") else "unseen, other families"
+        assert paired[row[1], "base"][group] == row[3], row
+        for ref, value in re.findall(r"vs (\w+): (\S+ \[[^\]]+\]) pp", row[4]):
+            assert paired[row[1], ref][group] == value, (row[1], ref, row[4])
+            compared += 1
+    assert compared >= 12
+
+
+def test_claims_of_refuses_verdicts_the_rules_do_not_give():
+    metrics = json.loads((ROOT / "docs" / "seeds_study" / "metrics.json").read_text())
+    fresh = summary.claims_of(metrics)
+    assert [v["verdict"] for v in fresh] == [v["verdict"] for v in metrics["claims"]["per_model"]]
+    stored = metrics["claims"]["per_model"][0]
+    assert (
+        fresh[0]["control"] != stored["control"]
+    )  # kept before the rounding changed: its text is the old one
+    stored["verdict"] = "supported" if stored["verdict"] != "supported" else "contradicted"
+    with pytest.raises(ValueError, match=r"claims differ from the .* rerun the study to quote its claims"):
+        summary.claims_of(metrics)
 
 
 def test_run_line_names_the_machine_when_recorded():

@@ -85,9 +85,41 @@ def _steps(metrics: dict) -> dict[str, dict]:
     return {k: v.get("metrics") or {} for k, v in (metrics.get("steps") or {}).items()}
 
 
+def claims_of(metrics: dict) -> list[dict]:
+    """The run's per-model claims with their texts (effect, control, rule) rendered again from its step metrics
+    by this code's :func:`mechvit.study.claims.verdicts`, so that a control's numbers round as the tables
+    beside them do, also in a run kept before the rounding changed (its stored texts are the old code's). The
+    verdicts and estimates must be the ones the run stored: if the rules changed since, this refuses (rerun the
+    study) rather than quote verdicts its report did not give. Metrics without the run's config (hand-made ones:
+    no base model to judge against) are quoted as stored."""
+    import dataclasses
+
+    from mechvit.study.claims import verdicts
+
+    stored = (metrics.get("claims") or {}).get("per_model") or []
+    base = (((metrics.get("config") or {}).get("models") or {}).get("base") or {}).get("name")
+    if not stored or base is None:
+        return stored
+
+    controls = [n for n, info in (metrics.get("models") or {}).items() if info.get("control")]
+    fresh = [dataclasses.asdict(v) for v in verdicts(_steps(metrics), base, controls)]
+
+    def key(v: dict) -> tuple:
+        return v["claim"], v["model"], v["verdict"], v["estimate"], v["low"], v["high"]
+
+    old, new = [key(v) for v in stored], [key(v) for v in fresh]
+    if old != new:
+        differ = [f"{a[1]} {a[0]}: {a[2:]} -> {b[2:]}" for a, b in zip(old, new, strict=False) if a != b]
+        raise ValueError(
+            f"the run's {len(old)} claims differ from the {len(new)} this code's rules give from its numbers "
+            f"({'; '.join(differ[:3]) or 'different claims'}): rerun the study to quote its claims"
+        )
+    return fresh
+
+
 def claims_md(metrics: dict) -> list[str]:
     claims = metrics.get("claims") or {}
-    per = claims.get("per_model") or []
+    per = claims_of(metrics)
     if not per:
         return []
     from mechvit.study.claims import CLAIMS
