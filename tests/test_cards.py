@@ -263,6 +263,11 @@ def test_card_round_trip_through_a_checkpoint_folder(tmp_path):
         match=r"does not match its stored accuracies \(a stale block: corruption_top1\.fog\.1: the card says 0\.5",
     ):
         C.backfill_cards([tmp_path / "m"])
+    update_card(tmp_path / "m", corruption_top1={})  # the card stops storing its corruption accuracies
+    (shrunk,) = C.backfill_cards([tmp_path / "m"])
+    assert (shrunk.state, shrunk.records, shrunk.new, shrunk.dropped) == ("to write", 3, 0, 4)
+    assert str(shrunk) == "m: 3 accuracy records (0 new, 4 dropped) to write (--write)"
+    C.backfill_cards([tmp_path / "m"], write=True)
 
 
 def test_training_writes_the_counts_and_cis(tmp_path):

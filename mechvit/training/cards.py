@@ -680,20 +680,23 @@ def doc_blocks(folders: Iterable[str | Path] | None = None) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Backfill:
-    """What :func:`backfill_cards` did to one checkpoint's card: its ``accuracy`` block holds ``records``
-    records, ``new`` of them missing from the card before; ``state`` is ``"up to date"``, ``"to write"`` (the
-    block is missing or incomplete and ``write`` was not asked) or ``"written"``. ``str()`` is its line."""
+    """What :func:`backfill_cards` did to one checkpoint's card: its completed ``accuracy`` block holds
+    ``records`` records, ``new`` of them not in the card's block before and ``dropped`` records the card's block
+    held for accuracies the card no longer stores; ``state`` is ``"up to date"``, ``"to write"`` (the block is
+    missing, incomplete or stale and ``write`` was not asked) or ``"written"``. ``str()`` is its line."""
 
     name: str
     records: int
     new: int
     state: Literal["up to date", "to write", "written"]
+    dropped: int = 0
 
     def __str__(self) -> str:
         if self.state == "up to date":
             return f"{self.name}: {self.records} accuracy records, up to date"
         verb = "written" if self.state == "written" else "to write (--write)"
-        return f"{self.name}: {self.records} accuracy records ({self.new} new) {verb}"
+        gone = f", {self.dropped} dropped" if self.dropped else ""
+        return f"{self.name}: {self.records} accuracy records ({self.new} new{gone}) {verb}"
 
 
 def backfill_cards(folders: Iterable[str | Path], write: bool = False) -> list[Backfill]:
@@ -707,12 +710,13 @@ def backfill_cards(folders: Iterable[str | Path], write: bool = False) -> list[B
             block = backfill_accuracy(card)
         except ValueError as e:
             raise ValueError(f"{f}: {e}") from e
-        n_rec = sum(1 for _ in records(block))
+        paths = {p for p, _ in records(block)}
         if block == card.get(ACCURACY):
-            out.append(Backfill(Path(f).name, n_rec, 0, "up to date"))
+            out.append(Backfill(Path(f).name, len(paths), 0, "up to date"))
             continue
-        before = sum(1 for _ in records(card.get(ACCURACY) or {}))
-        out.append(Backfill(Path(f).name, n_rec, n_rec - before, "written" if write else "to write"))
+        before = {p for p, _ in records(card.get(ACCURACY) or {})}
+        state = "written" if write else "to write"
+        out.append(Backfill(Path(f).name, len(paths), len(paths - before), state, len(before - paths)))
         if write:
             update_card(f, **{ACCURACY: copy.deepcopy(block)})
     return out
