@@ -6,6 +6,7 @@ token an example) is a point estimate without CI."""
 
 from __future__ import annotations
 
+from mechvit._numbers import fmt_fixed
 from mechvit.analysis.similarity import cka_ci_biased, cka_from_activations, layer_activations
 from mechvit.study.context import StudyContext
 from mechvit.study.result import StepResult, StepWriter, Table
@@ -165,9 +166,12 @@ def cells(r) -> list[str]:
     """``linear [low, high] / debiased`` per layer (no interval where the result has none)."""
     lin, deb = r.linear.tolist(), r.debiased.tolist()
     if r.linear_ci is None:
-        return [f"{a:.3f} / {b:.3f}" for a, b in zip(lin, deb, strict=True)]
+        return [f"{fmt_fixed(a, 3)} / {fmt_fixed(b, 3)}" for a, b in zip(lin, deb, strict=True)]
     lo, hi = r.linear_ci[0].tolist(), r.linear_ci[1].tolist()
-    return [f"{a:.3f} [{x:.3f}, {y:.3f}] / {b:.3f}" for a, x, y, b in zip(lin, lo, hi, deb, strict=True)]
+    return [
+        f"{fmt_fixed(a, 3)} [{fmt_fixed(x, 3)}, {fmt_fixed(y, 3)}] / {fmt_fixed(b, 3)}"
+        for a, x, y, b in zip(lin, lo, hi, deb, strict=True)
+    ]
 
 
 def _bias_check(results: list[dict]) -> tuple[int, int]:

@@ -17,9 +17,11 @@ which dominates at ViT-B width (24,576 latents x 8 top images per SAE in the pap
 from __future__ import annotations
 
 import time
+from fractions import Fraction
 
 import torch
 
+from mechvit._numbers import fmt_fixed
 from mechvit.study.context import StudyContext, parallel_workers
 from mechvit.study.result import StepResult, StepWriter, Table
 from mechvit.study.steps.sae import sae_runs
@@ -125,7 +127,7 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     res.links.append(
         {
             "file": w.rel(PAGE),
-            "title": f"Feature explorer: {shown} of the {len(specs)} SAEs ({size / 1e6:.1f} MB, "
+            "title": f"Feature explorer: {shown} of the {len(specs)} SAEs ({fmt_fixed(Fraction(size, 10**6), 1)} MB, "
             "offline; opens in a browser)",
         }
     )

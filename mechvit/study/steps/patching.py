@@ -10,6 +10,7 @@ patch grid."""
 
 from __future__ import annotations
 
+from mechvit._numbers import fmt_fixed, fmt_sig
 from mechvit.analysis import activation_patching, attribution_patching
 from mechvit.analysis.patching import DENOM_NA_LOGITS, DENOM_UNSTABLE_LOGITS
 from mechvit.study.context import StudyContext
@@ -116,7 +117,7 @@ IN_SAMPLE = "best position (in-sample max, optimistic; secondary)"
 
 
 def _cell(est: float, lo: float, hi: float) -> str:
-    return f"{est:.3f} [{lo:.2f}, {hi:.2f}]"
+    return f"{fmt_fixed(est, 3)} [{fmt_fixed(lo, 2)}, {fmt_fixed(hi, 2)}]"
 
 
 def uncertainty(res: StepResult, by_pos, by_layer, by_head, across, *, seed: int = 0) -> list[list]:
@@ -169,7 +170,7 @@ def uncertainty(res: StepResult, by_pos, by_layer, by_head, across, *, seed: int
         dev = max(float((r.values - 1).abs().max()) for r in exact)
         res.notes.append(
             "sanity check (not a finding): patching the whole layer restores the clean answer by construction; "
-            f"largest |score - 1| over layers and conditions {dev:.2g}"
+            f"largest |score - 1| over layers and conditions {fmt_sig(dev, 2)}"
             + ("" if dev < 1e-3 else " (unexpected)")
         )
     if rows and any(row[0] == HEADLINE for row in rows):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mechvit._numbers import fmt_fixed
 from mechvit.analysis import collect_activations, mean_ci, paired_difference_ci, reconstruction_cis_many
 from mechvit.runtime import forked_map, rank0_runs, rank_and_world
 from mechvit.sae import (
@@ -299,8 +300,8 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     frac = mix(ctx).fraction
     res.tables.append(
         Table(
-            f"SAEs on {s.hook} ({token_words(s.tokens)}), trained on one mix for every model ({1 - frac:.0%} clean, "
-            f"{frac:.0%} with one of the conditions); metrics on held-out clean + corrupted test images, EV "
+            f"SAEs on {s.hook} ({token_words(s.tokens)}), trained on one mix for every model ({fmt_fixed(1 - frac, 0, 100)}% clean, "
+            f"{fmt_fixed(frac, 0, 100)}% with one of the conditions); metrics on held-out clean + corrupted test images, EV "
             "and L0 with 95% CIs over those images (percentile bootstrap; an image's tokens and copies together). "
             f"PCA-k: EV of the top-{s.train.k} principal components of the same model's training activations "
             "(an SAE with L0 <= k should beat it). Spliced: the SAE's reconstruction in place of the hook on "
