@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mechvit._numbers import fmt_fixed, fmt_sig
 from mechvit.analysis.features import feature_stats
 from mechvit.viz import feature_card
 from tests.test_analysis_features import CLASSES, random_sae, tiny_model
@@ -48,7 +49,8 @@ def test_card_png_and_svg(stats, tmp_path):
     assert px.std() > 10  # not blank
     text = svg.read_text()
     assert "base · test" in text and st.label[f] in text  # text stays text in the SVG
-    assert f"density {100 * float(st.density[f]):.3g}%" in text
+    # the density in %, half up on its decimal value (mechvit._numbers): a tie like 9/16 = 56.25% reads 56.3
+    assert f"density {fmt_sig(float(st.density[f]), 3, 100)}%" in text
     n_images = len(re.findall(r"<image ", text))
     top = int((st.top_idx[f] >= 0).sum()) + int((st.top_idx_corrupted[f] >= 0).sum())
     assert n_images >= top  # matplotlib composites each axes' picture + heatmap into one SVG image
@@ -109,7 +111,7 @@ def test_card_says_which_activation_the_logit_effect_is_at(stats, tmp_path):
     f = int(only_c[np.argmax(st.density_corrupted[only_c])])
     feature_card(st, f, images, CLASSES, path=tmp_path / "c.png", dpi=72, corrupted=corrupted)
     text = (tmp_path / "c.svg").read_text()
-    assert "mean act – (corrupted " + f"{float(st.mean_act_corrupted[f]):.3g})" in text
+    assert "mean act – (corrupted " + f"{fmt_sig(float(st.mean_act_corrupted[f]), 3)})" in text
     assert "direct logit effect (corrupted-image mean act × decoder dir.)" in text
     assert "nan" not in text and "not measured" not in text
     # its label and classes: from its top corrupted images, and marked so
@@ -159,6 +161,6 @@ def test_a_latent_that_fires_only_on_corrupted_images_shows_them_with_their_cond
     titles = re.findall(r"(blur 1|noise 3)\s*</text>", text)  # each corrupted image's condition
     assert titles == ["blur 1" if t < 24 else "noise 3" for t in top]
     for j in range(len(top)):
-        assert f"{float(st2.top_val_corrupted[f, j]):.2f}" in text
+        assert fmt_fixed(float(st2.top_val_corrupted[f, j]), 2) in text
     with pytest.raises(ValueError, match="the 48 corrupted images"):
         feature_card(st2, f, images, CLASSES, corrupted=corrupted)

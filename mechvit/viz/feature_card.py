@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from mechvit._numbers import fmt_fixed, fmt_sig
+
 __all__ = ["feature_card", "heat_cmap"]
 
 
@@ -121,7 +123,9 @@ def feature_card(
                 extent=(-0.5, w - 0.5, h - 0.5, -0.5),
                 interpolation="nearest",
             )
-            value = f"{float(stats.top_val[f, j] if name == 'clean' else stats.top_val_corrupted[f, j]):.2f}"
+            value = fmt_fixed(
+                float(stats.top_val[f, j] if name == "clean" else stats.top_val_corrupted[f, j]), 2
+            )
             if name == "corrupted" and group_names:  # the condition this corrupted image came from
                 value = f"{group_names[int(np.searchsorted(starts, idx[j], side='right')) - 1]}\n{value}"
             ax.set_title(value, fontsize=6, pad=1.5)
@@ -188,8 +192,8 @@ def feature_card(
     if basis == "corrupted" and mean_c is not None:
         mean += f" (corrupted {_g(mean_c[f])})"
     fig.suptitle(
-        f"{head} — {stats.shown_label(f)}\ndensity {100 * float(stats.density[f]):.3g}% · mean act "
-        f"{mean} · max {vmax:.3g} · hook {stats.hook}",
+        f"{head} — {stats.shown_label(f)}\ndensity {fmt_sig(float(stats.density[f]), 3, 100)}% · mean act "
+        f"{mean} · max {fmt_sig(float(vmax), 3)} · hook {stats.hook}",
         fontsize=8,
     )
     if path is not None:
@@ -206,7 +210,7 @@ def feature_card(
 def _g(v) -> str:
     """A number to 3 significant digits; "–" for NaN (e.g. the mean activation of a latent that never fires)."""
     v = float(v)
-    return f"{v:.3g}" if np.isfinite(v) else "–"
+    return fmt_sig(v, 3) if np.isfinite(v) else "–"
 
 
 class _svg_text:
