@@ -547,3 +547,79 @@ def test_corrupted_labels_are_checked(setup):
         n_assoc=6, n_bins=8, progress=False,
     )  # fmt: skip
     assert same.label == st.label and np.array_equal(same.class_counts, st.class_counts)
+
+
+def test_tied_top_images_are_ranked_by_value_then_image_index(monkeypatch):
+    """Known answer with exact ties: the codes rounded up to quarters (the same latents fire on the same tokens;
+    many images share their strongest patch's code, across the k-th place too). The top k images shown, clean and
+    corrupted (indices, values, maps), are ranked by value descending, then image index ascending, for n_assoc = k,
+    2k and 4k alike: those of a ranking of exactly k. The class association is over the first n_assoc images of
+    that order (clean ones; corrupted ones, with their labels, for a latent that fires only on corrupted images)."""
+    import mechvit.analysis.features as features
+    from mechvit.sae.metrics import encode
+
+    hook = "blocks.0.hook_resid_post"
+    model = tiny_model()
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(30, 1, 28, 28, generator=g)
+    corrupted = (images + 0.3 * torch.randn(images.shape, generator=g)).clamp(0, 1)
+    sae = corrupted_only_sae(model, hook, images, corrupted)
+    labels = torch.arange(30) % 10
+    corrupted_labels = (torch.arange(30) * 3) % 10
+    seen: list[torch.Tensor] = []
+
+    def tied(sae, x):
+        z = torch.ceil(encode(sae, x) * 4) / 4
+        seen.append(z)
+        return z
+
+    monkeypatch.setattr(features, "sae_encode", tied)
+
+    def ranking(v: list[float], n: int) -> list[int]:
+        """The first n images by (value descending, index ascending), -1 where the latent does not fire."""
+        order = sorted(range(len(v)), key=lambda i: (-v[i], i))[:n]
+        return [i if v[i] > 0 else -1 for i in order]
+
+    k, runs = 4, {}
+    for n_assoc in (k, 2 * k, 4 * k):
+        seen.clear()
+        st = feature_stats(
+            model, sae, images, labels, CLASSES, corrupted=corrupted, corrupted_labels=corrupted_labels, k=k,
+            n_assoc=n_assoc, batch_size=64, progress=False,
+        )  # fmt: skip
+        assert len(seen) == 2  # one chunk each: the clean codes, then the corrupted ones
+        runs[n_assoc] = st
+        only_c = np.flatnonzero(st.label_set == "corrupted")
+        assert len(only_c) >= 2, "the case is not covered"
+        for z, top_idx, top_val, top_maps, classes in (
+            (seen[0], st.top_idx, st.top_val, st.top_maps, labels),
+            (seen[1], st.top_idx_corrupted, st.top_val_corrupted, st.top_maps_corrupted, corrupted_labels),
+        ):
+            z = z.reshape(30, 16, -1)
+            img_max = z.amax(1)  # [N, F]
+            s = img_max.sort(0, descending=True).values
+            assert ((s[k - 1] == s[k]) & (s[k] > 0)).sum() >= 5, "no ties across the k-th place"
+            for f in range(sae.cfg.d_sae):
+                v = img_max[:, f].tolist()
+                want = ranking(v, k)
+                assert top_idx[f].tolist() == want, f
+                np.testing.assert_array_equal(top_val[f], [v[i] if i >= 0 else 0.0 for i in want])
+                for j, i in enumerate(want):
+                    want_map = z[i, :, f].reshape(4, 4).numpy() if i >= 0 else np.zeros((4, 4))
+                    np.testing.assert_array_equal(top_maps[f, j], want_map)
+                # the class association: over the first n_assoc of the same order, of the set label_set names
+                if st.label_set[f] == ("clean" if classes is labels else "corrupted"):
+                    top = [i for i in ranking(v, n_assoc) if i >= 0]
+                    np.testing.assert_array_equal(st.class_counts[f], np.bincount(classes[top], minlength=10))
+    for st in (runs[2 * k], runs[4 * k]):  # the first k of a longer ranking: those of the ranking of k
+        for key in (
+            "top_idx",
+            "top_val",
+            "top_maps",
+            "top_idx_corrupted",
+            "top_val_corrupted",
+            "top_maps_corrupted",
+        ):
+            np.testing.assert_array_equal(getattr(st, key), getattr(runs[k], key), err_msg=key)
+        for key in ("probs_ablate", "probs_double"):
+            np.testing.assert_array_equal(getattr(st, key), getattr(runs[k], key), err_msg=key)

@@ -6,8 +6,8 @@ encodes the patch tokens at the SAE's hook and returns a :class:`FeatureStats` w
 - **density** (fraction of patch tokens on which it fires), **mean activation** (mean over the clean tokens
   where it fires; NaN when it never fires on a clean token) and the same over the corrupted tokens, max
   activation, and a histogram of its non-zero activations;
-- its **top images** (by the strongest patch) with the per-patch activation map, from the clean images and,
-  separately, from the corrupted ones;
+- its **top images** (by the strongest patch; ties: the lower image index first) with the per-patch activation map,
+  from the clean images and, separately, from the corrupted ones;
 - the **classes** of its top ``n_assoc`` images and an **automatic label**: the class association
   (``"Sneaker 94%"``, ``"Shirt / T-shirt"``, or ``"mixed"``) plus where on the patch grid it fires
   (``"top-left"``, ``"centre"``, ``"everywhere"`` ...). The images are its top clean ones when it fires on a
@@ -293,6 +293,9 @@ def automatic_label(counts: np.ndarray, class_names: Sequence[str]) -> str:
 
 # feature_stats keeps the first pass's non-zero codes for the second (False: encodes twice, the reference)
 _REUSE_CODES = True
+# feature_stats ranks the top images of this many latents per sort (bounds the memory of the sort: at 2,000 images
+# the block's copy, sorted values and indices take 131 MB)
+_SORT_BLOCK = 4096
 
 
 def _patch_rows(model: Any) -> slice:
@@ -499,28 +502,45 @@ def feature_stats(
                 z[nz] = v
                 yield s, z
 
-        def top_of(img_max: Tensor, n: int):
+        def top_of(img_max: Tensor, n: int) -> tuple[Tensor, Tensor]:
+            """Each latent's top ``n`` images [F, n] by their strongest patch ``img_max`` [N, F]: indices and values,
+            by value descending, ties by the lower image index (a stable sort, so the first k of a ranking of n > k
+            are the ranking of k; topk's order among equal values is unspecified); -1 / 0 where it does not fire.
+            Sorted in blocks of latents, to bound the memory of the sort."""
             n = min(n, len(img_max))
-            val, idx = img_max.topk(n, dim=0)  # [n, F]
-            val, idx = val.T.contiguous(), idx.T.contiguous()
+            idx = torch.empty(img_max.shape[1], n, dtype=torch.long)
+            val = torch.empty(img_max.shape[1], n)
+            for s in range(0, img_max.shape[1], _SORT_BLOCK):
+                v, i = torch.sort(
+                    img_max[:, s : s + _SORT_BLOCK].T.contiguous(), dim=1, descending=True, stable=True
+                )
+                val[s : s + len(v)], idx[s : s + len(v)] = v[:, :n], i[:, :n]
             idx[val <= 0] = -1
             val[val <= 0] = 0
             return idx, val
 
-        def gather_maps(acts: Tensor, idx: Tensor, hist_max: Tensor | None):
-            maps = torch.zeros(*idx.shape, P)
+        def gather_maps(
+            acts: Tensor, wanted: Sequence[tuple[Tensor, Tensor | None]], hist_max: Tensor | None
+        ) -> tuple[list[Tensor], Tensor]:
+            """In one pass over the codes of ``acts``: for each ``(idx, rows)`` of ``wanted``, the per-patch maps
+            [R, w, gh, gw] of the images ``idx`` [R, w] names (-1: none, a zero map) for the latents ``rows`` [R]
+            (None: every latent, R = F); and, with ``hist_max``, the histogram [F, n_bins] of the non-zero codes."""
+            maps = [torch.zeros(*idx.shape, P) for idx, _ in wanted]
             hist = torch.zeros(F * n_bins, dtype=torch.float64)
             for s, z in codes_again(acts):
                 e = s + len(z)
-                f_sel, j_sel = torch.nonzero((idx >= s) & (idx < e), as_tuple=True)
-                if len(f_sel):
-                    maps[f_sel, j_sel] = z[idx[f_sel, j_sel] - s, :, f_sel]
+                for (idx, rows), out in zip(wanted, maps, strict=True):
+                    r_sel, j_sel = torch.nonzero((idx >= s) & (idx < e), as_tuple=True)
+                    if len(r_sel):
+                        f_sel = r_sel if rows is None else rows[r_sel]
+                        out[r_sel, j_sel] = z[idx[r_sel, j_sel] - s, :, f_sel]
                 if hist_max is not None:
                     flat = z.reshape(-1, F)
                     r, f = torch.nonzero(flat > 0, as_tuple=True)
                     b = (flat[r, f] / hist_max[f] * n_bins).long().clamp_(0, n_bins - 1)
                     hist += torch.bincount(f * n_bins + b, minlength=F * n_bins).double()
-            return maps.reshape(*idx.shape, gh, gw), hist.reshape(F, n_bins)
+            shaped = [m.reshape(*idx.shape, gh, gw) for m, (idx, _) in zip(maps, wanted, strict=True)]
+            return shaped, hist.reshape(F, n_bins)
 
         img_max, active, total = pass_one(resid, "encode clean")
         max_act = img_max.amax(0)
@@ -540,39 +560,42 @@ def feature_stats(
                 most_active_latents(live, density, dens_c, len(images), n_c, max_effect_latents)
             )
         idx_all, val_all = top_of(img_max, n_top)
-        maps_all, hist = gather_maps(resid, idx_all, max_act.clamp_min(1e-12))
+        (maps_all,), hist = gather_maps(resid, [(idx_all, None)], max_act.clamp_min(1e-12))
         # which images label a latent (and which the activation of its direct logit effect is): the clean ones where
         # it fires on a clean token, else the corrupted ones where it fires on a corrupted token, else none
         basis = np.where(active.numpy() > 0, "clean", np.where(active_c.numpy() > 0, "corrupted", "none"))
-        only_c = torch.from_numpy(basis == "corrupted")
+        # [R] the latents labelled from their top corrupted images (they fire only on corrupted ones)
+        only_c_ids = torch.from_numpy(np.flatnonzero(basis == "corrupted"))
         top_idx_c = top_val_c = maps_c = None
         if resid_c is not None:
-            # one ranking of n_top: its first k are the top images shown; a latent that fires only on corrupted
-            # images keeps its first n_assoc for its label, the others' ranks beyond k are not needed (no map)
+            # one ranking of n_top: its first k are the top images shown (maps for every latent); a latent that
+            # fires only on corrupted images is labelled from its first n_assoc (maps for those latents alone)
             idx_c_all, val_c_all = top_of(img_max_c, n_top)
-            idx_c_all[~only_c, k:] = -1
-            maps_c_all, _ = gather_maps(resid_c, idx_c_all, None)
-            top_idx_c, top_val_c, maps_c = idx_c_all[:, :k], val_c_all[:, :k], maps_c_all[:, :k]
+            top_idx_c, top_val_c = idx_c_all[:, :k], val_c_all[:, :k]
+            idx_c_only, val_c_only = idx_c_all[only_c_ids, :n_assoc], val_c_all[only_c_ids, :n_assoc]
+            (maps_c, maps_c_only), _ = gather_maps(
+                resid_c, [(top_idx_c, None), (idx_c_only, only_c_ids)], None
+            )
 
         def association(
             idx: Tensor, val: Tensor, maps: Tensor, classes: Tensor
         ) -> tuple[Tensor, Tensor, Tensor]:
-            """Class counts [F, C] and mean normalised map [F, gh, gw] over the top n_assoc images where the latent
-            fires, and whether it has such an image [F]."""
+            """Class counts [R, C] and mean normalised map [R, gh, gw] over the top n_assoc images where each of
+            R latents (the rows of ``idx`` [R, w]) fires, and whether it has such an image [R]."""
             na = idx[:, :n_assoc]
             valid = na >= 0
-            counts = torch.zeros(F, C, dtype=torch.long)
+            counts = torch.zeros(len(idx), C, dtype=torch.long)
             counts.scatter_add_(1, classes[na.clamp_min(0)], valid.long())
             norm = maps[:, :n_assoc] / val[:, :n_assoc, None, None].clamp_min(1e-12)
             loc = (norm * valid[..., None, None]).sum(1) / valid.sum(1).clamp_min(1)[:, None, None]
             return counts, loc, valid.any(1)
 
         class_counts, location, has_images = association(idx_all, val_all, maps_all, labels)
-        if resid_c is not None and bool(only_c.any()):  # from the top corrupted images, with their labels
-            counts_c, location_c, has_c = association(idx_c_all, val_c_all, maps_c_all, labels_c)
-            class_counts[only_c] = counts_c[only_c]
-            location[only_c] = location_c[only_c]
-            has_images[only_c] = has_c[only_c]
+        if resid_c is not None and len(only_c_ids):  # from the top corrupted images, with their labels
+            counts_c, location_c, has_c = association(idx_c_only, val_c_only, maps_c_only, labels_c)
+            class_counts[only_c_ids] = counts_c
+            location[only_c_ids] = location_c
+            has_images[only_c_ids] = has_c
         label_set = basis.copy()
         label_class = [automatic_label(c, class_names) for c in class_counts.numpy()]
         label_where = [
