@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from pathlib import Path
 from urllib.parse import quote
 
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from mechvit._numbers import fmt_fixed, fmt_sig
 from mechvit.analysis.features import FeatureStats
 from mechvit.viz.explorer import ExplorerSAE, explorer_array, explorer_data, explorer_html
 from tests.browser import chromium, collect, skip_without_chromium
@@ -30,6 +32,12 @@ from tests.test_analysis_features import CLASSES, random_sae, tiny_model
 HOOK = "blocks.0.hook_resid_post"
 CORR = "noise 2 + noise 4"
 GROUPS = [("noise 2", 40), ("noise 4", 40)]  # the corrupted set: the 40 images under each condition
+
+
+def _signed(v, decimals: int) -> str:
+    """``v`` as the page prints a logit effect: half up (mechvit._numbers), "+" for one that rounds to zero."""
+    text = fmt_fixed(float(v), decimals)
+    return text if text.startswith("-") else "+" + text
 
 
 def js(driver, script, *args):
@@ -114,15 +122,15 @@ def test_a_latent_that_never_fires_on_clean_images(real, driver):
         == f"direct logit effect at the {CORR} mean activation"
     )
     note = driver.find_element("css selector", "#logit-note").text
-    mean_c = js(driver, "return arguments[0].toFixed(3)", entry["mean_act_c"][i])  # as the page prints it
+    mean_c = fmt_fixed(entry["mean_act_c"][i], 3)  # as the page prints it (half up, mechvit._numbers)
     assert f"mean activation on the {CORR} tokens where it fires ({mean_c}" in note
     printed = [
-        float(t.text)
+        t.text
         for t in driver.find_elements("css selector", "#detail svg.logits text")
         if t.text not in CLASSES
     ]
     want = explorer_array(data, entry, "logit").reshape(len(entry["live"]), -1)[i]
-    assert printed == [float(f"{v:+.2f}") for v in want] and np.abs(st.logit_effect[f]).max() > 0.005
+    assert printed == [_signed(v, 2) for v in want] and np.abs(st.logit_effect[f]).max() > 0.005
     np.testing.assert_allclose(want, st.logit_effect[f], atol=np.nanmax(np.abs(st.logit_effect)) / 65534)
     # its images: none in the clean row (which says so), its top corrupted images in the row below
     assert (
@@ -537,6 +545,99 @@ def test_density_is_always_a_percentage(synth, driver):
     )
     assert "density 0.0041% ·" in svg
     driver.find_element("css selector", '#thead [data-sort="id"]').click()
+
+
+# ---- the page's numbers on the study's rounding rule (mechvit._numbers) -------------------------------------
+
+# (function, arguments, text): half up on the decimal value, as mechvit._numbers; toFixed/toPrecision round the
+# binary value (1.005 is 1.00499999..., 0.9065 * 100 is 90.64999999999999) and print "-0.000"
+KNOWN = [
+    ("fmtFixed", (0.5625, 1, 100), "56.3"), ("fmtFixed", (0.125, 2), "0.13"), ("fmtFixed", (-2.5, 0), "-3"),
+    ("fmtFixed", (9.995, 2), "10.00"), ("fmtFixed", (1.005, 2), "1.01"), ("fmtFixed", (0.0004, 3), "0.000"),
+    ("fmtFixed", (-0.0004, 3), "0.000"), ("fmtFixed", (-0.0, 2), "0.00"), ("fmtFixed", (0.9065, 1, 100), "90.7"),
+    ("fmtFixed", (0.9065 * 100, 1), "90.7"), ("fmtFixed", (0.9065 - 0.851, 4), "0.0555"),
+    ("fmtFixed", (-1.005, 2), "-1.01"), ("fmtFixed", (1e21, 0), "1000000000000000000000"),
+    ("fmtFixed", (1.5e-300, 2), "0.00"), ("fmtFixed", (123456.5, 0), "123457"), ("fmtFixed", (2.675, 2), "2.68"),
+    ("fmtSig", (9.995, 3), "10"), ("fmtSig", (2.5, 1), "3"), ("fmtSig", (0.9065, 3, 100), "90.7"),
+    ("fmtSig", (1e-7, 2, 100), "1e-05"), ("fmtSig", (1.25e-7, 2), "1.3e-07"), ("fmtSig", (-0.00012345, 3), "-0.000123"),
+    ("fmtSig", (123456.0, 3), "1.23e+05"), ("fmtSig", (0.0, 3), "0"), ("fmtSig", (-0.0, 3), "0"),
+    ("fmtSig", (1.5e300, 2), "1.5e+300"), ("fmtSig", (5e-324, 2), "5e-324"),
+]  # fmt: skip
+# density -> text: two decimals from 0.1%, two significant digits below, half up
+DENSITY_TIES = {0.000125: "0.013%", 0.5625: "56.25%", 0.0056255: "0.56%", 1.25e-7: "0.000013%", 1e-7: "0.000010%",
+                0.00099951: "0.10%", 0.0009994: "0.10%", 0.00099949: "0.10%", 0.0009949: "0.099%"}  # fmt: skip
+
+
+def _grid() -> list[float]:
+    """Values over many magnitudes and both signs: ties (k / 2^n), short decimals (ties in decimal, not in binary),
+    float noise around them, and plain random floats."""
+    rng = np.random.default_rng(0)
+    vals = [0.5625, 0.125, -2.5, 9.995, 1.005, 0.0004, -0.0004, 1e-7, 0.9065 * 100, 0.1 + 0.2, 0.9065 - 0.851,
+            0.12449999999996, 99.95, 0.995, 0.045, -0.0, 0.0, 1e21, 1.5e-300, 5e-324, 123456789.125]  # fmt: skip
+    for _ in range(400):
+        m = 10.0 ** rng.uniform(-9, 7) * rng.choice([-1, 1])
+        vals += [
+            float(m),
+            float(f"{m:.{rng.integers(1, 6)}g}"),
+            float(rng.integers(-(10**6), 10**6) / 2.0 ** rng.integers(0, 12)),
+        ]
+        vals.append(float(f"{m:.3g}") * 100 / 100)  # noise of an arithmetic step
+    return vals
+
+
+def _density(v: float) -> str:
+    """What the page shows for a density, from mechvit._numbers: the exponent of its 2-significant-digit rounding
+    picks two decimals (from 0.1%) or two significant digits (below)."""
+    if v <= 0:
+        return "0%"
+    e = Decimal(fmt_sig(v, 2, 100)).adjusted()
+    return fmt_fixed(v, 2 if e >= -1 else 1 - e, 100) + "%"
+
+
+@skip_without_chromium
+def test_the_page_rounds_numbers_as_mechvit_numbers(synth, driver):
+    path, data = synth
+    fresh(driver, path)
+    call = "return arguments[0].map(([f, a]) => explorer[f](...a))"
+    assert js(driver, call, [[f, a] for f, a, _ in KNOWN]) == [t for *_, t in KNOWN]
+    assert [(fmt_fixed if f == "fmtFixed" else fmt_sig)(*a) for f, a, _ in KNOWN] == [t for *_, t in KNOWN]
+    assert js(driver, "return [null, undefined, NaN].map((v) => explorer.fmtFixed(v, 2))") == ["–"] * 3
+    # the same text as mechvit._numbers on a grid of values, decimals, significant digits and scales
+    cases, want = [], []
+    for v in _grid():
+        for scale in (1, 100):
+            for d in (0, 1, 2, 3, 5):
+                cases.append(["fmtFixed", [v, d, scale]])
+                want.append(fmt_fixed(v, d, scale))
+            for p in (1, 2, 3, 4, 12):
+                cases.append(["fmtSig", [v, p, scale]])
+                want.append(fmt_sig(v, p, scale))
+    got = js(driver, call, cases)
+    bad = [(c, g, w) for c, g, w in zip(cases, got, want, strict=True) if g != w]
+    assert not bad, bad[:10]
+    # densities: the known answers, the ties and the grid
+    dens = [d for d, _ in DENSITIES.values()] + list(DENSITY_TIES) + [abs(v) / 1e3 for v in _grid()]
+    got = js(driver, "return arguments[0].map(explorer.fmtDensity)", dens)
+    assert got == [_density(v) for v in dens]
+    known = [t for _, t in DENSITIES.values()] + list(DENSITY_TIES.values())
+    assert got[: len(known)] == known
+    # on the page: a latent whose mean activation (4 significant digits, e.g. 1.2345) toFixed(3) rounds the other
+    # way, in its panel and its card
+    entry = data["saes"][0]
+    fixed = js(driver, "return arguments[0].map((v) => v === null ? null : v.toFixed(3))", entry["mean_act"])
+    i = next(
+        i
+        for i, (v, t) in enumerate(zip(entry["mean_act"], fixed, strict=True))
+        if v is not None and t != fmt_fixed(v, 3)
+    )
+    f, text = entry["live"][i], fmt_fixed(entry["mean_act"][i], 3)
+    js(driver, "explorer.open(arguments[0], arguments[1])", entry["name"], f)
+    assert stat_values(driver)["mean_act"][1] == text
+    svg = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1]; explorer.cardSvg(arguments[0], arguments[1]).then(done);",
+        entry["name"], f,
+    )  # fmt: skip
+    assert f"mean act {text} ·" in svg
 
 
 @skip_without_chromium

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from mechvit._numbers import fmt_fixed
 from mechvit.study import run_study
 from mechvit.study.config import load_study_config, study_config_from_dict
 from mechvit.viz.explorer import explorer_array
@@ -246,8 +247,9 @@ def test_explorer_of_the_study(study):
         # the direct logit effect panel: one bar per class, printed to 2 decimals from the int16-encoded effects
         logit = explorer_array(data, s, "logit").reshape(len(s["live"]), -1)[i]
         texts = [t.text for t in driver.find_elements("css selector", "#detail svg.logits text")]
-        printed = [float(t) for t in texts if t not in data["class_names"]]
-        assert printed == [float(f"{v:+.2f}") for v in logit] and len(printed) == len(data["class_names"])
+        printed = [t for t in texts if t not in data["class_names"]]  # half up, "+" for one that rounds to 0
+        want = [t if t.startswith("-") else "+" + t for t in (fmt_fixed(float(v), 2) for v in logit)]
+        assert printed == want and len(printed) == len(data["class_names"])
 
         # the ablation panel: the precomputed probabilities (uint16 of [0, 1]) for each top image
         p_abl = explorer_array(data, s, "p_abl").reshape(len(s["live"]), 3, 10)

@@ -268,6 +268,62 @@ def test_robustness_heatmap_names_one_severity_or_the_mean_over_several():
     assert fig.axes[0].get_xlabel() == "corruption (mean over severities 1, 2, 4)"
 
 
+def test_heatmap_annotations_round_half_up_on_the_decimal_value():
+    """The cells' texts on the study's rounding rule (mechvit._numbers), where Python's format rounds the binary
+    float (0.125 -> 0.12, 2.675 -> 2.67, 1.005 -> 1.00, 62.5 -> 62) and prints -0.00."""
+    from matplotlib.figure import Figure
+
+    fig = Figure()
+    ax = fig.add_subplot()
+    F.heatmap(ax, np.array([[0.125, -0.001], [2.675, 1.005]]), ["a", "b"], ["r0", "r1"], fmt="{:.2f}")
+    assert [t.get_text() for t in ax.texts] == ["0.13", "0.00", "2.68", "1.01"]
+    # a float32 tensor by its float32 repr (0.145, not the float64 0.14499999582767487 it converts to)
+    ax = fig.add_subplot()
+    F.heatmap(ax, torch.tensor([[0.145, -0.375]]), ["a", "b"], ["r0"], fmt="{:.2f}", cmap=F.DIVERGING)
+    assert [t.get_text() for t in ax.texts] == ["0.15", "-0.38"]
+    ax = fig.add_subplot()  # a callable
+    F.heatmap(ax, np.array([[0.5, 2.0]]), ["a", "b"], ["r0"], fmt=lambda x: f"<{x:g}>")
+    assert [t.get_text() for t in ax.texts] == ["<0.5>", "<2>"]
+    # the report's top-1 heatmap: 62.5% reads 63
+    rows = [
+        {"model": m, "corruption": c, "severity": 4, "top1": 0.625}
+        for m in ("base", "ft")
+        for c in ("clean", "blur")
+    ]
+    fig = F.robustness_heatmap(rows, ["base", "ft"], ["blur"], {"base": [], "ft": ["blur"]}, [4])
+    assert [t.get_text() for t in fig.axes[0].texts] == ["63"] * 4
+
+
+def test_feature_comparison_titles_round_half_up():
+    from mechvit.viz.features import feature_comparison_figure
+
+    maps = torch.zeros(2, 1, 2, 2)
+    maps[0, 0, 0, 0], maps[1, 0, 1, 1] = 0.125, 0.145  # float32: 0.145 by its float32 repr
+    fig = feature_comparison_figure(
+        torch.rand(2, 1, 8, 8, generator=_g()), maps, maps, [3], [4], ("a", "b"), ["x", "y"], top_images=2,
+        pair_cosine=[-0.001],
+    )  # fmt: skip
+    titles = [a.get_title() for a in fig.axes if a.get_title()]
+    assert titles[:2] == ["y\nmax 0.15", "x\nmax 0.13"]  # Python's format: 0.14, 0.12
+    assert "b\nfeature 4\n(cos 0.00)" in [a.get_ylabel() for a in fig.axes]  # Python's: -0.00
+
+
+@pytest.mark.parametrize(
+    "fmt, x, text",
+    [
+        ("{:.2f}", 0.125, "0.13"), ("{:.2f}", -0.001, "0.00"), ("{:.0f}", -2.5, "-3"), ("{:+.2f}", -0.001, "+0.00"),
+        ("{:+.2f}", 0.125, "+0.13"), ("{:+.2f}", -0.125, "-0.13"), ("{0:.1f}", 0.9065 * 100, "90.7"),
+        ("{:.1%}", 0.5625, "56.3%"), ("{:,.0f}", 1234567.5, "1,234,568"), ("p={:.2g}", 0.0125, "p=0.013"),
+        ("{:.3g}", 9.995, "10"), ("{0:.2f} ({0:.0%})", 0.125, "0.13 (13%)"), ("no number", 0.125, "no number"), (" {:.1f} ", np.float32(0.25), " 0.3 "),
+        # formats the rule does not write: as str.format writes them
+        ("{:>6.2f}", 0.125, "  0.12"), ("{}", 0.125, "0.125"), ("{:.2e}", 0.125, "1.25e-01"), ("{:,.2g}", 0.125, "0.12"),
+    ],
+)  # fmt: skip
+def test_number_format_writes_a_format_string_on_the_rounding_rule(fmt, x, text):
+    assert F.number_format(fmt)(x) == text
+    assert F.number_format(None) is None
+
+
 # ---- the step's per-layer CI -------------------------------------------------------------------------------
 
 

@@ -89,7 +89,8 @@ def heatmap(rows: list[dict], path: str | Path, title: str = "top-1 accuracy (me
     for i in range(len(models)):
         for j in range(len(corrs)):
             v = 100 * mat[i, j]
-            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=6, color="w" if v < 60 else "k")
+            text = fmt_fixed(float(mat[i, j]), 0, 100)  # half up on the decimal value (mechvit._numbers)
+            ax.text(j, i, text, ha="center", va="center", fontsize=6, color="w" if v < 60 else "k")
     fig.colorbar(im, ax=ax, label="top-1 %")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()

@@ -15,7 +15,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechvit._numbers import fmt_fixed
 from mechvit.sae.metrics import encode as sae_encode
+from mechvit.viz.figures import _scalar
 from mechvit.viz.figures import styled as _styled
 
 
@@ -115,7 +117,7 @@ def feature_comparison_figure(
                         images[i].numpy(),
                         m[i].numpy(),
                         vmax=vmax,
-                        title=f"{labels[i]}\nmax {float(m[i].max()):.2f}",
+                        title=f"{labels[i]}\nmax {fmt_fixed(_scalar(m[i].max()), 2)}",
                     )
                     a.title.set_fontsize(6)
                 elif c > 0:
@@ -136,7 +138,7 @@ def feature_comparison_figure(
                 )
             head = f"{names[side]}\nfeature {feat[r]}"
             if pair_cosine is not None and side == 1:
-                head += f"\n(cos {pair_cosine[r]:.2f})"
+                head += f"\n(cos {fmt_fixed(_scalar(pair_cosine[r]), 2)})"
             first.set_ylabel(head, fontsize=7, fontweight="bold")
             if idx:
                 fig.colorbar(

@@ -7,15 +7,21 @@ name with a suffix) it also writes ``<stem>.png`` and ``<stem>.svg`` atomically.
 for non-negative maps, ``DIVERGING`` (centred on 0) for signed maps such as patching scores. The building
 blocks (``save_figure``, ``heatmap``, ``image_overlay``, ``color``) draw the study report's figures, which are
 the public functions at the end of this module (``robustness_heatmap`` ... ``cka_curves``): the study's steps call
-them with their analysis results, and a notebook can call them with the same results.
+them with their analysis results, and a notebook can call them with the same results. The numbers a figure writes
+(cell annotations, titles, legend entries) follow the study's rounding rule (:mod:`mechvit._numbers`, through
+``number_format`` for a ``fmt`` string: half up on the decimal value, never ``-0``); the tick labels matplotlib
+draws itself keep matplotlib's own formatting.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import numbers
 import os
-from collections.abc import Mapping, Sequence
+import re
+import string
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -26,6 +32,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
 from mechvit._io import atomic_write
+from mechvit._numbers import fmt_fixed, fmt_sig
 
 PALETTE = ("#4477AA", "#EE6677", "#228833", "#CCBB44", "#66CCEE", "#AA3377", "#BBBBBB")
 # One colour per model (or group) of a figure: Tol's "bright" without its grey (the neutral colour of reference
@@ -73,6 +80,56 @@ def _np(t) -> np.ndarray:
     return t.detach().cpu().float().numpy() if isinstance(t, torch.Tensor) else np.asarray(t, dtype=float)
 
 
+def _scalar(t):
+    """A 0-dim tensor, array or number as a number :mod:`mechvit._numbers` takes, at its own precision (a float32
+    value as a float32, whose shortest repr is its decimal value, not as the float64 it converts to)."""
+    if isinstance(t, torch.Tensor):
+        return _np(t).reshape(())[()]
+    return np.asarray(t).reshape(())[()] if isinstance(t, np.ndarray) else t
+
+
+# a format field the study's rounding rule writes: [sign][,].N then f (fixed), g (significant digits) or % (x 100)
+_RULE_SPEC = re.compile(r"(?P<sign>[-+ ]?)(?P<group>,?)\.(?P<n>\d+)(?P<kind>[fg%])")
+
+
+def number_format(fmt: str | Callable[[object], str] | None) -> Callable[[object], str] | None:
+    """The text of a number for an annotation, from ``fmt``: a callable as it is; a format string such as
+    ``"{:.2f}"`` on the study's rounding rule (:mod:`mechvit._numbers`: half up on the decimal value, never
+    ``-0``) when each of its fields is ``.Nf`` (``fmt_fixed(x, N)``; ``,`` groups thousands), ``.Ng``
+    (``fmt_sig(x, N)``) or ``.N%`` (``fmt_fixed(x, N, 100)`` and ``%``), with an optional sign flag (``+``: ``+``
+    for a value that does not print negative, ``0.00`` included); any other format string (and a value that is
+    not a real number) as ``str.format`` writes it; None stays None."""
+    if fmt is None or callable(fmt):
+        return fmt
+    parts = list(string.Formatter().parse(fmt))
+    specs = [None if field is None else _RULE_SPEC.fullmatch(spec or "") for _, field, spec, _ in parts]
+    fields = [field for _, field, _, _ in parts if field is not None]
+    ok = (fields == [""] or set(fields) == {"0"}) and all(  # one value: "{:.2f}", or "{0:.2f} ({0:.0%})"
+        field is None or (not conv and m is not None and not (m["group"] and m["kind"] == "g"))
+        for (_, field, _, conv), m in zip(parts, specs, strict=True)
+    )
+    if not ok:
+        return fmt.format
+
+    def text(x) -> str:
+        x = _scalar(x)
+        if isinstance(x, bool) or not isinstance(x, numbers.Real):
+            return fmt.format(x)
+        out = []
+        for (literal, field, _, _), m in zip(parts, specs, strict=True):
+            out.append(literal)
+            if field is None:
+                continue
+            n, kind = int(m["n"]), m["kind"]
+            t = fmt_sig(x, n) if kind == "g" else fmt_fixed(x, n, 100 if kind == "%" else 1, bool(m["group"]))
+            out.append(t if t.startswith("-") or m["sign"] in ("", "-") else m["sign"] + t)
+            if kind == "%":
+                out.append("%")
+        return "".join(out)
+
+    return text
+
+
 def _sym(values: np.ndarray) -> float:
     m = float(np.nanmax(np.abs(values))) if values.size and np.isfinite(values).any() else 1.0
     return m if m > 0 else 1.0
@@ -90,7 +147,7 @@ def heatmap(
     vmax: float | None = None,
     xlabel: str = "",
     ylabel: str = "",
-    fmt: str | None = None,
+    fmt: str | Callable[[object], str] | None = None,
     marks=None,
     max_ticks: int = 25,
     xrotation: float | None = None,
@@ -98,9 +155,10 @@ def heatmap(
 ):
     """``values [rows, cols]`` as a labelled image with a colour bar (none when ``cbar_label`` is None).
 
-    A ``DIVERGING`` map without ``vmin`` is centred on 0. ``fmt`` (e.g. ``"{:.2f}"``) writes each value in
-    its cell (up to 400 cells); ``marks`` (bool ``[rows, cols]``) outlines cells; an axis with more than
-    ``max_ticks`` labels shows every n-th; x labels turn by ``xrotation`` degrees, aligned at their right
+    A ``DIVERGING`` map without ``vmin`` is centred on 0. ``fmt`` (e.g. ``"{:.2f}"``, or a callable: value ->
+    text) writes each value in its cell (up to 400 cells), on the study's rounding rule (``number_format``:
+    0.125 with ``"{:.2f}"`` reads 0.13, -0.001 reads 0.00); ``marks`` (bool ``[rows, cols]``) outlines cells;
+    an axis with more than ``max_ticks`` labels shows every n-th; x labels turn by ``xrotation`` degrees, aligned at their right
     end (default: upright, or 90 with more than 8 labels). ``cbar_kw`` goes to ``colorbar``."""
     v = _np(values)
     if cmap == DIVERGING and vmin is None:
@@ -117,6 +175,12 @@ def heatmap(
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if fmt is not None and v.size <= 400:
+        cell_text = number_format(fmt)
+        # the texts at the values' own precision (a float32 value by its float32 repr; v is float64)
+        raw = (
+            values.detach().cpu().float().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+        )
+        raw = raw if raw.dtype.kind == "f" and raw.shape == v.shape else v
         lo, hi = im.get_clim()
         for (i, j), x in np.ndenumerate(v):
             if np.isfinite(x):
@@ -124,7 +188,7 @@ def heatmap(
                 ax.text(
                     j,
                     i,
-                    fmt.format(x),
+                    cell_text(raw[i, j]),
                     ha="center",
                     va="center",
                     fontsize=6,
@@ -231,7 +295,7 @@ def plot_patching(result, path=None, *, title: str | None = None) -> Figure:
     for i in range(n):
         ax = fig.add_subplot(gs[top + i // ncol, i % ncol])
         im = ax.imshow(grid[i], cmap=DIVERGING, vmin=-vmax, vmax=vmax, interpolation="nearest")
-        pre = ", ".join(f"{k} {p[i]:.2f}" for k, p in prefix.items())
+        pre = ", ".join(f"{k} {fmt_fixed(p[i], 2)}" for k, p in prefix.items())
         ax.set_title(f"{rows_lab[i]}" + (f"\n{pre}" if pre else ""), fontsize=7)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -276,7 +340,7 @@ def plot_logit_lens(results, path=None, *, title: str = "Logit lens") -> Figure:
                 marker="o",
                 ms=3,
                 color=c,
-                label=f"{label} (first {res.mean_first_correct_block:.2f})",
+                label=f"{label} (first {fmt_fixed(res.mean_first_correct_block, 2)})",
             )
             ax.set_xticks(list(x))
             ax.set_xticklabels(res.layers)
@@ -449,7 +513,7 @@ def plot_code_similarity(
             histtype="step",
             lw=1.6,
             color=c,
-            label=f"{s.label or i} (mean {s.mean:.3f}, n={s.cosines.numel()})",
+            label=f"{s.label or i} (mean {fmt_fixed(s.mean, 3)}, n={s.cosines.numel()})",
         )
     ax.set_xlabel("cosine(code clean, code corrupted)")
     ax.set_ylabel("density")
@@ -526,7 +590,9 @@ def save_report_figure(fig: Figure, path: str | os.PathLike) -> list[Path]:
         return save_figure(fig, path, bbox_inches=None)
 
 
-def _report_heatmap(ax, mat, xlabels, ylabels, *, cbar_label: str, fmt: str | None = "{:.0f}", **kw):
+def _report_heatmap(
+    ax, mat, xlabels, ylabels, *, cbar_label: str, fmt: str | Callable[[object], str] | None = "{:.0f}", **kw
+):
     im = heatmap(
         ax, mat, xlabels, ylabels, cbar_label=cbar_label, fmt=fmt, xrotation=60,
         cbar_kw={"fraction": 0.046, "pad": 0.03}, **kw,
@@ -760,7 +826,7 @@ def patching_grids(results: Mapping[str, object], title: str):
         prefix, g = results[k].on_grid()
         for layer in range(L):
             im = ax[i, layer].imshow(_np(g[layer]), cmap=DIVERGING, vmin=-lim, vmax=lim)
-            pre = ", ".join(f"{t} {float(v[layer]):.2f}" for t, v in prefix.items())
+            pre = ", ".join(f"{t} {fmt_fixed(_scalar(v[layer]), 2)}" for t, v in prefix.items())
             ax[i, layer].set_title(f"layer {layer}" + (f"\n{pre}" if pre else ""), fontsize=7)
             ax[i, layer].set_xticks([])
             ax[i, layer].set_yticks([])
@@ -870,7 +936,7 @@ def overlap_controls_figure(
             p = getattr(t, "p_value", None) if t is not None else None
             if p is not None:
                 a.annotate(
-                    f"p={p:.2g}",
+                    f"p={fmt_sig(_scalar(p), 2)}",
                     (i, 1.0),
                     xycoords=("data", "axes fraction"),
                     ha="center",

@@ -9,13 +9,95 @@
   const C = D.class_names.length;
   const $ = (s, el) => (el || document).querySelector(s);
   const esc = (s) => String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
-  const fmt = (v, d) => (v === null || v === undefined || Number.isNaN(v) ? "–" : Number(v).toFixed(d));
+  // Numbers as text on mechvit's one rounding rule (mechvit/_numbers.py, fmt_fixed and fmt_sig): round half up
+  // (away from zero at an exact tie) on the number's decimal value, its shortest repr (String(x), as Python's
+  // repr) first rounded to 12 significant digits (half even) to remove float noise when the final rounding keeps
+  // fewer; scaling (x 100 for a percentage) is exact, on that decimal; never "-0". toFixed and toPrecision round
+  // the binary value instead: (1.005).toFixed(2) is "1.00" (the float is 1.00499999...), (0.9065 * 100).toFixed(1)
+  // is "90.6" (90.64999999999999), (-0.0004).toFixed(3) is "-0.000"; here "1.01", "90.7" and "0.000". The
+  // arithmetic is on integers (BigInt); null, undefined and NaN print as "–", the infinities as Python's.
+  const NOISE_DIGITS = 12;
+  const pow10 = (k) => 10n ** BigInt(k);
+  const ndigits = (m) => m.toString().length; // m > 0
+  const decimalOf = (x) => {
+    // |x| = m × 10^e (m a BigInt), from its shortest repr: "56.25", "1e-7", "1.5e+300"
+    const [, int, frac = "", exp = "0"] = /^(\d+)(?:\.(\d+))?(?:e([+-]?\d+))?$/.exec(String(Math.abs(x)));
+    return { m: BigInt(int + frac), e: Number(exp) - frac.length };
+  };
+  const roundTo = (m, e, q, even) => {
+    // m × 10^e rounded to a multiple of 10^q, half up (half even with even): how many 10^q, a BigInt
+    if (e >= q) return m * pow10(e - q);
+    const div = pow10(q - e), n = m / div, r2 = 2n * (m % div);
+    return r2 > div || (r2 === div && (!even || n % 2n === 1n)) ? n + 1n : n;
+  };
+  const decimalValue = (x, scale, kept) => {
+    // scale × x as ±m × 10^e, x cleaned of noise when the final rounding keeps fewer than 12 significant digits
+    // (kept: their number, given floor(log10(|scale × x|)))
+    let { m, e } = decimalOf(x);
+    const s = decimalOf(scale);
+    if (m !== 0n && s.m !== 0n && kept(ndigits(m * s.m) - 1 + e + s.e) < NOISE_DIGITS) {
+      const q = ndigits(m) - NOISE_DIGITS + e;
+      m = roundTo(m, e, q, true);
+      e = q;
+    }
+    return { neg: (x < 0) !== (scale < 0), m: m * s.m, e: e + s.e };
+  };
+  const special = (x, scale) => {
+    // the text of a number that is not finite, else null
+    if (x === null || x === undefined || Number.isNaN(Number(x))) return "–";
+    const y = Number(x) * scale;
+    return Number.isFinite(Number(x)) ? null : Number.isNaN(y) ? "–" : y < 0 ? "-inf" : "inf";
+  };
+  const fixedText = (q, d) => {
+    // q × 10^-d (q >= 0) with d decimals
+    const s = q.toString().padStart(d + 1, "0");
+    return d ? s.slice(0, -d) + "." + s.slice(-d) : s;
+  };
+  const sigRound = (x, digits, scale) => {
+    // scale × x to `digits` significant digits, half up: ±q × 10^(e - digits + 1), e the exponent after rounding
+    const v = decimalValue(x, scale, () => digits);
+    if (v.m === 0n) return { neg: false, q: 0n, e: 0 };
+    let e = ndigits(v.m) - 1 + v.e, q = roundTo(v.m, v.e, e - digits + 1, false);
+    if (q === pow10(digits)) { q /= 10n; e += 1; } // 9.995 -> 10.0: one more digit before the point
+    return { neg: v.neg, q, e };
+  };
+  function fmtFixed(x, decimals, scale = 1) {
+    // fmt_fixed: (scale × x).toFixed(decimals), rounded half up on the decimal value; never "-0.00"
+    const sp = special(x, scale);
+    if (sp !== null) return sp;
+    const v = decimalValue(Number(x), scale, (mag) => mag + 1 + decimals);
+    const q = roundTo(v.m, v.e, -decimals, false);
+    return (v.neg && q !== 0n ? "-" : "") + fixedText(q, decimals);
+  }
+  function fmtSig(x, digits = 3, scale = 1) {
+    // fmt_sig: Python's format(scale × x, ".{digits}g") (trailing zeros stripped, exponent from 1e-05 and from
+    // 10^digits), rounded half up on the decimal value; never "-0"
+    const sp = special(x, scale);
+    if (sp !== null) return sp;
+    const p = Math.max(1, digits), { neg, q, e } = sigRound(Number(x), p, scale);
+    if (q === 0n) return "0";
+    const sign = neg ? "-" : "";
+    if (-4 <= e && e < p) {
+      const t = fixedText(q, p - 1 - e);
+      return sign + (t.includes(".") ? t.replace(/0+$/, "").replace(/\.$/, "") : t);
+    }
+    const s = q.toString(), mantissa = (s[0] + "." + s.slice(1)).replace(/0+$/, "").replace(/\.$/, "");
+    return `${sign}${mantissa}e${e < 0 ? "-" : "+"}${String(Math.abs(e)).padStart(2, "0")}`;
+  }
+  const clean = (x) => Number(fmtSig(x, NOISE_DIGITS)); // x without its float noise, for a threshold
+  const fmt = (v, d) => fmtFixed(v, d);
+  const fmtSigned = (v, d) => {
+    // "+0.12" / "-0.12": the sign always shown ("+" for one that rounds to zero)
+    const t = fmtFixed(v, d);
+    return t === "–" || t.startsWith("-") ? t : "+" + t;
+  };
   const fmtDensity = (v) => {
-    // always a percentage: two decimals from 0.1% up ("0.10%", "60.80%"), two significant digits below ("0.0041%")
+    // always a percentage: two decimals from 0.1% up ("0.10%", "60.80%"), two significant digits below ("0.0041%"),
+    // half up on the decimal value (fmtFixed); 0.1% or more is decided after the rounding (0.0999% reads 0.10%)
     if (v === null || v === undefined || Number.isNaN(v)) return "–";
     if (v <= 0) return "0%";
-    const p = 100 * v;
-    return (p >= 0.1 ? p.toFixed(2) : p.toPrecision(2)) + "%";
+    const { e } = sigRound(v, 2, 100);
+    return fmtFixed(v, e >= -1 ? 2 : 1 - e, 100) + "%";
   };
   const CORR = D.images.corrupted_name || "corrupted";
   const BASES = D.effect_bases || ["clean", "corrupted", "none"];
@@ -368,7 +450,7 @@
       ? `its mean activation on the ${esc(CORR)} tokens where it fires (${fmt(s.mean_act_c ? s.mean_act_c[i] : null, 3)}; it never fires on the clean images)`
       : "mean act";
     return `<div id="logit-effect" data-basis="${basis}"><h3>Direct logit effect${basis === "corrupted" ? ` <span class="basis">at the ${esc(CORR)} mean activation</span>` : ""}</h3>` +
-      `${bars(row, { show: (v) => (v >= 0 ? "+" : "") + v.toFixed(2), cls: "logits" })}` +
+      `${bars(row, { show: (v) => fmtSigned(v, 2), cls: "logits" })}` +
       `<div class="muted" id="logit-note" style="max-width:300px">Δ logit when ${at} × decoder direction is added to the readout token(s) of the final residual stream (model's own final norm, pooling, head; blocks after the hook skipped).</div></div>`;
   }
 
@@ -399,7 +481,7 @@
     const before = set === "clean" ? probs(model, "probs") : model.probs_c ? probs(model, "probs_c") : null;
     const top = set === "clean" ? s.top[i] : s.top_c[i];
     const labels = setLabels(set);
-    const pct = (p) => `${(100 * p).toFixed(1)}%`;
+    const pct = (p) => `${fmtFixed(p, 1, 100)}%`;
     let rows = "";
     for (let j = 0; j < k; j++) {
       const img = top[j];
@@ -415,7 +497,8 @@
         if (!b) return `<td data-pred="${top1}" data-p="${p[pred].toFixed(5)}">${esc(D.class_names[top1])} ${pct(p[top1])}<br><span>p(${esc(D.class_names[pred])}) ${pct(p[pred])}</span></td>`;
         const dp = p[pred] - b[pred];
         const cls = Math.abs(dp) < 0.005 ? "" : dp > 0 ? "up" : "down";
-        const delta = `${dp >= 0 ? "+" : "−"}${(100 * Math.abs(dp)).toFixed(Math.abs(dp) < 0.01 ? 2 : 1)}`;
+        const mag = fmtFixed(Math.abs(dp), clean(Math.abs(dp)) < 0.01 ? 2 : 1, 100);
+        const delta = `${dp < 0 && /[1-9]/.test(mag) ? "−" : "+"}${mag}`;
         return `<td data-pred="${top1}" data-p="${p[pred].toFixed(5)}">${esc(D.class_names[top1])} ${pct(p[top1])}<br><span class="${cls}" title="change of p(${esc(D.class_names[pred])}) in percentage points">p(${esc(D.class_names[pred])}) ${pct(p[pred])} (${delta})</span></td>`;
       };
       const beforeCell = b
@@ -579,7 +662,7 @@
       (nCls ? `<g transform="translate(${x0},${y1 + 6})">${bars(s.class_counts[i], { width: 320, show: (v) => String(v), color: () => "#7a9c5a" })}</g>` : `<text x="${x0}" y="${y1 + 18}">none: never active on the clean images</text>`) +
       `<text x="${x0 + 350}" y="${y1}" class="h">direct logit effect${measured && basis === "corrupted" ? " (at the corrupted mean act*)" : ""}</text>` +
       (measured
-        ? `<g transform="translate(${x0 + 350},${y1 + 6})">${bars(row, { width: 340, show: (v) => (v >= 0 ? "+" : "") + v.toFixed(2) })}</g>`
+        ? `<g transform="translate(${x0 + 350},${y1 + 6})">${bars(row, { width: 340, show: (v) => fmtSigned(v, 2) })}</g>`
         : `<text x="${x0 + 350}" y="${y1 + 18}" class="basis">not measured (never fires on clean images)</text>`);
     let h = y1 + 6 + C * 14 + 16;
     if (measured && basis === "corrupted") {
@@ -757,7 +840,7 @@
 
   // for tests and the console: the current filtered, sorted feature ids and a way to open one
   window.explorer = {
-    data: D, state, open, cardSvg, cardPng, fmtDensity,
+    data: D, state, open, cardSvg, cardPng, fmtDensity, fmtFixed, fmtSig,
     visibleIds: () => state.rows.map((i) => S().live[i]),
     renderedRows: () => document.querySelectorAll("#spacer .row").length,
   };
