@@ -205,17 +205,23 @@ def corrupted_only_sae(model, hook, images, corrupted, n: int = 6):
     return sae
 
 
+def corrupted_only_case(hook: str):
+    """The tiny model, 30 random images, their noisy copies and a :func:`corrupted_only_sae` on them at ``hook``:
+    the case of the tests of latents that fire only on corrupted images."""
+    model = tiny_model()
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(30, 1, 28, 28, generator=g)
+    corrupted = (images + 0.3 * torch.randn(images.shape, generator=g)).clamp(0, 1)
+    return model, images, corrupted, corrupted_only_sae(model, hook, images, corrupted)
+
+
 @pytest.mark.parametrize("hook", ["blocks.0.hook_resid_post", "blocks.0.hook_mlp_out"])
 def test_a_latent_that_fires_only_on_corrupted_images_is_ablated_on_its_top_corrupted_images(hook):
     """Known answer: a latent that never fires on a clean token has its ablate/double effect measured on its top
     corrupted images (the corrupted image through the model, the splice at the hook, as by hand), "before" is the
     model's own prediction on that corrupted image; a latent that fires on a clean token keeps its clean top
     images; one that never fires is not measured ("none", all zeros)."""
-    model = tiny_model()
-    g = torch.Generator().manual_seed(1)
-    images = torch.rand(30, 1, 28, 28, generator=g)
-    corrupted = (images + 0.3 * torch.randn(images.shape, generator=g)).clamp(0, 1)
-    sae = corrupted_only_sae(model, hook, images, corrupted)
+    model, images, corrupted, sae = corrupted_only_case(hook)
     labels = torch.arange(30) % 10
     st = feature_stats(
         model, sae, images, labels, CLASSES, corrupted=corrupted, k=3, n_assoc=3, progress=False
@@ -430,11 +436,7 @@ def test_a_latent_that_fires_only_on_corrupted_images_is_labelled_from_them():
     keeps the label of its clean images, bit for bit the one computed without corrupted images; one that never fires
     is "none" and "-"."""
     hook = "blocks.0.hook_resid_post"
-    model = tiny_model()
-    g = torch.Generator().manual_seed(1)
-    images = torch.rand(30, 1, 28, 28, generator=g)
-    corrupted = (images + 0.3 * torch.randn(images.shape, generator=g)).clamp(0, 1)
-    sae = corrupted_only_sae(model, hook, images, corrupted)
+    model, images, corrupted, sae = corrupted_only_case(hook)
     labels = torch.arange(30) % 10
     n_assoc = 8
     zc = brute_codes(model, sae, corrupted, hook)  # [M, P, F]
@@ -559,11 +561,7 @@ def test_tied_top_images_are_ranked_by_value_then_image_index(monkeypatch):
     from mechvit.sae.metrics import encode
 
     hook = "blocks.0.hook_resid_post"
-    model = tiny_model()
-    g = torch.Generator().manual_seed(1)
-    images = torch.rand(30, 1, 28, 28, generator=g)
-    corrupted = (images + 0.3 * torch.randn(images.shape, generator=g)).clamp(0, 1)
-    sae = corrupted_only_sae(model, hook, images, corrupted)
+    model, images, corrupted, sae = corrupted_only_case(hook)
     labels = torch.arange(30) % 10
     corrupted_labels = (torch.arange(30) * 3) % 10
     seen: list[torch.Tensor] = []
