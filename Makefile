@@ -88,6 +88,8 @@ bench: install data
 	$(PY) benchmarks/bench_corruptions.py
 	$(PY) benchmarks/bench_patching.py
 	$(PY) benchmarks/bench_sae.py
+	$(PY) benchmarks/bench_splicer.py
+	$(PY) benchmarks/bench_robustness_estimates.py
 
 # Reproduce the shipped models: base training (3,351 s by its card, on 2 cores shared with other jobs), the seed
 # paper's six fine-tunes (gaussian_blur and gaussian_noise at severities 1, 2, 4; 136-220 s each by their cards, 1

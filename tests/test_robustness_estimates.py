@@ -1,5 +1,7 @@
 """robustness_estimates / unchanged_corruptions: known answers on synthetic per-image correctness."""
 
+import json
+
 import pytest
 import torch
 
@@ -38,6 +40,42 @@ def test_groups_cis_and_paired_differences():
     assert same.low < 0 < same.high
     with pytest.raises(ValueError, match="base model 'nope'"):
         robustness_estimates(c, {}, "nope")
+
+
+def test_workers_give_the_same_estimates_bit_for_bit():
+    """workers=2 (forked one-thread processes, one model each) gives the same nested dict as workers=1: the
+    same groups, the same Estimates to the last bit, in the same model order."""
+    c = _correct(n=300)
+    g = torch.Generator().manual_seed(7)
+    # ft2: another fine-tune, on noise (trained at 4); the trained blur/1 cell only for ft, base and ctrl
+    for m in ("base", "ft", "ctrl", "ft2"):
+        for cell, sev in (("clean", 0), ("gaussian_blur", 4), ("defocus_blur", 4), ("gaussian_noise", 4),
+                          ("saturate", 4), ("contrast", 4)):  # fmt: skip
+            c.setdefault((m, cell, sev), torch.rand(300, generator=g) < 0.7)
+        if m != "ft2":
+            c[(m, "gaussian_blur", 1)] = torch.rand(300, generator=g) < 0.8
+    seen = {"ft": ["gaussian_blur"], "ft2": ["gaussian_noise"]}
+    kw = dict(exclude=["saturate"], severities=[4], trained={"ft": [1], "ft2": [4]}, seed=3)
+    one = robustness_estimates(c, seen, "base", **kw)
+    two = robustness_estimates(c, seen, "base", workers=2, **kw)
+
+    def plain(e):
+        return {m: {**d, "accuracy": {k: v.to_dict() for k, v in d["accuracy"].items()},
+                    "vs": {o: {k: v.to_dict() for k, v in x.items()} for o, x in d["vs"].items()}}
+                for m, d in e.items()}  # fmt: skip
+
+    assert list(two) == list(one) == ["base", "ft", "ctrl", "ft2"]
+    assert plain(two) == plain(one)
+    assert json.dumps(plain(two)) == json.dumps(plain(one))  # every key in the same order, floats to the bit
+    assert set(one["ft"]["groups"]) == {"clean", "seen_trained", "seen", "unseen_same_family", "unseen_other"}
+    assert "seen_trained" in one["ft"]["vs"]["ctrl"] and "seen_trained" not in one["ft"]["vs"]["ft2"]
+    assert one["ft2"]["groups"]["seen_trained"] == ["gaussian_noise/4"]
+
+
+@pytest.mark.parametrize("workers", [0, -1, True, False])
+def test_workers_must_be_a_number_of_processes(workers):
+    with pytest.raises(ValueError, match="workers must be a number of processes >= 1"):
+        robustness_estimates(_correct(n=50), {"ft": ["gaussian_blur"]}, "base", workers=workers)
 
 
 def test_ci_coverage_of_the_seen_accuracy():

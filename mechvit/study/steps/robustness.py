@@ -127,9 +127,12 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     kept = [row for row in rows if row["corruption"] not in noop]
     ce = corruption_errors(kept, base)
     summary = seen_unseen_summary(kept, seen, ce)
+    # the forked_maps of robustness_matrix above have finished (forked_map does not nest): the models' CIs in
+    # as many one-thread processes, the same numbers bit for bit
     est = robustness_estimates(
-        correct, seen, base, exclude=noop, severities=r.severities, trained=trained, seed=cfg.seed
-    )
+        correct, seen, base, exclude=noop, severities=r.severities, trained=trained, seed=cfg.seed,
+        workers=workers,
+    )  # fmt: skip
     weights = bootstrap_weights(len(y), N_RESAMPLES, seed=cfg.seed)  # one resampling of the images for all
     main = {k: v for k, v in correct.items() if k[1] == "clean" or k[2] in r.severities}
     ce_ci = corruption_error_cis(main, base, exclude=noop, weights=weights)
