@@ -72,6 +72,8 @@ def test_embedded_default_validates_and_is_the_default():
         "clean",
     ]
     assert cfg.sae.models == ["base", "blur4", "noise4", "clean"] and cfg.sae.replicates >= 3
+    # issue 13: SAEs of field quality on the base and EVERY fine-tune: the others get one SAE each
+    assert sorted(cfg.sae.models + cfg.sae.single_models) == sorted(m.name for m in cfg.model_entries())
     # issue 13: k/d_model <= 0.1 "or a documented k sweep": a larger k must be the chosen (bold) row of the
     # sweep in docs/sae.md, at the hook the sweep chose
     t = cfg.sae.train
@@ -96,18 +98,39 @@ def test_seed_variation_config_has_three_seeds_of_each_severity4_recipe_and_the_
 def test_all_saes_config_is_the_default_with_saes_on_every_model():
     cfg = load_study_config(ROOT / "configs" / "fashion_mnist_all_saes.yaml")
     default = load_study_config(None)
-    assert cfg.sae.models is None and cfg.name == "fashion_mnist_all_saes"
+    assert cfg.sae.models is None and cfg.sae.single_models == [] and cfg.name == "fashion_mnist_all_saes"
+    assert cfg.explorer.replicates is None  # every SAE on the page, as in its kept run
     # everything else is the default's, merged through ``extends``
-    assert dataclasses.replace(cfg, name=default.name, title=default.title, sae=default.sae) == default
-    assert dataclasses.replace(cfg.sae, models=default.sae.models) == default.sae
+    assert (
+        dataclasses.replace(
+            cfg, name=default.name, title=default.title, sae=default.sae, explorer=default.explorer
+        )
+        == default
+    )
+    assert dataclasses.replace(
+        cfg.sae, models=default.sae.models, single_models=default.sae.single_models
+    ) == (default.sae)
+    assert dataclasses.replace(cfg.explorer, replicates=default.explorer.replicates) == default.explorer
 
 
 def test_relu_config_is_the_default_with_relu_l1_saes_beside_batchtopk():
     cfg = load_study_config(ROOT / "configs" / "fashion_mnist_relu.yaml")
     default = load_study_config(None)
     assert cfg.sae.architectures == ["batchtopk", "standard"] and cfg.name == "fashion_mnist_relu"
-    assert dataclasses.replace(cfg, name=default.name, title=default.title, sae=default.sae) == default
-    assert dataclasses.replace(cfg.sae, architectures=default.sae.architectures) == default.sae
+    # its kept run's SAEs and page: the replicated models only, every SAE on the page
+    assert cfg.sae.single_models == [] and cfg.explorer.replicates is None
+    assert (
+        dataclasses.replace(
+            cfg, name=default.name, title=default.title, sae=default.sae, explorer=default.explorer
+        )
+        == default
+    )
+    assert (
+        dataclasses.replace(
+            cfg.sae, architectures=default.sae.architectures, single_models=default.sae.single_models
+        )
+        == default.sae
+    )
     # docs/sae.md's L1 sweep at block 0: L1 1 is the coefficient that meets the ReLU bar there
     assert cfg.sae.train.l1_coefficient == 1.0
 
@@ -421,6 +444,27 @@ def test_sae_eval_images_must_allow_the_mismatched_baseline():
     assert study_config_from_dict(_with(sae={"n_eval_images": 1, "enabled": False})).sae.n_eval_images == 1
 
 
+def test_sae_single_models_are_known_and_apart_from_the_replicated_ones():
+    """A model gets replicated SAEs (sae.models) or one SAE (sae.single_models), never both; the base is the
+    controls' reference and needs replicates; an unknown name is refused."""
+    models = {"base": {"name": "base", "checkpoint": "ck/b"}, "finetuned": [
+        {"name": "a", "checkpoint": "ck/a"}, {"name": "b", "checkpoint": "ck/b"}]}  # fmt: skip
+    ok = study_config_from_dict({"models": models, "sae": {"models": ["base", "a"], "single_models": ["b"]}})
+    assert ok.sae.single_models == ["b"]
+    assert _error({"models": models, "sae": {"single_models": ["c"]}}) == (
+        "sae.single_models: unknown model(s) ['c']; the study's models are ['base', 'a', 'b']"
+    )
+    assert _error({"models": models, "sae": {"models": ["base", "a"], "single_models": ["a"]}}).startswith(
+        "sae.single_models: ['a'] also in sae.models (replicated SAEs) or the base model"
+    )
+    assert _error({"models": models, "sae": {"single_models": ["base"]}}).startswith(
+        "sae.single_models: ['base'] also in sae.models"
+    )
+    assert (
+        _error({"models": models, "explorer": {"replicates": 0}}) == "explorer.replicates: must be > 0, got 0"
+    )
+
+
 @pytest.mark.parametrize("key", ["n_fidelity_images", "n_heldout_images"])
 def test_sae_quality_image_counts_refuse_what_cannot_give_a_ci(key):
     from mechvit.study.config import load_study_config
@@ -460,6 +504,7 @@ def test_sae_run_length_and_k_checked_against_the_model_before_any_step(tiny_hoo
         ({"sae": {"architectures": ["batchtopk", "batchtopk"]}},
          "sae.architectures[1]: 'batchtopk' is listed twice (also sae.architectures[0]); give each entry once"),
         ({"sae": {"models": ["base", "base"]}}, "sae.models[1]: 'base' is listed twice"),
+        ({"sae": {"single_models": ["ft", "ft"]}}, "sae.single_models[1]: 'ft' is listed twice"),
         ({"robustness": {"severities": [4, 2, 4]}}, "robustness.severities[2]: 4 is listed twice (also "
          "robustness.severities[0])"),
         ({"robustness": {"corruptions": ["fog", "snow", "fog"]}}, "robustness.corruptions[2]: 'fog' is listed twice"),

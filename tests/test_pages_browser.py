@@ -314,9 +314,14 @@ def _default_sizes() -> dict:
     card = json.loads((ROOT / cfg.models.base.checkpoint / "card.json").read_text())
     kw = card["model"]["kwargs"]
     e = cfg.explorer
+    names = [m.name for m in cfg.model_entries()]
+    replicated = [n for n in cfg.sae.models or names if n not in cfg.sae.single_models]
+    shown = min(cfg.sae.replicates, e.replicates or cfg.sae.replicates)
     return {
-        "models": cfg.sae.models or [m.name for m in cfg.model_entries()],
+        "models": replicated + cfg.sae.single_models,
         "replicates": cfg.sae.replicates,
+        # the SAEs on the page (explorer.replicates of each replicated model, and the single ones)
+        "saes": [(m, r) for m in replicated for r in range(shown)] + [(m, 0) for m in cfg.sae.single_models],
         "d_in": kw["embed_dim"],
         "d_sae": kw["embed_dim"] * cfg.sae.train.expansion_factor,
         "grid": kw["img_size"] // kw["patch_size"],
@@ -410,15 +415,14 @@ def default_sized_page(tmp: Path) -> tuple[Path, dict]:
     z = _default_sizes()
     x, y, corrupted = _images(z["n"], z["conditions"])
     saes, stats = [], {}
-    for mi, m in enumerate(z["models"]):
-        for r in range(z["replicates"]):
-            name = f"{m} · r{r}"
-            seed = 100 * mi + r
-            sae = random_sae("blocks.2.hook_resid_post", d_in=z["d_in"], d_sae=z["d_sae"], seed=seed)
-            saes.append(ExplorerSAE(name, sae, m, condition="mix", seed=r))
-            stats[name] = synthetic_stats(
-                z["d_sae"], len(x), len(corrupted), z["k"], z["n_assoc"], z["bins"], z["grid"], seed
-            )
+    for m, r in z["saes"]:
+        name = f"{m} · r{r}"
+        seed = 100 * z["models"].index(m) + r
+        sae = random_sae("blocks.2.hook_resid_post", d_in=z["d_in"], d_sae=z["d_sae"], seed=seed)
+        saes.append(ExplorerSAE(name, sae, m, condition="mix", seed=r))
+        stats[name] = synthetic_stats(
+            z["d_sae"], len(x), len(corrupted), z["k"], z["n_assoc"], z["bins"], z["grid"], seed
+        )
     data, _ = explorer_data(
         saes, dict.fromkeys(z["models"]), x, y,
         ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"],
@@ -434,15 +438,18 @@ def default_sized_page(tmp: Path) -> tuple[Path, dict]:
 def test_default_study_sizes_come_from_its_config():
     z = _default_sizes()
     cfg = load_study_config(ROOT / "configs" / "fashion_mnist.yaml")
-    assert z["models"] == cfg.sae.models and z["replicates"] == cfg.sae.replicates >= 2
+    assert (
+        z["models"] == cfg.sae.models + cfg.sae.single_models and z["replicates"] == cfg.sae.replicates >= 2
+    )
+    assert len(z["saes"]) == len(cfg.sae.models) * cfg.explorer.replicates + len(cfg.sae.single_models) == 20
     assert z["d_sae"] == 96 * cfg.sae.train.expansion_factor and z["grid"] == 7
     assert z["n"] == cfg.explorer.n_images and len(z["conditions"]) == len(cfg.conditions) == 2
 
 
 @skip_without_chromium
 def test_default_study_sized_explorer_is_small_fast_and_lazy(tmp_path):
-    """Every SAE of the default study (models x replicates, each with every latent live: the largest page the
-    study can write) on its explorer images (500 clean + 1,000 corrupted): under 25 MB, open (index, first
+    """Every SAE on the default study's page (explorer.replicates of each replicated model and the single SAEs,
+    each with every latent live: the largest page the study can write) on its explorer images (500 clean + 1,000 corrupted): under 25 MB, open (index, first
     latent and its images painted) in under 2 s, and only the visible rows of the index are in the DOM."""
     path, z = default_sized_page(tmp_path)
     size = path.stat().st_size
@@ -452,7 +459,7 @@ def test_default_study_sized_explorer_is_small_fast_and_lazy(tmp_path):
             page = open_page(driver, path, ready="body[data-painted]")
             assert page.console_errors == [] and page.network == []
             times.append(driver.execute_script("return [explorer.readyMs, explorer.paintedMs]"))
-        n_sae = z["replicates"] * len(z["models"])
+        n_sae = len(z["saes"])
         total = driver.execute_script("return explorer.data.saes.reduce((a, s) => a + s.live.length, 0)")
         rows = driver.execute_script("return explorer.renderedRows()")
         assert total == n_sae * z["d_sae"] and 0 < rows < 80

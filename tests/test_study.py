@@ -658,13 +658,45 @@ def test_sae_run_configs_give_threshold_batches_to_batchtopk_alone(tmp_path):
     assert got == {"batchtopk": 4, "standard": 0}
 
 
+@pytest.mark.slow
+def test_single_models_get_one_sae_judged_with_the_others_but_in_no_comparison(checkpoints, tmp_path):
+    """sae.single_models: one SAE each (replicate 0, its own seed), in the SAE table and the quality bar, in no
+    overlap or code-cosine comparison (no seed pair within the model); the report says the feature claim
+    leaves it out; explorer.replicates keeps the first replicates of each replicated model and the single SAE."""
+    cfg = tiny_config(checkpoints)
+    cfg["sae"] = {**cfg["sae"], "architectures": ["batchtopk"], "single_models": ["ft_noise"]}
+    cfg["explorer"] = {**cfg["explorer"], "replicates": 1}
+    for step in ("robustness", "logit_lens", "attention", "patching", "cka"):
+        cfg[step] = {**cfg[step], "enabled": False}
+    run_study(study_config_from_dict(cfg), tmp_path)
+    steps = json.loads((tmp_path / "metrics.json").read_text())["steps"]
+    sae = steps["sae"]["metrics"]
+    keys = sorted(k for k in sae if k.count("|") == 2)
+    assert keys == [f"batchtopk|{m}|{r}" for m, r in
+                    [("base", 0), ("base", 1), ("ft_blur", 0), ("ft_blur", 1), ("ft_noise", 0)]]  # fmt: skip
+    assert len({sae[k]["seed"] for k in keys}) == 5  # every SAE its own initialisation and data order
+    assert (tmp_path / "sae" / "saes" / "batchtopk__ft_noise__r0" / "cfg.json").is_file()
+    analysis = steps["sae_analysis"]["metrics"]
+    assert list(analysis["overlap_controls"]["batchtopk"]["summary"]) == ["base vs ft_blur"]
+    assert not [k for k in analysis["code_cosine"] if "ft_noise" in k]
+    page = steps["explorer"]["metrics"]["saes"]
+    assert list(page) == ["base · r0", "ft_blur · r0", "ft_noise · r0"]
+    md = (tmp_path / "report.md").read_text()
+    assert "3 of the 5 SAEs" in md and "explorer.replicates is 1" in md
+    assert re.search(r"\| batchtopk \| ft_noise \| 0 \| (yes|no|–)", md)  # judged against the bar
+    assert "ft_noise has one SAE each (sae.single_models)" in md
+
+
 def test_report_says_which_fine_tunes_the_feature_claim_leaves_out():
     from mechvit.study.report import sae_coverage_note
 
     names = ["base", "blur1", "blur4", "noise4", "clean"]
     note = sae_coverage_note(names, "base", ["clean"], ["base", "blur4", "noise4", "clean"])
     assert note.startswith("Features claim: tested on 2 of the 3 fine-tunes (blur4, noise4)")
-    assert "blur1 have no SAEs in this run" in note
+    assert "blur1 has no SAEs in this run" in note and "single_models" not in note.split(". sae.models")[0]
+    both = sae_coverage_note(names + ["noise1"], "base", ["clean"], ["base", "blur4", "noise4"], ["noise1"])
+    assert "the ones with replicated SAEs (sae.models: base, blur4, noise4); noise1 has one SAE each" in both
+    assert "so the claim says nothing about them; blur1 has no SAEs in this run" in both
     assert sae_coverage_note(names, "base", ["clean"], names) is None  # every fine-tune has SAEs
     assert sae_coverage_note(names, "base", ["clean"], []) is None  # no SAE step: nothing to say
     assert "tested on 0 of the 3 fine-tunes (none)" in sae_coverage_note(names, "base", ["clean"], ["base"])

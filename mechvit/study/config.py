@@ -184,8 +184,9 @@ class RobustnessSection:
     severities: list[int] = field(default_factory=lambda: [1, 2, 4])
     n_images: int = 1000
     batch_size: int = 250
-    # CPU: processes scoring groups of the models at once, one thread each (None: num_threads); 1: every model
-    # in this process. The same numbers bit for bit (a HookedViT's logits do not depend on the thread count)
+    # CPU: processes scoring groups of the models at once, then computing the models' CIs, one thread each
+    # (None: num_threads); 1: every model in this process. The same numbers bit for bit (a HookedViT's logits
+    # do not depend on the thread count; each CI gets the same arguments and seed)
     parallel_models: int | None = None
 
 
@@ -225,14 +226,20 @@ class SAESection:
     (``mechvit.sae.derive_seed(seed, architecture, model, replicate)``); the replicates of one model are the
     seed-noise ceiling every between-model comparison is set against (``controls``). The SAEs of one model
     train in one pass over its cached activations (``mechvit.sae.train_saes``, sae-lens's trainer per SAE),
-    ``epochs`` passes over ``n_train_images`` images' tokens."""
+    ``epochs`` passes over ``n_train_images`` images' tokens.
+
+    ``single_models`` get ONE SAE per architecture each (replicate 0, the same seed rule), trained and judged
+    like the others (held-out EV, L0, dead, dense, spliced fidelity against the same bars) but in no overlap
+    comparison, which needs seed pairs within each model: what sets a model's SAE quality beside the compared
+    ones at a fifth of their cost (the default study: the severity-1 and -2 fine-tunes)."""
 
     enabled: bool = True
     architectures: list[Literal["batchtopk", "standard", "topk", "jumprelu"]] = field(
         default_factory=lambda: ["batchtopk"]
     )
-    models: list[str] | None = None  # None: every model of the study
+    models: list[str] | None = None  # None: every model of the study (but those of single_models)
     replicates: int = 3
+    single_models: list[str] = field(default_factory=list)  # one SAE each, no overlap comparison
     epochs: float = 1.0
     n_train_images: int = 20_000
     n_eval_images: int = 200
@@ -318,14 +325,18 @@ class CKASection:
 
 @dataclass
 class ExplorerSection:
-    """The feature explorer ``explorer/features.html`` (:func:`mechvit.viz.write_explorer`) over every SAE of
-    the ``sae`` step: ``n_images`` clean test images, and the same images under each of the study's conditions
+    """The feature explorer ``explorer/features.html`` (:func:`mechvit.viz.write_explorer`) over the SAEs of the
+    ``sae`` step (every one, or the first ``replicates`` of each model): ``n_images`` clean test images, and the same images under each of the study's conditions
     pooled into the page's one corrupted set; ``top_images`` per latent (clean and corrupted), the classes of
     the top ``n_assoc`` images for the automatic label, ``histogram_bins`` bins per activation histogram, and
     feature cards (PNG + SVG) of each SAE's ``cards`` densest latents (0: none)."""
 
     enabled: bool = True
     n_images: int = 500
+    # the first this many seed replicates of each model of sae.models (and the one SAE of each of
+    # sae.single_models) are on the page; None: every SAE of the sae step. Seed stability matches a latent
+    # against the other replicates shown
+    replicates: int | None = None
     top_images: int = 6
     n_assoc: int = 32
     histogram_bins: int = 24
@@ -524,6 +535,16 @@ def validate(cfg: StudyConfig) -> StudyConfig:
             f"sae.models: must include the base model {cfg.models.base.name!r} (the reference of the "
             f"controls), got {cfg.sae.models}"
         )
+    check_distinct(cfg.sae.single_models, "sae.single_models")
+    unknown = [m for m in cfg.sae.single_models if m not in names]
+    if unknown:
+        raise ConfigError(f"sae.single_models: unknown model(s) {unknown}; the study's models are {names}")
+    both = [m for m in cfg.sae.single_models if m in (cfg.sae.models or [])]
+    if both or cfg.models.base.name in cfg.sae.single_models:
+        raise ConfigError(
+            f"sae.single_models: {both or [cfg.models.base.name]} also in sae.models (replicated SAEs) or the "
+            "base model (the reference of the controls): a model is in one of the two lists"
+        )
     if cfg.sae.store.buffer_size < cfg.sae.train.batch_size:
         raise ConfigError(
             f"sae.store.buffer_size: expected at least sae.train.batch_size ({cfg.sae.train.batch_size}), "
@@ -571,7 +592,9 @@ def validate(cfg: StudyConfig) -> StudyConfig:
     if cfg.attention.n_views < 0:
         raise ConfigError(f"attention.n_views: must be >= 0, got {cfg.attention.n_views}")
     _positive(
-        cfg.explorer, "explorer.", ("n_images", "top_images", "n_assoc", "histogram_bins", "max_latents")
+        cfg.explorer,
+        "explorer.",
+        ("n_images", "replicates", "top_images", "n_assoc", "histogram_bins", "max_latents"),
     )
     if cfg.explorer.cards < 0:
         raise ConfigError(f"explorer.cards: must be >= 0, got {cfg.explorer.cards}")

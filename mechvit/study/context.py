@@ -312,9 +312,15 @@ class StudyContext:
 
     @property
     def sae_model_names(self) -> list[str]:
-        """The models that get SAEs (``sae.models``, default all), in ``model_names``' order (base first)."""
+        """The models that get ``sae.replicates`` SAEs each and the overlap comparisons (``sae.models``, default
+        every model but ``sae.single_models``), in ``model_names``' order (base first)."""
         chosen = self.cfg.sae.models or self.model_names
-        return [n for n in self.model_names if n in chosen]
+        return [n for n in self.model_names if n in chosen and n not in self.cfg.sae.single_models]
+
+    @property
+    def sae_single_names(self) -> list[str]:
+        """The models that get one SAE each (``sae.single_models``), in ``model_names``' order."""
+        return [n for n in self.model_names if n in self.cfg.sae.single_models]
 
     def model(self, name: str):
         if name not in self._models:

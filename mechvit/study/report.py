@@ -419,17 +419,34 @@ def severity_note(infos: dict, robustness: dict | None) -> str | None:
     )
 
 
-def sae_coverage_note(names: list[str], base: str, controls: list[str], with_saes: list[str]) -> str | None:
-    """A note when some fine-tunes have no SAEs (``sae.models``): the feature claim is not tested on them."""
+def sae_coverage_note(
+    names: list[str], base: str, controls: list[str], with_saes: list[str], single: Sequence[str] = ()
+) -> str | None:
+    """A note when some fine-tunes are not in the feature claim: those with no SAEs, and those with one SAE each
+    (``single``, ``sae.single_models``: judged against the quality bar, compared with nothing)."""
     tuned = [n for n in names if n != base and n not in controls]
     missing = [n for n in tuned if n not in with_saes]
     if not with_saes or not missing:
         return None
     have = [n for n in tuned if n in with_saes]
-    return (
+    one = [n for n in missing if n in single]
+    none = [n for n in missing if n not in single]
+    text = (
         f"Features claim: tested on {len(have)} of the {len(tuned)} fine-tunes ({', '.join(have) or 'none'}), the "
-        f"ones with SAEs (sae.models: {', '.join(with_saes)}); {', '.join(missing)} have no SAEs in this run, so "
-        "the claim says nothing about them. sae.models: null trains SAEs on every model: for the default study "
+        f"ones with {'replicated ' if one else ''}SAEs (sae.models: {', '.join(with_saes)}); "
+    )
+    if one:
+        text += (
+            f"{', '.join(one)} {'has' if len(one) == 1 else 'have'} one SAE each (sae.single_models): judged against "
+            "the quality bar with the others, but a single seed has no within-model control, so the claim says "
+            "nothing about them"
+        )
+    if one and none:
+        text += "; "
+    if none:
+        text += f"{', '.join(none)} {'has' if len(none) == 1 else 'have'} no SAEs in this run, so the claim says nothing about them"
+    return text + (
+        ". sae.models: null (and no sae.single_models) trains replicated SAEs on every model: for the default study "
         "that is configs/fashion_mnist_all_saes.yaml (make study-all-saes), whose run docs/sae.md quotes ('SAEs on "
         "every fine-tune')."
     )
@@ -450,7 +467,9 @@ def sections(ctx, run, steps, numbers: list[str], models: dict, vs: list) -> lis
     if sev_note:
         claim_notes.append(sev_note)
     if "sae" in run.results:
-        cover = sae_coverage_note(ctx.model_names, ctx.base_name, ctx.control_names, ctx.sae_model_names)
+        cover = sae_coverage_note(
+            ctx.model_names, ctx.base_name, ctx.control_names, ctx.sae_model_names, ctx.sae_single_names
+        )
         if cover:
             claim_notes.append(cover)
     out = [

@@ -269,7 +269,7 @@ NOT_HASHED = {
     "sae.parallel_models": "the SAEs of a one-thread sequential run (tests/test_study_sae_parallel.py)",
 }
 SAE_TRAINING_FIELDS = (
-    "architectures", "models", "replicates", "epochs", "n_train_images", "store", "train",
+    "architectures", "models", "replicates", "single_models", "epochs", "n_train_images", "store", "train",
 )  # fmt: skip
 SAE_ANALYSIS_FIELDS = ("n_eval_images", "top_features", "top_images", "overlap", "controls")
 

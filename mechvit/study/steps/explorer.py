@@ -1,5 +1,6 @@
-"""The feature explorer: one offline page, ``explorer/features.html``, over every SAE of the ``sae`` step
-(:func:`mechvit.viz.write_explorer`; what it shows: docs/explorer.md).
+"""The feature explorer: one offline page, ``explorer/features.html``, over the SAEs of the ``sae`` step (every
+one, or the first ``explorer.replicates`` seed replicates of each model; :func:`mechvit.viz.write_explorer`;
+what it shows: docs/explorer.md).
 
 Images: the first ``explorer.n_images`` clean test images, and the same images under each of the study's
 conditions pooled into the page's one corrupted set (every condition's copy, in config order; each image's
@@ -55,7 +56,8 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
 
     e, s = ctx.cfg.explorer, ctx.cfg.sae
     t0 = time.time()
-    runs = sae_runs(ctx)
+    every = sae_runs(ctx)
+    runs = [r for r in every if e.replicates is None or r.replicate < e.replicates]
     several = len(s.architectures) > 1
     specs = []
     for r in runs:
@@ -127,8 +129,8 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     res.links.append(
         {
             "file": w.rel(PAGE),
-            "title": f"Feature explorer: {shown} of the {len(specs)} SAEs ({fmt_fixed(Fraction(size, 10**6), 1)} MB, "
-            "offline; opens in a browser)",
+            "title": f"Feature explorer: {shown} of {_which(len(specs), len(every))} SAEs "
+            f"({fmt_fixed(Fraction(size, 10**6), 1)} MB, offline; opens in a browser)",
         }
     )
     if e.max_latents is not None and any(row["listed"] < row["live"] for row in data_rows):
@@ -136,8 +138,14 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
             f"explorer.max_latents is {e.max_latents}: the page lists (and measures the effects of) only the "
             f"{e.max_latents} live latents of each SAE that fire on the most clean + corrupted patch tokens"
         )
+    if len(runs) < len(every):
+        res.notes.append(
+            f"explorer.replicates is {e.replicates}: the page holds the first {e.replicates} seed replicates of "
+            f"each model of sae.models ({len(runs)} of the sae step's {len(every)} SAEs; the others are in the SAE "
+            "table and its folders); seed stability matches a latent against the replicates on the page"
+        )
     res.notes.append(
-        f"features.html browses {shown} of every SAE on {len(x)} clean test images and the same "
+        f"features.html browses {shown} of every SAE on the page on {len(x)} clean test images and the same "
         f"images under {', '.join(c.label for c in conds)} (pooled into its one corrupted set): top clean and top "
         "corrupted images (captioned with their condition) with per-patch heatmaps, activation histogram, class "
         "association and automatic label, direct logit effect, the measured effect of ablating and doubling the "
@@ -155,6 +163,11 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
         sae_table(data_rows, [f"sae/{r.dirname}" for r in runs], len(x), len(corrupted), bounded)
     )
     return res
+
+
+def _which(shown: int, every: int) -> str:
+    """``the 20`` or ``20 of the 24``: how many of the sae step's SAEs the page holds."""
+    return f"the {shown}" if shown == every else f"{shown} of the {every}"
 
 
 def sae_table(rows: list[dict], folders: list[str], n_clean: int, n_corrupted: int, bounded: bool) -> Table:

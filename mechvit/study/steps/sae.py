@@ -1,8 +1,9 @@
-"""SAEs: ``sae.replicates`` per architecture and model, each with its own seed, all trained with sae-lens on
-the same clean/corrupted mix; the SAEs of one model train in one pass over its cached activations. Measured
-on held-out clean + corrupted test images: EV, L0, dead and dense latents, spliced KL and accuracy, the EV
-of PCA with k components (the baseline an SAE must beat), convergence, and the hook's mean-ablation gap
-(is the hook worth an SAE: do its tokens matter for the prediction?).
+"""SAEs: ``sae.replicates`` per architecture and model (one for a model of ``sae.single_models``), each with its
+own seed, all trained with sae-lens on the same clean/corrupted mix; the SAEs of one model train in one pass
+over its cached activations. Measured on held-out clean + corrupted test images: EV, L0, dead and dense
+latents, spliced KL and accuracy, the EV of PCA with k components (the baseline an SAE must beat),
+convergence, and the hook's mean-ablation gap (is the hook worth an SAE: do its tokens matter for the
+prediction?).
 
 Under torchrun every rank runs this step (``DISTRIBUTED``): each caches its shards of the activations
 (:func:`mechvit.sae.distributed.cache_activations_distributed`) and trains its slice of every global batch
@@ -63,14 +64,15 @@ class SAERun:
         return f"saes/{self.architecture}__{self.model}__r{self.replicate}"
 
 
-def sae_runs(ctx: StudyContext) -> list[SAERun]:
-    """Every SAE the config asks for, each with its seed ``derive_seed(seed, architecture, model, replicate)``."""
+def sae_runs(ctx: StudyContext, *, single: bool = True) -> list[SAERun]:
+    """Every SAE the config asks for, each with its seed ``derive_seed(seed, architecture, model, replicate)``:
+    ``sae.replicates`` per model of ``sae.models``, then (``single``) replicate 0 of each of
+    ``sae.single_models``."""
     s = ctx.cfg.sae
+    reps = [(n, r) for n in ctx.sae_model_names for r in range(s.replicates)]
+    reps += [(n, 0) for n in ctx.sae_single_names] if single else []
     return [
-        SAERun(arch, n, r, derive_seed(ctx.cfg.seed, arch, n, r))
-        for arch in s.architectures
-        for n in ctx.sae_model_names
-        for r in range(s.replicates)
+        SAERun(arch, n, r, derive_seed(ctx.cfg.seed, arch, n, r)) for arch in s.architectures for n, r in reps
     ]
 
 
@@ -236,16 +238,18 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     runs = sae_runs(ctx)
     res = StepResult()
     train_x = ctx.train_images(s.n_train_images)
+    # the replicated models first, then the single-SAE ones: the parallel workers take the long groups first
+    names = [*ctx.sae_model_names, *ctx.sae_single_names]
     todo = {  # finished SAEs survive an interrupted step; rank 0 looks (its files)
         name: rank0_runs(
             functools.partial(_left_to_train, w, [r for r in runs if r.model == name]),
             f"listing the SAEs left to train for {name!r}",
         )
-        for name in ctx.sae_model_names
+        for name in names
     }
     todo = {name: left for name, left in todo.items() if left}
-    with ctx.bar(len(ctx.sae_model_names), "SAEs (per model)") as bar:
-        bar.update(len(ctx.sae_model_names) - len(todo))
+    with ctx.bar(len(names), "SAEs (per model)") as bar:
+        bar.update(len(names) - len(todo))
         workers = parallel_workers(ctx, len(todo), s)
         if workers > 1:
             _train_in_processes(ctx, w, todo, train_x, workers, bar)

@@ -43,7 +43,7 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     models = ctx.sae_model_names
     res = StepResult()
     saes: dict[tuple[str, str], list] = {}
-    for r in sae_runs(ctx):
+    for r in sae_runs(ctx, single=False):  # sae.single_models have no seed pairs: in no comparison
         sae, _ = load_sae(ctx.out / "sae" / r.dirname, device=str(ctx.device))
         saes.setdefault((r.architecture, r.model), []).append(sae)
     xe, _ = ctx.test_images(s.n_eval_images)
