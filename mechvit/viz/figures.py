@@ -969,7 +969,8 @@ def code_cosine_controls_figure(
     """The seed paper's code cosine with its controls (``CodeCosineControls.to_dict()`` under keys
     ``"arch|model|sae_of|condition"``): per architecture x condition, each model's code cosine with its own
     SAEs, the raw-activation cosine and the mismatched-patch baseline, 95% CI over images."""
-    fig, ax = new_figure(len(architectures), len(conditions), w=3.8, h=2.8)
+    n_models = len({k.split("|")[1] for k in code})
+    fig, ax = new_figure(len(architectures), len(conditions), w=max(3.8, 0.55 * n_models + 0.8), h=2.8)
     groups = (
         ("code", "code cosine (own SAEs)"),
         ("raw", "raw activation cosine"),

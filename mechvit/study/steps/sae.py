@@ -64,13 +64,12 @@ class SAERun:
         return f"saes/{self.architecture}__{self.model}__r{self.replicate}"
 
 
-def sae_runs(ctx: StudyContext, *, single: bool = True) -> list[SAERun]:
+def sae_runs(ctx: StudyContext) -> list[SAERun]:
     """Every SAE the config asks for, each with its seed ``derive_seed(seed, architecture, model, replicate)``:
-    ``sae.replicates`` per model of ``sae.models``, then (``single``) replicate 0 of each of
-    ``sae.single_models``."""
+    ``sae.replicates`` per model of ``sae.models``, then replicate 0 of each of ``sae.single_models``."""
     s = ctx.cfg.sae
     reps = [(n, r) for n in ctx.sae_model_names for r in range(s.replicates)]
-    reps += [(n, 0) for n in ctx.sae_single_names] if single else []
+    reps += [(n, 0) for n in ctx.sae_single_names]
     return [
         SAERun(arch, n, r, derive_seed(ctx.cfg.seed, arch, n, r)) for arch in s.architectures for n, r in reps
     ]

@@ -2,7 +2,9 @@
 (within-model seed pairs are the ceiling, matching against random activation rows the floor, a permutation
 test over model labels the verdict); the seed paper's code cosine (clean vs corrupted patch, same SAE) beside
 the raw-activation cosine and a mismatched-patch baseline, with each model's own SAEs and with the base's
-SAEs shared by both; feature pages of the top features of replicate 0 side by side."""
+SAEs shared by both; feature pages of the top features of replicate 0 side by side. A model of
+``sae.single_models`` (one SAE) is in the code cosine (its CI over images only) and the feature pages, not in
+the overlap: it has no seed pair of its own."""
 
 from __future__ import annotations
 
@@ -40,17 +42,20 @@ def _est(e) -> list:
 
 def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     s, base = ctx.cfg.sae, ctx.base_name
-    models = ctx.sae_model_names
+    models = ctx.sae_model_names  # replicated SAEs: the overlap against seed controls
+    # sae.single_models (one SAE each, no seed pair within the model): in the code cosine (CIs over images only)
+    # and the feature pages, in no overlap comparison
+    every = [n for n in ctx.model_names if n in models or n in ctx.sae_single_names]  # the study's order
     res = StepResult()
     saes: dict[tuple[str, str], list] = {}
-    for r in sae_runs(ctx, single=False):  # sae.single_models have no seed pairs: in no comparison
+    for r in sae_runs(ctx):
         sae, _ = load_sae(ctx.out / "sae" / r.dirname, device=str(ctx.device))
         saes.setdefault((r.architecture, r.model), []).append(sae)
     xe, _ = ctx.test_images(s.n_eval_images)
     pool = torch.cat([xe] + [ctx.corrupted(c, s.n_eval_images) for c in ctx.cfg.conditions])
     acts = {
         n: collect_activations(ctx.model(n), ctx.prep(pool), s.hook, tokens=s.tokens, progress=False)
-        for n in models
+        for n in every
     }
     n = len(xe)
     controls_cfg = dataclasses.replace(s.controls, reference=base, seed=ctx.cfg.seed)
@@ -61,15 +66,15 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     codes = {
         (a, m, r): SparseCodes.encode(sae, acts[m])
         for a in s.architectures
-        for m in models
+        for m in every
         for r, sae in enumerate(saes[(a, m)])
     }
     for a in s.architectures:
         with ctx.bar(1, f"overlap controls ({a})"):
             oc = overlap_controls(
-                {m: saes[(a, m)] for m in models}, acts, controls_cfg,
+                {m: saes[(a, m)] for m in models}, {m: acts[m] for m in models}, controls_cfg,
                 models={m: ctx.model(m) for m in models}, images=ctx.prep(pool), hook=s.hook, tokens=s.tokens,
-                codes={(m, r): c for (a_, m, r), c in codes.items() if a_ == a},
+                codes={(m, r): c for (a_, m, r), c in codes.items() if a_ == a and m in models},
             )  # fmt: skip
         overlap_metrics[a] = oc.to_dict()
         oc.save_csv(w.path(f"overlap_controls_{a}.csv"))
@@ -115,7 +120,7 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     for a in s.architectures:
         for ci, c in enumerate(ctx.cfg.conditions):
             sl = slice((ci + 1) * n, (ci + 2) * n)
-            for m in models:
+            for m in every:
                 for sae_of in dict.fromkeys((m, base)):  # own SAEs, then the base's shared by both models
                     key = (a, m, sae_of)
                     if key not in clean_codes:
@@ -140,8 +145,8 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
             "The seed paper's code cosine (SAE code of a clean patch vs of its corrupted copy, mean over "
             "patches), beside the raw-activation cosine of the same patches and the mismatched baseline (the "
             "clean patch vs the corrupted patch at the same position of another image); 95% CI over images "
-            "(seed-averaged) and over seeds. 'SAEs of' the base model on a fine-tuned model's activations: one "
-            "shared dictionary for both models.",
+            "(seed-averaged) and over seeds (none for a model with one SAE, sae.single_models). 'SAEs of' the base "
+            "model on a fine-tuned model's activations: one shared dictionary for both models.",
             [
                 "SAE",
                 "condition",
@@ -183,7 +188,7 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
         tags += [f"{c.label.replace('gaussian_', '')} #{i}" for i in range(n)]
     grid = ctx.model(base).cfg.grid_size
     for a in s.architectures:
-        for m in models:
+        for m in every:
             if m == base:
                 continue
             sa, sb = saes[(a, base)][0], saes[(a, m)][0]
