@@ -441,7 +441,7 @@ def test_default_study_sizes_come_from_its_config():
     assert (
         z["models"] == cfg.sae.models + cfg.sae.single_models and z["replicates"] == cfg.sae.replicates >= 2
     )
-    assert len(z["saes"]) == len(cfg.sae.models) * cfg.explorer.replicates + len(cfg.sae.single_models) == 20
+    assert len(z["saes"]) == len(cfg.sae.models) * cfg.explorer.replicates + len(cfg.sae.single_models) == 16
     assert z["d_sae"] == 96 * cfg.sae.train.expansion_factor and z["grid"] == 7
     assert z["n"] == cfg.explorer.n_images and len(z["conditions"]) == len(cfg.conditions) == 2
 

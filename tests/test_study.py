@@ -660,8 +660,8 @@ def test_sae_run_configs_give_threshold_batches_to_batchtopk_alone(tmp_path):
 
 @pytest.mark.slow
 def test_single_models_get_one_sae_judged_with_the_others_but_in_no_comparison(checkpoints, tmp_path):
-    """sae.single_models: one SAE each (replicate 0, its own seed), in the SAE table and the quality bar, the
-    code cosine and the feature pages, in no overlap comparison (no seed pair within the model); the report says
+    """sae.single_models: one SAE each (replicate 0, its own seed), in the SAE table and the quality bar and the
+    code cosine, in no overlap comparison (no seed pair within the model); the report says
     the feature claim leaves it out; explorer.replicates keeps the first replicates of each replicated model and the single SAE."""
     cfg = tiny_config(checkpoints)
     cfg["sae"] = {**cfg["sae"], "architectures": ["batchtopk"], "single_models": ["ft_noise"]}
@@ -678,13 +678,14 @@ def test_single_models_get_one_sae_judged_with_the_others_but_in_no_comparison(c
     assert (tmp_path / "sae" / "saes" / "batchtopk__ft_noise__r0" / "cfg.json").is_file()
     analysis = steps["sae_analysis"]["metrics"]
     assert list(analysis["overlap_controls"]["batchtopk"]["summary"]) == ["base vs ft_blur"]
-    # the code cosine and the feature pages are per model: the single SAE is there, with no CI over seeds
+    # the code cosine is per model: the single SAE is there, with no CI over seeds
     own = analysis["code_cosine"]["batchtopk|ft_noise|ft_noise|gaussian_blur/4"]
     assert own["n_saes"] == 1 and own["code"]["over_seeds"] is None and own["code"]["over_images"]["n"] > 0
     assert (
         analysis["code_cosine"]["batchtopk|ft_noise|base|gaussian_blur/4"]["n_saes"] == 2
     )  # the base's, shared
-    assert (tmp_path / "sae_analysis" / "features_batchtopk_ft_noise.png").is_file()
+    assert (tmp_path / "sae_analysis" / "features_batchtopk_ft_blur.png").is_file()
+    assert not (tmp_path / "sae_analysis" / "features_batchtopk_ft_noise.png").exists()  # in the explorer
     page = steps["explorer"]["metrics"]["saes"]
     assert list(page) == ["base · r0", "ft_blur · r0", "ft_noise · r0"]
     md = (tmp_path / "report.md").read_text()

@@ -3,8 +3,8 @@
 test over model labels the verdict); the seed paper's code cosine (clean vs corrupted patch, same SAE) beside
 the raw-activation cosine and a mismatched-patch baseline, with each model's own SAEs and with the base's
 SAEs shared by both; feature pages of the top features of replicate 0 side by side. A model of
-``sae.single_models`` (one SAE) is in the code cosine (its CI over images only) and the feature pages, not in
-the overlap: it has no seed pair of its own."""
+``sae.single_models`` (one SAE) is in the code cosine (its CI over images only), not in the overlap (it has no
+seed pair of its own) nor the feature pages (its latents are in the explorer)."""
 
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ def _est(e) -> list:
 def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
     s, base = ctx.cfg.sae, ctx.base_name
     models = ctx.sae_model_names  # replicated SAEs: the overlap against seed controls
-    # sae.single_models (one SAE each, no seed pair within the model): in the code cosine (CIs over images only)
-    # and the feature pages, in no overlap comparison
+    # sae.single_models (one SAE each, no seed pair within the model): in the code cosine (CIs over images only),
+    # in no overlap comparison
     every = [n for n in ctx.model_names if n in models or n in ctx.sae_single_names]  # the study's order
     res = StepResult()
     saes: dict[tuple[str, str], list] = {}
@@ -188,7 +188,9 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
         tags += [f"{c.label.replace('gaussian_', '')} #{i}" for i in range(n)]
     grid = ctx.model(base).cfg.grid_size
     for a in s.architectures:
-        for m in every:
+        # the replicated models: a single-SAE model's latents and their nearest base latents are in the explorer,
+        # and its pages cost the step's critical path ~2 s each (sae_analysis runs beside patching and CKA)
+        for m in models:
             if m == base:
                 continue
             sa, sb = saes[(a, base)][0], saes[(a, m)][0]
