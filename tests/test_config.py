@@ -455,14 +455,46 @@ def test_sae_single_models_are_known_and_apart_from_the_replicated_ones():
         "sae.single_models: unknown model(s) ['c']; the study's models are ['base', 'a', 'b']"
     )
     assert _error({"models": models, "sae": {"models": ["base", "a"], "single_models": ["a"]}}).startswith(
-        "sae.single_models: ['a'] also in sae.models (replicated SAEs) or the base model"
+        "sae.single_models: ['a'] also in sae.models (replicated SAEs; the base model"
     )
-    assert _error({"models": models, "sae": {"single_models": ["base"]}}).startswith(
+    assert _error({"models": models, "sae": {"models": ["base", "a"], "single_models": ["base"]}}).startswith(
         "sae.single_models: ['base'] also in sae.models"
     )
     assert (
         _error({"models": models, "explorer": {"replicates": 0}}) == "explorer.replicates: must be > 0, got 0"
     )
+    assert _error({"models": models, "sae": {"replicates": 3}, "explorer": {"replicates": 4}}) == (
+        "explorer.replicates: expected null (every replicate) or at most sae.replicates (3), got 4"
+    )
+    # null means every model: with single models it would silently leave them out of the replicated ones
+    assert _error({"models": models, "sae": {"models": None, "single_models": ["b"]}}).startswith(
+        "sae.models: null means every model, which would include sae.single_models ['b']: list sae.models"
+    )
+    assert (
+        study_config_from_dict({"models": models, "sae": {"models": None, "single_models": []}}).sae.models
+        is None
+    )
+
+
+def test_a_clean_control_needs_replicated_saes():
+    """The feature claim sets each fine-tune against the control's overlap: a control with one SAE would leave
+    that check empty (and a 'contradicted' verdict without it). Controls are known from the cards, so the
+    check runs with the models (the study's context, mechvit study --validate)."""
+    from mechvit.study.context import check_single_controls
+
+    models = {"base": {"name": "base", "checkpoint": "ck/b"}, "finetuned": [
+        {"name": "a", "checkpoint": "ck/a"}, {"name": "clean", "checkpoint": "ck/c"}]}  # fmt: skip
+    cfg = study_config_from_dict(
+        {"models": models, "sae": {"models": ["base", "a"], "single_models": ["clean"]}}
+    )
+    with pytest.raises(ConfigError, match=r"^sae.single_models: \['clean'\] is a clean fine-tune control .* put "
+                       r"it in sae.models$"):  # fmt: skip
+        check_single_controls(cfg, ["clean"])
+    check_single_controls(cfg, [])  # not a control: one SAE is fine
+    off = study_config_from_dict(
+        {"models": models, "sae": {"enabled": False, "models": ["base", "a"], "single_models": ["clean"]}}
+    )
+    check_single_controls(off, ["clean"])  # no SAE step: nothing to compare
 
 
 @pytest.mark.parametrize("key", ["n_fidelity_images", "n_heldout_images"])

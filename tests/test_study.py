@@ -664,7 +664,8 @@ def test_single_models_get_one_sae_judged_with_the_others_but_in_no_comparison(c
     code cosine, in no overlap comparison (no seed pair within the model); the report says
     the feature claim leaves it out; explorer.replicates keeps the first replicates of each replicated model and the single SAE."""
     cfg = tiny_config(checkpoints)
-    cfg["sae"] = {**cfg["sae"], "architectures": ["batchtopk"], "single_models": ["ft_noise"]}
+    cfg["sae"] = {**cfg["sae"], "architectures": ["batchtopk"], "models": ["base", "ft_blur"]}
+    cfg["sae"]["single_models"] = ["ft_noise"]
     cfg["explorer"] = {**cfg["explorer"], "replicates": 1}
     for step in ("robustness", "logit_lens", "attention", "patching", "cka"):
         cfg[step] = {**cfg[step], "enabled": False}
@@ -675,6 +676,10 @@ def test_single_models_get_one_sae_judged_with_the_others_but_in_no_comparison(c
     assert keys == [f"batchtopk|{m}|{r}" for m, r in
                     [("base", 0), ("base", 1), ("ft_blur", 0), ("ft_blur", 1), ("ft_noise", 0)]]  # fmt: skip
     assert len({sae[k]["seed"] for k in keys}) == 5  # every SAE its own initialisation and data order
+    # the single SAE is replicate 0 by the same rule: the SAE a replicated run would train first for that model
+    from mechvit.sae import derive_seed
+
+    assert sae["batchtopk|ft_noise|0"]["seed"] == derive_seed(cfg.get("seed", 0), "batchtopk", "ft_noise", 0)
     assert (tmp_path / "sae" / "saes" / "batchtopk__ft_noise__r0" / "cfg.json").is_file()
     analysis = steps["sae_analysis"]["metrics"]
     assert list(analysis["overlap_controls"]["batchtopk"]["summary"]) == ["base vs ft_blur"]

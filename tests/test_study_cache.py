@@ -80,6 +80,19 @@ def test_a_setting_reruns_the_steps_that_read_it(ck, tmp_path, overrides, reruns
     assert _rerun(ck, tmp_path, overrides) == reruns
 
 
+def test_single_models_rerun_the_sae_steps_and_explorer_replicates_the_explorer(ck, tmp_path):
+    """``sae.single_models`` decides which SAEs train (SAE_TRAINING_FIELDS is an allow-list: a key missing there
+    would reuse stale SAEs); ``explorer.replicates`` only which of them the page shows."""
+    cfg = tiny_config(ck)
+    cfg["sae"] = {**cfg["sae"], "models": ["base", "ft_blur"]}
+    assert _rerun(ck, tmp_path, {"sae.single_models": ["ft_noise"]}, cfg) == [
+        "sae",
+        "sae_analysis",
+        "explorer",
+    ]
+    assert _rerun(ck, tmp_path, {"explorer.replicates": 1}, cfg) == ["explorer"]
+
+
 def test_without_n_fidelity_images_the_eval_count_is_also_the_sae_steps():
     """``sae.n_eval_images`` is the SAE step's splice and held-out count when the other two are null."""
     from mechvit.study.runner import hashed_config

@@ -237,7 +237,7 @@ class SAESection:
     architectures: list[Literal["batchtopk", "standard", "topk", "jumprelu"]] = field(
         default_factory=lambda: ["batchtopk"]
     )
-    models: list[str] | None = None  # None: every model of the study (but those of single_models)
+    models: list[str] | None = None  # None: every model of the study (then single_models must be empty)
     replicates: int = 3
     single_models: list[str] = field(default_factory=list)  # one SAE each, no overlap comparison
     epochs: float = 1.0
@@ -539,11 +539,16 @@ def validate(cfg: StudyConfig) -> StudyConfig:
     unknown = [m for m in cfg.sae.single_models if m not in names]
     if unknown:
         raise ConfigError(f"sae.single_models: unknown model(s) {unknown}; the study's models are {names}")
-    both = [m for m in cfg.sae.single_models if m in (cfg.sae.models or [])]
-    if both or cfg.models.base.name in cfg.sae.single_models:
+    if cfg.sae.models is None and cfg.sae.single_models:
         raise ConfigError(
-            f"sae.single_models: {both or [cfg.models.base.name]} also in sae.models (replicated SAEs) or the "
-            "base model (the reference of the controls): a model is in one of the two lists"
+            f"sae.models: null means every model, which would include sae.single_models {cfg.sae.single_models}: "
+            "list sae.models, or set sae.single_models: [] for replicated SAEs on every model"
+        )
+    both = [m for m in cfg.sae.single_models if m in (cfg.sae.models or [])]
+    if both:  # the base is in sae.models (above), so this refuses it here too
+        raise ConfigError(
+            f"sae.single_models: {both} also in sae.models (replicated SAEs; the base model, the reference of the "
+            "controls, needs them): a model is in one of the two lists"
         )
     if cfg.sae.store.buffer_size < cfg.sae.train.batch_size:
         raise ConfigError(
@@ -596,6 +601,11 @@ def validate(cfg: StudyConfig) -> StudyConfig:
         "explorer.",
         ("n_images", "replicates", "top_images", "n_assoc", "histogram_bins", "max_latents"),
     )
+    if cfg.explorer.replicates is not None and cfg.explorer.replicates > cfg.sae.replicates:
+        raise ConfigError(
+            f"explorer.replicates: expected null (every replicate) or at most sae.replicates "
+            f"({cfg.sae.replicates}), got {cfg.explorer.replicates}"
+        )
     if cfg.explorer.cards < 0:
         raise ConfigError(f"explorer.cards: must be >= 0, got {cfg.explorer.cards}")
     return cfg

@@ -170,6 +170,19 @@ def load_hooked(info: ModelInfo, device: torch.device):
     return model.eval()
 
 
+def check_single_controls(cfg: StudyConfig, controls: list[str]) -> None:
+    """A clean fine-tune control needs replicated SAEs when the study trains SAEs: the feature claim sets each
+    fine-tune's overlap against the control's, and one SAE has no seed pair (a control is known only once its
+    checkpoint card is read, so this is checked with the models, not with the config alone)."""
+    single = [c for c in controls if c in cfg.sae.single_models]
+    if cfg.sae.enabled and single:
+        raise ConfigError(
+            f"sae.single_models: {single} {'is a' if len(single) == 1 else 'are'} clean fine-tune control"
+            f"{'' if len(single) == 1 else 's'} (the feature claim compares every fine-tune's overlap with the "
+            "control's, which needs its seed pairs): put it in sae.models"
+        )
+
+
 def validate_models(cfg: StudyConfig) -> str | None:
     """``mechvit study --validate``'s checks that need the models, without running the study: every model's
     source exists (:func:`resolve_model`), and the config fits the base model (:func:`check_hooks_against_model`:
@@ -180,7 +193,7 @@ def validate_models(cfg: StudyConfig) -> str | None:
     from mechvit.study.config import check_hooks_against_model
     from mechvit.training.checkpoint import CARD
 
-    notes, missing, base_checked = [], [], False
+    notes, missing, base_checked, controls = [], [], False, []
     for i, entry in enumerate(cfg.model_entries()):
         if entry.checkpoint is not None and not (Path(entry.checkpoint) / CARD).is_file():
             if entry.train_config is not None:
@@ -191,11 +204,14 @@ def validate_models(cfg: StudyConfig) -> str | None:
             notes.append(f"{_key(i)}'s pretrained timm weights ({entry.timm}) are not downloaded to validate")
         else:
             info = resolve_model(entry, _key(i), progress=False)
+            if info.control:
+                controls.append(entry.name)
             if i == 0:
                 base = load_hooked(info, torch.device("cpu"))
                 check_hooks_against_model(cfg, base)
                 check_split_sizes(cfg, base)
                 base_checked = True
+    check_single_controls(cfg, controls)
     if missing:
         notes.append(
             f"no checkpoint yet at {', '.join(missing)} (mechvit train {'it' if len(missing) == 1 else 'them'} "
@@ -283,6 +299,7 @@ class StudyContext:
         self.infos: dict[str, ModelInfo] = {}
         for i, entry in enumerate(cfg.model_entries()):
             self.infos[entry.name] = resolve_model(entry, _key(i), progress=cfg.progress)
+        check_single_controls(cfg, self.control_names)
         self._models: dict[str, Any] = {}
         self._test: tuple[Tensor, Tensor] | None = None
         self._train: Tensor | None = None
@@ -313,9 +330,9 @@ class StudyContext:
     @property
     def sae_model_names(self) -> list[str]:
         """The models that get ``sae.replicates`` SAEs each and the overlap comparisons (``sae.models``, default
-        every model but ``sae.single_models``), in ``model_names``' order (base first)."""
+        every model), in ``model_names``' order (base first)."""
         chosen = self.cfg.sae.models or self.model_names
-        return [n for n in self.model_names if n in chosen and n not in self.cfg.sae.single_models]
+        return [n for n in self.model_names if n in chosen]
 
     @property
     def sae_single_names(self) -> list[str]:

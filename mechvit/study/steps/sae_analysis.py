@@ -62,11 +62,12 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
 
     # ---- overlap with controls, per architecture ---------------------------------------------------------
     rows, overlap_metrics = [], {}
-    # every SAE's codes on its own model's activations, encoded once (sparse) for the controls and the pages
+    # every replicated SAE's codes on its own model's activations, encoded once (sparse) for the controls and the
+    # pages (the single SAEs' clean codes are the code cosine's own)
     codes = {
         (a, m, r): SparseCodes.encode(sae, acts[m])
         for a in s.architectures
-        for m in every
+        for m in models
         for r, sae in enumerate(saes[(a, m)])
     }
     for a in s.architectures:
