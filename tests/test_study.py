@@ -693,6 +693,8 @@ def test_single_models_get_one_sae_judged_with_the_others_but_in_no_comparison(c
     assert not (tmp_path / "sae_analysis" / "features_batchtopk_ft_noise.png").exists()  # in the explorer
     page = steps["explorer"]["metrics"]["saes"]
     assert list(page) == ["base · r0", "ft_blur · r0", "ft_noise · r0"]
+    # seed stability matches against the replicates on the page only: r1 is not there
+    assert all(row["stability"] is None for row in page.values())
     md = (tmp_path / "report.md").read_text()
     assert "3 of the 5 SAEs" in md and "explorer.replicates is 1" in md
     assert re.search(r"\| batchtopk \| ft_noise \| 0 \| (yes|no|–)", md)  # judged against the bar
