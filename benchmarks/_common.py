@@ -180,3 +180,27 @@ def kept_output(
     print(f"kept: {path}", file=sys.stderr)
     if data_error is not None:  # the printed results are kept; the machine-readable copy could not be
         raise ValueError(f"kept {path}, but not its data: it is not JSON ({data_error})") from data_error
+
+
+# the shipped base model's shape (configs/train_base.yaml): what a benchmark falls back to before it is trained
+SHIPPED_SHAPE = dict(
+    img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=6, num_heads=4, mlp_ratio=2.0
+)
+
+
+def load_shipped_base(device, dtype) -> tuple[Any, str]:
+    """The shipped base checkpoint as a HookedViT in eval mode on ``device`` / ``dtype``, and where it came from;
+    a randomly initialised model of its shape when the checkpoint is not there."""
+    import timm
+
+    from mechvit import HookedViT
+
+    ckpt = Path(__file__).resolve().parents[1] / "checkpoints" / "fmnist_vit_base"
+    if (ckpt / "card.json").is_file():
+        from mechvit.training.checkpoint import load_checkpoint
+
+        model = HookedViT.from_timm(load_checkpoint(ckpt))
+        return model.to(device, dtype).eval(), str(ckpt.relative_to(ckpt.parents[1]))
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, **SHIPPED_SHAPE)
+    return HookedViT.from_timm(m).to(device, dtype).eval(), "random init, shipped shape (no checkpoint yet)"

@@ -26,32 +26,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import warnings
-from pathlib import Path
 
-import timm
 import torch
-from _common import add_device_args, kept_output, machine, resolve, timed
+from _common import add_device_args, kept_output, load_shipped_base, machine, resolve, timed
 
 import mechvit.analysis.patching as patching
-from mechvit import HookedViT
 from mechvit.analysis import activation_patching, attribution_patching
-
-ROOT = Path(__file__).resolve().parents[1]
-SHAPE = dict(
-    img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=6, num_heads=4, mlp_ratio=2.0
-)
-
-
-def load_model(device, dtype) -> tuple[HookedViT, str]:
-    ckpt = ROOT / "checkpoints" / "fmnist_vit_base"
-    if (ckpt / "card.json").is_file():
-        from mechvit.training.checkpoint import load_checkpoint
-
-        model = HookedViT.from_timm(load_checkpoint(ckpt))
-        return model.to(device, dtype).eval(), str(ckpt.relative_to(ROOT))
-    torch.manual_seed(0)
-    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, **SHAPE)
-    return HookedViT.from_timm(m).to(device, dtype).eval(), "random init, shipped shape (no checkpoint yet)"
 
 
 def load_data(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
@@ -135,7 +115,7 @@ def main() -> None:
     args = ap.parse_args()
     device, dtype = resolve(args)
     torch.set_num_threads(args.threads)
-    model, model_src = load_model(device, dtype)
+    model, model_src = load_shipped_base(device, dtype)
     cfg = model.cfg
     print(f"model: {model_src}; {machine(device, dtype)}", flush=True)
     print(

@@ -25,33 +25,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-from pathlib import Path
 
-import timm
 import torch
-from _common import add_device_args, kept_output, machine, resolve, timed
+from _common import add_device_args, kept_output, load_shipped_base, machine, resolve, timed
 from sae_lens import StandardSAE, StandardSAEConfig
 
 import mechvit.sae.metrics as metrics
-from mechvit import HookedViT
 from mechvit.sae import Splicer, spliced_metrics_many
-
-ROOT = Path(__file__).resolve().parents[1]
-SHAPE = dict(
-    img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=6, num_heads=4, mlp_ratio=2.0
-)
-
-
-def load_model(device, dtype) -> tuple[HookedViT, str]:
-    ckpt = ROOT / "checkpoints" / "fmnist_vit_base"
-    if (ckpt / "card.json").is_file():
-        from mechvit.training.checkpoint import load_checkpoint
-
-        model = HookedViT.from_timm(load_checkpoint(ckpt))
-        return model.to(device, dtype).eval(), str(ckpt.relative_to(ROOT))
-    torch.manual_seed(0)
-    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, **SHAPE)
-    return HookedViT.from_timm(m).to(device, dtype).eval(), "random init, shipped shape (no checkpoint yet)"
 
 
 def random_sae(hook: str, d_in: int, expansion: int, seed: int, device) -> StandardSAE:
@@ -91,7 +71,7 @@ def main() -> None:
     args = ap.parse_args()
     device, dtype = resolve(args)
     torch.set_num_threads(args.threads)
-    model, model_src = load_model(device, dtype)
+    model, model_src = load_shipped_base(device, dtype)
     cfg = model.cfg
     g = torch.Generator().manual_seed(0)
     images = torch.rand(args.images, 1, 28, 28, generator=g).to(device, dtype)
