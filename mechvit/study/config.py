@@ -334,8 +334,8 @@ class ExplorerSection:
     enabled: bool = True
     n_images: int = 500
     # the first this many seed replicates of each model of sae.models (and the one SAE of each of
-    # sae.single_models) are on the page; None: every SAE of the sae step. Seed stability matches a latent
-    # against the other replicates shown
+    # sae.single_models) are on the page; None (or sae.replicates or more): every SAE of the sae step. Seed
+    # stability matches a latent against the other replicates shown
     replicates: int | None = None
     top_images: int = 6
     n_assoc: int = 32
@@ -601,11 +601,6 @@ def validate(cfg: StudyConfig) -> StudyConfig:
         "explorer.",
         ("n_images", "replicates", "top_images", "n_assoc", "histogram_bins", "max_latents"),
     )
-    if cfg.explorer.replicates is not None and cfg.explorer.replicates > cfg.sae.replicates:
-        raise ConfigError(
-            f"explorer.replicates: expected null (every replicate) or at most sae.replicates "
-            f"({cfg.sae.replicates}), got {cfg.explorer.replicates}"
-        )
     if cfg.explorer.cards < 0:
         raise ConfigError(f"explorer.cards: must be >= 0, got {cfg.explorer.cards}")
     return cfg
