@@ -520,25 +520,22 @@ def validate(cfg: StudyConfig) -> StudyConfig:
     if not cfg.sae.architectures:
         raise ConfigError("sae.architectures: give at least one architecture")
     check_distinct(cfg.sae.architectures, "sae.architectures")
-    check_distinct(cfg.sae.models or [], "sae.models")
     if cfg.sae.replicates < 2:
         raise ConfigError(
             f"sae.replicates: expected at least 2 (two seeds per model are the seed-noise control of every "
             f"overlap number), got {cfg.sae.replicates}"
         )
     names = [m.name for m in cfg.model_entries()]
-    unknown = [m for m in cfg.sae.models or [] if m not in names]
-    if unknown:
-        raise ConfigError(f"sae.models: unknown model(s) {unknown}; the study's models are {names}")
+    for key, listed in (("models", cfg.sae.models or []), ("single_models", cfg.sae.single_models)):
+        check_distinct(listed, f"sae.{key}")
+        unknown = [m for m in listed if m not in names]
+        if unknown:
+            raise ConfigError(f"sae.{key}: unknown model(s) {unknown}; the study's models are {names}")
     if cfg.sae.models is not None and cfg.models.base.name not in cfg.sae.models:
         raise ConfigError(
             f"sae.models: must include the base model {cfg.models.base.name!r} (the reference of the "
             f"controls), got {cfg.sae.models}"
         )
-    check_distinct(cfg.sae.single_models, "sae.single_models")
-    unknown = [m for m in cfg.sae.single_models if m not in names]
-    if unknown:
-        raise ConfigError(f"sae.single_models: unknown model(s) {unknown}; the study's models are {names}")
     if cfg.sae.models is None and cfg.sae.single_models:
         raise ConfigError(
             f"sae.models: null means every model, which would include sae.single_models {cfg.sae.single_models}: "

@@ -176,10 +176,9 @@ def heatmap(
     ax.set_ylabel(ylabel)
     if fmt is not None and v.size <= 400:
         cell_text = number_format(fmt)
-        # the texts at the values' own precision (a float32 value by its float32 repr; v is float64)
-        raw = (
-            values.detach().cpu().float().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
-        )
+        # the texts at the values' own precision (a float32 value by its float32 repr; _np makes an array float64,
+        # a tensor float32)
+        raw = v if isinstance(values, torch.Tensor) else np.asarray(values)
         raw = raw if raw.dtype.kind == "f" and raw.shape == v.shape else v
         lo, hi = im.get_clim()
         for (i, j), x in np.ndenumerate(v):

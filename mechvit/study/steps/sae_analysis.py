@@ -75,7 +75,7 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
             oc = overlap_controls(
                 {m: saes[(a, m)] for m in models}, {m: acts[m] for m in models}, controls_cfg,
                 models={m: ctx.model(m) for m in models}, images=ctx.prep(pool), hook=s.hook, tokens=s.tokens,
-                codes={(m, r): c for (a_, m, r), c in codes.items() if a_ == a and m in models},
+                codes={(m, r): c for (a_, m, r), c in codes.items() if a_ == a},
             )  # fmt: skip
         overlap_metrics[a] = oc.to_dict()
         oc.save_csv(w.path(f"overlap_controls_{a}.csv"))
@@ -189,8 +189,9 @@ def run(ctx: StudyContext, w: StepWriter, prev: dict) -> StepResult:
         tags += [f"{c.label.replace('gaussian_', '')} #{i}" for i in range(n)]
     grid = ctx.model(base).cfg.grid_size
     for a in s.architectures:
-        # the replicated models: a single-SAE model's latents and their nearest base latents are in the explorer,
-        # and its pages cost the step's critical path ~2 s each (sae_analysis runs beside patching and CKA)
+        # the replicated models: a single-SAE model's latents and their nearest base latents are in the explorer
+        # (left out at 236c820 for time; the run after showed the pages cost ~1 s in all, the time had gone to
+        # encoding the single SAEs on the whole pool)
         for m in models:
             if m == base:
                 continue
